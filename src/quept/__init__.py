@@ -1,0 +1,50 @@
+"""quept: elastic-precision post-training quantization (QuEPT) for transformers.
+
+Calibrate once, then run the same model at any weight width 2..8 or a per-layer mix::
+
+    import quept
+    model, tok = quept.load_model()              # built-in SmolLM2-135M-Instruct
+    quept.prepare(model, quept.ElasticSpec())
+    quept.calibrate(model, quept.samples_from_text(tok, text, cfg), cfg)
+    quept.set_bits(model, 3)
+"""
+
+__version__ = "0.1.0"
+
+from quept.api import (  # noqa: E402
+    ArtifactError,
+    EvalRow,
+    calibrate,
+    evaluate,
+    load,
+    load_model,
+    prepare,
+    read_meta,
+    samples_from_text,
+    save,
+    set_bits,
+    stored_bits,
+    windows_from_text,
+)
+from quept.config import PRESETS, CalibConfig, ConfigError, ElasticSpec, QuEPTConfig  # noqa: E402
+
+__all__ = [
+    "PRESETS",
+    "ArtifactError",
+    "CalibConfig",
+    "ConfigError",
+    "ElasticSpec",
+    "EvalRow",
+    "QuEPTConfig",
+    "calibrate",
+    "evaluate",
+    "load",
+    "load_model",
+    "prepare",
+    "read_meta",
+    "samples_from_text",
+    "save",
+    "set_bits",
+    "stored_bits",
+    "windows_from_text",
+]

@@ -1,0 +1,272 @@
+"""The public verbs: load_model, prepare, calibrate, set_bits, save, load, evaluate."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from quept import __version__
+from quept.calib import BlockCalibrator, BlockReport, CalibCheckpoint, capture_block_inputs
+from quept.config import CalibConfig, ConfigError, ElasticSpec, QuEPTConfig, check_bits
+from quept.data.tokens import calibration_samples, eval_windows, tokenize
+from quept.eval import perplexity
+from quept.models import Family, UnsupportedModelError, family_for
+from quept.nn import BitsPlan, ElasticLinear, elastic_layers
+from quept.nn import set_bits as _set_bits
+from quept.nn.state import load_elastic_state
+from quept.ops import GroupSizeError, stored_bits_per_weight
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "default"
+ELASTIC_JSON = "quept.json"
+ELASTIC_WEIGHTS = "elastic.safetensors"
+FORMAT = "quept-elastic"
+
+
+class ArtifactError(ValueError):
+    """A folder is not a valid quept artifact, or does not match the model."""
+
+
+# --- models ---------------------------------------------------------------------------------
+def resolve_model_dir(model: str | os.PathLike | None) -> Path:
+    """``None``/"default" -> the built-in SmolLM2-135M-Instruct (fetched once); else a folder."""
+    if model is None or str(model) == DEFAULT_MODEL:
+        from quept.data import default_model_dir
+
+        return default_model_dir()
+    path = Path(model)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path} is not a Hugging Face model folder (no config.json); pass a folder saved "
+            "with save_pretrained, or omit --model for the built-in default"
+        )
+    return path
+
+
+def load_model(model: str | os.PathLike | None = None) -> tuple[nn.Module, Any]:
+    """Load a causal LM (float32, eval mode) and its tokenizer from a local folder."""
+    path = resolve_model_dir(model)
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    family_for(_TypeOnly(model_type))  # fail before reading weights
+    cfg = AutoConfig.from_pretrained(path)
+    net = AutoModelForCausalLM.from_pretrained(path, config=cfg, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(path)
+    net.eval()
+    net.requires_grad_(False)
+    net.quept_source = str(model) if model is not None else DEFAULT_MODEL
+    return net, tok
+
+
+class _TypeOnly:
+    def __init__(self, model_type: str | None) -> None:
+        self.config = type("C", (), {"model_type": model_type})()
+
+
+# --- prepare / calibrate ----------------------------------------------------------------------
+def prepare(model: nn.Module, spec: ElasticSpec | None = None, seed: int = 0) -> nn.Module:
+    """Swap every quantizable linear for an :class:`ElasticLinear` (in place); returns model."""
+    spec = spec or ElasticSpec()
+    fam = family_for(model)
+    gen = torch.Generator().manual_seed(seed)
+    for i, block in enumerate(fam.get_blocks(model)):
+        for name, lin in fam.block_linears(block).items():
+            if isinstance(lin, ElasticLinear):
+                raise ConfigError("model is already prepared")
+            try:
+                new = ElasticLinear(lin, spec, generator=gen)
+            except GroupSizeError as e:
+                raise GroupSizeError(f"block {i} {name}: {e}") from None
+            parent, _, child = name.rpartition(".")
+            setattr(block.get_submodule(parent) if parent else block, child, new)
+    model.quept_spec = spec
+    return model
+
+
+def calibrate(
+    model: nn.Module, input_ids: torch.Tensor, config: CalibConfig, *,
+    checkpoint_dir: str | os.PathLike | None = None, progress: bool = True,
+) -> list[BlockReport]:
+    """Block-wise elastic calibration of a prepared model on ``input_ids`` (N, T).
+
+    With ``checkpoint_dir`` every finished block is saved there and a rerun resumes.
+    """
+    fam, spec = family_for(model), _spec_of(model)
+    x0, kwargs = capture_block_inputs(model, fam, input_ids, config.batch_size)
+    ckpt = None
+    if checkpoint_dir is not None:
+        ckpt = CalibCheckpoint(checkpoint_dir, _fingerprint(model, spec, config, input_ids))
+    return BlockCalibrator(model, fam, spec, config, kwargs, ckpt, progress).run(x0)
+
+
+def set_bits(model: nn.Module, bits: BitsPlan, *, rtn: bool = False) -> nn.Module:
+    """Switch the elastic model to one width (int), float (None) or a plan {layer: bits}."""
+    return _set_bits(model, bits, rtn=rtn)
+
+
+# --- save / load ----------------------------------------------------------------------------
+def save(model: nn.Module, folder: str | os.PathLike, config: QuEPTConfig,
+         extra: Mapping[str, Any] | None = None) -> Path:
+    """Write the elastic state (adapters + clip logits) and a versioned JSON to ``folder``."""
+    from quept.nn.state import elastic_state_dict
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format": FORMAT,
+        "quept_version": __version__,
+        "config": config.to_dict(),
+        "base_model": getattr(model, "quept_source", DEFAULT_MODEL),
+        "model_type": model.config.model_type,
+        "base_fingerprint": _weights_fingerprint(model),
+        "layers": list(elastic_layers(model)),
+        **(dict(extra) if extra else {}),
+    }
+    tmp = folder / (ELASTIC_WEIGHTS + ".tmp")
+    save_file(elastic_state_dict(model), str(tmp), metadata={"format": FORMAT})
+    os.replace(tmp, folder / ELASTIC_WEIGHTS)
+    (folder / ELASTIC_JSON).write_text(json.dumps(meta, indent=1))
+    return folder
+
+
+def read_meta(folder: str | os.PathLike) -> dict[str, Any]:
+    folder = Path(folder)
+    path = folder / ELASTIC_JSON
+    if not path.is_file():
+        raise ArtifactError(
+            f"{folder} is not a quept elastic folder (no {ELASTIC_JSON}); "
+            "make one with `quept quantize --out FOLDER`"
+        )
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path} is not valid JSON: {e}") from None
+    if meta.get("format") != FORMAT:
+        raise ArtifactError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    return meta
+
+
+def load(folder: str | os.PathLike, model: str | os.PathLike | None = None) -> tuple[nn.Module, Any]:
+    """Rebuild an elastic model from ``folder``; ``model`` overrides the recorded base model."""
+    meta = read_meta(folder)
+    cfg = QuEPTConfig.from_dict(meta["config"])
+    net, tok = load_model(model if model is not None else meta["base_model"])
+    if net.config.model_type != meta["model_type"]:
+        raise ArtifactError(
+            f"{folder} was calibrated on a {meta['model_type']} model, not {net.config.model_type}"
+        )
+    prepare(net, cfg.spec, seed=cfg.calib.seed)
+    if _weights_fingerprint(net) != meta["base_fingerprint"]:
+        raise ArtifactError(
+            f"the base model weights differ from those {folder} was calibrated on "
+            f"(recorded base model: {meta['base_model']!r}); pass the matching --model"
+        )
+    try:
+        state = load_file(str(Path(folder) / ELASTIC_WEIGHTS))
+    except Exception as e:  # safetensors raises several types for a damaged file
+        raise ArtifactError(f"{Path(folder) / ELASTIC_WEIGHTS} cannot be read: {e}") from None
+    load_elastic_state(net, state)
+    return net, tok
+
+
+# --- evaluation -----------------------------------------------------------------------------
+@dataclass
+class EvalRow:
+    bits: int | None
+    bits_per_weight: float
+    ppl: float
+    ppl_rtn: float | None = None
+
+
+def stored_bits(model: nn.Module, plan: BitsPlan | None = None) -> float:
+    """Parameter-weighted bits per quantized weight at ``plan`` (int or {layer: bits}),
+    scales and zero-points included; None = the layers' current widths."""
+    total, n = 0.0, 0
+    for name, m in elastic_layers(model).items():
+        b = m.bits if plan is None else plan if isinstance(plan, int) else plan[name]
+        numel = m.in_features * m.out_features
+        bpw = 32.0 if b is None else stored_bits_per_weight(b, m.spec.group_size_for(b), m.in_features)
+        total += bpw * numel
+        n += numel
+    return total / n
+
+
+def evaluate(
+    model: nn.Module, windows: torch.Tensor, bits: Sequence[int | None], *, rtn: bool = False,
+    batch_size: int = 4, progress: bool = True,
+) -> list[EvalRow]:
+    """Perplexity of the elastic model (and optionally RTN) at each width in ``bits``."""
+    spec = _spec_of(model)
+    rows = []
+    for b in bits:
+        if b is not None:
+            check_bits(b, spec.bits)
+        set_bits(model, b)
+        row = EvalRow(b, stored_bits(model), perplexity(model, windows, batch_size, progress,
+                                                        f"eval {b or 'float'}"))
+        if rtn and b is not None:
+            set_bits(model, b, rtn=True)
+            row.ppl_rtn = perplexity(model, windows, batch_size, progress, f"eval rtn {b}")
+        rows.append(row)
+        log.info("bits=%s ppl=%.3f rtn=%s", b, row.ppl, row.ppl_rtn)
+    set_bits(model, None)
+    for m in elastic_layers(model).values():
+        m.clear_cache()
+    return rows
+
+
+# --- helpers --------------------------------------------------------------------------------
+def _spec_of(model: nn.Module) -> ElasticSpec:
+    spec = getattr(model, "quept_spec", None)
+    if spec is None:
+        raise ConfigError("the model is not prepared; call quept.prepare(model, spec) first")
+    return spec
+
+
+def _weights_fingerprint(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, m in elastic_layers(model).items():
+        w = m.weight.detach().float().reshape(-1)
+        h.update(name.encode())
+        h.update(str(tuple(m.weight.shape)).encode())
+        h.update(w[:: max(1, w.numel() // 4096)].contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _fingerprint(model: nn.Module, spec: ElasticSpec, cfg: CalibConfig,
+                 ids: torch.Tensor) -> dict[str, Any]:
+    return {
+        "spec": spec.to_dict(),
+        "calib": cfg.to_dict(),
+        "model": _weights_fingerprint(model),
+        "data": hashlib.sha256(ids.contiguous().numpy().tobytes()).hexdigest()[:16],
+    }
+
+
+def samples_from_text(tokenizer: Any, text: str, cfg: CalibConfig) -> torch.Tensor:
+    """Calibration token windows (n_samples, seq_len) drawn from ``text`` with cfg.seed."""
+    return calibration_samples(tokenize(tokenizer, text), cfg.n_samples, cfg.seq_len, cfg.seed)
+
+
+def windows_from_text(tokenizer: Any, text: str, seq_len: int = 512,
+                      n_windows: int | None = 32) -> torch.Tensor:
+    return eval_windows(tokenize(tokenizer, text), seq_len, n_windows)
+
+
+__all__ = [
+    "ArtifactError", "EvalRow", "Family", "UnsupportedModelError", "calibrate", "evaluate",
+    "load", "load_model", "prepare", "read_meta", "resolve_model_dir", "samples_from_text",
+    "save", "set_bits", "stored_bits", "windows_from_text",
+]

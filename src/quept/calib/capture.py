@@ -1,0 +1,64 @@
+"""Capture the inputs of block 0 (hidden states and the keyword arguments blocks receive)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from quept.models import Family
+
+
+class _Captured(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, family: Family, input_ids: torch.Tensor, batch_size: int, device: str = "cpu"
+) -> tuple[torch.Tensor, dict]:
+    """Run the model up to block 0 and return its inputs.
+
+    input_ids: (N, T) token ids. Returns (hidden (N, T, C) float32 on CPU, kwargs) where
+    kwargs are the extra block arguments (rotary embeddings, mask, positions) captured for a
+    batch of one sample; they broadcast over any batch size.
+    """
+    blocks = family.get_blocks(model)
+    store: dict = {}
+
+    def hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        store["hidden"] = hidden
+        store["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _Captured
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    outs = []
+    try:
+        for i in range(0, input_ids.shape[0], batch_size):
+            try:
+                model(input_ids[i : i + batch_size].to(device), use_cache=False)
+            except _Captured:
+                pass
+            outs.append(store["hidden"].float().cpu())
+        try:
+            model(input_ids[:1].to(device), use_cache=False)
+        except _Captured:
+            pass
+    finally:
+        handle.remove()
+    kwargs = {k: v for k, v in store["kwargs"].items() if k not in ("cache", "past_key_values")}
+    kwargs["use_cache"] = False
+    return torch.cat(outs), kwargs
+
+
+def move_kwargs(kwargs: dict, device: str | torch.device, dtype: torch.dtype) -> dict:
+    """Move tensors (also inside tuples) of captured block kwargs to ``device``; floats to dtype."""
+
+    def mv(v: object) -> object:
+        if isinstance(v, torch.Tensor):
+            return v.to(device, dtype) if v.is_floating_point() else v.to(device)
+        if isinstance(v, tuple):
+            return tuple(mv(x) for x in v)
+        return v
+
+    return {k: mv(v) for k, v in kwargs.items()}

@@ -1,0 +1,102 @@
+"""Per-block calibration checkpoints, so a killed run resumes at the next block.
+
+Layout of the folder:
+    progress.json              {"next_block", "fingerprint", "reports"} (written last, atomically)
+    block_007.safetensors      elastic state (adapters, clips) of block 7
+    streams_008.safetensors    the two activation streams and the RNG state entering block 8
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint exists but was made for another model, data or configuration."""
+
+
+@dataclass
+class Resumed:
+    next_block: int
+    block_states: dict[int, dict[str, torch.Tensor]]
+    x_fp: torch.Tensor
+    x_q: torch.Tensor
+    rng_state: torch.Tensor
+    reports: list[dict[str, Any]]
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _atomic_json(obj: Any, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+class CalibCheckpoint:
+    """Reads and writes the checkpoint folder of one calibration run."""
+
+    def __init__(self, folder: str | Path, fingerprint: dict[str, Any]) -> None:
+        self.folder = Path(folder)
+        self.fingerprint = json.loads(json.dumps(fingerprint))
+
+    def load(self) -> Resumed | None:
+        """The saved state, or None when there is none. Raises on a mismatched checkpoint."""
+        prog_path = self.folder / "progress.json"
+        if not prog_path.exists():
+            return None
+        prog = json.loads(prog_path.read_text())
+        saved = prog.get("fingerprint", {})
+        if saved != self.fingerprint:
+            diff = sorted(k for k in set(saved) | set(self.fingerprint)
+                          if saved.get(k) != self.fingerprint.get(k))
+            raise CheckpointMismatchError(
+                f"the calibration checkpoint in {self.folder} was made with different {diff}; "
+                "rerun with the same settings to resume, or pass --restart (restart=True) to "
+                "discard it"
+            )
+        nxt = int(prog["next_block"])
+        streams = load_file(str(self.folder / f"streams_{nxt:03d}.safetensors"))
+        states = {
+            i: load_file(str(self.folder / f"block_{i:03d}.safetensors")) for i in range(nxt)
+        }
+        log.info("resuming calibration at block %d from %s", nxt, self.folder)
+        return Resumed(nxt, states, streams["x_fp"], streams["x_q"], streams["rng_state"],
+                       prog.get("reports", []))
+
+    def save(
+        self, block: int, state: dict[str, torch.Tensor], x_fp: torch.Tensor, x_q: torch.Tensor,
+        rng_state: torch.Tensor, reports: list[dict[str, Any]],
+    ) -> None:
+        """Record that ``block`` is done: its state, the streams entering the next block, RNG."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        _atomic_save(state, self.folder / f"block_{block:03d}.safetensors")
+        nxt = block + 1
+        _atomic_save({"x_fp": x_fp, "x_q": x_q, "rng_state": rng_state},
+                     self.folder / f"streams_{nxt:03d}.safetensors")
+        _atomic_json({"next_block": nxt, "fingerprint": self.fingerprint, "reports": reports},
+                     self.folder / "progress.json")
+        old = self.folder / f"streams_{block:03d}.safetensors"
+        if old.exists():
+            old.unlink()
+
+    def clear(self) -> None:
+        """Delete the checkpoint folder (after the final artifact is safely written)."""
+        if self.folder.exists():
+            for p in self.folder.iterdir():
+                p.unlink()
+            self.folder.rmdir()

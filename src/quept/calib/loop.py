@@ -1,0 +1,197 @@
+"""Block-wise reconstruction with three-tier bit sampling and MB-ToMe (DESIGN 2.3, 2.4)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from quept.calib.capture import move_kwargs
+from quept.calib.checkpoint import CalibCheckpoint
+from quept.config import CalibConfig, ElasticSpec
+from quept.models import Family
+from quept.nn import ElasticLinear, set_bits
+from quept.nn.state import elastic_state_dict, load_elastic_state
+from quept.ops import multibit_merge
+
+log = logging.getLogger(__name__)
+
+
+class CalibrationError(RuntimeError):
+    """Calibration cannot go on (for example a loss became NaN); the message gives context."""
+
+
+@dataclass
+class BlockReport:
+    """Reconstruction loss of one block per bit group, on the first (>= 4) samples at the group's
+    lowest width, before and after training; plus wall-clock seconds."""
+
+    block: int
+    bits: list[int]
+    loss_before: list[float]
+    loss_after: list[float]
+    seconds: float
+
+
+def _loss_fn(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    if kind == "l1":
+        return lambda a, b: (a - b).abs().mean()
+    return lambda a, b: (a - b).pow(2).mean()
+
+
+def _draw(group: tuple[int, ...], gen: torch.Generator, n: int | None = None) -> torch.Tensor:
+    return torch.randint(len(group), (n or 1,), generator=gen)
+
+
+class BlockCalibrator:
+    """Runs 2.3/2.4 over every block of a prepared model, checkpointing after each block."""
+
+    def __init__(
+        self, model: nn.Module, family: Family, spec: ElasticSpec, cfg: CalibConfig,
+        block_kwargs: dict, checkpoint: CalibCheckpoint | None = None, progress: bool = True,
+    ) -> None:
+        self.blocks = family.get_blocks(model)
+        self.family, self.spec, self.cfg = family, spec, cfg
+        self.kwargs = move_kwargs(block_kwargs, cfg.device, torch.float32)
+        self.checkpoint = checkpoint
+        self.progress = progress
+        self.loss = _loss_fn(cfg.loss)
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _run(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Block forward over a CPU cache in mini-batches, no gradient; result on CPU."""
+        out = torch.empty_like(x)
+        bs = self.cfg.batch_size
+        with torch.no_grad():
+            for i in range(0, x.shape[0], bs):
+                xb = x[i : i + bs].to(self.cfg.device)
+                out[i : i + bs] = self.family.call_block(block, xb, self.kwargs).float().cpu()
+        return out
+
+    def _probe(self, block: nn.Module, xq: torch.Tensor, yfp: torch.Tensor) -> list[float]:
+        losses = []
+        with torch.no_grad():
+            for g in self.spec.bit_groups:
+                set_bits(block, min(g))
+                out = self.family.call_block(block, xq.to(self.cfg.device), self.kwargs)
+                losses.append(self.loss(out, yfp.to(self.cfg.device)).item())
+        return losses
+
+    def _merge(self, block: nn.Module, xq: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """MB-ToMe: one drawn bit per group *per sample*, samples sharing a bit run together."""
+        n = xq.shape[0]
+        draws = [_draw(g, gen, n) for g in self.spec.bit_groups]
+        outs = []
+        for g, d in zip(self.spec.bit_groups, draws):
+            out = torch.empty_like(xq)
+            for j, b in enumerate(g):
+                idx = (d == j).nonzero().squeeze(1)
+                if idx.numel():
+                    set_bits(block, b)
+                    out[idx] = self._run(block, xq[idx])
+            outs.append(out)
+        return multibit_merge(outs, self.spec.merge_weights, self.spec.merge_top_p)
+
+    def _train(self, i: int, block: nn.Module, xq: torch.Tensor, yfp: torch.Tensor,
+               gen: torch.Generator, bar: tqdm) -> None:
+        layers = [m for m in block.modules() if isinstance(m, ElasticLinear)]
+        adapters = [p for m in layers for p in m.trainable_parameters()[0]]
+        clips = [p for m in layers for p in m.trainable_parameters()[1]]
+        for p in adapters + clips:
+            p.requires_grad_(True)
+        cfg, groups = self.cfg, self.spec.bit_groups
+        opt = torch.optim.AdamW(
+            [{"params": adapters, "lr": cfg.lr_adapter}, {"params": clips, "lr": cfg.lr_clip}],
+            weight_decay=0.0,
+        )
+        total = cfg.epochs * cfg.steps_per_epoch
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+        )
+        n, step = xq.shape[0], 0
+        running = [0.0] * len(groups)
+        for _epoch in range(cfg.epochs):
+            perm = torch.randperm(n, generator=gen)
+            for k in range(0, n, cfg.batch_size):
+                idx = perm[k : k + cfg.batch_size]
+                xb, yb = xq[idx].to(cfg.device), yfp[idx].to(cfg.device)
+                opt.zero_grad(set_to_none=True)
+                total_loss = 0.0
+                for gi, g in enumerate(groups):
+                    b = g[_draw(g, gen).item()]
+                    set_bits(block, b)
+                    loss = self.loss(self.family.call_block(block, xb, self.kwargs), yb)
+                    if not torch.isfinite(loss):
+                        raise CalibrationError(
+                            f"block {i}, bit {b}: loss became {loss.item()} at step {step} "
+                            "(try lower learning rates or check the calibration data)"
+                        )
+                    total_loss = total_loss + loss
+                    running[gi] = 0.8 * running[gi] + 0.2 * loss.item() if step else loss.item()
+                total_loss.backward()
+                opt.step()
+                sched.step()
+                step += 1
+                bar.set_postfix_str(
+                    " ".join(f"{'/'.join(map(str, g))}b={v:.4f}" for g, v in zip(groups, running))
+                )
+                bar.update(1)
+        for p in adapters + clips:
+            p.requires_grad_(False)
+            p.grad = None
+
+    # -- main loop -------------------------------------------------------------------------
+    def run(self, x0: torch.Tensor) -> list[BlockReport]:
+        """Calibrate every block from block-0 inputs ``x0`` (N, T, C) on CPU."""
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        n_blocks, start = len(self.blocks), 0
+        x_fp, x_q = x0, x0.clone()
+        reports: list[BlockReport] = []
+        resumed = self.checkpoint.load() if self.checkpoint else None
+        if resumed is not None:
+            for j, state in resumed.block_states.items():
+                load_elastic_state(self.blocks[j], state)
+            start, x_fp, x_q = resumed.next_block, resumed.x_fp, resumed.x_q
+            gen.set_state(resumed.rng_state)
+            reports = [BlockReport(**r) for r in resumed.reports]
+        steps = self.cfg.epochs * self.cfg.steps_per_epoch
+        bar = tqdm(total=n_blocks * steps, initial=start * steps, disable=not self.progress,
+                   unit="step", dynamic_ncols=True)
+        try:
+            for i in range(start, n_blocks):
+                t0 = time.perf_counter()
+                bar.set_description(f"({i + 1}/{n_blocks}) Calibrating block")
+                block = self.blocks[i].to(self.cfg.device)
+                set_bits(block, None)
+                y_fp = self._run(block, x_fp)
+                first = slice(0, max(self.cfg.batch_size, 4))
+                before = self._probe(block, x_q[first], y_fp[first])
+                self._train(i, block, x_q, y_fp, gen, bar)
+                after = self._probe(block, x_q[first], y_fp[first])
+                x_q = self._merge(block, x_q, gen)
+                x_fp = y_fp
+                set_bits(block, None)
+                self.blocks[i] = block.to("cpu")
+                rep = BlockReport(i, [min(g) for g in self.spec.bit_groups], before, after,
+                                  time.perf_counter() - t0)
+                reports.append(rep)
+                log.info(
+                    "block %d/%d done in %.1fs; loss at %s bits: %s -> %s", i + 1, n_blocks,
+                    rep.seconds, rep.bits, _fmt(before), _fmt(after),
+                )
+                if self.checkpoint:
+                    self.checkpoint.save(i, elastic_state_dict(block), x_fp, x_q, gen.get_state(),
+                                         [asdict(r) for r in reports])
+        finally:
+            bar.close()
+        return reports
+
+
+def _fmt(xs: list[float]) -> str:
+    return "[" + ", ".join(f"{x:.4f}" for x in xs) + "]"

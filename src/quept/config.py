@@ -1,0 +1,239 @@
+"""Typed, validated configuration: the one place where bit groups, ranks, group sizes and
+merge weights live.
+
+``ElasticSpec`` says *what* the elastic model is (which widths, how they are grouped, adapter
+ranks, quantization granularity, token-merge weights). ``CalibConfig`` says *how* it is
+calibrated (data size, epochs, learning rates, seed). Both are frozen dataclasses validated in
+``__post_init__`` and round-trip through plain dicts carrying a format version.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+MIN_BITS = 2
+MAX_BITS = 8
+CONFIG_VERSION = 1
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message says which and what would be valid."""
+
+
+def check_bits(bits: int, allowed: tuple[int, ...] | None = None) -> int:
+    """Validate one bit-width (an int in 2..8, or in ``allowed`` when given)."""
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise ConfigError(f"bit-width must be an integer, got {bits!r}")
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise ConfigError(f"bit-width {bits} is outside {MIN_BITS}..{MAX_BITS}")
+    if allowed is not None and bits not in allowed:
+        raise ConfigError(
+            f"bit-width {bits} is not in this elastic model's widths {sorted(allowed)}"
+        )
+    return bits
+
+
+@dataclass(frozen=True)
+class ElasticSpec:
+    """What the elastic model is.
+
+    bit_groups: widths partitioned into groups ordered from high to low bits; each group shares
+        one adapter prefix (MB-CLoRA) and one bit is drawn per group per step.
+    ranks: adapter rank added by each group (nested prefixes: group g uses the first
+        ``sum(ranks[:g+1])`` ranks). Clamped per layer to ``min(in, out)``.
+    group_size: quantization group size per bit as ``((bit, size), ...)``; 0 means per output
+        channel. Widths not listed use ``default_group_size``.
+    merge_weights: MB-ToMe mixing weight per group (sum to 1).
+    merge_top_p: share of tokens (most similar between highest and lowest group) that keep the
+        highest-bit feature.
+    clip_init: initial clip logit (sigmoid(4.0) ~ 0.982).
+    """
+
+    bit_groups: tuple[tuple[int, ...], ...] = ((7, 8), (5, 6), (3, 4), (2,))
+    ranks: tuple[int, ...] = (8, 8, 8, 8)
+    default_group_size: int = 64
+    group_size: tuple[tuple[int, int], ...] = ()
+    merge_weights: tuple[float, ...] = (0.25, 0.25, 0.25, 0.25)
+    merge_top_p: float = 0.5
+    clip_init: float = 4.0
+
+    def __post_init__(self) -> None:
+        groups = tuple(tuple(int(b) for b in g) for g in self.bit_groups)
+        object.__setattr__(self, "bit_groups", groups)
+        object.__setattr__(self, "ranks", tuple(int(r) for r in self.ranks))
+        object.__setattr__(
+            self, "group_size", tuple((int(b), int(s)) for b, s in self.group_size)
+        )
+        object.__setattr__(self, "merge_weights", tuple(float(w) for w in self.merge_weights))
+        if not groups or any(not g for g in groups):
+            raise ConfigError("bit_groups must be a non-empty list of non-empty groups")
+        flat = [b for g in groups for b in g]
+        for b in flat:
+            check_bits(b)
+        if len(set(flat)) != len(flat):
+            raise ConfigError(f"a bit-width appears in two groups: {groups}")
+        for hi, lo in zip(groups, groups[1:]):
+            if min(hi) <= max(lo):
+                raise ConfigError(
+                    f"bit_groups must be ordered from high to low without overlap, got {groups}"
+                )
+        if len(self.ranks) != len(groups):
+            raise ConfigError(
+                f"ranks has {len(self.ranks)} entries but there are {len(groups)} bit groups"
+            )
+        if any(r < 0 for r in self.ranks):
+            raise ConfigError(f"ranks must be >= 0, got {self.ranks}")
+        if len(self.merge_weights) != len(groups):
+            raise ConfigError(
+                f"merge_weights has {len(self.merge_weights)} entries for {len(groups)} groups"
+            )
+        if any(w < 0 for w in self.merge_weights) or not math.isclose(
+            sum(self.merge_weights), 1.0, abs_tol=1e-6
+        ):
+            raise ConfigError(f"merge_weights must be >= 0 and sum to 1, got {self.merge_weights}")
+        if not 0.0 <= self.merge_top_p <= 1.0:
+            raise ConfigError(f"merge_top_p must lie in [0, 1], got {self.merge_top_p}")
+        for b, s in self.group_size:
+            if b not in flat:
+                raise ConfigError(f"group_size names bit {b}, which is in no bit group")
+            _check_group_size(s)
+        _check_group_size(self.default_group_size)
+
+    @property
+    def bits(self) -> tuple[int, ...]:
+        """All widths, high to low."""
+        return tuple(sorted((b for g in self.bit_groups for b in g), reverse=True))
+
+    def group_of(self, bits: int) -> int:
+        """Index of the group holding ``bits``."""
+        check_bits(bits, self.bits)
+        return next(i for i, g in enumerate(self.bit_groups) if bits in g)
+
+    def rank_prefix(self, group: int) -> int:
+        """Adapter rank used by ``group`` (nested prefix)."""
+        return sum(self.ranks[: group + 1])
+
+    @property
+    def total_rank(self) -> int:
+        return sum(self.ranks)
+
+    def group_size_for(self, bits: int) -> int:
+        """Group size at ``bits`` (0 = per output channel)."""
+        return dict(self.group_size).get(bits, self.default_group_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["bit_groups"] = [list(g) for g in self.bit_groups]
+        d["group_size"] = {str(b): s for b, s in self.group_size}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ElasticSpec:
+        d = dict(d)
+        gs = d.pop("group_size", {})
+        gs = tuple((int(b), int(s)) for b, s in (gs.items() if isinstance(gs, dict) else gs))
+        return cls(group_size=gs, **_known(cls, d))
+
+
+def _check_group_size(size: int) -> None:
+    if size < 0:
+        raise ConfigError(f"group size must be 0 (per channel) or positive, got {size}")
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """How calibration runs (DESIGN 2.3/2.4).
+
+    n_samples x seq_len tokens of calibration text, mini-batches of batch_size, epochs passes per
+    block, AdamW (no weight decay) with lr_adapter for U/V and lr_clip for the clip logits, cosine
+    decay per step. loss: "l1" (paper) or "l2". seed drives the sample draw, the adapter init and
+    the bit sampler. device: where a block trains ("cpu", "cuda", ...); caches stay on CPU
+    in float32.
+    """
+
+    n_samples: int = 32
+    seq_len: int = 256
+    batch_size: int = 4
+    epochs: int = 2
+    lr_adapter: float = 2e-3
+    lr_clip: float = 5e-2
+    loss: str = "l1"
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        for name in ("n_samples", "seq_len", "batch_size", "epochs"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        if self.batch_size > self.n_samples:
+            raise ConfigError(
+                f"batch_size {self.batch_size} exceeds n_samples {self.n_samples}"
+            )
+        for name in ("lr_adapter", "lr_clip"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.loss not in ("l1", "l2"):
+            raise ConfigError(f"loss must be 'l1' or 'l2', got {self.loss!r}")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.n_samples / self.batch_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CalibConfig:
+        return cls(**_known(cls, d))
+
+
+PRESETS: dict[str, CalibConfig] = {
+    # Fits the 2-core CPU demo budget (see README for why these values).
+    "cpu-demo": CalibConfig(),
+    # The paper's LLM setting: 128 x 2048-token samples, batch 2, 15 epochs, on a GPU.
+    "paper": CalibConfig(
+        n_samples=128, seq_len=2048, batch_size=2, epochs=15, lr_adapter=7e-4, lr_clip=2e-2,
+        device="cuda",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class QuEPTConfig:
+    """Everything that defines an elastic artifact: the spec, the calibration and provenance."""
+
+    spec: ElasticSpec = field(default_factory=ElasticSpec)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    version: int = CONFIG_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "spec": self.spec.to_dict(), "calib": self.calib.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuEPTConfig:
+        version = d.get("version")
+        if version != CONFIG_VERSION:
+            raise ConfigError(
+                f"config version {version!r} is not supported (this quept reads {CONFIG_VERSION})"
+            )
+        return cls(
+            spec=ElasticSpec.from_dict(d["spec"]), calib=CalibConfig.from_dict(d["calib"])
+        )
+
+    def replace(self, **kw: Any) -> QuEPTConfig:
+        return replace(self, **kw)
+
+
+def _known(cls: type, d: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} fields {sorted(unknown)}; known: {sorted(names)}")
+    out = {k: v for k, v in d.items() if k in names}
+    for k, v in out.items():
+        if isinstance(v, list):
+            out[k] = tuple(tuple(x) if isinstance(x, list) else x for x in v)
+    return out

@@ -1,0 +1,73 @@
+"""Loading user-supplied text for calibration or evaluation."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+JSONL_SUFFIXES = frozenset({".jsonl", ".ndjson"})
+TEXT_JOIN = "\n\n"
+_ACCEPTED = (
+    "plain text files (.txt or any other suffix, read whole) and JSON-lines files "
+    '(.jsonl/.ndjson, one object per line with a string field "text")'
+)
+
+
+def _is_jsonl(path: Path) -> bool:
+    suffixes = [s.lower() for s in path.suffixes]
+    return bool(suffixes) and (
+        suffixes[-1] in JSONL_SUFFIXES or suffixes[-2:] == [".json", ".lines"]
+    )
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    texts: list[str] = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}, line {lineno}: invalid JSON ({exc.msg})") from exc
+            if not isinstance(record, dict) or "text" not in record:
+                raise ValueError(f'{path}, line {lineno}: expected an object with a "text" field')
+            value = record["text"]
+            if not isinstance(value, str):
+                raise ValueError(
+                    f'{path}, line {lineno}: "text" must be a string, got {type(value).__name__}'
+                )
+            texts.append(value)
+    return texts
+
+
+def load_texts(paths: Sequence[str | Path]) -> str:
+    """Read and concatenate (with ``"\\n\\n"``) the texts in ``paths``.
+
+    ``.jsonl``/``.ndjson``/``.json.lines`` files contribute the ``"text"`` field
+    of every non-blank line; every other file is read whole as UTF-8 text.
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for a
+    malformed JSON-lines record (naming the file and line).
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    if not paths:
+        raise ValueError(f"no text files given; accepted are {_ACCEPTED}")
+    pieces: list[str] = []
+    for item in paths:
+        path = Path(item).expanduser()
+        if not path.is_file():
+            what = "is a directory, not a file" if path.is_dir() else "does not exist"
+            raise FileNotFoundError(f"text file {str(path)!r} {what}; accepted are {_ACCEPTED}")
+        if _is_jsonl(path):
+            records = _read_jsonl(path)
+            logger.info("read %d records from %s", len(records), path)
+            pieces.extend(records)
+        else:
+            pieces.append(path.read_text(encoding="utf-8"))
+            logger.info("read %s", path)
+    return TEXT_JOIN.join(pieces)

@@ -1,0 +1,5 @@
+"""Model families as data: where the blocks are, which linears to wrap, how to call a block."""
+
+from quept.models.families import FAMILIES, Family, UnsupportedModelError, family_for
+
+__all__ = ["FAMILIES", "Family", "UnsupportedModelError", "family_for"]

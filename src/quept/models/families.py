@@ -1,0 +1,60 @@
+"""Per-architecture knowledge, kept as data plus one generic walker."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class UnsupportedModelError(ValueError):
+    """The model's architecture has no family entry."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where a family keeps its transformer blocks and which linears in a block are quantized.
+
+    blocks: dotted path from the top model to the ``ModuleList`` of blocks.
+    linears: dotted names of the quantized linears inside one block.
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    blocks: str
+    linears: tuple[str, ...]
+
+    def get_blocks(self, model: nn.Module) -> nn.ModuleList:
+        return model.get_submodule(self.blocks)
+
+    def block_linears(self, block: nn.Module) -> dict[str, nn.Module]:
+        return {n: block.get_submodule(n) for n in self.linears}
+
+    def call_block(self, block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """Run one block on ``hidden`` (B, T, C) with the captured keyword arguments."""
+        out = block(hidden, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+
+_LLAMA_LINEARS = (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+)
+
+FAMILIES: tuple[Family, ...] = (
+    # LLaMA 1/2/3, Mistral, Qwen2 and SmolLM share this decoder block.
+    Family("llama-decoder", ("llama", "mistral", "qwen2"), "model.layers", _LLAMA_LINEARS),
+)
+
+
+def family_for(model: nn.Module) -> Family:
+    """The family entry for a Hugging Face model, by ``config.model_type``."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    for fam in FAMILIES:
+        if model_type in fam.model_types:
+            return fam
+    supported = sorted(t for f in FAMILIES for t in f.model_types)
+    raise UnsupportedModelError(
+        f"model_type {model_type!r} is not supported; supported model types: {supported}"
+    )

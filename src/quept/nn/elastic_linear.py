@@ -1,0 +1,113 @@
+"""ElasticLinear: one linear layer that runs at any width of its spec (DESIGN 2.1, 2.2)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quept.config import ElasticSpec, check_bits
+from quept.ops import fake_quant, n_groups, quantize, rtn
+
+
+class ElasticLinear(nn.Module):
+    """A frozen float linear plus cascaded low-rank adapters and per-bit clip logits.
+
+    ``bits = None`` runs the float layer (the full-precision reference: no adapter). At a width
+    ``b`` of group ``g`` the weight is ``Q_b(W + U[:, :r_g] V[:r_g])`` with clip factors
+    ``sigmoid(clip_hi[b])`` / ``sigmoid(clip_lo[b])`` per row or group. ``rtn = True`` gives plain
+    round-to-nearest at ``b`` (no adapter, no clipping), the baseline.
+    """
+
+    def __init__(
+        self, linear: nn.Linear, spec: ElasticSpec, generator: torch.Generator | None = None
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.spec = spec
+        self.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
+        self.bias = (
+            None if linear.bias is None
+            else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        )
+        dev, dt = self.weight.device, self.weight.dtype
+        max_rank = min(self.in_features, self.out_features)
+        self.rank_prefix = tuple(min(spec.rank_prefix(g), max_rank) for g in range(len(spec.ranks)))
+        r = self.rank_prefix[-1]
+        self.lora_u = nn.Parameter(torch.zeros(self.out_features, r, device=dev, dtype=dt))
+        self.lora_v = nn.Parameter(torch.empty(r, self.in_features, device=dev, dtype=dt))
+        nn.init.kaiming_uniform_(self.lora_v, a=math.sqrt(5), generator=generator)
+        self.clip_hi = nn.ParameterDict()
+        self.clip_lo = nn.ParameterDict()
+        for b in spec.bits:
+            shape = (self.out_features, n_groups(self.in_features, spec.group_size_for(b)))
+            self.clip_hi[str(b)] = nn.Parameter(torch.full(shape, spec.clip_init, device=dev, dtype=dt))
+            self.clip_lo[str(b)] = nn.Parameter(torch.full(shape, spec.clip_init, device=dev, dtype=dt))
+        self.bits: int | None = None
+        self.rtn = False
+        self._cache: tuple[tuple, torch.Tensor] | None = None
+
+    def set_bits(self, bits: int | None, rtn: bool = False) -> None:
+        """Switch to width ``bits`` (None = float). O(1): nothing is recomputed here."""
+        if bits is not None:
+            check_bits(bits, self.spec.bits)
+        self.bits, self.rtn = bits, rtn
+
+    def delta(self, bits: int) -> torch.Tensor:
+        """Adapter delta ``U[:, :r] V[:r]`` of the group holding ``bits`` (out, in)."""
+        r = self.rank_prefix[self.spec.group_of(bits)]
+        return self.lora_u[:, :r] @ self.lora_v[:r]
+
+    def clip_factors(self, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.sigmoid(self.clip_hi[str(bits)]), torch.sigmoid(self.clip_lo[str(bits)])
+
+    def quantized_weight(self, bits: int, rtn_only: bool = False) -> torch.Tensor:
+        """The fake-quantized weight at ``bits`` (differentiable w.r.t. adapters and clips)."""
+        gs = self.spec.group_size_for(bits)
+        if rtn_only:
+            return rtn(self.weight, bits, gs)
+        return fake_quant(self.weight + self.delta(bits), bits, gs, *self.clip_factors(bits))
+
+    def quantized_codes(self, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Adapter folded in: uint8 codes (out, in), scale and zero (out, G) at ``bits``."""
+        with torch.no_grad():
+            w = self.weight + self.delta(bits)
+            return quantize(w, bits, self.spec.group_size_for(bits), *self.clip_factors(bits))
+
+    def _state_key(self) -> tuple:
+        b = str(self.bits)
+        parts = [self.bits, self.rtn, self.lora_u._version, self.lora_v._version]
+        if b in self.clip_hi:
+            parts += [self.clip_hi[b]._version, self.clip_lo[b]._version]
+        return tuple(parts)
+
+    def current_weight(self) -> torch.Tensor:
+        """Weight used by ``forward`` now; cached while no gradient is being recorded."""
+        if self.bits is None:
+            return self.weight
+        if torch.is_grad_enabled():
+            self._cache = None
+            return self.quantized_weight(self.bits, self.rtn)
+        key = self._state_key()
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self.quantized_weight(self.bits, self.rtn))
+        return self._cache[1]
+
+    def clear_cache(self) -> None:
+        self._cache = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.current_weight()
+        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def trainable_parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(adapter parameters, clip logits)."""
+        return [self.lora_u, self.lora_v], [*self.clip_hi.values(), *self.clip_lo.values()]
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, ranks={self.rank_prefix}, "
+            f"bits={self.bits}{' (rtn)' if self.rtn else ''}"
+        )

@@ -1,0 +1,25 @@
+"""Pure tensor functions: fake quantization, low-rank deltas, token merging, losses."""
+
+from quept.ops.merge import multibit_merge
+from quept.ops.quant import (
+    GroupSizeError,
+    dequantize,
+    fake_quant,
+    n_groups,
+    quantize,
+    round_ste,
+    rtn,
+    stored_bits_per_weight,
+)
+
+__all__ = [
+    "GroupSizeError",
+    "dequantize",
+    "fake_quant",
+    "multibit_merge",
+    "n_groups",
+    "quantize",
+    "round_ste",
+    "rtn",
+    "stored_bits_per_weight",
+]

@@ -1,0 +1,97 @@
+"""Asymmetric uniform weight quantization with learnable clipping (DESIGN 2.1).
+
+Pure tensor functions: no modules, no config objects, no I/O. A weight ``w`` of shape
+(out, in) is viewed as ``(out, n_groups, group_size)``; ``group_size == 0`` means one group per
+output row. Clip factors ``hi_f``/``lo_f`` have shape (out, n_groups) and multiply the group's
+max and min.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class GroupSizeError(ValueError):
+    """The group size does not divide the layer's input width."""
+
+
+def n_groups(in_features: int, group_size: int) -> int:
+    """Number of quantization groups per row (``group_size`` 0 = per channel)."""
+    if group_size == 0:
+        return 1
+    if group_size < 0 or in_features % group_size:
+        divisors = [d for d in (16, 32, 64, 128, 256) if in_features % d == 0]
+        raise GroupSizeError(
+            f"group size {group_size} does not divide in_features={in_features}; "
+            f"use one of {divisors or 'none of the usual sizes'} or 0 (per channel)"
+        )
+    return in_features // group_size
+
+
+def to_groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(out, in) -> (out, n_groups, group_size)."""
+    out, inn = w.shape
+    return w.reshape(out, n_groups(inn, group_size), -1)
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round with a straight-through (identity) gradient."""
+    return x + (torch.round(x) - x).detach()
+
+
+def qparams(
+    wg: torch.Tensor, bits: int, hi_f: torch.Tensor, lo_f: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero-point per group from grouped weights (out, G, gs) and clip factors (out, G).
+
+    ``s = (hi - lo) / (2^b - 1)`` with ``hi = hi_f * max``, ``lo = lo_f * min``; the zero-point is
+    rounded with a straight-through gradient and kept in ``[0, 2^b - 1]`` so it stores in b bits.
+    Returns (scale, zero), each (out, G, 1).
+    """
+    qmax = 2**bits - 1
+    hi = hi_f.unsqueeze(-1) * wg.amax(dim=-1, keepdim=True)
+    lo = lo_f.unsqueeze(-1) * wg.amin(dim=-1, keepdim=True)
+    scale = ((hi - lo) / qmax).clamp(min=1e-8)
+    zero = round_ste(-lo / scale).clamp(0, qmax)
+    return scale, zero
+
+
+def fake_quant(
+    w: torch.Tensor, bits: int, group_size: int, hi_f: torch.Tensor, lo_f: torch.Tensor
+) -> torch.Tensor:
+    """Quantize-dequantize ``w`` (out, in) at ``bits``; differentiable w.r.t. ``w`` and the clips."""
+    wg = to_groups(w, group_size)
+    scale, zero = qparams(wg, bits, hi_f, lo_f)
+    q = torch.clamp(round_ste(wg / scale) + zero, 0, 2**bits - 1)
+    return ((q - zero) * scale).reshape_as(w)
+
+
+def quantize(
+    w: torch.Tensor, bits: int, group_size: int, hi_f: torch.Tensor, lo_f: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Integer codes (out, in) in ``[0, 2^b-1]`` as uint8, plus scale and zero (out, G)."""
+    with torch.no_grad():
+        wg = to_groups(w, group_size)
+        scale, zero = qparams(wg, bits, hi_f, lo_f)
+        q = torch.clamp(torch.round(wg / scale) + zero, 0, 2**bits - 1)
+    return q.reshape_as(w).to(torch.uint8), scale.squeeze(-1), zero.squeeze(-1)
+
+
+def dequantize(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """Inverse of :func:`quantize`: (codes - zero) * scale, shape (out, in)."""
+    qg = to_groups(codes.to(scale.dtype), group_size)
+    return ((qg - zero.unsqueeze(-1)) * scale.unsqueeze(-1)).reshape(codes.shape)
+
+
+def rtn(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """Round-to-nearest min/max fake quantization (no clipping, no adapter)."""
+    ones = torch.ones(w.shape[0], n_groups(w.shape[1], group_size), dtype=w.dtype, device=w.device)
+    return fake_quant(w, bits, group_size, ones, ones)
+
+
+def stored_bits_per_weight(bits: int, group_size: int, in_features: int) -> float:
+    """Bits stored per weight: the code plus an fp16 scale and a b-bit zero-point per group."""
+    gs = in_features if group_size == 0 else group_size
+    return bits + (16 + bits) / gs

@@ -1,0 +1,149 @@
+import json
+
+import pytest
+import torch
+
+import quept
+from quept.calib import CalibrationError, CheckpointMismatchError
+from quept.config import CalibConfig, ElasticSpec, QuEPTConfig
+from quept.models import UnsupportedModelError
+from quept.nn import elastic_layers
+from quept.nn.state import elastic_state_dict
+
+from ..conftest import tiny_model
+
+SPEC = ElasticSpec(ranks=(2, 2, 2, 2), default_group_size=32)
+CFG = CalibConfig(n_samples=8, seq_len=32, batch_size=4, epochs=6, lr_adapter=1e-3, lr_clip=5e-2)
+
+
+def ids(n: int = 8, t: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def calibrated(kind: str = "llama", cfg: CalibConfig = CFG, **kw):
+    model = quept.prepare(tiny_model(kind), SPEC, seed=cfg.seed)
+    reports = quept.calibrate(model, ids(cfg.n_samples, cfg.seq_len), cfg, progress=False, **kw)
+    return model, reports
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+def test_reconstruction_loss_falls_for_every_group(kind):
+    model, reports = calibrated(kind)
+    assert len(reports) == 2
+    for r in reports:
+        assert r.bits == [7, 5, 3, 2]
+        for before, after, b in zip(r.loss_before, r.loss_after, r.bits):
+            assert after < before, f"block {r.block} bit {b}: {before} -> {after}"
+
+
+def test_same_seed_same_artifact_and_other_seed_differs():
+    a, _ = calibrated()
+    b, _ = calibrated()
+    c, _ = calibrated(cfg=CalibConfig(**{**CFG.to_dict(), "seed": 1}))
+    sa, sb, sc = elastic_state_dict(a), elastic_state_dict(b), elastic_state_dict(c)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_resume_after_kill_gives_the_same_model(tmp_path, monkeypatch):
+    ref, _ = calibrated()
+    from quept.calib import loop
+
+    calls = {"n": 0}
+    real = loop.BlockCalibrator._train
+
+    def dies_in_second_block(self, i, *a, **k):
+        if i == 1:
+            raise KeyboardInterrupt("simulated kill")
+        calls["n"] += 1
+        return real(self, i, *a, **k)
+
+    monkeypatch.setattr(loop.BlockCalibrator, "_train", dies_in_second_block)
+    with pytest.raises(KeyboardInterrupt):
+        calibrated(checkpoint_dir=tmp_path)
+    assert json.loads((tmp_path / "progress.json").read_text())["next_block"] == 1
+    monkeypatch.setattr(loop.BlockCalibrator, "_train", real)
+    resumed, reports = calibrated(checkpoint_dir=tmp_path)
+    assert [r.block for r in reports] == [0, 1]
+    sr, sx = elastic_state_dict(ref), elastic_state_dict(resumed)
+    assert all(torch.equal(sr[k], sx[k]) for k in sr)
+    # A checkpoint from other settings is refused, not silently reused.
+    with pytest.raises(CheckpointMismatchError, match="calib"):
+        calibrated(cfg=CalibConfig(**{**CFG.to_dict(), "epochs": 2}), checkpoint_dir=tmp_path)
+
+
+def test_nan_loss_stops_with_block_bit_and_step():
+    model = quept.prepare(tiny_model(), SPEC)
+    layer = model.model.layers[1].mlp.down_proj
+    with torch.no_grad():
+        layer.weight[0, 0] = float("nan")
+    with pytest.raises(CalibrationError, match=r"block 1, bit \d: loss became nan at step 0"):
+        quept.calibrate(model, ids(), CFG, progress=False)
+
+
+def test_save_load_identity_at_every_width(tmp_path, monkeypatch):
+    model, _ = calibrated()
+    base = tmp_path / "base"
+    model_fp = tiny_model()
+    model_fp.save_pretrained(base)
+    model.quept_source = str(base)
+    quept.save(model, tmp_path / "elastic", QuEPTConfig(spec=SPEC, calib=CFG))
+    monkeypatch.setattr("quept.api.AutoTokenizer", None, raising=False)
+    loaded = _load_without_tokenizer(tmp_path / "elastic", monkeypatch)
+    x = ids(2, 16, seed=5)
+    for b in [None, *SPEC.bits]:
+        quept.set_bits(model, b)
+        quept.set_bits(loaded, b)
+        with torch.no_grad():
+            assert torch.equal(model(x).logits, loaded(x).logits), b
+
+
+def _load_without_tokenizer(folder, monkeypatch):
+    import transformers
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: None)
+    model, _ = quept.load(folder)
+    return model
+
+
+def test_load_refuses_other_base_model(tmp_path, monkeypatch):
+    model, _ = calibrated()
+    other = tmp_path / "other"
+    tiny_model(seed=3).save_pretrained(other)
+    model.quept_source = str(other)
+    quept.save(model, tmp_path / "elastic", QuEPTConfig(spec=SPEC, calib=CFG))
+    with pytest.raises(quept.ArtifactError, match="base model weights differ"):
+        _load_without_tokenizer(tmp_path / "elastic", monkeypatch)
+
+
+def test_corrupt_weights_file_is_reported(tmp_path, monkeypatch):
+    model, _ = calibrated()
+    base = tmp_path / "base"
+    tiny_model().save_pretrained(base)
+    model.quept_source = str(base)
+    out = quept.save(model, tmp_path / "elastic", QuEPTConfig(spec=SPEC, calib=CFG))
+    (out / "elastic.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(quept.ArtifactError, match="cannot be read"):
+        _load_without_tokenizer(out, monkeypatch)
+
+
+def test_unsupported_architecture_is_named():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(UnsupportedModelError, match="'gpt2' is not supported.*llama"):
+        quept.prepare(model, SPEC)
+
+
+def test_group_size_that_does_not_divide_names_the_layer():
+    from quept.ops import GroupSizeError
+
+    with pytest.raises(GroupSizeError, match="block 0 self_attn.q_proj: group size 48"):
+        quept.prepare(tiny_model(), ElasticSpec(default_group_size=48))
+
+
+def test_prepare_wraps_every_block_linear():
+    model = quept.prepare(tiny_model(), SPEC)
+    names = list(elastic_layers(model))
+    assert len(names) == 14 and names[0] == "model.layers.0.self_attn.q_proj"
+    assert "lm_head" not in names

@@ -1,0 +1,93 @@
+import pytest
+import torch
+from torch import nn
+
+from quept.config import ConfigError, ElasticSpec
+from quept.nn import ElasticLinear, elastic_layers, set_bits
+from quept.ops import rtn
+
+SPEC = ElasticSpec(ranks=(2, 3, 4, 5), default_group_size=16)
+
+
+def make(seed: int = 0) -> ElasticLinear:
+    torch.manual_seed(seed)
+    layer = ElasticLinear(nn.Linear(32, 24), SPEC, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        layer.lora_u.normal_()
+    return layer
+
+
+def test_nested_adapter_prefixes():
+    m = make()
+    assert m.rank_prefix == (2, 5, 9, 14)
+    u, v = m.lora_u, m.lora_v
+    for b, r in [(8, 2), (7, 2), (6, 5), (5, 5), (4, 9), (3, 9), (2, 14)]:
+        assert torch.allclose(m.delta(b), u[:, :r] @ v[:r])
+    # Each lower group = the group above + its own ranks.
+    assert torch.allclose(m.delta(4) - m.delta(6), u[:, 5:9] @ v[5:9], atol=1e-5)
+
+
+def test_adapter_starts_at_zero_and_float_pass_ignores_it():
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 24)
+    m = ElasticLinear(lin, SPEC)
+    assert torch.count_nonzero(m.delta(2)) == 0
+    with torch.no_grad():
+        m.lora_u.normal_()
+    x = torch.randn(3, 32)
+    assert torch.equal(m(x), lin(x))  # bits=None: the float reference, no adapter
+
+
+def test_rtn_mode_is_plain_round_to_nearest():
+    m = make()
+    m.set_bits(3, rtn=True)
+    assert torch.equal(m.current_weight(), rtn(m.weight, 3, 16))
+
+
+def test_bits_switch_changes_output_and_cache_tracks_updates():
+    m = make()
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        outs = {}
+        for b in (8, 4, 2):
+            m.set_bits(b)
+            outs[b] = m(x)
+        assert not torch.equal(outs[8], outs[2])
+        m.set_bits(4)
+        assert torch.equal(m(x), outs[4])  # cached weight reused
+        m.clip_hi["4"].sub_(1.0)  # an optimizer-style in-place update invalidates the cache
+        assert not torch.equal(m(x), outs[4])
+
+
+def test_gradients_reach_adapters_and_only_the_active_clips():
+    m = make()
+    for p in [m.lora_u, m.lora_v, *m.clip_hi.values(), *m.clip_lo.values()]:
+        p.requires_grad_(True)
+    m.set_bits(3)
+    m(torch.randn(4, 32)).pow(2).sum().backward()
+    assert m.lora_u.grad.abs().sum() > 0 and m.lora_v.grad.abs().sum() > 0
+    assert m.clip_hi["3"].grad.abs().sum() > 0
+    assert m.clip_hi["8"].grad is None
+
+
+def test_set_bits_whole_model_and_plan(tiny_llama):
+    from quept import prepare
+
+    prepare(tiny_llama, SPEC)
+    layers = elastic_layers(tiny_llama)
+    assert len(layers) == 2 * 7
+    set_bits(tiny_llama, 5)
+    assert {m.bits for m in layers.values()} == {5}
+    plan = {n: (2 if i % 2 else 8) for i, n in enumerate(layers)}
+    set_bits(tiny_llama, plan)
+    assert [m.bits for m in layers.values()] == list(plan.values())
+    with pytest.raises(ConfigError, match="plan does not match"):
+        set_bits(tiny_llama, {"nope": 4})
+    with pytest.raises(ConfigError, match="outside 2..8"):
+        set_bits(tiny_llama, 9)
+    with pytest.raises(ConfigError, match="not in this elastic model"):
+        prepare_spec = ElasticSpec(
+            bit_groups=((8,), (4,)), ranks=(1, 1), merge_weights=(0.5, 0.5), default_group_size=16
+        )
+        m = ElasticLinear(nn.Linear(16, 16), prepare_spec)
+        m.set_bits(3)
