@@ -17,7 +17,7 @@ def tiny_config(kind: str = "llama", **kw):
     base = dict(
         hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
         num_hidden_layers=2, vocab_size=256, max_position_embeddings=128,
-        tie_word_embeddings=True,
+        tie_word_embeddings=True, initializer_range=0.1,
     )
     base.update(kw)
     return cls(**base)

@@ -48,7 +48,13 @@ class ElasticSpec:
     merge_weights: MB-ToMe mixing weight per group (sum to 1).
     merge_top_p: share of tokens (most similar between highest and lowest group) that keep the
         highest-bit feature.
-    clip_init: initial clip logit (sigmoid(4.0) ~ 0.982).
+    clip_init: initial clip logit (sigmoid(4.0) ~ 0.982) of widths not searched.
+    clip_search_bits: widths whose clip logits start from a data-free per-group search (the
+        factor in 1.0, 0.95, ... 0.5 minimising the weight's quantization error); low widths
+        need far smaller clips than 0.98 and a short CPU calibration cannot travel that far.
+        None (default) = every width of 4 bits or fewer.
+    stream: "merged" (paper: one quantized stream, MB-ToMe merges the groups' outputs) or
+        "per-group" (each bit group keeps its own quantized stream; same compute, G x memory).
     """
 
     bit_groups: tuple[tuple[int, ...], ...] = ((7, 8), (5, 6), (3, 4), (2,))
@@ -58,6 +64,8 @@ class ElasticSpec:
     merge_weights: tuple[float, ...] = (0.25, 0.25, 0.25, 0.25)
     merge_top_p: float = 0.5
     clip_init: float = 4.0
+    clip_search_bits: tuple[int, ...] | None = None
+    stream: str = "merged"
 
     def __post_init__(self) -> None:
         groups = tuple(tuple(int(b) for b in g) for g in self.bit_groups)
@@ -67,6 +75,10 @@ class ElasticSpec:
             self, "group_size", tuple((int(b), int(s)) for b, s in self.group_size)
         )
         object.__setattr__(self, "merge_weights", tuple(float(w) for w in self.merge_weights))
+        if self.clip_search_bits is not None:
+            object.__setattr__(
+                self, "clip_search_bits", tuple(int(b) for b in self.clip_search_bits)
+            )
         if not groups or any(not g for g in groups):
             raise ConfigError("bit_groups must be a non-empty list of non-empty groups")
         flat = [b for g in groups for b in g]
@@ -100,6 +112,11 @@ class ElasticSpec:
                 raise ConfigError(f"group_size names bit {b}, which is in no bit group")
             _check_group_size(s)
         _check_group_size(self.default_group_size)
+        for b in self.clip_search_bits or ():
+            if b not in flat:
+                raise ConfigError(f"clip_search_bits names bit {b}, which is in no bit group")
+        if self.stream not in ("merged", "per-group"):
+            raise ConfigError(f"stream must be 'merged' or 'per-group', got {self.stream!r}")
 
     @property
     def bits(self) -> tuple[int, ...]:
@@ -114,6 +131,13 @@ class ElasticSpec:
     def rank_prefix(self, group: int) -> int:
         """Adapter rank used by ``group`` (nested prefix)."""
         return sum(self.ranks[: group + 1])
+
+    @property
+    def search_bits(self) -> tuple[int, ...]:
+        """Widths whose clips start from the data-free search."""
+        if self.clip_search_bits is not None:
+            return self.clip_search_bits
+        return tuple(b for b in self.bits if b <= 4)
 
     @property
     def total_rank(self) -> int:

@@ -13,7 +13,7 @@ from quept.nn.state import elastic_state_dict
 from ..conftest import tiny_model
 
 SPEC = ElasticSpec(ranks=(2, 2, 2, 2), default_group_size=32)
-CFG = CalibConfig(n_samples=8, seq_len=32, batch_size=4, epochs=6, lr_adapter=1e-3, lr_clip=5e-2)
+CFG = CalibConfig(n_samples=8, seq_len=32, batch_size=4, epochs=6, lr_adapter=1e-3, lr_clip=0.3)
 
 
 def ids(n: int = 8, t: int = 32, seed: int = 0) -> torch.Tensor:

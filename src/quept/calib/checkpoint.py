@@ -30,7 +30,7 @@ class Resumed:
     next_block: int
     block_states: dict[int, dict[str, torch.Tensor]]
     x_fp: torch.Tensor
-    x_q: torch.Tensor
+    x_q: list[torch.Tensor]
     rng_state: torch.Tensor
     reports: list[dict[str, Any]]
 
@@ -75,20 +75,29 @@ class CalibCheckpoint:
             i: load_file(str(self.folder / f"block_{i:03d}.safetensors")) for i in range(nxt)
         }
         log.info("resuming calibration at block %d from %s", nxt, self.folder)
-        return Resumed(nxt, states, streams["x_fp"], streams["x_q"], streams["rng_state"],
+        n_q = int(prog["n_streams"])
+        x_q = [streams[f"x_q_{g}"] for g in range(n_q)]
+        n_groups = int(prog["n_groups"])
+        x_q = x_q * n_groups if n_q == 1 else x_q
+        return Resumed(nxt, states, streams["x_fp"], x_q, streams["rng_state"],
                        prog.get("reports", []))
 
     def save(
-        self, block: int, state: dict[str, torch.Tensor], x_fp: torch.Tensor, x_q: torch.Tensor,
-        rng_state: torch.Tensor, reports: list[dict[str, Any]],
+        self, block: int, state: dict[str, torch.Tensor], x_fp: torch.Tensor,
+        x_q: list[torch.Tensor], rng_state: torch.Tensor, reports: list[dict[str, Any]],
     ) -> None:
-        """Record that ``block`` is done: its state, the streams entering the next block, RNG."""
+        """Record that ``block`` is done: its state, the streams entering the next block, RNG.
+        ``x_q`` holds one stream per bit group (the same tensor repeated when shared)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         _atomic_save(state, self.folder / f"block_{block:03d}.safetensors")
         nxt = block + 1
-        _atomic_save({"x_fp": x_fp, "x_q": x_q, "rng_state": rng_state},
-                     self.folder / f"streams_{nxt:03d}.safetensors")
-        _atomic_json({"next_block": nxt, "fingerprint": self.fingerprint, "reports": reports},
+        shared = all(x is x_q[0] for x in x_q)
+        unique = x_q[:1] if shared else x_q
+        tensors = {"x_fp": x_fp, "rng_state": rng_state}
+        tensors.update({f"x_q_{g}": x for g, x in enumerate(unique)})
+        _atomic_save(tensors, self.folder / f"streams_{nxt:03d}.safetensors")
+        _atomic_json({"next_block": nxt, "n_streams": len(unique), "n_groups": len(x_q),
+                      "fingerprint": self.fingerprint, "reports": reports},
                      self.folder / "progress.json")
         old = self.folder / f"streams_{block:03d}.safetensors"
         if old.exists():

@@ -74,31 +74,39 @@ class BlockCalibrator:
                 out[i : i + bs] = self.family.call_block(block, xb, self.kwargs).float().cpu()
         return out
 
-    def _probe(self, block: nn.Module, xq: torch.Tensor, yfp: torch.Tensor) -> list[float]:
+    def _probe(self, block: nn.Module, xq: list[torch.Tensor], yfp: torch.Tensor) -> list[float]:
         losses = []
+        first = slice(0, max(self.cfg.batch_size, 4))
         with torch.no_grad():
-            for g in self.spec.bit_groups:
+            for g, x in zip(self.spec.bit_groups, xq):
                 set_bits(block, min(g))
-                out = self.family.call_block(block, xq.to(self.cfg.device), self.kwargs)
-                losses.append(self.loss(out, yfp.to(self.cfg.device)).item())
+                out = self.family.call_block(block, x[first].to(self.cfg.device), self.kwargs)
+                losses.append(self.loss(out, yfp[first].to(self.cfg.device)).item())
         return losses
 
-    def _merge(self, block: nn.Module, xq: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """MB-ToMe: one drawn bit per group *per sample*, samples sharing a bit run together."""
-        n = xq.shape[0]
-        draws = [_draw(g, gen, n) for g in self.spec.bit_groups]
+    def _propagate(
+        self, block: nn.Module, xq: list[torch.Tensor], gen: torch.Generator
+    ) -> list[torch.Tensor]:
+        """Next quantized stream(s): one drawn bit per group *per sample* (samples that drew
+        the same bit run together). "merged": MB-ToMe of the groups' outputs, shared by all
+        groups; "per-group": each group's output becomes its own next input."""
+        n = xq[0].shape[0]
         outs = []
-        for g, d in zip(self.spec.bit_groups, draws):
-            out = torch.empty_like(xq)
+        for g, x in zip(self.spec.bit_groups, xq):
+            d = _draw(g, gen, n)
+            out = torch.empty_like(x)
             for j, b in enumerate(g):
                 idx = (d == j).nonzero().squeeze(1)
                 if idx.numel():
                     set_bits(block, b)
-                    out[idx] = self._run(block, xq[idx])
+                    out[idx] = self._run(block, x[idx])
             outs.append(out)
-        return multibit_merge(outs, self.spec.merge_weights, self.spec.merge_top_p)
+        if self.spec.stream == "per-group":
+            return outs
+        merged = multibit_merge(outs, self.spec.merge_weights, self.spec.merge_top_p)
+        return [merged] * len(outs)
 
-    def _train(self, i: int, block: nn.Module, xq: torch.Tensor, yfp: torch.Tensor,
+    def _train(self, i: int, block: nn.Module, xq: list[torch.Tensor], yfp: torch.Tensor,
                gen: torch.Generator, bar: tqdm) -> None:
         layers = [m for m in block.modules() if isinstance(m, ElasticLinear)]
         adapters = [p for m in layers for p in m.trainable_parameters()[0]]
@@ -114,18 +122,19 @@ class BlockCalibrator:
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
         )
-        n, step = xq.shape[0], 0
+        n, step = yfp.shape[0], 0
         running = [0.0] * len(groups)
         for _epoch in range(cfg.epochs):
             perm = torch.randperm(n, generator=gen)
             for k in range(0, n, cfg.batch_size):
                 idx = perm[k : k + cfg.batch_size]
-                xb, yb = xq[idx].to(cfg.device), yfp[idx].to(cfg.device)
+                yb = yfp[idx].to(cfg.device)
                 opt.zero_grad(set_to_none=True)
                 total_loss = 0.0
                 for gi, g in enumerate(groups):
                     b = g[_draw(g, gen).item()]
                     set_bits(block, b)
+                    xb = xq[gi][idx].to(cfg.device)
                     loss = self.loss(self.family.call_block(block, xb, self.kwargs), yb)
                     if not torch.isfinite(loss):
                         raise CalibrationError(
@@ -151,7 +160,7 @@ class BlockCalibrator:
         """Calibrate every block from block-0 inputs ``x0`` (N, T, C) on CPU."""
         gen = torch.Generator().manual_seed(self.cfg.seed)
         n_blocks, start = len(self.blocks), 0
-        x_fp, x_q = x0, x0.clone()
+        x_fp, x_q = x0, [x0] * len(self.spec.bit_groups)
         reports: list[BlockReport] = []
         resumed = self.checkpoint.load() if self.checkpoint else None
         if resumed is not None:
@@ -170,11 +179,10 @@ class BlockCalibrator:
                 block = self.blocks[i].to(self.cfg.device)
                 set_bits(block, None)
                 y_fp = self._run(block, x_fp)
-                first = slice(0, max(self.cfg.batch_size, 4))
-                before = self._probe(block, x_q[first], y_fp[first])
+                before = self._probe(block, x_q, y_fp)
                 self._train(i, block, x_q, y_fp, gen, bar)
-                after = self._probe(block, x_q[first], y_fp[first])
-                x_q = self._merge(block, x_q, gen)
+                after = self._probe(block, x_q, y_fp)
+                x_q = self._propagate(block, x_q, gen)
                 x_fp = y_fp
                 set_bits(block, None)
                 self.blocks[i] = block.to("cpu")

@@ -9,6 +9,7 @@ from quept.ops.quant import (
     quantize,
     round_ste,
     rtn,
+    search_clip,
     stored_bits_per_weight,
 )
 
@@ -21,5 +22,6 @@ __all__ = [
     "quantize",
     "round_ste",
     "rtn",
+    "search_clip",
     "stored_bits_per_weight",
 ]

@@ -91,6 +91,24 @@ def rtn(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     return fake_quant(w, bits, group_size, ones, ones)
 
 
+@torch.no_grad()
+def search_clip(
+    w: torch.Tensor, bits: int, group_size: int, grid: torch.Tensor
+) -> torch.Tensor:
+    """Per-group clip factor from ``grid`` (1-D, values in (0, 1]) minimising the weight's
+    quantization MSE at ``bits`` (the same factor on max and min). Returns (out, n_groups)."""
+    wg = to_groups(w, group_size)
+    best_err = torch.full(wg.shape[:2], float("inf"), dtype=w.dtype, device=w.device)
+    best = torch.ones_like(best_err)
+    for alpha in grid.tolist():
+        f = torch.full_like(best_err, alpha)
+        err = (fake_quant(w, bits, group_size, f, f) - w).pow(2).reshape(wg.shape).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, f, best)
+    return best
+
+
 def stored_bits_per_weight(bits: int, group_size: int, in_features: int) -> float:
     """Bits stored per weight: the code plus an fp16 scale and a b-bit zero-point per group."""
     gs = in_features if group_size == 0 else group_size
