@@ -49,9 +49,10 @@ class ElasticSpec:
     merge_top_p: share of tokens (most similar between highest and lowest group) that keep the
         highest-bit feature.
     clip_init: initial clip logit (sigmoid(4.0) ~ 0.982) of widths not searched.
-    clip_search_bits: widths whose clip logits start from a data-free per-group search (the
-        factor in 1.0, 0.95, ... 0.5 minimising the weight's quantization error); low widths
-        need far smaller clips than 0.98 and a short CPU calibration cannot travel that far.
+    clip_search_bits: widths whose clip logits start, at the start of each block's calibration,
+        from a per-group search (the factor in 1.0, 0.95, ... 0.5 minimising the quantization
+        error weighted by the mean squared float input per channel); low widths need far smaller
+        clips than 0.98 and a short CPU calibration cannot travel that far.
         None (default) = every width of 4 bits or fewer.
     stream: "merged" (paper: one quantized stream, MB-ToMe merges the groups' outputs) or
         "per-group" (each bit group keeps its own quantized stream; same compute, G x memory).
@@ -65,7 +66,7 @@ class ElasticSpec:
     merge_top_p: float = 0.5
     clip_init: float = 4.0
     clip_search_bits: tuple[int, ...] | None = None
-    stream: str = "merged"
+    stream: str = "per-group"
 
     def __post_init__(self) -> None:
         groups = tuple(tuple(int(b) for b in g) for g in self.bit_groups)
@@ -177,12 +178,12 @@ class CalibConfig:
     in float32.
     """
 
-    n_samples: int = 32
+    n_samples: int = 24
     seq_len: int = 256
-    batch_size: int = 4
-    epochs: int = 2
+    batch_size: int = 2
+    epochs: int = 1
     lr_adapter: float = 2e-3
-    lr_clip: float = 5e-2
+    lr_clip: float = 0.3
     loss: str = "l1"
     seed: int = 0
     device: str = "cpu"

@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -26,8 +27,11 @@ def calibrated(kind: str = "llama", cfg: CalibConfig = CFG, **kw):
     return model, reports
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
-def test_reconstruction_loss_falls_for_every_group(kind):
+@pytest.mark.parametrize("kind, stream", [
+    ("llama", "per-group"), ("mistral", "per-group"), ("qwen2", "per-group"), ("llama", "merged"),
+])
+def test_reconstruction_loss_falls_for_every_group(kind, stream, monkeypatch):
+    monkeypatch.setattr(f"{__name__}.SPEC", replace(SPEC, stream=stream))
     model, reports = calibrated(kind)
     assert len(reports) == 2
     for r in reports:
@@ -45,7 +49,9 @@ def test_same_seed_same_artifact_and_other_seed_differs():
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
 
 
-def test_resume_after_kill_gives_the_same_model(tmp_path, monkeypatch):
+@pytest.mark.parametrize("stream", ["per-group", "merged"])
+def test_resume_after_kill_gives_the_same_model(tmp_path, monkeypatch, stream):
+    monkeypatch.setattr(f"{__name__}.SPEC", replace(SPEC, stream=stream))
     ref, _ = calibrated()
     from quept.calib import loop
 

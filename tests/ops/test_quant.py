@@ -55,3 +55,19 @@ def test_group_size_must_divide():
 def test_stored_bits_counts_overhead():
     assert stored_bits_per_weight(4, 64, 576) == pytest.approx(4 + 20 / 64)
     assert stored_bits_per_weight(8, 0, 576) == pytest.approx(8 + 24 / 576)
+
+
+def test_search_clip_picks_the_grid_factor_with_least_error():
+    from quept.ops import search_clip
+
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(3))
+    grid = torch.tensor([1.0, 0.9, 0.8, 0.7, 0.6, 0.5])
+    best = search_clip(w, 2, 32, grid)
+    assert best.shape == (8, 2)
+    errs = torch.stack([
+        (fake_quant(w, 2, 32, torch.full((8, 2), a), torch.full((8, 2), a)) - w)
+        .pow(2).reshape(8, 2, 32).sum(-1)
+        for a in grid.tolist()
+    ])
+    assert torch.allclose(best, grid[errs.argmin(0)])
+    assert best.mean() < 1.0  # 2-bit Gaussian groups want clipping

@@ -74,6 +74,35 @@ class BlockCalibrator:
                 out[i : i + bs] = self.family.call_block(block, xb, self.kwargs).float().cpu()
         return out
 
+    def _float_pass(self, block: nn.Module, x_fp: torch.Tensor) -> torch.Tensor:
+        """The float target ``Y_fp = Block_fp(X_fp)``; on the way, the mean squared float input
+        per channel of every linear, which weights the per-group clip search that initialises
+        the clips of ``spec.search_bits`` (activation-aware init)."""
+        layers = {n: m for n, m in block.named_modules() if isinstance(m, ElasticLinear)}
+        sums = {n: torch.zeros(m.in_features, device=self.cfg.device) for n, m in layers.items()}
+        count = [0]
+
+        def hook(name: str) -> Callable:
+            def fn(_m: nn.Module, args: tuple, _out: torch.Tensor) -> None:
+                x = args[0].detach().float()
+                sums[name] += x.pow(2).reshape(-1, x.shape[-1]).sum(0)
+                if name == first:
+                    count[0] += x[..., 0].numel()
+            return fn
+
+        first = next(iter(layers))
+        handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+        try:
+            set_bits(block, None)
+            y_fp = self._run(block, x_fp)
+        finally:
+            for h in handles:
+                h.remove()
+        for n, m in layers.items():
+            for b in self.spec.search_bits:
+                m.init_clip_by_search(b, sums[n] / count[0])
+        return y_fp
+
     def _probe(self, block: nn.Module, xq: list[torch.Tensor], yfp: torch.Tensor) -> list[float]:
         losses = []
         first = slice(0, max(self.cfg.batch_size, 4))
@@ -177,8 +206,7 @@ class BlockCalibrator:
                 t0 = time.perf_counter()
                 bar.set_description(f"({i + 1}/{n_blocks}) Calibrating block")
                 block = self.blocks[i].to(self.cfg.device)
-                set_bits(block, None)
-                y_fp = self._run(block, x_fp)
+                y_fp = self._float_pass(block, x_fp)
                 before = self._probe(block, x_q, y_fp)
                 self._train(i, block, x_q, y_fp, gen, bar)
                 after = self._probe(block, x_q, y_fp)

@@ -12,7 +12,7 @@ from quept.config import ElasticSpec, check_bits
 from quept.ops import fake_quant, n_groups, quantize, rtn, search_clip
 
 # Clip factors tried by the data-free search; the largest is < 1 so the logit stays finite.
-CLIP_GRID = (0.999, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
+CLIP_GRID = (0.999, 0.975, 0.95, 0.925, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
 
 
 class ElasticLinear(nn.Module):
@@ -48,17 +48,18 @@ class ElasticLinear(nn.Module):
             shape = (self.out_features, n_groups(self.in_features, spec.group_size_for(b)))
             self.clip_hi[str(b)] = nn.Parameter(torch.full(shape, spec.clip_init, device=dev, dtype=dt))
             self.clip_lo[str(b)] = nn.Parameter(torch.full(shape, spec.clip_init, device=dev, dtype=dt))
-        for b in spec.search_bits:
-            self.init_clip_by_search(b)
         self.bits: int | None = None
         self.rtn = False
         self._cache: tuple[tuple, torch.Tensor] | None = None
 
     @torch.no_grad()
-    def init_clip_by_search(self, bits: int) -> None:
-        """Start the clip logits of ``bits`` at the grid factor with least weight error."""
+    def init_clip_by_search(self, bits: int, col_weight: torch.Tensor | None = None) -> None:
+        """Set the clip logits of ``bits`` to the grid factor with least (input-weighted)
+        quantization error; ``col_weight`` (in,) is e.g. the mean squared input per channel."""
         grid = torch.tensor(CLIP_GRID, dtype=self.weight.dtype)
-        alpha = search_clip(self.weight, bits, self.spec.group_size_for(bits), grid)
+        if col_weight is not None:
+            col_weight = col_weight.to(self.weight.device, self.weight.dtype)
+        alpha = search_clip(self.weight, bits, self.spec.group_size_for(bits), grid, col_weight)
         self.clip_hi[str(bits)].copy_(torch.logit(alpha))
         self.clip_lo[str(bits)].copy_(torch.logit(alpha))
 

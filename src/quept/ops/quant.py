@@ -93,20 +93,33 @@ def rtn(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
 
 @torch.no_grad()
 def search_clip(
-    w: torch.Tensor, bits: int, group_size: int, grid: torch.Tensor
+    w: torch.Tensor, bits: int, group_size: int, grid: torch.Tensor,
+    col_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-group clip factor from ``grid`` (1-D, values in (0, 1]) minimising the weight's
-    quantization MSE at ``bits`` (the same factor on max and min). Returns (out, n_groups)."""
+    """Per-group clip factor from ``grid`` (1-D, values in (0, 1]) minimising the quantization
+    error of ``w`` at ``bits`` (the same factor on max and min). ``col_weight`` (in,), e.g. the
+    mean squared input per input channel, weights each column's squared error (activation-aware);
+    None = plain MSE. Returns (out, n_groups)."""
+    qmax = 2**bits - 1
     wg = to_groups(w, group_size)
-    best_err = torch.full(wg.shape[:2], float("inf"), dtype=w.dtype, device=w.device)
+    h = None if col_weight is None else to_groups(col_weight.reshape(1, -1), group_size)
+    mx, mn = wg.amax(-1, keepdim=True), wg.amin(-1, keepdim=True)
+    best_err = torch.full(mx.shape, float("inf"), dtype=w.dtype, device=w.device)
     best = torch.ones_like(best_err)
+    buf = torch.empty_like(wg)
     for alpha in grid.tolist():
-        f = torch.full_like(best_err, alpha)
-        err = (fake_quant(w, bits, group_size, f, f) - w).pow(2).reshape(wg.shape).sum(-1)
+        # Same arithmetic as qparams/fake_quant, in place to spare allocations.
+        scale = ((mx - mn) * (alpha / qmax)).clamp_(min=1e-8)
+        zero = torch.round(-alpha * mn / scale).clamp_(0, qmax)
+        torch.div(wg, scale, out=buf)
+        buf.round_().add_(zero).clamp_(0, qmax).sub_(zero).mul_(scale).sub_(wg).square_()
+        if h is not None:
+            buf.mul_(h)
+        err = buf.sum(-1, keepdim=True)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        best = torch.where(better, f, best)
-    return best
+        best = torch.where(better, torch.full_like(best, alpha), best)
+    return best.squeeze(-1)
 
 
 def stored_bits_per_weight(bits: int, group_size: int, in_features: int) -> float:
