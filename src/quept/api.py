@@ -205,7 +205,7 @@ def stored_bits(model: nn.Module, plan: BitsPlan | None = None) -> float:
 
 def evaluate(
     model: nn.Module, windows: torch.Tensor, bits: Sequence[int | None], *, rtn: bool = False,
-    batch_size: int = 4, progress: bool = True,
+    batch_size: int = 2, progress: bool = True,
 ) -> list[EvalRow]:
     """Perplexity of the elastic model (and optionally RTN) at each width in ``bits``."""
     spec = _spec_of(model)

@@ -53,7 +53,7 @@ class ElasticSpec:
         from a per-group search (the factor in 1.0, 0.95, ... 0.5 minimising the quantization
         error weighted by the mean squared float input per channel); low widths need far smaller
         clips than 0.98 and a short CPU calibration cannot travel that far.
-        None (default) = every width of 4 bits or fewer.
+        None (default) = every width.
     stream: "merged" (paper: one quantized stream, MB-ToMe merges the groups' outputs) or
         "per-group" (each bit group keeps its own quantized stream; same compute, G x memory).
     """
@@ -138,7 +138,7 @@ class ElasticSpec:
         """Widths whose clips start from the data-free search."""
         if self.clip_search_bits is not None:
             return self.clip_search_bits
-        return tuple(b for b in self.bits if b <= 4)
+        return self.bits
 
     @property
     def total_rank(self) -> int:

@@ -13,7 +13,9 @@ class NotEnoughTextError(ValueError):
 
 def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
     """1-D LongTensor of token ids, no special tokens added."""
-    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    ids = tokenizer(
+        text, add_special_tokens=False, return_attention_mask=False, verbose=False
+    )["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
 
 

@@ -11,8 +11,10 @@ from torch import nn
 from quept.config import ElasticSpec, check_bits
 from quept.ops import fake_quant, n_groups, quantize, rtn, search_clip
 
-# Clip factors tried by the data-free search; the largest is < 1 so the logit stays finite.
+# Clip factors tried by the clip search; the largest is < 1 so the logit stays finite. Widths
+# above 4 bits never want much clipping, so their search stops at HIGH_BITS_FLOOR.
 CLIP_GRID = (0.999, 0.975, 0.95, 0.925, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
+HIGH_BITS_FLOOR = 0.9
 
 
 class ElasticLinear(nn.Module):
@@ -56,7 +58,8 @@ class ElasticLinear(nn.Module):
     def init_clip_by_search(self, bits: int, col_weight: torch.Tensor | None = None) -> None:
         """Set the clip logits of ``bits`` to the grid factor with least (input-weighted)
         quantization error; ``col_weight`` (in,) is e.g. the mean squared input per channel."""
-        grid = torch.tensor(CLIP_GRID, dtype=self.weight.dtype)
+        floor = HIGH_BITS_FLOOR if bits > 4 else 0.0
+        grid = torch.tensor([a for a in CLIP_GRID if a >= floor], dtype=self.weight.dtype)
         if col_weight is not None:
             col_weight = col_weight.to(self.weight.device, self.weight.dtype)
         alpha = search_clip(self.weight, bits, self.spec.group_size_for(bits), grid, col_weight)
