@@ -94,7 +94,8 @@ def main() -> int:
         rtn = "" if r.ppl_rtn is None else f"{r.ppl_rtn:.2f}"
         print(f"| {'float' if r.bits is None else f'W{r.bits}'} | {r.bits_per_weight:.3f} | "
               f"{r.ppl:.2f} | {rtn} |")
-    print(f"\ncalibration {calib_s or 0:.0f}s, total {result['total_seconds']:.0f}s, "
+    calib = "reused" if calib_s is None else f"{calib_s:.0f}s"
+    print(f"\ncalibration {calib}, total {result['total_seconds']:.0f}s, "
           f"peak RSS {result['peak_rss_gib']:.2f} GiB, set_bits {switch['set_bits_ms']:.2f} ms "
           f"(with weights materialised {switch['set_bits_and_materialise_ms']:.0f} ms)")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
