@@ -20,7 +20,7 @@ from quept.calib import BlockCalibrator, BlockReport, CalibCheckpoint, capture_b
 from quept.config import CalibConfig, ConfigError, ElasticSpec, QuEPTConfig, check_bits
 from quept.data.tokens import calibration_samples, eval_windows, tokenize
 from quept.eval import perplexity
-from quept.models import Family, UnsupportedModelError, family_for
+from quept.models import Family, UnsupportedModelError, family_for, family_for_type
 from quept.nn import BitsPlan, ElasticLinear, elastic_layers
 from quept.nn import set_bits as _set_bits
 from quept.nn.state import load_elastic_state
@@ -60,7 +60,7 @@ def load_model(model: str | os.PathLike | None = None) -> tuple[nn.Module, Any]:
     model_type = json.loads((path / "config.json").read_text()).get("model_type")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    family_for(_TypeOnly(model_type))  # fail before reading weights
+    family_for_type(model_type)  # fail before reading weights
     cfg = AutoConfig.from_pretrained(path)
     net = AutoModelForCausalLM.from_pretrained(path, config=cfg, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(path)
@@ -68,11 +68,6 @@ def load_model(model: str | os.PathLike | None = None) -> tuple[nn.Module, Any]:
     net.requires_grad_(False)
     net.quept_source = str(model) if model is not None else DEFAULT_MODEL
     return net, tok
-
-
-class _TypeOnly:
-    def __init__(self, model_type: str | None) -> None:
-        self.config = type("C", (), {"model_type": model_type})()
 
 
 # --- prepare / calibrate ----------------------------------------------------------------------

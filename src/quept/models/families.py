@@ -50,7 +50,11 @@ FAMILIES: tuple[Family, ...] = (
 
 def family_for(model: nn.Module) -> Family:
     """The family entry for a Hugging Face model, by ``config.model_type``."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return family_for_type(getattr(getattr(model, "config", None), "model_type", None))
+
+
+def family_for_type(model_type: str | None) -> Family:
+    """The family entry for a ``model_type`` string (as in a model's config.json)."""
     for fam in FAMILIES:
         if model_type in fam.model_types:
             return fam
