@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from quept import api
+from quept.calib import CalibCheckpoint
 from quept.config import PRESETS, ConfigError, ElasticSpec, QuEPTConfig, check_bits
 
 log = logging.getLogger("quept")
@@ -134,9 +135,7 @@ def cmd_quantize(a: argparse.Namespace) -> dict[str, Any]:
     api.prepare(model, cfg.spec, seed=cfg.calib.seed)
     ids = api.samples_from_text(tok, _text(a.calib_text, "calib"), cfg.calib)
     ckpt_dir = out / ".calib-checkpoint"
-    if a.restart and ckpt_dir.exists():
-        from quept.calib import CalibCheckpoint
-
+    if a.restart:
         CalibCheckpoint(ckpt_dir, {}).clear()
     log.info("calibrating on %d x %d tokens; checkpoints in %s", *ids.shape, ckpt_dir)
     t1 = time.perf_counter()
@@ -144,8 +143,6 @@ def cmd_quantize(a: argparse.Namespace) -> dict[str, Any]:
     calib_s = time.perf_counter() - t1
     api.save(model, out, cfg, extra={"calibration_seconds": calib_s,
                                      "reports": [r.__dict__ for r in reports]})
-    from quept.calib import CalibCheckpoint
-
     CalibCheckpoint(ckpt_dir, {}).clear()
     result: dict[str, Any] = {"out": str(out), "calibration_seconds": calib_s}
     if a.eval_windows > 0:
