@@ -56,6 +56,9 @@ class ElasticSpec:
         None (default) = every width.
     stream: "merged" (paper: one quantized stream, MB-ToMe merges the groups' outputs) or
         "per-group" (each bit group keeps its own quantized stream; same compute, G x memory).
+    unclipped_bits: widths quantized over the full min..max range of ``W + R``: their clips are
+        neither searched nor learned (at 7-8 bits clipping buys nothing and a short calibration
+        only adds noise to it).
     """
 
     bit_groups: tuple[tuple[int, ...], ...] = ((7, 8), (5, 6), (3, 4), (2,))
@@ -67,6 +70,7 @@ class ElasticSpec:
     clip_init: float = 4.0
     clip_search_bits: tuple[int, ...] | None = None
     stream: str = "per-group"
+    unclipped_bits: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         groups = tuple(tuple(int(b) for b in g) for g in self.bit_groups)
@@ -76,6 +80,7 @@ class ElasticSpec:
             self, "group_size", tuple((int(b), int(s)) for b, s in self.group_size)
         )
         object.__setattr__(self, "merge_weights", tuple(float(w) for w in self.merge_weights))
+        object.__setattr__(self, "unclipped_bits", tuple(int(b) for b in self.unclipped_bits))
         if self.clip_search_bits is not None:
             object.__setattr__(
                 self, "clip_search_bits", tuple(int(b) for b in self.clip_search_bits)
@@ -118,6 +123,9 @@ class ElasticSpec:
                 raise ConfigError(f"clip_search_bits names bit {b}, which is in no bit group")
         if self.stream not in ("merged", "per-group"):
             raise ConfigError(f"stream must be 'merged' or 'per-group', got {self.stream!r}")
+        for b in self.unclipped_bits:
+            if b not in flat:
+                raise ConfigError(f"unclipped_bits names bit {b}, which is in no bit group")
 
     @property
     def bits(self) -> tuple[int, ...]:
@@ -135,10 +143,9 @@ class ElasticSpec:
 
     @property
     def search_bits(self) -> tuple[int, ...]:
-        """Widths whose clips start from the data-free search."""
-        if self.clip_search_bits is not None:
-            return self.clip_search_bits
-        return self.bits
+        """Widths whose clips start from the activation-aware search."""
+        bits = self.bits if self.clip_search_bits is None else self.clip_search_bits
+        return tuple(b for b in bits if b not in self.unclipped_bits)
 
     @property
     def total_rank(self) -> int:

@@ -91,3 +91,23 @@ def test_set_bits_whole_model_and_plan(tiny_llama):
         )
         m = ElasticLinear(nn.Linear(16, 16), prepare_spec)
         m.set_bits(3)
+
+
+def test_unclipped_widths_use_full_range_and_have_no_learnable_clips():
+    spec = ElasticSpec(ranks=(2, 3, 4, 5), default_group_size=16, unclipped_bits=(7, 8))
+    torch.manual_seed(0)
+    m = ElasticLinear(nn.Linear(32, 24), spec)
+    # Adapter still zero: an unclipped width is exactly round-to-nearest over min..max.
+    for b in (7, 8):
+        assert torch.equal(m.quantized_weight(b), rtn(m.weight, b, 16))
+    assert not torch.equal(m.quantized_weight(6), rtn(m.weight, 6, 16))  # clip_init 0.98
+    _, clips = m.trainable_parameters()
+    learnable = {id(p) for p in clips}
+    assert all(id(m.clip_hi[str(b)]) not in learnable for b in (7, 8))
+    assert id(m.clip_hi["6"]) in learnable and len(clips) == 2 * 5
+    assert spec.search_bits == (6, 5, 4, 3, 2)
+
+
+def test_spec_rejects_unclipped_bits_outside_the_groups():
+    with pytest.raises(ConfigError, match="unclipped_bits names bit 1"):
+        ElasticSpec(unclipped_bits=(1,))

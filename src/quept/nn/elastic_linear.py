@@ -15,6 +15,8 @@ from quept.ops import fake_quant, n_groups, quantize, rtn, search_clip
 # above 4 bits never want much clipping, so their search stops at HIGH_BITS_FLOOR.
 CLIP_GRID = (0.999, 0.975, 0.95, 0.925, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
 HIGH_BITS_FLOOR = 0.9
+# Logit of the clip factor of an unclipped width: sigmoid(20) is exactly 1.0 in float32.
+NO_CLIP_LOGIT = 20.0
 
 
 class ElasticLinear(nn.Module):
@@ -48,8 +50,9 @@ class ElasticLinear(nn.Module):
         self.clip_lo = nn.ParameterDict()
         for b in spec.bits:
             shape = (self.out_features, n_groups(self.in_features, spec.group_size_for(b)))
-            self.clip_hi[str(b)] = nn.Parameter(torch.full(shape, spec.clip_init, device=dev, dtype=dt))
-            self.clip_lo[str(b)] = nn.Parameter(torch.full(shape, spec.clip_init, device=dev, dtype=dt))
+            init = NO_CLIP_LOGIT if b in spec.unclipped_bits else spec.clip_init
+            self.clip_hi[str(b)] = nn.Parameter(torch.full(shape, init, device=dev, dtype=dt))
+            self.clip_lo[str(b)] = nn.Parameter(torch.full(shape, init, device=dev, dtype=dt))
         self.bits: int | None = None
         self.rtn = False
         self._cache: tuple[tuple, torch.Tensor] | None = None
@@ -120,8 +123,9 @@ class ElasticLinear(nn.Module):
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def trainable_parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """(adapter parameters, clip logits)."""
-        return [self.lora_u, self.lora_v], [*self.clip_hi.values(), *self.clip_lo.values()]
+        """(adapter parameters, learnable clip logits); unclipped widths have none."""
+        learn = [str(b) for b in self.spec.bits if b not in self.spec.unclipped_bits]
+        return [self.lora_u, self.lora_v], [d[b] for d in (self.clip_hi, self.clip_lo) for b in learn]
 
     def extra_repr(self) -> str:
         return (
