@@ -20,11 +20,25 @@ from quept.calib import BlockCalibrator, BlockReport, CalibCheckpoint, capture_b
 from quept.config import CalibConfig, ConfigError, ElasticSpec, QuEPTConfig, check_bits
 from quept.data.tokens import calibration_samples, eval_windows, tokenize
 from quept.eval import perplexity
+from quept.export import compact as _compact
+from quept.export import packed as _packed
+from quept.export.compact import CompactConfig
+from quept.export.packed import write_packed
 from quept.models import Family, UnsupportedModelError, family_for, family_for_type
 from quept.nn import BitsPlan, ElasticLinear, elastic_layers
 from quept.nn import set_bits as _set_bits
 from quept.nn.state import load_elastic_state
 from quept.ops import GroupSizeError, stored_bits_per_weight
+from quept.search import (
+    Plan,
+    SensitivityCacheError,
+    SensitivityConfig,
+    SensitivityTable,
+    as_layer_widths,
+    estimate_sensitivity,
+    plan_from_table,
+)
+from quept.search.table import fingerprint as _table_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +120,55 @@ def calibrate(
     return BlockCalibrator(model, fam, spec, config, kwargs, ckpt, progress).run(x0)
 
 
-def set_bits(model: nn.Module, bits: BitsPlan, *, rtn: bool = False) -> nn.Module:
-    """Switch the elastic model to one width (int), float (None) or a plan {layer: bits}."""
-    return _set_bits(model, bits, rtn=rtn)
+def set_bits(model: nn.Module, bits: BitsPlan | Plan, *, rtn: bool = False) -> nn.Module:
+    """Switch the elastic model to one width (int), float (None) or a plan: {layer: bits}, a
+    :class:`quept.search.Plan`, or a plan JSON loaded as a dict."""
+    return _set_bits(model, as_layer_widths(bits), rtn=rtn)
+
+
+# --- mixed precision (DESIGN 2.6) ------------------------------------------------------------
+SENSITIVITY_JSON = "sensitivity.json"
+
+
+def sensitivity(
+    model: nn.Module, input_ids: torch.Tensor, config: SensitivityConfig | None = None, *,
+    cache: str | os.PathLike | None = None, recompute: bool = False, progress: bool = True,
+) -> SensitivityTable:
+    """KL sensitivity of every elastic layer at every width on ``input_ids`` (N, T).
+
+    With ``cache`` (e.g. ``FOLDER/sensitivity.json``) a table whose fingerprint (elastic state,
+    base weights, tokens, settings) matches is reused; otherwise it is measured and written.
+    """
+    config = config or SensitivityConfig()
+    path = None if cache is None else Path(cache)
+    if path is not None and path.is_file() and not recompute:
+        try:
+            table = SensitivityTable.load(path)
+        except SensitivityCacheError as e:
+            log.warning("%s; measuring again", e)
+        else:
+            if table.fingerprint == _table_fingerprint(model, input_ids, config.to_dict()):
+                log.info("reusing the sensitivity table in %s", path)
+                return table
+            log.info("%s was measured on another model, text or setting; measuring again", path)
+    table = estimate_sensitivity(model, input_ids, config, progress=progress)
+    if path is not None:
+        table.save(path)
+    return table
+
+
+def plan(model: nn.Module, table: SensitivityTable, *, avg_bits: float | None = None,
+         max_bytes: int | None = None) -> Plan:
+    """The width per layer minimising the summed sensitivity within one budget: ``avg_bits``
+    (stored bits per quantized weight, scales and zero-points included) or ``max_bytes``
+    (bytes of the quantized linears: codes + scales + zero-points). Solved exactly."""
+    layers = elastic_layers(model)
+    spec = _spec_of(model)
+    if list(layers) != list(table.shapes) or any(
+        table.group_size.get(b) != spec.group_size_for(b) for b in spec.bits
+    ):
+        raise ArtifactError("the sensitivity table was measured on another model or spec")
+    return plan_from_table(table, avg_bits=avg_bits, max_bytes=max_bytes)
 
 
 # --- save / load ----------------------------------------------------------------------------
@@ -174,6 +234,75 @@ def load(folder: str | os.PathLike, model: str | os.PathLike | None = None) -> t
         raise ArtifactError(f"{Path(folder) / ELASTIC_WEIGHTS} cannot be read: {e}") from None
     load_elastic_state(net, state)
     return net, tok
+
+
+# --- deployment: packed models, the compact checkpoint, external formats ----------------------
+EXPORT_FORMATS = ("quept", "gguf")
+
+
+def export(model: nn.Module, bits_or_plan: int | Mapping[str, int] | Plan,
+           out: str | os.PathLike, format: str = "quept", *, tokenizer: Any = None,
+           scale_dtype: str = "float16", head_bits: int | None = None) -> dict[str, Any]:
+    """Write one configuration of an elastic model: ``"quept"`` = a packed folder ``out``
+    (codes at their true width, loadable with :func:`load_packed`; ``head_bits`` also packs
+    the output head and a tied embedding); ``"gguf"`` = a llama.cpp GGUF file ``out``.
+    Returns a summary (the packed folder's JSON)."""
+    widths = as_layer_widths(bits_or_plan)
+    if format == "quept":
+        source = {"base_model": getattr(model, "quept_source", DEFAULT_MODEL)}
+        return write_packed(model, widths, out, tokenizer, scale_dtype=scale_dtype,
+                            head_bits=head_bits, provenance=source)
+    if format == "gguf":
+        from quept.export.gguf import write_gguf
+
+        result = write_gguf(model, tokenizer, out, widths)
+        return {"format": "gguf", "path": str(out),
+                **(result if isinstance(result, Mapping) else {})}
+    raise ConfigError(f"export format {format!r} is not one of {EXPORT_FORMATS}")
+
+
+def load_packed(folder: str | os.PathLike, backend: str = "auto") -> tuple[nn.Module, Any]:
+    """A packed folder's model (inference modules only, built on meta then filled) and
+    tokenizer."""
+    net = _packed.load_packed(folder, backend=backend)
+    net.quept_source = str(folder)
+    return net, _folder_tokenizer(folder)
+
+
+def save_compact(model: nn.Module, folder: str | os.PathLike, config: QuEPTConfig | None = None,
+                 tokenizer: Any = None, compact: CompactConfig | None = None) -> dict[str, Any]:
+    """Write the compact elastic checkpoint of a calibrated model (every width, ~10 bits per
+    weight); ``config`` defaults to the model's spec with default calibration settings."""
+    config = config or QuEPTConfig(spec=_spec_of(model))
+    source = {"base_model": getattr(model, "quept_source", DEFAULT_MODEL)}
+    return _compact.save_compact(model, folder, tokenizer, config, compact, source)
+
+
+def load_compact(folder: str | os.PathLike) -> tuple[nn.Module, Any]:
+    """The elastic model of a compact checkpoint (its weights are the dequantized master) and
+    its tokenizer; it switches widths and exports like a calibrated model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    meta = _compact.read_compact_meta(folder)
+    cfg = QuEPTConfig.from_dict(meta["config"])
+    hf_cfg = AutoConfig.from_pretrained(folder)
+    family_for_type(hf_cfg.model_type)
+    with torch.device("meta"):
+        net = AutoModelForCausalLM.from_config(hf_cfg)
+    prepare(net, cfg.spec, seed=cfg.calib.seed)
+    net.quept_compact = _compact.restore_compact(net, folder)
+    net.eval().requires_grad_(False)
+    net.quept_source = str(folder)
+    return net, _folder_tokenizer(folder)
+
+
+def _folder_tokenizer(folder: str | os.PathLike) -> Any:
+    """The tokenizer saved in ``folder``, or None when it holds none (e.g. a test model)."""
+    from transformers import AutoTokenizer
+
+    if not any((Path(folder) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    return AutoTokenizer.from_pretrained(folder)
 
 
 # --- evaluation -----------------------------------------------------------------------------
@@ -261,7 +390,9 @@ def windows_from_text(tokenizer: Any, text: str, seq_len: int = 512,
 
 
 __all__ = [
-    "ArtifactError", "EvalRow", "Family", "UnsupportedModelError", "calibrate", "evaluate",
-    "load", "load_model", "prepare", "read_meta", "resolve_model_dir", "samples_from_text",
-    "save", "set_bits", "stored_bits", "windows_from_text",
+    "ArtifactError", "CompactConfig", "EvalRow", "Family", "Plan", "SensitivityConfig",
+    "UnsupportedModelError", "calibrate", "evaluate", "export", "load", "load_compact",
+    "load_model", "load_packed", "plan", "prepare", "read_meta", "resolve_model_dir",
+    "samples_from_text", "save", "save_compact", "sensitivity", "set_bits", "stored_bits",
+    "windows_from_text",
 ]

@@ -13,9 +13,10 @@ from typing import Any
 
 import torch
 
-from quept import api
+from quept import api, cli_deploy
 from quept.calib import CalibCheckpoint
 from quept.config import PRESETS, ConfigError, ElasticSpec, QuEPTConfig, check_bits
+from quept.search import Plan, SensitivityConfig, parse_size
 
 log = logging.getLogger("quept")
 DEFAULT_OUT = "quept-elastic"
@@ -96,6 +97,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    help="adapter rank added per group, e.g. 8,8,8,8")
     s.add_argument("--group-size", type=int, default=None,
                    help="quantization group size for every width (0 = per channel; default 64)")
+    s.add_argument("--unclipped-bits", type=_int_list, default=None,
+                   help="widths quantized over the full min..max range, clips not learned "
+                   "(e.g. 7,8; default: none)")
     e = p.add_argument_group("evaluation after calibration")
     e.add_argument("--eval-windows", type=int, default=8,
                    help="512-token windows of the evaluation text (default 8, which keeps the "
@@ -123,6 +127,8 @@ def _configs(a: argparse.Namespace) -> QuEPTConfig:
         spec = replace(spec, ranks=tuple(a.ranks))
     if a.group_size is not None:
         spec = replace(spec, default_group_size=a.group_size)
+    if a.unclipped_bits is not None:
+        spec = replace(spec, unclipped_bits=tuple(a.unclipped_bits))
     return QuEPTConfig(spec=spec, calib=calib)
 
 
@@ -167,9 +173,11 @@ def cmd_quantize(a: argparse.Namespace) -> dict[str, Any]:
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="perplexity per width of an elastic folder (or a HF folder)",
                        description="Perplexity over non-overlapping windows of a text. FOLDER is "
-                       "an elastic folder written by `quept quantize`, or a plain HF model "
-                       "folder (then the float model is reported).")
-    p.add_argument("folder", help="elastic folder or HF model folder")
+                       "an elastic folder written by `quept quantize`, a compact checkpoint "
+                       "(`quept compact`), a packed folder (`quept export`: its one "
+                       "configuration), or a plain HF model folder (then the float model is "
+                       "reported).")
+    p.add_argument("folder", help="elastic, compact, packed or HF model folder")
     p.add_argument("--bits", type=_int_list, default=None,
                    help="comma-separated widths, e.g. 2,3,4,8 (default: all widths)")
     p.add_argument("--text", nargs="+", default=None, metavar="FILE",
@@ -179,6 +187,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rtn", action="store_true", help="also report round-to-nearest per width")
     p.add_argument("--model", default=None,
                    help="base model folder, if not the one recorded in the elastic folder")
+    p.add_argument("--plan", default=None, metavar="PLAN.json",
+                   help="evaluate this mixed-precision plan (from `quept plan`) instead of "
+                   "every width; --bits then adds uniform widths to compare")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=cmd_eval)
 
@@ -187,11 +198,18 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
     folder = Path(a.folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} does not exist or is not a folder")
-    elastic = (folder / api.ELASTIC_JSON).is_file()
+    kind = cli_deploy.folder_kind(folder)
+    if kind == "packed":
+        return cli_deploy.eval_packed(a, folder, _text(a.text, "eval"))
+    elastic = kind in ("elastic", "compact")
+    plan = None if a.plan is None else Plan.load(a.plan)
+    if plan is not None and not elastic:
+        raise ConfigError(f"{folder} is a plain model folder; --plan needs an elastic folder")
     if elastic:
-        model, tok = api.load(folder, model=a.model)
+        model, tok = (api.load_compact(folder) if kind == "compact"
+                      else api.load(folder, model=a.model))
         spec = model.quept_spec
-        bits = a.bits or sorted(spec.bits)
+        bits = a.bits or ([] if plan else sorted(spec.bits))
         for b in bits:
             check_bits(b, spec.bits)
     else:
@@ -201,16 +219,104 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
         model, tok = api.load_model(folder)
         bits = []
     windows = api.windows_from_text(tok, _text(a.text, "eval"), a.seq_len, a.windows)
-    if elastic:
-        rows = api.evaluate(model, windows, [None, *bits], rtn=a.rtn, progress=not a.json)
-    else:
-        from quept.eval import perplexity
+    from quept.eval import perplexity
 
+    if elastic:
+        widths = bits if plan else [None, *bits]
+        rows = api.evaluate(model, windows, widths, rtn=a.rtn, progress=not a.json)
+    else:
         rows = [api.EvalRow(None, 32.0, perplexity(model, windows, progress=not a.json))]
+    result = {"folder": str(folder), "elastic": elastic, "windows": windows.shape[0],
+              "seq_len": a.seq_len, "rows": _eval_rows(rows)}
+    if plan is not None:
+        api.set_bits(model, plan)
+        bpw = api.stored_bits(model)
+        if abs(bpw - plan.bits_per_weight) > 1e-9:
+            raise ConfigError(f"{a.plan} records {plan.bits_per_weight:.4f} bits per weight but "
+                              f"gives {bpw:.4f} on this model: made for another spec?")
+        ppl = perplexity(model, windows, progress=not a.json, desc="eval plan")
+        result["plan"] = {"path": a.plan, "bits_per_weight": bpw, "ppl": ppl,
+                          "stored_bytes": plan.stored_bytes, "widths": plan.histogram()}
     if not a.json:
-        _print_eval(rows, windows.shape[0], a.seq_len, f"Perplexity of {folder}")
-    return {"folder": str(folder), "elastic": elastic, "windows": windows.shape[0],
-            "seq_len": a.seq_len, "rows": _eval_rows(rows)}
+        if rows:
+            _print_eval(rows, windows.shape[0], a.seq_len, f"Perplexity of {folder}")
+        if plan is not None:
+            _print_plan(plan, f"plan {a.plan}: perplexity {result['plan']['ppl']:.2f} "
+                        f"({windows.shape[0]} windows x {a.seq_len} tokens)")
+    return result
+
+
+# --- plan -------------------------------------------------------------------------------------
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="mixed-precision plan for a bit budget (no training)",
+                       description="Measure (or reuse FOLDER/sensitivity.json) the KL "
+                       "sensitivity of every layer at every width, then choose each layer's "
+                       "width minimising the summed sensitivity within the budget (exact "
+                       "knapsack). Budgets count only the quantized linears, weighted by size: "
+                       "codes + fp16 scales + zero-points; norms, embeddings and the head are "
+                       "not counted.")
+    p.add_argument("folder", help="elastic folder written by `quept quantize`")
+    b = p.add_mutually_exclusive_group(required=True)
+    b.add_argument("--avg-bits", type=float, help="stored bits per quantized weight, scales and "
+                   "zero-points included (e.g. 3.25; uniform W4 at group 64 is 4.3125)")
+    b.add_argument("--max-bytes", type=_size, help="bytes of the quantized linears' codes "
+                   "+ scales + zero-points, e.g. 60MB, 1.5GiB, 500kB (kB/MB/GB = 1000^n, "
+                   "KiB/MiB/GiB = 1024^n)")
+    p.add_argument("--out", required=True, metavar="PLAN.json", help="where to write the plan")
+    s = p.add_argument_group("sensitivity (cached in FOLDER/sensitivity.json)")
+    s.add_argument("--calib-text", nargs="+", default=None, metavar="FILE",
+                   help="calibration text (default: the Austen novels other than P&P)")
+    d = SensitivityConfig()
+    s.add_argument("--samples", type=int, default=d.n_samples, help="calibration sequences")
+    s.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence")
+    s.add_argument("--probes", type=int, default=d.n_probes,
+                   help="random probes per sequence (more = less noise, linear in time)")
+    s.add_argument("--reference-bits", type=int, default=d.reference_bits,
+                   help="width of the other layers while one is measured (default: float)")
+    s.add_argument("--seed", type=int, default=d.seed, help="seed of samples and probes")
+    s.add_argument("--recompute", action="store_true", help="ignore a cached table")
+    p.add_argument("--model", default=None,
+                   help="base model folder, if not the one recorded in the elastic folder")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.set_defaults(func=cmd_plan)
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _print_plan(plan: Plan, title: str) -> None:
+    hist = "  ".join(f"W{b}: {n}" for b, n in plan.histogram().items())
+    print(f"\n{title}\n{plan.bits_per_weight:.4f} bits per weight stored, "
+          f"{plan.stored_bytes / 1e6:.2f} MB of quantized linears; layers per width: {hist}")
+
+
+def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
+    from quept.data.tokens import calibration_samples, tokenize
+
+    cfg = SensitivityConfig(n_samples=a.samples, seq_len=a.seq_len, n_probes=a.probes,
+                            reference_bits=a.reference_bits, seed=a.seed)
+    folder = Path(a.folder)
+    api.read_meta(folder)
+    model, tok = api.load(folder, model=a.model)
+    ids = calibration_samples(tokenize(tok, _text(a.calib_text, "calib")), cfg.n_samples,
+                              cfg.seq_len, cfg.seed)
+    t0 = time.perf_counter()
+    table = api.sensitivity(model, ids, cfg, cache=folder / api.SENSITIVITY_JSON,
+                            recompute=a.recompute, progress=not a.json)
+    sens_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    plan = api.plan(model, table, avg_bits=a.avg_bits, max_bytes=a.max_bytes)
+    alloc_s = time.perf_counter() - t1
+    plan.save(a.out)
+    if not a.json:
+        _print_plan(plan, f"plan written to {a.out} (sensitivity {sens_s:.1f}s, allocation "
+                    f"{alloc_s * 1e3:.0f} ms); predicted KL {plan.predicted_kl:.4f} nats/token")
+    return {"out": a.out, **plan.to_dict(), "sensitivity_seconds": sens_s,
+            "allocation_seconds": alloc_s}
 
 
 # --- entry point ------------------------------------------------------------------------------
@@ -222,6 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     _add_quantize(sub)
     _add_eval(sub)
+    _add_plan(sub)
+    cli_deploy.add_compact(sub)
+    cli_deploy.add_export(sub)
+    cli_deploy.add_run(sub)
     return p
 
 

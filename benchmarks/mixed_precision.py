@@ -1,0 +1,258 @@
+"""Mixed-precision figures (issue 4): the Pareto curve of perplexity against true stored bits per
+weight, uniform widths vs training-free plans, plus the costs of each step.
+
+Run from the repository root on an elastic folder (``quept quantize`` writes one):
+
+    pip install -e ".[hf,bench]"
+    python benchmarks/mixed_precision.py --elastic quept-elastic
+
+It measures the sensitivity table (cached in FOLDER/sensitivity.json; ``--recompute`` to time it
+afresh), checks it against the slow protocol (a forward per layer and width) on a subset of
+layers, makes plans at 2.25 .. 5 bits per weight, evaluates everything on Pride and Prejudice,
+checks the issue's figures and writes results/mixed_precision.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import quept
+from quept import data
+from quept.data.tokens import calibration_samples, tokenize
+from quept.eval import perplexity
+from quept.nn import elastic_layers
+from quept.search import InfeasibleBudgetError, SensitivityConfig, allocate, plan_from_table
+from quept.search.exact import exact_sensitivity
+from quept.search.table import SensitivityTable
+
+PLAN_BITS = (2.25, 2.5, 2.75, 3.0, 3.25, 3.5, 4.0, 5.0)
+
+
+def median_ms(fn, n: int) -> float:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def llama7b_allocation_ms(n: int = 5) -> dict[str, float]:
+    """Allocation on a synthetic 224 layers x 7 widths table with LLaMA-7B shapes (group 128)."""
+    shapes = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
+    rng = np.random.default_rng(0)
+    cost, size, numel = [], [], 0
+    for out, inn in shapes * 32:
+        size.append([out * inn * b + out * inn // 128 * (16 + b) for b in range(2, 9)])
+        cost.append(sorted(rng.exponential(1.0, 7) * out * inn, reverse=True))
+        numel += out * inn
+    per_budget = {a: median_ms(lambda a=a: allocate(cost, size, int(a * numel)), n)
+                  for a in (2.5, 3.0, 3.25, 4.0, 5.0, 8.0)}
+    exact = all(allocate(cost, size, int(a * numel)).exact for a in per_budget)
+    return {"layers": len(cost), "widths": 7, "exact": exact,
+            "median_ms_per_budget": per_budget, "worst_ms": max(per_budget.values())}
+
+
+def subset_check(model, ids, table: SensitivityTable, names: list[str], windows, budgets):
+    """The slow protocol (a forward per layer and width) on ``names`` and the token windows
+    ``ids``; plans for those layers from its table vs from the fast table, the other layers at
+    W4: the slow table's summed KL of each plan, and perplexity."""
+    t0 = time.perf_counter()
+    slow = exact_sensitivity(model, ids, names)
+    slow_s = time.perf_counter() - t0
+    fast_v = np.array([table.kl[n] for n in names]).ravel()
+    slow_v = np.array([slow[n] for n in names]).ravel()
+    rank = lambda v: np.argsort(np.argsort(v))  # noqa: E731
+    spearman = float(np.corrcoef(rank(fast_v), rank(slow_v))[0, 1])
+    sub = lambda kl: SensitivityTable(table.bits, table.group_size,  # noqa: E731
+                                      {n: table.shapes[n] for n in names}, kl, "subset")
+    rows = []
+    for avg in budgets:
+        row = {"avg_bits_of_subset": avg}
+        for label, kl in (("fast", {n: table.kl[n] for n in names}), ("slow", slow)):
+            plan = plan_from_table(sub(kl), avg_bits=avg)
+            full = {n: plan.get(n, 4) for n in elastic_layers(model)}
+            quept.set_bits(model, full)
+            row[label] = {"widths": dict(plan), "slow_kl_sum": sum(slow[n][table.bits.index(b)]
+                                                                   for n, b in plan.items()),
+                          "ppl": perplexity(model, windows)}
+        rows.append(row)
+    return {"layers": names, "slow_seconds": slow_s, "spearman": spearman,
+            "slow_kl": {n: list(v) for n, v in slow.items()}, "plans": rows}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--elastic", default="quept-elastic", help="elastic folder")
+    p.add_argument("--windows", type=int, default=32, help="512-token windows of P&P (32)")
+    p.add_argument("--recompute", action="store_true", help="measure the table even if cached")
+    p.add_argument("--subset-blocks", default="2,15,28",
+                   help="blocks whose linears get the slow protocol ('' skips the check)")
+    p.add_argument("--out", default="results/mixed_precision.json", help="JSON output")
+    a = p.parse_args()
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+
+    folder = Path(a.elastic)
+    model, tok = quept.load(folder)
+    cfg = SensitivityConfig()
+    ids = calibration_samples(tokenize(tok, data.calibration_text()), cfg.n_samples,
+                              cfg.seq_len, cfg.seed)
+    t0 = time.perf_counter()
+    table = quept.api.sensitivity(model, ids, cfg, cache=folder / "sensitivity.json",
+                                  recompute=a.recompute)
+    sens_call_s = time.perf_counter() - t0
+    windows = quept.windows_from_text(tok, data.evaluation_text(), 512, a.windows)
+
+    alloc = llama7b_allocation_ms()
+    plans, results = {}, {"uniform": [], "plans": []}
+    for avg in PLAN_BITS:
+        try:
+            t0 = time.perf_counter()
+            plans[avg] = quept.api.plan(model, table, avg_bits=avg)
+            results["plans"].append({"budget": avg, "alloc_ms": (time.perf_counter() - t0) * 1e3})
+        except InfeasibleBudgetError as e:
+            results["plans"].append({"budget": avg, "infeasible": str(e)})
+    for row in quept.evaluate(model, windows, [None, *range(2, 9)]):
+        results["uniform"].append({"bits": row.bits, "bits_per_weight": row.bits_per_weight,
+                                   "ppl": row.ppl})
+    for row in results["plans"]:
+        plan = plans.get(row["budget"])
+        if plan is not None:
+            quept.set_bits(model, plan)
+            row.update(bits_per_weight=plan.bits_per_weight, widths=plan.histogram(),
+                       predicted_kl=plan.predicted_kl, exact=plan.exact,
+                       ppl=perplexity(model, windows, progress=True, desc=f"plan {row['budget']}"))
+            print(f"plan {row['budget']}: {row['bits_per_weight']:.4f} bpw, ppl {row['ppl']:.2f}",
+                  flush=True)
+
+    apply = plans[3.0]
+    quept.set_bits(model, None)
+    set_ms = median_ms(lambda: quept.set_bits(model, apply), 20)
+    layers = list(elastic_layers(model).values())
+
+    def apply_and_materialise() -> None:
+        quept.set_bits(model, None)
+        quept.set_bits(model, apply)
+        with torch.no_grad():
+            for m in layers:
+                m.current_weight()
+
+    mat_ms = median_ms(apply_and_materialise, 5)
+    subset = None
+    if a.subset_blocks:
+        names = [n for n in elastic_layers(model)
+                 if int(n.split(".")[2]) in {int(b) for b in a.subset_blocks.split(",")}]
+        # The slow protocol on the first 8 of the calibration sequences (a quarter of the text
+        # the fast table saw): 147 forwards over all 32 would take ~25 min here.
+        subset = subset_check(model, ids[:8], table, names, windows[:8], (2.75, 3.25))
+
+    result = report(table, sens_call_s, alloc, results, set_ms, mat_ms, subset, a)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=1))
+    plot(results, Path(a.out).with_suffix(".png"), a.windows)
+    return 0
+
+
+def line_check(uniform: list[dict], plan_rows: list[dict]) -> list[dict]:
+    """Each plan vs the straight line joining its neighbouring uniform points."""
+    pts = sorted((u["bits_per_weight"], u["ppl"]) for u in uniform if u["bits"] is not None)
+    out = []
+    for r in plan_rows:
+        if "ppl" not in r:
+            continue
+        x = r["bits_per_weight"]
+        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+            if x0 <= x <= x1:
+                line = y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+                out.append({"budget": r["budget"], "between": [x0, x1], "line_ppl": line,
+                            "ppl": r["ppl"], "at_or_below": r["ppl"] <= line})
+                break
+    return out
+
+
+def report(table, sens_call_s, alloc, results, set_ms, mat_ms, subset, a) -> dict:
+    checks = line_check(results["uniform"], results["plans"])
+    ppl = {u["bits"]: u["ppl"] for u in results["uniform"]}
+    p3 = next(r for r in results["plans"] if r["budget"] == 3.0)
+    gain = 1 - p3["ppl"] / ppl[3]
+    print(f"\nSmolLM2-135M-Instruct (float = dequantized Q4_1), group 64, Pride and Prejudice "
+          f"{a.windows} x 512 tokens; {platform.machine()}, {torch.get_num_threads()} threads\n")
+    print("| configuration | stored bits/weight | perplexity | layers per width |\n|---|---|---|---|")
+    for u in results["uniform"]:
+        label = "float" if u["bits"] is None else f"uniform W{u['bits']}"
+        print(f"| {label} | {u['bits_per_weight']:.4f} | {u['ppl']:.2f} | |")
+    for r in results["plans"]:
+        if "ppl" in r:
+            hist = ", ".join(f"W{b}: {n}" for b, n in r["widths"].items())
+            print(f"| plan {r['budget']} | {r['bits_per_weight']:.4f} | {r['ppl']:.2f} | {hist} |")
+        else:
+            print(f"| plan {r['budget']} | infeasible | | {r['infeasible']} |")
+    print("\nchecks:")
+    for c in checks:
+        print(f"  plan {c['budget']}: ppl {c['ppl']:.2f} vs line {c['line_ppl']:.2f} between "
+              f"{c['between'][0]:.3f} and {c['between'][1]:.3f} bpw: "
+              f"{'at/below' if c['at_or_below'] else 'ABOVE'}")
+    print(f"  3.0-bit plan vs uniform W3: {p3['ppl']:.2f} vs {ppl[3]:.2f} = {gain:.1%} lower "
+          f"({'meets' if gain >= 0.15 else 'misses'} >= 15%)")
+    print(f"  sensitivity: {table.seconds:.0f} s for {len(table.kl)} layers x {len(table.bits)} "
+          f"widths (api.sensitivity call {sens_call_s:.0f} s; {table.settings})")
+    print(f"  allocation, 224 x 7 LLaMA-7B table: worst {alloc['worst_ms']:.0f} ms over "
+          f"budgets, exact={alloc['exact']}")
+    print(f"  applying a plan: set_bits median {set_ms:.2f} ms (20 runs); with every weight "
+          f"materialised {mat_ms:.0f} ms")
+    if subset:
+        print(f"\nfast vs slow protocol on {len(subset['layers'])} layers "
+              f"(slow: {subset['slow_seconds']:.0f} s): Spearman {subset['spearman']:.3f}")
+        for r in subset["plans"]:
+            f, s = r["fast"], r["slow"]
+            print(f"  subset budget {r['avg_bits_of_subset']}: slow-KL sum fast plan "
+                  f"{f['slow_kl_sum']:.4f} vs slow plan {s['slow_kl_sum']:.4f}; ppl (8 windows) "
+                  f"{f['ppl']:.2f} vs {s['ppl']:.2f}")
+    return {"model": "SmolLM2-135M-Instruct (float = dequantized Q4_1)",
+            "eval": f"Pride and Prejudice, {a.windows} x 512 tokens", "elastic": a.elastic,
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch "
+                       f"{torch.__version__}",
+            "sensitivity_seconds": table.seconds, "sensitivity_settings": table.settings,
+            "allocation_llama7b": alloc, "set_bits_plan_ms": set_ms,
+            "set_bits_plan_and_materialise_ms": mat_ms, **results, "line_checks": checks,
+            "plan3_vs_w3_gain": gain, "subset_check": subset}
+
+
+def plot(results: dict, path: Path, n_windows: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    uni = [u for u in results["uniform"] if u["bits"] is not None]
+    plans = [r for r in results["plans"] if "ppl" in r]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot([u["bits_per_weight"] for u in uni], [u["ppl"] for u in uni], "o-", label="uniform")
+    for u in uni:
+        ax.annotate(f"W{u['bits']}", (u["bits_per_weight"], u["ppl"]), textcoords="offset points",
+                    xytext=(4, 4), fontsize=8)
+    ax.plot([r["bits_per_weight"] for r in plans], [r["ppl"] for r in plans], "s--",
+            label="mixed-precision plan")
+    fp = next(u["ppl"] for u in results["uniform"] if u["bits"] is None)
+    ax.axhline(fp, color="grey", lw=0.8, ls=":", label="float (dequantized Q4_1)")
+    ax.set_yscale("log")
+    ax.set_xlabel("stored bits per weight (scales and zero-points included)")
+    ax.set_ylabel(f"perplexity, Pride and Prejudice ({n_windows} x 512)")
+    ax.set_title("SmolLM2-135M-Instruct, one elastic model, group 64")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

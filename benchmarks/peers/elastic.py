@@ -1,0 +1,57 @@
+"""QuEPT: one elastic calibration (or an existing elastic folder), evaluated at every width.
+
+Without ``job["elastic"]`` this runs what ``quept quantize`` runs (prepare, calibrate with the
+cpu-demo preset, save) on the benchmark's calibration windows, and writes the folder to
+``<workdir>/quept-elastic`` so a later run can pass it as ``--elastic``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import quept
+from peers.common import Quantized
+from quept.config import PRESETS, ElasticSpec, QuEPTConfig
+
+log = logging.getLogger(__name__)
+
+
+def quantize(model: nn.Module, tok: Any, ids: torch.Tensor, job: dict[str, Any]) -> Quantized:
+    if job.get("elastic"):
+        return _reuse(job)
+    cfg = QuEPTConfig(
+        spec=replace(ElasticSpec(), default_group_size=job["group_size"]),
+        calib=replace(PRESETS["cpu-demo"], n_samples=ids.shape[0], seq_len=ids.shape[1],
+                      seed=job["seed"]),
+    )
+    quept.prepare(model, cfg.spec, seed=cfg.calib.seed)
+    t0 = time.perf_counter()
+    quept.calibrate(model, ids, cfg.calib, progress=False)
+    secs = time.perf_counter() - t0
+    folder = Path(job["workdir"]) / "quept-elastic"
+    quept.save(model, folder, cfg, extra={"calibration_seconds": secs})
+    log.info("elastic model written to %s", folder)
+    return Quantized(lambda b: quept.set_bits(model, b),
+                     {"calib_seconds": secs, "settings": {"config": cfg.to_dict(),
+                                                          "folder": str(folder)}})
+
+
+def _reuse(job: dict[str, Any]) -> Quantized:
+    folder = job["elastic"]
+    meta = quept.read_meta(folder)
+    cfg = QuEPTConfig.from_dict(meta["config"])
+    if any(cfg.spec.group_size_for(b) != job["group_size"] for b in job["bits"]):
+        raise ValueError(f"{folder} was calibrated at group size {cfg.spec.default_group_size} "
+                         f"(per width: {cfg.spec.group_size}), not {job['group_size']}")
+    model, _ = quept.load(folder, model=job.get("model"))
+    return Quantized(lambda b: quept.set_bits(model, b), {
+        "calib_seconds": meta.get("calibration_seconds"), "calib_reused": True,
+        "n_samples": cfg.calib.n_samples, "seq_len": cfg.calib.seq_len,
+        "settings": {"config": cfg.to_dict(), "folder": str(folder)}})

@@ -1,0 +1,59 @@
+"""The methods the benchmark knows, as data: how each is run, labelled and counted."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+FLOAT = "float"
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the table.
+
+    adapter: module under ``peers`` with ``quantize(model, tok, ids, job)``; None = float model.
+    options: passed to the adapter in the job (e.g. AutoRound's iterations).
+    calibrates: uses the calibration samples (else calibration-free).
+    one_run: one run serves every width (QuEPT); otherwise one run per width.
+    zero_bits: bits stored per zero-point; None = the code width (zero packed at b bits).
+    library: PyPI distribution whose version is recorded (None = this project).
+    in_plot: drawn in the PNG (a smoke test of the harness is not).
+    """
+
+    label: str
+    adapter: str | None
+    options: dict[str, Any] = field(default_factory=dict)
+    calibrates: bool = False
+    one_run: bool = False
+    zero_bits: int | None = None
+    library: str | None = None
+    in_plot: bool = True
+
+
+METHODS: dict[str, Method] = {
+    FLOAT: Method("float", None),
+    "rtn": Method("RTN (min/max)", "rtn"),
+    # HQQ keeps its zero-point in floating point (fp16 when stored), not as an integer.
+    "hqq": Method("HQQ", "hqq", zero_bits=16, library="hqq"),
+    "gptq": Method("GPTQ (llmcompressor)", "gptq", calibrates=True, library="llmcompressor"),
+    # AutoRound's recipes: "light" = 50 iterations at lr 5e-3, default = 200 (lr 1/iters).
+    "autoround-light": Method("AutoRound light (50 iters)", "autoround",
+                              {"iters": 50, "lr": 5e-3}, calibrates=True, library="auto-round"),
+    "autoround": Method("AutoRound default (200 iters)", "autoround", {"iters": 200},
+                        calibrates=True, library="auto-round"),
+    "autoround-smoke": Method("AutoRound smoke test (2 iters, 2 samples; not a result)",
+                              "autoround", {"iters": 2, "nsamples": 2}, calibrates=True,
+                              library="auto-round", in_plot=False),
+    "quept": Method("QuEPT (one model, all widths)", "elastic", calibrates=True, one_run=True),
+}
+
+DEFAULT_METHODS = ("float", "rtn", "hqq", "gptq", "autoround-light", "autoround", "quept")
+
+
+def method(name: str) -> Method:
+    """The method called ``name``; KeyError names the known ones."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise KeyError(f"unknown method {name!r}; known: {', '.join(METHODS)}") from None

@@ -1,0 +1,185 @@
+"""Deployment commands of the CLI: ``quept compact``, ``quept export``, ``quept run``, and
+``quept eval`` of a packed folder. Thin: parse, call :mod:`quept.api`, print."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from quept import api
+from quept.config import ConfigError, QuEPTConfig
+from quept.export.compact import COMPACT_JSON, CompactConfig
+from quept.export.packed import PACKED_JSON, SCALE_DTYPES, read_plan
+from quept.export.runtime import generate
+from quept.nn.packed_linear import BACKENDS
+
+
+def folder_kind(folder: Path) -> str:
+    """"packed", "compact", "elastic" or "hf" (a plain Hugging Face model folder)."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} does not exist or is not a folder")
+    for name, kind in ((PACKED_JSON, "packed"), (COMPACT_JSON, "compact"),
+                       (api.ELASTIC_JSON, "elastic")):
+        if (folder / name).is_file():
+            return kind
+    return "hf"
+
+
+def _load_elastic(folder: Path, kind: str, base: str | None) -> tuple[Any, Any, QuEPTConfig]:
+    if kind == "compact":
+        model, tok = api.load_compact(folder)
+        return model, tok, QuEPTConfig.from_dict(model.quept_compact["config"])
+    if kind == "elastic":
+        model, tok = api.load(folder, model=base)
+        return model, tok, QuEPTConfig.from_dict(api.read_meta(folder)["config"])
+    raise ConfigError(f"{folder} is a {kind} folder; this needs an elastic folder (from `quept "
+                      "quantize`) or a compact checkpoint (from `quept compact`)")
+
+
+# --- compact ----------------------------------------------------------------------------------
+def add_compact(sub: argparse._SubParsersAction) -> None:
+    d = CompactConfig()
+    p = sub.add_parser("compact", help="write the compact elastic checkpoint (~10 bits/weight)",
+                       description="Store an elastic folder compactly: 8-bit master codes, int8 "
+                       "adapters and low-bit clip factors, plus the rest of the model, config "
+                       "and tokenizer. `quept export` and `quept eval` read it like the elastic "
+                       "folder, with no base model needed.")
+    p.add_argument("folder", help="elastic folder written by `quept quantize`")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--clip-bits", type=int, default=d.clip_bits,
+                   help=f"bits per stored clip factor (default {d.clip_bits})")
+    p.add_argument("--master-bits", type=int, default=d.master_bits,
+                   help=f"bits of the master weight codes (default {d.master_bits})")
+    p.add_argument("--model", default=None,
+                   help="base model folder, if not the one recorded in the elastic folder")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.set_defaults(func=cmd_compact)
+
+
+def cmd_compact(a: argparse.Namespace) -> dict[str, Any]:
+    folder = Path(a.folder)
+    model, tok, cfg = _load_elastic(folder, folder_kind(folder), a.model)
+    ccfg = CompactConfig(master_bits=a.master_bits, clip_bits=a.clip_bits,
+                         master_group_size=model.quept_spec.default_group_size)
+    meta = api.save_compact(model, a.out, cfg, tok, ccfg)
+    s = meta["sizes"]
+    if not a.json:
+        parts = ", ".join(f"{k} {v:.3f}" for k, v in s["parts_bits_per_weight"].items())
+        print(f"compact checkpoint written to {a.out}: {s['bits_per_weight']:.3f} bits per "
+              f"quantized weight for all widths ({parts}); other tensors "
+              f"{s['other_bytes'] / 1e6:.1f} MB")
+    return {"out": a.out, **s}
+
+
+# --- export -----------------------------------------------------------------------------------
+def add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="pack one width or plan into a deployable model",
+                       description="Fold the adapters into the weights at one width (--bits) or "
+                       "a per-layer plan (--plan) and write real low-bit integers: a packed "
+                       "quept folder (default) or a llama.cpp GGUF file (--format gguf).")
+    p.add_argument("folder", help="elastic folder or compact checkpoint")
+    w = p.add_mutually_exclusive_group(required=True)
+    w.add_argument("--bits", type=int, help="one width for every layer")
+    w.add_argument("--plan", metavar="PLAN.json",
+                   help="JSON {layer: bits}, bare or under 'plan' (or 'bits', as `quept plan` "
+                   "writes)")
+    p.add_argument("--out", required=True, help="output folder (quept) or file (gguf)")
+    p.add_argument("--format", choices=api.EXPORT_FORMATS, default="quept",
+                   help="quept: packed folder for `quept run/eval`; gguf: llama.cpp file")
+    p.add_argument("--scale-dtype", choices=sorted(SCALE_DTYPES), default="float16",
+                   help="dtype of the stored scales (float32 = the fake-quantized weights to "
+                   "the bit; float16 = 16 bits less per group)")
+    p.add_argument("--head-bits", type=int, default=None,
+                   help="also store the output head (and a tied embedding) as codes of this "
+                   "width, e.g. 8: smaller and faster to decode, logits no longer equal to the "
+                   "fake-quantized model's (default: keep them float)")
+    p.add_argument("--model", default=None,
+                   help="base model folder, if not the one recorded in the elastic folder")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(a: argparse.Namespace) -> dict[str, Any]:
+    folder = Path(a.folder)
+    model, tok, _ = _load_elastic(folder, folder_kind(folder), a.model)
+    plan = a.bits if a.bits is not None else read_plan(a.plan)
+    t0 = time.perf_counter()
+    if a.head_bits is not None and a.format != "quept":
+        raise ConfigError("--head-bits applies to the quept format")
+    meta = api.export(model, plan, a.out, a.format, tokenizer=tok, scale_dtype=a.scale_dtype,
+                      **({} if a.format != "quept" else {"head_bits": a.head_bits}))
+    seconds = time.perf_counter() - t0
+    if not a.json:
+        s = meta.get("sizes")
+        size = "" if s is None else (f": {s['bits_per_weight']:.3f} bits per quantized weight "
+                                     f"({s['quantized_bytes'] / 1e6:.1f} MB), packed head "
+                                     f"{s['head_bytes'] / 1e6:.1f} MB, other tensors "
+                                     f"{s['other_bytes'] / 1e6:.1f} MB")
+        print(f"{a.format} export written to {a.out} in {seconds:.1f}s{size}")
+    return {"out": a.out, "seconds": seconds, **meta}
+
+
+# --- run --------------------------------------------------------------------------------------
+def add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="generate text and time prefill and decode",
+                       description="Greedy generation (batch 1, KV cache) with a packed folder, "
+                       "or the float model of a plain HF folder, or an elastic/compact folder "
+                       "at --bits (fake-quantized). Prints the text and tokens per second of "
+                       "prefill (the prompt) and decode (each new token).")
+    p.add_argument("folder", help="packed folder, HF model folder, or elastic/compact + --bits")
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
+    p.add_argument("--bits", type=int, default=None, help="width, for elastic/compact folders")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="packed matmul: fused kernel, PyTorch int4, or dequantize per call")
+    p.add_argument("--no-eos", action="store_true", help="do not stop at the end-of-text token")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.set_defaults(func=cmd_run)
+
+
+def cmd_run(a: argparse.Namespace) -> dict[str, Any]:
+    folder = Path(a.folder)
+    kind = folder_kind(folder)
+    if (a.bits is not None) != (kind in ("elastic", "compact")):
+        raise ConfigError(f"{folder} is a {kind} folder: --bits is for elastic or compact "
+                          "folders (and required there)")
+    if kind == "packed":
+        model, tok = api.load_packed(folder, backend=a.backend)
+    elif kind == "hf":
+        model, tok = api.load_model(folder)
+    else:
+        model, tok, _ = _load_elastic(folder, kind, None)
+        api.set_bits(model, a.bits)
+    if tok is None:
+        raise ConfigError(f"{folder} holds no tokenizer")
+    gen = generate(model, tok, a.prompt, a.max_new_tokens, stop_at_eos=not a.no_eos)
+    if not a.json:
+        print(a.prompt + gen.text)
+        print(f"\nprefill {gen.prompt_tokens} tokens: {gen.prefill_tokens_per_second:.1f} tok/s"
+              f"; decode {gen.new_tokens - 1} tokens: {gen.decode_tokens_per_second:.1f} tok/s"
+              f" ({kind} model)")
+    return {"folder": str(folder), "kind": kind, **gen.to_dict()}
+
+
+# --- eval of a packed folder --------------------------------------------------------------------
+def eval_packed(a: argparse.Namespace, folder: Path, text: str) -> dict[str, Any]:
+    """Perplexity of a packed folder (its one configuration)."""
+    from quept.eval import perplexity
+
+    if a.bits or getattr(a, "plan", None) or a.rtn:
+        raise ConfigError(f"{folder} is a packed model of one configuration: --bits, --plan and "
+                          "--rtn apply to elastic folders")
+    model, tok = api.load_packed(folder)
+    windows = api.windows_from_text(tok, text, a.seq_len, a.windows)
+    meta = model.quept_packed
+    ppl = perplexity(model, windows, progress=not a.json, desc="eval packed")
+    row = {"bits": meta["bits"], "bits_per_weight": meta["sizes"]["bits_per_weight"], "ppl": ppl}
+    if not a.json:
+        label = "mixed" if meta["bits"] == "mixed" else f"W{meta['bits']}"
+        print(f"\nPerplexity of {folder} ({windows.shape[0]} windows x {a.seq_len} tokens): "
+              f"{label} packed, {row['bits_per_weight']:.3f} bits per weight stored, "
+              f"perplexity {ppl:.2f}")
+    return {"folder": str(folder), "packed": True, "windows": windows.shape[0],
+            "seq_len": a.seq_len, "rows": [row]}

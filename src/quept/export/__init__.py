@@ -1,0 +1,1 @@
+"""Deployable artifacts: packed models, the compact elastic checkpoint, external formats."""

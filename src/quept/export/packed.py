@@ -1,0 +1,318 @@
+"""The packed model: one configuration (a width or a per-layer plan) as real low-bit integers.
+
+A packed folder holds ``packed.safetensors`` (every :class:`PackedLinear`'s codes, scales and
+zero-points, plus the model's other tensors in their own dtype, tied tensors once),
+``quept-packed.json`` (format, version, per-layer widths and shapes, sizes) and the base
+model's ``config.json`` and tokenizer files. Loading needs only transformers and the inference
+modules: the model is built on the meta device, the elastic linears are swapped for meta
+``PackedLinear`` shells, and ``load_state_dict(assign=True)`` fills them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from quept.config import check_bits
+from quept.nn.packed_linear import PackedEmbedding, PackedLinear
+from quept.nn.switch import elastic_layers
+from quept.ops.quant import to_groups
+
+log = logging.getLogger(__name__)
+
+PACKED_FORMAT = "quept-packed"
+PACKED_VERSION = 1
+PACKED_JSON = "quept-packed.json"
+PACKED_WEIGHTS = "packed.safetensors"
+SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+HEAD_GROUP_SIZE = 64
+
+
+class PackedFormatError(ValueError):
+    """A folder is not a readable packed model, or its files disagree with each other."""
+
+
+def minmax_codes(w: torch.Tensor, bits: int, group_size: int,
+                 scale_dtype: torch.dtype = torch.float16
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest min/max codes (out, in) uint8 with a scale (out, G) in ``scale_dtype``
+    and a uint8 zero-point (out, G); codes are rounded against the scale as stored."""
+    qmax = 2**bits - 1
+    with torch.no_grad():
+        wg = to_groups(w.float(), group_size or w.shape[1])
+        lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+        scale = ((hi - lo) / qmax).clamp(min=1e-8).to(scale_dtype).float().clamp(min=2**-24)
+        zero = torch.round(-lo / scale).clamp(0, qmax)
+        codes = torch.clamp(torch.round(wg / scale) + zero, 0, qmax).to(torch.uint8)
+    return (codes.reshape(w.shape), scale.squeeze(-1).to(scale_dtype),
+            zero.squeeze(-1).to(torch.uint8))
+
+
+def layer_widths(model: nn.Module, plan: int | Mapping[str, int]) -> dict[str, int]:
+    """``{layer name: bits}`` for every elastic layer from one width or a full plan."""
+    layers = elastic_layers(model)
+    if isinstance(plan, Mapping):
+        missing = [n for n in layers if n not in plan]
+        unknown = [n for n in plan if n not in layers]
+        if missing or unknown:
+            raise PackedFormatError(
+                f"plan does not match the model: {len(missing)} layers missing (e.g. "
+                f"{missing[:2]}), {len(unknown)} unknown names (e.g. {unknown[:2]})")
+        widths = {n: plan[n] for n in layers}
+    else:
+        widths = dict.fromkeys(layers, plan)
+    for n, b in widths.items():
+        if b is None:
+            raise PackedFormatError(f"layer {n}: a packed model has no float layers; pick a width")
+        check_bits(b, layers[n].spec.bits)
+    return widths
+
+
+def read_plan(path: str | os.PathLike) -> dict[str, int]:
+    """``{layer name: bits}`` from a plan JSON: a bare mapping, or an object whose ``plan``
+    (or ``bits``, as ``quept plan`` writes) maps layer names to widths."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"plan file {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise PackedFormatError(f"{path} is not valid JSON: {e}") from None
+    for key in ("plan", "bits"):
+        if isinstance(d, dict) and isinstance(d.get(key), dict):
+            d = d[key]
+            break
+    if not isinstance(d, dict) or not d or not all(
+            isinstance(b, int) and not isinstance(b, bool) for b in d.values()):
+        raise PackedFormatError(
+            f"{path}: expected {{layer name: bits}} (bare, or under 'plan' or 'bits')")
+    return d
+
+
+def pack_model(
+    model: nn.Module, plan: int | Mapping[str, int], scale_dtype: str = "float16"
+) -> dict[str, PackedLinear]:
+    """Fold each elastic layer's adapter into its weight at its width and pack the codes."""
+    if scale_dtype not in SCALE_DTYPES:
+        raise PackedFormatError(f"scale dtype {scale_dtype!r} is not one of {list(SCALE_DTYPES)}")
+    layers = elastic_layers(model)
+    out = {}
+    for name, b in layer_widths(model, plan).items():
+        m = layers[name]
+        codes, scale, zero = m.quantized_codes(b)
+        out[name] = PackedLinear.from_codes(
+            codes, scale, zero, b, m.spec.group_size_for(b), m.bias, SCALE_DTYPES[scale_dtype])
+    return out
+
+
+def pack_head(model: nn.Module, bits: int, scale_dtype: str = "float16"
+              ) -> dict[str, PackedLinear]:
+    """The output head as ``bits``-bit min/max codes (group 64, or per row when 64 does not
+    divide the width); a tied input embedding becomes a :class:`PackedEmbedding` over the
+    same buffers. Returns ``{module name: packed module}``."""
+    check_bits(bits)
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    names = {id(m): n for n, m in model.named_modules()}
+    gs = HEAD_GROUP_SIZE if head.in_features % HEAD_GROUP_SIZE == 0 else 0
+    dt = SCALE_DTYPES[scale_dtype]
+    codes, scale, zero = minmax_codes(head.weight, bits, gs, dt)
+    packed = PackedLinear.from_codes(codes, scale, zero, bits, gs, head.bias, dt)
+    out = {names[id(head)]: packed}
+    if emb is not None and emb.weight is head.weight:
+        table = PackedEmbedding(packed.in_features, packed.out_features, bits, gs, False, dt)
+        table.qweight, table.scale, table.qzero = packed.qweight, packed.scale, packed.qzero
+        out[names[id(emb)]] = table
+    return out
+
+
+def _unique(named: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Each storage once, and ``{name: name it shares storage with}`` (tied tensors)."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, t in named.items():
+        key = (t.data_ptr(), t.dtype, tuple(t.shape), t.device)
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = t.detach().contiguous()
+    return tensors, aliases
+
+
+def float_tensors(model: nn.Module, skip: tuple[str, ...] = ()
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The model's tensors outside the elastic layers and the modules named in ``skip``, each
+    storage once, and the aliases of tied ones."""
+    return _unique(_float_named(model, skip))
+
+
+def _float_named(model: nn.Module, skip: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    prefixes = tuple(f"{n}." for n in (*elastic_layers(model), *skip))
+    return {n: t for n, t in model.state_dict(keep_vars=True).items()
+            if not n.startswith(prefixes)}
+
+
+def _describe(m: PackedLinear) -> dict[str, Any]:
+    return {"bits": m.bits, "group_size": m.group_size, "in": m.in_features,
+            "out": m.out_features, "bias": m.bias is not None}
+
+
+def write_packed(
+    model: nn.Module, plan: int | Mapping[str, int], folder: str | os.PathLike, tokenizer: Any,
+    *, scale_dtype: str = "float16", head_bits: int | None = None,
+    provenance: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write the packed model of ``model`` at ``plan`` to ``folder``; returns its JSON.
+
+    ``head_bits`` (e.g. 8) also stores the output head (and a tied input embedding) as
+    min/max codes: 4x smaller and faster to decode, at the cost of exact equality with the
+    fake-quantized model's logits. None keeps them in their float dtype.
+    """
+    folder = Path(folder)
+    packed = pack_model(model, plan, scale_dtype)
+    heads = {} if head_bits is None else pack_head(model, head_bits, scale_dtype)
+    named = _float_named(model, tuple(heads))
+    for name, m in {**packed, **heads}.items():
+        named.update({f"{name}.{k}": v for k, v in m.state_dict().items()})
+    tensors, aliases = _unique(named)
+    widths = {n: m.bits for n, m in packed.items()}
+    meta = {
+        "format": PACKED_FORMAT,
+        "version": PACKED_VERSION,
+        "model_type": model.config.model_type,
+        "bits": next(iter(set(widths.values()))) if len(set(widths.values())) == 1 else "mixed",
+        "scale_dtype": scale_dtype,
+        "layers": {n: _describe(m) for n, m in packed.items()},
+        "head": {n: {**_describe(m), "embedding": isinstance(m, PackedEmbedding)}
+                 for n, m in heads.items()},
+        "aliases": aliases,
+        "sizes": sizes(packed, heads, tensors),
+        **({"source": dict(provenance)} if provenance else {}),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    tmp = folder / (PACKED_WEIGHTS + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": PACKED_FORMAT})
+    os.replace(tmp, folder / PACKED_WEIGHTS)
+    (folder / PACKED_JSON).write_text(json.dumps(meta, indent=1))
+    log.info("packed model written to %s (%.3f bits per quantized weight)", folder,
+             meta["sizes"]["bits_per_weight"])
+    return meta
+
+
+def sizes(packed: Mapping[str, PackedLinear], heads: Mapping[str, PackedLinear],
+          tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Stored bytes: quantized linears (codes + scales + zero-points), the packed head (once,
+    when tied to the embedding), and everything else."""
+    qbytes = sum(m.stored_bytes() for m in packed.values())
+    weights = sum(m.in_features * m.out_features for m in packed.values())
+    head = sum(m.stored_bytes() for m in heads.values() if not isinstance(m, PackedEmbedding))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    return {"quantized_weights": weights, "quantized_bytes": qbytes,
+            "bits_per_weight": 8 * qbytes / max(weights, 1), "head_bytes": head,
+            "other_bytes": total - qbytes - head}
+
+
+def read_packed_meta(folder: str | os.PathLike) -> dict[str, Any]:
+    path = Path(folder) / PACKED_JSON
+    if not path.is_file():
+        raise PackedFormatError(f"{folder} is not a packed model folder (no {PACKED_JSON})")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise PackedFormatError(f"{path} is not valid JSON: {e}") from None
+    if meta.get("format") != PACKED_FORMAT:
+        raise PackedFormatError(f"{path} has format {meta.get('format')!r}, not {PACKED_FORMAT!r}")
+    if meta.get("version") != PACKED_VERSION:
+        raise PackedFormatError(
+            f"{path} is version {meta.get('version')!r}; this quept reads {PACKED_VERSION}")
+    return meta
+
+
+def load_packed(folder: str | os.PathLike, backend: str = "auto") -> nn.Module:
+    """Build the packed model of ``folder`` on the meta device and fill it (eval mode)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    meta = read_packed_meta(folder)
+    cfg = AutoConfig.from_pretrained(folder)
+    if cfg.model_type != meta["model_type"]:
+        raise PackedFormatError(
+            f"{folder}: config.json is a {cfg.model_type} model but the packed weights are for "
+            f"{meta['model_type']}")
+    with torch.device("meta"):
+        net = AutoModelForCausalLM.from_config(cfg)
+    scale_dtype = SCALE_DTYPES[meta["scale_dtype"]]
+    for name, info in meta["layers"].items():
+        _swap(net, name, info, scale_dtype)
+    for name, info in meta.get("head", {}).items():
+        _swap(net, name, info, scale_dtype, PackedEmbedding if info["embedding"] else PackedLinear)
+    try:
+        state = load_file(str(folder / PACKED_WEIGHTS))
+    except Exception as e:  # safetensors raises several types for a damaged file
+        raise PackedFormatError(f"{folder / PACKED_WEIGHTS} cannot be read: {e}") from None
+    fill(net, state, meta.get("aliases", {}), str(folder))
+    for m in net.modules():
+        if isinstance(m, PackedLinear):
+            m.set_backend(backend)
+    net.eval().requires_grad_(False)
+    net.quept_packed = meta
+    return net
+
+
+def _swap(net: nn.Module, name: str, info: Mapping[str, Any], scale_dtype: torch.dtype,
+          cls: type[PackedLinear] = PackedLinear) -> None:
+    try:
+        old = net.get_submodule(name)
+    except AttributeError:
+        raise PackedFormatError(f"packed layer {name} does not exist in the model") from None
+    if isinstance(old, nn.Embedding):
+        shape = (old.embedding_dim, old.num_embeddings)
+    else:
+        shape = (getattr(old, "in_features", None), getattr(old, "out_features", None))
+    if shape != (info["in"], info["out"]):
+        raise PackedFormatError(
+            f"packed layer {name} is {info['out']}x{info['in']} but the model has {old}")
+    new = cls(info["in"], info["out"], info["bits"], info["group_size"], info["bias"],
+              scale_dtype, device="meta")
+    parent, _, child = name.rpartition(".")
+    setattr(net.get_submodule(parent) if parent else net, child, new)
+
+
+def fill(net: nn.Module, state: Mapping[str, torch.Tensor], aliases: Mapping[str, str],
+         where: str) -> None:
+    """Assign ``state`` into a meta-built model, re-tie ``aliases`` and initialise the
+    non-persistent buffers (e.g. rotary frequencies); every tensor must end up off meta."""
+    try:
+        res = net.load_state_dict(dict(state), strict=False, assign=True)
+    except RuntimeError as e:  # shape mismatches
+        raise PackedFormatError(f"{where}: tensors do not fit the model: {e}") from None
+    missing = sorted(set(res.missing_keys) - set(aliases))
+    if missing or res.unexpected_keys:
+        raise PackedFormatError(
+            f"{where}: {len(missing)} tensors missing (e.g. {missing[:2]}), "
+            f"{len(res.unexpected_keys)} unexpected (e.g. {res.unexpected_keys[:2]})")
+    for name, target in aliases.items():
+        parent, _, child = name.rpartition(".")
+        tparent, _, tchild = target.rpartition(".")
+        setattr(net.get_submodule(parent), child, getattr(net.get_submodule(tparent), tchild))
+    for mod in net.modules():
+        metas = [n for n, b in mod.named_buffers(recurse=False) if b is not None and b.is_meta]
+        if metas:
+            for n in metas:
+                setattr(mod, n, torch.empty_like(getattr(mod, n), device="cpu"))
+            net._init_weights(mod)  # HF's initialiser also fills derived buffers (rotary)
+    left = [n for n, t in [*net.named_parameters(), *net.named_buffers()] if t.is_meta]
+    if left:
+        raise PackedFormatError(f"{where}: tensors left unfilled: {left[:3]}")

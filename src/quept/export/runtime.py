@@ -1,0 +1,75 @@
+"""Greedy generation with a KV cache, timing prefill and decode separately (batch 1)."""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Generation:
+    """The generated text and how long each phase took.
+
+    prefill: one forward over the whole prompt (it also yields the first new token);
+    decode: every later token, one forward each over the cached keys and values.
+    """
+
+    text: str
+    prompt_tokens: int
+    new_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        steps = self.new_tokens - 1
+        return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "prefill_tokens_per_second": self.prefill_tokens_per_second,
+                "decode_tokens_per_second": self.decode_tokens_per_second}
+
+
+@torch.inference_mode()
+def generate(
+    model: nn.Module, tokenizer: Any, prompt: str | torch.Tensor, max_new_tokens: int, *,
+    stop_at_eos: bool = True, warmup: bool = True,
+) -> Generation:
+    """Greedy continuation of ``prompt`` (text, or token ids (1, T)) by ``max_new_tokens``.
+
+    ``warmup`` runs one untimed forward first, so one-off costs (kernel loading, unpacking
+    scales) do not count as prefill.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    ids = tokenizer(prompt, return_tensors="pt").input_ids if isinstance(prompt, str) else prompt
+    if ids.ndim != 2 or ids.shape[0] != 1 or ids.shape[1] < 1:
+        raise ValueError(f"the prompt must be one non-empty sequence, got ids of shape {ids.shape}")
+    ids = ids.to(next(model.parameters()).device)
+    eos = getattr(tokenizer, "eos_token_id", None) if stop_at_eos else None
+    # transformers >= 5.x names the KV cache `cache`; earlier releases `past_key_values`.
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    if warmup:
+        model(ids[:, :1], use_cache=False)
+    t0 = time.perf_counter()
+    out = model(ids, use_cache=True, logits_to_keep=1)
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    t1 = time.perf_counter()
+    new = [token]
+    while len(new) < max_new_tokens and (eos is None or int(token) != eos):
+        out = model(token, use_cache=True, **{key: out[key]})
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        new.append(token)
+    t2 = time.perf_counter()
+    tokens = torch.cat(new, 1)[0]
+    return Generation(tokenizer.decode(tokens, skip_special_tokens=True), ids.shape[1],
+                      len(new), t1 - t0, t2 - t1)

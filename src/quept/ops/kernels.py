@@ -1,0 +1,337 @@
+"""Fused unpack + matmul CPU kernels for bit-plane packed codes (see :mod:`quept.ops.pack`).
+
+PyTorch's packed integer CPU kernels (``_weight_int4pack_mm_for_cpu``, ``_weight_int8pack_mm``)
+are vectorised for AVX-512 only; on an AVX2 CPU they run 5-10x slower than a float32 matmul,
+and the int8 one takes per-channel scales only (quept's codes are group-wise asymmetric). So
+quept compiles its own small kernel on first use (``torch.utils.cpp_extension.load_inline``,
+cached in the torch extensions folder): it reads every width 2..8 in its stored layout, decodes
+8 codes per step with one shift and mask per bit plane and accumulates in float32. Without a C++
+compiler :func:`load` returns None and callers fall back to dequantize + ``F.linear``.
+
+Maths per output row n and group g: ``y[m, n] = sum_g s[n, g] * (x_g . q_g) + zs[n, g] *
+sum(x_g)`` with ``zs = -zero * scale``, i.e. ``x @ ((q - zero) * scale)^T`` up to float rounding.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import threading
+from types import ModuleType
+
+import torch
+
+from quept.ops.pack import PLANES, padded
+
+log = logging.getLogger(__name__)
+MAX_ROWS = 8  # the fused kernel takes at most this many activation rows (decode)
+
+_SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cstdint>
+#include <vector>
+
+namespace {
+constexpr int kMaxRows = 8;
+
+// Adds plane P (values < 2^P, stored at bit offset `shift` of the code) of chunk t to code[8].
+template <int P>
+inline void add_plane(int32_t* code, const uint8_t* plane, int64_t t, int shift) {
+  if constexpr (P > 0) {
+    constexpr int kPer = 8 / P;
+    constexpr int kMask = (1 << P) - 1;
+    const uint8_t* b = plane + (t / kPer) * 8;
+    const int s = P * static_cast<int>(t % kPer);
+    for (int i = 0; i < 8; ++i) code[i] |= ((b[i] >> s) & kMask) << shift;
+  }
+}
+
+template <int P0, int P1, int P2>
+inline void decode(float* out, const uint8_t* row, int64_t t, int64_t npad) {
+  int32_t code[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  const int64_t off1 = npad * P0 / 8, off2 = off1 + npad * P1 / 8;
+  add_plane<P0>(code, row, t, 0);
+  add_plane<P1>(code, row + off1, t, P0);
+  add_plane<P2>(code, row + off2, t, P0 + P1);
+  for (int i = 0; i < 8; ++i) out[i] = static_cast<float>(code[i]);
+}
+
+template <int P0, int P1, int P2>
+void gemv(const float* x, int64_t M, int64_t K, const uint8_t* q, int64_t row_bytes,
+          int64_t npad, const float* sc, const float* zs, const float* xs, int64_t G, int64_t gs,
+          float* y, int64_t N) {
+  const int64_t chunks = K / 8, per_group = gs / 8;
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* row = q + n * row_bytes;
+      float acc[kMaxRows][8] = {}, tot[kMaxRows][8] = {};
+      float cf[8];
+      for (int64_t t = 0; t < chunks; ++t) {
+        decode<P0, P1, P2>(cf, row, t, npad);
+        for (int64_t m = 0; m < M; ++m) {
+          const float* xm = x + m * K + t * 8;
+          for (int i = 0; i < 8; ++i) acc[m][i] += xm[i] * cf[i];
+        }
+        if ((t + 1) % per_group == 0) {
+          const float s = sc[n * G + t / per_group];
+          for (int64_t m = 0; m < M; ++m)
+            for (int i = 0; i < 8; ++i) { tot[m][i] += s * acc[m][i]; acc[m][i] = 0.f; }
+        }
+      }
+      for (int64_t m = 0; m < M; ++m) {
+        float sum = 0.f;
+        for (int i = 0; i < 8; ++i) sum += tot[m][i];
+        for (int64_t g = 0; g < G; ++g) sum += zs[n * G + g] * xs[m * G + g];
+        y[m * N + n] = sum;
+      }
+    }
+  });
+}
+
+template <int P0, int P1, int P2>
+void dequant(const uint8_t* q, int64_t row_bytes, int64_t npad, const float* sc, const float* zs,
+             int64_t G, int64_t gs, float* w, int64_t N, int64_t K) {
+  const int64_t chunks = K / 8, per_group = gs / 8;
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* row = q + n * row_bytes;
+      float* out = w + n * K;
+      for (int64_t t = 0; t < chunks; ++t) {
+        const int64_t g = n * G + t / per_group;
+        float cf[8];
+        decode<P0, P1, P2>(cf, row, t, npad);
+        for (int i = 0; i < 8; ++i) out[t * 8 + i] = sc[g] * cf[i] + zs[g];
+      }
+    }
+  });
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+#define QUEPT_AVX2 1
+#include <immintrin.h>
+
+// Ors plane P (stored at code bit offset OFF) of one 64-code block into c[8] (8 codes each).
+template <int P, int OFF>
+inline void plane_block(__m256i* c, const uint8_t* src) {
+  if constexpr (P > 0) {
+    constexpr int kPer = 8 / P;
+    const __m256i mask = _mm256_set1_epi32((1 << P) - 1);
+    for (int sb = 0; sb < P; ++sb) {
+      const __m256i w = _mm256_cvtepu8_epi32(
+          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 8 * sb)));
+      for (int j = 0; j < kPer; ++j) {
+        __m256i v = P == 8 ? w : _mm256_and_si256(_mm256_srli_epi32(w, P * j), mask);
+        if constexpr (OFF > 0) v = _mm256_slli_epi32(v, OFF);
+        c[sb * kPer + j] = _mm256_or_si256(c[sb * kPer + j], v);
+      }
+    }
+  }
+}
+
+// Codes of block b of a row as 8 float vectors.
+template <int P0, int P1, int P2>
+inline void block_floats(__m256* f, const uint8_t* row, int64_t b, int64_t off1, int64_t off2) {
+  __m256i c[8];
+  for (int t = 0; t < 8; ++t) c[t] = _mm256_setzero_si256();
+  plane_block<P0, 0>(c, row + b * 8 * P0);
+  plane_block<P1, P0>(c, row + off1 + b * 8 * P1);
+  plane_block<P2, P0 + P1>(c, row + off2 + b * 8 * P2);
+  for (int t = 0; t < 8; ++t) f[t] = _mm256_cvtepi32_ps(c[t]);
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// One activation row (decode): K % 64 == 0, group size a multiple of 32.
+template <int P0, int P1, int P2>
+void gemv1(const float* x, int64_t K, const uint8_t* q, int64_t row_bytes, int64_t npad,
+           const float* sc, const float* zs, const float* xs, int64_t G, int64_t gs, float* y,
+           int64_t N) {
+  const int64_t blocks = K / 64, halves_per_group = gs / 32;
+  const int64_t off1 = npad * P0 / 8, off2 = off1 + npad * P1 / 8;
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* row = q + n * row_bytes;
+      const float* s = sc + n * G;
+      __m256 tot = _mm256_setzero_ps(), acc0 = tot, acc1 = tot;
+      int64_t half = 0;
+      for (int64_t b = 0; b < blocks; ++b) {
+        __m256 f[8];
+        block_floats<P0, P1, P2>(f, row, b, off1, off2);
+        const float* xb = x + b * 64;
+        for (int h = 0; h < 2; ++h, ++half) {
+          acc0 = _mm256_fmadd_ps(f[4 * h], _mm256_loadu_ps(xb + 32 * h), acc0);
+          acc1 = _mm256_fmadd_ps(f[4 * h + 1], _mm256_loadu_ps(xb + 32 * h + 8), acc1);
+          acc0 = _mm256_fmadd_ps(f[4 * h + 2], _mm256_loadu_ps(xb + 32 * h + 16), acc0);
+          acc1 = _mm256_fmadd_ps(f[4 * h + 3], _mm256_loadu_ps(xb + 32 * h + 24), acc1);
+          if ((half + 1) % halves_per_group == 0) {
+            tot = _mm256_fmadd_ps(_mm256_add_ps(acc0, acc1),
+                                  _mm256_set1_ps(s[half / halves_per_group]), tot);
+            acc0 = acc1 = _mm256_setzero_ps();
+          }
+        }
+      }
+      float sum = hsum(tot);
+      for (int64_t g = 0; g < G; ++g) sum += zs[n * G + g] * xs[g];
+      y[n] = sum;
+    }
+  });
+}
+
+template <int P0, int P1, int P2>
+void dequant_avx2(const uint8_t* q, int64_t row_bytes, int64_t npad, const float* sc,
+                  const float* zs, int64_t G, int64_t gs, float* w, int64_t N, int64_t K) {
+  const int64_t blocks = K / 64, halves_per_group = gs / 32;
+  const int64_t off1 = npad * P0 / 8, off2 = off1 + npad * P1 / 8;
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* row = q + n * row_bytes;
+      float* out = w + n * K;
+      for (int64_t b = 0; b < blocks; ++b) {
+        __m256 f[8];
+        block_floats<P0, P1, P2>(f, row, b, off1, off2);
+        for (int h = 0; h < 2; ++h) {
+          const int64_t g = n * G + (2 * b + h) / halves_per_group;
+          const __m256 s = _mm256_set1_ps(sc[g]), z = _mm256_set1_ps(zs[g]);
+          for (int t = 0; t < 4; ++t)
+            _mm256_storeu_ps(out + b * 64 + 32 * h + 8 * t, _mm256_fmadd_ps(f[4 * h + t], s, z));
+        }
+      }
+    }
+  });
+}
+#endif
+
+bool fast_shape(int64_t K, int64_t gs) {
+#ifdef QUEPT_AVX2
+  return K % 64 == 0 && gs % 32 == 0;
+#else
+  return false;
+#endif
+}
+
+#define QUEPT_DISPATCH(BITS, FN, ...)                                              \
+  switch (BITS) {                                                                  \
+    case 2: FN<2, 0, 0>(__VA_ARGS__); break;                                       \
+    case 3: FN<2, 1, 0>(__VA_ARGS__); break;                                       \
+    case 4: FN<4, 0, 0>(__VA_ARGS__); break;                                       \
+    case 5: FN<4, 1, 0>(__VA_ARGS__); break;                                       \
+    case 6: FN<4, 2, 0>(__VA_ARGS__); break;                                       \
+    case 7: FN<4, 2, 1>(__VA_ARGS__); break;                                       \
+    case 8: FN<8, 0, 0>(__VA_ARGS__); break;                                       \
+    default: TORCH_CHECK(false, "quept kernel: unsupported width ", BITS);        \
+  }
+
+void check(const at::Tensor& q, const at::Tensor& sc, const at::Tensor& zs, int64_t K,
+           int64_t gs, int64_t npad, int64_t bits) {
+  TORCH_CHECK(q.dtype() == at::kByte && q.is_contiguous() && q.dim() == 2, "codes: uint8 2-D");
+  TORCH_CHECK(sc.dtype() == at::kFloat && zs.dtype() == at::kFloat, "scales: float32");
+  TORCH_CHECK(sc.is_contiguous() && zs.is_contiguous(), "scales: contiguous");
+  TORCH_CHECK(K % 8 == 0 && gs % 8 == 0 && K % gs == 0, "K and group size: multiples of 8");
+  TORCH_CHECK(sc.size(0) == q.size(0) && sc.size(1) == K / gs, "scales: (N, K / gs)");
+  TORCH_CHECK(q.size(1) == npad * bits / 8, "codes: wrong packed row length");
+}
+}  // namespace
+
+at::Tensor qgemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& sc,
+                 const at::Tensor& zs, int64_t bits, int64_t K, int64_t gs, int64_t npad) {
+  check(q, sc, zs, K, gs, npad, bits);
+  TORCH_CHECK(x.dtype() == at::kFloat && x.is_contiguous() && x.dim() == 2 && x.size(1) == K,
+              "x: float32 (M, K) contiguous");
+  const int64_t M = x.size(0), N = q.size(0), G = K / gs;
+  TORCH_CHECK(M <= kMaxRows, "qgemv takes at most ", kMaxRows, " rows");
+  const float* xp = x.data_ptr<float>();
+  std::vector<float> xs(M * G, 0.f);  // per-group sums of x, for the zero-point term
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) xs[m * G + k / gs] += xp[m * K + k];
+  auto y = at::empty({M, N}, x.options());
+#ifdef QUEPT_AVX2
+  if (M == 1 && fast_shape(K, gs)) {
+    QUEPT_DISPATCH(bits, gemv1, xp, K, q.data_ptr<uint8_t>(), q.size(1), npad,
+                   sc.data_ptr<float>(), zs.data_ptr<float>(), xs.data(), G, gs,
+                   y.data_ptr<float>(), N);
+    return y;
+  }
+#endif
+  QUEPT_DISPATCH(bits, gemv, xp, M, K, q.data_ptr<uint8_t>(), q.size(1), npad,
+                 sc.data_ptr<float>(), zs.data_ptr<float>(), xs.data(), G, gs,
+                 y.data_ptr<float>(), N);
+  return y;
+}
+
+void qdequant(const at::Tensor& q, const at::Tensor& sc, const at::Tensor& zs, int64_t bits,
+              int64_t K, int64_t gs, int64_t npad, at::Tensor& out) {
+  check(q, sc, zs, K, gs, npad, bits);
+  TORCH_CHECK(out.dtype() == at::kFloat && out.is_contiguous() && out.numel() == q.size(0) * K,
+              "out: float32 (N, K) contiguous");
+#ifdef QUEPT_AVX2
+  if (fast_shape(K, gs)) {
+    QUEPT_DISPATCH(bits, dequant_avx2, q.data_ptr<uint8_t>(), q.size(1), npad,
+                   sc.data_ptr<float>(), zs.data_ptr<float>(), K / gs, gs, out.data_ptr<float>(),
+                   q.size(0), K);
+    return;
+  }
+#endif
+  QUEPT_DISPATCH(bits, dequant, q.data_ptr<uint8_t>(), q.size(1), npad, sc.data_ptr<float>(),
+                 zs.data_ptr<float>(), K / gs, gs, out.data_ptr<float>(), q.size(0), K);
+}
+"""
+
+_lock = threading.Lock()
+_module: ModuleType | None = None
+_tried = False
+
+
+def load() -> ModuleType | None:
+    """The compiled kernel module, building it once (about a minute) if needed; None when no
+    compiler is available or ``QUEPT_NO_KERNEL=1`` is set."""
+    global _module, _tried
+    with _lock:
+        if _tried:
+            return _module
+        _tried = True
+        if os.environ.get("QUEPT_NO_KERNEL") == "1":
+            return None
+        try:
+            from torch.utils.cpp_extension import load_inline
+
+            name = f"quept_qgemv_{platform.machine()}_{torch.backends.cpu.get_cpu_capability()}"
+            log.info("loading the fused quept CPU kernel (compiled once on first use)")
+            _module = load_inline(
+                name=name.lower(), cpp_sources=[_SOURCE], functions=["qgemv", "qdequant"],
+                extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                verbose=False,
+            )
+        except (OSError, RuntimeError, ImportError) as e:  # no compiler, no ninja, build error
+            log.warning("fused CPU kernel unavailable (%s); using dequantize + matmul", e)
+            _module = None
+        return _module
+
+
+def supported(bits: int, in_features: int, group_size: int) -> bool:
+    """Whether the fused kernel handles this layer shape (group size a multiple of 8)."""
+    return bits in PLANES and in_features % 8 == 0 and group_size % 8 == 0
+
+
+def qgemv(
+    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zs: torch.Tensor, bits: int,
+    group_size: int,
+) -> torch.Tensor:
+    """x (M <= 8, K) float32 @ dequantized(packed)^T -> (M, N); scale, zs (N, K / group_size)."""
+    k = x.shape[-1]
+    return _module.qgemv(x, packed, scale, zs, bits, k, group_size, padded(k))
+
+
+def qdequant(
+    packed: torch.Tensor, scale: torch.Tensor, zs: torch.Tensor, bits: int, in_features: int,
+    group_size: int, out: torch.Tensor,
+) -> torch.Tensor:
+    """Write ``scale * code + zs`` (N, in_features) float32 into ``out``; returns ``out``."""
+    _module.qdequant(packed, scale, zs, bits, in_features, group_size, padded(in_features), out)
+    return out

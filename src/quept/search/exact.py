@@ -1,0 +1,91 @@
+"""The slow reference protocol: the exact KL with only one layer quantized, by a forward pass
+per (layer, width). Used to check the fast estimate on a subset of layers, never for planning
+a whole model. The blocks before the varied layer's block are run once and their output is
+reused (this changes the cost, not the result)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from quept.calib.capture import capture_block_inputs
+from quept.config import ConfigError
+from quept.models import family_for
+from quept.nn import elastic_layers, set_bits
+
+log = logging.getLogger(__name__)
+
+
+def _head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(final norm, output projection) of a Hugging Face decoder."""
+    norm = getattr(model.get_decoder(), "norm", None)
+    head = model.get_output_embeddings()
+    if norm is None or head is None:
+        raise ConfigError(f"{type(model).__name__}: no final norm / output head found")
+    return norm, head
+
+
+@torch.no_grad()
+def exact_sensitivity(
+    model: nn.Module, input_ids: torch.Tensor, layers: Sequence[str] | None = None,
+    bits: Sequence[int] | None = None, *, reference_bits: int | None = None,
+    progress: bool = True,
+) -> dict[str, tuple[float, ...]]:
+    """``{layer: (mean KL per token for each of bits)}``: KL(p_float || p) over the vocabulary
+    with only ``layer`` changed to each width, the other layers at ``reference_bits``
+    (None = float). For ``reference_bits`` set, the KL of the reference configuration itself is
+    subtracted, so values are comparable with :func:`estimate_sensitivity`."""
+    fam, all_layers = family_for(model), elastic_layers(model)
+    spec = model.quept_spec
+    bits = tuple(sorted(spec.bits)) if bits is None else tuple(bits)
+    names = list(all_layers) if layers is None else list(layers)
+    unknown = [n for n in names if n not in all_layers]
+    if unknown:
+        raise ConfigError(f"unknown layers {unknown[:3]}")
+    blocks = fam.get_blocks(model)
+    block_of = {f"{fam.blocks}.{i}.{ln}": i for i, blk in enumerate(blocks)
+                for ln in fam.block_linears(blk)}
+    norm, head = _head(model)
+    device = next(model.parameters()).device
+    x, kwargs = capture_block_inputs(model, fam, input_ids, input_ids.shape[0], str(device))
+    x = x.to(device)
+    n_tok = input_ids.numel()
+
+    def log_probs(h: torch.Tensor, start: int) -> torch.Tensor:
+        for blk in blocks[start:]:
+            h = fam.call_block(blk, h, kwargs)
+        return head(norm(h)).float().log_softmax(-1)
+
+    def kl(lp: torch.Tensor) -> float:
+        return F.kl_div(lp, lp_fp, log_target=True, reduction="sum").item() / n_tok
+
+    previous = {m: m.bits for m in all_layers.values()}
+    try:
+        set_bits(model, None)
+        lp_fp = log_probs(x, 0)
+        set_bits(model, reference_bits)
+        inputs = [x]  # inputs of every block in the reference configuration
+        for blk in blocks[:-1]:
+            inputs.append(fam.call_block(blk, inputs[-1], kwargs))
+        base = 0.0 if reference_bits is None else kl(log_probs(inputs[0], 0))
+        out = {}
+        for name in tqdm(names, disable=not progress, desc="exact KL", leave=False):
+            m, k = all_layers[name], block_of[name]
+            row = []
+            for b in bits:
+                m.set_bits(b)
+                row.append(kl(log_probs(inputs[k], k)) - base)
+            m.set_bits(reference_bits)
+            m.clear_cache()
+            out[name] = tuple(row)
+            log.debug("%s: %s", name, row)
+    finally:
+        for m, b in previous.items():
+            m.set_bits(b)
+            m.clear_cache()
+    return out

@@ -1,0 +1,181 @@
+"""A mixed-precision plan ({layer: width} plus its realised budget), honest budgets, and the
+allocation that turns a sensitivity table and a budget into a plan (DESIGN 2.6).
+
+Budgets count only the quantized linears, weighted by their size: codes plus an fp16 scale and
+a b-bit zero-point per group (:func:`quept.ops.stored_bits_per_weight`). Norms, embeddings and
+the head never absorb budget.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+from quept.config import ConfigError
+from quept.ops import stored_bits_per_weight
+from quept.search.allocate import InfeasibleBudgetError, allocate, size_range
+from quept.search.table import LayerShape, SensitivityTable
+
+PLAN_FORMAT = "quept-plan"
+PLAN_VERSION = 1
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
+          "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'60MB' -> 60_000_000 bytes; kB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    if m is None or m.group(2).lower() not in _UNITS:
+        raise ConfigError(
+            f"cannot read a size from {text!r}; use a number with an optional unit such as "
+            "500kB, 60MB, 1.5GiB"
+        )
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def layer_bits(shape: LayerShape, bits: int, group_size: int) -> int:
+    """Stored bits of one linear at ``bits``: numel x stored bits per weight (exact integer)."""
+    return round(shape.numel * stored_bits_per_weight(bits, group_size, shape.in_features))
+
+
+@dataclass(frozen=True, eq=False)
+class Plan(Mapping[str, int]):
+    """A width per quantizable linear, read like a dict ``{layer: bits}`` (so it can be passed to
+    ``set_bits`` directly), plus the budget it was made for and what it realises.
+
+    bits_per_weight: stored bits per quantized weight (scales/zeros included), size-weighted.
+    stored_bytes: bytes of codes + scales + zero-points of every quantized linear.
+    predicted_kl: summed sensitivity of the chosen widths (mean KL per token, nats).
+    """
+
+    widths: dict[str, int]
+    bits_per_weight: float
+    stored_bytes: float
+    n_weights: int
+    budget: dict[str, float] = field(default_factory=dict)
+    predicted_kl: float | None = None
+    exact: bool = True
+
+    def __getitem__(self, name: str) -> int:
+        return self.widths[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.widths)
+
+    def __len__(self) -> int:
+        return len(self.widths)
+
+    def histogram(self) -> dict[int, int]:
+        """Number of layers per width."""
+        out: dict[int, int] = {}
+        for b in self.widths.values():
+            out[b] = out.get(b, 0) + 1
+        return dict(sorted(out.items()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": PLAN_FORMAT, "version": PLAN_VERSION, "bits": dict(self.widths),
+            "bits_per_weight": self.bits_per_weight, "stored_bytes": self.stored_bytes,
+            "n_weights": self.n_weights, "budget": self.budget,
+            "predicted_kl": self.predicted_kl, "exact": self.exact,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "plan") -> Plan:
+        if d.get("format") != PLAN_FORMAT or d.get("version") != PLAN_VERSION:
+            raise ConfigError(f"{where}: not a quept plan (format {d.get('format')!r}, "
+                              f"version {d.get('version')!r}; expected {PLAN_FORMAT!r} v1)")
+        widths = d.get("bits")
+        if not isinstance(widths, Mapping) or not widths:
+            raise ConfigError(f"{where}: 'bits' must map layer names to widths")
+        bad = {n: b for n, b in widths.items() if isinstance(b, bool) or not isinstance(b, int)}
+        if bad:
+            raise ConfigError(f"{where}: widths must be integers, got {dict(list(bad.items())[:3])}")
+        try:
+            return cls(dict(widths), float(d["bits_per_weight"]), float(d["stored_bytes"]),
+                       int(d["n_weights"]), dict(d.get("budget", {})),
+                       None if d.get("predicted_kl") is None else float(d["predicted_kl"]),
+                       bool(d.get("exact", True)))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"{where}: missing or malformed field ({e!r})") from None
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Plan:
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"plan file {path} does not exist") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: expected a JSON object")
+        return cls.from_dict(d, str(path))
+
+
+def as_layer_widths(plan: Any) -> Any:
+    """A :class:`Plan` or a plan loaded from JSON (a dict with ``format: quept-plan``) ->
+    ``{layer: bits}``; anything else is returned unchanged."""
+    if isinstance(plan, Plan):
+        return plan.widths
+    if isinstance(plan, Mapping) and plan.get("format") == PLAN_FORMAT:
+        return Plan.from_dict(plan).widths
+    return plan
+
+
+def feasible_range(table: SensitivityTable) -> tuple[float, float]:
+    """(smallest, largest) stored bits per weight any plan over ``table`` can have."""
+    lo, hi = size_range(_sizes(table))
+    n = sum(s.numel for s in table.shapes.values())
+    return lo / n, hi / n
+
+
+def _sizes(table: SensitivityTable) -> list[list[int]]:
+    return [[layer_bits(s, b, table.group_size[b]) for b in table.bits]
+            for s in table.shapes.values()]
+
+
+def plan_from_table(
+    table: SensitivityTable, *, avg_bits: float | None = None, max_bytes: int | None = None,
+) -> Plan:
+    """The width per layer minimising the summed sensitivity within the budget: ``avg_bits``
+    (stored bits per quantized weight) or ``max_bytes`` (codes + scales + zeros), one of them."""
+    if (avg_bits is None) == (max_bytes is None):
+        raise ConfigError("give exactly one budget: avg_bits or max_bytes")
+    names = list(table.shapes)
+    n = sum(s.numel for s in table.shapes.values())
+    sizes = _sizes(table)
+    lo, hi = size_range(sizes)
+    if avg_bits is not None:
+        if not math.isfinite(avg_bits):
+            raise ConfigError(f"avg_bits must be finite, got {avg_bits}")
+        # exact decimal arithmetic: 3.296875 must admit uniform W3 exactly
+        capacity = math.floor(Fraction(repr(float(avg_bits))) * n)
+        budget = {"avg_bits": float(avg_bits)}
+    else:
+        capacity, budget = int(max_bytes) * 8, {"max_bytes": float(max_bytes)}
+    if capacity < lo:
+        asked = f"{avg_bits} bits per weight" if avg_bits is not None else f"{max_bytes} bytes"
+        raise InfeasibleBudgetError(
+            f"a budget of {asked} is infeasible: plans for this model range from "
+            f"{lo / n:.4f} to {hi / n:.4f} stored bits per weight ({lo / 8:,.0f} to "
+            f"{hi / 8:,.0f} bytes of quantized linears, scales and zero-points included)"
+        )
+    cost = [list(table.kl[name]) for name in names]
+    alloc = allocate(cost, sizes, capacity)
+    widths = {name: table.bits[j] for name, j in zip(names, alloc.choice)}
+    return Plan(widths, alloc.size / n, alloc.size / 8, n, budget, alloc.cost, alloc.exact)

@@ -1,0 +1,136 @@
+"""The peer benchmark's bookkeeping: bits per weight, merging, verdicts, errors, the report."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+from peers import report, results  # noqa: E402
+from peers.common import block_linears, levels_max  # noqa: E402
+
+from quept.ops import stored_bits_per_weight  # noqa: E402
+from quept.ops.quant import rtn  # noqa: E402
+from tests.conftest import tiny_model  # noqa: E402
+
+SETUP = {"model": "default", "eval_text": "Pride and Prejudice", "windows": 32,
+         "eval_seq_len": 512, "group_size": 64}
+
+
+def cell(ppl, **kw):
+    return {"status": "ok", "ppl": ppl, "bits_per_weight": 4.3, **kw}
+
+
+def doc_with(cells):
+    doc = results.empty(SETUP)
+    for m, cs in cells.items():
+        doc = results.merge(doc, SETUP, m, cs)
+    return doc
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+def test_bits_per_weight_matches_quept_and_counts_hqq_float_zero(bits):
+    assert results.stored_bits_per_weight(bits, 64) == stored_bits_per_weight(bits, 64, 576)
+    assert results.stored_bits_per_weight(bits, 64, zero_bits=16) == bits + 0.5
+    assert results.stored_bits_per_weight(bits, 32) > results.stored_bits_per_weight(bits, 64)
+
+
+def test_bits_per_weight_refuses_per_channel():
+    with pytest.raises(ValueError, match="group size"):
+        results.stored_bits_per_weight(4, 0)
+
+
+def test_merge_replaces_one_cell_and_keeps_the_rest():
+    doc = doc_with({"rtn": {"4": cell(31.3), "3": cell(69.9)}, "hqq": {"4": cell(28.7)}})
+    new = results.merge(doc, SETUP, "rtn", {"4": cell(30.0)})
+    assert new["cells"]["rtn"] == {"4": cell(30.0), "3": cell(69.9)}
+    assert new["cells"]["hqq"] == {"4": cell(28.7)}
+    assert doc["cells"]["rtn"]["4"]["ppl"] == 31.3  # the input is not mutated
+
+
+def test_merge_refuses_another_setup():
+    doc = doc_with({"rtn": {"4": cell(31.3)}})
+    with pytest.raises(results.SetupMismatchError, match="windows"):
+        results.merge(doc, {**SETUP, "windows": 8}, "rtn", {"4": cell(40.0)})
+
+
+def test_save_load_round_trip(tmp_path):
+    doc = doc_with({"hqq": {"2": cell(1.3e5)}})
+    path = tmp_path / "peers.json"
+    results.save(doc, path)
+    assert results.load(path, SETUP) == doc
+    assert [p.name for p in tmp_path.iterdir()] == ["peers.json"]
+    assert results.load(tmp_path / "none.json", SETUP)["cells"] == {}
+
+
+def test_verdict_counts_a_one_percent_tie_and_ignores_the_smoke_test():
+    doc = doc_with({"quept": {"4": cell(28.0), "3": cell(39.0)},
+                    "hqq": {"4": cell(27.8), "3": cell(147.2)},
+                    "autoround-light": {"3": cell(33.7)},
+                    "autoround-smoke": {"4": cell(20.0)}})
+    v = results.verdict(doc)
+    assert v["4"]["wins"] and v["4"]["best_peer"] == "hqq"
+    assert not v["3"]["wins"] and v["3"]["best_peer"] == "autoround-light"
+    assert v["3"]["ratio"] == pytest.approx(39.0 / 33.7)
+
+
+def test_error_line_is_the_exception_or_the_signal():
+    tb = ("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+          "torch.OutOfMemoryError: CPU ran out: tried 3 GiB\nsome later noise\n")
+    assert results.error_line(tb, 1) == "torch.OutOfMemoryError: CPU ran out: tried 3 GiB"
+    assert results.error_line("progress 10%\n", -9).startswith("killed by signal 9")
+    assert results.error_line("", 3) == "exit status 3 and no output"
+
+
+def test_cells_from_partial_run_keep_measured_widths_and_record_the_error():
+    res = {"cells": {"8": {"ppl": 25.2, "levels_max": 200}}, "calib_seconds": 435.0,
+           "calib_reused": True, "calib_peak_rss_gib": 1.0, "n_samples": 24, "seq_len": 256}
+    run = {"run_id": "quept@t", "wall_seconds": 100.0, "peak_rss_gib": 2.0,
+           "error": "RuntimeError: boom"}
+    cells = results.cells_from_run("quept", [8, 2], res, run, 64)
+    assert cells["8"]["status"] == "ok" and cells["8"]["ppl"] == 25.2
+    assert cells["2"] == {**cells["2"], "status": "error", "ppl": None,
+                          "error": "RuntimeError: boom"}
+    assert cells["2"]["bits_per_weight"] == stored_bits_per_weight(2, 64, 576)
+    assert cells["8"]["calib_peak_rss_gib"] is None  # a reused folder was not calibrated here
+    hqq = results.cells_from_run("hqq", [4], None, {"error": "ImportError: no hqq"}, 64)
+    assert hqq["4"]["bits_per_weight"] == 4.5 and hqq["4"]["status"] == "error"
+
+
+def test_markdown_marks_best_missing_and_failed_cells(tmp_path):
+    doc = doc_with({"float": {"float": cell(25.14, bits_per_weight=32.0)},
+                    "rtn": {"4": cell(31.32), "2": cell(5.4e5)},
+                    "gptq": {"4": cell(27.05), "2": {"status": "error", "ppl": None,
+                                                     "bits_per_weight": 2.28,
+                                                     "error": "ValueError: bad"}},
+                    "hqq": {"4": cell(28.72)}})
+    md = report.markdown(doc)
+    assert "| RTN (min/max) | 31.32 | **5.4e5** |" in md  # the only result at W2
+    assert "| GPTQ (llmcompressor) | **27.05** | error [1] |" in md
+    assert "| HQQ | 28.72 | not run |" in md
+    assert "1. `ValueError: bad`" in md and "perplexity 25.14" in md
+    pytest.importorskip("matplotlib")
+    assert report.plot(doc, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_rtn_adapter_quantizes_every_block_linear_to_b_bits():
+    from peers import rtn as rtn_adapter
+
+    model = tiny_model("llama")
+    lins = block_linears(model)
+    assert len(lins) == 7 * model.config.num_hidden_layers
+    before = {n: m.weight.clone() for n, m in lins.items()}
+    rtn_adapter.quantize(model, None, None, {"bits": [3], "group_size": 32})
+    for n, m in lins.items():
+        assert torch.equal(m.weight, rtn(before[n], 3, 32))
+        assert levels_max(m.weight, 32) <= 8 < levels_max(before[n], 32)
+
+
+def test_fmt_ppl():
+    assert report.fmt_ppl(25.137) == "25.14"
+    assert report.fmt_ppl(537000.0) == "5.4e5"
+    assert json.dumps(report.fmt_ppl(1400.0)) == '"1.4e3"'

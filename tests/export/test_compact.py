@@ -1,0 +1,127 @@
+import json
+
+import pytest
+import torch
+
+import quept
+from quept import api
+from quept.export.compact import (
+    COMPACT_JSON,
+    COMPACT_WEIGHTS,
+    CompactConfig,
+    minmax_codes,
+)
+from quept.export.packed import PackedFormatError
+from quept.nn import elastic_layers
+from quept.ops.pack import packed_length
+from quept.ops.quant import dequantize
+
+from .tiny import elastic_tiny
+
+IDS = torch.randint(2, 96, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """(calibrated-like elastic model, its compact reload, compact folder)."""
+    model = elastic_tiny()
+    with torch.no_grad():  # one width unclipped, as `unclipped_bits` leaves it: logit 20
+        for m in elastic_layers(model).values():
+            m.clip_hi["8"].fill_(20.0)
+            m.clip_lo["8"].fill_(20.0)
+    folder = tmp_path_factory.mktemp("compact")
+    api.save_compact(model, folder)
+    compact, _ = api.load_compact(folder)
+    return model, compact, folder
+
+
+def test_stored_bits_per_weight_add_up(pair):
+    model, _, folder = pair
+    meta = json.loads((folder / COMPACT_JSON).read_text())
+    s = meta["sizes"]
+    layers = elastic_layers(model).values()
+    n = sum(m.in_features * m.out_features for m in layers)
+    # Master: 8-bit codes, fp16 scale and 8-bit zero per group of 64; the zero-points of a
+    # layer are one packed row, padded to 64 codes.
+    groups = [m.out_features * m.in_features // 64 for m in layers]
+    master = 8 * n + 16 * sum(groups) + 8 * sum(packed_length(g, 8) for g in groups)
+    assert s["parts_bits_per_weight"]["master"] == pytest.approx(master / n)
+    assert 8.375 <= master / n < 8.4
+    # Adapters: int8 U and V, float32 row scales.
+    adapters = sum(8 * m.lora_u.numel() + 8 * m.lora_v.numel() + 32 * sum(m.lora_u.shape)
+                   for m in layers)
+    assert s["parts_bits_per_weight"]["adapters"] == pytest.approx(adapters / n)
+    # Clips: 6 bits per group per width and side, plus a float32 range per tensor.
+    clips = sum(sum(6 * p.numel() + 64 for p in [*m.clip_hi.values(), *m.clip_lo.values()])
+                for m in layers)
+    assert s["parts_bits_per_weight"]["clips"] == pytest.approx(clips / n, rel=0.02)
+    assert s["bits_per_weight"] == pytest.approx(sum(s["parts_bits_per_weight"].values()))
+
+
+def test_master_codes_round_against_the_stored_fp16_scale():
+    w = torch.randn(8, 128) * 0.05
+    codes, scale, zero = minmax_codes(w, 8, 64)
+    assert scale.dtype == torch.float16 and zero.dtype == torch.uint8
+    back = dequantize(codes, scale.float(), zero.float(), 64)
+    assert (back - w).abs().max() <= scale.float().max() * 0.5 + 1e-7
+
+
+def test_reload_keeps_adapters_clips_and_unclipped_widths(pair):
+    model, compact, _ = pair
+    for name, m in elastic_layers(model).items():
+        c = elastic_layers(compact)[name]
+        for attr in ("lora_u", "lora_v"):
+            a, b = getattr(m, attr), getattr(c, attr)
+            assert (a - b).abs().max() <= a.abs().amax() / 127 + 1e-12  # int8 per row
+        for b in m.spec.bits:
+            fa, fb = torch.sigmoid(m.clip_hi[str(b)]), torch.sigmoid(c.clip_hi[str(b)])
+            assert (fa - fb).abs().max() <= (fa.max() - fa.min()) / 63 / 2 + 1e-6
+        assert torch.all(torch.sigmoid(c.clip_lo["8"]) == 1.0)  # unclipped stays unclipped
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_materialised_widths_are_as_good_as_direct(pair, bits):
+    # Documented tolerance: materialising from the compact checkpoint adds the master's 8-bit
+    # rounding to the width's own rounding. Against the exact target W + R, the error grows by
+    # at most 5% at clipped widths; at the unclipped 8 bits (master and width grids of equal
+    # step) by at most 60% (~sqrt(2) for independent roundings).
+    model, compact, _ = pair
+    limit = 1.6 if bits == 8 else 1.05
+    for name, m in elastic_layers(model).items():
+        c = elastic_layers(compact)[name]
+        with torch.no_grad():
+            target = m.weight + m.delta(bits)
+            direct = (m.quantized_weight(bits) - target).norm()
+            via = (c.quantized_weight(bits) - target).norm()
+        assert via <= limit * direct, (name, bits, via / direct)
+
+
+def test_packed_from_compact_equals_the_compact_model(pair, tmp_path):
+    _, compact, _ = pair
+    api.export(compact, 3, tmp_path, scale_dtype="float32")
+    packed, _ = api.load_packed(tmp_path)
+    quept.set_bits(compact, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(IDS).logits, compact(IDS).logits, rtol=0, atol=2e-5)
+
+
+def test_compact_config_and_corrupt_folders(pair, tmp_path):
+    with pytest.raises(PackedFormatError, match="clip_bits"):
+        CompactConfig(clip_bits=0)
+    with pytest.raises(PackedFormatError, match="no quept-compact.json"):
+        api.load_compact(tmp_path)
+    _, _, folder = pair
+    for f in folder.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    meta = json.loads((tmp_path / COMPACT_JSON).read_text())
+    (tmp_path / COMPACT_JSON).write_text(json.dumps({**meta, "version": 2}))
+    with pytest.raises(PackedFormatError, match="version 2"):
+        api.load_compact(tmp_path)
+    (tmp_path / COMPACT_JSON).write_text(json.dumps(meta))
+    from safetensors.torch import load_file, save_file
+
+    raw = load_file(str(tmp_path / COMPACT_WEIGHTS))
+    raw.pop("model.layers.1.mlp.up_proj.clips")
+    save_file(raw, str(tmp_path / COMPACT_WEIGHTS))
+    with pytest.raises(PackedFormatError, match="layer model.layers.1.mlp.up_proj cannot"):
+        api.load_compact(tmp_path)

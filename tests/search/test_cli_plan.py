@@ -1,0 +1,71 @@
+"""`quept plan` and `quept eval --plan` end to end on a tiny model with the real tokenizer
+(slow: it needs the default model's tokenizer, fetched on first use)."""
+
+import json
+import shutil
+
+import pytest
+
+import quept
+from quept.cli import main
+from quept.config import CalibConfig, QuEPTConfig
+from tests.conftest import tiny_model
+from tests.search.helpers import SPEC
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from quept.data import default_model_dir
+
+    root = tmp_path_factory.mktemp("plan")
+    base = root / "base"
+    tiny_model(vocab_size=49152).save_pretrained(base)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_model_dir() / f, base / f)
+    model, _ = quept.load_model(base)
+    quept.prepare(model, SPEC)
+    quept.save(model, root / "elastic", QuEPTConfig(spec=SPEC, calib=CalibConfig()))
+    text = root / "calib.txt"
+    text.write_text("It is a truth universally acknowledged, that a single man. " * 400)
+    return root
+
+
+def run_json(capsys, argv):
+    assert main(argv) == 0, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out)
+
+
+def test_plan_then_eval_with_the_plan(folder, capsys):
+    elastic, out, text = folder / "elastic", folder / "p.json", str(folder / "calib.txt")
+    small = ["--calib-text", text, "--samples", "2", "--seq-len", "16", "--probes", "2"]
+    res = run_json(capsys, ["plan", str(elastic), "--avg-bits", "4.0", "--out", str(out),
+                            "--json", *small])
+    cache = elastic / "sensitivity.json"
+    assert res["bits_per_weight"] <= 4.0 and cache.is_file()
+    stamp = cache.stat().st_mtime_ns
+    again = run_json(capsys, ["plan", str(elastic), "--max-bytes", "50kB", "--out",
+                              str(folder / "q.json"), "--json", *small])
+    assert again["stored_bytes"] <= 50_000 and cache.stat().st_mtime_ns == stamp  # reused
+    ev = run_json(capsys, ["eval", str(elastic), "--plan", str(out), "--text", text,
+                           "--windows", "1", "--seq-len", "64", "--json"])
+    assert ev["rows"] == [] and ev["plan"]["bits_per_weight"] == pytest.approx(
+        res["bits_per_weight"])
+    assert ev["plan"]["ppl"] > 1
+
+
+def test_plan_errors_are_clear(folder, capsys):
+    elastic, text = str(folder / "elastic"), str(folder / "calib.txt")
+    small = ["--calib-text", text, "--samples", "2", "--seq-len", "16", "--probes", "2"]
+    assert main(["plan", elastic, "--avg-bits", "2.25", "--out", str(folder / "x.json"),
+                 *small]) == 2
+    err = capsys.readouterr().err
+    assert "infeasible" in err and "range from 3.1250 to 9.5000" in err
+    with pytest.raises(SystemExit):
+        main(["plan", elastic, "--max-bytes", "60XB", "--out", "x.json"])
+    assert "cannot read a size from '60XB'" in capsys.readouterr().err
+    (folder / "bad.json").write_text('{"format": "quept-plan", "version": 1, "bits": {"a": 4}}')
+    assert main(["eval", elastic, "--plan", str(folder / "bad.json"), "--text", text,
+                 "--windows", "1", "--seq-len", "64"]) == 2
+    assert "missing or malformed field" in capsys.readouterr().err

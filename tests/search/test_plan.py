@@ -1,0 +1,133 @@
+import json
+
+import pytest
+
+import quept
+from quept.config import ConfigError
+from quept.nn import elastic_layers
+from quept.ops import stored_bits_per_weight
+from quept.search import (
+    InfeasibleBudgetError,
+    LayerShape,
+    Plan,
+    SensitivityTable,
+    feasible_range,
+    parse_size,
+    plan_from_table,
+)
+from tests.search.helpers import elastic_tiny
+
+BITS = (2, 3, 4, 5, 6, 7, 8)
+
+
+def synthetic_table(model, scale=None):
+    """Costs per weight that halve with each bit (convex), larger for the layers in ``scale``."""
+    layers = elastic_layers(model)
+    scale = scale or {}
+    return SensitivityTable(
+        bits=BITS, group_size={b: 16 for b in BITS},
+        shapes={n: LayerShape(m.out_features, m.in_features) for n, m in layers.items()},
+        kl={n: tuple(scale.get(n, 1.0) * m.weight.numel() * 2.0 ** -b for b in BITS)
+            for n, m in layers.items()},
+        fingerprint="x",
+    )
+
+
+@pytest.fixture(scope="module")
+def model():
+    return elastic_tiny()
+
+
+def test_parse_size():
+    assert parse_size("60MB") == 60_000_000
+    assert parse_size("1.5GiB") == 3 * 2**29
+    assert parse_size("500kB") == parse_size("500 KB") == 500_000
+    assert parse_size("123") == 123
+    for bad in ("sixty", "60XB", "", "-5MB"):
+        with pytest.raises(ConfigError, match="cannot read a size"):
+            parse_size(bad)
+
+
+def test_budget_is_counted_honestly_and_respected(model):
+    table = synthetic_table(model)
+    lo, hi = feasible_range(table)
+    assert lo == pytest.approx(stored_bits_per_weight(2, 16, 64))  # every layer at 2 bits
+    assert hi == pytest.approx(stored_bits_per_weight(8, 16, 64))
+    for avg in (lo, lo + 0.3, stored_bits_per_weight(3, 16, 64), 4.7, 6.1, hi, 10.0):
+        plan = plan_from_table(table, avg_bits=avg)
+        assert plan.bits_per_weight <= avg + 1e-12
+        quept.set_bits(model, plan)
+        assert quept.stored_bits(model) == pytest.approx(plan.bits_per_weight)
+        assert plan.stored_bytes * 8 == pytest.approx(plan.bits_per_weight * plan.n_weights)
+    # The exact budget of uniform W3 admits it, and with equal convex costs it is optimal.
+    w3 = plan_from_table(table, avg_bits=stored_bits_per_weight(3, 16, 64))
+    assert set(w3.values()) == {3}
+
+
+def test_sensitive_layers_get_more_bits(model):
+    names = list(elastic_layers(model))
+    table = synthetic_table(model, {names[2]: 50.0})
+    plan = plan_from_table(table, avg_bits=3.5)
+    assert plan[names[2]] == max(plan.values()) > min(plan.values())
+
+
+def test_byte_budget(model):
+    table = synthetic_table(model)
+    plan = plan_from_table(table, max_bytes=30_000)
+    assert plan.stored_bytes <= 30_000 and plan.budget == {"max_bytes": 30_000.0}
+    assert plan_from_table(table, max_bytes=40_000).predicted_kl < plan.predicted_kl
+
+
+def test_infeasible_budget_names_the_feasible_range(model):
+    table = synthetic_table(model)
+    lo, hi = feasible_range(table)
+    with pytest.raises(InfeasibleBudgetError, match=f"range from {lo:.4f} to {hi:.4f}"):
+        plan_from_table(table, avg_bits=2.25)
+    with pytest.raises(InfeasibleBudgetError, match="infeasible"):
+        plan_from_table(table, max_bytes=1000)
+    with pytest.raises(ConfigError, match="exactly one budget"):
+        plan_from_table(table, avg_bits=3.0, max_bytes=10**6)
+    with pytest.raises(ConfigError, match="exactly one budget"):
+        plan_from_table(table)
+
+
+def test_plan_json_round_trip_and_apply(model, tmp_path):
+    plan = plan_from_table(synthetic_table(model), avg_bits=3.6)
+    path = plan.save(tmp_path / "plan.json")
+    again = Plan.load(path)
+    assert dict(again) == dict(plan) and again.bits_per_weight == plan.bits_per_weight
+    for form in (again, json.loads(path.read_text()), dict(plan)):
+        quept.set_bits(model, 8)
+        quept.set_bits(model, form)
+        assert {n: m.bits for n, m in elastic_layers(model).items()} == dict(plan)
+
+
+def test_bad_plans_are_refused_with_the_reason(model, tmp_path):
+    good = plan_from_table(synthetic_table(model), avg_bits=3.6).to_dict()
+    name = next(iter(good["bits"]))
+    cases = [
+        ({**good, "format": "other"}, "not a quept plan"),
+        ({**good, "bits": {**good["bits"], name: "4"}}, "must be integers"),
+        ({**good, "bits": []}, "must map layer names"),
+    ]
+    for d, msg in cases:
+        (tmp_path / "p.json").write_text(json.dumps(d))
+        with pytest.raises(ConfigError, match=msg):
+            Plan.load(tmp_path / "p.json")
+    with pytest.raises(ConfigError, match="1 unknown names"):
+        quept.set_bits(model, {**good, "bits": {**good["bits"], "model.lm_head": 4}})
+    with pytest.raises(ConfigError, match="1 layers missing"):
+        quept.set_bits(model, {**good, "bits": {k: v for k, v in good["bits"].items()
+                                                if k != name}})
+    with pytest.raises(ConfigError, match=f"layer {name}: bit-width 9"):
+        quept.set_bits(model, {**good, "bits": {**good["bits"], name: 9}})
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Plan.load(tmp_path / "missing.json")
+
+
+def test_api_plan_checks_the_table_matches_the_model(model):
+    table = synthetic_table(model)
+    assert quept.api.plan(model, table, avg_bits=4.0).bits_per_weight <= 4.0
+    other = elastic_tiny(layers=2)
+    with pytest.raises(quept.ArtifactError, match="another model or spec"):
+        quept.api.plan(other, table, avg_bits=4.0)
