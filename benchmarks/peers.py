@@ -87,7 +87,9 @@ def run_child(a: argparse.Namespace, job: dict[str, Any], log_path: Path) -> tup
         result = json.loads(out_path.read_text()) if out_path.is_file() else None
     run = {"wall_seconds": wall, "peak_rss_gib": usage.ru_maxrss / 2**20,
            "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "returncode": proc.returncode, "log": str(log_path)}
+           "returncode": proc.returncode, "log": str(log_path),
+           # Other work on the machine inflates wall-clock times: record how busy it was.
+           "loadavg_1m_at_end": round(os.getloadavg()[0], 2)}
     if proc.returncode != 0:
         run["error"] = results.error_line(log_path.read_text(errors="replace"), proc.returncode)
         log.error("%s failed: %s (log: %s)", job["method"], run["error"], log_path)

@@ -135,7 +135,7 @@ def cells_from_run(method: str, widths: list[int | None], result: dict[str, Any]
     if common["calib_reused"]:
         common["calib_peak_rss_gib"] = None  # loading a folder is not calibrating it
     common.update({k: run.get(k) for k in ("run_id", "wall_seconds", "peak_rss_gib",
-                                            "measured_at", "command")})
+                                            "measured_at", "command", "loadavg_1m_at_end")})
     out = {}
     for b in widths:
         key = FLOAT if b is None else str(b)

@@ -21,8 +21,8 @@ from quept.config import CalibConfig, ConfigError, ElasticSpec, QuEPTConfig, che
 from quept.data.tokens import calibration_samples, eval_windows, tokenize
 from quept.eval import perplexity
 from quept.export import compact as _compact
-from quept.export import packed as _packed
 from quept.export.compact import CompactConfig
+from quept.export.load import load_packed as _load_packed
 from quept.export.packed import write_packed
 from quept.models import Family, UnsupportedModelError, family_for, family_for_type
 from quept.nn import BitsPlan, ElasticLinear, elastic_layers
@@ -264,7 +264,7 @@ def export(model: nn.Module, bits_or_plan: int | Mapping[str, int] | Plan,
 def load_packed(folder: str | os.PathLike, backend: str = "auto") -> tuple[nn.Module, Any]:
     """A packed folder's model (inference modules only, built on meta then filled) and
     tokenizer."""
-    net = _packed.load_packed(folder, backend=backend)
+    net = _load_packed(folder, backend=backend)
     net.quept_source = str(folder)
     return net, _folder_tokenizer(folder)
 

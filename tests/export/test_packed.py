@@ -5,11 +5,11 @@ import torch
 
 import quept
 from quept import api
+from quept.export.load import load_packed
 from quept.export.packed import (
     PACKED_JSON,
     PACKED_WEIGHTS,
     PackedFormatError,
-    load_packed,
     read_plan,
     write_packed,
 )

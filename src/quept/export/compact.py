@@ -31,7 +31,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from quept.config import QuEPTConfig
-from quept.export.packed import PackedFormatError, fill, float_tensors, minmax_codes
+from quept.export.load import fill
+from quept.export.packed import PackedFormatError, float_tensors, minmax_codes
 from quept.nn.elastic_linear import ElasticLinear
 from quept.nn.switch import elastic_layers
 from quept.ops.pack import pack, unpack

@@ -3,9 +3,8 @@
 A packed folder holds ``packed.safetensors`` (every :class:`PackedLinear`'s codes, scales and
 zero-points, plus the model's other tensors in their own dtype, tied tensors once),
 ``quept-packed.json`` (format, version, per-layer widths and shapes, sizes) and the base
-model's ``config.json`` and tokenizer files. Loading needs only transformers and the inference
-modules: the model is built on the meta device, the elastic linears are swapped for meta
-``PackedLinear`` shells, and ``load_state_dict(assign=True)`` fills them.
+model's ``config.json`` and tokenizer files. This module writes it; :mod:`quept.export.load`
+reads it with the inference modules only.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from quept.config import check_bits
@@ -222,97 +221,3 @@ def sizes(packed: Mapping[str, PackedLinear], heads: Mapping[str, PackedLinear],
     return {"quantized_weights": weights, "quantized_bytes": qbytes,
             "bits_per_weight": 8 * qbytes / max(weights, 1), "head_bytes": head,
             "other_bytes": total - qbytes - head}
-
-
-def read_packed_meta(folder: str | os.PathLike) -> dict[str, Any]:
-    path = Path(folder) / PACKED_JSON
-    if not path.is_file():
-        raise PackedFormatError(f"{folder} is not a packed model folder (no {PACKED_JSON})")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise PackedFormatError(f"{path} is not valid JSON: {e}") from None
-    if meta.get("format") != PACKED_FORMAT:
-        raise PackedFormatError(f"{path} has format {meta.get('format')!r}, not {PACKED_FORMAT!r}")
-    if meta.get("version") != PACKED_VERSION:
-        raise PackedFormatError(
-            f"{path} is version {meta.get('version')!r}; this quept reads {PACKED_VERSION}")
-    return meta
-
-
-def load_packed(folder: str | os.PathLike, backend: str = "auto") -> nn.Module:
-    """Build the packed model of ``folder`` on the meta device and fill it (eval mode)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    folder = Path(folder)
-    meta = read_packed_meta(folder)
-    cfg = AutoConfig.from_pretrained(folder)
-    if cfg.model_type != meta["model_type"]:
-        raise PackedFormatError(
-            f"{folder}: config.json is a {cfg.model_type} model but the packed weights are for "
-            f"{meta['model_type']}")
-    with torch.device("meta"):
-        net = AutoModelForCausalLM.from_config(cfg)
-    scale_dtype = SCALE_DTYPES[meta["scale_dtype"]]
-    for name, info in meta["layers"].items():
-        _swap(net, name, info, scale_dtype)
-    for name, info in meta.get("head", {}).items():
-        _swap(net, name, info, scale_dtype, PackedEmbedding if info["embedding"] else PackedLinear)
-    try:
-        state = load_file(str(folder / PACKED_WEIGHTS))
-    except Exception as e:  # safetensors raises several types for a damaged file
-        raise PackedFormatError(f"{folder / PACKED_WEIGHTS} cannot be read: {e}") from None
-    fill(net, state, meta.get("aliases", {}), str(folder))
-    for m in net.modules():
-        if isinstance(m, PackedLinear):
-            m.set_backend(backend)
-    net.eval().requires_grad_(False)
-    net.quept_packed = meta
-    return net
-
-
-def _swap(net: nn.Module, name: str, info: Mapping[str, Any], scale_dtype: torch.dtype,
-          cls: type[PackedLinear] = PackedLinear) -> None:
-    try:
-        old = net.get_submodule(name)
-    except AttributeError:
-        raise PackedFormatError(f"packed layer {name} does not exist in the model") from None
-    if isinstance(old, nn.Embedding):
-        shape = (old.embedding_dim, old.num_embeddings)
-    else:
-        shape = (getattr(old, "in_features", None), getattr(old, "out_features", None))
-    if shape != (info["in"], info["out"]):
-        raise PackedFormatError(
-            f"packed layer {name} is {info['out']}x{info['in']} but the model has {old}")
-    new = cls(info["in"], info["out"], info["bits"], info["group_size"], info["bias"],
-              scale_dtype, device="meta")
-    parent, _, child = name.rpartition(".")
-    setattr(net.get_submodule(parent) if parent else net, child, new)
-
-
-def fill(net: nn.Module, state: Mapping[str, torch.Tensor], aliases: Mapping[str, str],
-         where: str) -> None:
-    """Assign ``state`` into a meta-built model, re-tie ``aliases`` and initialise the
-    non-persistent buffers (e.g. rotary frequencies); every tensor must end up off meta."""
-    try:
-        res = net.load_state_dict(dict(state), strict=False, assign=True)
-    except RuntimeError as e:  # shape mismatches
-        raise PackedFormatError(f"{where}: tensors do not fit the model: {e}") from None
-    missing = sorted(set(res.missing_keys) - set(aliases))
-    if missing or res.unexpected_keys:
-        raise PackedFormatError(
-            f"{where}: {len(missing)} tensors missing (e.g. {missing[:2]}), "
-            f"{len(res.unexpected_keys)} unexpected (e.g. {res.unexpected_keys[:2]})")
-    for name, target in aliases.items():
-        parent, _, child = name.rpartition(".")
-        tparent, _, tchild = target.rpartition(".")
-        setattr(net.get_submodule(parent), child, getattr(net.get_submodule(tparent), tchild))
-    for mod in net.modules():
-        metas = [n for n, b in mod.named_buffers(recurse=False) if b is not None and b.is_meta]
-        if metas:
-            for n in metas:
-                setattr(mod, n, torch.empty_like(getattr(mod, n), device="cpu"))
-            net._init_weights(mod)  # HF's initialiser also fills derived buffers (rotary)
-    left = [n for n, t in [*net.named_parameters(), *net.named_buffers()] if t.is_meta]
-    if left:
-        raise PackedFormatError(f"{where}: tensors left unfilled: {left[:3]}")

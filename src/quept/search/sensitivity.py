@@ -48,9 +48,10 @@ class SensitivityConfig:
     n_probes: random logit-space probes per sequence (each a backward pass). The noise of an
         entry falls with ``n_samples * n_probes``; more samples at fewer probes cost the same
         and cover more text.
-    reference_bits: the width every *other* layer runs at while one layer is varied; None = the
-        float model (DESIGN 2.6 allows either; the cost is then measured against the float
-        model, so it includes the interaction with the rest of the quantized model).
+    reference_bits: the width of every *other* layer while one is varied. None (default): the
+        float model, the protocol of DESIGN 2.6. A width: the cost becomes the change of the KL
+        to the float model from that configuration, to second order (linear term included); on
+        SmolLM2-135M it gave worse plans (8-window perplexity 39.4 vs 33.1 at W3's budget).
     cache_deltas: keep every layer's quantization error per width in fp16 (2 bytes x widths x
         weights) instead of recomputing it on each probe.
     seed: seeds the calibration windows and the probes.

@@ -1,0 +1,119 @@
+"""Load a packed folder with the inference modules only: the model is built on the meta
+device, its quantized linears (and a packed head) are swapped for meta :class:`PackedLinear`
+shells, and ``load_state_dict(assign=True)`` fills every tensor."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from quept.export.packed import (
+    PACKED_FORMAT,
+    PACKED_JSON,
+    PACKED_VERSION,
+    PACKED_WEIGHTS,
+    SCALE_DTYPES,
+    PackedFormatError,
+)
+from quept.nn.packed_linear import PackedEmbedding, PackedLinear
+
+
+def read_packed_meta(folder: str | os.PathLike) -> dict[str, Any]:
+    path = Path(folder) / PACKED_JSON
+    if not path.is_file():
+        raise PackedFormatError(f"{folder} is not a packed model folder (no {PACKED_JSON})")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise PackedFormatError(f"{path} is not valid JSON: {e}") from None
+    if meta.get("format") != PACKED_FORMAT:
+        raise PackedFormatError(f"{path} has format {meta.get('format')!r}, not {PACKED_FORMAT!r}")
+    if meta.get("version") != PACKED_VERSION:
+        raise PackedFormatError(
+            f"{path} is version {meta.get('version')!r}; this quept reads {PACKED_VERSION}")
+    return meta
+
+
+def load_packed(folder: str | os.PathLike, backend: str = "auto") -> nn.Module:
+    """Build the packed model of ``folder`` on the meta device and fill it (eval mode)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    meta = read_packed_meta(folder)
+    cfg = AutoConfig.from_pretrained(folder)
+    if cfg.model_type != meta["model_type"]:
+        raise PackedFormatError(
+            f"{folder}: config.json is a {cfg.model_type} model but the packed weights are for "
+            f"{meta['model_type']}")
+    with torch.device("meta"):
+        net = AutoModelForCausalLM.from_config(cfg)
+    scale_dtype = SCALE_DTYPES[meta["scale_dtype"]]
+    for name, info in meta["layers"].items():
+        _swap(net, name, info, scale_dtype)
+    for name, info in meta.get("head", {}).items():
+        _swap(net, name, info, scale_dtype, PackedEmbedding if info["embedding"] else PackedLinear)
+    try:
+        state = load_file(str(folder / PACKED_WEIGHTS))
+    except Exception as e:  # safetensors raises several types for a damaged file
+        raise PackedFormatError(f"{folder / PACKED_WEIGHTS} cannot be read: {e}") from None
+    fill(net, state, meta.get("aliases", {}), str(folder))
+    for m in net.modules():
+        if isinstance(m, PackedLinear):
+            m.set_backend(backend)
+    net.eval().requires_grad_(False)
+    net.quept_packed = meta
+    return net
+
+
+def _swap(net: nn.Module, name: str, info: Mapping[str, Any], scale_dtype: torch.dtype,
+          cls: type[PackedLinear] = PackedLinear) -> None:
+    try:
+        old = net.get_submodule(name)
+    except AttributeError:
+        raise PackedFormatError(f"packed layer {name} does not exist in the model") from None
+    if isinstance(old, nn.Embedding):
+        shape = (old.embedding_dim, old.num_embeddings)
+    else:
+        shape = (getattr(old, "in_features", None), getattr(old, "out_features", None))
+    if shape != (info["in"], info["out"]):
+        raise PackedFormatError(
+            f"packed layer {name} is {info['out']}x{info['in']} but the model has {old}")
+    new = cls(info["in"], info["out"], info["bits"], info["group_size"], info["bias"],
+              scale_dtype, device="meta")
+    parent, _, child = name.rpartition(".")
+    setattr(net.get_submodule(parent) if parent else net, child, new)
+
+
+def fill(net: nn.Module, state: Mapping[str, torch.Tensor], aliases: Mapping[str, str],
+         where: str) -> None:
+    """Assign ``state`` into a meta-built model, re-tie ``aliases`` and initialise the
+    non-persistent buffers (e.g. rotary frequencies); every tensor must end up off meta."""
+    try:
+        res = net.load_state_dict(dict(state), strict=False, assign=True)
+    except RuntimeError as e:  # shape mismatches
+        raise PackedFormatError(f"{where}: tensors do not fit the model: {e}") from None
+    missing = sorted(set(res.missing_keys) - set(aliases))
+    if missing or res.unexpected_keys:
+        raise PackedFormatError(
+            f"{where}: {len(missing)} tensors missing (e.g. {missing[:2]}), "
+            f"{len(res.unexpected_keys)} unexpected (e.g. {res.unexpected_keys[:2]})")
+    for name, target in aliases.items():
+        parent, _, child = name.rpartition(".")
+        tparent, _, tchild = target.rpartition(".")
+        setattr(net.get_submodule(parent), child, getattr(net.get_submodule(tparent), tchild))
+    for mod in net.modules():
+        metas = [n for n, b in mod.named_buffers(recurse=False) if b is not None and b.is_meta]
+        if metas:
+            for n in metas:
+                setattr(mod, n, torch.empty_like(getattr(mod, n), device="cpu"))
+            net._init_weights(mod)  # HF's initialiser also fills derived buffers (rotary)
+    left = [n for n, t in [*net.named_parameters(), *net.named_buffers()] if t.is_meta]
+    if left:
+        raise PackedFormatError(f"{where}: tensors left unfilled: {left[:3]}")
