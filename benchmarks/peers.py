@@ -147,11 +147,13 @@ def main() -> int:
         "machine": machine(a.threads),
         "command": " ".join(["python", *sys.argv]),
     }
-    doc = results.empty(setup) if a.fresh else results.load(out_json, setup)
+    notes = {}
     for note in a.note:
         name, _, text = note.partition("=")
         method(name)  # refuse a misspelt method
-        doc.setdefault("notes", {})[name] = text
+        notes[name] = text
+    doc = results.empty(setup) if a.fresh else results.load(out_json, setup)
+    doc.setdefault("notes", {}).update(notes)
     names = [] if a.report_only else [m for m in a.methods.split(",") if m]
     for name in names:
         m = method(name)
@@ -169,6 +171,9 @@ def main() -> int:
             result, run = run_child(a, job, work / f"{tag}.log")
             run.update(run_id=f"{tag}@{run['measured_at']}", command=setup["command"])
             cells = results.cells_from_run(name, widths, result, run, a.group_size)
+            if not a.fresh:  # another invocation may have written the file meanwhile
+                doc = results.load(out_json, setup)
+                doc.setdefault("notes", {}).update(notes)
             doc = results.merge(doc, setup, name, cells)
             results.save(doc, out_json)
             _write_report(doc, a.out)
