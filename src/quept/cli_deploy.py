@@ -61,8 +61,7 @@ def add_compact(sub: argparse._SubParsersAction) -> None:
 def cmd_compact(a: argparse.Namespace) -> dict[str, Any]:
     folder = Path(a.folder)
     model, tok, cfg = _load_elastic(folder, folder_kind(folder), a.model)
-    ccfg = CompactConfig(master_bits=a.master_bits, clip_bits=a.clip_bits,
-                         master_group_size=model.quept_spec.default_group_size)
+    ccfg = CompactConfig(master_bits=a.master_bits, clip_bits=a.clip_bits)
     meta = api.save_compact(model, a.out, cfg, tok, ccfg)
     s = meta["sizes"]
     if not a.json:

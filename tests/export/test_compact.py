@@ -108,6 +108,7 @@ def test_packed_from_compact_equals_the_compact_model(pair, tmp_path):
 def test_compact_config_and_corrupt_folders(pair, tmp_path):
     with pytest.raises(PackedFormatError, match="clip_bits"):
         CompactConfig(clip_bits=0)
+    assert [CompactConfig().group_size(k) for k in (576, 96, 100)] == [64, 32, 0]
     with pytest.raises(PackedFormatError, match="no quept-compact.json"):
         api.load_compact(tmp_path)
     _, _, folder = pair

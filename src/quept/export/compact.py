@@ -11,9 +11,9 @@ Per elastic linear it stores (bits per weight of the default model in brackets):
 - the bias, if any, as is.
 
 The rest of the model (embeddings, norms, head) is stored in its own dtype, with config and
-tokenizer, so the folder needs nothing else. :func:`load_compact` rebuilds an elastic model
-whose float weight is the dequantized master; from it any width or plan is packed by
-:func:`quept.export.packed.pack_model` exactly as from a calibrated model.
+tokenizer, so the folder needs nothing else. :func:`quept.api.load_compact` rebuilds an
+elastic model whose float weight is the dequantized master; from it any width or plan is
+packed by :func:`quept.export.packed.pack_model` exactly as from a calibrated model.
 """
 
 from __future__ import annotations
@@ -49,26 +49,37 @@ MAX_CLIP_LOGIT = 20.0  # sigmoid(20) == 1.0 in float32: an unclipped width stays
 
 @dataclass(frozen=True)
 class CompactConfig:
-    """How the compact checkpoint stores each part (widths in bits)."""
+    """How the compact checkpoint stores each part (adapters are always int8).
+
+    master_bits: width of the master weight codes (2..8).
+    master_group_size: their group size; a layer whose width it does not divide uses 32, or
+        one group per row.
+    clip_bits: width of each stored clip factor (1..8).
+    """
 
     master_bits: int = 8
     master_group_size: int = 64
-    adapter_bits: int = 8
     clip_bits: int = 6
 
     def __post_init__(self) -> None:
-        if not 2 <= self.master_bits <= 8 or not 2 <= self.adapter_bits <= 8:
-            raise PackedFormatError(f"master and adapter bits must lie in 2..8: {self}")
+        if not 2 <= self.master_bits <= 8:
+            raise PackedFormatError(f"master_bits must lie in 2..8, got {self.master_bits}")
         if not 1 <= self.clip_bits <= 8:
             raise PackedFormatError(f"clip_bits must lie in 1..8, got {self.clip_bits}")
         if self.master_group_size < 0:
             raise PackedFormatError(f"master_group_size must be >= 0: {self.master_group_size}")
 
+    def group_size(self, in_features: int) -> int:
+        """The master's group size for a layer of ``in_features`` inputs."""
+        for gs in (self.master_group_size, 32):
+            if gs and in_features % gs == 0:
+                return gs
+        return 0
 
-def _int_rows(t: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row integers (int8) and float32 row scales."""
-    qmax = 2 ** (bits - 1) - 1
-    scale = (t.abs().amax(-1) / qmax).clamp(min=1e-30)
+
+def _int8_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 and float32 row scales."""
+    scale = (t.abs().amax(-1) / 127).clamp(min=1e-30)
     return torch.round(t / scale.unsqueeze(-1)).to(torch.int8), scale
 
 
@@ -93,9 +104,9 @@ def compact_tensors(model: nn.Module, cfg: CompactConfig) -> dict[str, torch.Ten
     with torch.no_grad():
         for name, m in elastic_layers(model).items():
             codes, scale, zero = minmax_codes(m.weight.float(), cfg.master_bits,
-                                              cfg.master_group_size)
-            u, us = _int_rows(m.lora_u.float(), cfg.adapter_bits)
-            v, vs = _int_rows(m.lora_v.float(), cfg.adapter_bits)
+                                              cfg.group_size(m.in_features))
+            u, us = _int8_rows(m.lora_u.float())
+            v, vs = _int8_rows(m.lora_v.float())
             clips, ranges = _clip_codes(m, cfg.clip_bits)
             out.update({
                 f"{name}.master": pack(codes, cfg.master_bits),
@@ -201,7 +212,7 @@ def _layer_state(name: str, m: ElasticLinear, raw: Mapping[str, torch.Tensor],
     scale = raw[f"{name}.master_scale"].float()
     zero = unpack(raw[f"{name}.master_zero"], c.master_bits, scale.numel()).reshape(scale.shape)
     codes = unpack(raw[f"{name}.master"], c.master_bits, in_f)
-    st = {f"{name}.weight": dequantize(codes, scale, zero.float(), c.master_group_size or in_f)}
+    st = {f"{name}.weight": dequantize(codes, scale, zero.float(), c.group_size(in_f) or in_f)}
     for part in ("lora_u", "lora_v"):
         q, s = raw[f"{name}.{part}"], raw[f"{name}.{part}_scale"]
         st[f"{name}.{part}"] = q.float() * s.unsqueeze(-1)

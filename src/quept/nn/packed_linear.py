@@ -52,7 +52,8 @@ class PackedLinear(nn.Module):
         self.register_buffer(
             "bias", torch.empty(out_features, device=device) if bias else None)
         self.backend = "auto"
-        self._compute: tuple | None = None  # (scale fp32, -zero * scale fp32[, aten weights])
+        # Derived on first use: (backend, scale fp32, -zero * scale fp32[, aten-int4 operands]).
+        self._compute: tuple | None = None
 
     @classmethod
     def from_codes(
@@ -62,10 +63,11 @@ class PackedLinear(nn.Module):
     ) -> PackedLinear:
         """Build from uint8 codes (out, in) and scale / zero (out, G) as ``quantize`` returns."""
         out_f, in_f = codes.shape
-        m = cls(in_f, out_f, bits, group_size, bias is not None, scale_dtype, codes.device)
+        m = cls(in_f, out_f, bits, group_size, bias is not None, scale_dtype, "meta")
         m.qweight = pack(codes, bits)
         m.scale = scale.to(scale_dtype).contiguous()
-        m.qzero = pack(zero.round().to(torch.uint8).reshape(-1), bits)
+        zero = zero if zero.dtype == torch.uint8 else zero.round().to(torch.uint8)
+        m.qzero = pack(zero.reshape(-1), bits)
         if bias is not None:
             m.bias = bias.detach().clone()
         return m
