@@ -22,7 +22,7 @@ from torch import nn
 
 from quept.config import check_bits
 from quept.nn.packed_linear import PackedEmbedding, PackedLinear
-from quept.nn.switch import elastic_layers
+from quept.nn.switch import elastic_layers, plan_widths
 from quept.ops.quant import to_groups
 
 log = logging.getLogger(__name__)
@@ -58,16 +58,7 @@ def minmax_codes(w: torch.Tensor, bits: int, group_size: int,
 def layer_widths(model: nn.Module, plan: int | Mapping[str, int]) -> dict[str, int]:
     """``{layer name: bits}`` for every elastic layer from one width or a full plan."""
     layers = elastic_layers(model)
-    if isinstance(plan, Mapping):
-        missing = [n for n in layers if n not in plan]
-        unknown = [n for n in plan if n not in layers]
-        if missing or unknown:
-            raise PackedFormatError(
-                f"plan does not match the model: {len(missing)} layers missing (e.g. "
-                f"{missing[:2]}), {len(unknown)} unknown names (e.g. {unknown[:2]})")
-        widths = {n: plan[n] for n in layers}
-    else:
-        widths = dict.fromkeys(layers, plan)
+    widths = plan_widths(layers, plan, PackedFormatError)
     for n, b in widths.items():
         if b is None:
             raise PackedFormatError(f"layer {n}: a packed model has no float layers; pick a width")
