@@ -11,9 +11,10 @@ from typing import Any
 from quept import api
 from quept.config import ConfigError, QuEPTConfig
 from quept.export.compact import COMPACT_JSON, CompactConfig
-from quept.export.packed import PACKED_JSON, SCALE_DTYPES, read_plan
+from quept.export.packed import PACKED_JSON, SCALE_DTYPES
 from quept.export.runtime import generate
 from quept.nn.packed_linear import BACKENDS
+from quept.search.plan import read_widths
 
 
 def folder_kind(folder: Path) -> str:
@@ -103,7 +104,7 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 def cmd_export(a: argparse.Namespace) -> dict[str, Any]:
     folder = Path(a.folder)
     model, tok, _ = _load_elastic(folder, folder_kind(folder), a.model)
-    plan = a.bits if a.bits is not None else read_plan(a.plan)
+    plan = a.bits if a.bits is not None else read_widths(a.plan)
     t0 = time.perf_counter()
     if a.head_bits is not None and a.format != "quept":
         raise ConfigError("--head-bits applies to the quept format")

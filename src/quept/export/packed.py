@@ -66,27 +66,6 @@ def layer_widths(model: nn.Module, plan: int | Mapping[str, int]) -> dict[str, i
     return widths
 
 
-def read_plan(path: str | os.PathLike) -> dict[str, int]:
-    """``{layer name: bits}`` from a plan JSON: a bare mapping, or an object whose ``plan``
-    (or ``bits``, as ``quept plan`` writes) maps layer names to widths."""
-    path = Path(path)
-    try:
-        d = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"plan file {path} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise PackedFormatError(f"{path} is not valid JSON: {e}") from None
-    for key in ("plan", "bits"):
-        if isinstance(d, dict) and isinstance(d.get(key), dict):
-            d = d[key]
-            break
-    if not isinstance(d, dict) or not d or not all(
-            isinstance(b, int) and not isinstance(b, bool) for b in d.values()):
-        raise PackedFormatError(
-            f"{path}: expected {{layer name: bits}} (bare, or under 'plan' or 'bits')")
-    return d
-
-
 def pack_model(
     model: nn.Module, plan: int | Mapping[str, int], scale_dtype: str = "float16"
 ) -> dict[str, PackedLinear]:

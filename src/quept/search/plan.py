@@ -115,16 +115,37 @@ class Plan(Mapping[str, int]):
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"plan file {path} does not exist") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        d = _read_json(path)
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: expected a JSON object")
         return cls.from_dict(d, str(path))
+
+
+def _read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"plan file {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+
+
+def read_widths(path: str | os.PathLike) -> dict[str, int]:
+    """``{layer name: bits}`` from a plan file: one ``quept plan`` wrote (checked as a
+    :class:`Plan`), or a hand-written mapping, bare or under ``plan`` or ``bits``."""
+    d = _read_json(path)
+    if isinstance(d, dict) and d.get("format") == PLAN_FORMAT:
+        return Plan.from_dict(d, str(path)).widths
+    for key in ("plan", "bits"):
+        if isinstance(d, dict) and isinstance(d.get(key), dict):
+            d = d[key]
+            break
+    if not isinstance(d, dict) or not d or not all(
+            isinstance(b, int) and not isinstance(b, bool) for b in d.values()):
+        raise ConfigError(f"{path}: expected {{layer name: bits}} (bare, or under 'plan' or "
+                          "'bits'), or a plan from `quept plan`")
+    return d
 
 
 def as_layer_widths(plan: Any) -> Any:
