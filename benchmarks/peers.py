@@ -96,6 +96,15 @@ def run_child(a: argparse.Namespace, job: dict[str, Any], log_path: Path) -> tup
     return result, run
 
 
+def portable(arg: str) -> str:
+    """A command-line argument as the results record it: an absolute path next to the
+    checkout becomes relative to it, so the JSON names no machine's directories."""
+    p = Path(arg)
+    if p.is_absolute() and Path.cwd().parent in p.parents:
+        return os.path.relpath(p)
+    return arg
+
+
 def jobs_for(a: argparse.Namespace, name: str) -> list[list[int | None]]:
     """The width lists of the runs ``name`` needs: one run per width, or one for all."""
     m = method(name)
@@ -145,7 +154,7 @@ def main() -> int:
         "model_label": a.model or DEFAULT_MODEL_LABEL,
         "calib_text": a.calib_text or "the five other Austen novels",
         "machine": machine(a.threads),
-        "command": " ".join(["python", *sys.argv]),
+        "command": " ".join(["python", *map(portable, sys.argv)]),
     }
     notes = {}
     for note in a.note:
