@@ -127,23 +127,6 @@ def test_plans_must_name_every_layer_with_a_width(model, tmp_path):
         write_packed(model, 9, tmp_path, None)
 
 
-def test_read_widths_accepts_bare_mappings_and_quept_plans(tmp_path):
-    from quept.config import ConfigError
-    from quept.search.plan import Plan, read_widths
-
-    p = tmp_path / "p.json"
-    for doc in ({"a": 3, "b": 4}, {"plan": {"a": 3, "b": 4}}, {"bits": {"a": 3, "b": 4}},
-                Plan({"a": 3, "b": 4}, 3.5, 100.0, 200).to_dict()):
-        p.write_text(json.dumps(doc))
-        assert read_widths(p) == {"a": 3, "b": 4}
-    p.write_text(json.dumps({"plan": {"a": "3"}}))
-    with pytest.raises(ConfigError, match="layer name: bits"):
-        read_widths(p)
-    p.write_text(json.dumps({"format": "quept-plan", "bits": {"a": 3}}))  # a damaged plan
-    with pytest.raises(ConfigError, match="quept plan"):
-        read_widths(p)
-
-
 def test_packed_head_shares_one_table_with_the_tied_embedding(model, tmp_path):
     from quept.export.packed import minmax_codes
     from quept.nn.packed_linear import PackedEmbedding

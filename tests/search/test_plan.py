@@ -15,6 +15,7 @@ from quept.search import (
     parse_size,
     plan_from_table,
 )
+from quept.search.plan import read_widths
 from tests.search.helpers import elastic_tiny
 
 BITS = (2, 3, 4, 5, 6, 7, 8)
@@ -131,3 +132,17 @@ def test_api_plan_checks_the_table_matches_the_model(model):
     other = elastic_tiny(layers=2)
     with pytest.raises(quept.ArtifactError, match="another model or spec"):
         quept.api.plan(other, table, avg_bits=4.0)
+
+
+def test_read_widths_accepts_bare_mappings_and_quept_plans(tmp_path):
+    p = tmp_path / "p.json"
+    for doc in ({"a": 3, "b": 4}, {"plan": {"a": 3, "b": 4}}, {"bits": {"a": 3, "b": 4}},
+                Plan({"a": 3, "b": 4}, 3.5, 100.0, 200).to_dict()):
+        p.write_text(json.dumps(doc))
+        assert read_widths(p) == {"a": 3, "b": 4}
+    p.write_text(json.dumps({"plan": {"a": "3"}}))
+    with pytest.raises(ConfigError, match="layer name: bits"):
+        read_widths(p)
+    p.write_text(json.dumps({"format": "quept-plan", "bits": {"a": 3}}))  # a damaged plan
+    with pytest.raises(ConfigError, match="quept plan"):
+        read_widths(p)

@@ -146,21 +146,16 @@ def _matched_clip_codes(m: ElasticLinear, bits: int, master: torch.Tensor, u: to
             a = torch.sigmoid(side[str(b)].detach().float())
             books[name] = _codebook(a, 2**bits)
             cand[name] = _clip_candidates(a, books[name])
-        best, best_err = None, None
-        for ch in cand["clip_hi"]:
-            for cl in cand["clip_lo"]:
-                q = fake_quant(x, b, gs, _clip_factor(ch, books["clip_hi"]),
-                               _clip_factor(cl, books["clip_lo"]))
-                err = (q - target).square().reshape(w.shape[0], -1, g).sum(-1)
-                if best is None:
-                    best, best_err = [ch.clone(), cl.clone()], err
-                    continue
-                better = err < best_err
-                best[0] = torch.where(better, ch, best[0])
-                best[1] = torch.where(better, cl, best[1])
-                best_err = torch.minimum(err, best_err)
-        out["clip_hi", b] = (best[0], books["clip_hi"])
-        out["clip_lo", b] = (best[1], books["clip_lo"])
+        pairs = [(ch, cl) for ch in cand["clip_hi"] for cl in cand["clip_lo"]]
+        errs = torch.stack([
+            (fake_quant(x, b, gs, _clip_factor(ch, books["clip_hi"]),
+                        _clip_factor(cl, books["clip_lo"])) - target)
+            .square().reshape(w.shape[0], -1, g).sum(-1)
+            for ch, cl in pairs])
+        pick = errs.argmin(0, keepdim=True)  # first minimum: the nearest codes win ties
+        for i, side in enumerate(("clip_hi", "clip_lo")):
+            codes = torch.stack([p[i] for p in pairs]).gather(0, pick).squeeze(0)
+            out[side, b] = (codes, books[side])
     return out
 
 
@@ -196,14 +191,17 @@ def _matched_master(m: ElasticLinear, cfg: CompactConfig, u: torch.Tensor, v: to
     floor = torch.floor(pos).clamp(max=qmax - 1)
     cands = (floor, floor + 1)
     misses = [torch.zeros_like(w) for _ in cands]
+    deltas: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per group: elastic, restored
     for b in m.spec.bits:
-        r = m.rank_prefix[m.spec.group_of(b)]
+        g = m.spec.group_of(b)
+        if g not in deltas:
+            r = m.rank_prefix[g]
+            deltas[g] = (m.delta(b).float(), u[:, :r] @ v[:r])
+        exact, delta = deltas[g]
         bgs = m.spec.group_size_for(b)
-        target, sb, zb = quantize(w + m.delta(b).float(), b, bgs,
-                                  *(t.float() for t in m.clip_factors(b)))
+        target, sb, zb = quantize(w + exact, b, bgs, *(t.float() for t in m.clip_factors(b)))
         bg = bgs or m.in_features
         sb, zb = sb.repeat_interleave(bg, dim=1), zb.repeat_interleave(bg, dim=1)
-        delta = u[:, :r] @ v[:r]
         for k, c in enumerate(cands):  # on the width's own grid
             got = torch.clamp(torch.round((off + c * step + delta) / sb) + zb, 0, 2**b - 1)
             misses[k] += (got != target).float()
