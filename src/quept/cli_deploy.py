@@ -49,14 +49,27 @@ def add_compact(sub: argparse._SubParsersAction) -> None:
                        "folder, with no base model needed.")
     p.add_argument("folder", help="elastic folder written by `quept quantize`")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--clip-bits", type=int, default=d.clip_bits,
-                   help=f"bits per stored clip factor (default {d.clip_bits})")
+    p.add_argument("--clip-bits", type=_clip_bits, default=d.clip_bits,
+                   help="bits per stored clip factor: one number for every width, or "
+                   "WIDTH:BITS pairs (default " + ",".join(f"{k}:{v}" for k, v in
+                                                          d.clip_bits.items()) + ")")
     p.add_argument("--master-bits", type=int, default=d.master_bits,
                    help=f"bits of the master weight codes (default {d.master_bits})")
     p.add_argument("--model", default=None,
                    help="base model folder, if not the one recorded in the elastic folder")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=cmd_compact)
+
+
+def _clip_bits(text: str) -> int | dict[int, int]:
+    """``5`` or ``2:7,3:7,4:6`` (width:bits pairs) for ``--clip-bits``."""
+    try:
+        if ":" not in text:
+            return int(text)
+        return {int(k): int(v) for k, v in (p.split(":") for p in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a number of bits (5) nor WIDTH:BITS pairs (2:7,3:7)") from None
 
 
 def cmd_compact(a: argparse.Namespace) -> dict[str, Any]:

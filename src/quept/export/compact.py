@@ -6,18 +6,19 @@ Per elastic linear it stores (bits per weight of the default model in brackets):
   maximum (groups of 64), both ends in fp16 [8.5];
 - the adapters ``U`` (out x r) and ``V`` (r x in) as symmetric int8 per row, float32 row
   scales [~0.79];
-- the clip factors ``sigmoid(clip logit)`` of every width and side (hi/lo) as ``clip_bits``-bit
-  codes into a 1-D k-means codebook of that tensor (fp16) [7 widths x 2 x 5 bits / 64 = 1.09];
+- the clip factors ``sigmoid(clip logit)`` of every width and side (hi/lo) as codes into a
+  1-D k-means codebook of that tensor (fp16), 8 bits at width 2, 7 at 3, 6 at 4-5, 5 above
+  (:data:`DEFAULT_CLIP_BITS`); a width whose factors are all equal (unclipped) stores one
+  value and no codes [2 x (8 + 7 + 6 + 6 + 5) / 64 = 1.0 with widths 7-8 unclipped];
 - the bias, if any, as is.
 
 The codes are chosen for what the restored model computes, not for the float values: of the
 two master codes around each weight, the one under which the restored layer gives the elastic
-layer's integer codes at more widths (:func:`_matched_master`); of the two codebook entries
-around each clip factor, the pair that gives the group's fake-quantized weights closest to the
-elastic layer's (:func:`_matched_clip_codes`). On the default model that cuts the
-weights whose code differs after restoring from 1.1% to 0.16% at 2 bits and from 10.5% to 3.8%
-at 6 bits, against the first format (a scale and zero-point master and 6-bit clips, each value
-rounded to nearest).
+layer's integer codes at the widths that matter most (:func:`_matched_master`); of the
+codebook entries up to :data:`CLIP_REACH` levels around each clip factor, the pair that gives
+the group's fake-quantized weights closest to the elastic layer's (:func:`_matched_clip_codes`),
+so the clips also absorb what the master's rounding moved (2-bit clips keep their nearest
+codes: there matching cost perplexity).
 
 The rest of the model (embeddings, norms, head) is stored in its own dtype, with config and
 tokenizer, so the folder needs nothing else. :func:`quept.api.load_compact` rebuilds an
@@ -29,9 +30,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,16 +47,30 @@ from quept.export.load import fill
 from quept.export.packed import PackedFormatError, float_tensors
 from quept.nn.elastic_linear import ElasticLinear
 from quept.nn.switch import elastic_layers
-from quept.ops.pack import pack, unpack
+from quept.ops.pack import pack, packed_length, unpack
 from quept.ops.quant import fake_quant, quantize
 
 log = logging.getLogger(__name__)
 
 COMPACT_FORMAT = "quept-compact"
-COMPACT_VERSION = 2
+COMPACT_VERSION = 3
 COMPACT_JSON = "quept-compact.json"
 COMPACT_WEIGHTS = "compact.safetensors"
 MAX_CLIP_LOGIT = 20.0  # sigmoid(20) == 1.0 in float32: an unclipped width stays unclipped
+# Bits per stored clip factor, per width: a clip one level off moves a whole group's grid, which
+# costs most at the low widths (one code step is a large part of the weight there). The 2-bit
+# clips keep their nearest codes (CLIP_REACH), so they get the finest book: with 7 bits the
+# default model's 2-bit perplexity moved by -1.2% over 32 windows, with 8 by +0.1%.
+DEFAULT_CLIP_BITS = {2: 8, 3: 7, 4: 6, 5: 6, 6: 5, 7: 5, 8: 5}
+# Codebook levels on either side of a clip factor's nearest code that the matching tries, per
+# width. At 2 bits the matched clips came out worse than the nearest ones on the default model
+# (perplexity +2.0% over 32 windows, the nearest 7-bit codes -0.3% over 16; rounding its 2-bit
+# clip logits to fp16 alone moves it by 0.24%); from 3 bits up matching wins (+0.1% against
+# +1.2% at 3 bits, 16 windows).
+CLIP_REACH = {2: 0, 3: 3, 4: 3, 5: 3, 6: 3, 7: 3, 8: 3}
+CLIP_ROUNDS = 2  # rounds of coordinate descent over (hi, lo) in the clip matching
+
+ClipBits = int | Mapping[int, int]
 
 
 @dataclass(frozen=True)
@@ -64,20 +80,32 @@ class CompactConfig:
     master_bits: width of the master weight codes (2..8).
     master_group_size: their group size; a layer whose width it does not divide uses 32, or
         one group per row.
-    clip_bits: width of each stored clip factor (1..8).
+    clip_bits: width of each stored clip factor (2..8): one number for every width, or a
+        mapping width -> bits (a width it leaves out gets its :data:`DEFAULT_CLIP_BITS`). A
+        tensor of clip factors that are all equal (an unclipped width) is stored with no codes.
     """
 
     master_bits: int = 8
     master_group_size: int = 64
-    clip_bits: int = 5
+    clip_bits: ClipBits = field(default_factory=lambda: dict(DEFAULT_CLIP_BITS))
 
     def __post_init__(self) -> None:
         if not 2 <= self.master_bits <= 8:
             raise PackedFormatError(f"master_bits must lie in 2..8, got {self.master_bits}")
-        if not 1 <= self.clip_bits <= 8:
-            raise PackedFormatError(f"clip_bits must lie in 1..8, got {self.clip_bits}")
+        bits = ({int(k): v for k, v in self.clip_bits.items()}
+                if isinstance(self.clip_bits, Mapping) else self.clip_bits)
+        for v in (bits.values() if isinstance(bits, dict) else [bits]):
+            if not isinstance(v, int) or not 2 <= v <= 8:
+                raise PackedFormatError(f"clip_bits must lie in 2..8, got {self.clip_bits}")
+        object.__setattr__(self, "clip_bits", bits)
         if self.master_group_size < 0:
             raise PackedFormatError(f"master_group_size must be >= 0: {self.master_group_size}")
+
+    def clip_bits_for(self, width: int) -> int:
+        """Bits per stored clip factor of ``width``."""
+        if isinstance(self.clip_bits, int):
+            return self.clip_bits
+        return self.clip_bits.get(width, DEFAULT_CLIP_BITS.get(width, 8))
 
     def group_size(self, in_features: int) -> int:
         """The master's group size for a layer of ``in_features`` inputs."""
@@ -109,53 +137,78 @@ def _codebook(a: torch.Tensor, levels: int, iters: int = 25) -> torch.Tensor:
     return c.half().float().sort().values
 
 
+def _book_bits(bits: int, n: int) -> int:
+    """Code width for ``n`` factors: ``bits``, but at most ``n / 4`` levels, so that in a small
+    layer the fp16 codebook costs no more than 4 bits per factor (no SmolLM2 layer is capped)."""
+    return max(2, min(bits, int(math.log2(n)) - 2))
+
+
 def _clip_factor(codes: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
     """Clip factor from its stored code, through the logit the restored model holds."""
     a = book.float()[codes.long()]
     return torch.sigmoid(torch.logit(a.double()).clamp(max=MAX_CLIP_LOGIT).float())
 
 
-def _clip_candidates(a: torch.Tensor, book: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(nearest code, the other neighbouring code) of every factor in ``a``."""
-    mid = (book[1:] + book[:-1]) / 2
-    near = torch.bucketize(a, mid)
-    below = torch.bucketize(a, book).clamp(1, book.numel() - 1) - 1  # book[below] <= a ideally
-    other = torch.where(near == below, below + 1, below)
-    return near, other.clamp(0, book.numel() - 1)
+def _clip_candidates(a: torch.Tensor, book: torch.Tensor, reach: int) -> tuple[torch.Tensor, ...]:
+    """Codes of every factor in ``a``: the nearest first, then those up to ``reach`` codebook
+    levels on either side of it (an edge code repeats where the book ends)."""
+    near = torch.bucketize(a, (book[1:] + book[:-1]) / 2)
+    top = book.numel() - 1
+    return (near, *((near + k).clamp(0, top) for k in range(-reach, reach + 1) if k))
 
 
-def _matched_clip_codes(m: ElasticLinear, bits: int, master: torch.Tensor, u: torch.Tensor,
-                        v: torch.Tensor) -> dict[tuple[str, int], tuple[torch.Tensor, ...]]:
+def _matched_clip_codes(m: ElasticLinear, cfg: CompactConfig, master: torch.Tensor,
+                        u: torch.Tensor, v: torch.Tensor
+                        ) -> dict[tuple[str, int], tuple[torch.Tensor | None, torch.Tensor]]:
     """Per (side, width): (codes, codebook). Each tensor of clip factors gets its own
-    ``2^bits``-entry codebook; of the two codebook entries around each group's hi and lo
-    factor, the pair is kept under which the restored layer (``master`` weight, adapters
-    ``u``/``v``) gives fake-quantized weights closest to the elastic layer's at that width.
-    A clip off by one level moves the whole group's grid: its scale, and at 2 bits a code in
-    about one weight in a hundred."""
+    ``2^clip_bits``-entry codebook, or a single entry and no codes when all its factors are
+    equal (an unclipped width). Of the codebook entries up to :data:`CLIP_REACH` levels (per
+    width) around each group's hi and lo factor, the pair is kept under which the restored
+    layer (``master`` weight, adapters ``u``/``v``) gives fake-quantized weights closest to
+    the elastic layer's at that width. A clip off by one level moves the whole group's grid;
+    trying a few levels either way lets the clip take back what the master's rounding moved
+    (with one level each way, a finer codebook came out worse)."""
     w = m.weight.detach().float()
-    out = {}
+    out: dict[tuple[str, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
     for b in m.spec.bits:
+        factors = {name: torch.sigmoid(side[str(b)].detach().float())
+                   for name, side in (("clip_hi", m.clip_hi), ("clip_lo", m.clip_lo))}
+        books, cand = {}, {}
+        for name, a in factors.items():
+            if bool((a == a.reshape(-1)[0]).all()):
+                out[name, b] = (None, a.reshape(-1)[:1].half().float())
+            else:
+                books[name] = _codebook(a, 2**_book_bits(cfg.clip_bits_for(b), a.numel()))
+                cand[name] = _clip_candidates(a, books[name], CLIP_REACH.get(b, 3))
+        if all(len(c) == 1 for c in cand.values()):
+            out.update({(n, b): (c[0], books[n]) for n, c in cand.items()})
+            continue
         gs = m.spec.group_size_for(b)
         g = gs or m.in_features
         target = fake_quant(w + m.delta(b).float(), b, gs,
                             *(t.float() for t in m.clip_factors(b)))
         r = m.rank_prefix[m.spec.group_of(b)]
         x = master + u[:, :r] @ v[:r]
-        cand, books = {}, {}
-        for name, side in (("clip_hi", m.clip_hi), ("clip_lo", m.clip_lo)):
-            a = torch.sigmoid(side[str(b)].detach().float())
-            books[name] = _codebook(a, 2**bits)
-            cand[name] = _clip_candidates(a, books[name])
-        pairs = [(ch, cl) for ch in cand["clip_hi"] for cl in cand["clip_lo"]]
-        errs = torch.stack([
-            (fake_quant(x, b, gs, _clip_factor(ch, books["clip_hi"]),
-                        _clip_factor(cl, books["clip_lo"])) - target)
-            .square().reshape(w.shape[0], -1, g).sum(-1)
-            for ch, cl in pairs])
-        pick = errs.argmin(0, keepdim=True)  # first minimum: the nearest codes win ties
-        for i, side in enumerate(("clip_hi", "clip_lo")):
-            codes = torch.stack([p[i] for p in pairs]).gather(0, pick).squeeze(0)
-            out[side, b] = (codes, books[side])
+        fixed = {name: out[name, b][1].expand_as(a) for name, a in factors.items()
+                 if name not in cand}
+
+        # Coordinate descent from the nearest codes: each side in turn takes, per group, the
+        # candidate with least error given the other side's current pick: with reach 3 and two
+        # rounds, 28 trials per group instead of 49 for every pair.
+        pick = {n: cand[n][0] for n in cand}
+        for _ in range(CLIP_ROUNDS):
+            for n in cand:
+                trial = []
+                for c in cand[n]:
+                    hi, lo = (_clip_factor(c if k == n else pick[k], books[k]) if k in pick
+                              else fixed[k] for k in ("clip_hi", "clip_lo"))
+                    trial.append((fake_quant(x, b, gs, hi, lo) - target).square()
+                                .reshape(w.shape[0], -1, g).sum(-1))
+                errs = torch.stack(trial)
+                best = errs.argmin(0, keepdim=True)  # first minimum: the nearest code on ties
+                pick[n] = torch.stack(cand[n]).gather(0, best).squeeze(0)
+                del errs
+        out.update({(n, b): (pick[n], books[n]) for n in cand})
     return out
 
 
@@ -170,7 +223,7 @@ def _master_grid(lo: torch.Tensor, hi: torch.Tensor, bits: int, group: int
 def _matched_master(m: ElasticLinear, cfg: CompactConfig, u: torch.Tensor, v: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Master codes and the fp16 ends (out, G) of each group's grid, chosen to reproduce the
-    elastic layer's integer codes at as many widths as possible.
+    elastic layer's integer codes where a miss would cost most.
 
     The grid runs from the group's minimum to its maximum, both stored, so the elements that
     set every width's own min/max grid are (to fp16) exact and the widths' grids come back
@@ -178,8 +231,11 @@ def _matched_master(m: ElasticLinear, cfg: CompactConfig, u: torch.Tensor, v: to
     in front of every width's own: a weight near a b-bit decision boundary would land on the
     other side about ``(2^b - 1) / 255`` of the time (half the weights at 7 bits). Each master
     code is instead the floor or ceiling whose value, plus the restored adapter slice, lands
-    on the elastic model's code at more widths, counted on each width's own grid (ties go to
-    the nearer one). ``u`` and ``v`` are the restored adapters."""
+    on the elastic model's codes, counted on each width's own grid and weighted by the step a
+    miss moves the weight, ``2^-b`` of the group's range at ``b`` bits (ties go to the nearer
+    code). Counting every width alike left one code in eleven wrong at 7 bits on the default
+    model (+0.66% perplexity there over 16 windows of 512 tokens; weighted, -0.06%). ``u``
+    and ``v`` are the restored adapters."""
     gs = cfg.group_size(m.in_features) or m.in_features
     qmax = 2**cfg.master_bits - 1
     w = m.weight.detach().float()
@@ -204,7 +260,7 @@ def _matched_master(m: ElasticLinear, cfg: CompactConfig, u: torch.Tensor, v: to
         sb, zb = sb.repeat_interleave(bg, dim=1), zb.repeat_interleave(bg, dim=1)
         for k, c in enumerate(cands):  # on the width's own grid
             got = torch.clamp(torch.round((off + c * step + delta) / sb) + zb, 0, 2**b - 1)
-            misses[k] += (got != target).float()
+            misses[k] += 2.0**-b * (got != target).float()  # the step a miss costs
     nearer_hi = (pos - floor) >= 0.5
     pick_hi = (misses[1] < misses[0]) | ((misses[1] == misses[0]) & nearer_hi)
     codes = torch.where(pick_hi, cands[1], cands[0]).to(torch.uint8)
@@ -214,7 +270,8 @@ def _matched_master(m: ElasticLinear, cfg: CompactConfig, u: torch.Tensor, v: to
 def compact_tensors(model: nn.Module, cfg: CompactConfig, progress: bool = True
                     ) -> dict[str, torch.Tensor]:
     """The compact tensors of every elastic layer, keyed ``{layer}.{part}`` (matching the
-    codes of every width took 89.5 s for the 210 SmolLM2 layers on a 2-core CPU, hence the bar)."""
+    codes of every width took 94-117 s for the 210 SmolLM2 layers on a 2-core CPU, hence the
+    bar)."""
     out: dict[str, torch.Tensor] = {}
     layers = elastic_layers(model)
     with torch.no_grad():
@@ -226,17 +283,21 @@ def compact_tensors(model: nn.Module, cfg: CompactConfig, progress: bool = True
             codes, lo, hi = _matched_master(m, cfg, uf, vf)
             off, step = _master_grid(lo, hi, cfg.master_bits, cfg.group_size(m.in_features)
                                      or m.in_features)
-            cc = _matched_clip_codes(m, cfg.clip_bits, off + codes.float() * step, uf, vf)
+            cc = _matched_clip_codes(m, cfg, off + codes.float() * step, uf, vf)
             order = [(side, b) for side in ("clip_hi", "clip_lo") for b in m.spec.bits]
-            clips = pack(torch.cat([cc[k][0].reshape(-1) for k in order]).to(torch.uint8),
-                         cfg.clip_bits)
-            books = torch.stack([cc[k][1] for k in order]).half()
+            widths = [0 if cc[k][0] is None else int(cc[k][1].numel()).bit_length() - 1
+                      for k in order]
+            clips = torch.cat([pack(cc[k][0].reshape(-1).to(torch.uint8), nb)
+                               for k, nb in zip(order, widths) if nb]
+                              or [torch.zeros(0, dtype=torch.uint8)])
+            books = torch.cat([cc[k][1] for k in order]).half()
             out.update({
                 f"{name}.master": pack(codes, cfg.master_bits),
                 f"{name}.master_lo": lo.contiguous(), f"{name}.master_hi": hi.contiguous(),
                 f"{name}.lora_u": u, f"{name}.lora_u_scale": us,
                 f"{name}.lora_v": v, f"{name}.lora_v_scale": vs,
                 f"{name}.clips": clips, f"{name}.clip_books": books,
+                f"{name}.clip_bits": torch.tensor(widths, dtype=torch.uint8),
             })
             if m.bias is not None:
                 out[f"{name}.bias"] = m.bias.detach().contiguous()
@@ -283,7 +344,7 @@ def save_compact(
 def _parts_bpw(tensors: Mapping[str, torch.Tensor], weights: int) -> dict[str, float]:
     parts = {"master": ("master", "master_lo", "master_hi"),
              "adapters": ("lora_u", "lora_u_scale", "lora_v", "lora_v_scale"),
-             "clips": ("clips", "clip_books"), "bias": ("bias",)}
+             "clips": ("clips", "clip_books", "clip_bits"), "bias": ("bias",)}
     return {p: 8 * sum(t.numel() * t.element_size() for k, t in tensors.items()
                        if k.rpartition(".")[2] in keys) / max(weights, 1)
             for p, keys in parts.items()}
@@ -334,22 +395,34 @@ def _layer_state(name: str, m: ElasticLinear, raw: Mapping[str, torch.Tensor],
     off, step = _master_grid(raw[f"{name}.master_lo"], raw[f"{name}.master_hi"], c.master_bits,
                              c.group_size(in_f) or in_f)
     codes = unpack(raw[f"{name}.master"], c.master_bits, in_f)
-    st = {f"{name}.weight": off + codes.float() * step}
+    st = {}
     for part in ("lora_u", "lora_v"):
         q, s = raw[f"{name}.{part}"], raw[f"{name}.{part}_scale"]
         st[f"{name}.{part}"] = q.float() * s.unsqueeze(-1)
-    sizes = [m.clip_hi[str(b)].numel() for b in m.spec.bits] * 2
-    clips = unpack(raw[f"{name}.clips"], c.clip_bits, sum(sizes))
-    books = raw[f"{name}.clip_books"].float()
-    if books.shape != (len(sizes), 2**c.clip_bits):
-        raise ValueError(f"clip codebooks are {tuple(books.shape)}, expected "
-                         f"{len(sizes)}x{2**c.clip_bits}")
-    for i, part in enumerate(torch.split(clips, sizes)):
-        side = "clip_hi" if i < len(m.spec.bits) else "clip_lo"
-        b = m.spec.bits[i % len(m.spec.bits)]
-        a = books[i][part.long()]
+    st[f"{name}.weight"] = off + codes.float() * step
+    order = [(side, b) for side in ("clip_hi", "clip_lo") for b in m.spec.bits]
+    widths = [int(k) for k in raw[f"{name}.clip_bits"]]
+    if len(widths) != len(order):
+        raise ValueError(f"{len(widths)} clip tensors stored, expected {len(order)}")
+    blob, books = raw[f"{name}.clips"], raw[f"{name}.clip_books"].float()
+    if books.numel() != sum(2**nb if nb else 1 for nb in widths):
+        raise ValueError(f"{books.numel()} clip codebook entries for widths {widths}")
+    at = start = 0
+    for (side, b), nb in zip(order, widths):
+        shape = getattr(m, side)[str(b)].shape
+        if nb:
+            n = shape.numel()
+            codes = unpack(blob[at:at + packed_length(n, nb)], nb, n)
+            at += packed_length(n, nb)
+            a = books[start:start + 2**nb][codes.long()]
+            start += 2**nb
+        else:
+            a = books[start:start + 1].expand(shape.numel())
+            start += 1
         logit = torch.logit(a.double()).clamp(max=MAX_CLIP_LOGIT).float()
-        st[f"{name}.{side}.{b}"] = logit.reshape(m.clip_hi[str(b)].shape)
+        st[f"{name}.{side}.{b}"] = logit.reshape(shape)
+    if at != blob.numel():
+        raise ValueError(f"clip codes are {blob.numel()} bytes, expected {at}")
     if m.bias is not None:
         st[f"{name}.bias"] = raw[f"{name}.bias"]
     if st[f"{name}.weight"].shape != (out_f, in_f):
