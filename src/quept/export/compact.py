@@ -7,9 +7,9 @@ Per elastic linear it stores (bits per weight of the default model in brackets):
 - the adapters ``U`` (out x r) and ``V`` (r x in) as symmetric int8 per row, float32 row
   scales [~0.79];
 - the clip factors ``sigmoid(clip logit)`` of every width and side (hi/lo) as codes into a
-  1-D k-means codebook of that tensor (fp16), 8 bits at width 2, 7 at 3, 6 at 4-5, 5 above
-  (:data:`DEFAULT_CLIP_BITS`); a width whose factors are all equal (unclipped) stores one
-  value and no codes [2 x (8 + 7 + 6 + 6 + 5) / 64 = 1.0 with widths 7-8 unclipped];
+  1-D k-means codebook of that tensor (fp16), 8 bits at width 2, 7 at 3, 6 at 4-5, 5 at 6,
+  2 at 7-8 (:data:`DEFAULT_CLIP_BITS`); a width whose factors are all equal (unclipped) stores
+  one value and no codes [2 x (8 + 7 + 6 + 6 + 5) / 64 = 1.0 with widths 7-8 unclipped];
 - the bias, if any, as is.
 
 The codes are chosen for what the restored model computes, not for the float values: of the
@@ -60,8 +60,10 @@ MAX_CLIP_LOGIT = 20.0  # sigmoid(20) == 1.0 in float32: an unclipped width stays
 # Bits per stored clip factor, per width: a clip one level off moves a whole group's grid, which
 # costs most at the low widths (one code step is a large part of the weight there). The 2-bit
 # clips keep their nearest codes (CLIP_REACH), so they get the finest book: with 7 bits the
-# default model's 2-bit perplexity moved by -1.2% over 32 windows, with 8 by +0.1%.
-DEFAULT_CLIP_BITS = {2: 8, 3: 7, 4: 6, 5: 6, 6: 5, 7: 5, 8: 5}
+# default model's 2-bit perplexity moved by -1.2% over 32 windows, with 8 by +0.1%. Clips
+# learned at 7-8 bits barely move from their start, and four matched levels keep a folder with
+# them (the default `quept quantize`) under 10.5 bits per weight; unclipped widths store none.
+DEFAULT_CLIP_BITS = {2: 8, 3: 7, 4: 6, 5: 6, 6: 5, 7: 2, 8: 2}
 # Codebook levels on either side of a clip factor's nearest code that the matching tries, per
 # width. At 2 bits the matched clips came out worse than the nearest ones on the default model
 # (perplexity +2.0% over 32 windows, the nearest 7-bit codes -0.3% over 16; rounding its 2-bit
