@@ -96,6 +96,12 @@ def run_child(a: argparse.Namespace, job: dict[str, Any], log_path: Path) -> tup
     return result, run
 
 
+def absolute(path: str | None) -> str | None:
+    """A path given on the command line, made absolute for the child runs (they work in a
+    temporary directory); symlinks are kept, so a virtualenv's python stays that venv's."""
+    return None if path is None else os.path.abspath(path)
+
+
 def portable(arg: str) -> str:
     """A command-line argument as the results record it: an absolute path next to the
     checkout becomes relative to it, so the JSON names no machine's directories."""
@@ -144,6 +150,8 @@ def main() -> int:
     p.add_argument("--fresh", action="store_true", help="discard earlier results in OUT.json")
     p.add_argument("--report-only", action="store_true", help="rewrite OUT.md/OUT.png only")
     a = p.parse_args()
+    if os.sep in a.python:  # a path, not a name looked up on PATH
+        a.python = absolute(a.python)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
     out_json, work = Path(a.out + ".json"), Path(a.workdir)
@@ -169,11 +177,12 @@ def main() -> int:
         for widths in jobs_for(a, name):
             job = {"method": name, "adapter": m.adapter, "options": m.options,
                    "library": m.library, "calibrates": m.calibrates, "bits": [
-                       b for b in widths if b is not None], "model": a.model,
-                   "calib_text": a.calib_text, "eval_text": a.eval_text,
+                       b for b in widths if b is not None], "model": absolute(a.model),
+                   "calib_text": a.calib_text and [absolute(f) for f in a.calib_text],
+                   "eval_text": a.eval_text and [absolute(f) for f in a.eval_text],
                    "group_size": a.group_size, "n_samples": a.n_samples, "seq_len": a.seq_len,
                    "seed": a.seed, "windows": a.windows, "eval_seq_len": a.eval_seq_len,
-                   "elastic": a.elastic, "workdir": str(work.resolve()), "threads": a.threads,
+                   "elastic": absolute(a.elastic), "workdir": str(work.resolve()), "threads": a.threads,
                    "batch_size": 2}
             tag = name + ("" if widths == [None] else "-w" + "".join(map(str, widths)))
             log.info("run %s", tag)

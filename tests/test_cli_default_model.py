@@ -28,6 +28,9 @@ def test_quantize_then_eval_smoke(tmp_path, capsys):
     bpw = {r["bits"]: r["bits_per_weight"] for r in res["rows"]}
     assert bpw[4] == pytest.approx(4 + 20 / 64)
     assert not (out / ".calib-checkpoint").exists()
+    meta = json.loads((out / "quept.json").read_text())
+    # The model alone is over 0.5 GB of float32 weights; the peak is this process's, so >= that.
+    assert 0.5 < meta["calibration_peak_rss_gib"] <= res["peak_rss_gib"]
 
     again = run_json(capsys, ["eval", str(out), "--bits", "2,8", "--windows", "1", "--json"])
     ppl2 = {r["bits"]: r["ppl"] for r in again["rows"]}

@@ -1,8 +1,9 @@
 """QuEPT: one elastic calibration (or an existing elastic folder), evaluated at every width.
 
 Without ``job["elastic"]`` this runs what ``quept quantize`` runs (prepare, calibrate with the
-cpu-demo preset, save) on the benchmark's calibration windows, and writes the folder to
-``<workdir>/quept-elastic`` so a later run can pass it as ``--elastic``.
+cpu-demo preset and the method's options, e.g. more epochs, save) on the benchmark's calibration
+windows, and writes the folder to ``<workdir>/<method>`` so a later run can pass it as
+``--elastic``. A reused folder must have been calibrated with the settings the method names.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import nn
 
 import quept
 from peers.common import Quantized
-from quept.config import PRESETS, ElasticSpec, QuEPTConfig
+from quept.config import PRESETS, CalibConfig, ElasticSpec, QuEPTConfig
 
 log = logging.getLogger(__name__)
 
@@ -28,30 +29,42 @@ def quantize(model: nn.Module, tok: Any, ids: torch.Tensor, job: dict[str, Any])
         return _reuse(job)
     cfg = QuEPTConfig(
         spec=replace(ElasticSpec(), default_group_size=job["group_size"]),
-        calib=replace(PRESETS["cpu-demo"], n_samples=ids.shape[0], seq_len=ids.shape[1],
+        calib=replace(_calib(job), n_samples=ids.shape[0], seq_len=ids.shape[1],
                       seed=job["seed"]),
     )
     quept.prepare(model, cfg.spec, seed=cfg.calib.seed)
     t0 = time.perf_counter()
     quept.calibrate(model, ids, cfg.calib, progress=False)
     secs = time.perf_counter() - t0
-    folder = Path(job["workdir"]) / "quept-elastic"
+    folder = Path(job["workdir"]) / ("quept-elastic" if job["method"] == "quept" else job["method"])
     quept.save(model, folder, cfg, extra={"calibration_seconds": secs})
     log.info("elastic model written to %s", folder)
     return Quantized(lambda b: quept.set_bits(model, b),
                      {"calib_seconds": secs, "settings": {"config": cfg.to_dict(),
-                                                          "folder": str(folder)}})
+                                                          "folder": folder.name}})
+
+
+def _calib(job: dict[str, Any]) -> CalibConfig:
+    """The cpu-demo preset with the method's options (epochs, learning rates) applied."""
+    return replace(PRESETS["cpu-demo"], **job.get("options", {}))
 
 
 def _reuse(job: dict[str, Any]) -> Quantized:
     folder = job["elastic"]
     meta = quept.read_meta(folder)
     cfg = QuEPTConfig.from_dict(meta["config"])
+    want = _calib(job)
+    wrong = {k: (getattr(cfg.calib, k), getattr(want, k)) for k in job.get("options", {})
+             if getattr(cfg.calib, k) != getattr(want, k)}
+    if wrong:
+        raise ValueError(f"{folder} was not calibrated with the settings of {job['method']}: "
+                         + ", ".join(f"{k} is {got}, not {exp}" for k, (got, exp) in wrong.items()))
     if any(cfg.spec.group_size_for(b) != job["group_size"] for b in job["bits"]):
         raise ValueError(f"{folder} was calibrated at group size {cfg.spec.default_group_size} "
                          f"(per width: {cfg.spec.group_size}), not {job['group_size']}")
     model, _ = quept.load(folder, model=job.get("model"))
     return Quantized(lambda b: quept.set_bits(model, b), {
         "calib_seconds": meta.get("calibration_seconds"), "calib_reused": True,
+        "calib_peak_rss_gib": meta.get("calibration_peak_rss_gib"),  # None if not recorded
         "n_samples": cfg.calib.n_samples, "seq_len": cfg.calib.seq_len,
-        "settings": {"config": cfg.to_dict(), "folder": str(folder)}})
+        "settings": {"config": cfg.to_dict(), "folder": Path(folder).name}})

@@ -46,6 +46,11 @@ METHODS: dict[str, Method] = {
                               "autoround", {"iters": 2, "nsamples": 2}, calibrates=True,
                               library="auto-round", in_plot=False),
     "quept": Method("QuEPT (one model, all widths)", "elastic", calibrates=True, one_run=True),
+    # The same method with a longer calibration: 4 passes over the samples at lower rates
+    # (the cpu-demo preset is sized for 12 steps per block, this gives 64 with 32 samples).
+    "quept-long": Method("QuEPT, 4 epochs (one model, all widths)", "elastic",
+                         {"epochs": 4, "lr_adapter": 1e-3, "lr_clip": 0.1}, calibrates=True,
+                         one_run=True),
 }
 
 DEFAULT_METHODS = ("float", "rtn", "hqq", "gptq", "autoround-light", "autoround", "quept")

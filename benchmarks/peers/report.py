@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 from peers.methods import FLOAT, METHODS, Method
-from peers.results import TIE, ok_ppl, verdict, widths_of
+from peers.results import TIE, ok_ppl, ours_methods, verdict, widths_of
 
 log = logging.getLogger(__name__)
 NOT_RUN = "not run"
@@ -76,11 +76,12 @@ def markdown(doc: dict[str, Any]) -> str:
                 text = f"**{text}**"
             row.append(text)
         lines.append(f"| {_label(m)} | " + " | ".join(row) + " |")
-    v = verdict(doc)
-    if v:
-        lines.append("| QuEPT / best peer | " + " | ".join(
-            f"{v[w]['ratio']:.3f} ({'tie/win' if v[w]['wins'] else 'loses'})" if w in v else ""
-            for w in widths) + " |")
+    for ours in ours_methods(doc):
+        v = verdict(doc, ours)
+        if v:
+            lines.append(f"| {_label(ours)} / best peer | " + " | ".join(
+                f"{v[w]['ratio']:.3f} ({'tie/win' if v[w]['wins'] else 'loses'})" if w in v
+                else "" for w in widths) + " |")
     lines += ["", "## Stored bits per weight (codes + fp16 scale + zero-point per group)", "",
               head, rule]
     for m in _order(doc):

@@ -91,14 +91,21 @@ def ok_ppl(cell: dict[str, Any] | None) -> float | None:
     return cell.get("ppl")
 
 
+def ours_methods(doc: dict[str, Any]) -> list[str]:
+    """This project's rows in the table (every QuEPT setting), in the order they were added."""
+    return [m for m in doc["cells"] if m in METHODS and METHODS[m].adapter == "elastic"]
+
+
 def verdict(doc: dict[str, Any], ours: str = "quept") -> dict[str, dict[str, Any]]:
-    """Per width: our perplexity, the best peer (lowest ok perplexity among the other quantized
-    methods that are results) and whether ours is at or below it (a tie within 1% counts)."""
+    """Per width: our perplexity, the best peer (lowest ok perplexity among the other projects'
+    quantized methods that are results; other QuEPT settings are not peers) and whether ours is
+    at or below it (a tie within 1% counts)."""
     out = {}
+    mine_all = set(ours_methods(doc)) | {ours}
     for w in widths_of(doc):
         mine = ok_ppl(doc["cells"].get(ours, {}).get(w))
         peers = [(ok_ppl(cells.get(w)), m) for m, cells in doc["cells"].items()
-                 if m not in (ours, FLOAT) and m in METHODS and METHODS[m].in_plot]
+                 if m not in mine_all and m != FLOAT and m in METHODS and METHODS[m].in_plot]
         peers = [(p, m) for p, m in peers if p is not None]
         if mine is None or not peers:
             continue
@@ -132,8 +139,8 @@ def cells_from_run(method: str, widths: list[int | None], result: dict[str, Any]
     common = {k: result.get(k) for k in ("calib_seconds", "calib_peak_rss_gib", "n_samples",
                                           "seq_len", "library", "settings", "versions")}
     common["calib_reused"] = bool(result.get("calib_reused"))
-    if common["calib_reused"]:
-        common["calib_peak_rss_gib"] = None  # loading a folder is not calibrating it
+    # A reused folder reports the peak memory its calibration recorded (None if it recorded
+    # none), never that of loading it.
     common.update({k: run.get(k) for k in ("run_id", "wall_seconds", "peak_rss_gib",
                                             "measured_at", "command", "loadavg_1m_at_end")})
     out = {}

@@ -45,6 +45,17 @@ def _text(paths: list[str] | None, default: str) -> str:
     return data.calibration_text() if default == "calib" else data.evaluation_text()
 
 
+def _peak_rss_gib() -> float | None:
+    """Peak resident memory of this process so far, GiB (ru_maxrss: KiB on Linux, bytes on
+    macOS); None where the platform has no ``resource`` module."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2**30 if sys.platform == "darwin" else 2**20)
+
+
 def _table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = lambda r: "  ".join(str(c).rjust(w) for c, w in zip(r, widths))  # noqa: E731
@@ -147,10 +158,13 @@ def cmd_quantize(a: argparse.Namespace) -> dict[str, Any]:
     t1 = time.perf_counter()
     reports = api.calibrate(model, ids, cfg.calib, checkpoint_dir=ckpt_dir, progress=not a.json)
     calib_s = time.perf_counter() - t1
+    calib_rss = _peak_rss_gib()
     api.save(model, out, cfg, extra={"calibration_seconds": calib_s,
+                                     "calibration_peak_rss_gib": calib_rss,
                                      "reports": [r.__dict__ for r in reports]})
     CalibCheckpoint(ckpt_dir, {}).clear()
-    result: dict[str, Any] = {"out": str(out), "calibration_seconds": calib_s}
+    result: dict[str, Any] = {"out": str(out), "calibration_seconds": calib_s,
+                              "calibration_peak_rss_gib": calib_rss}
     if a.eval_windows > 0:
         windows = api.windows_from_text(tok, _text(a.eval_text, "eval"), 512, a.eval_windows)
         bits = a.eval_bits or sorted(cfg.spec.bits)
@@ -163,9 +177,12 @@ def cmd_quantize(a: argparse.Namespace) -> dict[str, Any]:
                 title += "; float = the dequantized Q4_1 SmolLM2-135M-Instruct"
             _print_eval(rows, a.eval_windows, 512, title)
     result["total_seconds"] = time.perf_counter() - t0
+    result["peak_rss_gib"] = _peak_rss_gib()
     if not a.json:
+        rss = result["peak_rss_gib"]
         print(f"\nelastic model written to {out}  (calibration {calib_s:.0f}s, "
-              f"total {result['total_seconds']:.0f}s)")
+              f"total {result['total_seconds']:.0f}s"
+              + ("" if rss is None else f", peak memory {rss:.2f} GiB") + ")")
     return result
 
 

@@ -77,6 +77,18 @@ def test_verdict_counts_a_one_percent_tie_and_ignores_the_smoke_test():
     assert v["3"]["ratio"] == pytest.approx(39.0 / 33.7)
 
 
+def test_other_quept_settings_are_not_peers_and_each_gets_a_verdict_row():
+    doc = doc_with({"quept": {"4": cell(28.2)}, "quept-long": {"4": cell(27.9)},
+                    "gptq": {"4": cell(27.2)}})
+    assert results.ours_methods(doc) == ["quept", "quept-long"]
+    assert results.verdict(doc)["4"]["best_peer"] == "gptq"
+    long = results.verdict(doc, "quept-long")["4"]
+    assert long["best_peer"] == "gptq" and long["ratio"] == pytest.approx(27.9 / 27.2)
+    md = report.markdown(doc)
+    assert "| QuEPT (one model, all widths) / best peer | 1.037 (loses) |" in md
+    assert "| QuEPT, 4 epochs (one model, all widths) / best peer | 1.026 (loses) |" in md
+
+
 def test_error_line_is_the_exception_or_the_signal():
     tb = ("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
           "torch.OutOfMemoryError: CPU ran out: tried 3 GiB\nsome later noise\n")
@@ -95,7 +107,8 @@ def test_cells_from_partial_run_keep_measured_widths_and_record_the_error():
     assert cells["2"] == {**cells["2"], "status": "error", "ppl": None,
                           "error": "RuntimeError: boom"}
     assert cells["2"]["bits_per_weight"] == stored_bits_per_weight(2, 64, 576)
-    assert cells["8"]["calib_peak_rss_gib"] is None  # a reused folder was not calibrated here
+    # A reused folder reports the peak its calibration recorded, not that of loading it.
+    assert cells["8"]["calib_peak_rss_gib"] == 1.0
     hqq = results.cells_from_run("hqq", [4], None, {"error": "ImportError: no hqq"}, 64)
     assert hqq["4"]["bits_per_weight"] == 4.5 and hqq["4"]["status"] == "error"
 
@@ -134,3 +147,20 @@ def test_fmt_ppl():
     assert report.fmt_ppl(25.137) == "25.14"
     assert report.fmt_ppl(537000.0) == "5.4e5"
     assert json.dumps(report.fmt_ppl(1400.0)) == '"1.4e3"'
+
+
+def test_reused_elastic_folder_must_match_the_methods_calibration(tmp_path):
+    from peers import elastic
+    from peers.methods import METHODS
+
+    from quept.config import PRESETS, QuEPTConfig
+
+    demo = QuEPTConfig(calib=PRESETS["cpu-demo"])
+    (tmp_path / "quept.json").write_text(json.dumps(
+        {"format": "quept-elastic", "config": demo.to_dict()}))
+    job = {"method": "quept-long", "elastic": str(tmp_path), "group_size": 64, "bits": [4],
+           "options": METHODS["quept-long"].options}
+    with pytest.raises(ValueError, match="epochs is 1, not 4"):
+        elastic.quantize(None, None, None, job)
+    assert elastic._calib(job).epochs == 4 and elastic._calib(job).lr_clip == 0.1
+    assert elastic._calib({"options": {}}) == PRESETS["cpu-demo"]
