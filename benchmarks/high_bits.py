@@ -23,48 +23,15 @@ import argparse
 import json
 import platform
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 import quept
 from quept import data
+from quept.calib.capture import mean_sq_inputs
 from quept.config import QuEPTConfig
-from quept.nn import ElasticLinear, elastic_layers
-
-
-def mean_sq_inputs(model: torch.nn.Module, ids: torch.Tensor, batch_size: int = 2
-                   ) -> dict[str, torch.Tensor]:
-    """Mean squared float input per input channel of every elastic linear over ``ids``."""
-    layers = elastic_layers(model)
-    sums = {n: torch.zeros(m.in_features) for n, m in layers.items()}
-
-    def hook(name: str) -> Callable:
-        def fn(_m: torch.nn.Module, args: tuple, _out: torch.Tensor) -> None:
-            x = args[0].detach().float()
-            sums[name] += x.pow(2).reshape(-1, x.shape[-1]).sum(0)
-        return fn
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
-    try:
-        quept.set_bits(model, None)
-        with torch.no_grad():
-            for i in range(0, ids.shape[0], batch_size):
-                model(ids[i : i + batch_size])
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: s / ids.numel() for n, s in sums.items()}
-
-
-def set_clips(layers: dict[str, ElasticLinear], bits: list[int],
-              fn: Callable[[str, ElasticLinear, int], None]) -> None:
-    with torch.no_grad():
-        for n, m in layers.items():
-            for b in bits:
-                fn(n, m, b)
-            m.clear_cache()
+from quept.nn import elastic_layers
 
 
 def main() -> int:
@@ -95,8 +62,16 @@ def main() -> int:
             m.clear_cache()
     variants["learned clips, no adapter"] = ppl()
     ids = quept.samples_from_text(tok, data.calibration_text(), cfg.calib)
-    sq = mean_sq_inputs(model, ids, cfg.calib.batch_size)
-    set_clips(layers, bits, lambda n, m, b: m.init_clip_by_search(b, sq[n]))
+    bs = cfg.calib.batch_size
+    with torch.no_grad(), mean_sq_inputs(layers) as sq:
+        quept.set_bits(model, None)
+        for i in range(0, ids.shape[0], bs):
+            model(ids[i : i + bs])
+    with torch.no_grad():
+        for n, m in layers.items():
+            for b in bits:
+                m.init_clip_by_search(b, sq[n])
+            m.clear_cache()
     variants["searched clips, no adapter"] = ppl()
     variants["rtn"] = ppl(rtn=True)
 

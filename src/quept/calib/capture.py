@@ -1,6 +1,10 @@
-"""Capture the inputs of block 0 (hidden states and the keyword arguments blocks receive)."""
+"""Capture the inputs of block 0 (hidden states and the keyword arguments blocks receive), and
+the per-channel input statistics the activation-aware clip search weights its error by."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -62,3 +66,27 @@ def move_kwargs(kwargs: dict, device: str | torch.device, dtype: torch.dtype) ->
         return v
 
     return {k: mv(v) for k, v in kwargs.items()}
+
+
+@contextmanager
+def mean_sq_inputs(layers: Mapping[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
+    """While active, record each layer's squared input per input channel; on exit the yielded
+    dict holds, per layer name, the mean over every token the layer saw (in_features,)."""
+    sums: dict[str, torch.Tensor] = {}
+    counts = dict.fromkeys(layers, 0)
+
+    def hook(name: str):
+        def fn(_m: nn.Module, args: tuple, _out: torch.Tensor) -> None:
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            sums[name] = x.pow(2).sum(0) + sums.get(name, 0)
+            counts[name] += x.shape[0]
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    try:
+        yield sums
+    finally:
+        for h in handles:
+            h.remove()
+    for n in list(sums):
+        sums[n] = sums[n] / counts[n]

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from quept.calib.capture import move_kwargs
+from quept.calib.capture import mean_sq_inputs, move_kwargs
 from quept.calib.checkpoint import CalibCheckpoint
 from quept.config import CalibConfig, ElasticSpec
 from quept.models import Family
@@ -79,28 +79,12 @@ class BlockCalibrator:
         per channel of every linear, which weights the per-group clip search that initialises
         the clips of ``spec.search_bits`` (activation-aware init)."""
         layers = {n: m for n, m in block.named_modules() if isinstance(m, ElasticLinear)}
-        sums = {n: torch.zeros(m.in_features, device=self.cfg.device) for n, m in layers.items()}
-        count = [0]
-
-        def hook(name: str) -> Callable:
-            def fn(_m: nn.Module, args: tuple, _out: torch.Tensor) -> None:
-                x = args[0].detach().float()
-                sums[name] += x.pow(2).reshape(-1, x.shape[-1]).sum(0)
-                if name == first:
-                    count[0] += x[..., 0].numel()
-            return fn
-
-        first = next(iter(layers))
-        handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
-        try:
+        with mean_sq_inputs(layers) as sq:
             set_bits(block, None)
             y_fp = self._run(block, x_fp)
-        finally:
-            for h in handles:
-                h.remove()
         for n, m in layers.items():
             for b in self.spec.search_bits:
-                m.init_clip_by_search(b, sums[n] / count[0])
+                m.init_clip_by_search(b, sq[n])
         return y_fp
 
     def _probe(self, block: nn.Module, xq: list[torch.Tensor], yfp: torch.Tensor) -> list[float]:
