@@ -7,7 +7,21 @@ def test_spec_defaults_and_prefixes():
     s = ElasticSpec()
     assert s.bits == (8, 7, 6, 5, 4, 3, 2)
     assert s.group_of(8) == 0 and s.group_of(2) == 3
-    assert [s.rank_prefix(g) for g in range(4)] == [8, 16, 24, 32]
+    # The top group (7-8 bits) has no adapter and fixed clips on the CPU defaults: nothing to
+    # train; every lower group trains.
+    assert [s.rank_prefix(g) for g in range(4)] == [0, 16, 24, 32]
+    assert s.learned_clip_bits == (6, 5, 4, 3, 2)
+    assert [s.group_trains(g) for g in range(4)] == [False, True, True, True]
+    assert ElasticSpec(ranks=(1, 0, 0, 0), fixed_clip_bits=(7, 8, 6, 5)).group_trains(1) is True
+    # Specs without 7 or 8 bits need no fixed_clip_bits of their own.
+    two = ElasticSpec(bit_groups=((8,), (4,)), ranks=(0, 2), merge_weights=(0.5, 0.5))
+    assert two.learned_clip_bits == (4,) and not two.group_trains(0)
+
+
+def test_spec_from_a_folder_written_before_fixed_clips_learns_every_clip():
+    d = ElasticSpec().to_dict()
+    del d["fixed_clip_bits"]
+    assert ElasticSpec.from_dict(d).fixed_clip_bits == ()
 
 
 @pytest.mark.parametrize(
@@ -21,6 +35,7 @@ def test_spec_defaults_and_prefixes():
         ({"merge_top_p": 1.5}, "merge_top_p"),
         ({"group_size": ((9, 64),)}, "no bit group"),
         ({"default_group_size": -4}, "group size"),
+        ({"fixed_clip_bits": (1,)}, "fixed_clip_bits names bit 1"),
     ],
 )
 def test_spec_rejects_bad_values(kw, match):
@@ -46,3 +61,20 @@ def test_config_rejects_unknown_version_and_fields():
         CalibConfig.from_dict({"n_sample": 3})
     with pytest.raises(ConfigError, match="batch_size"):
         CalibConfig(n_samples=2, batch_size=4)
+
+
+def test_cli_spec_follows_the_preset_and_the_spec_options():
+    from quept.cli import _configs, build_parser
+
+    def spec(*argv):
+        return _configs(build_parser().parse_args(["quantize", *argv])).spec
+
+    assert spec() == ElasticSpec()
+    paper = spec("--preset", "paper")
+    assert paper.ranks == (8, 8, 8, 8) and paper.fixed_clip_bits == ()
+    assert all(paper.group_trains(g) for g in range(4))
+    assert spec("--fixed-clip-bits", "").learned_clip_bits == (8, 7, 6, 5, 4, 3, 2)
+    custom = spec("--bit-groups", "8/4", "--group-size", "32")
+    assert custom.ranks == (8, 8) and custom.fixed_clip_bits == () and custom.bits == (8, 4)
+    with pytest.raises(ConfigError, match="fixed_clip_bits names bit 7"):
+        spec("--bit-groups", "8/4", "--fixed-clip-bits", "7")

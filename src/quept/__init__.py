@@ -28,10 +28,18 @@ from quept.api import (  # noqa: E402
     stored_bits,
     windows_from_text,
 )
-from quept.config import PRESETS, CalibConfig, ConfigError, ElasticSpec, QuEPTConfig  # noqa: E402
+from quept.config import (  # noqa: E402
+    PRESET_SPECS,
+    PRESETS,
+    CalibConfig,
+    ConfigError,
+    ElasticSpec,
+    QuEPTConfig,
+)
 
 __all__ = [
     "PRESETS",
+    "PRESET_SPECS",
     "ArtifactError",
     "CalibConfig",
     "ConfigError",

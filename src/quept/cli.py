@@ -15,7 +15,7 @@ import torch
 
 from quept import api, cli_deploy
 from quept.calib import CalibCheckpoint
-from quept.config import PRESETS, ConfigError, ElasticSpec, QuEPTConfig, check_bits
+from quept.config import PRESET_SPECS, PRESETS, ConfigError, QuEPTConfig, check_bits
 from quept.search import Plan, SensitivityConfig, parse_size
 
 log = logging.getLogger("quept")
@@ -90,7 +90,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-text", nargs="+", default=None, metavar="FILE",
                    help="text for the final table (default: Pride and Prejudice)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-demo",
-                   help="calibration preset; 'paper' = 128 x 2048 tokens, batch 2, 15 epochs, cuda")
+                   help="calibration preset; 'paper' = 128 x 2048 tokens, batch 2, 15 epochs, cuda, "
+                   "every group trained (ranks 8,8,8,8, every width's clips learned)")
     c = p.add_argument_group("calibration (override the preset)")
     c.add_argument("--samples", type=int, help="number of calibration samples")
     c.add_argument("--seq-len", type=int, help="tokens per calibration sample")
@@ -100,6 +101,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--lr-clip", type=float, help="learning rate of the clip logits")
     c.add_argument("--loss", choices=["l1", "l2"], help="reconstruction loss (paper: l1)")
     c.add_argument("--seed", type=int, help="seed of sampling, adapter init and bit draws")
+    c.add_argument("--draw", choices=["random", "balanced"],
+                   help="width drawn per group and step: independently (random) or each width "
+                   "of the group once before any repeats (balanced)")
     c.add_argument("--device", help="device a block trains on (cpu, cuda, cuda:1, ...)")
     s = p.add_argument_group("elastic spec")
     s.add_argument("--bit-groups", type=_groups, default=None,
@@ -111,6 +115,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--unclipped-bits", type=_int_list, default=None,
                    help="widths quantized over the full min..max range, clips not learned "
                    "(e.g. 7,8; default: none)")
+    s.add_argument("--fixed-clip-bits", type=_int_list, default=None,
+                   help="widths whose clips keep their searched value, not learned (default "
+                   "7,8; pass an empty string to learn every width's clips)")
     e = p.add_argument_group("evaluation after calibration")
     e.add_argument("--eval-windows", type=int, default=8,
                    help="512-token windows of the evaluation text (default 8, which keeps the "
@@ -127,12 +134,12 @@ def _configs(a: argparse.Namespace) -> QuEPTConfig:
     calib = PRESETS[a.preset]
     over = {"n_samples": a.samples, "seq_len": a.seq_len, "batch_size": a.batch_size,
             "epochs": a.epochs, "lr_adapter": a.lr_adapter, "lr_clip": a.lr_clip,
-            "loss": a.loss, "seed": a.seed, "device": a.device}
+            "loss": a.loss, "seed": a.seed, "device": a.device, "draw": a.draw}
     calib = replace(calib, **{k: v for k, v in over.items() if v is not None})
-    spec = ElasticSpec()
+    spec = PRESET_SPECS[a.preset]
     if a.bit_groups is not None:
         spec = replace(spec, bit_groups=a.bit_groups,
-                       ranks=a.ranks or (spec.ranks[0],) * len(a.bit_groups),
+                       ranks=a.ranks or (8,) * len(a.bit_groups), fixed_clip_bits=(),
                        merge_weights=(1 / len(a.bit_groups),) * len(a.bit_groups))
     elif a.ranks is not None:
         spec = replace(spec, ranks=tuple(a.ranks))
@@ -140,6 +147,8 @@ def _configs(a: argparse.Namespace) -> QuEPTConfig:
         spec = replace(spec, default_group_size=a.group_size)
     if a.unclipped_bits is not None:
         spec = replace(spec, unclipped_bits=tuple(a.unclipped_bits))
+    if a.fixed_clip_bits is not None:
+        spec = replace(spec, fixed_clip_bits=tuple(a.fixed_clip_bits))
     return QuEPTConfig(spec=spec, calib=calib)
 
 

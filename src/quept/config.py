@@ -57,12 +57,18 @@ class ElasticSpec:
     stream: "merged" (paper: one quantized stream, MB-ToMe merges the groups' outputs) or
         "per-group" (each bit group keeps its own quantized stream; same compute, G x memory).
     unclipped_bits: widths quantized over the full min..max range of ``W + R``: their clips are
-        neither searched nor learned (at 7-8 bits clipping buys nothing and a short calibration
-        only adds noise to it).
+        neither searched nor learned.
+    fixed_clip_bits: widths whose clips keep the value the search gives them and are not
+        learned; None (default) = 7 and 8, those of them in the spec. At 7-8 bits one quantization step is under 1% of a group's range, less than
+        one Adam step moves a clip, so a short calibration only adds noise there (README).
+
+    A bit group whose adapter prefix is empty (rank 0) and whose widths all have fixed or no
+    clips has nothing to learn: calibration skips its training passes (its loss is still probed
+    and its stream still propagated).
     """
 
     bit_groups: tuple[tuple[int, ...], ...] = ((7, 8), (5, 6), (3, 4), (2,))
-    ranks: tuple[int, ...] = (8, 8, 8, 8)
+    ranks: tuple[int, ...] = (0, 16, 8, 8)
     default_group_size: int = 64
     group_size: tuple[tuple[int, int], ...] = ()
     merge_weights: tuple[float, ...] = (0.25, 0.25, 0.25, 0.25)
@@ -71,6 +77,7 @@ class ElasticSpec:
     clip_search_bits: tuple[int, ...] | None = None
     stream: str = "per-group"
     unclipped_bits: tuple[int, ...] = ()
+    fixed_clip_bits: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         groups = tuple(tuple(int(b) for b in g) for g in self.bit_groups)
@@ -81,6 +88,10 @@ class ElasticSpec:
         )
         object.__setattr__(self, "merge_weights", tuple(float(w) for w in self.merge_weights))
         object.__setattr__(self, "unclipped_bits", tuple(int(b) for b in self.unclipped_bits))
+        if self.fixed_clip_bits is not None:
+            object.__setattr__(
+                self, "fixed_clip_bits", tuple(int(b) for b in self.fixed_clip_bits)
+            )
         if self.clip_search_bits is not None:
             object.__setattr__(
                 self, "clip_search_bits", tuple(int(b) for b in self.clip_search_bits)
@@ -123,9 +134,10 @@ class ElasticSpec:
                 raise ConfigError(f"clip_search_bits names bit {b}, which is in no bit group")
         if self.stream not in ("merged", "per-group"):
             raise ConfigError(f"stream must be 'merged' or 'per-group', got {self.stream!r}")
-        for b in self.unclipped_bits:
-            if b not in flat:
-                raise ConfigError(f"unclipped_bits names bit {b}, which is in no bit group")
+        for name in ("unclipped_bits", "fixed_clip_bits"):
+            for b in getattr(self, name) or ():
+                if b not in flat:
+                    raise ConfigError(f"{name} names bit {b}, which is in no bit group")
 
     @property
     def bits(self) -> tuple[int, ...]:
@@ -148,6 +160,20 @@ class ElasticSpec:
         return tuple(b for b in bits if b not in self.unclipped_bits)
 
     @property
+    def learned_clip_bits(self) -> tuple[int, ...]:
+        """Widths whose clip logits calibration trains (high to low)."""
+        fixed = (7, 8) if self.fixed_clip_bits is None else self.fixed_clip_bits
+        frozen = set(self.unclipped_bits) | set(fixed)
+        return tuple(b for b in self.bits if b not in frozen)
+
+    def group_trains(self, group: int) -> bool:
+        """Whether calibration has anything to learn for ``group``: an adapter prefix or a
+        learned clip."""
+        return self.rank_prefix(group) > 0 or any(
+            b in self.learned_clip_bits for b in self.bit_groups[group]
+        )
+
+    @property
     def total_rank(self) -> int:
         return sum(self.ranks)
 
@@ -164,6 +190,8 @@ class ElasticSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ElasticSpec:
         d = dict(d)
+        # Folders written before fixed_clip_bits existed learned the clips of every width.
+        d.setdefault("fixed_clip_bits", ())
         gs = d.pop("group_size", {})
         gs = tuple((int(b), int(s)) for b, s in (gs.items() if isinstance(gs, dict) else gs))
         return cls(group_size=gs, **_known(cls, d))
@@ -180,7 +208,10 @@ class CalibConfig:
 
     n_samples x seq_len tokens of calibration text, mini-batches of batch_size, epochs passes per
     block, AdamW (no weight decay) with lr_adapter for U/V and lr_clip for the clip logits, cosine
-    decay per step. loss: "l1" (paper) or "l2". seed drives the sample draw, the adapter init and
+    decay per step. loss: "l1" (paper) or "l2". draw: how each step picks the width of a
+    group, "random" (independently every step) or "balanced" (without replacement: each width of
+    the group once, in random order, before any repeats, so a short calibration trains them
+    equally). seed drives the sample draw, the adapter init and
     the bit sampler. device: where a block trains ("cpu", "cuda", ...); caches stay on CPU
     in float32.
     """
@@ -194,6 +225,7 @@ class CalibConfig:
     loss: str = "l1"
     seed: int = 0
     device: str = "cpu"
+    draw: str = "random"
 
     def __post_init__(self) -> None:
         for name in ("n_samples", "seq_len", "batch_size", "epochs"):
@@ -207,6 +239,8 @@ class CalibConfig:
         for name in ("lr_adapter", "lr_clip"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.draw not in ("random", "balanced"):
+            raise ConfigError(f"draw must be 'random' or 'balanced', got {self.draw!r}")
         if self.loss not in ("l1", "l2"):
             raise ConfigError(f"loss must be 'l1' or 'l2', got {self.loss!r}")
 
@@ -221,6 +255,13 @@ class CalibConfig:
     def from_dict(cls, d: dict[str, Any]) -> CalibConfig:
         return cls(**_known(cls, d))
 
+
+# What each preset calibrates: on the CPU budget the top group (7-8 bits) keeps its searched
+# clips and no adapter (README: a dozen steps only add noise there); the paper trains every group.
+PRESET_SPECS: dict[str, ElasticSpec] = {
+    "cpu-demo": ElasticSpec(),
+    "paper": ElasticSpec(ranks=(8, 8, 8, 8), fixed_clip_bits=()),
+}
 
 PRESETS: dict[str, CalibConfig] = {
     # Fits the 2-core CPU demo budget (see README for why these values).

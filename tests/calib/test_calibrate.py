@@ -31,9 +31,10 @@ def calibrated(kind: str = "llama", cfg: CalibConfig = CFG, **kw):
     ("llama", "per-group"), ("mistral", "per-group"), ("qwen2", "per-group"), ("llama", "merged"),
 ])
 def test_reconstruction_loss_falls_for_every_group(kind, stream, monkeypatch):
-    # From the paper's constant clip init (no clip search, which starts the high widths near
-    # their optimum already), training must lower every group's loss.
-    spec = replace(SPEC, stream=stream, clip_search_bits=())
+    # The paper's method (every group trains its adapter prefix and clips) from the paper's
+    # constant clip init (no clip search, which starts the high widths near their optimum
+    # already): training must lower every group's loss.
+    spec = replace(SPEC, stream=stream, clip_search_bits=(), fixed_clip_bits=())
     monkeypatch.setattr(f"{__name__}.SPEC", spec)
     model, reports = calibrated(kind)
     assert len(reports) == 2
@@ -41,6 +42,25 @@ def test_reconstruction_loss_falls_for_every_group(kind, stream, monkeypatch):
         assert r.bits == [7, 5, 3, 2]
         for before, after, b in zip(r.loss_before, r.loss_after, r.bits):
             assert after < before, f"block {r.block} bit {b}: {before} -> {after}"
+
+
+def test_a_group_with_nothing_to_learn_keeps_its_searched_clips(monkeypatch):
+    # The CPU default: the top group has no adapter (rank 0) and fixed clips, so it is not
+    # trained: its loss does not move and its clips are the search's; the others still learn.
+    spec = replace(SPEC, ranks=(0, 2, 2, 2))
+    assert spec.learned_clip_bits == (6, 5, 4, 3, 2)
+    monkeypatch.setattr(f"{__name__}.SPEC", spec)
+    model, reports = calibrated()
+    for r in reports:
+        assert r.loss_after[0] == r.loss_before[0], r
+        assert r.loss_after[-1] < r.loss_before[-1], r
+    for m in elastic_layers(model).values():
+        assert not m.delta(8).any()
+        for b in (7, 8):
+            # Searched factors are whole quantization steps (or exactly no clip).
+            steps = (1 - torch.sigmoid(m.clip_hi[str(b)])) * (2**b - 1)
+            assert torch.allclose(steps, steps.round(), atol=1e-3), b
+            assert torch.equal(m.clip_hi[str(b)], m.clip_lo[str(b)])
 
 
 def test_default_spec_lowers_the_lowest_group_loss():
@@ -161,3 +181,33 @@ def test_prepare_wraps_every_block_linear():
     names = list(elastic_layers(model))
     assert len(names) == 14 and names[0] == "model.layers.0.self_attn.q_proj"
     assert "lm_head" not in names
+
+
+@pytest.mark.parametrize("draw", ["random", "balanced"])
+def test_balanced_draw_trains_each_width_of_a_group_equally(draw, monkeypatch):
+    from quept.nn import ElasticLinear
+
+    seen: list[int] = []
+    real = ElasticLinear.forward
+
+    def spy(self, x):
+        if torch.is_grad_enabled() and self is first[0]:
+            seen.append(self.bits)
+        return real(self, x)
+
+    model = quept.prepare(tiny_model(), SPEC, seed=0)
+    first = [next(iter(elastic_layers(model).values()))]  # block 0, trained in steps only
+    monkeypatch.setattr(ElasticLinear, "forward", spy)
+    cfg = replace(CFG, draw=draw)
+    quept.calibrate(model, ids(cfg.n_samples, cfg.seq_len), cfg, progress=False)
+    steps = cfg.epochs * cfg.steps_per_epoch
+    counts = {b: seen.count(b) for b in SPEC.bits}
+    assert sum(counts.values()) == steps * len(SPEC.bit_groups)
+    assert counts[2] == steps
+    pairs = [(counts[hi], counts[lo]) for hi, lo in ((8, 7), (6, 5), (4, 3))]
+    if draw == "balanced":
+        assert all(a == b == steps // 2 for a, b in pairs), counts
+    else:  # independent draws: over 3 groups x 12 steps some split is uneven
+        assert any(a != b for a, b in pairs), counts
+    with pytest.raises(quept.ConfigError, match="draw must be"):
+        CalibConfig(draw="cyclic")

@@ -111,3 +111,31 @@ def test_unclipped_widths_use_full_range_and_have_no_learnable_clips():
 def test_spec_rejects_unclipped_bits_outside_the_groups():
     with pytest.raises(ConfigError, match="unclipped_bits names bit 1"):
         ElasticSpec(unclipped_bits=(1,))
+
+
+def test_clip_search_grid_and_fixed_widths():
+    from quept.nn.elastic_linear import CLIP_GRID, HIGH_BITS_FLOOR, NO_CLIP_LOGIT, clip_grid
+    from quept.ops import search_clip
+
+    assert clip_grid(4) == CLIP_GRID
+    assert clip_grid(6) == tuple(1 - k / 63 for k in range(7))
+    g8 = clip_grid(8)
+    assert g8[0] == 1.0 and min(g8) >= HIGH_BITS_FLOOR and len(g8) == 26
+    assert all(abs((a - b) * 255 - 1) < 1e-9 for a, b in zip(g8, g8[1:]))
+    spec = ElasticSpec(ranks=(2, 3, 4, 5), default_group_size=16)  # 7, 8 fixed by default
+    torch.manual_seed(0)
+    m = ElasticLinear(nn.Linear(64, 24), spec)
+    col = torch.rand(64) + 0.1
+    for b in (8, 6):
+        m.init_clip_by_search(b, col)
+        alpha = search_clip(m.weight, b, 16, torch.tensor(clip_grid(b)), col)
+        got = torch.sigmoid(m.clip_hi[str(b)])
+        if b == 8:  # fixed: the searched factor, "no clip" exactly
+            assert (alpha == 1).any()
+            assert torch.equal(m.clip_hi["8"][alpha == 1], torch.full_like(got[alpha == 1], NO_CLIP_LOGIT))
+            assert torch.allclose(got, alpha)
+        else:  # learned: kept below 1 so the clip still has a gradient
+            assert torch.allclose(got, alpha.clamp(max=CLIP_GRID[0]))
+            assert (got < 1).all()
+    _, clips = m.trainable_parameters()
+    assert {id(p) for p in clips}.isdisjoint({id(m.clip_hi["8"]), id(m.clip_lo["7"])})

@@ -121,22 +121,27 @@ class BlockCalibrator:
 
     def _train(self, i: int, block: nn.Module, xq: list[torch.Tensor], yfp: torch.Tensor,
                gen: torch.Generator, bar: tqdm) -> None:
+        cfg, groups = self.cfg, self.spec.bit_groups
+        trains = [self.spec.group_trains(gi) for gi in range(len(groups))]
+        steps = cfg.epochs * cfg.steps_per_epoch
+        if not any(trains):  # fixed clips and no adapter anywhere: the search is the model
+            bar.update(steps)
+            return
         layers = [m for m in block.modules() if isinstance(m, ElasticLinear)]
         adapters = [p for m in layers for p in m.trainable_parameters()[0]]
         clips = [p for m in layers for p in m.trainable_parameters()[1]]
         for p in adapters + clips:
             p.requires_grad_(True)
-        cfg, groups = self.cfg, self.spec.bit_groups
         opt = torch.optim.AdamW(
             [{"params": adapters, "lr": cfg.lr_adapter}, {"params": clips, "lr": cfg.lr_clip}],
             weight_decay=0.0,
         )
-        total = cfg.epochs * cfg.steps_per_epoch
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+            opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
         )
         n, step = yfp.shape[0], 0
         running = [0.0] * len(groups)
+        queue: list[list[int]] = [[] for _ in groups]  # draw="balanced": widths left this round
         for _epoch in range(cfg.epochs):
             perm = torch.randperm(n, generator=gen)
             for k in range(0, n, cfg.batch_size):
@@ -145,7 +150,14 @@ class BlockCalibrator:
                 opt.zero_grad(set_to_none=True)
                 total_loss = 0.0
                 for gi, g in enumerate(groups):
-                    b = g[_draw(g, gen).item()]
+                    if not trains[gi]:
+                        continue
+                    if cfg.draw == "balanced":
+                        if not queue[gi]:
+                            queue[gi] = torch.randperm(len(g), generator=gen).tolist()
+                        b = g[queue[gi].pop()]
+                    else:
+                        b = g[_draw(g, gen).item()]
                     set_bits(block, b)
                     xb = xq[gi][idx].to(cfg.device)
                     loss = self.loss(self.family.call_block(block, xb, self.kwargs), yb)
@@ -161,7 +173,8 @@ class BlockCalibrator:
                 sched.step()
                 step += 1
                 bar.set_postfix_str(
-                    " ".join(f"{'/'.join(map(str, g))}b={v:.4f}" for g, v in zip(groups, running))
+                    " ".join(f"{'/'.join(map(str, g))}b={v:.4f}" if t else
+                             f"{'/'.join(map(str, g))}b=fixed" for g, v, t in zip(groups, running, trains))
                 )
                 bar.update(1)
         for p in adapters + clips:

@@ -11,12 +11,23 @@ from torch import nn
 from quept.config import ElasticSpec, check_bits
 from quept.ops import fake_quant, n_groups, quantize, rtn, search_clip
 
-# Clip factors tried by the clip search; the largest is < 1 so the logit stays finite. Widths
-# above 4 bits never want much clipping, so their search stops at HIGH_BITS_FLOOR.
+# Clip factors tried by the clip search at up to 4 bits; the largest is < 1 so the logit stays
+# finite (and its gradient alive). Widths above 4 bits never want much clipping: they try whole
+# quantization steps of it, 1 - k / (2**bits - 1), down to HIGH_BITS_FLOOR (high_bits_grid).
 CLIP_GRID = (0.999, 0.975, 0.95, 0.925, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
 HIGH_BITS_FLOOR = 0.9
 # Logit of the clip factor of an unclipped width: sigmoid(20) is exactly 1.0 in float32.
 NO_CLIP_LOGIT = 20.0
+
+
+def clip_grid(bits: int) -> tuple[float, ...]:
+    """Clip factors the search tries at ``bits``: :data:`CLIP_GRID` up to 4 bits; above, no
+    clipping and whole quantization steps of it down to :data:`HIGH_BITS_FLOOR` (a fraction of
+    a step only moves the grid, and at 7-8 bits the coarse grid's 2.5% is several steps)."""
+    if bits <= 4:
+        return CLIP_GRID
+    qmax = 2**bits - 1
+    return tuple(1 - k / qmax for k in range(int((1 - HIGH_BITS_FLOOR) * qmax) + 1))
 
 
 class ElasticLinear(nn.Module):
@@ -61,13 +72,17 @@ class ElasticLinear(nn.Module):
     def init_clip_by_search(self, bits: int, col_weight: torch.Tensor | None = None) -> None:
         """Set the clip logits of ``bits`` to the grid factor with least (input-weighted)
         quantization error; ``col_weight`` (in,) is e.g. the mean squared input per channel."""
-        floor = HIGH_BITS_FLOOR if bits > 4 else 0.0
-        grid = torch.tensor([a for a in CLIP_GRID if a >= floor], dtype=self.weight.dtype)
+        grid = torch.tensor(clip_grid(bits), dtype=self.weight.dtype)
         if col_weight is not None:
             col_weight = col_weight.to(self.weight.device, self.weight.dtype)
         alpha = search_clip(self.weight, bits, self.spec.group_size_for(bits), grid, col_weight)
-        self.clip_hi[str(bits)].copy_(torch.logit(alpha))
-        self.clip_lo[str(bits)].copy_(torch.logit(alpha))
+        if bits in self.spec.learned_clip_bits:
+            # A learned clip must keep a gradient: sigmoid saturates at exactly 1.
+            logit = torch.logit(alpha.clamp(max=CLIP_GRID[0]))
+        else:
+            logit = torch.where(alpha >= 1, NO_CLIP_LOGIT, torch.logit(alpha.clamp(max=CLIP_GRID[0])))
+        self.clip_hi[str(bits)].copy_(logit)
+        self.clip_lo[str(bits)].copy_(logit)
 
     def set_bits(self, bits: int | None, rtn: bool = False) -> None:
         """Switch to width ``bits`` (None = float). O(1): nothing is recomputed here."""
@@ -123,8 +138,8 @@ class ElasticLinear(nn.Module):
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def trainable_parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """(adapter parameters, learnable clip logits); unclipped widths have none."""
-        learn = [str(b) for b in self.spec.bits if b not in self.spec.unclipped_bits]
+        """(adapter parameters, learnable clip logits); unclipped and fixed widths have none."""
+        learn = [str(b) for b in self.spec.learned_clip_bits]
         return [self.lora_u, self.lora_v], [d[b] for d in (self.clip_hi, self.clip_lo) for b in learn]
 
     def extra_repr(self) -> str:
