@@ -62,7 +62,9 @@ def main() -> int:
     calib_s = None
     if a.elastic:
         model, tok = quept.load(a.elastic)
-        cfg = QuEPTConfig.from_dict(quept.read_meta(a.elastic)["config"])
+        meta = quept.read_meta(a.elastic)
+        cfg = QuEPTConfig.from_dict(meta["config"])
+        calib_s = meta.get("calibration_seconds")  # as recorded by the run that wrote it
     else:
         cfg = QuEPTConfig(spec=ElasticSpec(), calib=PRESETS["cpu-demo"])
         model, tok = quept.load_model()
@@ -83,10 +85,13 @@ def main() -> int:
         "quantized": "every linear of every decoder block (embeddings/lm_head and norms float)",
         "rows": [r.__dict__ for r in rows],
         "calibration_seconds": calib_s,
+        "calibration_reused": bool(a.elastic),
         "total_seconds": time.perf_counter() - t0,
         "peak_rss_gib": peak_rss_gib(),
         **switch,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "command": "python benchmarks/foundation.py "
+                   + " ".join(Path(x).name if x == a.elastic else x for x in sys.argv[1:]),
     }
     print(f"\n{result['model']}; {result['eval']}; group size {cfg.spec.default_group_size}\n")
     print("| width | bits/weight | QuEPT ppl | RTN ppl |\n|---|---|---|---|")
@@ -94,7 +99,9 @@ def main() -> int:
         rtn = "" if r.ppl_rtn is None else f"{r.ppl_rtn:.2f}"
         print(f"| {'float' if r.bits is None else f'W{r.bits}'} | {r.bits_per_weight:.3f} | "
               f"{r.ppl:.2f} | {rtn} |")
-    calib = "reused" if calib_s is None else f"{calib_s:.0f}s"
+    calib = "n/a" if calib_s is None else f"{calib_s:.0f}s"
+    if a.elastic:
+        calib += " (recorded in the folder)"
     print(f"\ncalibration {calib}, total {result['total_seconds']:.0f}s, "
           f"peak RSS {result['peak_rss_gib']:.2f} GiB, set_bits {switch['set_bits_ms']:.2f} ms "
           f"(with weights materialised {switch['set_bits_and_materialise_ms']:.0f} ms)")
