@@ -15,6 +15,8 @@ from typing import Any
 
 MIN_BITS = 2
 MAX_BITS = 8
+# Widths whose clips stay at the searched value unless a spec says otherwise (ElasticSpec).
+DEFAULT_FIXED_CLIP_BITS = (7, 8)
 CONFIG_VERSION = 1
 
 
@@ -59,8 +61,9 @@ class ElasticSpec:
     unclipped_bits: widths quantized over the full min..max range of ``W + R``: their clips are
         neither searched nor learned.
     fixed_clip_bits: widths whose clips keep the value the search gives them and are not
-        learned; None (default) = 7 and 8, those of them in the spec. At 7-8 bits one quantization step is under 1% of a group's range, less than
-        one Adam step moves a clip, so a short calibration only adds noise there (README).
+        learned; None (default) = :data:`DEFAULT_FIXED_CLIP_BITS`, those of them in the spec.
+        At 7-8 bits one quantization step is under 1% of a group's range, less than one Adam
+        step moves a clip, so a short calibration only adds noise there (README).
 
     A bit group whose adapter prefix is empty (rank 0) and whose widths all have fixed or no
     clips has nothing to learn: calibration skips its training passes (its loss is still probed
@@ -162,7 +165,7 @@ class ElasticSpec:
     @property
     def learned_clip_bits(self) -> tuple[int, ...]:
         """Widths whose clip logits calibration trains (high to low)."""
-        fixed = (7, 8) if self.fixed_clip_bits is None else self.fixed_clip_bits
+        fixed = DEFAULT_FIXED_CLIP_BITS if self.fixed_clip_bits is None else self.fixed_clip_bits
         frozen = set(self.unclipped_bits) | set(fixed)
         return tuple(b for b in self.bits if b not in frozen)
 

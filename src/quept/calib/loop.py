@@ -172,10 +172,10 @@ class BlockCalibrator:
                 opt.step()
                 sched.step()
                 step += 1
-                bar.set_postfix_str(
-                    " ".join(f"{'/'.join(map(str, g))}b={v:.4f}" if t else
-                             f"{'/'.join(map(str, g))}b=fixed" for g, v, t in zip(groups, running, trains))
-                )
+                bar.set_postfix_str(" ".join(
+                    f"{'/'.join(map(str, g))}b=" + (f"{v:.4f}" if t else "fixed")
+                    for g, v, t in zip(groups, running, trains)
+                ))
                 bar.update(1)
         for p in adapters + clips:
             p.requires_grad_(False)

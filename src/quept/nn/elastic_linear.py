@@ -13,7 +13,7 @@ from quept.ops import fake_quant, n_groups, quantize, rtn, search_clip
 
 # Clip factors tried by the clip search at up to 4 bits; the largest is < 1 so the logit stays
 # finite (and its gradient alive). Widths above 4 bits never want much clipping: they try whole
-# quantization steps of it, 1 - k / (2**bits - 1), down to HIGH_BITS_FLOOR (high_bits_grid).
+# quantization steps of it, 1 - k / (2**bits - 1), down to HIGH_BITS_FLOOR (clip_grid).
 CLIP_GRID = (0.999, 0.975, 0.95, 0.925, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
 HIGH_BITS_FLOOR = 0.9
 # Logit of the clip factor of an unclipped width: sigmoid(20) is exactly 1.0 in float32.
@@ -76,11 +76,11 @@ class ElasticLinear(nn.Module):
         if col_weight is not None:
             col_weight = col_weight.to(self.weight.device, self.weight.dtype)
         alpha = search_clip(self.weight, bits, self.spec.group_size_for(bits), grid, col_weight)
-        if bits in self.spec.learned_clip_bits:
-            # A learned clip must keep a gradient: sigmoid saturates at exactly 1.
-            logit = torch.logit(alpha.clamp(max=CLIP_GRID[0]))
-        else:
-            logit = torch.where(alpha >= 1, NO_CLIP_LOGIT, torch.logit(alpha.clamp(max=CLIP_GRID[0])))
+        # A learned clip must keep a gradient (sigmoid saturates at exactly 1), so it starts
+        # just below 1; a fixed one keeps "no clip" exactly.
+        logit = torch.logit(alpha.clamp(max=CLIP_GRID[0]))
+        if bits not in self.spec.learned_clip_bits:
+            logit = torch.where(alpha >= 1, NO_CLIP_LOGIT, logit)
         self.clip_hi[str(bits)].copy_(logit)
         self.clip_lo[str(bits)].copy_(logit)
 
