@@ -20,8 +20,10 @@ def test_spec_defaults_and_prefixes():
 
 def test_spec_from_a_folder_written_before_fixed_clips_learns_every_clip():
     d = ElasticSpec().to_dict()
-    del d["fixed_clip_bits"]
-    assert ElasticSpec.from_dict(d).fixed_clip_bits == ()
+    del d["fixed_clip_bits"], d["clip_refine"]
+    old = ElasticSpec.from_dict(d)
+    assert old.fixed_clip_bits == () and old.clip_refine == 0
+    assert ElasticSpec.from_dict(ElasticSpec().to_dict()) == ElasticSpec()
 
 
 @pytest.mark.parametrize(
@@ -36,6 +38,7 @@ def test_spec_from_a_folder_written_before_fixed_clips_learns_every_clip():
         ({"group_size": ((9, 64),)}, "no bit group"),
         ({"default_group_size": -4}, "group size"),
         ({"fixed_clip_bits": (1,)}, "fixed_clip_bits names bit 1"),
+        ({"clip_refine": -1}, "clip_refine must be >= 0"),
     ],
 )
 def test_spec_rejects_bad_values(kw, match):

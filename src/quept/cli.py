@@ -118,6 +118,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--fixed-clip-bits", type=_int_list, default=None,
                    help="widths whose clips keep their searched value, not learned (default "
                    "7,8; pass an empty string to learn every width's clips)")
+    s.add_argument("--clip-refine", type=int, default=None,
+                   help="rounds of refining the searched clips, max and min factors in turn "
+                   "(default 1; 0 = one factor for both)")
     e = p.add_argument_group("evaluation after calibration")
     e.add_argument("--eval-windows", type=int, default=8,
                    help="512-token windows of the evaluation text (default 8, which keeps the "
@@ -149,6 +152,8 @@ def _configs(a: argparse.Namespace) -> QuEPTConfig:
         spec = replace(spec, unclipped_bits=tuple(a.unclipped_bits))
     if a.fixed_clip_bits is not None:
         spec = replace(spec, fixed_clip_bits=tuple(a.fixed_clip_bits))
+    if a.clip_refine is not None:
+        spec = replace(spec, clip_refine=a.clip_refine)
     return QuEPTConfig(spec=spec, calib=calib)
 
 

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
@@ -128,7 +130,7 @@ def test_clip_search_grid_and_fixed_widths():
     col = torch.rand(64) + 0.1
     for b in (8, 6):
         m.init_clip_by_search(b, col)
-        alpha = search_clip(m.weight, b, 16, torch.tensor(clip_grid(b)), col)
+        alpha, _ = search_clip(m.weight, b, 16, torch.tensor(clip_grid(b)), col, refine=1)
         got = torch.sigmoid(m.clip_hi[str(b)])
         if b == 8:  # fixed: the searched factor, "no clip" exactly
             assert (alpha == 1).any()
@@ -139,3 +141,24 @@ def test_clip_search_grid_and_fixed_widths():
             assert (got < 1).all()
     _, clips = m.trainable_parameters()
     assert {id(p) for p in clips}.isdisjoint({id(m.clip_hi["8"]), id(m.clip_lo["7"])})
+
+
+def test_clip_search_at_low_widths_sets_max_and_min_factors_apart():
+    from quept.nn.elastic_linear import clip_grid
+    from quept.ops import search_clip
+
+    spec = ElasticSpec(ranks=(2, 3, 4, 5), default_group_size=16)  # clip_refine 1 by default
+    torch.manual_seed(1)
+    lin = nn.Linear(64, 24)
+    with torch.no_grad():
+        lin.weight[:, ::16] += 0.5  # one-sided outliers: max and min want different clips
+    m = ElasticLinear(lin, spec)
+    col = torch.rand(64) + 0.1
+    m.init_clip_by_search(3, col)
+    hi, lo = search_clip(m.weight, 3, 16, torch.tensor(clip_grid(3)), col, refine=1)
+    assert torch.allclose(torch.sigmoid(m.clip_hi["3"]), hi.clamp(max=0.999))
+    assert torch.allclose(torch.sigmoid(m.clip_lo["3"]), lo.clamp(max=0.999))
+    assert not torch.equal(m.clip_hi["3"], m.clip_lo["3"])
+    tied = ElasticLinear(lin, replace(spec, clip_refine=0))
+    tied.init_clip_by_search(3, col)
+    assert torch.equal(tied.clip_hi["3"], tied.clip_lo["3"])

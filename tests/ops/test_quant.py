@@ -62,8 +62,8 @@ def test_search_clip_picks_the_grid_factor_with_least_error():
 
     w = torch.randn(8, 64, generator=torch.Generator().manual_seed(3))
     grid = torch.tensor([1.0, 0.9, 0.8, 0.7, 0.6, 0.5])
-    best = search_clip(w, 2, 32, grid)
-    assert best.shape == (8, 2)
+    best, lo = search_clip(w, 2, 32, grid)
+    assert best.shape == (8, 2) and torch.equal(best, lo)  # no refinement: one tied factor
     errs = torch.stack([
         (fake_quant(w, 2, 32, torch.full((8, 2), a), torch.full((8, 2), a)) - w)
         .pow(2).reshape(8, 2, 32).sum(-1)
@@ -71,3 +71,24 @@ def test_search_clip_picks_the_grid_factor_with_least_error():
     ])
     assert torch.allclose(best, grid[errs.argmin(0)])
     assert best.mean() < 1.0  # 2-bit Gaussian groups want clipping
+
+
+def test_search_clip_refinement_unties_max_and_min_and_never_raises_the_error():
+    from quept.ops import search_clip
+
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(16, 128, generator=gen)
+    w[:, ::32] += 4 * torch.rand(16, 4, generator=gen)  # one-sided outliers: max wants a clip
+    col = torch.rand(128, generator=gen) + 0.1
+    grid = torch.tensor([0.999, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5])
+
+    def err(hi, lo):
+        return ((fake_quant(w, 3, 32, hi, lo) - w).pow(2) * col).reshape(16, 4, 32).sum(-1)
+
+    tied = err(*search_clip(w, 3, 32, grid, col))
+    hi, lo = search_clip(w, 3, 32, grid, col, refine=2)
+    refined = err(hi, lo)
+    assert (refined <= tied * (1 + 1e-5)).all()  # per group, coordinate descent only descends
+    assert refined.sum() < 0.99 * tied.sum()
+    assert (hi != lo).any()
+    assert set(hi.unique().tolist()) | set(lo.unique().tolist()) <= set(grid.tolist())

@@ -75,14 +75,17 @@ class ElasticLinear(nn.Module):
         grid = torch.tensor(clip_grid(bits), dtype=self.weight.dtype)
         if col_weight is not None:
             col_weight = col_weight.to(self.weight.device, self.weight.dtype)
-        alpha = search_clip(self.weight, bits, self.spec.group_size_for(bits), grid, col_weight)
+        factors = search_clip(
+            self.weight, bits, self.spec.group_size_for(bits), grid, col_weight,
+            self.spec.clip_refine,
+        )
         # A learned clip must keep a gradient (sigmoid saturates at exactly 1), so it starts
         # just below 1; a fixed one keeps "no clip" exactly.
-        logit = torch.logit(alpha.clamp(max=CLIP_GRID[0]))
-        if bits not in self.spec.learned_clip_bits:
-            logit = torch.where(alpha >= 1, NO_CLIP_LOGIT, logit)
-        self.clip_hi[str(bits)].copy_(logit)
-        self.clip_lo[str(bits)].copy_(logit)
+        for logits, alpha in zip((self.clip_hi, self.clip_lo), factors):
+            logit = torch.logit(alpha.clamp(max=CLIP_GRID[0]))
+            if bits not in self.spec.learned_clip_bits:
+                logit = torch.where(alpha >= 1, NO_CLIP_LOGIT, logit)
+            logits[str(bits)].copy_(logit)
 
     def set_bits(self, bits: int | None, rtn: bool = False) -> None:
         """Switch to width ``bits`` (None = float). O(1): nothing is recomputed here."""

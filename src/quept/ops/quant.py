@@ -92,34 +92,58 @@ def rtn(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _grid_error(
+    wg: torch.Tensor, mx: torch.Tensor, mn: torch.Tensor, hi_f: torch.Tensor, lo_f: torch.Tensor,
+    qmax: int, h: torch.Tensor | None, buf: torch.Tensor,
+) -> torch.Tensor:
+    """(Weighted) squared quantization error per group for clip factors ``hi_f``/``lo_f``
+    (scalars or (out, G, 1)); the arithmetic of :func:`qparams`/:func:`fake_quant`, in place."""
+    lo = lo_f * mn
+    scale = (hi_f * mx - lo).div_(qmax).clamp_(min=1e-8)
+    zero = torch.round(-lo / scale).clamp_(0, qmax)
+    torch.div(wg, scale, out=buf)
+    buf.round_().add_(zero).clamp_(0, qmax).sub_(zero).mul_(scale).sub_(wg).square_()
+    if h is not None:
+        buf.mul_(h)
+    return buf.sum(-1, keepdim=True)
+
+
 def search_clip(
     w: torch.Tensor, bits: int, group_size: int, grid: torch.Tensor,
-    col_weight: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Per-group clip factor from ``grid`` (1-D, values in (0, 1]) minimising the quantization
-    error of ``w`` at ``bits`` (the same factor on max and min). ``col_weight`` (in,), e.g. the
-    mean squared input per input channel, weights each column's squared error (activation-aware);
-    None = plain MSE. Returns (out, n_groups)."""
+    col_weight: torch.Tensor | None = None, refine: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group clip factors from ``grid`` (1-D, values in (0, 1]) minimising the quantization
+    error of ``w`` at ``bits``. ``col_weight`` (in,), e.g. the mean squared input per input
+    channel, weights each column's squared error (activation-aware); None = plain MSE.
+
+    First the same factor on max and min; then ``refine`` rounds of coordinate descent, the max
+    factor with the min factor held and the reverse (each round can only lower the error).
+    Returns (hi, lo), each (out, n_groups)."""
     qmax = 2**bits - 1
     wg = to_groups(w, group_size)
     h = None if col_weight is None else to_groups(col_weight.reshape(1, -1), group_size)
     mx, mn = wg.amax(-1, keepdim=True), wg.amin(-1, keepdim=True)
-    best_err = torch.full(mx.shape, float("inf"), dtype=w.dtype, device=w.device)
-    best = torch.ones_like(best_err)
     buf = torch.empty_like(wg)
+    best_err = torch.full(mx.shape, float("inf"), dtype=w.dtype, device=w.device)
+    hi = torch.ones_like(best_err)
     for alpha in grid.tolist():
-        # Same arithmetic as qparams/fake_quant, in place to spare allocations.
-        scale = ((mx - mn) * (alpha / qmax)).clamp_(min=1e-8)
-        zero = torch.round(-alpha * mn / scale).clamp_(0, qmax)
-        torch.div(wg, scale, out=buf)
-        buf.round_().add_(zero).clamp_(0, qmax).sub_(zero).mul_(scale).sub_(wg).square_()
-        if h is not None:
-            buf.mul_(h)
-        err = buf.sum(-1, keepdim=True)
+        err = _grid_error(wg, mx, mn, alpha, alpha, qmax, h, buf)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        best = torch.where(better, torch.full_like(best, alpha), best)
-    return best.squeeze(-1)
+        hi = torch.where(better, alpha, hi)
+    lo = hi.clone()
+    for _ in range(refine):
+        for alpha in grid.tolist():  # the max factor, the min factor held
+            err = _grid_error(wg, mx, mn, alpha, lo, qmax, h, buf)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            hi = torch.where(better, alpha, hi)
+        for alpha in grid.tolist():  # the min factor, the max factor held
+            err = _grid_error(wg, mx, mn, hi, alpha, qmax, h, buf)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            lo = torch.where(better, alpha, lo)
+    return hi.squeeze(-1), lo.squeeze(-1)
 
 
 def stored_bits_per_weight(bits: int, group_size: int, in_features: int) -> float:
