@@ -108,6 +108,7 @@ def _grid_error(
     return buf.sum(-1, keepdim=True)
 
 
+@torch.no_grad()
 def search_clip(
     w: torch.Tensor, bits: int, group_size: int, grid: torch.Tensor,
     col_weight: torch.Tensor | None = None, refine: int = 0,
