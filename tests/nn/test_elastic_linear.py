@@ -130,15 +130,16 @@ def test_clip_search_grid_and_fixed_widths():
     col = torch.rand(64) + 0.1
     for b in (8, 6):
         m.init_clip_by_search(b, col)
-        alpha, _ = search_clip(m.weight, b, 16, torch.tensor(clip_grid(b)), col, refine=1)
-        got = torch.sigmoid(m.clip_hi[str(b)])
-        if b == 8:  # fixed: the searched factor, "no clip" exactly
-            assert (alpha == 1).any()
-            assert torch.equal(m.clip_hi["8"][alpha == 1], torch.full_like(got[alpha == 1], NO_CLIP_LOGIT))
-            assert torch.allclose(got, alpha)
-        else:  # learned: kept below 1 so the clip still has a gradient
-            assert torch.allclose(got, alpha.clamp(max=CLIP_GRID[0]))
-            assert (got < 1).all()
+        factors = search_clip(m.weight, b, 16, torch.tensor(clip_grid(b)), col, refine=1)
+        for logits, alpha in zip((m.clip_hi, m.clip_lo), factors):
+            got = torch.sigmoid(logits[str(b)])
+            if b == 8:  # fixed: the searched factors, "no clip" exactly
+                assert (alpha == 1).any()
+                assert (logits["8"][alpha == 1] == NO_CLIP_LOGIT).all()
+                assert torch.allclose(got, alpha)
+            else:  # learned: kept below 1 so the clip still has a gradient
+                assert torch.allclose(got, alpha.clamp(max=CLIP_GRID[0]))
+                assert (got < 1).all()
     _, clips = m.trainable_parameters()
     assert {id(p) for p in clips}.isdisjoint({id(m.clip_hi["8"]), id(m.clip_lo["7"])})
 

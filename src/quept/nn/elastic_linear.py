@@ -70,8 +70,9 @@ class ElasticLinear(nn.Module):
 
     @torch.no_grad()
     def init_clip_by_search(self, bits: int, col_weight: torch.Tensor | None = None) -> None:
-        """Set the clip logits of ``bits`` to the grid factor with least (input-weighted)
-        quantization error; ``col_weight`` (in,) is e.g. the mean squared input per channel."""
+        """Set the max and min clip logits of ``bits`` to the grid factors with least
+        (input-weighted) quantization error, refined apart ``spec.clip_refine`` rounds;
+        ``col_weight`` (in,) is e.g. the mean squared input per channel."""
         grid = torch.tensor(clip_grid(bits), dtype=self.weight.dtype)
         if col_weight is not None:
             col_weight = col_weight.to(self.weight.device, self.weight.dtype)

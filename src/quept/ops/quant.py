@@ -126,24 +126,24 @@ def search_clip(
     mx, mn = wg.amax(-1, keepdim=True), wg.amin(-1, keepdim=True)
     buf = torch.empty_like(wg)
     best_err = torch.full(mx.shape, float("inf"), dtype=w.dtype, device=w.device)
-    hi = torch.ones_like(best_err)
-    for alpha in grid.tolist():
-        err = _grid_error(wg, mx, mn, alpha, alpha, qmax, h, buf)
+
+    def improves(hi_f: float | torch.Tensor, lo_f: float | torch.Tensor) -> torch.Tensor:
+        """Groups where (hi_f, lo_f) beats the best so far; records their error."""
+        nonlocal best_err
+        err = _grid_error(wg, mx, mn, hi_f, lo_f, qmax, h, buf)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        hi = torch.where(better, alpha, hi)
+        return better
+
+    hi = torch.ones_like(best_err)
+    for alpha in grid.tolist():
+        hi = torch.where(improves(alpha, alpha), alpha, hi)
     lo = hi.clone()
     for _ in range(refine):
         for alpha in grid.tolist():  # the max factor, the min factor held
-            err = _grid_error(wg, mx, mn, alpha, lo, qmax, h, buf)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            hi = torch.where(better, alpha, hi)
+            hi = torch.where(improves(alpha, lo), alpha, hi)
         for alpha in grid.tolist():  # the min factor, the max factor held
-            err = _grid_error(wg, mx, mn, hi, alpha, qmax, h, buf)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            lo = torch.where(better, alpha, lo)
+            lo = torch.where(improves(hi, alpha), alpha, lo)
     return hi.squeeze(-1), lo.squeeze(-1)
 
 
