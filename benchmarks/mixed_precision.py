@@ -8,8 +8,10 @@ Run from the repository root on an elastic folder (``quept quantize`` writes one
 
 It measures the sensitivity table (cached in FOLDER/sensitivity.json; ``--recompute`` to time it
 afresh), checks it against the slow protocol (a forward per layer and width) on a subset of
-layers, makes plans at 2.25 .. 5 bits per weight, evaluates everything on Pride and Prejudice,
-checks the issue's figures and writes results/mixed_precision.json and .png.
+layers, makes plans at 2.25 .. 5 bits per weight (by default at the granularity, layer, sublayer
+or block, whose measured KL on 16 calibration sequences is lowest; ``--compare layer`` also
+evaluates the per-layer plans), evaluates everything on Pride and Prejudice, checks the issue's
+figures and writes results/mixed_precision.json and .png.
 """
 
 from __future__ import annotations
@@ -97,6 +99,12 @@ def main() -> int:
     p.add_argument("--recompute", action="store_true", help="measure the table even if cached")
     p.add_argument("--subset-blocks", default="2,15,28",
                    help="blocks whose linears get the slow protocol ('' skips the check)")
+    p.add_argument("--granularity", default="auto",
+                   choices=("auto", "layer", "sublayer", "block"), help="allocation unit")
+    p.add_argument("--check-samples", type=int, default=16,
+                   help="calibration sequences the auto granularity measures candidates on")
+    p.add_argument("--compare", default="",
+                   help="comma-separated fixed granularities also evaluated, e.g. 'layer'")
     p.add_argument("--out", default="results/mixed_precision.json", help="JSON output")
     a = p.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -113,12 +121,14 @@ def main() -> int:
     windows = quept.windows_from_text(tok, data.evaluation_text(), 512, a.windows)
 
     alloc = llama7b_allocation_ms()
-    plans, results = {}, {"uniform": [], "plans": []}
+    plans, results = {}, {"uniform": [], "plans": [], "compare": []}
+    check = ids[: a.check_samples]
     for avg in PLAN_BITS:
         try:
             t0 = time.perf_counter()
-            plans[avg] = quept.api.plan(model, table, avg_bits=avg)
-            results["plans"].append({"budget": avg, "alloc_ms": (time.perf_counter() - t0) * 1e3})
+            plans[avg] = quept.api.plan(model, table, avg_bits=avg, granularity=a.granularity,
+                                        check_ids=check)
+            results["plans"].append({"budget": avg, "plan_ms": (time.perf_counter() - t0) * 1e3})
         except InfeasibleBudgetError as e:
             results["plans"].append({"budget": avg, "infeasible": str(e)})
     for row in quept.evaluate(model, windows, [None, *range(2, 9)]):
@@ -130,9 +140,18 @@ def main() -> int:
             quept.set_bits(model, plan)
             row.update(bits_per_weight=plan.bits_per_weight, widths=plan.histogram(),
                        predicted_kl=plan.predicted_kl, exact=plan.exact,
+                       granularity=plan.granularity, checked_kl=plan.checked_kl,
                        ppl=perplexity(model, windows, progress=True, desc=f"plan {row['budget']}"))
-            print(f"plan {row['budget']}: {row['bits_per_weight']:.4f} bpw, ppl {row['ppl']:.2f}",
-                  flush=True)
+            print(f"plan {row['budget']}: {row['bits_per_weight']:.4f} bpw, {plan.granularity}, "
+                  f"ppl {row['ppl']:.2f}", flush=True)
+    for gran in filter(None, a.compare.split(",")):
+        for avg in plans:
+            plan = quept.api.plan(model, table, avg_bits=avg, granularity=gran)
+            quept.set_bits(model, plan)
+            results["compare"].append({
+                "budget": avg, "granularity": gran, "bits_per_weight": plan.bits_per_weight,
+                "widths": plan.histogram(), "predicted_kl": plan.predicted_kl,
+                "ppl": perplexity(model, windows, progress=True, desc=f"{gran} {avg}")})
 
     apply = plans[3.0]
     quept.set_bits(model, None)
@@ -186,16 +205,19 @@ def report(table, sens_call_s, alloc, results, set_ms, mat_ms, subset, a) -> dic
     gain = 1 - p3["ppl"] / ppl[3]
     print(f"\nSmolLM2-135M-Instruct (float = dequantized Q4_1), group 64, Pride and Prejudice "
           f"{a.windows} x 512 tokens; {platform.machine()}, {torch.get_num_threads()} threads\n")
-    print("| configuration | stored bits/weight | perplexity | layers per width |\n|---|---|---|---|")
+    print("| configuration | stored bits/weight | perplexity | granularity | layers per width |"
+          "\n|---|---|---|---|---|")
     for u in results["uniform"]:
         label = "float" if u["bits"] is None else f"uniform W{u['bits']}"
-        print(f"| {label} | {u['bits_per_weight']:.4f} | {u['ppl']:.2f} | |")
-    for r in results["plans"]:
+        print(f"| {label} | {u['bits_per_weight']:.4f} | {u['ppl']:.2f} | | |")
+    for r in results["plans"] + results["compare"]:
         if "ppl" in r:
             hist = ", ".join(f"W{b}: {n}" for b, n in r["widths"].items())
-            print(f"| plan {r['budget']} | {r['bits_per_weight']:.4f} | {r['ppl']:.2f} | {hist} |")
+            label = f"plan {r['budget']}" + ("" if r in results["plans"] else " (compare)")
+            print(f"| {label} | {r['bits_per_weight']:.4f} | {r['ppl']:.2f} | "
+                  f"{r['granularity']} | {hist} |")
         else:
-            print(f"| plan {r['budget']} | infeasible | | {r['infeasible']} |")
+            print(f"| plan {r['budget']} | infeasible | | | {r['infeasible']} |")
     print("\nchecks:")
     for c in checks:
         print(f"  plan {c['budget']}: ppl {c['ppl']:.2f} vs line {c['line_ppl']:.2f} between "
@@ -242,6 +264,10 @@ def plot(results: dict, path: Path, n_windows: int) -> None:
                     xytext=(4, 4), fontsize=8)
     ax.plot([r["bits_per_weight"] for r in plans], [r["ppl"] for r in plans], "s--",
             label="mixed-precision plan")
+    for gran in sorted({r["granularity"] for r in results.get("compare", [])}):
+        rows = [r for r in results["compare"] if r["granularity"] == gran]
+        ax.plot([r["bits_per_weight"] for r in rows], [r["ppl"] for r in rows], "x:",
+                label=f"plan, {gran} granularity only")
     fp = next(u["ppl"] for u in results["uniform"] if u["bits"] is None)
     ax.axhline(fp, color="grey", lw=0.8, ls=":", label="float (dequantized Q4_1)")
     ax.set_yscale("log")

@@ -28,7 +28,7 @@ def quantize(model: nn.Module, tok: Any, ids: torch.Tensor, job: dict[str, Any])
     if job.get("elastic"):
         return _reuse(job)
     cfg = QuEPTConfig(
-        spec=replace(ElasticSpec(), default_group_size=job["group_size"]),
+        spec=_spec(job),
         calib=replace(_calib(job), n_samples=ids.shape[0], seq_len=ids.shape[1],
                       seed=job["seed"]),
     )
@@ -46,7 +46,22 @@ def quantize(model: nn.Module, tok: Any, ids: torch.Tensor, job: dict[str, Any])
 
 def _calib(job: dict[str, Any]) -> CalibConfig:
     """The cpu-demo preset with the method's options (epochs, learning rates) applied."""
-    return replace(PRESETS["cpu-demo"], **job.get("options", {}))
+    return replace(PRESETS["cpu-demo"], **_calib_options(job))
+
+
+def _calib_options(job: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in job.get("options", {}).items() if k != "spec"}
+
+
+def _spec_options(job: dict[str, Any]) -> dict[str, Any]:
+    """The method's spec fields (e.g. bit groups and ranks), lists turned into tuples."""
+    tup = lambda v: tuple(tup(x) for x in v) if isinstance(v, list) else v  # noqa: E731
+    return {k: tup(v) for k, v in job.get("options", {}).get("spec", {}).items()}
+
+
+def _spec(job: dict[str, Any]) -> ElasticSpec:
+    """The default spec at the benchmark's group size with the method's spec fields."""
+    return replace(ElasticSpec(), default_group_size=job["group_size"], **_spec_options(job))
 
 
 def _reuse(job: dict[str, Any]) -> Quantized:
@@ -54,8 +69,10 @@ def _reuse(job: dict[str, Any]) -> Quantized:
     meta = quept.read_meta(folder)
     cfg = QuEPTConfig.from_dict(meta["config"])
     want = _calib(job)
-    wrong = {k: (getattr(cfg.calib, k), getattr(want, k)) for k in job.get("options", {})
+    wrong = {k: (getattr(cfg.calib, k), getattr(want, k)) for k in _calib_options(job)
              if getattr(cfg.calib, k) != getattr(want, k)}
+    wrong.update({k: (getattr(cfg.spec, k), v) for k, v in _spec_options(job).items()
+                  if getattr(cfg.spec, k) != v})
     if wrong:
         raise ValueError(f"{folder} was not calibrated with the settings of {job['method']}: "
                          + ", ".join(f"{k} is {got}, not {exp}" for k, (got, exp) in wrong.items()))

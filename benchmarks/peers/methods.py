@@ -47,10 +47,13 @@ METHODS: dict[str, Method] = {
                               library="auto-round", in_plot=False),
     "quept": Method("QuEPT (one model, all widths)", "elastic", calibrates=True, one_run=True),
     # The same method with a longer calibration: 4 passes over the samples at lower rates
-    # (the cpu-demo preset is sized for 12 steps per block, this gives 64 with 32 samples).
-    "quept-long": Method("QuEPT, 4 epochs (one model, all widths)", "elastic",
-                         {"epochs": 4, "lr_adapter": 1e-3, "lr_clip": 0.1}, calibrates=True,
-                         one_run=True),
+    # (the cpu-demo preset is sized for 12 steps per block, this gives 64 with 32 samples),
+    # and the 3-4 bit group split in two, so W4 and W3 each get an adapter slice of their own.
+    "quept-long": Method("QuEPT, 4 epochs, groups 7-8/5-6/4/3/2 (one model, all widths)",
+                         "elastic", {"epochs": 4, "lr_adapter": 1e-3, "lr_clip": 0.1, "spec": {
+                             "bit_groups": [[7, 8], [5, 6], [4], [3], [2]],
+                             "ranks": [0, 16, 8, 8, 8], "merge_weights": [0.2] * 5}},
+                         calibrates=True, one_run=True),
 }
 
 DEFAULT_METHODS = ("float", "rtn", "hqq", "gptq", "autoround-light", "autoround", "quept")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -38,6 +39,8 @@ from quept.search import (
     estimate_sensitivity,
     plan_from_table,
 )
+from quept.search.exact import configuration_kl
+from quept.search.plan import GRANULARITIES
 from quept.search.table import fingerprint as _table_fingerprint
 
 log = logging.getLogger(__name__)
@@ -158,17 +161,44 @@ def sensitivity(
 
 
 def plan(model: nn.Module, table: SensitivityTable, *, avg_bits: float | None = None,
-         max_bytes: int | None = None) -> Plan:
+         max_bytes: int | None = None, granularity: str = "auto",
+         check_ids: torch.Tensor | None = None) -> Plan:
     """The width per layer minimising the summed sensitivity within one budget: ``avg_bits``
     (stored bits per quantized weight, scales and zero-points included) or ``max_bytes``
-    (bytes of the quantized linears: codes + scales + zero-points). Solved exactly."""
+    (bytes of the quantized linears: codes + scales + zero-points). Solved exactly.
+
+    ``granularity``: "layer", "sublayer" or "block" (see :mod:`quept.search.plan`), or "auto"
+    (default): the exact plan at each of them, then the one whose measured KL to the float
+    model on ``check_ids`` (N, T calibration tokens, e.g. 16 x 128) is lowest. The summed
+    costs assume layers act independently; the measured KL does not, and on the default model
+    coarser units often win by tens of percent of perplexity at the same budget."""
     layers = elastic_layers(model)
     spec = _spec_of(model)
     if list(layers) != list(table.shapes) or any(
         table.group_size.get(b) != spec.group_size_for(b) for b in spec.bits
     ):
         raise ArtifactError("the sensitivity table was measured on another model or spec")
-    return plan_from_table(table, avg_bits=avg_bits, max_bytes=max_bytes)
+    if granularity != "auto":
+        return plan_from_table(table, avg_bits=avg_bits, max_bytes=max_bytes,
+                               granularity=granularity)
+    if check_ids is None:
+        raise ConfigError("granularity='auto' measures each candidate plan: pass check_ids "
+                          "(calibration tokens, e.g. 16 x 128), or a fixed granularity "
+                          f"{GRANULARITIES}")
+    if check_ids.ndim != 2 or check_ids.numel() == 0:
+        raise ConfigError(f"check_ids must be (N, T) token ids with N, T >= 1, got shape "
+                          f"{tuple(check_ids.shape)}")
+    candidates: dict[str, Plan] = {}
+    for g in GRANULARITIES:
+        p = plan_from_table(table, avg_bits=avg_bits, max_bytes=max_bytes, granularity=g)
+        if all(p.widths != c.widths for c in candidates.values()):
+            candidates[g] = p
+    kls = configuration_kl(model, check_ids, list(candidates.values()))
+    checked = dict(zip(candidates, kls))
+    best = min(checked, key=checked.get)
+    log.info("plan candidates, measured KL per token: %s; keeping %s",
+             ", ".join(f"{g} {v:.4f}" for g, v in checked.items()), best)
+    return dataclasses.replace(candidates[best], checked_kl=checked)
 
 
 # --- save / load ----------------------------------------------------------------------------

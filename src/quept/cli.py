@@ -17,6 +17,7 @@ from quept import api, cli_deploy
 from quept.calib import CalibCheckpoint
 from quept.config import PRESET_SPECS, PRESETS, ConfigError, QuEPTConfig, check_bits
 from quept.search import Plan, SensitivityConfig, parse_size
+from quept.search.plan import GRANULARITIES
 
 log = logging.getLogger("quept")
 DEFAULT_OUT = "quept-elastic"
@@ -294,6 +295,14 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
                    "+ scales + zero-points, e.g. 60MB, 1.5GiB, 500kB (kB/MB/GB = 1000^n, "
                    "KiB/MiB/GiB = 1024^n)")
     p.add_argument("--out", required=True, metavar="PLAN.json", help="where to write the plan")
+    p.add_argument("--granularity", choices=("auto", *GRANULARITIES), default="auto",
+                   help="allocation unit: every linear ('layer'), attention / MLP of a block "
+                   "('sublayer'), whole blocks ('block'), or 'auto' (default): the exact plan "
+                   "at each, keeping the one with the lowest KL measured on --check-samples "
+                   "calibration sequences")
+    p.add_argument("--check-samples", type=int, default=16,
+                   help="calibration sequences (of --seq-len tokens) the auto granularity "
+                   "measures each candidate plan on (default 16)")
     s = p.add_argument_group("sensitivity (cached in FOLDER/sensitivity.json)")
     s.add_argument("--calib-text", nargs="+", default=None, metavar="FILE",
                    help="calibration text (default: the Austen novels other than P&P)")
@@ -340,12 +349,16 @@ def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
                             recompute=a.recompute, progress=not a.json)
     sens_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    plan = api.plan(model, table, avg_bits=a.avg_bits, max_bytes=a.max_bytes)
+    plan = api.plan(model, table, avg_bits=a.avg_bits, max_bytes=a.max_bytes,
+                    granularity=a.granularity, check_ids=ids[: a.check_samples])
     alloc_s = time.perf_counter() - t1
     plan.save(a.out)
     if not a.json:
+        checked = "" if plan.checked_kl is None else "; measured KL " + ", ".join(
+            f"{g} {v:.4f}" for g, v in plan.checked_kl.items())
         _print_plan(plan, f"plan written to {a.out} (sensitivity {sens_s:.1f}s, allocation "
-                    f"{alloc_s * 1e3:.0f} ms); predicted KL {plan.predicted_kl:.4f} nats/token")
+                    f"{alloc_s * 1e3:.0f} ms); {plan.granularity} granularity, predicted KL "
+                    f"{plan.predicted_kl:.4f} nats/token{checked}")
     return {"out": a.out, **plan.to_dict(), "sensitivity_seconds": sens_s,
             "allocation_seconds": alloc_s}
 

@@ -86,7 +86,8 @@ def test_other_quept_settings_are_not_peers_and_each_gets_a_verdict_row():
     assert long["best_peer"] == "gptq" and long["ratio"] == pytest.approx(27.9 / 27.2)
     md = report.markdown(doc)
     assert "| QuEPT (one model, all widths) / best peer | 1.037 (loses) |" in md
-    assert "| QuEPT, 4 epochs (one model, all widths) / best peer | 1.026 (loses) |" in md
+    assert ("| QuEPT, 4 epochs, groups 7-8/5-6/4/3/2 (one model, all widths) / best peer "
+            "| 1.026 (loses) |") in md
 
 
 def test_error_line_is_the_exception_or_the_signal():
@@ -164,3 +165,23 @@ def test_reused_elastic_folder_must_match_the_methods_calibration(tmp_path):
         elastic.quantize(None, None, None, job)
     assert elastic._calib(job).epochs == 4 and elastic._calib(job).lr_clip == 0.1
     assert elastic._calib({"options": {}}) == PRESETS["cpu-demo"]
+
+
+def test_quept_methods_may_set_spec_fields_and_a_reused_folder_must_match(tmp_path):
+    from peers import elastic
+    from peers.methods import method
+
+    import quept
+    from quept.config import QuEPTConfig
+
+    job = {"method": "quept-long", "options": method("quept-long").options, "group_size": 16,
+           "bits": [4]}
+    spec = elastic._spec(job)
+    assert spec.bit_groups == ((7, 8), (5, 6), (4,), (3,), (2,)) and spec.ranks[-1] == 8
+    assert spec.default_group_size == 16 and elastic._calib(job).epochs == 4
+    model = tiny_model()
+    quept.prepare(model, quept.ElasticSpec(default_group_size=16))  # the default groups
+    quept.save(model, tmp_path / "e", QuEPTConfig(spec=model.quept_spec,
+                                                  calib=elastic._calib(job)))
+    with pytest.raises(ValueError, match="bit_groups is"):
+        elastic._reuse({**job, "elastic": str(tmp_path / "e")})

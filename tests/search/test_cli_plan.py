@@ -44,10 +44,18 @@ def test_plan_then_eval_with_the_plan(folder, capsys):
                             "--json", *small])
     cache = elastic / "sensitivity.json"
     assert res["bits_per_weight"] <= 4.0 and cache.is_file()
+    assert res["granularity"] == min(res["checked_kl"], key=res["checked_kl"].get)  # auto
     stamp = cache.stat().st_mtime_ns
     again = run_json(capsys, ["plan", str(elastic), "--max-bytes", "50kB", "--out",
                               str(folder / "q.json"), "--json", *small])
     assert again["stored_bytes"] <= 50_000 and cache.stat().st_mtime_ns == stamp  # reused
+    block = run_json(capsys, ["plan", str(elastic), "--avg-bits", "4.0", "--granularity",
+                              "block", "--out", str(folder / "b.json"), "--json", *small])
+    assert block["granularity"] == "block" and block["checked_kl"] is None
+    per_block = {}
+    for name, b in block["bits"].items():
+        per_block.setdefault(name.split(".")[2], set()).add(b)
+    assert len(per_block) == 2 and all(len(v) == 1 for v in per_block.values())
     ev = run_json(capsys, ["eval", str(elastic), "--plan", str(out), "--text", text,
                            "--windows", "1", "--seq-len", "64", "--json"])
     assert ev["rows"] == [] and ev["plan"]["bits_per_weight"] == pytest.approx(
@@ -62,6 +70,9 @@ def test_plan_errors_are_clear(folder, capsys):
                  *small]) == 2
     err = capsys.readouterr().err
     assert "infeasible" in err and "range from 3.1250 to 9.5000" in err
+    assert main(["plan", elastic, "--avg-bits", "4.0", "--check-samples", "0", "--out",
+                 str(folder / "x.json"), *small]) == 2
+    assert "check_ids must be (N, T)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["plan", elastic, "--max-bytes", "60XB", "--out", "x.json"])
     assert "cannot read a size from '60XB'" in capsys.readouterr().err

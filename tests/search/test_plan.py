@@ -15,8 +15,9 @@ from quept.search import (
     parse_size,
     plan_from_table,
 )
-from quept.search.plan import read_widths
-from tests.search.helpers import elastic_tiny
+from quept.search.exact import configuration_kl
+from quept.search.plan import read_widths, unit_of
+from tests.search.helpers import elastic_tiny, token_ids
 
 BITS = (2, 3, 4, 5, 6, 7, 8)
 
@@ -128,10 +129,81 @@ def test_bad_plans_are_refused_with_the_reason(model, tmp_path):
 
 def test_api_plan_checks_the_table_matches_the_model(model):
     table = synthetic_table(model)
-    assert quept.api.plan(model, table, avg_bits=4.0).bits_per_weight <= 4.0
+    assert quept.api.plan(model, table, avg_bits=4.0, granularity="layer").bits_per_weight <= 4.0
     other = elastic_tiny(layers=2)
     with pytest.raises(quept.ArtifactError, match="another model or spec"):
-        quept.api.plan(other, table, avg_bits=4.0)
+        quept.api.plan(other, table, avg_bits=4.0, granularity="layer")
+
+
+def test_unit_of_names_layers_sublayers_and_blocks():
+    name = "model.layers.3.mlp.down_proj"
+    assert unit_of(name, "layer") == name
+    assert unit_of(name, "sublayer") == "model.layers.3.mlp"
+    assert unit_of(name, "block") == "model.layers.3"
+    bert = "encoder.layer.11.attention.self.query"
+    assert unit_of(bert, "sublayer") == "encoder.layer.11.attention"
+    assert unit_of("blocks.0.fc", "sublayer") == "blocks.0.fc"  # directly under the block
+    assert unit_of("head", "block") == "head"  # no block: a unit of its own
+    with pytest.raises(ConfigError, match="granularity must be one of"):
+        unit_of(name, "row")
+
+
+def test_coarser_granularity_gives_each_unit_one_width():
+    model = elastic_tiny(layers=3)
+    layers = elastic_layers(model)
+    scale = {n: 8.0 for n in layers if ".1.self_attn." in n}  # block 1's attention is fragile
+    table = synthetic_table(model, scale)
+    avg = 3.6
+    plans = {g: plan_from_table(table, avg_bits=avg, granularity=g)
+             for g in ("layer", "sublayer", "block")}
+    for g, plan in plans.items():
+        assert plan.granularity == g and plan.bits_per_weight <= avg and plan.exact
+        assert list(plan) == list(layers)
+        units = {}
+        for n, b in plan.items():
+            units.setdefault(unit_of(n, g), set()).add(b)
+        assert all(len(v) == 1 for v in units.values())
+    # more freedom never predicts worse, and the fragile sublayer gets more bits than the rest
+    assert plans["layer"].predicted_kl <= plans["sublayer"].predicted_kl
+    assert plans["sublayer"].predicted_kl <= plans["block"].predicted_kl
+    sub = plans["sublayer"]
+    assert sub["model.layers.1.self_attn.q_proj"] > sub["model.layers.1.mlp.up_proj"]
+
+
+def test_auto_granularity_keeps_the_candidate_with_least_measured_kl(model):
+    table = synthetic_table(model)
+    ids = token_ids(4, 16)
+    plan = quept.api.plan(model, table, avg_bits=3.6, check_ids=ids)
+    assert plan.checked_kl and set(plan.checked_kl) <= {"layer", "sublayer", "block"}
+    assert plan.granularity == min(plan.checked_kl, key=plan.checked_kl.get)
+    fixed = quept.api.plan(model, table, avg_bits=3.6, granularity=plan.granularity)
+    assert dict(fixed) == dict(plan)
+    # the measured KL is the real one of that configuration
+    (kl,) = configuration_kl(model, ids, [plan])
+    assert kl == pytest.approx(plan.checked_kl[plan.granularity], rel=1e-5)
+    again = Plan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert again.granularity == plan.granularity and again.checked_kl == plan.checked_kl
+    with pytest.raises(ConfigError, match="pass check_ids"):
+        quept.api.plan(model, table, avg_bits=3.6)
+
+
+def test_configuration_kl_is_zero_for_float_and_grows_as_bits_fall(model):
+    ids = token_ids(2, 16)
+    quept.set_bits(model, 5)
+    kl = configuration_kl(model, ids, [None, 8, 4, 2])
+    assert kl[0] == pytest.approx(0.0, abs=1e-6)
+    assert 0 < kl[1] < kl[2] < kl[3]
+    assert all(m.bits == 5 for m in elastic_layers(model).values())  # widths restored
+
+
+def test_plans_written_before_granularity_read_as_layer(model):
+    d = plan_from_table(synthetic_table(model), avg_bits=3.6).to_dict()
+    for k in ("granularity", "checked_kl"):
+        d.pop(k)
+    old = Plan.from_dict(d)
+    assert old.granularity == "layer" and old.checked_kl is None
+    with pytest.raises(ConfigError, match="granularity 'row'"):
+        Plan.from_dict({**d, "granularity": "row"})
 
 
 def test_read_widths_accepts_bare_mappings_and_quept_plans(tmp_path):

@@ -89,3 +89,31 @@ def exact_sensitivity(
             m.set_bits(b)
             m.clear_cache()
     return out
+
+
+@torch.no_grad()
+def configuration_kl(
+    model: nn.Module, input_ids: torch.Tensor, configs: Sequence, *, batch_size: int = 4,
+) -> list[float]:
+    """Mean KL(p_float || p) per token over the vocabulary, on ``input_ids`` (N, T), of each
+    configuration in ``configs`` (anything :func:`quept.set_bits` takes: a width, a plan, a
+    ``{layer: bits}`` mapping). One float forward and one forward per configuration per batch;
+    every layer's width is restored afterwards."""
+    layers = elastic_layers(model)
+    previous = {m: m.bits for m in layers.values()}
+    device = next(model.parameters()).device
+    totals = [0.0] * len(configs)
+    try:
+        for i in range(0, input_ids.shape[0], batch_size):
+            ids = input_ids[i : i + batch_size].to(device)
+            set_bits(model, None)
+            lp_fp = model(ids, use_cache=False).logits.float().log_softmax(-1)
+            for k, cfg in enumerate(configs):
+                set_bits(model, cfg)
+                lp = model(ids, use_cache=False).logits.float().log_softmax(-1)
+                totals[k] += F.kl_div(lp, lp_fp, log_target=True, reduction="sum").item()
+    finally:
+        for m, b in previous.items():
+            m.set_bits(b)
+            m.clear_cache()
+    return [t / input_ids.numel() for t in totals]

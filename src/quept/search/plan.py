@@ -4,6 +4,12 @@ allocation that turns a sensitivity table and a budget into a plan (DESIGN 2.6).
 Budgets count only the quantized linears, weighted by their size: codes plus an fp16 scale and
 a b-bit zero-point per group (:func:`quept.ops.stored_bits_per_weight`). Norms, embeddings and
 the head never absorb budget.
+
+Granularity: the allocation can give every linear its own width ("layer"), or one width to all
+linears under the same child of a block ("sublayer": attention or MLP of a decoder block) or
+to a whole block ("block"). The costs are measured one layer at a time, but calibration trains
+each block at one width at a time, so coarser units keep more of the compensation the uniform
+widths have; which granularity wins at a budget is measured (:func:`quept.api.plan`).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from quept.search.allocate import InfeasibleBudgetError, allocate, size_range
 from quept.search.table import LayerShape, SensitivityTable
 
 PLAN_FORMAT = "quept-plan"
+GRANULARITIES = ("layer", "sublayer", "block")
 PLAN_VERSION = 1
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
           "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
@@ -54,6 +61,9 @@ class Plan(Mapping[str, int]):
     bits_per_weight: stored bits per quantized weight (scales/zeros included), size-weighted.
     stored_bytes: bytes of codes + scales + zero-points of every quantized linear.
     predicted_kl: summed sensitivity of the chosen widths (mean KL per token, nats).
+    granularity: the allocation unit (:data:`GRANULARITIES`).
+    checked_kl: when the plan was chosen among granularities, the measured KL per token of each
+        candidate ``{granularity: nats}`` (candidates with identical widths share one entry).
     """
 
     widths: dict[str, int]
@@ -63,6 +73,8 @@ class Plan(Mapping[str, int]):
     budget: dict[str, float] = field(default_factory=dict)
     predicted_kl: float | None = None
     exact: bool = True
+    granularity: str = "layer"
+    checked_kl: dict[str, float] | None = None
 
     def __getitem__(self, name: str) -> int:
         return self.widths[name]
@@ -86,6 +98,7 @@ class Plan(Mapping[str, int]):
             "bits_per_weight": self.bits_per_weight, "stored_bytes": self.stored_bytes,
             "n_weights": self.n_weights, "budget": self.budget,
             "predicted_kl": self.predicted_kl, "exact": self.exact,
+            "granularity": self.granularity, "checked_kl": self.checked_kl,
         }
 
     @classmethod
@@ -99,11 +112,16 @@ class Plan(Mapping[str, int]):
         bad = {n: b for n, b in widths.items() if isinstance(b, bool) or not isinstance(b, int)}
         if bad:
             raise ConfigError(f"{where}: widths must be integers, got {dict(list(bad.items())[:3])}")
+        gran = d.get("granularity", "layer")
+        if gran not in GRANULARITIES:
+            raise ConfigError(f"{where}: granularity {gran!r} is not one of {GRANULARITIES}")
+        checked = d.get("checked_kl")
         try:
             return cls(dict(widths), float(d["bits_per_weight"]), float(d["stored_bytes"]),
                        int(d["n_weights"]), dict(d.get("budget", {})),
                        None if d.get("predicted_kl") is None else float(d["predicted_kl"]),
-                       bool(d.get("exact", True)))
+                       bool(d.get("exact", True)), gran,
+                       None if checked is None else {str(k): float(v) for k, v in checked.items()})
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"{where}: missing or malformed field ({e!r})") from None
 
@@ -170,16 +188,38 @@ def _sizes(table: SensitivityTable) -> list[list[int]]:
             for s in table.shapes.values()]
 
 
+def unit_of(name: str, granularity: str) -> str:
+    """The allocation unit of linear ``name``: the layer itself ("layer"), the module right under
+    its block ("sublayer": ``model.layers.3.mlp.down_proj`` -> ``model.layers.3.mlp``) or the
+    block ("block": ``model.layers.3``). The block is the name up to its first numeric part; a
+    name without one is a unit of its own."""
+    if granularity not in GRANULARITIES:
+        raise ConfigError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    parts = name.split(".")
+    at = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+    if granularity == "layer" or at is None:
+        return name
+    return ".".join(parts[: at + (1 if granularity == "block" else 2)])
+
+
 def plan_from_table(
     table: SensitivityTable, *, avg_bits: float | None = None, max_bytes: int | None = None,
+    granularity: str = "layer",
 ) -> Plan:
     """The width per layer minimising the summed sensitivity within the budget: ``avg_bits``
-    (stored bits per quantized weight) or ``max_bytes`` (codes + scales + zeros), one of them."""
+    (stored bits per quantized weight) or ``max_bytes`` (codes + scales + zeros), one of them.
+    With ``granularity`` "sublayer" or "block" every linear of a unit gets the same width (the
+    unit's cost and size are its layers' sums); the solution is exact for that choice."""
     if (avg_bits is None) == (max_bytes is None):
         raise ConfigError("give exactly one budget: avg_bits or max_bytes")
     names = list(table.shapes)
     n = sum(s.numel for s in table.shapes.values())
-    sizes = _sizes(table)
+    units: dict[str, list[int]] = {}  # unit -> indices of its layers, in table order
+    for i, name in enumerate(names):
+        units.setdefault(unit_of(name, granularity), []).append(i)
+    layer_sizes = _sizes(table)
+    sizes = [[sum(layer_sizes[i][j] for i in idx) for j in range(len(table.bits))]
+             for idx in units.values()]
     lo, hi = size_range(sizes)
     if avg_bits is not None:
         if not math.isfinite(avg_bits):
@@ -196,7 +236,10 @@ def plan_from_table(
             f"{lo / n:.4f} to {hi / n:.4f} stored bits per weight ({lo / 8:,.0f} to "
             f"{hi / 8:,.0f} bytes of quantized linears, scales and zero-points included)"
         )
-    cost = [list(table.kl[name]) for name in names]
+    cost = [[sum(table.kl[names[i]][j] for i in idx) for j in range(len(table.bits))]
+            for idx in units.values()]
     alloc = allocate(cost, sizes, capacity)
-    widths = {name: table.bits[j] for name, j in zip(names, alloc.choice)}
-    return Plan(widths, alloc.size / n, alloc.size / 8, n, budget, alloc.cost, alloc.exact)
+    widths = {names[i]: table.bits[j] for idx, j in zip(units.values(), alloc.choice) for i in idx}
+    widths = {name: widths[name] for name in names}
+    return Plan(widths, alloc.size / n, alloc.size / 8, n, budget, alloc.cost, alloc.exact,
+                granularity)
