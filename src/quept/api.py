@@ -171,7 +171,7 @@ def plan(model: nn.Module, table: SensitivityTable, *, avg_bits: float | None = 
     (default): the exact plan at each of them, then the one whose measured KL to the float
     model on ``check_ids`` (N, T calibration tokens, e.g. 16 x 128) is lowest. The summed
     costs assume layers act independently; the measured KL does not, and on the default model
-    coarser units often win by tens of percent of perplexity at the same budget."""
+    coarser units often give lower perplexity at the same budget (README, mixed precision)."""
     layers = elastic_layers(model)
     spec = _spec_of(model)
     if list(layers) != list(table.shapes) or any(

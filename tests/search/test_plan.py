@@ -204,6 +204,8 @@ def test_plans_written_before_granularity_read_as_layer(model):
     assert old.granularity == "layer" and old.checked_kl is None
     with pytest.raises(ConfigError, match="granularity 'row'"):
         Plan.from_dict({**d, "granularity": "row"})
+    with pytest.raises(ConfigError, match="malformed field"):
+        Plan.from_dict({**d, "checked_kl": [0.1]})
 
 
 def test_read_widths_accepts_bare_mappings_and_quept_plans(tmp_path):

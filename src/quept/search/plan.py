@@ -122,7 +122,7 @@ class Plan(Mapping[str, int]):
                        None if d.get("predicted_kl") is None else float(d["predicted_kl"]),
                        bool(d.get("exact", True)), gran,
                        None if checked is None else {str(k): float(v) for k, v in checked.items()})
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ConfigError(f"{where}: missing or malformed field ({e!r})") from None
 
     def save(self, path: str | os.PathLike) -> Path:
