@@ -97,8 +97,9 @@ def configuration_kl(
 ) -> list[float]:
     """Mean KL(p_float || p) per token over the vocabulary, on ``input_ids`` (N, T), of each
     configuration in ``configs`` (anything :func:`quept.set_bits` takes: a width, a plan, a
-    ``{layer: bits}`` mapping). One float forward and one forward per configuration per batch;
-    every layer's width is restored afterwards."""
+    ``{layer: bits}`` mapping). One float forward and one forward per configuration per batch
+    (the float logits are not kept across batches: N x T x vocab floats); every layer's width
+    is restored afterwards."""
     layers = elastic_layers(model)
     previous = {m: m.bits for m in layers.values()}
     device = next(model.parameters()).device
