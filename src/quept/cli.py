@@ -337,6 +337,8 @@ def _print_plan(plan: Plan, title: str) -> None:
 def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
     from quept.data.tokens import calibration_samples, tokenize
 
+    if a.check_samples < 1:
+        raise ConfigError(f"--check-samples must be >= 1, got {a.check_samples}")
     cfg = SensitivityConfig(n_samples=a.samples, seq_len=a.seq_len, n_probes=a.probes,
                             reference_bits=a.reference_bits, seed=a.seed)
     folder = Path(a.folder)
@@ -356,8 +358,9 @@ def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
     if not a.json:
         checked = "" if plan.checked_kl is None else "; measured KL " + ", ".join(
             f"{g} {v:.4f}" for g, v in plan.checked_kl.items())
-        _print_plan(plan, f"plan written to {a.out} (sensitivity {sens_s:.1f}s, allocation "
-                    f"{alloc_s * 1e3:.0f} ms); {plan.granularity} granularity, predicted KL "
+        what = "allocation" if plan.checked_kl is None else "allocations and KL checks"
+        _print_plan(plan, f"plan written to {a.out} (sensitivity {sens_s:.1f}s, {what} "
+                    f"{alloc_s:.1f}s); {plan.granularity} granularity, predicted KL "
                     f"{plan.predicted_kl:.4f} nats/token{checked}")
     return {"out": a.out, **plan.to_dict(), "sensitivity_seconds": sens_s,
             "allocation_seconds": alloc_s}

@@ -72,7 +72,7 @@ def test_plan_errors_are_clear(folder, capsys):
     assert "infeasible" in err and "range from 3.1250 to 9.5000" in err
     assert main(["plan", elastic, "--avg-bits", "4.0", "--check-samples", "0", "--out",
                  str(folder / "x.json"), *small]) == 2
-    assert "check_ids must be (N, T)" in capsys.readouterr().err
+    assert "--check-samples must be >= 1, got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["plan", elastic, "--max-bytes", "60XB", "--out", "x.json"])
     assert "cannot read a size from '60XB'" in capsys.readouterr().err
