@@ -54,9 +54,12 @@ def _calib_options(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _spec_options(job: dict[str, Any]) -> dict[str, Any]:
-    """The method's spec fields (e.g. bit groups and ranks), lists turned into tuples."""
-    tup = lambda v: tuple(tup(x) for x in v) if isinstance(v, list) else v  # noqa: E731
-    return {k: tup(v) for k, v in job.get("options", {}).get("spec", {}).items()}
+    """The method's spec fields (e.g. bit groups and ranks), JSON lists turned into tuples."""
+    return {k: _tuples(v) for k, v in job.get("options", {}).get("spec", {}).items()}
+
+
+def _tuples(v: Any) -> Any:
+    return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
 
 
 def _spec(job: dict[str, Any]) -> ElasticSpec:

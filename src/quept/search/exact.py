@@ -6,7 +6,8 @@ reused (this changes the cost, not the result)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -16,9 +17,21 @@ from tqdm.auto import tqdm
 from quept.calib.capture import capture_block_inputs
 from quept.config import ConfigError
 from quept.models import family_for
-from quept.nn import elastic_layers, set_bits
+from quept.nn import ElasticLinear, elastic_layers, set_bits
 
 log = logging.getLogger(__name__)
+
+
+@contextmanager
+def _widths_restored(layers: Iterable[ElasticLinear]) -> Iterator[None]:
+    """Give every layer back the width it had, with its cached weight dropped."""
+    previous = {m: m.bits for m in layers}
+    try:
+        yield
+    finally:
+        for m, b in previous.items():
+            m.set_bits(b)
+            m.clear_cache()
 
 
 def _head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -64,8 +77,7 @@ def exact_sensitivity(
     def kl(lp: torch.Tensor) -> float:
         return F.kl_div(lp, lp_fp, log_target=True, reduction="sum").item() / n_tok
 
-    previous = {m: m.bits for m in all_layers.values()}
-    try:
+    with _widths_restored(all_layers.values()):
         set_bits(model, None)
         lp_fp = log_probs(x, 0)
         set_bits(model, reference_bits)
@@ -84,10 +96,6 @@ def exact_sensitivity(
             m.clear_cache()
             out[name] = tuple(row)
             log.debug("%s: %s", name, row)
-    finally:
-        for m, b in previous.items():
-            m.set_bits(b)
-            m.clear_cache()
     return out
 
 
@@ -100,11 +108,9 @@ def configuration_kl(
     ``{layer: bits}`` mapping). One float forward and one forward per configuration per batch
     (the float logits are not kept across batches: N x T x vocab floats); every layer's width
     is restored afterwards."""
-    layers = elastic_layers(model)
-    previous = {m: m.bits for m in layers.values()}
     device = next(model.parameters()).device
     totals = [0.0] * len(configs)
-    try:
+    with _widths_restored(elastic_layers(model).values()):
         for i in range(0, input_ids.shape[0], batch_size):
             ids = input_ids[i : i + batch_size].to(device)
             set_bits(model, None)
@@ -113,8 +119,4 @@ def configuration_kl(
                 set_bits(model, cfg)
                 lp = model(ids, use_cache=False).logits.float().log_softmax(-1)
                 totals[k] += F.kl_div(lp, lp_fp, log_target=True, reduction="sum").item()
-    finally:
-        for m, b in previous.items():
-            m.set_bits(b)
-            m.clear_cache()
     return [t / input_ids.numel() for t in totals]

@@ -214,12 +214,14 @@ def plan_from_table(
         raise ConfigError("give exactly one budget: avg_bits or max_bytes")
     names = list(table.shapes)
     n = sum(s.numel for s in table.shapes.values())
-    units: dict[str, list[int]] = {}  # unit -> indices of its layers, in table order
-    for i, name in enumerate(names):
-        units.setdefault(unit_of(name, granularity), []).append(i)
-    layer_sizes = _sizes(table)
-    sizes = [[sum(layer_sizes[i][j] for i in idx) for j in range(len(table.bits))]
-             for idx in units.values()]
+    ids: dict[str, int] = {}  # unit -> its index, in table order
+    unit = [ids.setdefault(unit_of(name, granularity), len(ids)) for name in names]
+    sizes = [[0] * len(table.bits) for _ in ids]
+    cost = [[0.0] * len(table.bits) for _ in ids]
+    for name, u, layer_sizes in zip(names, unit, _sizes(table)):
+        for j, (size, kl) in enumerate(zip(layer_sizes, table.kl[name])):
+            sizes[u][j] += size
+            cost[u][j] += kl
     lo, hi = size_range(sizes)
     if avg_bits is not None:
         if not math.isfinite(avg_bits):
@@ -236,10 +238,7 @@ def plan_from_table(
             f"{lo / n:.4f} to {hi / n:.4f} stored bits per weight ({lo / 8:,.0f} to "
             f"{hi / 8:,.0f} bytes of quantized linears, scales and zero-points included)"
         )
-    cost = [[sum(table.kl[names[i]][j] for i in idx) for j in range(len(table.bits))]
-            for idx in units.values()]
     alloc = allocate(cost, sizes, capacity)
-    widths = {names[i]: table.bits[j] for idx, j in zip(units.values(), alloc.choice) for i in idx}
-    widths = {name: widths[name] for name in names}
+    widths = {name: table.bits[alloc.choice[u]] for name, u in zip(names, unit)}
     return Plan(widths, alloc.size / n, alloc.size / 8, n, budget, alloc.cost, alloc.exact,
                 granularity)
