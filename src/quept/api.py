@@ -39,8 +39,8 @@ from quept.search import (
     estimate_sensitivity,
     plan_from_table,
 )
-from quept.search.exact import configuration_kl
-from quept.search.plan import GRANULARITIES
+from quept.search.exact import configuration_kl, unit_swap_kl
+from quept.search.plan import GRANULARITIES, bracketing_widths, plan_from_swaps, unit_of
 from quept.search.table import fingerprint as _table_fingerprint
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,8 @@ def sensitivity(
 
 def plan(model: nn.Module, table: SensitivityTable, *, avg_bits: float | None = None,
          max_bytes: int | None = None, granularity: str = "auto",
-         check_ids: torch.Tensor | None = None) -> Plan:
+         check_ids: torch.Tensor | None = None, in_context: bool = True,
+         cache: dict | None = None) -> Plan:
     """The width per layer minimising the summed sensitivity within one budget: ``avg_bits``
     (stored bits per quantized weight, scales and zero-points included) or ``max_bytes``
     (bytes of the quantized linears: codes + scales + zero-points). Solved exactly.
@@ -171,7 +172,14 @@ def plan(model: nn.Module, table: SensitivityTable, *, avg_bits: float | None = 
     (default): the exact plan at each of them, then the one whose measured KL to the float
     model on ``check_ids`` (N, T calibration tokens, e.g. 16 x 128) is lowest. The summed
     costs assume layers act independently; the measured KL does not, and on the default model
-    coarser units often give lower perplexity at the same budget (README, mixed precision)."""
+    coarser units often give lower perplexity at the same budget (README, mixed precision).
+
+    ``in_context`` (auto only): two more candidates, made from the uniform widths just below
+    and above the budget: each block's cost measured *in* one uniform model when it alone
+    moves to the other width (:func:`quept.search.exact.unit_swap_kl`, two sweeps of one
+    forward per block on ``check_ids``), then the best set of blocks to move, exactly. ``cache``
+    (a dict, for one model and one ``check_ids``) keeps those sweeps for later budgets between
+    the same two widths."""
     layers = elastic_layers(model)
     spec = _spec_of(model)
     if list(layers) != list(table.shapes) or any(
@@ -189,10 +197,26 @@ def plan(model: nn.Module, table: SensitivityTable, *, avg_bits: float | None = 
         raise ConfigError(f"check_ids must be (N, T) token ids with N, T >= 1, got shape "
                           f"{tuple(check_ids.shape)}")
     candidates: dict[str, Plan] = {}
-    for g in GRANULARITIES:
-        p = plan_from_table(table, avg_bits=avg_bits, max_bytes=max_bytes, granularity=g)
+
+    def add(p: Plan) -> None:
         if all(p.widths != c.widths for c in candidates.values()):
-            candidates[g] = p
+            candidates[p.label] = p
+
+    for g in GRANULARITIES:
+        add(plan_from_table(table, avg_bits=avg_bits, max_bytes=max_bytes, granularity=g))
+    lo, hi = bracketing_widths(table, avg_bits=avg_bits, max_bytes=max_bytes)
+    if in_context and hi is not None:
+        units: dict[str, list[str]] = {}
+        for name in layers:
+            units.setdefault(unit_of(name, "block"), []).append(name)
+        cache = {} if cache is None else cache
+        for base, alt in ((lo, hi), (hi, lo)):
+            if (base, alt) not in cache:
+                cache[base, alt] = unit_swap_kl(model, check_ids, units, base, alt,
+                                                progress=False)
+            kl_base, deltas = cache[base, alt]
+            add(plan_from_swaps(
+                table, base, alt, deltas, kl_base, avg_bits=avg_bits, max_bytes=max_bytes))
     kls = configuration_kl(model, check_ids, list(candidates.values()))
     checked = dict(zip(candidates, kls))
     best = min(checked, key=checked.get)

@@ -91,8 +91,12 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-text", nargs="+", default=None, metavar="FILE",
                    help="text for the final table (default: Pride and Prejudice)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-demo",
-                   help="calibration preset; 'paper' = 128 x 2048 tokens, batch 2, 15 epochs, cuda, "
-                   "every group trained (ranks 8,8,8,8, every width's clips learned)")
+                   help="calibration preset: 'cpu-demo' (default) = 24 x 256 tokens, 1 epoch; "
+                   "'cpu-long' = 32 x 256 tokens, 16 epochs at rates 1e-3 / 0.1, groups "
+                   "7,8/5,6/4/3/2 with ranks 0,16,8,8,8 (about an hour on 2 cores for the "
+                   "default model, far more accurate at 2-4 bits); 'paper' = 128 x 2048 "
+                   "tokens, batch 2, 15 epochs, cuda, every group trained (ranks 8,8,8,8, "
+                   "every width's clips learned)")
     c = p.add_argument_group("calibration (override the preset)")
     c.add_argument("--samples", type=int, help="number of calibration samples")
     c.add_argument("--seq-len", type=int, help="tokens per calibration sample")
@@ -303,6 +307,11 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--check-samples", type=int, default=16,
                    help="calibration sequences (of --seq-len tokens) the auto granularity "
                    "measures each candidate plan on (default 16)")
+    p.add_argument("--in-context", action=argparse.BooleanOptionalAction, default=True,
+                   help="with auto: also measure each block's cost inside the uniform models "
+                   "just below and above the budget and add the two plans made from those "
+                   "costs to the candidates (default on; two more sweeps of one forward "
+                   "per block)")
     s = p.add_argument_group("sensitivity (cached in FOLDER/sensitivity.json)")
     s.add_argument("--calib-text", nargs="+", default=None, metavar="FILE",
                    help="calibration text (default: the Austen novels other than P&P)")
@@ -352,7 +361,8 @@ def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
     sens_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     plan = api.plan(model, table, avg_bits=a.avg_bits, max_bytes=a.max_bytes,
-                    granularity=a.granularity, check_ids=ids[: a.check_samples])
+                    granularity=a.granularity, check_ids=ids[: a.check_samples],
+                    in_context=a.in_context)
     alloc_s = time.perf_counter() - t1
     plan.save(a.out)
     if not a.json:
@@ -360,9 +370,9 @@ def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
             f"{g} {v:.4f}" for g, v in plan.checked_kl.items())
         what = "allocation" if plan.checked_kl is None else "allocations and KL checks"
         _print_plan(plan, f"plan written to {a.out} (sensitivity {sens_s:.1f}s, {what} "
-                    f"{alloc_s:.1f}s); {plan.granularity} granularity, predicted KL "
+                    f"{alloc_s:.1f}s); kept: {plan.label}, predicted KL "
                     f"{plan.predicted_kl:.4f} nats/token{checked}")
-    return {"out": a.out, **plan.to_dict(), "sensitivity_seconds": sens_s,
+    return {"out": a.out, **plan.to_dict(), "chosen": plan.label, "sensitivity_seconds": sens_s,
             "allocation_seconds": alloc_s}
 
 

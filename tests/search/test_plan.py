@@ -15,8 +15,8 @@ from quept.search import (
     parse_size,
     plan_from_table,
 )
-from quept.search.exact import configuration_kl
-from quept.search.plan import read_widths, unit_of
+from quept.search.exact import configuration_kl, unit_swap_kl
+from quept.search.plan import bracketing_widths, plan_from_swaps, read_widths, unit_of
 from tests.search.helpers import elastic_tiny, token_ids
 
 BITS = (2, 3, 4, 5, 6, 7, 8)
@@ -173,9 +173,9 @@ def test_coarser_granularity_gives_each_unit_one_width():
 def test_auto_granularity_keeps_the_candidate_with_least_measured_kl(model):
     table = synthetic_table(model)
     ids = token_ids(4, 16)
-    plan = quept.api.plan(model, table, avg_bits=3.6, check_ids=ids)
+    plan = quept.api.plan(model, table, avg_bits=3.6, check_ids=ids, in_context=False)
     assert plan.checked_kl and set(plan.checked_kl) <= {"layer", "sublayer", "block"}
-    assert plan.granularity == min(plan.checked_kl, key=plan.checked_kl.get)
+    assert plan.label == plan.granularity == min(plan.checked_kl, key=plan.checked_kl.get)
     fixed = quept.api.plan(model, table, avg_bits=3.6, granularity=plan.granularity)
     assert dict(fixed) == dict(plan)
     # the measured KL is the real one of that configuration
@@ -185,6 +185,71 @@ def test_auto_granularity_keeps_the_candidate_with_least_measured_kl(model):
     assert again.granularity == plan.granularity and again.checked_kl == plan.checked_kl
     with pytest.raises(ConfigError, match="pass check_ids"):
         quept.api.plan(model, table, avg_bits=3.6)
+
+
+def test_unit_swap_kl_is_the_kl_of_the_swapped_configuration():
+    model = elastic_tiny(layers=2)
+    layers = elastic_layers(model)
+    units = {}
+    for n in layers:
+        units.setdefault(unit_of(n, "sublayer"), []).append(n)
+    ids = token_ids(3, 16)
+    quept.set_bits(model, 6)
+    kl_base, deltas = unit_swap_kl(model, ids, units, 3, 2, progress=False)
+    assert list(deltas) == list(units) and len(deltas) == 4
+    configs = [3] + [{n: 2 if n in names else 3 for n in layers} for names in units.values()]
+    direct = configuration_kl(model, ids, configs, batch_size=3)
+    assert kl_base == pytest.approx(direct[0], rel=1e-4)
+    for d, kl in zip(deltas.values(), direct[1:]):
+        assert kl_base + d == pytest.approx(kl, rel=1e-4)
+        assert d > 0  # fewer bits in one unit: further from the float model
+    assert all(m.bits == 6 for m in layers.values())  # widths restored
+    with pytest.raises(ConfigError, match="one block"):
+        unit_swap_kl(model, ids, {"both": [next(iter(layers)), list(layers)[-1]]}, 3, 2)
+
+
+def test_plan_from_swaps_moves_the_cheapest_units_within_the_budget():
+    model = elastic_tiny(layers=3)
+    table = synthetic_table(model)
+    n = sum(s.numel for s in table.shapes.values())
+    w3 = sum(round(s.numel * stored_bits_per_weight(3, 16, s.in_features))
+             for s in table.shapes.values()) / n
+    # every block costs as much when it goes down to 2 bits, but block 1 least
+    deltas = {"model.layers.0": 0.5, "model.layers.1": 0.1, "model.layers.2": 0.3}
+    assert bracketing_widths(table, avg_bits=w3 - 0.05) == (2, 3)
+    assert bracketing_widths(table, avg_bits=w3) == (3, 4)
+    assert bracketing_widths(table, avg_bits=20.0) == (8, None)
+    down = plan_from_swaps(table, 3, 2, deltas, 1.0, avg_bits=w3 - 0.05)
+    assert down.bits_per_weight <= w3 - 0.05 and down.search == "from W3"
+    assert down.label == "block, from W3" and down.predicted_kl == pytest.approx(1.1)
+    assert {b for n, b in down.items() if ".1." in n} == {2}
+    assert {b for n, b in down.items() if ".1." not in n} == {3}
+    # going up, the most negative deltas are bought first
+    up = plan_from_swaps(table, 2, 3, {k: -v for k, v in deltas.items()}, 2.0,
+                         avg_bits=w3 - 0.05)
+    assert {b for n, b in up.items() if ".1." in n} == {2}
+    assert up.predicted_kl == pytest.approx(2.0 - 0.8)
+    assert Plan.from_dict(json.loads(json.dumps(up.to_dict()))).label == "block, from W2"
+    with pytest.raises(ConfigError, match="no unit"):
+        plan_from_swaps(table, 3, 2, {"model.layers.0": 0.5}, 1.0, avg_bits=w3 - 0.05)
+
+
+def test_auto_adds_the_in_context_candidates(model):
+    table = synthetic_table(model)
+    ids = token_ids(4, 16)
+    cache = {}
+    lo, hi = bracketing_widths(table, avg_bits=3.6)  # group 16: W3 stores 4.19 bits
+    assert (lo, hi) == (2, 3)
+    plan = quept.api.plan(model, table, avg_bits=3.6, check_ids=ids, cache=cache)
+    assert set(cache) == {(lo, hi), (hi, lo)}
+    assert plan.label == min(plan.checked_kl, key=plan.checked_kl.get)
+    assert set(plan.checked_kl) - {"layer", "sublayer", "block"} <= {
+        f"block, from W{lo}", f"block, from W{hi}"}
+    (kl,) = configuration_kl(model, ids, [plan])
+    assert kl == pytest.approx(plan.checked_kl[plan.label], rel=1e-5)
+    cache[lo, hi] = (0.0, {"model.layers.9": -1.0})  # a cached sweep is used, not remeasured
+    with pytest.raises(ConfigError, match="no unit"):
+        quept.api.plan(model, table, avg_bits=3.6, check_ids=ids, cache=cache)
 
 
 def test_configuration_kl_is_zero_for_float_and_grows_as_bits_fall(model):
@@ -198,10 +263,10 @@ def test_configuration_kl_is_zero_for_float_and_grows_as_bits_fall(model):
 
 def test_plans_written_before_granularity_read_as_layer(model):
     d = plan_from_table(synthetic_table(model), avg_bits=3.6).to_dict()
-    for k in ("granularity", "checked_kl"):
+    for k in ("granularity", "checked_kl", "search"):
         d.pop(k)
     old = Plan.from_dict(d)
-    assert old.granularity == "layer" and old.checked_kl is None
+    assert old.granularity == "layer" and old.checked_kl is None and old.search == "table"
     with pytest.raises(ConfigError, match="granularity 'row'"):
         Plan.from_dict({**d, "granularity": "row"})
     with pytest.raises(ConfigError, match="malformed field"):

@@ -6,7 +6,7 @@ reused (this changes the cost, not the result)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -120,3 +120,58 @@ def configuration_kl(
                 lp = model(ids, use_cache=False).logits.float().log_softmax(-1)
                 totals[k] += F.kl_div(lp, lp_fp, log_target=True, reduction="sum").item()
     return [t / input_ids.numel() for t in totals]
+
+
+@torch.no_grad()
+def unit_swap_kl(
+    model: nn.Module, input_ids: torch.Tensor, units: Mapping[str, Sequence[str]], base: int,
+    alt: int, *, progress: bool = True,
+) -> tuple[float, dict[str, float]]:
+    """In-context costs around a uniform width: ``(kl_base, {unit: delta})`` where ``kl_base``
+    is the mean KL(p_float || p) per token on ``input_ids`` (N, T) with every layer at ``base``
+    bits and ``delta`` how much that KL changes when only the unit's linears (all in one block)
+    go to ``alt`` bits. Unlike the table, which varies one layer of a float model, these costs
+    are measured where a plan near uniform ``base`` actually sits. The blocks before a unit's
+    block are run once, in the base configuration, and their outputs reused."""
+    fam, all_layers = family_for(model), elastic_layers(model)
+    blocks = fam.get_blocks(model)
+    block_of = {f"{fam.blocks}.{i}.{ln}": i for i, blk in enumerate(blocks)
+                for ln in fam.block_linears(blk)}
+    for unit, names in units.items():
+        where = {block_of.get(n) for n in names}
+        if not names or None in where or len(where) != 1:
+            raise ConfigError(f"unit {unit!r}: its linears must be elastic linears of one block, "
+                              f"got {list(names)[:3]}")
+    norm, head = _head(model)
+    device = next(model.parameters()).device
+    x, kwargs = capture_block_inputs(model, fam, input_ids, input_ids.shape[0], str(device))
+    x = x.to(device)
+    n_tok = input_ids.numel()
+
+    def log_probs(h: torch.Tensor, start: int) -> torch.Tensor:
+        for blk in blocks[start:]:
+            h = fam.call_block(blk, h, kwargs)
+        return head(norm(h)).float().log_softmax(-1)
+
+    with _widths_restored(all_layers.values()):
+        set_bits(model, None)
+        lp_fp = log_probs(x, 0)
+
+        def kl(lp: torch.Tensor) -> float:
+            return F.kl_div(lp, lp_fp, log_target=True, reduction="sum").item() / n_tok
+
+        set_bits(model, base)
+        inputs = [x]
+        for blk in blocks[:-1]:
+            inputs.append(fam.call_block(blk, inputs[-1], kwargs))
+        kl_base = kl(log_probs(inputs[0], 0))
+        deltas = {}
+        for unit, names in tqdm(units.items(), disable=not progress, leave=False,
+                                desc=f"KL of units at {alt} bits in W{base}"):
+            for n in names:
+                all_layers[n].set_bits(alt)
+            deltas[unit] = kl(log_probs(inputs[block_of[names[0]]], block_of[names[0]])) - kl_base
+            for n in names:
+                all_layers[n].set_bits(base)
+                all_layers[n].clear_cache()
+    return kl_base, deltas

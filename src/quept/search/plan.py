@@ -62,8 +62,11 @@ class Plan(Mapping[str, int]):
     stored_bytes: bytes of codes + scales + zero-points of every quantized linear.
     predicted_kl: summed sensitivity of the chosen widths (mean KL per token, nats).
     granularity: the allocation unit (:data:`GRANULARITIES`).
-    checked_kl: when the plan was chosen among granularities, the measured KL per token of each
-        candidate ``{granularity: nats}`` (candidates with identical widths share one entry).
+    checked_kl: when the plan was chosen among candidates, the measured KL per token of each
+        ``{candidate: nats}`` (candidates with identical widths share one entry).
+    search: how the widths were chosen: "table" (summed costs of the sensitivity table) or
+        "from W<b>" (in-context costs of units moved away from uniform b bits,
+        :func:`plan_from_swaps`).
     """
 
     widths: dict[str, int]
@@ -75,6 +78,7 @@ class Plan(Mapping[str, int]):
     exact: bool = True
     granularity: str = "layer"
     checked_kl: dict[str, float] | None = None
+    search: str = "table"
 
     def __getitem__(self, name: str) -> int:
         return self.widths[name]
@@ -84,6 +88,12 @@ class Plan(Mapping[str, int]):
 
     def __len__(self) -> int:
         return len(self.widths)
+
+    @property
+    def label(self) -> str:
+        """How the plan was made, as ``checked_kl`` names it: the granularity, followed by the
+        search when that is not the table ("block, from W3")."""
+        return self.granularity if self.search == "table" else f"{self.granularity}, {self.search}"
 
     def histogram(self) -> dict[int, int]:
         """Number of layers per width."""
@@ -99,6 +109,7 @@ class Plan(Mapping[str, int]):
             "n_weights": self.n_weights, "budget": self.budget,
             "predicted_kl": self.predicted_kl, "exact": self.exact,
             "granularity": self.granularity, "checked_kl": self.checked_kl,
+            "search": self.search,
         }
 
     @classmethod
@@ -121,7 +132,8 @@ class Plan(Mapping[str, int]):
                        int(d["n_weights"]), dict(d.get("budget", {})),
                        None if d.get("predicted_kl") is None else float(d["predicted_kl"]),
                        bool(d.get("exact", True)), gran,
-                       None if checked is None else {str(k): float(v) for k, v in checked.items()})
+                       None if checked is None else {str(k): float(v) for k, v in checked.items()},
+                       str(d.get("search", "table")))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ConfigError(f"{where}: missing or malformed field ({e!r})") from None
 
@@ -210,8 +222,6 @@ def plan_from_table(
     (stored bits per quantized weight) or ``max_bytes`` (codes + scales + zeros), one of them.
     With ``granularity`` "sublayer" or "block" every linear of a unit gets the same width (the
     unit's cost and size are its layers' sums); the solution is exact for that choice."""
-    if (avg_bits is None) == (max_bytes is None):
-        raise ConfigError("give exactly one budget: avg_bits or max_bytes")
     names = list(table.shapes)
     n = sum(s.numel for s in table.shapes.values())
     ids: dict[str, int] = {}  # unit -> its index, in table order
@@ -222,6 +232,20 @@ def plan_from_table(
         for j, (size, kl) in enumerate(zip(layer_sizes, table.kl[name])):
             sizes[u][j] += size
             cost[u][j] += kl
+    capacity, budget = _capacity(table, sizes, avg_bits, max_bytes)
+    alloc = allocate(cost, sizes, capacity)
+    widths = {name: table.bits[alloc.choice[u]] for name, u in zip(names, unit)}
+    return Plan(widths, alloc.size / n, alloc.size / 8, n, budget, alloc.cost, alloc.exact,
+                granularity)
+
+
+def _capacity(table: SensitivityTable, sizes: list[list[int]], avg_bits: float | None,
+              max_bytes: int | None) -> tuple[int, dict[str, float]]:
+    """(capacity in stored bits, the budget as recorded) of one budget; InfeasibleBudgetError
+    below the smallest plan."""
+    if (avg_bits is None) == (max_bytes is None):
+        raise ConfigError("give exactly one budget: avg_bits or max_bytes")
+    n = sum(s.numel for s in table.shapes.values())
     lo, hi = size_range(sizes)
     if avg_bits is not None:
         if not math.isfinite(avg_bits):
@@ -238,7 +262,49 @@ def plan_from_table(
             f"{lo / n:.4f} to {hi / n:.4f} stored bits per weight ({lo / 8:,.0f} to "
             f"{hi / 8:,.0f} bytes of quantized linears, scales and zero-points included)"
         )
-    alloc = allocate(cost, sizes, capacity)
-    widths = {name: table.bits[alloc.choice[u]] for name, u in zip(names, unit)}
-    return Plan(widths, alloc.size / n, alloc.size / 8, n, budget, alloc.cost, alloc.exact,
-                granularity)
+    return capacity, budget
+
+
+def bracketing_widths(table: SensitivityTable, *, avg_bits: float | None = None,
+                      max_bytes: int | None = None) -> tuple[int, int | None]:
+    """(lo, hi): the widest uniform width whose model fits the budget and the next wider one
+    (None when the widest width fits)."""
+    sizes = _sizes(table)
+    capacity, _ = _capacity(table, sizes, avg_bits, max_bytes)
+    total = {b: sum(row[j] for row in sizes) for j, b in enumerate(table.bits)}
+    lo = max((b for b, size in total.items() if size <= capacity), default=None)
+    if lo is None:  # only mixed plans fit (the narrowest width is missing from the table)
+        raise InfeasibleBudgetError("no uniform width fits this budget")
+    return lo, min((b for b in total if b > lo), default=None)
+
+
+def plan_from_swaps(
+    table: SensitivityTable, base: int, alt: int, deltas: Mapping[str, float], kl_base: float,
+    *, avg_bits: float | None = None, max_bytes: int | None = None, granularity: str = "block",
+) -> Plan:
+    """The plan that starts from uniform ``base`` bits and moves the units whose in-context cost
+    ``deltas[unit]`` (:func:`quept.search.exact.unit_swap_kl`) is best to ``alt`` bits: the
+    set minimising the summed deltas within the budget (exact, by the same knapsack). With
+    ``alt`` above ``base`` it spends the budget left over by the base; below, it frees what the
+    base is over it. Every linear belongs to a unit of ``deltas``."""
+    for b in (base, alt):
+        if b not in table.bits:
+            raise ConfigError(f"width {b} is not in the table's widths {table.bits}")
+    names = list(table.shapes)
+    n = sum(s.numel for s in table.shapes.values())
+    jb, ja = table.bits.index(base), table.bits.index(alt)
+    ids = {u: k for k, u in enumerate(deltas)}
+    sizes = [[0, 0] for _ in ids]
+    unit = []
+    for name, layer_sizes in zip(names, _sizes(table)):
+        u = unit_of(name, granularity)
+        if u not in ids:
+            raise ConfigError(f"layer {name} is in no unit of the in-context costs")
+        unit.append(ids[u])
+        sizes[ids[u]][0] += layer_sizes[jb]
+        sizes[ids[u]][1] += layer_sizes[ja]
+    capacity, budget = _capacity(table, sizes, avg_bits, max_bytes)
+    alloc = allocate([[0.0, float(d)] for d in deltas.values()], sizes, capacity)
+    widths = {name: (base, alt)[alloc.choice[u]] for name, u in zip(names, unit)}
+    return Plan(widths, alloc.size / n, alloc.size / 8, n, budget, kl_base + alloc.cost,
+                alloc.exact, granularity, search=f"from W{base}")

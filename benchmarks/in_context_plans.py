@@ -1,0 +1,89 @@
+"""What the in-context candidates add to automatic plans (issue 4), on one elastic folder.
+
+For each budget it makes the automatic plan twice, with the table's candidates only
+(``in_context=False``) and with the two plans from in-context block costs added (the default),
+times both, and evaluates each distinct plan on Pride and Prejudice; then the uniform widths
+around them. Run from the repository root:
+
+    python benchmarks/in_context_plans.py --elastic quept-elastic --budgets 3.25,3.0,2.75,3.5
+
+The sensitivity table is cached in FOLDER/sensitivity.json (as ``quept plan`` does). Output:
+one JSON line per budget on stdout and ``--out`` (default results/in_context_plans.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import quept
+from quept import data
+from quept.data.tokens import calibration_samples, tokenize
+from quept.eval import perplexity
+from quept.search import SensitivityConfig
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--elastic", default="quept-elastic", help="elastic folder")
+    p.add_argument("--budgets", default="3.25,3.0,2.75,3.5", help="stored bits per weight")
+    p.add_argument("--windows", type=int, default=16, help="512-token windows of P&P")
+    p.add_argument("--check-samples", type=int, default=16, help="sequences the plans are "
+                   "checked and the in-context costs measured on")
+    p.add_argument("--uniform", default="2,3,4", help="uniform widths also evaluated")
+    p.add_argument("--out", default="results/in_context_plans.json", help="JSON output")
+    a = p.parse_args()
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    folder = Path(a.elastic)
+    model, tok = quept.load(folder)
+    cfg = SensitivityConfig()
+    ids = calibration_samples(tokenize(tok, data.calibration_text()), cfg.n_samples,
+                              cfg.seq_len, cfg.seed)
+    t0 = time.perf_counter()
+    table = quept.api.sensitivity(model, ids, cfg, cache=folder / "sensitivity.json")
+    print(f"sensitivity {time.perf_counter() - t0:.0f}s", flush=True)
+    windows = quept.windows_from_text(tok, data.evaluation_text(), 512, a.windows)
+    check, cache = ids[: a.check_samples], {}
+    rows = []
+    for avg in (float(x) for x in a.budgets.split(",")):
+        t0 = time.perf_counter()
+        with_ctx = quept.api.plan(model, table, avg_bits=avg, check_ids=check, cache=cache)
+        t1 = time.perf_counter()
+        table_only = quept.api.plan(model, table, avg_bits=avg, check_ids=check,
+                                    in_context=False)
+        t2 = time.perf_counter()
+        row = {"budget": avg}
+        for key, plan, secs in (("in_context", with_ctx, t1 - t0),
+                                ("table_only", table_only, t2 - t1)):
+            row[key] = {"chosen": plan.label, "bits_per_weight": plan.bits_per_weight,
+                        "widths": plan.histogram(), "checked_kl": plan.checked_kl,
+                        "plan_seconds": secs}
+        quept.set_bits(model, with_ctx)
+        row["in_context"]["ppl"] = perplexity(model, windows, progress=False)
+        if dict(table_only) == dict(with_ctx):
+            row["table_only"]["ppl"] = row["in_context"]["ppl"]
+        else:
+            quept.set_bits(model, table_only)
+            row["table_only"]["ppl"] = perplexity(model, windows, progress=False)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    uniform = []
+    for b in (int(x) for x in a.uniform.split(",") if x):
+        quept.set_bits(model, b)
+        uniform.append({"bits": b, "ppl": perplexity(model, windows, progress=False)})
+        print(json.dumps(uniform[-1]), flush=True)
+    out = {"elastic": str(folder), "windows": a.windows, "check_samples": a.check_samples,
+           "machine": f"{platform.machine()}, torch {torch.__version__}",
+           "plans": rows, "uniform": uniform}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
