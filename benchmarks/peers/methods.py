@@ -54,8 +54,8 @@ METHODS: dict[str, Method] = {
                              "bit_groups": [[7, 8], [5, 6], [4], [3], [2]],
                              "ranks": [0, 16, 8, 8, 8], "merge_weights": [0.2] * 5}},
                          calibrates=True, one_run=True),
-    # More passes (128 and 256 steps per block), everything else as quept-long. Most of a
-    # block's time is its float pass, clip search and stream propagation, not the steps.
+    # More passes (128 and 256 steps per block), everything else as quept-long; the 16-epoch
+    # one is the cpu-long preset of `quept quantize`.
     **{f"quept-long{e}": Method(
         f"QuEPT, {e} epochs, groups 7-8/5-6/4/3/2 (one model, all widths)", "elastic",
         {"epochs": e, "lr_adapter": 1e-3, "lr_clip": 0.1, "spec": {

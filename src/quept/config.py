@@ -280,7 +280,7 @@ PRESETS: dict[str, CalibConfig] = {
     # Fits the 2-core CPU demo budget (see README for why these values).
     "cpu-demo": CalibConfig(),
     # The most accurate CPU setting measured (README, against peers): the peers' 32 x 256
-    # windows, 16 passes per block at lower rates; about an hour on 2 cores for SmolLM2-135M.
+    # windows, 16 passes per block at lower rates; about 1.5 hours on 2 cores for SmolLM2-135M.
     "cpu-long": CalibConfig(n_samples=32, epochs=16, lr_adapter=1e-3, lr_clip=0.1),
     # The paper's LLM setting: 128 x 2048-token samples, batch 2, 15 epochs, on a GPU.
     "paper": CalibConfig(
