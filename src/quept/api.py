@@ -204,8 +204,9 @@ def plan(model: nn.Module, table: SensitivityTable, *, avg_bits: float | None = 
 
     for g in GRANULARITIES:
         add(plan_from_table(table, avg_bits=avg_bits, max_bytes=max_bytes, granularity=g))
-    lo, hi = bracketing_widths(table, avg_bits=avg_bits, max_bytes=max_bytes)
-    if in_context and hi is not None:
+    lo, hi = (bracketing_widths(table, avg_bits=avg_bits, max_bytes=max_bytes)
+              if in_context else (None, None))
+    if hi is not None:
         units: dict[str, list[str]] = {}
         for name in layers:
             units.setdefault(unit_of(name, "block"), []).append(name)

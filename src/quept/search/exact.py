@@ -43,6 +43,37 @@ def _head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return norm, head
 
 
+class _Runner:
+    """A decoder run from any block on: the block-0 inputs of ``input_ids`` are captured once,
+    and log-probabilities and KLs to a float reference are taken per token."""
+
+    def __init__(self, model: nn.Module, input_ids: torch.Tensor) -> None:
+        self.fam = family_for(model)
+        self.blocks = self.fam.get_blocks(model)
+        self.block_of = {f"{self.fam.blocks}.{i}.{ln}": i for i, blk in enumerate(self.blocks)
+                         for ln in self.fam.block_linears(blk)}
+        self.norm, self.head = _head(model)
+        device = next(model.parameters()).device
+        x, self.kwargs = capture_block_inputs(model, self.fam, input_ids, input_ids.shape[0],
+                                              str(device))
+        self.x, self.n_tok = x.to(device), input_ids.numel()
+
+    def log_probs(self, h: torch.Tensor, start: int) -> torch.Tensor:
+        for blk in self.blocks[start:]:
+            h = self.fam.call_block(blk, h, self.kwargs)
+        return self.head(self.norm(h)).float().log_softmax(-1)
+
+    def block_inputs(self) -> list[torch.Tensor]:
+        """The input of every block in the model's current configuration."""
+        inputs = [self.x]
+        for blk in self.blocks[:-1]:
+            inputs.append(self.fam.call_block(blk, inputs[-1], self.kwargs))
+        return inputs
+
+    def kl(self, lp: torch.Tensor, lp_ref: torch.Tensor) -> float:
+        return F.kl_div(lp, lp_ref, log_target=True, reduction="sum").item() / self.n_tok
+
+
 @torch.no_grad()
 def exact_sensitivity(
     model: nn.Module, input_ids: torch.Tensor, layers: Sequence[str] | None = None,
@@ -53,45 +84,27 @@ def exact_sensitivity(
     with only ``layer`` changed to each width, the other layers at ``reference_bits``
     (None = float). For ``reference_bits`` set, the KL of the reference configuration itself is
     subtracted, so values are comparable with :func:`estimate_sensitivity`."""
-    fam, all_layers = family_for(model), elastic_layers(model)
+    all_layers = elastic_layers(model)
     spec = model.quept_spec
     bits = tuple(sorted(spec.bits)) if bits is None else tuple(bits)
     names = list(all_layers) if layers is None else list(layers)
     unknown = [n for n in names if n not in all_layers]
     if unknown:
         raise ConfigError(f"unknown layers {unknown[:3]}")
-    blocks = fam.get_blocks(model)
-    block_of = {f"{fam.blocks}.{i}.{ln}": i for i, blk in enumerate(blocks)
-                for ln in fam.block_linears(blk)}
-    norm, head = _head(model)
-    device = next(model.parameters()).device
-    x, kwargs = capture_block_inputs(model, fam, input_ids, input_ids.shape[0], str(device))
-    x = x.to(device)
-    n_tok = input_ids.numel()
-
-    def log_probs(h: torch.Tensor, start: int) -> torch.Tensor:
-        for blk in blocks[start:]:
-            h = fam.call_block(blk, h, kwargs)
-        return head(norm(h)).float().log_softmax(-1)
-
-    def kl(lp: torch.Tensor) -> float:
-        return F.kl_div(lp, lp_fp, log_target=True, reduction="sum").item() / n_tok
-
+    run = _Runner(model, input_ids)
     with _widths_restored(all_layers.values()):
         set_bits(model, None)
-        lp_fp = log_probs(x, 0)
+        lp_fp = run.log_probs(run.x, 0)
         set_bits(model, reference_bits)
-        inputs = [x]  # inputs of every block in the reference configuration
-        for blk in blocks[:-1]:
-            inputs.append(fam.call_block(blk, inputs[-1], kwargs))
-        base = 0.0 if reference_bits is None else kl(log_probs(inputs[0], 0))
+        inputs = run.block_inputs()  # in the reference configuration
+        base = 0.0 if reference_bits is None else run.kl(run.log_probs(inputs[0], 0), lp_fp)
         out = {}
         for name in tqdm(names, disable=not progress, desc="exact KL", leave=False):
-            m, k = all_layers[name], block_of[name]
+            m, k = all_layers[name], run.block_of[name]
             row = []
             for b in bits:
                 m.set_bits(b)
-                row.append(kl(log_probs(inputs[k], k)) - base)
+                row.append(run.kl(run.log_probs(inputs[k], k), lp_fp) - base)
             m.set_bits(reference_bits)
             m.clear_cache()
             out[name] = tuple(row)
@@ -133,44 +146,26 @@ def unit_swap_kl(
     go to ``alt`` bits. Unlike the table, which varies one layer of a float model, these costs
     are measured where a plan near uniform ``base`` actually sits. The blocks before a unit's
     block are run once, in the base configuration, and their outputs reused."""
-    fam, all_layers = family_for(model), elastic_layers(model)
-    blocks = fam.get_blocks(model)
-    block_of = {f"{fam.blocks}.{i}.{ln}": i for i, blk in enumerate(blocks)
-                for ln in fam.block_linears(blk)}
+    all_layers = elastic_layers(model)
+    run = _Runner(model, input_ids)
     for unit, names in units.items():
-        where = {block_of.get(n) for n in names}
+        where = {run.block_of.get(n) for n in names}
         if not names or None in where or len(where) != 1:
             raise ConfigError(f"unit {unit!r}: its linears must be elastic linears of one block, "
                               f"got {list(names)[:3]}")
-    norm, head = _head(model)
-    device = next(model.parameters()).device
-    x, kwargs = capture_block_inputs(model, fam, input_ids, input_ids.shape[0], str(device))
-    x = x.to(device)
-    n_tok = input_ids.numel()
-
-    def log_probs(h: torch.Tensor, start: int) -> torch.Tensor:
-        for blk in blocks[start:]:
-            h = fam.call_block(blk, h, kwargs)
-        return head(norm(h)).float().log_softmax(-1)
-
     with _widths_restored(all_layers.values()):
         set_bits(model, None)
-        lp_fp = log_probs(x, 0)
-
-        def kl(lp: torch.Tensor) -> float:
-            return F.kl_div(lp, lp_fp, log_target=True, reduction="sum").item() / n_tok
-
+        lp_fp = run.log_probs(run.x, 0)
         set_bits(model, base)
-        inputs = [x]
-        for blk in blocks[:-1]:
-            inputs.append(fam.call_block(blk, inputs[-1], kwargs))
-        kl_base = kl(log_probs(inputs[0], 0))
+        inputs = run.block_inputs()
+        kl_base = run.kl(run.log_probs(inputs[0], 0), lp_fp)
         deltas = {}
         for unit, names in tqdm(units.items(), disable=not progress, leave=False,
                                 desc=f"KL of units at {alt} bits in W{base}"):
+            k = run.block_of[names[0]]
             for n in names:
                 all_layers[n].set_bits(alt)
-            deltas[unit] = kl(log_probs(inputs[block_of[names[0]]], block_of[names[0]])) - kl_base
+            deltas[unit] = run.kl(run.log_probs(inputs[k], k), lp_fp) - kl_base
             for n in names:
                 all_layers[n].set_bits(base)
                 all_layers[n].clear_cache()
