@@ -46,7 +46,8 @@ def main() -> int:
                               cfg.seq_len, cfg.seed)
     t0 = time.perf_counter()
     table = quept.api.sensitivity(model, ids, cfg, cache=folder / "sensitivity.json")
-    print(f"sensitivity {time.perf_counter() - t0:.0f}s", flush=True)
+    sensitivity_s = time.perf_counter() - t0
+    print(f"sensitivity {sensitivity_s:.0f}s (0 s when cached)", flush=True)
     windows = quept.windows_from_text(tok, data.evaluation_text(), 512, a.windows)
     check, cache = ids[: a.check_samples], {}
     rows = []
@@ -78,7 +79,9 @@ def main() -> int:
         uniform.append({"bits": b, "ppl": perplexity(model, windows, progress=False)})
         print(json.dumps(uniform[-1]), flush=True)
     out = {"elastic": str(folder), "windows": a.windows, "check_samples": a.check_samples,
-           "machine": f"{platform.machine()}, torch {torch.__version__}",
+           "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
+                      f"torch {torch.__version__}",
+           "date": time.strftime("%Y-%m-%d"), "sensitivity_seconds": sensitivity_s,
            "plans": rows, "uniform": uniform}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=1))

@@ -103,6 +103,8 @@ def main() -> int:
                    choices=("auto", "layer", "sublayer", "block"), help="allocation unit")
     p.add_argument("--check-samples", type=int, default=16,
                    help="calibration sequences the auto granularity measures candidates on")
+    p.add_argument("--no-in-context", dest="in_context", action="store_false",
+                   help="auto: the table's candidates only (no plans moved from uniform widths)")
     p.add_argument("--compare", default="",
                    help="comma-separated fixed granularities also evaluated, e.g. 'layer'")
     p.add_argument("--out", default="results/mixed_precision.json", help="JSON output")
@@ -122,12 +124,13 @@ def main() -> int:
 
     alloc = llama7b_allocation_ms()
     plans, results = {}, {"uniform": [], "plans": [], "compare": []}
-    check = ids[: a.check_samples]
+    # The in-context sweeps are shared by the budgets between the same two uniform widths.
+    check, sweeps = ids[: a.check_samples], {}
     for avg in PLAN_BITS:
         try:
             t0 = time.perf_counter()
             plans[avg] = quept.api.plan(model, table, avg_bits=avg, granularity=a.granularity,
-                                        check_ids=check)
+                                        check_ids=check, in_context=a.in_context, cache=sweeps)
             results["plans"].append({"budget": avg, "plan_ms": (time.perf_counter() - t0) * 1e3})
         except InfeasibleBudgetError as e:
             results["plans"].append({"budget": avg, "infeasible": str(e)})
@@ -140,9 +143,10 @@ def main() -> int:
             quept.set_bits(model, plan)
             row.update(bits_per_weight=plan.bits_per_weight, widths=plan.histogram(),
                        predicted_kl=plan.predicted_kl, exact=plan.exact,
-                       granularity=plan.granularity, checked_kl=plan.checked_kl,
+                       granularity=plan.granularity, chosen=plan.label,
+                       checked_kl=plan.checked_kl,
                        ppl=perplexity(model, windows, progress=True, desc=f"plan {row['budget']}"))
-            print(f"plan {row['budget']}: {row['bits_per_weight']:.4f} bpw, {plan.granularity}, "
+            print(f"plan {row['budget']}: {row['bits_per_weight']:.4f} bpw, {plan.label}, "
                   f"ppl {row['ppl']:.2f}", flush=True)
     for gran in filter(None, a.compare.split(",")):
         for avg in plans:
@@ -215,7 +219,7 @@ def report(table, sens_call_s, alloc, results, set_ms, mat_ms, subset, a) -> dic
             hist = ", ".join(f"W{b}: {n}" for b, n in r["widths"].items())
             label = f"plan {r['budget']}" + ("" if r in results["plans"] else " (compare)")
             print(f"| {label} | {r['bits_per_weight']:.4f} | {r['ppl']:.2f} | "
-                  f"{r['granularity']} | {hist} |")
+                  f"{r.get('chosen', r['granularity'])} | {hist} |")
         else:
             print(f"| plan {r['budget']} | infeasible | | | {r['infeasible']} |")
     print("\nchecks:")
@@ -243,6 +247,7 @@ def report(table, sens_call_s, alloc, results, set_ms, mat_ms, subset, a) -> dic
             "eval": f"Pride and Prejudice, {a.windows} x 512 tokens", "elastic": a.elastic,
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch "
                        f"{torch.__version__}",
+            "in_context": a.in_context, "date": time.strftime("%Y-%m-%d"),
             "sensitivity_seconds": table.seconds, "sensitivity_settings": table.settings,
             "allocation_llama7b": alloc, "set_bits_plan_ms": set_ms,
             "set_bits_plan_and_materialise_ms": mat_ms, **results, "line_checks": checks,
