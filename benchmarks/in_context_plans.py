@@ -20,12 +20,11 @@ import time
 from pathlib import Path
 
 import torch
+from mixed_precision import load_with_table  # benchmarks/, the script's own folder
 
 import quept
 from quept import data
-from quept.data.tokens import calibration_samples, tokenize
 from quept.eval import perplexity
-from quept.search import SensitivityConfig
 
 
 def main() -> int:
@@ -40,13 +39,7 @@ def main() -> int:
     a = p.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     folder = Path(a.elastic)
-    model, tok = quept.load(folder)
-    cfg = SensitivityConfig()
-    ids = calibration_samples(tokenize(tok, data.calibration_text()), cfg.n_samples,
-                              cfg.seq_len, cfg.seed)
-    t0 = time.perf_counter()
-    table = quept.api.sensitivity(model, ids, cfg, cache=folder / "sensitivity.json")
-    sensitivity_s = time.perf_counter() - t0
+    model, tok, ids, table, sensitivity_s = load_with_table(folder)
     print(f"sensitivity {sensitivity_s:.0f}s (0 s when cached)", flush=True)
     windows = quept.windows_from_text(tok, data.evaluation_text(), 512, a.windows)
     check, cache = ids[: a.check_samples], {}

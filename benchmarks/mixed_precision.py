@@ -92,6 +92,19 @@ def subset_check(model, ids, table: SensitivityTable, names: list[str], windows,
             "slow_kl": {n: list(v) for n, v in slow.items()}, "plans": rows}
 
 
+def load_with_table(folder: Path, recompute: bool = False):
+    """The elastic model, the sensitivity draw of calibration sequences, the sensitivity table
+    (cached in FOLDER/sensitivity.json, as ``quept plan`` does) and the seconds that call took."""
+    model, tok = quept.load(folder)
+    cfg = SensitivityConfig()
+    ids = calibration_samples(tokenize(tok, data.calibration_text()), cfg.n_samples,
+                              cfg.seq_len, cfg.seed)
+    t0 = time.perf_counter()
+    table = quept.api.sensitivity(model, ids, cfg, cache=folder / "sensitivity.json",
+                                  recompute=recompute)
+    return model, tok, ids, table, time.perf_counter() - t0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--elastic", default="quept-elastic", help="elastic folder")
@@ -111,15 +124,7 @@ def main() -> int:
     a = p.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
-    folder = Path(a.elastic)
-    model, tok = quept.load(folder)
-    cfg = SensitivityConfig()
-    ids = calibration_samples(tokenize(tok, data.calibration_text()), cfg.n_samples,
-                              cfg.seq_len, cfg.seed)
-    t0 = time.perf_counter()
-    table = quept.api.sensitivity(model, ids, cfg, cache=folder / "sensitivity.json",
-                                  recompute=a.recompute)
-    sens_call_s = time.perf_counter() - t0
+    model, tok, ids, table, sens_call_s = load_with_table(Path(a.elastic), a.recompute)
     windows = quept.windows_from_text(tok, data.evaluation_text(), 512, a.windows)
 
     alloc = llama7b_allocation_ms()
