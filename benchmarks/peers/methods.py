@@ -54,14 +54,28 @@ METHODS: dict[str, Method] = {
                              "bit_groups": [[7, 8], [5, 6], [4], [3], [2]],
                              "ranks": [0, 16, 8, 8, 8], "merge_weights": [0.2] * 5}},
                          calibrates=True, one_run=True),
-    # More passes (128 and 256 steps per block), everything else as quept-long; the 16-epoch
-    # one is the cpu-long preset of `quept quantize`.
+    # More passes (128 and 256 steps per block), everything else as quept-long.
     **{f"quept-long{e}": Method(
         f"QuEPT, {e} epochs, groups 7-8/5-6/4/3/2 (one model, all widths)", "elastic",
         {"epochs": e, "lr_adapter": 1e-3, "lr_clip": 0.1, "spec": {
             "bit_groups": [[7, 8], [5, 6], [4], [3], [2]], "ranks": [0, 16, 8, 8, 8],
             "merge_weights": [0.2] * 5}},
         calibrates=True, one_run=True) for e in (8, 16)},
+    # The 16-epoch setting with wider adapters below 4 bits (the 3-bit group's own slice 8 -> 24,
+    # the 2-bit group's 8 -> 96: prefixes 0/16/24/48/144); the cpu-long preset of `quept quantize`.
+    "quept-long16-wide": Method(
+        "QuEPT, 16 epochs, ranks 0,16,8,24,96 (one model, all widths)", "elastic",
+        {"epochs": 16, "lr_adapter": 1e-3, "lr_clip": 0.1, "spec": {
+            "bit_groups": [[7, 8], [5, 6], [4], [3], [2]], "ranks": [0, 16, 8, 24, 96],
+            "merge_weights": [0.2] * 5}},
+        calibrates=True, one_run=True),
+    # Ablation, not a result for the table's question: the 2-bit group calibrated alone at a
+    # large rank (no other width shares its adapter), to see what rank does at W2.
+    "ablation-w2-r136": Method("QuEPT ablation: 2-bit group alone, rank 136, 16 epochs",
+                               "elastic", {"epochs": 16, "lr_adapter": 1e-3, "lr_clip": 0.1,
+                                           "spec": {"bit_groups": [[2]], "ranks": [136],
+                                                    "merge_weights": [1.0]}},
+                               calibrates=True, one_run=True, in_plot=False),
 }
 
 DEFAULT_METHODS = ("float", "rtn", "hqq", "gptq", "autoround-light", "autoround", "quept")
