@@ -76,6 +76,12 @@ METHODS: dict[str, Method] = {
                                            "spec": {"bit_groups": [[2]], "ranks": [136],
                                                     "merge_weights": [1.0]}},
                                calibrates=True, one_run=True, in_plot=False),
+    "ablation-w2-r136-lr3": Method("QuEPT ablation: 2-bit group alone, rank 136, 16 epochs, "
+                                   "adapter rate 3e-3", "elastic",
+                                   {"epochs": 16, "lr_adapter": 3e-3, "lr_clip": 0.1,
+                                    "spec": {"bit_groups": [[2]], "ranks": [136],
+                                             "merge_weights": [1.0]}},
+                                   calibrates=True, one_run=True, in_plot=False),
 }
 
 DEFAULT_METHODS = ("float", "rtn", "hqq", "gptq", "autoround-light", "autoround", "quept")
