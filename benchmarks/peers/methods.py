@@ -31,6 +31,18 @@ class Method:
     in_plot: bool = True
 
 
+def _elastic(label: str, epochs: int, groups: list | None = None, ranks: list | None = None,
+             lr_adapter: float = 1e-3, in_plot: bool = True) -> Method:
+    """A harness-calibrated QuEPT setting: the cpu-demo preset at adapter / clip rates
+    ``lr_adapter`` / 0.1 for ``epochs`` passes, groups 7-8/5-6/4/3/2 and ranks 0,16,8,8,8 unless
+    given, equal merge weights."""
+    groups = groups or [[7, 8], [5, 6], [4], [3], [2]]
+    spec = {"bit_groups": groups, "ranks": ranks or [0, 16, 8, 8, 8],
+            "merge_weights": [1 / len(groups)] * len(groups)}
+    return Method(label, "elastic", {"epochs": epochs, "lr_adapter": lr_adapter, "lr_clip": 0.1,
+                                     "spec": spec}, calibrates=True, one_run=True, in_plot=in_plot)
+
+
 METHODS: dict[str, Method] = {
     FLOAT: Method("float", None),
     "rtn": Method("RTN (min/max)", "rtn"),
@@ -49,39 +61,22 @@ METHODS: dict[str, Method] = {
     # The same method with a longer calibration: 4 passes over the samples at lower rates
     # (the cpu-demo preset is sized for 12 steps per block, this gives 64 with 32 samples),
     # and the 3-4 bit group split in two, so W4 and W3 each get an adapter slice of their own.
-    "quept-long": Method("QuEPT, 4 epochs, groups 7-8/5-6/4/3/2 (one model, all widths)",
-                         "elastic", {"epochs": 4, "lr_adapter": 1e-3, "lr_clip": 0.1, "spec": {
-                             "bit_groups": [[7, 8], [5, 6], [4], [3], [2]],
-                             "ranks": [0, 16, 8, 8, 8], "merge_weights": [0.2] * 5}},
-                         calibrates=True, one_run=True),
-    # More passes (128 and 256 steps per block), everything else as quept-long.
-    **{f"quept-long{e}": Method(
-        f"QuEPT, {e} epochs, groups 7-8/5-6/4/3/2 (one model, all widths)", "elastic",
-        {"epochs": e, "lr_adapter": 1e-3, "lr_clip": 0.1, "spec": {
-            "bit_groups": [[7, 8], [5, 6], [4], [3], [2]], "ranks": [0, 16, 8, 8, 8],
-            "merge_weights": [0.2] * 5}},
-        calibrates=True, one_run=True) for e in (8, 16)},
+    # quept-long8/16: more passes (128 and 256 steps per block), everything else the same.
+    "quept-long": _elastic("QuEPT, 4 epochs, groups 7-8/5-6/4/3/2 (one model, all widths)", 4),
+    "quept-long8": _elastic("QuEPT, 8 epochs, groups 7-8/5-6/4/3/2 (one model, all widths)", 8),
+    "quept-long16": _elastic("QuEPT, 16 epochs, groups 7-8/5-6/4/3/2 (one model, all widths)",
+                             16),
     # The 16-epoch setting with wider adapters below 4 bits (the 3-bit group's own slice 8 -> 24,
     # the 2-bit group's 8 -> 96: prefixes 0/16/24/48/144); the cpu-long preset of `quept quantize`.
-    "quept-long16-wide": Method(
-        "QuEPT, 16 epochs, ranks 0,16,8,24,96 (one model, all widths)", "elastic",
-        {"epochs": 16, "lr_adapter": 1e-3, "lr_clip": 0.1, "spec": {
-            "bit_groups": [[7, 8], [5, 6], [4], [3], [2]], "ranks": [0, 16, 8, 24, 96],
-            "merge_weights": [0.2] * 5}},
-        calibrates=True, one_run=True),
-    # Ablation, not a result for the table's question: the 2-bit group calibrated alone at a
-    # large rank (no other width shares its adapter), to see what rank does at W2.
-    "ablation-w2-r136": Method("QuEPT ablation: 2-bit group alone, rank 136, 16 epochs",
-                               "elastic", {"epochs": 16, "lr_adapter": 1e-3, "lr_clip": 0.1,
-                                           "spec": {"bit_groups": [[2]], "ranks": [136],
-                                                    "merge_weights": [1.0]}},
-                               calibrates=True, one_run=True, in_plot=False),
-    "ablation-w2-r136-lr3": Method("QuEPT ablation: 2-bit group alone, rank 136, 16 epochs, "
-                                   "adapter rate 3e-3", "elastic",
-                                   {"epochs": 16, "lr_adapter": 3e-3, "lr_clip": 0.1,
-                                    "spec": {"bit_groups": [[2]], "ranks": [136],
-                                             "merge_weights": [1.0]}},
-                                   calibrates=True, one_run=True, in_plot=False),
+    "quept-long16-wide": _elastic("QuEPT, 16 epochs, ranks 0,16,8,24,96 (one model, all widths)",
+                                  16, ranks=[0, 16, 8, 24, 96]),
+    # Ablations, not results for the table's question: the 2-bit group calibrated alone at a
+    # large rank (no other width shares its adapter), to see what rank and rate do at W2.
+    "ablation-w2-r136": _elastic("QuEPT ablation: 2-bit group alone, rank 136, 16 epochs", 16,
+                                 groups=[[2]], ranks=[136], in_plot=False),
+    "ablation-w2-r136-lr3": _elastic(
+        "QuEPT ablation: 2-bit group alone, rank 136, 16 epochs, adapter rate 3e-3", 16,
+        groups=[[2]], ranks=[136], lr_adapter=3e-3, in_plot=False),
 }
 
 DEFAULT_METHODS = ("float", "rtn", "hqq", "gptq", "autoround-light", "autoround", "quept")
