@@ -79,7 +79,7 @@ def test_cli_spec_follows_the_preset_and_the_spec_options():
     long = _configs(build_parser().parse_args(["quantize", "--preset", "cpu-long"]))
     assert long.spec.bit_groups == ((7, 8), (5, 6), (4,), (3,), (2,))
     assert long.spec.ranks == (0, 16, 8, 24, 96) and long.spec.learned_clip_bits == (6, 5, 4, 3, 2)
-    assert long.calib.n_samples == 32 and long.calib.epochs == 16
+    assert long.calib.n_samples == 32 and long.calib.epochs == 16 and long.calib.lr_adapter == 3e-3
     assert spec("--preset", "cpu-long", "--ranks", "0,8,8,8,8").ranks == (0, 8, 8, 8, 8)
     assert spec("--fixed-clip-bits", "").learned_clip_bits == (8, 7, 6, 5, 4, 3, 2)
     custom = spec("--bit-groups", "8/4", "--group-size", "32")

@@ -70,6 +70,10 @@ METHODS: dict[str, Method] = {
     # the 2-bit group's 8 -> 96: prefixes 0/16/24/48/144); the cpu-long preset of `quept quantize`.
     "quept-long16-wide": _elastic("QuEPT, 16 epochs, ranks 0,16,8,24,96 (one model, all widths)",
                                   16, ranks=[0, 16, 8, 24, 96]),
+    # The same at adapter rate 3e-3: the 2-bit group alone gains most from it (ablations below).
+    "quept-long16-wide-lr3": _elastic(
+        "QuEPT, 16 epochs, ranks 0,16,8,24,96, adapter rate 3e-3 (one model, all widths)", 16,
+        ranks=[0, 16, 8, 24, 96], lr_adapter=3e-3),
     # Ablations, not results for the table's question: the 2-bit group calibrated alone at a
     # large rank (no other width shares its adapter), to see what rank and rate do at W2.
     "ablation-w2-r136": _elastic("QuEPT ablation: 2-bit group alone, rank 136, 16 epochs", 16,

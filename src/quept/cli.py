@@ -92,7 +92,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    help="text for the final table (default: Pride and Prejudice)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-demo",
                    help="calibration preset: 'cpu-demo' (default) = 24 x 256 tokens, 1 epoch; "
-                   "'cpu-long' = 32 x 256 tokens, 16 epochs at rates 1e-3 / 0.1, groups "
+                   "'cpu-long' = 32 x 256 tokens, 16 epochs at rates 3e-3 / 0.1, groups "
                    "7,8/5,6/4/3/2 with ranks 0,16,8,24,96 (about 80 minutes on 2 cores for the "
                    "default model, far more accurate at 2-4 bits); 'paper' = 128 x 2048 "
                    "tokens, batch 2, 15 epochs, cuda, every group trained (ranks 8,8,8,8, "
