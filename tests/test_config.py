@@ -81,6 +81,10 @@ def test_cli_spec_follows_the_preset_and_the_spec_options():
     assert long.spec.ranks == (0, 16, 8, 24, 96) and long.spec.learned_clip_bits == (6, 5, 4, 3, 2)
     assert long.calib.n_samples == 32 and long.calib.epochs == 16 and long.calib.lr_adapter == 3e-3
     assert spec("--preset", "cpu-long", "--ranks", "0,8,8,8,8").ranks == (0, 8, 8, 8, 8)
+    rates = _configs(build_parser().parse_args(
+        ["quantize", "--preset", "cpu-long", "--lr-adapter-groups", "0,1e-3,1e-3,3e-3,5e-3"]))
+    assert rates.calib.lr_adapter_groups == (0.0, 1e-3, 1e-3, 3e-3, 5e-3)
+    assert long.calib.lr_adapter_groups is None
     assert spec("--fixed-clip-bits", "").learned_clip_bits == (8, 7, 6, 5, 4, 3, 2)
     custom = spec("--bit-groups", "8/4", "--group-size", "32")
     assert custom.ranks == (8, 8) and custom.fixed_clip_bits == () and custom.bits == (8, 4)

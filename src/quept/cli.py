@@ -31,6 +31,13 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def _groups(text: str) -> tuple[tuple[int, ...], ...]:
     """'7,8/5,6/3,4/2' -> ((7, 8), (5, 6), (3, 4), (2,))."""
     return tuple(tuple(_int_list(g)) for g in text.split("/"))
@@ -103,6 +110,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--batch-size", type=int, help="samples per optimizer step")
     c.add_argument("--epochs", type=int, help="passes over the samples per block")
     c.add_argument("--lr-adapter", type=float, help="learning rate of the low-rank adapters")
+    c.add_argument("--lr-adapter-groups", type=_float_list, default=None,
+                   help="one adapter rate per bit group, for the slice that group adds, e.g. "
+                   "0,1e-3,1e-3,3e-3,5e-3 (default: --lr-adapter for every slice)")
     c.add_argument("--lr-clip", type=float, help="learning rate of the clip logits")
     c.add_argument("--loss", choices=["l1", "l2"], help="reconstruction loss (paper: l1)")
     c.add_argument("--seed", type=int, help="seed of sampling, adapter init and bit draws")
@@ -142,7 +152,8 @@ def _configs(a: argparse.Namespace) -> QuEPTConfig:
     calib = PRESETS[a.preset]
     over = {"n_samples": a.samples, "seq_len": a.seq_len, "batch_size": a.batch_size,
             "epochs": a.epochs, "lr_adapter": a.lr_adapter, "lr_clip": a.lr_clip,
-            "loss": a.loss, "seed": a.seed, "device": a.device, "draw": a.draw}
+            "loss": a.loss, "seed": a.seed, "device": a.device, "draw": a.draw,
+            "lr_adapter_groups": a.lr_adapter_groups}
     calib = replace(calib, **{k: v for k, v in over.items() if v is not None})
     spec = PRESET_SPECS[a.preset]
     if a.bit_groups is not None:

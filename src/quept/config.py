@@ -223,7 +223,9 @@ class CalibConfig:
     the group once, in random order, before any repeats, so a short calibration trains them
     equally). seed drives the sample draw, the adapter init and
     the bit sampler. device: where a block trains ("cpu", "cuda", ...); caches stay on CPU
-    in float32.
+    in float32. lr_adapter_groups: one adapter rate per bit group, applied to the slice of U/V
+    that group adds (MB-CLoRA: a group uses its own slice and those of the groups above it), in
+    place of lr_adapter; None = lr_adapter for every slice.
     """
 
     n_samples: int = 24
@@ -236,8 +238,15 @@ class CalibConfig:
     seed: int = 0
     device: str = "cpu"
     draw: str = "random"
+    lr_adapter_groups: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.lr_adapter_groups is not None:
+            rates = tuple(float(r) for r in self.lr_adapter_groups)
+            if not rates or not all(r >= 0 for r in rates):
+                raise ConfigError("lr_adapter_groups must be one rate >= 0 per bit group, got "
+                                  f"{self.lr_adapter_groups!r}")
+            object.__setattr__(self, "lr_adapter_groups", rates)
         for name in ("n_samples", "seq_len", "batch_size", "epochs"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -259,7 +268,10 @@ class CalibConfig:
         return math.ceil(self.n_samples / self.batch_size)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["lr_adapter_groups"] is None:  # written only when set: older folders match
+            del d["lr_adapter_groups"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CalibConfig:

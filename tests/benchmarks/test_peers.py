@@ -165,6 +165,8 @@ def test_reused_elastic_folder_must_match_the_methods_calibration(tmp_path):
         elastic.quantize(None, None, None, job)
     assert elastic._calib(job).epochs == 4 and elastic._calib(job).lr_clip == 0.1
     assert elastic._calib({"options": {}}) == PRESETS["cpu-demo"]
+    rates = elastic._calib({"options": METHODS["quept-long16-wide-rates"].options})
+    assert rates.lr_adapter_groups == (1e-3, 1e-3, 1e-3, 3e-3, 3e-3)
 
 
 def test_quept_methods_may_set_spec_fields_and_a_reused_folder_must_match(tmp_path):

@@ -212,3 +212,28 @@ def test_balanced_draw_trains_each_width_of_a_group_equally(draw, monkeypatch):
         assert any(a != b for a, b in pairs), counts
     with pytest.raises(quept.ConfigError, match="draw must be"):
         CalibConfig(draw="cyclic")
+
+
+def test_adapter_rate_per_group_moves_only_the_slices_given_a_rate():
+    # Rate 0 for the second group: the slice it adds (columns 2:4 of U, rows 2:4 of V) keeps its
+    # initial value; the slices of the groups with a rate train.
+    cfg = replace(CFG, epochs=2, lr_adapter_groups=(1e-3, 0.0, 1e-3, 3e-3))
+    start = quept.prepare(tiny_model("llama"), SPEC, seed=cfg.seed)
+    init = {n: (m.lora_u.clone(), m.lora_v.clone()) for n, m in elastic_layers(start).items()}
+    model, _ = calibrated(cfg=cfg)
+    for n, m in elastic_layers(model).items():
+        u0, v0 = init[n]
+        assert torch.equal(m.lora_u[:, 2:4], u0[:, 2:4]) and torch.equal(m.lora_v[2:4], v0[2:4])
+        for lo in (0, 4, 6):
+            assert not torch.equal(m.lora_u[:, lo:lo + 2], u0[:, lo:lo + 2]), (n, lo)
+
+
+def test_adapter_rates_must_match_the_bit_groups():
+    with pytest.raises(ValueError, match="one rate per group"):
+        calibrated(cfg=replace(CFG, lr_adapter_groups=(1e-3, 1e-3)))
+    with pytest.raises(ValueError, match="one rate >= 0 per bit group"):
+        replace(CFG, lr_adapter_groups=(1e-3, -1.0, 1e-3, 1e-3))
+    cfg = replace(CFG, lr_adapter_groups=[1e-3, 0, 1e-3, 2e-3])
+    assert cfg.lr_adapter_groups == (1e-3, 0.0, 1e-3, 2e-3)
+    assert CalibConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert "lr_adapter_groups" not in CFG.to_dict()

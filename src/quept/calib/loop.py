@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from quept.calib.capture import mean_sq_inputs, move_kwargs
 from quept.calib.checkpoint import CalibCheckpoint
-from quept.config import CalibConfig, ElasticSpec
+from quept.config import CalibConfig, ConfigError, ElasticSpec
 from quept.models import Family
 from quept.nn import ElasticLinear, set_bits
 from quept.nn.state import elastic_state_dict, load_elastic_state
@@ -62,6 +62,12 @@ class BlockCalibrator:
         self.checkpoint = checkpoint
         self.progress = progress
         self.loss = _loss_fn(cfg.loss)
+        rates = cfg.lr_adapter_groups
+        if rates is not None and len(rates) != len(spec.bit_groups):
+            raise ConfigError(
+                f"lr_adapter_groups has {len(rates)} rates but the spec has "
+                f"{len(spec.bit_groups)} bit groups {spec.bit_groups}; give one rate per group"
+            )
 
     # -- helpers ---------------------------------------------------------------------------
     def _run(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -132,8 +138,9 @@ class BlockCalibrator:
         clips = [p for m in layers for p in m.trainable_parameters()[1]]
         for p in adapters + clips:
             p.requires_grad_(True)
+        lr_adapter, scales = _adapter_rates(layers, cfg)
         opt = torch.optim.AdamW(
-            [{"params": adapters, "lr": cfg.lr_adapter}, {"params": clips, "lr": cfg.lr_clip}],
+            [{"params": adapters, "lr": lr_adapter}, {"params": clips, "lr": cfg.lr_clip}],
             weight_decay=0.0,
         )
         sched = torch.optim.lr_scheduler.LambdaLR(
@@ -169,7 +176,11 @@ class BlockCalibrator:
                     total_loss = total_loss + loss
                     running[gi] = 0.8 * running[gi] + 0.2 * loss.item() if step else loss.item()
                 total_loss.backward()
+                before = [p.detach().clone() for p in scales]
                 opt.step()
+                with torch.no_grad():  # per-slice rates: Adam's step scaled element-wise
+                    for p0, (p, s) in zip(before, scales.items()):
+                        p.copy_(p0 + (p - p0) * s)
                 sched.step()
                 step += 1
                 bar.set_postfix_str(" ".join(
@@ -224,6 +235,28 @@ class BlockCalibrator:
         finally:
             bar.close()
         return reports
+
+
+def _adapter_rates(
+    layers: list[ElasticLinear], cfg: CalibConfig
+) -> tuple[float, dict[nn.Parameter, torch.Tensor]]:
+    """The optimizer's adapter rate and, with ``cfg.lr_adapter_groups``, a multiplier per
+    element of every U and V (the group's rate over the largest): with AdamW and no weight
+    decay, scaling a step element-wise is the same as a rate per element."""
+    rates = cfg.lr_adapter_groups
+    if rates is None:
+        return cfg.lr_adapter, {}
+    top = max(rates)
+    scales: dict[nn.Parameter, torch.Tensor] = {}
+    for m in layers:
+        per_rank = torch.zeros(m.lora_u.shape[1], dtype=m.lora_u.dtype, device=m.lora_u.device)
+        lo = 0
+        for rate, hi in zip(rates, m.rank_prefix):
+            per_rank[lo:hi] = rate / top if top > 0 else 0.0
+            lo = hi
+        scales[m.lora_u] = per_rank[None, :]
+        scales[m.lora_v] = per_rank[:, None]
+    return top, scales
 
 
 def _fmt(xs: list[float]) -> str:
