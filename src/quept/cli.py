@@ -24,18 +24,19 @@ DEFAULT_OUT = "quept-elastic"
 
 
 # --- shared helpers ---------------------------------------------------------------------------
-def _int_list(text: str) -> list[int]:
+def _numbers(text: str, kind: type, what: str) -> list:
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        return [kind(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
+
+
+def _int_list(text: str) -> list[int]:
+    return _numbers(text, int, "integers")
 
 
 def _float_list(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    return tuple(_numbers(text, float, "numbers"))
 
 
 def _groups(text: str) -> tuple[tuple[int, ...], ...]:
