@@ -40,7 +40,13 @@ from quept.search import (
     plan_from_table,
 )
 from quept.search.exact import configuration_kl, unit_swap_kl
-from quept.search.plan import GRANULARITIES, bracketing_widths, plan_from_swaps, unit_of
+from quept.search.plan import (
+    GRANULARITIES,
+    bracketing_widths,
+    plan_from_swaps,
+    swap_means,
+    unit_of,
+)
 from quept.search.table import fingerprint as _table_fingerprint
 
 log = logging.getLogger(__name__)
@@ -174,10 +180,11 @@ def plan(model: nn.Module, table: SensitivityTable, *, avg_bits: float | None = 
     costs assume layers act independently; the measured KL does not, and on the default model
     coarser units often give lower perplexity at the same budget (README, mixed precision).
 
-    ``in_context`` (auto only): two more candidates, made from the uniform widths just below
+    ``in_context`` (auto only): more candidates, made from the uniform widths just below
     and above the budget: each block's cost measured *in* one uniform model when it alone
     moves to the other width (:func:`quept.search.exact.unit_swap_kl`, two sweeps of one
-    forward per block on ``check_ids``), then the best set of blocks to move, exactly. ``cache``
+    forward per block on ``check_ids``), then the best set of blocks to move, exactly; and a
+    third from the mean of both sweeps (:func:`quept.search.plan.swap_means`). ``cache``
     (a dict, for one model and one ``check_ids``) keeps those sweeps for later budgets between
     the same two widths."""
     layers = elastic_layers(model)
@@ -218,6 +225,9 @@ def plan(model: nn.Module, table: SensitivityTable, *, avg_bits: float | None = 
             kl_base, deltas = cache[base, alt]
             add(plan_from_swaps(
                 table, base, alt, deltas, kl_base, avg_bits=avg_bits, max_bytes=max_bytes))
+        (kl_lo, up), (_, down) = cache[lo, hi], cache[hi, lo]
+        add(plan_from_swaps(table, lo, hi, swap_means(up, down), kl_lo, avg_bits=avg_bits,
+                            max_bytes=max_bytes, search=f"from W{lo}+W{hi}"))
     kls = configuration_kl(model, check_ids, list(candidates.values()))
     checked = dict(zip(candidates, kls))
     best = min(checked, key=checked.get)

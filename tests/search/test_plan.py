@@ -16,7 +16,13 @@ from quept.search import (
     plan_from_table,
 )
 from quept.search.exact import configuration_kl, unit_swap_kl
-from quept.search.plan import bracketing_widths, plan_from_swaps, read_widths, unit_of
+from quept.search.plan import (
+    bracketing_widths,
+    plan_from_swaps,
+    read_widths,
+    swap_means,
+    unit_of,
+)
 from tests.search.helpers import elastic_tiny, token_ids
 
 BITS = (2, 3, 4, 5, 6, 7, 8)
@@ -234,6 +240,26 @@ def test_plan_from_swaps_moves_the_cheapest_units_within_the_budget():
         plan_from_swaps(table, 3, 2, {"model.layers.0": 0.5}, 1.0, avg_bits=w3 - 0.05)
 
 
+def test_swap_means_takes_both_contexts_and_names_its_search():
+    model = elastic_tiny(layers=3)
+    table = synthetic_table(model)
+    n = sum(s.numel for s in table.shapes.values())
+    w3 = sum(round(s.numel * stored_bits_per_weight(3, 16, s.in_features))
+             for s in table.shapes.values()) / n
+    # inside W2, block 0 gains most going up; inside W3, block 2 loses most going down
+    up = {"model.layers.0": -0.5, "model.layers.1": -0.1, "model.layers.2": -0.3}
+    down = {"model.layers.0": 0.1, "model.layers.1": 0.2, "model.layers.2": 0.9}
+    means = swap_means(up, down)
+    assert means == pytest.approx({"model.layers.0": -0.3, "model.layers.1": -0.15,
+                                   "model.layers.2": -0.6})
+    p = plan_from_swaps(table, 2, 3, means, 2.0, avg_bits=w3 - 0.05, search="from W2+W3")
+    assert p.label == "block, from W2+W3"
+    assert {b for n, b in p.items() if ".2." in n} == {3}  # the largest mean gain is bought
+    assert Plan.from_dict(json.loads(json.dumps(p.to_dict()))).label == "block, from W2+W3"
+    with pytest.raises(ConfigError, match="different units"):
+        swap_means(up, {"model.layers.0": 0.1})
+
+
 def test_auto_adds_the_in_context_candidates(model):
     table = synthetic_table(model)
     ids = token_ids(4, 16)
@@ -244,7 +270,7 @@ def test_auto_adds_the_in_context_candidates(model):
     assert set(cache) == {(lo, hi), (hi, lo)}
     assert plan.label == min(plan.checked_kl, key=plan.checked_kl.get)
     assert set(plan.checked_kl) - {"layer", "sublayer", "block"} <= {
-        f"block, from W{lo}", f"block, from W{hi}"}
+        f"block, from W{lo}", f"block, from W{hi}", f"block, from W{lo}+W{hi}"}
     (kl,) = configuration_kl(model, ids, [plan])
     assert kl == pytest.approx(plan.checked_kl[plan.label], rel=1e-5)
     cache[lo, hi] = (0.0, {"model.layers.9": -1.0})  # a cached sweep is used, not remeasured

@@ -64,9 +64,10 @@ class Plan(Mapping[str, int]):
     granularity: the allocation unit (:data:`GRANULARITIES`).
     checked_kl: when the plan was chosen among candidates, the measured KL per token of each
         ``{candidate: nats}`` (candidates with identical widths share one entry).
-    search: how the widths were chosen: "table" (summed costs of the sensitivity table) or
+    search: how the widths were chosen: "table" (summed costs of the sensitivity table),
         "from W<b>" (in-context costs of units moved away from uniform b bits,
-        :func:`plan_from_swaps`).
+        :func:`plan_from_swaps`) or "from W<lo>+W<hi>" (the mean of both in-context costs,
+        :func:`swap_means`).
     """
 
     widths: dict[str, int]
@@ -281,12 +282,14 @@ def bracketing_widths(table: SensitivityTable, *, avg_bits: float | None = None,
 def plan_from_swaps(
     table: SensitivityTable, base: int, alt: int, deltas: Mapping[str, float], kl_base: float,
     *, avg_bits: float | None = None, max_bytes: int | None = None, granularity: str = "block",
+    search: str | None = None,
 ) -> Plan:
     """The plan that starts from uniform ``base`` bits and moves the units whose in-context cost
     ``deltas[unit]`` (:func:`quept.search.exact.unit_swap_kl`) is best to ``alt`` bits: the
     set minimising the summed deltas within the budget (exact, by the same knapsack). With
     ``alt`` above ``base`` it spends the budget left over by the base; below, it frees what the
-    base is over it. Every linear belongs to a unit of ``deltas``."""
+    base is over it. Every linear belongs to a unit of ``deltas``. ``search`` names how the
+    deltas were made (default "from W<base>")."""
     for b in (base, alt):
         if b not in table.bits:
             raise ConfigError(f"width {b} is not in the table's widths {table.bits}")
@@ -307,4 +310,16 @@ def plan_from_swaps(
     alloc = allocate([[0.0, float(d)] for d in deltas.values()], sizes, capacity)
     widths = {name: (base, alt)[alloc.choice[u]] for name, u in zip(names, unit)}
     return Plan(widths, alloc.size / n, alloc.size / 8, n, budget, kl_base + alloc.cost,
-                alloc.exact, granularity, search=f"from W{base}")
+                alloc.exact, granularity, search=search or f"from W{base}")
+
+
+def swap_means(up: Mapping[str, float], down: Mapping[str, float]) -> dict[str, float]:
+    """One cost per unit for moving from the lower width to the upper one, measured in both
+    contexts: ``up[unit]`` is the KL change of moving the unit up inside the uniform lower model,
+    ``down[unit]`` that of moving it down inside the uniform upper model (so its gain going up
+    is ``-down[unit]``). Their mean is less tied to either end of the interval, which matters
+    for budgets near its middle. Both must name the same units."""
+    if set(up) != set(down):
+        raise ConfigError(f"the two in-context sweeps name different units: "
+                          f"{sorted(set(up) ^ set(down))[:3]}")
+    return {u: (up[u] - down[u]) / 2 for u in up}
