@@ -180,11 +180,12 @@ def plan(model: nn.Module, table: SensitivityTable, *, avg_bits: float | None = 
     costs assume layers act independently; the measured KL does not, and on the default model
     coarser units often give lower perplexity at the same budget (README, mixed precision).
 
-    ``in_context`` (auto only): more candidates, made from the uniform widths just below
+    ``in_context`` (auto only): three more candidates, made from the uniform widths just below
     and above the budget: each block's cost measured *in* one uniform model when it alone
     moves to the other width (:func:`quept.search.exact.unit_swap_kl`, two sweeps of one
-    forward per block on ``check_ids``), then the best set of blocks to move, exactly; and a
-    third from the mean of both sweeps (:func:`quept.search.plan.swap_means`). ``cache``
+    forward per block on ``check_ids``), then the best set of blocks to move, exactly (one
+    candidate per sweep); the third moves blocks by the mean of both sweeps' costs
+    (:func:`quept.search.plan.swap_means`). ``cache``
     (a dict, for one model and one ``check_ids``) keeps those sweeps for later budgets between
     the same two widths."""
     layers = elastic_layers(model)
