@@ -214,12 +214,16 @@ def test_unit_swap_kl_is_the_kl_of_the_swapped_configuration():
         unit_swap_kl(model, ids, {"both": [next(iter(layers)), list(layers)[-1]]}, 3, 2)
 
 
-def test_plan_from_swaps_moves_the_cheapest_units_within_the_budget():
-    model = elastic_tiny(layers=3)
-    table = synthetic_table(model)
+def _three_blocks() -> tuple[SensitivityTable, float]:
+    """A synthetic table of a 3-block model and its uniform W3 stored bits per weight."""
+    table = synthetic_table(elastic_tiny(layers=3))
     n = sum(s.numel for s in table.shapes.values())
-    w3 = sum(round(s.numel * stored_bits_per_weight(3, 16, s.in_features))
-             for s in table.shapes.values()) / n
+    return table, sum(round(s.numel * stored_bits_per_weight(3, 16, s.in_features))
+                      for s in table.shapes.values()) / n
+
+
+def test_plan_from_swaps_moves_the_cheapest_units_within_the_budget():
+    table, w3 = _three_blocks()
     # every block costs as much when it goes down to 2 bits, but block 1 least
     deltas = {"model.layers.0": 0.5, "model.layers.1": 0.1, "model.layers.2": 0.3}
     assert bracketing_widths(table, avg_bits=w3 - 0.05) == (2, 3)
@@ -241,11 +245,7 @@ def test_plan_from_swaps_moves_the_cheapest_units_within_the_budget():
 
 
 def test_swap_means_takes_both_contexts_and_names_its_search():
-    model = elastic_tiny(layers=3)
-    table = synthetic_table(model)
-    n = sum(s.numel for s in table.shapes.values())
-    w3 = sum(round(s.numel * stored_bits_per_weight(3, 16, s.in_features))
-             for s in table.shapes.values()) / n
+    table, w3 = _three_blocks()
     # inside W2, block 0 gains most going up; inside W3, block 2 loses most going down
     up = {"model.layers.0": -0.5, "model.layers.1": -0.1, "model.layers.2": -0.3}
     down = {"model.layers.0": 0.1, "model.layers.1": 0.2, "model.layers.2": 0.9}
