@@ -81,7 +81,8 @@ METHODS: dict[str, Method] = {
     # slices only W3 and W2 use at 3e-3 (where it gained most). Stopped after 16 of 30 blocks
     # (2026-11-28): every group's block loss was above the single-rate 3e-3 run's (block 16:
     # 4-bit 0.512 against 0.485, 3-bit 0.793 against 0.755, 2-bit 1.297 against 1.055), since
-    # W3 and W2 also use the slower lower slices. Kept to rerun, not a preset.
+    # W3 and W2 also use the slower lower slices (results/adapter_rates_stopped.json). Kept to
+    # rerun, not a preset.
     "quept-long16-wide-rates": _elastic(
         "QuEPT, 16 epochs, ranks 0,16,8,24,96, adapter rates 1e-3 (4-6 bit slices) / 3e-3 "
         "(3 and 2 bit slices) (one model, all widths)", 16, ranks=[0, 16, 8, 24, 96],
