@@ -1,10 +1,12 @@
-"""Where an elastic model's error at the top widths (7 and 8 bits) comes from.
+"""Where an elastic model's error at given widths (7 and 8 by default) comes from.
 
 At 7 and 8 bits round-to-nearest is already within 0.15% of the float model, and the elastic
 model lands a few hundredths of perplexity above it. This script takes an elastic folder apart
 at those widths, on the same evaluation windows:
 
 - ``elastic``: the folder as calibrated (adapter prefix + learned clips);
+- ``searched clips, learned adapter``: the learned clips replaced by the searched ones below,
+  the adapters kept (do the learned clips generalise, or only fit the calibration text?);
 - ``learned clips, no adapter``: the adapters zeroed, the learned clips kept;
 - ``searched clips, no adapter``: the clips the calibration starts from (the per-group search
   weighted by the mean squared float input per channel, on the folder's own calibration
@@ -15,6 +17,8 @@ Zeroing the adapters changes every width, so the folder is only read, never writ
 the repository root:
 
     python benchmarks/high_bits.py --elastic quept-elastic --out results/high_bits.json
+
+``--bits 4,5,6`` takes apart the middle widths the same way (results/clip_sources.json).
 """
 
 from __future__ import annotations
@@ -54,24 +58,40 @@ def main() -> int:
         rows = quept.evaluate(model, windows, bits, rtn=rtn, progress=False)
         return {r.bits: (r.ppl_rtn if rtn else r.ppl) for r in rows}
 
-    variants: dict[str, dict[int, float]] = {}
-    variants["elastic"] = ppl()
-    with torch.no_grad():
-        for m in layers.values():
-            m.lora_u.zero_()
-            m.clear_cache()
-    variants["learned clips, no adapter"] = ppl()
+    # The per-group clip search the calibration starts from, on the folder's own calibration
+    # windows, weighted by the mean squared float input per channel.
     ids = quept.samples_from_text(tok, data.calibration_text(), cfg.calib)
     bs = cfg.calib.batch_size
     with torch.no_grad(), mean_sq_inputs(layers) as sq:
         quept.set_bits(model, None)
         for i in range(0, ids.shape[0], bs):
             model(ids[i : i + bs])
+
+    def clips(searched: bool) -> None:
+        with torch.no_grad():
+            for n, m in layers.items():
+                for b in bits:
+                    if searched:
+                        m.init_clip_by_search(b, sq[n])
+                    else:
+                        m.clip_hi[str(b)].copy_(learned[n][0][b])
+                        m.clip_lo[str(b)].copy_(learned[n][1][b])
+                m.clear_cache()
+
+    learned = {n: ({b: m.clip_hi[str(b)].detach().clone() for b in bits},
+                   {b: m.clip_lo[str(b)].detach().clone() for b in bits})
+               for n, m in layers.items()}
+    variants: dict[str, dict[int, float]] = {}
+    variants["elastic"] = ppl()
+    clips(searched=True)
+    variants["searched clips, learned adapter"] = ppl()
+    clips(searched=False)
     with torch.no_grad():
-        for n, m in layers.items():
-            for b in bits:
-                m.init_clip_by_search(b, sq[n])
+        for m in layers.values():
+            m.lora_u.zero_()
             m.clear_cache()
+    variants["learned clips, no adapter"] = ppl()
+    clips(searched=True)
     variants["searched clips, no adapter"] = ppl()
     variants["rtn"] = ppl(rtn=True)
 
