@@ -35,13 +35,17 @@ import quept
 from quept import data
 from quept.calib.capture import mean_sq_inputs
 from quept.config import QuEPTConfig
+from quept.data.tokens import calibration_starts, heldout_windows, tokenize
 from quept.nn import elastic_layers
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--elastic", default="quept-elastic", help="elastic folder (read only)")
-    p.add_argument("--windows", type=int, default=32, help="512-token windows of P&P (default 32)")
+    p.add_argument("--windows", type=int, default=32, help="512-token windows (default 32)")
+    p.add_argument("--text", choices=("eval", "heldout"), default="eval",
+                   help="eval: Pride and Prejudice (default); heldout: windows of the other "
+                        "novels that share no token with the folder's calibration samples")
     p.add_argument("--bits", default="7,8", help="widths to take apart (default 7,8)")
     p.add_argument("--out", default="results/high_bits.json", help="JSON output path")
     a = p.parse_args()
@@ -52,7 +56,16 @@ def main() -> int:
     cfg = QuEPTConfig.from_dict(meta["config"])
     model, tok = quept.load(a.elastic)
     layers = elastic_layers(model)
-    windows = quept.windows_from_text(tok, data.evaluation_text(), 512, a.windows)
+    if a.text == "eval":
+        windows = quept.windows_from_text(tok, data.evaluation_text(), 512, a.windows)
+        text = f"Pride and Prejudice, {a.windows} x 512 tokens"
+    else:
+        ids = tokenize(tok, data.calibration_text())
+        c = cfg.calib
+        used = calibration_starts(ids.numel(), c.n_samples, c.seq_len, c.seed)
+        windows = heldout_windows(ids, a.windows, 512, used, c.seq_len)
+        text = (f"the other novels, {a.windows} x 512 tokens spread over the text, none sharing "
+                "a token with the calibration samples")
 
     def ppl(rtn: bool = False) -> dict[int, float]:
         rows = quept.evaluate(model, windows, bits, rtn=rtn, progress=False)
@@ -102,7 +115,7 @@ def main() -> int:
         print(f"| {name} | " + " | ".join(f"{row[b]:.4f}" for b in bits) + " |")
     result = {
         "model": "SmolLM2-135M-Instruct (float = dequantized Q4_1)",
-        "eval": f"Pride and Prejudice, {a.windows} x 512 tokens",
+        "eval": text,
         "elastic": Path(a.elastic).name,
         "config": cfg.to_dict(),
         "ppl": {k: {str(b): v for b, v in row.items()} for k, row in variants.items()},

@@ -1,7 +1,13 @@
 import pytest
 import torch
 
-from quept.data.tokens import NotEnoughTextError, calibration_samples, eval_windows
+from quept.data.tokens import (
+    NotEnoughTextError,
+    calibration_samples,
+    calibration_starts,
+    eval_windows,
+    heldout_windows,
+)
 
 
 def test_calibration_samples_are_seeded_windows():
@@ -22,3 +28,18 @@ def test_eval_windows_from_start_and_errors():
         eval_windows(ids, 32, 4)
     with pytest.raises(NotEnoughTextError, match="need more than seq_len"):
         calibration_samples(ids, 2, 100, seed=0)
+
+
+def test_heldout_windows_avoid_the_calibration_samples():
+    ids = torch.arange(4000)
+    starts = calibration_starts(ids.numel(), 12, 64, seed=0)
+    samples = calibration_samples(ids, 12, 64, seed=0)
+    assert [int(w[0]) for w in samples] == starts
+    win = heldout_windows(ids, 8, 100, starts, 64)
+    assert win.shape == (8, 100)
+    seen = set(samples.flatten().tolist())
+    assert not seen & set(win.flatten().tolist())
+    assert len(set(win.flatten().tolist())) == win.numel()  # no two windows overlap
+    assert all(torch.equal(w, torch.arange(int(w[0]), int(w[0]) + 100)) for w in win)
+    with pytest.raises(NotEnoughTextError, match="unused tokens"):
+        heldout_windows(ids, 8, 100, list(range(0, 4000, 50)), 64)

@@ -25,9 +25,14 @@ def calibration_samples(ids: torch.Tensor, n: int, seq_len: int, seed: int) -> t
         raise NotEnoughTextError(
             f"calibration text has {ids.numel()} tokens; need more than seq_len={seq_len}"
         )
+    starts = calibration_starts(ids.numel(), n, seq_len, seed)
+    return torch.stack([ids[s : s + seq_len] for s in starts])
+
+
+def calibration_starts(n_tokens: int, n: int, seq_len: int, seed: int) -> list[int]:
+    """Where :func:`calibration_samples` cuts its ``n`` windows from ``n_tokens`` ids."""
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seq_len, (n,), generator=gen)
-    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+    return torch.randint(0, n_tokens - seq_len, (n,), generator=gen).tolist()
 
 
 def eval_windows(ids: torch.Tensor, seq_len: int = 512, n_windows: int | None = 32) -> torch.Tensor:
@@ -41,3 +46,26 @@ def eval_windows(ids: torch.Tensor, seq_len: int = 512, n_windows: int | None = 
         )
     n = available if n_windows is None else n_windows
     return ids[: n * seq_len].reshape(n, seq_len)
+
+
+def heldout_windows(ids: torch.Tensor, n: int, seq_len: int, used_starts: list[int],
+                    used_len: int) -> torch.Tensor:
+    """``n`` windows of ``seq_len`` tokens spread evenly over ``ids`` (1-D), none sharing a
+    token with the windows ``ids[s : s + used_len]`` (the calibration samples): each starts at
+    its share's first token and moves forward past any used token. (n, seq_len)."""
+    used = torch.zeros(ids.numel(), dtype=torch.bool)
+    for s in used_starts:
+        used[s : s + used_len] = True
+    stride = ids.numel() // max(n, 1)
+    out = []
+    for k in range(n):
+        start = k * stride
+        while start + seq_len <= ids.numel() and used[start : start + seq_len].any():
+            start += int(used[start : start + seq_len].nonzero()[-1]) + 1
+        if start + seq_len > min(ids.numel(), (k + 1) * stride):
+            raise NotEnoughTextError(
+                f"no window of {seq_len} unused tokens in tokens {k * stride}..{(k + 1) * stride} "
+                f"of {ids.numel()}; ask for fewer or shorter windows"
+            )
+        out.append(ids[start : start + seq_len])
+    return torch.stack(out)
