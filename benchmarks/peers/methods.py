@@ -93,11 +93,13 @@ METHODS: dict[str, Method] = {
     # The cpu-long setting with the 6-bit clips kept at their searched values, not learned:
     # on quept-long16-wide-lr3, putting the searched 6-bit clips back under the learned
     # adapters took W6 from 25.42 to 25.15 (W5 went from 25.64 to 25.88 and W4 from 26.66 to
-    # 27.70, so their clips stay learned).
+    # 27.70, so their clips stay learned). Run once (2026-11-28): W6 25.26, but W5 25.67, W4
+    # 26.73, W3 31.42 and W2 51.90, the 2-bit stream's error jumping at block 13 as in the
+    # per-slice rates run (results/block12_event.json). Not a preset.
     "quept-long16-wide-lr3-fix6": _elastic(
         "QuEPT, 16 epochs, ranks 0,16,8,24,96, adapter rate 3e-3, 6-8 bit clips searched "
         "(one model, all widths)", 16, ranks=[0, 16, 8, 24, 96], lr_adapter=3e-3,
-        fixed_clip_bits=[6, 7, 8]),
+        fixed_clip_bits=[6, 7, 8], in_plot=False),
     # Ablations, not results for the table's question: the 2-bit group calibrated alone at a
     # large rank (no other width shares its adapter), to see what rank and rate do at W2.
     "ablation-w2-r136": _elastic("QuEPT ablation: 2-bit group alone, rank 136, 16 epochs", 16,
