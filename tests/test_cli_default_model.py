@@ -38,6 +38,21 @@ def test_quantize_then_eval_smoke(tmp_path, capsys):
     assert ppl2[2] == pytest.approx(ppl[2], rel=1e-5)
 
 
+def test_keep_streams_keeps_the_checkpoint_with_every_block_input(tmp_path, capsys):
+    from quept.calib import CalibCheckpoint
+
+    out = tmp_path / "elastic"
+    run_json(capsys, [
+        "quantize", "--out", str(out), "--samples", "2", "--seq-len", "32", "--batch-size", "2",
+        "--epochs", "1", "--eval-windows", "0", "--keep-streams", "--json",
+    ])
+    ckpt = CalibCheckpoint(out / ".calib-checkpoint", {})
+    n_blocks = json.loads((ckpt.folder / "progress.json").read_text())["next_block"]
+    x_fp, x_q = ckpt.streams(1)
+    assert x_fp.shape[:2] == (2, 32) and len(x_q) >= 1
+    assert (ckpt.folder / f"streams_{n_blocks:03d}.safetensors").exists()
+
+
 def test_eval_of_a_plain_model_folder_reports_float(tmp_path, capsys):
     from quept.api import resolve_model_dir
 

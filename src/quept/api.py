@@ -115,17 +115,21 @@ def prepare(model: nn.Module, spec: ElasticSpec | None = None, seed: int = 0) ->
 
 def calibrate(
     model: nn.Module, input_ids: torch.Tensor, config: CalibConfig, *,
-    checkpoint_dir: str | os.PathLike | None = None, progress: bool = True,
+    checkpoint_dir: str | os.PathLike | None = None, keep_streams: bool = False,
+    progress: bool = True,
 ) -> list[BlockReport]:
     """Block-wise elastic calibration of a prepared model on ``input_ids`` (N, T).
 
-    With ``checkpoint_dir`` every finished block is saved there and a rerun resumes.
+    With ``checkpoint_dir`` every finished block is saved there and a rerun resumes;
+    ``keep_streams`` also keeps the activations that entered every block (not only the next
+    one's), so one block's calibration can be studied later from its own inputs.
     """
     fam, spec = family_for(model), _spec_of(model)
     x0, kwargs = capture_block_inputs(model, fam, input_ids, config.batch_size)
     ckpt = None
     if checkpoint_dir is not None:
-        ckpt = CalibCheckpoint(checkpoint_dir, _fingerprint(model, spec, config, input_ids))
+        ckpt = CalibCheckpoint(checkpoint_dir, _fingerprint(model, spec, config, input_ids),
+                               keep_streams=keep_streams)
     return BlockCalibrator(model, fam, spec, config, kwargs, ckpt, progress).run(x0)
 
 

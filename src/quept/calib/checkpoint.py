@@ -3,7 +3,8 @@
 Layout of the folder:
     progress.json              {"next_block", "fingerprint", "reports"} (written last, atomically)
     block_007.safetensors      elastic state (adapters, clips) of block 7
-    streams_008.safetensors    the two activation streams and the RNG state entering block 8
+    streams_008.safetensors    the activation streams and the RNG state entering block 8
+                               (only the latest is kept, unless keep_streams)
 """
 
 from __future__ import annotations
@@ -50,9 +51,26 @@ def _atomic_json(obj: Any, path: Path) -> None:
 class CalibCheckpoint:
     """Reads and writes the checkpoint folder of one calibration run."""
 
-    def __init__(self, folder: str | Path, fingerprint: dict[str, Any]) -> None:
+    def __init__(self, folder: str | Path, fingerprint: dict[str, Any],
+                 keep_streams: bool = False) -> None:
         self.folder = Path(folder)
         self.fingerprint = json.loads(json.dumps(fingerprint))
+        self.keep_streams = keep_streams
+
+    def streams(self, block: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The float stream and the quantized stream(s) that entered ``block`` (with
+        keep_streams every block's are kept; otherwise only the next block's exist)."""
+        path = self.folder / f"streams_{block:03d}.safetensors"
+        if not path.exists():
+            have = sorted(int(p.stem.split("_")[1])
+                          for p in self.folder.glob("streams_*.safetensors"))
+            raise FileNotFoundError(
+                f"{self.folder} holds no streams entering block {block} (it has {have or 'none'}); "
+                "calibrate with keep_streams=True (quept quantize --keep-streams) to keep them all"
+            )
+        t = load_file(str(path))
+        n_q = sum(1 for k in t if k.startswith("x_q_"))
+        return t["x_fp"], [t[f"x_q_{g}"] for g in range(n_q)]
 
     def load(self) -> Resumed | None:
         """The saved state, or None when there is none. Raises on a mismatched checkpoint."""
@@ -100,7 +118,7 @@ class CalibCheckpoint:
                       "fingerprint": self.fingerprint, "reports": reports},
                      self.folder / "progress.json")
         old = self.folder / f"streams_{block:03d}.safetensors"
-        if old.exists():
+        if old.exists() and not self.keep_streams:
             old.unlink()
 
     def clear(self) -> None:
