@@ -108,16 +108,18 @@ def test_resume_after_kill_gives_the_same_model(tmp_path, monkeypatch, stream):
         calibrated(cfg=CalibConfig(**{**CFG.to_dict(), "epochs": 2}), checkpoint_dir=tmp_path)
 
 
-def test_keep_streams_keeps_what_entered_every_block(tmp_path):
+@pytest.mark.parametrize("stream", ["per-group", "merged"])
+def test_keep_streams_keeps_what_entered_every_block(tmp_path, monkeypatch, stream):
     from quept.calib.checkpoint import CalibCheckpoint
 
-    model, reports = calibrated(checkpoint_dir=tmp_path / "keep", keep_streams=True)
+    monkeypatch.setattr(f"{__name__}.SPEC", replace(SPEC, stream=stream))
+    _, reports = calibrated(checkpoint_dir=tmp_path / "keep", keep_streams=True)
     n = len(reports)
     keep = CalibCheckpoint(tmp_path / "keep", {})
     for block in range(1, n + 1):
         x_fp, x_q = keep.streams(block)
         assert x_fp.shape == (CFG.n_samples, CFG.seq_len, x_q[0].shape[-1])
-        assert len(x_q) == len(SPEC.bit_groups)  # per-group stream: one per bit group
+        assert len(x_q) == len(SPEC.bit_groups)  # one per bit group (merged: the same one)
         assert not torch.equal(x_q[-1], x_fp)  # the 2-bit stream is not the float one
     calibrated(checkpoint_dir=tmp_path / "latest")
     latest = CalibCheckpoint(tmp_path / "latest", {})

@@ -58,8 +58,15 @@ class CalibCheckpoint:
         self.keep_streams = keep_streams
 
     def streams(self, block: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The float stream and the quantized stream(s) that entered ``block`` (with
-        keep_streams every block's are kept; otherwise only the next block's exist)."""
+        """The float stream and the quantized stream of every bit group that entered ``block``
+        (with keep_streams every block's are kept; otherwise only the next block's exist)."""
+        prog = json.loads((self.folder / "progress.json").read_text())
+        x_fp, x_q, _ = self._read_streams(block, prog)
+        return x_fp, x_q
+
+    def _read_streams(
+        self, block: int, prog: dict[str, Any]
+    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
         path = self.folder / f"streams_{block:03d}.safetensors"
         if not path.exists():
             have = sorted(int(p.stem.split("_")[1])
@@ -69,8 +76,9 @@ class CalibCheckpoint:
                 "calibrate with keep_streams=True (quept quantize --keep-streams) to keep them all"
             )
         t = load_file(str(path))
-        n_q = sum(1 for k in t if k.startswith("x_q_"))
-        return t["x_fp"], [t[f"x_q_{g}"] for g in range(n_q)]
+        x_q = [t[f"x_q_{g}"] for g in range(int(prog["n_streams"]))]
+        x_q = x_q * int(prog["n_groups"]) if len(x_q) == 1 else x_q
+        return t["x_fp"], x_q, t["rng_state"]
 
     def load(self) -> Resumed | None:
         """The saved state, or None when there is none. Raises on a mismatched checkpoint."""
@@ -88,17 +96,12 @@ class CalibCheckpoint:
                 "discard it"
             )
         nxt = int(prog["next_block"])
-        streams = load_file(str(self.folder / f"streams_{nxt:03d}.safetensors"))
+        x_fp, x_q, rng_state = self._read_streams(nxt, prog)
         states = {
             i: load_file(str(self.folder / f"block_{i:03d}.safetensors")) for i in range(nxt)
         }
         log.info("resuming calibration at block %d from %s", nxt, self.folder)
-        n_q = int(prog["n_streams"])
-        x_q = [streams[f"x_q_{g}"] for g in range(n_q)]
-        n_groups = int(prog["n_groups"])
-        x_q = x_q * n_groups if n_q == 1 else x_q
-        return Resumed(nxt, states, streams["x_fp"], x_q, streams["rng_state"],
-                       prog.get("reports", []))
+        return Resumed(nxt, states, x_fp, x_q, rng_state, prog.get("reports", []))
 
     def save(
         self, block: int, state: dict[str, torch.Tensor], x_fp: torch.Tensor,
