@@ -86,6 +86,10 @@ def test_cli_spec_follows_the_preset_and_the_spec_options():
     assert rates.calib.lr_adapter_groups == (0.0, 1e-3, 1e-3, 3e-3, 5e-3)
     assert long.calib.lr_adapter_groups is None
     assert spec("--fixed-clip-bits", "").learned_clip_bits == (8, 7, 6, 5, 4, 3, 2)
+    assert spec("--protect-outliers", "100").protect_outliers == 100.0
+    assert spec().protect_outliers == 0.0
+    with pytest.raises(ConfigError, match="protect_outliers"):
+        spec("--protect-outliers", "0.5")
     custom = spec("--bit-groups", "8/4", "--group-size", "32")
     assert custom.ranks == (8, 8) and custom.fixed_clip_bits == () and custom.bits == (8, 4)
     with pytest.raises(ConfigError, match="fixed_clip_bits names bit 7"):

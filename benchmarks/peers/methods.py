@@ -33,16 +33,20 @@ class Method:
 
 def _elastic(label: str, epochs: int, groups: list | None = None, ranks: list | None = None,
              lr_adapter: float = 1e-3, lr_groups: list | None = None,
-             fixed_clip_bits: list | None = None, in_plot: bool = True) -> Method:
+             fixed_clip_bits: list | None = None, protect_outliers: float = 0.0,
+             in_plot: bool = True) -> Method:
     """A harness-calibrated QuEPT setting: the cpu-demo preset at adapter / clip rates
     ``lr_adapter`` / 0.1 for ``epochs`` passes, groups 7-8/5-6/4/3/2 and ranks 0,16,8,8,8 unless
     given, equal merge weights; ``lr_groups``: an adapter rate per group's slice instead;
-    ``fixed_clip_bits``: widths whose searched clips are kept, not learned (default 7, 8)."""
+    ``fixed_clip_bits``: widths whose searched clips are kept, not learned (default 7, 8);
+    ``protect_outliers``: the spec's super-weight protection ratio (0 = off)."""
     groups = groups or [[7, 8], [5, 6], [4], [3], [2]]
     spec = {"bit_groups": groups, "ranks": ranks or [0, 16, 8, 8, 8],
             "merge_weights": [1 / len(groups)] * len(groups)}
     if fixed_clip_bits is not None:
         spec["fixed_clip_bits"] = fixed_clip_bits
+    if protect_outliers:
+        spec["protect_outliers"] = protect_outliers
     options = {"epochs": epochs, "lr_adapter": lr_adapter, "lr_clip": 0.1, "spec": spec}
     if lr_groups is not None:
         options["lr_adapter_groups"] = lr_groups
@@ -100,6 +104,15 @@ METHODS: dict[str, Method] = {
         "QuEPT, 16 epochs, ranks 0,16,8,24,96, adapter rate 3e-3, 6-8 bit clips searched "
         "(one model, all widths)", 16, ranks=[0, 16, 8, 24, 96], lr_adapter=3e-3,
         fixed_clip_bits=[6, 7, 8], in_plot=False),
+    # The per-slice rates setting with super-weight protection: in the rates and fix6 runs the
+    # 2-bit clip of block 12's down_proj cut the weight that makes SmolLM2's massive activation
+    # (token 0, channel 507: 27085 in float, 2869 in the 2-bit stream), which is what the 2-bit
+    # error jump at block 13 was (README). Holding that group's clip at 1 keeps it.
+    "quept-long16-wide-rates-sw": _elastic(
+        "QuEPT, 16 epochs, ranks 0,16,8,24,96, adapter rates 1e-3 (4-6 bit slices) / 3e-3 "
+        "(3 and 2 bit slices), super weights protected (one model, all widths)", 16,
+        ranks=[0, 16, 8, 24, 96], lr_groups=[1e-3, 1e-3, 1e-3, 3e-3, 3e-3],
+        protect_outliers=100.0),
     # Ablations, not results for the table's question: the 2-bit group calibrated alone at a
     # large rank (no other width shares its adapter), to see what rank and rate do at W2.
     "ablation-w2-r136": _elastic("QuEPT ablation: 2-bit group alone, rank 136, 16 epochs", 16,

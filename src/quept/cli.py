@@ -137,6 +137,10 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--clip-refine", type=int, default=None,
                    help="rounds of refining the searched clips, max and min factors in turn "
                    "(default 1; 0 = one factor for both)")
+    s.add_argument("--protect-outliers", type=float, default=None, metavar="RATIO",
+                   help="hold the clips of super weights (a weight whose largest input-weighted "
+                   "contribution is over RATIO times the median row's) at 1, so the massive "
+                   "activation they make survives low widths (e.g. 100; default 0 = off)")
     e = p.add_argument_group("evaluation after calibration")
     e.add_argument("--eval-windows", type=int, default=8,
                    help="512-token windows of the evaluation text (default 8, which keeps the "
@@ -176,6 +180,8 @@ def _configs(a: argparse.Namespace) -> QuEPTConfig:
         spec = replace(spec, fixed_clip_bits=tuple(a.fixed_clip_bits))
     if a.clip_refine is not None:
         spec = replace(spec, clip_refine=a.clip_refine)
+    if a.protect_outliers is not None:
+        spec = replace(spec, protect_outliers=a.protect_outliers)
     return QuEPTConfig(spec=spec, calib=calib)
 
 

@@ -67,6 +67,13 @@ class ElasticSpec:
     clip_refine: rounds of coordinate descent after the clip search, over the same grid: the
         max factor with the min factor held, then the reverse (the search alone ties them; one
         round lowered the error enough that a second changed perplexity by < 0.1%); 0 = tied.
+    protect_outliers: super-weight protection; 0 (default) = off. In each block's float pass
+        a weight W[r, j] counts as a super weight when its largest contribution
+        ``|W[r, j]| * max_t |x[t, j]|`` exceeds ``protect_outliers`` times the median over rows
+        of each row's largest contribution (100 picks the few weights that create or cancel a
+        model's massive activation). Its group's clip on its side (max or min) is held at 1 at
+        every width, so the weight stays the group's exact top (or bottom) level; left free, a
+        2-bit clip can cut it and the massive activation it makes is lost (README).
 
     A bit group whose adapter prefix is empty (rank 0) and whose widths all have fixed or no
     clips has nothing to learn: calibration skips its training passes (its loss is still probed
@@ -85,6 +92,7 @@ class ElasticSpec:
     unclipped_bits: tuple[int, ...] = ()
     fixed_clip_bits: tuple[int, ...] | None = None
     clip_refine: int = 1
+    protect_outliers: float = 0.0
 
     def __post_init__(self) -> None:
         groups = tuple(tuple(int(b) for b in g) for g in self.bit_groups)
@@ -117,6 +125,10 @@ class ElasticSpec:
                 )
         if self.clip_refine < 0:
             raise ConfigError(f"clip_refine must be >= 0, got {self.clip_refine}")
+        object.__setattr__(self, "protect_outliers", float(self.protect_outliers))
+        if not (self.protect_outliers == 0 or self.protect_outliers > 1):
+            raise ConfigError("protect_outliers must be 0 (off) or a ratio > 1 (e.g. 100), got "
+                              f"{self.protect_outliers}")
         if len(self.ranks) != len(groups):
             raise ConfigError(
                 f"ranks has {len(self.ranks)} entries but there are {len(groups)} bit groups"
@@ -194,6 +206,8 @@ class ElasticSpec:
         d = asdict(self)
         d["bit_groups"] = [list(g) for g in self.bit_groups]
         d["group_size"] = {str(b): s for b, s in self.group_size}
+        if not self.protect_outliers:  # written only when set: older folders match
+            del d["protect_outliers"]
         return d
 
     @classmethod

@@ -257,3 +257,28 @@ def test_adapter_rates_must_match_the_bit_groups():
     assert cfg.lr_adapter_groups == (1e-3, 0.0, 1e-3, 2e-3)
     assert CalibConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     assert "lr_adapter_groups" not in CFG.to_dict()
+
+
+def test_protected_super_weight_clips_stay_at_one_through_training(monkeypatch, caplog):
+    # A tiny random model has no massive activation, so a low ratio (2) stands in for the
+    # real 100 to make the calibrator find some. Held logits sit where the sigmoid is exactly
+    # 1 in float32, so their gradient is 0 and training leaves them there.
+    from quept.nn.elastic_linear import NO_CLIP_LOGIT
+
+    spec = replace(SPEC, protect_outliers=2.0, fixed_clip_bits=())
+    monkeypatch.setattr(f"{__name__}.SPEC", spec)
+    with caplog.at_level("INFO", logger="quept.calib.loop"):
+        model, _ = calibrated()
+    found = 0
+    for m in elastic_layers(model).values():
+        for r, j in m.protected:
+            found += 1
+            side = m.clip_hi if m.weight[r, j] > 0 else m.clip_lo
+            for b in spec.bits:
+                assert side[str(b)][r, j // 32] == NO_CLIP_LOGIT, (b, r, j)
+    assert found > 0
+    assert "super weight" in caplog.text
+    # Off by default: nothing is searched for or held.
+    monkeypatch.setattr(f"{__name__}.SPEC", replace(spec, protect_outliers=0.0))
+    model, _ = calibrated()
+    assert not any(m.protected for m in elastic_layers(model).values())

@@ -69,9 +69,12 @@ def move_kwargs(kwargs: dict, device: str | torch.device, dtype: torch.dtype) ->
 
 
 @contextmanager
-def mean_sq_inputs(layers: Mapping[str, nn.Module]) -> Iterator[dict[str, torch.Tensor]]:
+def mean_sq_inputs(
+    layers: Mapping[str, nn.Module], amax: dict[str, torch.Tensor] | None = None
+) -> Iterator[dict[str, torch.Tensor]]:
     """While active, record each layer's squared input per input channel; on exit the yielded
-    dict holds, per layer name, the mean over every token the layer saw (in_features,)."""
+    dict holds, per layer name, the mean over every token the layer saw (in_features,).
+    ``amax``, if given, is filled with each layer's largest absolute input per channel."""
     sums: dict[str, torch.Tensor] = {}
     counts = dict.fromkeys(layers, 0)
 
@@ -80,6 +83,9 @@ def mean_sq_inputs(layers: Mapping[str, nn.Module]) -> Iterator[dict[str, torch.
             x = args[0].detach().float().reshape(-1, args[0].shape[-1])
             sums[name] = x.pow(2).sum(0) + sums.get(name, 0)
             counts[name] += x.shape[0]
+            if amax is not None:
+                top = x.abs().amax(0)
+                amax[name] = torch.maximum(amax[name], top) if name in amax else top
         return fn
 
     handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]

@@ -80,17 +80,26 @@ class BlockCalibrator:
                 out[i : i + bs] = self.family.call_block(block, xb, self.kwargs).float().cpu()
         return out
 
-    def _float_pass(self, block: nn.Module, x_fp: torch.Tensor) -> torch.Tensor:
+    def _float_pass(self, block: nn.Module, x_fp: torch.Tensor, index: int = 0) -> torch.Tensor:
         """The float target ``Y_fp = Block_fp(X_fp)``; on the way, the mean squared float input
         per channel of every linear, which weights the per-group clip search that initialises
-        the clips of ``spec.search_bits`` (activation-aware init)."""
+        the clips of ``spec.search_bits`` (activation-aware init); with
+        ``spec.protect_outliers`` also the largest input per channel, which finds the block's
+        super weights, whose clips are then held at 1."""
         layers = {n: m for n, m in block.named_modules() if isinstance(m, ElasticLinear)}
-        with mean_sq_inputs(layers) as sq:
+        amax: dict[str, torch.Tensor] = {}
+        with mean_sq_inputs(layers, amax if self.spec.protect_outliers else None) as sq:
             set_bits(block, None)
             y_fp = self._run(block, x_fp)
         for n, m in layers.items():
             for b in self.spec.search_bits:
                 m.init_clip_by_search(b, sq[n])
+            if self.spec.protect_outliers:
+                for r, j in m.find_super_weights(amax[n], self.spec.protect_outliers):
+                    log.info("block %d, %s: super weight W[%d, %d] = %.3f (input up to %.1f); "
+                             "its group's clip is held at 1", index + 1, n, r, j,
+                             m.weight[r, j].item(), amax[n][j].item())
+                m.hold_protected_clips()
         return y_fp
 
     def _probe(self, block: nn.Module, xq: list[torch.Tensor], yfp: torch.Tensor) -> list[float]:
@@ -214,7 +223,7 @@ class BlockCalibrator:
                 t0 = time.perf_counter()
                 bar.set_description(f"({i + 1}/{n_blocks}) Calibrating block")
                 block = self.blocks[i].to(self.cfg.device)
-                y_fp = self._float_pass(block, x_fp)
+                y_fp = self._float_pass(block, x_fp, i)
                 before = self._probe(block, x_q, y_fp)
                 self._train(i, block, x_q, y_fp, gen, bar)
                 after = self._probe(block, x_q, y_fp)

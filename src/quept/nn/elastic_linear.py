@@ -67,6 +67,7 @@ class ElasticLinear(nn.Module):
         self.bits: int | None = None
         self.rtn = False
         self._cache: tuple[tuple, torch.Tensor] | None = None
+        self.protected: list[tuple[int, int]] = []  # super weights (row, col): protect_outliers
 
     @torch.no_grad()
     def init_clip_by_search(self, bits: int, col_weight: torch.Tensor | None = None) -> None:
@@ -87,6 +88,30 @@ class ElasticLinear(nn.Module):
             if bits not in self.spec.learned_clip_bits:
                 logit = torch.where(alpha >= 1, NO_CLIP_LOGIT, logit)
             logits[str(bits)].copy_(logit)
+
+    @torch.no_grad()
+    def find_super_weights(self, in_amax: torch.Tensor, ratio: float) -> list[tuple[int, int]]:
+        """Weights whose contribution ``|W[r, j]| * in_amax[j]`` (``in_amax``: largest absolute
+        input per channel) is the largest of their row and above ``ratio`` times the median
+        row's largest: the few that make a massive activation. Kept in ``self.protected``."""
+        contrib = self.weight.float().abs() * in_amax.to(self.weight.device).float()[None, :]
+        row_max, col = contrib.max(dim=1)
+        rows = (row_max > ratio * row_max.median()).nonzero().flatten().tolist()
+        self.protected = [(r, int(col[r])) for r in rows]
+        return self.protected
+
+    @torch.no_grad()
+    def hold_protected_clips(self) -> None:
+        """Set the clip of every protected weight's group, on the weight's side (max for a
+        positive weight, min for a negative one), to "no clip" at every clipped width."""
+        for b in self.spec.bits:
+            if b in self.spec.unclipped_bits:
+                continue
+            gs = self.spec.group_size_for(b)
+            for r, j in self.protected:
+                side = self.clip_hi if self.weight[r, j] > 0 else self.clip_lo
+                side[str(b)][r, j // gs if gs else 0] = NO_CLIP_LOGIT
+        self._cache = None
 
     def set_bits(self, bits: int | None, rtn: bool = False) -> None:
         """Switch to width ``bits`` (None = float). O(1): nothing is recomputed here."""
