@@ -14,6 +14,7 @@ calibration log shows for that block) and the first token's largest value in flo
 lowest width. The calibration samples are the folder's settings over the built-in calibration
 text (what ``quept quantize`` and ``benchmarks/peers.py`` use by default) or ``--text``.
 Thread count matters for bit-exactness: use the calibration's (2 on this project's CPU runs).
+``--draw-seed N`` trains the block on the same inputs from the same init in another draw order.
 
     python benchmarks/replay_block.py --elastic FOLDER --block 12
 """
@@ -47,6 +48,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="calibration text files (default: the built-in calibration text)")
     p.add_argument("--protect-outliers", type=float, default=None,
                    help="replay with this super-weight ratio instead of the folder's")
+    p.add_argument("--draw-seed", type=int, default=None,
+                   help="reseed the generator just before the block's training: the same "
+                   "inputs and init, another order of samples and widths")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None, help="write the result here")
     return p.parse_args(argv)
@@ -74,7 +78,7 @@ def advance_like_training(gen: torch.Generator, spec: ElasticSpec, calib: CalibC
 
 
 def replay(folder: str, block: int, text: list[str] | None = None,
-           protect_outliers: float | None = None) -> dict:
+           protect_outliers: float | None = None, draw_seed: int | None = None) -> dict:
     meta = quept.read_meta(folder)
     cfg = QuEPTConfig.from_dict(meta["config"])
     spec, calib = cfg.spec, cfg.calib
@@ -103,6 +107,8 @@ def replay(folder: str, block: int, text: list[str] | None = None,
     t0 = time.perf_counter()
     y_fp = cal._float_pass(target, x_fp, block - 1)
     before = cal._probe(target, x_q, y_fp)
+    if draw_seed is not None:
+        gen.manual_seed(draw_seed)
     cal._train(block - 1, target, x_q, y_fp, gen, tqdm(disable=True))
     after = cal._probe(target, x_q, y_fp)
     low = min(spec.bits)
@@ -112,6 +118,7 @@ def replay(folder: str, block: int, text: list[str] | None = None,
     return {"folder": Path(folder).name, "block": block,
             "bits": [min(g) for g in spec.bit_groups], "loss_before": before,
             "loss_after": after, "protect_outliers": spec.protect_outliers,
+            "draw_seed": draw_seed,
             "token0_max_float": y_fp[:, 0].abs().max().item(),
             f"token0_max_w{low}": y_low[:, 0].abs().max().item(),
             "seconds": time.perf_counter() - t0}
@@ -120,7 +127,7 @@ def replay(folder: str, block: int, text: list[str] | None = None,
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
     torch.set_num_threads(a.threads)
-    r = replay(a.elastic, a.block, a.text, a.protect_outliers)
+    r = replay(a.elastic, a.block, a.text, a.protect_outliers, a.draw_seed)
     fmt = lambda xs: "[" + ", ".join(f"{x:.4f}" for x in xs) + "]"  # noqa: E731
     print(f"{r['folder']} block {r['block']}: loss at {r['bits']} bits: {fmt(r['loss_before'])}"
           f" -> {fmt(r['loss_after'])}")
@@ -128,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"first token's largest value: float {r['token0_max_float']:.0f}, "
           f"W{low} {r[f'token0_max_w{low}']:.0f} ({r['seconds']:.0f} s)")
     if a.json:
+        r["command"] = " ".join(["python", "benchmarks/replay_block.py", *sys.argv[1:]])
         Path(a.json).write_text(json.dumps(r, indent=1))
     return 0
 

@@ -48,6 +48,17 @@ def test_second_block_replays_to_the_logged_losses(calibrated, tmp_path):
     assert r["loss_after"][-1] < r["loss_before"][-1]
 
 
+def test_another_draw_order_trains_differently(calibrated, tmp_path):
+    folder, reports = calibrated
+    out = tmp_path / "r.json"
+    replay_block.main(["--elastic", str(folder), "--block", "2", "--threads", "1",
+                       "--draw-seed", "7", "--json", str(out)])
+    r = json.loads(out.read_text())
+    assert r["loss_before"] == pytest.approx(reports[1].loss_before, rel=1e-5)
+    assert r["loss_after"] != pytest.approx(reports[1].loss_after, rel=1e-5)
+    assert r["draw_seed"] == 7
+
+
 def test_block_out_of_range(calibrated):
     with pytest.raises(SystemExit, match="--block must be 1..2"):
         replay_block.main(["--elastic", str(calibrated[0]), "--block", "3"])
