@@ -87,6 +87,12 @@ def test_cli_spec_follows_the_preset_and_the_spec_options():
     assert long.calib.lr_adapter_groups is None
     assert spec("--fixed-clip-bits", "").learned_clip_bits == (8, 7, 6, 5, 4, 3, 2)
     assert spec("--protect-outliers", "100").protect_outliers == 100.0
+    massive = _configs(build_parser().parse_args(["quantize", "--massive-ratio", "1000"]))
+    assert massive.calib.massive_ratio == 1000.0 and long.calib.massive_ratio == 0.0
+    assert "massive_ratio" in massive.calib.to_dict()
+    assert "massive_ratio" not in long.calib.to_dict()
+    with pytest.raises(ConfigError, match="massive_ratio"):
+        CalibConfig(massive_ratio=0.5)
     assert spec().protect_outliers == 0.0
     with pytest.raises(ConfigError, match="protect_outliers"):
         spec("--protect-outliers", "0.5")

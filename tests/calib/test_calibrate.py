@@ -282,3 +282,22 @@ def test_protected_super_weight_clips_stay_at_one_through_training(monkeypatch, 
     monkeypatch.setattr(f"{__name__}.SPEC", replace(spec, protect_outliers=0.0))
     model, _ = calibrated()
     assert not any(m.protected for m in elastic_layers(model).values())
+
+
+def test_massive_term_weighs_a_lost_massive_activation():
+    from quept.calib.loop import _loss_fn, _with_massive_term
+
+    l1 = _loss_fn("l1")
+    loss = _with_massive_term(l1, 1000.0)
+    target = torch.ones(2, 16, 8)
+    target[0, 0, 3] = 27000.0
+    kept, lost = target.clone(), target.clone()
+    kept[0, 0, 3] = 26000.0
+    lost[0, 0, 3] = 2700.0
+    # Plain L1 sees one element in 256: a lost massive value costs little more than a kept one.
+    assert l1(lost, target) - l1(kept, target) < 100
+    # The term adds its relative error: 0.9 lost, 1/27 kept.
+    assert loss(lost, target) - l1(lost, target) == pytest.approx(0.9, rel=1e-4)
+    assert loss(kept, target) - l1(kept, target) == pytest.approx(1000 / 27000, rel=1e-4)
+    plain = torch.ones(2, 16, 8)  # nothing massive: plain L1
+    assert loss(plain + 0.5, plain) == l1(plain + 0.5, plain)

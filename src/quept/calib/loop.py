@@ -45,6 +45,20 @@ def _loss_fn(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     return lambda a, b: (a - b).pow(2).mean()
 
 
+def _with_massive_term(
+    base: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ratio: float
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``base`` plus the mean relative error over the target's massive elements (magnitude over
+    ``ratio`` times the batch median); ``base`` alone when there are none."""
+    def loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        mag = target.abs()
+        big = mag > ratio * mag.median()
+        if not big.any():
+            return base(out, target)
+        return base(out, target) + ((out - target).abs()[big] / mag[big]).mean()
+    return loss
+
+
 def _draw(group: tuple[int, ...], gen: torch.Generator, n: int | None = None) -> torch.Tensor:
     return torch.randint(len(group), (n or 1,), generator=gen)
 
@@ -61,7 +75,9 @@ class BlockCalibrator:
         self.kwargs = move_kwargs(block_kwargs, cfg.device, torch.float32)
         self.checkpoint = checkpoint
         self.progress = progress
-        self.loss = _loss_fn(cfg.loss)
+        self.loss = _loss_fn(cfg.loss)  # the logged block loss
+        self.train_loss = (_with_massive_term(self.loss, cfg.massive_ratio)
+                           if cfg.massive_ratio else self.loss)
         rates = cfg.lr_adapter_groups
         if rates is not None and len(rates) != len(spec.bit_groups):
             raise ConfigError(
@@ -176,7 +192,7 @@ class BlockCalibrator:
                         b = g[_draw(g, gen).item()]
                     set_bits(block, b)
                     xb = xq[gi][idx].to(cfg.device)
-                    loss = self.loss(self.family.call_block(block, xb, self.kwargs), yb)
+                    loss = self.train_loss(self.family.call_block(block, xb, self.kwargs), yb)
                     if not torch.isfinite(loss):
                         raise CalibrationError(
                             f"block {i}, bit {b}: loss became {loss.item()} at step {step} "
