@@ -105,9 +105,11 @@ METHODS: dict[str, Method] = {
         "(one model, all widths)", 16, ranks=[0, 16, 8, 24, 96], lr_adapter=3e-3,
         fixed_clip_bits=[6, 7, 8], in_plot=False),
     # The per-slice rates setting with super-weight protection: in the rates and fix6 runs the
-    # 2-bit clip of block 12's down_proj cut the weight that makes SmolLM2's massive activation
-    # (token 0, channel 507: 27085 in float, 2869 in the 2-bit stream), which is what the 2-bit
-    # error jump at block 13 was (README). Holding that group's clip at 1 keeps it.
+    # 2-bit stream lost SmolLM2's massive activation at block 12 (token 0, channel 507: 27085 in
+    # float, 2869 in the fix6 model's 2-bit stream), which is what the 2-bit error jump at block
+    # 13 was (README, Pitfalls). Run once (2026-11-28/29): ties at W3-W8 (W4 26.615, W6 25.215),
+    # but W2 51.39: holding the super weight's clip did not keep the value, which the 2-bit
+    # attention and gate lose before the down projection. Not a preset.
     "quept-long16-wide-rates-sw": _elastic(
         "QuEPT, 16 epochs, ranks 0,16,8,24,96, adapter rates 1e-3 (4-6 bit slices) / 3e-3 "
         "(3 and 2 bit slices), super weights protected (one model, all widths)", 16,
