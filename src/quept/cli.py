@@ -142,8 +142,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    "(default 1; 0 = one factor for both)")
     s.add_argument("--protect-outliers", type=float, default=None, metavar="RATIO",
                    help="hold the clips of super weights (a weight whose largest input-weighted "
-                   "contribution is over RATIO times the median row's) at 1, so the massive "
-                   "activation they make survives low widths (e.g. 100; default 0 = off)")
+                   "contribution is over RATIO times the median row's) at 1, so those weights "
+                   "stay exact at every width (e.g. 100; default 0 = off)")
     e = p.add_argument_group("evaluation after calibration")
     e.add_argument("--eval-windows", type=int, default=8,
                    help="512-token windows of the evaluation text (default 8, which keeps the "
