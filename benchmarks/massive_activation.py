@@ -75,7 +75,6 @@ def follow(folder: str, bits: list[int], n: int, ratio: float) -> dict:
                 supers.append({"block": i + 1, "layer": name, "row": r, "col": j,
                                "weight": round(m.weight[r, j].item(), 3),
                                "input_max": round(amax[name][j].item(), 1), "quantized": q})
-            m.protected = []
         row = {"block": i + 1, "float_token0_max": y_fp[:, 0].abs().max().item()}
         for b in bits:
             set_bits(block, b)

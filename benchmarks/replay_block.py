@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 import quept
 from quept import data
 from quept.calib.capture import capture_block_inputs
-from quept.calib.loop import BlockCalibrator
-from quept.config import CalibConfig, ElasticSpec, QuEPTConfig
+from quept.calib.loop import BlockCalibrator, train_schedule
+from quept.config import QuEPTConfig
 from quept.models.families import family_for
 from quept.nn import set_bits
 
@@ -56,27 +56,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None, help="write the result here")
     return p.parse_args(argv)
-
-
-def advance_like_training(gen: torch.Generator, spec: ElasticSpec, calib: CalibConfig,
-                          n: int) -> None:
-    """Make the generator calls ``BlockCalibrator._train`` makes for one block, no compute."""
-    trains = [spec.group_trains(gi) for gi in range(len(spec.bit_groups))]
-    if not any(trains):
-        return
-    queue: list[list[int]] = [[] for _ in spec.bit_groups]
-    for _ in range(calib.epochs):
-        torch.randperm(n, generator=gen)
-        for _k in range(0, n, calib.batch_size):
-            for gi, g in enumerate(spec.bit_groups):
-                if not trains[gi]:
-                    continue
-                if calib.draw == "balanced":
-                    if not queue[gi]:
-                        queue[gi] = torch.randperm(len(g), generator=gen).tolist()
-                    queue[gi].pop()
-                else:
-                    torch.randint(len(g), (1,), generator=gen)
 
 
 def replay(folder: str, block: int, text: list[str] | None = None,
@@ -105,7 +84,8 @@ def replay(folder: str, block: int, text: list[str] | None = None,
     for i in range(block - 1):  # what calibration did before this block, from trained blocks
         set_bits(blocks[i], None)
         y_fp = cal._run(blocks[i], x_fp)
-        advance_like_training(gen, spec, calib, ids.shape[0])
+        for _step in train_schedule(calib, spec, ids.shape[0], gen):  # draws, no compute
+            pass
         x_q = cal._propagate(blocks[i], x_q, gen)
         x_fp = y_fp
     target = fam.get_blocks(fresh)[block - 1]

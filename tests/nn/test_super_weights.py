@@ -39,7 +39,7 @@ def test_finds_the_weights_that_make_massive_activations():
 
 def test_holds_the_clip_of_the_weight_side_at_every_clipped_width():
     m, amax = layer_with_super_weights()
-    m.find_super_weights(amax, 100.0)
+    m.protected = m.find_super_weights(amax, 100.0)
     with torch.no_grad():
         for d in (m.clip_hi, m.clip_lo):
             for p in d.values():

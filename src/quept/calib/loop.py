@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -57,6 +57,32 @@ def _with_massive_term(
             return base(out, target)
         return base(out, target) + ((out - target).abs()[big] / mag[big]).mean()
     return loss
+
+
+def train_schedule(
+    cfg: CalibConfig, spec: ElasticSpec, n: int, gen: torch.Generator
+) -> Iterator[tuple[torch.Tensor, list[tuple[int, int]]]]:
+    """One block's training steps: per step the sample indices and, per training group, its
+    index and the width drawn, from ``gen`` (the only random draws of a block's training, so
+    consuming this alone advances ``gen`` exactly as training does)."""
+    trains = [spec.group_trains(gi) for gi in range(len(spec.bit_groups))]
+    if not any(trains):
+        return
+    queue: list[list[int]] = [[] for _ in spec.bit_groups]  # "balanced": widths left this round
+    for _epoch in range(cfg.epochs):
+        perm = torch.randperm(n, generator=gen)
+        for k in range(0, n, cfg.batch_size):
+            draws = []
+            for gi, g in enumerate(spec.bit_groups):
+                if not trains[gi]:
+                    continue
+                if cfg.draw == "balanced":
+                    if not queue[gi]:
+                        queue[gi] = torch.randperm(len(g), generator=gen).tolist()
+                    draws.append((gi, g[queue[gi].pop()]))
+                else:
+                    draws.append((gi, g[_draw(g, gen).item()]))
+            yield perm[k : k + cfg.batch_size], draws
 
 
 def _draw(group: tuple[int, ...], gen: torch.Generator, n: int | None = None) -> torch.Tensor:
@@ -111,7 +137,8 @@ class BlockCalibrator:
             for b in self.spec.search_bits:
                 m.init_clip_by_search(b, sq[n])
             if self.spec.protect_outliers:
-                for r, j in m.find_super_weights(amax[n], self.spec.protect_outliers):
+                m.protected = m.find_super_weights(amax[n], self.spec.protect_outliers)
+                for r, j in m.protected:
                     log.info("block %d, %s: super weight W[%d, %d] = %.3f (input up to %.1f); "
                              "its group's clip is held at 1", index + 1, n, r, j,
                              m.weight[r, j].item(), amax[n][j].item())
@@ -173,46 +200,34 @@ class BlockCalibrator:
         )
         n, step = yfp.shape[0], 0
         running = [0.0] * len(groups)
-        queue: list[list[int]] = [[] for _ in groups]  # draw="balanced": widths left this round
-        for _epoch in range(cfg.epochs):
-            perm = torch.randperm(n, generator=gen)
-            for k in range(0, n, cfg.batch_size):
-                idx = perm[k : k + cfg.batch_size]
-                yb = yfp[idx].to(cfg.device)
-                opt.zero_grad(set_to_none=True)
-                total_loss = 0.0
-                for gi, g in enumerate(groups):
-                    if not trains[gi]:
-                        continue
-                    if cfg.draw == "balanced":
-                        if not queue[gi]:
-                            queue[gi] = torch.randperm(len(g), generator=gen).tolist()
-                        b = g[queue[gi].pop()]
-                    else:
-                        b = g[_draw(g, gen).item()]
-                    set_bits(block, b)
-                    xb = xq[gi][idx].to(cfg.device)
-                    loss = self.train_loss(self.family.call_block(block, xb, self.kwargs), yb)
-                    if not torch.isfinite(loss):
-                        raise CalibrationError(
-                            f"block {i}, bit {b}: loss became {loss.item()} at step {step} "
-                            "(try lower learning rates or check the calibration data)"
-                        )
-                    total_loss = total_loss + loss
-                    running[gi] = 0.8 * running[gi] + 0.2 * loss.item() if step else loss.item()
-                total_loss.backward()
-                before = [p.detach().clone() for p in scales]
-                opt.step()
-                with torch.no_grad():  # per-slice rates: Adam's step scaled element-wise
-                    for p0, (p, s) in zip(before, scales.items()):
-                        p.copy_(p0 + (p - p0) * s)
-                sched.step()
-                step += 1
-                bar.set_postfix_str(" ".join(
-                    f"{'/'.join(map(str, g))}b=" + (f"{v:.4f}" if t else "fixed")
-                    for g, v, t in zip(groups, running, trains)
-                ))
-                bar.update(1)
+        for idx, draws in train_schedule(cfg, self.spec, n, gen):
+            yb = yfp[idx].to(cfg.device)
+            opt.zero_grad(set_to_none=True)
+            total_loss = 0.0
+            for gi, b in draws:
+                set_bits(block, b)
+                xb = xq[gi][idx].to(cfg.device)
+                loss = self.train_loss(self.family.call_block(block, xb, self.kwargs), yb)
+                if not torch.isfinite(loss):
+                    raise CalibrationError(
+                        f"block {i}, bit {b}: loss became {loss.item()} at step {step} "
+                        "(try lower learning rates or check the calibration data)"
+                    )
+                total_loss = total_loss + loss
+                running[gi] = 0.8 * running[gi] + 0.2 * loss.item() if step else loss.item()
+            total_loss.backward()
+            before = [p.detach().clone() for p in scales]
+            opt.step()
+            with torch.no_grad():  # per-slice rates: Adam's step scaled element-wise
+                for p0, (p, s) in zip(before, scales.items()):
+                    p.copy_(p0 + (p - p0) * s)
+            sched.step()
+            step += 1
+            bar.set_postfix_str(" ".join(
+                f"{'/'.join(map(str, g))}b=" + (f"{v:.4f}" if t else "fixed")
+                for g, v, t in zip(groups, running, trains)
+            ))
+            bar.update(1)
         for p in adapters + clips:
             p.requires_grad_(False)
             p.grad = None

@@ -93,12 +93,11 @@ class ElasticLinear(nn.Module):
     def find_super_weights(self, in_amax: torch.Tensor, ratio: float) -> list[tuple[int, int]]:
         """Weights whose contribution ``|W[r, j]| * in_amax[j]`` (``in_amax``: largest absolute
         input per channel) is the largest of their row and above ``ratio`` times the median
-        row's largest: the few that make a massive activation. Kept in ``self.protected``."""
+        row's largest: the few that make a massive activation, as (row, col)."""
         contrib = self.weight.float().abs() * in_amax.to(self.weight.device).float()[None, :]
         row_max, col = contrib.max(dim=1)
         rows = (row_max > ratio * row_max.median()).nonzero().flatten().tolist()
-        self.protected = [(r, int(col[r])) for r in rows]
-        return self.protected
+        return [(r, int(col[r])) for r in rows]
 
     @torch.no_grad()
     def hold_protected_clips(self) -> None:
