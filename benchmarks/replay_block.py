@@ -50,6 +50,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="replay with this super-weight ratio instead of the folder's")
     p.add_argument("--massive-ratio", type=float, default=None,
                    help="replay with this CalibConfig.massive_ratio instead of the folder's")
+    p.add_argument("--massive-slack", type=float, default=None,
+                   help="replay with this CalibConfig.massive_slack instead of the folder's")
     p.add_argument("--draw-seed", type=int, default=None,
                    help="reseed the generator just before the block's training: the same "
                    "inputs and init, another order of samples and widths")
@@ -60,7 +62,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def replay(folder: str, block: int, text: list[str] | None = None,
            protect_outliers: float | None = None, draw_seed: int | None = None,
-           massive_ratio: float | None = None) -> dict:
+           massive_ratio: float | None = None, massive_slack: float | None = None) -> dict:
     meta = quept.read_meta(folder)
     cfg = QuEPTConfig.from_dict(meta["config"])
     spec, calib = cfg.spec, cfg.calib
@@ -68,6 +70,8 @@ def replay(folder: str, block: int, text: list[str] | None = None,
         spec = replace(spec, protect_outliers=protect_outliers)
     if massive_ratio is not None:
         calib = replace(calib, massive_ratio=massive_ratio)
+    if massive_slack is not None:
+        calib = replace(calib, massive_slack=massive_slack)
     trained, tok = quept.load(folder)
     fam = family_for(trained)
     blocks = fam.get_blocks(trained)
@@ -104,6 +108,7 @@ def replay(folder: str, block: int, text: list[str] | None = None,
             "bits": [min(g) for g in spec.bit_groups], "loss_before": before,
             "loss_after": after, "protect_outliers": spec.protect_outliers,
             "draw_seed": draw_seed, "massive_ratio": calib.massive_ratio,
+            "massive_slack": calib.massive_slack,
             "token0_max_float": y_fp[:, 0].abs().max().item(),
             f"token0_max_w{low}": y_low[:, 0].abs().max().item(),
             "seconds": time.perf_counter() - t0}
@@ -112,7 +117,8 @@ def replay(folder: str, block: int, text: list[str] | None = None,
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
     torch.set_num_threads(a.threads)
-    r = replay(a.elastic, a.block, a.text, a.protect_outliers, a.draw_seed, a.massive_ratio)
+    r = replay(a.elastic, a.block, a.text, a.protect_outliers, a.draw_seed, a.massive_ratio,
+               a.massive_slack)
     fmt = lambda xs: "[" + ", ".join(f"{x:.4f}" for x in xs) + "]"  # noqa: E731
     print(f"{r['folder']} block {r['block']}: loss at {r['bits']} bits: {fmt(r['loss_before'])}"
           f" -> {fmt(r['loss_after'])}")

@@ -93,6 +93,13 @@ def test_cli_spec_follows_the_preset_and_the_spec_options():
     assert "massive_ratio" not in long.calib.to_dict()
     with pytest.raises(ConfigError, match="massive_ratio"):
         CalibConfig(massive_ratio=0.5)
+    assert massive.calib.massive_slack == 0.5 and "massive_slack" not in long.calib.to_dict()
+    slack = _configs(build_parser().parse_args(["quantize", "--massive-ratio", "1000",
+                                                "--massive-slack", "0.25"]))
+    assert slack.calib.to_dict()["massive_slack"] == 0.25
+    assert CalibConfig.from_dict(slack.calib.to_dict()) == slack.calib
+    with pytest.raises(ConfigError, match="massive_slack"):
+        CalibConfig(massive_ratio=1000, massive_slack=1.0)
     assert spec().protect_outliers == 0.0
     with pytest.raises(ConfigError, match="protect_outliers"):
         spec("--protect-outliers", "0.5")

@@ -119,6 +119,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--massive-ratio", type=float, default=None, metavar="RATIO",
                    help="also train on the relative error of the float output's massive "
                    "activations (elements over RATIO times the median, e.g. 1000; default 0 = off)")
+    c.add_argument("--massive-slack", type=float, default=None, metavar="ERR",
+                   help="with --massive-ratio: the relative error of a massive value that costs "
+                   "nothing, so widths that keep the values train as without the term (default 0.5)")
     c.add_argument("--seed", type=int, help="seed of sampling, adapter init and bit draws")
     c.add_argument("--draw", choices=["random", "balanced"],
                    help="width drawn per group and step: independently (random) or each width "
@@ -166,7 +169,8 @@ def _configs(a: argparse.Namespace) -> QuEPTConfig:
     over = {"n_samples": a.samples, "seq_len": a.seq_len, "batch_size": a.batch_size,
             "epochs": a.epochs, "lr_adapter": a.lr_adapter, "lr_clip": a.lr_clip,
             "loss": a.loss, "seed": a.seed, "device": a.device, "draw": a.draw,
-            "lr_adapter_groups": a.lr_adapter_groups, "massive_ratio": a.massive_ratio}
+            "lr_adapter_groups": a.lr_adapter_groups, "massive_ratio": a.massive_ratio,
+            "massive_slack": a.massive_slack}
     calib = replace(calib, **{k: v for k, v in over.items() if v is not None})
     spec = PRESET_SPECS[a.preset]
     if a.bit_groups is not None:

@@ -243,8 +243,10 @@ class CalibConfig:
     otherwise the training loss also adds the mean relative error ``|y_q - y| / |y|`` over the
     elements of the float block output ``y`` whose magnitude exceeds ``massive_ratio`` times the
     batch's median magnitude (a massive activation: one element in ~10^5, which the L1 mean
-    barely sees, yet a low width that loses it changes every later block; README, Pitfalls).
-    The logged block losses stay the plain ones.
+    barely sees, yet a low width that loses it changes every later block; README, Pitfalls),
+    counting only the part of each element's relative error over massive_slack (default 0.5),
+    so widths that keep the values train exactly as without the term. The logged block losses
+    stay the plain ones.
     """
 
     n_samples: int = 24
@@ -259,12 +261,17 @@ class CalibConfig:
     draw: str = "random"
     lr_adapter_groups: tuple[float, ...] | None = None
     massive_ratio: float = 0.0
+    massive_slack: float = 0.5
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "massive_ratio", float(self.massive_ratio))
+        object.__setattr__(self, "massive_slack", float(self.massive_slack))
         if not (self.massive_ratio == 0 or self.massive_ratio > 1):
             raise ConfigError("massive_ratio must be 0 (off) or a ratio > 1 (e.g. 1000), got "
                               f"{self.massive_ratio}")
+        if not 0 <= self.massive_slack < 1:
+            raise ConfigError("massive_slack must be in [0, 1) (a relative error), got "
+                              f"{self.massive_slack}")
         if self.lr_adapter_groups is not None:
             rates = tuple(float(r) for r in self.lr_adapter_groups)
             if not rates or not all(r >= 0 for r in rates):
@@ -295,8 +302,8 @@ class CalibConfig:
         d = asdict(self)
         if d["lr_adapter_groups"] is None:  # written only when set: older folders match
             del d["lr_adapter_groups"]
-        if not d["massive_ratio"]:
-            del d["massive_ratio"]
+        if not d["massive_ratio"]:  # the term's fields are written only when it is on
+            del d["massive_ratio"], d["massive_slack"]
         return d
 
     @classmethod

@@ -301,3 +301,13 @@ def test_massive_term_weighs_a_lost_massive_activation():
     assert loss(kept, target) - l1(kept, target) == pytest.approx(1000 / 27000, rel=1e-4)
     plain = torch.ones(2, 16, 8)  # nothing massive: plain L1
     assert loss(plain + 0.5, plain) == l1(plain + 0.5, plain)
+    # With slack 0.5 (the config's default) only the error beyond half the value counts: a
+    # kept value adds exactly nothing, gradient included, and a lost one adds 0.9 - 0.5.
+    slack = _with_massive_term(l1, 1000.0, 0.5)
+    assert slack(lost, target) - l1(lost, target) == pytest.approx(0.4, rel=1e-4)
+    out = kept.clone().requires_grad_()
+    slack(out, target).backward()
+    ref = kept.clone().requires_grad_()
+    l1(ref, target).backward()
+    assert slack(kept, target) == l1(kept, target)
+    assert torch.equal(out.grad, ref.grad)

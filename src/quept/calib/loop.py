@@ -46,16 +46,19 @@ def _loss_fn(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
 
 
 def _with_massive_term(
-    base: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ratio: float
+    base: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ratio: float, slack: float = 0.0
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``base`` plus the mean relative error over the target's massive elements (magnitude over
-    ``ratio`` times the batch median); ``base`` alone when there are none."""
+    """``base`` plus the mean, over the target's massive elements (magnitude over ``ratio``
+    times the batch median), of their relative error beyond ``slack``; ``base`` alone when
+    there are none. With slack, a width that keeps its massive values adds exactly 0 (its
+    training is the plain one): only one losing them is pulled back."""
     def loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         mag = target.abs()
         big = mag > ratio * mag.median()
         if not big.any():
             return base(out, target)
-        return base(out, target) + ((out - target).abs()[big] / mag[big]).mean()
+        rel = (out - target).abs()[big] / mag[big]
+        return base(out, target) + (rel - slack).clamp(min=0).mean()
     return loss
 
 
@@ -102,7 +105,7 @@ class BlockCalibrator:
         self.checkpoint = checkpoint
         self.progress = progress
         self.loss = _loss_fn(cfg.loss)  # the logged block loss
-        self.train_loss = (_with_massive_term(self.loss, cfg.massive_ratio)
+        self.train_loss = (_with_massive_term(self.loss, cfg.massive_ratio, cfg.massive_slack)
                            if cfg.massive_ratio else self.loss)
         rates = cfg.lr_adapter_groups
         if rates is not None and len(rates) != len(spec.bit_groups):
