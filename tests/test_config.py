@@ -1,6 +1,9 @@
+import json
+from pathlib import Path
+
 import pytest
 
-from quept.config import CalibConfig, ConfigError, ElasticSpec, QuEPTConfig
+from quept.config import PRESET_SPECS, PRESETS, CalibConfig, ConfigError, ElasticSpec, QuEPTConfig
 
 
 def test_spec_defaults_and_prefixes():
@@ -79,21 +82,27 @@ def test_cli_spec_follows_the_preset_and_the_spec_options():
     long = _configs(build_parser().parse_args(["quantize", "--preset", "cpu-long"]))
     assert long.spec.bit_groups == ((7, 8), (5, 6), (4,), (3,), (2,))
     assert long.spec.ranks == (0, 16, 8, 24, 96) and long.spec.learned_clip_bits == (6, 5, 4, 3, 2)
-    assert long.calib.n_samples == 32 and long.calib.epochs == 16 and long.calib.lr_adapter == 3e-3
+    assert long.calib.n_samples == 32 and long.calib.epochs == 16 and long.calib.lr_clip == 0.1
+    assert long.calib.lr_adapter_groups == (1e-3, 1e-3, 1e-3, 3e-3, 3e-3)
+    assert long.calib.massive_ratio == 1000.0 and long.spec.protect_outliers == 100.0
+    # A preset's per-group rates fit only its own groups: other groups or one rate drop them.
+    for argv in (["--bit-groups", "8/4/2"], ["--lr-adapter", "3e-3"]):
+        over = _configs(build_parser().parse_args(["quantize", "--preset", "cpu-long", *argv]))
+        assert over.calib.lr_adapter_groups is None, argv
     assert spec("--preset", "cpu-long", "--ranks", "0,8,8,8,8").ranks == (0, 8, 8, 8, 8)
     rates = _configs(build_parser().parse_args(
         ["quantize", "--preset", "cpu-long", "--lr-adapter-groups", "0,1e-3,1e-3,3e-3,5e-3"]))
     assert rates.calib.lr_adapter_groups == (0.0, 1e-3, 1e-3, 3e-3, 5e-3)
-    assert long.calib.lr_adapter_groups is None
     assert spec("--fixed-clip-bits", "").learned_clip_bits == (8, 7, 6, 5, 4, 3, 2)
     assert spec("--protect-outliers", "100").protect_outliers == 100.0
     massive = _configs(build_parser().parse_args(["quantize", "--massive-ratio", "1000"]))
-    assert massive.calib.massive_ratio == 1000.0 and long.calib.massive_ratio == 0.0
+    demo = _configs(build_parser().parse_args(["quantize"]))
+    assert massive.calib.massive_ratio == 1000.0 and demo.calib.massive_ratio == 0.0
     assert "massive_ratio" in massive.calib.to_dict()
-    assert "massive_ratio" not in long.calib.to_dict()
+    assert "massive_ratio" not in demo.calib.to_dict()
     with pytest.raises(ConfigError, match="massive_ratio"):
         CalibConfig(massive_ratio=0.5)
-    assert massive.calib.massive_slack == 0.5 and "massive_slack" not in long.calib.to_dict()
+    assert massive.calib.massive_slack == 0.5 and "massive_slack" not in demo.calib.to_dict()
     slack = _configs(build_parser().parse_args(["quantize", "--massive-ratio", "1000",
                                                 "--massive-slack", "0.25"]))
     assert slack.calib.to_dict()["massive_slack"] == 0.25
@@ -107,3 +116,12 @@ def test_cli_spec_follows_the_preset_and_the_spec_options():
     assert custom.ranks == (8, 8) and custom.fixed_clip_bits == () and custom.bits == (8, 4)
     with pytest.raises(ConfigError, match="fixed_clip_bits names bit 7"):
         spec("--bit-groups", "8/4", "--fixed-clip-bits", "7")
+
+
+def test_cpu_long_preset_is_the_setting_measured_against_peers():
+    # README, against peers: the preset must be the configuration whose figures it quotes.
+    doc = json.loads((Path(__file__).parents[1] / "results/peers.json").read_text())
+    cell = doc["cells"]["quept-long16-wide-rates-massive"]["2"]
+    measured = QuEPTConfig.from_dict(cell["settings"]["config"])
+    assert measured.spec == PRESET_SPECS["cpu-long"]
+    assert measured.calib == PRESETS["cpu-long"]

@@ -121,7 +121,9 @@ METHODS: dict[str, Method] = {
     # The same with the massive-activation loss term (CalibConfig.massive_ratio 1000, slack
     # 0.5): the training loss also counts the relative error beyond one half of the float
     # output's massive elements, so a width that starts to lose the first token's value is
-    # pulled back and the others train as before (results/replay_block12_massive.json).
+    # pulled back and the others train as before (results/replay_block12_massive.json). Run
+    # once (2026-11-29): ties or wins at all six widths (W2 49.33, W3 31.02, W4 26.63) in
+    # 5508 s; the cpu-long preset since.
     "quept-long16-wide-rates-massive": _elastic(
         "QuEPT, 16 epochs, ranks 0,16,8,24,96, adapter rates 1e-3 (4-6 bit slices) / 3e-3 "
         "(3 and 2 bit slices), super weights protected, massive-activation loss (one model, "

@@ -100,9 +100,10 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    help="text for the final table (default: Pride and Prejudice)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-demo",
                    help="calibration preset: 'cpu-demo' (default) = 24 x 256 tokens, 1 epoch; "
-                   "'cpu-long' = 32 x 256 tokens, 16 epochs at rates 3e-3 / 0.1, groups "
-                   "7,8/5,6/4/3/2 with ranks 0,16,8,24,96 (about 80 minutes on 2 cores for the "
-                   "default model, far more accurate at 2-4 bits); 'paper' = 128 x 2048 "
+                   "'cpu-long' = 32 x 256 tokens, 16 epochs, groups 7,8/5,6/4/3/2 with ranks "
+                   "0,16,8,24,96 and adapter rates 0.001 (4-6 bit slices) / 0.003 (3 and 2 bit "
+                   "slices), super weights protected, massive-activation term (about 90 minutes "
+                   "on 2 cores for the default model, far more accurate at 2-4 bits); 'paper' = 128 x 2048 "
                    "tokens, batch 2, 15 epochs, cuda, every group trained (ranks 8,8,8,8, "
                    "every width's clips learned)")
     c = p.add_argument_group("calibration (override the preset)")
@@ -171,6 +172,9 @@ def _configs(a: argparse.Namespace) -> QuEPTConfig:
             "loss": a.loss, "seed": a.seed, "device": a.device, "draw": a.draw,
             "lr_adapter_groups": a.lr_adapter_groups, "massive_ratio": a.massive_ratio,
             "massive_slack": a.massive_slack}
+    if a.lr_adapter_groups is None and (a.bit_groups is not None or a.lr_adapter is not None):
+        # a preset's per-group rates fit only its own groups (and stand in for one rate)
+        calib = replace(calib, lr_adapter_groups=None)
     calib = replace(calib, **{k: v for k, v in over.items() if v is not None})
     spec = PRESET_SPECS[a.preset]
     if a.bit_groups is not None:
