@@ -109,6 +109,8 @@ def test_cli_spec_follows_the_preset_and_the_spec_options():
     assert CalibConfig.from_dict(slack.calib.to_dict()) == slack.calib
     with pytest.raises(ConfigError, match="massive_slack"):
         CalibConfig(massive_ratio=1000, massive_slack=1.0)
+    with pytest.raises(ConfigError, match="--massive-ratio"):  # a slack with no term to apply to
+        _configs(build_parser().parse_args(["quantize", "--massive-slack", "0.25"]))
     assert spec().protect_outliers == 0.0
     with pytest.raises(ConfigError, match="protect_outliers"):
         spec("--protect-outliers", "0.5")

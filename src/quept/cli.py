@@ -173,9 +173,12 @@ def _configs(a: argparse.Namespace) -> QuEPTConfig:
             "lr_adapter_groups": a.lr_adapter_groups, "massive_ratio": a.massive_ratio,
             "massive_slack": a.massive_slack}
     if a.lr_adapter_groups is None and (a.bit_groups is not None or a.lr_adapter is not None):
-        # a preset's per-group rates fit only its own groups (and stand in for one rate)
+        # a preset's per-group rates fit only its own groups and would override --lr-adapter
         calib = replace(calib, lr_adapter_groups=None)
     calib = replace(calib, **{k: v for k, v in over.items() if v is not None})
+    if a.massive_slack is not None and not calib.massive_ratio:
+        raise ConfigError("--massive-slack applies to the massive-activation term: give "
+                          "--massive-ratio too (e.g. 1000), or a preset that has it (cpu-long)")
     spec = PRESET_SPECS[a.preset]
     if a.bit_groups is not None:
         spec = replace(spec, bit_groups=a.bit_groups,
