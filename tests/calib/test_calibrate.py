@@ -285,29 +285,28 @@ def test_protected_super_weight_clips_stay_at_one_through_training(monkeypatch, 
 
 
 def test_massive_term_weighs_a_lost_massive_activation():
-    from quept.calib.loop import _loss_fn, _with_massive_term
+    from quept.calib.loop import _loss_fn, massive_mask, massive_term
 
     l1 = _loss_fn("l1")
-    loss = _with_massive_term(l1, 1000.0)
     target = torch.ones(2, 16, 8)
     target[0, 0, 3] = 27000.0
     kept, lost = target.clone(), target.clone()
     kept[0, 0, 3] = 26000.0
     lost[0, 0, 3] = 2700.0
+    big = massive_mask(target, 1000.0)
+    assert big.sum() == 1 and big[0, 0, 3]
+    assert massive_mask(torch.ones(2, 16, 8), 1000.0) is None  # nothing massive
     # Plain L1 sees one element in 256: a lost massive value costs little more than a kept one.
     assert l1(lost, target) - l1(kept, target) < 100
-    # The term adds its relative error: 0.9 lost, 1/27 kept.
-    assert loss(lost, target) - l1(lost, target) == pytest.approx(0.9, rel=1e-4)
-    assert loss(kept, target) - l1(kept, target) == pytest.approx(1000 / 27000, rel=1e-4)
-    plain = torch.ones(2, 16, 8)  # nothing massive: plain L1
-    assert loss(plain + 0.5, plain) == l1(plain + 0.5, plain)
+    # The term is its relative error: 0.9 lost, 1/27 kept.
+    assert massive_term(lost, target, big) == pytest.approx(0.9, rel=1e-4)
+    assert massive_term(kept, target, big) == pytest.approx(1000 / 27000, rel=1e-4)
     # With slack 0.5 (the config's default) only the error beyond half the value counts: a
     # kept value adds exactly nothing, gradient included, and a lost one adds 0.9 - 0.5.
-    slack = _with_massive_term(l1, 1000.0, 0.5)
-    assert slack(lost, target) - l1(lost, target) == pytest.approx(0.4, rel=1e-4)
+    assert massive_term(lost, target, big, 0.5) == pytest.approx(0.4, rel=1e-4)
     out = kept.clone().requires_grad_()
-    slack(out, target).backward()
+    (l1(out, target) + massive_term(out, target, big, 0.5)).backward()
     ref = kept.clone().requires_grad_()
     l1(ref, target).backward()
-    assert slack(kept, target) == l1(kept, target)
+    assert massive_term(kept, target, big, 0.5) == 0
     assert torch.equal(out.grad, ref.grad)

@@ -45,21 +45,20 @@ def _loss_fn(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     return lambda a, b: (a - b).pow(2).mean()
 
 
-def _with_massive_term(
-    base: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], ratio: float, slack: float = 0.0
-) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``base`` plus the mean, over the target's massive elements (magnitude over ``ratio``
-    times the batch median), of their relative error beyond ``slack``; ``base`` alone when
-    there are none. With slack, a width that keeps its massive values adds exactly 0 (its
-    training is the plain one): only one losing them is pulled back."""
-    def loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        mag = target.abs()
-        big = mag > ratio * mag.median()
-        if not big.any():
-            return base(out, target)
-        rel = (out - target).abs()[big] / mag[big]
-        return base(out, target) + (rel - slack).clamp(min=0).mean()
-    return loss
+def massive_mask(target: torch.Tensor, ratio: float) -> torch.Tensor | None:
+    """The target's massive elements (magnitude over ``ratio`` times its median); None if none."""
+    mag = target.abs()
+    big = mag > ratio * mag.median()
+    return big if big.any() else None
+
+
+def massive_term(out: torch.Tensor, target: torch.Tensor, big: torch.Tensor,
+                 slack: float = 0.0) -> torch.Tensor:
+    """The mean relative error of ``out`` over the massive elements ``big``, beyond ``slack``:
+    with slack, a width that keeps its massive values adds exactly 0 (its training is the plain
+    one), only one losing them is pulled back."""
+    rel = (out - target).abs()[big] / target.abs()[big]
+    return (rel - slack).clamp(min=0).mean()
 
 
 def train_schedule(
@@ -105,8 +104,6 @@ class BlockCalibrator:
         self.checkpoint = checkpoint
         self.progress = progress
         self.loss = _loss_fn(cfg.loss)  # the logged block loss
-        self.train_loss = (_with_massive_term(self.loss, cfg.massive_ratio, cfg.massive_slack)
-                           if cfg.massive_ratio else self.loss)
         rates = cfg.lr_adapter_groups
         if rates is not None and len(rates) != len(spec.bit_groups):
             raise ConfigError(
@@ -205,12 +202,16 @@ class BlockCalibrator:
         running = [0.0] * len(groups)
         for idx, draws in train_schedule(cfg, self.spec, n, gen):
             yb = yfp[idx].to(cfg.device)
+            big = massive_mask(yb, cfg.massive_ratio) if cfg.massive_ratio else None
             opt.zero_grad(set_to_none=True)
             total_loss = 0.0
             for gi, b in draws:
                 set_bits(block, b)
                 xb = xq[gi][idx].to(cfg.device)
-                loss = self.train_loss(self.family.call_block(block, xb, self.kwargs), yb)
+                out = self.family.call_block(block, xb, self.kwargs)
+                loss = self.loss(out, yb)
+                if big is not None:  # once per step: every group's target is yb
+                    loss = loss + massive_term(out, yb, big, cfg.massive_slack)
                 if not torch.isfinite(loss):
                     raise CalibrationError(
                         f"block {i}, bit {b}: loss became {loss.item()} at step {step} "
