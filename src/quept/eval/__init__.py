@@ -1,5 +1,13 @@
-"""Evaluation: perplexity on token windows."""
+"""Evaluation: perplexity on token windows; embedding fidelity of sentence encoders."""
 
+from quept.eval.embedding import (
+    NotEnoughSentencesError,
+    Sentences,
+    fidelity,
+    sentence_embeddings,
+    sentences_from_text,
+)
 from quept.eval.perplexity import perplexity
 
-__all__ = ["perplexity"]
+__all__ = ["NotEnoughSentencesError", "Sentences", "fidelity", "perplexity", "sentence_embeddings",
+           "sentences_from_text"]

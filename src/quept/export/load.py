@@ -43,7 +43,9 @@ def read_packed_meta(folder: str | os.PathLike) -> dict[str, Any]:
 
 def load_packed(folder: str | os.PathLike, backend: str = "auto") -> nn.Module:
     """Build the packed model of ``folder`` on the meta device and fill it (eval mode)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from quept.models import family_for_type
 
     folder = Path(folder)
     meta = read_packed_meta(folder)
@@ -52,8 +54,9 @@ def load_packed(folder: str | os.PathLike, backend: str = "auto") -> nn.Module:
         raise PackedFormatError(
             f"{folder}: config.json is a {cfg.model_type} model but the packed weights are for "
             f"{meta['model_type']}")
+    fam = family_for_type(cfg.model_type)
     with torch.device("meta"):
-        net = AutoModelForCausalLM.from_config(cfg)
+        net = fam.model_class().from_config(cfg)
     scale_dtype = SCALE_DTYPES[meta["scale_dtype"]]
     for name, info in meta["layers"].items():
         _swap(net, name, info, scale_dtype)

@@ -18,12 +18,26 @@ class Family:
 
     blocks: dotted path from the top model to the ``ModuleList`` of blocks.
     linears: dotted names of the quantized linears inside one block.
+    task: "causal-lm" (next-token logits: perplexity, KL sensitivity, GGUF export) or
+        "encoder" (hidden states: embedding fidelity).
+    auto_class: the ``transformers`` auto class that loads the family's models.
     """
 
     name: str
     model_types: tuple[str, ...]
     blocks: str
     linears: tuple[str, ...]
+    task: str = "causal-lm"
+    auto_class: str = "AutoModelForCausalLM"
+
+    @property
+    def is_causal_lm(self) -> bool:
+        return self.task == "causal-lm"
+
+    def model_class(self) -> type:
+        import transformers
+
+        return getattr(transformers, self.auto_class)
 
     def get_blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks)
@@ -42,9 +56,17 @@ _LLAMA_LINEARS = (
     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
 )
 
+_BERT_LINEARS = (
+    "attention.self.query", "attention.self.key", "attention.self.value",
+    "attention.output.dense", "intermediate.dense", "output.dense",
+)
+
 FAMILIES: tuple[Family, ...] = (
     # LLaMA 1/2/3, Mistral, Qwen2 and SmolLM share this decoder block.
     Family("llama-decoder", ("llama", "mistral", "qwen2"), "model.layers", _LLAMA_LINEARS),
+    # BERT-style encoders (BERT, MiniLM sentence encoders): the bare encoder, no task head.
+    Family("bert-encoder", ("bert",), "encoder.layer", _BERT_LINEARS, task="encoder",
+           auto_class="AutoModel"),
 )
 
 

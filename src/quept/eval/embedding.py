@@ -1,0 +1,77 @@
+"""Embedding fidelity of a sentence encoder: how closely the quantized model's sentence
+embeddings follow the float model's on the same sentences."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+
+class NotEnoughSentencesError(ValueError):
+    """The text has fewer usable passages than were asked for."""
+
+
+@dataclass(frozen=True)
+class Sentences:
+    """Padded token ids (n, T) and their attention mask (n, T)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+
+def sentences_from_text(tokenizer: Any, text: str, n: int, max_len: int = 128,
+                        min_words: int = 8) -> Sentences:
+    """The first ``n`` paragraphs of ``text`` with at least ``min_words`` words, tokenized with
+    the tokenizer's special tokens, truncated to ``max_len`` and padded to the longest."""
+    paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text)]
+    chosen = [p for p in paragraphs if len(p.split()) >= min_words][:n]
+    if len(chosen) < n:
+        raise NotEnoughSentencesError(
+            f"the text has {len(chosen)} paragraphs of at least {min_words} words; {n} were "
+            "asked for: pass fewer or a longer text")
+    enc = tokenizer(chosen, padding=True, truncation=True, max_length=max_len,
+                    return_tensors="pt")
+    return Sentences(enc["input_ids"], enc["attention_mask"])
+
+
+@torch.no_grad()
+def sentence_embeddings(model: nn.Module, sentences: Sentences, batch_size: int = 16,
+                        progress: bool = False, desc: str = "embed") -> torch.Tensor:
+    """Mean-pooled (over real tokens) and L2-normalised last hidden states: (n, C) float32,
+    the pooling all-MiniLM-L6-v2 and most sentence encoders use."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if limit is not None and sentences.input_ids.shape[1] > limit:
+        raise ValueError(f"sentences of {sentences.input_ids.shape[1]} tokens are longer than the "
+                         f"model's {limit} positions: pass a smaller max_len")
+    device = next(model.parameters()).device
+    out = []
+    n = sentences.input_ids.shape[0]
+    for i in tqdm(range(0, n, batch_size), disable=not progress, desc=desc, leave=False):
+        ids = sentences.input_ids[i : i + batch_size].to(device)
+        mask = sentences.attention_mask[i : i + batch_size].to(device)
+        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+        m = mask.unsqueeze(-1).float()
+        pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+        out.append(F.normalize(pooled, dim=-1).cpu())
+    return torch.cat(out)
+
+
+def fidelity(emb: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    """How ``emb`` (n, C) follows the reference embeddings ``ref`` (n, C), both normalised:
+    mean and minimum cosine of each sentence with its reference, and the share of sentences
+    whose nearest other sentence (by cosine) is the same as under the reference."""
+    if emb.shape != ref.shape or emb.shape[0] < 2:
+        raise ValueError(f"need two embeddings of the same n >= 2 rows, got {tuple(emb.shape)} "
+                         f"and {tuple(ref.shape)}")
+    cos = (emb * ref).sum(-1)
+    eye = torch.eye(emb.shape[0], dtype=torch.bool)
+    nn_q = (emb @ emb.T).masked_fill(eye, -2.0).argmax(-1)
+    nn_r = (ref @ ref.T).masked_fill(eye, -2.0).argmax(-1)
+    return {"cosine_mean": cos.mean().item(), "cosine_min": cos.min().item(),
+            "neighbour_agreement": (nn_q == nn_r).float().mean().item()}
