@@ -12,11 +12,13 @@ Calibrate once, then run the same model at any weight width 2..8 or a per-layer 
 __version__ = "0.1.0"
 
 from quept.api import (  # noqa: E402
+    AccuracyRow,
     ArtifactError,
     EmbeddingRow,
     EvalRow,
     calibrate,
     evaluate,
+    evaluate_accuracy,
     evaluate_embeddings,
     load,
     load_model,
@@ -42,6 +44,7 @@ from quept.config import (  # noqa: E402
 __all__ = [
     "PRESETS",
     "PRESET_SPECS",
+    "AccuracyRow",
     "ArtifactError",
     "CalibConfig",
     "ConfigError",
@@ -51,6 +54,7 @@ __all__ = [
     "QuEPTConfig",
     "calibrate",
     "evaluate",
+    "evaluate_accuracy",
     "evaluate_embeddings",
     "load",
     "load_model",

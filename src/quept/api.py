@@ -20,7 +20,7 @@ from quept import __version__
 from quept.calib import BlockCalibrator, BlockReport, CalibCheckpoint, capture_block_inputs
 from quept.config import CalibConfig, ConfigError, ElasticSpec, QuEPTConfig, check_bits
 from quept.data.tokens import calibration_samples, eval_windows, tokenize
-from quept.eval import Sentences, fidelity, perplexity, sentence_embeddings
+from quept.eval import Sentences, fidelity, perplexity, sentence_embeddings, top1_accuracy
 from quept.export import compact as _compact
 from quept.export.compact import CompactConfig
 from quept.export.load import load_packed as _load_packed
@@ -85,7 +85,7 @@ def resolve_model_dir(model: str | os.PathLike | None) -> Path:
 
 def load_model(model: str | os.PathLike | None = None) -> tuple[nn.Module, Any]:
     """Load a supported model (float32, eval mode) and its tokenizer from a local folder: a causal
-    LM, or the bare encoder of a BERT-style model."""
+    LM, the bare encoder of a BERT-style model, or a ViT image classifier (tokenizer None)."""
     path = resolve_model_dir(model)
     model_type = json.loads((path / "config.json").read_text()).get("model_type")
     from transformers import AutoConfig, AutoTokenizer
@@ -93,7 +93,7 @@ def load_model(model: str | os.PathLike | None = None) -> tuple[nn.Module, Any]:
     fam = family_for_type(model_type)  # fail before reading weights
     cfg = AutoConfig.from_pretrained(path)
     net = fam.model_class().from_pretrained(path, config=cfg, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path) if fam.is_text else None
     net.eval()
     net.requires_grad_(False)
     net.quept_source = str(model) if model is not None else DEFAULT_MODEL
@@ -433,6 +433,42 @@ def evaluate(
     return rows
 
 
+@dataclass
+class AccuracyRow:
+    """One width of :func:`evaluate_accuracy`: top-1 of the elastic model (and of RTN)."""
+
+    bits: int | None
+    bits_per_weight: float
+    accuracy: float
+    accuracy_rtn: float | None = None
+
+
+def evaluate_accuracy(
+    model: nn.Module, pixel_values: torch.Tensor, labels: torch.Tensor,
+    bits: Sequence[int | None], *, rtn: bool = False, batch_size: int = 256,
+    progress: bool = True,
+) -> list[AccuracyRow]:
+    """Top-1 accuracy of an elastic image classifier (and optionally RTN) at each width."""
+    spec = _spec_of(model)
+    rows = []
+    for b in bits:
+        if b is not None:
+            check_bits(b, spec.bits)
+        set_bits(model, b)
+        row = AccuracyRow(b, stored_bits(model), top1_accuracy(
+            model, pixel_values, labels, batch_size, progress, f"accuracy {b or 'float'}"))
+        if rtn and b is not None:
+            set_bits(model, b, rtn=True)
+            row.accuracy_rtn = top1_accuracy(model, pixel_values, labels, batch_size, progress,
+                                             f"accuracy rtn {b}")
+        rows.append(row)
+        log.info("bits=%s accuracy=%.4f rtn=%s", b, row.accuracy, row.accuracy_rtn)
+    set_bits(model, None)
+    for m in elastic_layers(model).values():
+        m.clear_cache()
+    return rows
+
+
 # --- helpers --------------------------------------------------------------------------------
 def _spec_of(model: nn.Module) -> ElasticSpec:
     spec = getattr(model, "quept_spec", None)
@@ -521,8 +557,8 @@ def windows_from_text(tokenizer: Any, text: str, seq_len: int = 512,
 
 
 __all__ = [
-    "ArtifactError", "CompactConfig", "EmbeddingRow", "EvalRow", "Family", "Plan", "SensitivityConfig",
-    "UnsupportedModelError", "calibrate", "evaluate", "evaluate_embeddings", "export", "load", "load_compact",
+    "AccuracyRow", "ArtifactError", "CompactConfig", "EmbeddingRow", "EvalRow", "Family", "Plan", "SensitivityConfig",
+    "UnsupportedModelError", "calibrate", "evaluate", "evaluate_accuracy", "evaluate_embeddings", "export", "load", "load_compact",
     "load_model", "load_packed", "plan", "prepare", "read_meta", "resolve_model_dir",
     "samples_from_text", "save", "save_compact", "sensitivity", "set_bits", "stored_bits",
     "windows_from_text",

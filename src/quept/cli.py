@@ -85,10 +85,18 @@ def _print_eval(rows: list[api.EvalRow], n_windows: int, seq_len: int, title: st
     print(_table(out, ["width", "bits/weight stored", "perplexity", "RTN perplexity"]))
 
 
-def _is_encoder(model: torch.nn.Module) -> bool:
+def _task(model: torch.nn.Module) -> str:
+    """The model family's task: "causal-lm", "encoder" or "image-classification"."""
     from quept.models import family_for
 
-    return not family_for(model).is_causal_lm
+    return family_for(model).task
+
+
+def _refuse_images(model: torch.nn.Module) -> None:
+    """The command line's built-in data are text; image classifiers go through the Python API."""
+    raise ConfigError(
+        f"a {model.config.model_type} image classifier: the command line calibrates and evaluates "
+        "on text; use the Python API (quept.calibrate on pixel values, quept.evaluate_accuracy)")
 
 
 def _sentence_len(model: torch.nn.Module) -> int:
@@ -245,12 +253,16 @@ def cmd_quantize(a: argparse.Namespace) -> dict[str, Any]:
     out = Path(a.out)
     log.info("loading model %s", a.model or "default (SmolLM2-135M-Instruct)")
     model, tok = api.load_model(a.model)
+    task = _task(model)
     api.prepare(model, cfg.spec, seed=cfg.calib.seed)
+    if task == "image-classification":
+        _refuse_images(model)
     ids = api.samples_from_text(tok, _text(a.calib_text, "calib"), cfg.calib)
     ckpt_dir = out / ".calib-checkpoint"
     if a.restart:
         CalibCheckpoint(ckpt_dir, {}).clear()
-    log.info("calibrating on %d x %d tokens; checkpoints in %s", *ids.shape, ckpt_dir)
+    log.info("calibrating on %s %s; checkpoints in %s", " x ".join(map(str, ids.shape)),
+             "tokens" if ids.dim() == 2 else "pixel values", ckpt_dir)
     t1 = time.perf_counter()
     reports = api.calibrate(model, ids, cfg.calib, checkpoint_dir=ckpt_dir,
                             keep_streams=a.keep_streams, progress=not a.json)
@@ -265,7 +277,7 @@ def cmd_quantize(a: argparse.Namespace) -> dict[str, Any]:
         CalibCheckpoint(ckpt_dir, {}).clear()
     result: dict[str, Any] = {"out": str(out), "calibration_seconds": calib_s,
                               "calibration_peak_rss_gib": calib_rss}
-    if _is_encoder(model):
+    if task == "encoder":
         if a.eval_sentences > 0:
             bits = a.eval_bits or sorted(cfg.spec.bits)
             model.to(cfg.calib.device)
@@ -348,8 +360,10 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
                               "elastic folder from `quept quantize`")
         model, tok = api.load_model(folder)
         bits = []
-    if _is_encoder(model):
+    if _task(model) == "encoder":
         return _eval_encoder(a, folder, model, tok, elastic, plan, bits)
+    if _task(model) == "image-classification":
+        _refuse_images(model)
     windows = api.windows_from_text(tok, _text(a.text, "eval"), a.seq_len, a.windows)
     from quept.eval import perplexity
 
@@ -466,10 +480,10 @@ def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
     folder = Path(a.folder)
     api.read_meta(folder)
     model, tok = api.load(folder, model=a.model)
-    if _is_encoder(model):
+    if _task(model) != "causal-lm":
         raise ConfigError(f"plans are made from next-token KL over a vocabulary; {folder} holds "
-                          f"a {model.config.model_type} encoder: use uniform widths "
-                          "(`quept eval FOLDER --bits ...`)")
+                          f"a {model.config.model_type} model without one (an encoder or an "
+                          "image classifier): use uniform widths (`quept eval FOLDER --bits ...`)")
     ids = calibration_samples(tokenize(tok, _text(a.calib_text, "calib")), cfg.n_samples,
                               cfg.seq_len, cfg.seed)
     t0 = time.perf_counter()

@@ -167,8 +167,9 @@ def cmd_run(a: argparse.Namespace) -> dict[str, Any]:
         model, tok, _ = _load_elastic(folder, kind, None)
         api.set_bits(model, a.bits)
     if not family_for(model).is_causal_lm:
-        raise ConfigError(f"{folder} holds a {model.config.model_type} encoder, which does not "
-                          "generate text: `quept eval` reports its embedding fidelity")
+        raise ConfigError(f"{folder} holds a {model.config.model_type} model, which does not "
+                          "generate text (an encoder or an image classifier): `quept eval` "
+                          "reports its embedding fidelity or accuracy")
     if tok is None:
         raise ConfigError(f"{folder} holds no tokenizer")
     gen = generate(model, tok, a.prompt, a.max_new_tokens, stop_at_eos=not a.no_eos)
@@ -218,8 +219,13 @@ def eval_packed(a: argparse.Namespace, folder: Path, text: str) -> dict[str, Any
                           "--rtn apply to elastic folders")
     model, tok = api.load_packed(folder)
     meta = model.quept_packed
-    if not family_for(model).is_causal_lm:
+    task = family_for(model).task
+    if task == "encoder":
         return _eval_packed_encoder(a, folder, model, tok, text)
+    if task == "image-classification":
+        from quept.cli import _refuse_images
+
+        _refuse_images(model)
     windows = api.windows_from_text(tok, text, a.seq_len, a.windows)
     ppl = perplexity(model, windows, progress=not a.json, desc="eval packed")
     row = {"bits": meta["bits"], "bits_per_weight": meta["sizes"]["bits_per_weight"], "ppl": ppl}

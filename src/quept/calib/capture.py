@@ -22,7 +22,7 @@ def capture_block_inputs(
 ) -> tuple[torch.Tensor, dict]:
     """Run the model up to block 0 and return its inputs.
 
-    input_ids: (N, T) token ids. Returns (hidden (N, T, C) float32 on CPU, kwargs) where
+    input_ids: (N, T) token ids, or (N, C, H, W) pixel values for a vision family. Returns (hidden (N, T, C) float32 on CPU, kwargs) where
     kwargs are the extra block arguments (rotary embeddings, mask, positions) captured for a
     batch of one sample; they broadcast over any batch size.
     """
@@ -40,18 +40,19 @@ def capture_block_inputs(
     try:
         for i in range(0, input_ids.shape[0], batch_size):
             try:
-                model(input_ids[i : i + batch_size].to(device), use_cache=False)
+                family.run(model, input_ids[i : i + batch_size].to(device))
             except _Captured:
                 pass
             outs.append(store["hidden"].float().cpu())
         try:
-            model(input_ids[:1].to(device), use_cache=False)
+            family.run(model, input_ids[:1].to(device))
         except _Captured:
             pass
     finally:
         handle.remove()
     kwargs = {k: v for k, v in store["kwargs"].items() if k not in ("cache", "past_key_values")}
-    kwargs["use_cache"] = False
+    if family.is_causal_lm:
+        kwargs["use_cache"] = False
     return torch.cat(outs), kwargs
 
 

@@ -1,5 +1,7 @@
-"""Evaluation: perplexity on token windows; embedding fidelity of sentence encoders."""
+"""Evaluation: perplexity on token windows; embedding fidelity of sentence encoders; top-1
+accuracy of image classifiers."""
 
+from quept.eval.classify import top1_accuracy
 from quept.eval.embedding import (
     NotEnoughSentencesError,
     Sentences,
@@ -10,4 +12,4 @@ from quept.eval.embedding import (
 from quept.eval.perplexity import perplexity
 
 __all__ = ["NotEnoughSentencesError", "Sentences", "fidelity", "perplexity", "sentence_embeddings",
-           "sentences_from_text"]
+           "sentences_from_text", "top1_accuracy"]

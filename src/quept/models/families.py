@@ -18,9 +18,10 @@ class Family:
 
     blocks: dotted path from the top model to the ``ModuleList`` of blocks.
     linears: dotted names of the quantized linears inside one block.
-    task: "causal-lm" (next-token logits: perplexity, KL sensitivity, GGUF export) or
-        "encoder" (hidden states: embedding fidelity).
+    task: "causal-lm" (next-token logits: perplexity, KL sensitivity, GGUF export),
+        "encoder" (hidden states: embedding fidelity) or "image-classification" (top-1).
     auto_class: the ``transformers`` auto class that loads the family's models.
+    input_name: the model's input argument ("input_ids" or "pixel_values").
     """
 
     name: str
@@ -29,10 +30,20 @@ class Family:
     linears: tuple[str, ...]
     task: str = "causal-lm"
     auto_class: str = "AutoModelForCausalLM"
+    input_name: str = "input_ids"
 
     @property
     def is_causal_lm(self) -> bool:
         return self.task == "causal-lm"
+
+    @property
+    def is_text(self) -> bool:
+        return self.input_name == "input_ids"
+
+    def run(self, model: nn.Module, inputs: torch.Tensor) -> object:
+        """The whole model on a batch of its inputs (token ids or pixel values), no KV cache."""
+        extra = {"use_cache": False} if self.is_causal_lm else {}
+        return model(**{self.input_name: inputs}, **extra)
 
     def model_class(self) -> type:
         import transformers
@@ -61,12 +72,20 @@ _BERT_LINEARS = (
     "attention.output.dense", "intermediate.dense", "output.dense",
 )
 
+_VIT_LINEARS = (
+    "attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj",
+    "mlp.fc1", "mlp.fc2",
+)
+
 FAMILIES: tuple[Family, ...] = (
     # LLaMA 1/2/3, Mistral, Qwen2 and SmolLM share this decoder block.
     Family("llama-decoder", ("llama", "mistral", "qwen2"), "model.layers", _LLAMA_LINEARS),
     # BERT-style encoders (BERT, MiniLM sentence encoders): the bare encoder, no task head.
     Family("bert-encoder", ("bert",), "encoder.layer", _BERT_LINEARS, task="encoder",
            auto_class="AutoModel"),
+    # Vision transformers (ViT image classifiers; patch embedding and classifier stay float).
+    Family("vit", ("vit",), "vit.layers", _VIT_LINEARS, task="image-classification",
+           auto_class="AutoModelForImageClassification", input_name="pixel_values"),
 )
 
 

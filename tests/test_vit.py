@@ -1,0 +1,88 @@
+"""Vision transformers: the ViT family, calibration on pixel values, top-1 per width, save/load,
+packed export, and what the command line refuses, on a tiny random ViT."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import quept
+from quept.cli import main
+from quept.config import CalibConfig, ElasticSpec
+from quept.eval import top1_accuracy
+from quept.models import family_for
+from quept.nn import ElasticLinear, elastic_layers
+
+SPEC = ElasticSpec(ranks=(2, 2, 2, 2), default_group_size=32)
+
+
+def tiny_vit(seed: int = 0, image_size: int = 28, channels: int = 1):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(seed)
+    cfg = ViTConfig(image_size=image_size, patch_size=7, num_channels=channels, hidden_size=64,
+                    num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                    num_labels=10, initializer_range=0.1)
+    return ViTForImageClassification(cfg).eval().requires_grad_(False)
+
+
+def test_family_wraps_the_block_linears_only():
+    model = quept.prepare(tiny_vit(), SPEC)
+    fam = family_for(model)
+    assert fam.name == "vit" and fam.task == "image-classification" and not fam.is_text
+    assert len(elastic_layers(model)) == 2 * 6
+    assert isinstance(model.vit.layers[1].mlp.fc2, ElasticLinear)
+    assert not isinstance(model.classifier, ElasticLinear)
+
+
+def test_calibrate_on_pixels_then_accuracy_per_width():
+    model = quept.prepare(tiny_vit(), SPEC)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 1, 28, 28, generator=gen)
+    quept.set_bits(model, None)
+    labels = model(pixel_values=x).logits.argmax(-1)  # the float model is right by definition
+    cfg = CalibConfig(n_samples=16, seq_len=17, batch_size=4, epochs=2)
+    reports = quept.calibrate(model, x[:16], cfg, progress=False)
+    low = reports[0].bits.index(min(reports[0].bits))
+    assert all(r.loss_after[low] < r.loss_before[low] for r in reports)
+    rows = quept.evaluate_accuracy(model, x, labels, [None, 2, 8], rtn=True, progress=False)
+    acc = {r.bits: r for r in rows}
+    assert acc[None].accuracy == 1.0 and acc[None].accuracy_rtn is None
+    assert acc[8].accuracy >= acc[2].accuracy and acc[8].accuracy_rtn is not None
+    assert acc[2].bits_per_weight == pytest.approx(2 + 18 / 32)
+    with pytest.raises(ValueError, match="24 images but 3 labels"):
+        top1_accuracy(model, x, labels[:3])
+
+
+def test_save_load_and_packed_export_keep_the_logits(tmp_path):
+    base = tmp_path / "vit"
+    tiny_vit().save_pretrained(base)
+    model, tok = quept.load_model(base)
+    assert tok is None
+    quept.prepare(model, SPEC)
+    with torch.no_grad():
+        for m in elastic_layers(model).values():
+            m.lora_u.normal_(0, 0.02)
+    x = torch.randn(4, 1, 28, 28)
+    quept.set_bits(model, 4)
+    want = model(pixel_values=x).logits
+    quept.save(model, tmp_path / "el", quept.QuEPTConfig(spec=SPEC))
+    loaded, _ = quept.load(tmp_path / "el")
+    quept.set_bits(loaded, 4)
+    assert torch.equal(loaded(pixel_values=x).logits, want)
+    quept.api.export(loaded, 4, tmp_path / "w4")
+    packed, _ = quept.api.load_packed(tmp_path / "w4")
+    torch.testing.assert_close(packed(pixel_values=x).logits, want, atol=2e-3, rtol=1e-3)
+
+
+def test_cli_refuses_what_an_image_classifier_cannot_do(tmp_path, capsys):
+    base = tmp_path / "vit32"
+    tiny_vit(image_size=32, channels=3).save_pretrained(base)
+    assert main(["quantize", "--model", str(base), "--out", str(tmp_path / "o")]) == 2
+    assert "image classifier: the command line calibrates" in capsys.readouterr().err
+    model, _ = quept.load_model(base)
+    quept.prepare(model, SPEC)
+    quept.save(model, tmp_path / "el", quept.QuEPTConfig(spec=SPEC))
+    assert main(["plan", str(tmp_path / "el"), "--avg-bits", "3", "--out",
+                 str(tmp_path / "p.json")]) == 2
+    assert "image classifier" in capsys.readouterr().err
