@@ -22,9 +22,10 @@ def capture_block_inputs(
 ) -> tuple[torch.Tensor, dict]:
     """Run the model up to block 0 and return its inputs.
 
-    input_ids: (N, T) token ids, or (N, C, H, W) pixel values for a vision family. Returns (hidden (N, T, C) float32 on CPU, kwargs) where
-    kwargs are the extra block arguments (rotary embeddings, mask, positions) captured for a
-    batch of one sample; they broadcast over any batch size.
+    input_ids: (N, T) token ids, or (N, C, H, W) pixel values for a vision family. Returns
+    (hidden (N, T, C) float32 on CPU, kwargs) where kwargs are the extra block arguments
+    (rotary embeddings, mask, positions) captured for a batch of one sample; they broadcast
+    over any batch size.
     """
     blocks = family.get_blocks(model)
     store: dict = {}
