@@ -7,7 +7,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -409,28 +409,38 @@ def stored_bits(model: nn.Module, plan: BitsPlan | None = None) -> float:
     return total / n
 
 
+def _per_width(model: nn.Module, bits: Sequence[int | None], rtn: bool,
+               measure: Callable[[str], Any]) -> list[tuple[int | None, float, Any, Any]]:
+    """``measure(label)`` at each width in ``bits`` (None = float) and, with ``rtn``, under RTN
+    too: [(bits, stored bits per weight, value, RTN value or None)]. Leaves the model float."""
+    spec = _spec_of(model)
+    for b in bits:
+        if b is not None:
+            check_bits(b, spec.bits)
+    out = []
+    for b in bits:
+        set_bits(model, b)
+        bpw, value = stored_bits(model), measure(str(b or "float"))
+        value_rtn = None
+        if rtn and b is not None:
+            set_bits(model, b, rtn=True)
+            value_rtn = measure(f"rtn {b}")
+        out.append((b, bpw, value, value_rtn))
+        log.info("bits=%s %s rtn=%s", b, value, value_rtn)
+    set_bits(model, None)
+    for m in elastic_layers(model).values():
+        m.clear_cache()
+    return out
+
+
 def evaluate(
     model: nn.Module, windows: torch.Tensor, bits: Sequence[int | None], *, rtn: bool = False,
     batch_size: int = 2, progress: bool = True,
 ) -> list[EvalRow]:
     """Perplexity of the elastic model (and optionally RTN) at each width in ``bits``."""
-    spec = _spec_of(model)
-    rows = []
-    for b in bits:
-        if b is not None:
-            check_bits(b, spec.bits)
-        set_bits(model, b)
-        row = EvalRow(b, stored_bits(model), perplexity(model, windows, batch_size, progress,
-                                                        f"eval {b or 'float'}"))
-        if rtn and b is not None:
-            set_bits(model, b, rtn=True)
-            row.ppl_rtn = perplexity(model, windows, batch_size, progress, f"eval rtn {b}")
-        rows.append(row)
-        log.info("bits=%s ppl=%.3f rtn=%s", b, row.ppl, row.ppl_rtn)
-    set_bits(model, None)
-    for m in elastic_layers(model).values():
-        m.clear_cache()
-    return rows
+    rows = _per_width(model, bits, rtn, lambda label: perplexity(
+        model, windows, batch_size, progress, f"eval {label}"))
+    return [EvalRow(*row) for row in rows]
 
 
 @dataclass
@@ -449,24 +459,9 @@ def evaluate_accuracy(
     progress: bool = True,
 ) -> list[AccuracyRow]:
     """Top-1 accuracy of an elastic image classifier (and optionally RTN) at each width."""
-    spec = _spec_of(model)
-    rows = []
-    for b in bits:
-        if b is not None:
-            check_bits(b, spec.bits)
-        set_bits(model, b)
-        row = AccuracyRow(b, stored_bits(model), top1_accuracy(
-            model, pixel_values, labels, batch_size, progress, f"accuracy {b or 'float'}"))
-        if rtn and b is not None:
-            set_bits(model, b, rtn=True)
-            row.accuracy_rtn = top1_accuracy(model, pixel_values, labels, batch_size, progress,
-                                             f"accuracy rtn {b}")
-        rows.append(row)
-        log.info("bits=%s accuracy=%.4f rtn=%s", b, row.accuracy, row.accuracy_rtn)
-    set_bits(model, None)
-    for m in elastic_layers(model).values():
-        m.clear_cache()
-    return rows
+    rows = _per_width(model, bits, rtn, lambda label: top1_accuracy(
+        model, pixel_values, labels, batch_size, progress, f"accuracy {label}"))
+    return [AccuracyRow(*row) for row in rows]
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -528,27 +523,11 @@ def evaluate_embeddings(
 ) -> list[EmbeddingRow]:
     """Embedding fidelity of an elastic encoder (and optionally RTN) at each width in ``bits``
     against its own float embeddings of ``sentences`` (:func:`quept.eval.sentences_from_text`)."""
-    spec = _spec_of(model)
     set_bits(model, None)
     ref = sentence_embeddings(model, sentences, batch_size, progress, "embed float")
-    rows = []
-    for b in bits:
-        if b is not None:
-            check_bits(b, spec.bits)
-        set_bits(model, b)
-        f = fidelity(sentence_embeddings(model, sentences, batch_size, progress,
-                                         f"embed {b or 'float'}"), ref)
-        row = EmbeddingRow(b, stored_bits(model), **f)
-        if rtn and b is not None:
-            set_bits(model, b, rtn=True)
-            row.rtn = fidelity(sentence_embeddings(model, sentences, batch_size, progress,
-                                                   f"embed rtn {b}"), ref)
-        rows.append(row)
-        log.info("bits=%s cosine=%.5f rtn=%s", b, row.cosine_mean, row.rtn)
-    set_bits(model, None)
-    for m in elastic_layers(model).values():
-        m.clear_cache()
-    return rows
+    rows = _per_width(model, bits, rtn, lambda label: fidelity(
+        sentence_embeddings(model, sentences, batch_size, progress, f"embed {label}"), ref))
+    return [EmbeddingRow(b, bpw, **f, rtn=f_rtn) for b, bpw, f, f_rtn in rows]
 
 
 def windows_from_text(tokenizer: Any, text: str, seq_len: int = 512,

@@ -204,3 +204,20 @@ def atomic_write_text(path: Path, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def package_folders(module_name: str) -> list[Path]:
+    """The folders of an installed package, found without importing it (its ``__init__`` may
+    need modules that are absent); [] when it is not installed."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        return []
+    if spec is None:
+        return []
+    folders = list(spec.submodule_search_locations or [])
+    if not folders and spec.origin:
+        folders = [str(Path(spec.origin).parent)]
+    return [Path(f) for f in folders]

