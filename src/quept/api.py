@@ -85,7 +85,8 @@ def resolve_model_dir(model: str | os.PathLike | None) -> Path:
 
 def load_model(model: str | os.PathLike | None = None) -> tuple[nn.Module, Any]:
     """Load a supported model (float32, eval mode) and its tokenizer from a local folder: a causal
-    LM, the bare encoder of a BERT-style model, or a ViT image classifier (tokenizer None)."""
+    LM, the bare encoder of a BERT-style model, a ViT image classifier (tokenizer None), or a
+    LLaVA-OneVision vision-language model (whole model; only its language model is quantized)."""
     path = resolve_model_dir(model)
     model_type = json.loads((path / "config.json").read_text()).get("model_type")
     from transformers import AutoConfig, AutoTokenizer
@@ -130,6 +131,8 @@ def calibrate(
     With ``checkpoint_dir`` every finished block is saved there and a rerun resumes;
     ``keep_streams`` also keeps the activations that entered every block (not only the next
     one's), so one block's calibration can be studied later from its own inputs.
+    A vision-language model is calibrated on text tokens only (no images): image-conditioned
+    calibration of its language model is not done.
     """
     fam, spec = family_for(model), _spec_of(model)
     x0, kwargs = capture_block_inputs(model, fam, input_ids, config.batch_size)

@@ -43,6 +43,12 @@ log = logging.getLogger(__name__)
 BLOCK = 32  # weights per GGUF block along the input (Q4_1, Q5_1, Q8_0)
 TYPE_FOR_BITS = {2: "Q4_1", 3: "Q4_1", 4: "Q4_1", 5: "Q5_1", 6: "Q8_0", 7: "Q8_0", 8: "Q8_0"}
 SUPPORTED_MODEL_TYPES = ("llama",)
+# Why a supported family still has no GGUF export (added to the refusal).
+REFUSED_WHY = {
+    "llava_onevision": "it is the Qwen2 language model inside a vision-language model; llama.cpp "
+    "runs that from a qwen2 text GGUF plus a separate mmproj file (vision tower and projector), "
+    "neither of which this LLaMA writer produces; export the packed quept format instead",
+}
 HF_TO_GGUF = {
     **{hf: gg for gg, hf in _GLOBAL_NAMES.items()},
     **{f"model.layers.{{}}.{hf}": f"blk.{{}}.{gg}" for gg, hf in _BLOCK_NAMES.items()},
@@ -145,8 +151,10 @@ def _check_architecture(model: nn.Module) -> None:
     cfg = getattr(model, "config", None)
     model_type = getattr(cfg, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
+        why = f": {REFUSED_WHY[model_type]}" if model_type in REFUSED_WHY else ""
         raise GGUFExportError(
             f"GGUF export supports model types {list(SUPPORTED_MODEL_TYPES)}, not {model_type!r}"
+            + why
         )
     rope = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
     problems = [

@@ -86,6 +86,11 @@ FAMILIES: tuple[Family, ...] = (
     # Vision transformers (ViT image classifiers; patch embedding and classifier stay float).
     Family("vit", ("vit",), "vit.layers", _VIT_LINEARS, task="image-classification",
            auto_class="AutoModelForImageClassification", input_name="pixel_values"),
+    # The Qwen2 language model inside LLaVA-OneVision: only its decoder blocks are quantized;
+    # the vision tower, projector, embeddings and lm_head stay float. Calibration is text-only
+    # (the whole model run on input_ids, no pixel values): no image-conditioned calibration.
+    Family("llava-ov-language", ("llava_onevision",), "model.language_model.layers",
+           _LLAMA_LINEARS, auto_class="AutoModelForImageTextToText"),
 )
 
 

@@ -1,0 +1,134 @@
+"""The language model inside a vision-language model (LLaVA-OneVision): only its decoder blocks are
+quantized, calibration is text-only, save/load, packed export, the plan path and the GGUF refusal,
+on a tiny random LLaVA-OneVision."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import quept
+from quept.config import CalibConfig, ElasticSpec, QuEPTConfig
+from quept.models import family_for
+from quept.nn import ElasticLinear, elastic_layers
+from quept.search import SensitivityConfig
+from tests.export.tiny import char_tokenizer, randomize
+
+SPEC = ElasticSpec(ranks=(2, 2, 2, 2), default_group_size=32)
+VOCAB, IMAGE_TOKEN = 256, 255
+BLOCKS = "model.language_model.layers"
+
+
+def tiny_vlm(seed: int = 0):
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                num_attention_heads=2, image_size=28, patch_size=14)
+    text = Qwen2Config(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                       num_key_value_heads=2, num_hidden_layers=2, vocab_size=VOCAB,
+                       max_position_embeddings=128, initializer_range=0.1)
+    cfg = LlavaOnevisionConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                               image_token_index=IMAGE_TOKEN, image_grid_pinpoints=[[28, 28]])
+    torch.manual_seed(seed)
+    return LlavaOnevisionForConditionalGeneration(cfg).eval().requires_grad_(False)
+
+
+def text_ids(n: int, t: int, seed: int = 0) -> torch.Tensor:
+    """Random text token ids (N, T), never the image placeholder token."""
+    return torch.randint(2, IMAGE_TOKEN, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def vlm_folder(tmp_path):
+    """A tiny LLaVA-OneVision folder with a (character) tokenizer, as a real one ships."""
+    path = tmp_path / "vlm"
+    tiny_vlm().save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_family_wraps_only_the_language_model_block_linears():
+    model = quept.prepare(tiny_vlm(), SPEC)
+    fam = family_for(model)
+    assert fam.name == "llava-ov-language" and fam.is_causal_lm and fam.is_text
+    layers = elastic_layers(model)
+    assert len(layers) == 2 * 7 and all(n.startswith(f"{BLOCKS}.") for n in layers)
+    assert isinstance(model.model.language_model.layers[1].mlp.down_proj, ElasticLinear)
+    assert isinstance(model.model.language_model.layers[0].self_attn.q_proj, ElasticLinear)
+    outside = [n for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and not n.startswith(f"{BLOCKS}.")]
+    assert any(n.startswith("model.vision_tower.") for n in outside)
+    assert any(n.startswith("model.multi_modal_projector.") for n in outside)
+    assert "lm_head" in outside
+    assert not any(isinstance(model.get_submodule(n), ElasticLinear) for n in outside)
+
+
+def test_text_only_calibration_lowers_the_loss_and_widths_order_the_perplexity():
+    model = quept.prepare(tiny_vlm(), SPEC)
+    ids = text_ids(8, 32)
+    cfg = CalibConfig(n_samples=8, seq_len=32, batch_size=4, epochs=2)
+    reports = quept.calibrate(model, ids, cfg, progress=False)
+    assert len(reports) == 2
+    low = reports[0].bits.index(min(reports[0].bits))
+    assert all(r.loss_after[low] < r.loss_before[low] for r in reports)
+    rows = {r.bits: r for r in quept.evaluate(model, text_ids(4, 32, seed=1), [None, 2, 8],
+                                              progress=False)}
+    # a random model's perplexity means little; its distance to the float one orders the widths
+    gap = {b: abs(rows[b].ppl - rows[None].ppl) for b in (2, 8)}
+    assert gap[8] < gap[2] and gap[8] < 0.02 * rows[None].ppl
+    assert rows[2].bits_per_weight == pytest.approx(2 + 18 / 32)
+
+
+def test_save_load_and_packed_export_keep_the_logits(vlm_folder, tmp_path):
+    model, tok = quept.load_model(vlm_folder)
+    assert tok is not None and family_for(model).name == "llava-ov-language"
+    randomize(quept.prepare(model, SPEC))
+    x = text_ids(2, 16, seed=2)
+    quept.set_bits(model, 4)
+    want = model(input_ids=x, use_cache=False).logits
+    quept.save(model, tmp_path / "el", QuEPTConfig(spec=SPEC))
+    loaded, _ = quept.load(tmp_path / "el")
+    for b in (None, 2, 4):
+        quept.set_bits(model, b)
+        quept.set_bits(loaded, b)
+        assert torch.equal(loaded(input_ids=x).logits, model(input_ids=x).logits), b
+    summary = quept.api.export(loaded, 4, tmp_path / "w4", tokenizer=tok)
+    assert set(summary["layers"]) == set(elastic_layers(model))
+    packed, ptok = quept.api.load_packed(tmp_path / "w4")
+    assert ptok is not None
+    assert not elastic_layers(packed)
+    got = packed(input_ids=x, use_cache=False).logits
+    torch.testing.assert_close(got, want, atol=5e-3, rtol=1e-3)
+    # the vision tower travels unchanged
+    torch.testing.assert_close(packed.model.vision_tower.state_dict(),
+                               model.model.vision_tower.state_dict(), atol=0, rtol=0)
+
+
+def test_sensitivity_and_plan_cover_the_language_model():
+    model = randomize(quept.prepare(tiny_vlm(), SPEC))
+    ids = text_ids(4, 16, seed=3)
+    table = quept.sensitivity(model, ids, SensitivityConfig(n_samples=4, seq_len=16,
+                                                            batch_size=4, n_probes=1),
+                              progress=False)
+    assert list(table.shapes) == list(elastic_layers(model))
+    plan = quept.plan(model, table, avg_bits=3.5, granularity="layer")
+    assert set(plan.widths) == set(elastic_layers(model))
+    assert plan.bits_per_weight <= 3.5 + 1e-9
+    quept.set_bits(model, plan)
+    assert {n: m.bits for n, m in elastic_layers(model).items()} == plan.widths
+
+
+def test_gguf_export_refuses_a_vision_language_model(tmp_path):
+    pytest.importorskip("gguf")
+    from quept.export.gguf import GGUFExportError
+
+    model = randomize(quept.prepare(tiny_vlm(), SPEC))
+    with pytest.raises(GGUFExportError, match="'llava_onevision': .*vision-language model"):
+        quept.api.export(model, 4, tmp_path / "m.gguf", "gguf", tokenizer=char_tokenizer())
+    assert not (tmp_path / "m.gguf").exists()
