@@ -75,11 +75,57 @@ def test_save_load_and_packed_export_keep_the_logits(tmp_path):
     torch.testing.assert_close(packed(pixel_values=x).logits, want, atol=2e-3, rtol=1e-3)
 
 
+def fake_fashion_cache(cache, n_train: int = 96, n_test: int = 40) -> None:
+    """Fashion-MNIST-shaped splits written where quept caches the real ones."""
+    from safetensors.torch import save_file
+
+    from quept.data.fashion_mnist import FASHION_DIRNAME
+
+    gen = torch.Generator().manual_seed(0)
+    (cache / FASHION_DIRNAME).mkdir(parents=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        save_file({"images": torch.randint(0, 256, (n, 28, 28), generator=gen, dtype=torch.uint8),
+                   "labels": torch.randint(0, 10, (n,), generator=gen)},
+                  str(cache / FASHION_DIRNAME / f"{split}.safetensors"))
+
+
+def test_cli_quantize_eval_and_export_on_fashion_mnist_images(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("QUEPT_CACHE", str(tmp_path / "cache"))
+    fake_fashion_cache(tmp_path / "cache")
+    base, out = tmp_path / "vit", tmp_path / "el"
+    tiny_vit().save_pretrained(base)
+    assert main(["quantize", "--model", str(base), "--out", str(out), "--samples", "32",
+                 "--group-size", "32", "--ranks", "2,2,2,2", "--eval-bits", "2,8",
+                 "--eval-images", "40"]) == 0
+    shown = capsys.readouterr().out
+    assert "Top-1 accuracy on the Fashion-MNIST test split (40 images)" in shown
+    assert "RTN top-1" in shown and "W2" in shown and "W8" in shown
+    meta = quept.api.read_meta(out)
+    calib = meta["config"]["calib"]
+    assert calib["n_samples"] == 32 and calib["batch_size"] == 32
+    capsys.readouterr()
+    assert main(["eval", str(out), "--bits", "4", "--images", "40", "--rtn", "--json"]) == 0
+    result = __import__("json").loads(capsys.readouterr().out)
+    rows = {r["bits"]: r for r in result["accuracy_rows"]}
+    assert result["images"] == 40 and set(rows) == {None, 4}
+    assert 0 <= rows[4]["accuracy"] <= 1 and rows[4]["accuracy_rtn"] is not None
+    assert main(["export", str(out), "--bits", "4", "--out", str(tmp_path / "w4")]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "w4"), "--images", "40", "--json"]) == 0
+    packed = __import__("json").loads(capsys.readouterr().out)["accuracy_rows"][0]
+    assert packed["bits"] == 4 and packed["accuracy"] == pytest.approx(rows[4]["accuracy"],
+                                                                       abs=1 / 40)
+    assert main(["eval", str(out), "--text", "x.txt"]) == 2
+    assert "--text: text options, but the model is an image classifier" in capsys.readouterr().err
+
+
 def test_cli_refuses_what_an_image_classifier_cannot_do(tmp_path, capsys):
     base = tmp_path / "vit32"
     tiny_vit(image_size=32, channels=3).save_pretrained(base)
     assert main(["quantize", "--model", str(base), "--out", str(tmp_path / "o")]) == 2
-    assert "image classifier: the command line calibrates" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "images are Fashion-MNIST (28 x 28, 1 channel, 10 classes)" in err
+    assert "takes 32 x 3-channel images" in err
     model, _ = quept.load_model(base)
     quept.prepare(model, SPEC)
     quept.save(model, tmp_path / "el", quept.QuEPTConfig(spec=SPEC))

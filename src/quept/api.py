@@ -25,7 +25,7 @@ from quept.export import compact as _compact
 from quept.export.compact import CompactConfig
 from quept.export.load import load_packed as _load_packed
 from quept.export.packed import write_packed
-from quept.models import Family, UnsupportedModelError, family_for, family_for_type
+from quept.models import Family, UnsupportedModelError, family_for, family_for_type, rotate
 from quept.nn import BitsPlan, ElasticLinear, elastic_layers
 from quept.nn import set_bits as _set_bits
 from quept.nn.state import load_elastic_state
@@ -64,7 +64,8 @@ class ArtifactError(ValueError):
 # --- models ---------------------------------------------------------------------------------
 def resolve_model_dir(model: str | os.PathLike | None) -> Path:
     """``None``/"default" -> the built-in SmolLM2-135M-Instruct (fetched once); "minilm" -> the
-    built-in all-MiniLM-L6-v2 encoder (fetched once); else a folder."""
+    built-in all-MiniLM-L6-v2 encoder (fetched once); "vit" -> the built-in Fashion-MNIST ViT
+    (trained once); else a folder."""
     if model is None or str(model) == DEFAULT_MODEL:
         from quept.data import default_model_dir
 
@@ -73,12 +74,16 @@ def resolve_model_dir(model: str | os.PathLike | None) -> Path:
         from quept.data import encoder_model_dir
 
         return encoder_model_dir()
+    if str(model) == "vit":
+        from quept.data import vit_model_dir
+
+        return vit_model_dir()
     path = Path(model)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"{path} is not a Hugging Face model folder (no config.json); pass a folder saved "
             "with save_pretrained, omit --model for the built-in default, or pass 'minilm' for "
-            "the built-in encoder"
+            "the built-in encoder or 'vit' for the built-in image classifier"
         )
     return path
 
@@ -107,14 +112,17 @@ def prepare(model: nn.Module, spec: ElasticSpec | None = None, seed: int = 0) ->
     spec = spec or ElasticSpec()
     fam = family_for(model)
     gen = torch.Generator().manual_seed(seed)
+    if any(isinstance(m, ElasticLinear) for m in model.modules()):
+        raise ConfigError("model is already prepared")
+    if spec.rotation != "none":
+        _rotate(model, fam, seed)
     for i, block in enumerate(fam.get_blocks(model)):
         for name, lin in fam.block_linears(block).items():
-            if isinstance(lin, ElasticLinear):
-                raise ConfigError("model is already prepared")
             try:
                 new = ElasticLinear(lin, spec, generator=gen)
             except GroupSizeError as e:
                 raise GroupSizeError(f"block {i} {name}: {e}") from None
+            new.in_rotation = spec.rotation != "none" and name == rotate.ONLINE
             parent, _, child = name.rpartition(".")
             setattr(block.get_submodule(parent) if parent else block, child, new)
     model.quept_spec = spec
@@ -475,9 +483,33 @@ def _spec_of(model: nn.Module) -> ElasticSpec:
     return spec
 
 
-def _weights_fingerprint(model: nn.Module) -> str:
+def _rotate(model: nn.Module, fam: Family, seed: int) -> None:
+    """Rotate a decoder for ElasticSpec.rotation, first recording the fingerprint of its
+    unrotated weights (what a loaded folder is checked against). A model built on the meta
+    device (a compact checkpoint about to be filled with its stored, rotated tensors) is
+    left as it is."""
+    if fam.final_norm is None:
+        raise ConfigError(f"rotation is implemented for LLaMA-family decoders; a {fam.name} "
+                          "model cannot be rotated (use rotation 'none')")
+    if model.get_input_embeddings().weight.is_meta:
+        return
+    names = {f"{fam.blocks}.{i}.{n}" for i in range(len(fam.get_blocks(model)))
+             for n in fam.linears}
+    model.quept_base_fingerprint = _weights_fingerprint(
+        model, {n: m for n, m in model.named_modules() if n in names})
+    rotate.rotate_decoder(model, fam.get_blocks(model), model.get_submodule(fam.final_norm),
+                          seed)
+
+
+def _weights_fingerprint(model: nn.Module, layers: Mapping[str, nn.Module] | None = None) -> str:
+    """A hash of a sample of the quantized linears' float weights (of the unrotated model)."""
+    if layers is None:
+        recorded = getattr(model, "quept_base_fingerprint", None)
+        if recorded is not None:
+            return recorded
+        layers = elastic_layers(model)
     h = hashlib.sha256()
-    for name, m in elastic_layers(model).items():
+    for name, m in layers.items():
         w = m.weight.detach().float().reshape(-1)
         h.update(name.encode())
         h.update(str(tuple(m.weight.shape)).encode())

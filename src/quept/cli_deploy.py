@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +182,14 @@ def cmd_run(a: argparse.Namespace) -> dict[str, Any]:
     return {"folder": str(folder), "kind": kind, **gen.to_dict()}
 
 
+def _packed_label(meta: dict[str, Any]) -> str:
+    """"W4", "W4A4" (weight+activation) or "mixed" for a packed folder's JSON."""
+    if meta["bits"] == "mixed":
+        return "mixed"
+    acts = any(i.get("act_bits") for i in meta["layers"].values())
+    return f"W{meta['bits']}A{meta['bits']}" if acts else f"W{meta['bits']}"
+
+
 # --- eval of a packed folder --------------------------------------------------------------------
 def _eval_packed_encoder(a: argparse.Namespace, folder: Path, model: Any, tok: Any,
                          text: str) -> dict[str, Any]:
@@ -201,7 +210,7 @@ def _eval_packed_encoder(a: argparse.Namespace, folder: Path, model: Any, tok: A
            **fidelity(sentence_embeddings(model, sentences, progress=not a.json,
                                           desc="embed packed"), ref)}
     if not a.json:
-        label = "mixed" if meta["bits"] == "mixed" else f"W{meta['bits']}"
+        label = _packed_label(meta)
         print(f"\nEmbedding fidelity of {folder} against {base} ({sentences.input_ids.shape[0]} "
               f"paragraphs): {label} packed, {row['bits_per_weight']:.3f} bits per weight "
               f"stored, cosine {row['cosine_mean']:.4f} (min {row['cosine_min']:.4f}), same "
@@ -210,8 +219,29 @@ def _eval_packed_encoder(a: argparse.Namespace, folder: Path, model: Any, tok: A
             "embedding_rows": [row]}
 
 
-def eval_packed(a: argparse.Namespace, folder: Path, text: str) -> dict[str, Any]:
-    """Perplexity of a packed folder (its one configuration)."""
+def _eval_packed_images(a: argparse.Namespace, folder: Path, model: Any) -> dict[str, Any]:
+    """Top-1 of a packed image classifier on Fashion-MNIST test images."""
+    from quept.cli import _images, _refuse_text_options
+    from quept.eval import top1_accuracy
+
+    _refuse_text_options(a, "text")
+    meta = model.quept_packed
+    pixels, labels = _images(model, "test", a.images, 0)
+    row = {"bits": meta["bits"], "bits_per_weight": meta["sizes"]["bits_per_weight"],
+           "accuracy": top1_accuracy(model, pixels, labels, progress=not a.json,
+                                     desc="accuracy packed")}
+    if not a.json:
+        label = _packed_label(meta)
+        print(f"\nTop-1 accuracy of {folder} on {len(labels)} Fashion-MNIST test images: "
+              f"{label} packed, {row['bits_per_weight']:.3f} bits per weight stored, "
+              f"top-1 {row['accuracy']:.2%}")
+    return {"folder": str(folder), "packed": True, "images": len(labels),
+            "accuracy_rows": [row]}
+
+
+def eval_packed(a: argparse.Namespace, folder: Path, text: Callable[[], str]) -> dict[str, Any]:
+    """Perplexity (embedding fidelity, top-1) of a packed folder (its one configuration);
+    ``text`` gives the evaluation text when the model reads text."""
     from quept.eval import perplexity
 
     if a.bits or getattr(a, "plan", None) or a.rtn:
@@ -221,16 +251,14 @@ def eval_packed(a: argparse.Namespace, folder: Path, text: str) -> dict[str, Any
     meta = model.quept_packed
     task = family_for(model).task
     if task == "encoder":
-        return _eval_packed_encoder(a, folder, model, tok, text)
+        return _eval_packed_encoder(a, folder, model, tok, text())
     if task == "image-classification":
-        from quept.cli import _refuse_images
-
-        _refuse_images(model)
-    windows = api.windows_from_text(tok, text, a.seq_len, a.windows)
+        return _eval_packed_images(a, folder, model)
+    windows = api.windows_from_text(tok, text(), a.seq_len, a.windows)
     ppl = perplexity(model, windows, progress=not a.json, desc="eval packed")
     row = {"bits": meta["bits"], "bits_per_weight": meta["sizes"]["bits_per_weight"], "ppl": ppl}
     if not a.json:
-        label = "mixed" if meta["bits"] == "mixed" else f"W{meta['bits']}"
+        label = _packed_label(meta)
         print(f"\nPerplexity of {folder} ({windows.shape[0]} windows x {a.seq_len} tokens): "
               f"{label} packed, {row['bits_per_weight']:.3f} bits per weight stored, "
               f"perplexity {ppl:.2f}")

@@ -18,6 +18,11 @@ MAX_BITS = 8
 # Widths whose clips stay at the searched value unless a spec says otherwise (ElasticSpec).
 DEFAULT_FIXED_CLIP_BITS = (7, 8)
 CONFIG_VERSION = 1
+# Weight+activation mode (DESIGN 2.5): the activation quantizers and their default bit groups.
+ACTIVATION_MODES = ("none", "per-token")
+ROTATIONS = ("none", "hadamard")
+MIN_ACT_BITS = 4
+WEIGHT_ACT_GROUPS = ((7, 8), (5, 6), (4,))
 
 
 class ConfigError(ValueError):
@@ -75,6 +80,15 @@ class ElasticSpec:
         every width, so the weight stays the group's exact top (or bottom) level; left free, a
         2-bit clip can cut it and the massive activation it makes is lost (README).
 
+    activations: "none" (default, weight-only) or "per-token": the input of every quantized
+        linear is also quantized, per token (one scale per row of the input), symmetric, at the
+        layer's own width, computed on the fly (W4A4..W8A8; DESIGN 2.5). Widths below 4 are
+        refused with it.
+    rotation: "none" (default) or "hadamard": before the linears are wrapped, a LLaMA-family
+        decoder is rotated (norms folded, residual stream by a seeded random Hadamard matrix,
+        value heads, down_proj's input online; :mod:`quept.models.rotate`), which spreads
+        the activation outliers that ruin W4A4; the float model's function is unchanged.
+
     A bit group whose adapter prefix is empty (rank 0) and whose widths all have fixed or no
     clips has nothing to learn: calibration skips its training passes (its loss is still probed
     and its stream still propagated).
@@ -93,6 +107,8 @@ class ElasticSpec:
     fixed_clip_bits: tuple[int, ...] | None = None
     clip_refine: int = 1
     protect_outliers: float = 0.0
+    activations: str = "none"
+    rotation: str = "none"
 
     def __post_init__(self) -> None:
         groups = tuple(tuple(int(b) for b in g) for g in self.bit_groups)
@@ -129,6 +145,16 @@ class ElasticSpec:
         if not (self.protect_outliers == 0 or self.protect_outliers > 1):
             raise ConfigError("protect_outliers must be 0 (off) or a ratio > 1 (e.g. 100), got "
                               f"{self.protect_outliers}")
+        if self.activations not in ACTIVATION_MODES:
+            raise ConfigError(f"activations must be one of {list(ACTIVATION_MODES)}, got "
+                              f"{self.activations!r}")
+        if self.activations != "none" and min(flat) < MIN_ACT_BITS:
+            raise ConfigError(
+                f"activation quantization covers W{MIN_ACT_BITS}A{MIN_ACT_BITS}..W8A8; widths "
+                f"{sorted(b for b in flat if b < MIN_ACT_BITS)} are below {MIN_ACT_BITS} (use "
+                f"bit groups such as {[list(g) for g in WEIGHT_ACT_GROUPS]})")
+        if self.rotation not in ROTATIONS:
+            raise ConfigError(f"rotation must be one of {list(ROTATIONS)}, got {self.rotation!r}")
         if len(self.ranks) != len(groups):
             raise ConfigError(
                 f"ranks has {len(self.ranks)} entries but there are {len(groups)} bit groups"
@@ -208,6 +234,9 @@ class ElasticSpec:
         d["group_size"] = {str(b): s for b, s in self.group_size}
         if not self.protect_outliers:  # written only when set: older folders match
             del d["protect_outliers"]
+        for name in ("activations", "rotation"):  # written only when set
+            if d[name] == "none":
+                del d[name]
         return d
 
     @classmethod
@@ -323,6 +352,25 @@ PRESET_SPECS: dict[str, ElasticSpec] = {
                             protect_outliers=100.0),
     "paper": ElasticSpec(ranks=(8, 8, 8, 8), fixed_clip_bits=()),
 }
+
+
+
+def weight_act_spec(spec: ElasticSpec | None = None) -> ElasticSpec:
+    """``spec`` (default: the cpu-demo spec) in weight+activation mode: per-token activation
+    quantization, and, when ``spec`` has widths below 4, the weight+activation bit groups
+    {7,8} {5,6} {4} with ranks 0/16/8 and merge weights 0.3/0.3/0.4 (DESIGN 2.4)."""
+    spec = spec or ElasticSpec()
+    if min(spec.bits) >= MIN_ACT_BITS:
+        return replace(spec, activations="per-token")
+    keep = tuple(b for b in (spec.fixed_clip_bits or ()) if b >= MIN_ACT_BITS)
+    return replace(spec, bit_groups=WEIGHT_ACT_GROUPS, ranks=(0, 16, 8),
+                   merge_weights=(0.3, 0.3, 0.4), activations="per-token",
+                   group_size=tuple((b, g) for b, g in spec.group_size if b >= MIN_ACT_BITS),
+                   unclipped_bits=tuple(b for b in spec.unclipped_bits if b >= MIN_ACT_BITS),
+                   fixed_clip_bits=None if spec.fixed_clip_bits is None else keep,
+                   clip_search_bits=None if spec.clip_search_bits is None else tuple(
+                       b for b in spec.clip_search_bits if b >= MIN_ACT_BITS))
+
 
 PRESETS: dict[str, CalibConfig] = {
     # Fits the 2-core CPU demo budget (see README for why these values).

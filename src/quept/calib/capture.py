@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from quept.models import Family
+from quept.ops.hadamard import hadamard_transform
 
 
 class _Captured(Exception):
@@ -83,6 +84,8 @@ def mean_sq_inputs(
     def hook(name: str):
         def fn(_m: nn.Module, args: tuple, _out: torch.Tensor) -> None:
             x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            if getattr(_m, "in_rotation", False):  # the layer's weight reads the rotated input
+                x = hadamard_transform(x)
             sums[name] = x.pow(2).sum(0) + sums.get(name, 0)
             counts[name] += x.shape[0]
             if amax is not None:

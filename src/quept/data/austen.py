@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import bz2
 import gzip
-import io
 import logging
 import lzma
 import shutil
@@ -30,8 +29,8 @@ from quept.data.fetch import (
     DataUnavailableError,
     apt_download,
     atomic_dir,
+    extract_deb,
     resolve_cache_dir,
-    run_command,
 )
 
 logger = logging.getLogger(__name__)
@@ -125,34 +124,6 @@ def _lines(obj: Any) -> list[str]:
 # --------------------------------------------------------------------------- getting the package
 
 
-def _extract_deb(deb: Path, dest: Path) -> None:
-    """Unpack ``deb`` into ``dest`` with dpkg-deb, or in Python if dpkg-deb is missing."""
-    if shutil.which("dpkg-deb"):
-        run_command(["dpkg-deb", "-x", str(deb), str(dest)], hint=_HINT)
-        return
-    logger.info("dpkg-deb not found; unpacking %s in Python", deb.name)
-    data = deb.read_bytes()
-    if not data.startswith(b"!<arch>\n"):
-        raise DataUnavailableError(f"{deb} is not a Debian package.\n{_HINT}")
-    pos = 8
-    while pos + 60 <= len(data):
-        header = data[pos : pos + 60]
-        name = header[:16].decode().strip().rstrip("/")
-        size = int(header[48:58].decode().strip())
-        body = data[pos + 60 : pos + 60 + size]
-        pos += 60 + size + (size & 1)
-        if name.startswith("data.tar"):
-            if name.endswith(".zst"):
-                raise DataUnavailableError(f"{deb} uses zstd; install dpkg-deb.\n{_HINT}")
-            with tarfile.open(fileobj=io.BytesIO(body), mode="r:*") as tar:
-                try:
-                    tar.extractall(dest, filter="data")
-                except TypeError:  # Python without extraction filters
-                    tar.extractall(dest)  # noqa: S202 - a Debian package from apt
-            return
-    raise DataUnavailableError(f"No data archive inside {deb}.\n{_HINT}")
-
-
 def _read_novels_from_r(data_dir: Path) -> dict[str, list[str]]:
     objects = read_lazyload_db(data_dir / "Rdata.rdx", data_dir / "Rdata.rdb")
     missing = [n for n in NOVELS if n not in objects]
@@ -171,7 +142,7 @@ def _fetch_novel_lines(cache: Path) -> dict[str, list[str]]:
     deb = debs[-1] if debs else apt_download(DEB_PACKAGE, debs_dir, hint=_HINT)
     with tempfile.TemporaryDirectory(prefix="quept-deb-", dir=cache) as tmp:
         try:
-            _extract_deb(deb, Path(tmp))
+            extract_deb(deb, Path(tmp), hint=_HINT)
         except (subprocess.SubprocessError, OSError, tarfile.TarError, ValueError) as exc:
             raise DataUnavailableError(f"Could not unpack {deb}: {exc}.\n{_HINT}") from exc
         return _read_novels_from_r(Path(tmp) / _R_DATA_DIR)

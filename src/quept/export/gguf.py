@@ -150,6 +150,18 @@ def _tensors(
 def _check_architecture(model: nn.Module) -> None:
     cfg = getattr(model, "config", None)
     model_type = getattr(cfg, "model_type", None)
+    spec = getattr(model, "quept_spec", None)
+    if spec is not None and spec.activations != "none":
+        raise GGUFExportError(
+            "GGUF export is weight-only: this elastic model was calibrated with "
+            f"{spec.activations} activation quantization, which llama.cpp does not apply (its "
+            "kernels quantize activations their own way); export the packed quept format, "
+            "which keeps the activation quantizers")
+    if spec is not None and spec.rotation != "none":
+        raise GGUFExportError(
+            "GGUF export cannot carry this model's Hadamard rotation: its down_proj layers "
+            "rotate their input online, which llama.cpp's LLaMA graph does not do; export the "
+            "packed quept format instead")
     if model_type not in SUPPORTED_MODEL_TYPES:
         why = f": {REFUSED_WHY[model_type]}" if model_type in REFUSED_WHY else ""
         raise GGUFExportError(

@@ -90,6 +90,16 @@ def _swap(net: nn.Module, name: str, info: Mapping[str, Any], scale_dtype: torch
             f"packed layer {name} is {info['out']}x{info['in']} but the model has {old}")
     new = cls(info["in"], info["out"], info["bits"], info["group_size"], info["bias"],
               scale_dtype, device="meta")
+    if info.get("act_bits") is not None:
+        if info.get("act_quant") != "per-token":
+            raise PackedFormatError(f"packed layer {name}: activation quantizer "
+                                    f"{info.get('act_quant')!r} is unknown (known: per-token)")
+        new.act_bits = int(info["act_bits"])
+    rotation = info.get("in_rotation")
+    if rotation not in (None, "hadamard"):
+        raise PackedFormatError(f"packed layer {name}: input rotation {rotation!r} is unknown "
+                                "(known: hadamard)")
+    new.in_rotation = rotation == "hadamard"
     parent, _, child = name.rpartition(".")
     setattr(net.get_submodule(parent) if parent else net, child, new)
 

@@ -79,6 +79,9 @@ def pack_model(
         codes, scale, zero = m.quantized_codes(b)
         out[name] = PackedLinear.from_codes(
             codes, scale, zero, b, m.spec.group_size_for(b), m.bias, SCALE_DTYPES[scale_dtype])
+        if m.spec.activations == "per-token":
+            out[name].act_bits = b
+        out[name].in_rotation = m.in_rotation
     return out
 
 
@@ -131,8 +134,11 @@ def _float_named(model: nn.Module, skip: tuple[str, ...]) -> dict[str, torch.Ten
 
 
 def _describe(m: PackedLinear) -> dict[str, Any]:
+    act = {} if m.act_bits is None else {"act_bits": m.act_bits, "act_quant": "per-token"}
+    if m.in_rotation:
+        act["in_rotation"] = "hadamard"
     return {"bits": m.bits, "group_size": m.group_size, "in": m.in_features,
-            "out": m.out_features, "bias": m.bias is not None}
+            "out": m.out_features, "bias": m.bias is not None, **act}
 
 
 def write_packed(

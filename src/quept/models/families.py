@@ -22,6 +22,8 @@ class Family:
         "encoder" (hidden states: embedding fidelity) or "image-classification" (top-1).
     auto_class: the ``transformers`` auto class that loads the family's models.
     input_name: the model's input argument ("input_ids" or "pixel_values").
+    final_norm: dotted path of the norm before the output head, for LLaMA-family decoders that
+        can be rotated (ElasticSpec.rotation); None where rotation is not supported.
     """
 
     name: str
@@ -31,6 +33,7 @@ class Family:
     task: str = "causal-lm"
     auto_class: str = "AutoModelForCausalLM"
     input_name: str = "input_ids"
+    final_norm: str | None = None
 
     @property
     def is_causal_lm(self) -> bool:
@@ -79,7 +82,8 @@ _VIT_LINEARS = (
 
 FAMILIES: tuple[Family, ...] = (
     # LLaMA 1/2/3, Mistral, Qwen2 and SmolLM share this decoder block.
-    Family("llama-decoder", ("llama", "mistral", "qwen2"), "model.layers", _LLAMA_LINEARS),
+    Family("llama-decoder", ("llama", "mistral", "qwen2"), "model.layers", _LLAMA_LINEARS,
+           final_norm="model.norm"),
     # BERT-style encoders (BERT, MiniLM sentence encoders): the bare encoder, no task head.
     Family("bert-encoder", ("bert",), "encoder.layer", _BERT_LINEARS, task="encoder",
            auto_class="AutoModel"),
@@ -90,7 +94,8 @@ FAMILIES: tuple[Family, ...] = (
     # the vision tower, projector, embeddings and lm_head stay float. Calibration is text-only
     # (the whole model run on input_ids, no pixel values): no image-conditioned calibration.
     Family("llava-ov-language", ("llava_onevision",), "model.language_model.layers",
-           _LLAMA_LINEARS, auto_class="AutoModelForImageTextToText"),
+           _LLAMA_LINEARS, auto_class="AutoModelForImageTextToText",
+           final_norm="model.language_model.norm"),
 )
 
 

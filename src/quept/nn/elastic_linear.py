@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from quept.config import ElasticSpec, check_bits
-from quept.ops import fake_quant, n_groups, quantize, rtn, search_clip
+from quept.ops import fake_quant, fake_quant_act, n_groups, quantize, rtn, search_clip
+from quept.ops.hadamard import hadamard_transform
 
 # Clip factors tried by the clip search at up to 4 bits; the largest is < 1 so the logit stays
 # finite (and its gradient alive). Widths above 4 bits never want much clipping: they try whole
@@ -36,7 +37,8 @@ class ElasticLinear(nn.Module):
     ``bits = None`` runs the float layer (the full-precision reference: no adapter). At a width
     ``b`` of group ``g`` the weight is ``Q_b(W + U[:, :r_g] V[:r_g])`` with clip factors
     ``sigmoid(clip_hi[b])`` / ``sigmoid(clip_lo[b])`` per row or group. ``rtn = True`` gives plain
-    round-to-nearest at ``b`` (no adapter, no clipping), the baseline.
+    round-to-nearest at ``b`` (no adapter, no clipping), the baseline. In weight+activation
+    mode (``spec.activations``) the input is quantized per token at ``b`` too, RTN included.
     """
 
     def __init__(
@@ -68,6 +70,8 @@ class ElasticLinear(nn.Module):
         self.rtn = False
         self._cache: tuple[tuple, torch.Tensor] | None = None
         self.protected: list[tuple[int, int]] = []  # super weights (row, col): protect_outliers
+        # The weight reads a Hadamard-rotated input (ElasticSpec.rotation): forward rotates x.
+        self.in_rotation = False
 
     @torch.no_grad()
     def init_clip_by_search(self, bits: int, col_weight: torch.Tensor | None = None) -> None:
@@ -161,7 +165,16 @@ class ElasticLinear(nn.Module):
     def clear_cache(self) -> None:
         self._cache = None
 
+    @property
+    def act_bits(self) -> int | None:
+        """Width the input is quantized to now (weight+activation mode), else None."""
+        return self.bits if self.spec.activations == "per-token" else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_rotation:
+            x = hadamard_transform(x)
+        if self.act_bits is not None:
+            x = fake_quant_act(x, self.act_bits)
         w = self.current_weight()
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 

@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from quept.ops import kernels
+from quept.ops.hadamard import hadamard_transform
 from quept.ops.pack import pack, packed_length, unpack
-from quept.ops.quant import dequantize, n_groups, to_groups
+from quept.ops.quant import dequantize, fake_quant_act, n_groups, to_groups
 
 BACKENDS = ("auto", "kernel", "aten-int4", "dequant")
 _scratch: dict[torch.device, torch.Tensor] = {}  # one shared float32 buffer per device
@@ -52,6 +53,10 @@ class PackedLinear(nn.Module):
         self.register_buffer(
             "bias", torch.empty(out_features, device=device) if bias else None)
         self.backend = "auto"
+        # Weight+activation mode: the input is quantized per token at this width (simulated in
+        # float: dequantized integers, so the product equals an integer GEMM's rescaled output).
+        self.act_bits: int | None = None
+        self.in_rotation = False  # the codes read a Hadamard-rotated input (see ElasticLinear)
         # Derived on first use: (backend, scale fp32, -zero * scale fp32[, aten-int4 operands]).
         self._compute: tuple | None = None
 
@@ -119,6 +124,10 @@ class PackedLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if x2.dtype != torch.float32 or not x2.is_contiguous():
             x2 = x2.float().contiguous()
+        if self.in_rotation:
+            x2 = hadamard_transform(x2)
+        if self.act_bits is not None:
+            x2 = fake_quant_act(x2, self.act_bits)
         if backend == "kernel" and x2.shape[0] <= kernels.MAX_ROWS:
             y = kernels.qgemv(x2, self.qweight, scale, zs, self.bits, self.group_size)
         elif backend == "aten-int4":
@@ -155,8 +164,10 @@ class PackedLinear(nn.Module):
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def extra_repr(self) -> str:
+        act = "" if self.act_bits is None else f", act_bits={self.act_bits}"
+        act += ", rotated input" if self.in_rotation else ""
         return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, backend={self.backend}")
+                f"group_size={self.group_size}{act}, backend={self.backend}")
 
 
 class PackedEmbedding(PackedLinear):

@@ -39,6 +39,15 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+def fake_quant_act(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-token symmetric fake quantization of activations (..., in): each row scaled by its
+    largest magnitude onto the integers -(2^(b-1) - 1)..2^(b-1) - 1 (straight-through rounding;
+    the scale stays differentiable)."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / qmax
+    return torch.clamp(round_ste(x / scale), -qmax, qmax) * scale
+
+
 def qparams(
     wg: torch.Tensor, bits: int, hi_f: torch.Tensor, lo_f: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:

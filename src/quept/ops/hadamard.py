@@ -1,0 +1,121 @@
+"""Orthonormal Hadamard matrices for rotating activations before they are quantized.
+
+A rotation ``x -> x R`` (R orthogonal) spreads a few outlier channels over all channels, so a
+per-token activation quantizer wastes less of its range; the layer that reads ``x`` takes
+``W R`` instead of ``W`` and computes the same product (QuaRot-style, DESIGN 2.5). Hadamard
+matrices do it with entries of equal magnitude. ``hadamard(n)`` builds one of order ``n`` as a
+Kronecker product of a Paley matrix (order q + 1, q a prime = 3 mod 4) and a Sylvester matrix
+(order a power of two), which covers the widths of common models (576 = 72 x 8, 1536 =
+12 x 128, 4096, 11008 = 172 x 64, ...); ``random_hadamard`` flips the sign of each row by a
+seeded draw, so rotations of different seeds differ.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+class HadamardSizeError(ValueError):
+    """No Hadamard matrix of this order can be built here."""
+
+
+def _is_prime(q: int) -> bool:
+    if q < 2:
+        return False
+    return all(q % d for d in range(2, int(q**0.5) + 1))
+
+
+def _paley(q: int) -> torch.Tensor:
+    """Paley construction I: a Hadamard matrix of order q + 1 for a prime q = 3 mod 4."""
+    residues = {(i * i) % q for i in range(1, q)}
+    chi = torch.tensor([0] + [1 if d in residues else -1 for d in range(1, q)],
+                       dtype=torch.float64)
+    idx = torch.arange(q)
+    jacobsthal = chi[(idx[None, :] - idx[:, None]) % q]  # Q[i, j] = chi(j - i)
+    s = torch.zeros(q + 1, q + 1, dtype=torch.float64)
+    s[0, 1:] = 1
+    s[1:, 0] = -1
+    s[1:, 1:] = jacobsthal
+    return s + torch.eye(q + 1, dtype=torch.float64)
+
+
+def _sylvester(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+@functools.lru_cache(maxsize=16)
+def _hadamard(n: int) -> torch.Tensor:
+    if n < 1:
+        raise HadamardSizeError(f"a Hadamard matrix needs order >= 1, got {n}")
+    if n & (n - 1) == 0:
+        return _sylvester(n)
+    two = n & -n  # the largest power of two dividing n
+    p = n // two
+    while p < n:  # Paley order p = q + 1 (q prime, 3 mod 4) times a power of two
+        if p % 4 == 0 and _is_prime(p - 1) and (p - 1) % 4 == 3:
+            return torch.kron(_paley(p - 1), _sylvester(n // p))
+        p *= 2
+    if _is_prime(n - 1) and (n - 1) % 4 == 3:
+        return _paley(n - 1)
+    raise HadamardSizeError(
+        f"no Hadamard matrix of order {n} here: it must be a power of two times q + 1 for a "
+        "prime q = 3 mod 4 (e.g. 12, 20, 24, 44, 48, 60, 72, 80, 84, 104, 108, 128, 132, 140, "
+        "...)")
+
+
+def hadamard(n: int) -> torch.Tensor:
+    """An orthonormal Hadamard matrix of order ``n`` (entries +-1/sqrt(n)), float64."""
+    return _hadamard(n) / n**0.5
+
+
+def random_hadamard(n: int, seed: int) -> torch.Tensor:
+    """``diag(s) H``: an orthonormal Hadamard matrix with rows sign-flipped by a seeded draw."""
+    gen = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (n,), generator=gen, dtype=torch.float64) * 2 - 1
+    return signs[:, None] * hadamard(n)
+
+
+def _split(n: int) -> tuple[int, int]:
+    """``n = p * 2**k`` with p the order of the Paley factor of ``hadamard(n)`` (1 if none)."""
+    h = _hadamard(n)  # raises for unsupported orders
+    del h
+    if n & (n - 1) == 0:
+        return 1, n
+    two = n & -n
+    p = n // two
+    while p < n:
+        if p % 4 == 0 and _is_prime(p - 1) and (p - 1) % 4 == 3:
+            return p, n // p
+        p *= 2
+    return n, 1
+
+
+@functools.lru_cache(maxsize=16)
+def _paley_factor(p: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    return None if p == 1 else _paley(p - 1).to(dtype=dtype, device=device)
+
+
+def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
+    """``x @ hadamard(n)`` over the last dimension (n = x.shape[-1]) without building the
+    n x n matrix: the power-of-two factor as a fast Walsh-Hadamard transform (log2 steps of
+    butterflies), the Paley factor as a small matmul. Differentiable."""
+    n = x.shape[-1]
+    p, m = _split(n)
+    shape = x.shape
+    y = x.reshape(-1, p, m)
+    h = 1
+    while h < m:  # butterflies on the power-of-two factor
+        y = y.reshape(-1, p, m // (2 * h), 2, h)
+        a, b = y[..., 0, :], y[..., 1, :]
+        y = torch.stack([a + b, a - b], dim=-2)
+        h *= 2
+    y = y.reshape(-1, p, m)
+    paley = _paley_factor(p, x.dtype, x.device)
+    if paley is not None:
+        y = torch.einsum("ac,tab->tcb", paley, y)  # A^T X over the Paley index
+    return (y / n**0.5).reshape(shape)
