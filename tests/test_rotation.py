@@ -124,9 +124,9 @@ def test_gguf_refuses_a_rotated_model(tmp_path):
     pytest.importorskip("gguf")
     from quept.export.gguf import GGUFExportError
 
-    model = randomize(quept.prepare(tiny_model(), replace(SPEC, activations="none",
-                                                          bit_groups=((8,), (4,)),
-                                                          ranks=(2, 2), merge_weights=(.5, .5))))
+    weight_only = ElasticSpec(bit_groups=((8,), (4,)), ranks=(2, 2), merge_weights=(0.5, 0.5),
+                              default_group_size=32, rotation="hadamard")
+    model = randomize(quept.prepare(tiny_model(), weight_only))
     with pytest.raises(GGUFExportError, match="Hadamard rotation"):
         quept.api.export(model, 4, tmp_path / "m.gguf", "gguf", tokenizer=char_tokenizer())
 

@@ -132,3 +132,17 @@ def test_gguf_export_refuses_a_vision_language_model(tmp_path):
     with pytest.raises(GGUFExportError, match="'llava_onevision': .*vision-language model"):
         quept.api.export(model, 4, tmp_path / "m.gguf", "gguf", tokenizer=char_tokenizer())
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_hadamard_rotation_of_the_language_model_keeps_its_float_logits():
+    from dataclasses import replace
+
+    from quept.config import weight_act_spec
+
+    x = text_ids(2, 16, seed=4)
+    want = tiny_vlm()(input_ids=x).logits
+    spec = replace(weight_act_spec(SPEC), rotation="hadamard")
+    model = quept.prepare(tiny_vlm(), spec)
+    quept.set_bits(model, None)
+    torch.testing.assert_close(model(input_ids=x).logits, want, atol=1e-4, rtol=1e-4)
+    assert sum(m.in_rotation for m in elastic_layers(model).values()) == 2
