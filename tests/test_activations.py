@@ -122,6 +122,12 @@ def test_cli_quantize_and_eval_in_weight_activation_mode(tmp_path, capsys):
     assert "W4A4" in shown and "W8A8" in shown
     spec = quept.api.read_meta(out)["config"]["spec"]
     assert spec["activations"] == "per-token" and spec["bit_groups"] == [[7, 8], [5, 6], [4]]
+    assert spec["rotation"] == "hadamard"  # the default for a LLaMA-family decoder
+    assert main(["quantize", "--model", str(base), "--out", str(tmp_path / "plain"),
+                 "--calib-text", str(text), "--samples", "4", "--seq-len", "32",
+                 "--group-size", "32", "--activations", "per-token", "--rotation", "none",
+                 "--eval-windows", "0"]) == 0
+    assert "rotation" not in quept.api.read_meta(tmp_path / "plain")["config"]["spec"]
     assert main(["eval", str(out), "--text", str(text), "--windows", "2", "--seq-len", "64",
                  "--bits", "2"]) == 2
     assert "bit-width 2 is not in this elastic model's widths" in capsys.readouterr().err

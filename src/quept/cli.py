@@ -139,6 +139,12 @@ def _images(model: torch.nn.Module, split: str, n: int, seed: int
     return pixel_values(images), labels
 
 
+def _rotatable(model: torch.nn.Module) -> bool:
+    from quept.models import family_for
+
+    return family_for(model).final_norm is not None
+
+
 def _refuse_text_options(a: argparse.Namespace, *names: str) -> None:
     given = [f"--{n.replace('_', '-')}" for n in names if getattr(a, n, None)]
     if given:
@@ -255,7 +261,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--rotation", choices=ROTATIONS, default=None,
                    help="'hadamard': rotate a LLaMA-family decoder before calibration (norms "
                    "folded, residual stream and value heads rotated offline, down_proj's input "
-                   "online), which spreads activation outliers for W4A4; default 'none'")
+                   "online), which spreads activation outliers for W4A4; default: 'hadamard' "
+                   "with --activations per-token on such a decoder, else 'none'")
     s.add_argument("--protect-outliers", type=float, default=None, metavar="RATIO",
                    help="hold the clips of super weights (a weight whose largest input-weighted "
                    "contribution is over RATIO times the median row's) at 1, so those weights "
@@ -334,6 +341,10 @@ def cmd_quantize(a: argparse.Namespace) -> dict[str, Any]:
     log.info("loading model %s", a.model or "default (SmolLM2-135M-Instruct)")
     model, tok = api.load_model(a.model)
     task = _task(model)
+    if a.rotation is None and cfg.spec.activations != "none" and _rotatable(model):
+        log.info("weight+activation mode on a LLaMA-family decoder: rotating it (Hadamard) "
+                 "first; --rotation none turns this off")
+        cfg = replace(cfg, spec=replace(cfg.spec, rotation="hadamard"))
     api.prepare(model, cfg.spec, seed=cfg.calib.seed)
     if task == "image-classification":
         _refuse_text_options(a, "calib_text", "eval_text")
