@@ -152,10 +152,11 @@ def _refuse_text_options(a: argparse.Namespace, *names: str) -> None:
                           "classifier (it calibrates and evaluates on Fashion-MNIST images)")
 
 
-def _print_accuracy(rows: list[api.AccuracyRow], n: int, title: str) -> None:
+def _print_accuracy(rows: list[api.AccuracyRow], n: int, title: str,
+                    activations: bool = False) -> None:
     out = []
     for r in rows:
-        label = "float" if r.bits is None else f"W{r.bits}"
+        label = _width_label(r.bits, activations)
         rtn = "" if r.accuracy_rtn is None else f"{r.accuracy_rtn:.2%}"
         out.append([label, f"{r.bits_per_weight:.3f}", f"{r.accuracy:.2%}", rtn])
     print(f"\n{title} ({n} images)")
@@ -393,7 +394,7 @@ def cmd_quantize(a: argparse.Namespace) -> dict[str, Any]:
             result.update(images=len(labels), accuracy_rows=[r.__dict__ for r in rows])
             if not a.json:
                 _print_accuracy(rows, len(labels), "Top-1 accuracy on the Fashion-MNIST test "
-                                "split")
+                                "split", cfg.spec.activations != "none")
     elif a.eval_windows > 0:
         windows = api.windows_from_text(tok, _text(a.eval_text, "eval"), 512, a.eval_windows)
         bits = a.eval_bits or sorted(cfg.spec.bits)
@@ -538,7 +539,7 @@ def _eval_images(a: argparse.Namespace, folder: Path, model: torch.nn.Module, el
                                                           progress=not a.json))]
     if not a.json:
         _print_accuracy(rows, len(labels), f"Top-1 accuracy of {folder} on the Fashion-MNIST "
-                        "test split")
+                        "test split", elastic and model.quept_spec.activations != "none")
     return {"folder": str(folder), "elastic": elastic, "images": len(labels),
             "accuracy_rows": [r.__dict__ for r in rows]}
 
