@@ -189,8 +189,8 @@ def write_packed(
 def sizes(packed: Mapping[str, PackedLinear], heads: Mapping[str, PackedLinear],
           tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """Stored bytes: quantized linears (codes + scales + zero-points), the packed head (once,
-    when tied to the embedding), and everything else."""
-    qbytes = sum(m.stored_bytes() for m in packed.values())
+    when tied to the embedding), and everything else (biases included)."""
+    qbytes = sum(m.code_bytes() for m in packed.values())
     weights = sum(m.in_features * m.out_features for m in packed.values())
     head = sum(m.stored_bytes() for m in heads.values() if not isinstance(m, PackedEmbedding))
     total = sum(t.numel() * t.element_size() for t in tensors.values())

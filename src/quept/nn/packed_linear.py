@@ -163,6 +163,11 @@ class PackedLinear(nn.Module):
         """Bytes of the stored state (codes, scales, zero-points, bias)."""
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
+    def code_bytes(self) -> int:
+        """Bytes of the quantized weight alone (codes, scales, zero-points): what a width's
+        bits per weight count; a bias is a float tensor like the norms'."""
+        return sum(b.numel() * b.element_size() for n, b in self.named_buffers() if n != "bias")
+
     def extra_repr(self) -> str:
         act = "" if self.act_bits is None else f", act_bits={self.act_bits}"
         act += ", rotated input" if self.in_rotation else ""
