@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -84,22 +85,25 @@ def _eval_rows(rows: list[api.EvalRow]) -> list[dict[str, Any]]:
     return [r.__dict__ for r in rows]
 
 
-def _width_label(bits: int | None, activations: bool = False) -> str:
-    """"float", "W4", or "W4A4" in weight+activation mode."""
-    if bits is None:
-        return "float"
-    return f"W{bits}A{bits}" if activations else f"W{bits}"
+def _print_widths(rows: list, cells: Callable[[Any], list[str]], header: list[str],
+                  title: str, activations: bool = False) -> None:
+    """One table row per width (float, W4 or W4A4, stored bits per weight, then ``cells(row)``)
+    under ``header``'s column names."""
+    out = [[cli_deploy.width_label(r.bits, activations), f"{r.bits_per_weight:.3f}", *cells(r)]
+           for r in rows]
+    print(title)
+    print(_table(out, ["width", "bits/weight stored", *header]))
+
+
+def _value(x: float | None, fmt: str) -> str:
+    return "" if x is None else format(x, fmt)
 
 
 def _print_eval(rows: list[api.EvalRow], n_windows: int, seq_len: int, title: str,
                 activations: bool = False) -> None:
-    out = []
-    for r in rows:
-        label = _width_label(r.bits, activations)
-        rtn = "" if r.ppl_rtn is None else f"{r.ppl_rtn:.2f}"
-        out.append([label, f"{r.bits_per_weight:.3f}", f"{r.ppl:.2f}", rtn])
-    print(f"\n{title} ({n_windows} windows x {seq_len} tokens)")
-    print(_table(out, ["width", "bits/weight stored", "perplexity", "RTN perplexity"]))
+    _print_widths(rows, lambda r: [_value(r.ppl, ".2f"), _value(r.ppl_rtn, ".2f")],
+                  ["perplexity", "RTN perplexity"],
+                  f"\n{title} ({n_windows} windows x {seq_len} tokens)", activations)
 
 
 def _task(model: torch.nn.Module) -> str:
@@ -154,13 +158,8 @@ def _refuse_text_options(a: argparse.Namespace, *names: str) -> None:
 
 def _print_accuracy(rows: list[api.AccuracyRow], n: int, title: str,
                     activations: bool = False) -> None:
-    out = []
-    for r in rows:
-        label = _width_label(r.bits, activations)
-        rtn = "" if r.accuracy_rtn is None else f"{r.accuracy_rtn:.2%}"
-        out.append([label, f"{r.bits_per_weight:.3f}", f"{r.accuracy:.2%}", rtn])
-    print(f"\n{title} ({n} images)")
-    print(_table(out, ["width", "bits/weight stored", "top-1", "RTN top-1"]))
+    _print_widths(rows, lambda r: [_value(r.accuracy, ".2%"), _value(r.accuracy_rtn, ".2%")],
+                  ["top-1", "RTN top-1"], f"\n{title} ({n} images)", activations)
 
 
 def _sentence_len(model: torch.nn.Module) -> int:
@@ -180,17 +179,14 @@ def _embedding_rows(model: torch.nn.Module, tok: Any, text: str, n: int,
 
 
 def _print_embedding(rows: list[api.EmbeddingRow], n: int, title: str) -> None:
-    out = []
-    for r in rows:
-        label = "float" if r.bits is None else f"W{r.bits}"
-        rtn = ["", ""] if r.rtn is None else [f"{r.rtn['cosine_mean']:.4f}",
-                                              f"{r.rtn['neighbour_agreement']:.1%}"]
-        out.append([label, f"{r.bits_per_weight:.3f}", f"{r.cosine_mean:.4f}",
-                    f"{r.neighbour_agreement:.1%}", *rtn])
-    print(f"\n{title} ({n} paragraphs; cosine of each sentence embedding with the float "
-          "encoder's, and how often its nearest other paragraph is the float encoder's)")
-    print(_table(out, ["width", "bits/weight stored", "cosine", "same neighbour",
-                       "RTN cosine", "RTN same neighbour"]))
+    def cells(r: api.EmbeddingRow) -> list[str]:
+        rtn = r.rtn or {}
+        return [f"{r.cosine_mean:.4f}", f"{r.neighbour_agreement:.1%}",
+                _value(rtn.get("cosine_mean"), ".4f"), _value(rtn.get("neighbour_agreement"), ".1%")]
+
+    _print_widths(rows, cells, ["cosine", "same neighbour", "RTN cosine", "RTN same neighbour"],
+                  f"\n{title} ({n} paragraphs; cosine of each sentence embedding with the float "
+                  "encoder's, and how often its nearest other paragraph is the float encoder's)")
 
 
 # --- quantize ---------------------------------------------------------------------------------

@@ -182,12 +182,15 @@ def cmd_run(a: argparse.Namespace) -> dict[str, Any]:
     return {"folder": str(folder), "kind": kind, **gen.to_dict()}
 
 
+def width_label(bits: int | str | None, activations: bool = False) -> str:
+    """"float", "W4", "W4A4" in weight+activation mode, or "mixed" (a plan's packed folder)."""
+    if bits is None or bits == "mixed":
+        return bits or "float"
+    return f"W{bits}A{bits}" if activations else f"W{bits}"
+
+
 def _packed_label(meta: dict[str, Any]) -> str:
-    """"W4", "W4A4" (weight+activation) or "mixed" for a packed folder's JSON."""
-    if meta["bits"] == "mixed":
-        return "mixed"
-    acts = any(i.get("act_bits") for i in meta["layers"].values())
-    return f"W{meta['bits']}A{meta['bits']}" if acts else f"W{meta['bits']}"
+    return width_label(meta["bits"], any(i.get("act_bits") for i in meta["layers"].values()))
 
 
 # --- eval of a packed folder --------------------------------------------------------------------

@@ -48,15 +48,14 @@ def test_read_idx_round_trips_and_names_what_is_wrong():
 
 
 def test_splits_are_read_from_the_package_folder_then_cached(tmp_path, monkeypatch):
-    system = tmp_path / "system"
-    fake_split_files(system)
-    monkeypatch.setattr(fm, "_SYSTEM_DATA", system)
+    fake_split_files(tmp_path / "system" / fm._DATA_DIR)
+    monkeypatch.setattr(fm, "_SYSTEM_ROOT", tmp_path / "system")
     images, labels = fm.load_fashion_mnist("train", tmp_path / "cache")
     assert images.shape == (64, 28, 28) and images.dtype == torch.uint8
     assert labels.dtype == torch.int64 and labels.shape == (64,)
     cached = tmp_path / "cache" / fm.FASHION_DIRNAME
     assert sorted(p.name for p in cached.iterdir()) == ["test.safetensors", "train.safetensors"]
-    monkeypatch.setattr(fm, "_SYSTEM_DATA", tmp_path / "gone")  # the cache alone suffices now
+    monkeypatch.setattr(fm, "_SYSTEM_ROOT", tmp_path / "gone")  # the cache alone suffices now
     test_images, _ = fm.load_fashion_mnist("test", tmp_path / "cache")
     assert test_images.shape == (32, 28, 28)
     again, _ = fm.load_fashion_mnist("train", tmp_path / "cache")
@@ -66,10 +65,10 @@ def test_splits_are_read_from_the_package_folder_then_cached(tmp_path, monkeypat
 
 
 def test_a_damaged_package_file_is_a_clear_error(tmp_path, monkeypatch):
-    system = tmp_path / "system"
+    system = tmp_path / "system" / fm._DATA_DIR
     fake_split_files(system)
     (system / "t10k-images-idx3-ubyte.gz").write_bytes(b"not gzip")
-    monkeypatch.setattr(fm, "_SYSTEM_DATA", system)
+    monkeypatch.setattr(fm, "_SYSTEM_ROOT", tmp_path / "system")
     with pytest.raises(DataUnavailableError, match="Could not read the test split"):
         fm.load_fashion_mnist("train", tmp_path / "cache")
     assert not (tmp_path / "cache" / fm.FASHION_DIRNAME).exists()

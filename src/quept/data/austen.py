@@ -17,9 +17,6 @@ import logging
 import lzma
 import shutil
 import struct
-import subprocess
-import tarfile
-import tempfile
 import warnings
 import zlib
 from pathlib import Path
@@ -27,9 +24,8 @@ from typing import Any
 
 from quept.data.fetch import (
     DataUnavailableError,
-    apt_download,
     atomic_dir,
-    extract_deb,
+    read_deb_folder,
     resolve_cache_dir,
 )
 
@@ -38,7 +34,6 @@ logger = logging.getLogger(__name__)
 DEB_PACKAGE = "r-cran-janeaustenr"
 AUSTEN_DIRNAME = "austen"
 _R_DATA_DIR = Path("usr/lib/R/site-library/janeaustenr/data")
-_SYSTEM_R_DATA = Path("/") / _R_DATA_DIR
 
 # R object name -> title, in the package's (publication) order.
 NOVELS: dict[str, str] = {
@@ -132,22 +127,6 @@ def _read_novels_from_r(data_dir: Path) -> dict[str, list[str]]:
     return {name: _lines(objects[name]) for name in NOVELS}
 
 
-def _fetch_novel_lines(cache: Path) -> dict[str, list[str]]:
-    """Read the novels from an installed package, a cached .deb, or a downloaded .deb."""
-    if (_SYSTEM_R_DATA / "Rdata.rdx").is_file():
-        logger.info("reading the novels from the installed %s", DEB_PACKAGE)
-        return _read_novels_from_r(_SYSTEM_R_DATA)
-    debs_dir = cache / "debs"
-    debs = sorted(debs_dir.glob(f"{DEB_PACKAGE}_*.deb"))
-    deb = debs[-1] if debs else apt_download(DEB_PACKAGE, debs_dir, hint=_HINT)
-    with tempfile.TemporaryDirectory(prefix="quept-deb-", dir=cache) as tmp:
-        try:
-            extract_deb(deb, Path(tmp), hint=_HINT)
-        except (subprocess.SubprocessError, OSError, tarfile.TarError, ValueError) as exc:
-            raise DataUnavailableError(f"Could not unpack {deb}: {exc}.\n{_HINT}") from exc
-        return _read_novels_from_r(Path(tmp) / _R_DATA_DIR)
-
-
 # --------------------------------------------------------------------------- public API
 
 
@@ -158,7 +137,8 @@ def _austen_dir(cache_dir: Path | None) -> Path:
         return final
     if final.exists():
         shutil.rmtree(final)
-    lines = _fetch_novel_lines(cache)
+    lines = read_deb_folder(DEB_PACKAGE, _R_DATA_DIR, "Rdata.rdx", cache, _read_novels_from_r,
+                            hint=_HINT)
     with atomic_dir(final) as tmp:
         for name, novel in lines.items():
             # Lines never contain newlines, so "\n" keeps them recoverable exactly.

@@ -11,18 +11,14 @@ import gzip
 import logging
 import shutil
 import struct
-import subprocess
-import tarfile
-import tempfile
 from pathlib import Path
 
 import torch
 
 from quept.data.fetch import (
     DataUnavailableError,
-    apt_download,
     atomic_dir,
-    extract_deb,
+    read_deb_folder,
     resolve_cache_dir,
 )
 
@@ -31,7 +27,7 @@ logger = logging.getLogger(__name__)
 DEB_PACKAGE = "dataset-fashion-mnist"
 FASHION_DIRNAME = "fashion-mnist"
 _DATA_DIR = Path("usr/share/datasets/fashion-mnist")
-_SYSTEM_DATA = Path("/") / _DATA_DIR
+_SYSTEM_ROOT = Path("/")  # where an installed package's files are
 SPLITS = ("train", "test")
 _FILES = {"train": "train", "test": "t10k"}  # the idx files' prefixes
 CLASSES = (
@@ -91,22 +87,6 @@ def _read_split(folder: Path, split: str) -> dict[str, torch.Tensor]:
     return {"images": images.contiguous(), "labels": labels.long()}
 
 
-def _fetch(cache: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """Both splits from an installed package, a cached .deb, or a downloaded .deb."""
-    if (_SYSTEM_DATA / "t10k-labels-idx1-ubyte.gz").is_file():
-        logger.info("reading Fashion-MNIST from the installed %s", DEB_PACKAGE)
-        return {s: _read_split(_SYSTEM_DATA, s) for s in SPLITS}
-    debs_dir = cache / "debs"
-    debs = sorted(debs_dir.glob(f"{DEB_PACKAGE}_*.deb"))
-    deb = debs[-1] if debs else apt_download(DEB_PACKAGE, debs_dir, hint=_HINT)
-    with tempfile.TemporaryDirectory(prefix="quept-deb-", dir=cache) as tmp:
-        try:
-            extract_deb(deb, Path(tmp), hint=_HINT)
-        except (subprocess.SubprocessError, OSError, tarfile.TarError, ValueError) as exc:
-            raise DataUnavailableError(f"Could not unpack {deb}: {exc}.\n{_HINT}") from exc
-        return {s: _read_split(Path(tmp) / _DATA_DIR, s) for s in SPLITS}
-
-
 def load_fashion_mnist(split: str = "train",
                        cache_dir: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(images, labels)`` of one Fashion-MNIST split ("train": 60,000, "test": 10,000):
@@ -120,7 +100,9 @@ def load_fashion_mnist(split: str = "train",
     if not all((final / f"{s}.safetensors").is_file() for s in SPLITS):
         if final.exists():
             shutil.rmtree(final)
-        splits = _fetch(cache)
+        splits = read_deb_folder(DEB_PACKAGE, _DATA_DIR, "t10k-labels-idx1-ubyte.gz", cache,
+                                 lambda d: {s: _read_split(d, s) for s in SPLITS}, hint=_HINT,
+                                 root=_SYSTEM_ROOT)
         with atomic_dir(final) as tmp:
             for name, tensors in splits.items():
                 save_file(tensors, str(tmp / f"{name}.safetensors"))

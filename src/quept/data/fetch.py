@@ -16,10 +16,12 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CACHE_ENV_VAR = "QUEPT_CACHE"
 
@@ -176,6 +178,26 @@ def extract_deb(deb: Path, dest: Path, *, hint: str) -> None:
                     tar.extractall(dest)  # noqa: S202 - a Debian package from apt
             return
     raise DataUnavailableError(f"No data archive inside {deb}.\n{hint}")
+
+
+def read_deb_folder(package: str, folder: Path, marker: str, cache: Path,
+                    read: Callable[[Path], T], *, hint: str, root: Path = Path("/")) -> T:
+    """``read(dir)`` of ``folder`` (a path inside Debian package ``package``): the installed copy
+    under ``root`` when it holds ``marker``, else a cached ``<cache>/debs/*.deb`` or one fetched
+    with apt-get, unpacked into a temporary folder that is removed afterwards."""
+    installed = root / folder
+    if (installed / marker).is_file():
+        logger.info("reading %s from the installed %s", folder, package)
+        return read(installed)
+    debs_dir = cache / "debs"
+    debs = sorted(debs_dir.glob(f"{package}_*.deb"))
+    deb = debs[-1] if debs else apt_download(package, debs_dir, hint=hint)
+    with tempfile.TemporaryDirectory(prefix="quept-deb-", dir=cache) as tmp:
+        try:
+            extract_deb(deb, Path(tmp), hint=hint)
+        except (subprocess.SubprocessError, OSError, tarfile.TarError, ValueError) as exc:
+            raise DataUnavailableError(f"Could not unpack {deb}: {exc}.\n{hint}") from exc
+        return read(Path(tmp) / folder)
 
 
 def _umask() -> int:

@@ -48,24 +48,32 @@ def _sylvester(n: int) -> torch.Tensor:
     return h
 
 
-@functools.lru_cache(maxsize=16)
-def _hadamard(n: int) -> torch.Tensor:
+def _is_paley_order(p: int) -> bool:
+    return p % 4 == 0 and _is_prime(p - 1) and (p - 1) % 4 == 3
+
+
+def _factor(n: int) -> tuple[int, int]:
+    """``n = p * m``: p a Paley order (or 1), m a power of two; raises when there is none."""
     if n < 1:
         raise HadamardSizeError(f"a Hadamard matrix needs order >= 1, got {n}")
-    if n & (n - 1) == 0:
-        return _sylvester(n)
-    two = n & -n  # the largest power of two dividing n
-    p = n // two
-    while p < n:  # Paley order p = q + 1 (q prime, 3 mod 4) times a power of two
-        if p % 4 == 0 and _is_prime(p - 1) and (p - 1) % 4 == 3:
-            return torch.kron(_paley(p - 1), _sylvester(n // p))
-        p *= 2
-    if _is_prime(n - 1) and (n - 1) % 4 == 3:
-        return _paley(n - 1)
-    raise HadamardSizeError(
-        f"no Hadamard matrix of order {n} here: it must be a power of two times q + 1 for a "
-        "prime q = 3 mod 4 (e.g. 12, 20, 24, 44, 48, 60, 72, 80, 84, 104, 108, 128, 132, 140, "
-        "...)")
+    m = n & -n  # the largest power of two dividing n
+    p = n // m
+    if p == 1:
+        return 1, n
+    while not _is_paley_order(p):
+        if m == 1:
+            raise HadamardSizeError(
+                f"no Hadamard matrix of order {n} here: it must be a power of two times q + 1 "
+                "for a prime q = 3 mod 4 (e.g. 12, 20, 24, 44, 48, 60, 72, 80, 84, 104, 108, "
+                "128, 132, 140, ...)")
+        p, m = p * 2, m // 2
+    return p, m
+
+
+@functools.lru_cache(maxsize=16)
+def _hadamard(n: int) -> torch.Tensor:
+    p, m = _factor(n)
+    return _sylvester(m) if p == 1 else torch.kron(_paley(p - 1), _sylvester(m))
 
 
 def hadamard(n: int) -> torch.Tensor:
@@ -80,21 +88,6 @@ def random_hadamard(n: int, seed: int) -> torch.Tensor:
     return signs[:, None] * hadamard(n)
 
 
-def _split(n: int) -> tuple[int, int]:
-    """``n = p * 2**k`` with p the order of the Paley factor of ``hadamard(n)`` (1 if none)."""
-    h = _hadamard(n)  # raises for unsupported orders
-    del h
-    if n & (n - 1) == 0:
-        return 1, n
-    two = n & -n
-    p = n // two
-    while p < n:
-        if p % 4 == 0 and _is_prime(p - 1) and (p - 1) % 4 == 3:
-            return p, n // p
-        p *= 2
-    return n, 1
-
-
 @functools.lru_cache(maxsize=16)
 def _paley_factor(p: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
     return None if p == 1 else _paley(p - 1).to(dtype=dtype, device=device)
@@ -105,7 +98,7 @@ def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
     n x n matrix: the power-of-two factor as a fast Walsh-Hadamard transform (log2 steps of
     butterflies), the Paley factor as a small matmul. Differentiable."""
     n = x.shape[-1]
-    p, m = _split(n)
+    p, m = _factor(n)
     shape = x.shape
     y = x.reshape(-1, p, m)
     h = 1
