@@ -26,6 +26,8 @@ from quept.export.compact import CompactConfig
 from quept.export.load import load_packed as _load_packed
 from quept.export.packed import write_packed
 from quept.models import Family, UnsupportedModelError, family_for, family_for_type, rotate
+from quept.models.kv import head_dim as kv_head_dim
+from quept.models.kv import kv_linears
 from quept.nn import BitsPlan, ElasticLinear, elastic_layers
 from quept.nn import set_bits as _set_bits
 from quept.nn.state import load_elastic_state
@@ -114,6 +116,9 @@ def prepare(model: nn.Module, spec: ElasticSpec | None = None, seed: int = 0) ->
     gen = torch.Generator().manual_seed(seed)
     if any(isinstance(m, ElasticLinear) for m in model.modules()):
         raise ConfigError("model is already prepared")
+    kv = {}
+    if spec.kv_bits is not None:
+        kv = dict.fromkeys(kv_linears(fam), (spec.kv_bits, kv_head_dim(model)))
     if spec.rotation != "none":
         _rotate(model, fam, seed)
     for i, block in enumerate(fam.get_blocks(model)):
@@ -123,6 +128,7 @@ def prepare(model: nn.Module, spec: ElasticSpec | None = None, seed: int = 0) ->
             except GroupSizeError as e:
                 raise GroupSizeError(f"block {i} {name}: {e}") from None
             new.in_rotation = spec.rotation != "none" and name == rotate.ONLINE
+            new.kv_quant = kv.get(name)
             parent, _, child = name.rpartition(".")
             setattr(block.get_submodule(parent) if parent else block, child, new)
     model.quept_spec = spec

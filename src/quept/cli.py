@@ -22,6 +22,7 @@ from quept.config import (
     PRESETS,
     ROTATIONS,
     ConfigError,
+    ElasticSpec,
     QuEPTConfig,
     check_bits,
     weight_act_spec,
@@ -260,6 +261,10 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    "folded, residual stream and value heads rotated offline, down_proj's input "
                    "online), which spreads activation outliers for W4A4; default: 'hadamard' "
                    "with --activations per-token on such a decoder, else 'none'")
+    s.add_argument("--kv-bits", type=int, default=None, metavar="N",
+                   help="decoders: quantize the KV cache (keys and values, per token and head, "
+                   "asymmetric) at N bits (2..8) at every weight width, calibration included; "
+                   "default: float cache")
     s.add_argument("--protect-outliers", type=float, default=None, metavar="RATIO",
                    help="hold the clips of super weights (a weight whose largest input-weighted "
                    "contribution is over RATIO times the median row's) at 1, so those weights "
@@ -328,6 +333,8 @@ def _configs(a: argparse.Namespace) -> QuEPTConfig:
         spec = wa
     if a.rotation is not None:
         spec = replace(spec, rotation=a.rotation)
+    if a.kv_bits is not None:
+        spec = replace(spec, kv_bits=a.kv_bits)
     return QuEPTConfig(spec=spec, calib=calib)
 
 
@@ -401,6 +408,7 @@ def cmd_quantize(a: argparse.Namespace) -> dict[str, Any]:
             title = "Perplexity" + (" on Pride and Prejudice" if a.eval_text is None else "")
             if a.model is None:
                 title += "; float = the dequantized Q4_1 SmolLM2-135M-Instruct"
+            title += _kv_note(cfg.spec)
             _print_eval(rows, a.eval_windows, 512, title, cfg.spec.activations != "none")
     result["total_seconds"] = time.perf_counter() - t0
     result["peak_rss_gib"] = _peak_rss_gib()
@@ -492,12 +500,20 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
                           "stored_bytes": plan.stored_bytes, "widths": plan.histogram()}
     if not a.json:
         if rows:
-            _print_eval(rows, windows.shape[0], a.seq_len, f"Perplexity of {folder}",
+            _print_eval(rows, windows.shape[0], a.seq_len, f"Perplexity of {folder}"
+                        + (_kv_note(model.quept_spec) if elastic else ""),
                         elastic and model.quept_spec.activations != "none")
         if plan is not None:
             _print_plan(plan, f"plan {a.plan}: perplexity {result['plan']['ppl']:.2f} "
                         f"({windows.shape[0]} windows x {a.seq_len} tokens)")
     return result
+
+
+def _kv_note(spec: ElasticSpec) -> str:
+    """Title suffix of a perplexity table whose quantized rows run with a quantized KV cache."""
+    if spec.kv_bits is None:
+        return ""
+    return f"; quantized rows with the KV cache at {spec.kv_bits} bits (per token and head)"
 
 
 def _eval_encoder(a: argparse.Namespace, folder: Path, model: torch.nn.Module, tok: Any,

@@ -88,6 +88,12 @@ class ElasticSpec:
         decoder is rotated (norms folded, residual stream by a seeded random Hadamard matrix,
         value heads, down_proj's input online; :mod:`quept.models.rotate`), which spreads
         the activation outliers that ruin W4A4; the float model's function is unchanged.
+    kv_bits: None (default) or a width 2..8 for the KV cache of a decoder: the keys and values
+        (the outputs of k_proj and v_proj, bias included) are quantized per token and per head,
+        asymmetric (min/max of each head's ``head_dim`` features), at this one width whatever
+        the weights' width (DESIGN 2.5). Keys are quantized before the rotary embedding, so a
+        runtime stores the codes and rotates after dequantizing. Calibration sees it: the
+        quantized stream runs with it at every width.
 
     A bit group whose adapter prefix is empty (rank 0) and whose widths all have fixed or no
     clips has nothing to learn: calibration skips its training passes (its loss is still probed
@@ -109,6 +115,7 @@ class ElasticSpec:
     protect_outliers: float = 0.0
     activations: str = "none"
     rotation: str = "none"
+    kv_bits: int | None = None
 
     def __post_init__(self) -> None:
         groups = tuple(tuple(int(b) for b in g) for g in self.bit_groups)
@@ -155,6 +162,12 @@ class ElasticSpec:
                 f"bit groups such as {[list(g) for g in WEIGHT_ACT_GROUPS]})")
         if self.rotation not in ROTATIONS:
             raise ConfigError(f"rotation must be one of {list(ROTATIONS)}, got {self.rotation!r}")
+        if self.kv_bits is not None:
+            if isinstance(self.kv_bits, bool) or int(self.kv_bits) != self.kv_bits or not (
+                    2 <= self.kv_bits <= 8):
+                raise ConfigError(f"kv_bits must be an integer from 2 to 8 (or None: the KV "
+                                  f"cache stays float), got {self.kv_bits!r}")
+            object.__setattr__(self, "kv_bits", int(self.kv_bits))
         if len(self.ranks) != len(groups):
             raise ConfigError(
                 f"ranks has {len(self.ranks)} entries but there are {len(groups)} bit groups"
@@ -237,6 +250,8 @@ class ElasticSpec:
         for name in ("activations", "rotation"):  # written only when set
             if d[name] == "none":
                 del d[name]
+        if d["kv_bits"] is None:
+            del d["kv_bits"]
         return d
 
     @classmethod

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from quept.export.packed import (
+    KV_QUANT_KIND,
     PACKED_FORMAT,
     PACKED_JSON,
     PACKED_VERSION,
@@ -100,6 +101,7 @@ def _swap(net: nn.Module, name: str, info: Mapping[str, Any], scale_dtype: torch
         raise PackedFormatError(f"packed layer {name}: input rotation {rotation!r} is unknown "
                                 "(known: hadamard)")
     new.in_rotation = rotation == "hadamard"
+    new.kv_quant = _kv_quant(name, info)
     parent, _, child = name.rpartition(".")
     setattr(net.get_submodule(parent) if parent else net, child, new)
 
@@ -130,3 +132,19 @@ def fill(net: nn.Module, state: Mapping[str, torch.Tensor], aliases: Mapping[str
     left = [n for n, t in [*net.named_parameters(), *net.named_buffers()] if t.is_meta]
     if left:
         raise PackedFormatError(f"{where}: tensors left unfilled: {left[:3]}")
+
+
+def _kv_quant(name: str, info: Mapping[str, Any]) -> tuple[int, int] | None:
+    """A packed layer's KV-cache quantizer (bits, head_dim), checked; None when it has none."""
+    kv = info.get("kv_quant")
+    if kv is None:
+        return None
+    if not isinstance(kv, Mapping) or kv.get("kind") != KV_QUANT_KIND:
+        raise PackedFormatError(f"packed layer {name}: KV-cache quantizer {kv!r} is unknown "
+                                f"(known: kind {KV_QUANT_KIND!r} with bits and head_dim)")
+    bits, dim = kv.get("bits"), kv.get("head_dim")
+    if not (isinstance(bits, int) and 2 <= bits <= 8 and isinstance(dim, int) and dim > 0
+            and info["out"] % dim == 0):
+        raise PackedFormatError(f"packed layer {name}: KV-cache quantizer needs bits 2..8 and a "
+                                f"head_dim dividing {info['out']}, got {kv!r}")
+    return bits, dim

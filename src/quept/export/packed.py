@@ -33,6 +33,7 @@ PACKED_JSON = "quept-packed.json"
 PACKED_WEIGHTS = "packed.safetensors"
 SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 HEAD_GROUP_SIZE = 64
+KV_QUANT_KIND = "per-token-per-head-asymmetric"  # the one KV-cache quantizer (fake_quant_kv)
 
 
 class PackedFormatError(ValueError):
@@ -82,6 +83,7 @@ def pack_model(
         if m.spec.activations == "per-token":
             out[name].act_bits = b
         out[name].in_rotation = m.in_rotation
+        out[name].kv_quant = m.kv_quant
     return out
 
 
@@ -137,6 +139,9 @@ def _describe(m: PackedLinear) -> dict[str, Any]:
     act = {} if m.act_bits is None else {"act_bits": m.act_bits, "act_quant": "per-token"}
     if m.in_rotation:
         act["in_rotation"] = "hadamard"
+    if m.kv_quant is not None:
+        act["kv_quant"] = {"bits": m.kv_quant[0], "head_dim": m.kv_quant[1],
+                           "kind": KV_QUANT_KIND}
     return {"bits": m.bits, "group_size": m.group_size, "in": m.in_features,
             "out": m.out_features, "bias": m.bias is not None, **act}
 

@@ -9,7 +9,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from quept.config import ElasticSpec, check_bits
-from quept.ops import fake_quant, fake_quant_act, n_groups, quantize, rtn, search_clip
+from quept.ops import (
+    fake_quant,
+    fake_quant_act,
+    fake_quant_kv,
+    n_groups,
+    quantize,
+    rtn,
+    search_clip,
+)
 from quept.ops.hadamard import hadamard_transform
 
 # Clip factors tried by the clip search at up to 4 bits; the largest is < 1 so the logit stays
@@ -72,6 +80,9 @@ class ElasticLinear(nn.Module):
         self.protected: list[tuple[int, int]] = []  # super weights (row, col): protect_outliers
         # The weight reads a Hadamard-rotated input (ElasticSpec.rotation): forward rotates x.
         self.in_rotation = False
+        # The output is a key or value a KV cache holds (ElasticSpec.kv_bits): (bits, head_dim),
+        # quantized per token and head whenever the layer is quantized.
+        self.kv_quant: tuple[int, int] | None = None
 
     @torch.no_grad()
     def init_clip_by_search(self, bits: int, col_weight: torch.Tensor | None = None) -> None:
@@ -176,7 +187,10 @@ class ElasticLinear(nn.Module):
         if self.act_bits is not None:
             x = fake_quant_act(x, self.act_bits)
         w = self.current_weight()
-        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        y = F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        if self.kv_quant is not None and self.bits is not None:
+            y = fake_quant_kv(y, *self.kv_quant)
+        return y
 
     def trainable_parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(adapter parameters, learnable clip logits); unclipped and fixed widths have none."""
@@ -187,4 +201,5 @@ class ElasticLinear(nn.Module):
         return (
             f"in={self.in_features}, out={self.out_features}, ranks={self.rank_prefix}, "
             f"bits={self.bits}{' (rtn)' if self.rtn else ''}"
+            + (f", kv_bits={self.kv_quant[0]}" if self.kv_quant else "")
         )

@@ -27,7 +27,7 @@ from torch import nn
 from quept.ops import kernels
 from quept.ops.hadamard import hadamard_transform
 from quept.ops.pack import pack, packed_length, unpack
-from quept.ops.quant import dequantize, fake_quant_act, n_groups, to_groups
+from quept.ops.quant import dequantize, fake_quant_act, fake_quant_kv, n_groups, to_groups
 
 BACKENDS = ("auto", "kernel", "aten-int4", "dequant")
 _scratch: dict[torch.device, torch.Tensor] = {}  # one shared float32 buffer per device
@@ -57,6 +57,9 @@ class PackedLinear(nn.Module):
         # float: dequantized integers, so the product equals an integer GEMM's rescaled output).
         self.act_bits: int | None = None
         self.in_rotation = False  # the codes read a Hadamard-rotated input (see ElasticLinear)
+        # The output is a key or value of a KV cache quantized per token and head at
+        # (bits, head_dim) (ElasticSpec.kv_bits; simulated in float).
+        self.kv_quant: tuple[int, int] | None = None
         # Derived on first use: (backend, scale fp32, -zero * scale fp32[, aten-int4 operands]).
         self._compute: tuple | None = None
 
@@ -138,6 +141,8 @@ class PackedLinear(nn.Module):
             y = F.linear(x2, self.dequantized().to(x2.device))
         if self.bias is not None:
             y = y + self.bias.float()
+        if self.kv_quant is not None:
+            y = fake_quant_kv(y, *self.kv_quant)
         y = y.view(*shape[:-1], self.out_features)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 

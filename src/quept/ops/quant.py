@@ -48,6 +48,22 @@ def fake_quant_act(x: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.clamp(round_ste(x / scale), -qmax, qmax) * scale
 
 
+def fake_quant_kv(x: torch.Tensor, bits: int, head_dim: int) -> torch.Tensor:
+    """Per-head asymmetric fake quantization of keys or values (..., heads * head_dim): each
+    token's ``head_dim`` features of one head share a min/max range on 0..2^b - 1, as a KV
+    cache would store them (straight-through rounding; scale and zero-point differentiable)."""
+    if x.shape[-1] % head_dim:
+        raise GroupSizeError(f"head dimension {head_dim} does not divide the key/value width "
+                             f"{x.shape[-1]}")
+    qmax = 2**bits - 1
+    xg = x.unflatten(-1, (-1, head_dim))
+    lo, hi = xg.amin(dim=-1, keepdim=True), xg.amax(dim=-1, keepdim=True)
+    scale = ((hi - lo) / qmax).clamp(min=1e-8)
+    zero = round_ste(-lo / scale)
+    q = torch.clamp(round_ste(xg / scale) + zero, 0, qmax)
+    return ((q - zero) * scale).flatten(-2)
+
+
 def qparams(
     wg: torch.Tensor, bits: int, hi_f: torch.Tensor, lo_f: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:

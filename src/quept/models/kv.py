@@ -1,0 +1,31 @@
+"""Which linears write a decoder's KV cache, and the head size that groups their outputs."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from quept.config import ConfigError
+from quept.models.families import Family
+
+# Linears (inside one block) whose outputs a family's KV cache holds: keys, then values.
+KV_LINEARS: dict[str, tuple[str, ...]] = {
+    "llama-decoder": ("self_attn.k_proj", "self_attn.v_proj"),
+    "llava-ov-language": ("self_attn.k_proj", "self_attn.v_proj"),
+}
+
+
+def kv_linears(family: Family) -> tuple[str, ...]:
+    """The family's key and value projections; a clear error for families without a KV cache."""
+    if family.name not in KV_LINEARS:
+        raise ConfigError(
+            f"kv_bits quantizes a decoder's KV cache, but {family.name} models have none "
+            f"(families with one: {sorted(KV_LINEARS)}); leave kv_bits unset")
+    return KV_LINEARS[family.name]
+
+
+def head_dim(model: nn.Module) -> int:
+    """Features per attention head of a decoder (``config.head_dim`` or hidden / heads)."""
+    cfg = model.config
+    cfg = getattr(cfg, "text_config", None) or cfg  # a VLM's language model
+    dim = getattr(cfg, "head_dim", None)
+    return int(dim) if dim else cfg.hidden_size // cfg.num_attention_heads
