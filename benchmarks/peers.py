@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from peers import report, results  # noqa: E402
-from peers.methods import DEFAULT_METHODS, FLOAT, method  # noqa: E402
+from peers.methods import DEFAULT_METHODS, FLOAT, WA_METHODS, method  # noqa: E402
 
 log = logging.getLogger("peers")
 DEFAULT_MODEL_LABEL = "SmolLM2-135M-Instruct (float = dequantized Q4_1)"
@@ -147,6 +147,10 @@ def main() -> int:
     p.add_argument("--lock", default=None, help="flock this file around every run")
     p.add_argument("--note", action="append", default=[], metavar="METHOD=TEXT",
                    help="record a note on a method (e.g. why a cell was not run)")
+    p.add_argument("--activations", action="store_true",
+                   help="weight+activation mode: every block linear's input quantized per token "
+                   "at the weight width too (methods: " + ", ".join(WA_METHODS) + "); use "
+                   "another --out than the weight-only table's")
     p.add_argument("--fresh", action="store_true", help="discard earlier results in OUT.json")
     p.add_argument("--report-only", action="store_true", help="rewrite OUT.md/OUT.png only")
     a = p.parse_args()
@@ -164,6 +168,8 @@ def main() -> int:
         "machine": machine(a.threads),
         "command": " ".join(["python", *map(portable, sys.argv)]),
     }
+    if a.activations:  # written only when set: the weight-only table's setup is unchanged
+        setup["activations"] = "per-token"
     notes = {}
     for note in a.note:
         name, _, text = note.partition("=")
@@ -172,6 +178,11 @@ def main() -> int:
     doc = results.empty(setup) if a.fresh else results.load(out_json, setup)
     doc.setdefault("notes", {}).update(notes)
     names = [] if a.report_only else [m for m in a.methods.split(",") if m]
+    for name in names:
+        if name != FLOAT and (name in WA_METHODS) != a.activations:
+            raise SystemExit(f"method {name} is " + ("weight+activation: add --activations"
+                                                     if name in WA_METHODS else
+                                                     "weight-only: drop --activations"))
     for name in names:
         m = method(name)
         for widths in jobs_for(a, name):

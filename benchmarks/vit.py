@@ -51,19 +51,28 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=1, help="passes per block (1)")
     p.add_argument("--group-size", type=int, default=64, help="quantization group (64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the image draw and adapters")
-    p.add_argument("--activations", choices=("none", "per-token"), default="none",
-                   help="per-token: weight+activation mode (W4A4..W8A8)")
+    p.add_argument("--activations", choices=("none", "per-token", "per-tensor"), default="none",
+                   help="weight+activation mode (W4A4..W8A8): per-token = dynamic, one scale "
+                   "per token; per-tensor = static quantizers with learned steps after a "
+                   "RepQ-ViT-style reparameterisation (RTN then keeps the searched steps)")
+    p.add_argument("--no-reparam", action="store_true",
+                   help="ablation, with --activations per-tensor: skip the reparameterisation "
+                   "of the post-LayerNorm inputs (this run's model only)")
     p.add_argument("--out", default="results/vit.json", help="JSON output")
     a = p.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
+    if a.no_reparam:
+        from quept.models import reparam
+
+        reparam.REPARAM_PAIRS.clear()
     folder = data.vit_model_dir()
     source = json.loads((folder / data.vit.SOURCE_FILE).read_text())
     model, _ = quept.load_model(folder)
     cfg = quept.QuEPTConfig()
     spec = replace(cfg.spec, default_group_size=a.group_size)
     if a.activations != "none":
-        spec = weight_act_spec(spec)
+        spec = replace(weight_act_spec(spec), activations=a.activations)
     act = spec.activations != "none"
     calib = replace(cfg.calib, n_samples=a.images, batch_size=a.batch_size, epochs=a.epochs,
                     seed=a.seed)
@@ -106,7 +115,7 @@ def main() -> int:
               "eval": f"Fashion-MNIST test split, {len(test_labels)} images, top-1",
               "calibration": {"images": a.images, "batch_size": a.batch_size,
                               "epochs": a.epochs, "seed": a.seed, "seconds": calib_s},
-              "spec": spec.to_dict(),
+              "spec": spec.to_dict(), "reparameterised": not a.no_reparam,
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch "
                          f"{torch.__version__}",
               "date": time.strftime("%Y-%m-%d"), "rows": [r.__dict__ for r in rows],

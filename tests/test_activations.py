@@ -40,7 +40,7 @@ def test_spec_refuses_low_widths_with_activations_and_round_trips():
     with pytest.raises(ConfigError, match=r"W4A4..W8A8; widths \[2, 3\] are below 4"):
         ElasticSpec(activations="per-token")
     with pytest.raises(ConfigError, match="activations must be one of"):
-        ElasticSpec(activations="per-tensor")
+        ElasticSpec(activations="per-channel")
     assert SPEC.bit_groups == ((7, 8), (5, 6), (4,)) and SPEC.merge_weights == (0.3, 0.3, 0.4)
     assert SPEC.default_group_size == 32 and SPEC.activations == "per-token"
     assert ElasticSpec.from_dict(SPEC.to_dict()) == SPEC

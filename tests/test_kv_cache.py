@@ -39,6 +39,21 @@ def test_quantizer_gives_each_token_and_head_its_own_asymmetric_grid():
         fake_quant_kv(x, 4, 24)
 
 
+def test_rotated_heads_spread_an_outlier_channel():
+    from quept.ops.hadamard import hadamard_transform
+
+    x = torch.randn(64, 2 * HEAD_DIM)
+    x[:, 3] *= 30  # one outlier channel in the first head, as keys have
+    q = fake_quant_kv(x, 4, HEAD_DIM, rotate=True)
+    for head in hadamard_transform(q.unflatten(-1, (2, HEAD_DIM))).reshape(-1, HEAD_DIM):
+        assert head.unique().numel() <= 16  # the codes live on the rotated head's grid
+    plain = fake_quant_kv(x, 4, HEAD_DIM)
+    first = slice(0, HEAD_DIM)
+    assert (q - x)[:, first].pow(2).mean() < 0.5 * (plain - x)[:, first].pow(2).mean()
+    with pytest.raises(GroupSizeError, match="power-of-two head dimension"):
+        fake_quant_kv(torch.randn(2, 48), 4, 24, rotate=True)
+
+
 def test_spec_checks_kv_bits_and_round_trips():
     assert ElasticSpec.from_dict(SPEC.to_dict()) == SPEC and SPEC.to_dict()["kv_bits"] == 4
     assert "kv_bits" not in ElasticSpec().to_dict()  # folders without it read as before
@@ -53,13 +68,13 @@ def test_only_key_and_value_outputs_are_quantized_and_only_when_quantized(kind):
     layers = elastic_layers(model)
     kv = {n for n, m in layers.items() if m.kv_quant is not None}
     assert kv == {f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "kv"}
-    assert {layers[n].kv_quant for n in kv} == {(4, HEAD_DIM)}
+    assert {layers[n].kv_quant for n in kv} == {(4, HEAD_DIM, True)}
     x = torch.randn(2, 7, 64)
     k = layers["model.layers.0.self_attn.k_proj"]
     for rtn in (False, True):  # the cache is quantized under the RTN baseline too
         k.set_bits(6, rtn=rtn)
         plain = torch.nn.functional.linear(x, k.current_weight(), k.bias)
-        torch.testing.assert_close(k(x), fake_quant_kv(plain, 4, HEAD_DIM))
+        torch.testing.assert_close(k(x), fake_quant_kv(plain, 4, HEAD_DIM, rotate=True))
         assert (k(x) - plain).abs().max() > 1e-4
     k.set_bits(None)  # the float reference keeps a float cache
     torch.testing.assert_close(k(x), torch.nn.functional.linear(x, k.weight, k.bias))

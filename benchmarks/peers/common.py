@@ -46,4 +46,10 @@ def current_weight(lin: nn.Module, bits: int | None) -> torch.Tensor:
     """The weight a linear computes with at ``bits`` (elastic layers quantize on the fly)."""
     if bits is not None and hasattr(lin, "quantized_weight"):
         return lin.quantized_weight(bits)
+    scheme = getattr(lin, "quantization_scheme", None)  # compressed-tensors: quantized in forward
+    if bits is not None and scheme is not None and scheme.weights is not None:
+        from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+
+        with torch.no_grad():
+            return forward_quantize(lin, lin.weight, "weight", scheme.weights)
     return lin.weight

@@ -138,6 +138,24 @@ METHODS: dict[str, Method] = {
         groups=[[2]], ranks=[136], lr_adapter=3e-3, in_plot=False),
 }
 
+# Weight+activation mode (benchmarks/peers.py --activations): every input quantized per token.
+WA_SPEC = {"bit_groups": [[7, 8], [5, 6], [4]], "ranks": [0, 16, 8],
+           "merge_weights": [0.3, 0.3, 0.4], "unclipped_bits": [7, 8],
+           "activations": "per-token", "rotation": "hadamard"}
+WA_METHODS: dict[str, Method] = {
+    "rtn-wa": Method("RTN (llmcompressor, min/max)", "llmc_wa", library="llmcompressor"),
+    "rtn-wa-rot": Method("RTN after QuaRot rotation (llmcompressor SpinQuantModifier)",
+                         "llmc_wa", {"rotation": "spinquant"}, library="llmcompressor"),
+    "gptq-wa": Method("GPTQ (llmcompressor)", "llmc_wa", {"gptq": True}, calibrates=True,
+                      library="llmcompressor"),
+    "gptq-wa-rot": Method("GPTQ after QuaRot rotation (llmcompressor SpinQuantModifier)",
+                          "llmc_wa", {"gptq": True, "rotation": "spinquant"}, calibrates=True,
+                          library="llmcompressor"),
+    "quept-wa": Method("QuEPT, Hadamard-rotated (one model, all widths)", "elastic",
+                       {"spec": WA_SPEC}, calibrates=True, one_run=True),
+}
+METHODS.update(WA_METHODS)
+
 DEFAULT_METHODS = ("float", "rtn", "hqq", "gptq", "autoround-light", "autoround", "quept")
 
 

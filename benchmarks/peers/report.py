@@ -48,14 +48,17 @@ def _cell_text(cell: dict[str, Any] | None, errors: list[str]) -> str:
 def markdown(doc: dict[str, Any]) -> str:
     """The results as markdown: perplexity, bits per weight, cost per run, errors, notes."""
     s, widths, errors = doc["setup"], widths_of(doc), []
-    head = "| method | " + " | ".join(f"W{w}" for w in widths) + " |"
+    wa = s.get("activations") == "per-token"
+    head = "| method | " + " | ".join(f"W{w}A{w}" if wa else f"W{w}" for w in widths) + " |"
     rule = "|---|" + "---|" * len(widths)
     lines = [
         "# QuEPT against peers", "",
         f"Model {s.get('model_label', s.get('model'))}; perplexity on {s.get('eval_text')}, "
-        f"{s.get('windows')} windows x {s.get('eval_seq_len')} tokens; weight-only, asymmetric, "
-        f"group size {s.get('group_size')}, every linear of every decoder block (embeddings, "
-        "lm_head and norms stay float). Calibrating methods get the same token windows of "
+        f"{s.get('windows')} windows x {s.get('eval_seq_len')} tokens; "
+        + ("weights asymmetric" if wa else "weight-only, asymmetric")
+        + f", group size {s.get('group_size')}, every linear of every decoder block"
+        + ("; every such linear's input quantized per token, symmetric, dynamic, at the weight "
+           "width" if wa else "") + " (embeddings, lm_head and norms stay float). Calibrating methods get the same token windows of "
         f"{s.get('calib_text')}. Machine: {s.get('machine')}.", "",
     ]
     flt = ok_ppl(doc["cells"].get(FLOAT, {}).get(FLOAT))

@@ -25,13 +25,21 @@ from quept.export import compact as _compact
 from quept.export.compact import CompactConfig
 from quept.export.load import load_packed as _load_packed
 from quept.export.packed import write_packed
-from quept.models import Family, UnsupportedModelError, family_for, family_for_type, rotate
+from quept.models import (
+    Family,
+    UnsupportedModelError,
+    family_for,
+    family_for_type,
+    reparam,
+    rotate,
+)
 from quept.models.kv import head_dim as kv_head_dim
 from quept.models.kv import kv_linears
 from quept.nn import BitsPlan, ElasticLinear, elastic_layers
 from quept.nn import set_bits as _set_bits
 from quept.nn.state import load_elastic_state
 from quept.ops import GroupSizeError, stored_bits_per_weight
+from quept.ops.quant import is_power_of_two
 from quept.search import (
     Plan,
     SensitivityCacheError,
@@ -118,7 +126,11 @@ def prepare(model: nn.Module, spec: ElasticSpec | None = None, seed: int = 0) ->
         raise ConfigError("model is already prepared")
     kv = {}
     if spec.kv_bits is not None:
-        kv = dict.fromkeys(kv_linears(fam), (spec.kv_bits, kv_head_dim(model)))
+        dim = kv_head_dim(model)
+        kv = dict.fromkeys(kv_linears(fam), (spec.kv_bits, dim, is_power_of_two(dim)))
+    if spec.activations == "per-tensor" and not next(model.parameters()).is_meta:
+        # calibration folds a reparameterisation into the weights: record them as they are
+        model.quept_base_fingerprint = _weights_fingerprint(model, _family_linears(model, fam))
     if spec.rotation != "none":
         _rotate(model, fam, seed)
     for i, block in enumerate(fam.get_blocks(model)):
@@ -332,6 +344,7 @@ def load(folder: str | os.PathLike, model: str | os.PathLike | None = None) -> t
     except Exception as e:  # safetensors raises several types for a damaged file
         raise ArtifactError(f"{Path(folder) / ELASTIC_WEIGHTS} cannot be read: {e}") from None
     load_elastic_state(net, state)
+    reparam.refold(net, family_for(net))
     return net, tok
 
 
@@ -499,12 +512,16 @@ def _rotate(model: nn.Module, fam: Family, seed: int) -> None:
                           "model cannot be rotated (use rotation 'none')")
     if model.get_input_embeddings().weight.is_meta:
         return
-    names = {f"{fam.blocks}.{i}.{n}" for i in range(len(fam.get_blocks(model)))
-             for n in fam.linears}
-    model.quept_base_fingerprint = _weights_fingerprint(
-        model, {n: m for n, m in model.named_modules() if n in names})
+    if getattr(model, "quept_base_fingerprint", None) is None:
+        model.quept_base_fingerprint = _weights_fingerprint(model, _family_linears(model, fam))
     rotate.rotate_decoder(model, fam.get_blocks(model), model.get_submodule(fam.final_norm),
                           seed)
+
+
+def _family_linears(model: nn.Module, fam: Family) -> dict[str, nn.Module]:
+    """The linears ``prepare`` wraps, by qualified name, before it wraps them."""
+    names = {f"{path}.{n}" for path in fam.block_paths(model) for n in fam.linears}
+    return {n: m for n, m in model.named_modules() if n in names}
 
 
 def _weights_fingerprint(model: nn.Module, layers: Mapping[str, nn.Module] | None = None) -> str:

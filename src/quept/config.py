@@ -19,7 +19,7 @@ MAX_BITS = 8
 DEFAULT_FIXED_CLIP_BITS = (7, 8)
 CONFIG_VERSION = 1
 # Weight+activation mode (DESIGN 2.5): the activation quantizers and their default bit groups.
-ACTIVATION_MODES = ("none", "per-token")
+ACTIVATION_MODES = ("none", "per-token", "per-tensor")
 ROTATIONS = ("none", "hadamard")
 MIN_ACT_BITS = 4
 WEIGHT_ACT_GROUPS = ((7, 8), (5, 6), (4,))
@@ -83,7 +83,15 @@ class ElasticSpec:
     activations: "none" (default, weight-only) or "per-token": the input of every quantized
         linear is also quantized, per token (one scale per row of the input), symmetric, at the
         layer's own width, computed on the fly (W4A4..W8A8; DESIGN 2.5). Widths below 4 are
-        refused with it.
+        refused with it. "per-tensor": static quantizers for vision transformers (DESIGN
+        2.5): the input of every quantized linear goes through one asymmetric quantizer per
+        width with a learnable step (trained with the block, at CalibConfig.lr_act) and a fixed
+        zero-point, both initialised by a percentile search on the block's float inputs; the
+        inputs of the linears after a LayerNorm are first made uniform across channels by a
+        RepQ-ViT-style reparameterisation (per-channel scale and shift folded into the norm and
+        the linears after it, :mod:`quept.models.reparam`). Quantized: the inputs of the q, k,
+        v, o and MLP linears; not quantized: the attention matmuls (queries, keys, the
+        softmax output), norms and residual adds.
     rotation: "none" (default) or "hadamard": before the linears are wrapped, a LLaMA-family
         decoder is rotated (norms folded, residual stream by a seeded random Hadamard matrix,
         value heads, down_proj's input online; :mod:`quept.models.rotate`), which spreads
@@ -91,9 +99,11 @@ class ElasticSpec:
     kv_bits: None (default) or a width 2..8 for the KV cache of a decoder: the keys and values
         (the outputs of k_proj and v_proj, bias included) are quantized per token and per head,
         asymmetric (min/max of each head's ``head_dim`` features), at this one width whatever
-        the weights' width (DESIGN 2.5). Keys are quantized before the rotary embedding, so a
-        runtime stores the codes and rotates after dequantizing. Calibration sees it: the
-        quantized stream runs with it at every width.
+        the weights' width (DESIGN 2.5). With a power-of-two ``head_dim`` each head is
+        quantized in a Hadamard-rotated basis (``H Q(H x)``), which spreads outlier channels.
+        Keys are quantized before the rotary embedding, so a runtime stores the codes and
+        applies the rotary embedding after dequantizing. Calibration sees it: the quantized
+        stream runs with it at every width.
 
     A bit group whose adapter prefix is empty (rank 0) and whose widths all have fixed or no
     clips has nothing to learn: calibration skips its training passes (its loss is still probed
@@ -290,7 +300,8 @@ class CalibConfig:
     barely sees, yet a low width that loses it changes every later block; README, Pitfalls),
     counting only the part of each element's relative error over massive_slack (default 0.5),
     so widths that keep the values train exactly as without the term. The logged block losses
-    stay the plain ones.
+    stay the plain ones. lr_act: the rate of the log-steps of static activation quantizers
+    (ElasticSpec.activations "per-tensor").
     """
 
     n_samples: int = 24
@@ -306,6 +317,7 @@ class CalibConfig:
     lr_adapter_groups: tuple[float, ...] | None = None
     massive_ratio: float = 0.0
     massive_slack: float = 0.5
+    lr_act: float = 1e-2
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "massive_ratio", float(self.massive_ratio))
@@ -330,7 +342,7 @@ class CalibConfig:
             raise ConfigError(
                 f"batch_size {self.batch_size} exceeds n_samples {self.n_samples}"
             )
-        for name in ("lr_adapter", "lr_clip"):
+        for name in ("lr_adapter", "lr_clip", "lr_act"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.draw not in ("random", "balanced"):
@@ -348,6 +360,8 @@ class CalibConfig:
             del d["lr_adapter_groups"]
         if not d["massive_ratio"]:  # the term's fields are written only when it is on
             del d["massive_ratio"], d["massive_slack"]
+        if d["lr_act"] == CalibConfig.lr_act:  # written only when changed
+            del d["lr_act"]
         return d
 
     @classmethod

@@ -1,8 +1,10 @@
-"""Capture the inputs of block 0 (hidden states and the keyword arguments blocks receive), and
-the per-channel input statistics the activation-aware clip search weights its error by."""
+"""Capture the inputs of block 0 (hidden states and the keyword arguments blocks receive; for
+families that need it, every block's own arguments), and the per-channel input statistics the
+activation-aware clip search weights its error by."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
@@ -20,13 +22,14 @@ class _Captured(Exception):
 @torch.no_grad()
 def capture_block_inputs(
     model: nn.Module, family: Family, input_ids: torch.Tensor, batch_size: int, device: str = "cpu"
-) -> tuple[torch.Tensor, dict]:
+) -> tuple[torch.Tensor, dict | list[dict]]:
     """Run the model up to block 0 and return its inputs.
 
     input_ids: (N, T) token ids, or (N, C, H, W) pixel values for a vision family. Returns
     (hidden (N, T, C) float32 on CPU, kwargs) where kwargs are the extra block arguments
     (rotary embeddings, mask, positions) captured for a batch of one sample; they broadcast
-    over any batch size.
+    over any batch size. With ``family.per_block_kwargs`` kwargs is a list holding each block's
+    own arguments (:func:`capture_each_block_kwargs`), else one dict shared by every block.
     """
     blocks = family.get_blocks(model)
     store: dict = {}
@@ -55,7 +58,51 @@ def capture_block_inputs(
     kwargs = {k: v for k, v in store["kwargs"].items() if k not in ("cache", "past_key_values")}
     if family.is_causal_lm:
         kwargs["use_cache"] = False
+    if family.per_block_kwargs:
+        return torch.cat(outs), capture_each_block_kwargs(model, family, input_ids[:1], device)
     return torch.cat(outs), kwargs
+
+
+@torch.no_grad()
+def capture_each_block_kwargs(
+    model: nn.Module, family: Family, sample: torch.Tensor, device: str = "cpu"
+) -> list[dict]:
+    """Every block's call arguments but its hidden states, positional ones by name, from one
+    forward pass of the whole model on ``sample`` (one input, (1, T) or (1, C, H, W))."""
+    blocks = family.get_blocks(model)
+    store: dict[int, dict] = {}
+
+    def hook(i: int):
+        def fn(block: nn.Module, args: tuple, kwargs: dict) -> None:
+            store[i] = _named_arguments(block, args, kwargs)
+        return fn
+
+    handles = [b.register_forward_pre_hook(hook(i), with_kwargs=True)
+               for i, b in enumerate(blocks)]
+    try:
+        family.run(model, sample.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [i for i in range(len(blocks)) if i not in store]
+    if missing:
+        raise RuntimeError(f"{family.name}: blocks {missing} did not run on a sample input")
+    return [store[i] for i in range(len(blocks))]
+
+
+def _named_arguments(block: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """A block call's arguments other than the hidden states (its first), all by name."""
+    rest = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "cache",
+                                                          "past_key_values")}
+    if len(args) <= 1:
+        return rest
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = [p.name for p in inspect.signature(block.forward).parameters.values()
+             if p.kind in kinds]
+    if len(args) > len(names):
+        raise TypeError(f"{type(block).__name__} takes {len(names)} positional arguments but "
+                        f"was called with {len(args)}")
+    return {**dict(zip(names[1:], args[1:])), **rest}
 
 
 def move_kwargs(kwargs: dict, device: str | torch.device, dtype: torch.dtype) -> dict:

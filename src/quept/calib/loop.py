@@ -12,10 +12,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from quept.calib.act_init import channel_ranges, input_samples
 from quept.calib.capture import mean_sq_inputs, move_kwargs
 from quept.calib.checkpoint import CalibCheckpoint
 from quept.config import CalibConfig, ConfigError, ElasticSpec
-from quept.models import Family
+from quept.models import Family, reparam
 from quept.nn import ElasticLinear, set_bits
 from quept.nn.state import elastic_state_dict, load_elastic_state
 from quept.ops import multibit_merge
@@ -96,11 +97,19 @@ class BlockCalibrator:
 
     def __init__(
         self, model: nn.Module, family: Family, spec: ElasticSpec, cfg: CalibConfig,
-        block_kwargs: dict, checkpoint: CalibCheckpoint | None = None, progress: bool = True,
+        block_kwargs: dict | list[dict], checkpoint: CalibCheckpoint | None = None,
+        progress: bool = True,
     ) -> None:
         self.blocks = family.get_blocks(model)
         self.family, self.spec, self.cfg = family, spec, cfg
-        self.kwargs = move_kwargs(block_kwargs, cfg.device, torch.float32)
+        # one dict shared by every block, or each block's own (family.per_block_kwargs)
+        per_block = block_kwargs if isinstance(block_kwargs, list) else [block_kwargs]
+        if len(per_block) not in (1, len(self.blocks)):
+            raise ConfigError(f"{len(per_block)} sets of block arguments for "
+                              f"{len(self.blocks)} blocks")
+        self.block_kwargs = [move_kwargs(k, cfg.device, torch.float32) for k in per_block]
+        self.kwargs = self.block_kwargs[0]  # the arguments of the block being calibrated
+        self.exits = [family.block_exit(model, i) for i in range(len(self.blocks))]
         self.checkpoint = checkpoint
         self.progress = progress
         self.loss = _loss_fn(cfg.loss)  # the logged block loss
@@ -122,18 +131,48 @@ class BlockCalibrator:
                 out[i : i + bs] = self.family.call_block(block, xb, self.kwargs).float().cpu()
         return out
 
+    def _stage_exit(
+        self, module: nn.Module, x_fp: torch.Tensor, x_q: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Both streams through the float module that ends a stage (``Family.stage_exit``, e.g.
+        Swin's patch merging), after its last block; a shared quantized stream stays shared."""
+        module.to(self.cfg.device)
+        bs, done = self.cfg.batch_size, {}
+
+        def apply(x: torch.Tensor) -> torch.Tensor:
+            if id(x) not in done:
+                with torch.no_grad():
+                    done[id(x)] = torch.cat([
+                        self.family.call_exit(module, x[i : i + bs].to(self.cfg.device),
+                                              self.kwargs).float().cpu()
+                        for i in range(0, x.shape[0], bs)])
+            return done[id(x)]
+
+        out = apply(x_fp), [apply(x) for x in x_q]
+        module.to("cpu")
+        return out
+
     def _float_pass(self, block: nn.Module, x_fp: torch.Tensor, index: int = 0) -> torch.Tensor:
         """The float target ``Y_fp = Block_fp(X_fp)``; on the way, the mean squared float input
         per channel of every linear, which weights the per-group clip search that initialises
         the clips of ``spec.search_bits`` (activation-aware init); with
         ``spec.protect_outliers`` also the largest input per channel, which finds the block's
-        super weights, whose clips are then held at 1."""
+        super weights, whose clips are then held at 1. With static activation quantizers
+        (spec.activations "per-tensor") the block's post-norm inputs are reparameterised first
+        and every linear's quantizers are set by a percentile search on its float inputs."""
         layers = {n: m for n, m in block.named_modules() if isinstance(m, ElasticLinear)}
         amax: dict[str, torch.Tensor] = {}
-        with mean_sq_inputs(layers, amax if self.spec.protect_outliers else None) as sq:
+        static = self.spec.activations == "per-tensor"
+        if static:
+            self._reparameterise(block, x_fp, index)
+        tokens = x_fp.shape[0] * (x_fp.shape[1] if x_fp.dim() > 2 else 1)
+        with (mean_sq_inputs(layers, amax if self.spec.protect_outliers else None) as sq,
+              input_samples(layers if static else {}, tokens) as samples):
             set_bits(block, None)
             y_fp = self._run(block, x_fp)
         for n, m in layers.items():
+            if static:
+                m.init_act_by_search(torch.cat(samples[n]))
             for b in self.spec.search_bits:
                 m.init_clip_by_search(b, sq[n])
             if self.spec.protect_outliers:
@@ -144,6 +183,23 @@ class BlockCalibrator:
                              m.weight[r, j].item(), amax[n][j].item())
                 m.hold_protected_clips()
         return y_fp
+
+    def _reparameterise(self, block: nn.Module, x_fp: torch.Tensor, index: int) -> None:
+        """Fold a per-channel scale and shift into each norm of the block that feeds linears
+        (:mod:`quept.models.reparam`), from the ranges of its outputs on the float stream."""
+        pairs = reparam.block_pairs(self.family)
+        firsts = {names[0]: block.get_submodule(names[0]) for _, names in pairs}
+        if not firsts or all(m.reparam_folded for m in firsts.values()):
+            return
+        with channel_ranges(firsts) as ranges:
+            set_bits(block, None)
+            self._run(block, x_fp)
+        for norm, names in pairs:
+            scale, shift = reparam.channel_transform(*ranges[names[0]])
+            reparam.fold(block.get_submodule(norm), [block.get_submodule(n) for n in names],
+                         scale, shift)
+            log.debug("block %d, %s: channel ranges equalised (scale %.3g..%.3g)", index + 1,
+                      norm, scale.min().item(), scale.max().item())
 
     def _probe(self, block: nn.Module, xq: list[torch.Tensor], yfp: torch.Tensor) -> list[float]:
         losses = []
@@ -188,11 +244,13 @@ class BlockCalibrator:
         layers = [m for m in block.modules() if isinstance(m, ElasticLinear)]
         adapters = [p for m in layers for p in m.trainable_parameters()[0]]
         clips = [p for m in layers for p in m.trainable_parameters()[1]]
-        for p in adapters + clips:
+        acts = [p for m in layers for p in m.act_parameters()]  # static activation steps
+        for p in adapters + clips + acts:
             p.requires_grad_(True)
         lr_adapter, scales = _adapter_rates(layers, cfg)
         opt = torch.optim.AdamW(
-            [{"params": adapters, "lr": lr_adapter}, {"params": clips, "lr": cfg.lr_clip}],
+            [{"params": adapters, "lr": lr_adapter}, {"params": clips, "lr": cfg.lr_clip},
+             {"params": acts, "lr": cfg.lr_act}],
             weight_decay=0.0,
         )
         sched = torch.optim.lr_scheduler.LambdaLR(
@@ -232,13 +290,15 @@ class BlockCalibrator:
                 for g, v, t in zip(groups, running, trains)
             ))
             bar.update(1)
-        for p in adapters + clips:
+        for p in adapters + clips + acts:
             p.requires_grad_(False)
             p.grad = None
 
     # -- main loop -------------------------------------------------------------------------
     def run(self, x0: torch.Tensor) -> list[BlockReport]:
-        """Calibrate every block from block-0 inputs ``x0`` (N, T, C) on CPU."""
+        """Calibrate every block from block-0 inputs ``x0`` (N, T, C) on CPU. Where a stage
+        ends (``Family.stage_exit``) both streams go through its float exit module, so the next
+        block's inputs may have another token count and width."""
         gen = torch.Generator().manual_seed(self.cfg.seed)
         n_blocks, start = len(self.blocks), 0
         x_fp, x_q = x0, [x0] * len(self.spec.bit_groups)
@@ -247,6 +307,7 @@ class BlockCalibrator:
         if resumed is not None:
             for j, state in resumed.block_states.items():
                 load_elastic_state(self.blocks[j], state)
+                reparam.refold_block(self.blocks[j], self.family)
             start, x_fp, x_q = resumed.next_block, resumed.x_fp, resumed.x_q
             gen.set_state(resumed.rng_state)
             reports = [BlockReport(**r) for r in resumed.reports]
@@ -258,12 +319,15 @@ class BlockCalibrator:
                 t0 = time.perf_counter()
                 bar.set_description(f"({i + 1}/{n_blocks}) Calibrating block")
                 block = self.blocks[i].to(self.cfg.device)
+                self.kwargs = self.block_kwargs[i if len(self.block_kwargs) > 1 else 0]
                 y_fp = self._float_pass(block, x_fp, i)
                 before = self._probe(block, x_q, y_fp)
                 self._train(i, block, x_q, y_fp, gen, bar)
                 after = self._probe(block, x_q, y_fp)
                 x_q = self._propagate(block, x_q, gen)
                 x_fp = y_fp
+                if self.exits[i] is not None:
+                    x_fp, x_q = self._stage_exit(self.exits[i], x_fp, x_q)
                 set_bits(block, None)
                 self.blocks[i] = block.to("cpu")
                 rep = BlockReport(i, [min(g) for g in self.spec.bit_groups], before, after,

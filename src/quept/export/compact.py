@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from quept.config import QuEPTConfig
 from quept.export.load import fill
-from quept.export.packed import PackedFormatError, float_tensors
+from quept.export.packed import PackedFormatError, float_tensors, save_config
 from quept.nn.elastic_linear import ElasticLinear
 from quept.nn.switch import elastic_layers
 from quept.ops.pack import pack, packed_length, unpack
@@ -303,7 +303,19 @@ def compact_tensors(model: nn.Module, cfg: CompactConfig, progress: bool = True
             })
             if m.bias is not None:
                 out[f"{name}.bias"] = m.bias.detach().contiguous()
+            for k, t in _static_act_state(m).items():  # a few floats per layer
+                out[f"{name}.{k}"] = t
     return out
+
+
+def _static_act_state(m: ElasticLinear) -> dict[str, torch.Tensor]:
+    """The static activation quantizers and input reparameterisation of a layer (empty unless
+    ElasticSpec.activations is "per-tensor"); the norms and weights hold the folded values."""
+    if not m.act_parameters():
+        return {}
+    out = {f"act_log_step.{b}": p.detach().contiguous() for b, p in m.act_log_step.items()}
+    return {**out, **{k: getattr(m, k).detach().contiguous()
+                      for k in ("act_searched", "in_scale", "in_shift")}}
 
 
 def save_compact(
@@ -331,7 +343,7 @@ def save_compact(
         **({"source": dict(provenance)} if provenance else {}),
     }
     folder.mkdir(parents=True, exist_ok=True)
-    model.config.save_pretrained(folder)
+    save_config(model, folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     tmp = folder / (COMPACT_WEIGHTS + ".tmp")
@@ -425,8 +437,14 @@ def _layer_state(name: str, m: ElasticLinear, raw: Mapping[str, torch.Tensor],
         st[f"{name}.{side}.{b}"] = logit.reshape(shape)
     if at != blob.numel():
         raise ValueError(f"clip codes are {blob.numel()} bytes, expected {at}")
-    if m.bias is not None:
+    if f"{name}.bias" in raw:
+        if m.bias is None:  # made by a folded input reparameterisation
+            m.bias = torch.nn.Parameter(torch.empty(out_f, device=m.weight.device),
+                                        requires_grad=False)
         st[f"{name}.bias"] = raw[f"{name}.bias"]
+    for k in _static_act_state(m):
+        st[f"{name}.{k}"] = raw[f"{name}.{k}"]
+    m.reparam_folded = bool(_static_act_state(m))  # the stored weights are already folded
     if st[f"{name}.weight"].shape != (out_f, in_f):
         raise ValueError(f"master is {tuple(st[f'{name}.weight'].shape)}, expected {out_f}x{in_f}")
     return st

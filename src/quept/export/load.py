@@ -92,10 +92,19 @@ def _swap(net: nn.Module, name: str, info: Mapping[str, Any], scale_dtype: torch
     new = cls(info["in"], info["out"], info["bits"], info["group_size"], info["bias"],
               scale_dtype, device="meta")
     if info.get("act_bits") is not None:
-        if info.get("act_quant") != "per-token":
+        if info.get("act_quant") not in ("per-token", "per-tensor"):
             raise PackedFormatError(f"packed layer {name}: activation quantizer "
-                                    f"{info.get('act_quant')!r} is unknown (known: per-token)")
+                                    f"{info.get('act_quant')!r} is unknown (known: per-token, "
+                                    "per-tensor)")
         new.act_bits = int(info["act_bits"])
+        if info["act_quant"] == "per-tensor":
+            step, zero = info.get("act_step"), info.get("act_zero")
+            if not (isinstance(step, float) and step > 0 and isinstance(zero, (int, float))
+                    and 0 <= zero < 2**new.act_bits):
+                raise PackedFormatError(f"packed layer {name}: a per-tensor activation quantizer "
+                                        f"needs act_step > 0 and act_zero in 0..2^bits - 1, got "
+                                        f"{step!r} and {zero!r}")
+            new.act_static = (step, float(zero))
     rotation = info.get("in_rotation")
     if rotation not in (None, "hadamard"):
         raise PackedFormatError(f"packed layer {name}: input rotation {rotation!r} is unknown "
@@ -134,8 +143,9 @@ def fill(net: nn.Module, state: Mapping[str, torch.Tensor], aliases: Mapping[str
         raise PackedFormatError(f"{where}: tensors left unfilled: {left[:3]}")
 
 
-def _kv_quant(name: str, info: Mapping[str, Any]) -> tuple[int, int] | None:
-    """A packed layer's KV-cache quantizer (bits, head_dim), checked; None when it has none."""
+def _kv_quant(name: str, info: Mapping[str, Any]) -> tuple[int, int, bool] | None:
+    """A packed layer's KV-cache quantizer (bits, head_dim, Hadamard-rotated heads), checked;
+    None when it has none."""
     kv = info.get("kv_quant")
     if kv is None:
         return None
@@ -147,4 +157,9 @@ def _kv_quant(name: str, info: Mapping[str, Any]) -> tuple[int, int] | None:
             and info["out"] % dim == 0):
         raise PackedFormatError(f"packed layer {name}: KV-cache quantizer needs bits 2..8 and a "
                                 f"head_dim dividing {info['out']}, got {kv!r}")
-    return bits, dim
+    rotate = kv.get("hadamard", False)
+    if not isinstance(rotate, bool) or (rotate and dim & (dim - 1)):
+        raise PackedFormatError(f"packed layer {name}: KV-cache quantizer's hadamard must be "
+                                f"true or false (true only for a power-of-two head_dim), got "
+                                f"{kv!r}")
+    return bits, dim, rotate

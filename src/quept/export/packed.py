@@ -80,8 +80,11 @@ def pack_model(
         codes, scale, zero = m.quantized_codes(b)
         out[name] = PackedLinear.from_codes(
             codes, scale, zero, b, m.spec.group_size_for(b), m.bias, SCALE_DTYPES[scale_dtype])
-        if m.spec.activations == "per-token":
+        if m.spec.activations != "none":
             out[name].act_bits = b
+        if m.spec.activations == "per-tensor":
+            step, zero = m.static_act_params(b)
+            out[name].act_static = (step.item(), zero)
         out[name].in_rotation = m.in_rotation
         out[name].kv_quant = m.kv_quant
     return out
@@ -137,13 +140,23 @@ def _float_named(model: nn.Module, skip: tuple[str, ...]) -> dict[str, torch.Ten
 
 def _describe(m: PackedLinear) -> dict[str, Any]:
     act = {} if m.act_bits is None else {"act_bits": m.act_bits, "act_quant": "per-token"}
+    if m.act_bits is not None and m.act_static is not None:
+        act.update(act_quant="per-tensor", act_step=m.act_static[0], act_zero=m.act_static[1])
     if m.in_rotation:
         act["in_rotation"] = "hadamard"
     if m.kv_quant is not None:
         act["kv_quant"] = {"bits": m.kv_quant[0], "head_dim": m.kv_quant[1],
-                           "kind": KV_QUANT_KIND}
+                           "hadamard": m.kv_quant[2], "kind": KV_QUANT_KIND}
     return {"bits": m.bits, "group_size": m.group_size, "in": m.in_features,
             "out": m.out_features, "bias": m.bias is not None, **act}
+
+
+def save_config(model: nn.Module, folder: Path) -> None:
+    """The model's config.json, naming its class: loaders build the model from the config
+    alone, and some auto classes (DeiT's image classifiers) need the name to choose."""
+    if not getattr(model.config, "architectures", None):
+        model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(folder)
 
 
 def write_packed(
@@ -179,7 +192,7 @@ def write_packed(
         **({"source": dict(provenance)} if provenance else {}),
     }
     folder.mkdir(parents=True, exist_ok=True)
-    model.config.save_pretrained(folder)
+    save_config(model, folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     tmp = folder / (PACKED_WEIGHTS + ".tmp")

@@ -13,9 +13,11 @@ from quept.ops import (
     fake_quant,
     fake_quant_act,
     fake_quant_kv,
+    fake_quant_static,
     n_groups,
     quantize,
     rtn,
+    search_act_range,
     search_clip,
 )
 from quept.ops.hadamard import hadamard_transform
@@ -80,9 +82,61 @@ class ElasticLinear(nn.Module):
         self.protected: list[tuple[int, int]] = []  # super weights (row, col): protect_outliers
         # The weight reads a Hadamard-rotated input (ElasticSpec.rotation): forward rotates x.
         self.in_rotation = False
-        # The output is a key or value a KV cache holds (ElasticSpec.kv_bits): (bits, head_dim),
-        # quantized per token and head whenever the layer is quantized.
-        self.kv_quant: tuple[int, int] | None = None
+        # The output is a key or value a KV cache holds (ElasticSpec.kv_bits): (bits, head_dim,
+        # Hadamard-rotated heads), quantized per token and head whenever the layer is quantized.
+        self.kv_quant: tuple[int, int, bool] | None = None
+        if spec.activations == "per-tensor":
+            self._init_static_act(spec, dev, dt)
+
+    def _init_static_act(self, spec: ElasticSpec, dev: torch.device, dt: torch.dtype) -> None:
+        """State of the static activation quantizers and the input reparameterisation."""
+        # per width: the learned log-step; the searched (log-step, zero-point), NaN until the
+        # search (init_act_by_search) has run: the RTN baseline's quantizer and the start.
+        self.act_log_step = nn.ParameterDict(
+            {str(b): nn.Parameter(torch.zeros((), device=dev, dtype=dt), requires_grad=False)
+             for b in spec.bits})
+        self.register_buffer("act_searched", torch.full((len(spec.bits), 2), float("nan"),
+                                                        device=dev, dtype=dt))
+        self._act_index = {b: i for i, b in enumerate(spec.bits)}
+        # The input is (x + in_shift) / in_scale per channel: a reparameterisation folded into
+        # the norm before and into this weight and bias (quept.models.reparam); identity here.
+        self.register_buffer("in_scale", torch.ones(self.in_features, device=dev, dtype=dt))
+        self.register_buffer("in_shift", torch.zeros(self.in_features, device=dev, dtype=dt))
+        self.reparam_folded = False
+
+    @torch.no_grad()
+    def init_act_by_search(self, sample: torch.Tensor) -> None:
+        """Set every width's static input quantizer (learned and searched copies) from a sample
+        of this layer's inputs (percentile search, :func:`quept.ops.search_act_range`)."""
+        found = search_act_range(sample, list(self._act_index))
+        for b, i in self._act_index.items():
+            step, zero = found[b]
+            self.act_searched[i] = torch.tensor([math.log(step), zero])
+            self.act_log_step[str(b)].fill_(math.log(step))
+
+    def static_act_params(self, bits: int, rtn: bool = False) -> tuple[torch.Tensor, float]:
+        """(step, zero-point) of the static input quantizer at ``bits``; ``rtn`` = searched."""
+        log_step, zero = self.act_searched[self._act_index[bits]]
+        if torch.isnan(zero):
+            raise RuntimeError("the static activation quantizers of this layer have no range "
+                               "yet: calibrate the model (or call init_act_by_search) first")
+        return (log_step if rtn else self.act_log_step[str(bits)]).exp(), zero.item()
+
+    @torch.no_grad()
+    def fold_input_reparam(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        """Take inputs ``(x + shift) / scale`` in place of ``x`` with the same output: bias
+        ``b - W shift``, weight ``W diag(scale)``; only on an unreparameterised layer."""
+        if self.reparam_folded:
+            raise RuntimeError("this layer's input reparameterisation is already folded in")
+        if self.bias is None:
+            self.bias = nn.Parameter(torch.zeros(self.out_features, dtype=self.weight.dtype,
+                                                 device=self.weight.device), requires_grad=False)
+        self.bias.sub_(self.weight @ shift.to(self.weight))
+        self.weight.mul_(scale.to(self.weight))
+        self.in_scale.copy_(scale)
+        self.in_shift.copy_(shift)
+        self.reparam_folded = True
+        self._cache = None
 
     @torch.no_grad()
     def init_clip_by_search(self, bits: int, col_weight: torch.Tensor | None = None) -> None:
@@ -179,13 +233,17 @@ class ElasticLinear(nn.Module):
     @property
     def act_bits(self) -> int | None:
         """Width the input is quantized to now (weight+activation mode), else None."""
-        return self.bits if self.spec.activations == "per-token" else None
+        return self.bits if self.spec.activations != "none" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.in_rotation:
             x = hadamard_transform(x)
         if self.act_bits is not None:
-            x = fake_quant_act(x, self.act_bits)
+            if self.spec.activations == "per-token":
+                x = fake_quant_act(x, self.act_bits)
+            else:
+                x = fake_quant_static(x, *self.static_act_params(self.act_bits, self.rtn),
+                                      self.act_bits)
         w = self.current_weight()
         y = F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         if self.kv_quant is not None and self.bits is not None:
@@ -196,6 +254,10 @@ class ElasticLinear(nn.Module):
         """(adapter parameters, learnable clip logits); unclipped and fixed widths have none."""
         learn = [str(b) for b in self.spec.learned_clip_bits]
         return [self.lora_u, self.lora_v], [d[b] for d in (self.clip_hi, self.clip_lo) for b in learn]
+
+    def act_parameters(self) -> list[nn.Parameter]:
+        """The learned log-steps of the static activation quantizers (none in other modes)."""
+        return list(self.act_log_step.values()) if hasattr(self, "act_log_step") else []
 
     def extra_repr(self) -> str:
         return (

@@ -27,7 +27,14 @@ from torch import nn
 from quept.ops import kernels
 from quept.ops.hadamard import hadamard_transform
 from quept.ops.pack import pack, packed_length, unpack
-from quept.ops.quant import dequantize, fake_quant_act, fake_quant_kv, n_groups, to_groups
+from quept.ops.quant import (
+    dequantize,
+    fake_quant_act,
+    fake_quant_kv,
+    fake_quant_static,
+    n_groups,
+    to_groups,
+)
 
 BACKENDS = ("auto", "kernel", "aten-int4", "dequant")
 _scratch: dict[torch.device, torch.Tensor] = {}  # one shared float32 buffer per device
@@ -56,10 +63,12 @@ class PackedLinear(nn.Module):
         # Weight+activation mode: the input is quantized per token at this width (simulated in
         # float: dequantized integers, so the product equals an integer GEMM's rescaled output).
         self.act_bits: int | None = None
+        # ... by a static per-tensor quantizer (step, zero-point) instead, when set.
+        self.act_static: tuple[float, float] | None = None
         self.in_rotation = False  # the codes read a Hadamard-rotated input (see ElasticLinear)
         # The output is a key or value of a KV cache quantized per token and head at
-        # (bits, head_dim) (ElasticSpec.kv_bits; simulated in float).
-        self.kv_quant: tuple[int, int] | None = None
+        # (bits, head_dim, rotated) (ElasticSpec.kv_bits; simulated in float).
+        self.kv_quant: tuple[int, int, bool] | None = None
         # Derived on first use: (backend, scale fp32, -zero * scale fp32[, aten-int4 operands]).
         self._compute: tuple | None = None
 
@@ -129,7 +138,10 @@ class PackedLinear(nn.Module):
             x2 = x2.float().contiguous()
         if self.in_rotation:
             x2 = hadamard_transform(x2)
-        if self.act_bits is not None:
+        if self.act_bits is not None and self.act_static is not None:
+            x2 = fake_quant_static(x2, torch.tensor(self.act_static[0]), self.act_static[1],
+                                   self.act_bits)
+        elif self.act_bits is not None:
             x2 = fake_quant_act(x2, self.act_bits)
         if backend == "kernel" and x2.shape[0] <= kernels.MAX_ROWS:
             y = kernels.qgemv(x2, self.qweight, scale, zs, self.bits, self.group_size)

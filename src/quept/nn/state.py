@@ -1,4 +1,5 @@
-"""The elastic state of a module: adapters and clip logits, as a flat tensor dict."""
+"""The elastic state of a module: adapters and clip logits (plus, with static activation
+quantizers, their steps and the input reparameterisation), as a flat tensor dict."""
 
 from __future__ import annotations
 
@@ -24,13 +25,18 @@ def elastic_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
                 out[f"{prefix}clip_hi.{b}"] = p.detach().contiguous()
             for b, p in m.clip_lo.items():
                 out[f"{prefix}clip_lo.{b}"] = p.detach().contiguous()
+            if m.act_parameters():  # ElasticSpec.activations "per-tensor"
+                for b, p in m.act_log_step.items():
+                    out[f"{prefix}act_log_step.{b}"] = p.detach().contiguous()
+                for k in ("act_searched", "in_scale", "in_shift"):
+                    out[f"{prefix}{k}"] = getattr(m, k).detach().contiguous()
     return out
 
 
 @torch.no_grad()
 def load_elastic_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy ``state`` into the module's adapters and clips; every key must match exactly."""
-    own = dict(module.named_parameters())
+    own = {**dict(module.named_parameters()), **dict(module.named_buffers())}
     expected = elastic_state_dict(module)
     missing = sorted(set(expected) - set(state))
     unknown = sorted(set(state) - set(expected))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from quept.ops.hadamard import hadamard_transform
+
 
 class GroupSizeError(ValueError):
     """The group size does not divide the layer's input width."""
@@ -48,20 +50,69 @@ def fake_quant_act(x: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.clamp(round_ste(x / scale), -qmax, qmax) * scale
 
 
-def fake_quant_kv(x: torch.Tensor, bits: int, head_dim: int) -> torch.Tensor:
+def fake_quant_kv(x: torch.Tensor, bits: int, head_dim: int, rotate: bool = False
+                  ) -> torch.Tensor:
     """Per-head asymmetric fake quantization of keys or values (..., heads * head_dim): each
     token's ``head_dim`` features of one head share a min/max range on 0..2^b - 1, as a KV
-    cache would store them (straight-through rounding; scale and zero-point differentiable)."""
+    cache would store them (straight-through rounding; scale and zero-point differentiable).
+    ``rotate`` (``head_dim`` a power of two): each head is quantized in a Hadamard-rotated
+    basis, ``H Q(H x)`` (H symmetric orthonormal, its own inverse), which spreads a head's
+    outlier channels over all of them; a runtime stores the codes of ``H x``."""
     if x.shape[-1] % head_dim:
         raise GroupSizeError(f"head dimension {head_dim} does not divide the key/value width "
                              f"{x.shape[-1]}")
+    if rotate and not is_power_of_two(head_dim):
+        raise GroupSizeError(f"a rotated KV quantizer needs a power-of-two head dimension, got "
+                             f"{head_dim}")
     qmax = 2**bits - 1
     xg = x.unflatten(-1, (-1, head_dim))
+    if rotate:
+        xg = hadamard_transform(xg)
     lo, hi = xg.amin(dim=-1, keepdim=True), xg.amax(dim=-1, keepdim=True)
     scale = ((hi - lo) / qmax).clamp(min=1e-8)
     zero = round_ste(-lo / scale)
-    q = torch.clamp(round_ste(xg / scale) + zero, 0, qmax)
-    return ((q - zero) * scale).flatten(-2)
+    q = (torch.clamp(round_ste(xg / scale) + zero, 0, qmax) - zero) * scale
+    return (hadamard_transform(q) if rotate else q).flatten(-2)
+
+
+def is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def fake_quant_static(x: torch.Tensor, step: torch.Tensor, zero: torch.Tensor | float,
+                      bits: int) -> torch.Tensor:
+    """Static per-tensor asymmetric fake quantization of activations: one ``step`` and integer
+    ``zero`` for the whole tensor, codes 0..2^b - 1 (straight-through rounding: the gradient
+    reaches ``step``, as in learned step size quantization)."""
+    qmax = 2**bits - 1
+    return (torch.clamp(round_ste(x / step) + zero, 0, qmax) - zero) * step
+
+
+# Lower and upper quantiles the activation range search tries: min/max and four clipped ranges.
+ACT_PERCENTILES = (1.0, 0.99999, 0.9999, 0.999, 0.99)
+
+
+@torch.no_grad()
+def search_act_range(x: torch.Tensor, widths: tuple[int, ...] | list[int],
+                     percentiles: tuple[float, ...] = ACT_PERCENTILES
+                     ) -> dict[int, tuple[float, float]]:
+    """Per width, the (step, zero) of the static quantizer whose range, a pair of lower/upper
+    quantiles of the sample ``x``, gives the least squared quantization error on ``x``."""
+    flat = x.reshape(-1).float()
+    qs = torch.tensor([q for p in percentiles for q in (1 - p, p)], dtype=flat.dtype)
+    bounds = torch.quantile(flat, qs).reshape(-1, 2).tolist()
+    out = {}
+    for bits in widths:
+        qmax, best = 2**bits - 1, None
+        for lo, hi in bounds:
+            lo, hi = min(lo, 0.0), max(hi, 0.0)  # zero stays exactly representable
+            step = max((hi - lo) / qmax, 1e-8)
+            zero = float(round(-lo / step))
+            err = (fake_quant_static(flat, torch.tensor(step), zero, bits) - flat).pow(2).mean()
+            if best is None or err < best[0]:
+                best = (err, step, zero)
+        out[bits] = best[1:]
+    return out
 
 
 def qparams(
