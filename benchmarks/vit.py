@@ -72,7 +72,7 @@ def main() -> int:
     cfg = quept.QuEPTConfig()
     spec = replace(cfg.spec, default_group_size=a.group_size)
     if a.activations != "none":
-        spec = replace(weight_act_spec(spec), activations=a.activations)
+        spec = weight_act_spec(spec, a.activations)
     act = spec.activations != "none"
     calib = replace(cfg.calib, n_samples=a.images, batch_size=a.batch_size, epochs=a.epochs,
                     seed=a.seed)

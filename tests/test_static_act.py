@@ -159,3 +159,21 @@ def test_save_load_compact_and_packed_keep_the_logits(tmp_path):
     float_logits = tiny_vit()(pixel_values=x).logits
     got = compact(pixel_values=x).logits
     assert (got - want).abs().mean() < (want - float_logits).abs().mean()
+
+
+def test_cli_quantize_builds_static_quantizers(tmp_path, monkeypatch, capsys):
+    from quept.cli import main
+    from tests.test_vit import fake_fashion_cache
+
+    monkeypatch.setenv("QUEPT_CACHE", str(tmp_path / "cache"))
+    fake_fashion_cache(tmp_path / "cache")
+    base = tmp_path / "vit"
+    tiny_vit().save_pretrained(base)
+    assert main(["quantize", "--model", str(base), "--out", str(tmp_path / "el"),
+                 "--activations", "per-tensor", "--samples", "16", "--batch-size", "8",
+                 "--group-size", "32", "--eval-images", "20", "--eval-bits", "4,8"]) == 0
+    assert "W4A4" in capsys.readouterr().out
+    spec = quept.api.read_meta(tmp_path / "el")["config"]["spec"]
+    assert spec["activations"] == "per-tensor" and spec["bit_groups"] == [[7, 8], [5, 6], [4]]
+    loaded, _ = quept.load(tmp_path / "el")
+    assert all(m.reparam_folded for n, m in elastic_layers(loaded).items() if n.endswith("fc1"))

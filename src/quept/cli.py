@@ -255,7 +255,10 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--activations", choices=ACTIVATION_MODES, default=None,
                    help="'per-token': weight+activation mode, every quantized linear's input "
                    "quantized per token at the layer's width (W4A4..W8A8; bit groups 7,8/5,6/4 "
-                   "unless --bit-groups is given); default 'none' (weight-only)")
+                   "unless --bit-groups is given); 'per-tensor': static quantizers instead, one "
+                   "learned step per width and layer after a reparameterisation of the "
+                   "post-LayerNorm inputs (for vision transformers); default 'none' "
+                   "(weight-only)")
     s.add_argument("--rotation", choices=ROTATIONS, default=None,
                    help="'hadamard': rotate a LLaMA-family decoder before calibration (norms "
                    "folded, residual stream and value heads rotated offline, down_proj's input "
@@ -325,7 +328,7 @@ def _configs(a: argparse.Namespace) -> QuEPTConfig:
         spec = replace(spec, protect_outliers=a.protect_outliers)
     if a.activations not in (None, "none"):
         wa = (replace(spec, activations=a.activations) if a.bit_groups is not None
-              else weight_act_spec(spec))
+              else weight_act_spec(spec, a.activations))
         if a.ranks is not None and a.bit_groups is None:
             wa = replace(wa, ranks=tuple(a.ranks))
         if wa.bit_groups != spec.bit_groups:  # the preset's per-group rates fit its own groups

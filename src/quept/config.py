@@ -384,18 +384,18 @@ PRESET_SPECS: dict[str, ElasticSpec] = {
 
 
 
-def weight_act_spec(spec: ElasticSpec | None = None) -> ElasticSpec:
-    """``spec`` (default: the cpu-demo spec) in weight+activation mode: per-token activation
-    quantization, and, when ``spec`` has widths below 4, the weight+activation bit groups
+def weight_act_spec(spec: ElasticSpec | None = None, mode: str = "per-token") -> ElasticSpec:
+    """``spec`` (default: the cpu-demo spec) in weight+activation mode: activations quantized
+    the ``mode`` way (per-token, or per-tensor static quantizers), and, when ``spec`` has widths below 4, the weight+activation bit groups
     {7,8} {5,6} {4} with ranks 0/16/8 and merge weights 0.3/0.3/0.4 (DESIGN 2.4), 7 and 8
     bits unclipped (their searched clips cost 0.7% of perplexity at W7A7 on the default
     model, where no clip is RTN exactly; README)."""
     spec = spec or ElasticSpec()
     if min(spec.bits) >= MIN_ACT_BITS:
-        return replace(spec, activations="per-token")
+        return replace(spec, activations=mode)
     keep = tuple(b for b in (spec.fixed_clip_bits or ()) if b >= MIN_ACT_BITS)
     return replace(spec, bit_groups=WEIGHT_ACT_GROUPS, ranks=(0, 16, 8),
-                   merge_weights=(0.3, 0.3, 0.4), activations="per-token",
+                   merge_weights=(0.3, 0.3, 0.4), activations=mode,
                    group_size=tuple((b, g) for b, g in spec.group_size if b >= MIN_ACT_BITS),
                    unclipped_bits=tuple(sorted({b for b in spec.unclipped_bits
                                                 if b >= MIN_ACT_BITS} | {7, 8})),
