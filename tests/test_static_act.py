@@ -37,6 +37,9 @@ def test_static_quantizer_uses_one_grid_and_the_search_clips_heavy_tails():
     tailed = torch.cat([torch.randn(100000), torch.tensor([200.0])])
     (s, _), = search_act_range(tailed, [4]).values()
     assert s < 20 / 15  # one outlier of 200 does not set the range at 4 bits
+    big = torch.randn(5000, 4000)  # beyond torch.quantile's 2^24 elements: read evenly spaced
+    assert search_act_range(big, [4])[4][0] == pytest.approx(search_act_range(big[:1000], [4])[4][0],
+                                                              rel=0.05)
     both = search_act_range(tailed, [4, 8])  # each width its own range: 8 bits keeps the outlier
     assert both[4][0] == s and both[8][0] == pytest.approx(200 / 255, rel=0.05)
 

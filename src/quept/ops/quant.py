@@ -90,6 +90,7 @@ def fake_quant_static(x: torch.Tensor, step: torch.Tensor, zero: torch.Tensor | 
 
 # Lower and upper quantiles the activation range search tries: min/max and four clipped ranges.
 ACT_PERCENTILES = (1.0, 0.99999, 0.9999, 0.999, 0.99)
+ACT_SEARCH_MAX = 2**22  # elements the search reads at most (evenly spaced beyond that)
 
 
 @torch.no_grad()
@@ -99,6 +100,8 @@ def search_act_range(x: torch.Tensor, widths: tuple[int, ...] | list[int],
     """Per width, the (step, zero) of the static quantizer whose range, a pair of lower/upper
     quantiles of the sample ``x``, gives the least squared quantization error on ``x``."""
     flat = x.reshape(-1).float()
+    if flat.numel() > ACT_SEARCH_MAX:  # torch.quantile takes at most 2^24 elements
+        flat = flat[:: -(-flat.numel() // ACT_SEARCH_MAX)]
     qs = torch.tensor([q for p in percentiles for q in (1 - p, p)], dtype=flat.dtype)
     bounds = torch.quantile(flat, qs).reshape(-1, 2).tolist()
     out = {}
