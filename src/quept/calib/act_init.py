@@ -10,53 +10,38 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from quept.ops.hadamard import hadamard_transform
+from quept.calib.capture import watch_inputs
 
 SAMPLE_TOKENS = 2048  # tokens per layer the percentile search sees
 
 
 @contextmanager
 def channel_ranges(layers: Mapping[str, nn.Module]) -> Iterator[dict[str, list[torch.Tensor]]]:
-    """Yields ``{name: [min per channel, max per channel]}`` of each layer's inputs, filled
-    while the block runs inside the ``with``."""
+    """Yields ``{name: [min per channel, max per channel]}`` of each layer's inputs (as the
+    preceding norm writes them), filled while the block runs inside the ``with``."""
     out: dict[str, list[torch.Tensor]] = {}
 
-    def hook(name: str):
-        def fn(_m: nn.Module, args: tuple) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            lo, hi = x.amin(0).cpu(), x.amax(0).cpu()
-            if name in out:
-                lo, hi = torch.minimum(out[name][0], lo), torch.maximum(out[name][1], hi)
-            out[name] = [lo, hi]
-        return fn
+    def record(name: str, x: torch.Tensor) -> None:
+        lo, hi = x.amin(0).cpu(), x.amax(0).cpu()
+        if name in out:
+            lo, hi = torch.minimum(out[name][0], lo), torch.maximum(out[name][1], hi)
+        out[name] = [lo, hi]
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
-    try:
+    with watch_inputs(layers, record, rotate=False):
         yield out
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextmanager
 def input_samples(layers: Mapping[str, nn.Module], total_tokens: int
                   ) -> Iterator[dict[str, list[torch.Tensor]]]:
     """Yields ``{name: [token rows]}``: about :data:`SAMPLE_TOKENS` evenly spaced tokens of
-    each layer's inputs out of ``total_tokens`` seen inside the ``with``."""
+    each layer's inputs (as its quantizer sees them) out of ``total_tokens`` seen inside the
+    ``with``."""
     stride = max(1, total_tokens // SAMPLE_TOKENS)
     out: dict[str, list[torch.Tensor]] = {}
 
-    def hook(name: str):
-        def fn(m: nn.Module, args: tuple) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1])
-            if getattr(m, "in_rotation", False):  # the quantizer sees the rotated input
-                x = hadamard_transform(x)
-            out.setdefault(name, []).append(x[::stride].float().cpu())
-        return fn
+    def record(name: str, x: torch.Tensor) -> None:
+        out.setdefault(name, []).append(x[::stride].cpu())
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
-    try:
+    with watch_inputs(layers, record):
         yield out
-    finally:
-        for h in handles:
-            h.remove()

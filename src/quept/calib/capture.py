@@ -5,7 +5,7 @@ activation-aware clip search weights its error by."""
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -119,6 +119,28 @@ def move_kwargs(kwargs: dict, device: str | torch.device, dtype: torch.dtype) ->
 
 
 @contextmanager
+def watch_inputs(layers: Mapping[str, nn.Module], fn: Callable[[str, torch.Tensor], None],
+                 rotate: bool = True) -> Iterator[None]:
+    """While active, call ``fn(name, x)`` with every input a layer gets, as float
+    (tokens, in_features); with ``rotate``, as the layer's weight reads it (Hadamard-rotated
+    where the layer rotates its input online)."""
+    def hook(name: str):
+        def pre(m: nn.Module, args: tuple) -> None:
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            if rotate and getattr(m, "in_rotation", False):
+                x = hadamard_transform(x)
+            fn(name, x)
+        return pre
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
 def mean_sq_inputs(
     layers: Mapping[str, nn.Module], amax: dict[str, torch.Tensor] | None = None
 ) -> Iterator[dict[str, torch.Tensor]]:
@@ -128,23 +150,14 @@ def mean_sq_inputs(
     sums: dict[str, torch.Tensor] = {}
     counts = dict.fromkeys(layers, 0)
 
-    def hook(name: str):
-        def fn(_m: nn.Module, args: tuple, _out: torch.Tensor) -> None:
-            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-            if getattr(_m, "in_rotation", False):  # the layer's weight reads the rotated input
-                x = hadamard_transform(x)
-            sums[name] = x.pow(2).sum(0) + sums.get(name, 0)
-            counts[name] += x.shape[0]
-            if amax is not None:
-                top = x.abs().amax(0)
-                amax[name] = torch.maximum(amax[name], top) if name in amax else top
-        return fn
+    def record(name: str, x: torch.Tensor) -> None:
+        sums[name] = x.pow(2).sum(0) + sums.get(name, 0)
+        counts[name] += x.shape[0]
+        if amax is not None:
+            top = x.abs().amax(0)
+            amax[name] = torch.maximum(amax[name], top) if name in amax else top
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
-    try:
+    with watch_inputs(layers, record):
         yield sums
-    finally:
-        for h in handles:
-            h.remove()
     for n in list(sums):
         sums[n] = sums[n] / counts[n]
