@@ -23,6 +23,7 @@ from quept.data.tokens import calibration_samples, eval_windows, tokenize
 from quept.eval import Sentences, fidelity, perplexity, sentence_embeddings, top1_accuracy
 from quept.export import compact as _compact
 from quept.export.compact import CompactConfig
+from quept.export.ct_format import is_compressed_tensors, load_compressed_tensors
 from quept.export.load import load_packed as _load_packed
 from quept.export.packed import write_packed
 from quept.models import (
@@ -101,14 +102,18 @@ def resolve_model_dir(model: str | os.PathLike | None) -> Path:
 def load_model(model: str | os.PathLike | None = None) -> tuple[nn.Module, Any]:
     """Load a supported model (float32, eval mode) and its tokenizer from a local folder: a causal
     LM, the bare encoder of a BERT-style model, a ViT image classifier (tokenizer None), or a
-    LLaVA-OneVision vision-language model (whole model; only its language model is quantized)."""
+    LLaVA-OneVision vision-language model (whole model; only its language model is quantized).
+    A compressed-tensors folder (``quept export --format compressed-tensors``) is dequantized."""
     path = resolve_model_dir(model)
     model_type = json.loads((path / "config.json").read_text()).get("model_type")
     from transformers import AutoConfig, AutoTokenizer
 
     fam = family_for_type(model_type)  # fail before reading weights
-    cfg = AutoConfig.from_pretrained(path)
-    net = fam.model_class().from_pretrained(path, config=cfg, dtype=torch.float32)
+    if is_compressed_tensors(path):
+        net = load_compressed_tensors(path, fam.model_class())
+    else:
+        cfg = AutoConfig.from_pretrained(path)
+        net = fam.model_class().from_pretrained(path, config=cfg, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(path) if fam.is_text else None
     net.eval()
     net.requires_grad_(False)
@@ -349,7 +354,7 @@ def load(folder: str | os.PathLike, model: str | os.PathLike | None = None) -> t
 
 
 # --- deployment: packed models, the compact checkpoint, external formats ----------------------
-EXPORT_FORMATS = ("quept", "gguf")
+EXPORT_FORMATS = ("quept", "gguf", "compressed-tensors")
 
 
 def export(model: nn.Module, bits_or_plan: int | Mapping[str, int] | Plan,
@@ -357,8 +362,9 @@ def export(model: nn.Module, bits_or_plan: int | Mapping[str, int] | Plan,
            scale_dtype: str = "float16", head_bits: int | None = None) -> dict[str, Any]:
     """Write one configuration of an elastic model: ``"quept"`` = a packed folder ``out``
     (codes at their true width, loadable with :func:`load_packed`; ``head_bits`` also packs
-    the output head and a tied embedding); ``"gguf"`` = a llama.cpp GGUF file ``out``.
-    Returns a summary (the packed folder's JSON)."""
+    the output head and a tied embedding); ``"gguf"`` = a llama.cpp GGUF file ``out``;
+    ``"compressed-tensors"`` = a Hugging Face folder ``out`` in the format of vLLM and
+    transformers' compressed-tensors quantizer. Returns a summary (the packed folder's JSON)."""
     widths = as_layer_widths(bits_or_plan)
     if format == "quept":
         source = {"base_model": getattr(model, "quept_source", DEFAULT_MODEL)}
@@ -370,6 +376,10 @@ def export(model: nn.Module, bits_or_plan: int | Mapping[str, int] | Plan,
         result = write_gguf(model, tokenizer, out, widths)
         return {"format": "gguf", "path": str(out),
                 **(result if isinstance(result, Mapping) else {})}
+    if format == "compressed-tensors":
+        from quept.export.ct_format import write_compressed_tensors
+
+        return write_compressed_tensors(model, tokenizer, out, widths, scale_dtype=scale_dtype)
     raise ConfigError(f"export format {format!r} is not one of {EXPORT_FORMATS}")
 
 

@@ -428,10 +428,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="perplexity per width of an elastic folder (or a HF folder)",
                        description="Perplexity over non-overlapping windows of a text. FOLDER is "
                        "an elastic folder written by `quept quantize`, a compact checkpoint "
-                       "(`quept compact`), a packed folder (`quept export`: its one "
-                       "configuration), or a plain HF model folder (then the float model is "
-                       "reported).")
-    p.add_argument("folder", help="elastic, compact, packed or HF model folder")
+                       "(`quept compact`), a packed or compressed-tensors folder (`quept "
+                       "export`: its one configuration), or a plain HF model folder (then the "
+                       "float model is reported).")
+    p.add_argument("folder", help="elastic, compact, packed, compressed-tensors or HF folder")
     p.add_argument("--bits", type=_int_list, default=None,
                    help="comma-separated widths, e.g. 2,3,4,8 (default: all widths)")
     p.add_argument("--text", nargs="+", default=None, metavar="FILE",
@@ -474,8 +474,9 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
             check_bits(b, spec.bits)
     else:
         if a.bits:
-            raise ConfigError(f"{folder} is a plain model folder (float); --bits needs an "
-                              "elastic folder from `quept quantize`")
+            raise ConfigError(f"{folder} is a {'plain model' if kind == 'hf' else kind} folder "
+                              "(one configuration); --bits needs an elastic folder from "
+                              "`quept quantize`")
         model, tok = api.load_model(folder)
         bits = []
     if _task(model) == "encoder":
@@ -489,7 +490,7 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
         widths = bits if plan else [None, *bits]
         rows = api.evaluate(model, windows, widths, rtn=a.rtn, progress=not a.json)
     else:
-        rows = [api.EvalRow(None, 32.0, perplexity(model, windows, progress=not a.json))]
+        rows = [api.EvalRow(*_fixed_width(model), perplexity(model, windows, progress=not a.json))]
     result = {"folder": str(folder), "elastic": elastic, "windows": windows.shape[0],
               "seq_len": a.seq_len, "rows": _eval_rows(rows)}
     if plan is not None:
@@ -510,6 +511,16 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
             _print_plan(plan, f"plan {a.plan}: perplexity {result['plan']['ppl']:.2f} "
                         f"({windows.shape[0]} windows x {a.seq_len} tokens)")
     return result
+
+
+def _fixed_width(model: torch.nn.Module) -> tuple[int | str | None, float]:
+    """Width label and stored bits per weight of a non-elastic model: float (32 bits), or a
+    compressed-tensors export's one width ("mixed" for a plan)."""
+    info = getattr(model, "quept_compressed_tensors", None)
+    if info is None:
+        return None, 32.0
+    widths = set(info["widths"].values())
+    return (widths.pop() if len(widths) == 1 else "mixed"), info["bits_per_weight"]
 
 
 def _kv_note(spec: ElasticSpec) -> str:

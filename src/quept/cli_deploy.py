@@ -12,6 +12,7 @@ from typing import Any
 from quept import api
 from quept.config import ConfigError, QuEPTConfig
 from quept.export.compact import COMPACT_JSON, CompactConfig
+from quept.export.ct_format import is_compressed_tensors
 from quept.export.packed import PACKED_JSON, SCALE_DTYPES
 from quept.export.runtime import generate
 from quept.models import family_for
@@ -20,14 +21,15 @@ from quept.search.plan import read_widths
 
 
 def folder_kind(folder: Path) -> str:
-    """"packed", "compact", "elastic" or "hf" (a plain Hugging Face model folder)."""
+    """"packed", "compact", "elastic", "compressed-tensors" or "hf" (a plain Hugging Face
+    model folder)."""
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} does not exist or is not a folder")
     for name, kind in ((PACKED_JSON, "packed"), (COMPACT_JSON, "compact"),
                        (api.ELASTIC_JSON, "elastic")):
         if (folder / name).is_file():
             return kind
-    return "hf"
+    return "compressed-tensors" if is_compressed_tensors(folder) else "hf"
 
 
 def _load_elastic(folder: Path, kind: str, base: str | None) -> tuple[Any, Any, QuEPTConfig]:
@@ -93,16 +95,20 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="pack one width or plan into a deployable model",
                        description="Fold the adapters into the weights at one width (--bits) or "
                        "a per-layer plan (--plan) and write real low-bit integers: a packed "
-                       "quept folder (default) or a llama.cpp GGUF file (--format gguf).")
+                       "quept folder (default), a llama.cpp GGUF file (--format gguf), or a "
+                       "Hugging Face folder in the compressed-tensors format of vLLM and "
+                       "transformers (--format compressed-tensors).")
     p.add_argument("folder", help="elastic folder or compact checkpoint")
     w = p.add_mutually_exclusive_group(required=True)
     w.add_argument("--bits", type=int, help="one width for every layer")
     w.add_argument("--plan", metavar="PLAN.json",
                    help="JSON {layer: bits}, bare or under 'plan' (or 'bits', as `quept plan` "
                    "writes)")
-    p.add_argument("--out", required=True, help="output folder (quept) or file (gguf)")
+    p.add_argument("--out", required=True,
+                   help="output folder (quept, compressed-tensors) or file (gguf)")
     p.add_argument("--format", choices=api.EXPORT_FORMATS, default="quept",
-                   help="quept: packed folder for `quept run/eval`; gguf: llama.cpp file")
+                   help="quept: packed folder for `quept run/eval`; gguf: llama.cpp file; "
+                   "compressed-tensors: folder for vLLM and transformers")
     p.add_argument("--scale-dtype", choices=sorted(SCALE_DTYPES), default="float16",
                    help="dtype of the stored scales (float32 = the fake-quantized weights to "
                    "the bit; float16 = 16 bits less per group)")
@@ -123,6 +129,9 @@ def cmd_export(a: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     if a.head_bits is not None and a.format != "quept":
         raise ConfigError("--head-bits applies to the quept format")
+    if a.format == "gguf" and a.scale_dtype != "float16":
+        raise ConfigError("--scale-dtype does not apply to gguf: its blocks store float16 "
+                          "scales")
     meta = api.export(model, plan, a.out, a.format, tokenizer=tok, scale_dtype=a.scale_dtype,
                       **({} if a.format != "quept" else {"head_bits": a.head_bits}))
     seconds = time.perf_counter() - t0
@@ -132,6 +141,10 @@ def cmd_export(a: argparse.Namespace) -> dict[str, Any]:
                                      f"({s['quantized_bytes'] / 1e6:.1f} MB), packed head "
                                      f"{s['head_bytes'] / 1e6:.1f} MB, other tensors "
                                      f"{s['other_bytes'] / 1e6:.1f} MB")
+        if "bits_per_weight" in meta and s is None:
+            size = (f": {meta['bits_per_weight']:.3f} bits per quantized weight "
+                    f"({meta['quantized_bytes'] / 1e6:.1f} MB), {meta['file_bytes'] / 1e6:.1f} "
+                    "MB in all")
         print(f"{a.format} export written to {a.out} in {seconds:.1f}s{size}")
     return {"out": a.out, "seconds": seconds, **meta}
 
@@ -162,7 +175,7 @@ def cmd_run(a: argparse.Namespace) -> dict[str, Any]:
                           "folders (and required there)")
     if kind == "packed":
         model, tok = api.load_packed(folder, backend=a.backend)
-    elif kind == "hf":
+    elif kind in ("hf", "compressed-tensors"):
         model, tok = api.load_model(folder)
     else:
         model, tok, _ = _load_elastic(folder, kind, None)
