@@ -25,6 +25,7 @@ from quept.export import compact as _compact
 from quept.export.compact import CompactConfig
 from quept.export.ct_format import is_compressed_tensors, load_compressed_tensors
 from quept.export.load import load_packed as _load_packed
+from quept.export.onnx_format import is_onnx_folder
 from quept.export.packed import write_packed
 from quept.models import (
     Family,
@@ -103,13 +104,18 @@ def load_model(model: str | os.PathLike | None = None) -> tuple[nn.Module, Any]:
     """Load a supported model (float32, eval mode) and its tokenizer from a local folder: a causal
     LM, the bare encoder of a BERT-style model, a ViT image classifier (tokenizer None), or a
     LLaVA-OneVision vision-language model (whole model; only its language model is quantized).
-    A compressed-tensors folder (``quept export --format compressed-tensors``) is dequantized."""
+    A compressed-tensors folder (``quept export --format compressed-tensors``) is dequantized;
+    an ONNX export (``--format onnx``) runs in ONNX Runtime (scoring only: no KV cache)."""
     path = resolve_model_dir(model)
     model_type = json.loads((path / "config.json").read_text()).get("model_type")
     from transformers import AutoConfig, AutoTokenizer
 
     fam = family_for_type(model_type)  # fail before reading weights
-    if is_compressed_tensors(path):
+    if is_onnx_folder(path):
+        from quept.export.onnx_format import OrtModel
+
+        net = OrtModel(path)
+    elif is_compressed_tensors(path):
         net = load_compressed_tensors(path, fam.model_class())
     else:
         cfg = AutoConfig.from_pretrained(path)
@@ -354,7 +360,7 @@ def load(folder: str | os.PathLike, model: str | os.PathLike | None = None) -> t
 
 
 # --- deployment: packed models, the compact checkpoint, external formats ----------------------
-EXPORT_FORMATS = ("quept", "gguf", "compressed-tensors")
+EXPORT_FORMATS = ("quept", "gguf", "compressed-tensors", "onnx")
 
 
 def export(model: nn.Module, bits_or_plan: int | Mapping[str, int] | Plan,
@@ -364,7 +370,9 @@ def export(model: nn.Module, bits_or_plan: int | Mapping[str, int] | Plan,
     (codes at their true width, loadable with :func:`load_packed`; ``head_bits`` also packs
     the output head and a tied embedding); ``"gguf"`` = a llama.cpp GGUF file ``out``;
     ``"compressed-tensors"`` = a Hugging Face folder ``out`` in the format of vLLM and
-    transformers' compressed-tensors quantizer. Returns a summary (the packed folder's JSON)."""
+    transformers' compressed-tensors quantizer; ``"onnx"`` = a folder ``out`` with
+    ``model.onnx`` for ONNX Runtime (MatMulNBits layers). Returns a summary (the packed
+    folder's JSON)."""
     widths = as_layer_widths(bits_or_plan)
     if format == "quept":
         source = {"base_model": getattr(model, "quept_source", DEFAULT_MODEL)}
@@ -380,6 +388,10 @@ def export(model: nn.Module, bits_or_plan: int | Mapping[str, int] | Plan,
         from quept.export.ct_format import write_compressed_tensors
 
         return write_compressed_tensors(model, tokenizer, out, widths, scale_dtype=scale_dtype)
+    if format == "onnx":
+        from quept.export.onnx_format import write_onnx
+
+        return write_onnx(model, tokenizer, out, widths)
     raise ConfigError(f"export format {format!r} is not one of {EXPORT_FORMATS}")
 
 

@@ -514,8 +514,11 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def _fixed_width(model: torch.nn.Module) -> tuple[int | str | None, float]:
-    """Width label and stored bits per weight of a non-elastic model: float (32 bits), or a
-    compressed-tensors export's one width ("mixed" for a plan)."""
+    """Width label and stored bits per weight of a non-elastic model: float (32 bits), or an
+    export's one width ("mixed" for a plan): compressed-tensors or ONNX."""
+    onnx = getattr(model, "meta", None)
+    if isinstance(onnx, dict) and onnx.get("format") == "onnx":
+        return onnx["bits"], onnx["bits_per_weight"]
     info = getattr(model, "quept_compressed_tensors", None)
     if info is None:
         return None, 32.0

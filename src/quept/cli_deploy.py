@@ -13,6 +13,7 @@ from quept import api
 from quept.config import ConfigError, QuEPTConfig
 from quept.export.compact import COMPACT_JSON, CompactConfig
 from quept.export.ct_format import is_compressed_tensors
+from quept.export.onnx_format import is_onnx_folder
 from quept.export.packed import PACKED_JSON, SCALE_DTYPES
 from quept.export.runtime import generate
 from quept.models import family_for
@@ -21,14 +22,16 @@ from quept.search.plan import read_widths
 
 
 def folder_kind(folder: Path) -> str:
-    """"packed", "compact", "elastic", "compressed-tensors" or "hf" (a plain Hugging Face
-    model folder)."""
+    """"packed", "compact", "elastic", "compressed-tensors", "onnx" or "hf" (a plain Hugging
+    Face model folder)."""
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} does not exist or is not a folder")
     for name, kind in ((PACKED_JSON, "packed"), (COMPACT_JSON, "compact"),
                        (api.ELASTIC_JSON, "elastic")):
         if (folder / name).is_file():
             return kind
+    if is_onnx_folder(folder):
+        return "onnx"
     return "compressed-tensors" if is_compressed_tensors(folder) else "hf"
 
 
@@ -95,9 +98,10 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="pack one width or plan into a deployable model",
                        description="Fold the adapters into the weights at one width (--bits) or "
                        "a per-layer plan (--plan) and write real low-bit integers: a packed "
-                       "quept folder (default), a llama.cpp GGUF file (--format gguf), or a "
+                       "quept folder (default), a llama.cpp GGUF file (--format gguf), a "
                        "Hugging Face folder in the compressed-tensors format of vLLM and "
-                       "transformers (--format compressed-tensors).")
+                       "transformers (--format compressed-tensors), or an ONNX Runtime model "
+                       "(--format onnx).")
     p.add_argument("folder", help="elastic folder or compact checkpoint")
     w = p.add_mutually_exclusive_group(required=True)
     w.add_argument("--bits", type=int, help="one width for every layer")
@@ -105,13 +109,15 @@ def add_export(sub: argparse._SubParsersAction) -> None:
                    help="JSON {layer: bits}, bare or under 'plan' (or 'bits', as `quept plan` "
                    "writes)")
     p.add_argument("--out", required=True,
-                   help="output folder (quept, compressed-tensors) or file (gguf)")
+                   help="output folder (quept, compressed-tensors, onnx) or file (gguf)")
     p.add_argument("--format", choices=api.EXPORT_FORMATS, default="quept",
                    help="quept: packed folder for `quept run/eval`; gguf: llama.cpp file; "
-                   "compressed-tensors: folder for vLLM and transformers")
-    p.add_argument("--scale-dtype", choices=sorted(SCALE_DTYPES), default="float16",
-                   help="dtype of the stored scales (float32 = the fake-quantized weights to "
-                   "the bit; float16 = 16 bits less per group)")
+                   "compressed-tensors: folder for vLLM and transformers; onnx: folder with "
+                   "model.onnx for ONNX Runtime")
+    p.add_argument("--scale-dtype", choices=sorted(SCALE_DTYPES), default=None,
+                   help="dtype of the stored scales, quept and compressed-tensors formats "
+                   "(float32 = the fake-quantized weights to the bit; float16, the default = "
+                   "16 bits less per group); gguf stores float16, onnx float32")
     p.add_argument("--head-bits", type=int, default=None,
                    help="also store the output head (and a tied embedding) as codes of this "
                    "width, e.g. 8: smaller and faster to decode, logits no longer equal to the "
@@ -129,10 +135,11 @@ def cmd_export(a: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     if a.head_bits is not None and a.format != "quept":
         raise ConfigError("--head-bits applies to the quept format")
-    if a.format == "gguf" and a.scale_dtype != "float16":
-        raise ConfigError("--scale-dtype does not apply to gguf: its blocks store float16 "
-                          "scales")
-    meta = api.export(model, plan, a.out, a.format, tokenizer=tok, scale_dtype=a.scale_dtype,
+    if a.format in ("gguf", "onnx") and a.scale_dtype is not None:
+        fixed = "its blocks store float16" if a.format == "gguf" else "MatMulNBits takes float32"
+        raise ConfigError(f"--scale-dtype does not apply to {a.format}: {fixed} scales")
+    meta = api.export(model, plan, a.out, a.format, tokenizer=tok,
+                      scale_dtype=a.scale_dtype or "float16",
                       **({} if a.format != "quept" else {"head_bits": a.head_bits}))
     seconds = time.perf_counter() - t0
     if not a.json:
@@ -173,6 +180,10 @@ def cmd_run(a: argparse.Namespace) -> dict[str, Any]:
     if (a.bits is not None) != (kind in ("elastic", "compact")):
         raise ConfigError(f"{folder} is a {kind} folder: --bits is for elastic or compact "
                           "folders (and required there)")
+    if kind == "onnx":
+        raise ConfigError(f"{folder} is an ONNX export: its graph has no KV cache, so it scores "
+                          "text (`quept eval`) but does not generate; run a packed or "
+                          "compressed-tensors export")
     if kind == "packed":
         model, tok = api.load_packed(folder, backend=a.backend)
     elif kind in ("hf", "compressed-tensors"):

@@ -1,0 +1,317 @@
+"""Export one configuration of an elastic model to ONNX, for ONNX Runtime.
+
+Each quantized linear becomes ONNX Runtime's ``com.microsoft.MatMulNBits``: ``B`` the codes,
+``block_size`` = our group size, one float32 ``scale`` and one packed ``zero_point`` per group,
+dequantized as ``(q - z) * s``, which is ours, so the weights are the elastic model's exactly.
+ONNX Runtime's CPU kernel takes 2, 4 and 8 bits, so 3-bit codes travel in 4-bit containers and
+5, 6 and 7-bit codes in 8-bit ones (exact; the file is as large as the container's width).
+Codes and zero-points are packed low bits first.
+
+The graph is traced by ``torch.onnx.export(dynamo=True)``: quantized linears run a custom torch
+op whose ONNX translation is the ``MatMulNBits`` node (its schema is registered with ``onnx``
+for the tracer, once). Inputs and outputs by task: causal LMs ``input_ids`` -> ``logits`` (no
+KV cache: scoring and prefill, not incremental decoding); encoders ``input_ids``,
+``attention_mask`` -> ``last_hidden_state``; image classifiers ``pixel_values`` -> ``logits``.
+Batch and sequence axes are dynamic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from quept.export.ct_format import resolve_plan
+from quept.nn.switch import elastic_layers
+
+log = logging.getLogger(__name__)
+
+ONNX_FILE = "model.onnx"
+CONTAINER = {2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 7: 8, 8: 8}  # our width -> MatMulNBits bits
+OPSET = 18
+
+
+class OnnxExportError(ValueError):
+    """The model or plan cannot be exported to ONNX."""
+
+
+# --------------------------------------------------------------------------- packing
+def pack_low_first(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 values < 2^bits (..., n) -> uint8 (..., ceil(n*bits/8)), low bits first, for
+    ``bits`` in 2, 4, 8 (the widths a byte holds a whole number of)."""
+    if bits not in (2, 4, 8):
+        raise OnnxExportError(f"MatMulNBits containers are 2, 4 or 8 bits, not {bits}")
+    per = 8 // bits
+    v = values.to(torch.uint8)
+    pad = -v.shape[-1] % per
+    if pad:
+        v = torch.nn.functional.pad(v, (0, pad))
+    v = v.reshape(*v.shape[:-1], -1, per).to(torch.int32)
+    shifts = torch.arange(per, dtype=torch.int32) * bits
+    return (v << shifts).sum(-1).to(torch.uint8)
+
+
+def unpack_low_first(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_low_first`: uint8 (..., bytes) -> uint8 (..., n)."""
+    per = 8 // bits
+    shifts = torch.arange(per, dtype=torch.int32) * bits
+    v = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return v.reshape(*packed.shape[:-1], -1)[..., :n].to(torch.uint8)
+
+
+# --------------------------------------------------------------------------- the custom op
+@torch.library.custom_op("quept::matmul_nbits", mutates_args=())
+def matmul_nbits(x: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor,
+                 k: int, n: int, bits: int, block_size: int) -> torch.Tensor:
+    """``x @ W.T`` for the MatMulNBits operands of ``W`` (n, k)."""
+    blocks = k // block_size
+    codes = unpack_low_first(b, bits, block_size).float()  # (n, blocks, block)
+    zero = unpack_low_first(zero_points, bits, blocks).float().unsqueeze(-1)
+    w = ((codes - zero) * scales.unsqueeze(-1)).reshape(n, k)
+    return x @ w.t()
+
+
+@matmul_nbits.register_fake
+def _(x, b, scales, zero_points, k, n, bits, block_size):
+    return x.new_empty((*x.shape[:-1], n))
+
+
+class NBitsLinear(nn.Module):
+    """A linear layer as MatMulNBits operands (buffers) plus an optional float bias."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                 block_size: int, bias: torch.Tensor | None):
+        super().__init__()
+        n, k = codes.shape
+        self.k, self.n, self.bits, self.block_size = k, n, CONTAINER[bits], block_size
+        blocks = k // block_size
+        self.register_buffer("b", pack_low_first(codes.reshape(n, blocks, block_size), self.bits))
+        self.register_buffer("scales", scale.float().reshape(n, blocks).contiguous())
+        self.register_buffer("zero_points", pack_low_first(zero.round().reshape(n, blocks),
+                                                           self.bits))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.quept.matmul_nbits(x, self.b, self.scales, self.zero_points, self.k,
+                                         self.n, self.bits, self.block_size)
+        return y if self.bias is None else y + self.bias
+
+    def stored_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.b, self.scales, self.zero_points))
+
+
+def _register_schema() -> None:
+    """Make ``com.microsoft.MatMulNBits`` known to ``onnx.defs`` (the tracer needs a schema)."""
+    import onnx
+    from onnx.defs import OpSchema
+
+    if onnx.defs.has("MatMulNBits", "com.microsoft"):
+        return
+    fp = OpSchema.FormalParameter
+    onnx.defs.register_schema(OpSchema(
+        "MatMulNBits", "com.microsoft", 1,
+        inputs=[fp("A", "T1"), fp("B", "T2"), fp("scales", "T1"),
+                fp("zero_points", "T3", param_option=OpSchema.FormalParameterOption.Optional)],
+        outputs=[fp("Y", "T1")],
+        type_constraints=[("T1", ["tensor(float)", "tensor(float16)"], ""),
+                          ("T2", ["tensor(uint8)"], ""), ("T3", ["tensor(uint8)"], "")],
+        attributes=[OpSchema.Attribute(a, OpSchema.AttrType.INT, "")
+                    for a in ("K", "N", "bits", "block_size")],
+    ))
+
+
+def _translation() -> dict[Any, Any]:
+    import onnxscript
+
+    _register_schema()
+    msft = onnxscript.values.Opset("com.microsoft", 1)
+
+    def matmul_nbits_onnx(x, b, scales, zero_points, k: int, n: int, bits: int, block_size: int):
+        return msft.MatMulNBits(x, b, scales, zero_points, K=k, N=n, bits=bits,
+                                block_size=block_size)
+
+    return {torch.ops.quept.matmul_nbits.default: matmul_nbits_onnx}
+
+
+# --------------------------------------------------------------------------- model surgery
+def _check_model(model: nn.Module) -> None:
+    spec = getattr(model, "quept_spec", None)
+    if spec is None or not elastic_layers(model):
+        raise OnnxExportError(
+            "the model has no elastic layers; load a calibrated folder with quept.api.load")
+    refused = {"activations": spec.activations != "none", "kv_bits": spec.kv_bits is not None,
+               "rotation": spec.rotation != "none"}
+    if any(refused.values()):
+        what = ", ".join(k for k, v in refused.items() if v)
+        raise OnnxExportError(
+            f"ONNX export is weight-only: this model was calibrated with {what} (activation or "
+            "KV-cache quantizers, online rotations), which MatMulNBits does not apply; export "
+            "the packed quept format, which keeps them")
+
+
+@contextlib.contextmanager
+def _swapped(model: nn.Module, plan: Mapping[str, int | None]) -> Iterator[dict[str, NBitsLinear]]:
+    """Swap every quantized elastic layer for an :class:`NBitsLinear` (float layers of a plan
+    for a float ``nn.Linear``), restoring the elastic layers afterwards."""
+    layers = elastic_layers(model)
+    swapped: dict[str, nn.Module] = {}
+    out: dict[str, NBitsLinear] = {}
+    try:
+        for name, b in plan.items():
+            m = layers[name]
+            if b is None:
+                new: nn.Module = nn.Linear(m.in_features, m.out_features, m.bias is not None)
+                new.weight = nn.Parameter(m.weight.detach(), False)
+                if m.bias is not None:
+                    new.bias = nn.Parameter(m.bias.detach(), False)
+            else:
+                gs = m.spec.group_size_for(b) or m.in_features
+                if gs < 16 or gs & (gs - 1):
+                    raise OnnxExportError(
+                        f"layer {name}: MatMulNBits needs a power-of-two block of at least 16 "
+                        f"inputs; the {b}-bit group is {gs} (use group size 32, 64 or 128)")
+                codes, scale, zero = m.quantized_codes(b)
+                new = out[name] = NBitsLinear(codes, scale, zero, b, gs, m.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, new)
+            swapped[name] = m
+        yield out
+    finally:
+        for name, m in swapped.items():
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, m)
+
+
+class _Graph(nn.Module):
+    """The model with plain tensor inputs and one output, per task."""
+
+    def __init__(self, model: nn.Module, task: str):
+        super().__init__()
+        self.model, self.task = model, task
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.task == "causal-lm":
+            return self.model(input_ids=x, use_cache=False).logits
+        if self.task == "encoder":
+            return self.model(input_ids=x, attention_mask=mask).last_hidden_state
+        return self.model(pixel_values=x).logits
+
+
+def _example(model: nn.Module, task: str) -> tuple[tuple[torch.Tensor, ...], list[str], str,
+                                                    tuple[dict[int, Any], ...]]:
+    batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim("sequence", min=2)
+    cfg = model.config
+    if task == "image-classification":
+        size, ch = cfg.image_size, getattr(cfg, "num_channels", 3)
+        return ((torch.zeros(2, ch, size, size),), ["pixel_values"], "logits", ({0: batch},))
+    ids = torch.randint(0, min(cfg.vocab_size, 100), (2, 8), generator=torch.Generator()
+                        .manual_seed(0))
+    if task == "encoder":
+        return ((ids, torch.ones_like(ids)), ["input_ids", "attention_mask"],
+                "last_hidden_state", ({0: batch, 1: seq}, {0: batch, 1: seq}))
+    return (ids,), ["input_ids"], "logits", ({0: batch, 1: seq},)
+
+
+def write_onnx(model: nn.Module, tokenizer: Any, folder: str | os.PathLike,
+               bits: int | Mapping[str, int | None]) -> dict[str, Any]:
+    """Write ``model`` (a loaded elastic model) at ``bits`` (a width, or ``{layer: width or
+    None}``) as ``folder/model.onnx`` with MatMulNBits layers, plus its config and tokenizer.
+    Returns a summary: inputs, output, widths, bits per weight, file size."""
+    from quept.models import family_for
+
+    _check_model(model)
+    fam = family_for(model)
+    if fam.name == "llava-ov-language":
+        raise OnnxExportError("ONNX export of a vision-language model is not supported: "
+                              "export the packed quept format or compressed-tensors instead")
+    try:
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise OnnxExportError("ONNX export needs onnx and onnxscript: pip install "
+                              "'quept[onnx]'") from None
+    plan = resolve_plan(model, bits)
+    args, names, output, shapes = _example(model, fam.task)
+    folder = Path(folder)
+    was_training = model.training
+    model.eval()
+    with _swapped(model, plan) as nbits, torch.no_grad():
+        qbytes = sum(m.stored_bytes() for m in nbits.values())
+        weights = sum(m.k * m.n for m in nbits.values())
+        program = torch.onnx.export(
+            _Graph(model, fam.task).eval(), args, dynamo=True, input_names=names,
+            output_names=[output], dynamic_shapes=shapes, opset_version=OPSET,
+            custom_translation_table=_translation(), verbose=False)
+    model.train(was_training)
+    big = sum(t.numel() * t.element_size() for t in model.state_dict().values()) > 1.5e9
+    folder.mkdir(parents=True, exist_ok=True)
+    program.save(str(folder / ONNX_FILE), external_data=big)
+    model.config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    widths = sorted({b for b in plan.values() if b is not None})
+    summary = {
+        "format": "onnx", "path": str(folder), "task": fam.task, "inputs": names,
+        "output": output, "opset": OPSET,
+        "bits": widths[0] if len(widths) == 1 and None not in plan.values() else "mixed",
+        "widths": {str(b): sum(v == b for v in plan.values()) for b in widths},
+        "containers": {str(b): CONTAINER[b] for b in widths},
+        "float_layers": sum(b is None for b in plan.values()),
+        "quantized_weights": weights, "quantized_bytes": qbytes,
+        "bits_per_weight": 8 * qbytes / max(weights, 1),
+        "file_bytes": sum(f.stat().st_size for f in folder.glob("model.onnx*")),
+    }
+    (folder / "quept-export.json").write_text(json.dumps(summary, indent=1))
+    log.info("ONNX model written to %s (%.3f bits per quantized weight)", folder / ONNX_FILE,
+             summary["bits_per_weight"])
+    return summary
+
+
+# --------------------------------------------------------------------------- running
+def is_onnx_folder(folder: str | os.PathLike) -> bool:
+    return (Path(folder) / ONNX_FILE).is_file() and (Path(folder) / "quept-export.json").is_file()
+
+
+class OrtModel(nn.Module):
+    """An exported folder run by ONNX Runtime behind the call signature quept's evaluators use:
+    ``model(ids).logits``, ``model(input_ids=, attention_mask=).last_hidden_state`` or
+    ``model(pixel_values=).logits``. No KV cache: it scores, it does not decode."""
+
+    def __init__(self, folder: str | os.PathLike, threads: int | None = None):
+        super().__init__()
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise OnnxExportError(f"{folder} is an ONNX model; running it needs onnxruntime: "
+                                  "pip install 'quept[onnx]'") from None
+        from transformers import AutoConfig
+
+        folder = Path(folder)
+        self.meta = json.loads((folder / "quept-export.json").read_text())
+        self.config = AutoConfig.from_pretrained(folder)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or torch.get_num_threads()
+        self.session = ort.InferenceSession(str(folder / ONNX_FILE), opts,
+                                            providers=["CPUExecutionProvider"])
+        self._device = nn.Parameter(torch.zeros(0), requires_grad=False)  # device for callers
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None
+                = None, pixel_values: torch.Tensor | None = None, **_: Any) -> Any:
+        from types import SimpleNamespace
+
+        task = self.meta["task"]
+        if task == "image-classification":
+            feeds = {"pixel_values": pixel_values.float().numpy()}
+        else:
+            feeds = {"input_ids": input_ids.numpy()}
+            if task == "encoder":
+                mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+                feeds["attention_mask"] = mask.numpy()
+        (out,) = self.session.run([self.meta["output"]], feeds)
+        return SimpleNamespace(**{self.meta["output"]: torch.from_numpy(out)})

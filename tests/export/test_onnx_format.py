@@ -1,0 +1,138 @@
+"""ONNX export: MatMulNBits packing, ONNX Runtime's outputs against the elastic model's for a
+decoder (every width, a plan), a BERT encoder and a ViT, the CLI, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import quept
+from quept.cli import main
+from quept.config import ElasticSpec, weight_act_spec
+from quept.nn import elastic_layers, set_bits
+
+from .tiny import TEXT, elastic_folder, elastic_tiny, hf_folder, randomize
+
+pytest.importorskip("onnxscript")
+ort = pytest.importorskip("onnxruntime")
+from quept.export.onnx_format import (  # noqa: E402
+    OnnxExportError,
+    pack_low_first,
+    unpack_low_first,
+    write_onnx,
+)
+
+
+def session(folder):
+    return ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+
+
+def test_packing_is_low_bits_first_and_round_trips():
+    v = torch.tensor([[1, 2, 3, 0, 3]], dtype=torch.uint8)
+    assert pack_low_first(v, 2).tolist() == [[1 | 2 << 2 | 3 << 4, 3]]
+    assert pack_low_first(torch.tensor([[5, 12, 7]], dtype=torch.uint8), 4).tolist() == [
+        [5 | 12 << 4, 7]]
+    gen = torch.Generator().manual_seed(0)
+    for b in (2, 4, 8):
+        x = torch.randint(0, 2**b, (3, 4, 37), generator=gen).to(torch.uint8)
+        assert torch.equal(unpack_low_first(pack_low_first(x, b), b, 37), x)
+    with pytest.raises(OnnxExportError, match="2, 4 or 8"):
+        pack_low_first(x, 3)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return elastic_tiny(vocab_size=96)
+
+
+def test_decoder_widths_and_a_plan_run_in_onnx_runtime_as_in_torch(model, tmp_path):
+    ids = torch.randint(2, 96, (3, 19), generator=torch.Generator().manual_seed(1))
+    names = list(elastic_layers(model))
+    plan = {n: [2, 3, 5, None, 6, 7, 8][i % 7] for i, n in enumerate(names)}
+    for bits in (3, 4, plan):
+        out = tmp_path / f"m{len(str(bits))}"
+        summary = write_onnx(model, None, out, bits)
+        assert summary["inputs"] == ["input_ids"] and summary["output"] == "logits"
+        if bits == 3:
+            assert summary["containers"] == {"3": 4}
+            # container 4 bits + float32 scale + 4-bit zero-point per group of 32
+            assert summary["bits_per_weight"] == pytest.approx(4 + 36 / 32)
+        with torch.no_grad():
+            ref = set_bits(model, bits)(ids).logits.numpy()
+        got = session(out).run(None, {"input_ids": ids.numpy()})[0]
+        np.testing.assert_allclose(got, ref, atol=2e-5 * np.abs(ref).max())
+    meta = json.loads((out / "quept-export.json").read_text())
+    assert meta["bits"] == "mixed" and meta["float_layers"] == 2
+    assert all(isinstance(m, torch.nn.Module) for m in elastic_layers(model).values())
+    assert set(elastic_layers(model)) == set(names)  # the elastic layers are back
+
+
+def test_encoder_and_vit_export(tmp_path):
+    from tests.test_encoder import tiny_bert
+    from tests.test_vit import tiny_vit
+
+    torch.set_grad_enabled(False)
+    try:
+        bert = randomize(quept.prepare(tiny_bert(), ElasticSpec(ranks=(2, 2, 2, 2))))
+        write_onnx(bert, None, tmp_path / "bert", 2)
+        ids = torch.randint(0, 32, (2, 12), generator=torch.Generator().manual_seed(2))
+        mask = torch.ones_like(ids)
+        mask[1, 7:] = 0
+        ref = set_bits(bert, 2)(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
+        got = session(tmp_path / "bert").run(
+            None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+        np.testing.assert_allclose(got, ref, atol=2e-5 * np.abs(ref).max())
+
+        vit = randomize(quept.prepare(tiny_vit(), ElasticSpec(ranks=(2, 2, 2, 2))))
+        summary = write_onnx(vit, None, tmp_path / "vit", 6)
+        assert summary["inputs"] == ["pixel_values"] and summary["containers"] == {"6": 8}
+        px = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+        ref = set_bits(vit, 6)(pixel_values=px).logits.numpy()
+        got = session(tmp_path / "vit").run(None, {"pixel_values": px.numpy()})[0]
+        np.testing.assert_allclose(got, ref, atol=2e-5 * np.abs(ref).max())
+    finally:
+        torch.set_grad_enabled(True)
+
+
+def test_refusals(model, tmp_path):
+    with pytest.raises(OnnxExportError, match="activations"):
+        write_onnx(elastic_tiny(weight_act_spec(ElasticSpec(default_group_size=32))), None,
+                   tmp_path / "x", 4)
+    with pytest.raises(OnnxExportError, match="kv_bits"):
+        write_onnx(elastic_tiny(ElasticSpec(ranks=(2, 2, 2, 2), default_group_size=32,
+                                            kv_bits=4)), None, tmp_path / "x", 4)
+    odd = elastic_tiny(ElasticSpec(ranks=(2, 2, 2, 2), default_group_size=48),
+                       hidden_size=48, intermediate_size=96)
+    layers = dict(elastic_layers(odd))
+    with pytest.raises(OnnxExportError, match="power-of-two block of at least 16 inputs; the "
+                       "2-bit group is 48"):
+        write_onnx(odd, None, tmp_path / "x", 2)
+    assert elastic_layers(odd) == layers  # swapped back after the refusal
+    assert not (tmp_path / "x" / "model.onnx").exists()
+
+
+def run_json(capsys, argv):
+    assert main(argv) == 0, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out)
+
+
+def test_cli_export_then_eval_in_onnx_runtime(tmp_path, capsys):
+    base = hf_folder(tmp_path / "base")
+    elastic = elastic_folder(tmp_path / "elastic", base)
+    (tmp_path / "text.txt").write_text(TEXT)
+    ev = ["--text", str(tmp_path / "text.txt"), "--windows", "2", "--seq-len", "32", "--json"]
+    res = run_json(capsys, ["export", str(elastic), "--bits", "4", "--format", "onnx", "--out",
+                            str(tmp_path / "o4"), "--json"])
+    assert res["format"] == "onnx" and res["bits"] == 4
+    direct = run_json(capsys, ["eval", str(elastic), "--bits", "4", *ev])["rows"][1]["ppl"]
+    (row,) = run_json(capsys, ["eval", str(tmp_path / "o4"), *ev])["rows"]
+    assert row["bits"] == 4 and row["bits_per_weight"] == pytest.approx(res["bits_per_weight"])
+    assert row["ppl"] == pytest.approx(direct, rel=1e-4)
+    assert main(["run", str(tmp_path / "o4"), "--prompt", "It is"]) != 0
+    assert "no KV cache" in capsys.readouterr().err
+    assert main(["export", str(elastic), "--bits", "4", "--format", "onnx", "--scale-dtype",
+                 "float16", "--out", str(tmp_path / "x")]) != 0
+    assert "MatMulNBits takes float32" in capsys.readouterr().err
