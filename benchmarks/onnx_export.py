@@ -7,9 +7,9 @@ For every width (and a plan, with --plan) this exports the model with MatMulNBit
   file in ONNX Runtime (CPU execution provider) over the same windows;
 - the file size and the stored bits per quantized weight (MatMulNBits containers: 3 bits in 4,
   5-7 bits in 8; float32 scales);
-- the time of one forward pass over one window (batch 1, --seq-len tokens), median of
-  --repeats, for ONNX Runtime on the export and for PyTorch float32 on the base model, in this
-  one process.
+- the time of one forward pass, batch 1, over --seq-len tokens (a prompt) and over 1 token (the
+  weight-bound case), for ONNX Runtime on each export, ONNX Runtime on the float32 model and
+  PyTorch float32: after all exports, the models take turns, --repeats rounds, medians.
 
 Run from the repository root under the shared lock (it times things):
 
@@ -38,16 +38,6 @@ from quept.export.onnx_format import OrtModel
 from quept.search.plan import read_widths
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--elastic", required=True, help="calibrated elastic folder")
@@ -56,6 +46,8 @@ def main() -> int:
     p.add_argument("--windows", type=int, default=32, help="perplexity windows")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--repeats", type=int, default=5, help="timed forward passes per model")
+    p.add_argument("--accuracy-level", type=int, default=0,
+                   help="MatMulNBits accuracy level of the exports (4 = int8 activations)")
     p.add_argument("--work", default=None, help="folder for the exports (default: a temp dir)")
     p.add_argument("--out", default="results/onnx_export.json")
     a = p.parse_args()
@@ -64,12 +56,10 @@ def main() -> int:
     work = Path(a.work or tempfile.mkdtemp(prefix="quept-onnx-"))
     model, tok = quept.load(a.elastic)
     windows = api.windows_from_text(tok, data.evaluation_text(), a.seq_len, a.windows)
-    one = windows[:1]
     base, _ = quept.load_model(quept.read_meta(a.elastic)["base_model"])
     with torch.no_grad():
-        float_s = median_seconds(lambda m=base: m(one, use_cache=False), a.repeats)
         float_ppl = perplexity(base, windows)
-    del base
+    export_float(base, work / "float32")
     configs: list[tuple[str, object]] = [(f"W{b}", int(b)) for b in a.bits.split(",")]
     if a.plan:
         configs.append((f"plan {Path(a.plan).name}", read_widths(a.plan)))
@@ -77,43 +67,86 @@ def main() -> int:
     for label, widths in configs:
         out = work / label.replace(" ", "_")
         t0 = time.perf_counter()
-        summary = api.export(model, widths, out, "onnx", tokenizer=tok)
-        row = {"config": label, "export_seconds": time.perf_counter() - t0,
+        summary = api.export(model, widths, out, "onnx", tokenizer=tok,
+                             accuracy_level=a.accuracy_level)
+        row = {"config": label, "folder": out.name, "export_seconds": time.perf_counter() - t0,
                **{k: summary[k] for k in ("bits_per_weight", "quantized_bytes", "file_bytes",
                                           "widths", "containers")}}
         with torch.no_grad():
             api.set_bits(model, widths)
             row["elastic"] = perplexity(model, windows)
-            ort_model = OrtModel(out)
-            row["onnxruntime"] = perplexity(ort_model, windows)
-            row["forward_seconds"] = median_seconds(lambda m=ort_model: m(one), a.repeats)
-        row["speedup_vs_torch_float32"] = float_s / row["forward_seconds"]
-        del ort_model
+            row["onnxruntime"] = perplexity(OrtModel(out), windows)
         rows.append(row)
         print(json.dumps(row), flush=True)
+    del model
+    timing = time_all(base, work, [r["folder"] for r in rows], windows[:1], a.repeats)
+    for r in rows:
+        r["forward_ms"] = timing.pop(r["folder"])
     res = {"elastic": Path(a.elastic).name, "windows": a.windows, "seq_len": a.seq_len,
-           "repeats": a.repeats,
+           "repeats": a.repeats, "accuracy_level": a.accuracy_level,
            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch "
                       f"{torch.__version__}, onnxruntime {onnxruntime.__version__}",
-           "torch_float32": {"ppl": float_ppl, "forward_seconds": float_s}, "rows": rows}
+           "float32": {"ppl": float_ppl, "forward_ms": timing}, "rows": rows}
     report(res)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=1))
     return 0
 
 
+def export_float(base: torch.nn.Module, folder: Path) -> None:
+    """The float32 base model as ONNX (the same graph, plain MatMuls), ONNX Runtime's own
+    baseline."""
+    from quept.export.onnx_format import ONNX_FILE, _example, _Graph
+
+    args, names, output, shapes = _example(base, "causal-lm")
+    with torch.no_grad():
+        program = torch.onnx.export(_Graph(base, "causal-lm").eval(), args, dynamo=True,
+                                    input_names=names, output_names=[output],
+                                    dynamic_shapes=shapes, opset_version=18)
+    folder.mkdir(parents=True, exist_ok=True)
+    program.save(str(folder / ONNX_FILE))
+    base.config.save_pretrained(folder)
+    (folder / "quept-export.json").write_text(json.dumps(
+        {"format": "onnx", "task": "causal-lm", "output": output, "bits": None}))
+
+
+def time_all(base: torch.nn.Module, work: Path, folders: list[str], window: torch.Tensor,
+             repeats: int) -> dict[str, dict[str, float]]:
+    """Median ms of one forward over the window and over its first token, per model; the
+    models take turns in every round."""
+    models = {"torch": base, "onnxruntime float32": OrtModel(work / "float32"),
+              **{f: OrtModel(work / f) for f in folders}}
+    inputs = {"prompt": window, "one_token": window[:, :1]}
+    times: dict[str, dict[str, list[float]]] = {m: {k: [] for k in inputs} for m in models}
+    with torch.no_grad():
+        for rnd in range(repeats + 1):
+            for name, m in models.items():
+                for k, ids in inputs.items():
+                    t0 = time.perf_counter()
+                    m(ids, use_cache=False)
+                    if rnd:  # round 0 warms up
+                        times[name][k].append(time.perf_counter() - t0)
+    return {m: {k: 1e3 * statistics.median(v) for k, v in d.items()} for m, d in times.items()}
+
+
 def report(res: dict) -> None:
-    f = res["torch_float32"]
-    print(f"\n{res['machine']}; perplexity over {res['windows']} x {res['seq_len']} tokens; "
-          f"forward of 1 x {res['seq_len']} tokens, median of {res['repeats']}\n")
-    print("| config | bits/weight | file MB | elastic (torch) | ONNX Runtime | forward ms | "
-          "vs torch float32 |\n|---|---|---|---|---|---|---|")
-    print(f"| float32 (torch) | 32 | | {f['ppl']:.3f} | | {1e3 * f['forward_seconds']:.0f} | "
-          "1.00x |")
+    f = res["float32"]
+    t = f["forward_ms"]
+    print(f"\n{res['machine']}; MatMulNBits accuracy level {res['accuracy_level']}; "
+          f"perplexity over {res['windows']} x {res['seq_len']} tokens; "
+          f"forward ms of 1 x {res['seq_len']} tokens and of 1 token, median of "
+          f"{res['repeats']} rounds\n")
+    print("| config | bits/weight | file MB | elastic (torch) | ONNX Runtime | forward "
+          f"{res['seq_len']} tok | forward 1 tok |\n|---|---|---|---|---|---|---|")
+    print(f"| float32, torch | 32 | | {f['ppl']:.3f} | | {t['torch']['prompt']:.0f} | "
+          f"{t['torch']['one_token']:.1f} |")
+    o = t["onnxruntime float32"]
+    print(f"| float32, ONNX Runtime | 32 | | | | {o['prompt']:.0f} | {o['one_token']:.1f} |")
     for r in res["rows"]:
+        ms = r["forward_ms"]
         print(f"| {r['config']} | {r['bits_per_weight']:.3f} | {r['file_bytes'] / 1e6:.1f} | "
-              f"{r['elastic']:.3f} | {r['onnxruntime']:.3f} | {1e3 * r['forward_seconds']:.0f} "
-              f"| {r['speedup_vs_torch_float32']:.2f}x |")
+              f"{r['elastic']:.3f} | {r['onnxruntime']:.3f} | {ms['prompt']:.0f} | "
+              f"{ms['one_token']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -175,7 +175,7 @@ def test_cli_quantize_eval_export_on_an_encoder(bert_folder, texts, tmp_path, ca
         (["plan", str(out), "--avg-bits", "3", "--out", str(tmp_path / "p.json"),
           "--calib-text", calib], "encoder"),
         (["run", str(packed), "--prompt", "hi"], "does not generate"),
-        (["eval", str(bert_folder), "--text", ev], "plain encoder folder"),
+        (["eval", str(bert_folder), "--text", ev], "is not an elastic folder"),
         (["export", str(out), "--bits", "4", "--format", "gguf", "--out",
           str(tmp_path / "m.gguf")], "bert"),
     ):

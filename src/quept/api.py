@@ -365,14 +365,15 @@ EXPORT_FORMATS = ("quept", "gguf", "compressed-tensors", "onnx")
 
 def export(model: nn.Module, bits_or_plan: int | Mapping[str, int] | Plan,
            out: str | os.PathLike, format: str = "quept", *, tokenizer: Any = None,
-           scale_dtype: str = "float16", head_bits: int | None = None) -> dict[str, Any]:
+           scale_dtype: str = "float16", head_bits: int | None = None,
+           accuracy_level: int = 0) -> dict[str, Any]:
     """Write one configuration of an elastic model: ``"quept"`` = a packed folder ``out``
     (codes at their true width, loadable with :func:`load_packed`; ``head_bits`` also packs
     the output head and a tied embedding); ``"gguf"`` = a llama.cpp GGUF file ``out``;
     ``"compressed-tensors"`` = a Hugging Face folder ``out`` in the format of vLLM and
     transformers' compressed-tensors quantizer; ``"onnx"`` = a folder ``out`` with
-    ``model.onnx`` for ONNX Runtime (MatMulNBits layers). Returns a summary (the packed
-    folder's JSON)."""
+    ``model.onnx`` for ONNX Runtime (MatMulNBits layers; ``accuracy_level`` 4 lets its CPU
+    kernels compute with int8 activations). Returns a summary (the packed folder's JSON)."""
     widths = as_layer_widths(bits_or_plan)
     if format == "quept":
         source = {"base_model": getattr(model, "quept_source", DEFAULT_MODEL)}
@@ -391,7 +392,7 @@ def export(model: nn.Module, bits_or_plan: int | Mapping[str, int] | Plan,
     if format == "onnx":
         from quept.export.onnx_format import write_onnx
 
-        return write_onnx(model, tokenizer, out, widths)
+        return write_onnx(model, tokenizer, out, widths, accuracy_level=accuracy_level)
     raise ConfigError(f"export format {format!r} is not one of {EXPORT_FORMATS}")
 
 

@@ -537,8 +537,9 @@ def _eval_encoder(a: argparse.Namespace, folder: Path, model: torch.nn.Module, t
                   elastic: bool, plan: Plan | None, bits: list[int]) -> dict[str, Any]:
     """`quept eval` of an encoder: embedding fidelity per width against its float encoder."""
     if not elastic:
-        raise ConfigError(f"{folder} is a plain encoder folder: embedding fidelity compares a "
-                          "quantized encoder with its float one, so pass an elastic folder")
+        raise ConfigError(f"{folder} is not an elastic folder: embedding fidelity compares a "
+                          "quantized encoder with its float one, so pass an elastic folder (or a "
+                          "packed export, which records its base model)")
     if plan is not None:
         raise ConfigError("--plan needs a causal LM (plans are made from next-token KL); "
                           f"{folder} holds a {model.config.model_type} encoder")
@@ -564,8 +565,8 @@ def _eval_images(a: argparse.Namespace, folder: Path, model: torch.nn.Module, el
     else:
         from quept.eval import top1_accuracy
 
-        rows = [api.AccuracyRow(None, 32.0, top1_accuracy(model, pixels, labels,
-                                                          progress=not a.json))]
+        rows = [api.AccuracyRow(*_fixed_width(model), top1_accuracy(model, pixels, labels,
+                                                                     progress=not a.json))]
     if not a.json:
         _print_accuracy(rows, len(labels), f"Top-1 accuracy of {folder} on the Fashion-MNIST "
                         "test split", elastic and model.quept_spec.activations != "none")

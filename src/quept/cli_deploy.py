@@ -118,6 +118,10 @@ def add_export(sub: argparse._SubParsersAction) -> None:
                    help="dtype of the stored scales, quept and compressed-tensors formats "
                    "(float32 = the fake-quantized weights to the bit; float16, the default = "
                    "16 bits less per group); gguf stores float16, onnx float32")
+    p.add_argument("--accuracy-level", type=int, default=None, choices=(0, 1, 2, 3, 4),
+                   help="onnx: MatMulNBits accuracy level; 0 (default) computes in float32, "
+                   "the elastic model's outputs; 4 lets ONNX Runtime's CPU kernels quantize "
+                   "activations to int8 per block (faster, not exact; README Deployment)")
     p.add_argument("--head-bits", type=int, default=None,
                    help="also store the output head (and a tied embedding) as codes of this "
                    "width, e.g. 8: smaller and faster to decode, logits no longer equal to the "
@@ -138,8 +142,11 @@ def cmd_export(a: argparse.Namespace) -> dict[str, Any]:
     if a.format in ("gguf", "onnx") and a.scale_dtype is not None:
         fixed = "its blocks store float16" if a.format == "gguf" else "MatMulNBits takes float32"
         raise ConfigError(f"--scale-dtype does not apply to {a.format}: {fixed} scales")
+    if a.accuracy_level is not None and a.format != "onnx":
+        raise ConfigError("--accuracy-level applies to the onnx format")
     meta = api.export(model, plan, a.out, a.format, tokenizer=tok,
                       scale_dtype=a.scale_dtype or "float16",
+                      accuracy_level=a.accuracy_level or 0,
                       **({} if a.format != "quept" else {"head_bits": a.head_bits}))
     seconds = time.perf_counter() - t0
     if not a.json:

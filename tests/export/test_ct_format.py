@@ -183,3 +183,22 @@ def test_cli_export_then_eval_and_run_the_folder(tmp_path, capsys):
     assert main(["export", str(elastic), "--bits", "3", "--format", "gguf", "--scale-dtype",
                  "float32", "--out", str(tmp_path / "x.gguf")]) != 0
     assert "--scale-dtype does not apply to gguf" in capsys.readouterr().err
+
+
+def test_vision_language_model_keeps_its_vision_tower_float(tmp_path):
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForImageTextToText
+
+    from tests.test_vlm import SPEC as VLM_SPEC
+    from tests.test_vlm import text_ids, tiny_vlm
+
+    vlm = randomize(quept.prepare(tiny_vlm(), VLM_SPEC))
+    write_compressed_tensors(vlm, None, tmp_path / "vlm", 4, scale_dtype="float32")
+    cfg = json.loads((tmp_path / "vlm" / "config.json").read_text())["quantization_config"]
+    assert any(n.startswith("model.vision_tower.") for n in cfg["ignore"])
+    x = text_ids(2, 12, seed=4)
+    set_bits(vlm, 4)
+    ref = vlm(input_ids=x, use_cache=False).logits
+    got = load_compressed_tensors(tmp_path / "vlm", AutoModelForImageTextToText)
+    assert set(got.quept_compressed_tensors["widths"]) == set(elastic_layers(vlm))
+    assert torch.equal(got(input_ids=x, use_cache=False).logits, ref)

@@ -70,6 +70,24 @@ def test_decoder_widths_and_a_plan_run_in_onnx_runtime_as_in_torch(model, tmp_pa
     assert set(elastic_layers(model)) == set(names)  # the elastic layers are back
 
 
+def test_accuracy_level_4_is_recorded_and_close(model, tmp_path):
+    import onnx
+
+    ids = torch.randint(2, 96, (2, 9), generator=torch.Generator().manual_seed(5))
+    summary = write_onnx(model, None, tmp_path / "i8", 4, accuracy_level=4)
+    assert summary["accuracy_level"] == 4
+    nodes = [n for n in onnx.load(str(tmp_path / "i8" / "model.onnx")).graph.node
+             if n.op_type == "MatMulNBits"]
+    assert len(nodes) == 14
+    assert all({a.name: a.i for a in n.attribute}["accuracy_level"] == 4 for n in nodes)
+    with torch.no_grad():
+        ref = set_bits(model, 4)(ids).logits.numpy()
+    got = session(tmp_path / "i8").run(None, {"input_ids": ids.numpy()})[0]
+    np.testing.assert_allclose(got, ref, atol=5e-2 * np.abs(ref).max())
+    with pytest.raises(OnnxExportError, match="accuracy level"):
+        write_onnx(model, None, tmp_path / "x", 4, accuracy_level=5)
+
+
 def test_encoder_and_vit_export(tmp_path):
     from tests.test_encoder import tiny_bert
     from tests.test_vit import tiny_vit

@@ -97,9 +97,9 @@ def _check_model(model: nn.Module) -> None:
     if spec.activations != "none":
         raise CompressedTensorsExportError(
             f"compressed-tensors export is weight-only here: this model was calibrated with "
-            f"{spec.activations} activation quantization (and its Hadamard rotation), which the "
-            "format's activation schemes do not express the way quept computes it; export the "
-            "packed quept format, which keeps the activation quantizers")
+            f"{spec.activations} activation quantization, which the format's activation schemes "
+            "do not express the way quept computes it; export the packed quept format, which "
+            "keeps the activation quantizers")
     if spec.kv_bits is not None:
         raise CompressedTensorsExportError(
             f"compressed-tensors export cannot carry this model's {spec.kv_bits}-bit KV cache: "

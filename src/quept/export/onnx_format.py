@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 ONNX_FILE = "model.onnx"
 CONTAINER = {2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 7: 8, 8: 8}  # our width -> MatMulNBits bits
 OPSET = 18
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits: 0 unset (float32), 1 fp32, 2 fp16, 3 bf16, 4 int8
 
 
 class OnnxExportError(ValueError):
@@ -69,8 +70,9 @@ def unpack_low_first(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- the custom op
 @torch.library.custom_op("quept::matmul_nbits", mutates_args=())
 def matmul_nbits(x: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor,
-                 k: int, n: int, bits: int, block_size: int) -> torch.Tensor:
-    """``x @ W.T`` for the MatMulNBits operands of ``W`` (n, k)."""
+                 k: int, n: int, bits: int, block_size: int, accuracy_level: int) -> torch.Tensor:
+    """``x @ W.T`` for the MatMulNBits operands of ``W`` (n, k); computed in float32 here
+    whatever ``accuracy_level`` (an attribute for ONNX Runtime) says."""
     blocks = k // block_size
     codes = unpack_low_first(b, bits, block_size).float()  # (n, blocks, block)
     zero = unpack_low_first(zero_points, bits, blocks).float().unsqueeze(-1)
@@ -79,7 +81,7 @@ def matmul_nbits(x: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, zero_po
 
 
 @matmul_nbits.register_fake
-def _(x, b, scales, zero_points, k, n, bits, block_size):
+def _(x, b, scales, zero_points, k, n, bits, block_size, accuracy_level):
     return x.new_empty((*x.shape[:-1], n))
 
 
@@ -87,10 +89,11 @@ class NBitsLinear(nn.Module):
     """A linear layer as MatMulNBits operands (buffers) plus an optional float bias."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
-                 block_size: int, bias: torch.Tensor | None):
+                 block_size: int, bias: torch.Tensor | None, accuracy_level: int = 0):
         super().__init__()
         n, k = codes.shape
         self.k, self.n, self.bits, self.block_size = k, n, CONTAINER[bits], block_size
+        self.accuracy_level = accuracy_level
         blocks = k // block_size
         self.register_buffer("b", pack_low_first(codes.reshape(n, blocks, block_size), self.bits))
         self.register_buffer("scales", scale.float().reshape(n, blocks).contiguous())
@@ -100,7 +103,7 @@ class NBitsLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.quept.matmul_nbits(x, self.b, self.scales, self.zero_points, self.k,
-                                         self.n, self.bits, self.block_size)
+                                         self.n, self.bits, self.block_size, self.accuracy_level)
         return y if self.bias is None else y + self.bias
 
     def stored_bytes(self) -> int:
@@ -123,7 +126,7 @@ def _register_schema() -> None:
         type_constraints=[("T1", ["tensor(float)", "tensor(float16)"], ""),
                           ("T2", ["tensor(uint8)"], ""), ("T3", ["tensor(uint8)"], "")],
         attributes=[OpSchema.Attribute(a, OpSchema.AttrType.INT, "")
-                    for a in ("K", "N", "bits", "block_size")],
+                    for a in ("K", "N", "bits", "block_size", "accuracy_level")],
     ))
 
 
@@ -133,9 +136,10 @@ def _translation() -> dict[Any, Any]:
     _register_schema()
     msft = onnxscript.values.Opset("com.microsoft", 1)
 
-    def matmul_nbits_onnx(x, b, scales, zero_points, k: int, n: int, bits: int, block_size: int):
+    def matmul_nbits_onnx(x, b, scales, zero_points, k: int, n: int, bits: int, block_size: int,
+                          accuracy_level: int):
         return msft.MatMulNBits(x, b, scales, zero_points, K=k, N=n, bits=bits,
-                                block_size=block_size)
+                                block_size=block_size, accuracy_level=accuracy_level)
 
     return {torch.ops.quept.matmul_nbits.default: matmul_nbits_onnx}
 
@@ -157,7 +161,8 @@ def _check_model(model: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def _swapped(model: nn.Module, plan: Mapping[str, int | None]) -> Iterator[dict[str, NBitsLinear]]:
+def _swapped(model: nn.Module, plan: Mapping[str, int | None], accuracy_level: int = 0
+             ) -> Iterator[dict[str, NBitsLinear]]:
     """Swap every quantized elastic layer for an :class:`NBitsLinear` (float layers of a plan
     for a float ``nn.Linear``), restoring the elastic layers afterwards."""
     layers = elastic_layers(model)
@@ -178,7 +183,7 @@ def _swapped(model: nn.Module, plan: Mapping[str, int | None]) -> Iterator[dict[
                         f"layer {name}: MatMulNBits needs a power-of-two block of at least 16 "
                         f"inputs; the {b}-bit group is {gs} (use group size 32, 64 or 128)")
                 codes, scale, zero = m.quantized_codes(b)
-                new = out[name] = NBitsLinear(codes, scale, zero, b, gs, m.bias)
+                new = out[name] = NBitsLinear(codes, scale, zero, b, gs, m.bias, accuracy_level)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, new)
             swapped[name] = m
@@ -220,10 +225,16 @@ def _example(model: nn.Module, task: str) -> tuple[tuple[torch.Tensor, ...], lis
 
 
 def write_onnx(model: nn.Module, tokenizer: Any, folder: str | os.PathLike,
-               bits: int | Mapping[str, int | None]) -> dict[str, Any]:
+               bits: int | Mapping[str, int | None], *, accuracy_level: int = 0
+               ) -> dict[str, Any]:
     """Write ``model`` (a loaded elastic model) at ``bits`` (a width, or ``{layer: width or
     None}``) as ``folder/model.onnx`` with MatMulNBits layers, plus its config and tokenizer.
-    Returns a summary: inputs, output, widths, bits per weight, file size."""
+    ``accuracy_level`` is MatMulNBits' own: 0 computes in float32 (the elastic model's outputs),
+    4 lets ONNX Runtime's CPU kernels quantize each activation block to int8 (faster, not
+    exact). Returns a summary: inputs, output, widths, bits per weight, file size."""
+    if accuracy_level not in ACCURACY_LEVELS:
+        raise OnnxExportError(f"accuracy level must be one of {ACCURACY_LEVELS}, got "
+                              f"{accuracy_level!r}")
     from quept.models import family_for
 
     _check_model(model)
@@ -241,7 +252,7 @@ def write_onnx(model: nn.Module, tokenizer: Any, folder: str | os.PathLike,
     folder = Path(folder)
     was_training = model.training
     model.eval()
-    with _swapped(model, plan) as nbits, torch.no_grad():
+    with _swapped(model, plan, accuracy_level) as nbits, torch.no_grad():
         qbytes = sum(m.stored_bytes() for m in nbits.values())
         weights = sum(m.k * m.n for m in nbits.values())
         program = torch.onnx.export(
@@ -258,7 +269,7 @@ def write_onnx(model: nn.Module, tokenizer: Any, folder: str | os.PathLike,
     widths = sorted({b for b in plan.values() if b is not None})
     summary = {
         "format": "onnx", "path": str(folder), "task": fam.task, "inputs": names,
-        "output": output, "opset": OPSET,
+        "output": output, "opset": OPSET, "accuracy_level": accuracy_level,
         "bits": widths[0] if len(widths) == 1 and None not in plan.values() else "mixed",
         "widths": {str(b): sum(v == b for v in plan.values()) for b in widths},
         "containers": {str(b): CONTAINER[b] for b in widths},
