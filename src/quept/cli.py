@@ -428,10 +428,11 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="perplexity per width of an elastic folder (or a HF folder)",
                        description="Perplexity over non-overlapping windows of a text. FOLDER is "
                        "an elastic folder written by `quept quantize`, a compact checkpoint "
-                       "(`quept compact`), a packed or compressed-tensors folder (`quept "
+                       "(`quept compact`), a packed, compressed-tensors or ONNX folder (`quept "
                        "export`: its one configuration), or a plain HF model folder (then the "
                        "float model is reported).")
-    p.add_argument("folder", help="elastic, compact, packed, compressed-tensors or HF folder")
+    p.add_argument("folder",
+                   help="elastic, compact, packed, compressed-tensors, ONNX or HF model folder")
     p.add_argument("--bits", type=_int_list, default=None,
                    help="comma-separated widths, e.g. 2,3,4,8 (default: all widths)")
     p.add_argument("--text", nargs="+", default=None, metavar="FILE",
@@ -516,8 +517,8 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
 def _fixed_width(model: torch.nn.Module) -> tuple[int | str | None, float]:
     """Width label and stored bits per weight of a non-elastic model: float (32 bits), or an
     export's one width ("mixed" for a plan): compressed-tensors or ONNX."""
-    onnx = getattr(model, "meta", None)
-    if isinstance(onnx, dict) and onnx.get("format") == "onnx":
+    onnx = getattr(model, "quept_onnx", None)
+    if onnx is not None:
         return onnx["bits"], onnx["bits_per_weight"]
     info = getattr(model, "quept_compressed_tensors", None)
     if info is None:

@@ -133,10 +133,6 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(a: argparse.Namespace) -> dict[str, Any]:
-    folder = Path(a.folder)
-    model, tok, _ = _load_elastic(folder, folder_kind(folder), a.model)
-    plan = a.bits if a.bits is not None else read_widths(a.plan)
-    t0 = time.perf_counter()
     if a.head_bits is not None and a.format != "quept":
         raise ConfigError("--head-bits applies to the quept format")
     if a.format in ("gguf", "onnx") and a.scale_dtype is not None:
@@ -144,6 +140,10 @@ def cmd_export(a: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"--scale-dtype does not apply to {a.format}: {fixed} scales")
     if a.accuracy_level is not None and a.format != "onnx":
         raise ConfigError("--accuracy-level applies to the onnx format")
+    folder = Path(a.folder)
+    model, tok, _ = _load_elastic(folder, folder_kind(folder), a.model)
+    plan = a.bits if a.bits is not None else read_widths(a.plan)
+    t0 = time.perf_counter()
     meta = api.export(model, plan, a.out, a.format, tokenizer=tok,
                       scale_dtype=a.scale_dtype or "float16",
                       accuracy_level=a.accuracy_level or 0,

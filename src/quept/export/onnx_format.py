@@ -304,7 +304,7 @@ class OrtModel(nn.Module):
         from transformers import AutoConfig
 
         folder = Path(folder)
-        self.meta = json.loads((folder / "quept-export.json").read_text())
+        self.quept_onnx = json.loads((folder / "quept-export.json").read_text())
         self.config = AutoConfig.from_pretrained(folder)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or torch.get_num_threads()
@@ -316,7 +316,7 @@ class OrtModel(nn.Module):
                 = None, pixel_values: torch.Tensor | None = None, **_: Any) -> Any:
         from types import SimpleNamespace
 
-        task = self.meta["task"]
+        task = self.quept_onnx["task"]
         if task == "image-classification":
             feeds = {"pixel_values": pixel_values.float().numpy()}
         else:
@@ -324,5 +324,5 @@ class OrtModel(nn.Module):
             if task == "encoder":
                 mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
                 feeds["attention_mask"] = mask.numpy()
-        (out,) = self.session.run([self.meta["output"]], feeds)
-        return SimpleNamespace(**{self.meta["output"]: torch.from_numpy(out)})
+        (out,) = self.session.run([self.quept_onnx["output"]], feeds)
+        return SimpleNamespace(**{self.quept_onnx["output"]: torch.from_numpy(out)})
