@@ -66,7 +66,6 @@ def test_decoder_widths_and_a_plan_run_in_onnx_runtime_as_in_torch(model, tmp_pa
         np.testing.assert_allclose(got, ref, atol=2e-5 * np.abs(ref).max())
     meta = json.loads((out / "quept-export.json").read_text())
     assert meta["bits"] == "mixed" and meta["float_layers"] == 2
-    assert all(isinstance(m, torch.nn.Module) for m in elastic_layers(model).values())
     assert set(elastic_layers(model)) == set(names)  # the elastic layers are back
 
 
