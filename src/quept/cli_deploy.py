@@ -187,13 +187,9 @@ def cmd_run(a: argparse.Namespace) -> dict[str, Any]:
     if (a.bits is not None) != (kind in ("elastic", "compact")):
         raise ConfigError(f"{folder} is a {kind} folder: --bits is for elastic or compact "
                           "folders (and required there)")
-    if kind == "onnx":
-        raise ConfigError(f"{folder} is an ONNX export: its graph has no KV cache, so it scores "
-                          "text (`quept eval`) but does not generate; run a packed or "
-                          "compressed-tensors export")
     if kind == "packed":
         model, tok = api.load_packed(folder, backend=a.backend)
-    elif kind in ("hf", "compressed-tensors"):
+    elif kind in ("hf", "compressed-tensors", "onnx"):
         model, tok = api.load_model(folder)
     else:
         model, tok, _ = _load_elastic(folder, kind, None)

@@ -1,5 +1,6 @@
 """ONNX export: MatMulNBits packing, ONNX Runtime's outputs against the elastic model's for a
-decoder (every width, a plan), a BERT encoder and a ViT, the CLI, refusals."""
+decoder (widths, a plan, the KV cache, left padding, greedy decoding in ONNX Runtime and ONNX
+Runtime GenAI), a BERT encoder and a ViT, the CLI, refusals."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ pytest.importorskip("onnxscript")
 ort = pytest.importorskip("onnxruntime")
 from quept.export.onnx_format import (  # noqa: E402
     OnnxExportError,
+    OrtModel,
     pack_low_first,
     unpack_low_first,
     write_onnx,
@@ -28,6 +30,17 @@ from quept.export.onnx_format import (  # noqa: E402
 
 def session(folder):
     return ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+
+
+def decoder_logits(folder, ids):
+    """The exported decoder's logits for ``ids`` with an empty KV cache, fed by hand."""
+    sess = session(folder)
+    feeds = {"input_ids": ids.numpy(), "attention_mask": np.ones(ids.shape, np.int64),
+             "position_ids": np.arange(ids.shape[1])[None].repeat(ids.shape[0], 0)}
+    for i in sess.get_inputs():
+        if i.name.startswith("past_key_values."):
+            feeds[i.name] = np.zeros((ids.shape[0], i.shape[1], 0, i.shape[3]), np.float32)
+    return sess.run(["logits"], feeds)[0]
 
 
 def test_packing_is_low_bits_first_and_round_trips():
@@ -55,14 +68,18 @@ def test_decoder_widths_and_a_plan_run_in_onnx_runtime_as_in_torch(model, tmp_pa
     for bits in (3, 4, plan):
         out = tmp_path / f"m{len(str(bits))}"
         summary = write_onnx(model, None, out, bits)
-        assert summary["inputs"] == ["input_ids"] and summary["output"] == "logits"
+        assert summary["inputs"][:3] == ["input_ids", "attention_mask", "position_ids"]
+        assert summary["inputs"][3:] == [f"past_key_values.{i}.{kv}" for i in range(2)
+                                         for kv in ("key", "value")]
+        assert summary["outputs"] == ["logits", "present.0.key", "present.0.value",
+                                      "present.1.key", "present.1.value"]
         if bits == 3:
             assert summary["containers"] == {"3": 4}
             # container 4 bits + float32 scale + 4-bit zero-point per group of 32
             assert summary["bits_per_weight"] == pytest.approx(4 + 36 / 32)
         with torch.no_grad():
             ref = set_bits(model, bits)(ids).logits.numpy()
-        got = session(out).run(None, {"input_ids": ids.numpy()})[0]
+        got = decoder_logits(out, ids)
         np.testing.assert_allclose(got, ref, atol=2e-5 * np.abs(ref).max())
     meta = json.loads((out / "quept-export.json").read_text())
     assert meta["bits"] == "mixed" and meta["float_layers"] == 2
@@ -81,10 +98,73 @@ def test_accuracy_level_4_is_recorded_and_close(model, tmp_path):
     assert all({a.name: a.i for a in n.attribute}["accuracy_level"] == 4 for n in nodes)
     with torch.no_grad():
         ref = set_bits(model, 4)(ids).logits.numpy()
-    got = session(tmp_path / "i8").run(None, {"input_ids": ids.numpy()})[0]
+    got = decoder_logits(tmp_path / "i8", ids)
     np.testing.assert_allclose(got, ref, atol=5e-2 * np.abs(ref).max())
     with pytest.raises(OnnxExportError, match="accuracy level"):
         write_onnx(model, None, tmp_path / "x", 4, accuracy_level=5)
+
+
+@pytest.fixture(scope="module")
+def w4(model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("onnx") / "w4"
+    write_onnx(model, None, folder, 4)
+    return folder
+
+
+def test_decoding_with_the_cache_matches_the_whole_sequence(model, w4):
+    ids = torch.randint(2, 96, (2, 11), generator=torch.Generator().manual_seed(3))
+    ort_model = OrtModel(w4)
+    with torch.no_grad():
+        full = set_bits(model, 4)(ids).logits
+    out = ort_model(ids[:, :6], use_cache=True)
+    assert [tuple(p.shape) for p in out.past_key_values] == [(2, 2, 6, 16)] * 4
+    steps = [out.logits]
+    for t in range(6, 11):  # one token at a time over the cache
+        out = ort_model(ids[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+        steps.append(out.logits)
+    assert out.past_key_values[0].shape[2] == 11
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=2e-5 * full.abs().max(), rtol=0)
+
+
+def test_left_padded_batch_matches_torch(model, w4):
+    ids = torch.randint(2, 96, (2, 9), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # the second row is left-padded by 3
+    with torch.no_grad():
+        ref = set_bits(model, 4)(ids, attention_mask=mask).logits
+    got = OrtModel(w4)(ids, attention_mask=mask).logits
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], ref[keep], atol=2e-5 * ref.abs().max(), rtol=0)
+
+
+def test_greedy_generation_in_onnx_runtime_and_genai(model, w4):
+    from quept.export.runtime import generate
+
+    class Ids:  # a tokenizer over raw ids, for generate()
+        eos_token_id = None
+
+        @staticmethod
+        def decode(tokens, **_):
+            return " ".join(map(str, tokens.tolist()))
+
+    prompt = torch.randint(2, 96, (1, 7), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ref = set_bits(model, 4).generate(prompt, max_new_tokens=8, do_sample=False,
+                                          min_new_tokens=8)[0, 7:].tolist()
+    got = generate(OrtModel(w4), Ids, prompt, 8)
+    assert got.text == " ".join(map(str, ref)) and got.new_tokens == 8
+    config = json.loads((w4 / "genai_config.json").read_text())
+    assert config["model"]["type"] == "llama" and config["model"]["decoder"][
+        "num_key_value_heads"] == 2
+    og = pytest.importorskip("onnxruntime_genai")
+    genai_model = og.Model(str(w4))
+    params = og.GeneratorParams(genai_model)
+    params.set_search_options(max_length=15, do_sample=False)
+    gen = og.Generator(genai_model, params)
+    gen.append_tokens(prompt.numpy().astype(np.int32))
+    while not gen.is_done():
+        gen.generate_next_token()
+    assert list(map(int, gen.get_sequence(0)))[7:] == ref
 
 
 def test_encoder_and_vit_export(tmp_path):
@@ -148,8 +228,10 @@ def test_cli_export_then_eval_in_onnx_runtime(tmp_path, capsys):
     (row,) = run_json(capsys, ["eval", str(tmp_path / "o4"), *ev])["rows"]
     assert row["bits"] == 4 and row["bits_per_weight"] == pytest.approx(res["bits_per_weight"])
     assert row["ppl"] == pytest.approx(direct, rel=1e-4)
-    assert main(["run", str(tmp_path / "o4"), "--prompt", "It is"]) != 0
-    assert "no KV cache" in capsys.readouterr().err
+    gen = ["--prompt", "It is", "--max-new-tokens", "5", "--no-eos", "--json"]
+    run = run_json(capsys, ["run", str(tmp_path / "o4"), *gen])
+    assert run["kind"] == "onnx" and run["new_tokens"] == 5
+    assert run["text"] == run_json(capsys, ["run", str(elastic), "--bits", "4", *gen])["text"]
     assert main(["export", str(elastic), "--bits", "4", "--format", "onnx", "--scale-dtype",
                  "float16", "--out", str(tmp_path / "x")]) != 0
     assert "MatMulNBits takes float32" in capsys.readouterr().err

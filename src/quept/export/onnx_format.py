@@ -9,10 +9,13 @@ Codes and zero-points are packed low bits first.
 
 The graph is traced by ``torch.onnx.export(dynamo=True)``: quantized linears run a custom torch
 op whose ONNX translation is the ``MatMulNBits`` node (its schema is registered with ``onnx``
-for the tracer, once). Inputs and outputs by task: causal LMs ``input_ids`` -> ``logits`` (no
-KV cache: scoring and prefill, not incremental decoding); encoders ``input_ids``,
-``attention_mask`` -> ``last_hidden_state``; image classifiers ``pixel_values`` -> ``logits``.
-Batch and sequence axes are dynamic.
+for the tracer, once). Inputs and outputs by task: causal LMs take ``input_ids``,
+``attention_mask`` (over past and new tokens), ``position_ids`` and the KV cache
+``past_key_values.{i}.key`` / ``.value`` (batch, kv heads, past tokens, head dim; zero past
+tokens for a prompt) and give ``logits`` and ``present.{i}.key`` / ``.value`` (the past with
+the new tokens appended), the layout ONNX Runtime GenAI reads, whose ``genai_config.json`` is
+written beside the model; encoders ``input_ids``, ``attention_mask`` -> ``last_hidden_state``;
+image classifiers ``pixel_values`` -> ``logits``. Batch and sequence axes are dynamic.
 """
 
 from __future__ import annotations
@@ -195,33 +198,123 @@ def _swapped(model: nn.Module, plan: Mapping[str, int | None], accuracy_level: i
 
 
 class _Graph(nn.Module):
-    """The model with plain tensor inputs and one output, per task."""
+    """An encoder or image classifier with plain tensor inputs and one output."""
 
     def __init__(self, model: nn.Module, task: str):
         super().__init__()
         self.model, self.task = model, task
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        if self.task == "causal-lm":
-            return self.model(input_ids=x, use_cache=False).logits
         if self.task == "encoder":
             return self.model(input_ids=x, attention_mask=mask).last_hidden_state
         return self.model(pixel_values=x).logits
 
 
-def _example(model: nn.Module, task: str) -> tuple[tuple[torch.Tensor, ...], list[str], str,
-                                                    tuple[dict[int, Any], ...]]:
-    batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim("sequence", min=2)
+class _DecoderGraph(nn.Module):
+    """A causal LM with its KV cache as plain tensors: ``(input_ids, attention_mask,
+    position_ids, (past key 0, past value 0, ...))`` -> ``(logits, present key 0, ...)``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor, past: tuple[torch.Tensor, ...]
+                ) -> tuple[torch.Tensor, ...]:
+        from transformers import DynamicCache
+
+        # A cache without the config keeps every layer whole (no sliding-window cropping): the
+        # model's own mask still applies any window, and present = past + new tokens always.
+        cache = DynamicCache()
+        for i in range(len(past) // 2):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids, past_key_values=cache, use_cache=True)
+        presents = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+        return (out.logits, *presents)
+
+
+def kv_shape(config: Any) -> tuple[int, int, int]:
+    """(layers, key/value heads, head dim) of a decoder's KV cache."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return (config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads,
+            head_dim)
+
+
+def cache_names(layers: int, prefix: str) -> list[str]:
+    """``past_key_values`` -> past_key_values.0.key, .0.value, ...; ``present`` likewise."""
+    return [f"{prefix}.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+
+
+def _example(model: nn.Module, task: str) -> tuple[tuple[Any, ...], list[str], list[str],
+                                                    tuple[Any, ...]]:
+    """Example inputs, input names, output names and dynamic shapes of the task's graph."""
+    dim = torch.export.Dim
+    batch, seq = dim("batch", min=1), dim("sequence", min=2)
     cfg = model.config
     if task == "image-classification":
         size, ch = cfg.image_size, getattr(cfg, "num_channels", 3)
-        return ((torch.zeros(2, ch, size, size),), ["pixel_values"], "logits", ({0: batch},))
+        return ((torch.zeros(2, ch, size, size),), ["pixel_values"], ["logits"], ({0: batch},))
     ids = torch.randint(0, min(cfg.vocab_size, 100), (2, 8), generator=torch.Generator()
                         .manual_seed(0))
     if task == "encoder":
         return ((ids, torch.ones_like(ids)), ["input_ids", "attention_mask"],
-                "last_hidden_state", ({0: batch, 1: seq}, {0: batch, 1: seq}))
-    return (ids,), ["input_ids"], "logits", ({0: batch, 1: seq},)
+                ["last_hidden_state"], ({0: batch, 1: seq}, {0: batch, 1: seq}))
+    layers, kv_heads, head_dim = kv_shape(cfg)
+    seq, past, total = dim("sequence", min=1), dim("past_sequence", min=0), dim("total_sequence")
+    past_len = 5
+    cache = tuple(torch.zeros(2, kv_heads, past_len, head_dim) for _ in range(2 * layers))
+    mask = torch.ones(2, past_len + ids.shape[1], dtype=torch.long)
+    positions = torch.arange(past_len, past_len + ids.shape[1]).expand(2, -1)
+    names = ["input_ids", "attention_mask", "position_ids", *cache_names(layers, "past_key_values")]
+    shapes = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq},
+              tuple({0: batch, 2: past} for _ in cache))
+    return (ids, mask, positions, cache), names, ["logits", *cache_names(layers, "present")], shapes
+
+
+GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+
+
+def genai_config(config: Any, tokenizer: Any) -> dict[str, Any]:
+    """The ``genai_config.json`` with which ONNX Runtime GenAI runs the exported decoder:
+    greedy search by default, past and present in separate buffers (the graph concatenates)."""
+    layers, kv_heads, head_dim = kv_shape(config)
+
+    def token(name: str) -> Any:
+        value = getattr(config, name, None)
+        if value is None and tokenizer is not None:
+            value = getattr(tokenizer, name, None)
+        return value
+
+    eos, pad = token("eos_token_id"), token("pad_token_id")
+    if pad is None:
+        pad = eos[0] if isinstance(eos, list) else eos
+    context = int(getattr(config, "max_position_embeddings", 2048))
+    return {
+        "model": {
+            "bos_token_id": token("bos_token_id"), "eos_token_id": eos, "pad_token_id": pad,
+            "context_length": context, "type": GENAI_TYPES[config.model_type],
+            "vocab_size": config.vocab_size,
+            "decoder": {
+                "session_options": {"log_id": "quept", "provider_options": []},
+                "filename": ONNX_FILE, "head_size": head_dim, "hidden_size": config.hidden_size,
+                "num_attention_heads": config.num_attention_heads, "num_hidden_layers": layers,
+                "num_key_value_heads": kv_heads,
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "position_ids": "position_ids",
+                           "past_key_names": "past_key_values.%d.key",
+                           "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+            },
+        },
+        "search": {"do_sample": False, "num_beams": 1, "num_return_sequences": 1,
+                   "max_length": context, "min_length": 0, "past_present_share_buffer": False,
+                   "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
+                   "early_stopping": True, "length_penalty": 1.0, "no_repeat_ngram_size": 0,
+                   "diversity_penalty": 0.0},
+    }
 
 
 def write_onnx(model: nn.Module, tokenizer: Any, folder: str | os.PathLike,
@@ -248,7 +341,8 @@ def write_onnx(model: nn.Module, tokenizer: Any, folder: str | os.PathLike,
         raise OnnxExportError("ONNX export needs onnx and onnxscript: pip install "
                               "'quept[onnx]'") from None
     plan = resolve_plan(model, bits)
-    args, names, output, shapes = _example(model, fam.task)
+    args, names, outputs, shapes = _example(model, fam.task)
+    graph = _DecoderGraph(model) if fam.task == "causal-lm" else _Graph(model, fam.task)
     folder = Path(folder)
     was_training = model.training
     model.eval()
@@ -256,8 +350,8 @@ def write_onnx(model: nn.Module, tokenizer: Any, folder: str | os.PathLike,
         qbytes = sum(m.stored_bytes() for m in nbits.values())
         weights = sum(m.k * m.n for m in nbits.values())
         program = torch.onnx.export(
-            _Graph(model, fam.task).eval(), args, dynamo=True, input_names=names,
-            output_names=[output], dynamic_shapes=shapes, opset_version=OPSET,
+            graph.eval(), args, dynamo=True, input_names=names,
+            output_names=outputs, dynamic_shapes=shapes, opset_version=OPSET,
             custom_translation_table=_translation(), verbose=False)
     model.train(was_training)
     big = sum(t.numel() * t.element_size() for t in model.state_dict().values()) > 1.5e9
@@ -266,10 +360,13 @@ def write_onnx(model: nn.Module, tokenizer: Any, folder: str | os.PathLike,
     model.config.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+    if fam.task == "causal-lm":
+        (folder / "genai_config.json").write_text(
+            json.dumps(genai_config(model.config, tokenizer), indent=1))
     widths = sorted({b for b in plan.values() if b is not None})
     summary = {
         "format": "onnx", "path": str(folder), "task": fam.task, "inputs": names,
-        "output": output, "opset": OPSET, "accuracy_level": accuracy_level,
+        "output": outputs[0], "outputs": outputs, "opset": OPSET, "accuracy_level": accuracy_level,
         "bits": widths[0] if len(widths) == 1 and None not in plan.values() else "mixed",
         "widths": {str(b): sum(v == b for v in plan.values()) for b in widths},
         "containers": {str(b): CONTAINER[b] for b in widths},
@@ -290,9 +387,10 @@ def is_onnx_folder(folder: str | os.PathLike) -> bool:
 
 
 class OrtModel(nn.Module):
-    """An exported folder run by ONNX Runtime behind the call signature quept's evaluators use:
-    ``model(ids).logits``, ``model(input_ids=, attention_mask=).last_hidden_state`` or
-    ``model(pixel_values=).logits``. No KV cache: it scores, it does not decode."""
+    """An exported folder run by ONNX Runtime behind the call signature quept's evaluators and
+    generation loop use: ``model(ids, past_key_values=..., use_cache=True)`` -> ``.logits`` and
+    ``.past_key_values`` for decoders, ``model(input_ids=, attention_mask=).last_hidden_state``
+    or ``model(pixel_values=).logits``."""
 
     def __init__(self, folder: str | os.PathLike, threads: int | None = None):
         super().__init__()
@@ -310,19 +408,44 @@ class OrtModel(nn.Module):
         opts.intra_op_num_threads = threads or torch.get_num_threads()
         self.session = ort.InferenceSession(str(folder / ONNX_FILE), opts,
                                             providers=["CPUExecutionProvider"])
+        inputs = [i.name for i in self.session.get_inputs()]
+        self.task = self.quept_onnx["task"]
+        if self.task == "causal-lm" and "past_key_values.0.key" not in inputs:
+            raise OnnxExportError(f"{folder} was exported without a KV cache (an earlier quept); "
+                                  "export it again with quept export --format onnx")
+        self._past = [i for i in inputs if i.startswith("past_key_values.")]
         self._device = nn.Parameter(torch.zeros(0), requires_grad=False)  # device for callers
 
-    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None
-                = None, pixel_values: torch.Tensor | None = None, **_: Any) -> Any:
-        from types import SimpleNamespace
+    def _empty_past(self, batch: int) -> list[Any]:
+        import numpy as np
 
-        task = self.quept_onnx["task"]
-        if task == "image-classification":
-            feeds = {"pixel_values": pixel_values.float().numpy()}
-        else:
-            feeds = {"input_ids": input_ids.numpy()}
-            if task == "encoder":
-                mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-                feeds["attention_mask"] = mask.numpy()
-        (out,) = self.session.run([self.quept_onnx["output"]], feeds)
-        return SimpleNamespace(**{self.quept_onnx["output"]: torch.from_numpy(out)})
+        shapes = {i.name: i.shape for i in self.session.get_inputs()}
+        return [np.zeros((batch, shapes[n][1], 0, shapes[n][3]), np.float32) for n in self._past]
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None
+                = None, pixel_values: torch.Tensor | None = None, past_key_values: Any = None,
+                use_cache: bool = False, **_: Any) -> Any:
+        from transformers.modeling_outputs import CausalLMOutputWithPast, ModelOutput
+
+        if self.task == "image-classification":
+            (out,) = self.session.run(["logits"], {"pixel_values": pixel_values.float().numpy()})
+            return ModelOutput(logits=torch.from_numpy(out))
+        if self.task == "encoder":
+            mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+            (out,) = self.session.run(["last_hidden_state"], {"input_ids": input_ids.numpy(),
+                                                              "attention_mask": mask.numpy()})
+            return ModelOutput(last_hidden_state=torch.from_numpy(out))
+        batch, new = input_ids.shape
+        past = self._empty_past(batch) if past_key_values is None else list(past_key_values)
+        seen = past[0].shape[2] if past else 0
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, seen + new, dtype=torch.long)
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, seen:]
+        feeds = {"input_ids": input_ids.long().numpy(), "attention_mask":
+                 attention_mask.long().numpy(), "position_ids": positions.numpy(),
+                 **dict(zip(self._past, past))}
+        if not use_cache:
+            (out,) = self.session.run(["logits"], feeds)
+            return CausalLMOutputWithPast(logits=torch.from_numpy(out))
+        out, *present = self.session.run(None, feeds)
+        return CausalLMOutputWithPast(logits=torch.from_numpy(out), past_key_values=present)
