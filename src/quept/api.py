@@ -105,7 +105,7 @@ def load_model(model: str | os.PathLike | None = None) -> tuple[nn.Module, Any]:
     LM, the bare encoder of a BERT-style model, a ViT image classifier (tokenizer None), or a
     LLaVA-OneVision vision-language model (whole model; only its language model is quantized).
     A compressed-tensors folder (``quept export --format compressed-tensors``) is dequantized;
-    an ONNX export (``--format onnx``) runs in ONNX Runtime (scoring only: no KV cache)."""
+    an ONNX export (``--format onnx``) runs in ONNX Runtime (decoders with their KV cache)."""
     path = resolve_model_dir(model)
     model_type = json.loads((path / "config.json").read_text()).get("model_type")
     from transformers import AutoConfig, AutoTokenizer

@@ -167,10 +167,12 @@ def cmd_export(a: argparse.Namespace) -> dict[str, Any]:
 def add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="generate text and time prefill and decode",
                        description="Greedy generation (batch 1, KV cache) with a packed folder, "
-                       "or the float model of a plain HF folder, or an elastic/compact folder "
-                       "at --bits (fake-quantized). Prints the text and tokens per second of "
-                       "prefill (the prompt) and decode (each new token).")
-    p.add_argument("folder", help="packed folder, HF model folder, or elastic/compact + --bits")
+                       "a compressed-tensors or ONNX export (run in ONNX Runtime), the float "
+                       "model of a plain HF folder, or an elastic/compact folder at --bits "
+                       "(fake-quantized). Prints the text and tokens per second of prefill (the "
+                       "prompt) and decode (each new token).")
+    p.add_argument("folder", help="packed folder, compressed-tensors or ONNX export, HF model "
+                   "folder, or elastic/compact + --bits")
     p.add_argument("--prompt", required=True, help="prompt text")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
     p.add_argument("--bits", type=int, default=None, help="width, for elastic/compact folders")

@@ -21,6 +21,7 @@ image classifiers ``pixel_values`` -> ``logits``. Batch and sequence axes are dy
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -228,9 +229,12 @@ class _DecoderGraph(nn.Module):
         cache = DynamicCache()
         for i in range(len(past) // 2):
             cache.update(past[2 * i], past[2 * i + 1], i)
+        # transformers >= 5.x names the KV cache `cache`; earlier releases `past_key_values`.
+        key = ("cache" if "cache" in inspect.signature(self.model.forward).parameters
+               else "past_key_values")
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=position_ids, past_key_values=cache, use_cache=True)
-        presents = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+                         position_ids=position_ids, use_cache=True, **{key: cache})
+        presents = [t for layer in out[key].layers for t in (layer.keys, layer.values)]
         return (out.logits, *presents)
 
 

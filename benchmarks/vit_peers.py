@@ -1,0 +1,185 @@
+"""The built-in ViT against peers: one elastic QuEPT model against GPTQ (llmcompressor) and HQQ
+run once per width, and round-to-nearest, on the same images, widths and group size.
+
+Run from the repository root in an environment with the peers' libraries (the same one as
+benchmarks/peers.py):
+
+    python3 -m venv --system-site-packages ../peers-venv
+    ../peers-venv/bin/pip install "torch==2.13.0" hqq llmcompressor
+    ../peers-venv/bin/python benchmarks/vit_peers.py --images 1024 --epochs 8
+
+Every method quantizes the six linears of each block (query, key, value, attention output,
+intermediate, output) with asymmetric integer weights in groups of --group-size inputs; the
+patch embedding, norms and classifier stay float.
+
+- QuEPT: one calibration (the benchmarks/vit.py recipe: --images training images drawn with
+  --seed, --epochs passes per block), then every width from the one model.
+- RTN: min/max rounding per group (the elastic model's own RTN path, no clips, no adapters).
+- HQQ: the ``hqq`` package's ``HQQLinear`` (calibration-free), dequantized back in place.
+- GPTQ: ``llmcompressor.oneshot`` with a ``GPTQModifier`` (its defaults: block 128, dampening
+  0.01), fed the same calibration images through a DataLoader; weights quantized in forward.
+
+Each method's levels are checked (at most 2^b distinct values per group). On the whole test
+split (10,000 images): top-1, the mean KL of the class distribution to the float model's and
+the share of images whose predicted class is the float model's. Writes a JSON file (default
+results/vit_peers.json) and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+import quept
+from quept import data
+
+sys.path.insert(0, str(Path(__file__).parent))
+from peers.common import block_linears, current_weight, levels_max  # noqa: E402
+from vit import logit_fidelity, logits  # noqa: E402
+
+
+def check_levels(model: torch.nn.Module, bits: int, group_size: int, method: str) -> None:
+    for name, lin in block_linears(model).items():
+        n = levels_max(current_weight(lin, bits), group_size)
+        if n > 2**bits:
+            raise RuntimeError(f"{method} at {bits} bits: {name} has {n} levels in a group")
+
+
+@torch.no_grad()
+def hqq(model: torch.nn.Module, bits: int, group_size: int) -> torch.nn.Module:
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    cfg = BaseQuantizeConfig(nbits=bits, group_size=group_size, axis=1)
+    for lin in block_linears(model).values():
+        q = HQQLinear(lin, quant_config=cfg, compute_dtype=torch.float32, device="cpu",
+                      del_orig=False)
+        lin.weight.copy_(q.dequantize().reshape(lin.weight.shape))
+    return model
+
+
+def gptq(model: torch.nn.Module, bits: int, group_size: int, pixels: torch.Tensor
+         ) -> torch.nn.Module:
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier
+    from torch.utils.data import DataLoader
+    from transformers import ViTImageProcessor
+
+    weights = QuantizationArgs(num_bits=bits, type="int", symmetric=False, strategy="group",
+                               group_size=group_size)
+    recipe = GPTQModifier(config_groups={"weights": QuantizationScheme(targets=["Linear"],
+                                                                       weights=weights)},
+                          ignore=["classifier"])
+    loader = DataLoader(list(pixels), batch_size=16,
+                        collate_fn=lambda batch: {"pixel_values": torch.stack(batch)})
+    # The processor is only there because oneshot asks for one; the loader gives pixel values.
+    oneshot(model=model, dataset=loader, recipe=recipe, num_calibration_samples=len(pixels),
+            processor=ViTImageProcessor())
+    return model
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--images", type=int, default=1024, help="calibration images")
+    p.add_argument("--batch-size", type=int, default=32, help="QuEPT images per step")
+    p.add_argument("--epochs", type=int, default=8, help="QuEPT passes per block")
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--bits", default="2,3,4", help="widths, comma-separated")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="results/vit_peers.json")
+    a = p.parse_args()
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    widths = [int(b) for b in a.bits.split(",")]
+
+    folder = data.vit_model_dir()
+    source = json.loads((folder / data.vit.SOURCE_FILE).read_text())
+    base, _ = quept.load_model(folder)
+    images, _ = data.load_fashion_mnist("train")
+    pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(a.seed))[:a.images]
+    calib_pixels = data.pixel_values(images[pick])
+    test_images, test_labels = data.load_fashion_mnist("test")
+    pixels = data.pixel_values(test_images)
+    ref = logits(base, pixels)
+    rows = [{"method": "float", "bits": None, "top1": float((ref.argmax(-1) == test_labels)
+                                                           .float().mean())}]
+
+    def measure(method: str, bits: int, model: torch.nn.Module, seconds: float) -> None:
+        got = logits(model, pixels)
+        row = {"method": method, "bits": bits, "seconds": seconds,
+               "top1": float((got.argmax(-1) == test_labels).float().mean()),
+               **logit_fidelity(got, ref)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    cfg = quept.QuEPTConfig()
+    spec = replace(cfg.spec, default_group_size=a.group_size)
+    calib = replace(cfg.calib, n_samples=a.images, batch_size=a.batch_size, epochs=a.epochs,
+                    seed=a.seed)
+    elastic = quept.prepare(copy.deepcopy(base), spec, seed=calib.seed)
+    t0 = time.perf_counter()
+    quept.calibrate(elastic, calib_pixels, calib, progress=False)
+    calib_s = time.perf_counter() - t0
+    for b in widths:
+        for method, rtn in (("QuEPT (one model, all widths)", False), ("RTN", True)):
+            quept.set_bits(elastic, b, rtn=rtn)
+            if not rtn:
+                check_levels(elastic, b, a.group_size, method)
+            measure(method, b, elastic, 0.0 if rtn else calib_s)
+    for b in widths:
+        t0 = time.perf_counter()
+        model = hqq(copy.deepcopy(base), b, a.group_size)
+        s = time.perf_counter() - t0
+        check_levels(model, b, a.group_size, "HQQ")
+        measure("HQQ", b, model, s)
+        t0 = time.perf_counter()
+        model = gptq(copy.deepcopy(base), b, a.group_size, calib_pixels)
+        s = time.perf_counter() - t0
+        check_levels(model, b, a.group_size, "GPTQ")
+        measure("GPTQ (llmcompressor)", b, model, s)
+
+    report(rows, widths, source, a, calib_s)
+    import hqq as hqq_pkg
+    import llmcompressor
+
+    result = {"model": "the project's Fashion-MNIST ViT (quept.data.vit_model_dir)",
+              "model_recipe": source, "group_size": a.group_size,
+              "eval": f"Fashion-MNIST test split, {len(test_labels)} images",
+              "calibration": {"images": a.images, "seed": a.seed, "quept_epochs": a.epochs,
+                              "quept_batch_size": a.batch_size, "quept_seconds": calib_s},
+              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch "
+                         f"{torch.__version__}, llmcompressor {llmcompressor.__version__}, "
+                         f"hqq {getattr(hqq_pkg, '__version__', '?')}",
+              "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def report(rows: list[dict], widths: list[int], source: dict, a: argparse.Namespace,
+           calib_s: float) -> None:
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["bits"] is not None))
+    cell = {(r["method"], r["bits"]): r for r in rows}
+    print(f"\nFashion-MNIST ViT ({rows[0]['top1']:.2%} top-1 float), group {a.group_size}; "
+          f"QuEPT calibrated once ({calib_s:.0f} s, {a.images} images, {a.epochs} epochs); "
+          "10,000 test images\n")
+    for key, title, fmt in (("kl", "KL to float (lower is better)", "{:.5f}"),
+                            ("agree", "same prediction as float", "{:.2%}"),
+                            ("top1", "top-1", "{:.2%}")):
+        print(f"{title}:\n\n| method | " + " | ".join(f"W{b}" for b in widths) + " |\n|---|"
+              + "---|" * len(widths))
+        for m in methods:
+            print(f"| {m} | " + " | ".join(fmt.format(cell[(m, b)][key]) for b in widths)
+                  + " |")
+        print()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
