@@ -167,6 +167,22 @@ def test_greedy_generation_in_onnx_runtime_and_genai(model, w4):
     assert list(map(int, gen.get_sequence(0)))[7:] == ref
 
 
+def test_a_decoder_export_without_a_cache_is_refused(model, tmp_path):
+    from onnx import TensorProto, helper, save
+
+    model.config.save_pretrained(tmp_path)
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["input_ids"], ["logits"], to=TensorProto.FLOAT)], "old",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s"])])
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8),
+         str(tmp_path / "model.onnx"))
+    (tmp_path / "quept-export.json").write_text(json.dumps(
+        {"format": "onnx", "task": "causal-lm", "output": "logits", "bits": 4}))
+    with pytest.raises(OnnxExportError, match="without a KV cache"):
+        OrtModel(tmp_path)
+
+
 def test_encoder_and_vit_export(tmp_path):
     from tests.test_encoder import tiny_bert
     from tests.test_vit import tiny_vit
