@@ -115,18 +115,9 @@ def genai_version() -> str:
 def export_float(base: torch.nn.Module, tok, folder: Path) -> None:
     """The float32 base model as ONNX (the same graph, plain MatMuls), ONNX Runtime's own
     baseline."""
-    from quept.export.onnx_format import ONNX_FILE, _DecoderGraph, _example, genai_config
+    from quept.export.onnx_format import save_graph
 
-    args, names, outputs, shapes = _example(base, "causal-lm")
-    with torch.no_grad():
-        program = torch.onnx.export(_DecoderGraph(base).eval(), args, dynamo=True,
-                                    input_names=names, output_names=outputs,
-                                    dynamic_shapes=shapes, opset_version=18)
-    folder.mkdir(parents=True, exist_ok=True)
-    program.save(str(folder / ONNX_FILE))
-    base.config.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    (folder / "genai_config.json").write_text(json.dumps(genai_config(base.config, tok)))
+    save_graph(base, "causal-lm", folder, tok)
     (folder / "quept-export.json").write_text(json.dumps(
         {"format": "onnx", "task": "causal-lm", "output": "logits", "bits": None}))
 
@@ -194,7 +185,8 @@ def time_all(base: torch.nn.Module, tok, work: Path, folders: list[str], window:
                     times[name]["decode"].append(gen.decode_tokens_per_second)
                 if name in genai:
                     tokens, seconds = genai[name].decode(prompt, a.new_tokens)
-                    agree[name] = tok.decode(tokens, skip_special_tokens=True) == gen.text
+                    same = tok.decode(tokens, skip_special_tokens=True) == gen.text
+                    agree[name] = agree.get(name, True) and same  # in every round
                     if rnd:
                         times[name]["genai_decode"].append((a.new_tokens - 1) / seconds)
     out = {}

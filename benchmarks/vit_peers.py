@@ -42,6 +42,7 @@ import quept
 from quept import data
 
 sys.path.insert(0, str(Path(__file__).parent))
+from peers import hqq  # noqa: E402
 from peers.common import block_linears, current_weight, levels_max  # noqa: E402
 from vit import logit_fidelity, logits  # noqa: E402
 
@@ -51,18 +52,6 @@ def check_levels(model: torch.nn.Module, bits: int, group_size: int, method: str
         n = levels_max(current_weight(lin, bits), group_size)
         if n > 2**bits:
             raise RuntimeError(f"{method} at {bits} bits: {name} has {n} levels in a group")
-
-
-@torch.no_grad()
-def hqq(model: torch.nn.Module, bits: int, group_size: int) -> torch.nn.Module:
-    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
-
-    cfg = BaseQuantizeConfig(nbits=bits, group_size=group_size, axis=1)
-    for lin in block_linears(model).values():
-        q = HQQLinear(lin, quant_config=cfg, compute_dtype=torch.float32, device="cpu",
-                      del_orig=False)
-        lin.weight.copy_(q.dequantize().reshape(lin.weight.shape))
-    return model
 
 
 def gptq(model: torch.nn.Module, bits: int, group_size: int, pixels: torch.Tensor
@@ -135,7 +124,8 @@ def main() -> int:
             measure(method, b, elastic, 0.0 if rtn else calib_s)
     for b in widths:
         t0 = time.perf_counter()
-        model = hqq(copy.deepcopy(base), b, a.group_size)
+        model = hqq.quantize(copy.deepcopy(base), None, None,
+                             {"bits": (b,), "group_size": a.group_size}).select(b)
         s = time.perf_counter() - t0
         check_levels(model, b, a.group_size, "HQQ")
         measure("HQQ", b, model, s)
@@ -146,7 +136,7 @@ def main() -> int:
         measure("GPTQ (llmcompressor)", b, model, s)
 
     report(rows, widths, source, a, calib_s)
-    import hqq as hqq_pkg
+    import hqq as hqq_pkg  # the package (``hqq`` above is the peers adapter)
     import llmcompressor
 
     result = {"model": "the project's Fashion-MNIST ViT (quept.data.vit_model_dir)",

@@ -21,7 +21,6 @@ image classifiers ``pixel_values`` -> ``logits``. Batch and sequence axes are dy
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import logging
 import os
@@ -33,6 +32,8 @@ import torch
 from torch import nn
 
 from quept.export.ct_format import resolve_plan
+from quept.export.runtime import cache_keyword
+from quept.models.kv import config_head_dim
 from quept.nn.switch import elastic_layers
 
 log = logging.getLogger(__name__)
@@ -229,9 +230,7 @@ class _DecoderGraph(nn.Module):
         cache = DynamicCache()
         for i in range(len(past) // 2):
             cache.update(past[2 * i], past[2 * i + 1], i)
-        # transformers >= 5.x names the KV cache `cache`; earlier releases `past_key_values`.
-        key = ("cache" if "cache" in inspect.signature(self.model.forward).parameters
-               else "past_key_values")
+        key = cache_keyword(self.model)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
                          position_ids=position_ids, use_cache=True, **{key: cache})
         presents = [t for layer in out[key].layers for t in (layer.keys, layer.values)]
@@ -241,9 +240,8 @@ class _DecoderGraph(nn.Module):
 def kv_shape(config: Any) -> tuple[int, int, int]:
     """(layers, key/value heads, head dim) of a decoder's KV cache."""
     heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return (config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads,
-            head_dim)
+            config_head_dim(config))
 
 
 def cache_names(layers: int, prefix: str) -> list[str]:
@@ -321,6 +319,30 @@ def genai_config(config: Any, tokenizer: Any) -> dict[str, Any]:
     }
 
 
+def save_graph(model: nn.Module, task: str, folder: Path, tokenizer: Any = None
+               ) -> tuple[list[str], list[str]]:
+    """Trace ``model`` as it stands (quantized layers swapped in, or a float model) into
+    ``folder/model.onnx`` with the task's inputs and outputs, and write its config, tokenizer
+    and, for decoders, ``genai_config.json``. Returns the input and output names."""
+    args, names, outputs, shapes = _example(model, task)
+    graph = _DecoderGraph(model) if task == "causal-lm" else _Graph(model, task)
+    with torch.no_grad():
+        program = torch.onnx.export(
+            graph.eval(), args, dynamo=True, input_names=names, output_names=outputs,
+            dynamic_shapes=shapes, opset_version=OPSET, custom_translation_table=_translation(),
+            verbose=False)
+    big = sum(t.numel() * t.element_size() for t in model.state_dict().values()) > 1.5e9
+    folder.mkdir(parents=True, exist_ok=True)
+    program.save(str(folder / ONNX_FILE), external_data=big)
+    model.config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    if task == "causal-lm":
+        (folder / "genai_config.json").write_text(
+            json.dumps(genai_config(model.config, tokenizer), indent=1))
+    return names, outputs
+
+
 def write_onnx(model: nn.Module, tokenizer: Any, folder: str | os.PathLike,
                bits: int | Mapping[str, int | None], *, accuracy_level: int = 0
                ) -> dict[str, Any]:
@@ -345,28 +367,14 @@ def write_onnx(model: nn.Module, tokenizer: Any, folder: str | os.PathLike,
         raise OnnxExportError("ONNX export needs onnx and onnxscript: pip install "
                               "'quept[onnx]'") from None
     plan = resolve_plan(model, bits)
-    args, names, outputs, shapes = _example(model, fam.task)
-    graph = _DecoderGraph(model) if fam.task == "causal-lm" else _Graph(model, fam.task)
     folder = Path(folder)
     was_training = model.training
     model.eval()
-    with _swapped(model, plan, accuracy_level) as nbits, torch.no_grad():
+    with _swapped(model, plan, accuracy_level) as nbits:
         qbytes = sum(m.stored_bytes() for m in nbits.values())
         weights = sum(m.k * m.n for m in nbits.values())
-        program = torch.onnx.export(
-            graph.eval(), args, dynamo=True, input_names=names,
-            output_names=outputs, dynamic_shapes=shapes, opset_version=OPSET,
-            custom_translation_table=_translation(), verbose=False)
+        names, outputs = save_graph(model, fam.task, folder, tokenizer)
     model.train(was_training)
-    big = sum(t.numel() * t.element_size() for t in model.state_dict().values()) > 1.5e9
-    folder.mkdir(parents=True, exist_ok=True)
-    program.save(str(folder / ONNX_FILE), external_data=big)
-    model.config.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-    if fam.task == "causal-lm":
-        (folder / "genai_config.json").write_text(
-            json.dumps(genai_config(model.config, tokenizer), indent=1))
     widths = sorted({b for b in plan.values() if b is not None})
     summary = {
         "format": "onnx", "path": str(folder), "task": fam.task, "inputs": names,
@@ -417,14 +425,15 @@ class OrtModel(nn.Module):
         if self.task == "causal-lm" and "past_key_values.0.key" not in inputs:
             raise OnnxExportError(f"{folder} was exported without a KV cache (an earlier quept); "
                                   "export it again with quept export --format onnx")
-        self._past = [i for i in inputs if i.startswith("past_key_values.")]
+        # (name, KV heads, head dim) of every past input, in the graph's order
+        self._past = [(i.name, i.shape[1], i.shape[3]) for i in self.session.get_inputs()
+                      if i.name.startswith("past_key_values.")]
         self._device = nn.Parameter(torch.zeros(0), requires_grad=False)  # device for callers
 
     def _empty_past(self, batch: int) -> list[Any]:
         import numpy as np
 
-        shapes = {i.name: i.shape for i in self.session.get_inputs()}
-        return [np.zeros((batch, shapes[n][1], 0, shapes[n][3]), np.float32) for n in self._past]
+        return [np.zeros((batch, heads, 0, dim), np.float32) for _, heads, dim in self._past]
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None
                 = None, pixel_values: torch.Tensor | None = None, past_key_values: Any = None,
@@ -447,7 +456,7 @@ class OrtModel(nn.Module):
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, seen:]
         feeds = {"input_ids": input_ids.long().numpy(), "attention_mask":
                  attention_mask.long().numpy(), "position_ids": positions.numpy(),
-                 **dict(zip(self._past, past))}
+                 **{name: p for (name, _, _), p in zip(self._past, past)}}
         if not use_cache:
             (out,) = self.session.run(["logits"], feeds)
             return CausalLMOutputWithPast(logits=torch.from_numpy(out))

@@ -39,6 +39,12 @@ class Generation:
                 "decode_tokens_per_second": self.decode_tokens_per_second}
 
 
+def cache_keyword(model: nn.Module) -> str:
+    """The keyword a model's forward takes its KV cache by: transformers >= 5.x names it
+    ``cache``, earlier releases (and quept's ONNX runner) ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.inference_mode()
 def generate(
     model: nn.Module, tokenizer: Any, prompt: str | torch.Tensor, max_new_tokens: int, *,
@@ -56,8 +62,7 @@ def generate(
         raise ValueError(f"the prompt must be one non-empty sequence, got ids of shape {ids.shape}")
     ids = ids.to(next(model.parameters()).device)
     eos = getattr(tokenizer, "eos_token_id", None) if stop_at_eos else None
-    # transformers >= 5.x names the KV cache `cache`; earlier releases `past_key_values`.
-    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    key = cache_keyword(model)
     if warmup:
         model(ids[:, :1], use_cache=False)
     t0 = time.perf_counter()

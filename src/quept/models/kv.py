@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from quept.config import ConfigError
@@ -25,7 +27,11 @@ def kv_linears(family: Family) -> tuple[str, ...]:
 
 def head_dim(model: nn.Module) -> int:
     """Features per attention head of a decoder (``config.head_dim`` or hidden / heads)."""
-    cfg = model.config
-    cfg = getattr(cfg, "text_config", None) or cfg  # a VLM's language model
+    return config_head_dim(model.config)
+
+
+def config_head_dim(config: Any) -> int:
+    """:func:`head_dim` from a model config (a VLM's: its language model's)."""
+    cfg = getattr(config, "text_config", None) or config
     dim = getattr(cfg, "head_dim", None)
     return int(dim) if dim else cfg.hidden_size // cfg.num_attention_heads
