@@ -6,6 +6,7 @@ Run from the repository root (the ViT is trained once on first use, a few minute
     pip install -e ".[hf]"
     python benchmarks/vit.py                        # 512 images, 1 epoch
     python benchmarks/vit.py --images 1024 --epochs 8
+    python benchmarks/vit.py --images 1024 --preset cpu-long --epochs 16 --ranks 0,32,32,32,32
 
 It calibrates once on a seeded draw of Fashion-MNIST training images (the six blocks' linears;
 patch embedding, norms and classifier stay float), then measures top-1 on the whole test split
@@ -20,14 +21,14 @@ import argparse
 import json
 import platform
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
+from peers.common import add_spec_args, quept_settings
 
 import quept
 from quept import data
-from quept.config import weight_act_spec
+from quept.config import CalibConfig, ElasticSpec, weight_act_spec
 
 
 @torch.no_grad()
@@ -44,13 +45,22 @@ def logit_fidelity(got: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
     return {"kl": float(kl), "agree": float((got.argmax(-1) == ref.argmax(-1)).float().mean())}
 
 
+def add_config_args(p: argparse.ArgumentParser, images: int, epochs: int) -> None:
+    """The options that choose QuEPT's spec and calibration (shared with vit_peers.py)."""
+    p.add_argument("--images", type=int, default=images, help=f"calibration images ({images})")
+    p.add_argument("--batch-size", type=int, default=32, help="images per step (32)")
+    p.add_argument("--epochs", type=int, default=epochs, help=f"passes per block ({epochs})")
+    add_spec_args(p)
+
+
+def quept_config(a: argparse.Namespace) -> tuple[ElasticSpec, CalibConfig]:
+    """The spec and calibration settings the options describe."""
+    return quept_settings(a, n_samples=a.images, batch_size=a.batch_size, epochs=a.epochs)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--images", type=int, default=512, help="calibration images (512)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per step (32)")
-    p.add_argument("--epochs", type=int, default=1, help="passes per block (1)")
-    p.add_argument("--group-size", type=int, default=64, help="quantization group (64)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the image draw and adapters")
+    add_config_args(p, images=512, epochs=1)
     p.add_argument("--activations", choices=("none", "per-token", "per-tensor"), default="none",
                    help="weight+activation mode (W4A4..W8A8): per-token = dynamic, one scale "
                    "per token; per-tensor = static quantizers with learned steps after a "
@@ -69,13 +79,10 @@ def main() -> int:
     folder = data.vit_model_dir()
     source = json.loads((folder / data.vit.SOURCE_FILE).read_text())
     model, _ = quept.load_model(folder)
-    cfg = quept.QuEPTConfig()
-    spec = replace(cfg.spec, default_group_size=a.group_size)
+    spec, calib = quept_config(a)
     if a.activations != "none":
         spec = weight_act_spec(spec, a.activations)
     act = spec.activations != "none"
-    calib = replace(cfg.calib, n_samples=a.images, batch_size=a.batch_size, epochs=a.epochs,
-                    seed=a.seed)
     quept.prepare(model, spec, seed=calib.seed)
     images, _ = data.load_fashion_mnist("train")
     pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(a.seed))[:a.images]
@@ -114,7 +121,8 @@ def main() -> int:
               "model_recipe": source,
               "eval": f"Fashion-MNIST test split, {len(test_labels)} images, top-1",
               "calibration": {"images": a.images, "batch_size": a.batch_size,
-                              "epochs": a.epochs, "seed": a.seed, "seconds": calib_s},
+                              "epochs": a.epochs, "seed": a.seed, "seconds": calib_s,
+                              "preset": a.preset, "settings": calib.to_dict()},
               "spec": spec.to_dict(), "reparameterised": not a.no_reparam,
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch "
                          f"{torch.__version__}",

@@ -7,13 +7,16 @@ benchmarks/peers.py):
     python3 -m venv --system-site-packages ../peers-venv
     ../peers-venv/bin/pip install "torch==2.13.0" hqq llmcompressor
     ../peers-venv/bin/python benchmarks/vit_peers.py --images 1024 --epochs 8
+    ../peers-venv/bin/python benchmarks/vit_peers.py --preset cpu-long --epochs 16 \
+        --ranks 0,32,32,32,32 --out results/vit_peers_long.json
 
 Every method quantizes the six linears of each block (query, key, value, attention output,
 intermediate, output) with asymmetric integer weights in groups of --group-size inputs; the
 patch embedding, norms and classifier stay float.
 
 - QuEPT: one calibration (the benchmarks/vit.py recipe: --images training images drawn with
-  --seed, --epochs passes per block), then every width from the one model.
+  --seed, --epochs passes per block, the spec and rates of --preset, with --bit-groups and
+  --ranks if given), then every width from the one model.
 - RTN: min/max rounding per group (the elastic model's own RTN path, no clips, no adapters).
 - HQQ: the ``hqq`` package's ``HQQLinear`` (calibration-free), dequantized back in place.
 - GPTQ: ``llmcompressor.oneshot`` with a ``GPTQModifier`` (its defaults: block 128, dampening
@@ -33,7 +36,6 @@ import json
 import platform
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -44,7 +46,7 @@ from quept import data
 sys.path.insert(0, str(Path(__file__).parent))
 from peers import hqq  # noqa: E402
 from peers.common import block_linears, current_weight, levels_max  # noqa: E402
-from vit import logit_fidelity, logits  # noqa: E402
+from vit import add_config_args, logit_fidelity, logits, quept_config  # noqa: E402
 
 
 def check_levels(model: torch.nn.Module, bits: int, group_size: int, method: str) -> None:
@@ -77,12 +79,8 @@ def gptq(model: torch.nn.Module, bits: int, group_size: int, pixels: torch.Tenso
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--images", type=int, default=1024, help="calibration images")
-    p.add_argument("--batch-size", type=int, default=32, help="QuEPT images per step")
-    p.add_argument("--epochs", type=int, default=8, help="QuEPT passes per block")
-    p.add_argument("--group-size", type=int, default=64)
+    add_config_args(p, images=1024, epochs=8)
     p.add_argument("--bits", default="2,3,4", help="widths, comma-separated")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/vit_peers.json")
     a = p.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -108,16 +106,16 @@ def main() -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    cfg = quept.QuEPTConfig()
-    spec = replace(cfg.spec, default_group_size=a.group_size)
-    calib = replace(cfg.calib, n_samples=a.images, batch_size=a.batch_size, epochs=a.epochs,
-                    seed=a.seed)
+    spec, calib = quept_config(a)
+    label = (f"QuEPT (one model, all widths; groups "
+             f"{'/'.join(','.join(map(str, g)) for g in spec.bit_groups)}, ranks "
+             f"{','.join(map(str, spec.ranks))})")
     elastic = quept.prepare(copy.deepcopy(base), spec, seed=calib.seed)
     t0 = time.perf_counter()
     quept.calibrate(elastic, calib_pixels, calib, progress=False)
     calib_s = time.perf_counter() - t0
     for b in widths:
-        for method, rtn in (("QuEPT (one model, all widths)", False), ("RTN", True)):
+        for method, rtn in ((label, False), ("RTN", True)):
             quept.set_bits(elastic, b, rtn=rtn)
             if not rtn:
                 check_levels(elastic, b, a.group_size, method)
@@ -143,7 +141,8 @@ def main() -> int:
               "model_recipe": source, "group_size": a.group_size,
               "eval": f"Fashion-MNIST test split, {len(test_labels)} images",
               "calibration": {"images": a.images, "seed": a.seed, "quept_epochs": a.epochs,
-                              "quept_batch_size": a.batch_size, "quept_seconds": calib_s},
+                              "quept_batch_size": a.batch_size, "quept_seconds": calib_s,
+                              "quept_spec": spec.to_dict(), "quept_settings": calib.to_dict()},
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch "
                          f"{torch.__version__}, llmcompressor {llmcompressor.__version__}, "
                          f"hqq {getattr(hqq_pkg, '__version__', '?')}",

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
+from quept.config import PRESET_SPECS, PRESETS, CalibConfig, ElasticSpec
 from quept.models import family_for
 
 
@@ -53,3 +55,34 @@ def current_weight(lin: nn.Module, bits: int | None) -> torch.Tensor:
         with torch.no_grad():
             return forward_quantize(lin, lin.weight, "weight", scheme.weights)
     return lin.weight
+
+
+def add_spec_args(p: argparse.ArgumentParser) -> None:
+    """The options that choose QuEPT's spec and rates in the single-model benchmarks."""
+    p.add_argument("--group-size", type=int, default=64, help="quantization group (64)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data draw and adapters")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-demo",
+                   help="quept's spec and rates (default cpu-demo); the sample count, batch "
+                   "size and epochs options always apply")
+    p.add_argument("--bit-groups", default=None,
+                   help="bit groups high to low, e.g. 7,8/5,6/4/3/2 (default: the preset's)")
+    p.add_argument("--ranks", default=None,
+                   help="adapter rank added per group, e.g. 0,32,32,32,32 (default: the "
+                   "preset's; 8 per group with --bit-groups)")
+
+
+def quept_settings(a: argparse.Namespace, **calib: Any) -> tuple[ElasticSpec, CalibConfig]:
+    """The spec and calibration settings of :func:`add_spec_args`'s options, with ``calib``'s
+    fields (those not None) over the preset's. Other bit groups take equal merge weights and
+    drop a preset's per-group adapter rates (they fit its own groups)."""
+    spec = replace(PRESET_SPECS[a.preset], default_group_size=a.group_size)
+    settings = replace(PRESETS[a.preset], seed=a.seed,
+                       **{k: v for k, v in calib.items() if v is not None})
+    if a.bit_groups is not None:
+        groups = tuple(tuple(int(b) for b in g.split(",")) for g in a.bit_groups.split("/"))
+        spec = replace(spec, bit_groups=groups, ranks=(8,) * len(groups),
+                       merge_weights=(1 / len(groups),) * len(groups))
+        settings = replace(settings, lr_adapter_groups=None)
+    if a.ranks is not None:
+        spec = replace(spec, ranks=tuple(int(r) for r in a.ranks.split(",")))
+    return spec, settings

@@ -1,7 +1,8 @@
 """GPTQ through ``llmcompressor`` (``oneshot`` with a ``GPTQModifier``), run on the CPU.
 
 The calibration windows go in as a ``datasets.Dataset`` of token ids; the scheme is integer,
-asymmetric, group-wise at the benchmark's group size, every block linear (lm_head ignored).
+asymmetric, group-wise at the benchmark's group size, every block linear (lm_head ignored, or
+the modules the job's ``ignore`` names).
 The model comes back with its weights quantized in place and is evaluated as it is.
 """
 
@@ -26,7 +27,7 @@ def quantize(model: nn.Module, tok: Any, ids: torch.Tensor, job: dict[str, Any])
                                group_size=job["group_size"])
     recipe = GPTQModifier(config_groups={"weights": QuantizationScheme(targets=["Linear"],
                                                                        weights=weights)},
-                          ignore=["lm_head"])
+                          ignore=job.get("ignore", ["lm_head"]))
     data = Dataset.from_dict({"input_ids": ids.tolist(),
                               "attention_mask": torch.ones_like(ids).tolist()})
     oneshot(model=model, tokenizer=tok, dataset=data, recipe=recipe,
