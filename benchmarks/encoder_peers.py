@@ -53,22 +53,9 @@ from quept.eval.embedding import fidelity, sentence_embeddings
 
 sys.path.insert(0, str(Path(__file__).parent))
 from peers import gptq, hqq  # noqa: E402
-from peers.common import (  # noqa: E402
-    add_spec_args,
-    block_linears,
-    current_weight,
-    levels_max,
-    quept_settings,
-)
+from peers.common import add_spec_args, check_levels, quept_label, quept_settings  # noqa: E402
 
 POOLER = "pooler.dense"  # a linear of BertModel that no method quantizes
-
-
-def check_levels(model: torch.nn.Module, bits: int, group_size: int, method: str) -> None:
-    for name, lin in block_linears(model).items():
-        n = levels_max(current_weight(lin, bits), group_size)
-        if n > 2**bits:
-            raise RuntimeError(f"{method} at {bits} bits: {name} has {n} levels in a group")
 
 
 def check_pooler(model: torch.nn.Module, base: torch.nn.Module, method: str) -> None:
@@ -106,9 +93,7 @@ def main() -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    label = (f"QuEPT (one model, all widths; {a.preset}, groups "
-             f"{'/'.join(','.join(map(str, g)) for g in spec.bit_groups)}, ranks "
-             f"{','.join(map(str, spec.ranks))}, {calib.epochs} epochs)")
+    label = quept_label(spec, a.preset, calib.epochs)
     elastic = quept.prepare(copy.deepcopy(base), spec, seed=calib.seed)
     t0 = time.perf_counter()
     quept.calibrate(elastic, ids, calib, progress=False)

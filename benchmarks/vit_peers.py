@@ -45,15 +45,8 @@ from quept import data
 
 sys.path.insert(0, str(Path(__file__).parent))
 from peers import hqq  # noqa: E402
-from peers.common import block_linears, current_weight, levels_max  # noqa: E402
+from peers.common import check_levels, quept_label  # noqa: E402
 from vit import add_config_args, logit_fidelity, logits, quept_config  # noqa: E402
-
-
-def check_levels(model: torch.nn.Module, bits: int, group_size: int, method: str) -> None:
-    for name, lin in block_linears(model).items():
-        n = levels_max(current_weight(lin, bits), group_size)
-        if n > 2**bits:
-            raise RuntimeError(f"{method} at {bits} bits: {name} has {n} levels in a group")
 
 
 def gptq(model: torch.nn.Module, bits: int, group_size: int, pixels: torch.Tensor
@@ -107,9 +100,7 @@ def main() -> int:
         print(json.dumps(row), flush=True)
 
     spec, calib = quept_config(a)
-    label = (f"QuEPT (one model, all widths; groups "
-             f"{'/'.join(','.join(map(str, g)) for g in spec.bit_groups)}, ranks "
-             f"{','.join(map(str, spec.ranks))})")
+    label = quept_label(spec)
     elastic = quept.prepare(copy.deepcopy(base), spec, seed=calib.seed)
     t0 = time.perf_counter()
     quept.calibrate(elastic, calib_pixels, calib, progress=False)

@@ -44,6 +44,14 @@ def levels_max(weight: torch.Tensor, group_size: int, rows: int = 64) -> int:
     return int(((g[..., 1:] != g[..., :-1]).sum(-1) + 1).max())
 
 
+def check_levels(model: nn.Module, bits: int, group_size: int, method: str) -> None:
+    """Refuse a model whose block linears hold more than 2^bits values in a group at ``bits``."""
+    for name, lin in block_linears(model).items():
+        n = levels_max(current_weight(lin, bits), group_size)
+        if n > 2**bits:
+            raise RuntimeError(f"{method} at {bits} bits: {name} has {n} levels in a group")
+
+
 def current_weight(lin: nn.Module, bits: int | None) -> torch.Tensor:
     """The weight a linear computes with at ``bits`` (elastic layers quantize on the fly)."""
     if bits is not None and hasattr(lin, "quantized_weight"):
@@ -86,3 +94,12 @@ def quept_settings(a: argparse.Namespace, **calib: Any) -> tuple[ElasticSpec, Ca
     if a.ranks is not None:
         spec = replace(spec, ranks=tuple(int(r) for r in a.ranks.split(",")))
     return spec, settings
+
+
+def quept_label(spec: ElasticSpec, preset: str | None = None, epochs: int | None = None) -> str:
+    """A QuEPT row's name, with its preset, the groups and ranks of its spec, and its epochs."""
+    parts = [preset] if preset else []
+    parts += ["groups " + "/".join(",".join(map(str, g)) for g in spec.bit_groups),
+              "ranks " + ",".join(map(str, spec.ranks))]
+    parts += [f"{epochs} epochs"] if epochs else []
+    return f"QuEPT (one model, all widths; {', '.join(parts)})"

@@ -62,3 +62,15 @@ def test_unset_calibration_fields_keep_the_preset_values():
     assert calib.batch_size == PRESETS["cpu-long"].batch_size
     assert calib.massive_ratio == PRESETS["cpu-long"].massive_ratio
     assert spec.default_group_size == 64
+
+
+def test_labels_name_the_preset_groups_ranks_and_epochs():
+    from peers.common import quept_label
+
+    spec, calib = vit.quept_config(parse("--preset", "cpu-long", "--ranks", "0,32,32,32,32",
+                                         "--epochs", "16"))
+    assert quept_label(spec) == ("QuEPT (one model, all widths; groups 7,8/5,6/4/3/2, "
+                                 "ranks 0,32,32,32,32)")
+    assert quept_label(spec, "cpu-long", calib.epochs) == (
+        "QuEPT (one model, all widths; cpu-long, groups 7,8/5,6/4/3/2, ranks 0,32,32,32,32, "
+        "16 epochs)")
