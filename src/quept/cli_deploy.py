@@ -15,7 +15,7 @@ from quept.export.compact import COMPACT_JSON, CompactConfig
 from quept.export.ct_format import is_compressed_tensors
 from quept.export.onnx_format import is_onnx_folder
 from quept.export.packed import PACKED_JSON, SCALE_DTYPES
-from quept.export.runtime import generate
+from quept.export.runtime import KV_CACHES, generate
 from quept.models import family_for
 from quept.nn.packed_linear import BACKENDS
 from quept.search.plan import read_widths
@@ -179,6 +179,10 @@ def add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="packed matmul: fused kernel, PyTorch int4, or dequantize per call")
     p.add_argument("--no-eos", action="store_true", help="do not stop at the end-of-text token")
+    p.add_argument("--kv-cache", choices=KV_CACHES, default="auto",
+                   help="'quantized': keep keys and values as packed codes (models calibrated "
+                   "with --kv-bits); 'float': transformers' cache; 'auto' (default): quantized "
+                   "where the model quantizes its cache")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=cmd_run)
 
@@ -202,12 +206,17 @@ def cmd_run(a: argparse.Namespace) -> dict[str, Any]:
                           "reports its embedding fidelity or accuracy")
     if tok is None:
         raise ConfigError(f"{folder} holds no tokenizer")
-    gen = generate(model, tok, a.prompt, a.max_new_tokens, stop_at_eos=not a.no_eos)
+    gen = generate(model, tok, a.prompt, a.max_new_tokens, stop_at_eos=not a.no_eos,
+                   kv_cache=a.kv_cache)
     if not a.json:
         print(a.prompt + gen.text)
         print(f"\nprefill {gen.prompt_tokens} tokens: {gen.prefill_tokens_per_second:.1f} tok/s"
               f"; decode {gen.new_tokens - 1} tokens: {gen.decode_tokens_per_second:.1f} tok/s"
               f" ({kind} model)")
+        if gen.kv_cache_bytes is not None:
+            print(f"KV cache: {gen.prompt_tokens + gen.new_tokens - 1} tokens as packed codes, "
+                  f"{gen.kv_cache_bytes / 2**10:.1f} KiB (float32: "
+                  f"{gen.kv_cache_float32_bytes / 2**10:.1f} KiB)")
     return {"folder": str(folder), "kind": kind, **gen.to_dict()}
 
 

@@ -24,6 +24,9 @@ class Generation:
     new_tokens: int
     prefill_seconds: float
     decode_seconds: float
+    kv_cache: str = "float"  # "float" (transformers' cache) or "quantized" (QuantizedKVCache)
+    kv_cache_bytes: int | None = None  # what the quantized cache held at the end
+    kv_cache_float32_bytes: int | None = None  # what a float32 cache of its tokens would
 
     @property
     def prefill_tokens_per_second(self) -> float:
@@ -45,18 +48,35 @@ def cache_keyword(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+KV_CACHES = ("auto", "quantized", "float")
+
+
+def kv_quantized(model: nn.Module) -> bool:
+    """Whether some layer of ``model`` quantizes a KV cache (``kv_quant`` set)."""
+    return any(getattr(m, "kv_quant", None) is not None for m in model.modules())
+
+
 @torch.inference_mode()
 def generate(
     model: nn.Module, tokenizer: Any, prompt: str | torch.Tensor, max_new_tokens: int, *,
-    stop_at_eos: bool = True, warmup: bool = True,
+    stop_at_eos: bool = True, warmup: bool = True, kv_cache: str = "auto",
 ) -> Generation:
     """Greedy continuation of ``prompt`` (text, or token ids (1, T)) by ``max_new_tokens``.
 
     ``warmup`` runs one untimed forward first, so one-off costs (kernel loading, unpacking
-    scales) do not count as prefill.
+    scales) do not count as prefill. ``kv_cache``: "quantized" keeps the keys and values as
+    packed codes (:class:`~quept.export.kv_cache.QuantizedKVCache`; the model must quantize its
+    cache, ``kv_bits``), "float" uses transformers' cache (of the same quantized values, if
+    the model quantizes them), "auto" the first where the model quantizes its cache.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if kv_cache not in KV_CACHES:
+        raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
+    if kv_cache == "auto":
+        kv_cache = "quantized" if kv_quantized(model) else "float"
+    if kv_cache == "quantized":
+        from quept.export.kv_cache import QuantizedKVCache  # needs transformers
     ids = tokenizer(prompt, return_tensors="pt").input_ids if isinstance(prompt, str) else prompt
     if ids.ndim != 2 or ids.shape[0] != 1 or ids.shape[1] < 1:
         raise ValueError(f"the prompt must be one non-empty sequence, got ids of shape {ids.shape}")
@@ -65,16 +85,22 @@ def generate(
     key = cache_keyword(model)
     if warmup:
         model(ids[:, :1], use_cache=False)
-    t0 = time.perf_counter()
-    out = model(ids, use_cache=True, logits_to_keep=1)
-    token = out.logits[:, -1].argmax(-1, keepdim=True)
-    t1 = time.perf_counter()
-    new = [token]
-    while len(new) < max_new_tokens and (eos is None or int(token) != eos):
-        out = model(token, use_cache=True, **{key: out[key]})
+    cache = QuantizedKVCache(model) if kv_cache == "quantized" else None
+    try:
+        t0 = time.perf_counter()
+        out = model(ids, use_cache=True, logits_to_keep=1, **{key: cache})
         token = out.logits[:, -1].argmax(-1, keepdim=True)
-        new.append(token)
-    t2 = time.perf_counter()
+        t1 = time.perf_counter()
+        new = [token]
+        while len(new) < max_new_tokens and (eos is None or int(token) != eos):
+            out = model(token, use_cache=True, **{key: out[key]})
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            new.append(token)
+        t2 = time.perf_counter()
+    finally:
+        if cache is not None:
+            cache.detach()
     tokens = torch.cat(new, 1)[0]
+    sizes = (cache.nbytes, cache.float_nbytes()) if cache is not None else (None, None)
     return Generation(tokenizer.decode(tokens, skip_special_tokens=True), ids.shape[1],
-                      len(new), t1 - t0, t2 - t1)
+                      len(new), t1 - t0, t2 - t1, kv_cache, *sizes)

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from quept.config import ElasticSpec, check_bits
+from quept.nn.kv import KVSink, quantize_kv_output
 from quept.ops import (
     fake_quant,
     fake_quant_act,
-    fake_quant_kv,
     fake_quant_static,
     n_groups,
     quantize,
@@ -85,6 +85,7 @@ class ElasticLinear(nn.Module):
         # The output is a key or value a KV cache holds (ElasticSpec.kv_bits): (bits, head_dim,
         # Hadamard-rotated heads), quantized per token and head whenever the layer is quantized.
         self.kv_quant: tuple[int, int, bool] | None = None
+        self.kv_sink: KVSink | None = None  # set by a QuantizedKVCache while it is attached
         if spec.activations == "per-tensor":
             self._init_static_act(spec, dev, dt)
 
@@ -247,7 +248,7 @@ class ElasticLinear(nn.Module):
         w = self.current_weight()
         y = F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         if self.kv_quant is not None and self.bits is not None:
-            y = fake_quant_kv(y, *self.kv_quant)
+            y = quantize_kv_output(y, self.kv_quant, self.kv_sink)
         return y
 
     def trainable_parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

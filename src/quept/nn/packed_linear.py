@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quept.nn.kv import KVSink, quantize_kv_output
 from quept.ops import kernels
 from quept.ops.hadamard import hadamard_transform
 from quept.ops.pack import pack, packed_length, unpack
 from quept.ops.quant import (
     dequantize,
     fake_quant_act,
-    fake_quant_kv,
     fake_quant_static,
     n_groups,
     to_groups,
@@ -69,6 +69,7 @@ class PackedLinear(nn.Module):
         # The output is a key or value of a KV cache quantized per token and head at
         # (bits, head_dim, rotated) (ElasticSpec.kv_bits; simulated in float).
         self.kv_quant: tuple[int, int, bool] | None = None
+        self.kv_sink: KVSink | None = None  # set by a QuantizedKVCache while it is attached
         # Derived on first use: (backend, scale fp32, -zero * scale fp32[, aten-int4 operands]).
         self._compute: tuple | None = None
 
@@ -153,9 +154,9 @@ class PackedLinear(nn.Module):
             y = F.linear(x2, self.dequantized().to(x2.device))
         if self.bias is not None:
             y = y + self.bias.float()
-        if self.kv_quant is not None:
-            y = fake_quant_kv(y, *self.kv_quant)
         y = y.view(*shape[:-1], self.out_features)
+        if self.kv_quant is not None:
+            y = quantize_kv_output(y, self.kv_quant, self.kv_sink)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def _dequant_into_scratch(self, scale: torch.Tensor, zs: torch.Tensor) -> torch.Tensor:

@@ -58,12 +58,7 @@ def fake_quant_kv(x: torch.Tensor, bits: int, head_dim: int, rotate: bool = Fals
     ``rotate`` (``head_dim`` a power of two): each head is quantized in a Hadamard-rotated
     basis, ``H Q(H x)`` (H symmetric orthonormal, its own inverse), which spreads a head's
     outlier channels over all of them; a runtime stores the codes of ``H x``."""
-    if x.shape[-1] % head_dim:
-        raise GroupSizeError(f"head dimension {head_dim} does not divide the key/value width "
-                             f"{x.shape[-1]}")
-    if rotate and not is_power_of_two(head_dim):
-        raise GroupSizeError(f"a rotated KV quantizer needs a power-of-two head dimension, got "
-                             f"{head_dim}")
+    _check_kv(x, head_dim, rotate)
     qmax = 2**bits - 1
     xg = x.unflatten(-1, (-1, head_dim))
     if rotate:
@@ -73,6 +68,41 @@ def fake_quant_kv(x: torch.Tensor, bits: int, head_dim: int, rotate: bool = Fals
     zero = round_ste(-lo / scale)
     q = (torch.clamp(round_ste(xg / scale) + zero, 0, qmax) - zero) * scale
     return (hadamard_transform(q) if rotate else q).flatten(-2)
+
+
+def quantize_kv(x: torch.Tensor, bits: int, head_dim: int, rotate: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The integers :func:`fake_quant_kv` rounds ``x`` (..., heads * head_dim) to: uint8 codes
+    (..., heads, head_dim) on 0..2^b - 1 (of ``H x`` per head when ``rotate``), and each
+    (token, head)'s float step and integer-valued zero-point, both (..., heads, 1).
+    ``dequantize_kv`` of them is ``fake_quant_kv(x, ...)`` to the bit (no gradient)."""
+    _check_kv(x, head_dim, rotate)
+    qmax = 2**bits - 1
+    xg = x.detach().unflatten(-1, (-1, head_dim))
+    if rotate:
+        xg = hadamard_transform(xg)
+    lo, hi = xg.amin(dim=-1, keepdim=True), xg.amax(dim=-1, keepdim=True)
+    scale = ((hi - lo) / qmax).clamp(min=1e-8)
+    zero = torch.round(-lo / scale)
+    codes = torch.clamp(torch.round(xg / scale) + zero, 0, qmax)
+    return codes.to(torch.uint8), scale, zero
+
+
+def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                  rotate: bool = False) -> torch.Tensor:
+    """Codes (..., heads, head_dim) with their steps and zero-points (..., heads, 1) -> the
+    keys or values (..., heads * head_dim) they stand for (:func:`quantize_kv`)."""
+    q = (codes.to(scale.dtype) - zero) * scale
+    return (hadamard_transform(q) if rotate else q).flatten(-2)
+
+
+def _check_kv(x: torch.Tensor, head_dim: int, rotate: bool) -> None:
+    if x.shape[-1] % head_dim:
+        raise GroupSizeError(f"head dimension {head_dim} does not divide the key/value width "
+                             f"{x.shape[-1]}")
+    if rotate and not is_power_of_two(head_dim):
+        raise GroupSizeError(f"a rotated KV quantizer needs a power-of-two head dimension, got "
+                             f"{head_dim}")
 
 
 def is_power_of_two(n: int) -> bool:

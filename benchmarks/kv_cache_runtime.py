@@ -1,0 +1,137 @@
+"""The quantized KV cache at run time: what it holds, how fast it decodes, and that it decodes
+what the model computes over transformers' float cache of the same quantized keys and values.
+
+Run from the repository root under the shared lock (it times things):
+
+    flock /tmp/quept-heavy.lock python benchmarks/kv_cache_runtime.py --elastic kv4-elastic
+
+--elastic is an elastic or compact folder calibrated with ``--kv-bits``. It is exported packed
+at --bits; then, for each prompt length in --contexts (tokens of Pride and Prejudice from its
+start), --new-tokens are generated greedily with transformers' float cache and with the
+quantized cache (quept.export.kv_cache.QuantizedKVCache), --repeats times each, taking turns:
+the cache's bytes at the end, decode tokens per second (medians) and whether both generated the
+same tokens. Then --nll-tokens of the text are fed one token at a time through the quantized
+cache and the mean NLL is compared with one forward over the whole sequence.
+
+Writes --out (JSON) and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import quept
+from quept import api, data
+from quept.export.kv_cache import QuantizedKVCache
+from quept.export.runtime import generate
+
+
+def float_cache_bytes(model: torch.nn.Module, tokens: int) -> int:
+    """Bytes transformers' float32 cache holds for ``tokens`` tokens (keys and values)."""
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * tokens * cfg.num_key_value_heads * head_dim * 4
+
+
+@torch.inference_mode()
+def teacher_forced(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, float]:
+    """Mean NLL of ``ids`` (1, T) fed one token at a time through the quantized cache, against
+    one forward over the whole sequence; and the largest difference of their logits."""
+    full = model(ids, use_cache=False).logits[0, :-1].float()
+    cache = QuantizedKVCache(model)
+    try:
+        steps = [model(ids[:, t:t + 1], cache=cache, use_cache=True).logits[0, -1].float()
+                 for t in range(ids.shape[1] - 1)]
+    finally:
+        cache.detach()
+    stepped = torch.stack(steps)
+    target = ids[0, 1:]
+    return {"tokens": int(ids.shape[1]),
+            "nll_full_forward": float(F.cross_entropy(full, target)),
+            "nll_quantized_cache": float(F.cross_entropy(stepped, target)),
+            "max_abs_logit_diff": float((stepped - full).abs().max()),
+            "cache_bytes": cache.nbytes}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--elastic", required=True, help="elastic/compact folder with kv_bits")
+    p.add_argument("--bits", type=int, default=4, help="weight width of the packed export")
+    p.add_argument("--contexts", default="256,1024,2048", help="prompt lengths (tokens)")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--nll-tokens", type=int, default=512, help="0 = skip the NLL check")
+    p.add_argument("--out", default="results/kv_cache_runtime.json")
+    a = p.parse_args()
+    contexts = [int(c) for c in a.contexts.split(",")]
+
+    model, tok = quept.load(a.elastic)
+    spec = model.quept_spec
+    if spec.kv_bits is None:
+        raise SystemExit(f"{a.elastic} does not quantize its KV cache: calibrate with --kv-bits")
+    work = Path(tempfile.mkdtemp(prefix="quept-kv-"))
+    api.export(model, a.bits, work / "packed", tokenizer=tok)
+    del model
+    packed, tok = api.load_packed(work / "packed")
+    ids = tok(data.evaluation_text()[:60000], return_tensors="pt").input_ids
+    if ids.shape[1] < max(contexts):
+        raise SystemExit(f"the text holds {ids.shape[1]} tokens, fewer than {max(contexts)}")
+    res: dict = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch "
+                 f"{torch.__version__}", "elastic": Path(a.elastic).name, "weight_bits": a.bits,
+                 "kv_bits": spec.kv_bits, "new_tokens": a.new_tokens, "repeats": a.repeats,
+                 "contexts": {}}
+    for n in contexts:
+        prompt = ids[:, :n]
+        runs: dict[str, list] = {"float": [], "quantized": []}
+        for _ in range(a.repeats):
+            for kind in runs:
+                runs[kind].append(generate(packed, tok, prompt, a.new_tokens, stop_at_eos=False,
+                                           kv_cache=kind))
+        q = runs["quantized"][0]
+        tokens = n + a.new_tokens - 1
+        row = {"cached_tokens": tokens, "quantized_bytes": q.kv_cache_bytes,
+               "float32_bytes": float_cache_bytes(packed, tokens),
+               "same_text": all(r.text == q.text for rs in runs.values() for r in rs)}
+        assert row["float32_bytes"] == q.kv_cache_float32_bytes
+        for kind, rs in runs.items():
+            row[f"{kind}_decode_tok_s"] = statistics.median(r.decode_tokens_per_second for r in rs)
+            row[f"{kind}_prefill_tok_s"] = statistics.median(
+                r.prefill_tokens_per_second for r in rs)
+        res["contexts"][n] = row
+        print(f"context {n}: {row}", flush=True)
+    if a.nll_tokens:
+        res["teacher_forced"] = teacher_forced(packed, ids[:, :a.nll_tokens])
+    report(res)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+def report(res: dict) -> None:
+    print(f"\n{res['machine']}; packed W{res['weight_bits']}, KV cache {res['kv_bits']} bits; "
+          f"{res['new_tokens']} new tokens, medians of {res['repeats']}\n")
+    print("| prompt tokens | float32 cache MB | quantized cache MB | smaller | decode tok/s, "
+          "float cache | decode tok/s, quantized | same text |\n|---|---|---|---|---|---|---|")
+    for n, r in res["contexts"].items():
+        print(f"| {n} | {r['float32_bytes'] / 1e6:.2f} | {r['quantized_bytes'] / 1e6:.2f} | "
+              f"{r['float32_bytes'] / r['quantized_bytes']:.2f}x | "
+              f"{r['float_decode_tok_s']:.1f} | {r['quantized_decode_tok_s']:.1f} | "
+              f"{'yes' if r['same_text'] else 'NO'} |")
+    if "teacher_forced" in res:
+        t = res["teacher_forced"]
+        print(f"\n{t['tokens']} tokens one at a time through the quantized cache: mean NLL "
+              f"{t['nll_quantized_cache']:.6f} against {t['nll_full_forward']:.6f} in one "
+              f"forward; largest logit difference {t['max_abs_logit_diff']:.2e}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""QuantizedKVCache: keys and values held as packed codes, decoding to the bit as the float
+cache of the same quantized values; transformers' generate, packed models, quept run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+import quept
+from quept.cli import main
+from quept.config import ConfigError, ElasticSpec
+from quept.export.kv_cache import QuantizedKVCache
+from quept.ops import dequantize_kv, fake_quant_kv, quantize_kv
+from quept.ops.pack import packed_length
+
+from .tiny import char_tokenizer, elastic_tiny
+
+SPEC = ElasticSpec(ranks=(2, 2, 2, 2), default_group_size=16, kv_bits=4)
+IDS = torch.randint(2, 90, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+def test_codes_dequantize_to_the_fake_quantizer_bit_for_bit(rotate):
+    x = torch.randn(2, 7, 3 * 16, generator=torch.Generator().manual_seed(1)) * 5 + 1
+    for bits in range(2, 9):
+        codes, scale, zero = quantize_kv(x, bits, 16, rotate)
+        assert codes.dtype == torch.uint8 and codes.shape == (2, 7, 3, 16)
+        assert int(codes.max()) == 2**bits - 1 and scale.shape == zero.shape == (2, 7, 3, 1)
+        assert torch.equal(dequantize_kv(codes, scale, zero, rotate),
+                           fake_quant_kv(x, bits, 16, rotate))
+
+
+def decode(model, cache, prefill=8):
+    """Logits of a prefill, then one token at a time, with ``cache`` (None = transformers')."""
+    out = model(IDS[:, :prefill], use_cache=True, cache=cache)
+    steps, cache = [out.logits[:, -1]], out.cache
+    for t in range(prefill, IDS.shape[1]):
+        out = model(IDS[:, t:t + 1], cache=cache, use_cache=True)
+        steps.append(out.logits[:, -1])
+    return torch.stack(steps, 1), cache
+
+
+@pytest.mark.parametrize("head_dim", [16, 12])  # a Hadamard-rotated basis, and none
+@pytest.mark.parametrize("bits", [3, 4])
+def test_decoding_from_codes_equals_the_float_cache_to_the_bit(head_dim, bits):
+    model = elastic_tiny(replace(SPEC, kv_bits=bits), head_dim=head_dim)
+    quept.set_bits(model, 3)
+    assert model.model.layers[0].self_attn.k_proj.kv_quant == (bits, head_dim, head_dim == 16)
+    want, _ = decode(model, None)
+    cache = QuantizedKVCache(model)
+    got, used = decode(model, cache)
+    assert used is cache and cache.get_seq_length() == IDS.shape[1]
+    assert torch.equal(got, want)
+    # What it holds: per layer, keys and values of 2 x 12 tokens of 2 heads, packed at `bits`,
+    # a float32 step and an int16 zero-point per head, and an int32 position per token.
+    per_stream = 2 * 12 * (packed_length(2 * head_dim, bits) + 2 * (4 + 2))
+    assert cache.nbytes == 2 * (2 * per_stream + 2 * 12 * 4)
+    assert cache.float_nbytes() == 2 * 2 * (2 * 12 * 2 * head_dim * 4)
+    assert cache.nbytes < cache.float_nbytes() / 2
+    cache.detach()
+    assert all(m.kv_sink is None for m in model.modules() if hasattr(m, "kv_sink"))
+    assert torch.equal(decode(model, None)[0], want)
+
+
+def test_transformers_generate_with_left_padding_on_a_packed_model(tmp_path):
+    model = elastic_tiny(SPEC)
+    quept.api.export(model, 4, tmp_path / "w4", tokenizer=char_tokenizer(),
+                     scale_dtype="float32")
+    packed, _ = quept.api.load_packed(tmp_path / "w4")
+    mask = torch.ones_like(IDS)
+    mask[0, :3] = 0
+    kw = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0, "attention_mask": mask}
+    want = packed.generate(IDS, **kw)
+    cache = QuantizedKVCache(packed)
+    got = packed.generate(IDS, cache=cache, **kw)
+    assert torch.equal(got, want) and cache.get_seq_length() == IDS.shape[1] + 5
+
+
+def test_clear_errors():
+    plain = elastic_tiny(replace(SPEC, kv_bits=None))
+    with pytest.raises(ConfigError, match="needs a model calibrated with --kv-bits"):
+        QuantizedKVCache(plain)
+    model = elastic_tiny(SPEC)
+    quept.set_bits(model, 4)
+    cache = QuantizedKVCache(model)
+    cache.detach()
+    with pytest.raises(RuntimeError, match="handed no quantized codes"):
+        model(IDS, cache=cache, use_cache=True)
+
+
+def test_quept_run_uses_it_for_a_kv_quantized_folder(tmp_path, capsys):
+    model = elastic_tiny(SPEC)
+    quept.api.export(model, 4, tmp_path / "w4", tokenizer=char_tokenizer())
+    argv = ["run", str(tmp_path / "w4"), "--prompt", "It is a truth", "--max-new-tokens", "6",
+            "--no-eos", "--json"]
+    outs = {}
+    for kind in ("auto", "float"):
+        assert main([*argv, "--kv-cache", kind]) == 0
+        outs[kind] = json.loads(capsys.readouterr().out)
+    assert outs["auto"]["kv_cache"] == "quantized" and outs["float"]["kv_cache"] == "float"
+    assert outs["auto"]["text"] == outs["float"]["text"]
+    assert 0 < outs["auto"]["kv_cache_bytes"] < outs["auto"]["kv_cache_float32_bytes"] / 2
+    assert main(argv[:-1]) == 0
+    assert "KV cache: 18 tokens as packed codes" in capsys.readouterr().out
+    plain = elastic_tiny(replace(SPEC, kv_bits=None))
+    quept.api.export(plain, 4, tmp_path / "p4", tokenizer=char_tokenizer())
+    assert main(["run", str(tmp_path / "p4"), "--prompt", "a", "--kv-cache", "quantized"]) == 2
+    assert "calibrated with --kv-bits" in capsys.readouterr().err
