@@ -4,8 +4,8 @@ A decoder calibrated with ``ElasticSpec.kv_bits`` quantizes the outputs of its k
 projections per token and head (keys before the rotary embedding). Transformers' own cache then
 stores those values as floats, so the cache is no smaller. :class:`QuantizedKVCache` stores what
 a runtime would: each token's codes packed at their true width (:mod:`quept.ops.pack`), with a
-float32 step and an int16 zero-point per head (int32 if one does not fit), and the position of
-every token. Attached to a model, it makes each key/value projection hand over its codes (the
+step (in the model's dtype) and an int16 zero-point per head (int32 if one does not fit), and
+the position of every token (int32). Attached to a model, it makes each key/value projection hand over its codes (the
 layer's ``kv_sink``); on every step it rebuilds the past tokens' keys (dequantized, rotated back
 when the heads were quantized in a Hadamard basis, the rotary embedding applied at their
 positions) and values, and appends the new tokens' as the model computed them. The logits are
@@ -61,7 +61,7 @@ class _Store:
             raise RuntimeError(f"the {what} projection's codes cover {tuple(codes.shape[:-2])} "
                                f"(batch, tokens), but the cache was given {tokens} new tokens")
         packed = pack(codes.flatten(-2), self.bits)
-        scale, zero = scale.squeeze(-1).float(), zero.squeeze(-1)
+        scale, zero = scale.squeeze(-1), zero.squeeze(-1)
         if self.codes is None:
             dtype = torch.int16 if float(zero.abs().max()) <= INT16_MAX else torch.int32
             self.codes, self.scale, self.zero = packed, scale, zero.to(dtype)
@@ -92,13 +92,31 @@ class _Store:
                    if t is not None)
 
 
+class _SharedRotary:
+    """The rotary embedding's (cos, sin) at the past tokens' positions, computed once per step
+    for every layer (all layers of a step hold the same positions)."""
+
+    def __init__(self, rotary: nn.Module) -> None:
+        self.rotary = rotary
+        self.key: tuple[torch.Tensor, torch.dtype] | None = None
+        self.value: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, like: torch.Tensor, positions: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        if (self.key is None or self.key[1] != like.dtype
+                or self.key[0].shape != positions.shape or not torch.equal(self.key[0], positions)):
+            self.key, self.value = (positions, like.dtype), self.rotary(like, positions)
+        return self.value
+
+
 class QuantizedKVLayer(DynamicLayer):
     """One decoder layer's cache: the keys' and values' codes and every token's position."""
 
     is_croppable = False
 
     def __init__(self, bits: int, heads: int, head_dim: int, rotate: bool,
-                 rotary: nn.Module, rope: Callable[..., Any]) -> None:
+                 rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+                 rope: Callable[..., Any]) -> None:
         super().__init__()
         self.keys_store = _Store(bits, heads, head_dim, rotate)
         self.values_store = _Store(bits, heads, head_dim, rotate)
@@ -158,6 +176,10 @@ class QuantizedKVLayer(DynamicLayer):
         raise NotImplementedError("a quantized KV cache cannot be cropped")
 
     @property
+    def batch(self) -> int:
+        return 0 if self.positions is None else self.positions.shape[0]
+
+    @property
     def nbytes(self) -> int:
         """Bytes held: codes, steps, zero-points and positions."""
         pos = 0 if self.positions is None else self.positions.numel() * 4  # stored as int32
@@ -190,7 +212,7 @@ class QuantizedKVCache(Cache):
         fam = family_for(model)
         names = kv_linears(fam)
         blocks = fam.get_blocks(model)
-        rotary = _rotary_embedding(model, fam.blocks)
+        rotary = _SharedRotary(_rotary_embedding(model, fam.blocks))
         layers, self._attached = [], []
         for i, block in enumerate(blocks):
             k, v = (block.get_submodule(n) for n in names)
@@ -226,9 +248,8 @@ class QuantizedKVCache(Cache):
     def float_nbytes(self, dtype: torch.dtype = torch.float32) -> int:
         """Bytes a float cache of ``dtype`` would hold for the same tokens."""
         size = torch.empty((), dtype=dtype).element_size()
-        return sum(2 * layer.length * s.heads * s.head_dim * size
-                   * (0 if s.scale is None else s.scale.shape[0])
-                   for layer in self.layers for s in (layer.keys_store,))
+        return sum(2 * layer.batch * layer.length * layer.keys_store.heads
+                   * layer.keys_store.head_dim * size for layer in self.layers)
 
 
 def _rotary_embedding(model: nn.Module, blocks_path: str) -> nn.Module:
