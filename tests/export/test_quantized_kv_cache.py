@@ -109,3 +109,13 @@ def test_quept_run_uses_it_for_a_kv_quantized_folder(tmp_path, capsys):
     quept.api.export(plain, 4, tmp_path / "p4", tokenizer=char_tokenizer())
     assert main(["run", str(tmp_path / "p4"), "--prompt", "a", "--kv-cache", "quantized"]) == 2
     assert "calibrated with --kv-bits" in capsys.readouterr().err
+
+
+def test_rotated_quantizer_trains_after_running_under_inference_mode():
+    """The rotation's matrix is cached: made first under inference_mode (a generation), it
+    must still serve a calibration with autograd on."""
+    with torch.inference_mode():
+        fake_quant_kv(torch.randn(2, 32), 4, 16, rotate=True)
+    x = torch.randn(2, 32, requires_grad=True)
+    fake_quant_kv(x, 4, 16, rotate=True).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0

@@ -108,7 +108,10 @@ def rotate_heads(x: torch.Tensor) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=16)
 def _hadamard_matrix(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return hadamard(n).to(dtype=dtype, device=device)
+    # a normal tensor even when first asked for under inference_mode: calibration later
+    # multiplies by it with autograd on, which an inference tensor would refuse
+    with torch.inference_mode(False):
+        return hadamard(n).to(dtype=dtype, device=device).clone()
 
 
 def _check_kv(x: torch.Tensor, head_dim: int, rotate: bool) -> None:
