@@ -5,8 +5,8 @@ projections per token and head (keys before the rotary embedding). Transformers'
 stores those values as floats, so the cache is no smaller. :class:`QuantizedKVCache` stores what
 a runtime would: each token's codes packed at their true width (:mod:`quept.ops.pack`), with a
 step (in the model's dtype) and an int16 zero-point per head (int32 if one does not fit), and
-the position of every token (int32). Attached to a model, it makes each key/value projection hand over its codes (the
-layer's ``kv_sink``); on every step it rebuilds the past tokens' keys (dequantized, rotated back
+the position of every token (int32). Attached to a model, it makes each key/value projection
+hand over its codes (the layer's ``kv_sink``); on every step it rebuilds the past tokens' keys (dequantized, rotated back
 when the heads were quantized in a Hadamard basis, the rotary embedding applied at their
 positions) and values, and appends the new tokens' as the model computed them. The logits are
 the same to the bit as with transformers' float cache over the same quantized keys (tested).
@@ -125,7 +125,7 @@ class QuantizedKVLayer(DynamicLayer):
         self.length = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.device, self.dtype = key_states.device, key_states.dtype
+        self.device = key_states.device
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
@@ -232,7 +232,6 @@ class QuantizedKVCache(Cache):
             self._attached += [(k, layer.keys_store.take), (v, layer.values_store.take)]
             layers.append(layer)
         super().__init__(layers=layers)
-        self.bits = layers[0].keys_store.bits
 
     def detach(self) -> None:
         """Stop the model's projections from handing codes to this cache."""

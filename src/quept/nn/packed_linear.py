@@ -67,7 +67,8 @@ class PackedLinear(nn.Module):
         self.act_static: tuple[float, float] | None = None
         self.in_rotation = False  # the codes read a Hadamard-rotated input (see ElasticLinear)
         # The output is a key or value of a KV cache quantized per token and head at
-        # (bits, head_dim, rotated) (ElasticSpec.kv_bits; simulated in float).
+        # (bits, head_dim, rotated) (ElasticSpec.kv_bits): simulated in float, or handed as
+        # codes to a QuantizedKVCache through kv_sink.
         self.kv_quant: tuple[int, int, bool] | None = None
         self.kv_sink: KVSink | None = None  # set by a QuantizedKVCache while it is attached
         # Derived on first use: (backend, scale fp32, -zero * scale fp32[, aten-int4 operands]).

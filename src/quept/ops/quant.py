@@ -9,6 +9,7 @@ max and min.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 
@@ -60,16 +61,7 @@ def fake_quant_kv(x: torch.Tensor, bits: int, head_dim: int, rotate: bool = Fals
     ``rotate`` (``head_dim`` a power of two): each head is quantized in a Hadamard-rotated
     basis, ``H Q(H x)`` (H symmetric orthonormal, its own inverse), which spreads a head's
     outlier channels over all of them; a runtime stores the codes of ``H x``."""
-    _check_kv(x, head_dim, rotate)
-    qmax = 2**bits - 1
-    xg = x.unflatten(-1, (-1, head_dim))
-    if rotate:
-        xg = rotate_heads(xg)
-    lo, hi = xg.amin(dim=-1, keepdim=True), xg.amax(dim=-1, keepdim=True)
-    scale = ((hi - lo) / qmax).clamp(min=1e-8)
-    zero = round_ste(-lo / scale)
-    q = (torch.clamp(round_ste(xg / scale) + zero, 0, qmax) - zero) * scale
-    return (rotate_heads(q) if rotate else q).flatten(-2)
+    return dequantize_kv(*_kv_grid(x, bits, head_dim, rotate, round_ste), rotate)
 
 
 def quantize_kv(x: torch.Tensor, bits: int, head_dim: int, rotate: bool = False
@@ -78,16 +70,24 @@ def quantize_kv(x: torch.Tensor, bits: int, head_dim: int, rotate: bool = False
     (..., heads, head_dim) on 0..2^b - 1 (of ``H x`` per head when ``rotate``), and each
     (token, head)'s float step and integer-valued zero-point, both (..., heads, 1).
     ``dequantize_kv`` of them is ``fake_quant_kv(x, ...)`` to the bit (no gradient)."""
+    codes, scale, zero = _kv_grid(x.detach(), bits, head_dim, rotate, torch.round)
+    return codes.to(torch.uint8), scale, zero
+
+
+def _kv_grid(x: torch.Tensor, bits: int, head_dim: int, rotate: bool,
+             rnd: Callable[[torch.Tensor], torch.Tensor]
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes (as floats), steps and zero-points of ``x`` per token and head, rounded by ``rnd``
+    (straight-through for :func:`fake_quant_kv`, plain for :func:`quantize_kv`)."""
     _check_kv(x, head_dim, rotate)
     qmax = 2**bits - 1
-    xg = x.detach().unflatten(-1, (-1, head_dim))
+    xg = x.unflatten(-1, (-1, head_dim))
     if rotate:
         xg = rotate_heads(xg)
     lo, hi = xg.amin(dim=-1, keepdim=True), xg.amax(dim=-1, keepdim=True)
     scale = ((hi - lo) / qmax).clamp(min=1e-8)
-    zero = torch.round(-lo / scale)
-    codes = torch.clamp(torch.round(xg / scale) + zero, 0, qmax)
-    return codes.to(torch.uint8), scale, zero
+    zero = rnd(-lo / scale)
+    return torch.clamp(rnd(xg / scale) + zero, 0, qmax), scale, zero
 
 
 def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
