@@ -4,6 +4,7 @@ and packed layers, incremental decoding, calibration, save/load, export and the 
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import quept
 from quept.cli import main
 from quept.config import CalibConfig, ConfigError, ElasticSpec, QuEPTConfig
 from quept.nn import elastic_layers
+from quept.nn.kv import ATTENTION
 from quept.ops import GroupSizeError, fake_quant_kv
 from tests.conftest import tiny_model
 from tests.export.tiny import char_tokenizer, hf_folder, randomize
@@ -63,21 +65,38 @@ def test_spec_checks_kv_bits_and_round_trips():
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])  # qwen2: k_proj and v_proj have biases
-def test_only_key_and_value_outputs_are_quantized_and_only_when_quantized(kind):
+def test_the_attention_quantizes_keys_after_the_rotary_embedding_and_values(kind):
     model = randomize(quept.prepare(tiny_model(kind), SPEC))
     layers = elastic_layers(model)
     kv = {n for n, m in layers.items() if m.kv_quant is not None}
     assert kv == {f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "kv"}
     assert {layers[n].kv_quant for n in kv} == {(4, HEAD_DIM, True)}
-    x = torch.randn(2, 7, 64)
-    k = layers["model.layers.0.self_attn.k_proj"]
+    attn = model.model.layers[0].self_attn
+    # the attention runs quept's quantizer through its own config; the model's masks do not
+    assert attn.config._attn_implementation == ATTENTION != model.config._attn_implementation
+    x = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(0))
+    cos, sin = model.model.rotary_emb(x, torch.arange(7)[None].expand(2, 7))
+    rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+
+    def by_hand(quantize):
+        q, k, v = (getattr(attn, f"{p}_proj")(x).view(2, 7, -1, HEAD_DIM).transpose(1, 2)
+                   for p in "qkv")
+        q, k = rope(q, k, cos, sin)
+        if quantize:
+            k, v = (fake_quant_kv(t, 4, HEAD_DIM, rotate=True) for t in (k, v))
+        k, v = (t.repeat_interleave(attn.num_key_value_groups, 1) for t in (k, v))
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return attn.o_proj(o.transpose(1, 2).reshape(2, 7, -1))
+
     for rtn in (False, True):  # the cache is quantized under the RTN baseline too
-        k.set_bits(6, rtn=rtn)
-        plain = torch.nn.functional.linear(x, k.current_weight(), k.bias)
-        torch.testing.assert_close(k(x), fake_quant_kv(plain, 4, HEAD_DIM, rotate=True))
-        assert (k(x) - plain).abs().max() > 1e-4
-    k.set_bits(None)  # the float reference keeps a float cache
-    torch.testing.assert_close(k(x), torch.nn.functional.linear(x, k.weight, k.bias))
+        for m in layers.values():
+            m.set_bits(6, rtn=rtn)
+        got = attn(x, position_embeddings=(cos, sin), attention_mask=None)[0]
+        torch.testing.assert_close(got, by_hand(True), atol=1e-5, rtol=1e-5)
+        assert (got - by_hand(False)).abs().max() > 1e-4
+    quept.set_bits(model, None)  # the float reference keeps a float cache
+    got = attn(x, position_embeddings=(cos, sin), attention_mask=None)[0]
+    torch.testing.assert_close(got, by_hand(False), atol=1e-5, rtol=1e-5)
 
 
 def test_a_model_without_kv_cache_is_refused_by_name():
@@ -88,8 +107,8 @@ def test_a_model_without_kv_cache_is_refused_by_name():
 
 
 def test_decoding_with_the_cache_matches_the_full_forward():
-    """Keys are quantized per token before the rotary embedding, so a token's cached key and
-    value are the same whether it was computed in a prefill or one step at a time."""
+    """Keys and values are quantized per token, so a token's cached key and value are the same
+    whether it was computed in a prefill or one step at a time (up to float rounding)."""
     model = randomize(quept.prepare(tiny_model(), SPEC))
     quept.set_bits(model, 3)
     ids = torch.randint(2, 200, (1, 12), generator=torch.Generator().manual_seed(0))

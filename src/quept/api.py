@@ -36,7 +36,7 @@ from quept.models import (
     rotate,
 )
 from quept.models.kv import head_dim as kv_head_dim
-from quept.models.kv import kv_linears
+from quept.models.kv import install_kv_attention, kv_linears
 from quept.nn import BitsPlan, ElasticLinear, elastic_layers
 from quept.nn import set_bits as _set_bits
 from quept.nn.state import load_elastic_state
@@ -154,6 +154,7 @@ def prepare(model: nn.Module, spec: ElasticSpec | None = None, seed: int = 0) ->
             new.kv_quant = kv.get(name)
             parent, _, child = name.rpartition(".")
             setattr(block.get_submodule(parent) if parent else block, child, new)
+    install_kv_attention(model)
     model.quept_spec = spec
     return model
 

@@ -21,6 +21,7 @@ CONFIG_VERSION = 1
 # Weight+activation mode (DESIGN 2.5): the activation quantizers and their default bit groups.
 ACTIVATION_MODES = ("none", "per-token", "per-tensor")
 ROTATIONS = ("none", "hadamard")
+KV_KEYS = "after-rotary"  # where the KV quantizer reads the keys (spec.to_dict records it)
 MIN_ACT_BITS = 4
 WEIGHT_ACT_GROUPS = ((7, 8), (5, 6), (4,))
 
@@ -97,13 +98,13 @@ class ElasticSpec:
         value heads, down_proj's input online; :mod:`quept.models.rotate`), which spreads
         the activation outliers that ruin W4A4; the float model's function is unchanged.
     kv_bits: None (default) or a width 2..8 for the KV cache of a decoder: the keys and values
-        (the outputs of k_proj and v_proj, bias included) are quantized per token and per head,
+        (what k_proj and v_proj give, bias included) are quantized per token and per head,
         asymmetric (min/max of each head's ``head_dim`` features), at this one width whatever
         the weights' width (DESIGN 2.5). With a power-of-two ``head_dim`` each head is
         quantized in a Hadamard-rotated basis (``H Q(H x)``), which spreads outlier channels.
-        Keys are quantized before the rotary embedding, so a runtime stores the codes and
-        applies the rotary embedding after dequantizing. Calibration sees it: the quantized
-        stream runs with it at every width.
+        Keys are quantized after the rotary embedding (in the attention, :mod:`quept.nn.kv`),
+        so a cache of codes holds exactly what the attention reads. Calibration sees it: the
+        quantized stream runs with it at every width.
 
     A bit group whose adapter prefix is empty (rank 0) and whose widths all have fixed or no
     clips has nothing to learn: calibration skips its training passes (its loss is still probed
@@ -262,11 +263,17 @@ class ElasticSpec:
                 del d[name]
         if d["kv_bits"] is None:
             del d["kv_bits"]
+        else:  # earlier folders quantized keys before the rotary embedding: told apart by this
+            d["kv_keys"] = KV_KEYS
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ElasticSpec:
         d = dict(d)
+        if d.get("kv_bits") is not None and d.pop("kv_keys", None) != KV_KEYS:
+            raise ConfigError("this folder's KV cache was calibrated with keys quantized before "
+                              "the rotary embedding (an earlier quept); this quept quantizes "
+                              "them after it: calibrate again with --kv-bits")
         # Folders written before fixed_clip_bits existed learned the clips of every width.
         d.setdefault("fixed_clip_bits", ())
         d.setdefault("clip_refine", 0)  # ... and searched one clip factor for max and min

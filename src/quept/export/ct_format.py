@@ -103,8 +103,8 @@ def _check_model(model: nn.Module) -> None:
     if spec.kv_bits is not None:
         raise CompressedTensorsExportError(
             f"compressed-tensors export cannot carry this model's {spec.kv_bits}-bit KV cache: "
-            "quept quantizes keys before the rotary embedding, per token and head, and the "
-            "format's kv_cache_scheme is a static scale after it; export the packed quept format")
+            "quept quantizes keys and values per token and head in a Hadamard-rotated basis, "
+            "and the format's kv_cache_scheme is a static scale; export the packed quept format")
     if spec.rotation != "none":
         raise CompressedTensorsExportError(
             "compressed-tensors export cannot carry this model's online Hadamard rotation; "

@@ -160,7 +160,8 @@ def _check_architecture(model: nn.Module) -> None:
     if spec is not None and spec.kv_bits is not None:
         raise GGUFExportError(
             f"GGUF export cannot carry this model's {spec.kv_bits}-bit KV cache: quept quantizes "
-            "keys before the rotary embedding, per token and head, and llama.cpp quantizes its "
+            "keys and values per token and head (in a Hadamard-rotated basis), and llama.cpp "
+            "quantizes its "
             "cache its own way (--cache-type-k/-v), which calibration did not see; export the "
             "packed quept format, which keeps the KV quantizers")
     if spec is not None and spec.rotation != "none":

@@ -1,15 +1,23 @@
 """A KV cache that holds the quantized keys and values as packed integer codes.
 
-A decoder calibrated with ``ElasticSpec.kv_bits`` quantizes the outputs of its key and value
-projections per token and head (keys before the rotary embedding). Transformers' own cache then
-stores those values as floats, so the cache is no smaller. :class:`QuantizedKVCache` stores what
-a runtime would: each token's codes packed at their true width (:mod:`quept.ops.pack`), with a
-step (in the model's dtype) and an int16 zero-point per head (int32 if one does not fit), and
-the position of every token (int32). Attached to a model, it makes each key/value projection
-hand over its codes (the layer's ``kv_sink``); on every step it rebuilds the past tokens' keys (dequantized, rotated back
-when the heads were quantized in a Hadamard basis, the rotary embedding applied at their
-positions) and values, and appends the new tokens' as the model computed them. The logits are
-the same to the bit as with transformers' float cache over the same quantized keys (tested).
+A decoder calibrated with ``ElasticSpec.kv_bits`` quantizes the keys (after the rotary
+embedding) and values its attention reads, per token and head (:mod:`quept.nn.kv`).
+Transformers' own cache stores the float keys and values, and the attention quantizes all of
+them again on every step. :class:`QuantizedKVCache` stores what a runtime would: each token's
+codes packed at their true width (:mod:`quept.ops.pack`), with a step (in the model's dtype)
+and an int16 zero-point per head (int32 if one does not fit).
+
+Attached to a model, it quantizes the new tokens' keys and values as they arrive and then
+computes the attention itself, reading the past tokens' codes without rebuilding their keys
+and values: with a step ``s`` and zero-point ``z`` per token and head, and ``H`` the head's
+Hadamard rotation (when the heads are quantized in that basis),
+
+    q . k = s (q H . c - z sum(q H)),      sum_t p_t v_t = (sum_t p_t s_t (c_t - z_t)) H,
+
+so the queries are rotated once, the weighted sum of the values is rotated back once, and a
+past token costs one unpacking of its codes. The new tokens' keys and values enter as the
+quantizer gave them. The result equals transformers' float cache over the same quantized
+values up to float rounding (the sums run in another order; tested).
 
 One cache per model at a time: making a cache attaches it (a newer one takes over), and
 :meth:`QuantizedKVCache.detach` lets go. ``quept run`` and :func:`quept.export.runtime.generate`
@@ -18,8 +26,6 @@ use it whenever the model quantizes its cache.
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,57 +34,69 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from quept.config import ConfigError
 from quept.models import family_for
-from quept.models.kv import kv_linears
+from quept.models.kv import KV_LINEARS, install_kv_attention
+from quept.nn.kv import ATTENTION, active_kv, base_attention
 from quept.ops.pack import pack, unpack
-from quept.ops.quant import dequantize_kv
+from quept.ops.quant import dequantize_kv, quantize_kv, rotate_heads
 
 INT16_MAX = 2**15 - 1
 
 
 class _Store:
     """One of a layer's two streams (keys or values): packed codes (batch, tokens, bytes),
-    steps (batch, tokens, heads) and zero-points (batch, tokens, heads), grown by appending."""
+    steps and zero-points (batch, tokens, heads), in buffers that double when full."""
 
     def __init__(self, bits: int, heads: int, head_dim: int, rotate: bool) -> None:
         self.bits, self.heads, self.head_dim, self.rotate = bits, heads, head_dim, rotate
         self.codes: torch.Tensor | None = None
         self.scale: torch.Tensor | None = None
         self.zero: torch.Tensor | None = None
-        self.pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.length = 0
 
-    def take(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
-        """The projection's sink: the codes (batch, tokens, heads, head_dim) of its last call."""
-        self.pending = (codes, scale, zero)
-
-    def append(self, tokens: int, what: str) -> None:
-        if self.pending is None:
-            raise RuntimeError(
-                f"the {what} projection handed no quantized codes to the cache: make the cache "
-                "for this model (QuantizedKVCache(model)) and keep it attached while it runs")
-        codes, scale, zero = self.pending
-        self.pending = None
-        if codes.ndim != 4 or codes.shape[1] != tokens:
-            raise RuntimeError(f"the {what} projection's codes cover {tuple(codes.shape[:-2])} "
-                               f"(batch, tokens), but the cache was given {tokens} new tokens")
+    def append(self, x: torch.Tensor) -> torch.Tensor:
+        """Quantize and store ``x`` (batch, heads, new, head_dim); returns the values the codes
+        stand for, in the same layout (what the quantizer in the attention gives)."""
+        flat = x.transpose(1, 2).flatten(-2)  # (batch, new, heads * head_dim)
+        codes, step, zero_point = quantize_kv(flat, self.bits, self.head_dim, self.rotate)
         packed = pack(codes.flatten(-2), self.bits)
-        scale, zero = scale.squeeze(-1), zero.squeeze(-1)
+        scale, zero = step.squeeze(-1), zero_point.squeeze(-1)
+        new = packed.shape[1]
         if self.codes is None:
             dtype = torch.int16 if float(zero.abs().max()) <= INT16_MAX else torch.int32
             self.codes, self.scale, self.zero = packed, scale, zero.to(dtype)
-            return
-        if self.zero.dtype == torch.int16 and float(zero.abs().max()) > INT16_MAX:
-            self.zero = self.zero.to(torch.int32)
-        self.codes = torch.cat([self.codes, packed], 1)
-        self.scale = torch.cat([self.scale, scale], 1)
-        self.zero = torch.cat([self.zero, zero.to(self.zero.dtype)], 1)
+            self.length = new
+        else:
+            if self.zero.dtype == torch.int16 and float(zero.abs().max()) > INT16_MAX:
+                self.zero = self.zero.to(torch.int32)
+            self._reserve(self.length + new)
+            end = self.length + new
+            self.codes[:, self.length:end] = packed
+            self.scale[:, self.length:end] = scale
+            self.zero[:, self.length:end] = zero.to(self.zero.dtype)
+            self.length = end
+        out = dequantize_kv(codes, step, zero_point, self.rotate)
+        return out.to(x.dtype).unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
 
-    def dequantized(self, tokens: int) -> torch.Tensor:
-        """The first ``tokens`` tokens as floats, (batch, heads, tokens, head_dim)."""
+    def _reserve(self, tokens: int) -> None:
+        have = self.codes.shape[1]
+        if tokens <= have:
+            return
+        grow = max(tokens, 2 * have)
+
+        def grown(t: torch.Tensor) -> torch.Tensor:
+            out = t.new_zeros((t.shape[0], grow, *t.shape[2:]))
+            out[:, :self.length] = t[:, :self.length]
+            return out
+
+        self.codes, self.scale, self.zero = grown(self.codes), grown(self.scale), grown(self.zero)
+
+    def past(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The first ``tokens`` tokens: float32 codes (batch, heads, tokens, head_dim), steps
+        and zero-points (batch, heads, tokens)."""
         codes = unpack(self.codes[:, :tokens], self.bits, self.heads * self.head_dim)
-        codes = codes.unflatten(-1, (self.heads, self.head_dim))
-        x = dequantize_kv(codes, self.scale[:, :tokens, :, None],
-                          self.zero[:, :tokens, :, None].to(self.scale.dtype), self.rotate)
-        return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+        codes = codes.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2).float()
+        return (codes, self.scale[:, :tokens].transpose(1, 2).float(),
+                self.zero[:, :tokens].transpose(1, 2).float())
 
     def select(self, index: torch.Tensor) -> None:
         if self.codes is not None:
@@ -86,42 +104,29 @@ class _Store:
             self.codes, self.scale, self.zero = (t.index_select(0, index) for t in (
                 self.codes, self.scale, self.zero))
 
+    def reset(self) -> None:
+        self.codes = self.scale = self.zero = None
+        self.length = 0
+
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero)
-                   if t is not None)
-
-
-class _SharedRotary:
-    """The rotary embedding's (cos, sin) at the past tokens' positions, computed once per step
-    for every layer (all layers of a step hold the same positions)."""
-
-    def __init__(self, rotary: nn.Module) -> None:
-        self.rotary = rotary
-        self.key: tuple[torch.Tensor, torch.dtype] | None = None
-        self.value: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def __call__(self, like: torch.Tensor, positions: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        if (self.key is None or self.key[1] != like.dtype
-                or self.key[0].shape != positions.shape or not torch.equal(self.key[0], positions)):
-            self.key, self.value = (positions, like.dtype), self.rotary(like, positions)
-        return self.value
+        """Bytes the stored tokens take (the buffers' spare room not counted)."""
+        return sum(t[:, :self.length].numel() * t.element_size()
+                   for t in (self.codes, self.scale, self.zero) if t is not None)
 
 
 class QuantizedKVLayer(DynamicLayer):
-    """One decoder layer's cache: the keys' and values' codes and every token's position."""
+    """One decoder layer's cache: its keys' and values' codes, and the attention over them."""
 
     is_croppable = False
 
-    def __init__(self, bits: int, heads: int, head_dim: int, rotate: bool,
-                 rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]],
-                 rope: Callable[..., Any]) -> None:
+    def __init__(self, attention: nn.Module, bits: int, heads: int, head_dim: int,
+                 rotate: bool) -> None:
         super().__init__()
+        self.attention = attention
         self.keys_store = _Store(bits, heads, head_dim, rotate)
         self.values_store = _Store(bits, heads, head_dim, rotate)
-        self.rotary, self.rope = rotary, rope
-        self.positions: torch.Tensor | None = None
+        self.fresh: tuple[torch.Tensor, torch.Tensor] | None = None
         self.length = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -130,24 +135,62 @@ class QuantizedKVLayer(DynamicLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new tokens' codes; return every token's keys and values (batch, heads,
-        tokens, head_dim): the past rebuilt from codes, the new ones as given."""
+        """Quantize and store the new tokens' keys and values (batch, heads, new, head_dim);
+        returns them as quantized. The attention then reads the past from the codes."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        batch, new = key_states.shape[0], key_states.shape[-2]
-        past = self.length
-        self.keys_store.append(new, "key")
-        self.values_store.append(new, "value")
-        pos = _positions(kwargs, batch, new, past, key_states.device)
-        self.positions = pos if self.positions is None else torch.cat([self.positions, pos], 1)
-        self.length += new
+        if getattr(self.attention, "quept_kv_cache", None) is not self:
+            raise RuntimeError("this quantized KV cache is not attached to the model's "
+                               "attention (detached, or a newer cache took over): make a new "
+                               "QuantizedKVCache(model)")
+        kq, vq = active_kv(self.attention)
+        if kq is None or vq is None:
+            raise RuntimeError("the model runs this layer's keys or values in float (the float "
+                               "reference, or a float layer of a plan): a quantized KV cache "
+                               "needs them quantized; use transformers' cache")
+        keys = self.keys_store.append(key_states)
+        values = self.values_store.append(value_states)
+        self.length += key_states.shape[-2]
+        self.fresh = (keys, values)
+        return keys, values
+
+    def holds(self, key: torch.Tensor, value: torch.Tensor) -> bool:
+        """Whether ``key``/``value`` are what :meth:`update` just returned."""
+        return self.fresh is not None and key is self.fresh[0] and value is self.fresh[1]
+
+    def attend(self, module: nn.Module, query: torch.Tensor, mask: torch.Tensor | None,
+               scaling: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        """Attention of ``query`` (batch, query heads, q, head_dim) over the past tokens'
+        codes and the new tokens; returns (batch, q, query heads, head_dim) as the model's
+        attention functions do."""
+        new_k, new_v = self.fresh
+        self.fresh = None
+        new = new_k.shape[-2]
+        past = self.length - new
         if past == 0:
-            return key_states, value_states
-        keys = self.keys_store.dequantized(past).to(key_states.dtype)
-        cos, sin = self.rotary(keys, self.positions[:, :past])
-        keys = self.rope(keys, keys, cos, sin)[1]
-        values = self.values_store.dequantized(past).to(value_states.dtype)
-        return torch.cat([keys, key_states], -2), torch.cat([values, value_states], -2)
+            return base_attention(module)(module, query, new_k, new_v, mask, scaling=scaling,
+                                          **kwargs)
+        batch, q_heads, q, dim = query.shape
+        heads = new_k.shape[1]
+        group = q_heads // heads
+        scaling = dim**-0.5 if scaling is None else scaling
+        qg = query.float().reshape(batch, heads, group * q, dim) * scaling
+        keys, k_scale, k_zero = self.keys_store.past(past)
+        qr = rotate_heads(qg) if self.keys_store.rotate else qg
+        scores = torch.cat([
+            (qr @ keys.transpose(-1, -2) - qr.sum(-1, keepdim=True) * k_zero[:, :, None])
+            * k_scale[:, :, None],
+            qg @ new_k.float().transpose(-1, -2)], -1)
+        scores = _masked(scores.view(batch, q_heads, q, past + new), mask, past)
+        probs = scores.softmax(-1).view(batch, heads, group * q, past + new)
+        values, v_scale, v_zero = self.values_store.past(past)
+        w = probs[..., :past] * v_scale[:, :, None]
+        out = w @ values - (w * v_zero[:, :, None]).sum(-1, keepdim=True)
+        if self.values_store.rotate:
+            out = rotate_heads(out)
+        out = out + probs[..., past:] @ new_v.float()
+        out = out.view(batch, q_heads, q, dim).transpose(1, 2).contiguous()
+        return out.to(query.dtype), None
 
     def get_seq_length(self) -> int:
         return self.length
@@ -155,8 +198,8 @@ class QuantizedKVLayer(DynamicLayer):
     def reset(self) -> None:
         super().reset()
         for s in (self.keys_store, self.values_store):
-            s.codes = s.scale = s.zero = s.pending = None
-        self.positions, self.length = None, 0
+            s.reset()
+        self.fresh, self.length = None, 0
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)
@@ -164,12 +207,10 @@ class QuantizedKVLayer(DynamicLayer):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         for s in (self.keys_store, self.values_store):
             s.select(indices)
-        if self.positions is not None:
-            self.positions = self.positions.index_select(0, indices.to(self.positions.device))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.positions is not None:
-            index = torch.arange(self.positions.shape[0]).repeat_interleave(repeats)
+        if self.keys_store.codes is not None:
+            index = torch.arange(self.batch).repeat_interleave(repeats)
             self.batch_select_indices(index)
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -177,27 +218,30 @@ class QuantizedKVLayer(DynamicLayer):
 
     @property
     def batch(self) -> int:
-        return 0 if self.positions is None else self.positions.shape[0]
+        codes = self.keys_store.codes
+        return 0 if codes is None else codes.shape[0]
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: codes, steps, zero-points and positions."""
-        pos = 0 if self.positions is None else self.positions.numel() * 4  # stored as int32
-        return self.keys_store.nbytes + self.values_store.nbytes + pos
+        """Bytes held: codes, steps and zero-points of the stored tokens."""
+        return self.keys_store.nbytes + self.values_store.nbytes
 
 
-def _positions(kwargs: dict[str, Any], batch: int, new: int, past: int,
-               device: torch.device) -> torch.Tensor:
-    """The new tokens' positions (batch, new): the attention's ``position_ids`` where the model
-    passes them through (transformers 5.x), else the next ``new`` positions after ``past``."""
-    inner = kwargs.get("kwargs") or {}
-    pos = inner.get("position_ids", kwargs.get("position_ids"))
-    if pos is None:
-        pos = torch.arange(past, past + new, device=device)[None]
-    pos = pos.to(device=device, dtype=torch.int32)
-    if pos.shape[-1] != new:
-        raise RuntimeError(f"position_ids cover {pos.shape[-1]} tokens, the keys {new}")
-    return pos.expand(batch, new)
+def _masked(scores: torch.Tensor, mask: torch.Tensor | None, past: int) -> torch.Tensor:
+    """``scores`` (batch, heads, q, keys) with the attention mask applied: a boolean mask
+    (True = attend, as sdpa takes), an additive float one (as eager takes), or none (causal
+    over the new tokens)."""
+    keys, q = scores.shape[-1], scores.shape[-2]
+    low = torch.finfo(scores.dtype).min
+    if mask is None:
+        if q == 1:
+            return scores
+        allowed = torch.ones(q, keys, dtype=torch.bool, device=scores.device).tril(past)
+        return scores.masked_fill(~allowed, low)
+    mask = mask[..., :keys]
+    if mask.dtype == torch.bool:
+        return scores.masked_fill(~mask, low)
+    return scores + mask.to(scores.dtype)
 
 
 class QuantizedKVCache(Cache):
@@ -210,38 +254,37 @@ class QuantizedKVCache(Cache):
 
     def __init__(self, model: nn.Module) -> None:
         fam = family_for(model)
-        names = kv_linears(fam)
-        blocks = fam.get_blocks(model)
-        rotary = _SharedRotary(_rotary_embedding(model, fam.blocks))
+        if fam.name not in KV_LINEARS:
+            raise ConfigError(f"{fam.name} models have no KV cache to quantize")
+        k_name = KV_LINEARS[fam.name][0]
+        install_kv_attention(model)
         layers, self._attached = [], []
-        for i, block in enumerate(blocks):
-            k, v = (block.get_submodule(n) for n in names)
-            if k.kv_quant is None or v.kv_quant is None:
+        for i, block in enumerate(fam.get_blocks(model)):
+            k = block.get_submodule(k_name)
+            attention = block.get_submodule(k_name.rpartition(".")[0])
+            if getattr(k, "kv_quant", None) is None:
                 raise ConfigError(f"block {i} does not quantize its keys and values (kv_bits "
                                   "unset): a quantized KV cache needs a model calibrated with "
                                   "--kv-bits; use transformers' own cache otherwise")
+            if attention.config._attn_implementation != ATTENTION:
+                raise ConfigError(f"block {i}'s attention does not run quept's KV quantizer")
             bits, head_dim, rotate = k.kv_quant
-            heads = k.out_features // head_dim
-            attention = block.get_submodule(names[0].rpartition(".")[0])
-            rope = getattr(sys.modules[type(attention).__module__], "apply_rotary_pos_emb", None)
-            if rope is None:
-                raise ConfigError(f"{type(attention).__name__} has no apply_rotary_pos_emb "
-                                  "beside it: cannot rebuild its keys from the cache's codes")
-            layer = QuantizedKVLayer(bits, heads, head_dim, rotate, rotary, rope)
-            k.kv_sink, v.kv_sink = layer.keys_store.take, layer.values_store.take
-            self._attached += [(k, layer.keys_store.take), (v, layer.values_store.take)]
+            layer = QuantizedKVLayer(attention, bits, k.out_features // head_dim, head_dim,
+                                     rotate)
+            attention.quept_kv_cache = layer
+            self._attached.append((attention, layer))
             layers.append(layer)
         super().__init__(layers=layers)
 
     def detach(self) -> None:
-        """Stop the model's projections from handing codes to this cache."""
-        for module, sink in self._attached:
-            if module.kv_sink == sink:
-                module.kv_sink = None
+        """Let go of the model's attention modules (they then quantize as without a cache)."""
+        for attention, layer in self._attached:
+            if getattr(attention, "quept_kv_cache", None) is layer:
+                attention.quept_kv_cache = None
 
     @property
     def nbytes(self) -> int:
-        """Bytes the cache holds (codes, steps, zero-points, positions)."""
+        """Bytes the cache holds (codes, steps, zero-points)."""
         return sum(layer.nbytes for layer in self.layers)
 
     def float_nbytes(self, dtype: torch.dtype = torch.float32) -> int:
@@ -249,14 +292,3 @@ class QuantizedKVCache(Cache):
         size = torch.empty((), dtype=dtype).element_size()
         return sum(2 * layer.batch * layer.length * layer.keys_store.heads
                    * layer.keys_store.head_dim * size for layer in self.layers)
-
-
-def _rotary_embedding(model: nn.Module, blocks_path: str) -> nn.Module:
-    """The rotary embedding module beside the decoder's blocks (``model.rotary_emb``)."""
-    parent = blocks_path.rpartition(".")[0]
-    name = f"{parent}.rotary_emb" if parent else "rotary_emb"
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        raise ConfigError(f"no rotary embedding at {name}: a quantized KV cache rebuilds keys "
-                          "with the decoder's rotary embedding") from None

@@ -16,6 +16,7 @@ from torch import nn
 
 from quept.export.packed import (
     KV_QUANT_KIND,
+    KV_QUANT_KIND_BEFORE_ROTARY,
     PACKED_FORMAT,
     PACKED_JSON,
     PACKED_VERSION,
@@ -23,6 +24,7 @@ from quept.export.packed import (
     SCALE_DTYPES,
     PackedFormatError,
 )
+from quept.models.kv import install_kv_attention
 from quept.nn.packed_linear import PackedEmbedding, PackedLinear
 
 
@@ -71,6 +73,7 @@ def load_packed(folder: str | os.PathLike, backend: str = "auto") -> nn.Module:
     for m in net.modules():
         if isinstance(m, PackedLinear):
             m.set_backend(backend)
+    install_kv_attention(net)
     net.eval().requires_grad_(False)
     net.quept_packed = meta
     return net
@@ -149,6 +152,11 @@ def _kv_quant(name: str, info: Mapping[str, Any]) -> tuple[int, int, bool] | Non
     kv = info.get("kv_quant")
     if kv is None:
         return None
+    if isinstance(kv, Mapping) and kv.get("kind") == KV_QUANT_KIND_BEFORE_ROTARY:
+        raise PackedFormatError(f"packed layer {name}: this folder's KV cache quantizes keys "
+                                "before the rotary embedding (an earlier quept); this quept "
+                                "quantizes them after it: recalibrate with --kv-bits and export "
+                                "again")
     if not isinstance(kv, Mapping) or kv.get("kind") != KV_QUANT_KIND:
         raise PackedFormatError(f"packed layer {name}: KV-cache quantizer {kv!r} is unknown "
                                 f"(known: kind {KV_QUANT_KIND!r} with bits and head_dim)")

@@ -33,7 +33,10 @@ PACKED_JSON = "quept-packed.json"
 PACKED_WEIGHTS = "packed.safetensors"
 SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 HEAD_GROUP_SIZE = 64
-KV_QUANT_KIND = "per-token-per-head-asymmetric"  # the one KV-cache quantizer (fake_quant_kv)
+# The one KV-cache quantizer (fake_quant_kv in the attention, keys after the rotary embedding);
+# folders of earlier versions quantized keys before it, which this version refuses by name.
+KV_QUANT_KIND = "per-token-per-head-asymmetric-after-rotary"
+KV_QUANT_KIND_BEFORE_ROTARY = "per-token-per-head-asymmetric"
 
 
 class PackedFormatError(ValueError):

@@ -66,8 +66,9 @@ def generate(
     ``warmup`` runs one untimed forward first, so one-off costs (kernel loading, unpacking
     scales) do not count as prefill. ``kv_cache``: "quantized" keeps the keys and values as
     packed codes (:class:`~quept.export.kv_cache.QuantizedKVCache`; the model must quantize its
-    cache, ``kv_bits``), "float" uses transformers' cache (of the same quantized values, if
-    the model quantizes them), "auto" the first where the model quantizes its cache.
+    cache, ``kv_bits``), "float" uses transformers' cache of float keys and values (which the
+    attention quantizes again on every step, if the model quantizes them: the same values,
+    more slowly), "auto" the first where the model quantizes its cache.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")

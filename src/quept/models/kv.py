@@ -1,4 +1,5 @@
-"""Which linears write a decoder's KV cache, and the head size that groups their outputs."""
+"""Which linears write a decoder's KV cache, the head size that groups their outputs, and
+installing the attention that quantizes the cache (:mod:`quept.nn.kv`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from typing import Any
 from torch import nn
 
 from quept.config import ConfigError
-from quept.models.families import Family
+from quept.models.families import Family, family_for
+from quept.nn.kv import install_attention
 
 # Linears (inside one block) whose outputs a family's KV cache holds: keys, then values.
 KV_LINEARS: dict[str, tuple[str, ...]] = {
@@ -35,3 +37,21 @@ def config_head_dim(config: Any) -> int:
     cfg = getattr(config, "text_config", None) or config
     dim = getattr(cfg, "head_dim", None)
     return int(dim) if dim else cfg.hidden_size // cfg.num_attention_heads
+
+
+def install_kv_attention(model: nn.Module) -> int:
+    """Point every attention whose key projection carries a KV quantizer (``kv_quant``) at
+    :func:`quept.nn.kv.kv_attention`; returns how many. Models without a KV cache are left
+    as they are."""
+    fam = family_for(model)
+    if fam.name not in KV_LINEARS:
+        return 0
+    k, v = KV_LINEARS[fam.name]
+    parent = k.rpartition(".")[0]
+    n = 0
+    for block in fam.get_blocks(model):
+        attention = block.get_submodule(parent)
+        if getattr(block.get_submodule(k), "kv_quant", None) is not None:
+            install_attention(attention, (k.rpartition(".")[2], v.rpartition(".")[2]))
+            n += 1
+    return n

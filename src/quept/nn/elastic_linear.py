@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from quept.config import ElasticSpec, check_bits
-from quept.nn.kv import KVSink, quantize_kv_output
 from quept.ops import (
     fake_quant,
     fake_quant_act,
@@ -83,9 +82,9 @@ class ElasticLinear(nn.Module):
         # The weight reads a Hadamard-rotated input (ElasticSpec.rotation): forward rotates x.
         self.in_rotation = False
         # The output is a key or value a KV cache holds (ElasticSpec.kv_bits): (bits, head_dim,
-        # Hadamard-rotated heads), quantized per token and head whenever the layer is quantized.
+        # Hadamard-rotated heads), quantized per token and head by the attention (after the
+        # rotary embedding, quept.nn.kv) whenever this layer is quantized.
         self.kv_quant: tuple[int, int, bool] | None = None
-        self.kv_sink: KVSink | None = None  # set by a QuantizedKVCache while it is attached
         if spec.activations == "per-tensor":
             self._init_static_act(spec, dev, dt)
 
@@ -246,10 +245,7 @@ class ElasticLinear(nn.Module):
                 x = fake_quant_static(x, *self.static_act_params(self.act_bits, self.rtn),
                                       self.act_bits)
         w = self.current_weight()
-        y = F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-        if self.kv_quant is not None and self.bits is not None:
-            y = quantize_kv_output(y, self.kv_quant, self.kv_sink)
-        return y
+        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def trainable_parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(adapter parameters, learnable clip logits); unclipped and fixed widths have none."""

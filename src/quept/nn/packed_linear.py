@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quept.nn.kv import KVSink, quantize_kv_output
 from quept.ops import kernels
 from quept.ops.hadamard import hadamard_transform
 from quept.ops.pack import pack, packed_length, unpack
@@ -67,10 +66,9 @@ class PackedLinear(nn.Module):
         self.act_static: tuple[float, float] | None = None
         self.in_rotation = False  # the codes read a Hadamard-rotated input (see ElasticLinear)
         # The output is a key or value of a KV cache quantized per token and head at
-        # (bits, head_dim, rotated) (ElasticSpec.kv_bits): simulated in float, or handed as
-        # codes to a QuantizedKVCache through kv_sink.
+        # (bits, head_dim, rotated) (ElasticSpec.kv_bits): the attention applies it, after the
+        # rotary embedding (quept.nn.kv).
         self.kv_quant: tuple[int, int, bool] | None = None
-        self.kv_sink: KVSink | None = None  # set by a QuantizedKVCache while it is attached
         # Derived on first use: (backend, scale fp32, -zero * scale fp32[, aten-int4 operands]).
         self._compute: tuple | None = None
 
@@ -156,8 +154,6 @@ class PackedLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.float()
         y = y.view(*shape[:-1], self.out_features)
-        if self.kv_quant is not None:
-            y = quantize_kv_output(y, self.kv_quant, self.kv_sink)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def _dequant_into_scratch(self, scale: torch.Tensor, zs: torch.Tensor) -> torch.Tensor:
