@@ -58,10 +58,9 @@ def test_attention_over_codes_equals_the_float_cache(head_dim, bits):
     assert used is cache and cache.get_seq_length() == IDS.shape[1]
     # the same sums in another order: float rounding apart (logits up to about 3 here)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    # What it holds: per layer, keys and values of 2 x 12 tokens of 2 heads, packed at `bits`,
-    # a float32 step and an int16 zero-point per head.
-    per_stream = 2 * 12 * (packed_length(2 * head_dim, bits) + 2 * (4 + 2))
-    assert cache.nbytes == 2 * 2 * per_stream
+    # What it holds: per layer and token (2 x 12), the codes of 2 key and 2 value heads packed
+    # at `bits` as one row, and a float32 step and an int16 zero-point per head.
+    assert cache.nbytes == 2 * 2 * 12 * (packed_length(4 * head_dim, bits) + 4 * (4 + 2))
     assert cache.float_nbytes() == 2 * 2 * (2 * 12 * 2 * head_dim * 4)
     assert cache.nbytes < cache.float_nbytes() / 2
     cache.detach()
@@ -143,3 +142,26 @@ def test_rotated_quantizer_trains_after_running_under_inference_mode():
     x = torch.randn(2, 32, requires_grad=True)
     fake_quant_kv(x, 4, 16, rotate=True).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_the_compiled_kernel_reads_the_codes_as_the_torch_path(bits, monkeypatch):
+    """SmolLM2's shape (3 KV heads of 64: the kernel's AVX2 path where the CPU has it), a
+    batch of 2 grown in two appends; the torch path is the reference."""
+    from quept.export import kv_cache
+    from quept.ops import kernels
+
+    if kernels.load() is None:
+        pytest.skip("no C++ compiler: the kernel is not built")
+    gen = torch.Generator().manual_seed(bits)
+    store = kv_cache._Store(bits, 3, 64, rotate=True)
+    for tokens in (5, 9):
+        k, v = (torch.randn(2, 3, tokens, 64, generator=gen) * 4 for _ in range(2))
+        store.append(k, v)
+    assert kv_cache._kernel_reads(bits, 384, 64, torch.device("cpu"))
+    fast = store.past(14)
+    monkeypatch.setattr(kv_cache, "_kernel_reads", lambda *a: False)
+    slow = store.past(14)
+    for a, b in zip(fast, slow):
+        assert a.shape == (2, 14, 3, 64)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -3,19 +3,18 @@
 A decoder calibrated with ``ElasticSpec.kv_bits`` quantizes the keys (after the rotary
 embedding) and values its attention reads, per token and head (:mod:`quept.nn.kv`).
 Transformers' own cache stores the float keys and values, and the attention quantizes all of
-them again on every step. :class:`QuantizedKVCache` stores what a runtime would: each token's
-codes packed at their true width (:mod:`quept.ops.pack`), with a step (in the model's dtype)
-and an int16 zero-point per head (int32 if one does not fit).
+them again on every step. :class:`QuantizedKVCache` stores what a runtime would: per token and
+layer, the codes of its key and value heads packed at their true width as one row
+(:mod:`quept.ops.pack`), with a step (in the model's dtype) and an int16 zero-point per head
+(int32 if one does not fit).
 
 Attached to a model, it quantizes the new tokens' keys and values as they arrive and then
-computes the attention itself, reading the past tokens' codes without rebuilding their keys
-and values: with a step ``s`` and zero-point ``z`` per token and head, and ``H`` the head's
-Hadamard rotation (when the heads are quantized in that basis),
-
-    q . k = s (q H . c - z sum(q H)),      sum_t p_t v_t = (sum_t p_t s_t (c_t - z_t)) H,
-
-so the queries are rotated once, the weighted sum of the values is rotated back once, and a
-past token costs one unpacking of its codes. The new tokens' keys and values enter as the
+computes the attention itself. The past tokens' codes are dequantized in one pass (quept's
+compiled CPU kernel, or torch ops without a compiler) and left in the quantizer's basis: with
+``H`` the heads' Hadamard rotation (when they are quantized in that basis), ``q . (k H) =
+(q H) . k`` and ``sum_t p_t (v_t H) = (sum_t p_t v_t) H``, so the queries are rotated once per
+step and the weighted sum of the values rotated back once, and no past key is rebuilt (the
+rotary embedding is already in the codes). The new tokens' keys and values enter as the
 quantizer gave them. The result equals transformers' float cache over the same quantized
 values up to float rounding (the sums run in another order; tested).
 
@@ -36,6 +35,7 @@ from quept.config import ConfigError
 from quept.models import family_for
 from quept.models.kv import KV_LINEARS, install_kv_attention
 from quept.nn.kv import ATTENTION, active_kv, base_attention
+from quept.ops import kernels
 from quept.ops.pack import pack, unpack
 from quept.ops.quant import dequantize_kv, quantize_kv, rotate_heads
 
@@ -43,8 +43,10 @@ INT16_MAX = 2**15 - 1
 
 
 class _Store:
-    """One of a layer's two streams (keys or values): packed codes (batch, tokens, bytes),
-    steps and zero-points (batch, tokens, heads), in buffers that double when full."""
+    """A layer's keys and values, quantized together (the same width and head size): per token,
+    the codes of its key heads then its value heads packed as one row (batch, tokens, bytes),
+    and a step and a zero-point per head (batch, tokens, 2 x heads), in buffers that double
+    when full."""
 
     def __init__(self, bits: int, heads: int, head_dim: int, rotate: bool) -> None:
         self.bits, self.heads, self.head_dim, self.rotate = bits, heads, head_dim, rotate
@@ -53,10 +55,12 @@ class _Store:
         self.zero: torch.Tensor | None = None
         self.length = 0
 
-    def append(self, x: torch.Tensor) -> torch.Tensor:
-        """Quantize and store ``x`` (batch, heads, new, head_dim); returns the values the codes
-        stand for, in the same layout (what the quantizer in the attention gives)."""
-        flat = x.transpose(1, 2).flatten(-2)  # (batch, new, heads * head_dim)
+    def append(self, key: torch.Tensor, value: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Quantize and store ``key`` and ``value`` (batch, heads, new, head_dim); returns the
+        values their codes stand for, in the same layout (what the attention's quantizer
+        gives)."""
+        flat = torch.cat([key, value], 1).transpose(1, 2).flatten(-2)  # (batch, new, 2hd)
         codes, step, zero_point = quantize_kv(flat, self.bits, self.head_dim, self.rotate)
         packed = pack(codes.flatten(-2), self.bits)
         scale, zero = step.squeeze(-1), zero_point.squeeze(-1)
@@ -74,8 +78,9 @@ class _Store:
             self.scale[:, self.length:end] = scale
             self.zero[:, self.length:end] = zero.to(self.zero.dtype)
             self.length = end
-        out = dequantize_kv(codes, step, zero_point, self.rotate)
-        return out.to(x.dtype).unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+        out = dequantize_kv(codes, step, zero_point, self.rotate).to(key.dtype)
+        out = out.unflatten(-1, (2 * self.heads, self.head_dim)).transpose(1, 2)
+        return out[:, :self.heads], out[:, self.heads:]
 
     def _reserve(self, tokens: int) -> None:
         have = self.codes.shape[1]
@@ -90,19 +95,29 @@ class _Store:
 
         self.codes, self.scale, self.zero = grown(self.codes), grown(self.scale), grown(self.zero)
 
-    def past(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The first ``tokens`` tokens: float32 codes (batch, heads, tokens, head_dim), steps
-        and zero-points (batch, heads, tokens)."""
-        codes = unpack(self.codes[:, :tokens], self.bits, self.heads * self.head_dim)
-        codes = codes.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2).float()
-        return (codes, self.scale[:, :tokens].transpose(1, 2).float(),
-                self.zero[:, :tokens].transpose(1, 2).float())
+    def past(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``tokens`` tokens' keys and values in the quantizer's basis (not rotated
+        back), ``step * (code - zero)``: float32 (batch, tokens, heads, head_dim) each."""
+        batch, width = self.codes.shape[0], 2 * self.heads * self.head_dim
+        scale = self.scale[:, :tokens].float()
+        codes = self.codes[:, :tokens]
+        if _kernel_reads(self.bits, width, self.head_dim, codes.device):
+            zs = -(self.zero[:, :tokens].float() * scale)
+            out = torch.empty(batch * tokens, width)
+            kernels.qdequant(codes.reshape(batch * tokens, -1), scale.reshape(batch * tokens, -1),
+                             zs.reshape(batch * tokens, -1), self.bits, width, self.head_dim,
+                             out)
+            x = out.view(batch, tokens, 2 * self.heads, self.head_dim)
+        else:
+            x = unpack(codes, self.bits, width).unflatten(-1, (2 * self.heads, self.head_dim))
+            x = (x.float() - self.zero[:, :tokens, :, None].float()) * scale[..., None]
+        return x[:, :, :self.heads], x[:, :, self.heads:]
 
     def select(self, index: torch.Tensor) -> None:
         if self.codes is not None:
             index = index.to(self.codes.device)
-            self.codes, self.scale, self.zero = (t.index_select(0, index) for t in (
-                self.codes, self.scale, self.zero))
+            self.codes, self.scale, self.zero = (t[:, :self.length].index_select(0, index)
+                                                 for t in (self.codes, self.scale, self.zero))
 
     def reset(self) -> None:
         self.codes = self.scale = self.zero = None
@@ -115,6 +130,12 @@ class _Store:
                    for t in (self.codes, self.scale, self.zero) if t is not None)
 
 
+def _kernel_reads(bits: int, width: int, head_dim: int, device: torch.device) -> bool:
+    """Whether quept's compiled CPU kernel dequantizes these codes in one pass."""
+    return (device.type == "cpu" and kernels.supported(bits, width, head_dim)
+            and kernels.load() is not None)
+
+
 class QuantizedKVLayer(DynamicLayer):
     """One decoder layer's cache: its keys' and values' codes, and the attention over them."""
 
@@ -124,8 +145,7 @@ class QuantizedKVLayer(DynamicLayer):
                  rotate: bool) -> None:
         super().__init__()
         self.attention = attention
-        self.keys_store = _Store(bits, heads, head_dim, rotate)
-        self.values_store = _Store(bits, heads, head_dim, rotate)
+        self.store = _Store(bits, heads, head_dim, rotate)
         self.fresh: tuple[torch.Tensor, torch.Tensor] | None = None
         self.length = 0
 
@@ -148,8 +168,7 @@ class QuantizedKVLayer(DynamicLayer):
             raise RuntimeError("the model runs this layer's keys or values in float (the float "
                                "reference, or a float layer of a plan): a quantized KV cache "
                                "needs them quantized; use transformers' cache")
-        keys = self.keys_store.append(key_states)
-        values = self.values_store.append(value_states)
+        keys, values = self.store.append(key_states, value_states)
         self.length += key_states.shape[-2]
         self.fresh = (keys, values)
         return keys, values
@@ -175,18 +194,15 @@ class QuantizedKVLayer(DynamicLayer):
         group = q_heads // heads
         scaling = dim**-0.5 if scaling is None else scaling
         qg = query.float().reshape(batch, heads, group * q, dim) * scaling
-        keys, k_scale, k_zero = self.keys_store.past(past)
-        qr = rotate_heads(qg) if self.keys_store.rotate else qg
-        scores = torch.cat([
-            (qr @ keys.transpose(-1, -2) - qr.sum(-1, keepdim=True) * k_zero[:, :, None])
-            * k_scale[:, :, None],
-            qg @ new_k.float().transpose(-1, -2)], -1)
+        keys, values = self.store.past(past)  # (batch, past, heads, head_dim), rotated basis
+        rotate = self.store.rotate
+        qr = rotate_heads(qg) if rotate else qg
+        scores = torch.cat([qr @ keys.permute(0, 2, 3, 1),
+                            qg @ new_k.float().transpose(-1, -2)], -1)
         scores = _masked(scores.view(batch, q_heads, q, past + new), mask, past)
         probs = scores.softmax(-1).view(batch, heads, group * q, past + new)
-        values, v_scale, v_zero = self.values_store.past(past)
-        w = probs[..., :past] * v_scale[:, :, None]
-        out = w @ values - (w * v_zero[:, :, None]).sum(-1, keepdim=True)
-        if self.values_store.rotate:
+        out = probs[..., :past] @ values.transpose(1, 2)
+        if rotate:
             out = rotate_heads(out)
         out = out + probs[..., past:] @ new_v.float()
         out = out.view(batch, q_heads, q, dim).transpose(1, 2).contiguous()
@@ -197,19 +213,17 @@ class QuantizedKVLayer(DynamicLayer):
 
     def reset(self) -> None:
         super().reset()
-        for s in (self.keys_store, self.values_store):
-            s.reset()
+        self.store.reset()
         self.fresh, self.length = None, 0
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        for s in (self.keys_store, self.values_store):
-            s.select(indices)
+        self.store.select(indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.keys_store.codes is not None:
+        if self.store.codes is not None:
             index = torch.arange(self.batch).repeat_interleave(repeats)
             self.batch_select_indices(index)
 
@@ -218,13 +232,13 @@ class QuantizedKVLayer(DynamicLayer):
 
     @property
     def batch(self) -> int:
-        codes = self.keys_store.codes
+        codes = self.store.codes
         return 0 if codes is None else codes.shape[0]
 
     @property
     def nbytes(self) -> int:
         """Bytes held: codes, steps and zero-points of the stored tokens."""
-        return self.keys_store.nbytes + self.values_store.nbytes
+        return self.store.nbytes
 
 
 def _masked(scores: torch.Tensor, mask: torch.Tensor | None, past: int) -> torch.Tensor:
@@ -290,5 +304,5 @@ class QuantizedKVCache(Cache):
     def float_nbytes(self, dtype: torch.dtype = torch.float32) -> int:
         """Bytes a float cache of ``dtype`` would hold for the same tokens."""
         size = torch.empty((), dtype=dtype).element_size()
-        return sum(2 * layer.batch * layer.length * layer.keys_store.heads
-                   * layer.keys_store.head_dim * size for layer in self.layers)
+        return sum(2 * layer.batch * layer.length * layer.store.heads * layer.store.head_dim
+                   * size for layer in self.layers)
