@@ -146,3 +146,29 @@ def test_hadamard_rotation_of_the_language_model_keeps_its_float_logits():
     quept.set_bits(model, None)
     torch.testing.assert_close(model(input_ids=x).logits, want, atol=1e-4, rtol=1e-4)
     assert sum(m.in_rotation for m in elastic_layers(model).values()) == 2
+
+
+def test_the_language_models_kv_cache_is_quantized_and_decodes_from_codes():
+    """kv_bits on the language model: its attention quantizes (not the vision tower's), and
+    text decoding through a QuantizedKVCache follows transformers' cache of the same values."""
+    from dataclasses import replace
+
+    from quept.export.kv_cache import QuantizedKVCache
+    from quept.nn.kv import ATTENTION
+
+    model = randomize(quept.prepare(tiny_vlm(), replace(SPEC, kv_bits=4)))
+    quept.set_bits(model, 4)
+    kinds = {n: m.config._attn_implementation for n, m in model.named_modules()
+             if n.endswith("self_attn")}
+    assert {n for n, k in kinds.items() if k == ATTENTION} == {
+        f"{BLOCKS}.{i}.self_attn" for i in range(2)}
+    ids = text_ids(1, 10)
+    full = model(input_ids=ids).logits
+    cache = QuantizedKVCache(model)
+    out = model(input_ids=ids[:, :6], cache=cache, use_cache=True)
+    steps = [out.logits[:, -1]]
+    for t in range(6, 10):
+        out = model(input_ids=ids[:, t:t + 1], cache=cache, use_cache=True)
+        steps.append(out.logits[:, -1])
+    torch.testing.assert_close(torch.stack(steps[:-1], 1), full[:, 5:9], atol=1e-4, rtol=1e-4)
+    assert 0 < cache.nbytes < cache.float_nbytes() / 2
