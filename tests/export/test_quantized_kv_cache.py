@@ -165,3 +165,31 @@ def test_the_compiled_kernel_reads_the_codes_as_the_torch_path(bits, monkeypatch
     for a, b in zip(fast, slow):
         assert a.shape == (2, 14, 3, 64)
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+def test_the_compiled_kernel_quantizes_and_packs_as_the_torch_path(bits, rotate):
+    from quept.ops import kernels
+    from quept.ops.pack import pack, unpack
+    from quept.ops.quant import hadamard_matrix
+
+    if kernels.load() is None:
+        pytest.skip("no C++ compiler: the kernel is not built")
+    x = torch.randn(40, 6 * 64, generator=torch.Generator().manual_seed(bits)) * 3 + 0.5
+    x[:, 5] *= 20  # an outlier channel, as keys have
+    packed, scale, zero, deq = kernels.kv_quantize(
+        x, bits, 64, hadamard_matrix(64) if rotate else None)
+    codes, step, zero_point = quantize_kv(x, bits, 64, rotate)
+    torch.testing.assert_close(scale, step.squeeze(-1), atol=0, rtol=1e-5)
+    assert (zero - zero_point.squeeze(-1)).abs().max() <= 1  # a rounding tie at most
+    got = unpack(packed, bits, 6 * 64)
+    want = codes.flatten(-2)
+    # the rotation sums in another order than torch's matmul: a code on a rounding boundary
+    # may land on the other side, never further
+    assert (got.int() - want.int()).abs().max() <= 1
+    assert (got == want).float().mean() > 0.99
+    if not rotate:  # no sums to reorder: the same codes, packed the same way
+        assert torch.equal(packed, pack(want, bits))
+    torch.testing.assert_close(deq, dequantize_kv(codes, step, zero_point, rotate),
+                               atol=float(step.max()) * 1.01, rtol=0)

@@ -37,7 +37,7 @@ from quept.models.kv import KV_LINEARS, install_kv_attention
 from quept.nn.kv import ATTENTION, active_kv, base_attention
 from quept.ops import kernels
 from quept.ops.pack import pack, unpack
-from quept.ops.quant import dequantize_kv, quantize_kv, rotate_heads
+from quept.ops.quant import dequantize_kv, hadamard_matrix, quantize_kv, rotate_heads
 
 INT16_MAX = 2**15 - 1
 
@@ -61,10 +61,18 @@ class _Store:
         values their codes stand for, in the same layout (what the attention's quantizer
         gives)."""
         flat = torch.cat([key, value], 1).transpose(1, 2).flatten(-2)  # (batch, new, 2hd)
-        codes, step, zero_point = quantize_kv(flat, self.bits, self.head_dim, self.rotate)
-        packed = pack(codes.flatten(-2), self.bits)
-        scale, zero = step.squeeze(-1), zero_point.squeeze(-1)
-        new = packed.shape[1]
+        batch, new, width = flat.shape
+        if flat.dtype == torch.float32 and _kernel_reads(self.bits, width, self.head_dim,
+                                                         flat.device):
+            rotation = hadamard_matrix(self.head_dim) if self.rotate else None
+            packed, scale, zero, out = (t.view(batch, new, -1) for t in kernels.kv_quantize(
+                flat.reshape(batch * new, width).contiguous(), self.bits, self.head_dim,
+                rotation))
+        else:
+            codes, step, zero_point = quantize_kv(flat, self.bits, self.head_dim, self.rotate)
+            packed = pack(codes.flatten(-2), self.bits)
+            scale, zero = step.squeeze(-1), zero_point.squeeze(-1)
+            out = dequantize_kv(codes, step, zero_point, self.rotate)
         if self.codes is None:
             dtype = torch.int16 if float(zero.abs().max()) <= INT16_MAX else torch.int32
             self.codes, self.scale, self.zero = packed, scale, zero.to(dtype)
@@ -78,8 +86,7 @@ class _Store:
             self.scale[:, self.length:end] = scale
             self.zero[:, self.length:end] = zero.to(self.zero.dtype)
             self.length = end
-        out = dequantize_kv(codes, step, zero_point, self.rotate).to(key.dtype)
-        out = out.unflatten(-1, (2 * self.heads, self.head_dim)).transpose(1, 2)
+        out = out.to(key.dtype).unflatten(-1, (2 * self.heads, self.head_dim)).transpose(1, 2)
         return out[:, :self.heads], out[:, self.heads:]
 
     def _reserve(self, tokens: int) -> None:

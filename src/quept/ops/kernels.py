@@ -31,6 +31,8 @@ _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cstdint>
+#include <algorithm>
+#include <cmath>
 #include <vector>
 
 namespace {
@@ -103,6 +105,78 @@ void dequant(const uint8_t* q, int64_t row_bytes, int64_t npad, const float* sc,
         float cf[8];
         decode<P0, P1, P2>(cf, row, t, npad);
         for (int i = 0; i < 8; ++i) out[t * 8 + i] = sc[g] * cf[i] + zs[g];
+      }
+    }
+  });
+}
+
+// Quantizes rows of keys and values for a KV cache (quept.ops.quant.quantize_kv, then
+// quept.ops.pack.pack): each head of D values, rotated by hm (x @ hm) when given, on its own
+// asymmetric min/max grid of `bits` bits; the row's codes are packed in the bit-plane layout,
+// and `deq` gets the values the codes stand for (rotated back).
+void kv_quantize_rows(const float* x, int64_t N, int64_t W, int64_t D, int64_t bits,
+                      const float* hm, int64_t npad, uint8_t* packed, float* sc, float* zr,
+                      float* deq) {
+  const int64_t heads = W / D, row_bytes = npad * bits / 8;
+  const float qmax = static_cast<float>((1 << bits) - 1);
+  int widths[3] = {0, 0, 0}, nplanes = 0;
+  switch (bits) {
+    case 2: widths[0] = 2; nplanes = 1; break;
+    case 3: widths[0] = 2; widths[1] = 1; nplanes = 2; break;
+    case 4: widths[0] = 4; nplanes = 1; break;
+    case 5: widths[0] = 4; widths[1] = 1; nplanes = 2; break;
+    case 6: widths[0] = 4; widths[1] = 2; nplanes = 2; break;
+    case 7: widths[0] = 4; widths[1] = 2; widths[2] = 1; nplanes = 3; break;
+    default: widths[0] = 8; nplanes = 1; break;
+  }
+  at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
+    std::vector<uint8_t> code(npad);
+    std::vector<float> y(D), qd(D);
+    for (int64_t n = n0; n < n1; ++n) {
+      std::fill(code.begin(), code.end(), 0);
+      for (int64_t h = 0; h < heads; ++h) {
+        const float* xh = x + n * W + h * D;
+        if (hm) {
+          for (int64_t d = 0; d < D; ++d) y[d] = 0.f;
+          for (int64_t e = 0; e < D; ++e)
+            for (int64_t d = 0; d < D; ++d) y[d] += xh[e] * hm[e * D + d];
+        } else {
+          for (int64_t d = 0; d < D; ++d) y[d] = xh[d];
+        }
+        float lo = y[0], hi = y[0];
+        for (int64_t d = 1; d < D; ++d) { lo = std::min(lo, y[d]); hi = std::max(hi, y[d]); }
+        const float s = std::max((hi - lo) / qmax, 1e-8f);
+        const float z = std::nearbyint(-lo / s);
+        sc[n * heads + h] = s;
+        zr[n * heads + h] = z;
+        for (int64_t d = 0; d < D; ++d) {
+          const float c = std::min(std::max(std::nearbyint(y[d] / s) + z, 0.f), qmax);
+          code[h * D + d] = static_cast<uint8_t>(c);
+          qd[d] = (c - z) * s;
+        }
+        float* out = deq + n * W + h * D;
+        if (hm) {
+          for (int64_t d = 0; d < D; ++d) out[d] = 0.f;
+          for (int64_t e = 0; e < D; ++e)
+            for (int64_t d = 0; d < D; ++d) out[d] += qd[e] * hm[e * D + d];
+        } else {
+          for (int64_t d = 0; d < D; ++d) out[d] = qd[d];
+        }
+      }
+      uint8_t* dst = packed + n * row_bytes;
+      int shift = 0;
+      for (int k = 0; k < nplanes; ++k) {
+        const int p = widths[k], per = 8 / p, mask = (1 << p) - 1;
+        const int64_t plane_bytes = npad * p / 8;
+        for (int64_t b = 0; b < plane_bytes; ++b) {
+          const int64_t sb = b / 8, i = b % 8;
+          int v = 0;
+          for (int j = 0; j < per; ++j)
+            v |= ((code[(sb * per + j) * 8 + i] >> shift) & mask) << (p * j);
+          dst[b] = static_cast<uint8_t>(v);
+        }
+        dst += plane_bytes;
+        shift += p;
       }
     }
   });
@@ -281,6 +355,25 @@ void qdequant(const at::Tensor& q, const at::Tensor& sc, const at::Tensor& zs, i
   QUEPT_DISPATCH(bits, dequant, q.data_ptr<uint8_t>(), q.size(1), npad, sc.data_ptr<float>(),
                  zs.data_ptr<float>(), K / gs, gs, out.data_ptr<float>(), q.size(0), K);
 }
+std::vector<at::Tensor> kv_quantize(const at::Tensor& x, int64_t bits, int64_t D,
+                                    const at::Tensor& hm, int64_t npad) {
+  TORCH_CHECK(x.dtype() == at::kFloat && x.is_contiguous() && x.dim() == 2,
+              "x: float32 (N, W) contiguous");
+  const int64_t N = x.size(0), W = x.size(1);
+  TORCH_CHECK(bits >= 2 && bits <= 8, "bits: 2..8");
+  TORCH_CHECK(D > 0 && W % D == 0 && npad >= W && npad % 64 == 0, "head size must divide W");
+  TORCH_CHECK(hm.numel() == 0 || (hm.dtype() == at::kFloat && hm.is_contiguous() &&
+                                  hm.numel() == D * D), "rotation: empty or float32 (D, D)");
+  auto packed = at::empty({N, npad * bits / 8}, x.options().dtype(at::kByte));
+  auto sc = at::empty({N, W / D}, x.options());
+  auto zr = at::empty({N, W / D}, x.options());
+  auto deq = at::empty({N, W}, x.options());
+  kv_quantize_rows(x.data_ptr<float>(), N, W, D, bits,
+                   hm.numel() ? hm.data_ptr<float>() : nullptr, npad,
+                   packed.data_ptr<uint8_t>(), sc.data_ptr<float>(), zr.data_ptr<float>(),
+                   deq.data_ptr<float>());
+  return {packed, sc, zr, deq};
+}
 """
 
 _lock = threading.Lock()
@@ -304,7 +397,7 @@ def load() -> ModuleType | None:
             name = f"quept_qgemv_{platform.machine()}_{torch.backends.cpu.get_cpu_capability()}"
             log.info("loading the fused quept CPU kernel (compiled once on first use)")
             _module = load_inline(
-                name=name.lower(), cpp_sources=[_SOURCE], functions=["qgemv", "qdequant"],
+                name=name.lower(), cpp_sources=[_SOURCE], functions=["qgemv", "qdequant", "kv_quantize"],
                 extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                 verbose=False,
             )
@@ -335,3 +428,16 @@ def qdequant(
     """Write ``scale * code + zs`` (N, in_features) float32 into ``out``; returns ``out``."""
     _module.qdequant(packed, scale, zs, bits, in_features, group_size, padded(in_features), out)
     return out
+
+
+def kv_quantize(
+    x: torch.Tensor, bits: int, head_dim: int, rotation: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows of keys and values ``x`` (N, W) float32 quantized per head of ``head_dim`` (in the
+    basis ``x @ rotation`` when given) as :func:`quept.ops.quant.quantize_kv` does, in one pass:
+    (codes packed as :func:`quept.ops.pack.pack` packs them (N, bytes), steps (N, W / head_dim),
+    zero-points (same), the values the codes stand for (N, W), rotated back)."""
+    empty = x.new_empty(0)
+    packed, scale, zero, deq = _module.kv_quantize(
+        x, bits, head_dim, empty if rotation is None else rotation, padded(x.shape[1]))
+    return packed, scale, zero, deq

@@ -106,6 +106,13 @@ def rotate_heads(x: torch.Tensor) -> torch.Tensor:
     return x @ _hadamard_matrix(x.shape[-1], x.dtype, x.device)
 
 
+def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+    """The symmetric orthonormal n x n Hadamard matrix the KV quantizer rotates heads by
+    (cached; do not modify it)."""
+    return _hadamard_matrix(n, dtype, torch.device(device))
+
+
 @functools.lru_cache(maxsize=16)
 def _hadamard_matrix(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     # a normal tensor even when first asked for under inference_mode: calibration later
