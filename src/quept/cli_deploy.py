@@ -183,6 +183,9 @@ def add_run(sub: argparse._SubParsersAction) -> None:
                    help="'quantized': keep keys and values as packed codes (models calibrated "
                    "with --kv-bits); 'float': transformers' cache; 'auto' (default): quantized "
                    "where the model quantizes its cache")
+    p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                   help="feed the prompt N tokens at a time (bounds a long prompt's working "
+                   "memory; default: the whole prompt in one forward)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=cmd_run)
 
@@ -207,7 +210,7 @@ def cmd_run(a: argparse.Namespace) -> dict[str, Any]:
     if tok is None:
         raise ConfigError(f"{folder} holds no tokenizer")
     gen = generate(model, tok, a.prompt, a.max_new_tokens, stop_at_eos=not a.no_eos,
-                   kv_cache=a.kv_cache)
+                   kv_cache=a.kv_cache, prefill_chunk=a.prefill_chunk)
     if not a.json:
         print(a.prompt + gen.text)
         print(f"\nprefill {gen.prompt_tokens} tokens: {gen.prefill_tokens_per_second:.1f} tok/s"

@@ -52,3 +52,18 @@ def test_the_quantizer_can_be_switched_off_for_the_speed_baseline():
             off = model(ids).logits
         assert torch.equal(model(ids).logits, on)  # restored
     assert (on - off).abs().max() > 1e-3
+
+
+def test_memory_benchmark_measures_each_cache_kind_in_its_process(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import kv_cache_memory
+
+    from tests.export.tiny import char_tokenizer
+
+    model = elastic_tiny(ElasticSpec(ranks=(2, 2, 2, 2), default_group_size=32, kv_bits=4))
+    quept.api.export(model, 4, tmp_path / "w4", tokenizer=char_tokenizer())
+    runs = {k: kv_cache_memory.child(str(tmp_path / "w4"), k, 24, 4, chunk=8)
+            for k in kv_cache_memory.KINDS}
+    assert all(r["peak_rss_mib"] > 0 for r in runs.values())
+    assert 0 < runs["quantized"]["cache_bytes"] < runs["float"]["cache_bytes"] / 2
+    assert "cache_bytes" not in runs["load"]

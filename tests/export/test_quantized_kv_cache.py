@@ -193,3 +193,24 @@ def test_the_compiled_kernel_quantizes_and_packs_as_the_torch_path(bits, rotate)
         assert torch.equal(packed, pack(want, bits))
     torch.testing.assert_close(deq, dequantize_kv(codes, step, zero_point, rotate),
                                atol=float(step.max()) * 1.01, rtol=0)
+
+
+def test_a_prompt_fed_in_chunks_generates_the_same_text(tmp_path, capsys):
+    from quept.export.runtime import generate
+
+    model = elastic_tiny(SPEC)
+    quept.api.export(model, 4, tmp_path / "w4", tokenizer=char_tokenizer())
+    packed, tok = quept.api.load_packed(tmp_path / "w4")
+    prompt = "It is a truth universally acknowledged, that a single man"
+    for kind in ("quantized", "float"):
+        whole = generate(packed, tok, prompt, 8, stop_at_eos=False, kv_cache=kind)
+        for chunk in (1, 7, 16):
+            part = generate(packed, tok, prompt, 8, stop_at_eos=False, kv_cache=kind,
+                            prefill_chunk=chunk)
+            assert part.text == whole.text and part.prompt_tokens == whole.prompt_tokens
+    assert part.kv_cache_bytes is None and whole.kv_cache == "float"
+    with pytest.raises(ValueError, match="prefill_chunk must be >= 1"):
+        generate(packed, tok, prompt, 4, prefill_chunk=0)
+    assert main(["run", str(tmp_path / "w4"), "--prompt", prompt, "--max-new-tokens", "8",
+                 "--no-eos", "--prefill-chunk", "5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["text"] == whole.text

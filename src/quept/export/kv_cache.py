@@ -28,6 +28,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
@@ -200,13 +201,18 @@ class QuantizedKVLayer(DynamicLayer):
         heads = new_k.shape[1]
         group = q_heads // heads
         scaling = dim**-0.5 if scaling is None else scaling
-        qg = query.float().reshape(batch, heads, group * q, dim) * scaling
         keys, values = self.store.past(past)  # (batch, past, heads, head_dim), rotated basis
         rotate = self.store.rotate
+        if q > 1:  # several new tokens (a prompt in chunks): sdpa, which keeps memory low
+            return self._attend_many(query, keys, values, new_k, new_v, mask, scaling), None
+        qg = query.float().reshape(batch, heads, group * q, dim) * scaling
         qr = rotate_heads(qg) if rotate else qg
         scores = torch.cat([qr @ keys.permute(0, 2, 3, 1),
                             qg @ new_k.float().transpose(-1, -2)], -1)
-        scores = _masked(scores.view(batch, q_heads, q, past + new), mask, past)
+        if mask is not None:  # one query: (batch, 1, 1, keys), boolean or additive
+            mask = mask[..., :past + new]
+            mask = torch.where(mask, 0.0, float("-inf")) if mask.dtype == torch.bool else mask
+            scores = scores.view(batch, q_heads, q, past + new) + mask.float()
         probs = scores.softmax(-1).view(batch, heads, group * q, past + new)
         out = probs[..., :past] @ values.transpose(1, 2)
         if rotate:
@@ -214,6 +220,26 @@ class QuantizedKVLayer(DynamicLayer):
         out = out + probs[..., past:] @ new_v.float()
         out = out.view(batch, q_heads, q, dim).transpose(1, 2).contiguous()
         return out.to(query.dtype), None
+
+    def _attend_many(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     new_k: torch.Tensor, new_v: torch.Tensor, mask: torch.Tensor | None,
+                     scaling: float) -> torch.Tensor:
+        """:meth:`attend` for several new tokens: every key and value in the codes' basis (the
+        new ones rotated into it), one sdpa call, the output rotated back."""
+        rotate = self.store.rotate
+        turn = rotate_heads if rotate else (lambda x: x)
+        keys = torch.cat([keys.transpose(1, 2), turn(new_k.float())], 2)
+        values = torch.cat([values.transpose(1, 2), turn(new_v.float())], 2)
+        q, total = query.shape[-2], keys.shape[-2]
+        if mask is None:  # causal over the new tokens
+            mask = torch.ones(q, total, dtype=torch.bool, device=query.device).tril(total - q)
+        else:
+            mask = mask[..., :total]
+            mask = mask if mask.dtype == torch.bool else mask.float()
+        out = F.scaled_dot_product_attention(turn(query.float()), keys, values, attn_mask=mask,
+                                             scale=scaling,
+                                             enable_gqa=keys.shape[1] != query.shape[1])
+        return turn(out).transpose(1, 2).contiguous().to(query.dtype)
 
     def get_seq_length(self) -> int:
         return self.length
@@ -246,23 +272,6 @@ class QuantizedKVLayer(DynamicLayer):
     def nbytes(self) -> int:
         """Bytes held: codes, steps and zero-points of the stored tokens."""
         return self.store.nbytes
-
-
-def _masked(scores: torch.Tensor, mask: torch.Tensor | None, past: int) -> torch.Tensor:
-    """``scores`` (batch, heads, q, keys) with the attention mask applied: a boolean mask
-    (True = attend, as sdpa takes), an additive float one (as eager takes), or none (causal
-    over the new tokens)."""
-    keys, q = scores.shape[-1], scores.shape[-2]
-    low = torch.finfo(scores.dtype).min
-    if mask is None:
-        if q == 1:
-            return scores
-        allowed = torch.ones(q, keys, dtype=torch.bool, device=scores.device).tril(past)
-        return scores.masked_fill(~allowed, low)
-    mask = mask[..., :keys]
-    if mask.dtype == torch.bool:
-        return scores.masked_fill(~mask, low)
-    return scores + mask.to(scores.dtype)
 
 
 class QuantizedKVCache(Cache):

@@ -60,6 +60,7 @@ def kv_quantized(model: nn.Module) -> bool:
 def generate(
     model: nn.Module, tokenizer: Any, prompt: str | torch.Tensor, max_new_tokens: int, *,
     stop_at_eos: bool = True, warmup: bool = True, kv_cache: str = "auto",
+    prefill_chunk: int | None = None,
 ) -> Generation:
     """Greedy continuation of ``prompt`` (text, or token ids (1, T)) by ``max_new_tokens``.
 
@@ -68,8 +69,14 @@ def generate(
     packed codes (:class:`~quept.export.kv_cache.QuantizedKVCache`; the model must quantize its
     cache, ``kv_bits``), "float" uses transformers' cache of float keys and values (which the
     attention quantizes again on every step, if the model quantizes them: the same values,
-    more slowly), "auto" the first where the model quantizes its cache.
+    more slowly), "auto" the first where the model quantizes its cache. ``prefill_chunk``:
+    feed the prompt that many tokens at a time (each chunk attends to the cache of the ones
+    before it), which bounds the prefill's working memory by the chunk instead of the prompt;
+    None feeds it in one forward.
     """
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be >= 1 (or None: the whole prompt at once), got "
+                         f"{prefill_chunk}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if kv_cache not in KV_CACHES:
@@ -89,7 +96,11 @@ def generate(
     cache = QuantizedKVCache(model) if kv_cache == "quantized" else None
     try:
         t0 = time.perf_counter()
-        out = model(ids, use_cache=True, logits_to_keep=1, **{key: cache})
+        step, past = prefill_chunk or ids.shape[1], cache
+        for start in range(0, ids.shape[1], step):
+            out = model(ids[:, start:start + step], use_cache=True, logits_to_keep=1,
+                        **{key: past})
+            past = out[key]
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         t1 = time.perf_counter()
         new = [token]
