@@ -154,10 +154,21 @@ def test_calibration_save_load_packed_export_and_gguf_refusal(tmp_path):
         quept.api.export(loaded, 4, tmp_path / "m.gguf", "gguf", tokenizer=char_tokenizer())
     path = tmp_path / "w4" / PACKED_JSON
     meta = json.loads(path.read_text())
-    meta["layers"][next(iter(kv))]["kv_quant"]["head_dim"] = 24
+    layer = next(iter(kv))
+    meta["layers"][layer]["kv_quant"]["head_dim"] = 24
     path.write_text(json.dumps(meta))
     with pytest.raises(PackedFormatError, match="head_dim dividing"):
         quept.api.load_packed(tmp_path / "w4")
+    # folders of the earlier layout (keys quantized before the rotary embedding) are refused
+    meta["layers"][layer]["kv_quant"].update(head_dim=HEAD_DIM,
+                                             kind="per-token-per-head-asymmetric")
+    path.write_text(json.dumps(meta))
+    with pytest.raises(PackedFormatError, match="before the rotary embedding"):
+        quept.api.load_packed(tmp_path / "w4")
+    old = SPEC.to_dict()
+    del old["kv_keys"]
+    with pytest.raises(ConfigError, match="before the rotary embedding"):
+        ElasticSpec.from_dict(old)
 
 
 def test_cli_quantize_and_eval_with_a_quantized_kv_cache(tmp_path, capsys):

@@ -265,9 +265,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    "online), which spreads activation outliers for W4A4; default: 'hadamard' "
                    "with --activations per-token on such a decoder, else 'none'")
     s.add_argument("--kv-bits", type=int, default=None, metavar="N",
-                   help="decoders: quantize the KV cache (keys and values, per token and head, "
-                   "asymmetric) at N bits (2..8) at every weight width, calibration included; "
-                   "default: float cache")
+                   help="decoders: quantize the KV cache (keys after the rotary embedding, and "
+                   "values; per token and head, asymmetric, in a Hadamard basis) at N bits "
+                   "(2..8) at every weight width, calibration included; default: float cache")
     s.add_argument("--protect-outliers", type=float, default=None, metavar="RATIO",
                    help="hold the clips of super weights (a weight whose largest input-weighted "
                    "contribution is over RATIO times the median row's) at 1, so those weights "
