@@ -214,3 +214,32 @@ def test_a_prompt_fed_in_chunks_generates_the_same_text(tmp_path, capsys):
     assert main(["run", str(tmp_path / "w4"), "--prompt", prompt, "--max-new-tokens", "8",
                  "--no-eos", "--prefill-chunk", "5", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["text"] == whole.text
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+def test_the_compiled_attention_matches_plain_softmax_attention(rotate):
+    """SmolLM2's shape (3 KV heads of 64, 3 queries each), a batch of 2 with a padding mask:
+    the kernel over the dequantized rows against softmax attention written out in torch."""
+    from quept.export import kv_cache
+    from quept.ops import kernels
+    from quept.ops.quant import hadamard_matrix, rotate_heads
+
+    if kernels.load() is None:
+        pytest.skip("no C++ compiler: the kernel is not built")
+    gen = torch.Generator().manual_seed(3)
+    store = kv_cache._Store(4, 3, 64, rotate)
+    store.append(*(torch.randn(2, 3, 20, 64, generator=gen) for _ in range(2)))
+    new_k, new_v = (torch.randn(2, 3, 1, 64, generator=gen) for _ in range(2))
+    q = torch.randn(2, 3, 3, 64, generator=gen) * 0.125
+    qr = rotate_heads(q) if rotate else q
+    mask = torch.zeros(2, 21)
+    mask[1, :4] = float("-inf")  # the second sequence is left-padded by 4 tokens
+    got = kernels.kv_attend(qr, q, store.rows(20), new_k, new_v, mask,
+                            hadamard_matrix(64) if rotate else None)
+    keys, values = (t.transpose(1, 2) for t in store.past(20))
+    if rotate:  # rebuild the past keys and values in the plain basis
+        keys, values = rotate_heads(keys), rotate_heads(values)
+    keys, values = torch.cat([keys, new_k], 2), torch.cat([values, new_v], 2)
+    probs = (q @ keys.transpose(-1, -2) + mask[:, None, None]).softmax(-1)
+    torch.testing.assert_close(got, probs @ values, atol=1e-5, rtol=1e-5)
+    assert probs[1, ..., :4].abs().max() == 0

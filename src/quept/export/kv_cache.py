@@ -103,22 +103,32 @@ class _Store:
 
         self.codes, self.scale, self.zero = grown(self.codes), grown(self.scale), grown(self.zero)
 
+    def rows(self, tokens: int) -> torch.Tensor | None:
+        """The first ``tokens`` tokens dequantized by the compiled kernel, ``step * (code -
+        zero)`` in the quantizer's basis: float32 (batch * tokens, 2 * heads * head_dim), key
+        heads then value heads; None where the kernel cannot read these codes."""
+        batch, width = self.codes.shape[0], 2 * self.heads * self.head_dim
+        if not _kernel_reads(self.bits, width, self.head_dim, self.codes.device):
+            return None
+        scale = self.scale[:, :tokens].float()
+        zs = -(self.zero[:, :tokens].float() * scale)
+        out = torch.empty(batch * tokens, width)
+        return kernels.qdequant(
+            self.codes[:, :tokens].reshape(batch * tokens, -1),
+            scale.reshape(batch * tokens, -1), zs.reshape(batch * tokens, -1), self.bits, width,
+            self.head_dim, out)
+
     def past(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The first ``tokens`` tokens' keys and values in the quantizer's basis (not rotated
         back), ``step * (code - zero)``: float32 (batch, tokens, heads, head_dim) each."""
         batch, width = self.codes.shape[0], 2 * self.heads * self.head_dim
-        scale = self.scale[:, :tokens].float()
-        codes = self.codes[:, :tokens]
-        if _kernel_reads(self.bits, width, self.head_dim, codes.device):
-            zs = -(self.zero[:, :tokens].float() * scale)
-            out = torch.empty(batch * tokens, width)
-            kernels.qdequant(codes.reshape(batch * tokens, -1), scale.reshape(batch * tokens, -1),
-                             zs.reshape(batch * tokens, -1), self.bits, width, self.head_dim,
-                             out)
-            x = out.view(batch, tokens, 2 * self.heads, self.head_dim)
+        rows = self.rows(tokens)
+        if rows is not None:
+            x = rows.view(batch, tokens, 2 * self.heads, self.head_dim)
         else:
-            x = unpack(codes, self.bits, width).unflatten(-1, (2 * self.heads, self.head_dim))
-            x = (x.float() - self.zero[:, :tokens, :, None].float()) * scale[..., None]
+            x = unpack(self.codes[:, :tokens], self.bits, width)
+            x = x.unflatten(-1, (2 * self.heads, self.head_dim)).float()
+            x = (x - self.zero[:, :tokens, :, None].float()) * self.scale[:, :tokens, :, None]
         return x[:, :, :self.heads], x[:, :, self.heads:]
 
     def select(self, index: torch.Tensor) -> None:
@@ -201,24 +211,33 @@ class QuantizedKVLayer(DynamicLayer):
         heads = new_k.shape[1]
         group = q_heads // heads
         scaling = dim**-0.5 if scaling is None else scaling
-        keys, values = self.store.past(past)  # (batch, past, heads, head_dim), rotated basis
         rotate = self.store.rotate
         if q > 1:  # several new tokens (a prompt in chunks): sdpa, which keeps memory low
+            keys, values = self.store.past(past)
             return self._attend_many(query, keys, values, new_k, new_v, mask, scaling), None
-        qg = query.float().reshape(batch, heads, group * q, dim) * scaling
+        qg = query.float().reshape(batch, heads, group, dim) * scaling
         qr = rotate_heads(qg) if rotate else qg
+        if mask is not None:  # one query: (batch, 1, 1, keys), boolean or additive
+            mask = mask[:, 0, -1, :past + new]
+            mask = torch.where(mask, 0.0, float("-inf")) if mask.dtype == torch.bool else mask
+            mask = mask.float().contiguous()
+        rows = self.store.rows(past)
+        if rows is not None:  # the compiled kernel, over the rows it dequantized
+            out = kernels.kv_attend(qr.contiguous(), qg.contiguous(), rows,
+                                    new_k.float().contiguous(), new_v.float().contiguous(), mask,
+                                    hadamard_matrix(dim) if rotate else None)
+            return out.view(batch, q_heads, 1, dim).transpose(1, 2).to(query.dtype), None
+        keys, values = self.store.past(past)  # (batch, past, heads, head_dim), rotated basis
         scores = torch.cat([qr @ keys.permute(0, 2, 3, 1),
                             qg @ new_k.float().transpose(-1, -2)], -1)
-        if mask is not None:  # one query: (batch, 1, 1, keys), boolean or additive
-            mask = mask[..., :past + new]
-            mask = torch.where(mask, 0.0, float("-inf")) if mask.dtype == torch.bool else mask
-            scores = scores.view(batch, q_heads, q, past + new) + mask.float()
-        probs = scores.softmax(-1).view(batch, heads, group * q, past + new)
+        if mask is not None:
+            scores = scores + mask[:, None, None]
+        probs = scores.softmax(-1)
         out = probs[..., :past] @ values.transpose(1, 2)
         if rotate:
             out = rotate_heads(out)
         out = out + probs[..., past:] @ new_v.float()
-        out = out.view(batch, q_heads, q, dim).transpose(1, 2).contiguous()
+        out = out.view(batch, q_heads, 1, dim).transpose(1, 2).contiguous()
         return out.to(query.dtype), None
 
     def _attend_many(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

@@ -33,6 +33,7 @@ _SOURCE = r"""
 #include <cstdint>
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -177,6 +178,79 @@ void kv_quantize_rows(const float* x, int64_t N, int64_t W, int64_t D, int64_t b
         }
         dst += plane_bytes;
         shift += p;
+      }
+    }
+  });
+}
+
+inline float dot8(const float* a, const float* b, int64_t n) {
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  for (int64_t d = 0; d < n; d += 8)
+    for (int k = 0; k < 8; ++k) acc[k] += a[d + k] * b[d + k];
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+// One new token's attention per (batch, KV head) over dequantized cached rows `kv` (B * T rows
+// of 2H heads of D: keys, then values, in the quantizer's basis) and the new token's key and
+// value (nk, nv: B, H, D): queries qr (rotated into the codes' basis, for the past) and qn (for
+// the new key), (B, H, G, D), scaled; the weighted sum of the past values is rotated back by hm.
+// The G queries of a KV head share each row while it is in cache.
+void kv_attend_rows(const float* qr, const float* qn, const float* kv, const float* nk,
+                    const float* nv, const float* mask, const float* hm, int64_t B, int64_t T,
+                    int64_t H, int64_t G, int64_t D, float* out) {
+  const int64_t L = T + 1, W = 2 * H * D;
+  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p(G * L), acc(G * D), mx(G), tot(G);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / H, h = i % H;
+      const float* q = qr + i * G * D;
+      const float* kb = kv + b * T * W + h * D;
+      std::fill(mx.begin(), mx.end(), -std::numeric_limits<float>::infinity());
+      for (int64_t t = 0; t < T; ++t) {
+        const float m = mask ? mask[b * L + t] : 0.f;
+        const float* k = kb + t * W;
+        for (int64_t g = 0; g < G; ++g) {
+          const float x = dot8(q + g * D, k, D) + m;
+          p[g * L + t] = x;
+          mx[g] = std::max(mx[g], x);
+        }
+      }
+      const float* k1 = nk + i * D;
+      for (int64_t g = 0; g < G; ++g) {
+        const float x = dot8(qn + (i * G + g) * D, k1, D) + (mask ? mask[b * L + T] : 0.f);
+        p[g * L + T] = x;
+        mx[g] = std::max(mx[g], x);
+        float sum = 0.f;
+        for (int64_t t = 0; t < L; ++t) {
+          const float e = std::exp(p[g * L + t] - mx[g]);
+          p[g * L + t] = e;
+          sum += e;
+        }
+        tot[g] = sum;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      const float* vb = kb + H * D;
+      for (int64_t t = 0; t < T; ++t) {
+        const float* v = vb + t * W;
+        for (int64_t g = 0; g < G; ++g) {
+          const float w = p[g * L + t];
+          float* a = acc.data() + g * D;
+          for (int64_t d = 0; d < D; ++d) a[d] += w * v[d];
+        }
+      }
+      const float* v1 = nv + i * D;
+      for (int64_t g = 0; g < G; ++g) {
+        const float* a = acc.data() + g * D;
+        float* o = out + (i * G + g) * D;
+        const float pn = p[g * L + T], inv = 1.f / tot[g];
+        for (int64_t d = 0; d < D; ++d) o[d] = pn * v1[d];
+        if (hm) {
+          for (int64_t e = 0; e < D; ++e)
+            for (int64_t d = 0; d < D; ++d) o[d] += a[e] * hm[e * D + d];
+        } else {
+          for (int64_t d = 0; d < D; ++d) o[d] += a[d];
+        }
+        for (int64_t d = 0; d < D; ++d) o[d] *= inv;
       }
     }
   });
@@ -374,6 +448,34 @@ std::vector<at::Tensor> kv_quantize(const at::Tensor& x, int64_t bits, int64_t D
                    deq.data_ptr<float>());
   return {packed, sc, zr, deq};
 }
+at::Tensor kv_attend(const at::Tensor& qr, const at::Tensor& qn, const at::Tensor& kv,
+                     const at::Tensor& nk, const at::Tensor& nv, const at::Tensor& mask,
+                     const at::Tensor& hm) {
+  TORCH_CHECK(qr.dim() == 4 && qr.dtype() == at::kFloat && qr.is_contiguous(),
+              "qr: float32 (B, H, G, D) contiguous");
+  const int64_t B = qr.size(0), H = qr.size(1), G = qr.size(2), D = qr.size(3);
+  TORCH_CHECK(D % 8 == 0, "head size: a multiple of 8");
+  TORCH_CHECK(qn.sizes() == qr.sizes() && qn.dtype() == at::kFloat && qn.is_contiguous(), "qn");
+  TORCH_CHECK(kv.dtype() == at::kFloat && kv.is_contiguous() && kv.dim() == 2 &&
+              kv.size(1) == 2 * H * D && kv.size(0) % B == 0,
+              "kv: float32 (B * T, 2 H D) contiguous");
+  const int64_t T = kv.size(0) / B;
+  for (const at::Tensor* t : {&nk, &nv})
+    TORCH_CHECK(t->dtype() == at::kFloat && t->is_contiguous() && t->numel() == B * H * D,
+                "new key and value: float32 (B, H, 1, D) contiguous");
+  TORCH_CHECK(mask.numel() == 0 || (mask.dtype() == at::kFloat && mask.is_contiguous() &&
+                                    mask.numel() == B * (T + 1)),
+              "mask: empty or additive float32 (B, T + 1)");
+  TORCH_CHECK(hm.numel() == 0 || (hm.dtype() == at::kFloat && hm.is_contiguous() &&
+                                  hm.numel() == D * D), "rotation: empty or float32 (D, D)");
+  auto out = at::empty({B, H, G, D}, qr.options());
+  kv_attend_rows(qr.data_ptr<float>(), qn.data_ptr<float>(), kv.data_ptr<float>(),
+                 nk.data_ptr<float>(), nv.data_ptr<float>(),
+                 mask.numel() ? mask.data_ptr<float>() : nullptr,
+                 hm.numel() ? hm.data_ptr<float>() : nullptr, B, T, H, G, D,
+                 out.data_ptr<float>());
+  return out;
+}
 """
 
 _lock = threading.Lock()
@@ -397,7 +499,7 @@ def load() -> ModuleType | None:
             name = f"quept_qgemv_{platform.machine()}_{torch.backends.cpu.get_cpu_capability()}"
             log.info("loading the fused quept CPU kernel (compiled once on first use)")
             _module = load_inline(
-                name=name.lower(), cpp_sources=[_SOURCE], functions=["qgemv", "qdequant", "kv_quantize"],
+                name=name.lower(), cpp_sources=[_SOURCE], functions=["qgemv", "qdequant", "kv_quantize", "kv_attend"],
                 extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                 verbose=False,
             )
@@ -441,3 +543,18 @@ def kv_quantize(
     packed, scale, zero, deq = _module.kv_quantize(
         x, bits, head_dim, empty if rotation is None else rotation, padded(x.shape[1]))
     return packed, scale, zero, deq
+
+
+def kv_attend(
+    qr: torch.Tensor, qn: torch.Tensor, kv: torch.Tensor, new_k: torch.Tensor,
+    new_v: torch.Tensor, mask: torch.Tensor | None, rotation: torch.Tensor | None,
+) -> torch.Tensor:
+    """One new token's attention over a KV cache's dequantized rows, per (batch, KV head,
+    query of its group): ``qr`` (queries rotated into the rows' basis, for the past) and ``qn``
+    (for the new key), (B, H, G, D) float32, scaled; ``kv`` (B * T, 2H * D): each cached
+    token's key heads then value heads, in the quantizer's basis; ``new_k``/``new_v`` (B, H, 1,
+    D); ``mask`` additive (B, T + 1) or None; ``rotation`` (D, D), applied to the weighted sum
+    of the past values, or None. Returns (B, H, G, D)."""
+    empty = qr.new_empty(0)
+    return _module.kv_attend(qr, qn, kv, new_k, new_v, empty if mask is None else mask,
+                             empty if rotation is None else rotation)
