@@ -111,6 +111,17 @@ void dequant(const uint8_t* q, int64_t row_bytes, int64_t npad, const float* sc,
   });
 }
 
+// out = in @ hm for one row of D values (hm: D x D), or a copy of it without hm.
+inline void times_rotation(const float* in, const float* hm, int64_t D, float* out) {
+  if (hm) {
+    for (int64_t d = 0; d < D; ++d) out[d] = 0.f;
+    for (int64_t e = 0; e < D; ++e)
+      for (int64_t d = 0; d < D; ++d) out[d] += in[e] * hm[e * D + d];
+  } else {
+    for (int64_t d = 0; d < D; ++d) out[d] = in[d];
+  }
+}
+
 // Quantizes rows of keys and values for a KV cache (quept.ops.quant.quantize_kv, then
 // quept.ops.pack.pack): each head of D values, rotated by hm (x @ hm) when given, on its own
 // asymmetric min/max grid of `bits` bits; the row's codes are packed in the bit-plane layout,
@@ -136,14 +147,7 @@ void kv_quantize_rows(const float* x, int64_t N, int64_t W, int64_t D, int64_t b
     for (int64_t n = n0; n < n1; ++n) {
       std::fill(code.begin(), code.end(), 0);
       for (int64_t h = 0; h < heads; ++h) {
-        const float* xh = x + n * W + h * D;
-        if (hm) {
-          for (int64_t d = 0; d < D; ++d) y[d] = 0.f;
-          for (int64_t e = 0; e < D; ++e)
-            for (int64_t d = 0; d < D; ++d) y[d] += xh[e] * hm[e * D + d];
-        } else {
-          for (int64_t d = 0; d < D; ++d) y[d] = xh[d];
-        }
+        times_rotation(x + n * W + h * D, hm, D, y.data());
         float lo = y[0], hi = y[0];
         for (int64_t d = 1; d < D; ++d) { lo = std::min(lo, y[d]); hi = std::max(hi, y[d]); }
         const float s = std::max((hi - lo) / qmax, 1e-8f);
@@ -155,14 +159,7 @@ void kv_quantize_rows(const float* x, int64_t N, int64_t W, int64_t D, int64_t b
           code[h * D + d] = static_cast<uint8_t>(c);
           qd[d] = (c - z) * s;
         }
-        float* out = deq + n * W + h * D;
-        if (hm) {
-          for (int64_t d = 0; d < D; ++d) out[d] = 0.f;
-          for (int64_t e = 0; e < D; ++e)
-            for (int64_t d = 0; d < D; ++d) out[d] += qd[e] * hm[e * D + d];
-        } else {
-          for (int64_t d = 0; d < D; ++d) out[d] = qd[d];
-        }
+        times_rotation(qd.data(), hm, D, deq + n * W + h * D);
       }
       uint8_t* dst = packed + n * row_bytes;
       int shift = 0;
@@ -243,14 +240,8 @@ void kv_attend_rows(const float* qr, const float* qn, const float* kv, const flo
         const float* a = acc.data() + g * D;
         float* o = out + (i * G + g) * D;
         const float pn = p[g * L + T], inv = 1.f / tot[g];
-        for (int64_t d = 0; d < D; ++d) o[d] = pn * v1[d];
-        if (hm) {
-          for (int64_t e = 0; e < D; ++e)
-            for (int64_t d = 0; d < D; ++d) o[d] += a[e] * hm[e * D + d];
-        } else {
-          for (int64_t d = 0; d < D; ++d) o[d] += a[d];
-        }
-        for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+        times_rotation(a, hm, D, o);
+        for (int64_t d = 0; d < D; ++d) o[d] = (o[d] + pn * v1[d]) * inv;
       }
     }
   });
