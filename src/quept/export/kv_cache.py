@@ -211,40 +211,29 @@ class QuantizedKVLayer(DynamicLayer):
         heads = new_k.shape[1]
         group = q_heads // heads
         scaling = dim**-0.5 if scaling is None else scaling
-        rotate = self.store.rotate
-        if q > 1:  # several new tokens (a prompt in chunks): sdpa, which keeps memory low
+        rows = self.store.rows(past) if q == 1 else None
+        if rows is None:  # several new tokens (a prompt in chunks), or no compiled kernel
             keys, values = self.store.past(past)
             return self._attend_many(query, keys, values, new_k, new_v, mask, scaling), None
+        # one new token: the compiled kernel, over the rows it dequantized
         qg = query.float().reshape(batch, heads, group, dim) * scaling
-        qr = rotate_heads(qg) if rotate else qg
-        if mask is not None:  # one query: (batch, 1, 1, keys), boolean or additive
+        if mask is not None:  # (batch, 1, 1, keys), boolean or additive
             mask = mask[:, 0, -1, :past + new]
             mask = torch.where(mask, 0.0, float("-inf")) if mask.dtype == torch.bool else mask
             mask = mask.float().contiguous()
-        rows = self.store.rows(past)
-        if rows is not None:  # the compiled kernel, over the rows it dequantized
-            out = kernels.kv_attend(qr.contiguous(), qg.contiguous(), rows,
-                                    new_k.float().contiguous(), new_v.float().contiguous(), mask,
-                                    hadamard_matrix(dim) if rotate else None)
-            return out.view(batch, q_heads, 1, dim).transpose(1, 2).to(query.dtype), None
-        keys, values = self.store.past(past)  # (batch, past, heads, head_dim), rotated basis
-        scores = torch.cat([qr @ keys.permute(0, 2, 3, 1),
-                            qg @ new_k.float().transpose(-1, -2)], -1)
-        if mask is not None:
-            scores = scores + mask[:, None, None]
-        probs = scores.softmax(-1)
-        out = probs[..., :past] @ values.transpose(1, 2)
-        if rotate:
-            out = rotate_heads(out)
-        out = out + probs[..., past:] @ new_v.float()
-        out = out.view(batch, q_heads, 1, dim).transpose(1, 2).contiguous()
-        return out.to(query.dtype), None
+        rotate = self.store.rotate
+        out = kernels.kv_attend((rotate_heads(qg) if rotate else qg).contiguous(),
+                                qg.contiguous(), rows, new_k.float().contiguous(),
+                                new_v.float().contiguous(), mask,
+                                hadamard_matrix(dim) if rotate else None)
+        return out.view(batch, q_heads, 1, dim).transpose(1, 2).to(query.dtype), None
 
     def _attend_many(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                      new_k: torch.Tensor, new_v: torch.Tensor, mask: torch.Tensor | None,
                      scaling: float) -> torch.Tensor:
-        """:meth:`attend` for several new tokens: every key and value in the codes' basis (the
-        new ones rotated into it), one sdpa call, the output rotated back."""
+        """:meth:`attend` with torch ops (several new tokens, or no compiled kernel): every key
+        and value in the codes' basis (the new ones rotated into it), one sdpa call (memory
+        stays low over a long chunk), the output rotated back."""
         rotate = self.store.rotate
         turn = rotate_heads if rotate else (lambda x: x)
         keys = torch.cat([keys.transpose(1, 2), turn(new_k.float())], 2)

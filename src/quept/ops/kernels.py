@@ -126,21 +126,14 @@ inline void times_rotation(const float* in, const float* hm, int64_t D, float* o
 // quept.ops.pack.pack): each head of D values, rotated by hm (x @ hm) when given, on its own
 // asymmetric min/max grid of `bits` bits; the row's codes are packed in the bit-plane layout,
 // and `deq` gets the values the codes stand for (rotated back).
-void kv_quantize_rows(const float* x, int64_t N, int64_t W, int64_t D, int64_t bits,
-                      const float* hm, int64_t npad, uint8_t* packed, float* sc, float* zr,
-                      float* deq) {
+template <int P0, int P1, int P2>
+void kv_quantize_rows(const float* x, int64_t N, int64_t W, int64_t D, const float* hm,
+                      int64_t npad, uint8_t* packed, float* sc, float* zr, float* deq) {
+  constexpr int bits = P0 + P1 + P2;
   const int64_t heads = W / D, row_bytes = npad * bits / 8;
   const float qmax = static_cast<float>((1 << bits) - 1);
-  int widths[3] = {0, 0, 0}, nplanes = 0;
-  switch (bits) {
-    case 2: widths[0] = 2; nplanes = 1; break;
-    case 3: widths[0] = 2; widths[1] = 1; nplanes = 2; break;
-    case 4: widths[0] = 4; nplanes = 1; break;
-    case 5: widths[0] = 4; widths[1] = 1; nplanes = 2; break;
-    case 6: widths[0] = 4; widths[1] = 2; nplanes = 2; break;
-    case 7: widths[0] = 4; widths[1] = 2; widths[2] = 1; nplanes = 3; break;
-    default: widths[0] = 8; nplanes = 1; break;
-  }
+  const int widths[3] = {P0, P1, P2};
+  const int nplanes = P2 ? 3 : (P1 ? 2 : 1);
   at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
     std::vector<uint8_t> code(npad);
     std::vector<float> y(D), qd(D);
@@ -425,7 +418,6 @@ std::vector<at::Tensor> kv_quantize(const at::Tensor& x, int64_t bits, int64_t D
   TORCH_CHECK(x.dtype() == at::kFloat && x.is_contiguous() && x.dim() == 2,
               "x: float32 (N, W) contiguous");
   const int64_t N = x.size(0), W = x.size(1);
-  TORCH_CHECK(bits >= 2 && bits <= 8, "bits: 2..8");
   TORCH_CHECK(D > 0 && W % D == 0 && npad >= W && npad % 64 == 0, "head size must divide W");
   TORCH_CHECK(hm.numel() == 0 || (hm.dtype() == at::kFloat && hm.is_contiguous() &&
                                   hm.numel() == D * D), "rotation: empty or float32 (D, D)");
@@ -433,10 +425,9 @@ std::vector<at::Tensor> kv_quantize(const at::Tensor& x, int64_t bits, int64_t D
   auto sc = at::empty({N, W / D}, x.options());
   auto zr = at::empty({N, W / D}, x.options());
   auto deq = at::empty({N, W}, x.options());
-  kv_quantize_rows(x.data_ptr<float>(), N, W, D, bits,
-                   hm.numel() ? hm.data_ptr<float>() : nullptr, npad,
-                   packed.data_ptr<uint8_t>(), sc.data_ptr<float>(), zr.data_ptr<float>(),
-                   deq.data_ptr<float>());
+  QUEPT_DISPATCH(bits, kv_quantize_rows, x.data_ptr<float>(), N, W, D,
+                 hm.numel() ? hm.data_ptr<float>() : nullptr, npad, packed.data_ptr<uint8_t>(),
+                 sc.data_ptr<float>(), zr.data_ptr<float>(), deq.data_ptr<float>());
   return {packed, sc, zr, deq};
 }
 at::Tensor kv_attend(const at::Tensor& qr, const at::Tensor& qn, const at::Tensor& kv,

@@ -101,8 +101,7 @@ def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
 def rotate_heads(x: torch.Tensor) -> torch.Tensor:
     """``x @ H`` over the last dimension (a power of two; H the symmetric orthonormal Hadamard
     matrix, its own inverse), as one matmul: for a KV cache's head size this is several times
-    faster than the butterflies of :func:`hadamard_transform`, and each row's result does not
-    depend on how many rows are multiplied at once (the cache rebuilds past tokens in bulk)."""
+    faster than the butterflies of :func:`hadamard_transform`."""
     return x @ _hadamard_matrix(x.shape[-1], x.dtype, x.device)
 
 
