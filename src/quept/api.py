@@ -612,14 +612,42 @@ def evaluate_embeddings(
     return [EmbeddingRow(b, bpw, **f, rtn=f_rtn) for b, bpw, f, f_rtn in rows]
 
 
+@dataclass
+class TaskRow:
+    """One width of :func:`evaluate_tasks`: {task: {metric: value}} (and under RTN)."""
+
+    bits: int | None
+    bits_per_weight: float
+    scores: dict[str, dict[str, float]]
+    scores_rtn: dict[str, dict[str, float]] | None = None
+
+
+def evaluate_tasks(
+    model: nn.Module, tokenizer: Any, tasks: Sequence[str], bits: Sequence[int | None], *,
+    rtn: bool = False, text: str | None = None, limit: int | None = None, batch_size: int = 16,
+    include_path: str | os.PathLike | None = None, runner: Callable[[], Any] | None = None,
+) -> list[TaskRow]:
+    """Zero-shot task scores of an elastic causal LM (and optionally RTN) at each width in
+    ``bits``, through lm-evaluation-harness (:class:`quept.eval.harness.TaskRunner`: built-in
+    tasks "last-word" and "next-sentence" made from ``text``, or lm-evaluation-harness task
+    names). Needs the ``lmeval`` extra. ``runner``: a :class:`~quept.eval.harness.TaskRunner`
+    already made for this model (then the task options are its own)."""
+    from quept.eval.harness import TaskRunner
+
+    if runner is None:
+        runner = TaskRunner(model, tokenizer, tasks, text=text, limit=limit,
+                            batch_size=batch_size, include_path=include_path)
+    return [TaskRow(*row) for row in _per_width(model, bits, rtn, lambda label: runner())]
+
+
 def windows_from_text(tokenizer: Any, text: str, seq_len: int = 512,
                       n_windows: int | None = 32) -> torch.Tensor:
     return eval_windows(tokenize(tokenizer, text), seq_len, n_windows)
 
 
 __all__ = [
-    "AccuracyRow", "ArtifactError", "CompactConfig", "EmbeddingRow", "EvalRow", "Family", "Plan", "SensitivityConfig",
-    "UnsupportedModelError", "calibrate", "evaluate", "evaluate_accuracy", "evaluate_embeddings", "export", "load", "load_compact",
+    "AccuracyRow", "ArtifactError", "CompactConfig", "EmbeddingRow", "EvalRow", "Family", "Plan", "SensitivityConfig", "TaskRow",
+    "UnsupportedModelError", "calibrate", "evaluate", "evaluate_accuracy", "evaluate_embeddings", "evaluate_tasks", "export", "load", "load_compact",
     "load_model", "load_packed", "plan", "prepare", "read_meta", "resolve_model_dir",
     "samples_from_text", "save", "save_compact", "sensitivity", "set_bits", "stored_bits",
     "windows_from_text",

@@ -42,6 +42,13 @@ def _numbers(text: str, kind: type, what: str) -> list:
         raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
 
 
+def _names(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
 def _int_list(text: str) -> list[int]:
     return _numbers(text, int, "integers")
 
@@ -451,6 +458,15 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plan", default=None, metavar="PLAN.json",
                    help="evaluate this mixed-precision plan (from `quept plan`) instead of "
                    "every width; --bits then adds uniform widths to compare")
+    p.add_argument("--tasks", type=_names, default=None, metavar="NAMES",
+                   help="causal LMs: zero-shot task accuracy through lm-evaluation-harness "
+                   "instead of perplexity (the lmeval extra); comma-separated: the built-in "
+                   "last-word and next-sentence (made from the evaluation text, no downloads) "
+                   "or lm-evaluation-harness task names, whose data must be reachable")
+    p.add_argument("--limit", type=int, default=None,
+                   help="with --tasks: at most this many items per task (default: all)")
+    p.add_argument("--task-path", default=None, metavar="DIR",
+                   help="with --tasks: a folder of your own lm-evaluation-harness task YAMLs")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=cmd_eval)
 
@@ -461,6 +477,13 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
         raise FileNotFoundError(f"{folder} does not exist or is not a folder")
     kind = cli_deploy.folder_kind(folder)
     if kind == "packed":
+        if a.tasks:
+            if a.bits or a.plan or a.rtn:
+                raise ConfigError(f"{folder} is a packed model of one configuration: --bits, "
+                                  "--plan and --rtn apply to elastic folders")
+            model, tok = api.load_packed(folder)
+            return _eval_tasks(a, folder, model, tok, False, None, [])
+        _refuse_task_options(a)
         return cli_deploy.eval_packed(a, folder, lambda: _text(a.text, "eval"))
     elastic = kind in ("elastic", "compact")
     plan = None if a.plan is None else Plan.load(a.plan)
@@ -480,6 +503,9 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
                               "`quept quantize`")
         model, tok = api.load_model(folder)
         bits = []
+    if a.tasks:
+        return _eval_tasks(a, folder, model, tok, elastic, plan, bits)
+    _refuse_task_options(a)
     if _task(model) == "encoder":
         return _eval_encoder(a, folder, model, tok, elastic, plan, bits)
     if _task(model) == "image-classification":
@@ -495,11 +521,7 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
     result = {"folder": str(folder), "elastic": elastic, "windows": windows.shape[0],
               "seq_len": a.seq_len, "rows": _eval_rows(rows)}
     if plan is not None:
-        api.set_bits(model, plan)
-        bpw = api.stored_bits(model)
-        if abs(bpw - plan.bits_per_weight) > 1e-9:
-            raise ConfigError(f"{a.plan} records {plan.bits_per_weight:.4f} bits per weight but "
-                              f"gives {bpw:.4f} on this model: made for another spec?")
+        bpw = _apply_plan(model, plan, a.plan)
         ppl = perplexity(model, windows, progress=not a.json, desc="eval plan")
         result["plan"] = {"path": a.plan, "bits_per_weight": bpw, "ppl": ppl,
                           "stored_bytes": plan.stored_bytes, "widths": plan.histogram()}
@@ -514,9 +536,85 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _apply_plan(model: torch.nn.Module, plan: Plan, path: str) -> float:
+    """Set ``plan``'s widths on ``model``; its stored bits per weight, checked against the
+    plan's record."""
+    api.set_bits(model, plan)
+    bpw = api.stored_bits(model)
+    if abs(bpw - plan.bits_per_weight) > 1e-9:
+        raise ConfigError(f"{path} records {plan.bits_per_weight:.4f} bits per weight but "
+                          f"gives {bpw:.4f} on this model: made for another spec?")
+    return bpw
+
+
+def _refuse_task_options(a: argparse.Namespace) -> None:
+    given = [f"--{n.replace('_', '-')}" for n in ("limit", "task_path")
+             if getattr(a, n, None) is not None]
+    if given:
+        raise ConfigError(f"{', '.join(given)} apply with --tasks")
+
+
+def _task_cells(scores: dict[str, dict[str, float]] | None, columns: list[tuple[str, str]]
+                ) -> list[str]:
+    if scores is None:
+        return ["" for _ in columns]
+    def cell(v: float | None, metric: str) -> str:
+        if v is None:
+            return ""
+        return f"{v:.2%}" if metric.startswith("acc") else f"{v:.2f}" if v < 1e5 else f"{v:.3g}"
+
+    return [cell(scores[t].get(m), m) for t, m in columns]
+
+
+def _eval_tasks(a: argparse.Namespace, folder: Path, model: torch.nn.Module, tok: Any,
+                elastic: bool, plan: Plan | None, bits: list[int]) -> dict[str, Any]:
+    """`quept eval --tasks`: zero-shot task scores per width (or of the one configuration)."""
+    from quept.data.tasks import BUILTIN_TASKS
+    from quept.eval.harness import TaskRunner
+
+    if _task(model) != "causal-lm":
+        raise ConfigError(f"--tasks needs a causal LM; {folder} holds a "
+                          f"{model.config.model_type} {_task(model)} model")
+    text = _text(a.text, "eval") if any(t in BUILTIN_TASKS for t in a.tasks) else None
+    runner = TaskRunner(model, tok, a.tasks, text=text, limit=a.limit,
+                        include_path=a.task_path)
+    if elastic:
+        rows = api.evaluate_tasks(model, tok, a.tasks, bits if plan else [None, *bits],
+                                  rtn=a.rtn, runner=runner)
+    else:
+        rows = [api.TaskRow(*_fixed_width(model), runner())]
+    result: dict[str, Any] = {"folder": str(folder), "elastic": elastic, "tasks": a.tasks,
+                              "limit": a.limit, "task_rows": [r.__dict__ for r in rows]}
+    if plan is not None:
+        result["plan"] = {"path": a.plan, "bits_per_weight": _apply_plan(model, plan, a.plan),
+                          "stored_bytes": plan.stored_bytes, "widths": plan.histogram(),
+                          "scores": runner()}
+    if not a.json:
+        first = (rows[0].scores if rows else result["plan"]["scores"])
+        columns = [(t, m) for t in a.tasks for m in sorted(  # accuracies first
+            first[t], key=lambda m: not m.startswith("acc"))
+            if m != "items" and not m.endswith("_stderr")]
+        names = [f"{t} {m}" for t, m in columns]
+        items = ", ".join(f"{t}: {first[t]['items']} items" for t in a.tasks if "items" in first[t])
+        if rows:
+            _print_widths(rows, lambda r: _task_cells(r.scores, columns)
+                          + (_task_cells(r.scores_rtn, columns) if a.rtn else []),
+                          names + ([f"RTN {n}" for n in names] if a.rtn else []),
+                          f"\nTask scores of {folder} ({items}; acc = accuracy)",
+                          elastic and model.quept_spec.activations != "none")
+        if plan is not None:
+            print(f"\nplan {a.plan} ({result['plan']['bits_per_weight']:.3f} bits per weight): "
+                  + ", ".join(f"{n} {c}" for n, c in
+                              zip(names, _task_cells(result["plan"]["scores"], columns))))
+    return result
+
+
 def _fixed_width(model: torch.nn.Module) -> tuple[int | str | None, float]:
     """Width label and stored bits per weight of a non-elastic model: float (32 bits), or an
-    export's one width ("mixed" for a plan): compressed-tensors or ONNX."""
+    export's one width ("mixed" for a plan): packed, compressed-tensors or ONNX."""
+    packed = getattr(model, "quept_packed", None)
+    if packed is not None:
+        return packed["bits"], packed["sizes"]["bits_per_weight"]
     onnx = getattr(model, "quept_onnx", None)
     if onnx is not None:
         return onnx["bits"], onnx["bits_per_weight"]
