@@ -496,6 +496,8 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
         bits = a.bits or ([] if plan else sorted(spec.bits))
         for b in bits:
             check_bits(b, spec.bits)
+        if plan is not None:
+            _apply_plan(model, plan, a.plan)  # a plan made for another spec: refused before work
     else:
         if a.bits:
             raise ConfigError(f"{folder} is a {'plain model' if kind == 'hf' else kind} folder "
@@ -554,16 +556,17 @@ def _refuse_task_options(a: argparse.Namespace) -> None:
         raise ConfigError(f"{', '.join(given)} apply with --tasks")
 
 
+def _score_cell(v: float | None, metric: str) -> str:
+    if v is None:
+        return ""
+    return f"{v:.2%}" if metric.startswith("acc") else f"{v:.2f}" if v < 1e5 else f"{v:.3g}"
+
+
 def _task_cells(scores: dict[str, dict[str, float]] | None, columns: list[tuple[str, str]]
                 ) -> list[str]:
     if scores is None:
         return ["" for _ in columns]
-    def cell(v: float | None, metric: str) -> str:
-        if v is None:
-            return ""
-        return f"{v:.2%}" if metric.startswith("acc") else f"{v:.2f}" if v < 1e5 else f"{v:.3g}"
-
-    return [cell(scores[t].get(m), m) for t, m in columns]
+    return [_score_cell(scores[t].get(m), m) for t, m in columns]
 
 
 def _eval_tasks(a: argparse.Namespace, folder: Path, model: torch.nn.Module, tok: Any,
