@@ -223,5 +223,8 @@ def test_cli_eval_tasks_on_an_elastic_and_a_packed_folder(tmp_path, capsys):
     assert row["bits"] == 8 and row["scores"]["last-word"]["perplexity"] == pytest.approx(
         rows[8]["scores"]["last-word"]["perplexity"], rel=1e-3)
 
+    for extra in (["--bits", "4"], ["--rtn", "--tasks", "last-word"]):
+        assert main(["eval", str(packed), *extra]) == 2
+        assert "packed model of one configuration" in capsys.readouterr().err
     assert main(["eval", str(folder), "--limit", "4"]) == 2
     assert "--limit apply with --tasks" in capsys.readouterr().err

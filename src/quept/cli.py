@@ -477,10 +477,10 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
         raise FileNotFoundError(f"{folder} does not exist or is not a folder")
     kind = cli_deploy.folder_kind(folder)
     if kind == "packed":
+        if a.bits or a.plan or a.rtn:
+            raise ConfigError(f"{folder} is a packed model of one configuration: --bits, --plan "
+                              "and --rtn apply to elastic folders")
         if a.tasks:
-            if a.bits or a.plan or a.rtn:
-                raise ConfigError(f"{folder} is a packed model of one configuration: --bits, "
-                                  "--plan and --rtn apply to elastic folders")
             model, tok = api.load_packed(folder)
             return _eval_tasks(a, folder, model, tok, False, None, [])
         _refuse_task_options(a)

@@ -288,9 +288,6 @@ def eval_packed(a: argparse.Namespace, folder: Path, text: Callable[[], str]) ->
     ``text`` gives the evaluation text when the model reads text."""
     from quept.eval import perplexity
 
-    if a.bits or getattr(a, "plan", None) or a.rtn:
-        raise ConfigError(f"{folder} is a packed model of one configuration: --bits, --plan and "
-                          "--rtn apply to elastic folders")
     model, tok = api.load_packed(folder)
     meta = model.quept_packed
     task = family_for(model).task

@@ -521,10 +521,8 @@ def kv_quantize(
     basis ``x @ rotation`` when given) as :func:`quept.ops.quant.quantize_kv` does, in one pass:
     (codes packed as :func:`quept.ops.pack.pack` packs them (N, bytes), steps (N, W / head_dim),
     zero-points (same), the values the codes stand for (N, W), rotated back)."""
-    empty = x.new_empty(0)
-    packed, scale, zero, deq = _module.kv_quantize(
-        x, bits, head_dim, empty if rotation is None else rotation, padded(x.shape[1]))
-    return packed, scale, zero, deq
+    rotation = x.new_empty(0) if rotation is None else rotation
+    return tuple(_module.kv_quantize(x, bits, head_dim, rotation, padded(x.shape[1])))
 
 
 def kv_attend(
