@@ -151,6 +151,11 @@ def main() -> int:
                    help="weight+activation mode: every block linear's input quantized per token "
                    "at the weight width too (methods: " + ", ".join(WA_METHODS) + "); use "
                    "another --out than the weight-only table's")
+    p.add_argument("--tasks", default=None, metavar="NAMES",
+                   help="also score every width on these zero-shot tasks (comma-separated, e.g. "
+                   "last-word,next-sentence; needs lm_eval in --python's environment); use "
+                   "another --out than the perplexity table's")
+    p.add_argument("--task-limit", type=int, default=300, help="items per task (300)")
     p.add_argument("--fresh", action="store_true", help="discard earlier results in OUT.json")
     p.add_argument("--report-only", action="store_true", help="rewrite OUT.md/OUT.png only")
     a = p.parse_args()
@@ -170,6 +175,11 @@ def main() -> int:
     }
     if a.activations:  # written only when set: the weight-only table's setup is unchanged
         setup["activations"] = "per-token"
+    tasks = [t for t in (a.tasks or "").split(",") if t]
+    if tasks:  # likewise
+        if a.task_limit < 1:
+            raise SystemExit(f"--task-limit must be >= 1 items per task, got {a.task_limit}")
+        setup.update(tasks=tasks, task_limit=a.task_limit)
     notes = {}
     for note in a.note:
         name, _, text = note.partition("=")
@@ -194,7 +204,7 @@ def main() -> int:
                    "group_size": a.group_size, "n_samples": a.n_samples, "seq_len": a.seq_len,
                    "seed": a.seed, "windows": a.windows, "eval_seq_len": a.eval_seq_len,
                    "elastic": absolute(a.elastic), "workdir": str(work.resolve()), "threads": a.threads,
-                   "batch_size": 2}
+                   "batch_size": 2, "tasks": tasks, "task_limit": a.task_limit}
             tag = name + ("" if widths == [None] else "-w" + "".join(map(str, widths)))
             log.info("run %s", tag)
             result, run = run_child(a, job, work / f"{tag}.log")

@@ -109,23 +109,37 @@ def test_runner_scores_equal_a_direct_computation(lm):
     text = synthetic_text()
     quept.set_bits(model, 3)
     scores = TaskRunner(model, tok, ["last-word", "next-sentence"], text=text, limit=12,
-                        batch_size=5)()
+                        batch_size=5, per_item=True)()
     words = last_word_items(text)[:12]
     ll = [loglikelihood(model, tok, w["context"], " " + w["target"]) for w in words]
     lw = scores["last-word"]
     assert lw["items"] == 12
     assert lw["perplexity"] == pytest.approx(math.exp(-sum(x for x, _ in ll) / 12), rel=1e-4)
     assert lw["acc"] == pytest.approx(sum(g for _, g in ll) / 12)
+    assert lw["per_item"] == {"acc": [float(g) for _, g in ll]}
     acc = acc_norm = 0
+    hits = []
     for item in next_sentence_items(text)[:12]:
         lls = [loglikelihood(model, tok, item["context"], " " + c)[0] for c in item["choices"]]
         acc += max(range(4), key=lambda k: lls[k]) == item["gold"]
+        hits.append(float(max(range(4), key=lambda k: lls[k]) == item["gold"]))
         norm = [x / len(c) for x, c in zip(lls, item["choices"])]
         acc_norm += max(range(4), key=lambda k: norm[k]) == item["gold"]
     ns = scores["next-sentence"]
     assert (ns["items"], ns["acc"], ns["acc_norm"]) == (12, acc / 12, acc_norm / 12)
     assert ns["acc_stderr"] == pytest.approx(math.sqrt(ns["acc"] * (1 - ns["acc"]) / 12))
+    assert ns["per_item"]["acc"] == hits and sum(ns["per_item"]["acc_norm"]) == acc_norm
     quept.set_bits(model, None)
+
+
+def test_paired_difference_is_the_mean_difference_with_its_error():
+    from quept.eval.harness import paired_difference
+
+    assert paired_difference([1, 1, 0, 1], [1, 1, 0, 1]) == (0.0, 0.0)
+    mean, err = paired_difference([1, 1, 1, 0], [0, 1, 1, 0])  # differences 1, 0, 0, 0
+    assert mean == 0.25 and err == pytest.approx(math.sqrt(0.25 / 4))
+    with pytest.raises(ValueError, match="same items"):
+        paired_difference([1, 0], [1])
 
 
 def test_evaluate_tasks_follows_the_width(lm):

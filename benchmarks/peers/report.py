@@ -95,6 +95,7 @@ def markdown(doc: dict[str, Any]) -> str:
               "the GPTQ/AutoRound/compressed-tensors formats and QuEPT) except HQQ, which keeps a "
               "floating-point zero (16 bits). HQQ's own packing stores 3-bit codes ten to a "
               "32-bit word (3.2 bits) and 5/6-bit codes one per byte.", ""]
+    lines += _task_lines(doc)
     lines += _cost_lines(doc)
     if errors:
         lines += ["## Errors (exact, last line of the run's output)", ""]
@@ -102,6 +103,74 @@ def markdown(doc: dict[str, Any]) -> str:
     if doc.get("notes"):
         lines += ["## Notes", ""] + [f"- {_label(m)}: {t}" for m, t in doc["notes"].items()] + [""]
     return "\n".join(lines)
+
+
+def _task_cell(cell: dict[str, Any] | None, task: str, metric: str) -> str:
+    scores = (cell or {}).get("tasks", {}).get(task)
+    if not scores or metric not in scores:
+        return ""
+    v = scores[metric]
+    return f"{v:.1%}" if metric.startswith("acc") else fmt_ppl(v)
+
+
+def _per_item(cell: dict[str, Any] | None, task: str, metric: str) -> list[float] | None:
+    got = (cell or {}).get("tasks", {}).get(task, {}).get("per_item", {}).get(metric)
+    return None if got is None else [float(c) for c in got]
+
+
+def _task_lines(doc: dict[str, Any]) -> list[str]:
+    """Zero-shot task scores per method and width, and each QuEPT row's paired difference in
+    accuracy against every peer over the same items (with its standard error)."""
+    from quept.eval.harness import paired_difference
+
+    tasks = doc["setup"].get("tasks")
+    if not tasks:
+        return []
+    widths = widths_of(doc)
+    cols = [FLOAT, *widths]
+    metrics = [(t, m) for t in tasks for m in dict.fromkeys(
+        k for cells in doc["cells"].values() for c in cells.values()
+        for k, v in c.get("tasks", {}).get(t, {}).items()
+        if isinstance(v, float) and "_stderr" not in k and k != "items")]
+    lines = ["## Zero-shot tasks (lm-evaluation-harness)", "",
+             f"Built-in tasks {', '.join(tasks)} made from {doc['setup'].get('eval_text')}, "
+             f"the first {doc['setup'].get('task_limit')} items of each; the same model run "
+             "as for the perplexity above.", ""]
+    for task, metric in metrics:
+        better = "higher" if metric.startswith("acc") else "lower"
+        lines += [f"### {task} {metric} ({better} is better)", "",
+                  "| method | " + " | ".join("float" if w == FLOAT else f"W{w}" for w in cols)
+                  + " |", "|---|" + "---|" * len(cols)]
+        for m in [FLOAT, *_order(doc)]:
+            cells = doc["cells"].get(m, {})
+            if any("tasks" in c for c in cells.values()):
+                lines.append(f"| {_label(m)} | " + " | ".join(
+                    _task_cell(cells.get(w), task, metric) for w in cols) + " |")
+        lines.append("")
+    mine = ours_methods(doc)
+    peers = [m for m in _order(doc) if m not in mine and _in_plot(m)]
+    rows = []
+    for ours in mine:
+        for peer in peers:
+            for task, metric in metrics:
+                row = []
+                for w in widths:
+                    a = _per_item(doc["cells"][ours].get(w), task, metric)
+                    b = _per_item(doc["cells"][peer].get(w), task, metric)
+                    if a is None or b is None or len(a) != len(b):
+                        row.append("")
+                        continue
+                    d, err = paired_difference(a, b)
+                    row.append(f"{100 * d:+.1f} ± {100 * err:.1f}")
+                if any(row):
+                    rows.append(f"| {_label(ours)} - {_label(peer)} | {task} {metric} | "
+                                + " | ".join(row) + " |")
+    if rows:
+        lines += ["### Paired differences (percentage points, QuEPT minus peer, over the same "
+                  "items; ± its standard error)", "",
+                  "| rows | metric | " + " | ".join(f"W{w}" for w in widths) + " |",
+                  "|---|---|" + "---|" * len(widths), *rows, ""]
+    return lines
 
 
 def _gib(x: float | None) -> str:

@@ -19,7 +19,8 @@ VERSION = 1
 SCALE_BITS = 16  # every method here stores one fp16 scale per group
 TIE = 0.01  # within 1% of perplexity counts as a tie
 # The keys of ``setup`` that must agree for two runs to share one table.
-SETUP_KEYS = ("model", "eval_text", "windows", "eval_seq_len", "group_size")
+SETUP_KEYS = ("model", "eval_text", "windows", "eval_seq_len", "group_size", "tasks",
+              "task_limit")
 
 
 class SetupMismatchError(ValueError):
@@ -153,6 +154,8 @@ def cells_from_run(method: str, widths: list[int | None], result: dict[str, Any]
         if got is not None:
             cell.update(status="ok", ppl=got["ppl"], levels_max=got.get("levels_max"),
                         error=None)
+            if "tasks" in got:
+                cell.update(tasks=got["tasks"], task_seconds=got.get("task_seconds"))
         else:
             cell.update(status="error", ppl=None,
                         error=run.get("error") or "the run ended before this width")

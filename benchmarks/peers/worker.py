@@ -4,8 +4,11 @@
 
 JOB.json says the method's adapter, the widths, the model, the texts and the sizes. The model,
 the calibration windows and the evaluation windows come from quept, so every method sees the same
-tokens, and perplexity is ``quept.eval.perplexity`` for all. RESULT.json is rewritten after every
-width, so a crash keeps what was measured before it.
+tokens, and perplexity is ``quept.eval.perplexity`` for all. With ``tasks`` in the job, every
+width is also scored on those zero-shot tasks through lm-evaluation-harness
+(:class:`quept.eval.harness.TaskRunner`, the first ``task_limit`` items, made from the
+evaluation text), keeping each item's result as a string of 0/1 for paired comparisons.
+RESULT.json is rewritten after every width, so a crash keeps what was measured before it.
 """
 
 from __future__ import annotations
@@ -97,10 +100,30 @@ def run(job: dict[str, Any], out: str) -> None:
         t0 = time.perf_counter()
         ppl = perplexity(net, windows, job["batch_size"])
         key = "float" if bits is None else str(bits)
-        result["cells"][key] = {"ppl": ppl, "levels_max": levels,
-                                "eval_seconds": time.perf_counter() - t0}
+        cell = {"ppl": ppl, "levels_max": levels, "eval_seconds": time.perf_counter() - t0}
         log.info("%s %s: perplexity %.3f", job["method"], key, ppl)
+        if job.get("tasks"):
+            t0 = time.perf_counter()
+            cell["tasks"] = score_tasks(net, tok, eval_text, job)
+            cell["task_seconds"] = time.perf_counter() - t0
+            log.info("%s %s: tasks %s", job["method"], key, {
+                t: {m: round(v, 4) for m, v in s.items() if isinstance(v, float)}
+                for t, s in cell["tasks"].items()})
+        result["cells"][key] = cell
         write(out, result)
+
+
+def score_tasks(net: torch.nn.Module, tok: Any, text: str,
+                job: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The job's tasks on ``net`` as it stands; each item's 0/1 result kept as a string."""
+    from quept.eval.harness import TaskRunner
+
+    scores = TaskRunner(net, tok, job["tasks"], text=text, limit=job.get("task_limit"),
+                        per_item=True)()
+    for row in scores.values():
+        row["per_item"] = {m: "".join(str(int(x)) for x in v)
+                           for m, v in row.get("per_item", {}).items()}
+    return scores
 
 
 def main(argv: list[str] | None = None) -> int:

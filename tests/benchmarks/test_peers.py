@@ -131,6 +131,33 @@ def test_markdown_marks_best_missing_and_failed_cells(tmp_path):
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_task_scores_pass_into_cells_and_the_report_pairs_quept_with_each_peer():
+    def scored(ppl, items):
+        acc = sum(map(int, items)) / len(items)
+        return {"ppl": ppl, "tasks": {"last-word": {
+            "items": len(items), "acc": acc, "perplexity": 150.0 + ppl,
+            "per_item": {"acc": items}}}, "task_seconds": 9.0}
+
+    setup = {**SETUP, "tasks": ["last-word"], "task_limit": 4}
+    doc = results.empty(setup)
+    for name, width, got in (("gptq", 4, scored(27.0, "1100")),
+                             ("quept", 4, scored(26.5, "1110")),
+                             ("float", None, scored(25.1, "1111"))):
+        cells = results.cells_from_run(name, [width], {"cells": {str(width or "float"): got}},
+                                       {"run_id": name, "wall_seconds": 1.0}, 64)
+        doc = results.merge(doc, setup, name, cells)
+    assert doc["cells"]["quept"]["4"]["tasks"]["last-word"]["per_item"]["acc"] == "1110"
+    with pytest.raises(results.SetupMismatchError, match="task_limit"):
+        results.merge(doc, {**setup, "task_limit": 300}, "gptq", {})
+    md = report.markdown(doc)
+    assert "### last-word acc (higher is better)" in md
+    assert "| float | 100.0% |" in md and "| GPTQ (llmcompressor) |  | 50.0% |" in md
+    assert "| 177.00 |" in md  # last-word perplexity of GPTQ's row
+    # QuEPT minus GPTQ on the same items: differences 0, 0, 1, 0 -> +25.0 ± 25.0 points.
+    assert "| QuEPT (one model, all widths) - GPTQ (llmcompressor) | last-word acc | " \
+        "+25.0 ± 25.0 |" in md
+
+
 def test_rtn_adapter_quantizes_every_block_linear_to_b_bits():
     from peers import rtn as rtn_adapter
 

@@ -108,13 +108,15 @@ class TaskRunner:
     ``tasks``: built-in names (:data:`quept.data.tasks.BUILTIN_TASKS`, made from ``text``)
     and lm-evaluation-harness task names. ``limit``: at most this many items per task (the
     first ones; None = all). Scores are {task: {metric: value}}; every accuracy also gets its
-    binomial standard error as ``<metric>_stderr``, and ``items`` the number scored.
+    binomial standard error as ``<metric>_stderr``, and ``items`` the number scored. With
+    ``per_item``, each task's scores also hold ``per_item``: {metric: [0/1 per item, in item
+    order]} for every accuracy, for paired comparisons (:func:`paired_difference`).
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, tasks: Sequence[str], *,
                  text: str | None = None, limit: int | None = None, batch_size: int = 16,
                  include_path: str | Path | None = None, cache_dir: Path | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, per_item: bool = False) -> None:
         from transformers import PreTrainedModel
 
         lm_eval = _lm_eval()
@@ -144,7 +146,7 @@ class TaskRunner:
         self.names = {(lm_task_name(t) if t in BUILTIN_TASKS else t): t for t in tasks}
         specs = [builtin_task_config(t, text, cache_dir, seed) if t in BUILTIN_TASKS else t
                  for t in tasks]
-        self.limit, self._evaluate = limit, lm_eval.evaluate
+        self.limit, self.per_item, self._evaluate = limit, per_item, lm_eval.evaluate
         with _quiet():
             # lm-evaluation-harness's own tasks take seconds to index: only when asked for
             path = None if include_path is None else str(include_path)
@@ -169,16 +171,16 @@ class TaskRunner:
             self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
                            device=str(model.device))
 
-    def __call__(self) -> dict[str, dict[str, float]]:
+    def __call__(self) -> dict[str, dict[str, Any]]:
         with _quiet():
-            out = self._evaluate(self.lm, self.task_dict, limit=self.limit,
-                                 bootstrap_iters=0, log_samples=False, verbosity="ERROR")
+            out = self._evaluate(self.lm, self.task_dict, limit=self.limit, bootstrap_iters=0,
+                                 log_samples=self.per_item, verbosity="ERROR")
         scores = {}
         for lm_name, name in self.names.items():
             raw = out["results"][lm_name]
             count = out.get("n-samples", {}).get(lm_name)  # groups have none of their own
             n = None if count is None else int(count["effective"])
-            row: dict[str, float] = {} if n is None else {"items": n}
+            row: dict[str, Any] = {} if n is None else {"items": n}
             for key, value in raw.items():
                 metric, _, filt = key.partition(",")
                 if not filt or "_stderr" in metric or not isinstance(value, (int, float)):
@@ -186,5 +188,24 @@ class TaskRunner:
                 row[metric] = float(value)
                 if metric.startswith("acc") and n:
                     row[f"{metric}_stderr"] = math.sqrt(max(value * (1 - value), 0.0) / n)
+            if self.per_item and lm_name in out.get("samples", {}):
+                samples = sorted(out["samples"][lm_name], key=lambda s: s["doc_id"])
+                row["per_item"] = {m: [float(s[m]) for s in samples]
+                                   for m in row if m.startswith("acc") and "_stderr" not in m}
             scores[name] = row
         return scores
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """Mean of ``a - b`` over the same items, and its standard error (the sample standard
+    deviation of the differences over sqrt(n)). Two models scored on the same items mostly agree,
+    so this error is far below that of two separate accuracies."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired scores need the same items, non-empty: got {len(a)} and "
+                         f"{len(b)}")
+    d = [x - y for x, y in zip(a, b)]
+    n = len(d)
+    mean = sum(d) / n
+    if n == 1:
+        return mean, 0.0
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n)
