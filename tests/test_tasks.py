@@ -212,9 +212,19 @@ def test_cli_eval_tasks_on_an_elastic_and_a_packed_folder(tmp_path, capsys):
     assert sorted(rows, key=str) == [2, 8, None]
     assert rows[8]["scores"]["next-sentence"]["items"] == 4
     assert rows[2]["scores_rtn"]["last-word"]["items"] == 4
+    # Each width's accuracies also against the float model's on the same items (paired): the
+    # mean difference is the difference of the accuracies; per-item results are not printed.
+    for scores in (rows[2]["scores"], rows[2]["scores_rtn"], rows[8]["scores"]):
+        ns, ref = scores["next-sentence"], rows[None]["scores"]["next-sentence"]
+        assert ns["acc_norm_vs_float"] == pytest.approx(ns["acc_norm"] - ref["acc_norm"])
+        assert ns["acc_norm_vs_float_stderr"] >= 0 and "per_item" not in ns
+    assert "acc_vs_float" not in rows[None]["scores"]["last-word"]
+    assert "per_item" not in rows[None]["scores"]["last-word"]
     assert main(argv) == 0
     table = capsys.readouterr().out
     assert "last-word acc" in table and "RTN next-sentence acc_norm" in table
+    assert "in brackets: points against the float model" in table
+    assert "acc_vs_float" not in table
 
     model, _ = quept.load(folder)
     widths = {n: (2, 8)[i % 2] for i, n in enumerate(elastic_layers(model))}
@@ -223,6 +233,7 @@ def test_cli_eval_tasks_on_an_elastic_and_a_packed_folder(tmp_path, capsys):
                  "--plan", str(tmp_path / "plan.json"), "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["task_rows"] == [] and res["plan"]["scores"]["last-word"]["items"] == 4
+    assert "per_item" not in res["plan"]["scores"]["last-word"]
     assert res["plan"]["bits_per_weight"] == pytest.approx(quept.stored_bits(model, widths))
     nll = math.log(res["plan"]["scores"]["last-word"]["perplexity"])
     assert nll != math.log(rows[8]["scores"]["last-word"]["perplexity"])

@@ -463,6 +463,13 @@ def stored_bits(model: nn.Module, plan: BitsPlan | None = None) -> float:
     return total / n
 
 
+def _brief(value: Any) -> Any:
+    """``value`` for the log: task scores without their per-item results."""
+    if isinstance(value, dict):
+        return {k: _brief(v) for k, v in value.items() if k != "per_item"}
+    return value
+
+
 def _per_width(model: nn.Module, bits: Sequence[int | None], rtn: bool,
                measure: Callable[[str], Any]) -> list[tuple[int | None, float, Any, Any]]:
     """``measure(label)`` at each width in ``bits`` (None = float) and, with ``rtn``, under RTN
@@ -480,7 +487,7 @@ def _per_width(model: nn.Module, bits: Sequence[int | None], rtn: bool,
             set_bits(model, b, rtn=True)
             value_rtn = measure(f"rtn {b}")
         out.append((b, bpw, value, value_rtn))
-        log.info("bits=%s %s rtn=%s", b, value, value_rtn)
+        log.info("bits=%s %s rtn=%s", b, _brief(value), _brief(value_rtn))
     set_bits(model, None)
     for m in elastic_layers(model).values():
         m.clear_cache()

@@ -566,7 +566,28 @@ def _task_cells(scores: dict[str, dict[str, float]] | None, columns: list[tuple[
                 ) -> list[str]:
     if scores is None:
         return ["" for _ in columns]
-    return [_score_cell(scores[t].get(m), m) for t, m in columns]
+    out = []
+    for t, m in columns:
+        text, diff = _score_cell(scores[t].get(m), m), scores[t].get(f"{m}_vs_float")
+        if diff is not None:
+            text += f" ({100 * diff:+.1f} ± {100 * scores[t][f'{m}_vs_float_stderr']:.1f})"
+        out.append(text)
+    return out
+
+
+def _pair_with_float(float_scores: dict[str, dict[str, Any]] | None,
+                     scores: dict[str, dict[str, Any]] | None) -> None:
+    """Add to ``scores`` each accuracy's paired difference against the float model over the same
+    items (``<metric>_vs_float`` and its standard error), then drop the per-item results."""
+    from quept.eval.harness import paired_difference
+
+    for task, row in (scores or {}).items():
+        items = row.pop("per_item", {})
+        ref = (float_scores or {}).get(task, {}).get("per_item", {})
+        for metric, hits in items.items():
+            if metric in ref:
+                diff, err = paired_difference(hits, ref[metric])
+                row[f"{metric}_vs_float"], row[f"{metric}_vs_float_stderr"] = diff, err
 
 
 def _eval_tasks(a: argparse.Namespace, folder: Path, model: torch.nn.Module, tok: Any,
@@ -580,30 +601,40 @@ def _eval_tasks(a: argparse.Namespace, folder: Path, model: torch.nn.Module, tok
                           f"{model.config.model_type} {_task(model)} model")
     text = _text(a.text, "eval") if any(t in BUILTIN_TASKS for t in a.tasks) else None
     runner = TaskRunner(model, tok, a.tasks, text=text, limit=a.limit,
-                        include_path=a.task_path)
+                        include_path=a.task_path, per_item=elastic)
     if elastic:
         rows = api.evaluate_tasks(model, tok, a.tasks, bits if plan else [None, *bits],
                                   rtn=a.rtn, runner=runner)
     else:
         rows = [api.TaskRow(*_fixed_width(model), runner())]
     result: dict[str, Any] = {"folder": str(folder), "elastic": elastic, "tasks": a.tasks,
-                              "limit": a.limit, "task_rows": [r.__dict__ for r in rows]}
+                              "limit": a.limit}
     if plan is not None:
         result["plan"] = {"path": a.plan, "bits_per_weight": _apply_plan(model, plan, a.plan),
                           "stored_bytes": plan.stored_bytes, "widths": plan.histogram(),
                           "scores": runner()}
+    # Accuracies against the float model's on the same items: paired, so their error is far
+    # below that of the two accuracies (the float row comes first when there is one).
+    ref = rows[0].scores if rows and rows[0].bits is None else None
+    for scores in [*(s for r in rows[1:] for s in (r.scores, r.scores_rtn)),
+                   result.get("plan", {}).get("scores")]:
+        _pair_with_float(ref, scores)
+    _pair_with_float(None, ref)
+    result["task_rows"] = [r.__dict__ for r in rows]
     if not a.json:
         first = (rows[0].scores if rows else result["plan"]["scores"])
         columns = [(t, m) for t in a.tasks for m in sorted(  # accuracies first
             first[t], key=lambda m: not m.startswith("acc"))
-            if m != "items" and not m.endswith("_stderr")]
+            if m != "items" and not m.endswith(("_stderr", "_vs_float"))]
         names = [f"{t} {m}" for t, m in columns]
         items = ", ".join(f"{t}: {first[t]['items']} items" for t in a.tasks if "items" in first[t])
         if rows:
             _print_widths(rows, lambda r: _task_cells(r.scores, columns)
                           + (_task_cells(r.scores_rtn, columns) if a.rtn else []),
                           names + ([f"RTN {n}" for n in names] if a.rtn else []),
-                          f"\nTask scores of {folder} ({items}; acc = accuracy)",
+                          f"\nTask scores of {folder} ({items}; acc = accuracy"
+                          + ("; in brackets: points against the float model on the same "
+                             "items, ± standard error" if ref is not None else "") + ")",
                           elastic and model.quept_spec.activations != "none")
         if plan is not None:
             print(f"\nplan {a.plan} ({result['plan']['bits_per_weight']:.3f} bits per weight): "
