@@ -147,6 +147,23 @@ def _task_lines(doc: dict[str, Any]) -> list[str]:
                 lines.append(f"| {_label(m)} | " + " | ".join(
                     _task_cell(cells.get(w), task, metric) for w in cols) + " |")
         lines.append("")
+    flt = doc["cells"].get(FLOAT, {}).get(FLOAT)
+    same = []
+    for m in _order(doc):
+        for task, metric in metrics:
+            ref = _per_item(flt, task, metric)
+            row = []
+            for w in widths:
+                got = _per_item(doc["cells"][m].get(w), task, metric)
+                ok = ref is not None and got is not None and len(got) == len(ref)
+                row.append(f"{sum(a == b for a, b in zip(got, ref)) / len(ref):.1%}" if ok
+                           else "")
+            if any(row):
+                same.append(f"| {_label(m)} | {task} {metric} | " + " | ".join(row) + " |")
+    if same:
+        lines += ["### Same result as the float model (share of items right or wrong for both)",
+                  "", "| method | metric | " + " | ".join(f"W{w}" for w in widths) + " |",
+                  "|---|---|" + "---|" * len(widths), *same, ""]
     mine = ours_methods(doc)
     peers = [m for m in _order(doc) if m not in mine and _in_plot(m)]
     rows = []

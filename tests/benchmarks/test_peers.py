@@ -153,6 +153,8 @@ def test_task_scores_pass_into_cells_and_the_report_pairs_quept_with_each_peer()
     assert "### last-word acc (higher is better)" in md
     assert "| float | 100.0% |" in md and "| GPTQ (llmcompressor) |  | 50.0% |" in md
     assert "| 177.00 |" in md  # last-word perplexity of GPTQ's row
+    assert "| GPTQ (llmcompressor) | last-word acc | 50.0% |" in md  # same as float: 2 of 4
+    assert "| QuEPT (one model, all widths) | last-word acc | 75.0% |" in md
     # QuEPT minus GPTQ on the same items: differences 0, 0, 1, 0 -> +25.0 ± 25.0 points.
     assert "| QuEPT (one model, all widths) - GPTQ (llmcompressor) | last-word acc | " \
         "+25.0 ± 25.0 |" in md
