@@ -462,7 +462,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                    help="causal LMs: zero-shot task accuracy through lm-evaluation-harness "
                    "instead of perplexity (the lmeval extra); comma-separated: the built-in "
                    "last-word and next-sentence (made from the evaluation text, no downloads) "
-                   "or lm-evaluation-harness task names, whose data must be reachable")
+                   "or lm-evaluation-harness task names, whose data must be reachable; an "
+                   "elastic folder's accuracies also show their paired difference against "
+                   "the float model on the same items")
     p.add_argument("--limit", type=int, default=None,
                    help="with --tasks: at most this many items per task (default: all)")
     p.add_argument("--task-path", default=None, metavar="DIR",
