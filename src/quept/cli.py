@@ -621,7 +621,8 @@ def _eval_tasks(a: argparse.Namespace, folder: Path, model: torch.nn.Module, tok
     for scores in [*(s for r in rows[1:] for s in (r.scores, r.scores_rtn)),
                    result.get("plan", {}).get("scores")]:
         _pair_with_float(ref, scores)
-    _pair_with_float(None, ref)
+    for row in (ref or {}).values():
+        row.pop("per_item", None)
     result["task_rows"] = [r.__dict__ for r in rows]
     if not a.json:
         first = (rows[0].scores if rows else result["plan"]["scores"])

@@ -9,7 +9,7 @@ default is *Pride and Prejudice*, which calibration never sees), so they need no
 - ``next-sentence``: one to a few sentences of a paragraph, then four candidates for the next
   sentence: the true one and three sentences of similar length from other paragraphs. The
   model picks the candidate with the highest log-likelihood (``acc``) or the highest
-  log-likelihood per byte (``acc_norm``); chance is 25%.
+  log-likelihood per character (``acc_norm``); chance is 25%.
 
 :func:`task_documents` returns the items; :mod:`quept.eval.harness` runs them (and any task of
 lm-evaluation-harness) on a model.
