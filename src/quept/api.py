@@ -319,6 +319,17 @@ def save(model: nn.Module, folder: str | os.PathLike, config: QuEPTConfig,
     return folder
 
 
+def record_evaluation(folder: str | os.PathLike, evaluation: Mapping[str, Any]) -> None:
+    """Keep what was measured after calibration (metric, data, a row per width) in the elastic
+    folder's JSON, where ``quept info`` shows it."""
+    folder = Path(folder)
+    meta = read_meta(folder)
+    meta["evaluation"] = dict(evaluation)
+    tmp = folder / (ELASTIC_JSON + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, folder / ELASTIC_JSON)
+
+
 def read_meta(folder: str | os.PathLike) -> dict[str, Any]:
     folder = Path(folder)
     path = folder / ELASTIC_JSON

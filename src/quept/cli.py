@@ -72,6 +72,11 @@ def _text(paths: list[str] | None, default: str) -> str:
     return data.calibration_text() if default == "calib" else data.evaluation_text()
 
 
+def _text_name(paths: list[str] | None) -> str:
+    """What ``_text(paths, "eval")`` read, for a record."""
+    return "Pride and Prejudice" if not paths else ", ".join(Path(p).name for p in paths)
+
+
 def _peak_rss_gib() -> float | None:
     """Peak resident memory of this process so far, GiB (ru_maxrss: KiB on Linux, bytes on
     macOS); None where the platform has no ``resource`` module."""
@@ -393,6 +398,11 @@ def cmd_quantize(a: argparse.Namespace) -> dict[str, Any]:
             rows, n = _embedding_rows(model, tok, _text(a.eval_text, "eval"), a.eval_sentences,
                                       bits, True, not a.json)
             result.update(sentences=n, embedding_rows=[r.__dict__ for r in rows])
+            api.record_evaluation(out, {
+                "metric": "cosine to the float embeddings", "data": f"{n} paragraphs of "
+                + _text_name(a.eval_text), "rows": [
+                    {"bits": r.bits, "value": r.cosine_mean,
+                     "rtn": None if r.rtn is None else r.rtn.get("cosine_mean")} for r in rows]})
             if not a.json:
                 _print_embedding(rows, n, "Embedding fidelity"
                                  + (" on Pride and Prejudice" if a.eval_text is None else ""))
@@ -405,6 +415,10 @@ def cmd_quantize(a: argparse.Namespace) -> dict[str, Any]:
                                          labels.to(cfg.calib.device), [None, *bits], rtn=True,
                                          progress=not a.json)
             result.update(images=len(labels), accuracy_rows=[r.__dict__ for r in rows])
+            api.record_evaluation(out, {
+                "metric": "top-1 accuracy", "data": f"{len(labels)} Fashion-MNIST test images",
+                "rows": [{"bits": r.bits, "value": r.accuracy, "rtn": r.accuracy_rtn}
+                         for r in rows]})
             if not a.json:
                 _print_accuracy(rows, len(labels), "Top-1 accuracy on the Fashion-MNIST test "
                                 "split", cfg.spec.activations != "none")
@@ -414,6 +428,10 @@ def cmd_quantize(a: argparse.Namespace) -> dict[str, Any]:
         model.to(cfg.calib.device)
         rows = api.evaluate(model, windows, [None, *bits], rtn=True, progress=not a.json)
         result.update(windows=a.eval_windows, seq_len=512, rows=_eval_rows(rows))
+        api.record_evaluation(out, {
+            "metric": "perplexity", "data": f"{a.eval_windows} windows x 512 tokens of "
+            + _text_name(a.eval_text) + _kv_note(cfg.spec),
+            "rows": [{"bits": r.bits, "value": r.ppl, "rtn": r.ppl_rtn} for r in rows]})
         if not a.json:
             title = "Perplexity" + (" on Pride and Prejudice" if a.eval_text is None else "")
             if a.model is None:
@@ -821,6 +839,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_deploy.add_compact(sub)
     cli_deploy.add_export(sub)
     cli_deploy.add_run(sub)
+    cli_deploy.add_info(sub)
     return p
 
 

@@ -11,28 +11,13 @@ from typing import Any
 
 from quept import api
 from quept.config import ConfigError, QuEPTConfig
-from quept.export.compact import COMPACT_JSON, CompactConfig
-from quept.export.ct_format import is_compressed_tensors
-from quept.export.onnx_format import is_onnx_folder
-from quept.export.packed import PACKED_JSON, SCALE_DTYPES
+from quept.export.compact import CompactConfig
+from quept.export.packed import SCALE_DTYPES
 from quept.export.runtime import KV_CACHES, generate
+from quept.info import describe, folder_kind, render
 from quept.models import family_for
 from quept.nn.packed_linear import BACKENDS
 from quept.search.plan import read_widths
-
-
-def folder_kind(folder: Path) -> str:
-    """"packed", "compact", "elastic", "compressed-tensors", "onnx" or "hf" (a plain Hugging
-    Face model folder)."""
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} does not exist or is not a folder")
-    for name, kind in ((PACKED_JSON, "packed"), (COMPACT_JSON, "compact"),
-                       (api.ELASTIC_JSON, "elastic")):
-        if (folder / name).is_file():
-            return kind
-    if is_onnx_folder(folder):
-        return "onnx"
-    return "compressed-tensors" if is_compressed_tensors(folder) else "hf"
 
 
 def _load_elastic(folder: Path, kind: str, base: str | None) -> tuple[Any, Any, QuEPTConfig]:
@@ -161,6 +146,29 @@ def cmd_export(a: argparse.Namespace) -> dict[str, Any]:
                     "MB in all")
         print(f"{a.format} export written to {a.out} in {seconds:.1f}s{size}")
     return {"out": a.out, "seconds": seconds, **meta}
+
+
+# --- info ------------------------------------------------------------------------------------
+def add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="what an elastic, compact, packed or exported model holds",
+                       description="Describe a quept artifact from its JSON and tensor headers "
+                       "alone (no weights loaded, no base model needed): for an elastic folder "
+                       "the widths, adapters, calibration settings and time, the stored bits "
+                       "per weight and size of every width, what `quept quantize` measured, "
+                       "and whether a sensitivity table is cached; for a packed folder or an "
+                       "export its widths, bits per weight and sizes. Also reads compact "
+                       "checkpoints, compressed-tensors and ONNX folders, GGUF files and plain "
+                       "Hugging Face model folders.")
+    p.add_argument("path", help="folder, or a .gguf file")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.set_defaults(func=cmd_info)
+
+
+def cmd_info(a: argparse.Namespace) -> dict[str, Any]:
+    info = describe(a.path)
+    if not a.json:
+        print(render(info))
+    return info
 
 
 # --- run --------------------------------------------------------------------------------------

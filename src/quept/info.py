@@ -1,0 +1,441 @@
+"""What an artifact holds, read from its JSON and tensor headers alone: no weights are loaded
+and no base model is needed (``quept info PATH``).
+
+:func:`describe` returns a JSON-ready dict for any folder quept reads or writes (elastic,
+compact, packed, compressed-tensors, ONNX, a plain Hugging Face model) or a ``.gguf`` file;
+:func:`render` turns it into the lines ``quept info`` prints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+
+from quept.api import ELASTIC_JSON, ELASTIC_WEIGHTS, SENSITIVITY_JSON
+from quept.api import FORMAT as ELASTIC_FORMAT
+from quept.config import ConfigError, QuEPTConfig
+from quept.export.compact import COMPACT_JSON
+from quept.export.ct_format import is_compressed_tensors
+from quept.export.onnx_format import is_onnx_folder
+from quept.export.packed import PACKED_FORMAT, PACKED_JSON
+from quept.models.families import UnsupportedModelError, family_for_type
+from quept.ops.quant import stored_bits_per_weight
+
+EXPORT_JSON = "quept-export.json"  # compressed-tensors and ONNX exports' summary
+
+
+class InfoError(ValueError):
+    """The path is not an artifact quept can describe, or its metadata is damaged."""
+
+
+def folder_kind(folder: Path) -> str:
+    """"packed", "compact", "elastic", "compressed-tensors", "onnx" or "hf" (a plain Hugging
+    Face model folder)."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} does not exist or is not a folder")
+    for name, kind in ((PACKED_JSON, "packed"), (COMPACT_JSON, "compact"),
+                       (ELASTIC_JSON, "elastic")):
+        if (folder / name).is_file():
+            return kind
+    if is_onnx_folder(folder):
+        return "onnx"
+    return "compressed-tensors" if is_compressed_tensors(folder) else "hf"
+
+
+def describe(path: str | os.PathLike) -> dict[str, Any]:
+    """Everything ``quept info`` reports about ``path``, as plain JSON types."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise InfoError(f"{path} is a file; quept info reads a .gguf file or a folder "
+                            "(elastic, compact, packed, compressed-tensors, ONNX or Hugging "
+                            "Face model)")
+        return _gguf(path)
+    kind = folder_kind(path)
+    info = {"elastic": _elastic, "compact": _compact, "packed": _packed,
+            "compressed-tensors": _compressed_tensors, "onnx": _onnx, "hf": _hf}[kind](path)
+    info["files"] = _files(path)
+    return {"path": str(path), "kind": kind, **info}
+
+
+# --- readers ------------------------------------------------------------------------------------
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InfoError(f"{path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InfoError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise InfoError(f"{path} holds a JSON {type(d).__name__}, not an object")
+    return d
+
+
+def _shapes(path: Path) -> dict[str, list[int]]:
+    """Name -> shape of every tensor of a safetensors file, from its header."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except FileNotFoundError:
+        raise InfoError(f"{path} is missing") from None
+    except Exception as e:  # safetensors raises several types for a damaged header
+        raise InfoError(f"{path} cannot be read: {e}") from None
+
+
+def _files(folder: Path) -> dict[str, int]:
+    return {f.name: f.stat().st_size for f in sorted(folder.iterdir()) if f.is_file()}
+
+
+def _config(meta: dict[str, Any], where: Path) -> QuEPTConfig:
+    try:
+        return QuEPTConfig.from_dict(meta["config"])
+    except (KeyError, TypeError, ConfigError) as e:
+        raise InfoError(f"{where}: its quantization config cannot be read: {e}") from None
+
+
+def _spec_summary(cfg: QuEPTConfig) -> dict[str, Any]:
+    s = cfg.spec
+    return {
+        "widths": sorted(s.bits),
+        "bit_groups": [list(g) for g in s.bit_groups],
+        "ranks": list(s.ranks),
+        "group_size": {str(b): s.group_size_for(b) for b in sorted(s.bits)},
+        "activations": s.activations,
+        "rotation": s.rotation,
+        "kv_bits": s.kv_bits,
+        "unclipped_bits": sorted(s.unclipped_bits),
+        "protect_outliers": s.protect_outliers,
+    }
+
+
+def _width_rows(cfg: QuEPTConfig, shapes: dict[str, tuple[int, int]]) -> list[dict[str, Any]]:
+    """Stored bits per weight and bytes of the quantized linears at every width."""
+    weights = sum(o * i for o, i in shapes.values())
+    rows = []
+    for b in sorted(cfg.spec.bits):
+        bits = sum(stored_bits_per_weight(b, cfg.spec.group_size_for(b), i) * o * i
+                   for o, i in shapes.values())
+        rows.append({"bits": b, "bits_per_weight": bits / max(weights, 1),
+                     "quantized_bytes": bits / 8})
+    return rows
+
+
+def _elastic(folder: Path) -> dict[str, Any]:
+    meta = _json(folder / ELASTIC_JSON)
+    if meta.get("format") != ELASTIC_FORMAT:
+        raise InfoError(f"{folder / ELASTIC_JSON} has format {meta.get('format')!r}, expected "
+                        f"{ELASTIC_FORMAT!r}")
+    cfg = _config(meta, folder / ELASTIC_JSON)
+    header = _shapes(folder / ELASTIC_WEIGHTS)
+    shapes = {}
+    for name in meta.get("layers", []):
+        u, v = header.get(f"{name}.lora_u"), header.get(f"{name}.lora_v")
+        if u is None or v is None:
+            raise InfoError(f"{folder / ELASTIC_WEIGHTS} has no adapter of layer {name}, which "
+                            f"{ELASTIC_JSON} lists: the folder is damaged or mixed up")
+        shapes[name] = (u[0], v[1])
+    c = cfg.calib
+    info: dict[str, Any] = {
+        "quept_version": meta.get("quept_version"),
+        "base_model": meta.get("base_model"),
+        "model_type": meta.get("model_type"),
+        "base_fingerprint": meta.get("base_fingerprint"),
+        "layers": len(shapes),
+        "quantized_weights": sum(o * i for o, i in shapes.values()),
+        "spec": _spec_summary(cfg),
+        "calibration": {"samples": c.n_samples, "seq_len": c.seq_len, "epochs": c.epochs,
+                        "batch_size": c.batch_size, "loss": c.loss, "lr_adapter": c.lr_adapter,
+                        "lr_adapter_groups": None if c.lr_adapter_groups is None
+                        else list(c.lr_adapter_groups), "lr_clip": c.lr_clip,
+                        "massive_ratio": c.massive_ratio, "seed": c.seed,
+                        "seconds": meta.get("calibration_seconds"),
+                        "peak_rss_gib": meta.get("calibration_peak_rss_gib")},
+        "widths": _width_rows(cfg, shapes),
+    }
+    if meta.get("evaluation"):
+        info["evaluation"] = meta["evaluation"]
+    table = folder / SENSITIVITY_JSON
+    if table.is_file():
+        t = _json(table)
+        info["sensitivity"] = {"layers": len(t.get("layers", {})), "widths": t.get("bits"),
+                               "seconds": t.get("seconds"), "settings": t.get("settings")}
+    return info
+
+
+def _compact(folder: Path) -> dict[str, Any]:
+    meta = _json(folder / COMPACT_JSON)
+    cfg = _config(meta, folder / COMPACT_JSON)
+    shapes = {n: tuple(s) for n, s in meta.get("layers", {}).items()}
+    s = meta.get("sizes", {})
+    return {"model_type": meta.get("model_type"), "layers": len(shapes),
+            "quantized_weights": s.get("quantized_weights"),
+            "bits_per_weight": s.get("bits_per_weight"),
+            "parts_bits_per_weight": s.get("parts_bits_per_weight"),
+            "other_bytes": s.get("other_bytes"), "spec": _spec_summary(cfg),
+            "widths": _width_rows(cfg, shapes), "source": meta.get("source")}
+
+
+def _packed(folder: Path) -> dict[str, Any]:
+    meta = _json(folder / PACKED_JSON)
+    if meta.get("format") != PACKED_FORMAT:
+        raise InfoError(f"{folder / PACKED_JSON} has format {meta.get('format')!r}, expected "
+                        f"{PACKED_FORMAT!r}")
+    layers = meta.get("layers", {})
+    acts = Counter(i.get("act_quant") for i in layers.values() if i.get("act_bits"))
+    kv = {i["kv_quant"].get("bits") for i in layers.values()
+          if isinstance(i.get("kv_quant"), dict)}
+    s = meta.get("sizes", {})
+    return {"model_type": meta.get("model_type"), "bits": meta.get("bits"),
+            "layers": len(layers),
+            "layer_widths": _histogram(i.get("bits") for i in layers.values()),
+            "group_size": sorted({i.get("group_size") for i in layers.values()}),
+            "scale_dtype": meta.get("scale_dtype"),
+            "activations": sorted(a for a in acts if a) or None,
+            "kv_bits": sorted(kv) or None,
+            "rotation": "hadamard" if any(i.get("in_rotation") for i in layers.values())
+            else None,
+            "head": {n: i.get("bits") for n, i in meta.get("head", {}).items()} or None,
+            "quantized_weights": s.get("quantized_weights"),
+            "bits_per_weight": s.get("bits_per_weight"),
+            "quantized_bytes": s.get("quantized_bytes"), "head_bytes": s.get("head_bytes"),
+            "other_bytes": s.get("other_bytes"), "source": meta.get("source")}
+
+
+def _histogram(values: Any) -> dict[str, int]:
+    c = Counter("float" if v is None else str(v) for v in values)
+    return dict(sorted(c.items(), key=lambda kv: (kv[0] == "float", kv[0])))
+
+
+def _export_summary(folder: Path) -> dict[str, Any]:
+    path = folder / EXPORT_JSON
+    if not path.is_file():
+        return {}
+    s = _json(path)
+    return {k: s[k] for k in ("bits", "widths", "float_layers", "quantized_weights",
+                              "quantized_bytes", "bits_per_weight", "scale_dtype", "containers",
+                              "accuracy_level", "opset", "task") if k in s}
+
+
+def _model_config(folder: Path) -> dict[str, Any]:
+    cfg = _json(folder / "config.json")
+    keys = ("model_type", "architectures", "hidden_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "intermediate_size", "vocab_size")
+    return {k: cfg[k] for k in keys if k in cfg}
+
+
+def _compressed_tensors(folder: Path) -> dict[str, Any]:
+    qc = _json(folder / "config.json").get("quantization_config", {})
+    groups = []
+    for name, g in (qc.get("config_groups") or {}).items():
+        w = g.get("weights") or {}
+        groups.append({"name": name, "num_bits": w.get("num_bits"),
+                       "group_size": w.get("group_size"), "symmetric": w.get("symmetric"),
+                       "strategy": w.get("strategy"), "targets": len(g.get("targets", [])),
+                       "activations": g.get("input_activations") is not None})
+    return {**_model_config(folder), "format": qc.get("format"), "groups": groups,
+            "ignore": len(qc.get("ignore") or []), "export": _export_summary(folder)}
+
+
+def _onnx(folder: Path) -> dict[str, Any]:
+    info = {"export": _export_summary(folder),
+            "genai_config": (folder / "genai_config.json").is_file()}
+    if (folder / "config.json").is_file():
+        info.update(_model_config(folder))
+    return info
+
+
+def _hf(folder: Path) -> dict[str, Any]:
+    if not (folder / "config.json").is_file():
+        raise InfoError(f"{folder} is not a quept artifact or a Hugging Face model folder (no "
+                        f"{ELASTIC_JSON}, {PACKED_JSON}, {COMPACT_JSON} or config.json)")
+    info = _model_config(folder)
+    params = 0
+    for f in sorted(folder.glob("*.safetensors")):
+        params += sum(_numel(s) for s in _shapes(f).values())
+    info["parameters"] = params or None
+    try:
+        info["family"] = family_for_type(info.get("model_type", "")).name
+    except UnsupportedModelError as e:  # names the supported model types
+        info["family"] = None
+        info["unsupported"] = str(e)
+    return info
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _gguf(path: Path) -> dict[str, Any]:
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise InfoError("reading a .gguf file needs the gguf package: pip install -e "
+                        "\".[hf]\"") from None
+    try:
+        r = GGUFReader(str(path))
+    except Exception as e:  # the reader raises several types for a damaged file
+        raise InfoError(f"{path} cannot be read as GGUF: {e}") from None
+    fields = {}
+    for key in ("general.architecture", "general.name", "general.file_type"):
+        f = r.fields.get(key)
+        if f is not None:
+            fields[key] = f.contents()
+    types = Counter(t.tensor_type.name for t in r.tensors)
+    return {"path": str(path), "kind": "gguf", **fields, "tensors": len(r.tensors),
+            "tensor_types": dict(sorted(types.items())),
+            "files": {path.name: path.stat().st_size}}
+
+
+# --- text ---------------------------------------------------------------------------------------
+def _mb(n: float | None) -> str:
+    if n is None:
+        return "?"
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def _spec_lines(s: dict[str, Any]) -> list[str]:
+    groups = " ".join("{" + ",".join(map(str, g)) + "}" for g in s["bit_groups"])
+    sizes = sorted(set(s["group_size"].values()))
+    mode = "weight-only" if s["activations"] in (None, "none") else \
+        f"weights and activations ({s['activations']})"
+    extras = [mode]
+    if s.get("rotation") not in (None, "none"):
+        extras.append(f"rotation {s['rotation']}")
+    if s.get("kv_bits"):
+        extras.append(f"KV cache at {s['kv_bits']} bits")
+    if s.get("unclipped_bits"):
+        extras.append("unclipped (min..max) at " + ", ".join(f"W{b}" for b in
+                                                              s["unclipped_bits"]))
+    if s.get("protect_outliers"):
+        extras.append(f"super weights protected ({s['protect_outliers']})")
+    return [f"widths {min(s['widths'])}..{max(s['widths'])} in bit groups {groups}, adapter "
+            f"ranks {'/'.join(map(str, s['ranks']))}, group size "
+            f"{'/'.join(str(g) if g else 'per channel' for g in sizes)}",
+            "; ".join(extras)]
+
+
+def _value(metric: str, v: float | None) -> str:
+    if v is None:
+        return ""
+    if metric == "perplexity":
+        return f"{v:.2f}"
+    return f"{100 * v:.2f}%" if "accuracy" in metric else f"{v:.4f}"
+
+
+def _width_table(rows: list[dict[str, Any]], evaluation: dict[str, Any] | None,
+                 activations: bool = False) -> list[str]:
+    """One line per width: stored bits per weight, bytes, and what calibration measured."""
+    ev = {r.get("bits"): r for r in (evaluation or {}).get("rows", [])}
+    metric = (evaluation or {}).get("metric", "")
+    head = "| width | stored bits/weight | quantized MB |" + (f" {metric} | RTN |" if ev else "")
+    lines = [head, "|---|---|---|" + ("---|---|" if ev else "")]
+    if None in ev:
+        lines.append(f"| float | 32 | | {_value(metric, ev[None].get('value'))} | |")
+    for r in rows:
+        label = f"W{r['bits']}A{r['bits']}" if activations else f"W{r['bits']}"
+        line = f"| {label} | {r['bits_per_weight']:.3f} | {r['quantized_bytes'] / 1e6:.2f} |"
+        if ev:
+            e = ev.get(r["bits"], {})
+            line += f" {_value(metric, e.get('value'))} | {_value(metric, e.get('rtn'))} |"
+        lines.append(line)
+    return lines
+
+
+def render(info: dict[str, Any]) -> str:
+    """The lines ``quept info`` prints for a :func:`describe` result."""
+    kind, out = info["kind"], []
+    total = sum(info.get("files", {}).values())
+    if kind == "elastic":
+        c = info["calibration"]
+        out.append(f"{info['path']}: elastic model (quept {info['quept_version']}) of "
+                   f"{info['base_model']} ({info['model_type']}), {info['layers']} quantized "
+                   f"linears, {info['quantized_weights'] / 1e6:.1f}M weights")
+        out += _spec_lines(info["spec"])
+        took = "" if c["seconds"] is None else f"; took {c['seconds']:.0f} s"
+        if c.get("peak_rss_gib"):
+            took += f", peak memory {c['peak_rss_gib']:.2f} GiB"
+        rates = (f"{c['lr_adapter']:g}" if not c.get("lr_adapter_groups") else
+                 "/".join(f"{r:g}" for r in c["lr_adapter_groups"]))
+        loss = c["loss"] + (f" + massive-activation term (ratio {c['massive_ratio']:g})"
+                            if c.get("massive_ratio") else "")
+        out.append(f"calibrated on {c['samples']} x {c['seq_len']} tokens, {c['epochs']} "
+                   f"epoch{'s' if c['epochs'] != 1 else ''}, {loss} loss, rates {rates} "
+                   f"(adapters) / {c['lr_clip']:g} (clips), seed {c['seed']}{took}")
+        ev = info.get("evaluation")
+        if ev:
+            out.append(f"measured after calibration: {ev.get('metric')} on {ev.get('data')}")
+        out += _width_table(info["widths"], ev,
+                            info["spec"]["activations"] not in (None, "none"))
+        s = info.get("sensitivity")
+        out.append("mixed precision: " + (
+            f"sensitivity table cached ({s['layers']} layers x {len(s['widths'] or [])} widths"
+            + ("" if s.get("seconds") is None else f", measured in {s['seconds']:.0f} s")
+            + "); `quept plan` reuses it" if s else
+            "no sensitivity table yet (`quept plan` measures and caches one)"))
+    elif kind == "compact":
+        parts = ", ".join(f"{k} {v:.3f}" for k, v in (info["parts_bits_per_weight"] or {}).items())
+        out.append(f"{info['path']}: compact elastic checkpoint ({info['model_type']}), "
+                   f"{info['layers']} quantized linears, {info['bits_per_weight']:.3f} bits per "
+                   f"weight for all widths together ({parts}); other tensors "
+                   f"{_mb(info['other_bytes'])}")
+        out += _spec_lines(info["spec"])
+        out.append("what `quept export` materialises from it:")
+        out += _width_table(info["widths"], None,
+                            info["spec"]["activations"] not in (None, "none"))
+    elif kind == "packed":
+        widths = ", ".join(f"W{b}: {n}" if b != "float" else f"float: {n}"
+                           for b, n in info["layer_widths"].items())
+        what = (f"W{info['bits']} for all {info['layers']} quantized linears"
+                if isinstance(info["bits"], int) else f"a plan ({widths})")
+        out.append(f"{info['path']}: packed model ({info['model_type']}), {what}")
+        out.append(f"{info['bits_per_weight']:.3f} bits per quantized weight stored (codes, "
+                   f"{info['scale_dtype']} scales and zero-points), quantized linears "
+                   f"{_mb(info['quantized_bytes'])}, packed head {_mb(info['head_bytes'])}, "
+                   f"other tensors {_mb(info['other_bytes'])}")
+        extras = []
+        if info["activations"]:
+            extras.append(f"activations quantized {', '.join(info['activations'])}")
+        if info["kv_bits"]:
+            extras.append(f"KV cache at {'/'.join(map(str, info['kv_bits']))} bits")
+        if info["rotation"]:
+            extras.append(f"rotation {info['rotation']}")
+        out.append("; ".join(extras) if extras else "weight-only; float KV cache")
+        base = (info.get("source") or {}).get("base_model")
+        if base:
+            out.append(f"made from {base}")
+    elif kind in ("compressed-tensors", "onnx"):
+        e = info["export"]
+        label = "compressed-tensors folder (vLLM, transformers)" if kind != "onnx" else \
+            "ONNX Runtime model" + (" with genai_config.json" if info["genai_config"] else "")
+        out.append(f"{info['path']}: {label}, {info.get('model_type', '?')}")
+        for g in info.get("groups", []):
+            out.append(f"group {g['name']}: {g['num_bits']}-bit "
+                       f"{'symmetric' if g['symmetric'] else 'asymmetric'} {g['strategy']} "
+                       f"weights, group size {g['group_size']}")
+        if e:
+            widths = ", ".join(f"W{b}: {n}" for b, n in (e.get("widths") or {}).items())
+            out.append(f"written by quept: {widths} layers"
+                       + (f", {e['float_layers']} float" if e.get("float_layers") else "")
+                       + f"; {e['bits_per_weight']:.3f} bits per quantized weight, quantized "
+                       f"linears {_mb(e.get('quantized_bytes'))}")
+    elif kind == "hf":
+        p = info.get("parameters")
+        out.append(f"{info['path']}: Hugging Face model folder, {info.get('model_type')} "
+                   + ("" if p is None else f"({p / 1e6:.1f}M parameters) ")
+                   + ("not quantized; `quept quantize --model FOLDER` calibrates it"
+                      if info.get("family") else
+                      f"not supported by quept: {info.get('unsupported')}"))
+    elif kind == "gguf":
+        types = ", ".join(f"{k} {v}" for k, v in info["tensor_types"].items())
+        out.append(f"{info['path']}: GGUF file ({info.get('general.architecture', '?')}), "
+                   f"{info['tensors']} tensors: {types}")
+    out.append(f"files: {len(info.get('files', {}))}, {_mb(total)} in all")
+    return "\n".join(out)

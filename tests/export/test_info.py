@@ -1,0 +1,167 @@
+"""quept info: what each artifact holds, read from its JSON and tensor headers alone."""
+
+import json
+
+import pytest
+
+import quept
+from quept.cli import main
+from quept.info import describe, render
+from quept.nn import elastic_layers
+
+from .tiny import TEXT, elastic_folder, hf_folder
+
+
+def run_json(capsys, argv):
+    assert main(argv) == 0, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("info")
+    base = hf_folder(root / "base")
+    elastic = elastic_folder(root / "elastic", base)
+    return root, base, elastic
+
+
+def test_elastic_folder_counts_what_the_loaded_model_stores(folders, capsys):
+    _, _, elastic = folders
+    info = run_json(capsys, ["info", str(elastic), "--json"])
+    model, _ = quept.load(elastic)
+    layers = elastic_layers(model)
+    assert info["kind"] == "elastic" and info["layers"] == len(layers) == 14
+    assert info["quantized_weights"] == sum(m.in_features * m.out_features
+                                            for m in layers.values())
+    assert [r["bits"] for r in info["widths"]] == [2, 3, 4, 5, 6, 7, 8]
+    for r in info["widths"]:
+        assert r["bits_per_weight"] == pytest.approx(quept.stored_bits(model, r["bits"]))
+        assert r["quantized_bytes"] == pytest.approx(r["bits_per_weight"]
+                                                     * info["quantized_weights"] / 8)
+    assert info["spec"]["ranks"] == [2, 2, 2, 2] and info["calibration"]["samples"] == 2
+    assert "evaluation" not in info and "sensitivity" not in info
+    text = render(info)
+    assert "| W3 | 3.594 |" in text and "no sensitivity table yet" in text
+    assert main(["info", str(elastic)]) == 0
+    assert "elastic model" in capsys.readouterr().out
+
+
+def test_quantize_records_its_evaluation_for_info(tmp_path, capsys):
+    base = hf_folder(tmp_path / "base")
+    text = tmp_path / "t.txt"
+    text.write_text("It is a truth universally acknowledged, that a single man. " * 40)
+    out = tmp_path / "el"
+    res = run_json(capsys, ["quantize", "--model", str(base), "--out", str(out),
+                            "--calib-text", str(text), "--eval-text", str(text), "--samples",
+                            "2", "--seq-len", "32", "--group-size", "32", "--eval-windows", "1",
+                            "--eval-bits", "3", "--json"])
+    info = describe(out)
+    ev = info["evaluation"]
+    assert ev["metric"] == "perplexity" and ev["data"] == "1 windows x 512 tokens of t.txt"
+    assert [(r["bits"], r["value"], r["rtn"]) for r in ev["rows"]] == [
+        (r["bits"], r["ppl"], r["ppl_rtn"]) for r in res["rows"]]
+    assert info["calibration"]["seconds"] == pytest.approx(res["calibration_seconds"])
+    shown = render(info)
+    w3 = res["rows"][1]
+    assert f"| W3 | 3.594 | " in shown and f"| {w3['ppl']:.2f} | {w3['ppl_rtn']:.2f} |" in shown
+    assert f"| float | 32 | | {res['rows'][0]['ppl']:.2f} |" in shown
+    quept.load(out)  # the record leaves the folder loadable
+
+
+def test_packed_plan_compact_and_compressed_tensors(folders, capsys):
+    root, _, elastic = folders
+    res = run_json(capsys, ["export", str(elastic), "--bits", "3", "--out", str(root / "p3"),
+                            "--json"])
+    info = run_json(capsys, ["info", str(root / "p3"), "--json"])
+    assert info["kind"] == "packed" and info["bits"] == 3 and info["layer_widths"] == {"3": 14}
+    assert info["bits_per_weight"] == res["sizes"]["bits_per_weight"]
+    assert info["activations"] is None and info["kv_bits"] is None
+    assert "W3 for all 14 quantized linears" in render(info)
+
+    names = list(elastic_layers(quept.load(elastic)[0]))
+    (root / "plan.json").write_text(json.dumps({n: (2, 4)[i % 2] for i, n in enumerate(names)}))
+    run_json(capsys, ["export", str(elastic), "--plan", str(root / "plan.json"), "--out",
+                      str(root / "pm"), "--json"])
+    info = describe(root / "pm")
+    assert info["bits"] == "mixed" and info["layer_widths"] == {"2": 7, "4": 7}
+    assert "a plan (W2: 7, W4: 7)" in render(info)
+
+    res = run_json(capsys, ["compact", str(elastic), "--out", str(root / "c"), "--json"])
+    info = describe(root / "c")
+    assert info["kind"] == "compact" and info["bits_per_weight"] == res["bits_per_weight"]
+    assert info["widths"] == describe(elastic)["widths"]
+
+    res = run_json(capsys, ["export", str(elastic), "--bits", "4", "--format",
+                            "compressed-tensors", "--out", str(root / "ct"), "--json"])
+    info = describe(root / "ct")
+    assert info["kind"] == "compressed-tensors" and info["model_type"] == "llama"
+    assert [(g["num_bits"], g["group_size"], g["symmetric"]) for g in info["groups"]] == [
+        (4, 32, False)]
+    assert info["export"]["bits_per_weight"] == res["bits_per_weight"]
+    assert "4-bit asymmetric group weights, group size 32" in render(info)
+
+
+def test_plain_model_folder_and_sensitivity_table(folders, capsys):
+    root, base, elastic = folders
+    info = describe(base)
+    model, _ = quept.load_model(base)
+    assert info["kind"] == "hf" and info["family"] == "llama-decoder"
+    assert info["parameters"] == model.num_parameters()
+    assert "not quantized; `quept quantize --model FOLDER` calibrates it" in render(info)
+    cfg = json.loads((base / "config.json").read_text())
+    other = root / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({**cfg, "model_type": "mamba"}))
+    assert "not supported by quept: model_type 'mamba'" in render(describe(other))
+
+    table = {"bits": [2, 3], "seconds": 1.5, "settings": {"tokens": 64},
+             "layers": {"a": {}, "b": {}}}
+    (elastic / "sensitivity.json").write_text(json.dumps(table))
+    try:
+        info = describe(elastic)
+        assert info["sensitivity"]["layers"] == 2 and info["sensitivity"]["widths"] == [2, 3]
+        assert "sensitivity table cached (2 layers x 2 widths" in render(info)
+    finally:
+        (elastic / "sensitivity.json").unlink()
+
+
+def test_gguf_file(tmp_path, capsys):
+    pytest.importorskip("gguf")
+    from quept.export.gguf import write_gguf
+    from tests.export.test_gguf import elastic_tiny, tiny_tokenizer
+
+    path = write_gguf(elastic_tiny(), tiny_tokenizer(), tmp_path / "m.gguf", 5)
+    info = run_json(capsys, ["info", str(path), "--json"])
+    assert info["kind"] == "gguf" and info["general.architecture"] == "llama"
+    assert info["tensor_types"]["Q5_1"] == 14 and info["tensors"] > 14
+    assert "GGUF file (llama)" in render(info)
+
+
+def test_bad_paths_and_damaged_folders_fail_clearly(folders, tmp_path, capsys):
+    _, base, elastic = folders
+    assert main(["info", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("x")
+    assert main(["info", str(tmp_path / "notes.txt")]) == 2
+    assert "a .gguf file or a folder" in capsys.readouterr().err
+    assert main(["info", str(tmp_path)]) == 2
+    assert "not a quept artifact or a Hugging Face model folder" in capsys.readouterr().err
+    (tmp_path / "bad.gguf").write_bytes(b"not a gguf file at all")
+    assert main(["info", str(tmp_path / "bad.gguf")]) == 2
+    assert "cannot be read as GGUF" in capsys.readouterr().err
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "quept.json").write_text((elastic / "quept.json").read_text())
+    (broken / "elastic.safetensors").write_bytes(
+        (elastic / "elastic.safetensors").read_bytes()[:100])
+    assert main(["info", str(broken)]) == 2
+    assert "elastic.safetensors cannot be read" in capsys.readouterr().err
+    meta = json.loads((elastic / "quept.json").read_text())
+    (broken / "elastic.safetensors").write_bytes((elastic / "elastic.safetensors").read_bytes())
+    (broken / "quept.json").write_text(json.dumps({**meta, "layers": [*meta["layers"], "x.y"]}))
+    assert main(["info", str(broken)]) == 2
+    assert "has no adapter of layer x.y" in capsys.readouterr().err
+    (broken / "quept.json").write_text("{")
+    assert main(["info", str(broken)]) == 2
+    assert "quept.json is not valid JSON" in capsys.readouterr().err
