@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from quept import api, cli_deploy
-from quept.calib import CalibCheckpoint
+from quept.calib import CHECKPOINT_DIR, CalibCheckpoint
 from quept.config import (
     ACTIVATION_MODES,
     PRESET_SPECS,
@@ -372,7 +372,7 @@ def cmd_quantize(a: argparse.Namespace) -> dict[str, Any]:
         ids, _ = _images(model, "train", cfg.calib.n_samples, cfg.calib.seed)
     else:
         ids = api.samples_from_text(tok, _text(a.calib_text, "calib"), cfg.calib)
-    ckpt_dir = out / ".calib-checkpoint"
+    ckpt_dir = out / CHECKPOINT_DIR
     if a.restart:
         CalibCheckpoint(ckpt_dir, {}).clear()
     log.info("calibrating on %s %s; checkpoints in %s", " x ".join(map(str, ids.shape)),

@@ -18,7 +18,8 @@ from safetensors import safe_open
 
 from quept.api import ELASTIC_JSON, ELASTIC_WEIGHTS, SENSITIVITY_JSON
 from quept.api import FORMAT as ELASTIC_FORMAT
-from quept.config import ConfigError, QuEPTConfig
+from quept.calib.checkpoint import CHECKPOINT_DIR, PROGRESS_JSON
+from quept.config import CalibConfig, ConfigError, ElasticSpec, QuEPTConfig
 from quept.export.compact import COMPACT_JSON
 from quept.export.ct_format import is_compressed_tensors
 from quept.export.onnx_format import is_onnx_folder
@@ -57,6 +58,11 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
                             "Face model)")
         return _gguf(path)
     kind = folder_kind(path)
+    if kind == "hf" and not (path / "config.json").is_file():
+        for ckpt in (path / CHECKPOINT_DIR, path):
+            if (ckpt / PROGRESS_JSON).is_file():
+                return {"path": str(path), "kind": "calibration checkpoint",
+                        **_checkpoint(ckpt), "files": _files(ckpt)}
     info = {"elastic": _elastic, "compact": _compact, "packed": _packed,
             "compressed-tensors": _compressed_tensors, "onnx": _onnx, "hf": _hf}[kind](path)
     info["files"] = _files(path)
@@ -113,6 +119,14 @@ def _spec_summary(cfg: QuEPTConfig) -> dict[str, Any]:
     }
 
 
+def _calib_summary(c: CalibConfig) -> dict[str, Any]:
+    return {"samples": c.n_samples, "seq_len": c.seq_len, "epochs": c.epochs,
+            "batch_size": c.batch_size, "loss": c.loss, "lr_adapter": c.lr_adapter,
+            "lr_adapter_groups": None if c.lr_adapter_groups is None
+            else list(c.lr_adapter_groups), "lr_clip": c.lr_clip,
+            "massive_ratio": c.massive_ratio, "seed": c.seed}
+
+
 def _width_rows(cfg: QuEPTConfig, shapes: dict[str, tuple[int, int]]) -> list[dict[str, Any]]:
     """Stored bits per weight and bytes of the quantized linears at every width."""
     weights = sum(o * i for o, i in shapes.values())
@@ -139,7 +153,6 @@ def _elastic(folder: Path) -> dict[str, Any]:
             raise InfoError(f"{folder / ELASTIC_WEIGHTS} has no adapter of layer {name}, which "
                             f"{ELASTIC_JSON} lists: the folder is damaged or mixed up")
         shapes[name] = (u[0], v[1])
-    c = cfg.calib
     info: dict[str, Any] = {
         "quept_version": meta.get("quept_version"),
         "base_model": meta.get("base_model"),
@@ -148,23 +161,41 @@ def _elastic(folder: Path) -> dict[str, Any]:
         "layers": len(shapes),
         "quantized_weights": sum(o * i for o, i in shapes.values()),
         "spec": _spec_summary(cfg),
-        "calibration": {"samples": c.n_samples, "seq_len": c.seq_len, "epochs": c.epochs,
-                        "batch_size": c.batch_size, "loss": c.loss, "lr_adapter": c.lr_adapter,
-                        "lr_adapter_groups": None if c.lr_adapter_groups is None
-                        else list(c.lr_adapter_groups), "lr_clip": c.lr_clip,
-                        "massive_ratio": c.massive_ratio, "seed": c.seed,
+        "calibration": {**_calib_summary(cfg.calib),
                         "seconds": meta.get("calibration_seconds"),
                         "peak_rss_gib": meta.get("calibration_peak_rss_gib")},
         "widths": _width_rows(cfg, shapes),
     }
     if meta.get("evaluation"):
         info["evaluation"] = meta["evaluation"]
+    ckpt = folder / CHECKPOINT_DIR
+    if (ckpt / PROGRESS_JSON).is_file():  # quept quantize --keep-streams
+        info["checkpoint_bytes"] = sum(_files(ckpt).values())
     table = folder / SENSITIVITY_JSON
     if table.is_file():
         t = _json(table)
         info["sensitivity"] = {"layers": len(t.get("layers", {})), "widths": t.get("bits"),
                                "seconds": t.get("seconds"), "settings": t.get("settings")}
     return info
+
+
+def _checkpoint(folder: Path) -> dict[str, Any]:
+    """An unfinished `quept quantize`: the blocks done so far and how they were calibrated."""
+    prog = _json(folder / PROGRESS_JSON)
+    fp = prog.get("fingerprint") or {}
+    try:
+        cfg = QuEPTConfig(spec=ElasticSpec.from_dict(fp["spec"]),
+                          calib=CalibConfig.from_dict(fp["calib"]))
+        done = int(prog["next_block"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise InfoError(f"{folder / PROGRESS_JSON} cannot be read as a calibration checkpoint: "
+                        f"{e!r}") from None
+    reports = prog.get("reports") or []
+    last = reports[-1] if reports else {}
+    return {"blocks_done": done, "seconds": sum(r.get("seconds", 0.0) for r in reports),
+            "last_block": {k: last.get(k) for k in ("block", "bits", "loss_before",
+                                                     "loss_after")} if last else None,
+            "spec": _spec_summary(cfg), "calibration": _calib_summary(cfg.calib)}
 
 
 def _compact(folder: Path) -> dict[str, Any]:
@@ -349,6 +380,16 @@ def _width_table(rows: list[dict[str, Any]], evaluation: dict[str, Any] | None,
     return lines
 
 
+def _calib_line(verb: str, c: dict[str, Any]) -> str:
+    rates = (f"{c['lr_adapter']:g}" if not c.get("lr_adapter_groups") else
+             "/".join(f"{r:g}" for r in c["lr_adapter_groups"]))
+    loss = c["loss"] + (f" + massive-activation term (ratio {c['massive_ratio']:g})"
+                        if c.get("massive_ratio") else "")
+    return (f"{verb} on {c['samples']} x {c['seq_len']} tokens, {c['epochs']} "
+            f"epoch{'s' if c['epochs'] != 1 else ''}, {loss} loss, rates {rates} (adapters) / "
+            f"{c['lr_clip']:g} (clips), seed {c['seed']}")
+
+
 def render(info: dict[str, Any]) -> str:
     """The lines ``quept info`` prints for a :func:`describe` result."""
     kind, out = info["kind"], []
@@ -362,24 +403,34 @@ def render(info: dict[str, Any]) -> str:
         took = "" if c["seconds"] is None else f"; took {c['seconds']:.0f} s"
         if c.get("peak_rss_gib"):
             took += f", peak memory {c['peak_rss_gib']:.2f} GiB"
-        rates = (f"{c['lr_adapter']:g}" if not c.get("lr_adapter_groups") else
-                 "/".join(f"{r:g}" for r in c["lr_adapter_groups"]))
-        loss = c["loss"] + (f" + massive-activation term (ratio {c['massive_ratio']:g})"
-                            if c.get("massive_ratio") else "")
-        out.append(f"calibrated on {c['samples']} x {c['seq_len']} tokens, {c['epochs']} "
-                   f"epoch{'s' if c['epochs'] != 1 else ''}, {loss} loss, rates {rates} "
-                   f"(adapters) / {c['lr_clip']:g} (clips), seed {c['seed']}{took}")
+        out.append(_calib_line("calibrated", c) + took)
         ev = info.get("evaluation")
         if ev:
             out.append(f"measured after calibration: {ev.get('metric')} on {ev.get('data')}")
         out += _width_table(info["widths"], ev,
                             info["spec"]["activations"] not in (None, "none"))
+        if info.get("checkpoint_bytes"):
+            out.append(f"calibration checkpoint kept in {CHECKPOINT_DIR} with every block's "
+                       f"input streams ({_mb(info['checkpoint_bytes'])}; --keep-streams)")
         s = info.get("sensitivity")
         out.append("mixed precision: " + (
             f"sensitivity table cached ({s['layers']} layers x {len(s['widths'] or [])} widths"
             + ("" if s.get("seconds") is None else f", measured in {s['seconds']:.0f} s")
             + "); `quept plan` reuses it" if s else
             "no sensitivity table yet (`quept plan` measures and caches one)"))
+    elif kind == "calibration checkpoint":
+        n = info["blocks_done"]
+        per = "" if not n else f", {info['seconds'] / n:.0f} s per block"
+        out.append(f"{info['path']}: unfinished calibration (a `quept quantize` checkpoint): "
+                   f"blocks 0..{n - 1} done in {info['seconds']:.0f} s{per}; the same `quept "
+                   f"quantize` command resumes at block {n} (--restart discards the checkpoint)")
+        out += _spec_lines(info["spec"])
+        out.append(_calib_line("calibrating", info["calibration"]))
+        last = info.get("last_block")
+        if last and last.get("loss_after"):
+            losses = ", ".join(f"W{b} {lb:.4g} -> {la:.4g}" for b, lb, la in
+                               zip(last["bits"], last["loss_before"], last["loss_after"]))
+            out.append(f"block {last['block']} loss before -> after training: {losses}")
     elif kind == "compact":
         parts = ", ".join(f"{k} {v:.3f}" for k, v in (info["parts_bits_per_weight"] or {}).items())
         out.append(f"{info['path']}: compact elastic checkpoint ({info['model_type']}), "

@@ -9,7 +9,7 @@ from quept.cli import main
 from quept.info import describe, render
 from quept.nn import elastic_layers
 
-from .tiny import TEXT, elastic_folder, hf_folder
+from .tiny import elastic_folder, hf_folder
 
 
 def run_json(capsys, argv):
@@ -63,7 +63,7 @@ def test_quantize_records_its_evaluation_for_info(tmp_path, capsys):
     assert info["calibration"]["seconds"] == pytest.approx(res["calibration_seconds"])
     shown = render(info)
     w3 = res["rows"][1]
-    assert f"| W3 | 3.594 | " in shown and f"| {w3['ppl']:.2f} | {w3['ppl_rtn']:.2f} |" in shown
+    assert "| W3 | 3.594 | " in shown and f"| {w3['ppl']:.2f} | {w3['ppl_rtn']:.2f} |" in shown
     assert f"| float | 32 | | {res['rows'][0]['ppl']:.2f} |" in shown
     quept.load(out)  # the record leaves the folder loadable
 
@@ -165,3 +165,37 @@ def test_bad_paths_and_damaged_folders_fail_clearly(folders, tmp_path, capsys):
     (broken / "quept.json").write_text("{")
     assert main(["info", str(broken)]) == 2
     assert "quept.json is not valid JSON" in capsys.readouterr().err
+
+
+def test_unfinished_calibration_checkpoint(tmp_path, capsys):
+    base = hf_folder(tmp_path / "base")
+    text = tmp_path / "t.txt"
+    text.write_text("It is a truth universally acknowledged, that a single man. " * 40)
+    out = tmp_path / "el"
+    argv = ["quantize", "--model", str(base), "--out", str(out), "--calib-text", str(text),
+            "--samples", "2", "--seq-len", "32", "--group-size", "32", "--eval-windows", "0"]
+    assert main([*argv, "--keep-streams"]) == 0
+    capsys.readouterr()
+    kept = describe(out)
+    assert kept["kind"] == "elastic" and kept["checkpoint_bytes"] > 0
+    assert "calibration checkpoint kept in .calib-checkpoint" in render(kept)
+
+    # as if the run had been killed after block 0: no elastic folder yet, one block recorded
+    (out / "quept.json").unlink()
+    (out / "elastic.safetensors").unlink()
+    ckpt = out / ".calib-checkpoint"
+    prog = json.loads((ckpt / "progress.json").read_text())
+    (ckpt / "progress.json").write_text(json.dumps(
+        {**prog, "next_block": 1, "reports": prog["reports"][:1]}))
+    for path in (out, ckpt):
+        info = describe(path)
+        assert info["kind"] == "calibration checkpoint" and info["blocks_done"] == 1
+        assert info["seconds"] == pytest.approx(prog["reports"][0]["seconds"])
+        assert info["spec"]["group_size"]["3"] == 32 and info["calibration"]["samples"] == 2
+        assert info["last_block"]["block"] == 0
+    shown = render(describe(out))
+    assert "blocks 0..0 done" in shown and "resumes at block 1" in shown
+    assert "block 0 loss before -> after training: W" in shown
+    (ckpt / "progress.json").write_text("{}")
+    assert main(["info", str(out)]) == 2
+    assert "cannot be read as a calibration checkpoint" in capsys.readouterr().err

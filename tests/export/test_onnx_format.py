@@ -167,6 +167,17 @@ def test_greedy_generation_in_onnx_runtime_and_genai(model, w4):
     assert list(map(int, gen.get_sequence(0)))[7:] == ref
 
 
+def test_info_reads_the_export_summary(w4):
+    from quept.info import describe, render
+
+    info = describe(w4)
+    summary = json.loads((w4 / "quept-export.json").read_text())
+    assert info["kind"] == "onnx" and info["genai_config"]
+    assert info["export"]["widths"] == {"4": 14} == summary["widths"]
+    assert info["export"]["bits_per_weight"] == summary["bits_per_weight"]
+    assert "ONNX Runtime model with genai_config.json" in render(info)
+
+
 def test_a_decoder_export_without_a_cache_is_refused(model, tmp_path):
     from onnx import TensorProto, helper, save
 

@@ -1,10 +1,11 @@
 """Calibration: input capture, the block loop with bit sampling and token merging, checkpoints."""
 
 from quept.calib.capture import capture_block_inputs
-from quept.calib.checkpoint import CalibCheckpoint, CheckpointMismatchError
+from quept.calib.checkpoint import CHECKPOINT_DIR, CalibCheckpoint, CheckpointMismatchError
 from quept.calib.loop import BlockCalibrator, BlockReport, CalibrationError
 
 __all__ = [
+    "CHECKPOINT_DIR",
     "BlockCalibrator",
     "BlockReport",
     "CalibCheckpoint",

@@ -21,6 +21,9 @@ from safetensors.torch import load_file, save_file
 
 log = logging.getLogger(__name__)
 
+CHECKPOINT_DIR = ".calib-checkpoint"  # inside the output folder of `quept quantize`
+PROGRESS_JSON = "progress.json"
+
 
 class CheckpointMismatchError(RuntimeError):
     """A checkpoint exists but was made for another model, data or configuration."""
