@@ -17,7 +17,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from quept import __version__
-from quept.calib import BlockCalibrator, BlockReport, CalibCheckpoint, capture_block_inputs
+from quept.calib import (
+    CHECKPOINT_DIR,
+    BlockCalibrator,
+    BlockReport,
+    CalibCheckpoint,
+    capture_block_inputs,
+)
 from quept.config import CalibConfig, ConfigError, ElasticSpec, QuEPTConfig, check_bits
 from quept.data.tokens import calibration_samples, eval_windows, tokenize
 from quept.eval import Sentences, fidelity, perplexity, sentence_embeddings, top1_accuracy
@@ -91,6 +97,11 @@ def resolve_model_dir(model: str | os.PathLike | None) -> Path:
 
         return vit_model_dir()
     path = Path(model)
+    if (path / CHECKPOINT_DIR / "progress.json").is_file() and not (path / ELASTIC_JSON).is_file():
+        raise ArtifactError(
+            f"{path} holds an unfinished calibration (its {CHECKPOINT_DIR}), not a model yet: "
+            "run the same `quept quantize` command again to resume it (`quept info "
+            f"{path}` shows how far it got)")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"{path} is not a Hugging Face model folder (no config.json); pass a folder saved "

@@ -196,6 +196,8 @@ def test_unfinished_calibration_checkpoint(tmp_path, capsys):
     shown = render(describe(out))
     assert "blocks 0..0 done" in shown and "resumes at block 1" in shown
     assert "block 0 loss before -> after training: W" in shown
+    assert main(["eval", str(out)]) == 2
+    assert "holds an unfinished calibration" in capsys.readouterr().err
     (ckpt / "progress.json").write_text("{}")
     assert main(["info", str(out)]) == 2
     assert "cannot be read as a calibration checkpoint" in capsys.readouterr().err
