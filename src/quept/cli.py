@@ -445,6 +445,10 @@ def cmd_quantize(a: argparse.Namespace) -> dict[str, Any]:
         print(f"\nelastic model written to {out}  (calibration {calib_s:.0f}s, "
               f"total {result['total_seconds']:.0f}s"
               + ("" if rss is None else f", peak memory {rss:.2f} GiB") + ")")
+        plan = (f", `quept plan {out} --avg-bits 3.5 --out plan.json` makes a mixed-precision "
+                "plan" if task == "causal-lm" else "")
+        print(f"next: `quept info {out}` describes it{plan}, `quept export {out} --bits 4 "
+              "--out w4` packs one width")
     return result
 
 
