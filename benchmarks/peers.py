@@ -111,6 +111,19 @@ def portable(arg: str) -> str:
     return arg
 
 
+def recorded_argv(argv: list[str]) -> list[str]:
+    """``argv`` as the results record it: paths next to the checkout made relative, and the
+    lock file (a path of the machine, with no bearing on the results) named LOCKFILE."""
+    out = []
+    for i, arg in enumerate(argv):
+        if i and argv[i - 1] == "--lock":
+            arg = "LOCKFILE"
+        elif arg.startswith("--lock="):
+            arg = "--lock=LOCKFILE"
+        out.append(portable(arg))
+    return out
+
+
 def jobs_for(a: argparse.Namespace, name: str) -> list[list[int | None]]:
     """The width lists of the runs ``name`` needs: one run per width, or one for all."""
     m = method(name)
@@ -171,7 +184,7 @@ def main() -> int:
         "model_label": a.model or DEFAULT_MODEL_LABEL,
         "calib_text": a.calib_text or "the five other Austen novels",
         "machine": machine(a.threads),
-        "command": " ".join(["python", *map(portable, sys.argv)]),
+        "command": " ".join(["python", *recorded_argv(sys.argv)]),
     }
     if a.activations:  # written only when set: the weight-only table's setup is unchanged
         setup["activations"] = "per-token"

@@ -216,3 +216,18 @@ def test_quept_methods_may_set_spec_fields_and_a_reused_folder_must_match(tmp_pa
                                                   calib=elastic._calib(job)))
     with pytest.raises(ValueError, match="bit_groups is"):
         elastic._reuse({**job, "elastic": str(tmp_path / "e")})
+
+
+def test_recorded_command_names_no_lock_file_or_machine_directory():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "peers.py"
+    spec = importlib.util.spec_from_file_location("peers_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    beside = str(Path.cwd().parent / "peers-venv" / "bin" / "python")
+    argv = ["benchmarks/peers.py", "--python", beside, "--lock", "/var/lock/x.lock",
+            "--methods", "gptq", "--lock=/tmp/y"]
+    assert script.recorded_argv(argv) == [
+        "benchmarks/peers.py", "--python", "../peers-venv/bin/python", "--lock", "LOCKFILE",
+        "--methods", "gptq", "--lock=LOCKFILE"]
