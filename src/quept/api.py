@@ -24,6 +24,7 @@ from quept.calib import (
     CalibCheckpoint,
     capture_block_inputs,
 )
+from quept.calib.checkpoint import PROGRESS_JSON
 from quept.config import CalibConfig, ConfigError, ElasticSpec, QuEPTConfig, check_bits
 from quept.data.tokens import calibration_samples, eval_windows, tokenize
 from quept.eval import Sentences, fidelity, perplexity, sentence_embeddings, top1_accuracy
@@ -97,7 +98,7 @@ def resolve_model_dir(model: str | os.PathLike | None) -> Path:
 
         return vit_model_dir()
     path = Path(model)
-    if (path / CHECKPOINT_DIR / "progress.json").is_file() and not (path / ELASTIC_JSON).is_file():
+    if (path / CHECKPOINT_DIR / PROGRESS_JSON).is_file() and not (path / ELASTIC_JSON).is_file():
         raise ArtifactError(
             f"{path} holds an unfinished calibration (its {CHECKPOINT_DIR}), not a model yet: "
             "run the same `quept quantize` command again to resume it (`quept info "
