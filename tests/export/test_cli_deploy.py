@@ -7,12 +7,7 @@ import pytest
 from quept.cli import main
 from quept.nn import elastic_layers
 
-from .tiny import TEXT, elastic_folder, hf_folder
-
-
-def run_json(capsys, argv):
-    assert main(argv) == 0, capsys.readouterr().err
-    return json.loads(capsys.readouterr().out)
+from .tiny import TEXT, elastic_folder, hf_folder, run_json
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,7 @@ from quept.cli import main
 from quept.info import describe, render
 from quept.nn import elastic_layers
 
-from .tiny import elastic_folder, hf_folder
-
-
-def run_json(capsys, argv):
-    assert main(argv) == 0, capsys.readouterr().err
-    return json.loads(capsys.readouterr().out)
+from .tiny import elastic_folder, hf_folder, run_json
 
 
 @pytest.fixture(scope="module")
@@ -46,15 +41,20 @@ def test_elastic_folder_counts_what_the_loaded_model_stores(folders, capsys):
     assert "elastic model" in capsys.readouterr().out
 
 
-def test_quantize_records_its_evaluation_for_info(tmp_path, capsys):
+def quantize_argv(tmp_path) -> list[str]:
+    """`quept quantize` of a tiny model into tmp_path/el, two 32-token samples, text t.txt."""
     base = hf_folder(tmp_path / "base")
     text = tmp_path / "t.txt"
     text.write_text("It is a truth universally acknowledged, that a single man. " * 40)
+    return ["quantize", "--model", str(base), "--out", str(tmp_path / "el"), "--calib-text",
+            str(text), "--eval-text", str(text), "--samples", "2", "--seq-len", "32",
+            "--group-size", "32"]
+
+
+def test_quantize_records_its_evaluation_for_info(tmp_path, capsys):
     out = tmp_path / "el"
-    res = run_json(capsys, ["quantize", "--model", str(base), "--out", str(out),
-                            "--calib-text", str(text), "--eval-text", str(text), "--samples",
-                            "2", "--seq-len", "32", "--group-size", "32", "--eval-windows", "1",
-                            "--eval-bits", "3", "--json"])
+    res = run_json(capsys, [*quantize_argv(tmp_path), "--eval-windows", "1", "--eval-bits", "3",
+                            "--json"])
     info = describe(out)
     ev = info["evaluation"]
     assert ev["metric"] == "perplexity" and ev["data"] == "1 windows x 512 tokens of t.txt"
@@ -168,13 +168,8 @@ def test_bad_paths_and_damaged_folders_fail_clearly(folders, tmp_path, capsys):
 
 
 def test_unfinished_calibration_checkpoint(tmp_path, capsys):
-    base = hf_folder(tmp_path / "base")
-    text = tmp_path / "t.txt"
-    text.write_text("It is a truth universally acknowledged, that a single man. " * 40)
     out = tmp_path / "el"
-    argv = ["quantize", "--model", str(base), "--out", str(out), "--calib-text", str(text),
-            "--samples", "2", "--seq-len", "32", "--group-size", "32", "--eval-windows", "0"]
-    assert main([*argv, "--keep-streams"]) == 0
+    assert main([*quantize_argv(tmp_path), "--eval-windows", "0", "--keep-streams"]) == 0
     capsys.readouterr()
     kept = describe(out)
     assert kept["kind"] == "elastic" and kept["checkpoint_bytes"] > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -57,3 +58,11 @@ def elastic_folder(path: Path, base: Path) -> Path:
     quept.save(model, path, QuEPTConfig(spec=SPEC, calib=CalibConfig(n_samples=2,
                                                                       batch_size=2)))
     return path
+
+
+def run_json(capsys, argv: list[str]) -> dict:
+    """Run the CLI with ``--json`` in ``argv``; it must succeed; its printed JSON object."""
+    from quept.cli import main
+
+    assert main(argv) == 0, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out)
