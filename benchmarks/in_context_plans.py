@@ -1,9 +1,12 @@
 """What the in-context candidates add to automatic plans (issue 4), on one elastic folder.
 
 For each budget it makes the automatic plan twice, with the table's candidates only
-(``in_context=False``) and with the two plans from in-context block costs added (the default),
+(``in_context=False``) and with the plans from in-context block costs added (the default),
 times both, and evaluates each distinct plan on Pride and Prejudice; then the uniform widths
-around them. Run from the repository root:
+around them. With ``--compare both-ways`` the second plan is the default without the
+candidate that moves blocks both ways from the upper uniform width (``both_ways=False``), so
+the rows show what that candidate adds (in the JSON, "in_context" is the default plan and
+"table_only" the other). Run from the repository root:
 
     python benchmarks/in_context_plans.py --elastic quept-elastic --budgets 3.25,3.0,2.75,3.5
 
@@ -35,6 +38,10 @@ def main() -> int:
     p.add_argument("--check-samples", type=int, default=16, help="sequences the plans are "
                    "checked and the in-context costs measured on")
     p.add_argument("--uniform", default="2,3,4", help="uniform widths also evaluated")
+    p.add_argument("--compare", choices=("table", "both-ways"), default="table",
+                   help="table: automatic plans with the in-context candidates against the "
+                   "table's alone; both-ways: with the candidate that moves blocks down or up "
+                   "from the upper uniform width against without it")
     p.add_argument("--out", default="results/in_context_plans.json", help="JSON output")
     a = p.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -48,8 +55,12 @@ def main() -> int:
         t0 = time.perf_counter()
         with_ctx = quept.api.plan(model, table, avg_bits=avg, check_ids=check, cache=cache)
         t1 = time.perf_counter()
-        table_only = quept.api.plan(model, table, avg_bits=avg, check_ids=check,
-                                    in_context=False)
+        if a.compare == "table":
+            table_only = quept.api.plan(model, table, avg_bits=avg, check_ids=check,
+                                        in_context=False)
+        else:  # the same sweeps (cached) without the both-ways candidate
+            table_only = quept.api.plan(model, table, avg_bits=avg, check_ids=check,
+                                        both_ways=False, cache=cache)
         t2 = time.perf_counter()
         row = {"budget": avg}
         for key, plan, secs in (("in_context", with_ctx, t1 - t0),
@@ -71,7 +82,8 @@ def main() -> int:
         quept.set_bits(model, b)
         uniform.append({"bits": b, "ppl": perplexity(model, windows, progress=False)})
         print(json.dumps(uniform[-1]), flush=True)
-    out = {"elastic": str(folder), "windows": a.windows, "check_samples": a.check_samples,
+    out = {"elastic": str(folder), "compare": a.compare, "windows": a.windows,
+           "check_samples": a.check_samples,
            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
                       f"torch {torch.__version__}",
            "date": time.strftime("%Y-%m-%d"), "sensitivity_seconds": sensitivity_s,

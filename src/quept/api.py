@@ -62,6 +62,7 @@ from quept.search.exact import configuration_kl, unit_swap_kl
 from quept.search.plan import (
     GRANULARITIES,
     bracketing_widths,
+    plan_from_moves,
     plan_from_swaps,
     swap_means,
     unit_of,
@@ -238,7 +239,7 @@ def sensitivity(
 def plan(model: nn.Module, table: SensitivityTable, *, avg_bits: float | None = None,
          max_bytes: int | None = None, granularity: str = "auto",
          check_ids: torch.Tensor | None = None, in_context: bool = True,
-         cache: dict | None = None) -> Plan:
+         both_ways: bool = True, cache: dict | None = None) -> Plan:
     """The width per layer minimising the summed sensitivity within one budget: ``avg_bits``
     (stored bits per quantized weight, scales and zero-points included) or ``max_bytes``
     (bytes of the quantized linears: codes + scales + zero-points). Solved exactly.
@@ -254,7 +255,9 @@ def plan(model: nn.Module, table: SensitivityTable, *, avg_bits: float | None = 
     moves to the other width (:func:`quept.search.exact.unit_swap_kl`, two sweeps of one
     forward per block on ``check_ids``), then the best set of blocks to move, exactly (one
     candidate per sweep); the third moves blocks by the mean of both sweeps' costs
-    (:func:`quept.search.plan.swap_means`). ``cache``
+    (:func:`quept.search.plan.swap_means`). ``both_ways`` adds one more: inside the upper
+    uniform model, each block may go down to the lower width or up to the next width above
+    (one more sweep; :func:`quept.search.plan.plan_from_moves`). ``cache``
     (a dict, for one model and one ``check_ids``) keeps those sweeps for later budgets between
     the same two widths."""
     layers = elastic_layers(model)
@@ -295,9 +298,17 @@ def plan(model: nn.Module, table: SensitivityTable, *, avg_bits: float | None = 
             kl_base, deltas = cache[base, alt]
             add(plan_from_swaps(
                 table, base, alt, deltas, kl_base, avg_bits=avg_bits, max_bytes=max_bytes))
-        (kl_lo, up), (_, down) = cache[lo, hi], cache[hi, lo]
+        (kl_lo, up), (kl_hi, down) = cache[lo, hi], cache[hi, lo]
         add(plan_from_swaps(table, lo, hi, swap_means(up, down), kl_lo, avg_bits=avg_bits,
                             max_bytes=max_bytes, search=f"from W{lo}+W{hi}"))
+        above = min((b for b in table.bits if b > hi), default=None)
+        if both_ways and above is not None:
+            if (hi, above) not in cache:
+                cache[hi, above] = unit_swap_kl(model, check_ids, units, hi, above,
+                                                progress=False)
+            add(plan_from_moves(table, hi, {lo: down, above: cache[hi, above][1]}, kl_hi,
+                                avg_bits=avg_bits, max_bytes=max_bytes,
+                                search=f"from W{hi} to W{lo} or W{above}"))
     kls = configuration_kl(model, check_ids, list(candidates.values()))
     checked = dict(zip(candidates, kls))
     best = min(checked, key=checked.get)

@@ -762,6 +762,10 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
                    "just below and above the budget and add the two plans made from those "
                    "costs to the candidates (default on; two more sweeps of one forward "
                    "per block)")
+    p.add_argument("--both-ways", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --in-context: one more candidate, inside the uniform model just "
+                   "above the budget each block may go down to the width below or up to the "
+                   "next width (default on; one more sweep)")
     s = p.add_argument_group("sensitivity (cached in FOLDER/sensitivity.json)")
     s.add_argument("--calib-text", nargs="+", default=None, metavar="FILE",
                    help="calibration text (default: the Austen novels other than P&P)")
@@ -816,7 +820,7 @@ def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
     t1 = time.perf_counter()
     plan = api.plan(model, table, avg_bits=a.avg_bits, max_bytes=a.max_bytes,
                     granularity=a.granularity, check_ids=ids[: a.check_samples],
-                    in_context=a.in_context)
+                    in_context=a.in_context, both_ways=a.both_ways)
     alloc_s = time.perf_counter() - t1
     plan.save(a.out)
     if not a.json:

@@ -18,6 +18,7 @@ from quept.search import (
 from quept.search.exact import configuration_kl, unit_swap_kl
 from quept.search.plan import (
     bracketing_widths,
+    plan_from_moves,
     plan_from_swaps,
     read_widths,
     swap_means,
@@ -244,6 +245,25 @@ def test_plan_from_swaps_moves_the_cheapest_units_within_the_budget():
         plan_from_swaps(table, 3, 2, {"model.layers.0": 0.5}, 1.0, avg_bits=w3 - 0.05)
 
 
+def test_plan_from_moves_buys_one_block_up_with_another_down():
+    table, w3 = _three_blocks()
+    # inside W3: block 0 gains a lot at W4, block 1 loses little at W2, block 2 a lot
+    down = {"model.layers.0": 0.5, "model.layers.1": 0.05, "model.layers.2": 0.9}
+    up = {"model.layers.0": -0.4, "model.layers.1": -0.01, "model.layers.2": -0.02}
+    p = plan_from_moves(table, 3, {2: down, 4: up}, 1.0, avg_bits=w3,
+                        search="from W3 to W2 or W4")
+    assert p.bits_per_weight <= w3 and p.label == "block, from W3 to W2 or W4"
+    assert [{b for n, b in p.items() if f".{k}." in n} for k in range(3)] == [{4}, {2}, {3}]
+    assert p.predicted_kl == pytest.approx(1.0 - 0.4 + 0.05)
+    # one width to move to is plan_from_swaps itself
+    assert dict(plan_from_moves(table, 3, {2: down}, 1.0, avg_bits=w3 - 0.05)) == dict(
+        plan_from_swaps(table, 3, 2, down, 1.0, avg_bits=w3 - 0.05))
+    with pytest.raises(ConfigError, match="other units"):
+        plan_from_moves(table, 3, {2: down, 4: {"model.layers.0": -0.4}}, 1.0, avg_bits=w3)
+    with pytest.raises(ConfigError, match="at least one width"):
+        plan_from_moves(table, 3, {}, 1.0, avg_bits=w3)
+
+
 def test_swap_means_takes_both_contexts_and_names_its_search():
     table, w3 = _three_blocks()
     # inside W2, block 0 gains most going up; inside W3, block 2 loses most going down
@@ -267,10 +287,15 @@ def test_auto_adds_the_in_context_candidates(model):
     lo, hi = bracketing_widths(table, avg_bits=3.6)  # group 16: W3 stores 4.19 bits
     assert (lo, hi) == (2, 3)
     plan = quept.api.plan(model, table, avg_bits=3.6, check_ids=ids, cache=cache)
-    assert set(cache) == {(lo, hi), (hi, lo)}
+    assert set(cache) == {(lo, hi), (hi, lo), (hi, 4)}
     assert plan.label == min(plan.checked_kl, key=plan.checked_kl.get)
     assert set(plan.checked_kl) - {"layer", "sublayer", "block"} <= {
-        f"block, from W{lo}", f"block, from W{hi}", f"block, from W{lo}+W{hi}"}
+        f"block, from W{lo}", f"block, from W{hi}", f"block, from W{lo}+W{hi}",
+        f"block, from W{hi} to W{lo} or W4"}
+    one_way = quept.api.plan(model, table, avg_bits=3.6, check_ids=ids, cache=cache,
+                             both_ways=False)
+    assert "block, from W3 to W2 or W4" not in one_way.checked_kl
+    assert min(plan.checked_kl.values()) <= min(one_way.checked_kl.values())
     (kl,) = configuration_kl(model, ids, [plan])
     assert kl == pytest.approx(plan.checked_kl[plan.label], rel=1e-5)
     cache[lo, hi] = (0.0, {"model.layers.9": -1.0})  # a cached sweep is used, not remeasured

@@ -290,26 +290,49 @@ def plan_from_swaps(
     ``alt`` above ``base`` it spends the budget left over by the base; below, it frees what the
     base is over it. Every linear belongs to a unit of ``deltas``. ``search`` names how the
     deltas were made (default "from W<base>")."""
-    for b in (base, alt):
+    return plan_from_moves(table, base, {alt: deltas}, kl_base, avg_bits=avg_bits,
+                           max_bytes=max_bytes, granularity=granularity, search=search)
+
+
+def plan_from_moves(
+    table: SensitivityTable, base: int, moves: Mapping[int, Mapping[str, float]],
+    kl_base: float, *, avg_bits: float | None = None, max_bytes: int | None = None,
+    granularity: str = "block", search: str | None = None,
+) -> Plan:
+    """:func:`plan_from_swaps` with several widths to move to: each unit stays at ``base`` or
+    goes to one width ``w`` of ``moves`` at the in-context cost ``moves[w][unit]`` (every sweep
+    made in the uniform ``base`` model), the choice per unit minimising the summed costs within
+    the budget, exactly (a multiple-choice knapsack). With a width below and one above
+    ``base``, a plan can buy a sensitive block's way up with other blocks' way down."""
+    if not moves:
+        raise ConfigError("plan_from_moves needs at least one width to move to")
+    widths = [base, *moves]
+    for b in widths:
         if b not in table.bits:
             raise ConfigError(f"width {b} is not in the table's widths {table.bits}")
+    first = next(iter(moves.values()))
+    for w, deltas in moves.items():
+        if set(deltas) != set(first):
+            raise ConfigError(f"the in-context costs of W{w} name other units than those of "
+                              f"W{next(iter(moves))}: {sorted(set(deltas) ^ set(first))[:3]}")
     names = list(table.shapes)
     n = sum(s.numel for s in table.shapes.values())
-    jb, ja = table.bits.index(base), table.bits.index(alt)
-    ids = {u: k for k, u in enumerate(deltas)}
-    sizes = [[0, 0] for _ in ids]
+    cols = [table.bits.index(b) for b in widths]
+    ids = {u: k for k, u in enumerate(first)}
+    sizes = [[0] * len(widths) for _ in ids]
     unit = []
     for name, layer_sizes in zip(names, _sizes(table)):
         u = unit_of(name, granularity)
         if u not in ids:
             raise ConfigError(f"layer {name} is in no unit of the in-context costs")
         unit.append(ids[u])
-        sizes[ids[u]][0] += layer_sizes[jb]
-        sizes[ids[u]][1] += layer_sizes[ja]
+        for j, c in enumerate(cols):
+            sizes[ids[u]][j] += layer_sizes[c]
     capacity, budget = _capacity(table, sizes, avg_bits, max_bytes)
-    alloc = allocate([[0.0, float(d)] for d in deltas.values()], sizes, capacity)
-    widths = {name: (base, alt)[alloc.choice[u]] for name, u in zip(names, unit)}
-    return Plan(widths, alloc.size / n, alloc.size / 8, n, budget, kl_base + alloc.cost,
+    costs = [[0.0, *(float(moves[w][u]) for w in moves)] for u in ids]
+    alloc = allocate(costs, sizes, capacity)
+    chosen = {name: widths[alloc.choice[u]] for name, u in zip(names, unit)}
+    return Plan(chosen, alloc.size / n, alloc.size / 8, n, budget, kl_base + alloc.cost,
                 alloc.exact, granularity, search=search or f"from W{base}")
 
 
