@@ -326,6 +326,10 @@ def _gguf(path: Path) -> dict[str, Any]:
 
 
 # --- text ---------------------------------------------------------------------------------------
+def _bits(x: float | None) -> str:
+    return "?" if x is None else f"{x:.3f}"
+
+
 def _mb(n: float | None) -> str:
     if n is None:
         return "?"
@@ -434,7 +438,7 @@ def render(info: dict[str, Any]) -> str:
     elif kind == "compact":
         parts = ", ".join(f"{k} {v:.3f}" for k, v in (info["parts_bits_per_weight"] or {}).items())
         out.append(f"{info['path']}: compact elastic checkpoint ({info['model_type']}), "
-                   f"{info['layers']} quantized linears, {info['bits_per_weight']:.3f} bits per "
+                   f"{info['layers']} quantized linears, {_bits(info['bits_per_weight'])} bits per "
                    f"weight for all widths together ({parts}); other tensors "
                    f"{_mb(info['other_bytes'])}")
         out += _spec_lines(info["spec"])
@@ -447,7 +451,7 @@ def render(info: dict[str, Any]) -> str:
         what = (f"W{info['bits']} for all {info['layers']} quantized linears"
                 if isinstance(info["bits"], int) else f"a plan ({widths})")
         out.append(f"{info['path']}: packed model ({info['model_type']}), {what}")
-        out.append(f"{info['bits_per_weight']:.3f} bits per quantized weight stored (codes, "
+        out.append(f"{_bits(info['bits_per_weight'])} bits per quantized weight stored (codes, "
                    f"{info['scale_dtype']} scales and zero-points), quantized linears "
                    f"{_mb(info['quantized_bytes'])}, packed head {_mb(info['head_bytes'])}, "
                    f"other tensors {_mb(info['other_bytes'])}")
@@ -475,8 +479,8 @@ def render(info: dict[str, Any]) -> str:
             widths = ", ".join(f"W{b}: {n}" for b, n in (e.get("widths") or {}).items())
             out.append(f"written by quept: {widths} layers"
                        + (f", {e['float_layers']} float" if e.get("float_layers") else "")
-                       + f"; {e['bits_per_weight']:.3f} bits per quantized weight, quantized "
-                       f"linears {_mb(e.get('quantized_bytes'))}")
+                       + f"; {_bits(e.get('bits_per_weight'))} bits per quantized weight, "
+                       f"quantized linears {_mb(e.get('quantized_bytes'))}")
     elif kind == "hf":
         p = info.get("parameters")
         out.append(f"{info['path']}: Hugging Face model folder, {info.get('model_type')} "

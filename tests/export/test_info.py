@@ -196,3 +196,16 @@ def test_unfinished_calibration_checkpoint(tmp_path, capsys):
     (ckpt / "progress.json").write_text("{}")
     assert main(["info", str(out)]) == 2
     assert "cannot be read as a calibration checkpoint" in capsys.readouterr().err
+
+
+def test_metadata_with_fields_missing_prints_question_marks(folders, tmp_path):
+    root, _, elastic = folders
+    if not (root / "p3").is_dir():
+        assert main(["export", str(elastic), "--bits", "3", "--out", str(root / "p3")]) == 0
+    meta = json.loads((root / "p3" / "quept-packed.json").read_text())
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "quept-packed.json").write_text(json.dumps({k: v for k, v in meta.items()
+                                                        if k != "sizes"}))
+    shown = render(describe(bare))
+    assert "? bits per quantized weight stored" in shown and "quantized linears ?" in shown
