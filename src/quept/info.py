@@ -9,6 +9,7 @@ compact, packed, compressed-tensors, ONNX, a plain Hugging Face model) or a ``.g
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter
 from pathlib import Path
@@ -287,7 +288,7 @@ def _hf(folder: Path) -> dict[str, Any]:
     info = _model_config(folder)
     params = 0
     for f in sorted(folder.glob("*.safetensors")):
-        params += sum(_numel(s) for s in _shapes(f).values())
+        params += sum(math.prod(s) for s in _shapes(f).values())
     info["parameters"] = params or None
     try:
         info["family"] = family_for_type(info.get("model_type", "")).name
@@ -295,13 +296,6 @@ def _hf(folder: Path) -> dict[str, Any]:
         info["family"] = None
         info["unsupported"] = str(e)
     return info
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _gguf(path: Path) -> dict[str, Any]:

@@ -199,10 +199,9 @@ def test_unfinished_calibration_checkpoint(tmp_path, capsys):
 
 
 def test_metadata_with_fields_missing_prints_question_marks(folders, tmp_path):
-    root, _, elastic = folders
-    if not (root / "p3").is_dir():
-        assert main(["export", str(elastic), "--bits", "3", "--out", str(root / "p3")]) == 0
-    meta = json.loads((root / "p3" / "quept-packed.json").read_text())
+    _, _, elastic = folders
+    assert main(["export", str(elastic), "--bits", "3", "--out", str(tmp_path / "p3")]) == 0
+    meta = json.loads((tmp_path / "p3" / "quept-packed.json").read_text())
     bare = tmp_path / "bare"
     bare.mkdir()
     (bare / "quept-packed.json").write_text(json.dumps({k: v for k, v in meta.items()

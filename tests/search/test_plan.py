@@ -260,8 +260,9 @@ def test_plan_from_moves_buys_one_block_up_with_another_down():
         plan_from_swaps(table, 3, 2, down, 1.0, avg_bits=w3 - 0.05))
     with pytest.raises(ConfigError, match="other units"):
         plan_from_moves(table, 3, {2: down, 4: {"model.layers.0": -0.4}}, 1.0, avg_bits=w3)
-    with pytest.raises(ConfigError, match="at least one width"):
-        plan_from_moves(table, 3, {}, 1.0, avg_bits=w3)
+    for moves in ({}, {3: down}):
+        with pytest.raises(ConfigError, match="at least one width other than W3"):
+            plan_from_moves(table, 3, moves, 1.0, avg_bits=w3)
 
 
 def test_swap_means_takes_both_contexts_and_names_its_search():

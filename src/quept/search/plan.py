@@ -304,8 +304,9 @@ def plan_from_moves(
     made in the uniform ``base`` model), the choice per unit minimising the summed costs within
     the budget, exactly (a multiple-choice knapsack). With a width below and one above
     ``base``, a plan can buy a sensitive block's way up with other blocks' way down."""
-    if not moves:
-        raise ConfigError("plan_from_moves needs at least one width to move to")
+    if not moves or base in moves:
+        raise ConfigError(f"plan_from_moves needs at least one width other than W{base} to "
+                          f"move to, got {sorted(moves)}")
     widths = [base, *moves]
     for b in widths:
         if b not in table.bits:
