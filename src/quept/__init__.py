@@ -32,6 +32,7 @@ from quept.api import (  # noqa: E402
     sensitivity,
     set_bits,
     stored_bits,
+    sweep_cache,
     windows_from_text,
 )
 from quept.config import (  # noqa: E402
@@ -70,5 +71,6 @@ __all__ = [
     "sensitivity",
     "set_bits",
     "stored_bits",
+    "sweep_cache",
     "windows_from_text",
 ]

@@ -7,7 +7,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +67,7 @@ from quept.search.plan import (
     swap_means,
     unit_of,
 )
+from quept.search.sweeps import SweepCache
 from quept.search.table import fingerprint as _table_fingerprint
 
 log = logging.getLogger(__name__)
@@ -202,6 +203,7 @@ def set_bits(model: nn.Module, bits: BitsPlan | Plan, *, rtn: bool = False) -> n
 
 # --- mixed precision (DESIGN 2.6) ------------------------------------------------------------
 SENSITIVITY_JSON = "sensitivity.json"
+SWEEPS_JSON = "sweeps.json"
 
 
 def sensitivity(
@@ -236,10 +238,21 @@ def sensitivity(
     return table
 
 
+def sweep_cache(model: nn.Module, check_ids: torch.Tensor, path: str | os.PathLike, *,
+                recompute: bool = False) -> SweepCache:
+    """The in-context sweeps of :func:`plan` for ``model`` and ``check_ids`` (N, T), kept in
+    the JSON file ``path`` (e.g. ``FOLDER/sweeps.json``): sweeps found there for the same
+    elastic state, base weights and check tokens are reused, new ones are written as soon as
+    they are measured. Pass it as ``plan(..., cache=...)``."""
+    fp = _table_fingerprint(model, check_ids, {"in_context_sweeps": "block"})
+    return SweepCache(path, fp, tuple(check_ids.shape), recompute=recompute)
+
+
 def plan(model: nn.Module, table: SensitivityTable, *, avg_bits: float | None = None,
          max_bytes: int | None = None, granularity: str = "auto",
          check_ids: torch.Tensor | None = None, in_context: bool = True,
-         both_ways: bool = True, cache: dict | None = None) -> Plan:
+         both_ways: bool = True, cache: MutableMapping | None = None,
+         progress: bool = False) -> Plan:
     """The width per layer minimising the summed sensitivity within one budget: ``avg_bits``
     (stored bits per quantized weight, scales and zero-points included) or ``max_bytes``
     (bytes of the quantized linears: codes + scales + zero-points). Solved exactly.
@@ -257,9 +270,9 @@ def plan(model: nn.Module, table: SensitivityTable, *, avg_bits: float | None = 
     candidate per sweep); the third moves blocks by the mean of both sweeps' costs
     (:func:`quept.search.plan.swap_means`). ``both_ways`` adds one more: inside the upper
     uniform model, each block may go down to the lower width or up to the next width above
-    (one more sweep; :func:`quept.search.plan.plan_from_moves`). ``cache``
-    (a dict, for one model and one ``check_ids``) keeps those sweeps for later budgets between
-    the same two widths."""
+    (one more sweep; :func:`quept.search.plan.plan_from_moves`). ``cache`` (a dict, for one
+    model and one ``check_ids``, or a :func:`sweep_cache` that keeps them on disk) keeps those
+    sweeps for later budgets between the same two widths. ``progress`` shows each sweep."""
     layers = elastic_layers(model)
     spec = _spec_of(model)
     if list(layers) != list(table.shapes) or any(
@@ -294,7 +307,7 @@ def plan(model: nn.Module, table: SensitivityTable, *, avg_bits: float | None = 
         for base, alt in ((lo, hi), (hi, lo)):
             if (base, alt) not in cache:
                 cache[base, alt] = unit_swap_kl(model, check_ids, units, base, alt,
-                                                progress=False)
+                                                progress=progress)
             kl_base, deltas = cache[base, alt]
             add(plan_from_swaps(
                 table, base, alt, deltas, kl_base, avg_bits=avg_bits, max_bytes=max_bytes))
@@ -305,7 +318,7 @@ def plan(model: nn.Module, table: SensitivityTable, *, avg_bits: float | None = 
         if both_ways and above is not None:
             if (hi, above) not in cache:
                 cache[hi, above] = unit_swap_kl(model, check_ids, units, hi, above,
-                                                progress=False)
+                                                progress=progress)
             add(plan_from_moves(table, hi, {lo: down, above: cache[hi, above][1]}, kl_hi,
                                 avg_bits=avg_bits, max_bytes=max_bytes,
                                 search=f"from W{hi} to W{lo} or W{above}"))
@@ -691,5 +704,5 @@ __all__ = [
     "UnsupportedModelError", "calibrate", "evaluate", "evaluate_accuracy", "evaluate_embeddings", "evaluate_tasks", "export", "load", "load_compact",
     "load_model", "load_packed", "plan", "prepare", "read_meta", "resolve_model_dir",
     "samples_from_text", "save", "save_compact", "sensitivity", "set_bits", "stored_bits",
-    "windows_from_text",
+    "sweep_cache", "windows_from_text",
 ]

@@ -761,7 +761,7 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
                    help="with auto: also measure each block's cost inside the uniform models "
                    "just below and above the budget and add the two plans made from those "
                    "costs to the candidates (default on; two more sweeps of one forward "
-                   "per block)")
+                   "per block, kept in FOLDER/sweeps.json for later budgets)")
     p.add_argument("--both-ways", action=argparse.BooleanOptionalAction, default=True,
                    help="with --in-context: one more candidate, inside the uniform model just "
                    "above the budget each block may go down to the width below or up to the "
@@ -777,7 +777,8 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--reference-bits", type=int, default=d.reference_bits,
                    help="width of the other layers while one is measured (default: float)")
     s.add_argument("--seed", type=int, default=d.seed, help="seed of samples and probes")
-    s.add_argument("--recompute", action="store_true", help="ignore a cached table")
+    s.add_argument("--recompute", action="store_true", help="ignore a cached table and cached "
+                   "in-context sweeps (FOLDER/sweeps.json)")
     p.add_argument("--model", default=None,
                    help="base model folder, if not the one recorded in the elastic folder")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -818,20 +819,27 @@ def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
                             recompute=a.recompute, progress=not a.json)
     sens_s = time.perf_counter() - t0
     t1 = time.perf_counter()
+    check = ids[: a.check_samples]
+    sweeps = (api.sweep_cache(model, check, folder / api.SWEEPS_JSON, recompute=a.recompute)
+              if a.granularity == "auto" and a.in_context else None)
     plan = api.plan(model, table, avg_bits=a.avg_bits, max_bytes=a.max_bytes,
-                    granularity=a.granularity, check_ids=ids[: a.check_samples],
-                    in_context=a.in_context, both_ways=a.both_ways)
+                    granularity=a.granularity, check_ids=check, in_context=a.in_context,
+                    both_ways=a.both_ways, cache=sweeps, progress=not a.json)
     alloc_s = time.perf_counter() - t1
     plan.save(a.out)
+    used = {} if sweeps is None else {"measured": sweeps.measured, "reused": sweeps.reused}
     if not a.json:
         checked = "" if plan.checked_kl is None else "; measured KL " + ", ".join(
             f"{g} {v:.4f}" for g, v in plan.checked_kl.items())
         what = "allocation" if plan.checked_kl is None else "allocations and KL checks"
+        if used:
+            what += (f" with {used['measured']} in-context sweep(s) measured and "
+                     f"{used['reused']} reused from {api.SWEEPS_JSON}")
         _print_plan(plan, f"plan written to {a.out} (sensitivity {sens_s:.1f}s, {what} "
                     f"{alloc_s:.1f}s); kept: {plan.label}, predicted KL "
                     f"{plan.predicted_kl:.4f} nats/token{checked}")
     return {"out": a.out, **plan.to_dict(), "chosen": plan.label, "sensitivity_seconds": sens_s,
-            "allocation_seconds": alloc_s}
+            "allocation_seconds": alloc_s, "in_context_sweeps": used or None}
 
 
 # --- entry point ------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Any
 
 from safetensors import safe_open
 
-from quept.api import ELASTIC_JSON, ELASTIC_WEIGHTS, SENSITIVITY_JSON
+from quept.api import ELASTIC_JSON, ELASTIC_WEIGHTS, SENSITIVITY_JSON, SWEEPS_JSON
 from quept.api import FORMAT as ELASTIC_FORMAT
 from quept.calib.checkpoint import CHECKPOINT_DIR, PROGRESS_JSON
 from quept.config import CalibConfig, ConfigError, ElasticSpec, QuEPTConfig
@@ -27,6 +27,7 @@ from quept.export.onnx_format import is_onnx_folder
 from quept.export.packed import PACKED_FORMAT, PACKED_JSON
 from quept.models.families import UnsupportedModelError, family_for_type
 from quept.ops.quant import stored_bits_per_weight
+from quept.search.sweeps import describe_sweeps
 
 EXPORT_JSON = "quept-export.json"  # compressed-tensors and ONNX exports' summary
 
@@ -177,6 +178,12 @@ def _elastic(folder: Path) -> dict[str, Any]:
         t = _json(table)
         info["sensitivity"] = {"layers": len(t.get("layers", {})), "widths": t.get("bits"),
                                "seconds": t.get("seconds"), "settings": t.get("settings")}
+    sweeps = folder / SWEEPS_JSON
+    if sweeps.is_file():
+        try:
+            info["sweeps"] = describe_sweeps(_json(sweeps))
+        except InfoError as e:  # a cache: `quept plan` measures again and rewrites it
+            info["sweeps"] = {"error": str(e)}
     return info
 
 
@@ -416,6 +423,14 @@ def render(info: dict[str, Any]) -> str:
             + ("" if s.get("seconds") is None else f", measured in {s['seconds']:.0f} s")
             + "); `quept plan` reuses it" if s else
             "no sensitivity table yet (`quept plan` measures and caches one)"))
+        sw = info.get("sweeps")
+        if sw and sw.get("error"):
+            out.append(f"in-context sweeps: {sw['error']} (`quept plan` measures them again)")
+        elif sw:
+            shape = sw.get("check_shape")
+            on = f" on {shape[0]} x {shape[1]} check tokens" if shape else ""
+            out.append(f"in-context sweeps cached{on}: {', '.join(sw['sweeps']) or 'none'} "
+                       "(plans between those widths reuse them)")
     elif kind == "calibration checkpoint":
         n = info["blocks_done"]
         per = "" if not n else f", {info['seconds'] / n:.0f} s per block"

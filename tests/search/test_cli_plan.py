@@ -46,6 +46,15 @@ def test_plan_then_eval_with_the_plan(folder, capsys):
     assert res["bits_per_weight"] <= 4.0 and cache.is_file()
     assert res["chosen"] == min(res["checked_kl"], key=res["checked_kl"].get)  # auto
     assert res["chosen"].startswith(res["granularity"])
+    sweeps = res["in_context_sweeps"]  # W2 and W3 around 4.0 bits at group 16, then W4
+    assert sweeps == {"measured": 3, "reused": 0} and (elastic / "sweeps.json").is_file()
+    same = run_json(capsys, ["plan", str(elastic), "--avg-bits", "3.9", "--out",
+                             str(folder / "s.json"), "--json", *small])
+    assert same["in_context_sweeps"] == {"measured": 0, "reused": 3}
+    info = run_json(capsys, ["info", str(elastic), "--json"])
+    assert info["sweeps"]["check_shape"] == [2, 16] and len(info["sweeps"]["sweeps"]) == 3
+    main(["info", str(elastic)])
+    assert "in-context sweeps cached on 2 x 16 check tokens: W2 -> W3" in capsys.readouterr().out
     stamp = cache.stat().st_mtime_ns
     again = run_json(capsys, ["plan", str(elastic), "--max-bytes", "50kB", "--out",
                               str(folder / "q.json"), "--json", *small])
@@ -53,6 +62,7 @@ def test_plan_then_eval_with_the_plan(folder, capsys):
     block = run_json(capsys, ["plan", str(elastic), "--avg-bits", "4.0", "--granularity",
                               "block", "--out", str(folder / "b.json"), "--json", *small])
     assert block["granularity"] == "block" and block["checked_kl"] is None
+    assert block["in_context_sweeps"] is None
     per_block = {}
     for name, b in block["bits"].items():
         per_block.setdefault(name.split(".")[2], set()).add(b)

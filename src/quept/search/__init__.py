@@ -3,10 +3,11 @@
 from quept.search.allocate import Allocation, InfeasibleBudgetError, allocate
 from quept.search.plan import Plan, as_layer_widths, feasible_range, parse_size, plan_from_table
 from quept.search.sensitivity import SensitivityConfig, estimate_sensitivity
+from quept.search.sweeps import SweepCache
 from quept.search.table import LayerShape, SensitivityCacheError, SensitivityTable
 
 __all__ = [
     "Allocation", "InfeasibleBudgetError", "LayerShape", "Plan", "SensitivityCacheError",
-    "SensitivityConfig", "SensitivityTable", "allocate", "as_layer_widths",
+    "SensitivityConfig", "SensitivityTable", "SweepCache", "allocate", "as_layer_widths",
     "estimate_sensitivity", "feasible_range", "parse_size", "plan_from_table",
 ]
