@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import sys
@@ -30,13 +31,14 @@ import torch
 import quept
 from quept import data
 from quept.data.tokens import calibration_samples, tokenize
-from quept.eval import perplexity
+from quept.eval import perplexity, window_nll
 from quept.nn import elastic_layers
 from quept.search import InfeasibleBudgetError, SensitivityConfig, allocate, plan_from_table
 from quept.search.exact import exact_sensitivity
 from quept.search.table import SensitivityTable
 
 PLAN_BITS = (2.25, 2.5, 2.75, 3.0, 3.25, 3.5, 4.0, 5.0)
+BOOTSTRAP = 2000  # resamplings of the evaluation windows behind each 95% interval
 
 
 def median_ms(fn, n: int) -> float:
@@ -139,18 +141,22 @@ def main() -> int:
             results["plans"].append({"budget": avg, "plan_ms": (time.perf_counter() - t0) * 1e3})
         except InfeasibleBudgetError as e:
             results["plans"].append({"budget": avg, "infeasible": str(e)})
-    for row in quept.evaluate(model, windows, [None, *range(2, 9)]):
-        results["uniform"].append({"bits": row.bits, "bits_per_weight": row.bits_per_weight,
-                                   "ppl": row.ppl})
+    for bits in (None, *range(2, 9)):
+        quept.set_bits(model, bits)
+        nll = window_nll(model, windows, progress=True, desc=f"W{bits}")
+        results["uniform"].append({
+            "bits": bits, "bits_per_weight": 32.0 if bits is None else quept.stored_bits(model),
+            "ppl": math.exp(nll.mean().item()), "window_nll": nll.tolist()})
     for row in results["plans"]:
         plan = plans.get(row["budget"])
         if plan is not None:
             quept.set_bits(model, plan)
+            nll = window_nll(model, windows, progress=True, desc=f"plan {row['budget']}")
             row.update(bits_per_weight=plan.bits_per_weight, widths=plan.histogram(),
                        predicted_kl=plan.predicted_kl, exact=plan.exact,
                        granularity=plan.granularity, chosen=plan.label,
-                       checked_kl=plan.checked_kl,
-                       ppl=perplexity(model, windows, progress=True, desc=f"plan {row['budget']}"))
+                       checked_kl=plan.checked_kl, ppl=math.exp(nll.mean().item()),
+                       window_nll=nll.tolist())
             print(f"plan {row['budget']}: {row['bits_per_weight']:.4f} bpw, {plan.label}, "
                   f"ppl {row['ppl']:.2f}", flush=True)
     for gran in filter(None, a.compare.split(",")):
@@ -190,19 +196,38 @@ def main() -> int:
     return 0
 
 
+def bootstrap_ppl(rows: list[dict], n_boot: int = BOOTSTRAP, seed: int = 0) -> list[np.ndarray]:
+    """Perplexities of each row (one configuration's ``window_nll``) over the same ``n_boot``
+    resamplings of the evaluation windows: a paired bootstrap, as every configuration ran on
+    the same windows."""
+    nll = np.array([r["window_nll"] for r in rows])
+    idx = np.random.default_rng(seed).integers(0, nll.shape[1], (n_boot, nll.shape[1]))
+    return list(np.exp(nll[:, idx].mean(-1)))
+
+
+def ci95(values: np.ndarray) -> list[float]:
+    return [float(v) for v in np.percentile(values, [2.5, 97.5])]
+
+
 def line_check(uniform: list[dict], plan_rows: list[dict]) -> list[dict]:
-    """Each plan vs the straight line joining its neighbouring uniform points."""
-    pts = sorted((u["bits_per_weight"], u["ppl"]) for u in uniform if u["bits"] is not None)
+    """Each plan vs the straight line joining its neighbouring uniform points, with the gap
+    (plan / line - 1) and its 95% interval over resampled windows (the line resampled too)."""
+    pts = sorted((u for u in uniform if u["bits"] is not None), key=lambda u: u["bits_per_weight"])
     out = []
     for r in plan_rows:
         if "ppl" not in r:
             continue
         x = r["bits_per_weight"]
-        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        for u0, u1 in zip(pts, pts[1:]):
+            (x0, y0), (x1, y1) = ((u["bits_per_weight"], u["ppl"]) for u in (u0, u1))
             if x0 <= x <= x1:
-                line = y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+                t = (x - x0) / (x1 - x0)
+                line = y0 + (y1 - y0) * t
+                b0, b1, bp = bootstrap_ppl([u0, u1, r])
                 out.append({"budget": r["budget"], "between": [x0, x1], "line_ppl": line,
-                            "ppl": r["ppl"], "at_or_below": r["ppl"] <= line})
+                            "ppl": r["ppl"], "at_or_below": r["ppl"] <= line,
+                            "gap": r["ppl"] / line - 1,
+                            "gap_ci95": ci95(bp / (b0 + (b1 - b0) * t) - 1)})
                 break
     return out
 
@@ -212,6 +237,9 @@ def report(table, sens_call_s, alloc, results, set_ms, mat_ms, subset, a) -> dic
     ppl = {u["bits"]: u["ppl"] for u in results["uniform"]}
     p3 = next(r for r in results["plans"] if r["budget"] == 3.0)
     gain = 1 - p3["ppl"] / ppl[3]
+    w3 = next(u for u in results["uniform"] if u["bits"] == 3)
+    b3, bp3 = bootstrap_ppl([w3, p3])
+    gain_ci = ci95(1 - bp3 / b3)
     print(f"\nSmolLM2-135M-Instruct (float = dequantized Q4_1), group 64, Pride and Prejudice "
           f"{a.windows} x 512 tokens; {platform.machine()}, {torch.get_num_threads()} threads\n")
     print("| configuration | stored bits/weight | perplexity | granularity | layers per width |"
@@ -229,11 +257,14 @@ def report(table, sens_call_s, alloc, results, set_ms, mat_ms, subset, a) -> dic
             print(f"| plan {r['budget']} | infeasible | | | {r['infeasible']} |")
     print("\nchecks:")
     for c in checks:
+        lo, hi = c["gap_ci95"]
         print(f"  plan {c['budget']}: ppl {c['ppl']:.2f} vs line {c['line_ppl']:.2f} between "
               f"{c['between'][0]:.3f} and {c['between'][1]:.3f} bpw: "
-              f"{'at/below' if c['at_or_below'] else 'ABOVE'}")
+              f"{'at/below' if c['at_or_below'] else 'ABOVE'} ({c['gap']:+.1%}; 95% interval "
+              f"over resampled windows {lo:+.1%} .. {hi:+.1%})")
     print(f"  3.0-bit plan vs uniform W3: {p3['ppl']:.2f} vs {ppl[3]:.2f} = {gain:.1%} lower "
-          f"({'meets' if gain >= 0.15 else 'misses'} >= 15%)")
+          f"(95% interval {gain_ci[0]:.1%} .. {gain_ci[1]:.1%}; "
+          f"{'meets' if gain >= 0.15 else 'misses'} >= 15%)")
     print(f"  sensitivity: {table.seconds:.0f} s for {len(table.kl)} layers x {len(table.bits)} "
           f"widths (api.sensitivity call {sens_call_s:.0f} s; {table.settings})")
     print(f"  allocation, 224 x 7 LLaMA-7B table: worst {alloc['worst_ms']:.0f} ms over "
@@ -256,7 +287,9 @@ def report(table, sens_call_s, alloc, results, set_ms, mat_ms, subset, a) -> dic
             "sensitivity_seconds": table.seconds, "sensitivity_settings": table.settings,
             "allocation_llama7b": alloc, "set_bits_plan_ms": set_ms,
             "set_bits_plan_and_materialise_ms": mat_ms, **results, "line_checks": checks,
-            "plan3_vs_w3_gain": gain, "subset_check": subset}
+            "plan3_vs_w3_gain": gain, "plan3_vs_w3_gain_ci95": gain_ci,
+            "bootstrap": {"resamples": BOOTSTRAP, "unit": "512-token window", "seed": 0},
+            "subset_check": subset}
 
 
 def plot(results: dict, path: Path, n_windows: int) -> None:

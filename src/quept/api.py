@@ -289,6 +289,31 @@ def plan(model: nn.Module, table: SensitivityTable, *, avg_bits: float | None = 
     if check_ids.ndim != 2 or check_ids.numel() == 0:
         raise ConfigError(f"check_ids must be (N, T) token ids with N, T >= 1, got shape "
                           f"{tuple(check_ids.shape)}")
+    candidates = plan_candidates(model, table, avg_bits=avg_bits, max_bytes=max_bytes,
+                                 check_ids=check_ids, in_context=in_context,
+                                 both_ways=both_ways, cache=cache, progress=progress)
+    kls = configuration_kl(model, check_ids, list(candidates.values()))
+    checked = dict(zip(candidates, kls))
+    best = min(checked, key=checked.get)
+    log.info("plan candidates, measured KL per token: %s; keeping %s",
+             ", ".join(f"{g} {v:.4f}" for g, v in checked.items()), best)
+    return dataclasses.replace(candidates[best], checked_kl=checked)
+
+
+def plan_candidates(
+    model: nn.Module, table: SensitivityTable, *, avg_bits: float | None = None,
+    max_bytes: int | None = None, check_ids: torch.Tensor | None = None,
+    in_context: bool = True, both_ways: bool = True, cache: MutableMapping | None = None,
+    progress: bool = False,
+) -> dict[str, Plan]:
+    """The candidates :func:`plan` chooses among with ``granularity="auto"``, by label
+    (``Plan.label``), distinct widths only, not yet checked: the table's plan at each
+    granularity, then (``in_context``, with ``check_ids``) those made from the in-context
+    sweeps. For studying how the choice is made; :func:`plan` is the one to use."""
+    layers = elastic_layers(model)
+    if in_context and check_ids is None:
+        raise ConfigError("the in-context candidates are measured on check_ids: pass them, "
+                          "or in_context=False")
     candidates: dict[str, Plan] = {}
 
     def add(p: Plan) -> None:
@@ -322,12 +347,7 @@ def plan(model: nn.Module, table: SensitivityTable, *, avg_bits: float | None = 
             add(plan_from_moves(table, hi, {lo: down, above: cache[hi, above][1]}, kl_hi,
                                 avg_bits=avg_bits, max_bytes=max_bytes,
                                 search=f"from W{hi} to W{lo} or W{above}"))
-    kls = configuration_kl(model, check_ids, list(candidates.values()))
-    checked = dict(zip(candidates, kls))
-    best = min(checked, key=checked.get)
-    log.info("plan candidates, measured KL per token: %s; keeping %s",
-             ", ".join(f"{g} {v:.4f}" for g, v in checked.items()), best)
-    return dataclasses.replace(candidates[best], checked_kl=checked)
+    return candidates
 
 
 # --- save / load ----------------------------------------------------------------------------
@@ -702,7 +722,7 @@ def windows_from_text(tokenizer: Any, text: str, seq_len: int = 512,
 __all__ = [
     "AccuracyRow", "ArtifactError", "CompactConfig", "EmbeddingRow", "EvalRow", "Family", "Plan", "SensitivityConfig", "TaskRow",
     "UnsupportedModelError", "calibrate", "evaluate", "evaluate_accuracy", "evaluate_embeddings", "evaluate_tasks", "export", "load", "load_compact",
-    "load_model", "load_packed", "plan", "prepare", "read_meta", "resolve_model_dir",
+    "load_model", "load_packed", "plan", "plan_candidates", "prepare", "read_meta", "resolve_model_dir",
     "samples_from_text", "save", "save_compact", "sensitivity", "set_bits", "stored_bits",
     "sweep_cache", "windows_from_text",
 ]

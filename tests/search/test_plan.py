@@ -299,6 +299,14 @@ def test_auto_adds_the_in_context_candidates(model):
     assert min(plan.checked_kl.values()) <= min(one_way.checked_kl.values())
     (kl,) = configuration_kl(model, ids, [plan])
     assert kl == pytest.approx(plan.checked_kl[plan.label], rel=1e-5)
+    cands = quept.api.plan_candidates(model, table, avg_bits=3.6, check_ids=ids, cache=cache)
+    assert list(cands) == list(plan.checked_kl) and dict(cands[plan.label]) == dict(plan)
+    table_only = quept.api.plan_candidates(model, table, avg_bits=3.6, in_context=False)
+    assert table_only and set(table_only) <= {"layer", "sublayer", "block"}
+    assert {k: dict(v) for k, v in table_only.items()} == {
+        k: dict(v) for k, v in cands.items() if k in table_only}
+    with pytest.raises(ConfigError, match="pass them, or in_context=False"):
+        quept.api.plan_candidates(model, table, avg_bits=3.6)
     cache[lo, hi] = (0.0, {"model.layers.9": -1.0})  # a cached sweep is used, not remeasured
     with pytest.raises(ConfigError, match="no unit"):
         quept.api.plan(model, table, avg_bits=3.6, check_ids=ids, cache=cache)

@@ -9,7 +9,7 @@ from quept.eval.embedding import (
     sentence_embeddings,
     sentences_from_text,
 )
-from quept.eval.perplexity import perplexity
+from quept.eval.perplexity import perplexity, window_nll
 
 __all__ = ["NotEnoughSentencesError", "Sentences", "fidelity", "perplexity", "sentence_embeddings",
-           "sentences_from_text", "top1_accuracy"]
+           "sentences_from_text", "top1_accuracy", "window_nll"]

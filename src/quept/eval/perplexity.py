@@ -11,6 +11,26 @@ from tqdm.auto import tqdm
 
 
 @torch.no_grad()
+def window_nll(
+    model: nn.Module, windows: torch.Tensor, batch_size: int = 2, progress: bool = False,
+    desc: str = "perplexity",
+) -> torch.Tensor:
+    """Mean next-token NLL (nats) of each window of ``windows`` (n, T): a float64 tensor (n,).
+    ``exp(window_nll(...).mean())`` is :func:`perplexity`; the per-window values let a
+    comparison of two configurations on the same windows be resampled (a paired bootstrap)."""
+    device = next(model.parameters()).device
+    out = []
+    for i in tqdm(range(0, windows.shape[0], batch_size), disable=not progress, desc=desc,
+                  leave=False):
+        ids = windows[i : i + batch_size].to(device)
+        logits = model(ids, use_cache=False).logits[:, :-1]
+        nll = F.cross_entropy(logits.transpose(1, 2).float(), ids[:, 1:], reduction="none")
+        out.append(nll.double().mean(1).cpu())
+        del logits
+    return torch.cat(out)
+
+
+@torch.no_grad()
 def perplexity(
     model: nn.Module, windows: torch.Tensor, batch_size: int = 2, progress: bool = False,
     desc: str = "perplexity",
