@@ -238,6 +238,17 @@ def sensitivity(
     return table
 
 
+def _check_table(model: nn.Module, table: SensitivityTable) -> dict[str, ElasticLinear]:
+    """The model's elastic layers, once ``table`` is known to describe them."""
+    layers = elastic_layers(model)
+    spec = _spec_of(model)
+    if list(layers) != list(table.shapes) or any(
+        table.group_size.get(b) != spec.group_size_for(b) for b in spec.bits
+    ):
+        raise ArtifactError("the sensitivity table was measured on another model or spec")
+    return layers
+
+
 def sweep_cache(model: nn.Module, check_ids: torch.Tensor, path: str | os.PathLike, *,
                 recompute: bool = False) -> SweepCache:
     """The in-context sweeps of :func:`plan` for ``model`` and ``check_ids`` (N, T), kept in
@@ -273,12 +284,7 @@ def plan(model: nn.Module, table: SensitivityTable, *, avg_bits: float | None = 
     (one more sweep; :func:`quept.search.plan.plan_from_moves`). ``cache`` (a dict, for one
     model and one ``check_ids``, or a :func:`sweep_cache` that keeps them on disk) keeps those
     sweeps for later budgets between the same two widths. ``progress`` shows each sweep."""
-    layers = elastic_layers(model)
-    spec = _spec_of(model)
-    if list(layers) != list(table.shapes) or any(
-        table.group_size.get(b) != spec.group_size_for(b) for b in spec.bits
-    ):
-        raise ArtifactError("the sensitivity table was measured on another model or spec")
+    _check_table(model, table)
     if granularity != "auto":
         return plan_from_table(table, avg_bits=avg_bits, max_bytes=max_bytes,
                                granularity=granularity)
@@ -286,9 +292,6 @@ def plan(model: nn.Module, table: SensitivityTable, *, avg_bits: float | None = 
         raise ConfigError("granularity='auto' measures each candidate plan: pass check_ids "
                           "(calibration tokens, e.g. 16 x 128), or a fixed granularity "
                           f"{GRANULARITIES}")
-    if check_ids.ndim != 2 or check_ids.numel() == 0:
-        raise ConfigError(f"check_ids must be (N, T) token ids with N, T >= 1, got shape "
-                          f"{tuple(check_ids.shape)}")
     candidates = plan_candidates(model, table, avg_bits=avg_bits, max_bytes=max_bytes,
                                  check_ids=check_ids, in_context=in_context,
                                  both_ways=both_ways, cache=cache, progress=progress)
@@ -310,10 +313,13 @@ def plan_candidates(
     (``Plan.label``), distinct widths only, not yet checked: the table's plan at each
     granularity, then (``in_context``, with ``check_ids``) those made from the in-context
     sweeps. For studying how the choice is made; :func:`plan` is the one to use."""
-    layers = elastic_layers(model)
+    layers = _check_table(model, table)
     if in_context and check_ids is None:
         raise ConfigError("the in-context candidates are measured on check_ids: pass them, "
                           "or in_context=False")
+    if check_ids is not None and (check_ids.ndim != 2 or check_ids.numel() == 0):
+        raise ConfigError(f"check_ids must be (N, T) token ids with N, T >= 1, got shape "
+                          f"{tuple(check_ids.shape)}")
     candidates: dict[str, Plan] = {}
 
     def add(p: Plan) -> None:

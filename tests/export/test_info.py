@@ -123,6 +123,13 @@ def test_plain_model_folder_and_sensitivity_table(folders, capsys):
         assert "sensitivity table cached (2 layers x 2 widths" in render(info)
     finally:
         (elastic / "sensitivity.json").unlink()
+    sweeps = elastic / "sweeps.json"
+    try:
+        sweeps.write_text("{not json")  # a broken cache is named, not fatal
+        assert "in-context sweeps: " in render(describe(elastic))
+        assert "is not valid JSON" in render(describe(elastic))
+    finally:
+        sweeps.unlink()
 
 
 def test_gguf_file(tmp_path, capsys):

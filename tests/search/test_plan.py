@@ -140,6 +140,11 @@ def test_api_plan_checks_the_table_matches_the_model(model):
     other = elastic_tiny(layers=2)
     with pytest.raises(quept.ArtifactError, match="another model or spec"):
         quept.api.plan(other, table, avg_bits=4.0, granularity="layer")
+    with pytest.raises(quept.ArtifactError, match="another model or spec"):
+        quept.api.plan_candidates(other, table, avg_bits=4.0, in_context=False)
+    for bad in (token_ids(4, 16)[0], token_ids(4, 16)[:0]):
+        with pytest.raises(ConfigError, match=r"check_ids must be \(N, T\) token ids"):
+            quept.api.plan(model, table, avg_bits=4.0, check_ids=bad)
 
 
 def test_unit_of_names_layers_sublayers_and_blocks():
