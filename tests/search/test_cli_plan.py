@@ -55,6 +55,11 @@ def test_plan_then_eval_with_the_plan(folder, capsys):
     assert info["sweeps"]["check_shape"] == [2, 16] and len(info["sweeps"]["sweeps"]) == 3
     main(["info", str(elastic)])
     assert "in-context sweeps cached on 2 x 16 check tokens: W2 -> W3" in capsys.readouterr().out
+    assert main(["plan", str(elastic), "--avg-bits", "3.9", "--out", str(folder / "t.json"),
+                 *small]) == 0
+    printed = capsys.readouterr().out
+    assert "0 in-context sweep(s) measured and 3 reused from sweeps.json" in printed
+    assert f"next: `quept eval {elastic} --plan {folder / 't.json'}` measures it" in printed
     stamp = cache.stat().st_mtime_ns
     again = run_json(capsys, ["plan", str(elastic), "--max-bytes", "50kB", "--out",
                               str(folder / "q.json"), "--json", *small])
