@@ -27,6 +27,7 @@ from quept.export.onnx_format import is_onnx_folder
 from quept.export.packed import PACKED_FORMAT, PACKED_JSON
 from quept.models.families import UnsupportedModelError, family_for_type
 from quept.ops.quant import stored_bits_per_weight
+from quept.search.plan import PLAN_FORMAT, Plan, unit_of
 from quept.search.sweeps import describe_sweeps
 
 EXPORT_JSON = "quept-export.json"  # compressed-tensors and ONNX exports' summary
@@ -54,10 +55,12 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     """Everything ``quept info`` reports about ``path``, as plain JSON types."""
     path = Path(path)
     if path.is_file():
+        if path.suffix == ".json":
+            return _plan(path)
         if path.suffix != ".gguf":
-            raise InfoError(f"{path} is a file; quept info reads a .gguf file or a folder "
-                            "(elastic, compact, packed, compressed-tensors, ONNX or Hugging "
-                            "Face model)")
+            raise InfoError(f"{path} is a file; quept info reads a .gguf file, a plan JSON "
+                            "from `quept plan`, or a folder (elastic, compact, packed, "
+                            "compressed-tensors, ONNX or Hugging Face model)")
         return _gguf(path)
     kind = folder_kind(path)
     if kind == "hf" and not (path / "config.json").is_file():
@@ -72,6 +75,29 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
 
 
 # --- readers ------------------------------------------------------------------------------------
+def _plan(path: Path) -> dict[str, Any]:
+    """A mixed-precision plan written by `quept plan`: its budget, what it realises, the widths
+    per block and how it was chosen."""
+    d = _json(path)
+    if d.get("format") != PLAN_FORMAT:
+        raise InfoError(f"{path} is not a plan from `quept plan` (format {d.get('format')!r}); "
+                        "quept info reads plan JSON files, .gguf files and artifact folders")
+    try:
+        plan = Plan.from_dict(d, str(path))
+    except ConfigError as e:
+        raise InfoError(str(e)) from None
+    blocks: dict[str, list[int]] = {}
+    for name, b in plan.widths.items():
+        blocks.setdefault(unit_of(name, "block"), []).append(b)
+    return {"path": str(path), "kind": "plan", "budget": plan.budget,
+            "bits_per_weight": plan.bits_per_weight, "stored_bytes": plan.stored_bytes,
+            "n_weights": plan.n_weights, "layers": len(plan.widths),
+            "layers_per_width": {str(b): n for b, n in plan.histogram().items()},
+            "blocks": {u: sorted(set(w)) for u, w in blocks.items()}, "chosen": plan.label,
+            "predicted_kl": plan.predicted_kl, "checked_kl": plan.checked_kl,
+            "files": {path.name: path.stat().st_size}}
+
+
 def _json(path: Path) -> dict[str, Any]:
     try:
         d = json.loads(path.read_text())
@@ -497,6 +523,24 @@ def render(info: dict[str, Any]) -> str:
                    + ("not quantized; `quept quantize --model FOLDER` calibrates it"
                       if info.get("family") else
                       f"not supported by quept: {info.get('unsupported')}"))
+    elif kind == "plan":
+        budget = ", ".join(f"{k} {v:g}" for k, v in info["budget"].items()) or "none recorded"
+        out.append(f"{info['path']}: mixed-precision plan for {info['layers']} linears "
+                   f"({info['n_weights'] / 1e6:.1f}M weights); budget {budget}; realised "
+                   f"{info['bits_per_weight']:.4f} stored bits per weight, "
+                   f"{info['stored_bytes'] / 1e6:.2f} MB of quantized linears")
+        out.append("layers per width: " + ", ".join(
+            f"W{b} {n}" for b, n in info["layers_per_width"].items()))
+        out.append("widths per block, in order: " + " ".join(
+            "/".join(str(b) for b in w) for w in info["blocks"].values()))
+        kl = info.get("checked_kl")
+        if kl:
+            out.append(f"chosen: {info['chosen']} (measured KL per token, lowest kept: "
+                       + ", ".join(f"{k} {v:.4f}" for k, v in kl.items()) + ")")
+        else:
+            out.append(f"chosen: {info['chosen']}")
+        out.append("`quept eval FOLDER --plan PLAN.json` measures it, `quept export FOLDER "
+                   "--plan PLAN.json --out DIR` packs it")
     elif kind == "gguf":
         types = ", ".join(f"{k} {v}" for k, v in info["tensor_types"].items())
         out.append(f"{info['path']}: GGUF file ({info.get('general.architecture', '?')}), "

@@ -150,7 +150,7 @@ def test_bad_paths_and_damaged_folders_fail_clearly(folders, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     (tmp_path / "notes.txt").write_text("x")
     assert main(["info", str(tmp_path / "notes.txt")]) == 2
-    assert "a .gguf file or a folder" in capsys.readouterr().err
+    assert "a .gguf file, a plan JSON from `quept plan`, or a folder" in capsys.readouterr().err
     assert main(["info", str(tmp_path)]) == 2
     assert "not a quept artifact or a Hugging Face model folder" in capsys.readouterr().err
     (tmp_path / "bad.gguf").write_bytes(b"not a gguf file at all")
@@ -215,3 +215,31 @@ def test_metadata_with_fields_missing_prints_question_marks(folders, tmp_path):
                                                         if k != "sizes"}))
     shown = render(describe(bare))
     assert "? bits per quantized weight stored" in shown and "quantized linears ?" in shown
+
+
+def test_plan_file(tmp_path, capsys):
+    from quept.search import Plan
+
+    widths = {f"model.layers.{k}.{ln}": b for k, b in ((0, 3), (1, 2))
+              for ln in ("self_attn.q_proj", "mlp.down_proj")}
+    widths["model.layers.2.mlp.down_proj"] = 4
+    widths["model.layers.2.mlp.up_proj"] = 3
+    plan = Plan(widths, 2.9922, 1234567.0, 4096, {"avg_bits": 3.0}, 0.25, True, "layer",
+                {"layer": 0.31, "block, from W3": 0.27}, "table")
+    path = plan.save(tmp_path / "plan.json")
+    info = run_json(capsys, ["info", str(path), "--json"])
+    assert info["kind"] == "plan" and info["layers"] == 6
+    assert info["layers_per_width"] == {"2": 2, "3": 3, "4": 1}
+    assert info["blocks"] == {"model.layers.0": [3], "model.layers.1": [2],
+                              "model.layers.2": [3, 4]}
+    text = render(info)
+    assert "budget avg_bits 3; realised 2.9922 stored bits per weight, 1.23 MB" in text
+    assert "layers per width: W2 2, W3 3, W4 1" in text
+    assert "widths per block, in order: 3 2 3/4" in text
+    assert "chosen: layer (measured KL per token, lowest kept: layer 0.3100" in text
+    (tmp_path / "other.json").write_text('{"format": "quept-elastic"}')
+    (tmp_path / "bad.json").write_text('{"format": "quept-plan", "version": 1, "bits": {}}')
+    for name, why in (("other.json", "is not a plan from `quept plan`"),
+                      ("bad.json", "'bits' must map layer names to widths")):
+        assert main(["info", str(tmp_path / name)]) == 2
+        assert why in capsys.readouterr().err
