@@ -141,12 +141,7 @@ def main() -> int:
             results["plans"].append({"budget": avg, "plan_ms": (time.perf_counter() - t0) * 1e3})
         except InfeasibleBudgetError as e:
             results["plans"].append({"budget": avg, "infeasible": str(e)})
-    for bits in (None, *range(2, 9)):
-        quept.set_bits(model, bits)
-        nll = window_nll(model, windows, progress=True, desc=f"W{bits}")
-        results["uniform"].append({
-            "bits": bits, "bits_per_weight": 32.0 if bits is None else quept.stored_bits(model),
-            "ppl": math.exp(nll.mean().item()), "window_nll": nll.tolist()})
+    results["uniform"] = [uniform_row(model, windows, bits) for bits in (None, *range(2, 9))]
     for row in results["plans"]:
         plan = plans.get(row["budget"])
         if plan is not None:
@@ -194,6 +189,15 @@ def main() -> int:
     Path(a.out).write_text(json.dumps(result, indent=1))
     plot(results, Path(a.out).with_suffix(".png"), a.windows)
     return 0
+
+
+def uniform_row(model, windows, bits: int | None) -> dict:
+    """Uniform ``bits`` (None: float) on ``windows``: stored bits per weight, perplexity and the
+    per-window NLLs the intervals resample."""
+    quept.set_bits(model, bits)
+    nll = window_nll(model, windows, progress=True, desc=f"W{bits}")
+    return {"bits": bits, "bits_per_weight": 32.0 if bits is None else quept.stored_bits(model),
+            "ppl": math.exp(nll.mean().item()), "window_nll": nll.tolist()}
 
 
 def bootstrap_ppl(rows: list[dict], n_boot: int = BOOTSTRAP, seed: int = 0) -> list[np.ndarray]:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from mixed_precision import bootstrap_ppl, ci95, load_with_table  # benchmarks/
+from mixed_precision import BOOTSTRAP, line_check, load_with_table, uniform_row  # benchmarks/
 
 import quept
 from quept import data
@@ -56,12 +56,7 @@ def main() -> int:
     kept = min(zip(kl_check, cands), key=lambda x: x[0])[1]  # what quept.plan keeps
 
     lo, hi = bracketing_widths(table, avg_bits=a.budget)
-    uniform = {}
-    for b in (lo, hi):
-        quept.set_bits(model, b)
-        nll = window_nll(model, windows, progress=True, desc=f"W{b}")
-        uniform[b] = {"bits": b, "bits_per_weight": quept.stored_bits(model),
-                      "ppl": math.exp(nll.mean().item()), "window_nll": nll.tolist()}
+    u0, u1 = (uniform_row(model, windows, b) for b in (lo, hi))
     rows = []
     for (label, plan), kc, kh in zip(cands.items(), kl_check, kl_held):
         quept.set_bits(model, plan)
@@ -69,14 +64,9 @@ def main() -> int:
         rows.append({"candidate": label, "kept": label == kept, "widths": plan.histogram(),
                      "bits_per_weight": plan.bits_per_weight, "check_kl": kc, "held_out_kl": kh,
                      "ppl": math.exp(nll.mean().item()), "window_nll": nll.tolist()})
-    u0, u1 = uniform[lo], uniform[hi]
-    boot = bootstrap_ppl([u0, u1, *rows])
-    for r, bp in zip(rows, boot[2:]):
-        t_r = (r["bits_per_weight"] - u0["bits_per_weight"]) / (
-            u1["bits_per_weight"] - u0["bits_per_weight"])
-        line = u0["ppl"] + (u1["ppl"] - u0["ppl"]) * t_r
-        r.update(line_ppl=line, gap=r["ppl"] / line - 1,
-                 gap_ci95=ci95(bp / (boot[0] + (boot[1] - boot[0]) * t_r) - 1))
+    checks = line_check([u0, u1], [{"budget": a.budget, **r} for r in rows])
+    for r, c in zip(rows, checks, strict=True):  # every candidate lies between W<lo> and W<hi>
+        r.update(line_ppl=c["line_ppl"], gap=c["gap"], gap_ci95=c["gap_ci95"])
     rank = lambda v: np.argsort(np.argsort(v))  # noqa: E731
     spearman = {k: float(np.corrcoef(rank([r[k] for r in rows]),
                                      rank([r["ppl"] for r in rows]))[0, 1])
@@ -101,7 +91,7 @@ def main() -> int:
            "check_tokens": list(check.shape), "held_out_tokens": list(held.shape),
            "candidates_seconds": plan_s, "uniform": [u0, u1], "candidates": rows,
            "spearman_vs_ppl": spearman,
-           "bootstrap": {"resamples": len(boot[0]), "unit": "512-token window", "seed": 0}}
+           "bootstrap": {"resamples": BOOTSTRAP, "unit": "512-token window", "seed": 0}}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=1))
     return 0

@@ -24,8 +24,9 @@ def window_nll(
                   leave=False):
         ids = windows[i : i + batch_size].to(device)
         logits = model(ids, use_cache=False).logits[:, :-1]
-        nll = F.cross_entropy(logits.transpose(1, 2).float(), ids[:, 1:], reduction="none")
-        out.append(nll.double().mean(1).cpu())
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                              ids[:, 1:].reshape(-1), reduction="none")
+        out.append(nll.view(ids.shape[0], -1).double().mean(1).cpu())
         del logits
     return torch.cat(out)
 
@@ -35,16 +36,6 @@ def perplexity(
     model: nn.Module, windows: torch.Tensor, batch_size: int = 2, progress: bool = False,
     desc: str = "perplexity",
 ) -> float:
-    """exp(mean next-token NLL) over every predicted token of ``windows`` (n, T)."""
-    device = next(model.parameters()).device
-    nll, count = 0.0, 0
-    for i in tqdm(range(0, windows.shape[0], batch_size), disable=not progress, desc=desc,
-                  leave=False):
-        ids = windows[i : i + batch_size].to(device)
-        logits = model(ids, use_cache=False).logits[:, :-1]
-        nll += F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="sum"
-        ).item()
-        del logits
-        count += ids[:, 1:].numel()
-    return math.exp(nll / count)
+    """exp(mean next-token NLL) over every predicted token of ``windows`` (n, T): every window
+    predicts T - 1 tokens, so that is the exponential of the mean of :func:`window_nll`."""
+    return math.exp(window_nll(model, windows, batch_size, progress, desc).mean().item())

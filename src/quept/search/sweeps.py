@@ -19,6 +19,8 @@ from collections.abc import Iterator, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
+from quept.data.fetch import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 SWEEPS_FORMAT = "quept-sweeps"
@@ -89,10 +91,8 @@ class SweepCache(MutableMapping[tuple[int, int], Sweep]):
         }
 
     def _write(self) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
         try:
-            tmp.write_text(json.dumps(self.to_dict(), indent=1))
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, json.dumps(self.to_dict(), indent=1))
         except OSError as e:  # a read-only folder: the plan is still made, just not kept
             log.warning("cannot keep the in-context sweeps in %s (%s)", self.path, e)
 
