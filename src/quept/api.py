@@ -197,7 +197,15 @@ def calibrate(
 
 def set_bits(model: nn.Module, bits: BitsPlan | Plan, *, rtn: bool = False) -> nn.Module:
     """Switch the elastic model to one width (int), float (None) or a plan: {layer: bits}, a
-    :class:`quept.search.Plan`, or a plan JSON loaded as a dict."""
+    :class:`quept.search.Plan`, or a plan JSON loaded as a dict. A switchable packed model
+    (:func:`load_switchable`) re-packs its layers instead (no float, no RTN there)."""
+    switch = getattr(model, "quept_switch", None)
+    if switch is not None:
+        if rtn:
+            raise ConfigError("a switchable packed model has no round-to-nearest mode; "
+                              "use the elastic model (quept.load) for RTN")
+        switch.set_bits(as_layer_widths(bits))
+        return model
     return _set_bits(model, as_layer_widths(bits), rtn=rtn)
 
 
@@ -490,6 +498,14 @@ def save_compact(model: nn.Module, folder: str | os.PathLike, config: QuEPTConfi
 def load_compact(folder: str | os.PathLike) -> tuple[nn.Module, Any]:
     """The elastic model of a compact checkpoint (its weights are the dequantized master) and
     its tokenizer; it switches widths and exports like a calibrated model."""
+    net, meta = _compact_shell(folder)
+    net.quept_compact = _compact.restore_compact(net, folder)
+    net.eval().requires_grad_(False)
+    return net, _folder_tokenizer(folder)
+
+
+def _compact_shell(folder: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+    """The compact checkpoint's model built on the meta device and prepared with its spec."""
     from transformers import AutoConfig
 
     meta = _compact.read_compact_meta(folder)
@@ -499,10 +515,32 @@ def load_compact(folder: str | os.PathLike) -> tuple[nn.Module, Any]:
     with torch.device("meta"):
         net = fam.model_class().from_config(hf_cfg)
     prepare(net, cfg.spec, seed=cfg.calib.seed)
-    net.quept_compact = _compact.restore_compact(net, folder)
-    net.eval().requires_grad_(False)
     net.quept_source = str(folder)
-    return net, _folder_tokenizer(folder)
+    return net, meta
+
+
+def load_switchable(folder: str | os.PathLike, bits: int | Mapping[str, int] | Plan, *,
+                    backend: str = "auto", scale_dtype: str = "float16",
+                    model: str | os.PathLike | None = None) -> tuple[nn.Module, Any]:
+    """A packed model that switches width at run time: the elastic or compact folder's layers
+    packed at ``bits`` (a width or a plan), running on the integer codes like a packed folder;
+    :func:`set_bits` re-packs them for another width or plan. From a compact checkpoint only
+    its tensors (~10 bits per weight) stay in memory besides the packed codes; from an elastic
+    folder the float layers stay. ``model.quept_switch`` reports sizes and the current widths."""
+    from quept.export.switchable import make_switchable, switchable_from_compact
+
+    widths = as_layer_widths(bits)
+    if (Path(folder) / _compact.COMPACT_JSON).is_file():
+        net, meta = _compact_shell(folder)
+        switchable_from_compact(net, folder, meta, widths, backend=backend,
+                                scale_dtype=scale_dtype)
+        net.quept_compact = meta
+        tok = _folder_tokenizer(folder)
+    else:
+        net, tok = load(folder, model)
+        make_switchable(net, widths, backend=backend, scale_dtype=scale_dtype)
+    net.eval().requires_grad_(False)
+    return net, tok
 
 
 def _folder_tokenizer(folder: str | os.PathLike) -> Any:

@@ -176,14 +176,26 @@ def add_run(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="generate text and time prefill and decode",
                        description="Greedy generation (batch 1, KV cache) with a packed folder, "
                        "a compressed-tensors or ONNX export (run in ONNX Runtime), the float "
-                       "model of a plain HF folder, or an elastic/compact folder at --bits "
-                       "(fake-quantized). Prints the text and tokens per second of prefill (the "
-                       "prompt) and decode (each new token).")
+                       "model of a plain HF folder, or an elastic/compact folder at --bits or "
+                       "--plan. An elastic or compact folder runs packed layers (the codes "
+                       "`quept export` writes, on the same kernels) and switches width in "
+                       "memory: --bits 4,3,2 generates at each width in turn. Prints the text "
+                       "and tokens per second of prefill (the prompt) and decode (each new "
+                       "token).")
     p.add_argument("folder", help="packed folder, compressed-tensors or ONNX export, HF model "
-                   "folder, or elastic/compact + --bits")
+                   "folder, or elastic/compact + --bits or --plan")
     p.add_argument("--prompt", required=True, help="prompt text")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
-    p.add_argument("--bits", type=int, default=None, help="width, for elastic/compact folders")
+    w = p.add_mutually_exclusive_group()
+    w.add_argument("--bits", default=None,
+                   help="elastic/compact folders: a width, or comma-separated widths run one "
+                   "after the other in the same loaded model (e.g. 4,3,2)")
+    w.add_argument("--plan", metavar="PLAN.json", action="append", default=None,
+                   help="elastic/compact folders: a mixed-precision plan (`quept plan`); "
+                   "repeat to run several")
+    p.add_argument("--fake-quant", action="store_true",
+                   help="elastic/compact folders: run the elastic model fake-quantized (float "
+                   "matmuls over the quantized weights) instead of packed layers")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="packed matmul: fused kernel, PyTorch int4, or dequantize per call")
     p.add_argument("--no-eos", action="store_true", help="do not stop at the end-of-text token")
@@ -198,37 +210,95 @@ def add_run(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_run)
 
 
+def _run_configs(a: argparse.Namespace) -> list[tuple[str, Any]]:
+    """``[(label, width or plan)]`` from --bits / --plan."""
+    if a.plan:
+        return [(f"plan {p}", read_widths(p)) for p in a.plan]
+    configs = []
+    for part in a.bits.split(","):
+        try:
+            b = int(part)
+        except ValueError:
+            raise ConfigError(f"--bits takes widths separated by commas (e.g. 4,3,2), got "
+                              f"{a.bits!r}") from None
+        configs.append((width_label(b), b))
+    return configs
+
+
 def cmd_run(a: argparse.Namespace) -> dict[str, Any]:
     folder = Path(a.folder)
     kind = folder_kind(folder)
-    if (a.bits is not None) != (kind in ("elastic", "compact")):
-        raise ConfigError(f"{folder} is a {kind} folder: --bits is for elastic or compact "
-                          "folders (and required there)")
+    configured = a.bits is not None or bool(a.plan)
+    if configured != (kind in ("elastic", "compact")):
+        raise ConfigError(f"{folder} is a {kind} folder: --bits and --plan are for elastic or "
+                          "compact folders (and one of them is required there)")
+    if a.fake_quant and kind not in ("elastic", "compact"):
+        raise ConfigError("--fake-quant applies to elastic and compact folders")
+    configs = _run_configs(a) if configured else [(kind, None)]
+    switch = None
+    t0 = time.perf_counter()
     if kind == "packed":
         model, tok = api.load_packed(folder, backend=a.backend)
     elif kind in ("hf", "compressed-tensors", "onnx"):
         model, tok = api.load_model(folder)
     else:
-        model, tok, _ = _load_elastic(folder, kind, None)
-        api.set_bits(model, a.bits)
+        if a.fake_quant:
+            model, tok, _ = _load_elastic(folder, kind, None)
+            api.set_bits(model, configs[0][1])
+        else:
+            model, tok = api.load_switchable(folder, configs[0][1], backend=a.backend)
+            switch = model.quept_switch
+    load_seconds = time.perf_counter() - t0
     if not family_for(model).is_causal_lm:
         raise ConfigError(f"{folder} holds a {model.config.model_type} model, which does not "
                           "generate text (an encoder or an image classifier): `quept eval` "
                           "reports its embedding fidelity or accuracy")
     if tok is None:
         raise ConfigError(f"{folder} holds no tokenizer")
-    gen = generate(model, tok, a.prompt, a.max_new_tokens, stop_at_eos=not a.no_eos,
-                   kv_cache=a.kv_cache, prefill_chunk=a.prefill_chunk)
-    if not a.json:
-        print(a.prompt + gen.text)
-        print(f"\nprefill {gen.prompt_tokens} tokens: {gen.prefill_tokens_per_second:.1f} tok/s"
-              f"; decode {gen.new_tokens - 1} tokens: {gen.decode_tokens_per_second:.1f} tok/s"
-              f" ({kind} model)")
-        if gen.kv_cache_bytes is not None:
-            print(f"KV cache: {gen.prompt_tokens + gen.new_tokens - 1} tokens as packed codes, "
-                  f"{gen.kv_cache_bytes / 2**10:.1f} KiB (float32: "
-                  f"{gen.kv_cache_float32_bytes / 2**10:.1f} KiB)")
-    return {"folder": str(folder), "kind": kind, **gen.to_dict()}
+    runs = []
+    for i, (label, config) in enumerate(configs):
+        extra: dict[str, Any] = {}
+        if configured:
+            t1 = time.perf_counter()
+            if i:
+                api.set_bits(model, config)
+            extra = {"config": label, "switch_seconds": time.perf_counter() - t1 if i else None,
+                     "bits_per_weight": (switch.bits_per_weight() if switch is not None
+                                         else api.stored_bits(model))}
+        gen = generate(model, tok, a.prompt, a.max_new_tokens, stop_at_eos=not a.no_eos,
+                       kv_cache=a.kv_cache, prefill_chunk=a.prefill_chunk)
+        runs.append({**extra, **gen.to_dict()})
+        if not a.json:
+            _print_run(a, kind, label if configured else None, extra, gen,
+                       "fake-quantized" if a.fake_quant else "packed")
+    out: dict[str, Any] = {"folder": str(folder), "kind": kind, "load_seconds": load_seconds}
+    if configured:
+        out["mode"] = "fake-quantized" if a.fake_quant else "packed"
+    if switch is not None:
+        out["memory"] = switch.sizes()
+        if not a.json:
+            m = out["memory"]
+            print(f"\nin memory: packed layers {m['packed_bytes'] / 1e6:.1f} MB now, and the "
+                  f"{m['source']} source of every width {m['source_bytes'] / 1e6:.1f} MB "
+                  f"({m['source_bits_per_weight']:.2f} bits per weight); loaded in "
+                  f"{load_seconds:.1f} s")
+    return {**out, **(runs[0] if len(runs) == 1 else {}), "runs": runs}
+
+
+def _print_run(a: argparse.Namespace, kind: str, label: str | None, extra: dict[str, Any],
+               gen: Any, mode: str) -> None:
+    if label is not None:
+        switched = ("" if extra["switch_seconds"] is None
+                    else f", switched in {extra['switch_seconds']:.2f} s")
+        print(f"--- {label} ({mode}, {extra['bits_per_weight']:.3f} bits per weight{switched})")
+    print(a.prompt + gen.text)
+    print(f"\nprefill {gen.prompt_tokens} tokens: {gen.prefill_tokens_per_second:.1f} tok/s"
+          f"; decode {gen.new_tokens - 1} tokens: {gen.decode_tokens_per_second:.1f} tok/s"
+          f" ({kind} model)")
+    if gen.kv_cache_bytes is not None:
+        print(f"KV cache: {gen.prompt_tokens + gen.new_tokens - 1} tokens as packed codes, "
+              f"{gen.kv_cache_bytes / 2**10:.1f} KiB (float32: "
+              f"{gen.kv_cache_float32_bytes / 2**10:.1f} KiB)")
 
 
 def width_label(bits: int | str | None, activations: bool = False) -> str:

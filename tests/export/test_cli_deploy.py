@@ -41,8 +41,8 @@ def test_compact_export_eval_run(folders, capsys):
                             "--max-new-tokens", "6", "--no-eos", "--json"])
     assert gen["kind"] == "packed" and gen["new_tokens"] == 6 and gen["prompt_tokens"] == 13
     assert gen["prefill_tokens_per_second"] > 0 and gen["decode_tokens_per_second"] > 0
-    fake = run_json(capsys, ["run", str(root / "c"), "--bits", "3", "--prompt", "It is a truth",
-                             "--max-new-tokens", "6", "--no-eos", "--json"])
+    fake = run_json(capsys, ["run", str(root / "c"), "--bits", "3", "--fake-quant", "--prompt",
+                             "It is a truth", "--max-new-tokens", "6", "--no-eos", "--json"])
     assert fake["text"] == gen["text"]  # packed generates what the fake-quantized model does
     flt = run_json(capsys, ["run", str(base), "--prompt", "It is", "--max-new-tokens", "3",
                             "--no-eos", "--json"])
@@ -71,7 +71,7 @@ def test_clear_errors(folders, capsys):
     assert main(["export", str(elastic), "--bits", "9", "--out", str(root / "x")]) == 2
     assert "outside 2..8" in capsys.readouterr().err
     assert main(["run", str(elastic), "--prompt", "a"]) == 2
-    assert "--bits is for elastic or compact" in capsys.readouterr().err
+    assert "--bits and --plan are for elastic or compact" in capsys.readouterr().err
     (root / "bad.json").write_text("[1, 2]")
     assert main(["export", str(elastic), "--plan", str(root / "bad.json"), "--out",
                  str(root / "x")]) == 2

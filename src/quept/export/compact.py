@@ -379,6 +379,34 @@ def read_compact_meta(folder: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
+def split_layer_tensors(raw: Mapping[str, torch.Tensor], layers: list[str]
+                        ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """The compact file's tensors as ``{layer: {"{layer}.{part}": tensor}}`` for each named
+    elastic layer (what :func:`_layer_state` rebuilds it from), and the rest of the model's."""
+    per: dict[str, dict[str, torch.Tensor]] = {n: {} for n in layers}
+    rest = {}
+    for key, t in raw.items():
+        head, _, part = key.rpartition(".")
+        layer = head.rpartition(".")[0] if part.isdigit() else head  # act_log_step.{bits}
+        if layer in per:
+            per[layer][key] = t
+        else:
+            rest[key] = t
+    empty = [n for n, d in per.items() if not d]
+    if empty:
+        raise PackedFormatError(f"no compact tensors for {len(empty)} layers (e.g. {empty[:2]})")
+    return per, rest
+
+
+def read_compact_tensors(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of the compact checkpoint in ``folder``."""
+    path = Path(folder) / COMPACT_WEIGHTS
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises several types for a damaged file
+        raise PackedFormatError(f"{path} cannot be read: {e}") from None
+
+
 def restore_compact(net: nn.Module, folder: str | os.PathLike) -> dict[str, Any]:
     """Fill a model built on the meta device and prepared with the checkpoint's spec (see
     :func:`quept.api.load_compact`) from the compact checkpoint in ``folder``; returns its JSON.
@@ -386,10 +414,7 @@ def restore_compact(net: nn.Module, folder: str | os.PathLike) -> dict[str, Any]
     folder = Path(folder)
     meta = read_compact_meta(folder)
     ccfg = CompactConfig(**meta["compact"])
-    try:
-        raw = load_file(str(folder / COMPACT_WEIGHTS))
-    except Exception as e:  # safetensors raises several types for a damaged file
-        raise PackedFormatError(f"{folder / COMPACT_WEIGHTS} cannot be read: {e}") from None
+    raw = read_compact_tensors(folder)
     layers = elastic_layers(net)
     if sorted(layers) != sorted(meta["layers"]):
         raise PackedFormatError(f"{folder}: its layers do not match the model's elastic layers")

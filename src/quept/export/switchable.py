@@ -1,0 +1,220 @@
+"""Run-time width switching with packed layers: one loaded model, any width or plan, real kernels.
+
+A *switchable* model is a packed model (a :class:`PackedLinear` in place of every elastic layer,
+so matmuls run on the integer codes) that also keeps, per layer, the *source* every width is
+packed from, and re-packs its layers when :meth:`Switchable.set_bits` asks for another width or
+a plan. Two sources:
+
+- ``"compact"``: the compact checkpoint's own tensors (8-bit master codes with fp16 ends, int8
+  adapters, clip codes; ~10.4 bits per weight on the default model). A switch rebuilds one
+  layer at a time as an :class:`ElasticLinear` (the same rebuild as
+  :func:`quept.export.compact.restore_compact`), packs it and drops the float copy, so memory
+  holds the compact source plus the packed codes of the current width, never the float model.
+- ``"elastic"``: the layers of a loaded elastic model, kept as they are (float32 weights); a
+  switch packs them again.
+
+Either way the packed layers hold exactly the codes ``quept export`` writes for that width or
+plan, so the outputs are the packed folder's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from quept.export.compact import (
+    CompactConfig,
+    _layer_state,
+    read_compact_tensors,
+    split_layer_tensors,
+)
+from quept.export.load import fill
+from quept.export.packed import SCALE_DTYPES, PackedFormatError, pack_model
+from quept.nn.elastic_linear import ElasticLinear
+from quept.nn.packed_linear import PackedLinear
+from quept.nn.switch import elastic_layers
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("compact", "elastic")
+
+
+@dataclass(frozen=True)
+class SwitchReport:
+    """What one :meth:`Switchable.set_bits` did."""
+
+    repacked: int  # layers packed again (the others already had their width)
+    seconds: float
+    bits_per_weight: float  # stored bits per quantized weight of the new configuration
+
+
+class _Holder(nn.Module):
+    """A one-layer module tree, so :func:`pack_model` can pack a single elastic layer."""
+
+    def __init__(self, layer: ElasticLinear) -> None:
+        super().__init__()
+        self.layer = layer
+
+
+class Switchable:
+    """The switching state of a model whose elastic layers were replaced by packed ones.
+
+    Built by :func:`make_switchable`; reached as ``model.quept_switch``. ``set_bits`` takes one
+    width or a plan ``{layer: bits}`` naming every layer.
+    """
+
+    def __init__(self, model: nn.Module, source: str, skeletons: Mapping[str, ElasticLinear],
+                 raw: Mapping[str, Mapping[str, torch.Tensor]] | None,
+                 compact: CompactConfig | None, backend: str, scale_dtype: str) -> None:
+        self.model, self.source = model, source
+        self._layers = dict(skeletons)
+        self._raw = dict(raw or {})
+        self._compact = compact
+        self.backend, self.scale_dtype = backend, scale_dtype
+        self._widths: dict[str, int] = {}
+
+    @property
+    def widths(self) -> dict[str, int]:
+        """``{layer: bits}`` the packed layers hold now."""
+        return dict(self._widths)
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self._layers)
+
+    def set_bits(self, plan: int | Mapping[str, int]) -> SwitchReport:
+        """Re-pack every layer whose width changes; returns what it did."""
+        t0 = time.perf_counter()
+        wanted = self._resolve(plan)
+        changed = {n: b for n, b in wanted.items() if self._widths.get(n) != b}
+        with torch.no_grad():
+            for name, b in changed.items():
+                packed = self._pack(name, b)
+                parent, _, child = name.rpartition(".")
+                setattr(self.model.get_submodule(parent) if parent else self.model, child, packed)
+                self._widths[name] = b
+        seconds = time.perf_counter() - t0
+        report = SwitchReport(len(changed), seconds, self.bits_per_weight())
+        log.debug("switched %d layers in %.2f s (%.3f bits per weight)", report.repacked,
+                 seconds, report.bits_per_weight)
+        return report
+
+    def _resolve(self, plan: int | Mapping[str, int]) -> dict[str, int]:
+        if isinstance(plan, bool) or not (plan is None or isinstance(plan, (int, Mapping))):
+            raise PackedFormatError(f"a switchable model takes a width (int) or a plan "
+                                    f"{{layer: bits}}, got {plan!r}")
+        if not isinstance(plan, Mapping):
+            wanted = dict.fromkeys(self._layers, plan)
+        else:
+            missing = [n for n in self._layers if n not in plan]
+            unknown = [n for n in plan if n not in self._layers]
+            if missing or unknown:
+                raise PackedFormatError(
+                    f"plan does not match the model: {len(missing)} layers missing (e.g. "
+                    f"{missing[:3]}), {len(unknown)} unknown names (e.g. {unknown[:3]})")
+            wanted = {n: plan[n] for n in self._layers}
+        for name, b in wanted.items():
+            widths = self._layers[name].spec.bits
+            if b is None:
+                raise PackedFormatError(f"layer {name}: a packed model has no float layers; "
+                                        f"pick one of the widths {list(widths)}")
+            if isinstance(b, bool) or not isinstance(b, int) or b not in widths:
+                raise PackedFormatError(f"layer {name}: width {b!r} is not one of the widths "
+                                        f"this model was calibrated for, {list(widths)}")
+        return wanted
+
+    def _pack(self, name: str, bits: int) -> PackedLinear:
+        layer = self._materialise(name)
+        try:
+            packed = pack_model(_Holder(layer), {"layer": bits}, self.scale_dtype)["layer"]
+        finally:
+            if self.source == "compact":
+                layer.to("meta")  # drop the float copy; the compact tensors stay
+        packed.set_backend(self.backend)
+        return packed
+
+    def _materialise(self, name: str) -> ElasticLinear:
+        layer = self._layers[name]
+        if self.source == "elastic":
+            return layer
+        try:
+            state = _layer_state(name, layer, self._raw[name], self._compact)
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise PackedFormatError(f"layer {name} cannot be rebuilt from its compact "
+                                    f"tensors: {e}") from None
+        prefix = f"{name}."
+        layer.load_state_dict({k[len(prefix):]: v for k, v in state.items()}, assign=True)
+        return layer
+
+    def bits_per_weight(self) -> float:
+        """Stored bits per quantized weight of the packed layers (codes, scales, zero-points)."""
+        packed = [self.model.get_submodule(n) for n in self._widths]
+        weights = sum(m.in_features * m.out_features for m in packed)
+        return 8 * sum(m.code_bytes() for m in packed) / max(weights, 1)
+
+    def sizes(self) -> dict[str, Any]:
+        """Bytes in memory: the packed layers now, and the source every width comes from."""
+        packed = [self.model.get_submodule(n) for n in self._widths]
+        weights = sum(m.in_features * m.out_features for m in packed)
+        if self.source == "compact":
+            source = sum(t.numel() * t.element_size() for d in self._raw.values()
+                         for t in d.values())
+        else:
+            source = sum(t.numel() * t.element_size() for m in self._layers.values()
+                         for t in (*m.parameters(), *m.buffers()))
+        return {"source": self.source, "quantized_weights": weights,
+                "packed_bytes": sum(m.code_bytes() for m in packed),
+                "source_bytes": source, "source_bits_per_weight": 8 * source / max(weights, 1),
+                "bits_per_weight": self.bits_per_weight()}
+
+
+def make_switchable(model: nn.Module, bits: int | Mapping[str, int], *, backend: str = "auto",
+                    scale_dtype: str = "float16") -> Switchable:
+    """Replace the elastic layers of a loaded elastic model by packed layers at ``bits`` and
+    attach the switch as ``model.quept_switch``; the float layers stay as the source."""
+    _check_scale_dtype(scale_dtype)
+    layers = elastic_layers(model)
+    if not layers:
+        raise PackedFormatError("the model has no elastic layers: load an elastic folder "
+                                "(`quept quantize`) or a compact checkpoint (`quept compact`)")
+    return _attach(Switchable(model, "elastic", layers, None, None, backend, scale_dtype), bits)
+
+
+def switchable_from_compact(net: nn.Module, folder: str | os.PathLike, meta: Mapping[str, Any],
+                            bits: int | Mapping[str, int], *, backend: str = "auto",
+                            scale_dtype: str = "float16") -> Switchable:
+    """Fill ``net`` (built on the meta device and prepared with the checkpoint's spec) from the
+    compact checkpoint in ``folder``, except its elastic layers, which become packed layers at
+    ``bits`` rebuilt one at a time from the compact tensors (kept as the source)."""
+    _check_scale_dtype(scale_dtype)
+    layers = elastic_layers(net)
+    if sorted(layers) != sorted(meta["layers"]):
+        raise PackedFormatError(f"{folder}: its layers do not match the model's elastic layers")
+    try:
+        per_layer, rest = split_layer_tensors(read_compact_tensors(folder), list(layers))
+    except PackedFormatError as e:
+        raise PackedFormatError(f"{folder}: {e}") from None
+    for name in layers:  # out of the tree while the rest is filled; packed layers go here
+        parent, _, child = name.rpartition(".")
+        setattr(net.get_submodule(parent) if parent else net, child, nn.Identity())
+    fill(net, rest, meta.get("aliases", {}), str(folder))
+    ccfg = CompactConfig(**meta["compact"])
+    return _attach(Switchable(net, "compact", layers, per_layer, ccfg, backend, scale_dtype), bits)
+
+
+def _attach(sw: Switchable, bits: int | Mapping[str, int]) -> Switchable:
+    sw.set_bits(bits)
+    sw.model.quept_switch = sw
+    return sw
+
+
+def _check_scale_dtype(scale_dtype: str) -> None:
+    if scale_dtype not in SCALE_DTYPES:
+        raise PackedFormatError(f"scale dtype {scale_dtype!r} is not one of {list(SCALE_DTYPES)}")

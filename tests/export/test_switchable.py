@@ -1,0 +1,175 @@
+"""Switchable packed models: packed layers that re-pack in memory for another width or plan."""
+
+import json
+
+import pytest
+import torch
+
+import quept
+from quept.cli import main
+from quept.export.packed import PackedFormatError
+from quept.nn import ElasticLinear, elastic_layers
+from quept.nn.packed_linear import PackedLinear
+
+from .tiny import TEXT, elastic_folder, hf_folder, run_json
+
+IDS = torch.tensor([[5, 9, 14, 3, 27, 40, 11, 2, 60, 33, 7, 19]])
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("switch")
+    base = hf_folder(root / "base")
+    elastic = elastic_folder(root / "elastic", base)
+    model, tok = quept.load(elastic)
+    quept.api.save_compact(model, root / "compact", tokenizer=tok)
+    compact, _ = quept.api.load_compact(root / "compact")
+    names = list(elastic_layers(compact))
+    plan = {n: (2, 4, 8)[i % 3] for i, n in enumerate(names)}
+    for label, config in (("p3", 3), ("p2", 2), ("pplan", plan)):
+        quept.api.export(compact, config, root / label, tokenizer=tok)
+    quept.api.export(model, 4, root / "e4", tokenizer=tok)
+    (root / "plan.json").write_text(json.dumps({"plan": plan}))
+    (root / "text.txt").write_text(TEXT)
+    return root, elastic, plan
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def packed_logits(folder):
+    return logits(quept.api.load_packed(folder)[0])
+
+
+def test_compact_switches_to_exactly_the_exported_codes(folders):
+    root, _, plan = folders
+    model, tok = quept.load_switchable(root / "compact", 3)
+    assert tok is not None
+    assert not any(isinstance(m, ElasticLinear) for m in model.modules())
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    assert len(layers) == len(plan) and {m.bits for m in layers} == {3}
+    w3 = logits(model)
+    assert torch.equal(w3, packed_logits(root / "p3"))
+
+    sw = model.quept_switch
+    report = sw.set_bits(2)
+    assert report.repacked == len(plan) and report.bits_per_weight == pytest.approx(2 + 18 / 32)
+    assert torch.equal(logits(model), packed_logits(root / "p2"))
+    quept.set_bits(model, plan)  # the public verb re-packs a switchable model
+    assert sw.widths == plan
+    assert torch.equal(logits(model), packed_logits(root / "pplan"))
+    assert sw.set_bits(3).repacked == sum(b != 3 for b in plan.values())
+    assert torch.equal(logits(model), w3)  # switching back gives the same model
+
+
+def test_only_changed_layers_are_repacked_and_sizes_add_up(folders):
+    root, _, plan = folders
+    model, _ = quept.load_switchable(root / "compact", plan)
+    sw = model.quept_switch
+    first = sw.layer_names[0]
+    other = 8 if plan[first] != 8 else 2
+    report = sw.set_bits({**plan, first: other})
+    assert report.repacked == 1 and sw.widths[first] == other
+    assert model.get_submodule(first).bits == other
+    s = sw.sizes()
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    assert s["packed_bytes"] == sum(m.code_bytes() for m in packed)
+    assert s["quantized_weights"] == sum(m.in_features * m.out_features for m in packed)
+    assert s["source"] == "compact"
+    # the compact source is smaller than the float32 layers it stands for
+    assert 8 < s["source_bits_per_weight"] < 32
+    compact_meta = json.loads((root / "compact" / "quept-compact.json").read_text())
+    assert s["source_bytes"] == compact_meta["sizes"]["elastic_bytes"]
+
+
+def test_elastic_source(folders):
+    root, elastic, _ = folders
+    model, _ = quept.load_switchable(elastic, 4)
+    assert model.quept_switch.source == "elastic"
+    assert torch.equal(logits(model), packed_logits(root / "e4"))
+    assert model.quept_switch.sizes()["source_bits_per_weight"] > 32  # float32 + adapters
+
+
+def test_bad_widths_and_plans_are_named(folders):
+    root, _, plan = folders
+    model, _ = quept.load_switchable(root / "compact", 4)
+    with pytest.raises(PackedFormatError, match="not one of the widths"):
+        quept.set_bits(model, 9)
+    with pytest.raises(PackedFormatError, match="no float layers"):
+        quept.set_bits(model, None)
+    with pytest.raises(PackedFormatError, match="1 layers missing"):
+        quept.set_bits(model, dict(list(plan.items())[1:]))
+    with pytest.raises(quept.ConfigError, match="round-to-nearest"):
+        quept.set_bits(model, 3, rtn=True)
+    assert {m.bits for m in model.modules() if isinstance(m, PackedLinear)} == {4}
+    with pytest.raises(PackedFormatError, match="scale dtype"):
+        quept.load_switchable(root / "compact", 4, scale_dtype="bfloat16")
+
+
+def test_a_damaged_compact_source_is_named(folders, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    root, _, plan = folders
+    shutil.copytree(root / "compact", tmp_path / "c")
+    raw = load_file(str(tmp_path / "c" / "compact.safetensors"))
+    first = next(iter(plan))
+    del raw[f"{first}.master"]
+    save_file(raw, str(tmp_path / "c" / "compact.safetensors"))
+    with pytest.raises(PackedFormatError, match=f"layer {first} cannot be rebuilt"):
+        quept.load_switchable(tmp_path / "c", 3)
+
+
+def test_cli_runs_several_widths_in_one_model(folders, capsys):
+    root, _, _ = folders
+    gen = ["--prompt", "It is a truth", "--max-new-tokens", "5", "--no-eos", "--json"]
+    res = run_json(capsys, ["run", str(root / "compact"), "--bits", "3,2", *gen])
+    assert res["mode"] == "packed" and [r["config"] for r in res["runs"]] == ["W3", "W2"]
+    assert res["runs"][0]["switch_seconds"] is None and res["runs"][1]["switch_seconds"] > 0
+    assert res["runs"][1]["bits_per_weight"] == pytest.approx(2 + 18 / 32)
+    assert res["memory"]["source"] == "compact" and res["memory"]["packed_bytes"] > 0
+    for run, folder in zip(res["runs"], ("p3", "p2")):
+        assert run["new_tokens"] == 5
+        assert run["text"] == run_json(capsys, ["run", str(root / folder), *gen])["text"]
+    fake = run_json(capsys, ["run", str(root / "compact"), "--bits", "3", "--fake-quant", *gen])
+    assert fake["mode"] == "fake-quantized" and fake["text"] == res["runs"][0]["text"]
+    planned = run_json(capsys, ["run", str(root / "compact"), "--plan",
+                                str(root / "plan.json"), *gen])
+    assert planned["text"] == run_json(capsys, ["run", str(root / "pplan"), *gen])["text"]
+
+
+def test_cli_run_errors(folders, capsys):
+    root, elastic, _ = folders
+    assert main(["run", str(elastic), "--bits", "4,x", "--prompt", "a"]) == 2
+    assert "widths separated by commas" in capsys.readouterr().err
+    assert main(["run", str(root / "p3"), "--bits", "3", "--prompt", "a"]) == 2
+    assert "--bits and --plan are for elastic or compact" in capsys.readouterr().err
+    assert main(["run", str(root / "p3"), "--fake-quant", "--prompt", "a"]) == 2
+    assert "--fake-quant applies to elastic and compact" in capsys.readouterr().err
+    assert main(["run", str(root / "compact"), "--bits", "9", "--prompt", "a"]) == 2
+    assert "not one of the widths" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["kv-cache", "weight+activation"])
+def test_quantized_cache_and_activations_follow_the_switch(mode, tmp_path):
+    from quept.config import ElasticSpec, weight_act_spec
+    from quept.export.switchable import make_switchable
+
+    from .tiny import elastic_tiny
+
+    spec = ElasticSpec(ranks=(2, 2, 2, 2), default_group_size=16,
+                       kv_bits=4 if mode == "kv-cache" else None)
+    model = elastic_tiny(spec if mode == "kv-cache" else weight_act_spec(spec))
+    quept.api.export(model, 4, tmp_path / "p4")
+    quept.api.export(model, 6, tmp_path / "p6")
+    make_switchable(model, 6)
+    assert torch.equal(logits(model), packed_logits(tmp_path / "p6"))
+    quept.set_bits(model, 4)
+    assert torch.equal(logits(model), packed_logits(tmp_path / "p4"))
+    k_proj = model.get_submodule("model.layers.0.self_attn.k_proj")
+    assert isinstance(k_proj, PackedLinear) and k_proj.bits == 4
+    assert (k_proj.act_bits == 4) == (mode == "weight+activation")
+    assert (k_proj.kv_quant is not None) == (mode == "kv-cache")
