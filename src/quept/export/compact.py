@@ -429,7 +429,9 @@ def restore_compact(net: nn.Module, folder: str | os.PathLike) -> dict[str, Any]
 
 
 def _layer_state(name: str, m: ElasticLinear, raw: Mapping[str, torch.Tensor],
-                 c: CompactConfig) -> dict[str, torch.Tensor]:
+                 c: CompactConfig, only_bits: int | None = None) -> dict[str, torch.Tensor]:
+    """The elastic layer's state from its compact tensors; with ``only_bits``, the clips of
+    that width alone (enough to pack it)."""
     out_f, in_f = m.out_features, m.in_features
     off, step = _master_grid(raw[f"{name}.master_lo"], raw[f"{name}.master_hi"], c.master_bits,
                              c.group_size(in_f) or in_f)
@@ -449,15 +451,14 @@ def _layer_state(name: str, m: ElasticLinear, raw: Mapping[str, torch.Tensor],
     at = start = 0
     for (side, b), nb in zip(order, widths):
         shape = getattr(m, side)[str(b)].shape
+        n, at0, start0 = shape.numel(), at, start
+        at, start = (at + packed_length(n, nb), start + 2**nb) if nb else (at, start + 1)
+        if only_bits is not None and b != only_bits:
+            continue
         if nb:
-            n = shape.numel()
-            codes = unpack(blob[at:at + packed_length(n, nb)], nb, n)
-            at += packed_length(n, nb)
-            a = books[start:start + 2**nb][codes.long()]
-            start += 2**nb
+            a = books[start0:start][unpack(blob[at0:at], nb, n).long()]
         else:
-            a = books[start:start + 1].expand(shape.numel())
-            start += 1
+            a = books[start0:start].expand(n)
         logit = torch.logit(a.double()).clamp(max=MAX_CLIP_LOGIT).float()
         st[f"{name}.{side}.{b}"] = logit.reshape(shape)
     if at != blob.numel():
