@@ -162,6 +162,12 @@ def test_save_load_compact_and_packed_keep_the_logits(tmp_path):
     float_logits = tiny_vit()(pixel_values=x).logits
     got = compact(pixel_values=x).logits
     assert (got - want).abs().mean() < (want - float_logits).abs().mean()
+    # switched at run time from the compact checkpoint: the codes export writes from it
+    quept.api.export(compact, 4, tmp_path / "c4")
+    switch, _ = quept.load_switchable(tmp_path / "compact", 5)
+    quept.set_bits(switch, 4)
+    c4, _ = quept.api.load_packed(tmp_path / "c4")
+    assert torch.equal(switch(pixel_values=x).logits, c4(pixel_values=x).logits)
 
 
 def test_cli_quantize_builds_static_quantizers(tmp_path, monkeypatch, capsys):
