@@ -196,6 +196,10 @@ def add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fake-quant", action="store_true",
                    help="elastic/compact folders: run the elastic model fake-quantized (float "
                    "matmuls over the quantized weights) instead of packed layers")
+    p.add_argument("--head-bits", type=int, default=None,
+                   help="elastic/compact folders: also pack the output head (and a tied "
+                   "embedding) at this width, e.g. 8, as `quept export --head-bits` does "
+                   "(faster decoding; logits no longer exactly the elastic model's)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="packed matmul: fused kernel, PyTorch int4, or dequantize per call")
     p.add_argument("--no-eos", action="store_true", help="do not stop at the end-of-text token")
@@ -234,6 +238,9 @@ def cmd_run(a: argparse.Namespace) -> dict[str, Any]:
                           "compact folders (and one of them is required there)")
     if a.fake_quant and kind not in ("elastic", "compact"):
         raise ConfigError("--fake-quant applies to elastic and compact folders")
+    if a.head_bits is not None and (a.fake_quant or kind not in ("elastic", "compact")):
+        raise ConfigError("--head-bits applies to elastic and compact folders run packed "
+                          "(a packed folder's head is chosen by `quept export --head-bits`)")
     configs = _run_configs(a) if configured else [(kind, None)]
     switch = None
     t0 = time.perf_counter()
@@ -246,7 +253,8 @@ def cmd_run(a: argparse.Namespace) -> dict[str, Any]:
             model, tok, _ = _load_elastic(folder, kind, None)
             api.set_bits(model, configs[0][1])
         else:
-            model, tok = api.load_switchable(folder, configs[0][1], backend=a.backend)
+            model, tok = api.load_switchable(folder, configs[0][1], backend=a.backend,
+                                             head_bits=a.head_bits)
             switch = model.quept_switch
     load_seconds = time.perf_counter() - t0
     if not family_for(model).is_causal_lm:
@@ -278,8 +286,10 @@ def cmd_run(a: argparse.Namespace) -> dict[str, Any]:
         out["memory"] = switch.sizes()
         if not a.json:
             m = out["memory"]
-            print(f"\nin memory: packed layers {m['packed_bytes'] / 1e6:.1f} MB now, and the "
-                  f"{m['source']} source of every width {m['source_bytes'] / 1e6:.1f} MB "
+            head = ("" if m["head_bytes"] is None else
+                    f", the {m['head_bits']}-bit head {m['head_bytes'] / 1e6:.1f} MB")
+            print(f"\nin memory: packed layers {m['packed_bytes'] / 1e6:.1f} MB now{head}, and "
+                  f"the {m['source']} source of every width {m['source_bytes'] / 1e6:.1f} MB "
                   f"({m['source_bits_per_weight']:.2f} bits per weight); loaded in "
                   f"{load_seconds:.1f} s")
     return {**out, **(runs[0] if len(runs) == 1 else {}), "runs": runs}

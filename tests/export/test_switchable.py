@@ -29,6 +29,7 @@ def folders(tmp_path_factory):
     for label, config in (("p3", 3), ("p2", 2), ("pplan", plan)):
         quept.api.export(compact, config, root / label, tokenizer=tok)
     quept.api.export(model, 4, root / "e4", tokenizer=tok)
+    quept.api.export(compact, 2, root / "h2", tokenizer=tok, head_bits=8)
     (root / "plan.json").write_text(json.dumps({"plan": plan}))
     (root / "text.txt").write_text(TEXT)
     return root, elastic, plan
@@ -92,6 +93,20 @@ def test_elastic_source(folders):
     assert model.quept_switch.sizes()["source_bits_per_weight"] > 32  # float32 + adapters
 
 
+def test_packed_head(folders):
+    root, _, _ = folders
+    model, _ = quept.load_switchable(root / "compact", 3, head_bits=8)
+    head = model.get_output_embeddings()
+    assert isinstance(head, PackedLinear) and head.bits == 8
+    quept.set_bits(model, 2)
+    assert model.get_output_embeddings() is head  # the head does not switch
+    assert torch.equal(logits(model), packed_logits(root / "h2"))
+    s = model.quept_switch.sizes()
+    assert s["head_bits"] == 8 and s["head_bytes"] == head.stored_bytes()
+    with pytest.raises(quept.ConfigError, match="outside 2..8"):
+        quept.load_switchable(root / "compact", 3, head_bits=9)
+
+
 def test_bad_widths_and_plans_are_named(folders):
     root, _, plan = folders
     model, _ = quept.load_switchable(root / "compact", 4)
@@ -136,6 +151,10 @@ def test_cli_runs_several_widths_in_one_model(folders, capsys):
         assert run["text"] == run_json(capsys, ["run", str(root / folder), *gen])["text"]
     fake = run_json(capsys, ["run", str(root / "compact"), "--bits", "3", "--fake-quant", *gen])
     assert fake["mode"] == "fake-quantized" and fake["text"] == res["runs"][0]["text"]
+    headed = run_json(capsys, ["run", str(root / "compact"), "--bits", "2", "--head-bits", "8",
+                               *gen])
+    assert headed["memory"]["head_bits"] == 8
+    assert headed["text"] == run_json(capsys, ["run", str(root / "h2"), *gen])["text"]
     planned = run_json(capsys, ["run", str(root / "compact"), "--plan",
                                 str(root / "plan.json"), *gen])
     assert planned["text"] == run_json(capsys, ["run", str(root / "pplan"), *gen])["text"]
@@ -149,6 +168,8 @@ def test_cli_run_errors(folders, capsys):
     assert "--bits and --plan are for elastic or compact" in capsys.readouterr().err
     assert main(["run", str(root / "p3"), "--fake-quant", "--prompt", "a"]) == 2
     assert "--fake-quant applies to elastic and compact" in capsys.readouterr().err
+    assert main(["run", str(root / "p3"), "--head-bits", "8", "--prompt", "a"]) == 2
+    assert "--head-bits applies to elastic and compact" in capsys.readouterr().err
     assert main(["run", str(root / "compact"), "--bits", "9", "--prompt", "a"]) == 2
     assert "not one of the widths" in capsys.readouterr().err
 

@@ -37,7 +37,7 @@ from quept.export.compact import (
     split_layer_tensors,
 )
 from quept.export.load import fill
-from quept.export.packed import SCALE_DTYPES, PackedFormatError, pack_model
+from quept.export.packed import SCALE_DTYPES, PackedFormatError, pack_head, pack_model
 from quept.nn.elastic_linear import ElasticLinear
 from quept.nn.packed_linear import PackedLinear
 from quept.nn.switch import elastic_layers
@@ -87,6 +87,7 @@ class Switchable:
         self._compact = compact
         self.backend, self.scale_dtype = backend, scale_dtype
         self._widths: dict[str, int] = {}
+        self.head_bits: int | None = None  # the output head's width when it is packed too
 
     @property
     def widths(self) -> dict[str, int]:
@@ -188,8 +189,11 @@ class Switchable:
         else:
             source = sum(t.numel() * t.element_size() for m in self._layers.values()
                          for t in (*m.parameters(), *m.buffers()))
+        head = self.model.get_output_embeddings() if self.head_bits is not None else None
         return {"source": self.source, "quantized_weights": weights,
                 "packed_bytes": sum(m.code_bytes() for m in packed),
+                "head_bits": self.head_bits,
+                "head_bytes": head.stored_bytes() if isinstance(head, PackedLinear) else None,
                 "source_bytes": source, "source_bits_per_weight": 8 * source / max(weights, 1),
                 "bits_per_weight": self.bits_per_weight()}
 
@@ -214,20 +218,24 @@ _LIBC: Any = None
 
 
 def make_switchable(model: nn.Module, bits: int | Mapping[str, int], *, backend: str = "auto",
-                    scale_dtype: str = "float16") -> Switchable:
+                    scale_dtype: str = "float16", head_bits: int | None = None) -> Switchable:
     """Replace the elastic layers of a loaded elastic model by packed layers at ``bits`` and
-    attach the switch as ``model.quept_switch``; the float layers stay as the source."""
+    attach the switch as ``model.quept_switch``; the float layers stay as the source.
+    ``head_bits`` also packs the output head (and a tied embedding) once, as ``quept export
+    --head-bits`` does."""
     _check_scale_dtype(scale_dtype)
     layers = elastic_layers(model)
     if not layers:
         raise PackedFormatError("the model has no elastic layers: load an elastic folder "
                                 "(`quept quantize`) or a compact checkpoint (`quept compact`)")
-    return _attach(Switchable(model, "elastic", layers, None, None, backend, scale_dtype), bits)
+    return _attach(Switchable(model, "elastic", layers, None, None, backend, scale_dtype), bits,
+                   head_bits)
 
 
 def switchable_from_compact(net: nn.Module, folder: str | os.PathLike, meta: Mapping[str, Any],
                             bits: int | Mapping[str, int], *, backend: str = "auto",
-                            scale_dtype: str = "float16") -> Switchable:
+                            scale_dtype: str = "float16", head_bits: int | None = None
+                            ) -> Switchable:
     """Fill ``net`` (built on the meta device and prepared with the checkpoint's spec) from the
     compact checkpoint in ``folder``, except its elastic layers, which become packed layers at
     ``bits`` rebuilt one at a time from the compact tensors (kept as the source)."""
@@ -244,11 +252,18 @@ def switchable_from_compact(net: nn.Module, folder: str | os.PathLike, meta: Map
         setattr(net.get_submodule(parent) if parent else net, child, nn.Identity())
     fill(net, rest, meta.get("aliases", {}), str(folder))
     ccfg = CompactConfig(**meta["compact"])
-    return _attach(Switchable(net, "compact", layers, per_layer, ccfg, backend, scale_dtype), bits)
+    return _attach(Switchable(net, "compact", layers, per_layer, ccfg, backend, scale_dtype), bits,
+                   head_bits)
 
 
-def _attach(sw: Switchable, bits: int | Mapping[str, int]) -> Switchable:
+def _attach(sw: Switchable, bits: int | Mapping[str, int], head_bits: int | None) -> Switchable:
     sw.set_bits(bits)
+    if head_bits is not None:  # once: the head does not switch
+        for name, packed in pack_head(sw.model, head_bits, sw.scale_dtype).items():
+            packed.set_backend(sw.backend)
+            parent, _, child = name.rpartition(".")
+            setattr(sw.model.get_submodule(parent) if parent else sw.model, child, packed)
+        sw.head_bits = head_bits
     sw.model.quept_switch = sw
     return sw
 
