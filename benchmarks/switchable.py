@@ -1,6 +1,7 @@
 """Switching width at run time with packed layers (``quept.load_switchable``): switch time,
-memory and decode speed, against a packed folder of one width and the fake-quantized compact
-model, and the switched model's logits against the exported packed folders.
+memory and decode speed (also with the output head packed at 8 bits), against a packed folder
+of one width and the fake-quantized compact model, and the switched model's logits against
+the exported packed folders.
 
 Run from the repository root under the shared lock (it times things):
 
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 
 WIDTHS = (2, 3, 4, 5, 6, 7, 8)
-MODES = ("switchable", "packed", "fake-quant")
+MODES = ("switchable", "switchable, 8-bit head", "packed", "fake-quant")
 
 
 def rss_mb() -> tuple[float, float]:
@@ -64,6 +65,8 @@ def child(a: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     if a.child == "switchable":
         model, _ = quept.load_switchable(a.compact, 4)
+    elif a.child == "switchable, 8-bit head":
+        model, _ = quept.load_switchable(a.compact, 4, head_bits=8)
     elif a.child == "packed":
         model, _ = api.load_packed(Path(a.work) / "w4")
     else:

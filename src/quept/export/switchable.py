@@ -243,8 +243,11 @@ def switchable_from_compact(net: nn.Module, folder: str | os.PathLike, meta: Map
     layers = elastic_layers(net)
     if sorted(layers) != sorted(meta["layers"]):
         raise PackedFormatError(f"{folder}: its layers do not match the model's elastic layers")
+    # copied out of the file's memory map: its pages would otherwise stay resident for as
+    # long as any tensor of the file lives, also those of a float head replaced by codes
+    raw = {k: t.clone() for k, t in read_compact_tensors(folder).items()}
     try:
-        per_layer, rest = split_layer_tensors(read_compact_tensors(folder), list(layers))
+        per_layer, rest = split_layer_tensors(raw, list(layers))
     except PackedFormatError as e:
         raise PackedFormatError(f"{folder}: {e}") from None
     for name in layers:  # out of the tree while the rest is filled; packed layers go here
