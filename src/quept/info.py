@@ -477,7 +477,8 @@ def render(info: dict[str, Any]) -> str:
                    f"weight for all widths together ({parts}); other tensors "
                    f"{_mb(info['other_bytes'])}")
         out += _spec_lines(info["spec"])
-        out.append("what `quept export` materialises from it:")
+        out.append(f"what `quept export` materialises from it (`quept run {info['path']} "
+                   "--bits 4,3,2` runs these packed, switching in memory):")
         out += _width_table(info["widths"], None,
                             info["spec"]["activations"] not in (None, "none"))
     elif kind == "packed":
