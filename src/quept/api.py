@@ -33,7 +33,7 @@ from quept.export.compact import CompactConfig
 from quept.export.ct_format import is_compressed_tensors, load_compressed_tensors
 from quept.export.load import load_packed as _load_packed
 from quept.export.onnx_format import is_onnx_folder
-from quept.export.packed import write_packed
+from quept.export.packed import PACKED_JSON, write_packed
 from quept.models import (
     Family,
     UnsupportedModelError,
@@ -533,6 +533,10 @@ def load_switchable(folder: str | os.PathLike, bits: int | Mapping[str, int] | P
     from quept.export.switchable import make_switchable, switchable_from_compact
 
     widths = as_layer_widths(bits)
+    if (Path(folder) / PACKED_JSON).is_file():
+        raise ArtifactError(f"{folder} is a packed folder of one configuration, which does not "
+                            "switch: load it with quept.api.load_packed, or switch from the "
+                            "elastic folder or compact checkpoint it was exported from")
     if (Path(folder) / _compact.COMPACT_JSON).is_file():
         net, meta = _compact_shell(folder)
         switchable_from_compact(net, folder, meta, widths, backend=backend,

@@ -194,3 +194,9 @@ def test_quantized_cache_and_activations_follow_the_switch(mode, tmp_path):
     assert isinstance(k_proj, PackedLinear) and k_proj.bits == 4
     assert (k_proj.act_bits == 4) == (mode == "weight+activation")
     assert (k_proj.kv_quant is not None) == (mode == "kv-cache")
+
+
+def test_a_packed_folder_does_not_switch(folders):
+    root, _, _ = folders
+    with pytest.raises(quept.ArtifactError, match="packed folder of one configuration"):
+        quept.load_switchable(root / "p3", 2)

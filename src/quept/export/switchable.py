@@ -106,9 +106,14 @@ class Switchable:
         freed, last = 0, next(reversed(changed), None)
         with torch.no_grad():
             for name, b in changed.items():
-                packed = self._pack(name, b)
                 parent, _, child = name.rpartition(".")
-                setattr(self.model.get_submodule(parent) if parent else self.model, child, packed)
+                owner = self.model.get_submodule(parent) if parent else self.model
+                # the source lives on the CPU; the new layer goes where the old one is
+                old = getattr(owner, child)
+                device = next((t.device for t in (*old.buffers(), *old.parameters())),
+                              torch.device("cpu"))
+                packed = self._pack(name, b).to(device)
+                setattr(owner, child, packed)
                 self._widths[name] = b
                 freed += 4 * packed.in_features * packed.out_features  # its float copy
                 if self.source == "compact" and (freed >= TRIM_BYTES or name == last):
