@@ -447,8 +447,10 @@ def cmd_quantize(a: argparse.Namespace) -> dict[str, Any]:
               + ("" if rss is None else f", peak memory {rss:.2f} GiB") + ")")
         plan = (f", `quept plan {out} --avg-bits 3.5 --out plan.json` makes a mixed-precision "
                 "plan" if task == "causal-lm" else "")
+        run = (f", `quept run {out} --bits 4,3,2 --prompt TEXT` generates with packed layers "
+               "switched in memory" if task == "causal-lm" else "")
         print(f"next: `quept info {out}` describes it{plan}, `quept export {out} --bits 4 "
-              "--out w4` packs one width")
+              f"--out w4` packs one width{run}")
     return result
 
 

@@ -292,6 +292,9 @@ def cmd_run(a: argparse.Namespace) -> dict[str, Any]:
                   f"the {m['source']} source of every width {m['source_bytes'] / 1e6:.1f} MB "
                   f"({m['source_bits_per_weight']:.2f} bits per weight); loaded in "
                   f"{load_seconds:.1f} s")
+            if m["source"] == "elastic":
+                print(f"(`quept compact {folder} --out DIR` writes a source of about 10 bits "
+                      "per weight to switch from)")
     return {**out, **(runs[0] if len(runs) == 1 else {}), "runs": runs}
 
 
