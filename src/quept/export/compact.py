@@ -382,7 +382,7 @@ def read_compact_meta(folder: str | os.PathLike) -> dict[str, Any]:
 def split_layer_tensors(raw: Mapping[str, torch.Tensor], layers: list[str]
                         ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
     """The compact file's tensors as ``{layer: {"{layer}.{part}": tensor}}`` for each named
-    elastic layer (what :func:`_layer_state` rebuilds it from), and the rest of the model's."""
+    elastic layer (what :func:`layer_state` rebuilds it from), and the rest of the model's."""
     per: dict[str, dict[str, torch.Tensor]] = {n: {} for n in layers}
     rest = {}
     for key, t in raw.items():
@@ -421,14 +421,14 @@ def restore_compact(net: nn.Module, folder: str | os.PathLike) -> dict[str, Any]
     state = {k: v for k, v in raw.items() if k.rpartition(".")[0] not in layers}
     for name, m in layers.items():
         try:
-            state.update(_layer_state(name, m, raw, ccfg))
+            state.update(layer_state(name, m, raw, ccfg))
         except (KeyError, RuntimeError, ValueError) as e:
             raise PackedFormatError(f"{folder}: layer {name} cannot be rebuilt: {e}") from None
     fill(net, state, meta.get("aliases", {}), str(folder))
     return meta
 
 
-def _layer_state(name: str, m: ElasticLinear, raw: Mapping[str, torch.Tensor],
+def layer_state(name: str, m: ElasticLinear, raw: Mapping[str, torch.Tensor],
                  c: CompactConfig, only_bits: int | None = None) -> dict[str, torch.Tensor]:
     """The elastic layer's state from its compact tensors; with ``only_bits``, the clips of
     that width alone (enough to pack it)."""

@@ -32,7 +32,7 @@ from torch import nn
 
 from quept.export.compact import (
     CompactConfig,
-    _layer_state,
+    layer_state,
     read_compact_tensors,
     split_layer_tensors,
 )
@@ -44,13 +44,12 @@ from quept.nn.switch import elastic_layers
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("compact", "elastic")
 # A switch from the compact source hands the freed heap back to the system (malloc_trim)
 # whenever the float weights rebuilt since the last time reach this many bytes (each comes
 # with several temporaries of its size). On the default model, 2-core CPU: trimming after
 # every layer kept a switch's peak within 50 MB of the resident set but took 2.2 s a switch;
-# only at the end of a switch, 0.8 s, with the peak 200-390 MB above; at 64 MB, 1.1-1.3 s and
-# at most 92 MB above (128 MB: 366 MB above, no faster).
+# only at the end of a switch, 0.8 s, with the peak 200-390 MB above; at 64 MB, 0.7-1.5 s
+# and 92-275 MB above in five runs (at 128 MB, 366 MB above in one run, and no faster).
 TRIM_BYTES = 64 << 20
 
 
@@ -122,7 +121,7 @@ class Switchable:
         seconds = time.perf_counter() - t0
         report = SwitchReport(len(changed), seconds, self.bits_per_weight())
         log.debug("switched %d layers in %.2f s (%.3f bits per weight)", report.repacked,
-                 seconds, report.bits_per_weight)
+                  seconds, report.bits_per_weight)
         return report
 
     def _resolve(self, plan: int | Mapping[str, int]) -> dict[str, int]:
@@ -165,7 +164,7 @@ class Switchable:
         if self.source == "elastic":
             return layer
         try:
-            state = _layer_state(name, layer, self._raw[name], self._compact, only_bits=bits)
+            state = layer_state(name, layer, self._raw[name], self._compact, only_bits=bits)
         except (KeyError, RuntimeError, ValueError) as e:
             raise PackedFormatError(f"layer {name} cannot be rebuilt from its compact "
                                     f"tensors: {e}") from None
