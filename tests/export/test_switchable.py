@@ -190,6 +190,16 @@ def test_quantized_cache_and_activations_follow_the_switch(mode, tmp_path):
     assert torch.equal(logits(model), packed_logits(tmp_path / "p6"))
     quept.set_bits(model, 4)
     assert torch.equal(logits(model), packed_logits(tmp_path / "p4"))
+    if mode == "kv-cache":  # generation keeps the switched model's cache as codes
+        from quept.export.runtime import generate
+
+        from .tiny import char_tokenizer
+
+        tok = char_tokenizer()
+        mine = generate(model, tok, "It is a truth", 6, stop_at_eos=False, kv_cache="quantized")
+        ref = generate(quept.api.load_packed(tmp_path / "p4")[0], tok, "It is a truth", 6,
+                       stop_at_eos=False, kv_cache="quantized")
+        assert mine.kv_cache_bytes is not None and mine.text == ref.text
     k_proj = model.get_submodule("model.layers.0.self_attn.k_proj")
     assert isinstance(k_proj, PackedLinear) and k_proj.bits == 4
     assert (k_proj.act_bits == 4) == (mode == "weight+activation")
