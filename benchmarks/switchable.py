@@ -11,7 +11,8 @@ Run from the repository root under the shared lock (it times things):
 Each way of running is measured in its own process (memory is the process's resident set after
 loading, minus the same process's before; peak = high-water mark, minus the same). Speed: batch
 1, a 64-token prompt of Pride and Prejudice, 32 new tokens (greedy, KV cache), median of
---repeats runs. Switch time: the median over --cycles passes through every width. Writes
+--repeats runs. Switch time: the median over --cycles passes through every width, and over
+ten switches between W3 and W4 with the packed layers of both kept (--keep-mb). Writes
 results/switchable.json and prints markdown tables.
 """
 
@@ -96,6 +97,16 @@ def child(a: argparse.Namespace) -> dict:
     out["resident_mb_after_switching"] = rss_mb()[0] - before
     out["switch_seconds"] = {b: statistics.median(v) for b, v in switch.items()}
     out["switch_seconds_all"] = switch
+    # toggling between two widths whose packed layers are kept (--keep-mb)
+    sw.keep_bytes = int(a.keep_mb * 1e6)
+    sw.set_bits(3)
+    sw.set_bits(4)
+    toggles = [sw.set_bits(b) for _ in range(5) for b in (3, 4)]
+    out["toggle_kept"] = {"keep_mb": a.keep_mb, "kept_mb": sw.kept_bytes() / 1e6,
+                          "reused": min(r.reused for r in toggles),
+                          "seconds": statistics.median(r.seconds for r in toggles)}
+    sw.keep_bytes = 0
+    sw.set_bits(3)  # drops what was kept
     out["packed_mb"], out["exact"] = {}, {}
     ids = prompt[:, :64]
     for b in WIDTHS:
@@ -118,6 +129,8 @@ def main() -> int:
     p.add_argument("--cycles", type=int, default=3, help="passes through every width")
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--keep-mb", type=float, default=120.0,
+                   help="packed layers kept while toggling between W3 and W4")
     p.add_argument("--out", default="results/switchable.json")
     p.add_argument("--child", choices=MODES, default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -146,7 +159,8 @@ def main() -> int:
     for mode in MODES:
         argv = [sys.executable, __file__, "--child", mode, "--compact", str(a.compact), "--work",
                 str(work), "--repeats", str(a.repeats), "--cycles", str(a.cycles),
-                "--prompt-tokens", str(a.prompt_tokens), "--new-tokens", str(a.new_tokens)]
+                "--prompt-tokens", str(a.prompt_tokens), "--new-tokens", str(a.new_tokens),
+                "--keep-mb", str(a.keep_mb)]
         done = subprocess.run(argv, capture_output=True, text=True)
         if done.returncode:
             sys.stderr.write(done.stderr)
@@ -176,6 +190,9 @@ def report(res: dict) -> None:
         print(f"| W{b} | {sw['switch_seconds'][k]:.2f} | {sw['packed_mb'][k]:.1f} | "
               f"{res['packed_file_mb'][k]:.1f} | {sw['speed'][f'W{b}']['decode_tok_s']:.1f} | "
               f"{sw['exact'][k]:.3g} |")
+    t = sw["toggle_kept"]
+    print(f"\ntoggling W3 <-> W4 with {t['keep_mb']:.0f} MB kept: median {t['seconds'] * 1e3:.1f} ms "
+          f"a switch, {t['reused']} layers reused at least, {t['kept_mb']:.1f} MB kept")
     s = sw["sizes"]
     every = sum(res["packed_file_mb"].values())
     print(f"\nsource of every width in memory: {s['source_bytes'] / 1e6:.1f} MB "

@@ -521,15 +521,17 @@ def _compact_shell(folder: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]
 
 def load_switchable(folder: str | os.PathLike, bits: int | Mapping[str, int] | Plan, *,
                     backend: str = "auto", scale_dtype: str = "float16",
-                    head_bits: int | None = None, model: str | os.PathLike | None = None
-                    ) -> tuple[nn.Module, Any]:
+                    head_bits: int | None = None, keep_bytes: int = 0,
+                    model: str | os.PathLike | None = None) -> tuple[nn.Module, Any]:
     """A packed model that switches width at run time: the elastic or compact folder's layers
     packed at ``bits`` (a width or a plan), running on the integer codes like a packed folder;
     :func:`set_bits` re-packs them for another width or plan. From a compact checkpoint only
     its tensors (~10 bits per weight) stay in memory besides the packed codes; from an elastic
     folder the float layers stay. ``head_bits`` (e.g. 8) also packs the output head and a tied
-    embedding, as ``quept export --head-bits`` does. ``model.quept_switch`` reports sizes and
-    the current widths."""
+    embedding, as ``quept export --head-bits`` does. ``keep_bytes`` keeps the packed layers of
+    widths switched away from, up to that many bytes (least recently used dropped first), so
+    that switching back to them packs nothing. ``model.quept_switch`` reports sizes and the
+    current widths."""
     from quept.export.switchable import make_switchable, switchable_from_compact
 
     widths = as_layer_widths(bits)
@@ -540,13 +542,14 @@ def load_switchable(folder: str | os.PathLike, bits: int | Mapping[str, int] | P
     if (Path(folder) / _compact.COMPACT_JSON).is_file():
         net, meta = _compact_shell(folder)
         switchable_from_compact(net, folder, meta, widths, backend=backend,
-                                scale_dtype=scale_dtype, head_bits=head_bits)
+                                scale_dtype=scale_dtype, head_bits=head_bits,
+                                keep_bytes=keep_bytes)
         net.quept_compact = meta
         tok = _folder_tokenizer(folder)
     else:
         net, tok = load(folder, model)
         make_switchable(net, widths, backend=backend, scale_dtype=scale_dtype,
-                        head_bits=head_bits)
+                        head_bits=head_bits, keep_bytes=keep_bytes)
     net.eval().requires_grad_(False)
     return net, tok
 

@@ -200,6 +200,10 @@ def add_run(sub: argparse._SubParsersAction) -> None:
                    help="elastic/compact folders: also pack the output head (and a tied "
                    "embedding) at this width, e.g. 8, as `quept export --head-bits` does "
                    "(faster decoding; logits no longer exactly the elastic model's)")
+    p.add_argument("--keep-mb", type=float, default=0.0,
+                   help="elastic/compact folders: keep the packed layers of widths switched "
+                   "away from, up to this many MB, so that switching back packs nothing "
+                   "(default 0: pack on every switch)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="packed matmul: fused kernel, PyTorch int4, or dequantize per call")
     p.add_argument("--no-eos", action="store_true", help="do not stop at the end-of-text token")
@@ -238,6 +242,10 @@ def cmd_run(a: argparse.Namespace) -> dict[str, Any]:
                           "compact folders (and one of them is required there)")
     if a.fake_quant and kind not in ("elastic", "compact"):
         raise ConfigError("--fake-quant applies to elastic and compact folders")
+    if a.keep_mb < 0:
+        raise ConfigError(f"--keep-mb must be >= 0, got {a.keep_mb}")
+    if a.keep_mb and (a.fake_quant or kind not in ("elastic", "compact")):
+        raise ConfigError("--keep-mb applies to elastic and compact folders run packed")
     if a.head_bits is not None and (a.fake_quant or kind not in ("elastic", "compact")):
         raise ConfigError("--head-bits applies to elastic and compact folders run packed "
                           "(a packed folder's head is chosen by `quept export --head-bits`)")
@@ -254,7 +262,8 @@ def cmd_run(a: argparse.Namespace) -> dict[str, Any]:
             api.set_bits(model, configs[0][1])
         else:
             model, tok = api.load_switchable(folder, configs[0][1], backend=a.backend,
-                                             head_bits=a.head_bits)
+                                             head_bits=a.head_bits,
+                                             keep_bytes=int(a.keep_mb * 1e6))
             switch = model.quept_switch
     load_seconds = time.perf_counter() - t0
     if not family_for(model).is_causal_lm:
@@ -268,9 +277,13 @@ def cmd_run(a: argparse.Namespace) -> dict[str, Any]:
         extra: dict[str, Any] = {}
         if configured:
             t1 = time.perf_counter()
-            if i:
+            kept = 0
+            if i and switch is not None:
+                kept = switch.set_bits(config).reused
+            elif i:
                 api.set_bits(model, config)
             extra = {"config": label, "switch_seconds": time.perf_counter() - t1 if i else None,
+                     "layers_kept": kept,
                      "bits_per_weight": (switch.bits_per_weight() if switch is not None
                                          else api.stored_bits(model))}
         gen = generate(model, tok, a.prompt, a.max_new_tokens, stop_at_eos=not a.no_eos,
@@ -301,8 +314,9 @@ def cmd_run(a: argparse.Namespace) -> dict[str, Any]:
 def _print_run(a: argparse.Namespace, kind: str, label: str | None, extra: dict[str, Any],
                gen: Any, mode: str) -> None:
     if label is not None:
+        kept = f", {extra['layers_kept']} layers kept" if extra["layers_kept"] else ""
         switched = ("" if extra["switch_seconds"] is None
-                    else f", switched in {extra['switch_seconds']:.2f} s")
+                    else f", switched in {extra['switch_seconds']:.2f} s{kept}")
         print(f"--- {label} ({mode}, {extra['bits_per_weight']:.3f} bits per weight{switched})")
     print(a.prompt + gen.text)
     print(f"\nprefill {gen.prompt_tokens} tokens: {gen.prefill_tokens_per_second:.1f} tok/s"

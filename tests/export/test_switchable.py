@@ -85,6 +85,33 @@ def test_only_changed_layers_are_repacked_and_sizes_add_up(folders):
     assert s["source_bytes"] == compact_meta["sizes"]["elastic_bytes"]
 
 
+def test_kept_widths_switch_back_without_packing(folders):
+    root, _, plan = folders
+    n = len(plan)
+    model, _ = quept.load_switchable(root / "compact", 3, keep_bytes=10**9)
+    sw = model.quept_switch
+    w3 = logits(model)
+    assert sw.set_bits(2).repacked == n and sw.kept_bytes() > 0  # the W3 layers are kept
+    back = sw.set_bits(3)
+    assert (back.repacked, back.reused) == (0, n)
+    assert torch.equal(logits(model), w3)
+    # a budget of the W3 codes: on to W4, every W2 layer is kept and W3 layers are dropped,
+    # least recently used first, until the kept codes fit
+    w3_bytes = sum(m.stored_bytes() for m in model.modules() if isinstance(m, PackedLinear))
+    model, _ = quept.load_switchable(root / "compact", 3, keep_bytes=w3_bytes)
+    sw = model.quept_switch
+    sw.set_bits(2)
+    sw.set_bits(4)
+    kept = [k for k in sw._kept]
+    assert sorted(n for n, b in kept if b == 2) == sorted(plan)
+    assert 0 < sum(b == 3 for _, b in kept) < n and sw.kept_bytes() <= w3_bytes
+    assert kept[: sum(b == 3 for _, b in kept)] == [k for k in kept if k[1] == 3]  # oldest
+    assert sw.set_bits(2).reused == n
+    assert torch.equal(logits(model), packed_logits(root / "p2"))
+    with pytest.raises(PackedFormatError, match="keep_bytes must be >= 0"):
+        quept.load_switchable(root / "compact", 3, keep_bytes=-1)
+
+
 def test_elastic_source(folders):
     root, elastic, _ = folders
     model, _ = quept.load_switchable(elastic, 4)
@@ -151,6 +178,10 @@ def test_cli_runs_several_widths_in_one_model(folders, capsys):
         assert run["text"] == run_json(capsys, ["run", str(root / folder), *gen])["text"]
     fake = run_json(capsys, ["run", str(root / "compact"), "--bits", "3", "--fake-quant", *gen])
     assert fake["mode"] == "fake-quantized" and fake["text"] == res["runs"][0]["text"]
+    kept = run_json(capsys, ["run", str(root / "compact"), "--bits", "3,2,3", "--keep-mb", "10",
+                             *gen])
+    assert [r["layers_kept"] for r in kept["runs"]] == [0, 0, len(_names(root))]
+    assert kept["runs"][2]["text"] == res["runs"][0]["text"]
     headed = run_json(capsys, ["run", str(root / "compact"), "--bits", "2", "--head-bits", "8",
                                *gen])
     assert headed["memory"]["head_bits"] == 8
@@ -158,6 +189,10 @@ def test_cli_runs_several_widths_in_one_model(folders, capsys):
     planned = run_json(capsys, ["run", str(root / "compact"), "--plan",
                                 str(root / "plan.json"), *gen])
     assert planned["text"] == run_json(capsys, ["run", str(root / "pplan"), *gen])["text"]
+
+
+def _names(root):
+    return json.loads((root / "compact" / "quept-compact.json").read_text())["layers"]
 
 
 def test_cli_run_errors(folders, capsys):
@@ -170,6 +205,8 @@ def test_cli_run_errors(folders, capsys):
     assert "--fake-quant applies to elastic and compact" in capsys.readouterr().err
     assert main(["run", str(root / "p3"), "--head-bits", "8", "--prompt", "a"]) == 2
     assert "--head-bits applies to elastic and compact" in capsys.readouterr().err
+    assert main(["run", str(root / "p3"), "--keep-mb", "8", "--prompt", "a"]) == 2
+    assert "--keep-mb applies to elastic and compact" in capsys.readouterr().err
     assert main(["run", str(root / "compact"), "--bits", "9", "--prompt", "a"]) == 2
     assert "not one of the widths" in capsys.readouterr().err
 

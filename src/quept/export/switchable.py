@@ -23,6 +23,7 @@ import ctypes
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -57,9 +58,10 @@ TRIM_BYTES = 64 << 20
 class SwitchReport:
     """What one :meth:`Switchable.set_bits` did."""
 
-    repacked: int  # layers packed again (the others already had their width)
+    repacked: int  # layers packed anew
     seconds: float
     bits_per_weight: float  # stored bits per quantized weight of the new configuration
+    reused: int = 0  # layers whose packed codes at the new width were kept from before
 
 
 class _Holder(nn.Module):
@@ -79,8 +81,15 @@ class Switchable:
 
     def __init__(self, model: nn.Module, source: str, skeletons: Mapping[str, ElasticLinear],
                  raw: Mapping[str, Mapping[str, torch.Tensor]] | None,
-                 compact: CompactConfig | None, backend: str, scale_dtype: str) -> None:
+                 compact: CompactConfig | None, backend: str, scale_dtype: str,
+                 keep_bytes: int = 0) -> None:
+        if keep_bytes < 0:
+            raise PackedFormatError(f"keep_bytes must be >= 0, got {keep_bytes}")
         self.model, self.source = model, source
+        # Packed layers of widths switched away from, kept (least recently used dropped first)
+        # while their codes fit in keep_bytes, so switching back to them packs nothing.
+        self.keep_bytes = keep_bytes
+        self._kept: OrderedDict[tuple[str, int], PackedLinear] = OrderedDict()
         self._layers = dict(skeletons)
         self._raw = dict(raw or {})
         self._compact = compact
@@ -102,27 +111,47 @@ class Switchable:
         t0 = time.perf_counter()
         wanted = self._resolve(plan)
         changed = {n: b for n, b in wanted.items() if self._widths.get(n) != b}
-        freed, last = 0, next(reversed(changed), None)
+        freed, reused = 0, 0
         with torch.no_grad():
             for name, b in changed.items():
                 parent, _, child = name.rpartition(".")
                 owner = self.model.get_submodule(parent) if parent else self.model
-                # the source lives on the CPU; the new layer goes where the old one is
                 old = getattr(owner, child)
-                device = next((t.device for t in (*old.buffers(), *old.parameters())),
-                              torch.device("cpu"))
-                packed = self._pack(name, b).to(device)
+                if self.keep_bytes and isinstance(old, PackedLinear):
+                    old._compute = None  # the float32 scale copies are rebuilt on first use
+                    self._kept[(name, old.bits)] = old
+                packed = self._kept.pop((name, b), None)
+                if packed is None:
+                    # the source lives on the CPU; the new layer goes where the old one is
+                    device = next((t.device for t in (*old.buffers(), *old.parameters())),
+                                  torch.device("cpu"))
+                    packed = self._pack(name, b).to(device)
+                    freed += 4 * packed.in_features * packed.out_features  # its float copy
+                else:
+                    reused += 1
                 setattr(owner, child, packed)
                 self._widths[name] = b
-                freed += 4 * packed.in_features * packed.out_features  # its float copy
-                if self.source == "compact" and (freed >= TRIM_BYTES or name == last):
+                if self.source == "compact" and freed >= TRIM_BYTES:
                     _return_freed_memory()
                     freed = 0
+            self._drop_kept()
+        if freed and self.source == "compact":
+            _return_freed_memory()
         seconds = time.perf_counter() - t0
-        report = SwitchReport(len(changed), seconds, self.bits_per_weight())
-        log.debug("switched %d layers in %.2f s (%.3f bits per weight)", report.repacked,
-                  seconds, report.bits_per_weight)
+        report = SwitchReport(len(changed) - reused, seconds, self.bits_per_weight(), reused)
+        log.debug("switched %d layers in %.2f s (%d packed, %d kept; %.3f bits per weight)",
+                  len(changed), seconds, report.repacked, reused, report.bits_per_weight)
         return report
+
+    def kept_bytes(self) -> int:
+        """Bytes of the packed layers kept from earlier widths."""
+        return sum(m.stored_bytes() for m in self._kept.values())
+
+    def _drop_kept(self) -> None:
+        total = self.kept_bytes()
+        while self._kept and total > self.keep_bytes:
+            _, m = self._kept.popitem(last=False)
+            total -= m.stored_bytes()
 
     def _resolve(self, plan: int | Mapping[str, int]) -> dict[str, int]:
         if isinstance(plan, bool) or not (plan is None or isinstance(plan, (int, Mapping))):
@@ -198,6 +227,7 @@ class Switchable:
                 "packed_bytes": sum(m.code_bytes() for m in packed),
                 "head_bits": self.head_bits,
                 "head_bytes": head.stored_bytes() if isinstance(head, PackedLinear) else None,
+                "kept_bytes": self.kept_bytes(), "keep_bytes": self.keep_bytes,
                 "source_bytes": source, "source_bits_per_weight": 8 * source / max(weights, 1),
                 "bits_per_weight": self.bits_per_weight()}
 
@@ -222,24 +252,26 @@ _LIBC: Any = None
 
 
 def make_switchable(model: nn.Module, bits: int | Mapping[str, int], *, backend: str = "auto",
-                    scale_dtype: str = "float16", head_bits: int | None = None) -> Switchable:
+                    scale_dtype: str = "float16", head_bits: int | None = None,
+                    keep_bytes: int = 0) -> Switchable:
     """Replace the elastic layers of a loaded elastic model by packed layers at ``bits`` and
     attach the switch as ``model.quept_switch``; the float layers stay as the source.
     ``head_bits`` also packs the output head (and a tied embedding) once, as ``quept export
-    --head-bits`` does."""
+    --head-bits`` does; ``keep_bytes`` keeps packed layers of earlier widths up to that many
+    bytes, so that switching back to them is a swap of modules."""
     _check_scale_dtype(scale_dtype)
     layers = elastic_layers(model)
     if not layers:
         raise PackedFormatError("the model has no elastic layers: load an elastic folder "
                                 "(`quept quantize`) or a compact checkpoint (`quept compact`)")
-    return _attach(Switchable(model, "elastic", layers, None, None, backend, scale_dtype), bits,
-                   head_bits)
+    return _attach(Switchable(model, "elastic", layers, None, None, backend, scale_dtype,
+                              keep_bytes), bits, head_bits)
 
 
 def switchable_from_compact(net: nn.Module, folder: str | os.PathLike, meta: Mapping[str, Any],
                             bits: int | Mapping[str, int], *, backend: str = "auto",
-                            scale_dtype: str = "float16", head_bits: int | None = None
-                            ) -> Switchable:
+                            scale_dtype: str = "float16", head_bits: int | None = None,
+                            keep_bytes: int = 0) -> Switchable:
     """Fill ``net`` (built on the meta device and prepared with the checkpoint's spec) from the
     compact checkpoint in ``folder``, except its elastic layers, which become packed layers at
     ``bits`` rebuilt one at a time from the compact tensors (kept as the source)."""
@@ -259,8 +291,8 @@ def switchable_from_compact(net: nn.Module, folder: str | os.PathLike, meta: Map
         setattr(net.get_submodule(parent) if parent else net, child, nn.Identity())
     fill(net, rest, meta.get("aliases", {}), str(folder))
     ccfg = CompactConfig(**meta["compact"])
-    return _attach(Switchable(net, "compact", layers, per_layer, ccfg, backend, scale_dtype), bits,
-                   head_bits)
+    return _attach(Switchable(net, "compact", layers, per_layer, ccfg, backend, scale_dtype,
+                              keep_bytes), bits, head_bits)
 
 
 def _attach(sw: Switchable, bits: int | Mapping[str, int], head_bits: int | None) -> Switchable:
