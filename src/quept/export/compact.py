@@ -429,7 +429,7 @@ def restore_compact(net: nn.Module, folder: str | os.PathLike) -> dict[str, Any]
 
 
 def layer_state(name: str, m: ElasticLinear, raw: Mapping[str, torch.Tensor],
-                 c: CompactConfig, only_bits: int | None = None) -> dict[str, torch.Tensor]:
+                c: CompactConfig, only_bits: int | None = None) -> dict[str, torch.Tensor]:
     """The elastic layer's state from its compact tensors; with ``only_bits``, the clips of
     that width alone (enough to pack it)."""
     out_f, in_f = m.out_features, m.in_features
