@@ -139,6 +139,12 @@ def test_save_load_round_trip_gives_identical_embeddings(bert_folder, tmp_path):
     loaded, _ = quept.load(tmp_path / "el")
     quept.set_bits(loaded, 3)
     assert torch.equal(sentence_embeddings(loaded, sentences), before)
+    # switched at run time from the elastic folder: the codes export writes
+    quept.api.export(loaded, 2, tmp_path / "p2", tokenizer=tok)
+    switch, _ = quept.load_switchable(tmp_path / "el", 3)
+    quept.set_bits(switch, 2)
+    p2, _ = quept.api.load_packed(tmp_path / "p2")
+    assert torch.equal(sentence_embeddings(switch, sentences), sentence_embeddings(p2, sentences))
 
 
 def test_sensitivity_refuses_an_encoder():

@@ -108,6 +108,14 @@ def test_save_load_and_packed_export_keep_the_logits(vlm_folder, tmp_path):
     # the vision tower travels unchanged
     torch.testing.assert_close(packed.model.vision_tower.state_dict(),
                                model.model.vision_tower.state_dict(), atol=0, rtol=0)
+    # switched at run time from its compact checkpoint: the codes export writes from that
+    quept.api.save_compact(loaded, tmp_path / "compact", tokenizer=tok)
+    compact, _ = quept.api.load_compact(tmp_path / "compact")
+    quept.api.export(compact, 4, tmp_path / "c4", tokenizer=tok)
+    switch, _ = quept.load_switchable(tmp_path / "compact", 2)
+    quept.set_bits(switch, 4)
+    c4, _ = quept.api.load_packed(tmp_path / "c4")
+    assert torch.equal(switch(input_ids=x).logits, c4(input_ids=x).logits)
 
 
 def test_sensitivity_and_plan_cover_the_language_model():
