@@ -112,6 +112,22 @@ def test_kept_widths_switch_back_without_packing(folders):
         quept.load_switchable(root / "compact", 3, keep_bytes=-1)
 
 
+def test_prefetch_makes_the_next_switch_a_swap(folders):
+    root, _, plan = folders
+    model, _ = quept.load_switchable(root / "compact", 3, keep_bytes=10**9)
+    sw = model.quept_switch
+    w3 = logits(model)
+    assert sw.prefetch(2).repacked == len(plan)
+    assert sw.widths == dict.fromkeys(plan, 3) and torch.equal(logits(model), w3)  # no switch
+    assert sw.prefetch(2).repacked == 0  # already kept
+    report = sw.set_bits(2)
+    assert (report.repacked, report.reused) == (0, len(plan))
+    assert torch.equal(logits(model), packed_logits(root / "p2"))
+    plain, _ = quept.load_switchable(root / "compact", 3)
+    with pytest.raises(PackedFormatError, match="keep_bytes budget"):
+        plain.quept_switch.prefetch(2)
+
+
 def test_elastic_source(folders):
     root, elastic, _ = folders
     model, _ = quept.load_switchable(elastic, 4)

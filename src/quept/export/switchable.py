@@ -143,6 +143,38 @@ class Switchable:
                   len(changed), seconds, report.repacked, reused, report.bits_per_weight)
         return report
 
+    def prefetch(self, plan: int | Mapping[str, int]) -> SwitchReport:
+        """Pack the layers of another width or plan ahead of time, into the kept layers (so
+        ``keep_bytes`` must hold them), without switching: a later :meth:`set_bits` to it then
+        swaps modules only. Layers already at that width or kept there are skipped. The report
+        counts the layers packed; its bits per weight are the current configuration's."""
+        if not self.keep_bytes:
+            raise PackedFormatError("prefetch keeps packed layers: give the model a keep_bytes "
+                                    "budget (load_switchable(..., keep_bytes=N))")
+        t0 = time.perf_counter()
+        wanted = self._resolve(plan)
+        todo = {n: b for n, b in wanted.items()
+                if self._widths.get(n) != b and (n, b) not in self._kept}
+        freed = 0
+        with torch.no_grad():
+            for name, b in todo.items():
+                old = self.model.get_submodule(name)
+                device = next((t.device for t in (*old.buffers(), *old.parameters())),
+                              torch.device("cpu"))
+                self._kept[(name, b)] = self._pack(name, b).to(device)
+                freed += 4 * old.in_features * old.out_features
+                if self.source == "compact" and freed >= TRIM_BYTES:
+                    _return_freed_memory()
+                    freed = 0
+        if self.kept_bytes() > self.keep_bytes:
+            self._drop_kept()
+            log.warning("prefetch: the kept layers exceed keep_bytes (%d); the least recently "
+                        "used were dropped, some of the prefetched ones among them",
+                        self.keep_bytes)
+        if freed and self.source == "compact":
+            _return_freed_memory()
+        return SwitchReport(len(todo), time.perf_counter() - t0, self.bits_per_weight())
+
     def kept_bytes(self) -> int:
         """Bytes of the packed layers kept from earlier widths."""
         return sum(m.stored_bytes() for m in self._kept.values())
