@@ -574,9 +574,14 @@ class EvalRow:
 
 def stored_bits(model: nn.Module, plan: BitsPlan | None = None) -> float:
     """Parameter-weighted bits per quantized weight at ``plan`` (int or {layer: bits}),
-    scales and zero-points included; None = the layers' current widths."""
+    scales and zero-points included; None = the layers' current widths (of a switchable packed
+    model: the bytes its packed layers hold)."""
+    switch = getattr(model, "quept_switch", None)
+    if switch is not None and plan is None:
+        return switch.bits_per_weight()
+    layers = elastic_layers(model) if switch is None else switch.skeletons()
     total, n = 0.0, 0
-    for name, m in elastic_layers(model).items():
+    for name, m in layers.items():
         b = m.bits if plan is None else plan if isinstance(plan, int) else plan[name]
         numel = m.in_features * m.out_features
         bpw = 32.0 if b is None else stored_bits_per_weight(b, m.spec.group_size_for(b), m.in_features)
@@ -595,11 +600,25 @@ def _brief(value: Any) -> Any:
 def _per_width(model: nn.Module, bits: Sequence[int | None], rtn: bool,
                measure: Callable[[str], Any]) -> list[tuple[int | None, float, Any, Any]]:
     """``measure(label)`` at each width in ``bits`` (None = float) and, with ``rtn``, under RTN
-    too: [(bits, stored bits per weight, value, RTN value or None)]. Leaves the model float."""
+    too: [(bits, stored bits per weight, value, RTN value or None)]. Leaves the model float;
+    a switchable packed model (:func:`load_switchable`), which has neither float layers nor
+    RTN, goes back to the widths it had."""
     spec = _spec_of(model)
     for b in bits:
         if b is not None:
             check_bits(b, spec.bits)
+    switch = getattr(model, "quept_switch", None)
+    if switch is not None:
+        if rtn or None in bits:
+            raise ConfigError("a switchable packed model has no float layers and no RTN; "
+                              "evaluate the elastic model (quept.load) for those")
+        before = switch.widths
+        out = []
+        for b in bits:
+            switch.set_bits(b)
+            out.append((b, switch.bits_per_weight(), measure(f"packed {b}"), None))
+        switch.set_bits(before)
+        return out
     out = []
     for b in bits:
         set_bits(model, b)

@@ -128,6 +128,25 @@ def test_prefetch_makes_the_next_switch_a_swap(folders):
         plain.quept_switch.prefetch(2)
 
 
+def test_evaluate_and_stored_bits_of_a_switchable_model(folders):
+    from quept.eval import perplexity
+
+    root, _, plan = folders
+    model, _ = quept.load_switchable(root / "compact", 4)
+    windows = torch.randint(2, 90, (2, 24), generator=torch.Generator().manual_seed(0))
+    rows = quept.evaluate(model, windows, [2, 3], progress=False)
+    assert [r.bits for r in rows] == [2, 3]
+    for row, folder in zip(rows, ("p2", "p3")):
+        packed, _ = quept.api.load_packed(root / folder)
+        assert row.ppl == pytest.approx(perplexity(packed, windows, progress=False), rel=1e-9)
+        assert row.bits_per_weight == pytest.approx(row.bits + (16 + row.bits) / 32)
+    assert model.quept_switch.widths == dict.fromkeys(plan, 4)  # back where it was
+    assert quept.stored_bits(model) == pytest.approx(4 + 20 / 32)
+    assert quept.stored_bits(model, 2) == pytest.approx(2 + 18 / 32)
+    with pytest.raises(quept.ConfigError, match="no float layers and no RTN"):
+        quept.evaluate(model, windows, [None, 2], progress=False)
+
+
 def test_elastic_source(folders):
     root, elastic, _ = folders
     model, _ = quept.load_switchable(elastic, 4)

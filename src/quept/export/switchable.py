@@ -106,6 +106,11 @@ class Switchable:
     def layer_names(self) -> list[str]:
         return list(self._layers)
 
+    def skeletons(self) -> dict[str, ElasticLinear]:
+        """``{layer: the elastic layer it is packed from}`` (spec and shapes; the compact
+        source's hold no weights between switches)."""
+        return dict(self._layers)
+
     def set_bits(self, plan: int | Mapping[str, int]) -> SwitchReport:
         """Re-pack every layer whose width changes; returns what it did."""
         t0 = time.perf_counter()
