@@ -482,6 +482,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plan", default=None, metavar="PLAN.json",
                    help="evaluate this mixed-precision plan (from `quept plan`) instead of "
                    "every width; --bits then adds uniform widths to compare")
+    p.add_argument("--packed", action="store_true",
+                   help="elastic/compact folders of causal LMs: measure packed layers (the "
+                   "codes `quept export` writes, switched in memory from width to width) "
+                   "instead of the fake-quantized elastic model; no float row, no --rtn")
     p.add_argument("--tasks", type=_names, default=None, metavar="NAMES",
                    help="causal LMs: zero-shot task accuracy through lm-evaluation-harness "
                    "instead of perplexity (the lmeval extra); comma-separated: the built-in "
@@ -515,7 +519,29 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
     plan = None if a.plan is None else Plan.load(a.plan)
     if plan is not None and not elastic:
         raise ConfigError(f"{folder} is a plain model folder; --plan needs an elastic folder")
-    if elastic:
+    if a.packed and not elastic:
+        raise ConfigError(f"--packed applies to elastic and compact folders; {folder} is a "
+                          f"{'plain model' if kind == 'hf' else kind} folder")
+    if a.packed and (a.rtn or a.tasks):
+        raise ConfigError("--packed measures the perplexity of packed layers: not with --rtn "
+                          "or --tasks")
+    if elastic and a.packed:
+        from quept.export.compact import read_compact_meta
+
+        meta = read_compact_meta(folder) if kind == "compact" else api.read_meta(folder)
+        widths = a.bits or sorted(QuEPTConfig.from_dict(meta["config"]).spec.bits)
+        model, tok = api.load_switchable(folder, plan if plan is not None else widths[0],
+                                         model=a.model)
+        if _task(model) != "causal-lm":
+            raise ConfigError(f"--packed measures perplexity; {folder} holds a "
+                              f"{model.config.model_type} model without a vocabulary")
+        spec = model.quept_spec
+        bits = a.bits or ([] if plan else sorted(spec.bits))
+        for b in bits:
+            check_bits(b, spec.bits)
+        if plan is not None:
+            _apply_plan(model, plan, a.plan)
+    elif elastic:
         model, tok = (api.load_compact(folder) if kind == "compact"
                       else api.load(folder, model=a.model))
         spec = model.quept_spec
@@ -542,12 +568,12 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
     from quept.eval import perplexity
 
     if elastic:
-        widths = bits if plan else [None, *bits]
+        widths = bits if plan or a.packed else [None, *bits]
         rows = api.evaluate(model, windows, widths, rtn=a.rtn, progress=not a.json)
     else:
         rows = [api.EvalRow(*_fixed_width(model), perplexity(model, windows, progress=not a.json))]
     result = {"folder": str(folder), "elastic": elastic, "windows": windows.shape[0],
-              "seq_len": a.seq_len, "rows": _eval_rows(rows)}
+              "seq_len": a.seq_len, "rows": _eval_rows(rows), "packed": bool(a.packed)}
     if plan is not None:
         bpw = _apply_plan(model, plan, a.plan)
         ppl = perplexity(model, windows, progress=not a.json, desc="eval plan")
@@ -556,6 +582,7 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
     if not a.json:
         if rows:
             _print_eval(rows, windows.shape[0], a.seq_len, f"Perplexity of {folder}"
+                        + (" (packed layers)" if a.packed else "")
                         + (_kv_note(model.quept_spec) if elastic else ""),
                         elastic and model.quept_spec.activations != "none")
         if plan is not None:
@@ -568,7 +595,7 @@ def _apply_plan(model: torch.nn.Module, plan: Plan, path: str) -> float:
     """Set ``plan``'s widths on ``model``; its stored bits per weight, checked against the
     plan's record."""
     api.set_bits(model, plan)
-    bpw = api.stored_bits(model)
+    bpw = api.stored_bits(model, plan.widths)
     if abs(bpw - plan.bits_per_weight) > 1e-9:
         raise ConfigError(f"{path} records {plan.bits_per_weight:.4f} bits per weight but "
                           f"gives {bpw:.4f} on this model: made for another spec?")

@@ -226,6 +226,23 @@ def test_cli_runs_several_widths_in_one_model(folders, capsys):
     assert planned["text"] == run_json(capsys, ["run", str(root / "pplan"), *gen])["text"]
 
 
+def test_cli_eval_packed(folders, capsys):
+    root, _, _ = folders
+    ev = ["--text", str(root / "text.txt"), "--windows", "2", "--seq-len", "32", "--json"]
+    res = run_json(capsys, ["eval", str(root / "compact"), "--bits", "3,2", "--packed", *ev])
+    assert res["packed"] and [r["bits"] for r in res["rows"]] == [3, 2]
+    for row, folder in zip(res["rows"], ("p3", "p2")):
+        ref = run_json(capsys, ["eval", str(root / folder), *ev])["rows"][0]
+        assert row["ppl"] == pytest.approx(ref["ppl"], rel=1e-9)
+        assert row["bits_per_weight"] == pytest.approx(ref["bits_per_weight"])
+    fake = run_json(capsys, ["eval", str(root / "compact"), "--bits", "3", *ev])
+    assert not fake["packed"] and [r["bits"] for r in fake["rows"]] == [None, 3]
+    assert main(["eval", str(root / "compact"), "--packed", "--rtn"]) == 2
+    assert "not with --rtn or --tasks" in capsys.readouterr().err
+    assert main(["eval", str(root / "base"), "--packed"]) == 2
+    assert "--packed applies to elastic and compact folders" in capsys.readouterr().err
+
+
 def _names(root):
     return json.loads((root / "compact" / "quept-compact.json").read_text())["layers"]
 
