@@ -867,8 +867,9 @@ def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
         _print_plan(plan, f"plan written to {a.out} (sensitivity {sens_s:.1f}s, {what} "
                     f"{alloc_s:.1f}s); kept: {plan.label}, predicted KL "
                     f"{plan.predicted_kl:.4f} nats/token{checked}")
-        print(f"next: `quept eval {a.folder} --plan {a.out}` measures it, `quept export "
-              f"{a.folder} --plan {a.out} --out DIR` packs it")
+        print(f"next: `quept eval {a.folder} --plan {a.out}` measures it, `quept run "
+              f"{a.folder} --plan {a.out} --prompt TEXT` generates with it on packed layers, "
+              f"`quept export {a.folder} --plan {a.out} --out DIR` packs it")
     return {"out": a.out, **plan.to_dict(), "chosen": plan.label, "sensitivity_seconds": sens_s,
             "allocation_seconds": alloc_s, "in_context_sweeps": used or None}
 
