@@ -535,15 +535,10 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
         if _task(model) != "causal-lm":
             raise ConfigError(f"--packed measures perplexity; {folder} holds a "
                               f"{model.config.model_type} model without a vocabulary")
-        spec = model.quept_spec
-        bits = a.bits or ([] if plan else sorted(spec.bits))
-        for b in bits:
-            check_bits(b, spec.bits)
-        if plan is not None:
-            _apply_plan(model, plan, a.plan)
     elif elastic:
         model, tok = (api.load_compact(folder) if kind == "compact"
                       else api.load(folder, model=a.model))
+    if elastic:
         spec = model.quept_spec
         bits = a.bits or ([] if plan else sorted(spec.bits))
         for b in bits:

@@ -284,8 +284,7 @@ def cmd_run(a: argparse.Namespace) -> dict[str, Any]:
                 api.set_bits(model, config)
             extra = {"config": label, "switch_seconds": time.perf_counter() - t1 if i else None,
                      "layers_kept": kept,
-                     "bits_per_weight": (switch.bits_per_weight() if switch is not None
-                                         else api.stored_bits(model))}
+                     "bits_per_weight": api.stored_bits(model)}
         gen = generate(model, tok, a.prompt, a.max_new_tokens, stop_at_eos=not a.no_eos,
                        kv_cache=a.kv_cache, prefill_chunk=a.prefill_chunk)
         runs.append({**extra, **gen.to_dict()})

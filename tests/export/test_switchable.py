@@ -69,7 +69,7 @@ def test_only_changed_layers_are_repacked_and_sizes_add_up(folders):
     root, _, plan = folders
     model, _ = quept.load_switchable(root / "compact", plan)
     sw = model.quept_switch
-    first = sw.layer_names[0]
+    first = next(iter(sw.skeletons()))
     other = 8 if plan[first] != 8 else 2
     report = sw.set_bits({**plan, first: other})
     assert report.repacked == 1 and sw.widths[first] == other
@@ -172,7 +172,7 @@ def test_packed_head(folders):
 def test_bad_widths_and_plans_are_named(folders):
     root, _, plan = folders
     model, _ = quept.load_switchable(root / "compact", 4)
-    with pytest.raises(PackedFormatError, match="not one of the widths"):
+    with pytest.raises(quept.ConfigError, match="bit-width 9 is outside 2..8"):
         quept.set_bits(model, 9)
     with pytest.raises(PackedFormatError, match="no float layers"):
         quept.set_bits(model, None)
@@ -260,7 +260,7 @@ def test_cli_run_errors(folders, capsys):
     assert main(["run", str(root / "p3"), "--keep-mb", "8", "--prompt", "a"]) == 2
     assert "--keep-mb applies to elastic and compact" in capsys.readouterr().err
     assert main(["run", str(root / "compact"), "--bits", "9", "--prompt", "a"]) == 2
-    assert "not one of the widths" in capsys.readouterr().err
+    assert "bit-width 9 is outside 2..8" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("mode", ["kv-cache", "weight+activation"])
@@ -289,6 +289,9 @@ def test_quantized_cache_and_activations_follow_the_switch(mode, tmp_path):
         ref = generate(quept.api.load_packed(tmp_path / "p4")[0], tok, "It is a truth", 6,
                        stop_at_eos=False, kv_cache="quantized")
         assert mine.kv_cache_bytes is not None and mine.text == ref.text
+    if mode == "weight+activation":
+        with pytest.raises(quept.ConfigError, match="not in this elastic model's widths"):
+            quept.set_bits(model, 3)
     k_proj = model.get_submodule("model.layers.0.self_attn.k_proj")
     assert isinstance(k_proj, PackedLinear) and k_proj.bits == 4
     assert (k_proj.act_bits == 4) == (mode == "weight+activation")

@@ -418,10 +418,13 @@ def restore_compact(net: nn.Module, folder: str | os.PathLike) -> dict[str, Any]
     layers = elastic_layers(net)
     if sorted(layers) != sorted(meta["layers"]):
         raise PackedFormatError(f"{folder}: its layers do not match the model's elastic layers")
-    state = {k: v for k, v in raw.items() if k.rpartition(".")[0] not in layers}
+    try:
+        per_layer, state = split_layer_tensors(raw, list(layers))
+    except PackedFormatError as e:
+        raise PackedFormatError(f"{folder}: {e}") from None
     for name, m in layers.items():
         try:
-            state.update(layer_state(name, m, raw, ccfg))
+            state.update(layer_state(name, m, per_layer[name], ccfg))
         except (KeyError, RuntimeError, ValueError) as e:
             raise PackedFormatError(f"{folder}: layer {name} cannot be rebuilt: {e}") from None
     fill(net, state, meta.get("aliases", {}), str(folder))

@@ -59,9 +59,11 @@ def minmax_codes(w: torch.Tensor, bits: int, group_size: int,
             zero.squeeze(-1).to(torch.uint8))
 
 
-def layer_widths(model: nn.Module, plan: int | Mapping[str, int]) -> dict[str, int]:
-    """``{layer name: bits}`` for every elastic layer from one width or a full plan."""
-    layers = elastic_layers(model)
+def layer_widths(model: nn.Module | Mapping[str, nn.Module], plan: int | Mapping[str, int]
+                 ) -> dict[str, int]:
+    """``{layer name: bits}`` for every elastic layer of ``model`` (or of a ``{name: elastic
+    layer}`` mapping) from one width or a full plan, each width checked against the layer's."""
+    layers = elastic_layers(model) if isinstance(model, nn.Module) else model
     widths = plan_widths(layers, plan, PackedFormatError)
     for n, b in widths.items():
         if b is None:

@@ -20,11 +20,13 @@ plan, so the outputs are the packed folder's.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +40,13 @@ from quept.export.compact import (
     split_layer_tensors,
 )
 from quept.export.load import fill
-from quept.export.packed import SCALE_DTYPES, PackedFormatError, pack_head, pack_model
+from quept.export.packed import (
+    SCALE_DTYPES,
+    PackedFormatError,
+    layer_widths,
+    pack_head,
+    pack_model,
+)
 from quept.nn.elastic_linear import ElasticLinear
 from quept.nn.packed_linear import PackedLinear
 from quept.nn.switch import elastic_layers
@@ -102,10 +110,6 @@ class Switchable:
         """``{layer: bits}`` the packed layers hold now."""
         return dict(self._widths)
 
-    @property
-    def layer_names(self) -> list[str]:
-        return list(self._layers)
-
     def skeletons(self) -> dict[str, ElasticLinear]:
         """``{layer: the elastic layer it is packed from}`` (spec and shapes; the compact
         source's hold no weights between switches)."""
@@ -116,32 +120,21 @@ class Switchable:
         t0 = time.perf_counter()
         wanted = self._resolve(plan)
         changed = {n: b for n, b in wanted.items() if self._widths.get(n) != b}
-        freed, reused = 0, 0
-        with torch.no_grad():
+        reused = 0
+        with torch.no_grad(), self._trimming() as packed_anew:
             for name, b in changed.items():
-                parent, _, child = name.rpartition(".")
-                owner = self.model.get_submodule(parent) if parent else self.model
-                old = getattr(owner, child)
+                old = self.model.get_submodule(name)
                 if self.keep_bytes and isinstance(old, PackedLinear):
                     old._compute = None  # the float32 scale copies are rebuilt on first use
                     self._kept[(name, old.bits)] = old
                 packed = self._kept.pop((name, b), None)
                 if packed is None:
-                    # the source lives on the CPU; the new layer goes where the old one is
-                    device = next((t.device for t in (*old.buffers(), *old.parameters())),
-                                  torch.device("cpu"))
-                    packed = self._pack(name, b).to(device)
-                    freed += 4 * packed.in_features * packed.out_features  # its float copy
+                    packed = packed_anew(name, b)
                 else:
                     reused += 1
-                setattr(owner, child, packed)
+                self.model.set_submodule(name, packed)
                 self._widths[name] = b
-                if self.source == "compact" and freed >= TRIM_BYTES:
-                    _return_freed_memory()
-                    freed = 0
             self._drop_kept()
-        if freed and self.source == "compact":
-            _return_freed_memory()
         seconds = time.perf_counter() - t0
         report = SwitchReport(len(changed) - reused, seconds, self.bits_per_weight(), reused)
         log.debug("switched %d layers in %.2f s (%d packed, %d kept; %.3f bits per weight)",
@@ -160,25 +153,42 @@ class Switchable:
         wanted = self._resolve(plan)
         todo = {n: b for n, b in wanted.items()
                 if self._widths.get(n) != b and (n, b) not in self._kept}
-        freed = 0
-        with torch.no_grad():
+        with torch.no_grad(), self._trimming() as packed_anew:
             for name, b in todo.items():
-                old = self.model.get_submodule(name)
-                device = next((t.device for t in (*old.buffers(), *old.parameters())),
-                              torch.device("cpu"))
-                self._kept[(name, b)] = self._pack(name, b).to(device)
-                freed += 4 * old.in_features * old.out_features
-                if self.source == "compact" and freed >= TRIM_BYTES:
-                    _return_freed_memory()
-                    freed = 0
+                self._kept[(name, b)] = packed_anew(name, b)
         if self.kept_bytes() > self.keep_bytes:
             self._drop_kept()
             log.warning("prefetch: the kept layers exceed keep_bytes (%d); the least recently "
                         "used were dropped, some of the prefetched ones among them",
                         self.keep_bytes)
-        if freed and self.source == "compact":
-            _return_freed_memory()
         return SwitchReport(len(todo), time.perf_counter() - t0, self.bits_per_weight())
+
+    @contextmanager
+    def _trimming(self) -> Iterator[Callable[[str, int], PackedLinear]]:
+        """``packed_anew(name, bits)``: the layer packed at ``bits`` on the device of the layer
+        now in its place (the source lives on the CPU); from the compact source, the freed
+        heap goes back to the system every :data:`TRIM_BYTES` of float layers rebuilt, and at
+        the end."""
+        freed = 0
+
+        def packed_anew(name: str, bits: int) -> PackedLinear:
+            nonlocal freed
+            old = self.model.get_submodule(name)
+            device = next((t.device for t in (*old.buffers(), *old.parameters())),
+                          torch.device("cpu"))
+            packed = self._pack(name, bits).to(device)
+            if self.source == "compact":
+                freed += 4 * packed.in_features * packed.out_features  # its float copy
+                if freed >= TRIM_BYTES:
+                    _return_freed_memory()
+                    freed = 0
+            return packed
+
+        try:
+            yield packed_anew
+        finally:
+            if freed:
+                _return_freed_memory()
 
     def kept_bytes(self) -> int:
         """Bytes of the packed layers kept from earlier widths."""
@@ -194,25 +204,7 @@ class Switchable:
         if isinstance(plan, bool) or not (plan is None or isinstance(plan, (int, Mapping))):
             raise PackedFormatError(f"a switchable model takes a width (int) or a plan "
                                     f"{{layer: bits}}, got {plan!r}")
-        if not isinstance(plan, Mapping):
-            wanted = dict.fromkeys(self._layers, plan)
-        else:
-            missing = [n for n in self._layers if n not in plan]
-            unknown = [n for n in plan if n not in self._layers]
-            if missing or unknown:
-                raise PackedFormatError(
-                    f"plan does not match the model: {len(missing)} layers missing (e.g. "
-                    f"{missing[:3]}), {len(unknown)} unknown names (e.g. {unknown[:3]})")
-            wanted = {n: plan[n] for n in self._layers}
-        for name, b in wanted.items():
-            widths = self._layers[name].spec.bits
-            if b is None:
-                raise PackedFormatError(f"layer {name}: a packed model has no float layers; "
-                                        f"pick one of the widths {list(widths)}")
-            if isinstance(b, bool) or not isinstance(b, int) or b not in widths:
-                raise PackedFormatError(f"layer {name}: width {b!r} is not one of the widths "
-                                        f"this model was calibrated for, {list(widths)}")
-        return wanted
+        return layer_widths(self._layers, plan)
 
     def _pack(self, name: str, bits: int) -> PackedLinear:
         layer = self._materialise(name, bits)
@@ -274,18 +266,19 @@ def _return_freed_memory() -> None:
     ``malloc_trim``; elsewhere nothing): a switch frees one float layer after another, which
     glibc keeps in its heap, so without this a process's resident set grows by a few hundred
     MB on the default model after the first switch."""
-    global _LIBC
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
-_LIBC: Any = None
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    return trim
 
 
 def make_switchable(model: nn.Module, bits: int | Mapping[str, int], *, backend: str = "auto",
@@ -324,8 +317,7 @@ def switchable_from_compact(net: nn.Module, folder: str | os.PathLike, meta: Map
     except PackedFormatError as e:
         raise PackedFormatError(f"{folder}: {e}") from None
     for name in layers:  # out of the tree while the rest is filled; packed layers go here
-        parent, _, child = name.rpartition(".")
-        setattr(net.get_submodule(parent) if parent else net, child, nn.Identity())
+        net.set_submodule(name, nn.Identity())
     fill(net, rest, meta.get("aliases", {}), str(folder))
     ccfg = CompactConfig(**meta["compact"])
     return _attach(Switchable(net, "compact", layers, per_layer, ccfg, backend, scale_dtype,
@@ -337,8 +329,7 @@ def _attach(sw: Switchable, bits: int | Mapping[str, int], head_bits: int | None
     if head_bits is not None:  # once: the head does not switch
         for name, packed in pack_head(sw.model, head_bits, sw.scale_dtype).items():
             packed.set_backend(sw.backend)
-            parent, _, child = name.rpartition(".")
-            setattr(sw.model.get_submodule(parent) if parent else sw.model, child, packed)
+            sw.model.set_submodule(name, packed)
         sw.head_bits = head_bits
     sw.model.quept_switch = sw
     return sw
