@@ -62,6 +62,14 @@ METHODS: dict[str, Method] = {
     # HQQ keeps its zero-point in floating point (fp16 when stored), not as an integer.
     "hqq": Method("HQQ", "hqq", zero_bits=16, library="hqq"),
     "gptq": Method("GPTQ (llmcompressor)", "gptq", calibrates=True, library="llmcompressor"),
+    # AWQ as llmcompressor runs it: per-channel scales searched on the calibration activations,
+    # then min/max group ranges ("awq"), or ranges searched by the MSE observer ("awq-mse"), the
+    # counterpart of AutoAWQ's clipping step (AutoAWQ itself is no longer maintained).
+    "awq": Method("AWQ (llmcompressor)", "awq", calibrates=True, library="llmcompressor"),
+    "awq-mse": Method("AWQ, MSE-searched ranges (llmcompressor)", "awq", {"observer": "mse"},
+                      calibrates=True, library="llmcompressor"),
+    "awq-smoke": Method("AWQ smoke test (4-point grid; not a result)", "awq", {"n_grid": 4},
+                        calibrates=True, library="llmcompressor", in_plot=False),
     # AutoRound's recipes: "light" = 50 iterations at lr 5e-3, default = 200 (lr 1/iters).
     "autoround-light": Method("AutoRound light (50 iters)", "autoround",
                               {"iters": 50, "lr": 5e-3}, calibrates=True, library="auto-round"),
@@ -164,7 +172,7 @@ WA_METHODS: dict[str, Method] = {
 }
 METHODS.update(WA_METHODS)
 
-DEFAULT_METHODS = ("float", "rtn", "hqq", "gptq", "autoround-light", "autoround", "quept")
+DEFAULT_METHODS = ("float", "rtn", "hqq", "gptq", "awq", "autoround-light", "autoround", "quept")
 
 
 def method(name: str) -> Method:

@@ -28,7 +28,7 @@ from quept.config import (
     weight_act_spec,
 )
 from quept.search import Plan, SensitivityConfig, parse_size
-from quept.search.plan import GRANULARITIES
+from quept.search.plan import GRANULARITIES, plan_from_table
 
 log = logging.getLogger("quept")
 DEFAULT_OUT = "quept-elastic"
@@ -767,12 +767,14 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
                        "not counted.")
     p.add_argument("folder", help="elastic folder written by `quept quantize`")
     b = p.add_mutually_exclusive_group(required=True)
-    b.add_argument("--avg-bits", type=float, help="stored bits per quantized weight, scales and "
-                   "zero-points included (e.g. 3.25; uniform W4 at group 64 is 4.3125)")
-    b.add_argument("--max-bytes", type=_size, help="bytes of the quantized linears' codes "
+    b.add_argument("--avg-bits", type=_floats, help="stored bits per quantized weight, "
+                   "scales and zero-points included (e.g. 3.25; uniform W4 at group 64 is "
+                   "4.3125); several, comma-separated (2.5,3,3.5), make one plan each")
+    b.add_argument("--max-bytes", type=_sizes, help="bytes of the quantized linears' codes "
                    "+ scales + zero-points, e.g. 60MB, 1.5GiB, 500kB (kB/MB/GB = 1000^n, "
-                   "KiB/MiB/GiB = 1024^n)")
-    p.add_argument("--out", required=True, metavar="PLAN.json", help="where to write the plan")
+                   "KiB/MiB/GiB = 1024^n); several, comma-separated, make one plan each")
+    p.add_argument("--out", required=True, metavar="PLAN.json", help="where to write the plan; "
+                   "with several budgets a folder, which gets plan-<budget>.json for each")
     p.add_argument("--granularity", choices=("auto", *GRANULARITIES), default="auto",
                    help="allocation unit: every linear ('layer'), attention / MLP of a block "
                    "('sublayer'), whole blocks ('block'), or 'auto' (default): the exact plan "
@@ -816,6 +818,50 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _floats(text: str) -> list[tuple[str, float]]:
+    """'2.5,3' -> [('2.5', 2.5), ('3', 3.0)]: each budget with the text that names its file."""
+    out = []
+    for part in filter(None, (x.strip() for x in text.split(","))):
+        try:
+            out.append((part, float(part)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"cannot read bits per weight from {part!r}; use numbers such as 3.25 or "
+                "2.5,3,3.5") from None
+    if not out:
+        raise argparse.ArgumentTypeError("no budget given; use numbers such as 3.25")
+    return out
+
+
+def _sizes(text: str) -> list[tuple[str, int]]:
+    """'50MB,60MB' -> [('50MB', 50_000_000), ('60MB', 60_000_000)]."""
+    out = [(part, _size(part)) for part in filter(None, (x.strip() for x in text.split(",")))]
+    if not out:
+        raise argparse.ArgumentTypeError("no budget given; use sizes such as 60MB")
+    return out
+
+
+def _budget_paths(a: argparse.Namespace) -> list[tuple[dict[str, Any], Path]]:
+    """Each budget of ``--avg-bits`` / ``--max-bytes`` with the file its plan goes to: --out
+    itself for one budget, FOLDER/plan-<budget>.json for several (repeats refused)."""
+    key, unit = ("avg_bits", "bits") if a.avg_bits is not None else ("max_bytes", "")
+    given = a.avg_bits if a.avg_bits is not None else a.max_bytes
+    values = [v for _, v in given]
+    if len(set(values)) < len(values):
+        raise ConfigError(f"--{key.replace('_', '-')} names a budget twice: "
+                          f"{', '.join(t for t, _ in given)}")
+    out = Path(a.out)
+    if len(given) == 1:
+        if out.is_dir():
+            raise ConfigError(f"--out {out} is a folder; with one budget --out names the plan "
+                              "file (PLAN.json)")
+        return [({key: given[0][1]}, out)]
+    if out.suffix == ".json" or out.is_file():
+        raise ConfigError(f"{len(given)} budgets make {len(given)} plans: --out must name a "
+                          f"folder for them, got {out}")
+    return [({key: v}, out / f"plan-{t}{unit}.json") for t, v in given]
+
+
 def _print_plan(plan: Plan, title: str) -> None:
     hist = "  ".join(f"W{b}: {n}" for b, n in plan.histogram().items())
     print(f"\n{title}\n{plan.bits_per_weight:.4f} bits per weight stored, "
@@ -827,6 +873,7 @@ def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
 
     if a.check_samples < 1:
         raise ConfigError(f"--check-samples must be >= 1, got {a.check_samples}")
+    budgets = _budget_paths(a)
     cfg = SensitivityConfig(n_samples=a.samples, seq_len=a.seq_len, n_probes=a.probes,
                             reference_bits=a.reference_bits, seed=a.seed)
     folder = Path(a.folder)
@@ -842,31 +889,48 @@ def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
     table = api.sensitivity(model, ids, cfg, cache=folder / api.SENSITIVITY_JSON,
                             recompute=a.recompute, progress=not a.json)
     sens_s = time.perf_counter() - t0
-    t1 = time.perf_counter()
+    if len(budgets) > 1:  # every budget's feasibility first (a table allocation is cheap)
+        for budget, _ in budgets:
+            plan_from_table(table, **budget)
     check = ids[: a.check_samples]
-    sweeps = (api.sweep_cache(model, check, folder / api.SWEEPS_JSON, recompute=a.recompute)
-              if a.granularity == "auto" and a.in_context else None)
-    plan = api.plan(model, table, avg_bits=a.avg_bits, max_bytes=a.max_bytes,
-                    granularity=a.granularity, check_ids=check, in_context=a.in_context,
-                    both_ways=a.both_ways, cache=sweeps, progress=not a.json)
-    alloc_s = time.perf_counter() - t1
-    plan.save(a.out)
-    used = {} if sweeps is None else {"measured": sweeps.measured, "reused": sweeps.reused}
+    results = []
+    for budget, out in budgets:
+        t1 = time.perf_counter()
+        sweeps = (api.sweep_cache(model, check, folder / api.SWEEPS_JSON,
+                                  recompute=a.recompute and not results)
+                  if a.granularity == "auto" and a.in_context else None)
+        plan = api.plan(model, table, **budget, granularity=a.granularity, check_ids=check,
+                        in_context=a.in_context, both_ways=a.both_ways, cache=sweeps,
+                        progress=not a.json)
+        alloc_s = time.perf_counter() - t1
+        out.parent.mkdir(parents=True, exist_ok=True)
+        plan.save(out)
+        used = {} if sweeps is None else {"measured": sweeps.measured, "reused": sweeps.reused}
+        if not a.json:
+            _report_plan(plan, out, sens_s, alloc_s, used)
+        results.append({"out": str(out), **plan.to_dict(), "chosen": plan.label,
+                        "sensitivity_seconds": sens_s, "allocation_seconds": alloc_s,
+                        "in_context_sweeps": used or None})
+        sens_s = 0.0  # measured (or read) once, for the first plan
     if not a.json:
-        checked = "" if plan.checked_kl is None else "; measured KL " + ", ".join(
-            f"{g} {v:.4f}" for g, v in plan.checked_kl.items())
-        what = "allocation" if plan.checked_kl is None else "allocations and KL checks"
-        if used:
-            what += (f" with {used['measured']} in-context sweep(s) measured and "
-                     f"{used['reused']} reused from {api.SWEEPS_JSON}")
-        _print_plan(plan, f"plan written to {a.out} (sensitivity {sens_s:.1f}s, {what} "
-                    f"{alloc_s:.1f}s); kept: {plan.label}, predicted KL "
-                    f"{plan.predicted_kl:.4f} nats/token{checked}")
-        print(f"next: `quept eval {a.folder} --plan {a.out}` measures it, `quept run "
-              f"{a.folder} --plan {a.out} --prompt TEXT` generates with it on packed layers, "
-              f"`quept export {a.folder} --plan {a.out} --out DIR` packs it")
-    return {"out": a.out, **plan.to_dict(), "chosen": plan.label, "sensitivity_seconds": sens_s,
-            "allocation_seconds": alloc_s, "in_context_sweeps": used or None}
+        first = results[0]["out"] if len(results) == 1 else "PLAN.json"
+        print(f"next: `quept eval {a.folder} --plan {first}` measures it, `quept run "
+              f"{a.folder} --plan {first} --prompt TEXT` generates with it on packed layers, "
+              f"`quept export {a.folder} --plan {first} --out DIR` packs it")
+    return results[0] if len(results) == 1 else {"plans": results}
+
+
+def _report_plan(plan: Plan, out: Path, sens_s: float, alloc_s: float,
+                 used: dict[str, int]) -> None:
+    checked = "" if plan.checked_kl is None else "; measured KL " + ", ".join(
+        f"{g} {v:.4f}" for g, v in plan.checked_kl.items())
+    what = "allocation" if plan.checked_kl is None else "allocations and KL checks"
+    if used:
+        what += (f" with {used['measured']} in-context sweep(s) measured and "
+                 f"{used['reused']} reused from {api.SWEEPS_JSON}")
+    _print_plan(plan, f"plan written to {out} (sensitivity {sens_s:.1f}s, {what} "
+                f"{alloc_s:.1f}s); kept: {plan.label}, predicted KL "
+                f"{plan.predicted_kl:.4f} nats/token{checked}")
 
 
 # --- entry point ------------------------------------------------------------------------------

@@ -173,6 +173,20 @@ def test_rtn_adapter_quantizes_every_block_linear_to_b_bits():
         assert levels_max(m.weight, 32) <= 8 < levels_max(before[n], 32)
 
 
+def test_every_method_names_an_adapter_with_quantize_and_peer_libraries_load_lazily():
+    import importlib
+
+    from peers.methods import METHODS
+
+    for name, m in METHODS.items():
+        if m.adapter is None:
+            continue
+        mod = importlib.import_module(f"peers.{m.adapter}")  # no peer library imported here
+        assert callable(mod.quantize), name
+    assert METHODS["awq-mse"].options == {"observer": "mse"}
+    assert not METHODS["awq-smoke"].in_plot and METHODS["awq"].in_plot
+
+
 def test_fmt_ppl():
     assert report.fmt_ppl(25.137) == "25.14"
     assert report.fmt_ppl(537000.0) == "5.4e5"

@@ -9,6 +9,7 @@ import pytest
 import quept
 from quept.cli import main
 from quept.config import CalibConfig, QuEPTConfig
+from quept.search import Plan
 from tests.conftest import tiny_model
 from tests.search.helpers import SPEC
 
@@ -96,3 +97,47 @@ def test_plan_errors_are_clear(folder, capsys):
     assert main(["eval", elastic, "--plan", str(folder / "bad.json"), "--text", text,
                  "--windows", "1", "--seq-len", "64"]) == 2
     assert "missing or malformed field" in capsys.readouterr().err
+
+
+def test_several_budgets_make_one_plan_each_in_a_folder(folder, capsys):
+    elastic, text = str(folder / "elastic"), str(folder / "calib.txt")
+    small = ["--calib-text", text, "--samples", "2", "--seq-len", "16", "--probes", "2"]
+    out = folder / "plans"
+    res = run_json(capsys, ["plan", elastic, "--avg-bits", "4.0,3.5", "--out", str(out),
+                            "--granularity", "layer", "--json", *small])
+    assert [p["out"] for p in res["plans"]] == [str(out / "plan-4.0bits.json"),
+                                                str(out / "plan-3.5bits.json")]
+    for p, budget in zip(res["plans"], (4.0, 3.5)):
+        saved = Plan.load(p["out"])
+        assert saved.bits_per_weight == pytest.approx(p["bits_per_weight"])
+        assert saved.bits_per_weight <= budget
+        assert saved.budget == {"avg_bits": budget}
+    assert res["plans"][0]["bits_per_weight"] > res["plans"][1]["bits_per_weight"]
+    sized = run_json(capsys, ["plan", elastic, "--max-bytes", "50kB,40kB", "--out",
+                              str(folder / "sized"), "--granularity", "layer", "--json", *small])
+    assert [p["stored_bytes"] <= b for p, b in zip(sized["plans"], (50_000, 40_000))] == [
+        True, True]
+    assert (folder / "sized" / "plan-40kB.json").is_file()
+    main(["plan", elastic, "--avg-bits", "4.0,3.5", "--out", str(folder / "printed"),
+          "--granularity", "layer", *small])
+    printed = capsys.readouterr().out
+    assert printed.count("plan written to") == 2
+    assert f"next: `quept eval {elastic} --plan PLAN.json` measures it" in printed
+
+
+def test_several_budgets_are_checked_before_any_plan_is_made(folder, capsys):
+    elastic, text = str(folder / "elastic"), str(folder / "calib.txt")
+    small = ["--calib-text", text, "--samples", "2", "--seq-len", "16", "--probes", "2"]
+    assert main(["plan", elastic, "--avg-bits", "4.0,2.25", "--out", str(folder / "none"),
+                 *small]) == 2
+    assert "a budget of 2.25" in capsys.readouterr().err
+    assert not (folder / "none").exists()
+    assert main(["plan", elastic, "--avg-bits", "4,4.0", "--out", str(folder / "none"),
+                 *small]) == 2
+    assert "--avg-bits names a budget twice: 4, 4.0" in capsys.readouterr().err
+    assert main(["plan", elastic, "--avg-bits", "4,3.5", "--out", str(folder / "p.json"),
+                 *small]) == 2
+    assert "2 budgets make 2 plans: --out must name a folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["plan", elastic, "--avg-bits", "4,x", "--out", "x"])
+    assert "cannot read bits per weight from 'x'" in capsys.readouterr().err
