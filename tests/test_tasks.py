@@ -237,6 +237,17 @@ def test_cli_eval_tasks_on_an_elastic_and_a_packed_folder(tmp_path, capsys):
     assert res["plan"]["bits_per_weight"] == pytest.approx(quept.stored_bits(model, widths))
     nll = math.log(res["plan"]["scores"]["last-word"]["perplexity"])
     assert nll != math.log(rows[8]["scores"]["last-word"]["perplexity"])
+    all8 = {n: 8 for n in widths}
+    Plan(all8, quept.stored_bits(model, all8), 0.0, 1).save(tmp_path / "all8.json")
+    assert main(["eval", str(folder), "--tasks", "last-word", "--text", str(text), "--limit", "4",
+                 "--plan", str(tmp_path / "plan.json"), "--plan", str(tmp_path / "all8.json"),
+                 "--json"]) == 0
+    two = json.loads(capsys.readouterr().out)
+    assert [m["path"] for m in two["plans"]] == [str(tmp_path / "plan.json"),
+                                                 str(tmp_path / "all8.json")]
+    assert two["plans"][0]["scores"]["last-word"] == res["plan"]["scores"]["last-word"]
+    assert two["plans"][1]["scores"]["last-word"]["perplexity"] == pytest.approx(
+        rows[8]["scores"]["last-word"]["perplexity"])  # the plan of all 8 bits is W8
 
     packed = tmp_path / "packed"
     assert main(["export", str(folder), "--bits", "8", "--out", str(packed)]) == 0

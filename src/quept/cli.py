@@ -479,9 +479,11 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rtn", action="store_true", help="also report round-to-nearest per width")
     p.add_argument("--model", default=None,
                    help="base model folder, if not the one recorded in the elastic folder")
-    p.add_argument("--plan", default=None, metavar="PLAN.json",
+    p.add_argument("--plan", action="append", default=None, metavar="PLAN.json",
                    help="evaluate this mixed-precision plan (from `quept plan`) instead of "
-                   "every width; --bits then adds uniform widths to compare")
+                   "every width; --bits then adds uniform widths to compare. Repeat it, or "
+                   "name a folder of plans (`quept plan --avg-bits 2.5,3,3.5 --out DIR`), to "
+                   "evaluate several, one loaded model for all")
     p.add_argument("--packed", action="store_true",
                    help="elastic/compact folders of causal LMs: measure packed layers (the "
                    "codes `quept export` writes, switched in memory from width to width) "
@@ -506,18 +508,18 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} does not exist or is not a folder")
     kind = cli_deploy.folder_kind(folder)
+    plans = _load_plans(a.plan or [])
     if kind == "packed":
         if a.bits or a.plan or a.rtn:
             raise ConfigError(f"{folder} is a packed model of one configuration: --bits, --plan "
                               "and --rtn apply to elastic folders")
         if a.tasks:
             model, tok = api.load_packed(folder)
-            return _eval_tasks(a, folder, model, tok, False, None, [])
+            return _eval_tasks(a, folder, model, tok, False, [], [])
         _refuse_task_options(a)
         return cli_deploy.eval_packed(a, folder, lambda: _text(a.text, "eval"))
     elastic = kind in ("elastic", "compact")
-    plan = None if a.plan is None else Plan.load(a.plan)
-    if plan is not None and not elastic:
+    if plans and not elastic:
         raise ConfigError(f"{folder} is a plain model folder; --plan needs an elastic folder")
     if a.packed and not elastic:
         raise ConfigError(f"--packed applies to elastic and compact folders; {folder} is a "
@@ -530,7 +532,7 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
 
         meta = read_compact_meta(folder) if kind == "compact" else api.read_meta(folder)
         widths = a.bits or sorted(QuEPTConfig.from_dict(meta["config"]).spec.bits)
-        model, tok = api.load_switchable(folder, plan if plan is not None else widths[0],
+        model, tok = api.load_switchable(folder, plans[0][1] if plans else widths[0],
                                          model=a.model)
         if _task(model) != "causal-lm":
             raise ConfigError(f"--packed measures perplexity; {folder} holds a "
@@ -540,11 +542,11 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
                       else api.load(folder, model=a.model))
     if elastic:
         spec = model.quept_spec
-        bits = a.bits or ([] if plan else sorted(spec.bits))
+        bits = a.bits or ([] if plans else sorted(spec.bits))
         for b in bits:
             check_bits(b, spec.bits)
-        if plan is not None:
-            _apply_plan(model, plan, a.plan)  # a plan made for another spec: refused before work
+        for path, plan in plans:  # a plan made for another spec: refused before work
+            _apply_plan(model, plan, path)
     else:
         if a.bits:
             raise ConfigError(f"{folder} is a {'plain model' if kind == 'hf' else kind} folder "
@@ -553,37 +555,78 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
         model, tok = api.load_model(folder)
         bits = []
     if a.tasks:
-        return _eval_tasks(a, folder, model, tok, elastic, plan, bits)
+        return _eval_tasks(a, folder, model, tok, elastic, plans, bits)
     _refuse_task_options(a)
     if _task(model) == "encoder":
-        return _eval_encoder(a, folder, model, tok, elastic, plan, bits)
+        return _eval_encoder(a, folder, model, tok, elastic, plans, bits)
     if _task(model) == "image-classification":
-        return _eval_images(a, folder, model, elastic, plan, bits)
+        return _eval_images(a, folder, model, elastic, plans, bits)
     windows = api.windows_from_text(tok, _text(a.text, "eval"), a.seq_len, a.windows)
     from quept.eval import perplexity
 
     if elastic:
-        widths = bits if plan or a.packed else [None, *bits]
+        widths = bits if plans or a.packed else [None, *bits]
         rows = api.evaluate(model, windows, widths, rtn=a.rtn, progress=not a.json)
     else:
         rows = [api.EvalRow(*_fixed_width(model), perplexity(model, windows, progress=not a.json))]
     result = {"folder": str(folder), "elastic": elastic, "windows": windows.shape[0],
               "seq_len": a.seq_len, "rows": _eval_rows(rows), "packed": bool(a.packed)}
-    if plan is not None:
-        bpw = _apply_plan(model, plan, a.plan)
-        ppl = perplexity(model, windows, progress=not a.json, desc="eval plan")
-        result["plan"] = {"path": a.plan, "bits_per_weight": bpw, "ppl": ppl,
-                          "stored_bytes": plan.stored_bytes, "widths": plan.histogram()}
+    measured = []
+    for path, plan in plans:
+        bpw = _apply_plan(model, plan, path)
+        ppl = perplexity(model, windows, progress=not a.json, desc=f"eval {Path(path).name}")
+        measured.append({"path": path, "bits_per_weight": bpw, "ppl": ppl,
+                         "stored_bytes": plan.stored_bytes, "widths": plan.histogram()})
+    _put_plans(result, measured)
     if not a.json:
         if rows:
             _print_eval(rows, windows.shape[0], a.seq_len, f"Perplexity of {folder}"
                         + (" (packed layers)" if a.packed else "")
                         + (_kv_note(model.quept_spec) if elastic else ""),
                         elastic and model.quept_spec.activations != "none")
-        if plan is not None:
-            _print_plan(plan, f"plan {a.plan}: perplexity {result['plan']['ppl']:.2f} "
+        if len(plans) == 1:
+            _print_plan(plans[0][1], f"plan {plans[0][0]}: perplexity {measured[0]['ppl']:.2f} "
                         f"({windows.shape[0]} windows x {a.seq_len} tokens)")
+        elif plans:
+            _print_plans(measured, f"Plans, perplexity on {windows.shape[0]} windows x "
+                         f"{a.seq_len} tokens", "perplexity", lambda m: f"{m['ppl']:.2f}")
     return result
+
+
+def _load_plans(values: list[str]) -> list[tuple[str, Plan]]:
+    """Each ``--plan`` value read as a plan file, or a folder's plan files (every ``*.json``
+    in it, fewest bits per weight first), as (path, plan)."""
+    out = []
+    for value in values:
+        path = Path(value)
+        if path.is_dir():
+            found = [(str(f), Plan.load(f)) for f in sorted(path.glob("*.json"))]
+            if not found:
+                raise ConfigError(f"--plan {path} is a folder without plan files (*.json); "
+                                  "`quept plan FOLDER --avg-bits 2.5,3 --out DIR` writes some")
+            out += sorted(found, key=lambda pp: pp[1].bits_per_weight)
+        else:
+            out.append((value, Plan.load(path)))
+    return out
+
+
+def _put_plans(result: dict[str, Any], measured: list[dict[str, Any]]) -> None:
+    """One plan's record under "plan" (as it always was), several under "plans"."""
+    if len(measured) == 1:
+        result["plan"] = measured[0]
+    elif measured:
+        result["plans"] = measured
+
+
+def _print_plans(measured: list[dict[str, Any]], title: str, what: str,
+                 cell: Callable[[dict[str, Any]], str]) -> None:
+    print(f"\n{title}\n")
+    print(f"| plan | bits per weight | MB of quantized linears | {what} | layers per width |")
+    print("|---|---|---|---|---|")
+    for m in measured:
+        hist = ", ".join(f"W{b}: {n}" for b, n in m["widths"].items())
+        print(f"| {m['path']} | {m['bits_per_weight']:.4f} | {m['stored_bytes'] / 1e6:.2f} | "
+              f"{cell(m)} | {hist} |")
 
 
 def _apply_plan(model: torch.nn.Module, plan: Plan, path: str) -> float:
@@ -639,7 +682,8 @@ def _pair_with_float(float_scores: dict[str, dict[str, Any]] | None,
 
 
 def _eval_tasks(a: argparse.Namespace, folder: Path, model: torch.nn.Module, tok: Any,
-                elastic: bool, plan: Plan | None, bits: list[int]) -> dict[str, Any]:
+                elastic: bool, plans: list[tuple[str, Plan]], bits: list[int]
+                ) -> dict[str, Any]:
     """`quept eval --tasks`: zero-shot task scores per width (or of the one configuration)."""
     from quept.data.tasks import BUILTIN_TASKS
     from quept.eval.harness import TaskRunner
@@ -651,27 +695,27 @@ def _eval_tasks(a: argparse.Namespace, folder: Path, model: torch.nn.Module, tok
     runner = TaskRunner(model, tok, a.tasks, text=text, limit=a.limit,
                         include_path=a.task_path, per_item=elastic)
     if elastic:
-        rows = api.evaluate_tasks(model, tok, a.tasks, bits if plan else [None, *bits],
+        rows = api.evaluate_tasks(model, tok, a.tasks, bits if plans else [None, *bits],
                                   rtn=a.rtn, runner=runner)
     else:
         rows = [api.TaskRow(*_fixed_width(model), runner())]
     result: dict[str, Any] = {"folder": str(folder), "elastic": elastic, "tasks": a.tasks,
                               "limit": a.limit}
-    if plan is not None:
-        result["plan"] = {"path": a.plan, "bits_per_weight": _apply_plan(model, plan, a.plan),
-                          "stored_bytes": plan.stored_bytes, "widths": plan.histogram(),
-                          "scores": runner()}
+    measured = [{"path": path, "bits_per_weight": _apply_plan(model, plan, path),
+                 "stored_bytes": plan.stored_bytes, "widths": plan.histogram(),
+                 "scores": runner()} for path, plan in plans]
+    _put_plans(result, measured)
     # Accuracies against the float model's on the same items: paired, so their error is far
     # below that of the two accuracies (the float row comes first when there is one).
     ref = rows[0].scores if rows and rows[0].bits is None else None
     for scores in [*(s for r in rows[1:] for s in (r.scores, r.scores_rtn)),
-                   result.get("plan", {}).get("scores")]:
+                   *(m["scores"] for m in measured)]:
         _pair_with_float(ref, scores)
     for row in (ref or {}).values():
         row.pop("per_item", None)
     result["task_rows"] = [r.__dict__ for r in rows]
     if not a.json:
-        first = (rows[0].scores if rows else result["plan"]["scores"])
+        first = (rows[0].scores if rows else measured[0]["scores"])
         columns = [(t, m) for t in a.tasks for m in sorted(  # accuracies first
             first[t], key=lambda m: not m.startswith("acc"))
             if m != "items" and not m.endswith(("_stderr", "_vs_float"))]
@@ -685,10 +729,10 @@ def _eval_tasks(a: argparse.Namespace, folder: Path, model: torch.nn.Module, tok
                           + ("; in brackets: points against the float model on the same "
                              "items, ± standard error" if ref is not None else "") + ")",
                           elastic and model.quept_spec.activations != "none")
-        if plan is not None:
-            print(f"\nplan {a.plan} ({result['plan']['bits_per_weight']:.3f} bits per weight): "
+        for m in measured:
+            print(f"\nplan {m['path']} ({m['bits_per_weight']:.3f} bits per weight): "
                   + ", ".join(f"{n} {c}" for n, c in
-                              zip(names, _task_cells(result["plan"]["scores"], columns))))
+                              zip(names, _task_cells(m["scores"], columns))))
     return result
 
 
@@ -716,13 +760,14 @@ def _kv_note(spec: ElasticSpec) -> str:
 
 
 def _eval_encoder(a: argparse.Namespace, folder: Path, model: torch.nn.Module, tok: Any,
-                  elastic: bool, plan: Plan | None, bits: list[int]) -> dict[str, Any]:
+                  elastic: bool, plans: list[tuple[str, Plan]], bits: list[int]
+                  ) -> dict[str, Any]:
     """`quept eval` of an encoder: embedding fidelity per width against its float encoder."""
     if not elastic:
         raise ConfigError(f"{folder} is not an elastic folder: embedding fidelity compares a "
                           "quantized encoder with its float one, so pass an elastic folder (or a "
                           "packed export, which records its base model)")
-    if plan is not None:
+    if plans:
         raise ConfigError("--plan needs a causal LM (plans are made from next-token KL); "
                           f"{folder} holds a {model.config.model_type} encoder")
     rows, n = _embedding_rows(model, tok, _text(a.text, "eval"), a.sentences, bits, a.rtn,
@@ -734,10 +779,10 @@ def _eval_encoder(a: argparse.Namespace, folder: Path, model: torch.nn.Module, t
 
 
 def _eval_images(a: argparse.Namespace, folder: Path, model: torch.nn.Module, elastic: bool,
-                 plan: Plan | None, bits: list[int]) -> dict[str, Any]:
+                 plans: list[tuple[str, Plan]], bits: list[int]) -> dict[str, Any]:
     """`quept eval` of an image classifier: top-1 on Fashion-MNIST test images per width."""
     _refuse_text_options(a, "text")
-    if plan is not None:
+    if plans:
         raise ConfigError("--plan needs a causal LM (plans are made from next-token KL); "
                           f"{folder} holds a {model.config.model_type} image classifier")
     pixels, labels = _images(model, "test", a.images, 0)
@@ -913,10 +958,11 @@ def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
                         "in_context_sweeps": used or None})
         sens_s = 0.0  # measured (or read) once, for the first plan
     if not a.json:
-        first = results[0]["out"] if len(results) == 1 else "PLAN.json"
-        print(f"next: `quept eval {a.folder} --plan {first}` measures it, `quept run "
-              f"{a.folder} --plan {first} --prompt TEXT` generates with it on packed layers, "
-              f"`quept export {a.folder} --plan {first} --out DIR` packs it")
+        first, it = results[0]["out"], "it" if len(results) == 1 else "one"
+        print(f"next: `quept eval {a.folder} --plan {a.out}` measures "
+              f"{'it' if len(results) == 1 else 'them all'}, `quept run {a.folder} --plan "
+              f"{first} --prompt TEXT` generates with {it} on packed layers, `quept export "
+              f"{a.folder} --plan {first} --out DIR` packs {it}")
     return results[0] if len(results) == 1 else {"plans": results}
 
 

@@ -122,7 +122,26 @@ def test_several_budgets_make_one_plan_each_in_a_folder(folder, capsys):
           "--granularity", "layer", *small])
     printed = capsys.readouterr().out
     assert printed.count("plan written to") == 2
-    assert f"next: `quept eval {elastic} --plan PLAN.json` measures it" in printed
+    assert f"next: `quept eval {elastic} --plan {folder / 'printed'}` measures them all" in printed
+    ev = run_json(capsys, ["eval", elastic, "--plan", str(out), "--bits", "4", "--text", text,
+                           "--windows", "1", "--seq-len", "64", "--json"])
+    assert [m["path"] for m in ev["plans"]] == [str(out / "plan-3.5bits.json"),
+                                                str(out / "plan-4.0bits.json")]  # fewest first
+    assert [r["bits"] for r in ev["rows"]] == [4] and "plan" not in ev
+    assert all(m["ppl"] > 1 for m in ev["plans"])
+    one = run_json(capsys, ["eval", elastic, "--plan", str(out / "plan-3.5bits.json"), "--text",
+                            text, "--windows", "1", "--seq-len", "64", "--json"])
+    assert one["plan"]["ppl"] == pytest.approx(ev["plans"][0]["ppl"]) and "plans" not in one
+    main(["eval", elastic, "--plan", str(out / "plan-3.5bits.json"), "--plan",
+          str(out / "plan-4.0bits.json"), "--text", text, "--windows", "1", "--seq-len", "64"])
+    printed = capsys.readouterr().out
+    assert "| plan | bits per weight | MB of quantized linears | perplexity |" in printed
+    assert f"| {out / 'plan-4.0bits.json'} | " in printed
+    assert main(["eval", elastic, "--plan", str(folder / "sized" / "none"), "--text", text,
+                 "--windows", "1", "--seq-len", "64"]) == 2
+    (folder / "empty").mkdir()
+    assert main(["eval", elastic, "--plan", str(folder / "empty"), "--text", text]) == 2
+    assert "is a folder without plan files" in capsys.readouterr().err
 
 
 def test_several_budgets_are_checked_before_any_plan_is_made(folder, capsys):
