@@ -28,7 +28,7 @@ from quept.config import (
     weight_act_spec,
 )
 from quept.search import Plan, SensitivityConfig, parse_size
-from quept.search.plan import GRANULARITIES, plan_from_table
+from quept.search.plan import GRANULARITIES, plan_files, plan_from_table
 
 log = logging.getLogger("quept")
 DEFAULT_OUT = "quept-elastic"
@@ -594,20 +594,8 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def _load_plans(values: list[str]) -> list[tuple[str, Plan]]:
-    """Each ``--plan`` value read as a plan file, or a folder's plan files (every ``*.json``
-    in it, fewest bits per weight first), as (path, plan)."""
-    out = []
-    for value in values:
-        path = Path(value)
-        if path.is_dir():
-            found = [(str(f), Plan.load(f)) for f in sorted(path.glob("*.json"))]
-            if not found:
-                raise ConfigError(f"--plan {path} is a folder without plan files (*.json); "
-                                  "`quept plan FOLDER --avg-bits 2.5,3 --out DIR` writes some")
-            out += sorted(found, key=lambda pp: pp[1].bits_per_weight)
-        else:
-            out.append((value, Plan.load(path)))
-    return out
+    """Each ``--plan`` value read as a plan file, or a folder's plan files, as (path, plan)."""
+    return [(str(f), Plan.load(f)) for f in plan_files(values)]
 
 
 def _put_plans(result: dict[str, Any], measured: list[dict[str, Any]]) -> None:

@@ -17,7 +17,7 @@ from quept.export.runtime import KV_CACHES, generate
 from quept.info import describe, folder_kind, render
 from quept.models import family_for
 from quept.nn.packed_linear import BACKENDS
-from quept.search.plan import read_widths
+from quept.search.plan import plan_files, read_widths
 
 
 def _load_elastic(folder: Path, kind: str, base: str | None) -> tuple[Any, Any, QuEPTConfig]:
@@ -192,7 +192,7 @@ def add_run(sub: argparse._SubParsersAction) -> None:
                    "after the other in the same loaded model (e.g. 4,3,2)")
     w.add_argument("--plan", metavar="PLAN.json", action="append", default=None,
                    help="elastic/compact folders: a mixed-precision plan (`quept plan`); "
-                   "repeat to run several")
+                   "repeat, or name a folder of plans, to run several")
     p.add_argument("--fake-quant", action="store_true",
                    help="elastic/compact folders: run the elastic model fake-quantized (float "
                    "matmuls over the quantized weights) instead of packed layers")
@@ -221,7 +221,7 @@ def add_run(sub: argparse._SubParsersAction) -> None:
 def _run_configs(a: argparse.Namespace) -> list[tuple[str, Any]]:
     """``[(label, width or plan)]`` from --bits / --plan."""
     if a.plan:
-        return [(f"plan {p}", read_widths(p)) for p in a.plan]
+        return [(f"plan {p}", read_widths(p)) for p in plan_files(a.plan)]
     configs = []
     for part in a.bits.split(","):
         try:

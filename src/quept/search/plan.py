@@ -179,6 +179,24 @@ def read_widths(path: str | os.PathLike) -> dict[str, int]:
     return d
 
 
+def plan_files(values: list[str]) -> list[Path]:
+    """The plan files that ``--plan`` values name: a file as given, or a folder's ``*.json``
+    plans (as ``quept plan --avg-bits 2.5,3 --out DIR`` writes them), fewest stored bits per
+    weight first."""
+    out: list[Path] = []
+    for value in values:
+        path = Path(value)
+        if not path.is_dir():
+            out.append(path)
+            continue
+        found = sorted(path.glob("*.json"))
+        if not found:
+            raise ConfigError(f"--plan {path} is a folder without plan files (*.json); "
+                              "`quept plan FOLDER --avg-bits 2.5,3 --out DIR` writes some")
+        out += sorted(found, key=lambda f: Plan.load(f).bits_per_weight)
+    return out
+
+
 def as_layer_widths(plan: Any) -> Any:
     """A :class:`Plan` or a plan loaded from JSON (a dict with ``format: quept-plan``) ->
     ``{layer: bits}``; anything else is returned unchanged."""
