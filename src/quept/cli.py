@@ -608,13 +608,12 @@ def _put_plans(result: dict[str, Any], measured: list[dict[str, Any]]) -> None:
 
 def _print_plans(measured: list[dict[str, Any]], title: str, what: str,
                  cell: Callable[[dict[str, Any]], str]) -> None:
-    print(f"\n{title}\n")
-    print(f"| plan | bits per weight | MB of quantized linears | {what} | layers per width |")
-    print("|---|---|---|---|---|")
-    for m in measured:
-        hist = ", ".join(f"W{b}: {n}" for b, n in m["widths"].items())
-        print(f"| {m['path']} | {m['bits_per_weight']:.4f} | {m['stored_bytes'] / 1e6:.2f} | "
-              f"{cell(m)} | {hist} |")
+    rows = [[m["path"], f"{m['bits_per_weight']:.4f}", f"{m['stored_bytes'] / 1e6:.2f}",
+             cell(m), ", ".join(f"W{b}: {n}" for b, n in m["widths"].items())]
+            for m in measured]
+    print(f"\n{title}")
+    print(_table(rows, ["plan", "bits/weight stored", "MB of linears", what,
+                        "layers per width"]))
 
 
 def _apply_plan(model: torch.nn.Module, plan: Plan, path: str) -> float:
