@@ -114,8 +114,9 @@ def _value(x: float | None, fmt: str) -> str:
 
 def _print_eval(rows: list[api.EvalRow], n_windows: int, seq_len: int, title: str,
                 activations: bool = False) -> None:
-    _print_widths(rows, lambda r: [_value(r.ppl, ".2f"), _value(r.ppl_rtn, ".2f")],
-                  ["perplexity", "RTN perplexity"],
+    rtn = any(r.ppl_rtn is not None for r in rows)  # the RTN column only when measured
+    _print_widths(rows, lambda r: [_value(r.ppl, ".2f"), *([_value(r.ppl_rtn, ".2f")] * rtn)],
+                  ["perplexity", *(["RTN perplexity"] * rtn)],
                   f"\n{title} ({n_windows} windows x {seq_len} tokens)", activations)
 
 

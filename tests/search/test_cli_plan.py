@@ -133,8 +133,11 @@ def test_several_budgets_make_one_plan_each_in_a_folder(folder, capsys):
                             text, "--windows", "1", "--seq-len", "64", "--json"])
     assert one["plan"]["ppl"] == pytest.approx(ev["plans"][0]["ppl"]) and "plans" not in one
     main(["eval", elastic, "--plan", str(out / "plan-3.5bits.json"), "--plan",
-          str(out / "plan-4.0bits.json"), "--text", text, "--windows", "1", "--seq-len", "64"])
+          str(out / "plan-4.0bits.json"), "--bits", "4", "--text", text, "--windows", "1",
+          "--seq-len", "64"])
     printed = capsys.readouterr().out
+    assert "RTN perplexity" not in printed  # its column only with --rtn
+    assert any(line.split()[:2] == ["W4", "5.250"] for line in printed.splitlines())
     header = next(line for line in printed.splitlines() if "layers per width" in line)
     assert header.split() == ["plan", "bits/weight", "stored", "MB", "of", "linears",
                               "perplexity", "layers", "per", "width"]
