@@ -63,8 +63,9 @@ METHODS: dict[str, Method] = {
     "hqq": Method("HQQ", "hqq", zero_bits=16, library="hqq"),
     "gptq": Method("GPTQ (llmcompressor)", "gptq", calibrates=True, library="llmcompressor"),
     # AWQ as llmcompressor runs it: per-channel scales searched on the calibration activations,
-    # then min/max group ranges ("awq"), or ranges searched by the MSE observer ("awq-mse"), the
-    # counterpart of AutoAWQ's clipping step (AutoAWQ itself is no longer maintained).
+    # then min/max group ranges ("awq"), or ranges shrunk to the lowest weight error by the MSE
+    # observer ("awq-mse"; AutoAWQ's own clipping step, which minimises the output error on
+    # the activations, is not in llmcompressor, and AutoAWQ itself is no longer maintained).
     "awq": Method("AWQ (llmcompressor)", "awq", calibrates=True, library="llmcompressor"),
     "awq-mse": Method("AWQ, MSE-searched ranges (llmcompressor)", "awq", {"observer": "mse"},
                       calibrates=True, library="llmcompressor"),
