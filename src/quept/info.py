@@ -68,6 +68,10 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
             if (ckpt / PROGRESS_JSON).is_file():
                 return {"path": str(path), "kind": "calibration checkpoint",
                         **_checkpoint(ckpt), "files": _files(ckpt)}
+        if any(_is_plan(f) for f in path.glob("*.json")):  # `quept plan ... --out DIR`
+            plans = sorted((_plan(f) for f in path.glob("*.json")),
+                           key=lambda d: d["bits_per_weight"])
+            return {"path": str(path), "kind": "plans", "plans": plans, "files": _files(path)}
     info = {"elastic": _elastic, "compact": _compact, "packed": _packed,
             "compressed-tensors": _compressed_tensors, "onnx": _onnx, "hf": _hf}[kind](path)
     info["files"] = _files(path)
@@ -75,6 +79,13 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
 
 
 # --- readers ------------------------------------------------------------------------------------
+def _is_plan(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text()).get("format") == PLAN_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _plan(path: Path) -> dict[str, Any]:
     """A mixed-precision plan written by `quept plan`: its budget, what it realises, the widths
     per block and how it was chosen."""
@@ -317,7 +328,8 @@ def _onnx(folder: Path) -> dict[str, Any]:
 def _hf(folder: Path) -> dict[str, Any]:
     if not (folder / "config.json").is_file():
         raise InfoError(f"{folder} is not a quept artifact or a Hugging Face model folder (no "
-                        f"{ELASTIC_JSON}, {PACKED_JSON}, {COMPACT_JSON} or config.json)")
+                        f"{ELASTIC_JSON}, {PACKED_JSON}, {COMPACT_JSON}, config.json or plan "
+                        "files)")
     info = _model_config(folder)
     params = 0
     for f in sorted(folder.glob("*.safetensors")):
@@ -542,6 +554,18 @@ def render(info: dict[str, Any]) -> str:
             out.append(f"chosen: {info['chosen']}")
         out.append("`quept eval FOLDER --plan PLAN.json` measures it, `quept export FOLDER "
                    "--plan PLAN.json --out DIR` packs it")
+    elif kind == "plans":
+        out.append(f"{info['path']}: {len(info['plans'])} mixed-precision plans, fewest bits "
+                   "first")
+        for d in info["plans"]:
+            budget = ", ".join(f"{k} {v:g}" for k, v in d["budget"].items()) or "none recorded"
+            out.append(f"  {Path(d['path']).name}: budget {budget}; "
+                       f"{d['bits_per_weight']:.4f} bits per weight, "
+                       f"{d['stored_bytes'] / 1e6:.2f} MB; " + ", ".join(
+                           f"W{b} {n}" for b, n in d["layers_per_width"].items())
+                       + f"; chosen: {d['chosen']}")
+        out.append("`quept eval FOLDER --plan DIR` measures them all, `quept info PLAN.json` "
+                   "shows one")
     elif kind == "gguf":
         types = ", ".join(f"{k} {v}" for k, v in info["tensor_types"].items())
         out.append(f"{info['path']}: GGUF file ({info.get('general.architecture', '?')}), "

@@ -243,3 +243,28 @@ def test_plan_file(tmp_path, capsys):
                       ("bad.json", "'bits' must map layer names to widths")):
         assert main(["info", str(tmp_path / name)]) == 2
         assert why in capsys.readouterr().err
+
+
+def test_folder_of_plans(tmp_path, capsys):
+    from quept.search import Plan
+
+    widths = {f"model.layers.{k}.mlp.down_proj": 3 for k in range(2)}
+    plans = tmp_path / "plans"
+    for name, bpw, low in (("plan-3.5bits.json", 3.4, 3), ("plan-2.5bits.json", 2.5, 2)):
+        Plan({**widths, "model.layers.0.mlp.down_proj": low}, bpw, 1e6, 4096,
+             {"avg_bits": float(name[5:8])}, 0.1, True, "layer").save(plans / name)
+    info = run_json(capsys, ["info", str(plans), "--json"])
+    assert info["kind"] == "plans"
+    assert [d["path"] for d in info["plans"]] == [str(plans / "plan-2.5bits.json"),
+                                                  str(plans / "plan-3.5bits.json")]
+    text = render(info)
+    assert "2 mixed-precision plans, fewest bits first" in text
+    assert ("  plan-2.5bits.json: budget avg_bits 2.5; 2.5000 bits per weight, 1.00 MB; "
+            "W2 1, W3 1; chosen: layer") in text
+    (plans / "bad.json").write_text('{"format": "quept-plan", "version": 1, "bits": {}}')
+    assert main(["info", str(plans)]) == 2
+    assert "'bits' must map layer names to widths" in capsys.readouterr().err
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x.json").write_text('{"a": 1}')
+    assert main(["info", str(tmp_path / "other")]) == 2
+    assert "config.json or plan files" in capsys.readouterr().err
