@@ -936,7 +936,6 @@ def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
                         in_context=a.in_context, both_ways=a.both_ways, cache=sweeps,
                         progress=not a.json)
         alloc_s = time.perf_counter() - t1
-        out.parent.mkdir(parents=True, exist_ok=True)
         plan.save(out)
         used = {} if sweeps is None else {"measured": sweeps.measured, "reused": sweeps.reused}
         if not a.json:
