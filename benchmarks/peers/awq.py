@@ -5,8 +5,9 @@ architecture, duo scaling, a 20-point grid per mapping) followed by a ``Quantiza
 with the benchmark's scheme (integer, asymmetric, group-wise, every block linear, lm_head
 ignored). ``options["observer"]`` picks the weight observer that sets each group's range:
 "minmax" (the library's default) or "mse" (each group's range shrunk to the lowest weight
-error; AutoAWQ's own clipping step minimises the output error instead). The calibration windows go in as a ``datasets.Dataset`` of token ids;
-the scaled model comes back with its weights quantized in place and is evaluated as it is.
+error; AutoAWQ's own clipping step minimises the output error instead). The calibration
+windows go in as a ``datasets.Dataset`` of token ids; the scaled model comes back with its
+weights quantized in place and is evaluated as it is.
 """
 
 from __future__ import annotations
