@@ -88,9 +88,11 @@ def _peak_rss_gib() -> float | None:
     return rss / (2**30 if sys.platform == "darwin" else 2**20)
 
 
-def _table(rows: list[list[str]], header: list[str]) -> str:
+def _table(rows: list[list[str]], header: list[str], left: int = 0) -> str:
+    """Columns right-aligned, the first ``left`` of them (names, paths) left-aligned."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).rjust(w) for c, w in zip(r, widths))  # noqa: E731
+    line = lambda r: "  ".join(str(c).ljust(w) if i < left else str(c).rjust(w)  # noqa: E731
+                               for i, (c, w) in enumerate(zip(r, widths)))
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
@@ -614,7 +616,7 @@ def _print_plans(measured: list[dict[str, Any]], title: str, what: str,
             for m in measured]
     print(f"\n{title}")
     print(_table(rows, ["plan", "bits/weight stored", "MB of linears", what,
-                        "layers per width"]))
+                        "layers per width"], left=1))
 
 
 def _apply_plan(model: torch.nn.Module, plan: Plan, path: str) -> float:
