@@ -923,7 +923,7 @@ def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     table = api.sensitivity(model, ids, cfg, cache=folder / api.SENSITIVITY_JSON,
                             recompute=a.recompute, progress=not a.json)
-    sens_s = time.perf_counter() - t0
+    sens_s: float | None = time.perf_counter() - t0
     if len(budgets) > 1:  # every budget's feasibility first (a table allocation is cheap)
         for budget, _ in budgets:
             plan_from_table(table, **budget)
@@ -945,7 +945,7 @@ def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
         results.append({"out": str(out), **plan.to_dict(), "chosen": plan.label,
                         "sensitivity_seconds": sens_s, "allocation_seconds": alloc_s,
                         "in_context_sweeps": used or None})
-        sens_s = 0.0  # measured (or read) once, for the first plan
+        sens_s = None  # measured (or read) once, for the first plan
     if not a.json:
         first, it = results[0]["out"], "it" if len(results) == 1 else "one"
         print(f"next: `quept eval {a.folder} --plan {a.out}` measures "
@@ -955,7 +955,7 @@ def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
     return results[0] if len(results) == 1 else {"plans": results}
 
 
-def _report_plan(plan: Plan, out: Path, sens_s: float, alloc_s: float,
+def _report_plan(plan: Plan, out: Path, sens_s: float | None, alloc_s: float,
                  used: dict[str, int]) -> None:
     checked = "" if plan.checked_kl is None else "; measured KL " + ", ".join(
         f"{g} {v:.4f}" for g, v in plan.checked_kl.items())
@@ -963,7 +963,8 @@ def _report_plan(plan: Plan, out: Path, sens_s: float, alloc_s: float,
     if used:
         what += (f" with {used['measured']} in-context sweep(s) measured and "
                  f"{used['reused']} reused from {api.SWEEPS_JSON}")
-    _print_plan(plan, f"plan written to {out} (sensitivity {sens_s:.1f}s, {what} "
+    sens = "table of the first plan" if sens_s is None else f"{sens_s:.1f}s"
+    _print_plan(plan, f"plan written to {out} (sensitivity {sens}, {what} "
                 f"{alloc_s:.1f}s); kept: {plan.label}, predicted KL "
                 f"{plan.predicted_kl:.4f} nats/token{checked}")
 

@@ -122,6 +122,8 @@ def test_several_budgets_make_one_plan_each_in_a_folder(folder, capsys):
           "--granularity", "layer", *small])
     printed = capsys.readouterr().out
     assert printed.count("plan written to") == 2
+    assert printed.count("(sensitivity table of the first plan, allocation") == 1
+    assert res["plans"][1]["sensitivity_seconds"] is None
     assert f"next: `quept eval {elastic} --plan {folder / 'printed'}` measures them all" in printed
     ev = run_json(capsys, ["eval", elastic, "--plan", str(out), "--bits", "4", "--text", text,
                            "--windows", "1", "--seq-len", "64", "--json"])
