@@ -924,9 +924,8 @@ def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
     table = api.sensitivity(model, ids, cfg, cache=folder / api.SENSITIVITY_JSON,
                             recompute=a.recompute, progress=not a.json)
     sens_s: float | None = time.perf_counter() - t0
-    if len(budgets) > 1:  # every budget's feasibility first (a table allocation is cheap)
-        for budget, _ in budgets:
-            plan_from_table(table, **budget)
+    for budget, _ in budgets:  # every budget's feasibility first (a table allocation is cheap)
+        plan_from_table(table, **budget)
     check = ids[: a.check_samples]
     results = []
     for budget, out in budgets:

@@ -125,7 +125,7 @@ class Switchable:
             for name, b in changed.items():
                 old = self.model.get_submodule(name)
                 if self.keep_bytes and isinstance(old, PackedLinear):
-                    old._compute = None  # the float32 scale copies are rebuilt on first use
+                    old.release_compute()
                     self._kept[(name, old.bits)] = old
                 packed = self._kept.pop((name, b), None)
                 if packed is None:

@@ -166,12 +166,17 @@ class PackedLinear(nn.Module):
         return kernels.qdequant(self.qweight, scale, zs, self.bits, self.in_features,
                                 self.group_size, out)
 
+    def release_compute(self) -> None:
+        """Drop the compute copies of the scales and zero-points (float32, built on first use
+        and rebuilt on the next): a layer kept aside then holds only its stored state."""
+        self._compute = None
+
     def _apply(self, fn, recurse=True):  # same signature as nn.Module._apply
-        self._compute = None  # device or dtype moves invalidate the compute copies
+        self.release_compute()  # device or dtype moves invalidate the compute copies
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self._compute = None
+        self.release_compute()
         super()._load_from_state_dict(*args, **kwargs)
 
     def stored_bytes(self) -> int:
