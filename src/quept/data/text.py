@@ -7,13 +7,17 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from quept.data.hub import DATASETS, hub_text, is_hub_text
+
 logger = logging.getLogger(__name__)
 
 JSONL_SUFFIXES = frozenset({".jsonl", ".ndjson"})
 TEXT_JOIN = "\n\n"
 _ACCEPTED = (
     "plain text files (.txt or any other suffix, read whole) and JSON-lines files "
-    '(.jsonl/.ndjson, one object per line with a string field "text")'
+    '(.jsonl/.ndjson, one object per line with a string field "text"), or the hub texts '
+    f"{', '.join(DATASETS)} and hf:REPO[:CONFIG][@SPLIT] (the datasets package and the "
+    "Hugging Face hub or its cache)"
 )
 
 
@@ -45,11 +49,13 @@ def _read_jsonl(path: Path) -> list[str]:
     return texts
 
 
-def load_texts(paths: Sequence[str | Path]) -> str:
+def load_texts(paths: Sequence[str | Path], role: str = "calib") -> str:
     """Read and concatenate (with ``"\\n\\n"``) the texts in ``paths``.
 
     ``.jsonl``/``.ndjson``/``.json.lines`` files contribute the ``"text"`` field
-    of every non-blank line; every other file is read whole as UTF-8 text.
+    of every non-blank line; every other file is read whole as UTF-8 text. A name
+    that is no file but a hub text (``wikitext2``, ``c4``, ``hf:REPO[:CONFIG][@SPLIT]``,
+    :mod:`quept.data.hub`) is read from its split for ``role`` ("calib" or "eval").
     Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for a
     malformed JSON-lines record (naming the file and line).
     """
@@ -60,6 +66,9 @@ def load_texts(paths: Sequence[str | Path]) -> str:
     pieces: list[str] = []
     for item in paths:
         path = Path(item).expanduser()
+        if not path.exists() and is_hub_text(str(item)):
+            pieces.append(hub_text(str(item), role))
+            continue
         if not path.is_file():
             what = "is a directory, not a file" if path.is_dir() else "does not exist"
             raise FileNotFoundError(f"text file {str(path)!r} {what}; accepted are {_ACCEPTED}")
