@@ -470,25 +470,33 @@ def load() -> ModuleType | None:
     compiler is available or ``QUEPT_NO_KERNEL=1`` is set."""
     global _module, _tried
     with _lock:
-        if _tried:
-            return _module
-        _tried = True
-        if os.environ.get("QUEPT_NO_KERNEL") == "1":
-            return None
-        try:
-            from torch.utils.cpp_extension import load_inline
-
-            name = f"quept_qgemv_{platform.machine()}_{torch.backends.cpu.get_cpu_capability()}"
-            log.info("loading the fused quept CPU kernel (compiled once on first use)")
-            _module = load_inline(
-                name=name.lower(), cpp_sources=[_SOURCE], functions=["qgemv", "qdequant", "kv_quantize", "kv_attend"],
-                extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                verbose=False,
-            )
-        except (OSError, RuntimeError, ImportError) as e:  # no compiler, no ninja, build error
-            log.warning("fused CPU kernel unavailable (%s); using dequantize + matmul", e)
-            _module = None
+        if not _tried:
+            _tried = True
+            _module = build("quept_qgemv", _SOURCE,
+                            ["qgemv", "qdequant", "kv_quantize", "kv_attend"],
+                            "fused CPU kernel unavailable (%s); using dequantize + matmul")
         return _module
+
+
+def build(prefix: str, source: str, functions: list[str], fallback: str) -> ModuleType | None:
+    """Compile C++ ``source`` exposing ``functions`` (``torch.utils.cpp_extension.load_inline``,
+    cached in the torch extensions folder per machine and CPU capability); None, after logging
+    ``fallback % reason``, when ``QUEPT_NO_KERNEL=1`` is set or there is no working compiler."""
+    if os.environ.get("QUEPT_NO_KERNEL") == "1":
+        return None
+    try:
+        from torch.utils.cpp_extension import load_inline
+
+        name = f"{prefix}_{platform.machine()}_{torch.backends.cpu.get_cpu_capability()}"
+        log.info("loading the %s CPU kernel (compiled once on first use)", prefix)
+        return load_inline(
+            name=name.lower(), cpp_sources=[source], functions=functions,
+            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except (OSError, RuntimeError, ImportError) as e:  # no compiler, no ninja, build error
+        log.warning(fallback, e)
+        return None
 
 
 def supported(bits: int, in_features: int, group_size: int) -> bool:

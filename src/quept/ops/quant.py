@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 
+from quept.ops import fq_kernel
 from quept.ops.hadamard import hadamard
 
 
@@ -192,11 +193,97 @@ def qparams(
 def fake_quant(
     w: torch.Tensor, bits: int, group_size: int, hi_f: torch.Tensor, lo_f: torch.Tensor
 ) -> torch.Tensor:
-    """Quantize-dequantize ``w`` (out, in) at ``bits``; differentiable w.r.t. ``w`` and the clips."""
+    """Quantize-dequantize ``w`` (out, in) at ``bits``; differentiable w.r.t. ``w`` and the clips.
+
+    The values are those of :func:`qparams` and ``clamp(round(w / s) + z, 0, 2^b - 1)``, and the
+    gradient is the one autograd takes through them (straight-through rounding, clamps passing
+    their inside, max and min handing theirs to the tied elements evenly), written out as one
+    step: the fused CPU kernel of :mod:`quept.ops.fq_kernel` for float32 CPU tensors, else
+    :class:`_FakeQuant` (a calibration spends a third of its time here otherwise)."""
     wg = to_groups(w, group_size)
+    grad = torch.is_grad_enabled() and (w.requires_grad or hi_f.requires_grad
+                                        or lo_f.requires_grad)
+    if fq_kernel.usable(w, hi_f, lo_f):
+        if grad:
+            return _FakeQuantKernel.apply(wg, bits, hi_f, lo_f).reshape_as(w)
+        return fq_kernel.forward(wg, 2**bits - 1, hi_f, lo_f)[0].reshape_as(w)
+    if grad:
+        return _FakeQuant.apply(wg, bits, hi_f, lo_f).reshape_as(w)
     scale, zero = qparams(wg, bits, hi_f, lo_f)
-    q = torch.clamp(round_ste(wg / scale) + zero, 0, 2**bits - 1)
-    return ((q - zero) * scale).reshape_as(w)
+    return ((torch.round(wg / scale) + zero).clamp(0, 2**bits - 1) - zero).mul(scale).reshape_as(w)
+
+
+class _FakeQuantKernel(torch.autograd.Function):
+    """:func:`fake_quant` on grouped float32 CPU weights (out, G, gs) through the fused kernel."""
+
+    @staticmethod
+    def forward(ctx, wg: torch.Tensor, bits: int, hi_f: torch.Tensor,  # noqa: D102
+                lo_f: torch.Tensor) -> torch.Tensor:
+        ctx.qmax = 2**bits - 1
+        out, stats = fq_kernel.forward(wg, ctx.qmax, hi_f, lo_f)
+        ctx.save_for_backward(wg, hi_f, lo_f, stats)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: torch.Tensor):  # noqa: D102
+        wg, hi_f, lo_f, stats = ctx.saved_tensors
+        g_w, g_hi, g_lo = fq_kernel.backward(g, wg, hi_f, lo_f, stats, ctx.qmax)
+        need = ctx.needs_input_grad
+        return (g_w if need[0] else None, None, g_hi if need[2] else None,
+                g_lo if need[3] else None)
+
+
+class _FakeQuant(torch.autograd.Function):
+    """:func:`fake_quant` on grouped weights (out, G, gs) with its backward written out: a few
+    passes over the weight instead of the composed operations' many."""
+
+    @staticmethod
+    def forward(ctx, wg: torch.Tensor, bits: int, hi_f: torch.Tensor,  # noqa: D102
+                lo_f: torch.Tensor) -> torch.Tensor:
+        qmax = 2**bits - 1
+        mx, mn = wg.amax(dim=-1, keepdim=True), wg.amin(dim=-1, keepdim=True)
+        hi, lo = hi_f.unsqueeze(-1) * mx, lo_f.unsqueeze(-1) * mn
+        raw = (hi - lo) / qmax
+        scale = raw.clamp(min=1e-8)
+        v = torch.round(-lo / scale)
+        zero = v.clamp(0, qmax)
+        u = wg / scale
+        t = torch.round(u) + zero
+        q = t.clamp(0, qmax)
+        codes = q - zero
+        if any(ctx.needs_input_grad):
+            inside = (t == q).to(wg.dtype)  # where the clamp passes its gradient
+            # d out / d s at fixed clips: out = (q - z) s, and inside the clamp u = w / s too
+            ds = codes - u * inside
+            ctx.qmax = qmax
+            ctx.save_for_backward(wg, hi_f, lo_f, mx, mn, lo, raw, scale, v, inside, ds)
+        return codes * scale
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: torch.Tensor):  # noqa: D102
+        wg, hi_f, lo_f, mx, mn, lo, raw, scale, v, inside, ds = ctx.saved_tensors
+        qmax = ctx.qmax
+        g_in = g * inside
+        g_scale = (g * ds).sum(-1, keepdim=True)
+        g_zero = (g_in.sum(-1, keepdim=True) - g.sum(-1, keepdim=True)) * scale
+        g_v = g_zero * ((v >= 0) & (v <= qmax))  # z = clamp(round(v)), v = -lo / s
+        g_scale = g_scale + g_v * lo / scale**2
+        g_raw = g_scale * (raw >= 1e-8)  # s = clamp((hi - lo) / qmax, 1e-8)
+        g_hi = g_raw / qmax
+        g_lo = -g_v / scale - g_raw / qmax
+        g_w = g_hi_f = g_lo_f = None
+        if ctx.needs_input_grad[0]:
+            g_w = g_in
+            for ext, g_ext in ((mx, g_hi * hi_f.unsqueeze(-1)), (mn, g_lo * lo_f.unsqueeze(-1))):
+                tied = wg == ext  # amax / amin share it among tied elements
+                g_w = g_w + tied * (g_ext / tied.sum(-1, keepdim=True))
+        if ctx.needs_input_grad[2]:
+            g_hi_f = (g_hi * mx).squeeze(-1)
+        if ctx.needs_input_grad[3]:
+            g_lo_f = (g_lo * mn).squeeze(-1)
+        return g_w, None, g_hi_f, g_lo_f
 
 
 def quantize(
