@@ -10,7 +10,9 @@ turns ``--repeats`` times in one process:
 - ``kernel``: the fused CPU kernel of ``quept.ops.fq_kernel`` (the default on CPUs).
 
 The three give the same quantized weights to the bit and the same gradients up to float
-rounding, so the block losses after training agree to about four digits. ``--epochs`` shortens
+rounding; those differences grow through a block's training steps as between any two
+calibrations run with other thread counts, so the block losses after training agree to about
+a percent, not to the bit. ``--epochs`` shortens
 the preset's passes per block (the training part of a block's time scales with it; the clip
 search and the streams' passes do not). Prints a table (median seconds per block, the ratio to
 ``composed``, the block losses) and writes JSON.
@@ -34,8 +36,7 @@ import torch
 
 import quept
 from quept import data
-from quept.cli import PRESET_SPECS
-from quept.config import PRESETS
+from quept.config import PRESET_SPECS, PRESETS
 from quept.nn import elastic_linear
 from quept.ops import fq_kernel, quant
 

@@ -127,3 +127,23 @@ def test_cpu_long_preset_is_the_setting_measured_against_peers():
     measured = QuEPTConfig.from_dict(cell["settings"]["config"])
     assert measured.spec == PRESET_SPECS["cpu-long"]
     assert measured.calib == PRESETS["cpu-long"]
+
+
+def test_devices_are_checked_before_work():
+    import torch
+
+    from quept.cli import main
+    from quept.config import check_device
+
+    assert check_device("cpu") == "cpu"
+    with pytest.raises(ConfigError, match="'gpu' is not a device name"):
+        check_device("gpu", "--device")
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        with pytest.raises(ConfigError, match=f"only {n} CUDA device"):
+            check_device(f"cuda:{n}")
+        return
+    with pytest.raises(ConfigError, match="--device 'cuda:1': .*pass --device cpu"):
+        check_device("cuda:1", "--device")
+    assert main(["quantize", "--preset", "paper", "--out", "never-written"]) == 2
+    assert main(["eval", "no-such-folder", "--device", "cuda"]) == 2

@@ -25,7 +25,14 @@ from quept.calib import (
     capture_block_inputs,
 )
 from quept.calib.checkpoint import PROGRESS_JSON
-from quept.config import CalibConfig, ConfigError, ElasticSpec, QuEPTConfig, check_bits
+from quept.config import (
+    CalibConfig,
+    ConfigError,
+    ElasticSpec,
+    QuEPTConfig,
+    check_bits,
+    check_device,
+)
 from quept.data.hub import hub_model_dir, is_repo_id
 from quept.data.tokens import calibration_samples, eval_windows, tokenize
 from quept.eval import Sentences, fidelity, perplexity, sentence_embeddings, top1_accuracy
@@ -192,6 +199,7 @@ def calibrate(
     calibration of its language model is not done.
     """
     fam, spec = family_for(model), _spec_of(model)
+    check_device(config.device, "CalibConfig.device")
     x0, kwargs = capture_block_inputs(model, fam, input_ids, config.batch_size)
     ckpt = None
     if checkpoint_dir is not None:

@@ -25,6 +25,7 @@ from quept.config import (
     ElasticSpec,
     QuEPTConfig,
     check_bits,
+    check_device,
     weight_act_spec,
 )
 from quept.data.hub import hub_model_dir, is_repo_id
@@ -381,6 +382,7 @@ def _configs(a: argparse.Namespace) -> QuEPTConfig:
 def cmd_quantize(a: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     cfg = _configs(a)
+    check_device(cfg.calib.device, "--device" if a.device else f"the {a.preset!r} preset's device")
     out = Path(a.out)
     log.info("loading model %s", a.model or "default (SmolLM2-135M-Instruct)")
     model, tok = api.load_model(a.model)
@@ -541,6 +543,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
+    check_device(a.device, "--device")
     folder = Path(a.folder)
     if not folder.exists() and is_repo_id(a.folder):  # a hub model: its float perplexity
         folder = hub_model_dir(a.folder)
@@ -954,6 +957,7 @@ def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
     if a.check_samples < 1:
         raise ConfigError(f"--check-samples must be >= 1, got {a.check_samples}")
     budgets = _budget_paths(a)
+    check_device(a.device, "--device")
     cfg = SensitivityConfig(n_samples=a.samples, seq_len=a.seq_len, n_probes=a.probes,
                             reference_bits=a.reference_bits, seed=a.seed)
     folder = Path(a.folder)

@@ -30,6 +30,30 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message says which and what would be valid."""
 
 
+def check_device(device: str, what: str = "device") -> str:
+    """Validate a torch device name that work is about to run on: it parses, and an
+    accelerator it names is present (``what`` names the option in the message)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"{what} {device!r} is not a device name (cpu, cuda, cuda:1, mps, "
+                          f"...): {e}") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            why = ("this torch is built without CUDA" if torch.version.cuda is None
+                   else "no CUDA device is visible")
+            raise ConfigError(f"{what} {device!r}: {why}; pass --device cpu")
+        if dev.index is not None and dev.index >= n:
+            raise ConfigError(f"{what} {device!r}: only {n} CUDA device(s) here "
+                              f"(cuda:0..cuda:{n - 1})")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{what} {device!r}: MPS is not available here; pass --device cpu")
+    return device
+
+
 def check_bits(bits: int, allowed: tuple[int, ...] | None = None) -> int:
     """Validate one bit-width (an int in 2..8, or in ``allowed`` when given)."""
     if isinstance(bits, bool) or not isinstance(bits, int):
