@@ -243,3 +243,10 @@ def test_recorded_command_names_no_lock_file_or_machine_directory():
     assert script.recorded_argv(argv) == [
         "benchmarks/peers.py", "--python", "../peers-venv/bin/python", "--lock", "LOCKFILE",
         "--methods", "gptq", "--lock=LOCKFILE"]
+
+
+def test_the_fused_kernel_rerun_has_the_cpu_long_settings():
+    from peers.methods import METHODS
+
+    rerun, preset = METHODS["quept-cpu-long-fused"], METHODS["quept-long16-wide-rates-massive"]
+    assert rerun.options == preset.options and rerun.label != preset.label
