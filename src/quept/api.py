@@ -119,8 +119,9 @@ def resolve_model_dir(model: str | os.PathLike | None) -> Path:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"{path} is not a Hugging Face model folder (no config.json); pass a folder saved "
-            "with save_pretrained or a hub model id (OWNER/NAME), omit --model for the built-in default, or pass 'minilm' for "
-            "the built-in encoder or 'vit' for the built-in image classifier"
+            "with save_pretrained or a hub model id (OWNER/NAME), omit --model for the built-in "
+            "default, or pass 'minilm' for the built-in encoder or 'vit' for the built-in image "
+            "classifier"
         )
     return path
 

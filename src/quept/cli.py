@@ -28,7 +28,7 @@ from quept.config import (
     check_device,
     weight_act_spec,
 )
-from quept.data.hub import hub_model_dir, is_repo_id
+from quept.data.hub import hub_model_dir, is_hub_text, is_repo_id
 from quept.search import Plan, SensitivityConfig, parse_size
 from quept.search.plan import GRANULARITIES, plan_files, plan_from_table
 
@@ -86,8 +86,6 @@ def _text(paths: list[str] | None, default: str) -> str:
 
 def _text_name(paths: list[str] | None) -> str:
     """What ``_text(paths, "eval")`` read, for a record."""
-    from quept.data.hub import is_hub_text
-
     if not paths:
         return "Pride and Prejudice"
     return ", ".join(p if is_hub_text(p) and not Path(p).exists() else Path(p).name

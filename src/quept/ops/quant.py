@@ -217,7 +217,7 @@ class _FakeQuantKernel(torch.autograd.Function):
     """:func:`fake_quant` on grouped float32 CPU weights (out, G, gs) through the fused kernel."""
 
     @staticmethod
-    def forward(ctx, wg: torch.Tensor, bits: int, hi_f: torch.Tensor,  # noqa: D102
+    def forward(ctx, wg: torch.Tensor, bits: int, hi_f: torch.Tensor,
                 lo_f: torch.Tensor) -> torch.Tensor:
         ctx.qmax = 2**bits - 1
         out, stats = fq_kernel.forward(wg, ctx.qmax, hi_f, lo_f)
@@ -226,7 +226,7 @@ class _FakeQuantKernel(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g: torch.Tensor):  # noqa: D102
+    def backward(ctx, g: torch.Tensor):
         wg, hi_f, lo_f, stats = ctx.saved_tensors
         g_w, g_hi, g_lo = fq_kernel.backward(g, wg, hi_f, lo_f, stats, ctx.qmax)
         need = ctx.needs_input_grad
@@ -239,7 +239,7 @@ class _FakeQuant(torch.autograd.Function):
     passes over the weight instead of the composed operations' many."""
 
     @staticmethod
-    def forward(ctx, wg: torch.Tensor, bits: int, hi_f: torch.Tensor,  # noqa: D102
+    def forward(ctx, wg: torch.Tensor, bits: int, hi_f: torch.Tensor,
                 lo_f: torch.Tensor) -> torch.Tensor:
         qmax = 2**bits - 1
         mx, mn = wg.amax(dim=-1, keepdim=True), wg.amin(dim=-1, keepdim=True)
@@ -262,7 +262,7 @@ class _FakeQuant(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g: torch.Tensor):  # noqa: D102
+    def backward(ctx, g: torch.Tensor):
         wg, hi_f, lo_f, mx, mn, lo, raw, scale, v, inside, ds = ctx.saved_tensors
         qmax = ctx.qmax
         g_in = g * inside
