@@ -243,7 +243,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    help="calibration preset: 'cpu-demo' (default) = 24 x 256 tokens, 1 epoch; "
                    "'cpu-long' = 32 x 256 tokens, 16 epochs, groups 7,8/5,6/4/3/2 with ranks "
                    "0,16,8,24,96 and adapter rates 0.001 (4-6 bit slices) / 0.003 (3 and 2 bit "
-                   "slices), super weights protected, massive-activation term (about 90 minutes "
+                   "slices), super weights protected, massive-activation term (36-90 minutes "
                    "on 2 cores for the default model, far more accurate at 2-4 bits); 'paper' = 128 x 2048 "
                    "tokens, batch 2, 15 epochs, cuda, every group trained (ranks 8,8,8,8, "
                    "every width's clips learned)")

@@ -442,7 +442,7 @@ PRESETS: dict[str, CalibConfig] = {
     # width): the peers' 32 x 256 windows, 16 passes per block, adapter rate 1e-3 for the
     # slices W4-W6 use and 3e-3 for those only W3 and W2 use, a lower clip rate, and the
     # massive-activation term (so the 2-bit stream keeps the first token's massive value);
-    # about 90 minutes on 2 cores for SmolLM2-135M.
+    # 36-90 minutes on 2 cores for SmolLM2-135M, depending on the CPU.
     "cpu-long": CalibConfig(n_samples=32, epochs=16, lr_adapter=1e-3,
                             lr_adapter_groups=(1e-3, 1e-3, 1e-3, 3e-3, 3e-3), lr_clip=0.1,
                             massive_ratio=1000.0),
