@@ -199,7 +199,7 @@ def fake_quant(
     gradient is the one autograd takes through them (straight-through rounding, clamps passing
     their inside, max and min handing theirs to the tied elements evenly), written out as one
     step: the fused CPU kernel of :mod:`quept.ops.fq_kernel` for float32 CPU tensors, else
-    :class:`_FakeQuant` (a calibration spends a third of its time here otherwise)."""
+    :class:`_FakeQuant` (a calibration spent over a third of its time here before)."""
     wg = to_groups(w, group_size)
     grad = torch.is_grad_enabled() and (w.requires_grad or hi_f.requires_grad
                                         or lo_f.requires_grad)
