@@ -28,7 +28,8 @@ from quept.config import (
     check_device,
     weight_act_spec,
 )
-from quept.data.hub import hub_model_dir, is_hub_text, is_repo_id
+from quept.data.hub import hub_model_dir, is_repo_id
+from quept.data.text import names_hub_text
 from quept.search import Plan, SensitivityConfig, parse_size
 from quept.search.plan import GRANULARITIES, plan_files, plan_from_table
 
@@ -88,8 +89,7 @@ def _text_name(paths: list[str] | None) -> str:
     """What ``_text(paths, "eval")`` read, for a record."""
     if not paths:
         return "Pride and Prejudice"
-    return ", ".join(p if is_hub_text(p) and not Path(p).exists() else Path(p).name
-                     for p in paths)
+    return ", ".join(p if names_hub_text(p) else Path(p).name for p in paths)
 
 
 def _peak_rss_gib() -> float | None:

@@ -49,6 +49,11 @@ def _read_jsonl(path: Path) -> list[str]:
     return texts
 
 
+def names_hub_text(item: str | Path) -> bool:
+    """Whether a text argument names a hub text rather than a file: a file of that name wins."""
+    return not Path(item).expanduser().exists() and is_hub_text(str(item))
+
+
 def load_texts(paths: Sequence[str | Path], role: str = "calib") -> str:
     """Read and concatenate (with ``"\\n\\n"``) the texts in ``paths``.
 
@@ -65,10 +70,10 @@ def load_texts(paths: Sequence[str | Path], role: str = "calib") -> str:
         raise ValueError(f"no text files given; accepted are {_ACCEPTED}")
     pieces: list[str] = []
     for item in paths:
-        path = Path(item).expanduser()
-        if not path.exists() and is_hub_text(str(item)):
+        if names_hub_text(item):
             pieces.append(hub_text(str(item), role))
             continue
+        path = Path(item).expanduser()
         if not path.is_file():
             what = "is a directory, not a file" if path.is_dir() else "does not exist"
             raise FileNotFoundError(f"text file {str(path)!r} {what}; accepted are {_ACCEPTED}")

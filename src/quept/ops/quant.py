@@ -252,12 +252,11 @@ class _FakeQuant(torch.autograd.Function):
         t = torch.round(u) + zero
         q = t.clamp(0, qmax)
         codes = q - zero
-        if any(ctx.needs_input_grad):
-            inside = (t == q).to(wg.dtype)  # where the clamp passes its gradient
-            # d out / d s at fixed clips: out = (q - z) s, and inside the clamp u = w / s too
-            ds = codes - u * inside
-            ctx.qmax = qmax
-            ctx.save_for_backward(wg, hi_f, lo_f, mx, mn, lo, raw, scale, v, inside, ds)
+        inside = (t == q).to(wg.dtype)  # where the clamp passes its gradient
+        # d out / d s at fixed clips: out = (q - z) s, and inside the clamp u = w / s too
+        ds = codes - u * inside
+        ctx.qmax = qmax
+        ctx.save_for_backward(wg, hi_f, lo_f, mx, mn, lo, raw, scale, v, inside, ds)
         return codes * scale
 
     @staticmethod
