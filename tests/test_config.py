@@ -121,7 +121,7 @@ def test_cli_spec_follows_the_preset_and_the_spec_options():
 
 
 def test_cpu_long_preset_is_the_setting_measured_against_peers():
-    # README, against peers: the preset must be the configuration whose figures it quotes.
+    # docs/peers.md: the preset must be the configuration whose figures it quotes.
     doc = json.loads((Path(__file__).parents[1] / "results/peers.json").read_text())
     cell = doc["cells"]["quept-long16-wide-rates-massive"]["2"]
     measured = QuEPTConfig.from_dict(cell["settings"]["config"])

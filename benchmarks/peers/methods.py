@@ -119,7 +119,7 @@ METHODS: dict[str, Method] = {
     # The per-slice rates setting with super-weight protection: in the rates and fix6 runs the
     # 2-bit stream lost SmolLM2's massive activation at block 12 (token 0, channel 507: 27085 in
     # float, 2869 in the fix6 model's 2-bit stream), which is what the 2-bit error jump at block
-    # 13 was (README, Pitfalls). Run once (2026-11-28/29): ties at W3-W8 (W4 26.615, W6 25.215),
+    # 13 was (docs/pitfalls.md). Run once (2026-11-28/29): ties at W3-W8 (W4 26.615, W6 25.215),
     # but W2 51.39: holding the super weight's clip did not keep the value, which the 2-bit
     # attention and gate lose before the down projection. Not a preset.
     "quept-long16-wide-rates-sw": _elastic(
@@ -140,7 +140,7 @@ METHODS: dict[str, Method] = {
         protect_outliers=100.0, massive_ratio=1000.0),
     # The cpu-long setting with wider slices for the 4-6 bit widths (the 5-6 bit group's 16 -> 32,
     # the 4-bit group's own 8 -> 32: prefixes 0/32/64/88/184): on the built-in ViT, W4 trained
-    # at rank 32 instead of 8 reached a 30% lower KL (README, vision transformers).
+    # at rank 32 instead of 8 reached a 30% lower KL (docs/vision.md).
     "quept-long16-wider-rates-massive": _elastic(
         "QuEPT, 16 epochs, ranks 0,32,32,24,96, adapter rates 1e-3 (4-6 bit slices) / 3e-3 "
         "(3 and 2 bit slices), super weights protected, massive-activation loss (one model, "

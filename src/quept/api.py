@@ -294,7 +294,7 @@ def plan(model: nn.Module, table: SensitivityTable, *, avg_bits: float | None = 
     (default): the exact plan at each of them, then the one whose measured KL to the float
     model on ``check_ids`` (N, T calibration tokens, e.g. 16 x 128) is lowest. The summed
     costs assume layers act independently; the measured KL does not, and on the default model
-    coarser units often give lower perplexity at the same budget (README, mixed precision).
+    coarser units often give lower perplexity at the same budget (docs/mixed-precision.md).
 
     ``in_context`` (auto only): three more candidates, made from the uniform widths just below
     and above the budget: each block's cost measured *in* one uniform model when it alone

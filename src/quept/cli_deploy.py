@@ -106,7 +106,7 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--accuracy-level", type=int, default=None, choices=(0, 1, 2, 3, 4),
                    help="onnx: MatMulNBits accuracy level; 0 (default) computes in float32, "
                    "the elastic model's outputs; 4 lets ONNX Runtime's CPU kernels quantize "
-                   "activations to int8 per block (faster, not exact; README Deployment)")
+                   "activations to int8 per block (faster, not exact; docs/deployment.md)")
     p.add_argument("--head-bits", type=int, default=None,
                    help="also store the output head (and a tied embedding) as codes of this "
                    "width, e.g. 8: smaller and faster to decode, logits no longer equal to the "

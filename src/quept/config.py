@@ -93,7 +93,7 @@ class ElasticSpec:
     fixed_clip_bits: widths whose clips keep the value the search gives them and are not
         learned; None (default) = :data:`DEFAULT_FIXED_CLIP_BITS`, those of them in the spec.
         At 7-8 bits one quantization step is under 1% of a group's range, less than one Adam
-        step moves a clip, so a short calibration only adds noise there (README).
+        step moves a clip, so a short calibration only adds noise there (docs/pitfalls.md).
     clip_refine: rounds of coordinate descent after the clip search, over the same grid: the
         max factor with the min factor held, then the reverse (the search alone ties them; one
         round lowered the error enough that a second changed perplexity by < 0.1%); 0 = tied.
@@ -103,7 +103,7 @@ class ElasticSpec:
         of each row's largest contribution (100 picks the few weights that create or cancel a
         model's massive activation). Its group's clip on its side (max or min) is held at 1 at
         every width, so the weight stays the group's exact top (or bottom) level; left free, a
-        2-bit clip can cut it and the massive activation it makes is lost (README).
+        2-bit clip can cut it and the massive activation it makes is lost (docs/pitfalls.md).
 
     activations: "none" (default, weight-only) or "per-token": the input of every quantized
         linear is also quantized, per token (one scale per row of the input), symmetric, at the
@@ -328,7 +328,7 @@ class CalibConfig:
     otherwise the training loss also adds the mean relative error ``|y_q - y| / |y|`` over the
     elements of the float block output ``y`` whose magnitude exceeds ``massive_ratio`` times the
     batch's median magnitude (a massive activation: one element in ~10^5, which the L1 mean
-    barely sees, yet a low width that loses it changes every later block; README, Pitfalls),
+    barely sees, yet a low width that loses it changes every later block; docs/pitfalls.md),
     counting only the part of each element's relative error over massive_slack (default 0.5),
     so widths that keep the values train exactly as without the term. The logged block losses
     stay the plain ones. lr_act: the rate of the log-steps of static activation quantizers
@@ -401,12 +401,12 @@ class CalibConfig:
 
 
 # What each preset calibrates: on the CPU budget the top group (7-8 bits) keeps its searched
-# clips and no adapter (README: a dozen steps only add noise there); the paper trains every group.
+# clips and no adapter (docs/method.md: a dozen steps only add noise there); the paper trains every group.
 PRESET_SPECS: dict[str, ElasticSpec] = {
     "cpu-demo": ElasticSpec(),
     # The 3-4 bit group split in two, so W4 and W3 each train an adapter slice of their own,
     # wider slices below 4 bits (prefixes 0/16/24/48/144) and super weights held exact:
-    # README, against peers.
+    # docs/peers.md.
     "cpu-long": ElasticSpec(bit_groups=((7, 8), (5, 6), (4,), (3,), (2,)),
                             ranks=(0, 16, 8, 24, 96), merge_weights=(0.2,) * 5,
                             protect_outliers=100.0),
@@ -420,7 +420,7 @@ def weight_act_spec(spec: ElasticSpec | None = None, mode: str = "per-token") ->
     the ``mode`` way (per-token, or per-tensor static quantizers), and, when ``spec`` has widths below 4, the weight+activation bit groups
     {7,8} {5,6} {4} with ranks 0/16/8 and merge weights 0.3/0.3/0.4 (DESIGN 2.4), 7 and 8
     bits unclipped (their searched clips cost 0.7% of perplexity at W7A7 on the default
-    model, where no clip is RTN exactly; README)."""
+    model, where no clip is RTN exactly; docs/weight-activation.md)."""
     spec = spec or ElasticSpec()
     if min(spec.bits) >= MIN_ACT_BITS:
         return replace(spec, activations=mode)
@@ -436,9 +436,9 @@ def weight_act_spec(spec: ElasticSpec | None = None, mode: str = "per-token") ->
 
 
 PRESETS: dict[str, CalibConfig] = {
-    # Fits the 2-core CPU demo budget (see README for why these values).
+    # Fits the 2-core CPU demo budget (docs/method.md, CPU defaults, says why these values).
     "cpu-demo": CalibConfig(),
-    # The most accurate CPU setting measured (README, against peers: ties or wins at every
+    # The most accurate CPU setting measured (docs/peers.md: ties or wins at every
     # width): the peers' 32 x 256 windows, 16 passes per block, adapter rate 1e-3 for the
     # slices W4-W6 use and 3e-3 for those only W3 and W2 use, a lower clip rate, and the
     # massive-activation term (so the 2-bit stream keeps the first token's massive value);
