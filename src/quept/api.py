@@ -39,6 +39,8 @@ from quept.eval import Sentences, fidelity, perplexity, sentence_embeddings, top
 from quept.export import compact as _compact
 from quept.export.compact import CompactConfig
 from quept.export.ct_format import is_compressed_tensors, load_compressed_tensors
+from quept.export.gptq import GPTQConfig
+from quept.export.gptq import round_gptq as _round_gptq
 from quept.export.load import load_packed as _load_packed
 from quept.export.onnx_format import is_onnx_folder
 from quept.export.packed import PACKED_JSON, write_packed
@@ -55,6 +57,7 @@ from quept.models.kv import install_kv_attention, kv_linears
 from quept.nn import BitsPlan, ElasticLinear, elastic_layers
 from quept.nn import set_bits as _set_bits
 from quept.nn.state import load_elastic_state
+from quept.nn.switch import plan_widths
 from quept.ops import GroupSizeError, stored_bits_per_weight
 from quept.ops.quant import is_power_of_two
 from quept.search import (
@@ -201,12 +204,38 @@ def calibrate(
     """
     fam, spec = family_for(model), _spec_of(model)
     check_device(config.device, "CalibConfig.device")
+    if any(m.rounded for m in elastic_layers(model).values()):
+        raise ConfigError("the model holds export-time GPTQ codes (quept.round_gptq), which "
+                          "calibration would not train; call quept.export.gptq.clear_rounding "
+                          "first, or calibrate before rounding")
     x0, kwargs = capture_block_inputs(model, fam, input_ids, config.batch_size)
     ckpt = None
     if checkpoint_dir is not None:
         ckpt = CalibCheckpoint(checkpoint_dir, _fingerprint(model, spec, config, input_ids),
                                keep_streams=keep_streams)
     return BlockCalibrator(model, fam, spec, config, kwargs, ckpt, progress).run(x0)
+
+
+def round_gptq(model: nn.Module, bits_or_plan: int | Mapping[str, int] | Plan,
+               inputs: torch.Tensor, config: GPTQConfig | None = None, *,
+               progress: bool = True) -> dict[str, float | int]:
+    """Choose the codes of one width or plan by GPTQ on the elastic model's learned grid
+    (:mod:`quept.export.gptq`), on calibration ``inputs`` (token ids (N, T) or pixel values),
+    and switch the model to it. The codes replace round-to-nearest at those widths in the
+    model's forward and in every :func:`export` until
+    :func:`quept.export.gptq.clear_rounding`; they are not saved with :func:`save`."""
+    check_device((config or GPTQConfig()).device, "GPTQConfig.device")
+    layers = elastic_layers(model)
+    if not layers:
+        raise ConfigError("the model has no elastic layers; GPTQ rounding needs an elastic "
+                          "model (quept.prepare / quept.load)")
+    widths = plan_widths(layers, as_layer_widths(bits_or_plan))
+    spec = _spec_of(model)
+    for name, b in widths.items():
+        if b is None:
+            raise ConfigError(f"GPTQ rounding takes a width for every layer, not float ({name})")
+        check_bits(b, spec.bits)
+    return _round_gptq(model, widths, inputs, config or GPTQConfig(), progress=progress)
 
 
 def set_bits(model: nn.Module, bits: BitsPlan | Plan, *, rtn: bool = False) -> nn.Module:
@@ -473,6 +502,10 @@ def export(model: nn.Module, bits_or_plan: int | Mapping[str, int] | Plan,
     widths = as_layer_widths(bits_or_plan)
     if format == "quept":
         source = {"base_model": getattr(model, "quept_source", DEFAULT_MODEL)}
+        layers = elastic_layers(model)
+        chosen = plan_widths(layers, widths)
+        if any(chosen[n] in m.rounded for n, m in layers.items()):
+            source["rounding"] = "gptq"
         return write_packed(model, widths, out, tokenizer, scale_dtype=scale_dtype,
                             head_bits=head_bits, provenance=source)
     if format == "gguf":
@@ -810,7 +843,7 @@ def windows_from_text(tokenizer: Any, text: str, seq_len: int = 512,
 __all__ = [
     "AccuracyRow", "ArtifactError", "CompactConfig", "EmbeddingRow", "EvalRow", "Family", "Plan", "SensitivityConfig", "TaskRow",
     "UnsupportedModelError", "calibrate", "evaluate", "evaluate_accuracy", "evaluate_embeddings", "evaluate_tasks", "export", "load", "load_compact",
-    "load_model", "load_packed", "plan", "plan_candidates", "prepare", "read_meta", "resolve_model_dir",
+    "load_model", "load_packed", "plan", "plan_candidates", "prepare", "read_meta", "resolve_model_dir", "round_gptq",
     "samples_from_text", "save", "save_compact", "sensitivity", "set_bits", "stored_bits",
     "sweep_cache", "windows_from_text",
 ]

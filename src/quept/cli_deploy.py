@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -113,8 +114,48 @@ def add_export(sub: argparse._SubParsersAction) -> None:
                    "fake-quantized model's (default: keep them float)")
     p.add_argument("--model", default=None,
                    help="base model folder, if not the one recorded in the elastic folder")
+    r = p.add_argument_group("rounding")
+    r.add_argument("--rounding", choices=ROUNDINGS, default="nearest",
+                   help="nearest (default): each weight to the nearest level of its learned "
+                   "grid, with the adapter, as the elastic model runs; gptq: the codes chosen "
+                   "by GPTQ on the same grid from calibration data (lower output error; about "
+                   "a minute for the default model; docs/deployment.md)")
+    r.add_argument("--calib-text", nargs="+", default=None, metavar="FILE",
+                   help="gptq: calibration text (files or a hub text, as for `quept quantize`; "
+                   "default: the built-in calibration text)")
+    r.add_argument("--samples", type=int, default=None,
+                   help="gptq: calibration sequences, or images for an image classifier "
+                   "(default: the folder's calibration count)")
+    r.add_argument("--seq-len", type=int, default=None,
+                   help="gptq: tokens per calibration sequence (default: the folder's)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=cmd_export)
+
+
+ROUNDINGS = ("nearest", "gptq")
+
+
+def _gptq_round(a: argparse.Namespace, model: Any, tok: Any, cfg: QuEPTConfig,
+                plan: Any) -> dict[str, Any]:
+    """``quept export --rounding gptq``: round the chosen width or plan by GPTQ on calibration
+    data drawn as ``quept quantize`` draws it (the folder's counts unless given)."""
+    from quept.cli import _images, _task, _text
+
+    for name in ("samples", "seq_len"):
+        value = getattr(a, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    calib = replace(cfg.calib, n_samples=a.samples or cfg.calib.n_samples,
+                    seq_len=a.seq_len or cfg.calib.seq_len)
+    if _task(model) == "image-classification":
+        if a.calib_text is not None or a.seq_len is not None:
+            raise ConfigError("--calib-text and --seq-len apply to text models; an image "
+                              "classifier is rounded on Fashion-MNIST training images "
+                              "(--samples)")
+        inputs, _ = _images(model, "train", calib.n_samples, calib.seed)
+    else:
+        inputs = api.samples_from_text(tok, _text(a.calib_text, "calib"), calib)
+    return api.round_gptq(model, plan, inputs, progress=not a.json)
 
 
 def cmd_export(a: argparse.Namespace) -> dict[str, Any]:
@@ -126,8 +167,11 @@ def cmd_export(a: argparse.Namespace) -> dict[str, Any]:
     if a.accuracy_level is not None and a.format != "onnx":
         raise ConfigError("--accuracy-level applies to the onnx format")
     folder = Path(a.folder)
-    model, tok, _ = _load_elastic(folder, folder_kind(folder), a.model)
+    if a.rounding != "gptq" and (a.calib_text, a.samples, a.seq_len) != (None, None, None):
+        raise ConfigError("--calib-text, --samples and --seq-len apply to --rounding gptq")
+    model, tok, cfg = _load_elastic(folder, folder_kind(folder), a.model)
     plan = a.bits if a.bits is not None else read_widths(a.plan)
+    rounding = None if a.rounding != "gptq" else _gptq_round(a, model, tok, cfg, plan)
     t0 = time.perf_counter()
     meta = api.export(model, plan, a.out, a.format, tokenizer=tok,
                       scale_dtype=a.scale_dtype or "float16",
@@ -144,8 +188,10 @@ def cmd_export(a: argparse.Namespace) -> dict[str, Any]:
             size = (f": {meta['bits_per_weight']:.3f} bits per quantized weight "
                     f"({meta['quantized_bytes'] / 1e6:.1f} MB), {meta['file_bytes'] / 1e6:.1f} "
                     "MB in all")
-        print(f"{a.format} export written to {a.out} in {seconds:.1f}s{size}")
-    return {"out": a.out, "seconds": seconds, **meta}
+        how = "" if rounding is None else f" (GPTQ rounding {rounding['seconds']:.1f}s)"
+        print(f"{a.format} export written to {a.out} in {seconds:.1f}s{how}{size}")
+    return {"out": a.out, "seconds": seconds, "rounding": a.rounding,
+            **({} if rounding is None else {"rounding_seconds": rounding["seconds"]}), **meta}
 
 
 # --- info ------------------------------------------------------------------------------------

@@ -511,9 +511,10 @@ def render(info: dict[str, Any]) -> str:
         if info["rotation"]:
             extras.append(f"rotation {info['rotation']}")
         out.append("; ".join(extras) if extras else "weight-only; float KV cache")
-        base = (info.get("source") or {}).get("base_model")
-        if base:
-            out.append(f"made from {base}")
+        source = info.get("source") or {}
+        if source.get("base_model"):
+            out.append(f"made from {source['base_model']}"
+                       + (", codes rounded by GPTQ" if source.get("rounding") == "gptq" else ""))
     elif kind in ("compressed-tensors", "onnx"):
         e = info["export"]
         label = "compressed-tensors folder (vLLM, transformers)" if kind != "onnx" else \

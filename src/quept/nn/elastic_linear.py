@@ -10,6 +10,7 @@ from torch import nn
 
 from quept.config import ElasticSpec, check_bits
 from quept.ops import (
+    dequantize,
     fake_quant,
     fake_quant_act,
     fake_quant_static,
@@ -79,6 +80,9 @@ class ElasticLinear(nn.Module):
         self.rtn = False
         self._cache: tuple[tuple, torch.Tensor] | None = None
         self.protected: list[tuple[int, int]] = []  # super weights (row, col): protect_outliers
+        # Codes chosen by export-time rounding (quept.export.gptq) per width: (codes, scale,
+        # zero) that replace round-to-nearest at that width; never saved with the folder.
+        self.rounded: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         # The weight reads a Hadamard-rotated input (ElasticSpec.rotation): forward rotates x.
         self.in_rotation = False
         # The output is a key or value a KV cache holds (ElasticSpec.kv_bits): (bits, head_dim,
@@ -196,21 +200,28 @@ class ElasticLinear(nn.Module):
         return torch.sigmoid(self.clip_hi[str(bits)]), torch.sigmoid(self.clip_lo[str(bits)])
 
     def quantized_weight(self, bits: int, rtn_only: bool = False) -> torch.Tensor:
-        """The fake-quantized weight at ``bits`` (differentiable w.r.t. adapters and clips)."""
+        """The fake-quantized weight at ``bits`` (differentiable w.r.t. adapters and clips;
+        a width holding export-time codes in ``rounded`` gives those, with no gradient)."""
         gs = self.spec.group_size_for(bits)
         if rtn_only:
             return rtn(self.weight, bits, gs)
+        if bits in self.rounded:
+            return dequantize(*self.rounded[bits], gs).to(self.weight.dtype)
         return fake_quant(self.weight + self.delta(bits), bits, gs, *self.clip_factors(bits))
 
     def quantized_codes(self, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Adapter folded in: uint8 codes (out, in), scale and zero (out, G) at ``bits``."""
+        """Adapter folded in: uint8 codes (out, in), scale and zero (out, G) at ``bits`` (the
+        export-time codes in ``rounded`` where that width has them)."""
+        if bits in self.rounded:
+            return self.rounded[bits]
         with torch.no_grad():
             w = self.weight + self.delta(bits)
             return quantize(w, bits, self.spec.group_size_for(bits), *self.clip_factors(bits))
 
     def _state_key(self) -> tuple:
         b = str(self.bits)
-        parts = [self.bits, self.rtn, self.lora_u._version, self.lora_v._version]
+        parts = [self.bits, self.rtn, self.lora_u._version, self.lora_v._version,
+                 id(self.rounded.get(self.bits))]
         if b in self.clip_hi:
             parts += [self.clip_hi[b]._version, self.clip_lo[b]._version]
         return tuple(parts)

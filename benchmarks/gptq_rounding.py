@@ -1,0 +1,131 @@
+"""Perplexity of an elastic model's widths with round-to-nearest against GPTQ rounding.
+
+For each width, on the same evaluation windows (default: 32 x 512 tokens of *Pride and
+Prejudice*) and, for the GPTQ rows, the same calibration windows (default: the folder's own
+calibration settings, drawn again from the built-in calibration text):
+
+- ``elastic``: the folder as calibrated, round-to-nearest on the learned grid with the adapter
+  (what ``quept.set_bits`` runs and ``quept export`` wrote before GPTQ rounding);
+- ``gptq``: GPTQ on the learned grid, targeting the base weight (``quept export --rounding
+  gptq``, the default of :class:`quept.export.gptq.GPTQConfig`);
+- ``gptq-adapters``: GPTQ on the learned grid, targeting the weight with the adapter;
+- ``gptq-minmax``: GPTQ on the min/max grid (no clips, no adapter): GPTQ itself, as this
+  project implements it, for reference (the peers' figures come from their own libraries in
+  ``benchmarks/peers.py``).
+
+Prints a table and writes JSON. Run from the repository root:
+
+    python benchmarks/gptq_rounding.py --elastic quept-elastic --widths 2,3,4 \
+        --out results/gptq_rounding.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+import quept
+from quept import data
+from quept.config import QuEPTConfig
+from quept.eval import perplexity
+from quept.export.gptq import GPTQConfig, clear_rounding
+from quept.nn import elastic_layers
+from quept.nn.elastic_linear import NO_CLIP_LOGIT
+
+MODES = ("elastic", "gptq", "gptq-adapters", "gptq-minmax")
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--elastic", required=True, help="elastic folder from `quept quantize`")
+    p.add_argument("--widths", default="2,3,4", help="comma-separated widths")
+    p.add_argument("--modes", default=",".join(MODES[:3]), help=f"comma-separated, of {MODES}")
+    p.add_argument("--windows", type=int, default=32, help="evaluation windows of 512 tokens")
+    p.add_argument("--samples", type=int, default=None,
+                   help="calibration sequences (default: the folder's calibration count)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per calibration sequence (default: the folder's)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=None, help="write the result here (JSON)")
+    return p.parse_args(argv)
+
+
+def _unclip(model: torch.nn.Module, bits: int) -> None:
+    """Set every layer's clips at ``bits`` to none (the min/max grid) and zero its adapters."""
+    with torch.no_grad():
+        for m in elastic_layers(model).values():
+            m.clip_hi[str(bits)].fill_(NO_CLIP_LOGIT)
+            m.clip_lo[str(bits)].fill_(NO_CLIP_LOGIT)
+            m.lora_u.zero_()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a = parse(argv)
+    torch.set_num_threads(a.threads)
+    widths = [int(b) for b in a.widths.split(",")]
+    modes = a.modes.split(",")
+    if not set(modes) <= set(MODES):
+        raise SystemExit(f"--modes: expected some of {MODES}, got {a.modes}")
+    calib = QuEPTConfig.from_dict(quept.read_meta(a.elastic)["config"]).calib
+    calib = replace(calib, n_samples=a.samples or calib.n_samples,
+                    seq_len=a.seq_len or calib.seq_len)
+    model, tok = quept.load(a.elastic)
+    ids = quept.samples_from_text(tok, data.calibration_text(), calib)
+    windows = quept.windows_from_text(tok, data.evaluation_text(), 512, a.windows)
+    quept.set_bits(model, None)
+    rows = [{"bits": None, "mode": "float", "ppl": perplexity(model, windows)}]
+    print(f"float: {rows[0]['ppl']:.3f}", file=sys.stderr)
+    for b in widths:
+        for mode in modes:
+            if mode == "gptq-minmax":
+                model, _ = quept.load(a.elastic)  # the clips and adapters get overwritten
+                _unclip(model, b)
+            t0 = time.perf_counter()
+            if mode == "elastic":
+                quept.set_bits(model, b)
+                info = {}
+            else:
+                cfg = GPTQConfig(adapters=mode == "gptq-adapters")
+                info = quept.round_gptq(model, b, ids, cfg, progress=False)
+            ppl = perplexity(model, windows)
+            clear_rounding(model)
+            if mode == "gptq-minmax":
+                model, _ = quept.load(a.elastic)
+            rows.append({"bits": b, "mode": mode, "ppl": ppl,
+                         "rounding_seconds": info.get("seconds"),
+                         "seconds": time.perf_counter() - t0})
+            print(f"W{b} {mode}: {ppl:.3f}", file=sys.stderr)
+    base = {r["bits"]: r["ppl"] for r in rows if r["mode"] == "elastic"}
+    print(f"\n{a.elastic}: perplexity on {a.windows} x 512 tokens of Pride and Prejudice "
+          f"(float {rows[0]['ppl']:.2f}); GPTQ on {calib.n_samples} x {calib.seq_len} "
+          "calibration tokens")
+    print("| width | " + " | ".join(modes) + " |")
+    print("|---|" + "---|" * len(modes))
+    for b in widths:
+        cells = []
+        for mode in modes:
+            r = next(r for r in rows if r["bits"] == b and r["mode"] == mode)
+            rel = (f" ({r['ppl'] / base[b] - 1:+.1%})" if mode != "elastic" and b in base
+                   else "")
+            cells.append(f"{r['ppl']:.2f}{rel}")
+        print(f"| W{b} | " + " | ".join(cells) + " |")
+    result = {"elastic": a.elastic, "windows": a.windows, "calibration": {
+        "n_samples": calib.n_samples, "seq_len": calib.seq_len, "seed": calib.seed},
+        "gptq": vars(GPTQConfig()), "rows": rows, "machine": platform.machine(),
+        "threads": a.threads, "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d")}
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""GPTQ rounding on the learned grid (quept.export.gptq): the codes stay on the elastic grid,
+lower the output error on the calibration inputs, drive the model's forward and every export,
+and leave other widths alone; bad requests are refused by name."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import quept
+from quept.config import CalibConfig, ConfigError, weight_act_spec
+from quept.export.gptq import GPTQConfig, clear_rounding, gptq_codes
+from quept.export.load import load_packed
+from quept.export.packed import write_packed
+from quept.nn import elastic_layers
+from quept.ops import dequantize, quantize
+from tests.test_swin_deit import images
+from tests.test_swin_deit import tiny as tiny_classifier
+
+from .tiny import SPEC, elastic_folder, elastic_tiny, hf_folder, run_json
+
+IDS = torch.randint(2, 250, (8, 32), generator=torch.Generator().manual_seed(0))
+
+
+def problem(out: int = 24, inn: int = 64, seed: int = 0):
+    """A weight, clip factors for groups of 32 and correlated inputs (tokens, in)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inn, generator=g)
+    hi = 0.7 + 0.3 * torch.rand(out, inn // 32, generator=g)
+    lo = 0.7 + 0.3 * torch.rand(out, inn // 32, generator=g)
+    mix = torch.randn(inn, inn, generator=g) / inn**0.5 + torch.eye(inn)
+    x = torch.randn(512, inn, generator=g) @ mix * (1 + 3 * torch.rand(inn, generator=g))
+    return w, hi, lo, x
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+def test_without_correlation_gptq_is_round_to_nearest_on_the_same_grid(act_order):
+    w, hi, lo, _ = problem()
+    h = torch.diag(torch.rand(64, generator=torch.Generator().manual_seed(1)) + 0.5)
+    codes, scale, zero = gptq_codes(w, h, 3, 32, hi, lo, GPTQConfig(act_order=act_order))
+    want = quantize(w, 3, 32, hi, lo)
+    assert codes.dtype == torch.uint8
+    assert torch.equal(codes, want[0])
+    torch.testing.assert_close(scale, want[1], rtol=0, atol=0)
+    torch.testing.assert_close(zero, want[2], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("act_order", [True, False])
+def test_gptq_lowers_the_output_error_on_its_inputs(bits, act_order):
+    w, hi, lo, x = problem(seed=bits)
+    h = 2 * x.T @ x / x.shape[0]
+    cfg = GPTQConfig(act_order=act_order, block_size=16)  # several column blocks
+    codes, scale, zero = gptq_codes(w, h, bits, 32, hi, lo, cfg)
+    assert int(codes.max()) <= 2**bits - 1
+    near = quantize(w, bits, 32, hi, lo)
+    torch.testing.assert_close(scale, near[1], rtol=0, atol=0)  # the same grid
+    err = lambda c: ((w - dequantize(c, scale, zero, 32)) @ x.T).pow(2).mean()  # noqa: E731
+    assert err(codes) < 0.8 * err(near[0])
+    assert not torch.equal(codes, near[0])
+
+
+def test_a_singular_input_moment_is_damped_and_a_dead_column_handled():
+    w, hi, lo, x = problem()
+    x[:, 5] = 0  # a channel that never fires
+    x[:, 7] = x[:, 6]  # two equal channels: H singular without damping
+    codes, scale, zero = gptq_codes(w, x.T @ x, 4, 32, hi, lo)
+    assert torch.isfinite(dequantize(codes, scale, zero, 32)).all()
+
+
+def test_round_gptq_drives_the_forward_and_the_packed_export(tmp_path):
+    model = elastic_tiny()
+    quept.set_bits(model, 2)
+    before_w2 = model(IDS[:2]).logits
+    quept.set_bits(model, 3)
+    nearest = model(IDS[:2]).logits
+    info = quept.round_gptq(model, 3, IDS, progress=False)
+    layers = elastic_layers(model)
+    assert info["layers"] == len(layers)
+    assert all(set(m.rounded) == {3} and m.bits == 3 for m in layers.values())
+    rounded = model(IDS[:2]).logits
+    assert not torch.allclose(rounded, nearest)
+    for m in layers.values():  # the forward runs the installed codes
+        torch.testing.assert_close(m.current_weight(), dequantize(*m.rounded[3], 32))
+    write_packed(model, 3, tmp_path / "w3", None, scale_dtype="float32",
+                 provenance={"base_model": "tiny", "rounding": "gptq"})
+    packed = load_packed(tmp_path / "w3")
+    torch.testing.assert_close(packed(IDS[:2]).logits, rounded, rtol=0, atol=2e-5)
+    quept.set_bits(model, 2)  # another width still rounds to nearest
+    torch.testing.assert_close(model(IDS[:2]).logits, before_w2, rtol=0, atol=0)
+    clear_rounding(quept.set_bits(model, 3))
+    torch.testing.assert_close(model(IDS[:2]).logits, nearest, rtol=0, atol=0)
+
+
+def test_on_the_calibration_inputs_gptq_beats_nearest_on_the_same_grid():
+    model = elastic_tiny()
+    with torch.no_grad():
+        for m in elastic_layers(model).values():
+            m.lora_u.zero_()  # nearest on the grid without the adapter, what GPTQ starts from
+    quept.set_bits(model, None)
+    ref = model(IDS).logits
+    for bits in (2, 3):
+        quept.set_bits(model, bits)
+        near = (model(IDS).logits - ref).pow(2).mean()
+        quept.round_gptq(model, bits, IDS, progress=False)
+        gptq = (model(IDS).logits - ref).pow(2).mean()
+        clear_rounding(model)
+        assert gptq < near, (bits, gptq, near)
+
+
+def test_a_plan_is_rounded_layer_by_layer_and_adapters_can_be_kept():
+    model = elastic_tiny()
+    names = list(elastic_layers(model))
+    plan = {n: (2, 4, 8)[i % 3] for i, n in enumerate(names)}
+    quept.round_gptq(model, plan, IDS, GPTQConfig(adapters=True, act_order=False),
+                     progress=False)
+    for n, m in elastic_layers(model).items():
+        assert set(m.rounded) == {plan[n]} and m.bits == plan[n]
+
+
+def test_the_stage_exits_of_a_swin_are_crossed():
+    model = quept.prepare(tiny_classifier("swin"), SPEC)
+    x = images(4)
+    quept.set_bits(model, 3)
+    with torch.no_grad():
+        nearest = model(pixel_values=x).logits
+    info = quept.round_gptq(model, 3, x, progress=False)
+    assert info["layers"] == len(elastic_layers(model))
+    with torch.no_grad():
+        assert torch.isfinite(model(pixel_values=x).logits).all()
+        assert not torch.allclose(model(pixel_values=x).logits, nearest)
+
+
+def test_bad_requests_are_refused_by_name():
+    model = elastic_tiny()
+    with pytest.raises(ConfigError, match="not float"):
+        quept.round_gptq(model, None, IDS)
+    with pytest.raises(ConfigError, match="9"):
+        quept.round_gptq(model, 9, IDS)
+    with pytest.raises(ConfigError, match="plan does not match"):
+        quept.round_gptq(model, {"model.layers.0.mlp.up_proj": 3}, IDS)
+    with pytest.raises(ConfigError, match="damp"):
+        GPTQConfig(damp=0)
+    quept.round_gptq(model, 3, IDS[:2], progress=False)
+    with pytest.raises(ConfigError, match="clear_rounding"):
+        quept.calibrate(model, IDS[:2], CalibConfig(n_samples=2, seq_len=32, batch_size=2),
+                        progress=False)
+    wa = elastic_tiny(weight_act_spec(SPEC))
+    with pytest.raises(ConfigError, match="weight-only"):
+        quept.round_gptq(wa, 4, IDS)
+
+
+@pytest.fixture
+def folders(tmp_path):
+    base = hf_folder(tmp_path / "base")
+    return tmp_path, elastic_folder(tmp_path / "elastic", base)
+
+
+def test_cli_export_with_gptq_rounding(folders, capsys):
+    root, elastic = folders
+    text = root / "calib.txt"
+    text.write_text("It is a truth universally acknowledged. " * 40)
+    out = run_json(capsys, ["export", str(elastic), "--bits", "3", "--out", str(root / "w3"),
+                            "--rounding", "gptq", "--calib-text", str(text), "--samples", "4",
+                            "--seq-len", "24", "--json"])
+    assert out["rounding"] == "gptq" and out["rounding_seconds"] > 0
+    meta = json.loads((root / "w3" / "quept-packed.json").read_text())
+    assert meta["source"]["rounding"] == "gptq"
+    info = run_json(capsys, ["info", str(root / "w3"), "--json"])
+    assert info["source"]["rounding"] == "gptq"
+    plain = run_json(capsys, ["export", str(elastic), "--bits", "3", "--out",
+                              str(root / "w3n"), "--json"])
+    assert plain["rounding"] == "nearest"
+    assert "rounding" not in json.loads((root / "w3n" / "quept-packed.json").read_text())[
+        "source"]
+    from quept.cli import main
+
+    assert main(["export", str(elastic), "--bits", "3", "--out", str(root / "x"),
+                 "--samples", "4"]) != 0
+    assert "apply to --rounding gptq" in capsys.readouterr().err
+    assert main(["export", str(elastic), "--bits", "3", "--out", str(root / "x"),
+                 "--rounding", "gptq", "--samples", "0"]) != 0
+    assert "--samples must be >= 1" in capsys.readouterr().err
