@@ -62,6 +62,16 @@ def test_gptq_lowers_the_output_error_on_its_inputs(bits, act_order):
     assert not torch.equal(codes, near[0])
 
 
+def test_per_channel_grids_work_too():
+    w, _, _, x = problem()
+    hi, lo = torch.full((24, 1), 0.9), torch.full((24, 1), 0.95)
+    codes, scale, zero = gptq_codes(w, x.T @ x, 3, 0, hi, lo)
+    near = quantize(w, 3, 0, hi, lo)
+    assert scale.shape == (24, 1) and torch.equal(scale, near[1])
+    err = lambda c: ((w - dequantize(c, scale, zero, 0)) @ x.T).pow(2).mean()  # noqa: E731
+    assert err(codes) < err(near[0])
+
+
 def test_a_singular_input_moment_is_damped_and_a_dead_column_handled():
     w, hi, lo, x = problem()
     x[:, 5] = 0  # a channel that never fires

@@ -111,7 +111,7 @@ def gptq_codes(
     order = (torch.argsort(torch.diag(h), descending=True) if cfg.act_order
              else torch.arange(n, device=w.device))
     w, h = w[:, order], h[order][:, order]
-    group = order // group_size
+    group = order // (group_size or n)  # 0: one group per row
     u = _inverse_cholesky(h, cfg.damp, name)
     codes = torch.empty_like(w)
     for c0 in range(0, n, cfg.block_size):
