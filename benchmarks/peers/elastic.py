@@ -20,13 +20,14 @@ from torch import nn
 import quept
 from peers.common import Quantized
 from quept.config import PRESETS, CalibConfig, ElasticSpec, QuEPTConfig
+from quept.export.gptq import clear_rounding
 
 log = logging.getLogger(__name__)
 
 
 def quantize(model: nn.Module, tok: Any, ids: torch.Tensor, job: dict[str, Any]) -> Quantized:
     if job.get("elastic"):
-        return _reuse(job)
+        return _reuse(job, ids)
     cfg = QuEPTConfig(
         spec=_spec(job),
         calib=replace(_calib(job), n_samples=ids.shape[0], seq_len=ids.shape[1],
@@ -39,8 +40,9 @@ def quantize(model: nn.Module, tok: Any, ids: torch.Tensor, job: dict[str, Any])
     folder = Path(job["workdir"]) / ("quept-elastic" if job["method"] == "quept" else job["method"])
     quept.save(model, folder, cfg, extra={"calibration_seconds": secs})
     log.info("elastic model written to %s", folder)
-    return Quantized(lambda b: quept.set_bits(model, b),
-                     {"calib_seconds": secs, "settings": {"config": cfg.to_dict(),
+    rounding: dict[str, float] = {}
+    return Quantized(_selector(model, ids, job, rounding),
+                     {"calib_seconds": secs, "rounding_seconds": rounding, "settings": {"config": cfg.to_dict(),
                                                           "folder": folder.name}})
 
 
@@ -50,7 +52,29 @@ def _calib(job: dict[str, Any]) -> CalibConfig:
 
 
 def _calib_options(job: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in job.get("options", {}).items() if k != "spec"}
+    return {k: v for k, v in job.get("options", {}).items() if k not in ("spec", "rounding")}
+
+
+def _selector(model: nn.Module, ids: torch.Tensor, job: dict[str, Any],
+              seconds: dict[str, float] | None = None):
+    """``select(bits)``: the elastic model at ``bits``; with the method's ``rounding`` "gptq",
+    its codes at ``bits`` first chosen by GPTQ on the calibration windows ``ids`` (the time
+    each width's rounding took goes into ``seconds``)."""
+    if job.get("options", {}).get("rounding", "nearest") == "nearest":
+        return lambda b: quept.set_bits(model, b)
+    seconds = {} if seconds is None else seconds
+
+    def select(b: int | None) -> nn.Module:
+        clear_rounding(model)
+        if b is None:
+            return quept.set_bits(model, None)
+        t0 = time.perf_counter()
+        quept.round_gptq(model, b, ids, progress=False)
+        seconds[str(b)] = time.perf_counter() - t0
+        log.info("W%d: GPTQ rounding took %.1fs", b, seconds[str(b)])
+        return model
+
+    return select
 
 
 def _spec_options(job: dict[str, Any]) -> dict[str, Any]:
@@ -67,7 +91,7 @@ def _spec(job: dict[str, Any]) -> ElasticSpec:
     return replace(ElasticSpec(), default_group_size=job["group_size"], **_spec_options(job))
 
 
-def _reuse(job: dict[str, Any]) -> Quantized:
+def _reuse(job: dict[str, Any], ids: torch.Tensor) -> Quantized:
     folder = job["elastic"]
     meta = quept.read_meta(folder)
     cfg = QuEPTConfig.from_dict(meta["config"])
@@ -83,7 +107,8 @@ def _reuse(job: dict[str, Any]) -> Quantized:
         raise ValueError(f"{folder} was calibrated at group size {cfg.spec.default_group_size} "
                          f"(per width: {cfg.spec.group_size}), not {job['group_size']}")
     model, _ = quept.load(folder, model=job.get("model"))
-    return Quantized(lambda b: quept.set_bits(model, b), {
+    rounding: dict[str, float] = {}
+    return Quantized(_selector(model, ids, job, rounding), {"rounding_seconds": rounding,
         "calib_seconds": meta.get("calibration_seconds"), "calib_reused": True,
         "calib_peak_rss_gib": meta.get("calibration_peak_rss_gib"),  # None if not recorded
         "n_samples": cfg.calib.n_samples, "seq_len": cfg.calib.seq_len,

@@ -34,13 +34,16 @@ class Method:
 def _elastic(label: str, epochs: int, groups: list | None = None, ranks: list | None = None,
              lr_adapter: float = 1e-3, lr_groups: list | None = None,
              fixed_clip_bits: list | None = None, protect_outliers: float = 0.0,
-             massive_ratio: float = 0.0, in_plot: bool = True) -> Method:
+             massive_ratio: float = 0.0, in_plot: bool = True, rounding: str = "nearest"
+             ) -> Method:
     """A harness-calibrated QuEPT setting: the cpu-demo preset at adapter / clip rates
     ``lr_adapter`` / 0.1 for ``epochs`` passes, groups 7-8/5-6/4/3/2 and ranks 0,16,8,8,8 unless
     given, equal merge weights; ``lr_groups``: an adapter rate per group's slice instead;
     ``fixed_clip_bits``: widths whose searched clips are kept, not learned (default 7, 8);
     ``protect_outliers``: the spec's super-weight protection ratio (0 = off);
-    ``massive_ratio``: the calibration's massive-activation loss term (0 = off)."""
+    ``massive_ratio``: the calibration's massive-activation loss term (0 = off);
+    ``rounding``: "gptq" rounds each width by GPTQ on the calibration windows before it is
+    evaluated (quept.round_gptq), as ``quept export --rounding gptq`` does."""
     groups = groups or [[7, 8], [5, 6], [4], [3], [2]]
     spec = {"bit_groups": groups, "ranks": ranks or [0, 16, 8, 8, 8],
             "merge_weights": [1 / len(groups)] * len(groups)}
@@ -53,6 +56,8 @@ def _elastic(label: str, epochs: int, groups: list | None = None, ranks: list | 
         options["lr_adapter_groups"] = lr_groups
     if massive_ratio:
         options["massive_ratio"] = massive_ratio
+    if rounding != "nearest":
+        options["rounding"] = rounding
     return Method(label, "elastic", options, calibrates=True, one_run=True, in_plot=in_plot)
 
 
@@ -152,6 +157,18 @@ METHODS: dict[str, Method] = {
         "QuEPT, the cpu-long preset again, fake quantization in the fused kernel (one model, "
         "all widths)", 16, ranks=[0, 16, 8, 24, 96], lr_groups=[1e-3, 1e-3, 1e-3, 3e-3, 3e-3],
         protect_outliers=100.0, massive_ratio=1000.0),
+    # The cpu-long preset's model exported with GPTQ rounding on its learned grid (quept export
+    # --rounding gptq, 2026-12-06), and the same folder with its own rounding beside it: both
+    # rows reuse one calibration (--elastic), so they differ only in how the codes are chosen.
+    "quept-cpu-long-nearest": _elastic(
+        "QuEPT, the cpu-long preset, this machine's calibration, nearest rounding (one model, "
+        "all widths)", 16, ranks=[0, 16, 8, 24, 96], lr_groups=[1e-3, 1e-3, 1e-3, 3e-3, 3e-3],
+        protect_outliers=100.0, massive_ratio=1000.0),
+    "quept-cpu-long-gptq": _elastic(
+        "QuEPT, the cpu-long preset, this machine's calibration, GPTQ rounding at export (one "
+        "model, GPTQ per width)", 16, ranks=[0, 16, 8, 24, 96],
+        lr_groups=[1e-3, 1e-3, 1e-3, 3e-3, 3e-3], protect_outliers=100.0, massive_ratio=1000.0,
+        rounding="gptq"),
     # Ablations, not results for the table's question: the 2-bit group calibrated alone at a
     # large rank (no other width shares its adapter), to see what rank and rate do at W2.
     "ablation-w2-r136": _elastic("QuEPT ablation: 2-bit group alone, rank 136, 16 epochs", 16,

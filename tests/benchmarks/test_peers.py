@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from peers import report, results  # noqa: E402
 from peers.common import block_linears, levels_max  # noqa: E402
 
+from quept.nn import elastic_layers  # noqa: E402
 from quept.ops import stored_bits_per_weight  # noqa: E402
 from quept.ops.quant import rtn  # noqa: E402
 from tests.conftest import tiny_model  # noqa: E402
@@ -227,7 +228,7 @@ def test_quept_methods_may_set_spec_fields_and_a_reused_folder_must_match(tmp_pa
     quept.save(model, tmp_path / "e", QuEPTConfig(spec=model.quept_spec,
                                                   calib=elastic._calib(job)))
     with pytest.raises(ValueError, match="bit_groups is"):
-        elastic._reuse({**job, "elastic": str(tmp_path / "e")})
+        elastic._reuse({**job, "elastic": str(tmp_path / "e")}, None)
 
 
 def test_recorded_command_names_no_lock_file_or_machine_directory():
@@ -250,3 +251,30 @@ def test_the_fused_kernel_rerun_has_the_cpu_long_settings():
 
     rerun, preset = METHODS["quept-cpu-long-fused"], METHODS["quept-long16-wide-rates-massive"]
     assert rerun.options == preset.options and rerun.label != preset.label
+
+
+def test_the_gptq_rows_reuse_the_cpu_long_settings_and_round_each_width(tmp_path):
+    from peers import elastic
+    from peers.methods import METHODS
+
+    preset = METHODS["quept-cpu-long-fused"].options
+    nearest, gptq = METHODS["quept-cpu-long-nearest"], METHODS["quept-cpu-long-gptq"]
+    assert nearest.options == preset
+    assert {k: v for k, v in gptq.options.items() if k != "rounding"} == preset
+    assert gptq.options["rounding"] == "gptq"
+    job = {"method": "quept-cpu-long-gptq", "options": gptq.options}
+    assert elastic._calib(job) == elastic._calib({"options": preset})  # not a calib option
+    from tests.export.tiny import elastic_tiny
+
+    model = elastic_tiny()
+    ids = torch.randint(2, 250, (4, 16), generator=torch.Generator().manual_seed(0))
+    select = elastic._selector(model, ids, job)
+    select(3)
+    assert all(set(m.rounded) == {3} for m in elastic_layers(model).values())
+    select(2)  # each width rounds afresh; the last one's codes are gone
+    assert all(set(m.rounded) == {2} for m in elastic_layers(model).values())
+    select(None)
+    assert all(not m.rounded and m.bits is None for m in elastic_layers(model).values())
+    plain = elastic._selector(model, ids, {"options": nearest.options})
+    plain(3)
+    assert all(not m.rounded for m in elastic_layers(model).values())
