@@ -206,17 +206,21 @@ class ElasticLinear(nn.Module):
         if rtn_only:
             return rtn(self.weight, bits, gs)
         if bits in self.rounded:
-            return dequantize(*self.rounded[bits], gs).to(self.weight.dtype)
+            return dequantize(*self._rounded(bits), gs).to(self.weight.dtype)
         return fake_quant(self.weight + self.delta(bits), bits, gs, *self.clip_factors(bits))
 
     def quantized_codes(self, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Adapter folded in: uint8 codes (out, in), scale and zero (out, G) at ``bits`` (the
         export-time codes in ``rounded`` where that width has them)."""
         if bits in self.rounded:
-            return self.rounded[bits]
+            return self._rounded(bits)
         with torch.no_grad():
             w = self.weight + self.delta(bits)
             return quantize(w, bits, self.spec.group_size_for(bits), *self.clip_factors(bits))
+
+    def _rounded(self, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The export-time codes, scale and zero at ``bits``, on the weight's device."""
+        return tuple(t.to(self.weight.device) for t in self.rounded[bits])
 
     def _state_key(self) -> tuple:
         b = str(self.bits)
