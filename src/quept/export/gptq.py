@@ -51,7 +51,7 @@ class GPTQConfig:
     act_order: quantize columns in order of decreasing ``diag(H)``.
     adapters: round ``W + U V`` (the elastic weight) instead of the base ``W``.
     batch_size: calibration sequences per forward pass.
-    device: where each block runs while it is rounded (it goes back to the CPU after).
+    device: where each block runs while it is rounded (it goes back where it was after).
     """
 
     damp: float = 0.01
@@ -184,7 +184,8 @@ def round_gptq(
                           f"{len(missing)}, e.g. {missing[0]}")
     t0 = time.perf_counter()
     set_bits(model, None)
-    x, kwargs = capture_block_inputs(model, family, inputs, cfg.batch_size, cfg.device)
+    home = next(model.parameters()).device  # where the model lives; blocks come back there
+    x, kwargs = capture_block_inputs(model, family, inputs, cfg.batch_size, str(home))
     per_block = kwargs if isinstance(kwargs, list) else None
     shared = None if per_block else move_kwargs(kwargs, cfg.device, torch.float32)
     blocks = family.get_blocks(model)
@@ -222,8 +223,8 @@ def round_gptq(
                 x = torch.cat([family.call_exit(exit_module, x[j:j + cfg.batch_size]
                                                 .to(cfg.device), kw).float().cpu()
                                for j in range(0, x.shape[0], cfg.batch_size)])
-                exit_module.to("cpu")
-            block.to("cpu")
+                exit_module.to(home)
+            block.to(home)
             bar.update()
     finally:
         bar.close()
