@@ -118,8 +118,10 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--rounding", choices=ROUNDINGS, default="nearest",
                    help="nearest (default): each weight to the nearest level of its learned "
                    "grid, with the adapter, as the elastic model runs; gptq: the codes chosen "
-                   "by GPTQ on the same grid from calibration data (lower output error; about "
-                   "a minute for the default model; docs/deployment.md)")
+                   "by GPTQ on the same grid from calibration data, without the adapter (about a "
+                   "minute per width for the default model; it paid from 5 bits up on a long "
+                   "calibration and at 4 bits on a short one, and cost below that: "
+                   "docs/deployment.md)")
     r.add_argument("--calib-text", nargs="+", default=None, metavar="FILE",
                    help="gptq: calibration text (files or a hub text, as for `quept quantize`; "
                    "default: the built-in calibration text)")
