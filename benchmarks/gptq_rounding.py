@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
                    else "")
             cells.append(f"{r['ppl']:.2f}{rel}")
         print(f"| W{b} | " + " | ".join(cells) + " |")
-    result = {"elastic": a.elastic, "windows": a.windows, "calibration": {
+    result = {"elastic": Path(a.elastic).name, "windows": a.windows, "calibration": {
         "n_samples": calib.n_samples, "seq_len": calib.seq_len, "seed": calib.seed},
         "gptq": vars(GPTQConfig()), "rows": rows, "machine": platform.machine(),
         "threads": a.threads, "torch": torch.__version__,
