@@ -84,20 +84,19 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"float: {rows[0]['ppl']:.3f}", file=sys.stderr)
     for b in widths:
         for mode in modes:
-            if mode == "gptq-minmax":
-                model, _ = quept.load(a.elastic)  # the clips and adapters get overwritten
-                _unclip(model, b)
+            net = model
+            if mode == "gptq-minmax":  # a copy of its own: its clips and adapters get overwritten
+                net, _ = quept.load(a.elastic)
+                _unclip(net, b)
             t0 = time.perf_counter()
             if mode == "elastic":
-                quept.set_bits(model, b)
+                quept.set_bits(net, b)
                 info = {}
             else:
                 cfg = GPTQConfig(adapters=mode == "gptq-adapters")
-                info = quept.round_gptq(model, b, ids, cfg, progress=False)
-            ppl = perplexity(model, windows)
-            clear_rounding(model)
-            if mode == "gptq-minmax":
-                model, _ = quept.load(a.elastic)
+                info = quept.round_gptq(net, b, ids, cfg, progress=False)
+            ppl = perplexity(net, windows)
+            clear_rounding(net)
             rows.append({"bits": b, "mode": mode, "ppl": ppl,
                          "rounding_seconds": info.get("seconds"),
                          "seconds": time.perf_counter() - t0})

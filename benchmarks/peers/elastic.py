@@ -56,13 +56,12 @@ def _calib_options(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _selector(model: nn.Module, ids: torch.Tensor, job: dict[str, Any],
-              seconds: dict[str, float] | None = None):
+              seconds: dict[str, float]):
     """``select(bits)``: the elastic model at ``bits``; with the method's ``rounding`` "gptq",
     its codes at ``bits`` first chosen by GPTQ on the calibration windows ``ids`` (the time
     each width's rounding took goes into ``seconds``)."""
     if job.get("options", {}).get("rounding", "nearest") == "nearest":
         return lambda b: quept.set_bits(model, b)
-    seconds = {} if seconds is None else seconds
 
     def select(b: int | None) -> nn.Module:
         clear_rounding(model)

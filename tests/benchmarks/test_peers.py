@@ -268,13 +268,15 @@ def test_the_gptq_rows_reuse_the_cpu_long_settings_and_round_each_width(tmp_path
 
     model = elastic_tiny()
     ids = torch.randint(2, 250, (4, 16), generator=torch.Generator().manual_seed(0))
-    select = elastic._selector(model, ids, job)
+    took: dict[str, float] = {}
+    select = elastic._selector(model, ids, job, took)
     select(3)
     assert all(set(m.rounded) == {3} for m in elastic_layers(model).values())
     select(2)  # each width rounds afresh; the last one's codes are gone
     assert all(set(m.rounded) == {2} for m in elastic_layers(model).values())
+    assert set(took) == {"3", "2"}
     select(None)
     assert all(not m.rounded and m.bits is None for m in elastic_layers(model).values())
-    plain = elastic._selector(model, ids, {"options": nearest.options})
+    plain = elastic._selector(model, ids, {"options": nearest.options}, {})
     plain(3)
     assert all(not m.rounded for m in elastic_layers(model).values())
