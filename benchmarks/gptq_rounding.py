@@ -1,4 +1,5 @@
-"""Perplexity of an elastic model's widths with round-to-nearest against GPTQ rounding.
+"""Perplexity of an elastic model's widths with round-to-nearest against GPTQ and learned
+rounding.
 
 For each width, on the same evaluation windows (default: 32 x 512 tokens of *Pride and
 Prejudice*) and, for the GPTQ rows, the same calibration windows (default: the folder's own
@@ -9,6 +10,8 @@ calibration settings, drawn again from the built-in calibration text):
 - ``gptq``: GPTQ on the learned grid, targeting the base weight (``quept export --rounding
   gptq``, the default of :class:`quept.export.gptq.GPTQConfig`);
 - ``gptq-adapters``: GPTQ on the learned grid, targeting the weight with the adapter;
+- ``learned``: rounding offsets learned block by block on the learned grid, from nearest
+  (``quept export --rounding learned``; the folder's loss settings, ``--iters`` steps);
 - ``gptq-minmax``: GPTQ on the min/max grid (no clips, no adapter): GPTQ itself, as this
   project implements it, for reference (the peers' figures come from their own libraries in
   ``benchmarks/peers.py``).
@@ -36,10 +39,11 @@ from quept import data
 from quept.config import QuEPTConfig
 from quept.eval import perplexity
 from quept.export.gptq import GPTQConfig, clear_rounding
+from quept.export.learned import LearnedRoundingConfig
 from quept.nn import elastic_layers
 from quept.nn.elastic_linear import NO_CLIP_LOGIT
 
-MODES = ("elastic", "gptq", "gptq-adapters", "gptq-minmax")
+MODES = ("elastic", "gptq", "gptq-adapters", "gptq-minmax", "learned")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -52,6 +56,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="calibration sequences (default: the folder's calibration count)")
     p.add_argument("--seq-len", type=int, default=None,
                    help="tokens per calibration sequence (default: the folder's)")
+    p.add_argument("--iters", type=int, default=LearnedRoundingConfig.iters,
+                   help="learned: signed-gradient steps per block")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="write the result here (JSON)")
     return p.parse_args(argv)
@@ -76,6 +82,9 @@ def main(argv: list[str] | None = None) -> dict:
     calib = QuEPTConfig.from_dict(quept.read_meta(a.elastic)["config"]).calib
     calib = replace(calib, n_samples=a.samples or calib.n_samples,
                     seq_len=a.seq_len or calib.seq_len)
+    learned = LearnedRoundingConfig(iters=a.iters, loss=calib.loss,
+                                    massive_ratio=calib.massive_ratio or None,
+                                    massive_slack=calib.massive_slack)
     model, tok = quept.load(a.elastic)
     ids = quept.samples_from_text(tok, data.calibration_text(), calib)
     windows = quept.windows_from_text(tok, data.evaluation_text(), 512, a.windows)
@@ -92,6 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
             if mode == "elastic":
                 quept.set_bits(net, b)
                 info = {}
+            elif mode == "learned":
+                info = quept.round_learned(net, b, ids, learned, progress=False)
             else:
                 cfg = GPTQConfig(adapters=mode == "gptq-adapters")
                 info = quept.round_gptq(net, b, ids, cfg, progress=False)
@@ -99,12 +110,13 @@ def main(argv: list[str] | None = None) -> dict:
             clear_rounding(net)
             rows.append({"bits": b, "mode": mode, "ppl": ppl,
                          "rounding_seconds": info.get("seconds"),
+                         "blocks_improved": info.get("blocks_improved"),
                          "seconds": time.perf_counter() - t0})
             print(f"W{b} {mode}: {ppl:.3f}", file=sys.stderr)
     base = {r["bits"]: r["ppl"] for r in rows if r["mode"] == "elastic"}
     print(f"\n{a.elastic}: perplexity on {a.windows} x 512 tokens of Pride and Prejudice "
-          f"(float {rows[0]['ppl']:.2f}); GPTQ on {calib.n_samples} x {calib.seq_len} "
-          "calibration tokens")
+          f"(float {rows[0]['ppl']:.2f}); GPTQ and learned rounding on {calib.n_samples} x "
+          f"{calib.seq_len} calibration tokens")
     print("| width | " + " | ".join(modes) + " |")
     print("|---|" + "---|" * len(modes))
     for b in widths:
@@ -117,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"| W{b} | " + " | ".join(cells) + " |")
     result = {"elastic": Path(a.elastic).name, "windows": a.windows, "calibration": {
         "n_samples": calib.n_samples, "seq_len": calib.seq_len, "seed": calib.seed},
-        "gptq": vars(GPTQConfig()), "rows": rows, "machine": platform.machine(),
+        "gptq": vars(GPTQConfig()), "learned": vars(learned), "rows": rows, "machine": platform.machine(),
         "threads": a.threads, "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d")}
     if a.out:

@@ -21,6 +21,7 @@ import quept
 from peers.common import Quantized
 from quept.config import PRESETS, CalibConfig, ElasticSpec, QuEPTConfig
 from quept.export.gptq import clear_rounding
+from quept.export.learned import LearnedRoundingConfig
 
 log = logging.getLogger(__name__)
 
@@ -56,21 +57,31 @@ def _calib_options(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _selector(model: nn.Module, ids: torch.Tensor, job: dict[str, Any],
-              seconds: dict[str, float]):
-    """``select(bits)``: the elastic model at ``bits``; with the method's ``rounding`` "gptq",
-    its codes at ``bits`` first chosen by GPTQ on the calibration windows ``ids`` (the time
-    each width's rounding took goes into ``seconds``)."""
-    if job.get("options", {}).get("rounding", "nearest") == "nearest":
+              seconds: dict[str, float], calib: CalibConfig | None = None):
+    """``select(bits)``: the elastic model at ``bits``; with the method's ``rounding`` "gptq"
+    or "learned", its codes at ``bits`` first chosen that way on the calibration windows
+    ``ids`` (learned rounding with the loss settings of ``calib``, the folder's calibration;
+    the time each width's rounding took goes into ``seconds``)."""
+    how = job.get("options", {}).get("rounding", "nearest")
+    if how == "nearest":
         return lambda b: quept.set_bits(model, b)
+    if how not in ("gptq", "learned"):
+        raise ValueError(f"{job['method']}: rounding {how!r} is not nearest, gptq or learned")
+    calib = calib or _calib(job)
+    learned = LearnedRoundingConfig(loss=calib.loss, massive_ratio=calib.massive_ratio or None,
+                                    massive_slack=calib.massive_slack)
 
     def select(b: int | None) -> nn.Module:
         clear_rounding(model)
         if b is None:
             return quept.set_bits(model, None)
         t0 = time.perf_counter()
-        quept.round_gptq(model, b, ids, progress=False)
+        if how == "gptq":
+            quept.round_gptq(model, b, ids, progress=False)
+        else:
+            quept.round_learned(model, b, ids, learned, progress=False)
         seconds[str(b)] = time.perf_counter() - t0
-        log.info("W%d: GPTQ rounding took %.1fs", b, seconds[str(b)])
+        log.info("W%d: %s rounding took %.1fs", b, how, seconds[str(b)])
         return model
 
     return select
@@ -107,7 +118,7 @@ def _reuse(job: dict[str, Any], ids: torch.Tensor) -> Quantized:
                          f"(per width: {cfg.spec.group_size}), not {job['group_size']}")
     model, _ = quept.load(folder, model=job.get("model"))
     rounding: dict[str, float] = {}
-    return Quantized(_selector(model, ids, job, rounding), {"rounding_seconds": rounding,
+    return Quantized(_selector(model, ids, job, rounding, cfg.calib), {"rounding_seconds": rounding,
         "calib_seconds": meta.get("calibration_seconds"), "calib_reused": True,
         "calib_peak_rss_gib": meta.get("calibration_peak_rss_gib"),  # None if not recorded
         "n_samples": cfg.calib.n_samples, "seq_len": cfg.calib.seq_len,

@@ -169,6 +169,11 @@ METHODS: dict[str, Method] = {
         "model, GPTQ per width)", 16, ranks=[0, 16, 8, 24, 96],
         lr_groups=[1e-3, 1e-3, 1e-3, 3e-3, 3e-3], protect_outliers=100.0, massive_ratio=1000.0,
         rounding="gptq"),
+    "quept-cpu-long-learned": _elastic(
+        "QuEPT, the cpu-long preset, this machine's calibration, learned rounding at export "
+        "(one model, rounding learned per width)", 16, ranks=[0, 16, 8, 24, 96],
+        lr_groups=[1e-3, 1e-3, 1e-3, 3e-3, 3e-3], protect_outliers=100.0, massive_ratio=1000.0,
+        rounding="learned"),
     # Ablations, not results for the table's question: the 2-bit group calibrated alone at a
     # large rank (no other width shares its adapter), to see what rank and rate do at W2.
     "ablation-w2-r136": _elastic("QuEPT ablation: 2-bit group alone, rank 136, 16 epochs", 16,

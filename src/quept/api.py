@@ -41,6 +41,8 @@ from quept.export.compact import CompactConfig
 from quept.export.ct_format import is_compressed_tensors, load_compressed_tensors
 from quept.export.gptq import GPTQConfig
 from quept.export.gptq import round_gptq as _round_gptq
+from quept.export.learned import LearnedRoundingConfig
+from quept.export.learned import round_learned as _round_learned
 from quept.export.load import load_packed as _load_packed
 from quept.export.onnx_format import is_onnx_folder
 from quept.export.packed import PACKED_JSON, write_packed
@@ -205,15 +207,31 @@ def calibrate(
     fam, spec = family_for(model), _spec_of(model)
     check_device(config.device, "CalibConfig.device")
     if any(m.rounded for m in elastic_layers(model).values()):
-        raise ConfigError("the model holds export-time GPTQ codes (quept.round_gptq), which "
-                          "calibration would not train; call quept.export.gptq.clear_rounding "
-                          "first, or calibrate before rounding")
+        raise ConfigError("the model holds export-time codes (quept.round_gptq or "
+                          "quept.round_learned), which calibration would not train; call "
+                          "quept.export.gptq.clear_rounding first, or calibrate before rounding")
     x0, kwargs = capture_block_inputs(model, fam, input_ids, config.batch_size)
     ckpt = None
     if checkpoint_dir is not None:
         ckpt = CalibCheckpoint(checkpoint_dir, _fingerprint(model, spec, config, input_ids),
                                keep_streams=keep_streams)
     return BlockCalibrator(model, fam, spec, config, kwargs, ckpt, progress).run(x0)
+
+
+def _rounding_widths(model: nn.Module, bits_or_plan: int | Mapping[str, int] | Plan,
+                     what: str) -> dict[str, int]:
+    """``{layer: bits}`` of the width or plan an export-time rounding is made for, checked."""
+    layers = elastic_layers(model)
+    if not layers:
+        raise ConfigError(f"the model has no elastic layers; {what} needs an elastic "
+                          "model (quept.prepare / quept.load)")
+    widths = plan_widths(layers, as_layer_widths(bits_or_plan))
+    spec = _spec_of(model)
+    for name, b in widths.items():
+        if b is None:
+            raise ConfigError(f"{what} takes a width for every layer, not float ({name})")
+        check_bits(b, spec.bits)
+    return widths
 
 
 def round_gptq(model: nn.Module, bits_or_plan: int | Mapping[str, int] | Plan,
@@ -225,17 +243,28 @@ def round_gptq(model: nn.Module, bits_or_plan: int | Mapping[str, int] | Plan,
     model's forward and in every :func:`export` until
     :func:`quept.export.gptq.clear_rounding`; they are not saved with :func:`save`."""
     check_device((config or GPTQConfig()).device, "GPTQConfig.device")
-    layers = elastic_layers(model)
-    if not layers:
-        raise ConfigError("the model has no elastic layers; GPTQ rounding needs an elastic "
-                          "model (quept.prepare / quept.load)")
-    widths = plan_widths(layers, as_layer_widths(bits_or_plan))
-    spec = _spec_of(model)
-    for name, b in widths.items():
-        if b is None:
-            raise ConfigError(f"GPTQ rounding takes a width for every layer, not float ({name})")
-        check_bits(b, spec.bits)
-    return _round_gptq(model, widths, inputs, config or GPTQConfig(), progress=progress)
+    widths = _rounding_widths(model, bits_or_plan, "GPTQ rounding")
+    result = _round_gptq(model, widths, inputs, config or GPTQConfig(), progress=progress)
+    model.quept_rounding = "gptq"
+    return result
+
+
+def round_learned(model: nn.Module, bits_or_plan: int | Mapping[str, int] | Plan,
+                  inputs: torch.Tensor, config: LearnedRoundingConfig | None = None, *,
+                  progress: bool = True) -> dict[str, Any]:
+    """Learn the codes of one width or plan on the elastic model's learned grid: per-weight
+    rounding offsets trained block by block on the error of each block's output against the
+    float model's (:mod:`quept.export.learned`), on calibration ``inputs`` (token ids (N, T) or
+    pixel values), starting from the model's own round-to-nearest codes; then switch the model
+    to it. Like :func:`round_gptq`, the codes replace round-to-nearest at those widths in the
+    forward and in every :func:`export` until :func:`quept.export.gptq.clear_rounding`; they
+    are not saved with :func:`save`."""
+    config = config or LearnedRoundingConfig()
+    check_device(config.device, "LearnedRoundingConfig.device")
+    widths = _rounding_widths(model, bits_or_plan, "learned rounding")
+    result = _round_learned(model, widths, inputs, config, progress=progress)
+    model.quept_rounding = "learned"
+    return result
 
 
 def set_bits(model: nn.Module, bits: BitsPlan | Plan, *, rtn: bool = False) -> nn.Module:
@@ -505,7 +534,7 @@ def export(model: nn.Module, bits_or_plan: int | Mapping[str, int] | Plan,
         layers = elastic_layers(model)
         chosen = plan_widths(layers, widths)
         if any(chosen[n] in m.rounded for n, m in layers.items()):
-            source["rounding"] = "gptq"
+            source["rounding"] = getattr(model, "quept_rounding", "gptq")
         return write_packed(model, widths, out, tokenizer, scale_dtype=scale_dtype,
                             head_bits=head_bits, provenance=source)
     if format == "gguf":
@@ -843,7 +872,7 @@ def windows_from_text(tokenizer: Any, text: str, seq_len: int = 512,
 __all__ = [
     "AccuracyRow", "ArtifactError", "CompactConfig", "EmbeddingRow", "EvalRow", "Family", "Plan", "SensitivityConfig", "TaskRow",
     "UnsupportedModelError", "calibrate", "evaluate", "evaluate_accuracy", "evaluate_embeddings", "evaluate_tasks", "export", "load", "load_compact",
-    "load_model", "load_packed", "plan", "plan_candidates", "prepare", "read_meta", "resolve_model_dir", "round_gptq",
+    "load_model", "load_packed", "plan", "plan_candidates", "prepare", "read_meta", "resolve_model_dir", "round_gptq", "round_learned",
     "samples_from_text", "save", "save_compact", "sensitivity", "set_bits", "stored_bits",
     "sweep_cache", "windows_from_text",
 ]

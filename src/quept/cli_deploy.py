@@ -13,6 +13,7 @@ from typing import Any
 from quept import api
 from quept.config import ConfigError, QuEPTConfig
 from quept.export.compact import CompactConfig
+from quept.export.learned import LearnedRoundingConfig
 from quept.export.packed import SCALE_DTYPES
 from quept.export.runtime import KV_CACHES, generate
 from quept.info import describe, folder_kind, render
@@ -117,30 +118,35 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     r = p.add_argument_group("rounding")
     r.add_argument("--rounding", choices=ROUNDINGS, default="nearest",
                    help="nearest (default): each weight to the nearest level of its learned "
-                   "grid, with the adapter, as the elastic model runs; gptq: the codes chosen "
-                   "by GPTQ on the same grid from calibration data, without the adapter (about a "
-                   "minute per width for the default model; it paid from 5 bits up on a long "
-                   "calibration and at 4 bits on a short one, and cost below that: "
-                   "docs/deployment.md)")
+                   "grid, with the adapter, as the elastic model runs; learned: per-weight "
+                   "rounding offsets on the same grid trained block by block on calibration "
+                   "data against the float model, starting from nearest (minutes per width); "
+                   "gptq: the codes chosen by GPTQ on the same grid, without the adapter (about "
+                   "a minute per width for the default model). When each pays: "
+                   "docs/deployment.md")
     r.add_argument("--calib-text", nargs="+", default=None, metavar="FILE",
-                   help="gptq: calibration text (files or a hub text, as for `quept quantize`; "
-                   "default: the built-in calibration text)")
+                   help="gptq, learned: calibration text (files or a hub text, as for `quept "
+                   "quantize`; default: the built-in calibration text)")
     r.add_argument("--samples", type=int, default=None,
-                   help="gptq: calibration sequences, or images for an image classifier "
-                   "(default: the folder's calibration count)")
+                   help="gptq, learned: calibration sequences, or images for an image "
+                   "classifier (default: the folder's calibration count)")
     r.add_argument("--seq-len", type=int, default=None,
-                   help="gptq: tokens per calibration sequence (default: the folder's)")
+                   help="gptq, learned: tokens per calibration sequence (default: the folder's)")
+    r.add_argument("--iters", type=int, default=None,
+                   help="learned: signed-gradient steps per block (default "
+                   f"{LearnedRoundingConfig.iters})")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=cmd_export)
 
 
-ROUNDINGS = ("nearest", "gptq")
+ROUNDINGS = ("nearest", "gptq", "learned")
 
 
-def _gptq_round(a: argparse.Namespace, model: Any, tok: Any, cfg: QuEPTConfig,
-                plan: Any) -> dict[str, Any]:
-    """``quept export --rounding gptq``: round the chosen width or plan by GPTQ on calibration
-    data drawn as ``quept quantize`` draws it (the folder's counts unless given)."""
+def _export_round(a: argparse.Namespace, model: Any, tok: Any, cfg: QuEPTConfig,
+                  plan: Any) -> dict[str, Any]:
+    """``quept export --rounding gptq|learned``: choose the codes of the chosen width or plan
+    on calibration data drawn as ``quept quantize`` draws it (the folder's counts unless
+    given)."""
     from quept.cli import _images, _task, _text
 
     for name in ("samples", "seq_len"):
@@ -157,6 +163,11 @@ def _gptq_round(a: argparse.Namespace, model: Any, tok: Any, cfg: QuEPTConfig,
         inputs, _ = _images(model, "train", calib.n_samples, calib.seed)
     else:
         inputs = api.samples_from_text(tok, _text(a.calib_text, "calib"), calib)
+    if a.rounding == "learned":
+        return api.round_learned(model, plan, inputs, LearnedRoundingConfig(
+            **({} if a.iters is None else {"iters": a.iters}),
+            loss=cfg.calib.loss, massive_ratio=cfg.calib.massive_ratio or None,
+            massive_slack=cfg.calib.massive_slack), progress=not a.json)
     return api.round_gptq(model, plan, inputs, progress=not a.json)
 
 
@@ -169,11 +180,14 @@ def cmd_export(a: argparse.Namespace) -> dict[str, Any]:
     if a.accuracy_level is not None and a.format != "onnx":
         raise ConfigError("--accuracy-level applies to the onnx format")
     folder = Path(a.folder)
-    if a.rounding != "gptq" and (a.calib_text, a.samples, a.seq_len) != (None, None, None):
-        raise ConfigError("--calib-text, --samples and --seq-len apply to --rounding gptq")
+    if a.rounding == "nearest" and (a.calib_text, a.samples, a.seq_len) != (None, None, None):
+        raise ConfigError("--calib-text, --samples and --seq-len apply to --rounding gptq or "
+                          "learned")
+    if a.iters is not None and a.rounding != "learned":
+        raise ConfigError("--iters applies to --rounding learned")
     model, tok, cfg = _load_elastic(folder, folder_kind(folder), a.model)
     plan = a.bits if a.bits is not None else read_widths(a.plan)
-    rounding = None if a.rounding != "gptq" else _gptq_round(a, model, tok, cfg, plan)
+    rounding = None if a.rounding == "nearest" else _export_round(a, model, tok, cfg, plan)
     t0 = time.perf_counter()
     meta = api.export(model, plan, a.out, a.format, tokenizer=tok,
                       scale_dtype=a.scale_dtype or "float16",
@@ -190,7 +204,8 @@ def cmd_export(a: argparse.Namespace) -> dict[str, Any]:
             size = (f": {meta['bits_per_weight']:.3f} bits per quantized weight "
                     f"({meta['quantized_bytes'] / 1e6:.1f} MB), {meta['file_bytes'] / 1e6:.1f} "
                     "MB in all")
-        how = "" if rounding is None else f" (GPTQ rounding {rounding['seconds']:.1f}s)"
+        kind = "GPTQ" if a.rounding == "gptq" else "learned"
+        how = "" if rounding is None else f" ({kind} rounding {rounding['seconds']:.1f}s)"
         print(f"{a.format} export written to {a.out} in {seconds:.1f}s{how}{size}")
     return {"out": a.out, "seconds": seconds, "rounding": a.rounding,
             **({} if rounding is None else {"rounding_seconds": rounding["seconds"]}), **meta}

@@ -513,8 +513,10 @@ def render(info: dict[str, Any]) -> str:
         out.append("; ".join(extras) if extras else "weight-only; float KV cache")
         source = info.get("source") or {}
         if source.get("base_model"):
+            how = {"gptq": "by GPTQ", "learned": "with learned offsets"}.get(
+                source.get("rounding"))
             out.append(f"made from {source['base_model']}"
-                       + (", codes rounded by GPTQ" if source.get("rounding") == "gptq" else ""))
+                       + (f", codes rounded {how}" if how else ""))
     elif kind in ("compressed-tensors", "onnx"):
         e = info["export"]
         label = "compressed-tensors folder (vLLM, transformers)" if kind != "onnx" else \

@@ -253,16 +253,17 @@ def test_the_fused_kernel_rerun_has_the_cpu_long_settings():
     assert rerun.options == preset.options and rerun.label != preset.label
 
 
-def test_the_gptq_rows_reuse_the_cpu_long_settings_and_round_each_width(tmp_path):
+@pytest.mark.parametrize("how", ["gptq", "learned"])
+def test_the_rounding_rows_reuse_the_cpu_long_settings_and_round_each_width(how):
     from peers import elastic
     from peers.methods import METHODS
 
     preset = METHODS["quept-cpu-long-fused"].options
-    nearest, gptq = METHODS["quept-cpu-long-nearest"], METHODS["quept-cpu-long-gptq"]
+    nearest, gptq = METHODS["quept-cpu-long-nearest"], METHODS[f"quept-cpu-long-{how}"]
     assert nearest.options == preset
     assert {k: v for k, v in gptq.options.items() if k != "rounding"} == preset
-    assert gptq.options["rounding"] == "gptq"
-    job = {"method": "quept-cpu-long-gptq", "options": gptq.options}
+    assert gptq.options["rounding"] == how
+    job = {"method": f"quept-cpu-long-{how}", "options": gptq.options}
     assert elastic._calib(job) == elastic._calib({"options": preset})  # not a calib option
     from tests.export.tiny import elastic_tiny
 

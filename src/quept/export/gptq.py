@@ -233,7 +233,9 @@ def round_gptq(
 
 
 def clear_rounding(model: nn.Module) -> nn.Module:
-    """Drop every layer's GPTQ codes: each width rounds to nearest again."""
+    """Drop every layer's export-time codes (GPTQ or learned): each width rounds to nearest
+    again."""
+    model.__dict__.pop("quept_rounding", None)
     for m in model.modules():
         if isinstance(m, ElasticLinear):
             m.rounded.clear()

@@ -1,0 +1,187 @@
+"""Learned rounding on the learned grid (quept.export.learned): the codes stay on the elastic
+grid within one level of nearest, start from nearest, lower each block's loss on the
+calibration inputs, drive the model's forward and every export, and leave other widths alone;
+bad requests are refused by name."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import quept
+from quept.config import CalibConfig, ConfigError, weight_act_spec
+from quept.export.gptq import clear_rounding
+from quept.export.learned import LearnedRoundingConfig, _Offsets
+from quept.export.load import load_packed
+from quept.export.packed import write_packed
+from quept.nn import elastic_layers
+from quept.ops import dequantize, quantize
+from tests.test_swin_deit import images
+from tests.test_swin_deit import tiny as tiny_classifier
+
+from .tiny import SPEC, elastic_folder, elastic_tiny, hf_folder, run_json
+
+IDS = torch.randint(2, 250, (8, 32), generator=torch.Generator().manual_seed(0))
+FAST = LearnedRoundingConfig(iters=60, check_every=20)
+
+
+def nearest_codes(m, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return quantize(m.weight + m.delta(bits), bits, SPEC.group_size_for(bits),
+                    *m.clip_factors(bits))
+
+
+def test_zero_offsets_are_the_elastic_models_own_codes():
+    model = elastic_tiny()
+    for bits in (2, 3, 8):
+        for m in elastic_layers(model).values():
+            o = _Offsets(m, bits, SPEC.group_size_for(bits))
+            got, want = o.codes(torch.zeros_like(o.v)), nearest_codes(m, bits)
+            assert torch.equal(got[0], want[0])
+            torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+            torch.testing.assert_close(got[2], want[2], rtol=0, atol=0)
+            with torch.no_grad():
+                torch.testing.assert_close(o.weight(), m.quantized_weight(bits))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_learned_codes_stay_on_the_grid_and_lower_every_blocks_loss(bits):
+    model = elastic_tiny()
+    quept.set_bits(model, None)
+    with torch.no_grad():
+        ref = model(IDS).logits
+    quept.set_bits(model, bits)
+    with torch.no_grad():
+        near = (model(IDS).logits - ref).pow(2).mean()
+    info = quept.round_learned(model, bits, IDS, FAST, progress=False)
+    assert info["layers"] == len(elastic_layers(model))
+    assert all(b <= a for a, b in zip(info["loss_nearest"], info["loss_learned"]))
+    assert info["blocks_improved"] == len(info["loss_nearest"]) > 0
+    moved = 0
+    for m in elastic_layers(model).values():
+        codes, scale, zero = m.rounded[bits]
+        want = nearest_codes(m, bits)
+        torch.testing.assert_close(scale, want[1], rtol=0, atol=0)  # the same grid
+        torch.testing.assert_close(zero, want[2], rtol=0, atol=0)
+        step = codes.int() - want[0].int()
+        assert int(codes.max()) <= 2**bits - 1 and step.abs().max() <= 1  # one level at most
+        moved += int(step.ne(0).sum())
+    assert moved > 0
+    with torch.no_grad():
+        learned = (model(IDS).logits - ref).pow(2).mean()
+    assert learned < 0.8 * near, (learned, near)
+
+
+def test_round_learned_drives_the_forward_and_the_packed_export(tmp_path):
+    model = elastic_tiny()
+    quept.set_bits(model, 2)
+    before_w2 = model(IDS[:2]).logits
+    quept.set_bits(model, 3)
+    nearest = model(IDS[:2]).logits
+    quept.round_learned(model, 3, IDS, FAST, progress=False)
+    layers = elastic_layers(model)
+    assert all(set(m.rounded) == {3} and m.bits == 3 for m in layers.values())
+    assert model.quept_rounding == "learned"
+    rounded = model(IDS[:2]).logits
+    assert not torch.allclose(rounded, nearest)
+    for m in layers.values():  # the forward runs the installed codes
+        torch.testing.assert_close(m.current_weight(), dequantize(*m.rounded[3], 32))
+    meta = quept.api.export(model, 3, tmp_path / "w3", scale_dtype="float32")
+    assert meta["source"]["rounding"] == "learned"
+    torch.testing.assert_close(load_packed(tmp_path / "w3")(IDS[:2]).logits, rounded, rtol=0,
+                               atol=2e-5)
+    quept.set_bits(model, 2)  # another width still rounds to nearest
+    torch.testing.assert_close(model(IDS[:2]).logits, before_w2, rtol=0, atol=0)
+    clear_rounding(quept.set_bits(model, 3))
+    assert not hasattr(model, "quept_rounding")
+    torch.testing.assert_close(model(IDS[:2]).logits, nearest, rtol=0, atol=0)
+    write_packed(model, 3, tmp_path / "n3", None, provenance={"base_model": "tiny"})
+    assert "rounding" not in json.loads((tmp_path / "n3" / "quept-packed.json").read_text())[
+        "source"]
+
+
+def test_a_block_that_cannot_improve_keeps_its_nearest_codes():
+    model = elastic_tiny()
+    tiny_steps = LearnedRoundingConfig(iters=2, check_every=1, lr=1e-9)  # offsets never move
+    info = quept.round_learned(model, 3, IDS, tiny_steps, progress=False)
+    assert info["loss_learned"] == info["loss_nearest"] and info["blocks_improved"] == 0
+    for m in elastic_layers(model).values():
+        assert torch.equal(m.rounded[3][0], nearest_codes(m, 3)[0])
+
+
+def test_a_plan_is_rounded_layer_by_layer():
+    model = elastic_tiny()
+    names = list(elastic_layers(model))
+    plan = {n: (2, 4, 8)[i % 3] for i, n in enumerate(names)}
+    quept.round_learned(model, plan, IDS, LearnedRoundingConfig(iters=5, loss="l2"),
+                        progress=False)
+    for n, m in elastic_layers(model).items():
+        assert set(m.rounded) == {plan[n]} and m.bits == plan[n]
+
+
+def test_the_stage_exits_of_a_swin_are_crossed():
+    model = quept.prepare(tiny_classifier("swin"), SPEC)
+    x = images(4)
+    quept.set_bits(model, 3)
+    with torch.no_grad():
+        nearest = model(pixel_values=x).logits
+    info = quept.round_learned(model, 3, x, FAST, progress=False)
+    assert info["layers"] == len(elastic_layers(model))
+    with torch.no_grad():
+        assert torch.isfinite(model(pixel_values=x).logits).all()
+        assert not torch.allclose(model(pixel_values=x).logits, nearest)
+
+
+def test_a_loss_that_is_not_finite_stops_with_the_block_named():
+    model = elastic_tiny()
+    with torch.no_grad():
+        next(iter(elastic_layers(model).values())).weight[0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match="block 0"):
+        quept.round_learned(model, 3, IDS, FAST, progress=False)
+
+
+def test_bad_requests_are_refused_by_name():
+    model = elastic_tiny()
+    with pytest.raises(ConfigError, match="not float"):
+        quept.round_learned(model, None, IDS)
+    with pytest.raises(ConfigError, match="9"):
+        quept.round_learned(model, 9, IDS)
+    with pytest.raises(ConfigError, match="plan does not match"):
+        quept.round_learned(model, {"model.layers.0.mlp.up_proj": 3}, IDS)
+    for bad in ({"iters": 0}, {"lr": 0.0}, {"lr": 1.0}, {"loss": "huber"},
+                {"massive_ratio": 1.0}, {"batch_size": 0}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            LearnedRoundingConfig(**bad)
+    quept.round_learned(model, 3, IDS[:2], LearnedRoundingConfig(iters=1), progress=False)
+    with pytest.raises(ConfigError, match="clear_rounding"):
+        quept.calibrate(model, IDS[:2], CalibConfig(n_samples=2, seq_len=32, batch_size=2),
+                        progress=False)
+    wa = elastic_tiny(weight_act_spec(SPEC))
+    with pytest.raises(ConfigError, match="weight-only"):
+        quept.round_learned(wa, 4, IDS)
+
+
+def test_cli_export_with_learned_rounding(tmp_path, capsys):
+    elastic = elastic_folder(tmp_path / "elastic", hf_folder(tmp_path / "base"))
+    text = tmp_path / "calib.txt"
+    text.write_text("It is a truth universally acknowledged. " * 40)
+    out = run_json(capsys, ["export", str(elastic), "--bits", "3", "--out", str(tmp_path / "w3"),
+                            "--rounding", "learned", "--iters", "5", "--calib-text", str(text),
+                            "--samples", "4", "--seq-len", "24", "--json"])
+    assert out["rounding"] == "learned" and out["rounding_seconds"] > 0
+    meta = json.loads((tmp_path / "w3" / "quept-packed.json").read_text())
+    assert meta["source"]["rounding"] == "learned"
+    info = run_json(capsys, ["info", str(tmp_path / "w3"), "--json"])
+    assert info["source"]["rounding"] == "learned"
+    from quept.cli import main
+
+    assert main(["info", str(tmp_path / "w3")]) == 0
+    assert "codes rounded with learned offsets" in capsys.readouterr().out
+
+    assert main(["export", str(elastic), "--bits", "3", "--out", str(tmp_path / "x"),
+                 "--iters", "5"]) != 0
+    assert "--iters applies to --rounding learned" in capsys.readouterr().err
+    assert main(["export", str(elastic), "--bits", "3", "--out", str(tmp_path / "x"),
+                 "--rounding", "learned", "--iters", "0"]) != 0
+    assert "iters must be >= 1" in capsys.readouterr().err
