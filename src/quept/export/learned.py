@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -149,7 +150,7 @@ def _block_loss(cfg: LearnedRoundingConfig) -> Callable[[torch.Tensor, torch.Ten
 def round_learned(
     model: nn.Module, widths: Mapping[str, int], inputs: torch.Tensor,
     cfg: LearnedRoundingConfig = LearnedRoundingConfig(), progress: bool = True,
-) -> dict[str, float | int]:
+) -> dict[str, Any]:
     """Learn the rounding of every elastic layer at its width in ``widths`` ({layer name:
     bits}) on calibration ``inputs`` (token ids (N, T), or pixel values), block by block, and
     install the codes on the layers (``ElasticLinear.rounded``): the model's forward at those
