@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quept.calib.capture import capture_block_inputs, move_kwargs
-from quept.config import ConfigError
+from quept.config import ConfigError, ElasticSpec
 from quept.models import family_for
 from quept.nn.elastic_linear import ElasticLinear
 from quept.nn.switch import set_bits
@@ -159,6 +159,24 @@ def _collect_h(block: nn.Module, layers: Mapping[str, ElasticLinear], family, x:
     return {n: (s, c) for n, (s, c) in acc.items()}
 
 
+def check_rounding_request(model: nn.Module, widths: Mapping[str, int], what: str) -> ElasticSpec:
+    """The spec of ``model`` once an export-time rounding (``what``) can be made for
+    ``widths``: a weight-only elastic model with a width for every elastic layer."""
+    spec = next((m.spec for m in model.modules() if isinstance(m, ElasticLinear)), None)
+    if spec is None:
+        raise ConfigError(f"{what} needs an elastic model (quept.prepare / quept.load)")
+    if spec.activations != "none":
+        raise ConfigError(f"{what} is for weight-only models; this one quantizes activations "
+                          f"too ({spec.activations!r}): export it with the rounding it was "
+                          "calibrated with")
+    named = {n for n, m in model.named_modules() if isinstance(m, ElasticLinear)}
+    missing = sorted(named - set(widths))
+    if missing:
+        raise ConfigError(f"{what} needs a width for every elastic layer; missing "
+                          f"{len(missing)}, e.g. {missing[0]}")
+    return spec
+
+
 @torch.no_grad()
 def round_gptq(
     model: nn.Module, widths: Mapping[str, int], inputs: torch.Tensor,
@@ -169,19 +187,8 @@ def round_gptq(
     layers (``ElasticLinear.rounded``): the model's forward at those widths and every export
     then use them. Other widths keep round-to-nearest; :func:`clear_rounding` removes them.
     Returns {"layers": n, "seconds": s}."""
-    spec = next((m.spec for m in model.modules() if isinstance(m, ElasticLinear)), None)
-    if spec is None:
-        raise ConfigError("GPTQ rounding needs an elastic model (quept.prepare / quept.load)")
-    if spec.activations != "none":
-        raise ConfigError("GPTQ rounding is for weight-only models; this one quantizes "
-                          f"activations too ({spec.activations!r}): export it with the rounding "
-                          "it was calibrated with")
+    spec = check_rounding_request(model, widths, "GPTQ rounding")
     family = family_for(model)
-    named = {n: m for n, m in model.named_modules() if isinstance(m, ElasticLinear)}
-    missing = sorted(set(named) - set(widths))
-    if missing:
-        raise ConfigError(f"GPTQ rounding needs a width for every elastic layer; missing "
-                          f"{len(missing)}, e.g. {missing[0]}")
     t0 = time.perf_counter()
     set_bits(model, None)
     home = next(model.parameters()).device  # where the model lives; blocks come back there

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from quept.calib.capture import capture_block_inputs, move_kwargs
 from quept.calib.loop import massive_mask, massive_term
 from quept.config import ConfigError
+from quept.export.gptq import check_rounding_request
 from quept.models import family_for
 from quept.nn.elastic_linear import ElasticLinear
 from quept.nn.switch import set_bits
@@ -158,19 +159,8 @@ def round_learned(
     :func:`quept.export.gptq.clear_rounding` removes them. Returns {"layers": n, "seconds": s,
     "blocks_improved": k, "loss_nearest": [...], "loss_learned": [...]} (per block, on all the
     calibration inputs)."""
-    spec = next((m.spec for m in model.modules() if isinstance(m, ElasticLinear)), None)
-    if spec is None:
-        raise ConfigError("learned rounding needs an elastic model (quept.prepare / quept.load)")
-    if spec.activations != "none":
-        raise ConfigError("learned rounding is for weight-only models; this one quantizes "
-                          f"activations too ({spec.activations!r}): export it with the rounding "
-                          "it was calibrated with")
+    spec = check_rounding_request(model, widths, "learned rounding")
     family = family_for(model)
-    named = {n: m for n, m in model.named_modules() if isinstance(m, ElasticLinear)}
-    missing = sorted(set(named) - set(widths))
-    if missing:
-        raise ConfigError(f"learned rounding needs a width for every elastic layer; missing "
-                          f"{len(missing)}, e.g. {missing[0]}")
     t0 = time.perf_counter()
     set_bits(model, None)
     home = next(model.parameters()).device
