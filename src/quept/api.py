@@ -80,6 +80,7 @@ from quept.search.plan import (
     swap_means,
     unit_of,
 )
+from quept.search.plan import check_budget as _check_budget
 from quept.search.sweeps import SweepCache
 from quept.search.table import fingerprint as _table_fingerprint
 
@@ -337,6 +338,16 @@ def sweep_cache(model: nn.Module, check_ids: torch.Tensor, path: str | os.PathLi
     they are measured. Pass it as ``plan(..., cache=...)``."""
     fp = _table_fingerprint(model, check_ids, {"in_context_sweeps": "block"})
     return SweepCache(path, fp, tuple(check_ids.shape), recompute=recompute)
+
+
+def check_budget(model: nn.Module, *, avg_bits: float | None = None,
+                 max_bytes: int | None = None) -> None:
+    """Refuse, before anything is measured, a budget no plan of ``model`` can meet (below the
+    narrowest width's stored size): :class:`quept.search.InfeasibleBudgetError` gives the
+    range of bits per weight and bytes its plans can have."""
+    spec = _spec_of(model)
+    _check_budget(elastic_layers(model), {b: spec.group_size_for(b) for b in spec.bits},
+                  avg_bits=avg_bits, max_bytes=max_bytes)
 
 
 def plan(model: nn.Module, table: SensitivityTable, *, avg_bits: float | None = None,

@@ -31,7 +31,7 @@ from quept.config import (
 from quept.data.hub import hub_model_dir, is_repo_id
 from quept.data.text import names_hub_text
 from quept.search import Plan, SensitivityConfig, parse_size
-from quept.search.plan import GRANULARITIES, plan_files, plan_from_table
+from quept.search.plan import GRANULARITIES, plan_files
 
 log = logging.getLogger("quept")
 DEFAULT_OUT = "quept-elastic"
@@ -966,14 +966,14 @@ def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"plans are made from next-token KL over a vocabulary; {folder} holds "
                           f"a {model.config.model_type} model without one (an encoder or an "
                           "image classifier): use uniform widths (`quept eval FOLDER --bits ...`)")
+    for budget, _ in budgets:  # every budget's feasibility first, from the layer shapes alone
+        api.check_budget(model, **budget)
     ids = calibration_samples(tokenize(tok, _text(a.calib_text, "calib")), cfg.n_samples,
                               cfg.seq_len, cfg.seed)
     t0 = time.perf_counter()
     table = api.sensitivity(model, ids, cfg, cache=folder / api.SENSITIVITY_JSON,
                             recompute=a.recompute, progress=not a.json)
     sens_s: float | None = time.perf_counter() - t0
-    for budget, _ in budgets:  # every budget's feasibility first (a table allocation is cheap)
-        plan_from_table(table, **budget)
     check = ids[: a.check_samples]
     results = []
     for budget, out in budgets:

@@ -87,6 +87,13 @@ def test_plan_errors_are_clear(folder, capsys):
                  *small]) == 2
     err = capsys.readouterr().err
     assert "infeasible" in err and "range from 3.1250 to 9.5000" in err
+    fresh = folder / "fresh"  # refused before any sensitivity is measured
+    shutil.copytree(folder / "elastic", fresh, ignore=shutil.ignore_patterns("*.json.*"))
+    (fresh / "sensitivity.json").unlink(missing_ok=True)
+    assert main(["plan", str(fresh), "--max-bytes", "1kB", "--out", str(folder / "x.json"),
+                 *small]) == 2
+    assert "1000 bytes is infeasible" in capsys.readouterr().err
+    assert not (fresh / "sensitivity.json").exists()
     assert main(["plan", elastic, "--avg-bits", "4.0", "--check-samples", "0", "--out",
                  str(folder / "x.json"), *small]) == 2
     assert "--check-samples must be >= 1, got 0" in capsys.readouterr().err

@@ -100,6 +100,18 @@ def test_infeasible_budget_names_the_feasible_range(model):
         plan_from_table(table)
 
 
+def test_check_budget_refuses_from_the_layer_shapes_alone(model):
+    lo, hi = feasible_range(synthetic_table(model))  # same shapes and group size as the model
+    quept.check_budget(model, avg_bits=lo)  # uniform W2 exactly: feasible
+    quept.check_budget(model, max_bytes=10**9)
+    with pytest.raises(InfeasibleBudgetError, match=f"range from {lo:.4f} to {hi:.4f}"):
+        quept.check_budget(model, avg_bits=lo - 0.01)
+    with pytest.raises(InfeasibleBudgetError, match="1000 bytes is infeasible"):
+        quept.check_budget(model, max_bytes=1000)
+    with pytest.raises(ConfigError, match="exactly one budget"):
+        quept.check_budget(model)
+
+
 def test_plan_json_round_trip_and_apply(model, tmp_path):
     plan = plan_from_table(synthetic_table(model), avg_bits=3.6)
     path = plan.save(tmp_path / "plan.json")

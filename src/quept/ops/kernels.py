@@ -14,10 +14,14 @@ sum(x_g)`` with ``zs = -zero * scale``, i.e. ``x @ ((q - zero) * scale)^T`` up t
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import os
 import platform
 import threading
+from collections.abc import Iterator
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -480,23 +484,63 @@ def load() -> ModuleType | None:
 
 def build(prefix: str, source: str, functions: list[str], fallback: str) -> ModuleType | None:
     """Compile C++ ``source`` exposing ``functions`` (``torch.utils.cpp_extension.load_inline``,
-    cached in the torch extensions folder per machine and CPU capability); None, after logging
-    ``fallback % reason``, when ``QUEPT_NO_KERNEL=1`` is set or there is no working compiler."""
+    cached in the torch extensions folder per machine, CPU capability and torch installation);
+    None, after logging ``fallback % reason``, when ``QUEPT_NO_KERNEL=1`` is set or there is no
+    working compiler.
+
+    Concurrent builds wait for each other on an OS lock that dies with its holder, so a build
+    killed half-way (Ctrl-C, a timeout) cannot leave torch's own lock file behind to make every
+    later run wait forever: a lock file found while holding the OS lock is stale and removed."""
     if os.environ.get("QUEPT_NO_KERNEL") == "1":
         return None
     try:
         from torch.utils.cpp_extension import load_inline
 
-        name = f"{prefix}_{platform.machine()}_{torch.backends.cpu.get_cpu_capability()}"
+        # the torch installation is part of the name: two virtualenvs would otherwise rebuild
+        # each other's copy (the compile line holds torch's include paths)
+        where = hashlib.sha256(f"{torch.__version__}:{Path(torch.__file__).parent}".encode())
+        name = (f"{prefix}_{platform.machine()}_{torch.backends.cpu.get_cpu_capability()}_"
+                f"{where.hexdigest()[:8]}").lower()
         log.info("loading the %s CPU kernel (compiled once on first use)", prefix)
-        return load_inline(
-            name=name.lower(), cpp_sources=[source], functions=functions,
-            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
+        with _build_lock(name) as folder:
+            return load_inline(
+                name=name, cpp_sources=[source], functions=functions,
+                extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                build_directory=None if folder is None else str(folder), verbose=False,
+            )
     except (OSError, RuntimeError, ImportError) as e:  # no compiler, no ninja, build error
         log.warning(fallback, e)
         return None
+
+
+@contextlib.contextmanager
+def _build_lock(name: str) -> Iterator[Path | None]:
+    """Hold an exclusive ``fcntl`` lock on the build folder of extension ``name`` and yield the
+    folder, after removing a ``lock`` file a killed build left there; yields None (torch's own
+    locking alone) where the folder or ``fcntl`` is unavailable."""
+    try:
+        import fcntl
+
+        from torch.utils.cpp_extension import _get_build_directory
+
+        folder = Path(_get_build_directory(name, verbose=False))
+    except (ImportError, AttributeError, TypeError):
+        yield None
+        return
+    with open(folder / "quept.flock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process compiling the %s kernel", name)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            stale = folder / "lock"
+            if stale.exists():  # every quept build takes the OS lock first: no live owner
+                log.warning("removing %s, left by a kernel build that was killed", stale)
+                stale.unlink(missing_ok=True)
+            yield folder
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def supported(bits: int, in_features: int, group_size: int) -> bool:

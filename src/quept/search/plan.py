@@ -284,6 +284,19 @@ def _capacity(table: SensitivityTable, sizes: list[list[int]], avg_bits: float |
     return capacity, budget
 
 
+def check_budget(layers: Mapping[str, Any], group_size: Mapping[int, int], *,
+                 avg_bits: float | None = None, max_bytes: int | None = None) -> None:
+    """Refuse a budget no plan can meet before any sensitivity is measured: ``layers`` maps
+    names to linears (anything with ``out_features`` / ``in_features``), ``group_size`` each
+    width to its group size. Raises :class:`InfeasibleBudgetError` (or ``ConfigError`` for a
+    malformed budget) with the range of stored bits per weight the model's plans can have."""
+    bits = tuple(sorted(group_size))
+    shapes = {n: LayerShape(m.out_features, m.in_features) for n, m in layers.items()}
+    skeleton = SensitivityTable(bits=bits, group_size=dict(group_size), shapes=shapes,
+                                kl={n: (0.0,) * len(bits) for n in shapes}, fingerprint="")
+    _capacity(skeleton, _sizes(skeleton), avg_bits, max_bytes)
+
+
 def bracketing_widths(table: SensitivityTable, *, avg_bits: float | None = None,
                       max_bytes: int | None = None) -> tuple[int, int | None]:
     """(lo, hi): the widest uniform width whose model fits the budget and the next wider one
