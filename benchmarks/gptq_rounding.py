@@ -58,6 +58,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="tokens per calibration sequence (default: the folder's)")
     p.add_argument("--iters", type=int, default=LearnedRoundingConfig.iters,
                    help="learned: signed-gradient steps per block")
+    p.add_argument("--bf16", action="store_true",
+                   help="learned: training steps under bfloat16 autocast (checks in float32)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=None, help="write the result here (JSON)")
     return p.parse_args(argv)
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     calib = QuEPTConfig.from_dict(quept.read_meta(a.elastic)["config"]).calib
     calib = replace(calib, n_samples=a.samples or calib.n_samples,
                     seq_len=a.seq_len or calib.seq_len)
-    learned = LearnedRoundingConfig(iters=a.iters, loss=calib.loss,
+    learned = LearnedRoundingConfig(iters=a.iters, bf16=a.bf16, loss=calib.loss,
                                     massive_ratio=calib.massive_ratio or None,
                                     massive_slack=calib.massive_slack)
     model, tok = quept.load(a.elastic)

@@ -73,6 +73,27 @@ def test_learned_codes_stay_on_the_grid_and_lower_every_blocks_loss(bits):
     assert learned < 0.8 * near, (learned, near)
 
 
+def test_bf16_steps_learn_too_and_the_checks_stay_float32():
+    model = elastic_tiny()
+    quept.set_bits(model, None)
+    with torch.no_grad():
+        ref = model(IDS).logits
+    quept.set_bits(model, 3)
+    with torch.no_grad():
+        near = (model(IDS).logits - ref).pow(2).mean()
+    seen = []  # (grad enabled, output dtype) of one linear's calls
+    layer = next(iter(elastic_layers(model).values()))
+    layer.register_forward_hook(lambda m, i, o: seen.append((torch.is_grad_enabled(), o.dtype)))
+    info = quept.round_learned(model, 3, IDS, LearnedRoundingConfig(
+        iters=60, check_every=20, bf16=True), progress=False)
+    assert {d for g, d in seen if g} == {torch.bfloat16}  # the training steps
+    assert {d for g, d in seen if not g} == {torch.float32}  # targets and checks
+    assert info["blocks_improved"] == len(info["loss_nearest"]) > 0
+    with torch.no_grad():
+        learned = (model(IDS).logits - ref).pow(2).mean()
+    assert learned < 0.8 * near, (learned, near)
+
+
 def test_round_learned_drives_the_forward_and_the_packed_export(tmp_path):
     model = elastic_tiny()
     quept.set_bits(model, 2)

@@ -66,6 +66,9 @@ class LearnedRoundingConfig:
     massive_slack: relative error allowed on them before they count.
     seed: seeds the draw of sequences per step.
     device: where each block runs while its offsets are learned (it goes back after).
+    bf16: run the training steps' forward and backward under bfloat16 autocast (the offsets,
+        the weights they make and the loss stay float32; only the signs of the gradients are
+        used). The checks that choose which offsets are kept always run in float32.
     """
 
     iters: int = 200
@@ -77,6 +80,7 @@ class LearnedRoundingConfig:
     massive_slack: float = 0.5
     seed: int = 0
     device: str = "cpu"
+    bf16: bool = False
 
     def __post_init__(self) -> None:
         for k in ("iters", "batch_size", "check_every"):
@@ -213,7 +217,8 @@ def round_learned(
                 best_v = [v.detach().clone() for v in vs]
                 for step in range(cfg.iters):
                     idx = torch.randperm(n, generator=gen)[:bs]
-                    with torch.enable_grad():
+                    with torch.enable_grad(), torch.autocast(
+                            torch.device(cfg.device).type, torch.bfloat16, enabled=cfg.bf16):
                         out = family.call_block(block, xq[idx].to(cfg.device), kw)
                         loss = loss_fn(out, yf[idx].to(cfg.device))
                         if not torch.isfinite(loss):
