@@ -1,15 +1,19 @@
 """Calibration time per block for each way of computing the weight fake quantization.
 
 Calibration fake-quantizes every weight at every training step, forward and backward. This
-calibrates the first ``--blocks`` blocks of a model with a preset's settings three ways, taking
+calibrates the first ``--blocks`` blocks of a model with a preset's settings in each way, taking
 turns ``--repeats`` times in one process:
 
 - ``composed``: autograd through the composed PyTorch operations (quept before the fused kernel);
 - ``pytorch``: the gradient written out in PyTorch operations (the fallback without a C++
   compiler, and the path on GPUs);
-- ``kernel``: the fused CPU kernel of ``quept.ops.fq_kernel`` (the default on CPUs).
+- ``kernel``: the fused CPU kernel of ``quept.ops.fq_kernel`` (the default on CPUs);
+- ``kernel-bf16``: the kernel, with the training steps' block forward and backward under
+  bfloat16 autocast (``CalibConfig(bf16=True)``, ``quept quantize --bf16``): faster only on a
+  CPU with bfloat16 matmuls (AVX-512 BF16 or AMX), and not the same arithmetic, so its block
+  losses are the ones to compare.
 
-The three give the same quantized weights to the bit and the same gradients up to float
+The first three give the same quantized weights to the bit and the same gradients up to float
 rounding; those differences grow through a block's training steps as between any two
 calibrations run with other thread counts, so the block losses after training agree to about
 a percent, not to the bit. ``--epochs`` shortens
@@ -40,7 +44,7 @@ from quept.config import PRESET_SPECS, PRESETS
 from quept.nn import elastic_linear
 from quept.ops import fq_kernel, quant
 
-WAYS = ("composed", "pytorch", "kernel")
+WAYS = ("composed", "pytorch", "kernel", "kernel-bf16")
 
 
 def composed(w, bits, group_size, hi_f, lo_f):
@@ -75,7 +79,7 @@ def calibrate_once(a: argparse.Namespace, way: str, text: str) -> dict:
     model.config.num_hidden_layers = a.blocks
     spec = PRESET_SPECS[a.preset]
     cfg = PRESETS[a.preset] if a.epochs is None else replace(PRESETS[a.preset], epochs=a.epochs)
-    cfg = replace(cfg, device="cpu")
+    cfg = replace(cfg, device="cpu", bf16=way == "kernel-bf16")
     quept.prepare(model, spec, seed=cfg.seed)
     ids = quept.samples_from_text(tok, text, cfg)
     real_fq, real_usable = elastic_linear.fake_quant, fq_kernel.usable
@@ -99,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not set(ways) <= set(WAYS):
         raise SystemExit(f"--ways: expected some of {WAYS}, got {a.ways}")
     torch.set_num_threads(a.threads)
-    if "kernel" in ways and fq_kernel.load() is None:
+    if any(w.startswith("kernel") for w in ways) and fq_kernel.load() is None:
         raise SystemExit("the fused kernel is unavailable here (no C++ compiler?)")
     text = data.calibration_text() if a.text is None else data.load_texts(a.text)
     runs: dict[str, list[dict]] = {w: [] for w in ways}

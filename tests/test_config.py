@@ -97,6 +97,13 @@ def test_cli_spec_follows_the_preset_and_the_spec_options():
     assert spec("--protect-outliers", "100").protect_outliers == 100.0
     massive = _configs(build_parser().parse_args(["quantize", "--massive-ratio", "1000"]))
     demo = _configs(build_parser().parse_args(["quantize"]))
+    assert demo.calib.bf16 is False
+    fast = _configs(build_parser().parse_args(["quantize", "--preset", "cpu-long", "--bf16"]))
+    assert fast.calib.bf16 is True and fast.calib.epochs == 16
+    from quept.info import _calib_line, _calib_summary
+    assert _calib_line("calibrated", _calib_summary(fast.calib)).endswith(
+        ", steps in bfloat16")
+    assert "bfloat16" not in _calib_line("calibrated", _calib_summary(demo.calib))
     assert massive.calib.massive_ratio == 1000.0 and demo.calib.massive_ratio == 0.0
     assert "massive_ratio" in massive.calib.to_dict()
     assert "massive_ratio" not in demo.calib.to_dict()

@@ -270,6 +270,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    help="width drawn per group and step: independently (random) or each width "
                    "of the group once before any repeats (balanced)")
     c.add_argument("--device", help="device a block trains on (cpu, cuda, cuda:1, ...)")
+    c.add_argument("--bf16", action="store_true", default=None,
+                   help="training steps under bfloat16 autocast: faster on CPUs with bfloat16 "
+                   "matmuls (AVX-512 BF16, AMX) and on GPUs, slower elsewhere (docs/method.md)")
     s = p.add_argument_group("elastic spec")
     s.add_argument("--bit-groups", type=_groups, default=None,
                    help="bit groups high to low, e.g. 7,8/5,6/3,4/2 (the default)")
@@ -337,7 +340,7 @@ def _configs(a: argparse.Namespace) -> QuEPTConfig:
             "epochs": a.epochs, "lr_adapter": a.lr_adapter, "lr_clip": a.lr_clip,
             "loss": a.loss, "seed": a.seed, "device": a.device, "draw": a.draw,
             "lr_adapter_groups": a.lr_adapter_groups, "massive_ratio": a.massive_ratio,
-            "massive_slack": a.massive_slack}
+            "massive_slack": a.massive_slack, "bf16": a.bf16}
     if a.lr_adapter_groups is None and (a.bit_groups is not None or a.lr_adapter is not None):
         # a preset's per-group rates fit only its own groups and would override --lr-adapter
         calib = replace(calib, lr_adapter_groups=None)

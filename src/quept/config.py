@@ -332,7 +332,9 @@ class CalibConfig:
     counting only the part of each element's relative error over massive_slack (default 0.5),
     so widths that keep the values train exactly as without the term. The logged block losses
     stay the plain ones. lr_act: the rate of the log-steps of static activation quantizers
-    (ElasticSpec.activations "per-tensor").
+    (ElasticSpec.activations "per-tensor"). bf16: run the training steps' block forward and
+    backward under bfloat16 autocast (parameters, fake-quantized weights, optimizer and the
+    block streams stay float32); faster only where the CPU or GPU has bfloat16 matmuls.
     """
 
     n_samples: int = 24
@@ -349,6 +351,7 @@ class CalibConfig:
     massive_ratio: float = 0.0
     massive_slack: float = 0.5
     lr_act: float = 1e-2
+    bf16: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "massive_ratio", float(self.massive_ratio))
@@ -380,6 +383,8 @@ class CalibConfig:
             raise ConfigError(f"draw must be 'random' or 'balanced', got {self.draw!r}")
         if self.loss not in ("l1", "l2"):
             raise ConfigError(f"loss must be 'l1' or 'l2', got {self.loss!r}")
+        if not isinstance(self.bf16, bool):
+            raise ConfigError(f"bf16 must be True or False, got {self.bf16!r}")
 
     @property
     def steps_per_epoch(self) -> int:
@@ -393,6 +398,8 @@ class CalibConfig:
             del d["massive_ratio"], d["massive_slack"]
         if d["lr_act"] == CalibConfig.lr_act:  # written only when changed
             del d["lr_act"]
+        if not d["bf16"]:
+            del d["bf16"]
         return d
 
     @classmethod

@@ -163,7 +163,7 @@ def _calib_summary(c: CalibConfig) -> dict[str, Any]:
             "batch_size": c.batch_size, "loss": c.loss, "lr_adapter": c.lr_adapter,
             "lr_adapter_groups": None if c.lr_adapter_groups is None
             else list(c.lr_adapter_groups), "lr_clip": c.lr_clip,
-            "massive_ratio": c.massive_ratio, "seed": c.seed}
+            "massive_ratio": c.massive_ratio, "seed": c.seed, "bf16": c.bf16}
 
 
 def _width_rows(cfg: QuEPTConfig, shapes: dict[str, tuple[int, int]]) -> list[dict[str, Any]]:
@@ -430,7 +430,8 @@ def _calib_line(verb: str, c: dict[str, Any]) -> str:
                         if c.get("massive_ratio") else "")
     return (f"{verb} on {c['samples']} x {c['seq_len']} tokens, {c['epochs']} "
             f"epoch{'s' if c['epochs'] != 1 else ''}, {loss} loss, rates {rates} (adapters) / "
-            f"{c['lr_clip']:g} (clips), seed {c['seed']}")
+            f"{c['lr_clip']:g} (clips), seed {c['seed']}"
+            + (", steps in bfloat16" if c.get("bf16") else ""))
 
 
 def render(info: dict[str, Any]) -> str:

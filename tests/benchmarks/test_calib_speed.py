@@ -1,4 +1,4 @@
-"""benchmarks/calib_speed.py: the three ways of computing the fake quantization calibrate alike."""
+"""benchmarks/calib_speed.py: the ways of computing the fake quantization calibrate alike."""
 
 import sys
 from pathlib import Path
@@ -17,14 +17,16 @@ def test_every_way_calibrates_to_the_same_losses(tmp_path, capsys):
     base = hf_folder(tmp_path / "hf")
     text = tmp_path / "t.txt"
     text.write_text(TEXT * 8)
-    ways = "composed,pytorch" + (",kernel" if fq_kernel.load() is not None else "")
+    ways = "composed,pytorch" + (",kernel,kernel-bf16" if fq_kernel.load() is not None else "")
     res = calib_speed.main(["--model", str(base), "--text", str(text), "--preset", "cpu-demo",
                             "--blocks", "1", "--epochs", "1", "--repeats", "1", "--threads",
                             "1", "--ways", ways, "--json", str(tmp_path / "r.json")])
     assert [r["way"] for r in res["rows"]] == ways.split(",")
     ref = res["rows"][0]["loss_after_last_run"][0]
     for row in res["rows"][1:]:
-        assert row["loss_after_last_run"][0] == pytest.approx(ref, rel=1e-3)
+        # bfloat16 steps are other arithmetic: the same losses to a few percent, not to 1e-3
+        rel = 5e-2 if row["way"] == "kernel-bf16" else 1e-3
+        assert row["loss_after_last_run"][0] == pytest.approx(ref, rel=rel)
         assert row["median_block_seconds"] > 0
     out = capsys.readouterr().out
     assert "| composed |" in out and "1.00x" in out

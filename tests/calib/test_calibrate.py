@@ -6,7 +6,7 @@ import torch
 
 import quept
 from quept.calib import CalibrationError, CheckpointMismatchError
-from quept.config import CalibConfig, ElasticSpec, QuEPTConfig
+from quept.config import CalibConfig, ConfigError, ElasticSpec, QuEPTConfig
 from quept.models import UnsupportedModelError
 from quept.nn import elastic_layers
 from quept.nn.state import elastic_state_dict
@@ -310,3 +310,23 @@ def test_massive_term_weighs_a_lost_massive_activation():
     l1(ref, target).backward()
     assert massive_term(kept, target, big, 0.5) == 0
     assert torch.equal(out.grad, ref.grad)
+
+
+def test_bf16_steps_train_in_bfloat16_and_lower_every_groups_loss(monkeypatch):
+    spec = replace(SPEC, clip_search_bits=(), fixed_clip_bits=())
+    monkeypatch.setattr(f"{__name__}.SPEC", spec)
+    model = quept.prepare(tiny_model("llama"), spec, seed=0)
+    seen = []  # (grad enabled, output dtype) of one linear's calls
+    first = next(iter(elastic_layers(model).values()))
+    first.register_forward_hook(lambda m, i, o: seen.append((torch.is_grad_enabled(), o.dtype)))
+    cfg = replace(CFG, bf16=True)
+    reports = quept.calibrate(model, ids(), cfg, progress=False)
+    assert {d for g, d in seen if g} == {torch.bfloat16}  # the training steps
+    assert {d for g, d in seen if not g} == {torch.float32}  # streams and logged losses
+    for r in reports:
+        for before, after, b in zip(r.loss_before, r.loss_after, r.bits):
+            assert after < before, f"block {r.block} bit {b}: {before} -> {after}"
+    assert cfg.to_dict()["bf16"] is True and "bf16" not in CFG.to_dict()  # old folders match
+    assert CalibConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="bf16 must be True or False"):
+        CalibConfig(bf16="yes")

@@ -185,14 +185,18 @@ def test_bad_requests_are_refused_by_name():
         quept.round_learned(wa, 4, IDS)
 
 
-def test_cli_export_with_learned_rounding(tmp_path, capsys):
+def test_cli_export_with_learned_rounding(tmp_path, capsys, monkeypatch):
     elastic = elastic_folder(tmp_path / "elastic", hf_folder(tmp_path / "base"))
     text = tmp_path / "calib.txt"
     text.write_text("It is a truth universally acknowledged. " * 40)
+    configs, real = [], quept.api.round_learned
+    monkeypatch.setattr(quept.api, "round_learned",
+                        lambda *args, **kw: configs.append(args[3]) or real(*args, **kw))
     out = run_json(capsys, ["export", str(elastic), "--bits", "3", "--out", str(tmp_path / "w3"),
                             "--rounding", "learned", "--iters", "5", "--calib-text", str(text),
-                            "--samples", "4", "--seq-len", "24", "--json"])
+                            "--samples", "4", "--seq-len", "24", "--bf16", "--json"])
     assert out["rounding"] == "learned" and out["rounding_seconds"] > 0
+    assert [(c.iters, c.bf16) for c in configs] == [(5, True)]
     meta = json.loads((tmp_path / "w3" / "quept-packed.json").read_text())
     assert meta["source"]["rounding"] == "learned"
     info = run_json(capsys, ["info", str(tmp_path / "w3"), "--json"])
@@ -205,6 +209,9 @@ def test_cli_export_with_learned_rounding(tmp_path, capsys):
     assert main(["export", str(elastic), "--bits", "3", "--out", str(tmp_path / "x"),
                  "--iters", "5"]) != 0
     assert "--iters applies to --rounding learned" in capsys.readouterr().err
+    assert main(["export", str(elastic), "--bits", "3", "--out", str(tmp_path / "x"),
+                 "--rounding", "gptq", "--bf16"]) != 0
+    assert "--bf16 applies to --rounding learned" in capsys.readouterr().err
     assert main(["export", str(elastic), "--bits", "3", "--out", str(tmp_path / "x"),
                  "--rounding", "learned", "--iters", "0"]) != 0
     assert "iters must be >= 1" in capsys.readouterr().err

@@ -266,7 +266,10 @@ class BlockCalibrator:
             for gi, b in draws:
                 set_bits(block, b)
                 xb = xq[gi][idx].to(cfg.device)
-                out = self.family.call_block(block, xb, self.kwargs)
+                with torch.autocast(torch.device(cfg.device).type, torch.bfloat16,
+                                    enabled=cfg.bf16):
+                    out = self.family.call_block(block, xb, self.kwargs)
+                out = out.float()
                 loss = self.loss(out, yb)
                 if big is not None:  # once per step: every group's target is yb
                     loss = loss + massive_term(out, yb, big, cfg.massive_slack)
