@@ -117,7 +117,8 @@ def test_cli_quantize_eval_and_export_on_fashion_mnist_images(tmp_path, monkeypa
                                                                        abs=1 / 40)
     # biases are not quantized weights: the packed count is the elastic table's
     assert packed["bits_per_weight"] == pytest.approx(rows[4]["bits_per_weight"]) == 4 + 20 / 32
-    assert main(["eval", str(out), "--text", "x.txt"]) == 2
+    (tmp_path / "x.txt").write_text("a text file that exists, for a model that reads none")
+    assert main(["eval", str(out), "--text", str(tmp_path / "x.txt")]) == 2
     assert "--text: text options, but the model is an image classifier" in capsys.readouterr().err
 
 

@@ -63,6 +63,7 @@ from quept.nn.switch import plan_widths
 from quept.ops import GroupSizeError, stored_bits_per_weight
 from quept.ops.quant import is_power_of_two
 from quept.search import (
+    LayerShape,
     Plan,
     SensitivityCacheError,
     SensitivityConfig,
@@ -75,6 +76,7 @@ from quept.search.exact import configuration_kl, unit_swap_kl
 from quept.search.plan import (
     GRANULARITIES,
     bracketing_widths,
+    layer_bits,
     plan_from_moves,
     plan_from_swaps,
     swap_means,
@@ -675,6 +677,24 @@ def stored_bits(model: nn.Module, plan: BitsPlan | None = None) -> float:
         total += bpw * numel
         n += numel
     return total / n
+
+
+def plan_record(model: nn.Module, widths: Mapping[str, int]) -> Plan:
+    """A width per layer chosen by hand (``{layer: bits}``, naming every quantized linear) as
+    a :class:`Plan`: the stored bits per weight and bytes it realises on ``model``, scales and
+    zero-points included, with no budget and no predicted KL (``search`` "by hand")."""
+    switch = getattr(model, "quept_switch", None)
+    layers = elastic_layers(model) if switch is None else switch.skeletons()
+    chosen = plan_widths(layers, widths)
+    for name, b in chosen.items():
+        try:
+            check_bits(b, layers[name].spec.bits)
+        except ConfigError as e:
+            raise ConfigError(f"layer {name}: {e}") from None
+    n = sum(m.in_features * m.out_features for m in layers.values())
+    size = sum(layer_bits(LayerShape(m.out_features, m.in_features), chosen[name],
+                          m.spec.group_size_for(chosen[name])) for name, m in layers.items())
+    return Plan(dict(chosen), stored_bits(model, chosen), size / 8, n, search="by hand")
 
 
 def _brief(value: Any) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
@@ -31,7 +32,7 @@ from quept.config import (
 from quept.data.hub import hub_model_dir, is_repo_id
 from quept.data.text import names_hub_text
 from quept.search import Plan, SensitivityConfig, parse_size
-from quept.search.plan import GRANULARITIES, plan_files
+from quept.search.plan import GRANULARITIES, plan_files, read_plan
 
 log = logging.getLogger("quept")
 DEFAULT_OUT = "quept-elastic"
@@ -75,14 +76,30 @@ def _groups(text: str) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(_int_list(g)) for g in text.split("/"))
 
 
+@functools.lru_cache(maxsize=4)
+def _read_texts(paths: tuple[str, ...], role: str) -> str:
+    from quept.data import load_texts
+
+    return load_texts(list(paths), role=role)
+
+
 def _text(paths: list[str] | None, default: str) -> str:
     if paths:
-        from quept.data import load_texts
-
-        return load_texts(paths, role=default)
+        return _read_texts(tuple(paths), default)
     from quept import data
 
     return data.calibration_text() if default == "calib" else data.evaluation_text()
+
+
+def check_texts(a: argparse.Namespace, **roles: str) -> None:
+    """Read the texts the command line names (``attribute=role``, e.g. ``calib_text="calib"``)
+    before any model loads, so that a missing or malformed file fails in a second rather than
+    after a model load or a calibration; the texts are kept for the later ``_text`` calls of
+    this command. The built-in texts are left to those calls."""
+    for attr, role in roles.items():
+        paths = getattr(a, attr, None)
+        if paths:
+            _text(paths, role)
 
 
 def _text_name(paths: list[str] | None) -> str:
@@ -385,6 +402,18 @@ def cmd_quantize(a: argparse.Namespace) -> dict[str, Any]:
     cfg = _configs(a)
     check_device(cfg.calib.device, "--device" if a.device else f"the {a.preset!r} preset's device")
     out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder for the elastic model")
+    replaces = (out / api.ELASTIC_JSON).is_file()
+    if replaces:
+        log.warning("%s already holds an elastic model: this calibration replaces it when it "
+                    "ends (until then it is kept; give another --out to keep both)", out)
+    for b in a.eval_bits or ():  # checked now, not after the calibration
+        try:
+            check_bits(b, cfg.spec.bits)
+        except ConfigError as e:
+            raise ConfigError(f"--eval-bits: {e}") from None
+    check_texts(a, calib_text="calib", eval_text="eval")
     log.info("loading model %s", a.model or "default (SmolLM2-135M-Instruct)")
     model, tok = api.load_model(a.model)
     task = _task(model)
@@ -413,6 +442,10 @@ def cmd_quantize(a: argparse.Namespace) -> dict[str, Any]:
     api.save(model, out, cfg, extra={"calibration_seconds": calib_s,
                                      "calibration_peak_rss_gib": calib_rss,
                                      "reports": [r.__dict__ for r in reports]})
+    for cache in (api.SENSITIVITY_JSON, api.SWEEPS_JSON) if replaces else ():
+        if (out / cache).is_file():  # measured on the replaced model: of no use to this one
+            (out / cache).unlink()
+            log.info("removed %s, measured on the elastic model this one replaced", out / cache)
     if a.keep_streams:
         log.info("calibration checkpoint with every block's input streams kept in %s", ckpt_dir)
     else:
@@ -520,7 +553,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None,
                    help="base model folder, if not the one recorded in the elastic folder")
     p.add_argument("--plan", action="append", default=None, metavar="PLAN.json",
-                   help="evaluate this mixed-precision plan (from `quept plan`) instead of "
+                   help="evaluate this mixed-precision plan (from `quept plan`, or a "
+                   "hand-written JSON {layer: bits} naming every quantized linear) instead of "
                    "every width; --bits then adds uniform widths to compare. Repeat it, or "
                    "name a folder of plans (`quept plan --avg-bits 2.5,3,3.5 --out DIR`), to "
                    "evaluate several, one loaded model for all")
@@ -552,6 +586,13 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
         raise FileNotFoundError(f"{folder} does not exist or is not a folder")
     kind = cli_deploy.folder_kind(folder)
     plans = _load_plans(a.plan or [])
+    if kind in ("elastic", "compact"):  # widths and texts checked before the model loads
+        spec = cli_deploy.folder_config(folder, kind).spec
+        for b in a.bits or ():
+            cli_deploy.check_widths(b, spec, "--bits")
+        for path, plan in plans:
+            cli_deploy.check_widths(dict(plan), spec, f"--plan {path}")
+    check_texts(a, text="eval")
     if a.device != "cpu" and (kind in ("packed", "onnx") or a.packed):
         raise ConfigError(f"--device {a.device}: packed layers and ONNX models run on the CPU "
                           "here; --device applies to elastic (fake-quantized) and plain models")
@@ -588,6 +629,7 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
                       else api.load(folder, model=a.model))
     if elastic:
         spec = model.quept_spec
+        plans = _recorded(model, plans)
         bits = a.bits or ([] if plans else sorted(spec.bits))
         for b in bits:
             check_bits(b, spec.bits)
@@ -641,9 +683,25 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _load_plans(values: list[str]) -> list[tuple[str, Plan]]:
-    """Each ``--plan`` value read as a plan file, or a folder's plan files, as (path, plan)."""
-    return [(str(f), Plan.load(f)) for f in plan_files(values)]
+def _load_plans(values: list[str]) -> list[tuple[str, Plan | dict[str, int]]]:
+    """Each ``--plan`` value read as a plan file, or a folder's plan files, as (path, plan): a
+    :class:`Plan` from `quept plan`, or a hand-written ``{layer: bits}`` that
+    :func:`_recorded` makes one once the model is loaded."""
+    return [(str(f), read_plan(f)) for f in plan_files(values)]
+
+
+def _recorded(model: torch.nn.Module, plans: list[tuple[str, Plan | dict[str, int]]]
+              ) -> list[tuple[str, Plan]]:
+    """Hand-written plans as :class:`Plan` records of what they store on ``model``."""
+    out = []
+    for path, plan in plans:
+        if not isinstance(plan, Plan):
+            try:
+                plan = api.plan_record(model, plan)
+            except ConfigError as e:
+                raise ConfigError(f"--plan {path}: {e}") from None
+        out.append((path, plan))
+    return out
 
 
 def _put_plans(result: dict[str, Any], measured: list[dict[str, Any]]) -> None:
@@ -963,6 +1021,7 @@ def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
                             reference_bits=a.reference_bits, seed=a.seed)
     folder = Path(a.folder)
     api.read_meta(folder)
+    check_texts(a, calib_text="calib")
     model, tok = api.load(folder, model=a.model)
     model.to(a.device)
     if _task(model) != "causal-lm":
@@ -1038,6 +1097,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    _read_texts.cache_clear()  # texts are read afresh by every command
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if a.threads:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from quept import api
-from quept.config import ConfigError, QuEPTConfig
+from quept.config import ConfigError, ElasticSpec, QuEPTConfig, check_bits
 from quept.export.compact import CompactConfig
 from quept.export.learned import LearnedRoundingConfig
 from quept.export.packed import SCALE_DTYPES
@@ -22,15 +22,33 @@ from quept.nn.packed_linear import BACKENDS
 from quept.search.plan import plan_files, read_widths
 
 
-def _load_elastic(folder: Path, kind: str, base: str | None) -> tuple[Any, Any, QuEPTConfig]:
+def folder_config(folder: Path, kind: str) -> QuEPTConfig:
+    """The configuration an elastic or compact folder records, read from its JSON alone (no
+    weights), so options can be checked against its widths before a model loads."""
     if kind == "compact":
-        model, tok = api.load_compact(folder)
-        return model, tok, QuEPTConfig.from_dict(model.quept_compact["config"])
+        from quept.export.compact import read_compact_meta
+
+        return QuEPTConfig.from_dict(read_compact_meta(folder)["config"])
     if kind == "elastic":
-        model, tok = api.load(folder, model=base)
-        return model, tok, QuEPTConfig.from_dict(api.read_meta(folder)["config"])
+        return QuEPTConfig.from_dict(api.read_meta(folder)["config"])
     raise ConfigError(f"{folder} is a {kind} folder; this needs an elastic folder (from `quept "
                       "quantize`) or a compact checkpoint (from `quept compact`)")
+
+
+def check_widths(widths: int | dict[str, int], spec: ElasticSpec, what: str) -> None:
+    """Every width of ``widths`` (one, or a plan's) is one of ``spec``'s, or a ConfigError
+    naming ``what`` asked for it."""
+    for b in sorted({widths} if isinstance(widths, int) else set(widths.values())):
+        try:
+            check_bits(b, spec.bits)
+        except ConfigError as e:
+            raise ConfigError(f"{what}: {e}") from None
+
+
+def _load_elastic(folder: Path, kind: str, base: str | None) -> tuple[Any, Any, QuEPTConfig]:
+    cfg = folder_config(folder, kind)
+    model, tok = api.load_compact(folder) if kind == "compact" else api.load(folder, model=base)
+    return model, tok, cfg
 
 
 # --- compact ----------------------------------------------------------------------------------
@@ -189,8 +207,15 @@ def cmd_export(a: argparse.Namespace) -> dict[str, Any]:
     for flag, given in (("--iters", a.iters is not None), ("--bf16", a.bf16)):
         if given and a.rounding != "learned":
             raise ConfigError(f"{flag} applies to --rounding learned")
-    model, tok, cfg = _load_elastic(folder, folder_kind(folder), a.model)
+    kind = folder_kind(folder)
     plan = a.bits if a.bits is not None else read_widths(a.plan)
+    check_widths(plan, folder_config(folder, kind).spec,
+                 f"--bits {a.bits}" if a.bits is not None else f"--plan {a.plan}")
+    if a.rounding != "nearest":  # read before the model loads: a missing file fails at once
+        from quept.cli import check_texts
+
+        check_texts(a, calib_text="calib")
+    model, tok, cfg = _load_elastic(folder, kind, a.model)
     rounding = None if a.rounding == "nearest" else _export_round(a, model, tok, cfg, plan)
     t0 = time.perf_counter()
     meta = api.export(model, plan, a.out, a.format, tokenizer=tok,
@@ -317,6 +342,10 @@ def cmd_run(a: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError("--head-bits applies to elastic and compact folders run packed "
                           "(a packed folder's head is chosen by `quept export --head-bits`)")
     configs = _run_configs(a) if configured else [(kind, None)]
+    if configured:  # every width against the folder's, before the model loads
+        spec = folder_config(folder, kind).spec
+        for label, widths in configs:
+            check_widths(widths, spec, label if a.plan else f"--bits {a.bits}")
     switch = None
     t0 = time.perf_counter()
     if kind == "packed":

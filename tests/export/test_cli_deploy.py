@@ -63,6 +63,23 @@ def test_export_a_plan_file(folders, capsys):
     assert {n: v["bits"] for n, v in res["layers"].items()} == plan
     assert res["sizes"]["bits_per_weight"] == pytest.approx(quept.stored_bits(model, plan))
 
+    # the same hand-written file evaluates, as the fake-quantized model and as packed layers
+    ev = ["--plan", str(root / "plan.json"), "--text", str(root / "text.txt"), "--windows", "2",
+          "--seq-len", "32", "--json"]
+    fake = run_json(capsys, ["eval", str(elastic), *ev])["plan"]
+    packed = run_json(capsys, ["eval", str(elastic), "--packed", *ev])["plan"]
+    exported = run_json(capsys, ["eval", str(root / "pm"), *ev[2:]])["rows"][0]["ppl"]
+    for m in (fake, packed):
+        assert m["bits_per_weight"] == pytest.approx(res["sizes"]["bits_per_weight"])
+        assert m["stored_bytes"] == res["sizes"]["quantized_bytes"]
+        assert m["widths"] == {str(b): list(plan.values()).count(b) for b in (2, 4, 8)}
+    assert fake["ppl"] == pytest.approx(exported, rel=1e-3)
+    assert packed["ppl"] == pytest.approx(exported, rel=1e-3)
+    (root / "short.json").write_text(json.dumps(dict(list(plan.items())[1:])))
+    assert main(["eval", str(elastic), "--plan", str(root / "short.json")]) == 2
+    assert "short.json: plan does not match the model: 1 layers missing" in (
+        capsys.readouterr().err)
+
 
 def test_clear_errors(folders, capsys):
     root, base, elastic = folders
@@ -78,3 +95,73 @@ def test_clear_errors(folders, capsys):
     assert "layer name: bits" in capsys.readouterr().err
     assert main(["run", str(root / "missing"), "--prompt", "a"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_bad_widths_and_texts_fail_before_any_model_loads(folders, capsys, monkeypatch):
+    """A width the folder lacks or a text file that is missing is refused from the folder's
+    JSON and the file system alone: no command loads a model first (minutes for a 7B)."""
+    root, base, elastic = folders
+    from quept import api
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the options were checked")
+
+    for name in ("load", "load_compact", "load_model", "load_switchable", "load_packed"):
+        monkeypatch.setattr(api, name, no_load)
+    (root / "plan9.json").write_text(json.dumps({"plan": {"model.layers.0.mlp.up_proj": 9}}))
+    missing = str(root / "missing.txt")
+    cases = [
+        (["eval", str(elastic), "--bits", "3,9"], "--bits: bit-width 9 is outside 2..8"),
+        (["eval", str(elastic), "--bits", "3", "--text", missing], "missing.txt' does not exist"),
+        (["export", str(elastic), "--bits", "9", "--out", str(root / "x")], "--bits 9: bit-width 9"),
+        (["export", str(elastic), "--plan", str(root / "plan9.json"), "--out", str(root / "x")],
+         "plan9.json: bit-width 9"),
+        (["export", str(elastic), "--bits", "3", "--rounding", "gptq", "--calib-text", missing,
+          "--out", str(root / "x")], "missing.txt' does not exist"),
+        (["run", str(elastic), "--bits", "4,9", "--prompt", "It"], "--bits 4,9: bit-width 9"),
+        (["plan", str(elastic), "--avg-bits", "3", "--calib-text", missing, "--out",
+          str(root / "p.json")], "missing.txt' does not exist"),
+        (["quantize", "--model", str(base), "--calib-text", missing, "--out", str(root / "q")],
+         "missing.txt' does not exist"),
+        (["quantize", "--model", str(base), "--eval-text", missing, "--out", str(root / "q")],
+         "missing.txt' does not exist"),
+        (["quantize", "--model", str(base), "--eval-bits", "3,9", "--out", str(root / "q")],
+         "--eval-bits: bit-width 9 is outside 2..8"),
+        (["quantize", "--model", str(base), "--out", str(root / "plan9.json")],
+         "plan9.json is a file"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err, (argv, err)
+    assert not (root / "x").exists() and not (root / "q").exists()
+
+
+def test_a_text_changed_between_commands_is_read_again(folders, capsys):
+    """Texts are kept for one command only: the second command sees the file's new content."""
+    root, _, elastic = folders
+    text = root / "changing.txt"
+    ev = ["eval", str(elastic), "--bits", "3", "--text", str(text), "--windows", "all",
+          "--seq-len", "32", "--json"]
+    text.write_text(TEXT)
+    first = run_json(capsys, ev)["windows"]
+    text.write_text(TEXT * 2)
+    assert run_json(capsys, ev)["windows"] >= 2 * first  # not the first read, kept
+
+
+def test_quantize_into_a_folder_with_a_model_replaces_it_and_its_caches(folders, capsys,
+                                                                       caplog):
+    root, base, _ = folders
+    out = root / "requantized"
+    argv = ["quantize", "--model", str(base), "--out", str(out), "--calib-text",
+            str(root / "text.txt"), "--samples", "2", "--seq-len", "16", "--ranks", "2,2,2,2",
+            "--group-size", "32", "--eval-windows", "0", "--json"]
+    first = run_json(capsys, argv)
+    assert "already holds an elastic model" not in caplog.text
+    (out / "sensitivity.json").write_text("{}")  # as `quept plan` would have left it
+    (out / "notes.txt").write_text("the user's own file")
+    second = run_json(capsys, argv)
+    assert "already holds an elastic model: this calibration replaces it" in caplog.text
+    assert not (out / "sensitivity.json").exists()  # measured on the replaced model
+    assert (out / "notes.txt").read_text() == "the user's own file"
+    assert second["out"] == first["out"] and (out / "quept.json").is_file()

@@ -165,9 +165,16 @@ def _read_json(path: str | os.PathLike) -> Any:
 def read_widths(path: str | os.PathLike) -> dict[str, int]:
     """``{layer name: bits}`` from a plan file: one ``quept plan`` wrote (checked as a
     :class:`Plan`), or a hand-written mapping, bare or under ``plan`` or ``bits``."""
+    plan = read_plan(path)
+    return dict(plan.widths) if isinstance(plan, Plan) else plan
+
+
+def read_plan(path: str | os.PathLike) -> Plan | dict[str, int]:
+    """A plan file as ``quept plan`` wrote it (a :class:`Plan`), or a hand-written
+    ``{layer name: bits}`` (bare, or under ``plan`` or ``bits``) as that mapping."""
     d = _read_json(path)
     if isinstance(d, dict) and d.get("format") == PLAN_FORMAT:
-        return Plan.from_dict(d, str(path)).widths
+        return Plan.from_dict(d, str(path))
     for key in ("plan", "bits"):
         if isinstance(d, dict) and isinstance(d.get(key), dict):
             d = d[key]
