@@ -363,3 +363,21 @@ def test_read_widths_accepts_bare_mappings_and_quept_plans(tmp_path):
     p.write_text(json.dumps({"format": "quept-plan", "bits": {"a": 3}}))  # a damaged plan
     with pytest.raises(ConfigError, match="quept plan"):
         read_widths(p)
+
+
+def test_plan_record_of_hand_chosen_widths_counts_what_a_plan_does(model):
+    """A hand-written {layer: bits} recorded as a Plan stores what quept plan's allocation
+    counts for the same widths: same bits per weight, same bytes, and it applies the same."""
+    table = synthetic_table(model)
+    made = plan_from_table(table, avg_bits=4.0)
+    record = quept.plan_record(model, dict(made.widths))
+    assert record.widths == made.widths and record.search == "by hand"
+    assert record.bits_per_weight == pytest.approx(made.bits_per_weight)
+    assert record.stored_bytes == made.stored_bytes and record.n_weights == made.n_weights
+    assert record.predicted_kl is None and record.budget == {}
+    assert Plan.from_dict(record.to_dict()).widths == made.widths  # saves as a quept plan
+    names = list(made.widths)
+    with pytest.raises(ConfigError, match="1 layers missing"):
+        quept.plan_record(model, {n: 4 for n in names[1:]})
+    with pytest.raises(ConfigError, match=f"layer {names[0]}: bit-width 9 is outside 2..8"):
+        quept.plan_record(model, {**made.widths, names[0]: 9})
