@@ -105,6 +105,17 @@ def _named_arguments(block: nn.Module, args: tuple, kwargs: dict) -> dict:
     return {**dict(zip(names[1:], args[1:])), **rest}
 
 
+def block_kwargs_on(kwargs: dict | list[dict], device: str | torch.device
+                    ) -> Callable[[int], dict]:
+    """Block ``i``'s arguments on ``device`` (floats in float32), from the kwargs
+    :func:`capture_block_inputs` returned: one shared dict, moved once, or each block's own,
+    moved when that block asks."""
+    if isinstance(kwargs, list):
+        return lambda i: move_kwargs(kwargs[i], device, torch.float32)
+    shared = move_kwargs(kwargs, device, torch.float32)
+    return lambda i: shared
+
+
 def move_kwargs(kwargs: dict, device: str | torch.device, dtype: torch.dtype) -> dict:
     """Move tensors (also inside tuples) of captured block kwargs to ``device``; floats to dtype."""
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from quept.calib.capture import capture_block_inputs, move_kwargs
+from quept.calib.capture import block_kwargs_on, capture_block_inputs
 from quept.config import ConfigError, ElasticSpec
 from quept.models import family_for
 from quept.nn.elastic_linear import ElasticLinear
@@ -193,8 +193,7 @@ def round_gptq(
     set_bits(model, None)
     home = next(model.parameters()).device  # where the model lives; blocks come back there
     x, kwargs = capture_block_inputs(model, family, inputs, cfg.batch_size, str(home))
-    per_block = kwargs if isinstance(kwargs, list) else None
-    shared = None if per_block else move_kwargs(kwargs, cfg.device, torch.float32)
+    kwargs_of = block_kwargs_on(kwargs, cfg.device)
     blocks = family.get_blocks(model)
     prefix = {id(b): n for n, b in model.named_modules()}
     done = 0
@@ -202,8 +201,7 @@ def round_gptq(
     try:
         for i, block in enumerate(blocks):
             block.to(cfg.device)
-            kw = shared if per_block is None else move_kwargs(per_block[i], cfg.device,
-                                                              torch.float32)
+            kw = kwargs_of(i)
             base = prefix[id(block)]
             layers = {n: m for n, m in block.named_modules() if isinstance(m, ElasticLinear)}
             hs = _collect_h(block, layers, family, x, kw, cfg)

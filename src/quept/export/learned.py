@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from quept.calib.capture import capture_block_inputs, move_kwargs
+from quept.calib.capture import block_kwargs_on, capture_block_inputs
 from quept.calib.loop import massive_mask, massive_term
 from quept.config import ConfigError
 from quept.export.gptq import check_rounding_request
@@ -172,8 +172,7 @@ def round_learned(
         xf, kwargs = capture_block_inputs(model, family, inputs, cfg.batch_size, str(home))
     xf = xf.float().cpu()
     xq = xf.clone()
-    per_block = kwargs if isinstance(kwargs, list) else None
-    shared = None if per_block else move_kwargs(kwargs, cfg.device, torch.float32)
+    kwargs_of = block_kwargs_on(kwargs, cfg.device)
     blocks = family.get_blocks(model)
     prefix = {id(b): n for n, b in model.named_modules()}
     loss_fn = _block_loss(cfg)
@@ -202,8 +201,7 @@ def round_learned(
     try:
         for i, block in enumerate(blocks):
             block.to(cfg.device)
-            kw = shared if per_block is None else move_kwargs(per_block[i], cfg.device,
-                                                              torch.float32)
+            kw = kwargs_of(i)
             base = prefix[id(block)]
             layers = {nm: m for nm, m in block.named_modules() if isinstance(m, ElasticLinear)}
             set_bits(block, None)
