@@ -401,9 +401,7 @@ def cmd_quantize(a: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     cfg = _configs(a)
     check_device(cfg.calib.device, "--device" if a.device else f"the {a.preset!r} preset's device")
-    out = Path(a.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; give a folder for the elastic model")
+    out = cli_deploy.check_out(a.out, "folder")
     replaces = (out / api.ELASTIC_JSON).is_file()
     if replaces:
         log.warning("%s already holds an elastic model: this calibration replaces it when it "
@@ -1104,7 +1102,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
     try:
         result = a.func(a)
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
+    except (ConfigError, OSError, ValueError, RuntimeError) as e:  # OSError: a path refused
         print(f"quept: error: {e}", file=sys.stderr)
         return 2
     if getattr(a, "json", False):

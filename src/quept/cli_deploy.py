@@ -45,6 +45,18 @@ def check_widths(widths: int | dict[str, int], spec: ElasticSpec, what: str) -> 
             raise ConfigError(f"{what}: {e}") from None
 
 
+def check_out(out: str | Path, what: str) -> Path:
+    """``--out`` checked before any work: ``what`` "file" must not name a folder, "folder"
+    must not name a file."""
+    out = Path(out)
+    if what == "file" and out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give the path of the file to write "
+                          f"there, e.g. {out / 'model.gguf'}")
+    if what == "folder" and out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder to write into")
+    return out
+
+
 def _load_elastic(folder: Path, kind: str, base: str | None) -> tuple[Any, Any, QuEPTConfig]:
     cfg = folder_config(folder, kind)
     model, tok = api.load_compact(folder) if kind == "compact" else api.load(folder, model=base)
@@ -86,8 +98,9 @@ def _clip_bits(text: str) -> int | dict[int, int]:
 
 def cmd_compact(a: argparse.Namespace) -> dict[str, Any]:
     folder = Path(a.folder)
-    model, tok, cfg = _load_elastic(folder, folder_kind(folder), a.model)
+    check_out(a.out, "folder")
     ccfg = CompactConfig(master_bits=a.master_bits, clip_bits=a.clip_bits)
+    model, tok, cfg = _load_elastic(folder, folder_kind(folder), a.model)
     meta = api.save_compact(model, a.out, cfg, tok, ccfg)
     s = meta["sizes"]
     if not a.json:
@@ -201,6 +214,7 @@ def cmd_export(a: argparse.Namespace) -> dict[str, Any]:
     if a.accuracy_level is not None and a.format != "onnx":
         raise ConfigError("--accuracy-level applies to the onnx format")
     folder = Path(a.folder)
+    check_out(a.out, "file" if a.format == "gguf" else "folder")
     if a.rounding == "nearest" and (a.calib_text, a.samples, a.seq_len) != (None, None, None):
         raise ConfigError("--calib-text, --samples and --seq-len apply to --rounding gptq or "
                           "learned")

@@ -129,6 +129,14 @@ def test_bad_widths_and_texts_fail_before_any_model_loads(folders, capsys, monke
          "--eval-bits: bit-width 9 is outside 2..8"),
         (["quantize", "--model", str(base), "--out", str(root / "plan9.json")],
          "plan9.json is a file"),
+        (["export", str(elastic), "--bits", "3", "--format", "gguf", "--out", str(root)],
+         "is a folder; give the path of the file to write there, e.g."),
+        (["export", str(elastic), "--bits", "3", "--out", str(root / "plan9.json")],
+         "plan9.json is a file; give a folder"),
+        (["compact", str(elastic), "--out", str(root / "plan9.json")],
+         "plan9.json is a file; give a folder"),
+        (["compact", str(elastic), "--out", str(root / "c9"), "--master-bits", "1"],
+         "master_bits must lie in 2..8"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
