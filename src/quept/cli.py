@@ -1018,6 +1018,9 @@ def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
     cfg = SensitivityConfig(n_samples=a.samples, seq_len=a.seq_len, n_probes=a.probes,
                             reference_bits=a.reference_bits, seed=a.seed)
     folder = Path(a.folder)
+    if a.reference_bits is not None:
+        cli_deploy.check_widths(a.reference_bits, cli_deploy.folder_config(folder, "elastic")
+                                .spec, "--reference-bits")
     api.read_meta(folder)
     check_texts(a, calib_text="calib")
     model, tok = api.load(folder, model=a.model)
