@@ -694,7 +694,7 @@ def plan_record(model: nn.Module, widths: Mapping[str, int]) -> Plan:
     n = sum(m.in_features * m.out_features for m in layers.values())
     size = sum(layer_bits(LayerShape(m.out_features, m.in_features), chosen[name],
                           m.spec.group_size_for(chosen[name])) for name, m in layers.items())
-    return Plan(dict(chosen), stored_bits(model, chosen), size / 8, n, search="by hand")
+    return Plan(dict(chosen), size / n, size / 8, n, search="by hand")
 
 
 def _brief(value: Any) -> Any:

@@ -25,7 +25,6 @@ from quept.config import (
     ConfigError,
     ElasticSpec,
     QuEPTConfig,
-    check_bits,
     check_device,
     weight_act_spec,
 )
@@ -407,10 +406,7 @@ def cmd_quantize(a: argparse.Namespace) -> dict[str, Any]:
         log.warning("%s already holds an elastic model: this calibration replaces it when it "
                     "ends (until then it is kept; give another --out to keep both)", out)
     for b in a.eval_bits or ():  # checked now, not after the calibration
-        try:
-            check_bits(b, cfg.spec.bits)
-        except ConfigError as e:
-            raise ConfigError(f"--eval-bits: {e}") from None
+        cli_deploy.check_widths(b, cfg.spec, "--eval-bits")
     check_texts(a, calib_text="calib", eval_text="eval")
     log.info("loading model %s", a.model or "default (SmolLM2-135M-Instruct)")
     model, tok = api.load_model(a.model)
@@ -628,9 +624,7 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
     if elastic:
         spec = model.quept_spec
         plans = _recorded(model, plans)
-        bits = a.bits or ([] if plans else sorted(spec.bits))
-        for b in bits:
-            check_bits(b, spec.bits)
+        bits = a.bits or ([] if plans else sorted(spec.bits))  # a.bits checked before loading
         for path, plan in plans:  # a plan made for another spec: refused before work
             _apply_plan(model, plan, path)
     else:
@@ -1018,10 +1012,9 @@ def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
     cfg = SensitivityConfig(n_samples=a.samples, seq_len=a.seq_len, n_probes=a.probes,
                             reference_bits=a.reference_bits, seed=a.seed)
     folder = Path(a.folder)
+    spec = cli_deploy.folder_config(folder, "elastic").spec  # refuses a non-elastic folder
     if a.reference_bits is not None:
-        cli_deploy.check_widths(a.reference_bits, cli_deploy.folder_config(folder, "elastic")
-                                .spec, "--reference-bits")
-    api.read_meta(folder)
+        cli_deploy.check_widths(a.reference_bits, spec, "--reference-bits")
     check_texts(a, calib_text="calib")
     model, tok = api.load(folder, model=a.model)
     model.to(a.device)
