@@ -109,6 +109,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--calib-seq-len", type=int, default=None,
                    help="tokens per calibration window (default: the preset's)")
     p.add_argument("--bits", type=_ints, default=None, help="widths (default: the preset's)")
+    p.add_argument("--protect-outliers", type=float, default=None, metavar="RATIO",
+                   help="hold super weights exact (ElasticSpec.protect_outliers; default: the "
+                   "preset's)")
+    p.add_argument("--massive-ratio", type=float, default=None, metavar="RATIO",
+                   help="the massive-activation term (CalibConfig.massive_ratio; default: the "
+                   "preset's)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--resume", action="store_true",
                    help="keep the runs already in --out (same settings) and do the others")
@@ -122,7 +128,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     calib = PRESETS[a.preset]
     calib = replace(calib, n_samples=a.samples or calib.n_samples,
                     seq_len=a.calib_seq_len or calib.seq_len)
-    cfg = QuEPTConfig(spec=PRESET_SPECS[a.preset], calib=calib)
+    if a.massive_ratio is not None:
+        calib = replace(calib, massive_ratio=a.massive_ratio)
+    spec = PRESET_SPECS[a.preset]
+    if a.protect_outliers is not None:
+        spec = replace(spec, protect_outliers=a.protect_outliers)
+    cfg = QuEPTConfig(spec=spec, calib=calib)
     bits = a.bits or sorted(cfg.spec.bits)
     calib_text = (data.load_texts([a.calib_text]) if a.calib_text
                   else data.calibration_text())

@@ -271,8 +271,9 @@ def round_learned(model: nn.Module, bits_or_plan: int | Mapping[str, int] | Plan
 
 
 def set_bits(model: nn.Module, bits: BitsPlan | Plan, *, rtn: bool = False) -> nn.Module:
-    """Switch the elastic model to one width (int), float (None) or a plan: {layer: bits}, a
-    :class:`quept.search.Plan`, or a plan JSON loaded as a dict. A switchable packed model
+    """Switch the elastic model to one width (int), float (None) or a plan: {layer: bits}
+    (keys may be shell-style patterns applied in order, ``{"*": 3, "*.mlp.down_proj": 4}``),
+    a :class:`quept.search.Plan`, or a plan JSON loaded as a dict. A switchable packed model
     (:func:`load_switchable`) re-packs its layers instead (no float, no RTN there)."""
     switch = getattr(model, "quept_switch", None)
     if switch is not None:

@@ -26,8 +26,9 @@ from quept.export.ct_format import is_compressed_tensors
 from quept.export.onnx_format import is_onnx_folder
 from quept.export.packed import PACKED_FORMAT, PACKED_JSON
 from quept.models.families import UnsupportedModelError, family_for_type
+from quept.nn.switch import is_pattern
 from quept.ops.quant import stored_bits_per_weight
-from quept.search.plan import PLAN_FORMAT, Plan, unit_of
+from quept.search.plan import PLAN_FORMAT, Plan, read_plan, unit_of
 from quept.search.sweeps import describe_sweeps
 
 EXPORT_JSON = "quept-export.json"  # compressed-tensors and ONNX exports' summary
@@ -90,6 +91,8 @@ def _plan(path: Path) -> dict[str, Any]:
     """A mixed-precision plan written by `quept plan`: its budget, what it realises, the widths
     per block and how it was chosen."""
     d = _json(path)
+    if "format" not in d:
+        return _hand_plan(path)
     if d.get("format") != PLAN_FORMAT:
         raise InfoError(f"{path} is not a plan from `quept plan` (format {d.get('format')!r}); "
                         "quept info reads plan JSON files, .gguf files and artifact folders")
@@ -106,6 +109,26 @@ def _plan(path: Path) -> dict[str, Any]:
             "layers_per_width": {str(b): n for b, n in plan.histogram().items()},
             "blocks": {u: sorted(set(w)) for u, w in blocks.items()}, "chosen": plan.label,
             "predicted_kl": plan.predicted_kl, "checked_kl": plan.checked_kl,
+            "files": {path.name: path.stat().st_size}}
+
+
+def _hand_plan(path: Path) -> dict[str, Any]:
+    """A hand-written plan ``{layer name or pattern: bits}``: its entries, in the order they
+    apply. What it stores depends on the model's layers, so only `quept eval` reports that."""
+    try:
+        entries = read_plan(path)
+    except ConfigError as e:
+        raise InfoError(f"{e}; quept info reads plan JSON files, .gguf files and artifact "
+                        "folders") from None
+    assert isinstance(entries, dict)  # a `quept plan` file was handled by the caller
+    names = {k: b for k, b in entries.items() if not is_pattern(k)}
+    blocks: dict[str, list[int]] = {}
+    for name, b in names.items():
+        blocks.setdefault(unit_of(name, "block"), []).append(b)
+    return {"path": str(path), "kind": "hand plan", "entries": entries,
+            "patterns": sum(is_pattern(k) for k in entries), "names": len(names),
+            "widths": sorted(set(entries.values())),
+            "blocks": {u: sorted(set(w)) for u, w in blocks.items()},
             "files": {path.name: path.stat().st_size}}
 
 
@@ -558,6 +581,19 @@ def render(info: dict[str, Any]) -> str:
             out.append(f"chosen: {info['chosen']}")
         out.append("`quept eval FOLDER --plan PLAN.json` measures it, `quept export FOLDER "
                    "--plan PLAN.json --out DIR` packs it")
+    elif kind == "hand plan":
+        out.append(f"{info['path']}: hand-written plan, {len(info['entries'])} entries "
+                   f"({info['patterns']} patterns, {info['names']} layer names), widths "
+                   + ", ".join(f"W{b}" for b in info["widths"]))
+        if info["patterns"]:
+            out.append("entries in the order they apply (a later one wins where two match): "
+                       + ", ".join(f"{k}: {b}" for k, b in list(info["entries"].items())[:12])
+                       + (" ..." if len(info["entries"]) > 12 else ""))
+        elif info["blocks"]:
+            out.append("widths per block, in order: " + " ".join(
+                "/".join(str(b) for b in w) for w in info["blocks"].values()))
+        out.append("its stored bits per weight depend on the model: `quept eval FOLDER --plan "
+                   "PLAN.json` applies it, checks it names every layer and prints them")
     elif kind == "plans":
         out.append(f"{info['path']}: {len(info['plans'])} mixed-precision plans, fewest bits "
                    "first")

@@ -45,3 +45,18 @@ def test_seeds_calibrate_apart_with_the_same_data_and_resume(tmp_path, capsys):
     assert again["runs"][0] == kept  # seed 0 kept, not calibrated again
     with pytest.raises(SystemExit, match="other settings"):
         seeds.main([*argv, "--seeds", "0", "--resume", "--windows", "1"])
+
+
+def test_seeds_overrides_reach_the_recorded_config(tmp_path):
+    base = hf_folder(tmp_path / "hf")
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT * 8)
+    out = tmp_path / "s.json"
+    res = seeds.main(["--model", str(base), "--calib-text", str(text), "--eval-text", str(text),
+                      "--samples", "2", "--calib-seq-len", "32", "--windows", "1",
+                      "--seq-len", "32", "--bits", "2", "--threads", "1", "--seeds", "0",
+                      "--protect-outliers", "100", "--massive-ratio", "1000", "--out", str(out)])
+    config = json.loads(out.read_text())["settings"]["config"]
+    assert config["spec"]["protect_outliers"] == 100.0
+    assert config["calib"]["massive_ratio"] == 1000.0
+    assert res["settings"] == json.loads(out.read_text())["settings"]

@@ -81,6 +81,31 @@ def test_export_a_plan_file(folders, capsys):
         capsys.readouterr().err)
 
 
+def test_a_pattern_plan_is_the_plan_it_expands_to(folders, capsys):
+    """A hand-written plan with patterns exports and evaluates as the full plan it stands
+    for, through the command line."""
+    root, _, elastic = folders
+    import quept
+
+    model, _ = quept.load(elastic)
+    names = list(elastic_layers(model))
+    full = {n: 4 if n.endswith("mlp.down_proj") else 8 if n == names[0] else 2 for n in names}
+    (root / "pattern.json").write_text(json.dumps(
+        {"*": 2, "*.mlp.down_proj": 4, names[0]: 8}))
+    (root / "full.json").write_text(json.dumps(full))
+    res = run_json(capsys, ["export", str(elastic), "--plan", str(root / "pattern.json"),
+                            "--out", str(root / "pat"), "--json"])
+    assert {n: v["bits"] for n, v in res["layers"].items()} == full
+    ev = ["--text", str(root / "text.txt"), "--windows", "2", "--seq-len", "32", "--json"]
+    got = [run_json(capsys, ["eval", str(elastic), "--plan", str(root / f), *ev])["plan"]
+           for f in ("pattern.json", "full.json")]
+    assert got[0]["ppl"] == got[1]["ppl"]
+    assert got[0]["bits_per_weight"] == pytest.approx(res["sizes"]["bits_per_weight"])
+    (root / "typo.json").write_text(json.dumps({"*": 2, "*.mlp.dwn_proj": 4}))
+    assert main(["eval", str(elastic), "--plan", str(root / "typo.json")]) == 2
+    assert "'*.mlp.dwn_proj' matches no layer" in capsys.readouterr().err
+
+
 def test_clear_errors(folders, capsys):
     root, base, elastic = folders
     assert main(["export", str(base), "--bits", "3", "--out", str(root / "x")]) == 2
@@ -115,7 +140,7 @@ def test_bad_widths_and_texts_fail_before_any_model_loads(folders, capsys, monke
         (["eval", str(elastic), "--bits", "3", "--text", missing], "missing.txt' does not exist"),
         (["export", str(elastic), "--bits", "9", "--out", str(root / "x")], "--bits 9: bit-width 9"),
         (["export", str(elastic), "--plan", str(root / "plan9.json"), "--out", str(root / "x")],
-         "plan9.json: bit-width 9"),
+         "plan9.json: entry 'model.layers.0.mlp.up_proj': bit-width 9"),
         (["export", str(elastic), "--bits", "3", "--rounding", "gptq", "--calib-text", missing,
           "--out", str(root / "x")], "missing.txt' does not exist"),
         (["run", str(elastic), "--bits", "4,9", "--prompt", "It"], "--bits 4,9: bit-width 9"),

@@ -168,6 +168,8 @@ def test_unexportable_models_and_widths_fail_clearly(model, tokenizer, tmp_path)
         write_gguf(model, tokenizer, tmp_path / "b.gguf", 9)
     with pytest.raises(GGUFExportError, match="plan does not match"):
         write_gguf(model, tokenizer, tmp_path / "p.gguf", {"model.layers.0.mlp.up_proj": 4})
+    with pytest.raises(GGUFExportError, match="'\\*.down' matches no layer"):
+        write_gguf(model, tokenizer, tmp_path / "p.gguf", {"*": 4, "*.down": 8})
     with pytest.raises(GGUFExportError, match="no elastic layers"):
         write_gguf(tiny_model(), tokenizer, tmp_path / "f.gguf", 4)
 

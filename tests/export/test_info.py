@@ -245,6 +245,26 @@ def test_plan_file(tmp_path, capsys):
         assert why in capsys.readouterr().err
 
 
+def test_hand_written_plan_file(tmp_path, capsys):
+    path = tmp_path / "hand.json"
+    path.write_text(json.dumps({"*": 3, "*.mlp.down_proj": 5, "model.layers.0.mlp.up_proj": 8}))
+    info = run_json(capsys, ["info", str(path), "--json"])
+    assert info["kind"] == "hand plan" and info["patterns"] == 2 and info["names"] == 1
+    assert info["widths"] == [3, 5, 8]
+    text = render(info)
+    assert "hand-written plan, 3 entries (2 patterns, 1 layer names), widths W3, W5, W8" in text
+    assert ("in the order they apply (a later one wins where two match): *: 3, "
+            "*.mlp.down_proj: 5, model.layers.0.mlp.up_proj: 8") in text
+    names = {f"model.layers.{k}.mlp.down_proj": b for k, b in ((0, 3), (1, 2))}
+    path.write_text(json.dumps({"plan": names}))
+    text = render(run_json(capsys, ["info", str(path), "--json"]))
+    assert "widths per block, in order: 3 2" in text
+    path.write_text(json.dumps({"model.layers.0.mlp.down_proj": 9}))
+    assert main(["info", str(path)]) == 2
+    assert "entry 'model.layers.0.mlp.down_proj': bit-width 9 is outside 2..8" in (
+        capsys.readouterr().err)
+
+
 def test_folder_of_plans(tmp_path, capsys):
     from quept.search import Plan
 

@@ -381,3 +381,32 @@ def test_plan_record_of_hand_chosen_widths_counts_what_a_plan_does(model):
         quept.plan_record(model, {n: 4 for n in names[1:]})
     with pytest.raises(ConfigError, match=f"layer {names[0]}: bit-width 9 is outside 2..8"):
         quept.plan_record(model, {**made.widths, names[0]: 9})
+
+
+def test_pattern_plans_apply_in_order_and_refuse_what_matches_nothing(model, tmp_path):
+    """``{"*": 3, "*.mlp.down_proj": 5, NAME: 8}``: every layer at 3 bits, then the down
+    projections at 5, then one layer at 8; a later entry wins where two match."""
+    layers = list(elastic_layers(model))
+    down = [n for n in layers if n.endswith("mlp.down_proj")]
+    assert down and len(down) < len(layers)
+    first = layers[0]
+    plan = {"*": 3, "*.mlp.down_proj": 5, first: 8}
+    quept.set_bits(model, plan)
+    got = {n: m.bits for n, m in elastic_layers(model).items()}
+    assert got == {n: 8 if n == first else 5 if n in down else 3 for n in layers}
+    quept.set_bits(model, {first: 8, "*": 3})  # the pattern comes later, so it wins
+    assert {m.bits for m in elastic_layers(model).values()} == {3}
+    record = quept.plan_record(model, plan)  # bits per weight of the expanded plan
+    assert record.widths == got and record.search == "by hand"
+    path = tmp_path / "hand.json"
+    path.write_text(json.dumps(plan))
+    assert read_widths(path) == plan  # kept as written: expanded when it meets a model
+    with pytest.raises(ConfigError, match=r"'\*\.mlp\.down_prj' matches no layer"):
+        quept.set_bits(model, {"*": 3, "*.mlp.down_prj": 5})
+    with pytest.raises(ConfigError, match=r"layers missing .*add a first entry \"\*\""):
+        quept.set_bits(model, {"*.mlp.down_proj": 5})
+    with pytest.raises(ConfigError, match="bit-width 9 is outside 2..8"):
+        quept.set_bits(model, {"*": 9})
+    path.write_text(json.dumps({"*": 3, "*.mlp.down_proj": 12}))
+    with pytest.raises(ConfigError, match=r"entry '\*\.mlp\.down_proj': bit-width 12"):
+        read_widths(path)

@@ -37,6 +37,7 @@ from torch import nn
 from quept.config import check_bits
 from quept.data.smollm import _BLOCK_NAMES, _GLOBAL_NAMES, permute_rope
 from quept.nn import elastic_layers
+from quept.nn.switch import plan_widths
 
 log = logging.getLogger(__name__)
 
@@ -191,18 +192,11 @@ def _resolve_plan(model: nn.Module, bits: int | Mapping[str, int | None]) -> dic
     layers = elastic_layers(model)
     if not layers:
         raise GGUFExportError("the model has no elastic layers; load it with quept.api.load")
-    if not isinstance(bits, Mapping):
-        bits = dict.fromkeys(layers, bits)
-    missing, unknown = set(layers) - set(bits), set(bits) - set(layers)
-    if missing or unknown:
-        raise GGUFExportError(
-            f"plan does not match the model: {len(missing)} layers missing (e.g. "
-            f"{sorted(missing)[:2]}), {len(unknown)} unknown (e.g. {sorted(unknown)[:2]})"
-        )
-    for name, b in bits.items():
+    plan = plan_widths(layers, bits, GGUFExportError)
+    for name, b in plan.items():
         if b is not None:
             check_bits(b, layers[name].spec.bits)
-    return dict(bits)
+    return plan
 
 
 def _add_hparams(writer: Any, cfg: Any, name: str) -> None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from fnmatch import fnmatchcase
 
 from torch import nn
 
@@ -17,18 +18,54 @@ def elastic_layers(model: nn.Module) -> dict[str, ElasticLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, ElasticLinear)}
 
 
+GLOB_CHARS = frozenset("*?[")
+
+
+def is_pattern(key: str) -> bool:
+    """Whether a plan key is a shell-style pattern (``*``, ``?`` or ``[...]``), not a name."""
+    return not GLOB_CHARS.isdisjoint(key)
+
+
+def expand_patterns(names: Iterable[str], plan: Mapping[str, int | None],
+                    error: type[Exception] = ConfigError) -> dict[str, int | None]:
+    """A plan whose keys may be shell-style patterns (``"*": 3, "*.mlp.down_proj": 4``) as
+    ``{name: bits}`` over ``names``: entries apply in the plan's order, a later one overriding
+    an earlier one for the layers both match. A pattern that matches no name raises ``error``
+    (a typo would otherwise change nothing); names no entry matches are left out, for
+    :func:`plan_widths` to report."""
+    names = list(names)
+    out: dict[str, int | None] = {}
+    for key, bits in plan.items():
+        if not is_pattern(key):
+            out[key] = bits  # an exact name: checked against the model by the caller
+            continue
+        hits = [n for n in names if fnmatchcase(n, key)]
+        if not hits:
+            raise error(f"plan entry {key!r} matches no layer; layers are named like "
+                        f"{names[:2]} (patterns use * ? [...], as in a shell)")
+        out.update(dict.fromkeys(hits, bits))
+    return out
+
+
 def plan_widths(layers: Mapping[str, nn.Module], bits: BitsPlan,
                 error: type[Exception] = ConfigError) -> dict[str, int | None]:
     """``{layer name: bits}`` for every name in ``layers`` from one width (or None) or a plan
-    that must name every layer exactly; a mismatch raises ``error`` with examples."""
+    that names every layer exactly, or covers them with shell-style patterns applied in order
+    (``{"*": 3, "*.mlp.down_proj": 4}``: every layer at 3 bits, the down projections at 4); a
+    mismatch raises ``error`` with examples."""
     if not isinstance(bits, Mapping):
         return dict.fromkeys(layers, bits)
+    patterned = any(is_pattern(k) for k in bits)
+    if patterned:
+        bits = expand_patterns(layers, bits, error)
     missing = [n for n in layers if n not in bits]
     unknown = [n for n in bits if n not in layers]
     if missing or unknown:
+        hint = ("; add a first entry \"*\": BITS for the layers no other entry names"
+                if missing else "")
         raise error(
             f"plan does not match the model: {len(missing)} layers missing "
-            f"(e.g. {missing[:3]}), {len(unknown)} unknown names (e.g. {unknown[:3]})"
+            f"(e.g. {missing[:3]}), {len(unknown)} unknown names (e.g. {unknown[:3]}){hint}"
         )
     return {n: bits[n] for n in layers}
 

@@ -24,7 +24,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from quept.config import ConfigError
+from quept.config import ConfigError, check_bits
 from quept.ops import stored_bits_per_weight
 from quept.search.allocate import InfeasibleBudgetError, allocate, size_range
 from quept.search.table import LayerShape, SensitivityTable
@@ -171,7 +171,9 @@ def read_widths(path: str | os.PathLike) -> dict[str, int]:
 
 def read_plan(path: str | os.PathLike) -> Plan | dict[str, int]:
     """A plan file as ``quept plan`` wrote it (a :class:`Plan`), or a hand-written
-    ``{layer name: bits}`` (bare, or under ``plan`` or ``bits``) as that mapping."""
+    ``{layer name or pattern: bits}`` (bare, or under ``plan`` or ``bits``) as that mapping,
+    each width checked to be in 2..8; patterns (``"*": 3, "*.mlp.down_proj": 4``) apply in
+    the file's order when the plan meets a model (:func:`quept.nn.switch.plan_widths`)."""
     d = _read_json(path)
     if isinstance(d, dict) and d.get("format") == PLAN_FORMAT:
         return Plan.from_dict(d, str(path))
@@ -183,6 +185,11 @@ def read_plan(path: str | os.PathLike) -> Plan | dict[str, int]:
             isinstance(b, int) and not isinstance(b, bool) for b in d.values()):
         raise ConfigError(f"{path}: expected {{layer name: bits}} (bare, or under 'plan' or "
                           "'bits'), or a plan from `quept plan`")
+    for name, b in d.items():
+        try:
+            check_bits(b)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: entry {name!r}: {e}") from None
     return d
 
 
@@ -200,8 +207,15 @@ def plan_files(values: list[str]) -> list[Path]:
         if not found:
             raise ConfigError(f"--plan {path} is a folder without plan files (*.json); "
                               "`quept plan FOLDER --avg-bits 2.5,3 --out DIR` writes some")
-        out += sorted(found, key=lambda f: Plan.load(f).bits_per_weight)
+        out += sorted(found, key=_plan_order)
     return out
+
+
+def _plan_order(path: Path) -> tuple[float, str]:
+    """Plans from `quept plan` by their stored bits per weight, then hand-written ones (whose
+    size depends on the model) by name."""
+    plan = read_plan(path)
+    return (plan.bits_per_weight, "") if isinstance(plan, Plan) else (math.inf, path.name)
 
 
 def as_layer_widths(plan: Any) -> Any:
