@@ -410,3 +410,19 @@ def test_pattern_plans_apply_in_order_and_refuse_what_matches_nothing(model, tmp
     path.write_text(json.dumps({"*": 3, "*.mlp.down_proj": 12}))
     with pytest.raises(ConfigError, match=r"entry '\*\.mlp\.down_proj': bit-width 12"):
         read_widths(path)
+
+
+def test_a_plans_own_bits_per_weight_admits_it():
+    """A budget equal to the stored bits per weight a plan reports (size / n, a float that can
+    fall an ulp below the true ratio) admits that plan: here "a" at 2 bits and "b" at 3, over
+    many shapes of "a", where anything cheaper by the table would not fit."""
+    from quept.search.plan import layer_bits
+
+    bits = (2, 3, 4)
+    for rows in range(1, 300):
+        shapes = {"a": LayerShape(rows, 64), "b": LayerShape(7, 64)}
+        table = SensitivityTable(bits=bits, group_size={b: 16 for b in bits}, shapes=shapes,
+                                 kl={n: (4.0, 2.0, 1.0) for n in shapes}, fingerprint="t")
+        size = layer_bits(shapes["a"], 2, 16) + layer_bits(shapes["b"], 3, 16)
+        plan = plan_from_table(table, avg_bits=size / (64 * (rows + 7)))
+        assert plan.predicted_kl <= 6.0, rows  # one layer at 3 bits fits

@@ -290,8 +290,10 @@ def _capacity(table: SensitivityTable, sizes: list[list[int]], avg_bits: float |
     if avg_bits is not None:
         if not math.isfinite(avg_bits):
             raise ConfigError(f"avg_bits must be finite, got {avg_bits}")
-        # exact decimal arithmetic: 3.296875 must admit uniform W3 exactly
-        capacity = math.floor(Fraction(repr(float(avg_bits))) * n)
+        # exact decimal arithmetic: 3.296875 must admit uniform W3 exactly; and a plan's own
+        # bits per weight (size / n, a float up to 2^-53 below the true ratio) must admit
+        # that plan, so the product is raised by 2^-50 of itself (under one bit below 10^14)
+        capacity = math.floor(Fraction(repr(float(avg_bits))) * n * (1 + Fraction(1, 2**50)))
         budget = {"avg_bits": float(avg_bits)}
     else:
         capacity, budget = int(max_bytes) * 8, {"max_bytes": float(max_bytes)}
