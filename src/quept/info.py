@@ -70,7 +70,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
                 return {"path": str(path), "kind": "calibration checkpoint",
                         **_checkpoint(ckpt), "files": _files(ckpt)}
         if any(_is_plan(f) for f in path.glob("*.json")):  # `quept plan ... --out DIR`
-            plans = sorted((_plan(f) for f in path.glob("*.json")),
+            plans = sorted((_plan(f) for f in path.glob("*.json") if _is_plan(f)),
                            key=lambda d: d["bits_per_weight"])
             return {"path": str(path), "kind": "plans", "plans": plans, "files": _files(path)}
     info = {"elastic": _elastic, "compact": _compact, "packed": _packed,

@@ -55,8 +55,7 @@ def plan_widths(layers: Mapping[str, nn.Module], bits: BitsPlan,
     mismatch raises ``error`` with examples."""
     if not isinstance(bits, Mapping):
         return dict.fromkeys(layers, bits)
-    patterned = any(is_pattern(k) for k in bits)
-    if patterned:
+    if any(is_pattern(k) for k in bits):
         bits = expand_patterns(layers, bits, error)
     missing = [n for n in layers if n not in bits]
     unknown = [n for n in bits if n not in layers]
