@@ -31,7 +31,7 @@ from quept.config import (
 from quept.data.hub import hub_model_dir, is_repo_id
 from quept.data.text import names_hub_text
 from quept.search import Plan, SensitivityConfig, parse_size
-from quept.search.plan import GRANULARITIES, plan_files, read_plan
+from quept.search.plan import GRANULARITIES, plan_files, read_plan, split_warning
 
 log = logging.getLogger("quept")
 DEFAULT_OUT = "quept-elastic"
@@ -693,6 +693,9 @@ def _recorded(model: torch.nn.Module, plans: list[tuple[str, Plan | dict[str, in
                 plan = api.plan_record(model, plan)
             except ConfigError as e:
                 raise ConfigError(f"--plan {path}: {e}") from None
+            note = split_warning(plan.widths, f"--plan {path}")
+            if note:
+                log.warning(note)
         out.append((path, plan))
     return out
 

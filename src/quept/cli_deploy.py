@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -19,7 +20,10 @@ from quept.export.runtime import KV_CACHES, generate
 from quept.info import describe, folder_kind, render
 from quept.models import family_for
 from quept.nn.packed_linear import BACKENDS
-from quept.search.plan import plan_files, read_widths
+from quept.nn.switch import elastic_layers, plan_widths
+from quept.search.plan import Plan, plan_files, read_plan, read_widths, split_warning
+
+log = logging.getLogger("quept")
 
 
 def folder_config(folder: Path, kind: str) -> QuEPTConfig:
@@ -231,6 +235,11 @@ def cmd_export(a: argparse.Namespace) -> dict[str, Any]:
 
         check_texts(a, calib_text="calib")
     model, tok, cfg = _load_elastic(folder, kind, a.model)
+    layers = elastic_layers(model)
+    if a.plan is not None and layers and not isinstance(read_plan(a.plan), Plan):  # by hand
+        note = split_warning(plan_widths(layers, plan), f"--plan {a.plan}")
+        if note:
+            log.warning(note)
     rounding = None if a.rounding == "nearest" else _export_round(a, model, tok, cfg, plan)
     t0 = time.perf_counter()
     meta = api.export(model, plan, a.out, a.format, tokenizer=tok,

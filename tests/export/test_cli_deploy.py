@@ -81,7 +81,7 @@ def test_export_a_plan_file(folders, capsys):
         capsys.readouterr().err)
 
 
-def test_a_pattern_plan_is_the_plan_it_expands_to(folders, capsys):
+def test_a_pattern_plan_is_the_plan_it_expands_to(folders, capsys, caplog):
     """A hand-written plan with patterns exports and evaluates as the full plan it stands
     for, through the command line."""
     root, _, elastic = folders
@@ -101,6 +101,16 @@ def test_a_pattern_plan_is_the_plan_it_expands_to(folders, capsys):
            for f in ("pattern.json", "full.json")]
     assert got[0]["ppl"] == got[1]["ppl"]
     assert got[0]["bits_per_weight"] == pytest.approx(res["sizes"]["bits_per_weight"])
+    warned = [r.getMessage() for r in caplog.records if "different widths" in r.getMessage()]
+    assert len(warned) == 3  # export and eval of pattern.json, eval of full.json
+    assert all("gives the linears of 2 blocks different widths" in w for w in warned)
+    # whole blocks at one width each: no warning
+    caplog.clear()
+    (root / "blocks.json").write_text(json.dumps({"*": 2, "model.layers.1.*": 4}))
+    run_json(capsys, ["export", str(elastic), "--plan", str(root / "blocks.json"), "--out",
+                      str(root / "blk"), "--json"])
+    run_json(capsys, ["eval", str(elastic), "--plan", str(root / "blocks.json"), *ev])
+    assert not [r for r in caplog.records if "different widths" in r.getMessage()]
     (root / "typo.json").write_text(json.dumps({"*": 2, "*.mlp.dwn_proj": 4}))
     assert main(["eval", str(elastic), "--plan", str(root / "typo.json")]) == 2
     assert "'*.mlp.dwn_proj' matches no layer" in capsys.readouterr().err

@@ -426,3 +426,15 @@ def test_a_plans_own_bits_per_weight_admits_it():
         size = layer_bits(shapes["a"], 2, 16) + layer_bits(shapes["b"], 3, 16)
         plan = plan_from_table(table, avg_bits=size / (64 * (rows + 7)))
         assert plan.predicted_kl <= 6.0, rows  # one layer at 3 bits fits
+
+
+def test_split_blocks_names_the_blocks_a_plan_splits():
+    from quept.search.plan import split_blocks, split_warning
+
+    widths = {"model.layers.0.self_attn.q_proj": 3, "model.layers.0.mlp.down_proj": 4,
+              "model.layers.1.self_attn.q_proj": 2, "model.layers.1.mlp.down_proj": 2,
+              "model.layers.2.self_attn.q_proj": 8, "model.layers.2.mlp.down_proj": None}
+    assert split_blocks(widths) == ["model.layers.0", "model.layers.2"]
+    assert "gives the linears of 2 blocks different widths (e.g. model.layers.0)" in (
+        split_warning(widths, "plan.json"))
+    assert split_warning({k: 3 for k in widths}, "plan.json") is None

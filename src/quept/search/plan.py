@@ -254,6 +254,30 @@ def unit_of(name: str, granularity: str) -> str:
     return ".".join(parts[: at + (1 if granularity == "block" else 2)])
 
 
+def split_blocks(widths: Mapping[str, int | None]) -> list[str]:
+    """The blocks (:func:`unit_of` "block") whose linears ``widths`` gives more than one width,
+    in order. An elastic model is calibrated one width per block at a time, and hand-written
+    plans that split blocks measured worse than the uniform width below them
+    (docs/pitfalls.md)."""
+    seen: dict[str, set[int | None]] = {}
+    for name, b in widths.items():
+        seen.setdefault(unit_of(name, "block"), set()).add(b)
+    return [u for u, w in seen.items() if len(w) > 1]
+
+
+def split_warning(widths: Mapping[str, int | None], what: str) -> str | None:
+    """A one-line warning when a hand-written plan ``what`` splits blocks between widths, or
+    None."""
+    split = split_blocks(widths)
+    if not split:
+        return None
+    return (f"{what} gives the linears of {len(split)} blocks different widths (e.g. "
+            f"{split[0]}); an elastic model is calibrated one width per block, and such "
+            "hand-written plans measured worse than the uniform width below them: mix widths "
+            "by whole blocks (\"model.layers.3.*\": 4) or let `quept plan` choose "
+            "(docs/pitfalls.md)")
+
+
 def plan_from_table(
     table: SensitivityTable, *, avg_bits: float | None = None, max_bytes: int | None = None,
     granularity: str = "layer",
