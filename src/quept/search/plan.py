@@ -256,8 +256,8 @@ def unit_of(name: str, granularity: str) -> str:
 
 def split_blocks(widths: Mapping[str, int | None]) -> list[str]:
     """The blocks (:func:`unit_of` "block") whose linears ``widths`` gives more than one width,
-    in order. An elastic model is calibrated one width per block at a time, and hand-written
-    plans that split blocks measured worse than the uniform width below them
+    in order. An elastic model is calibrated one width per block at a time, and on the
+    cpu-long model hand-written plans that split blocks lost to the uniform width below them
     (docs/pitfalls.md)."""
     seen: dict[str, set[int | None]] = {}
     for name, b in widths.items():
@@ -272,9 +272,9 @@ def split_warning(widths: Mapping[str, int | None], what: str) -> str | None:
     if not split:
         return None
     return (f"{what} gives the linears of {len(split)} blocks different widths (e.g. "
-            f"{split[0]}); an elastic model is calibrated one width per block, and such "
-            "hand-written plans measured worse than the uniform width below them: mix widths "
-            "by whole blocks (\"model.layers.3.*\": 4) or let `quept plan` choose "
+            f"{split[0]}); an elastic model is calibrated one width per block, and on the "
+            "cpu-long model such plans lost to the uniform width below them: mix widths by "
+            "whole blocks (\"model.layers.3.*\": 4) or let `quept plan` choose "
             "(docs/pitfalls.md)")
 
 
