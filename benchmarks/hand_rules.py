@@ -23,21 +23,16 @@ import math
 import platform
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+from mixed_precision import BOOTSTRAP, bootstrap_ppl, ci95, load_with_table  # benchmarks/
 
 import quept
 from quept import data
-from quept.data.tokens import calibration_samples, tokenize
 from quept.eval import window_nll
 from quept.nn import elastic_layers
-from quept.search import SensitivityConfig
-
-BOOTSTRAP = 2000  # resamplings of the evaluation windows behind each interval
 
 
 def rules(n_blocks: int, prefix: str) -> dict[str, dict[str, int]]:
@@ -53,15 +48,6 @@ def rules(n_blocks: int, prefix: str) -> dict[str, dict[str, int]]:
         "v and down +1 (W2 base, like Q2_K)": {"*": 2, "*.self_attn.v_proj": 3,
                                                "*.mlp.down_proj": 3},
     }
-
-
-def paired_ratio(a: np.ndarray, b: np.ndarray, seed: int = 0) -> tuple[float, float]:
-    """95% interval of exp(mean a) / exp(mean b) over windows resampled together."""
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(a), size=(BOOTSTRAP, len(a)))
-    ratios = np.exp(a[idx].mean(1) - b[idx].mean(1))
-    lo, hi = np.percentile(ratios, [2.5, 97.5])
-    return float(lo), float(hi)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -84,17 +70,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if a.threads:
         torch.set_num_threads(a.threads)
     folder = Path(a.elastic)
-    model, tok = quept.load(folder)
+    model, tok, ids, table, _ = load_with_table(
+        folder, calib_text=data.load_texts([a.calib_text]) if a.calib_text else None,
+        n_samples=a.samples)
     names = list(elastic_layers(model))
     prefix = names[0].rsplit(".", 3)[0]  # "model.layers"
     n_blocks = len({n[len(prefix) + 1:].split(".")[0] for n in names})
-    cfg = SensitivityConfig()
-    if a.samples:
-        cfg = replace(cfg, n_samples=a.samples)
-    calib_text = (data.load_texts([a.calib_text]) if a.calib_text
-                  else data.calibration_text())
-    ids = calibration_samples(tokenize(tok, calib_text), cfg.n_samples, cfg.seq_len, cfg.seed)
-    table = quept.api.sensitivity(model, ids, cfg, cache=folder / quept.api.SENSITIVITY_JSON)
     check = ids[: a.check_samples]
     sweeps = quept.api.sweep_cache(model, check, folder / quept.api.SWEEPS_JSON)
     text = data.load_texts([a.text], role="eval") if a.text else data.evaluation_text()
@@ -112,7 +93,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             quept.set_bits(model, plan)
             nll[who] = window_nll(model, windows, progress=True,
                                   desc=f"{label[:24]}: {who}").numpy()
-        lo, hi = paired_ratio(nll["allocator"], nll["rule"])
+        # the allocator's perplexity over the rule's, the windows resampled together
+        ppl_auto, ppl_rule = bootstrap_ppl([{"window_nll": nll[k]}
+                                            for k in ("allocator", "rule")])
+        lo, hi = ci95(ppl_auto / ppl_rule)
         row = {"rule": label, "entries": rule,
                "rule_bits_per_weight": hand.bits_per_weight,
                "rule_widths": {str(b): n for b, n in hand.histogram().items()},

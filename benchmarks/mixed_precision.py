@@ -23,6 +23,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -94,13 +95,18 @@ def subset_check(model, ids, table: SensitivityTable, names: list[str], windows,
             "slow_kl": {n: list(v) for n, v in slow.items()}, "plans": rows}
 
 
-def load_with_table(folder: Path, recompute: bool = False):
-    """The elastic model, the sensitivity draw of calibration sequences, the sensitivity table
-    (cached in FOLDER/sensitivity.json, as ``quept plan`` does) and the seconds that call took."""
+def load_with_table(folder: Path, recompute: bool = False, calib_text: str | None = None,
+                    n_samples: int | None = None):
+    """The elastic model, the sensitivity draw of calibration sequences (of ``calib_text``,
+    default the other novels; ``n_samples`` of them, default the table's 32), the sensitivity
+    table (cached in FOLDER/sensitivity.json, as ``quept plan`` does) and the seconds that call
+    took."""
     model, tok = quept.load(folder)
     cfg = SensitivityConfig()
-    ids = calibration_samples(tokenize(tok, data.calibration_text()), cfg.n_samples,
-                              cfg.seq_len, cfg.seed)
+    if n_samples:
+        cfg = replace(cfg, n_samples=n_samples)
+    ids = calibration_samples(tokenize(tok, calib_text or data.calibration_text()),
+                              cfg.n_samples, cfg.seq_len, cfg.seed)
     t0 = time.perf_counter()
     table = quept.api.sensitivity(model, ids, cfg, cache=folder / "sensitivity.json",
                                   recompute=recompute)

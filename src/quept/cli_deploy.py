@@ -21,7 +21,13 @@ from quept.info import describe, folder_kind, render
 from quept.models import family_for
 from quept.nn.packed_linear import BACKENDS
 from quept.nn.switch import elastic_layers, plan_widths
-from quept.search.plan import Plan, plan_files, read_plan, read_widths, split_warning
+from quept.search.plan import (
+    as_layer_widths,
+    plan_files,
+    read_plan,
+    read_widths,
+    split_warning,
+)
 
 log = logging.getLogger("quept")
 
@@ -227,7 +233,8 @@ def cmd_export(a: argparse.Namespace) -> dict[str, Any]:
         if given and a.rounding != "learned":
             raise ConfigError(f"{flag} applies to --rounding learned")
     kind = folder_kind(folder)
-    plan = a.bits if a.bits is not None else read_widths(a.plan)
+    given = a.bits if a.bits is not None else read_plan(a.plan)  # int, Plan or hand-written
+    plan = as_layer_widths(given)
     check_widths(plan, folder_config(folder, kind).spec,
                  f"--bits {a.bits}" if a.bits is not None else f"--plan {a.plan}")
     if a.rounding != "nearest":  # read before the model loads: a missing file fails at once
@@ -236,7 +243,7 @@ def cmd_export(a: argparse.Namespace) -> dict[str, Any]:
         check_texts(a, calib_text="calib")
     model, tok, cfg = _load_elastic(folder, kind, a.model)
     layers = elastic_layers(model)
-    if a.plan is not None and layers and not isinstance(read_plan(a.plan), Plan):  # by hand
+    if isinstance(given, dict) and layers:  # a hand-written plan
         note = split_warning(plan_widths(layers, plan), f"--plan {a.plan}")
         if note:
             log.warning(note)
