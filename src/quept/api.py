@@ -75,6 +75,7 @@ from quept.search import (
 from quept.search.exact import configuration_kl, unit_swap_kl
 from quept.search.plan import (
     GRANULARITIES,
+    Constraints,
     bracketing_widths,
     layer_bits,
     plan_from_moves,
@@ -344,20 +345,21 @@ def sweep_cache(model: nn.Module, check_ids: torch.Tensor, path: str | os.PathLi
 
 
 def check_budget(model: nn.Module, *, avg_bits: float | None = None,
-                 max_bytes: int | None = None) -> None:
+                 max_bytes: int | None = None, constraints: Constraints = None) -> None:
     """Refuse, before anything is measured, a budget no plan of ``model`` can meet (below the
-    narrowest width's stored size): :class:`quept.search.InfeasibleBudgetError` gives the
-    range of bits per weight and bytes its plans can have."""
+    narrowest width's stored size, under ``constraints`` when given):
+    :class:`quept.search.InfeasibleBudgetError` gives the range of bits per weight and bytes
+    its plans can have; ConfigError, constraints that match no layer or leave one no width."""
     spec = _spec_of(model)
     _check_budget(elastic_layers(model), {b: spec.group_size_for(b) for b in spec.bits},
-                  avg_bits=avg_bits, max_bytes=max_bytes)
+                  avg_bits=avg_bits, max_bytes=max_bytes, constraints=constraints)
 
 
 def plan(model: nn.Module, table: SensitivityTable, *, avg_bits: float | None = None,
          max_bytes: int | None = None, granularity: str = "auto",
          check_ids: torch.Tensor | None = None, in_context: bool = True,
          both_ways: bool = True, cache: MutableMapping | None = None,
-         progress: bool = False) -> Plan:
+         constraints: Constraints = None, progress: bool = False) -> Plan:
     """The width per layer minimising the summed sensitivity within one budget: ``avg_bits``
     (stored bits per quantized weight, scales and zero-points included) or ``max_bytes``
     (bytes of the quantized linears: codes + scales + zero-points). Solved exactly.
@@ -377,18 +379,23 @@ def plan(model: nn.Module, table: SensitivityTable, *, avg_bits: float | None = 
     uniform model, each block may go down to the lower width or up to the next width above
     (one more sweep; :func:`quept.search.plan.plan_from_moves`). ``cache`` (a dict, for one
     model and one ``check_ids``, or a :func:`sweep_cache` that keeps them on disk) keeps those
-    sweeps for later budgets between the same two widths. ``progress`` shows each sweep."""
+    sweeps for later budgets between the same two widths. ``progress`` shows each sweep.
+
+    ``constraints`` pin or bound the widths of the layers they name, by name or shell-style
+    pattern: ``["model.layers.0.*=8", "*.mlp.down_proj>=4"]`` (:mod:`quept.search.constraints`);
+    every candidate keeps them, and the budget counts the pinned layers too."""
     _check_table(model, table)
     if granularity != "auto":
         return plan_from_table(table, avg_bits=avg_bits, max_bytes=max_bytes,
-                               granularity=granularity)
+                               granularity=granularity, constraints=constraints)
     if check_ids is None:
         raise ConfigError("granularity='auto' measures each candidate plan: pass check_ids "
                           "(calibration tokens, e.g. 16 x 128), or a fixed granularity "
                           f"{GRANULARITIES}")
     candidates = plan_candidates(model, table, avg_bits=avg_bits, max_bytes=max_bytes,
                                  check_ids=check_ids, in_context=in_context,
-                                 both_ways=both_ways, cache=cache, progress=progress)
+                                 both_ways=both_ways, cache=cache, constraints=constraints,
+                                 progress=progress)
     kls = configuration_kl(model, check_ids, list(candidates.values()))
     checked = dict(zip(candidates, kls))
     best = min(checked, key=checked.get)
@@ -401,7 +408,7 @@ def plan_candidates(
     model: nn.Module, table: SensitivityTable, *, avg_bits: float | None = None,
     max_bytes: int | None = None, check_ids: torch.Tensor | None = None,
     in_context: bool = True, both_ways: bool = True, cache: MutableMapping | None = None,
-    progress: bool = False,
+    constraints: Constraints = None, progress: bool = False,
 ) -> dict[str, Plan]:
     """The candidates :func:`plan` chooses among with ``granularity="auto"``, by label
     (``Plan.label``), distinct widths only, not yet checked: the table's plan at each
@@ -420,10 +427,10 @@ def plan_candidates(
         if all(p.widths != c.widths for c in candidates.values()):
             candidates[p.label] = p
 
+    budget = {"avg_bits": avg_bits, "max_bytes": max_bytes, "constraints": constraints}
     for g in GRANULARITIES:
-        add(plan_from_table(table, avg_bits=avg_bits, max_bytes=max_bytes, granularity=g))
-    lo, hi = (bracketing_widths(table, avg_bits=avg_bits, max_bytes=max_bytes)
-              if in_context else (None, None))
+        add(plan_from_table(table, **budget, granularity=g))
+    lo, hi = bracketing_widths(table, **budget) if in_context else (None, None)
     if hi is not None:
         units: dict[str, list[str]] = {}
         for name in layers:
@@ -434,19 +441,17 @@ def plan_candidates(
                 cache[base, alt] = unit_swap_kl(model, check_ids, units, base, alt,
                                                 progress=progress)
             kl_base, deltas = cache[base, alt]
-            add(plan_from_swaps(
-                table, base, alt, deltas, kl_base, avg_bits=avg_bits, max_bytes=max_bytes))
+            add(plan_from_swaps(table, base, alt, deltas, kl_base, **budget))
         (kl_lo, up), (kl_hi, down) = cache[lo, hi], cache[hi, lo]
-        add(plan_from_swaps(table, lo, hi, swap_means(up, down), kl_lo, avg_bits=avg_bits,
-                            max_bytes=max_bytes, search=f"from W{lo}+W{hi}"))
+        add(plan_from_swaps(table, lo, hi, swap_means(up, down), kl_lo, **budget,
+                            search=f"from W{lo}+W{hi}"))
         above = min((b for b in table.bits if b > hi), default=None)
         if both_ways and above is not None:
             if (hi, above) not in cache:
                 cache[hi, above] = unit_swap_kl(model, check_ids, units, hi, above,
                                                 progress=progress)
             add(plan_from_moves(table, hi, {lo: down, above: cache[hi, above][1]}, kl_hi,
-                                avg_bits=avg_bits, max_bytes=max_bytes,
-                                search=f"from W{hi} to W{lo} or W{above}"))
+                                **budget, search=f"from W{hi} to W{lo} or W{above}"))
     return candidates
 
 

@@ -30,7 +30,7 @@ from quept.config import (
 )
 from quept.data.hub import hub_model_dir, is_repo_id
 from quept.data.text import names_hub_text
-from quept.search import Plan, SensitivityConfig, parse_size
+from quept.search import Constraint, Plan, SensitivityConfig, parse_size
 from quept.search.plan import GRANULARITIES, plan_files, read_plan, split_warning
 
 log = logging.getLogger("quept")
@@ -926,6 +926,12 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
                    help="with --in-context: one more candidate, inside the uniform model just "
                    "above the budget each block may go down to the width below or up to the "
                    "next width (default on; one more sweep)")
+    p.add_argument("--constraint", action="append", type=_constraint, default=[],
+                   metavar="PATTERN=BITS", help="pin or bound the widths of the layers a name "
+                   "or shell-style pattern matches: PATTERN=BITS, PATTERN>=BITS or "
+                   "PATTERN<=BITS (quote it: 'model.layers.0.*=8', '*.mlp.down_proj>=4'); "
+                   "repeat for several, a layer matched by several keeps the widths all of "
+                   "them allow; the budget counts the pinned layers too")
     s = p.add_argument_group("sensitivity (cached in FOLDER/sensitivity.json)")
     s.add_argument("--calib-text", nargs="+", default=None, metavar="FILE",
                    help="calibration text: .txt/.jsonl files or a hub text (wikitext2, c4, "
@@ -952,6 +958,13 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
 def _size(text: str) -> int:
     try:
         return parse_size(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _constraint(text: str) -> Constraint:
+    try:
+        return Constraint.parse(text)
     except ConfigError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -1002,8 +1015,10 @@ def _budget_paths(a: argparse.Namespace) -> list[tuple[dict[str, Any], Path]]:
 
 def _print_plan(plan: Plan, title: str) -> None:
     hist = "  ".join(f"W{b}: {n}" for b, n in plan.histogram().items())
+    cons = f"; constraints: {', '.join(plan.constraints)}" if plan.constraints else ""
     print(f"\n{title}\n{plan.bits_per_weight:.4f} bits per weight stored, "
-          f"{plan.stored_bytes / 1e6:.2f} MB of quantized linears; layers per width: {hist}")
+          f"{plan.stored_bytes / 1e6:.2f} MB of quantized linears; layers per width: {hist}"
+          f"{cons}")
 
 
 def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
@@ -1027,7 +1042,7 @@ def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
                           f"a {model.config.model_type} model without one (an encoder or an "
                           "image classifier): use uniform widths (`quept eval FOLDER --bits ...`)")
     for budget, _ in budgets:  # every budget's feasibility first, from the layer shapes alone
-        api.check_budget(model, **budget)
+        api.check_budget(model, **budget, constraints=a.constraint)
     ids = calibration_samples(tokenize(tok, _text(a.calib_text, "calib")), cfg.n_samples,
                               cfg.seq_len, cfg.seed)
     t0 = time.perf_counter()
@@ -1043,7 +1058,7 @@ def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
                   if a.granularity == "auto" and a.in_context else None)
         plan = api.plan(model, table, **budget, granularity=a.granularity, check_ids=check,
                         in_context=a.in_context, both_ways=a.both_ways, cache=sweeps,
-                        progress=not a.json)
+                        constraints=a.constraint, progress=not a.json)
         alloc_s = time.perf_counter() - t1
         plan.save(out)
         used = {} if sweeps is None else {"measured": sweeps.measured, "reused": sweeps.reused}

@@ -109,7 +109,7 @@ def _plan(path: Path) -> dict[str, Any]:
             "layers_per_width": {str(b): n for b, n in plan.histogram().items()},
             "blocks": {u: sorted(set(w)) for u, w in blocks.items()}, "chosen": plan.label,
             "predicted_kl": plan.predicted_kl, "checked_kl": plan.checked_kl,
-            "files": {path.name: path.stat().st_size}}
+            "constraints": list(plan.constraints), "files": {path.name: path.stat().st_size}}
 
 
 def _hand_plan(path: Path) -> dict[str, Any]:
@@ -573,6 +573,8 @@ def render(info: dict[str, Any]) -> str:
             f"W{b} {n}" for b, n in info["layers_per_width"].items()))
         out.append("widths per block, in order: " + " ".join(
             "/".join(str(b) for b in w) for w in info["blocks"].values()))
+        if info.get("constraints"):
+            out.append("chosen under the constraints " + ", ".join(info["constraints"]))
         kl = info.get("checked_kl")
         if kl:
             out.append(f"chosen: {info['chosen']} (measured KL per token, lowest kept: "

@@ -175,3 +175,40 @@ def test_several_budgets_are_checked_before_any_plan_is_made(folder, capsys):
     with pytest.raises(SystemExit):
         main(["plan", elastic, "--avg-bits", "4,x", "--out", "x"])
     assert "cannot read bits per weight from 'x'" in capsys.readouterr().err
+
+
+def test_constraints_pin_and_bound_layers_and_are_recorded(folder, capsys):
+    elastic, text = str(folder / "elastic"), str(folder / "calib.txt")
+    small = ["--calib-text", text, "--samples", "2", "--seq-len", "16", "--probes", "2"]
+    out = folder / "pinned.json"
+    cons = ["model.layers.0.*=8", "*.mlp.down_proj>=4"]
+    res = run_json(capsys, ["plan", elastic, "--avg-bits", "7.0", "--out", str(out), "--json",
+                            *small, *(x for c in cons for x in ("--constraint", c))])
+    assert res["constraints"] == cons and res["bits_per_weight"] <= 7.0
+    for name, b in res["bits"].items():
+        assert b == 8 if name.startswith("model.layers.0.") else b >= (
+            4 if name.endswith("down_proj") else 2)
+    assert len(set(res["bits"].values())) > 1  # block 1 got less than 8 bits
+    assert len(res["checked_kl"]) >= 2  # auto: candidates, all made under the constraints
+    assert Plan.load(out).constraints == tuple(cons)
+    info = run_json(capsys, ["info", str(out), "--json"])
+    assert info["constraints"] == cons
+    main(["info", str(out)])
+    assert ("chosen under the constraints model.layers.0.*=8, *.mlp.down_proj>=4"
+            in capsys.readouterr().out)
+    main(["plan", elastic, "--avg-bits", "7.0", "--out", str(folder / "pinned2.json"),
+          "--granularity", "block", "--constraint", "model.layers.0.*=8", *small])
+    assert "; constraints: model.layers.0.*=8" in capsys.readouterr().out
+    # refused before anything is measured: a budget they rule out, a pattern matching nothing
+    assert main(["plan", elastic, "--avg-bits", "4.0", "--out", str(folder / "x.json"),
+                 "--constraint", "model.layers.0.*=8", *small]) == 2
+    err = capsys.readouterr().err
+    assert "under the constraints model.layers.0.*=8 range from 6.3125" in err
+    assert main(["plan", elastic, "--avg-bits", "6.5", "--out", str(folder / "x.json"),
+                 "--constraint", "model.layers.0=8", *small]) == 2
+    assert "for the linears under model.layers.0 write model.layers.0.*" in (
+        capsys.readouterr().err)
+    with pytest.raises(SystemExit):
+        main(["plan", elastic, "--avg-bits", "6.5", "--out", "x.json", "--constraint", "*=9"])
+    assert "constraint '*=9': bit-width 9 is outside 2..8" in capsys.readouterr().err
+    assert not (folder / "x.json").exists()

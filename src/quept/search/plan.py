@@ -18,7 +18,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -27,6 +27,7 @@ from typing import Any
 from quept.config import ConfigError, check_bits
 from quept.ops import stored_bits_per_weight
 from quept.search.allocate import InfeasibleBudgetError, allocate, size_range
+from quept.search.constraints import Constraint, allowed_widths, clamp, constraint_texts
 from quept.search.table import LayerShape, SensitivityTable
 
 PLAN_FORMAT = "quept-plan"
@@ -68,6 +69,8 @@ class Plan(Mapping[str, int]):
         "from W<b>" (in-context costs of units moved away from uniform b bits,
         :func:`plan_from_swaps`) or "from W<lo>+W<hi>" (the mean of both in-context costs,
         :func:`swap_means`).
+    constraints: the constraints the widths were chosen under, as written
+        (:mod:`quept.search.constraints`; empty when none).
     """
 
     widths: dict[str, int]
@@ -80,6 +83,7 @@ class Plan(Mapping[str, int]):
     granularity: str = "layer"
     checked_kl: dict[str, float] | None = None
     search: str = "table"
+    constraints: tuple[str, ...] = ()
 
     def __getitem__(self, name: str) -> int:
         return self.widths[name]
@@ -110,7 +114,7 @@ class Plan(Mapping[str, int]):
             "n_weights": self.n_weights, "budget": self.budget,
             "predicted_kl": self.predicted_kl, "exact": self.exact,
             "granularity": self.granularity, "checked_kl": self.checked_kl,
-            "search": self.search,
+            "search": self.search, "constraints": list(self.constraints),
         }
 
     @classmethod
@@ -128,13 +132,21 @@ class Plan(Mapping[str, int]):
         if gran not in GRANULARITIES:
             raise ConfigError(f"{where}: granularity {gran!r} is not one of {GRANULARITIES}")
         checked = d.get("checked_kl")
+        cons = d.get("constraints") or []
+        if not isinstance(cons, list) or not all(isinstance(c, str) for c in cons):
+            raise ConfigError(f"{where}: 'constraints' must be a list of texts such as "
+                              f"'model.layers.0.*=8', got {cons!r}")
+        try:
+            cons = constraint_texts(cons)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
         try:
             return cls(dict(widths), float(d["bits_per_weight"]), float(d["stored_bytes"]),
                        int(d["n_weights"]), dict(d.get("budget", {})),
                        None if d.get("predicted_kl") is None else float(d["predicted_kl"]),
                        bool(d.get("exact", True)), gran,
                        None if checked is None else {str(k): float(v) for k, v in checked.items()},
-                       str(d.get("search", "table")))
+                       str(d.get("search", "table")), cons)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ConfigError(f"{where}: missing or malformed field ({e!r})") from None
 
@@ -228,16 +240,28 @@ def as_layer_widths(plan: Any) -> Any:
     return plan
 
 
-def feasible_range(table: SensitivityTable) -> tuple[float, float]:
-    """(smallest, largest) stored bits per weight any plan over ``table`` can have."""
-    lo, hi = size_range(_sizes(table))
+Constraints = Sequence[str | Constraint] | None
+
+
+def feasible_range(table: SensitivityTable, constraints: Constraints = None
+                   ) -> tuple[float, float]:
+    """(smallest, largest) stored bits per weight any plan over ``table`` (under
+    ``constraints``) can have."""
+    lo, hi = size_range(_layer_options(table, constraints)[1])
     n = sum(s.numel for s in table.shapes.values())
     return lo / n, hi / n
 
 
-def _sizes(table: SensitivityTable) -> list[list[int]]:
-    return [[layer_bits(s, b, table.group_size[b]) for b in table.bits]
-            for s in table.shapes.values()]
+def _layer_options(table: SensitivityTable, constraints: Constraints = None
+                   ) -> tuple[dict[str, list[int]], list[list[int]]]:
+    """(each layer's width when its unit is at each of the table's widths, which is that width
+    unless ``constraints`` move it (:func:`quept.search.constraints.clamp`); the stored bits
+    of each of those, per layer in table order)."""
+    allowed = allowed_widths(table.shapes, table.bits, constraints)
+    widths = {n: [clamp(allowed[n], b) for b in table.bits] for n in table.shapes}
+    sizes = [[layer_bits(s, b, table.group_size[b]) for b in widths[n]]
+             for n, s in table.shapes.items()]
+    return widths, sizes
 
 
 def unit_of(name: str, granularity: str) -> str:
@@ -280,31 +304,35 @@ def split_warning(widths: Mapping[str, int | None], what: str) -> str | None:
 
 def plan_from_table(
     table: SensitivityTable, *, avg_bits: float | None = None, max_bytes: int | None = None,
-    granularity: str = "layer",
+    granularity: str = "layer", constraints: Constraints = None,
 ) -> Plan:
     """The width per layer minimising the summed sensitivity within the budget: ``avg_bits``
     (stored bits per quantized weight) or ``max_bytes`` (codes + scales + zeros), one of them.
     With ``granularity`` "sublayer" or "block" every linear of a unit gets the same width (the
-    unit's cost and size are its layers' sums); the solution is exact for that choice."""
+    unit's cost and size are its layers' sums); the solution is exact for that choice.
+    ``constraints`` (:mod:`quept.search.constraints`) pin or bound the widths of the layers
+    they name; a unit's linears then move together within what each is allowed."""
     names = list(table.shapes)
     n = sum(s.numel for s in table.shapes.values())
     ids: dict[str, int] = {}  # unit -> its index, in table order
     unit = [ids.setdefault(unit_of(name, granularity), len(ids)) for name in names]
     sizes = [[0] * len(table.bits) for _ in ids]
     cost = [[0.0] * len(table.bits) for _ in ids]
-    for name, u, layer_sizes in zip(names, unit, _sizes(table)):
-        for j, (size, kl) in enumerate(zip(layer_sizes, table.kl[name])):
+    widths_at, layer_sizes = _layer_options(table, constraints)
+    for name, u, row in zip(names, unit, layer_sizes):
+        for j, (size, b) in enumerate(zip(row, widths_at[name])):
             sizes[u][j] += size
-            cost[u][j] += kl
-    capacity, budget = _capacity(table, sizes, avg_bits, max_bytes)
+            cost[u][j] += table.cost(name, b)
+    capacity, budget = _capacity(table, sizes, avg_bits, max_bytes, constraints)
     alloc = allocate(cost, sizes, capacity)
-    widths = {name: table.bits[alloc.choice[u]] for name, u in zip(names, unit)}
+    widths = {name: widths_at[name][alloc.choice[u]] for name, u in zip(names, unit)}
     return Plan(widths, alloc.size / n, alloc.size / 8, n, budget, alloc.cost, alloc.exact,
-                granularity)
+                granularity, constraints=constraint_texts(constraints))
 
 
 def _capacity(table: SensitivityTable, sizes: list[list[int]], avg_bits: float | None,
-              max_bytes: int | None) -> tuple[int, dict[str, float]]:
+              max_bytes: int | None, constraints: Constraints = None
+              ) -> tuple[int, dict[str, float]]:
     """(capacity in stored bits, the budget as recorded) of one budget; InfeasibleBudgetError
     below the smallest plan."""
     if (avg_bits is None) == (max_bytes is None):
@@ -323,8 +351,10 @@ def _capacity(table: SensitivityTable, sizes: list[list[int]], avg_bits: float |
         capacity, budget = int(max_bytes) * 8, {"max_bytes": float(max_bytes)}
     if capacity < lo:
         asked = f"{avg_bits} bits per weight" if avg_bits is not None else f"{max_bytes} bytes"
+        under = constraint_texts(constraints)
+        under = f" under the constraints {', '.join(under)}" if under else ""
         raise InfeasibleBudgetError(
-            f"a budget of {asked} is infeasible: plans for this model range from "
+            f"a budget of {asked} is infeasible: plans for this model{under} range from "
             f"{lo / n:.4f} to {hi / n:.4f} stored bits per weight ({lo / 8:,.0f} to "
             f"{hi / 8:,.0f} bytes of quantized linears, scales and zero-points included)"
         )
@@ -332,24 +362,29 @@ def _capacity(table: SensitivityTable, sizes: list[list[int]], avg_bits: float |
 
 
 def check_budget(layers: Mapping[str, Any], group_size: Mapping[int, int], *,
-                 avg_bits: float | None = None, max_bytes: int | None = None) -> None:
+                 avg_bits: float | None = None, max_bytes: int | None = None,
+                 constraints: Constraints = None) -> None:
     """Refuse a budget no plan can meet before any sensitivity is measured: ``layers`` maps
     names to linears (anything with ``out_features`` / ``in_features``), ``group_size`` each
     width to its group size. Raises :class:`InfeasibleBudgetError` (or ``ConfigError`` for a
-    malformed budget) with the range of stored bits per weight the model's plans can have."""
+    malformed budget, or constraints that match no layer or leave one no width) with the range
+    of stored bits per weight the model's plans (under ``constraints``) can have."""
     bits = tuple(sorted(group_size))
     shapes = {n: LayerShape(m.out_features, m.in_features) for n, m in layers.items()}
     skeleton = SensitivityTable(bits=bits, group_size=dict(group_size), shapes=shapes,
                                 kl={n: (0.0,) * len(bits) for n in shapes}, fingerprint="")
-    _capacity(skeleton, _sizes(skeleton), avg_bits, max_bytes)
+    _capacity(skeleton, _layer_options(skeleton, constraints)[1], avg_bits, max_bytes,
+              constraints)
 
 
 def bracketing_widths(table: SensitivityTable, *, avg_bits: float | None = None,
-                      max_bytes: int | None = None) -> tuple[int, int | None]:
+                      max_bytes: int | None = None, constraints: Constraints = None
+                      ) -> tuple[int, int | None]:
     """(lo, hi): the widest uniform width whose model fits the budget and the next wider one
-    (None when the widest width fits)."""
-    sizes = _sizes(table)
-    capacity, _ = _capacity(table, sizes, avg_bits, max_bytes)
+    (None when the widest width fits); under ``constraints`` a uniform width is what the
+    constrained layers make of it."""
+    sizes = _layer_options(table, constraints)[1]
+    capacity, _ = _capacity(table, sizes, avg_bits, max_bytes, constraints)
     total = {b: sum(row[j] for row in sizes) for j, b in enumerate(table.bits)}
     lo = max((b for b, size in total.items() if size <= capacity), default=None)
     if lo is None:  # only mixed plans fit (the narrowest width is missing from the table)
@@ -360,7 +395,7 @@ def bracketing_widths(table: SensitivityTable, *, avg_bits: float | None = None,
 def plan_from_swaps(
     table: SensitivityTable, base: int, alt: int, deltas: Mapping[str, float], kl_base: float,
     *, avg_bits: float | None = None, max_bytes: int | None = None, granularity: str = "block",
-    search: str | None = None,
+    search: str | None = None, constraints: Constraints = None,
 ) -> Plan:
     """The plan that starts from uniform ``base`` bits and moves the units whose in-context cost
     ``deltas[unit]`` (:func:`quept.search.exact.unit_swap_kl`) is best to ``alt`` bits: the
@@ -369,19 +404,25 @@ def plan_from_swaps(
     base is over it. Every linear belongs to a unit of ``deltas``. ``search`` names how the
     deltas were made (default "from W<base>")."""
     return plan_from_moves(table, base, {alt: deltas}, kl_base, avg_bits=avg_bits,
-                           max_bytes=max_bytes, granularity=granularity, search=search)
+                           max_bytes=max_bytes, granularity=granularity, search=search,
+                           constraints=constraints)
 
 
 def plan_from_moves(
     table: SensitivityTable, base: int, moves: Mapping[int, Mapping[str, float]],
     kl_base: float, *, avg_bits: float | None = None, max_bytes: int | None = None,
-    granularity: str = "block", search: str | None = None,
+    granularity: str = "block", search: str | None = None, constraints: Constraints = None,
 ) -> Plan:
     """:func:`plan_from_swaps` with several widths to move to: each unit stays at ``base`` or
     goes to one width ``w`` of ``moves`` at the in-context cost ``moves[w][unit]`` (every sweep
     made in the uniform ``base`` model), the choice per unit minimising the summed costs within
     the budget, exactly (a multiple-choice knapsack). With a width below and one above
-    ``base``, a plan can buy a sensitive block's way up with other blocks' way down."""
+    ``base``, a plan can buy a sensitive block's way up with other blocks' way down.
+
+    Under ``constraints`` each linear takes the width its constraints leave nearest its
+    unit's (:func:`quept.search.constraints.clamp`); a move that changes none of a unit's
+    linears costs nothing, any other costs what was measured without the constraints (an
+    estimate, which :func:`quept.api.plan` checks by measuring the plan)."""
     if not moves or base in moves:
         raise ConfigError(f"plan_from_moves needs at least one width other than W{base} to "
                           f"move to, got {sorted(moves)}")
@@ -399,20 +440,26 @@ def plan_from_moves(
     cols = [table.bits.index(b) for b in widths]
     ids = {u: k for k, u in enumerate(first)}
     sizes = [[0] * len(widths) for _ in ids]
+    moved: dict[str, set[int]] = {u: set() for u in ids}  # widths that change a unit's linears
     unit = []
-    for name, layer_sizes in zip(names, _sizes(table)):
+    widths_at, layer_sizes = _layer_options(table, constraints)
+    for name, row in zip(names, layer_sizes):
         u = unit_of(name, granularity)
         if u not in ids:
             raise ConfigError(f"layer {name} is in no unit of the in-context costs")
         unit.append(ids[u])
         for j, c in enumerate(cols):
-            sizes[ids[u]][j] += layer_sizes[c]
-    capacity, budget = _capacity(table, sizes, avg_bits, max_bytes)
-    costs = [[0.0, *(float(moves[w][u]) for w in moves)] for u in ids]
+            sizes[ids[u]][j] += row[c]
+            if widths_at[name][c] != widths_at[name][cols[0]]:
+                moved[u].add(widths[j])
+    capacity, budget = _capacity(table, sizes, avg_bits, max_bytes, constraints)
+    costs = [[0.0, *(float(moves[w][u]) if w in moved[u] else 0.0 for w in moves)]
+             for u in ids]
     alloc = allocate(costs, sizes, capacity)
-    chosen = {name: widths[alloc.choice[u]] for name, u in zip(names, unit)}
+    chosen = {name: widths_at[name][cols[alloc.choice[u]]] for name, u in zip(names, unit)}
     return Plan(chosen, alloc.size / n, alloc.size / 8, n, budget, kl_base + alloc.cost,
-                alloc.exact, granularity, search=search or f"from W{base}")
+                alloc.exact, granularity, search=search or f"from W{base}",
+                constraints=constraint_texts(constraints))
 
 
 def swap_means(up: Mapping[str, float], down: Mapping[str, float]) -> dict[str, float]:
