@@ -549,7 +549,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plan", action="append", default=None, metavar="PLAN.json",
                    help="evaluate this mixed-precision plan (from `quept plan`, or a "
                    "hand-written JSON {layer or pattern: bits} such as {\"*\": 3, "
-                   "\"*.down_proj\": 4}, applied in order) instead of every width; --bits "
+                   "\"*.down_proj\": 4}, applied in order, or the same inline: "
+                   "'*=3,*.down_proj=4') instead of every width; --bits "
                    "then adds uniform widths to compare. Repeat it, or name a folder of plans "
                    "(`quept plan --avg-bits 2.5,3,3.5 --out DIR`), to evaluate several, one "
                    "loaded model for all")

@@ -136,7 +136,7 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     w.add_argument("--plan", metavar="PLAN.json",
                    help="JSON {layer: bits}, bare or under 'plan' (or 'bits', as `quept plan` "
                    "writes); keys may be patterns applied in order, e.g. {\"*\": 3, "
-                   "\"*.mlp.down_proj\": 4}")
+                   "\"*.mlp.down_proj\": 4}, or inline: '*=3,*.mlp.down_proj=4'")
     p.add_argument("--out", required=True,
                    help="output folder (quept, compressed-tensors, onnx) or file (gguf)")
     p.add_argument("--format", choices=api.EXPORT_FORMATS, default="quept",
@@ -315,8 +315,8 @@ def add_run(sub: argparse._SubParsersAction) -> None:
                    "after the other in the same loaded model (e.g. 4,3,2)")
     w.add_argument("--plan", metavar="PLAN.json", action="append", default=None,
                    help="elastic/compact folders: a mixed-precision plan (`quept plan`, or "
-                   "a hand-written {layer or pattern: bits}); repeat, or name a folder of "
-                   "plans, to run several")
+                   "a hand-written {layer or pattern: bits}, or inline: '*=3,*.mlp.down_proj=4'"
+                   "); repeat, or name a folder of plans, to run several")
     p.add_argument("--fake-quant", action="store_true",
                    help="elastic/compact folders: run the elastic model fake-quantized (float "
                    "matmuls over the quantized weights) instead of packed layers")

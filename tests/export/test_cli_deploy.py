@@ -114,6 +114,19 @@ def test_a_pattern_plan_is_the_plan_it_expands_to(folders, capsys, caplog):
     (root / "typo.json").write_text(json.dumps({"*": 2, "*.mlp.dwn_proj": 4}))
     assert main(["eval", str(elastic), "--plan", str(root / "typo.json")]) == 2
     assert "'*.mlp.dwn_proj' matches no layer" in capsys.readouterr().err
+    # the same plan inline on the command line
+    inline = f"*=2, *.mlp.down_proj=4, {names[0]}=8"
+    same = run_json(capsys, ["eval", str(elastic), "--plan", inline, *ev])["plan"]
+    assert same["ppl"] == got[0]["ppl"] and same["path"] == inline
+    res = run_json(capsys, ["export", str(elastic), "--plan", inline, "--out",
+                            str(root / "inl"), "--json"])
+    assert {n: v["bits"] for n, v in res["layers"].items()} == full
+    assert main(["eval", str(elastic), "--plan", "*=2,*.mlp.down_proj"]) == 2
+    assert "cannot read an inline plan from '*=2,*.mlp.down_proj' (at '*.mlp.down_proj')" in (
+        capsys.readouterr().err)
+    assert main(["eval", str(elastic), "--plan", str(root / "nothing.json")]) == 2
+    assert "a plan can also be given inline: '*=3,model.layers.0.*=8'" in (
+        capsys.readouterr().err)
 
 
 def test_clear_errors(folders, capsys):

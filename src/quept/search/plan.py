@@ -169,7 +169,8 @@ def _read_json(path: str | os.PathLike) -> Any:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"plan file {path} does not exist") from None
+        raise FileNotFoundError(f"plan file {path} does not exist (a plan can also be given "
+                                f"inline: {INLINE_EXAMPLE})") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON: {e}") from None
 
@@ -185,7 +186,10 @@ def read_plan(path: str | os.PathLike) -> Plan | dict[str, int]:
     """A plan file as ``quept plan`` wrote it (a :class:`Plan`), or a hand-written
     ``{layer name or pattern: bits}`` (bare, or under ``plan`` or ``bits``) as that mapping,
     each width checked to be in 2..8; patterns (``"*": 3, "*.mlp.down_proj": 4``) apply in
-    the file's order when the plan meets a model (:func:`quept.nn.switch.plan_widths`)."""
+    the file's order when the plan meets a model (:func:`quept.nn.switch.plan_widths`).
+    A text with ``=`` that names no file is read as an inline plan (:func:`inline_plan`)."""
+    if "=" in str(path) and not Path(path).exists():
+        return inline_plan(str(path))
     d = _read_json(path)
     if isinstance(d, dict) and d.get("format") == PLAN_FORMAT:
         return Plan.from_dict(d, str(path))
@@ -203,6 +207,28 @@ def read_plan(path: str | os.PathLike) -> Plan | dict[str, int]:
         except ConfigError as e:
             raise ConfigError(f"{path}: entry {name!r}: {e}") from None
     return d
+
+
+INLINE_EXAMPLE = "'*=3,model.layers.0.*=8'"
+
+
+def inline_plan(text: str) -> dict[str, int]:
+    """A hand-written plan given on the command line: ``"*=3,model.layers.0.*=8"`` ->
+    ``{"*": 3, "model.layers.0.*": 8}``, entries (names or patterns) in order, widths checked
+    to be in 2..8."""
+    out: dict[str, int] = {}
+    for part in text.split(","):
+        name, eq, bits = part.partition("=")
+        name, bits = name.strip(), bits.strip()
+        if not eq or not name or not bits.isdigit():
+            raise ConfigError(f"cannot read an inline plan from {text!r} (at {part!r}); write "
+                              f"PATTERN=BITS entries separated by commas, e.g. {INLINE_EXAMPLE},"
+                              " or name a plan file")
+        try:
+            out[name] = check_bits(int(bits))
+        except ConfigError as e:
+            raise ConfigError(f"inline plan {text!r}: entry {name!r}: {e}") from None
+    return out
 
 
 def plan_files(values: list[str]) -> list[Path]:
