@@ -438,3 +438,19 @@ def test_split_blocks_names_the_blocks_a_plan_splits():
     assert "gives the linears of 2 blocks different widths (e.g. model.layers.0)" in (
         split_warning(widths, "plan.json"))
     assert split_warning({k: 3 for k in widths}, "plan.json") is None
+
+
+def test_inline_plans_read_like_hand_written_ones(tmp_path):
+    from quept.search.plan import read_plan
+
+    assert read_plan("*=3, model.layers.0.*=8") == {"*": 3, "model.layers.0.*": 8}
+    assert list(read_plan("b=4,a=2")) == ["b", "a"]  # in the order given
+    with pytest.raises(ConfigError, match=r"inline plan '\*=9': entry '\*': bit-width 9"):
+        read_plan("*=9")
+    with pytest.raises(ConfigError, match=r"cannot read an inline plan from '\*=3,,a=2' "
+                                          r"\(at ''\)"):
+        read_plan("*=3,,a=2")
+    with pytest.raises(FileNotFoundError, match="plan file budget=3.json does not exist"):
+        read_plan("budget=3.json")  # a missing file, not an inline plan
+    (tmp_path / "a=3").write_text(json.dumps({"*": 5}))
+    assert read_plan(tmp_path / "a=3") == {"*": 5}  # a file wins over the inline reading

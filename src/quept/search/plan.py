@@ -187,9 +187,11 @@ def read_plan(path: str | os.PathLike) -> Plan | dict[str, int]:
     ``{layer name or pattern: bits}`` (bare, or under ``plan`` or ``bits``) as that mapping,
     each width checked to be in 2..8; patterns (``"*": 3, "*.mlp.down_proj": 4``) apply in
     the file's order when the plan meets a model (:func:`quept.nn.switch.plan_widths`).
-    A text with ``=`` that names no file is read as an inline plan (:func:`inline_plan`)."""
-    if "=" in str(path) and not Path(path).exists():
-        return inline_plan(str(path))
+    A text with ``=`` that names no file (and does not end in .json) is read as an inline plan
+    (:func:`inline_plan`)."""
+    text = str(path)
+    if "=" in text and not text.endswith(".json") and not Path(path).exists():
+        return inline_plan(text)
     d = _read_json(path)
     if isinstance(d, dict) and d.get("format") == PLAN_FORMAT:
         return Plan.from_dict(d, str(path))
