@@ -931,8 +931,9 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
                    metavar="PATTERN=BITS", help="pin or bound the widths of the layers a name "
                    "or shell-style pattern matches: PATTERN=BITS, PATTERN>=BITS or "
                    "PATTERN<=BITS (quote it: 'model.layers.0.*=8', '*.mlp.down_proj>=4'); "
-                   "repeat for several, a layer matched by several keeps the widths all of "
-                   "them allow; the budget counts the pinned layers too")
+                   "repeat for several: they apply in order, each narrowing what the earlier "
+                   "ones left a layer, a later one winning a conflict; the budget counts the "
+                   "pinned layers too")
     s = p.add_argument_group("sensitivity (cached in FOLDER/sensitivity.json)")
     s.add_argument("--calib-text", nargs="+", default=None, metavar="FILE",
                    help="calibration text: .txt/.jsonl files or a hub text (wikitext2, c4, "
