@@ -30,7 +30,7 @@ from quept.config import (
 )
 from quept.data.hub import hub_model_dir, is_repo_id
 from quept.data.text import names_hub_text
-from quept.search import Constraint, Plan, SensitivityConfig, parse_size
+from quept.search import Constraint, Plan, SensitivityConfig, feasible_range, parse_size
 from quept.search.plan import GRANULARITIES, plan_files, read_plan, split_warning
 
 log = logging.getLogger("quept")
@@ -1064,11 +1064,14 @@ def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
         alloc_s = time.perf_counter() - t1
         plan.save(out)
         used = {} if sweeps is None else {"measured": sweeps.measured, "reused": sweeps.reused}
+        widest = _widest_note(table, plan, budget, a.constraint)
         if not a.json:
             _report_plan(plan, out, sens_s, alloc_s, used)
+            if widest:
+                print(f"note: {widest}")
         results.append({"out": str(out), **plan.to_dict(), "chosen": plan.label,
                         "sensitivity_seconds": sens_s, "allocation_seconds": alloc_s,
-                        "in_context_sweeps": used or None})
+                        "in_context_sweeps": used or None, "note": widest})
         sens_s = None  # measured (or read) once, for the first plan
     if not a.json:
         first, it = results[0]["out"], "it" if len(results) == 1 else "one"
@@ -1077,6 +1080,21 @@ def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
               f"{first} --prompt TEXT` generates with {it} on packed layers, `quept export "
               f"{a.folder} --plan {first} --out DIR` packs {it}")
     return results[0] if len(results) == 1 else {"plans": results}
+
+
+def _widest_note(table: Any, plan: Plan, budget: dict[str, Any], constraints: list
+                 ) -> str | None:
+    """A note when the budget is above the widest plan the model (under the constraints) can
+    have, so that what it leaves unused is said, not silent."""
+    hi = feasible_range(table, constraints)[1]
+    asked = budget.get("avg_bits")
+    if asked is None:
+        asked = budget["max_bytes"] * 8 / plan.n_weights
+    if asked <= hi:
+        return None
+    what = "the constraints allow" if constraints else "this model can have"
+    return (f"the budget ({asked:.4f} bits per weight) is above the widest plan {what} "
+            f"({hi:.4f}); this plan stores {plan.bits_per_weight:.4f}")
 
 
 def _report_plan(plan: Plan, out: Path, sens_s: float | None, alloc_s: float,

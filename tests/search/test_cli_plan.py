@@ -190,6 +190,7 @@ def test_constraints_pin_and_bound_layers_and_are_recorded(folder, capsys):
             4 if name.endswith("down_proj") else 2)
     assert len(set(res["bits"].values())) > 1  # block 1 got less than 8 bits
     assert len(res["checked_kl"]) >= 2  # auto: candidates, all made under the constraints
+    assert res["note"] is None
     assert Plan.load(out).constraints == tuple(cons)
     info = run_json(capsys, ["info", str(out), "--json"])
     assert info["constraints"] == cons
@@ -199,6 +200,17 @@ def test_constraints_pin_and_bound_layers_and_are_recorded(folder, capsys):
     main(["plan", elastic, "--avg-bits", "7.0", "--out", str(folder / "pinned2.json"),
           "--granularity", "block", "--constraint", "model.layers.0.*=8", *small])
     assert "; constraints: model.layers.0.*=8" in capsys.readouterr().out
+    # a budget above what the constraints allow: said, not silently left unused
+    capped = run_json(capsys, ["plan", elastic, "--avg-bits", "7.0", "--out",
+                               str(folder / "capped.json"), "--json", "--constraint", "*<=3",
+                               *small])
+    assert set(capped["bits"].values()) == {3} and capped["bits_per_weight"] == 4.1875
+    assert capped["note"] == ("the budget (7.0000 bits per weight) is above the widest plan "
+                              "the constraints allow (4.1875); this plan stores 4.1875")
+    main(["plan", elastic, "--max-bytes", "1GB", "--out", str(folder / "all8.json"),
+          "--granularity", "layer", *small])
+    printed = capsys.readouterr().out
+    assert "is above the widest plan this model can have (9.5000); this plan stores" in printed
     # refused before anything is measured: a budget they rule out, a pattern matching nothing
     assert main(["plan", elastic, "--avg-bits", "4.0", "--out", str(folder / "x.json"),
                  "--constraint", "model.layers.0.*=8", *small]) == 2
