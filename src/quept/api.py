@@ -77,9 +77,12 @@ from quept.search.plan import (
     GRANULARITIES,
     Constraints,
     bracketing_widths,
+    feasible_range,
+    in_context_sweeps,
     layer_bits,
     plan_from_moves,
     plan_from_swaps,
+    shape_table,
     swap_means,
     unit_of,
 )
@@ -306,21 +309,52 @@ def sensitivity(
             f"sensitivity is the KL of next-token distributions; a {fam.name} model has none "
             "(use uniform widths)")
     config = config or SensitivityConfig()
-    path = None if cache is None else Path(cache)
-    if path is not None and path.is_file() and not recompute:
-        try:
-            table = SensitivityTable.load(path)
-        except SensitivityCacheError as e:
-            log.warning("%s; measuring again", e)
-        else:
-            if table.fingerprint == _table_fingerprint(model, input_ids, config.to_dict()):
-                log.info("reusing the sensitivity table in %s", path)
-                return table
-            log.info("%s was measured on another model, text or setting; measuring again", path)
+    if cache is not None and not recompute:
+        table = cached_sensitivity(model, input_ids, config, cache)
+        if table is not None:
+            log.info("reusing the sensitivity table in %s", cache)
+            return table
     table = estimate_sensitivity(model, input_ids, config, progress=progress)
-    if path is not None:
-        table.save(path)
+    if cache is not None:
+        table.save(cache)
     return table
+
+
+def cached_sensitivity(model: nn.Module, input_ids: torch.Tensor, config: SensitivityConfig,
+                       cache: str | os.PathLike) -> SensitivityTable | None:
+    """The table in the file ``cache`` if it was measured on this elastic state, base weights,
+    tokens and settings; None (and why, logged) otherwise."""
+    path = Path(cache)
+    if not path.is_file():
+        return None
+    try:
+        table = SensitivityTable.load(path)
+    except SensitivityCacheError as e:
+        log.warning("%s; it will be measured again", e)
+        return None
+    if table.fingerprint != _table_fingerprint(model, input_ids, config.to_dict()):
+        log.info("%s was measured on another model, text or setting", path)
+        return None
+    return table
+
+
+def plan_preview(model: nn.Module, *, avg_bits: float | None = None,
+                 max_bytes: int | None = None, constraints: Constraints = None,
+                 granularity: str = "auto", in_context: bool = True, both_ways: bool = True
+                 ) -> dict[str, Any]:
+    """What :func:`plan` would meet at one budget, from the layer shapes alone (nothing is
+    measured): the range of stored bits per weight its plans can have (under
+    ``constraints``), the uniform widths just below and above the budget, and the in-context
+    sweeps ``(base, alt)`` the auto granularity uses there. Raises as :func:`check_budget`."""
+    spec = _spec_of(model)
+    table = shape_table(elastic_layers(model), {b: spec.group_size_for(b) for b in spec.bits})
+    budget = {"avg_bits": avg_bits, "max_bytes": max_bytes, "constraints": constraints}
+    lo, hi = feasible_range(table, constraints)
+    below, above = bracketing_widths(table, **budget)
+    sweeps = (in_context_sweeps(table, **budget, both_ways=both_ways)
+              if granularity == "auto" and in_context else [])
+    return {"bits_per_weight_range": [lo, hi], "uniform_below": below, "uniform_above": above,
+            "in_context_sweeps": sweeps}
 
 
 def _check_table(model: nn.Module, table: SensitivityTable) -> dict[str, ElasticLinear]:
@@ -430,26 +464,25 @@ def plan_candidates(
     budget = {"avg_bits": avg_bits, "max_bytes": max_bytes, "constraints": constraints}
     for g in GRANULARITIES:
         add(plan_from_table(table, **budget, granularity=g))
-    lo, hi = bracketing_widths(table, **budget) if in_context else (None, None)
-    if hi is not None:
+    sweeps = in_context_sweeps(table, **budget, both_ways=both_ways) if in_context else []
+    if sweeps:
         units: dict[str, list[str]] = {}
         for name in layers:
             units.setdefault(unit_of(name, "block"), []).append(name)
         cache = {} if cache is None else cache
-        for base, alt in ((lo, hi), (hi, lo)):
+        for base, alt in sweeps:
             if (base, alt) not in cache:
                 cache[base, alt] = unit_swap_kl(model, check_ids, units, base, alt,
                                                 progress=progress)
+        lo, hi = sweeps[0]
+        for base, alt in sweeps[:2]:
             kl_base, deltas = cache[base, alt]
             add(plan_from_swaps(table, base, alt, deltas, kl_base, **budget))
         (kl_lo, up), (kl_hi, down) = cache[lo, hi], cache[hi, lo]
         add(plan_from_swaps(table, lo, hi, swap_means(up, down), kl_lo, **budget,
                             search=f"from W{lo}+W{hi}"))
-        above = min((b for b in table.bits if b > hi), default=None)
-        if both_ways and above is not None:
-            if (hi, above) not in cache:
-                cache[hi, above] = unit_swap_kl(model, check_ids, units, hi, above,
-                                                progress=progress)
+        if len(sweeps) == 3:
+            above = sweeps[2][1]
             add(plan_from_moves(table, hi, {lo: down, above: cache[hi, above][1]}, kl_hi,
                                 **budget, search=f"from W{hi} to W{lo} or W{above}"))
     return candidates

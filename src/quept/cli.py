@@ -908,8 +908,13 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--max-bytes", type=_sizes, help="bytes of the quantized linears' codes "
                    "+ scales + zero-points, e.g. 60MB, 1.5GiB, 500kB (kB/MB/GB = 1000^n, "
                    "KiB/MiB/GiB = 1024^n); several, comma-separated, make one plan each")
-    p.add_argument("--out", required=True, metavar="PLAN.json", help="where to write the plan; "
-                   "with several budgets a folder, which gets plan-<budget>.json for each")
+    p.add_argument("--out", metavar="PLAN.json", help="where to write the plan; with several "
+                   "budgets a folder, which gets plan-<budget>.json for each (required unless "
+                   "--dry-run)")
+    p.add_argument("--dry-run", action="store_true", help="measure and write nothing: show "
+                   "each budget's feasible range (under the constraints), the uniform widths "
+                   "around it, and whether the sensitivity table and the in-context sweeps it "
+                   "needs are cached or would be measured")
     p.add_argument("--granularity", choices=("auto", *GRANULARITIES), default="auto",
                    help="allocation unit: every linear ('layer'), attention / MLP of a block "
                    "('sublayer'), whole blocks ('block'), or 'auto' (default): the exact plan "
@@ -1003,6 +1008,8 @@ def _budget_paths(a: argparse.Namespace) -> list[tuple[dict[str, Any], Path]]:
     if len(set(values)) < len(values):
         raise ConfigError(f"--{key.replace('_', '-')} names a budget twice: "
                           f"{', '.join(t for t, _ in given)}")
+    if a.out is None:
+        return [({key: v}, None) for v in values]  # --dry-run: nothing is written
     out = Path(a.out)
     if len(given) == 1:
         if out.is_dir():
@@ -1028,6 +1035,9 @@ def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
 
     if a.check_samples < 1:
         raise ConfigError(f"--check-samples must be >= 1, got {a.check_samples}")
+    if a.out is None and not a.dry_run:
+        raise ConfigError("--out is required: the plan file (PLAN.json), or a folder for several "
+                          "budgets; --dry-run shows what a plan would need and writes nothing")
     budgets = _budget_paths(a)
     check_device(a.device, "--device")
     cfg = SensitivityConfig(n_samples=a.samples, seq_len=a.seq_len, n_probes=a.probes,
@@ -1047,6 +1057,8 @@ def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
         api.check_budget(model, **budget, constraints=a.constraint)
     ids = calibration_samples(tokenize(tok, _text(a.calib_text, "calib")), cfg.n_samples,
                               cfg.seq_len, cfg.seed)
+    if a.dry_run:
+        return _plan_dry_run(a, model, folder, ids, cfg, [b for b, _ in budgets])
     t0 = time.perf_counter()
     table = api.sensitivity(model, ids, cfg, cache=folder / api.SENSITIVITY_JSON,
                             recompute=a.recompute, progress=not a.json)
@@ -1080,6 +1092,50 @@ def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
               f"{first} --prompt TEXT` generates with {it} on packed layers, `quept export "
               f"{a.folder} --plan {first} --out DIR` packs {it}")
     return results[0] if len(results) == 1 else {"plans": results}
+
+
+def _plan_dry_run(a: argparse.Namespace, model: torch.nn.Module, folder: Path,
+                  ids: torch.Tensor, cfg: SensitivityConfig, budgets: list[dict[str, Any]]
+                  ) -> dict[str, Any]:
+    """What `quept plan` would measure and meet at each budget; nothing is measured or
+    written."""
+    table = None if a.recompute else api.cached_sensitivity(
+        model, ids, cfg, folder / api.SENSITIVITY_JSON)
+    check = ids[: a.check_samples]
+    sweeps = (None if a.recompute or a.granularity != "auto" or not a.in_context
+              else api.sweep_cache(model, check, folder / api.SWEEPS_JSON))
+    rows = []
+    for budget in budgets:
+        pre = api.plan_preview(model, **budget, constraints=a.constraint,
+                               granularity=a.granularity, in_context=a.in_context,
+                               both_ways=a.both_ways)
+        pre["in_context_sweeps"] = [{"base": b, "alt": w, "cached": sweeps is not None
+                                     and (b, w) in sweeps} for b, w in pre["in_context_sweeps"]]
+        rows.append({"budget": budget, **pre})
+    result = {"dry_run": True, "sensitivity_cached": table is not None,
+              "sensitivity_shape": list(ids.shape), "check_shape": list(check.shape),
+              "constraints": [t for c in a.constraint for t in c.texts], "plans": rows}
+    if not a.json:
+        cons = f" under the constraints {', '.join(result['constraints'])}" if a.constraint else ""
+        print("dry run, nothing measured or written; sensitivity table: "
+              + (f"cached in {api.SENSITIVITY_JSON}" if table is not None else
+                 f"to measure ({ids.shape[0]} x {ids.shape[1]} tokens, {cfg.n_probes} probes "
+                 "per sequence)"))
+        for row in rows:
+            (key, value), = row["budget"].items()
+            asked = f"--avg-bits {value:g}" if key == "avg_bits" else f"{value:,.0f} bytes"
+            lo, hi = row["bits_per_weight_range"]
+            above = row["uniform_above"]
+            print(f"{asked}: plans{cons} range from {lo:.4f} to "
+                  f"{hi:.4f} stored bits per weight; uniform W{row['uniform_below']} fits"
+                  + (f", W{above} does not" if above is not None else ""))
+            if row["in_context_sweeps"]:
+                print("  in-context sweeps (one forward per block on "
+                      f"{check.shape[0]} x {check.shape[1]} tokens each): " + ", ".join(
+                          f"W{s['base']}->W{s['alt']} "
+                          + ("cached" if s["cached"] else "to measure")
+                          for s in row["in_context_sweeps"]))
+    return result
 
 
 def _widest_note(table: Any, plan: Plan, budget: dict[str, Any], constraints: list

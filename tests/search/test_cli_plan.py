@@ -224,3 +224,41 @@ def test_constraints_pin_and_bound_layers_and_are_recorded(folder, capsys):
         main(["plan", elastic, "--avg-bits", "6.5", "--out", "x.json", "--constraint", "*=9"])
     assert "constraint '*=9': bit-width 9 is outside 2..8" in capsys.readouterr().err
     assert not (folder / "x.json").exists()
+
+
+def test_a_dry_run_says_what_a_plan_would_measure_and_writes_nothing(folder, capsys):
+    text = str(folder / "calib.txt")
+    small = ["--calib-text", text, "--samples", "2", "--seq-len", "16", "--probes", "2"]
+    fresh = folder / "dry"
+    shutil.copytree(folder / "elastic", fresh, ignore=shutil.ignore_patterns("*.json.*"))
+    for name in ("sensitivity.json", "sweeps.json"):
+        (fresh / name).unlink(missing_ok=True)
+    before = sorted(p.name for p in fresh.iterdir())
+    dry = run_json(capsys, ["plan", str(fresh), "--avg-bits", "4.0,5.0", "--dry-run",
+                            "--json", *small])
+    assert sorted(p.name for p in fresh.iterdir()) == before  # nothing measured or written
+    assert dry["dry_run"] and not dry["sensitivity_cached"] and dry["check_shape"] == [2, 16]
+    first = dry["plans"][0]
+    assert first["budget"] == {"avg_bits": 4.0}
+    assert first["bits_per_weight_range"] == [3.125, 9.5]  # W2 and W8 at group 16
+    assert (first["uniform_below"], first["uniform_above"]) == (2, 3)
+    assert [(s["base"], s["alt"], s["cached"]) for s in first["in_context_sweeps"]] == [
+        (2, 3, False), (3, 2, False), (3, 4, False)]
+    # the plan then measures exactly those sweeps, and a second dry run finds them cached
+    res = run_json(capsys, ["plan", str(fresh), "--avg-bits", "4.0", "--out",
+                            str(folder / "dry.json"), "--json", *small])
+    assert res["in_context_sweeps"] == {"measured": 3, "reused": 0}
+    again = run_json(capsys, ["plan", str(fresh), "--avg-bits", "4.0", "--dry-run", "--json",
+                              *small])
+    assert again["sensitivity_cached"]
+    assert all(s["cached"] for s in again["plans"][0]["in_context_sweeps"])
+    main(["plan", str(fresh), "--max-bytes", "60kB", "--dry-run", "--constraint",
+          "model.layers.0.*=8", *small])
+    printed = capsys.readouterr().out
+    assert "dry run, nothing measured or written; sensitivity table: cached" in printed
+    assert ("60,000 bytes: plans under the constraints model.layers.0.*=8 range from 6.3125 to "
+            "9.5000 stored bits per weight; uniform W2 fits, W3 does not") in printed
+    assert main(["plan", str(fresh), "--avg-bits", "4.0", *small]) == 2
+    assert "--out is required" in capsys.readouterr().err
+    assert main(["plan", str(fresh), "--avg-bits", "2.0", "--dry-run", *small]) == 2
+    assert "infeasible" in capsys.readouterr().err

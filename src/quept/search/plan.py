@@ -389,20 +389,43 @@ def _capacity(table: SensitivityTable, sizes: list[list[int]], avg_bits: float |
     return capacity, budget
 
 
+def shape_table(layers: Mapping[str, Any], group_size: Mapping[int, int]) -> SensitivityTable:
+    """A table of the layers' shapes with every cost zero: what budgets, feasibility and
+    bracketing widths need, before any sensitivity is measured. ``layers`` maps names to
+    linears (anything with ``out_features`` / ``in_features``), ``group_size`` each width to
+    its group size."""
+    bits = tuple(sorted(group_size))
+    shapes = {n: LayerShape(m.out_features, m.in_features) for n, m in layers.items()}
+    return SensitivityTable(bits=bits, group_size=dict(group_size), shapes=shapes,
+                            kl={n: (0.0,) * len(bits) for n in shapes}, fingerprint="")
+
+
 def check_budget(layers: Mapping[str, Any], group_size: Mapping[int, int], *,
                  avg_bits: float | None = None, max_bytes: int | None = None,
                  constraints: Constraints = None) -> None:
-    """Refuse a budget no plan can meet before any sensitivity is measured: ``layers`` maps
-    names to linears (anything with ``out_features`` / ``in_features``), ``group_size`` each
-    width to its group size. Raises :class:`InfeasibleBudgetError` (or ``ConfigError`` for a
-    malformed budget, or constraints that match no layer or leave one no width) with the range
-    of stored bits per weight the model's plans (under ``constraints``) can have."""
-    bits = tuple(sorted(group_size))
-    shapes = {n: LayerShape(m.out_features, m.in_features) for n, m in layers.items()}
-    skeleton = SensitivityTable(bits=bits, group_size=dict(group_size), shapes=shapes,
-                                kl={n: (0.0,) * len(bits) for n in shapes}, fingerprint="")
+    """Refuse a budget no plan can meet before any sensitivity is measured (``layers`` and
+    ``group_size`` as :func:`shape_table` takes them). Raises :class:`InfeasibleBudgetError`
+    (or ``ConfigError`` for a malformed budget, or constraints that match no layer or leave one
+    no width) with the range of stored bits per weight the model's plans (under
+    ``constraints``) can have."""
+    skeleton = shape_table(layers, group_size)
     _capacity(skeleton, _layer_options(skeleton, constraints)[1], avg_bits, max_bytes,
               constraints)
+
+
+def in_context_sweeps(table: SensitivityTable, *, avg_bits: float | None = None,
+                      max_bytes: int | None = None, constraints: Constraints = None,
+                      both_ways: bool = True) -> list[tuple[int, int]]:
+    """The in-context sweeps ``(base, alt)`` the auto granularity uses at one budget, in the
+    order it measures them: from the uniform width below the budget up and from the one above
+    down, then (``both_ways``) from the one above to the next width; none when the widest
+    uniform width fits."""
+    lo, hi = bracketing_widths(table, avg_bits=avg_bits, max_bytes=max_bytes,
+                               constraints=constraints)
+    if hi is None:
+        return []
+    above = min((b for b in table.bits if b > hi), default=None)
+    return [(lo, hi), (hi, lo)] + ([(hi, above)] if both_ways and above is not None else [])
 
 
 def bracketing_widths(table: SensitivityTable, *, avg_bits: float | None = None,
