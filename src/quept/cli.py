@@ -31,6 +31,7 @@ from quept.config import (
 from quept.data.hub import hub_model_dir, is_repo_id
 from quept.data.text import names_hub_text
 from quept.search import Constraint, Plan, SensitivityConfig, feasible_range, parse_size
+from quept.search.constraints import constraint_texts
 from quept.search.plan import GRANULARITIES, plan_files, read_plan, split_warning
 
 log = logging.getLogger("quept")
@@ -999,9 +1000,10 @@ def _sizes(text: str) -> list[tuple[str, int]]:
     return out
 
 
-def _budget_paths(a: argparse.Namespace) -> list[tuple[dict[str, Any], Path]]:
+def _budget_paths(a: argparse.Namespace) -> list[tuple[dict[str, Any], Path | None]]:
     """Each budget of ``--avg-bits`` / ``--max-bytes`` with the file its plan goes to: --out
-    itself for one budget, FOLDER/plan-<budget>.json for several (repeats refused)."""
+    itself for one budget, FOLDER/plan-<budget>.json for several (repeats refused); None
+    without --out (--dry-run)."""
     key, unit = ("avg_bits", "bits") if a.avg_bits is not None else ("max_bytes", "")
     given = a.avg_bits if a.avg_bits is not None else a.max_bytes
     values = [v for _, v in given]
@@ -1114,7 +1116,7 @@ def _plan_dry_run(a: argparse.Namespace, model: torch.nn.Module, folder: Path,
         rows.append({"budget": budget, **pre})
     result = {"dry_run": True, "sensitivity_cached": table is not None,
               "sensitivity_shape": list(ids.shape), "check_shape": list(check.shape),
-              "constraints": [t for c in a.constraint for t in c.texts], "plans": rows}
+              "constraints": list(constraint_texts(a.constraint)), "plans": rows}
     if not a.json:
         cons = f" under the constraints {', '.join(result['constraints'])}" if a.constraint else ""
         print("dry run, nothing measured or written; sensitivity table: "
