@@ -147,12 +147,6 @@ def test_save_load_round_trip_gives_identical_embeddings(bert_folder, tmp_path):
     assert torch.equal(sentence_embeddings(switch, sentences), sentence_embeddings(p2, sentences))
 
 
-def test_sensitivity_refuses_an_encoder():
-    model = quept.prepare(tiny_bert(), SPEC)
-    with pytest.raises(UnsupportedModelError, match="next-token"):
-        quept.sensitivity(model, torch.randint(4, 30, (2, 16)))
-
-
 def run_json(capsys, argv):
     assert main(argv) == 0
     return json.loads(capsys.readouterr().out)
@@ -177,9 +171,23 @@ def test_cli_quantize_eval_export_on_an_encoder(bert_folder, texts, tmp_path, ca
     p = run_json(capsys, ["eval", str(packed), "--text", ev, "--sentences", "12", "--json"])
     assert p["packed"] and p["embedding_rows"][0]["cosine_mean"] == pytest.approx(cos[4], abs=2e-3)
 
+    # mixed precision: the cost is one minus the embedding's cosine, per paragraph
+    plan = run_json(capsys, ["plan", str(out), "--avg-bits", "3.5", "--out",
+                             str(tmp_path / "p.json"), "--calib-text", calib, "--samples", "16",
+                             "--seq-len", "48", "--check-samples", "8", "--json"])
+    assert plan["objective"] == "embedding-distance" and plan["bits_per_weight"] <= 3.5
+    assert len(set(plan["bits"].values())) > 1
+    measured = run_json(capsys, ["eval", str(out), "--plan", str(tmp_path / "p.json"),
+                                 "--plan", "*=3", "--text", ev, "--sentences", "12", "--json"])
+    plans = {p["path"]: p for p in measured["plans"]}
+    assert plans["*=3"]["cosine_mean"] == pytest.approx(
+        run_json(capsys, ["eval", str(out), "--bits", "3", "--text", ev, "--sentences", "12",
+                          "--json"])["embedding_rows"][0]["cosine_mean"], abs=1e-6)
+    assert 0 < plans[str(tmp_path / "p.json")]["cosine_mean"] <= 1
+    assert main(["info", str(tmp_path / "p.json")]) == 0
+    assert "measured 1 - cosine per sentence" in capsys.readouterr().out
+
     for argv, match in (
-        (["plan", str(out), "--avg-bits", "3", "--out", str(tmp_path / "p.json"),
-          "--calib-text", calib], "encoder"),
         (["run", str(packed), "--prompt", "hi"], "does not generate"),
         (["eval", str(bert_folder), "--text", ev], "is not an elastic folder"),
         (["export", str(out), "--bits", "4", "--format", "gguf", "--out",

@@ -121,6 +121,27 @@ def test_cli_quantize_eval_and_export_on_fashion_mnist_images(tmp_path, monkeypa
     assert main(["eval", str(out), "--text", str(tmp_path / "x.txt")]) == 2
     assert "--text: text options, but the model is an image classifier" in capsys.readouterr().err
 
+    # mixed precision: the cost is the KL of each image's class distribution
+    plan_path = tmp_path / "p.json"
+    assert main(["plan", str(out), "--avg-bits", "3.5", "--out", str(plan_path), "--samples",
+                 "32", "--check-samples", "16", "--json"]) == 0
+    plan = __import__("json").loads(capsys.readouterr().out)
+    assert plan["objective"] == "class-kl" and plan["bits_per_weight"] <= 3.5
+    assert main(["plan", str(out), "--avg-bits", "3.5", "--dry-run", "--samples", "32",
+                 "--check-samples", "16"]) == 0
+    shown = capsys.readouterr().out
+    assert "sensitivity table: cached" in shown and "on 16 images each" in shown
+    assert main(["eval", str(out), "--plan", str(plan_path), "--plan", "*=4", "--images", "40",
+                 "--json"]) == 0
+    plans = {p["path"]: p for p in __import__("json").loads(capsys.readouterr().out)["plans"]}
+    assert plans["*=4"]["accuracy"] == pytest.approx(rows[4]["accuracy"])
+    assert plans["*=4"]["kl_to_float"] > 0 and plans[str(plan_path)]["kl_to_float"] > 0
+    assert main(["info", str(out)]) == 0
+    assert "in-context sweeps cached on 16 check images" in capsys.readouterr().out
+    assert main(["plan", str(out), "--avg-bits", "3", "--out", str(tmp_path / "q.json"),
+                 "--calib-text", str(tmp_path / "x.txt")]) == 2
+    assert "--calib-text: text options" in capsys.readouterr().err
+
 
 def test_cli_refuses_what_an_image_classifier_cannot_do(tmp_path, capsys):
     base = tmp_path / "vit32"
@@ -134,4 +155,4 @@ def test_cli_refuses_what_an_image_classifier_cannot_do(tmp_path, capsys):
     quept.save(model, tmp_path / "el", quept.QuEPTConfig(spec=SPEC))
     assert main(["plan", str(tmp_path / "el"), "--avg-bits", "3", "--out",
                  str(tmp_path / "p.json")]) == 2
-    assert "image classifier" in capsys.readouterr().err
+    assert "images are Fashion-MNIST (28 x 28, 1 channel, 10 classes)" in capsys.readouterr().err

@@ -73,6 +73,7 @@ from quept.search import (
     plan_from_table,
 )
 from quept.search.exact import configuration_kl, unit_swap_kl
+from quept.search.objective import objective_for
 from quept.search.plan import (
     GRANULARITIES,
     Constraints,
@@ -298,16 +299,14 @@ def sensitivity(
     model: nn.Module, input_ids: torch.Tensor, config: SensitivityConfig | None = None, *,
     cache: str | os.PathLike | None = None, recompute: bool = False, progress: bool = True,
 ) -> SensitivityTable:
-    """KL sensitivity of every elastic layer at every width on ``input_ids`` (N, T).
+    """KL sensitivity of every elastic layer at every width on ``input_ids`` (N, T); for an
+    image classifier pixel values (N, C, H, W) and the KL of its class distribution, for an
+    encoder :class:`quept.eval.Sentences` and one minus its embedding's cosine
+    (:mod:`quept.search.objective`).
 
     With ``cache`` (e.g. ``FOLDER/sensitivity.json``) a table whose fingerprint (elastic state,
     base weights, tokens, settings) matches is reused; otherwise it is measured and written.
     """
-    fam = family_for(model)
-    if not fam.is_causal_lm:
-        raise UnsupportedModelError(
-            f"sensitivity is the KL of next-token distributions; a {fam.name} model has none "
-            "(use uniform widths)")
     config = config or SensitivityConfig()
     if cache is not None and not recompute:
         table = cached_sensitivity(model, input_ids, config, cache)
@@ -332,7 +331,8 @@ def cached_sensitivity(model: nn.Module, input_ids: torch.Tensor, config: Sensit
     except SensitivityCacheError as e:
         log.warning("%s; it will be measured again", e)
         return None
-    if table.fingerprint != _table_fingerprint(model, input_ids, config.to_dict()):
+    if table.fingerprint != _table_fingerprint(model, input_ids,
+                                               config.to_dict(objective_for(model))):
         log.info("%s was measured on another model, text or setting", path)
         return None
     return table
@@ -375,7 +375,7 @@ def sweep_cache(model: nn.Module, check_ids: torch.Tensor, path: str | os.PathLi
     elastic state, base weights and check tokens are reused, new ones are written as soon as
     they are measured. Pass it as ``plan(..., cache=...)``."""
     fp = _table_fingerprint(model, check_ids, {"in_context_sweeps": "block"})
-    return SweepCache(path, fp, tuple(check_ids.shape), recompute=recompute)
+    return SweepCache(path, fp, objective_for(model).shape(check_ids), recompute=recompute)
 
 
 def check_budget(model: nn.Module, *, avg_bits: float | None = None,
@@ -452,9 +452,8 @@ def plan_candidates(
     if in_context and check_ids is None:
         raise ConfigError("the in-context candidates are measured on check_ids: pass them, "
                           "or in_context=False")
-    if check_ids is not None and (check_ids.ndim != 2 or check_ids.numel() == 0):
-        raise ConfigError(f"check_ids must be (N, T) token ids with N, T >= 1, got shape "
-                          f"{tuple(check_ids.shape)}")
+    if check_ids is not None:
+        objective_for(model).check(check_ids, "check_ids")
     candidates: dict[str, Plan] = {}
 
     def add(p: Plan) -> None:

@@ -32,7 +32,16 @@ from quept.data.hub import hub_model_dir, is_repo_id
 from quept.data.text import names_hub_text
 from quept.search import Constraint, Plan, SensitivityConfig, feasible_range, parse_size
 from quept.search.constraints import constraint_texts
-from quept.search.plan import GRANULARITIES, plan_files, read_plan, split_warning
+from quept.search.objective import Objective, objective_for
+from quept.search.plan import (
+    GRANULARITIES,
+    cost_name,
+    cost_number,
+    cost_text,
+    plan_files,
+    read_plan,
+    split_warning,
+)
 
 log = logging.getLogger("quept")
 DEFAULT_OUT = "quept-elastic"
@@ -858,38 +867,86 @@ def _eval_encoder(a: argparse.Namespace, folder: Path, model: torch.nn.Module, t
         raise ConfigError(f"{folder} is not an elastic folder: embedding fidelity compares a "
                           "quantized encoder with its float one, so pass an elastic folder (or a "
                           "packed export, which records its base model)")
+    from quept.eval import fidelity, sentence_embeddings, sentences_from_text
+
+    sentences = sentences_from_text(tok, _text(a.text, "eval"), a.sentences,
+                                    max_len=_sentence_len(model))
+    rows = api.evaluate_embeddings(model, sentences, bits, rtn=a.rtn, progress=not a.json)
+    n = sentences.input_ids.shape[0]
+    result = {"folder": str(folder), "elastic": True, "sentences": n,
+              "embedding_rows": [r.__dict__ for r in rows]}
+    measured = []
     if plans:
-        raise ConfigError("--plan needs a causal LM (plans are made from next-token KL); "
-                          f"{folder} holds a {model.config.model_type} encoder")
-    rows, n = _embedding_rows(model, tok, _text(a.text, "eval"), a.sentences, bits, a.rtn,
-                              not a.json)
+        api.set_bits(model, None)
+        ref = sentence_embeddings(model, sentences)
+        for path, plan in plans:
+            bpw = _apply_plan(model, plan, path)
+            emb = sentence_embeddings(model, sentences, progress=not a.json,
+                                      desc=f"embed {Path(path).name}")
+            measured.append({"path": path, "bits_per_weight": bpw, **fidelity(emb, ref),
+                             "stored_bytes": plan.stored_bytes, "widths": plan.histogram()})
+    _put_plans(result, measured)
     if not a.json:
-        _print_embedding(rows, n, f"Embedding fidelity of {folder}")
-    return {"folder": str(folder), "elastic": True, "sentences": n,
-            "embedding_rows": [r.__dict__ for r in rows]}
+        if rows:
+            _print_embedding(rows, n, f"Embedding fidelity of {folder}")
+        if measured:
+            _print_plans(measured, f"Plans, embedding fidelity on {n} paragraphs (cosine of "
+                         "each sentence embedding with the float encoder's; same neighbour)",
+                         "cosine (same neighbour)",
+                         lambda m: f"{m['cosine_mean']:.4f} ({m['neighbour_agreement']:.1%})")
+    return result
 
 
 def _eval_images(a: argparse.Namespace, folder: Path, model: torch.nn.Module, elastic: bool,
                  plans: list[tuple[str, Plan]], bits: list[int]) -> dict[str, Any]:
     """`quept eval` of an image classifier: top-1 on Fashion-MNIST test images per width."""
     _refuse_text_options(a, "text")
-    if plans:
-        raise ConfigError("--plan needs a causal LM (plans are made from next-token KL); "
-                          f"{folder} holds a {model.config.model_type} image classifier")
     pixels, labels = _images(model, "test", a.images, 0)
+    measured = []
     if elastic:
-        rows = api.evaluate_accuracy(model, pixels, labels, [None, *bits], rtn=a.rtn,
-                                     progress=not a.json)
+        rows = api.evaluate_accuracy(model, pixels, labels, [None, *bits] if not plans else bits,
+                                     rtn=a.rtn, progress=not a.json)
+        measured = _image_plans(a, model, plans, pixels, labels)
     else:
         from quept.eval import top1_accuracy
 
         rows = [api.AccuracyRow(*_fixed_width(model), top1_accuracy(model, pixels, labels,
                                                                      progress=not a.json))]
+    result = {"folder": str(folder), "elastic": elastic, "images": len(labels),
+              "accuracy_rows": [r.__dict__ for r in rows]}
+    _put_plans(result, measured)
     if not a.json:
-        _print_accuracy(rows, len(labels), f"Top-1 accuracy of {folder} on the Fashion-MNIST "
-                        "test split", elastic and model.quept_spec.activations != "none")
-    return {"folder": str(folder), "elastic": elastic, "images": len(labels),
-            "accuracy_rows": [r.__dict__ for r in rows]}
+        if rows:
+            _print_accuracy(rows, len(labels), f"Top-1 accuracy of {folder} on the "
+                            "Fashion-MNIST test split",
+                            elastic and model.quept_spec.activations != "none")
+        if measured:
+            _print_plans(measured, f"Plans on {len(labels)} Fashion-MNIST test images: top-1, "
+                         "and the KL of each image's class distribution to the float model's",
+                         "top-1 (KL to float)",
+                         lambda m: f"{m['accuracy']:.2%} ({m['kl_to_float']:.3g})")
+    return result
+
+
+def _image_plans(a: argparse.Namespace, model: torch.nn.Module, plans: list[tuple[str, Plan]],
+                 pixels: torch.Tensor, labels: torch.Tensor) -> list[dict[str, Any]]:
+    """Top-1 and the mean KL of the class distribution to the float model's (per image) of
+    each plan on ``pixels``."""
+    from quept.eval import top1_accuracy
+    from quept.search.exact import configuration_kl
+
+    if not plans:
+        return []
+    kls = configuration_kl(model, pixels, [plan for _, plan in plans], batch_size=256)
+    measured = []
+    for (path, plan), kl in zip(plans, kls):
+        bpw = _apply_plan(model, plan, path)
+        acc = top1_accuracy(model, pixels, labels, progress=not a.json,
+                            desc=f"accuracy {Path(path).name}")
+        measured.append({"path": path, "bits_per_weight": bpw, "accuracy": acc,
+                         "kl_to_float": kl, "stored_bytes": plan.stored_bytes,
+                         "widths": plan.histogram()})
+    return measured
 
 
 # --- plan -------------------------------------------------------------------------------------
@@ -900,7 +957,10 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
                        "width minimising the summed sensitivity within the budget (exact "
                        "knapsack). Budgets count only the quantized linears, weighted by size: "
                        "codes + fp16 scales + zero-points; norms, embeddings and the head are "
-                       "not counted.")
+                       "not counted. The cost is the KL of the next-token distribution for a "
+                       "causal LM, of the class distribution for an image classifier (on "
+                       "Fashion-MNIST training images) and one minus the cosine of the "
+                       "sentence embedding for an encoder.")
     p.add_argument("folder", help="elastic folder written by `quept quantize`")
     b = p.add_mutually_exclusive_group(required=True)
     b.add_argument("--avg-bits", type=_floats, help="stored bits per quantized weight, "
@@ -921,9 +981,11 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
                    "('sublayer'), whole blocks ('block'), or 'auto' (default): the exact plan "
                    "at each, keeping the one with the lowest KL measured on --check-samples "
                    "calibration sequences")
-    p.add_argument("--check-samples", type=int, default=16,
-                   help="calibration sequences (of --seq-len tokens) the auto granularity "
-                   "measures each candidate plan on (default 16)")
+    p.add_argument("--check-samples", type=int, default=None,
+                   help="calibration samples the auto granularity measures each candidate "
+                   "plan on, the first of --samples (default 16 sequences of --seq-len "
+                   "tokens; 256 images for an image classifier, 64 paragraphs for an "
+                   "encoder)")
     p.add_argument("--in-context", action=argparse.BooleanOptionalAction, default=True,
                    help="with auto: also measure each block's cost inside the uniform models "
                    "just below and above the budget and add the two plans made from those "
@@ -945,8 +1007,13 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
                    help="calibration text: .txt/.jsonl files or a hub text (wikitext2, c4, "
                    "hf:REPO[:CONFIG][@SPLIT]) (default: the Austen novels other than P&P)")
     d = SensitivityConfig()
-    s.add_argument("--samples", type=int, default=d.n_samples, help="calibration sequences")
-    s.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence")
+    s.add_argument("--samples", type=int, default=None,
+                   help=f"calibration sequences (default {d.n_samples}); an image classifier "
+                   "measures Fashion-MNIST training images (default 512), an encoder "
+                   "paragraphs of the calibration text (default 128)")
+    s.add_argument("--seq-len", type=int, default=None,
+                   help=f"tokens per sequence (default {d.seq_len}); an encoder's longest "
+                   "paragraph")
     s.add_argument("--probes", type=int, default=d.n_probes,
                    help="random probes per sequence (more = less noise, linear in time)")
     s.add_argument("--reference-bits", type=int, default=d.reference_bits,
@@ -1032,40 +1099,48 @@ def _print_plan(plan: Plan, title: str) -> None:
           f"{cons}")
 
 
-def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
-    from quept.data.tokens import calibration_samples, tokenize
+PLAN_SAMPLES = {"causal-lm": (32, 16), "image-classification": (512, 256), "encoder": (128, 64)}
+"""Default (--samples, --check-samples) of `quept plan` by task: sequences, images, paragraphs."""
 
-    if a.check_samples < 1:
+
+def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
+    from quept.models import family_for_type
+
+    if a.check_samples is not None and a.check_samples < 1:
         raise ConfigError(f"--check-samples must be >= 1, got {a.check_samples}")
     if a.out is None and not a.dry_run:
         raise ConfigError("--out is required: the plan file (PLAN.json), or a folder for several "
                           "budgets; --dry-run shows what a plan would need and writes nothing")
     budgets = _budget_paths(a)
     check_device(a.device, "--device")
-    cfg = SensitivityConfig(n_samples=a.samples, seq_len=a.seq_len, n_probes=a.probes,
-                            reference_bits=a.reference_bits, seed=a.seed)
     folder = Path(a.folder)
     spec = cli_deploy.folder_config(folder, "elastic").spec  # refuses a non-elastic folder
+    task = family_for_type(api.read_meta(folder)["model_type"]).task
+    if task == "image-classification":
+        _refuse_text_options(a, "calib_text", "seq_len")
+    samples, check_samples = PLAN_SAMPLES[task]
+    d = SensitivityConfig()
+    cfg = SensitivityConfig(n_samples=samples if a.samples is None else a.samples,
+                            seq_len=d.seq_len if a.seq_len is None else a.seq_len,
+                            n_probes=a.probes, reference_bits=a.reference_bits, seed=a.seed)
+    check_samples = check_samples if a.check_samples is None else a.check_samples
     if a.reference_bits is not None:
         cli_deploy.check_widths(a.reference_bits, spec, "--reference-bits")
-    check_texts(a, calib_text="calib")
+    if task != "image-classification":
+        check_texts(a, calib_text="calib")
     model, tok = api.load(folder, model=a.model)
     model.to(a.device)
-    if _task(model) != "causal-lm":
-        raise ConfigError(f"plans are made from next-token KL over a vocabulary; {folder} holds "
-                          f"a {model.config.model_type} model without one (an encoder or an "
-                          "image classifier): use uniform widths (`quept eval FOLDER --bits ...`)")
     for budget, _ in budgets:  # every budget's feasibility first, from the layer shapes alone
         api.check_budget(model, **budget, constraints=a.constraint)
-    ids = calibration_samples(tokenize(tok, _text(a.calib_text, "calib")), cfg.n_samples,
-                              cfg.seq_len, cfg.seed)
+    ids = _plan_inputs(a, model, tok, task, cfg)
+    objective = objective_for(model)
+    check = objective.take(ids, 0, check_samples)
     if a.dry_run:
-        return _plan_dry_run(a, model, folder, ids, cfg, [b for b, _ in budgets])
+        return _plan_dry_run(a, model, folder, ids, check, cfg, [b for b, _ in budgets])
     t0 = time.perf_counter()
     table = api.sensitivity(model, ids, cfg, cache=folder / api.SENSITIVITY_JSON,
                             recompute=a.recompute, progress=not a.json)
     sens_s: float | None = time.perf_counter() - t0
-    check = ids[: a.check_samples]
     results = []
     for budget, out in budgets:
         t1 = time.perf_counter()
@@ -1096,14 +1171,47 @@ def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
     return results[0] if len(results) == 1 else {"plans": results}
 
 
+def _plan_inputs(a: argparse.Namespace, model: torch.nn.Module, tok: Any, task: str,
+                 cfg: SensitivityConfig) -> Any:
+    """The inputs `quept plan` measures on: ``cfg.n_samples`` windows of ``cfg.seq_len``
+    calibration tokens (causal LMs), Fashion-MNIST training images (image classifiers) or
+    calibration paragraphs of at most ``cfg.seq_len`` tokens (encoders), drawn with
+    ``cfg.seed``."""
+    from quept.data.tokens import calibration_samples, tokenize
+
+    if task == "image-classification":
+        return _images(model, "train", cfg.n_samples, cfg.seed)[0]
+    text = _text(a.calib_text, "calib")
+    if task == "encoder":
+        from quept.eval import sentences_from_text
+
+        limit = getattr(model.config, "max_position_embeddings", cfg.seq_len)
+        if cfg.seq_len > limit:
+            raise ConfigError(f"--seq-len {cfg.seq_len} is longer than the encoder's {limit} "
+                              "positions")
+        return sentences_from_text(tok, text, cfg.n_samples, max_len=cfg.seq_len, seed=cfg.seed)
+    return calibration_samples(tokenize(tok, text), cfg.n_samples, cfg.seq_len, cfg.seed)
+
+
+def _inputs_text(objective: Objective, inputs: Any) -> str:
+    """``inputs`` in words: "32 x 128 tokens", "512 images", "128 paragraphs of at most 128
+    tokens"."""
+    shape = objective.shape(inputs)
+    if objective.unit == "token":
+        return f"{shape[0]} x {shape[1]} tokens"
+    if objective.unit == "image":
+        return f"{shape[0]} images"
+    return f"{shape[0]} paragraphs of at most {shape[1]} tokens"
+
+
 def _plan_dry_run(a: argparse.Namespace, model: torch.nn.Module, folder: Path,
-                  ids: torch.Tensor, cfg: SensitivityConfig, budgets: list[dict[str, Any]]
+                  ids: Any, check: Any, cfg: SensitivityConfig, budgets: list[dict[str, Any]]
                   ) -> dict[str, Any]:
     """What `quept plan` would measure and meet at each budget; nothing is measured or
     written."""
     table = None if a.recompute else api.cached_sensitivity(
         model, ids, cfg, folder / api.SENSITIVITY_JSON)
-    check = ids[: a.check_samples]
+    objective = objective_for(model)
     sweeps = (None if a.recompute or a.granularity != "auto" or not a.in_context
               else api.sweep_cache(model, check, folder / api.SWEEPS_JSON))
     rows = []
@@ -1115,14 +1223,15 @@ def _plan_dry_run(a: argparse.Namespace, model: torch.nn.Module, folder: Path,
                                      and (b, w) in sweeps} for b, w in pre["in_context_sweeps"]]
         rows.append({"budget": budget, **pre})
     result = {"dry_run": True, "sensitivity_cached": table is not None,
-              "sensitivity_shape": list(ids.shape), "check_shape": list(check.shape),
+              "sensitivity_shape": list(objective.shape(ids)),
+              "check_shape": list(objective.shape(check)),
               "constraints": list(constraint_texts(a.constraint)), "plans": rows}
     if not a.json:
         cons = f" under the constraints {', '.join(result['constraints'])}" if a.constraint else ""
         print("dry run, nothing measured or written; sensitivity table: "
               + (f"cached in {api.SENSITIVITY_JSON}" if table is not None else
-                 f"to measure ({ids.shape[0]} x {ids.shape[1]} tokens, {cfg.n_probes} probes "
-                 "per sequence)"))
+                 f"to measure ({_inputs_text(objective, ids)}, {cfg.n_probes} probes "
+                 f"per {'sequence' if objective.unit == 'token' else objective.unit})"))
         for row in rows:
             (key, value), = row["budget"].items()
             asked = f"--avg-bits {value:g}" if key == "avg_bits" else f"{value:,.0f} bytes"
@@ -1133,7 +1242,7 @@ def _plan_dry_run(a: argparse.Namespace, model: torch.nn.Module, folder: Path,
                   + (f", W{above} does not" if above is not None else ""))
             if row["in_context_sweeps"]:
                 print("  in-context sweeps (one forward per block on "
-                      f"{check.shape[0]} x {check.shape[1]} tokens each): " + ", ".join(
+                      f"{_inputs_text(objective, check)} each): " + ", ".join(
                           f"W{s['base']}->W{s['alt']} "
                           + ("cached" if s["cached"] else "to measure")
                           for s in row["in_context_sweeps"]))
@@ -1157,16 +1266,17 @@ def _widest_note(table: Any, plan: Plan, budget: dict[str, Any], constraints: li
 
 def _report_plan(plan: Plan, out: Path, sens_s: float | None, alloc_s: float,
                  used: dict[str, int]) -> None:
-    checked = "" if plan.checked_kl is None else "; measured KL " + ", ".join(
-        f"{g} {v:.4f}" for g, v in plan.checked_kl.items())
+    checked = "" if plan.checked_kl is None else (
+        f"; measured {cost_name(plan.objective)} " + ", ".join(
+            f"{g} {cost_number(plan.objective, v)}" for g, v in plan.checked_kl.items()))
     what = "allocation" if plan.checked_kl is None else "allocations and KL checks"
     if used:
         what += (f" with {used['measured']} in-context sweep(s) measured and "
                  f"{used['reused']} reused from {api.SWEEPS_JSON}")
     sens = "table of the first plan" if sens_s is None else f"{sens_s:.1f}s"
     _print_plan(plan, f"plan written to {out} (sensitivity {sens}, {what} "
-                f"{alloc_s:.1f}s); kept: {plan.label}, predicted KL "
-                f"{plan.predicted_kl:.4f} nats/token{checked}")
+                f"{alloc_s:.1f}s); kept: {plan.label}, predicted "
+                f"{cost_text(plan.objective, plan.predicted_kl)}{checked}")
 
 
 # --- entry point ------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from quept.export.packed import PACKED_FORMAT, PACKED_JSON
 from quept.models.families import UnsupportedModelError, family_for_type
 from quept.nn.switch import is_pattern
 from quept.ops.quant import stored_bits_per_weight
-from quept.search.plan import PLAN_FORMAT, Plan, read_plan, unit_of
+from quept.search.plan import OBJECTIVE_UNITS, PLAN_FORMAT, Plan, cost_number, read_plan, unit_of
 from quept.search.sweeps import describe_sweeps
 
 EXPORT_JSON = "quept-export.json"  # compressed-tensors and ONNX exports' summary
@@ -109,6 +109,7 @@ def _plan(path: Path) -> dict[str, Any]:
             "layers_per_width": {str(b): n for b, n in plan.histogram().items()},
             "blocks": {u: sorted(set(w)) for u, w in blocks.items()}, "chosen": plan.label,
             "predicted_kl": plan.predicted_kl, "checked_kl": plan.checked_kl,
+            "objective": plan.objective,
             "constraints": list(plan.constraints), "files": {path.name: path.stat().st_size}}
 
 
@@ -490,7 +491,10 @@ def render(info: dict[str, Any]) -> str:
             out.append(f"in-context sweeps: {sw['error']} (`quept plan` measures them again)")
         elif sw:
             shape = sw.get("check_shape")
-            on = f" on {shape[0]} x {shape[1]} check tokens" if shape else ""
+            objective = ((s or {}).get("settings") or {}).get("objective")
+            on = ("" if not shape else f" on {shape[0]} check images" if len(shape) == 4
+                  else f" on {shape[0]} check paragraphs" if objective == "embedding-distance"
+                  else f" on {shape[0]} x {shape[1]} check tokens")
             out.append(f"in-context sweeps cached{on}: {', '.join(sw['sweeps']) or 'none'} "
                        "(plans between those widths reuse them)")
     elif kind == "calibration checkpoint":
@@ -577,8 +581,10 @@ def render(info: dict[str, Any]) -> str:
             out.append("chosen under the constraints " + ", ".join(info["constraints"]))
         kl = info.get("checked_kl")
         if kl:
-            out.append(f"chosen: {info['chosen']} (measured KL per token, lowest kept: "
-                       + ", ".join(f"{k} {v:.4f}" for k, v in kl.items()) + ")")
+            objective = info.get("objective", "next-token-kl")
+            out.append(f"chosen: {info['chosen']} (measured {OBJECTIVE_UNITS[objective]}, "
+                       "lowest kept: " + ", ".join(f"{k} {cost_number(objective, v)}"
+                                                  for k, v in kl.items()) + ")")
         else:
             out.append(f"chosen: {info['chosen']}")
         out.append("`quept eval FOLDER --plan PLAN.json` measures it, `quept export FOLDER "

@@ -26,11 +26,16 @@ class Sentences:
 
 
 def sentences_from_text(tokenizer: Any, text: str, n: int, max_len: int = 128,
-                        min_words: int = 8) -> Sentences:
-    """The first ``n`` paragraphs of ``text`` with at least ``min_words`` words, tokenized with
-    the tokenizer's special tokens, truncated to ``max_len`` and padded to the longest."""
+                        min_words: int = 8, seed: int | None = None) -> Sentences:
+    """The first ``n`` paragraphs of ``text`` with at least ``min_words`` words (with ``seed``:
+    ``n`` of them drawn at random, in text order), tokenized with the tokenizer's special
+    tokens, truncated to ``max_len`` and padded to the longest."""
     paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text)]
-    chosen = [p for p in paragraphs if len(p.split()) >= min_words][:n]
+    usable = [p for p in paragraphs if len(p.split()) >= min_words]
+    if seed is not None and len(usable) > n:
+        gen = torch.Generator().manual_seed(seed)
+        usable = [usable[i] for i in sorted(torch.randperm(len(usable), generator=gen)[:n].tolist())]
+    chosen = usable[:n]
     if len(chosen) < n:
         raise NotEnoughSentencesError(
             f"the text has {len(chosen)} paragraphs of at least {min_words} words; {n} were "

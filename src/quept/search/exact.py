@@ -1,13 +1,20 @@
 """The slow reference protocol: the exact KL with only one layer quantized, by a forward pass
 per (layer, width). Used to check the fast estimate on a subset of layers, never for planning
-a whole model. The blocks before the varied layer's block are run once and their output is
-reused (this changes the cost, not the result)."""
+a whole model. For a decoder the blocks before the varied layer's block are run once and their
+output is reused (this changes the cost, not the result). The same measurements serve the
+in-context sweeps and the candidate checks of a plan.
+
+Image classifiers and encoders are measured the same way on their own cost
+(:mod:`quept.search.objective`: the KL of the class distribution, one minus the embedding's
+cosine), each configuration by whole forward passes (their models are small, and their
+blocks take arguments that are not all captured as a decoder's are)."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +25,7 @@ from quept.calib.capture import capture_block_inputs
 from quept.config import ConfigError
 from quept.models import family_for
 from quept.nn import ElasticLinear, elastic_layers, set_bits
+from quept.search.objective import Objective, objective_for
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +53,13 @@ def _head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 class _Runner:
     """A decoder run from any block on: the block-0 inputs of ``input_ids`` are captured once,
-    and log-probabilities and KLs to a float reference are taken per token."""
+    and log-probabilities and KLs to a float reference are taken per token.
+
+    The protocol of every runner: :meth:`reference` keeps the current configuration's output
+    as the reference, :meth:`settle` records the current configuration's block inputs, and
+    :meth:`cost` gives the mean cost, to the reference, of the current configuration with
+    blocks ``start`` on recomputed from the settled inputs (only layers of those blocks may
+    have changed since :meth:`settle`)."""
 
     def __init__(self, model: nn.Module, input_ids: torch.Tensor) -> None:
         self.fam = family_for(model)
@@ -57,6 +71,7 @@ class _Runner:
         x, self.kwargs = capture_block_inputs(model, self.fam, input_ids, input_ids.shape[0],
                                               str(device))
         self.x, self.n_tok = x.to(device), input_ids.numel()
+        self.inputs = [self.x]
 
     def log_probs(self, h: torch.Tensor, start: int) -> torch.Tensor:
         for blk in self.blocks[start:]:
@@ -73,6 +88,52 @@ class _Runner:
     def kl(self, lp: torch.Tensor, lp_ref: torch.Tensor) -> float:
         return F.kl_div(lp, lp_ref, log_target=True, reduction="sum").item() / self.n_tok
 
+    def reference(self) -> None:
+        self.ref = self.log_probs(self.x, 0)
+
+    def settle(self) -> None:
+        self.inputs = self.block_inputs()
+
+    def cost(self, start: int = 0) -> float:
+        return self.kl(self.log_probs(self.inputs[start], start), self.ref)
+
+
+class _WholeRunner:
+    """The runner protocol of :class:`_Runner` for any task, by whole forward passes of
+    ``batch_size`` samples (``start`` changes nothing but the cost)."""
+
+    def __init__(self, model: nn.Module, inputs: Any, objective: Objective,
+                 batch_size: int = 32) -> None:
+        fam = family_for(model)
+        self.model, self.objective = model, objective
+        self.block_of = {}
+        for i, (path, blk) in enumerate(zip(fam.block_paths(model), fam.get_blocks(model))):
+            self.block_of.update({f"{path}.{ln}": i for ln in fam.block_linears(blk)})
+        device = next(model.parameters()).device
+        self.batches = [b.to(device) if isinstance(b, torch.Tensor) else b
+                        for b in objective.batches(inputs, batch_size)]
+        self.n_units = objective.n_units(inputs)
+
+    def reference(self) -> None:
+        self.refs = [self.objective.target(self.objective.output(self.model, b))
+                     for b in self.batches]
+
+    def settle(self) -> None:
+        pass
+
+    def cost(self, start: int = 0) -> float:
+        o = self.objective
+        return sum(o.cost(o.output(self.model, b), r)
+                   for b, r in zip(self.batches, self.refs)) / self.n_units
+
+
+def _runner(model: nn.Module, inputs: Any) -> _Runner | _WholeRunner:
+    objective = objective_for(model)
+    objective.check(inputs)
+    if family_for(model).is_causal_lm:
+        return _Runner(model, inputs)
+    return _WholeRunner(model, inputs, objective)
+
 
 @torch.no_grad()
 def exact_sensitivity(
@@ -83,7 +144,8 @@ def exact_sensitivity(
     """``{layer: (mean KL per token for each of bits)}``: KL(p_float || p) over the vocabulary
     with only ``layer`` changed to each width, the other layers at ``reference_bits``
     (None = float). For ``reference_bits`` set, the KL of the reference configuration itself is
-    subtracted, so values are comparable with :func:`estimate_sensitivity`."""
+    subtracted, so values are comparable with :func:`estimate_sensitivity`. Image classifiers
+    and encoders: their own cost on their inputs (:mod:`quept.search.objective`)."""
     all_layers = elastic_layers(model)
     spec = model.quept_spec
     bits = tuple(sorted(spec.bits)) if bits is None else tuple(bits)
@@ -91,20 +153,20 @@ def exact_sensitivity(
     unknown = [n for n in names if n not in all_layers]
     if unknown:
         raise ConfigError(f"unknown layers {unknown[:3]}")
-    run = _Runner(model, input_ids)
+    run = _runner(model, input_ids)
     with _widths_restored(all_layers.values()):
         set_bits(model, None)
-        lp_fp = run.log_probs(run.x, 0)
+        run.reference()
         set_bits(model, reference_bits)
-        inputs = run.block_inputs()  # in the reference configuration
-        base = 0.0 if reference_bits is None else run.kl(run.log_probs(inputs[0], 0), lp_fp)
+        run.settle()  # block inputs in the reference configuration
+        base = 0.0 if reference_bits is None else run.cost()
         out = {}
         for name in tqdm(names, disable=not progress, desc="exact KL", leave=False):
             m, k = all_layers[name], run.block_of[name]
             row = []
             for b in bits:
                 m.set_bits(b)
-                row.append(run.kl(run.log_probs(inputs[k], k), lp_fp) - base)
+                row.append(run.cost(k) - base)
             m.set_bits(reference_bits)
             m.clear_cache()
             out[name] = tuple(row)
@@ -114,25 +176,28 @@ def exact_sensitivity(
 
 @torch.no_grad()
 def configuration_kl(
-    model: nn.Module, input_ids: torch.Tensor, configs: Sequence, *, batch_size: int = 4,
+    model: nn.Module, input_ids: Any, configs: Sequence, *, batch_size: int = 4,
 ) -> list[float]:
     """Mean KL(p_float || p) per token over the vocabulary, on ``input_ids`` (N, T), of each
     configuration in ``configs`` (anything :func:`quept.set_bits` takes: a width, a plan, a
     ``{layer: bits}`` mapping). One float forward and one forward per configuration per batch
     (the float logits are not kept across batches: N x T x vocab floats); every layer's width
-    is restored afterwards."""
+    is restored afterwards. Image classifiers and encoders: their own mean cost on their
+    inputs (:mod:`quept.search.objective`)."""
+    objective = objective_for(model)
+    objective.check(input_ids)
     device = next(model.parameters()).device
     totals = [0.0] * len(configs)
     with _widths_restored(elastic_layers(model).values()):
-        for i in range(0, input_ids.shape[0], batch_size):
-            ids = input_ids[i : i + batch_size].to(device)
+        for batch in objective.batches(input_ids, batch_size):
+            if isinstance(batch, torch.Tensor):
+                batch = batch.to(device)
             set_bits(model, None)
-            lp_fp = model(ids, use_cache=False).logits.float().log_softmax(-1)
+            ref = objective.target(objective.output(model, batch))
             for k, cfg in enumerate(configs):
                 set_bits(model, cfg)
-                lp = model(ids, use_cache=False).logits.float().log_softmax(-1)
-                totals[k] += F.kl_div(lp, lp_fp, log_target=True, reduction="sum").item()
-    return [t / input_ids.numel() for t in totals]
+                totals[k] += objective.cost(objective.output(model, batch), ref)
+    return [t / objective.n_units(input_ids) for t in totals]
 
 
 @torch.no_grad()
@@ -145,9 +210,10 @@ def unit_swap_kl(
     bits and ``delta`` how much that KL changes when only the unit's linears (all in one block)
     go to ``alt`` bits. Unlike the table, which varies one layer of a float model, these costs
     are measured where a plan near uniform ``base`` actually sits. The blocks before a unit's
-    block are run once, in the base configuration, and their outputs reused."""
+    block are run once, in the base configuration, and their outputs reused (a decoder's).
+    Image classifiers and encoders: their own cost (:mod:`quept.search.objective`)."""
     all_layers = elastic_layers(model)
-    run = _Runner(model, input_ids)
+    run = _runner(model, input_ids)
     for unit, names in units.items():
         where = {run.block_of.get(n) for n in names}
         if not names or None in where or len(where) != 1:
@@ -155,17 +221,17 @@ def unit_swap_kl(
                               f"got {list(names)[:3]}")
     with _widths_restored(all_layers.values()):
         set_bits(model, None)
-        lp_fp = run.log_probs(run.x, 0)
+        run.reference()
         set_bits(model, base)
-        inputs = run.block_inputs()
-        kl_base = run.kl(run.log_probs(inputs[0], 0), lp_fp)
+        run.settle()
+        kl_base = run.cost()
         deltas = {}
         for unit, names in tqdm(units.items(), disable=not progress, leave=False,
                                 desc=f"KL of units at {alt} bits in W{base}"):
             k = run.block_of[names[0]]
             for n in names:
                 all_layers[n].set_bits(alt)
-            deltas[unit] = run.kl(run.log_probs(inputs[k], k), lp_fp) - kl_base
+            deltas[unit] = run.cost(k) - kl_base
             for n in names:
                 all_layers[n].set_bits(base)
                 all_layers[n].clear_cache()

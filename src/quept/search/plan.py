@@ -38,6 +38,38 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 
           "tib": 2**40}
 
 
+OBJECTIVE_UNITS = {"next-token-kl": "KL per token", "class-kl": "KL per image",
+                   "embedding-distance": "1 - cosine per sentence"}
+
+
+_COST_WORDS = {"next-token-kl": ("KL", "nats/token"), "class-kl": ("KL", "nats/image"),
+               "embedding-distance": ("1 - cosine", "per sentence")}
+
+
+def cost_name(objective: str) -> str:
+    """What a plan's costs are called: "KL" or "1 - cosine"."""
+    return _COST_WORDS[objective][0]
+
+
+def cost_number(objective: str, value: float) -> str:
+    """A cost to four decimals (next-token KL) or three significant digits (the small costs
+    of image classifiers and encoders)."""
+    return f"{value:.4f}" if objective == "next-token-kl" else f"{value:.3g}"
+
+
+def cost_text(objective: str, value: float) -> str:
+    """A cost in words: "KL 0.3830 nats/token", "KL 0.000512 nats/image", "1 - cosine
+    0.0123 per sentence"."""
+    name, per = _COST_WORDS[objective]
+    return f"{name} {cost_number(objective, value)} {per}"
+
+
+def table_objective(table: SensitivityTable) -> str:
+    """What the table's costs measure (:data:`OBJECTIVE_UNITS`); tables of causal LMs do not
+    record it."""
+    return table.settings.get("objective", "next-token-kl")
+
+
 def parse_size(text: str) -> int:
     """'60MB' -> 60_000_000 bytes; kB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
@@ -71,6 +103,9 @@ class Plan(Mapping[str, int]):
         :func:`swap_means`).
     constraints: the constraints the widths were chosen under, as written
         (:mod:`quept.search.constraints`; empty when none).
+    objective: what ``predicted_kl`` and ``checked_kl`` measure (:data:`OBJECTIVE_UNITS`):
+        "next-token-kl" (causal LMs, nats per token), "class-kl" (image classifiers, nats per
+        image) or "embedding-distance" (encoders, one minus the cosine per sentence).
     """
 
     widths: dict[str, int]
@@ -84,6 +119,7 @@ class Plan(Mapping[str, int]):
     checked_kl: dict[str, float] | None = None
     search: str = "table"
     constraints: tuple[str, ...] = ()
+    objective: str = "next-token-kl"
 
     def __getitem__(self, name: str) -> int:
         return self.widths[name]
@@ -115,6 +151,7 @@ class Plan(Mapping[str, int]):
             "predicted_kl": self.predicted_kl, "exact": self.exact,
             "granularity": self.granularity, "checked_kl": self.checked_kl,
             "search": self.search, "constraints": list(self.constraints),
+            "objective": self.objective,
         }
 
     @classmethod
@@ -140,13 +177,17 @@ class Plan(Mapping[str, int]):
             cons = constraint_texts(cons)
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
+        objective = d.get("objective", "next-token-kl")  # plans before it was recorded: LMs
+        if objective not in OBJECTIVE_UNITS:
+            raise ConfigError(f"{where}: objective {objective!r} is not one of "
+                              f"{tuple(OBJECTIVE_UNITS)}")
         try:
             return cls(dict(widths), float(d["bits_per_weight"]), float(d["stored_bytes"]),
                        int(d["n_weights"]), dict(d.get("budget", {})),
                        None if d.get("predicted_kl") is None else float(d["predicted_kl"]),
                        bool(d.get("exact", True)), gran,
                        None if checked is None else {str(k): float(v) for k, v in checked.items()},
-                       str(d.get("search", "table")), cons)
+                       str(d.get("search", "table")), cons, objective)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ConfigError(f"{where}: missing or malformed field ({e!r})") from None
 
@@ -295,12 +336,13 @@ def _layer_options(table: SensitivityTable, constraints: Constraints = None
 def unit_of(name: str, granularity: str) -> str:
     """The allocation unit of linear ``name``: the layer itself ("layer"), the module right under
     its block ("sublayer": ``model.layers.3.mlp.down_proj`` -> ``model.layers.3.mlp``) or the
-    block ("block": ``model.layers.3``). The block is the name up to its first numeric part; a
-    name without one is a unit of its own."""
+    block ("block": ``model.layers.3``). The block is the name up to its last numeric part
+    (Swin's ``swin.encoder.layers.1.blocks.0``: the block, not the stage); a name without one
+    is a unit of its own."""
     if granularity not in GRANULARITIES:
         raise ConfigError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     parts = name.split(".")
-    at = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+    at = next((i for i in range(len(parts) - 1, -1, -1) if parts[i].isdigit()), None)
     if granularity == "layer" or at is None:
         return name
     return ".".join(parts[: at + (1 if granularity == "block" else 2)])
@@ -355,7 +397,8 @@ def plan_from_table(
     alloc = allocate(cost, sizes, capacity)
     widths = {name: widths_at[name][alloc.choice[u]] for name, u in zip(names, unit)}
     return Plan(widths, alloc.size / n, alloc.size / 8, n, budget, alloc.cost, alloc.exact,
-                granularity, constraints=constraint_texts(constraints))
+                granularity, constraints=constraint_texts(constraints),
+                objective=table_objective(table))
 
 
 def _capacity(table: SensitivityTable, sizes: list[list[int]], avg_bits: float | None,
@@ -510,7 +553,7 @@ def plan_from_moves(
     chosen = {name: widths_at[name][cols[alloc.choice[u]]] for name, u in zip(names, unit)}
     return Plan(chosen, alloc.size / n, alloc.size / 8, n, budget, kl_base + alloc.cost,
                 alloc.exact, granularity, search=search or f"from W{base}",
-                constraints=constraint_texts(constraints))
+                constraints=constraint_texts(constraints), objective=table_objective(table))
 
 
 def swap_means(up: Mapping[str, float], down: Mapping[str, float]) -> dict[str, float]:

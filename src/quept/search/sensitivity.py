@@ -1,5 +1,7 @@
 """Fast per-layer, per-width sensitivity (DESIGN 2.6): the KL of the next-token distribution
-over the vocabulary when one linear is quantized, for every linear and width at once.
+over the vocabulary when one linear is quantized, for every linear and width at once. The same
+estimator serves image classifiers (KL of the class distribution) and encoders (one minus the
+cosine of the sentence embedding): :mod:`quept.search.objective`.
 
 The slow protocol runs one forward per (layer, width): 1,470 forwards for SmolLM2-135M. Here
 one forward and ``n_probes`` backward passes per batch of calibration sequences serve every
@@ -18,6 +20,10 @@ products with the quantization error ``dW_b`` of every width ``b`` are accumulat
 Every width of a layer shares the same probes, so the ranking of widths within a layer is far
 less noisy than the relative error per entry, about ``sqrt(2 / (n_samples * n_probes))``.
 Measured on SmolLM2-135M against the slow protocol (21 layers x 7 widths): Spearman 0.999.
+
+For another task the logits become the task's output and the probe covariance the Hessian of
+its cost there (:class:`quept.search.objective.Objective`): a classifier's class logits with the
+same softmax covariance, an encoder's normalised sentence embedding with the identity.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,6 +41,7 @@ from tqdm.auto import tqdm
 
 from quept.config import ConfigError, check_bits
 from quept.nn import ElasticLinear, elastic_layers, set_bits
+from quept.search.objective import Objective, objective_for
 from quept.search.table import LayerShape, SensitivityTable, fingerprint
 
 log = logging.getLogger(__name__)
@@ -43,7 +51,9 @@ log = logging.getLogger(__name__)
 class SensitivityConfig:
     """How the sensitivity table is measured.
 
-    n_samples, seq_len: calibration sequences and tokens each (every position is scored).
+    n_samples, seq_len: calibration sequences and tokens each (every position is scored); for
+        an image classifier or an encoder the caller draws its images or sentences, and
+        ``seq_len`` is the longest sentence.
     batch_size: sequences per forward pass (memory: activations and B x T x vocab logits).
     n_probes: random logit-space probes per sequence (each a backward pass). The noise of an
         entry falls with ``n_samples * n_probes``; more samples at fewer probes cost the same
@@ -72,8 +82,11 @@ class SensitivityConfig:
         if self.reference_bits is not None:
             check_bits(self.reference_bits)
 
-    def to_dict(self) -> dict:
-        return {"method": "gauss-newton-probes", **asdict(self)}
+    def to_dict(self, objective: Objective | None = None) -> dict:
+        """The settings a table records (and its fingerprint hashes); a task other than the
+        causal LM adds its objective's name."""
+        extra = {"objective": objective.name} if objective is not None and objective.name else {}
+        return {"method": "gauss-newton-probes", **asdict(self), **extra}
 
 
 @contextmanager
@@ -110,12 +123,6 @@ class _Deltas:
         return d
 
 
-@torch.no_grad()
-def _float_probs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    set_bits(model, None)
-    return model(ids, use_cache=False).logits.float().softmax(-1)
-
-
 class _Accumulator:
     """Backward hooks on every elastic layer that turn the gradient at the layer's output into
     per-sequence inner products ``<G_seq, dW_b>`` and accumulate them (squared for probes)."""
@@ -125,9 +132,11 @@ class _Accumulator:
         self.quad = {n: torch.zeros(n_bits, dtype=torch.float64) for n in layers}
         self.lin = {n: torch.zeros(n_bits, dtype=torch.float64) for n in layers}
         self.linear = False
+        self.n = 1  # samples in the batch: a layer's rows split into them in order (Swin's
+        # windows of one image are contiguous), so products are taken per sample
 
     def on_grad(self, name: str, x: torch.Tensor, g: torch.Tensor) -> None:
-        n = x.shape[0]
+        n = self.n
         per_seq = torch.einsum("nto,nti->noi", g.reshape(n, -1, g.shape[-1]).float(),
                                x.reshape(n, -1, x.shape[-1]).float())  # (N, out, in)
         d = self.deltas(name, self.layers[name])
@@ -145,33 +154,34 @@ class _Accumulator:
         return forward_hook
 
 
-def _probe_batch(model: nn.Module, ids: torch.Tensor, acc: _Accumulator, p_fp: torch.Tensor | None,
-                 n_probes: int, gen: torch.Generator) -> None:
-    """One forward of ``ids`` (B, T) at the reference widths, then the backward passes."""
-    embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-    logits = model(inputs_embeds=embeds, use_cache=False).logits
-    q = logits.detach().float().softmax(-1)
-    if p_fp is not None:
-        acc.linear = True  # gradient of sum_t KL(p_fp || q) in the logits: q - p_fp
-        logits.backward((q - p_fp).to(logits.dtype), retain_graph=True)
+def _probe_batch(model: nn.Module, batch: Any, objective: Objective, acc: _Accumulator,
+                 ref: torch.Tensor | None, n_probes: int, gen: torch.Generator) -> None:
+    """One forward of ``batch`` at the reference widths, then the backward passes; ``ref``:
+    the float model's output target when the reference is not the float model."""
+    acc.n = objective.size(batch)
+    out = objective.output(model, batch, grad=True)
+    if ref is not None:
+        acc.linear = True  # the gradient of the summed cost to the float model, in the output
+        out.backward(objective.gradient(out.detach(), ref), retain_graph=True)
         acc.linear = False
-    root = q.sqrt()
     for k in range(n_probes):
-        xi = torch.randn(q.shape, generator=gen).to(q.device)
-        s = root * xi - q * (root * xi).sum(-1, keepdim=True)  # covariance diag(q) - q q'
-        logits.backward(s.to(logits.dtype), retain_graph=k < n_probes - 1)
+        out.backward(objective.probe(out.detach(), gen), retain_graph=k < n_probes - 1)
 
 
 def estimate_sensitivity(
-    model: nn.Module, input_ids: torch.Tensor, config: SensitivityConfig | None = None, *,
+    model: nn.Module, input_ids: Any, config: SensitivityConfig | None = None, *,
     progress: bool = True,
 ) -> SensitivityTable:
     """The sensitivity table of an elastic model on ``input_ids`` (N, T) of calibration text,
-    processed ``config.batch_size`` sequences at a time.
+    processed ``config.batch_size`` sequences at a time; for an image classifier pixel values
+    (N, C, H, W), for an encoder :class:`quept.eval.Sentences`.
 
-    Costs are mean KL per predicted token, in nats; see the module docstring for the estimator.
+    Costs are mean KL per predicted token, in nats (per image for a classifier; one minus the
+    cosine per sentence for an encoder); see the module docstring for the estimator.
     """
     config = config or SensitivityConfig()
+    objective = objective_for(model)
+    objective.check(input_ids)
     spec = getattr(model, "quept_spec", None)
     layers = elastic_layers(model)
     if spec is None or not layers:
@@ -184,24 +194,30 @@ def estimate_sensitivity(
     t0 = time.perf_counter()
     acc = _Accumulator(layers, _Deltas(bits, ref, config.cache_deltas), len(bits))
     gen = torch.Generator().manual_seed(config.seed)
-    starts = range(0, input_ids.shape[0], config.batch_size)
+    starts = range(0, objective.size(input_ids), config.batch_size)
     with _measuring(model):
         handles = [m.register_forward_hook(acc.hook(n)) for n, m in layers.items()]
         try:
             for i in tqdm(starts, disable=not progress, desc="sensitivity", leave=False):
-                ids = input_ids[i : i + config.batch_size].to(device)
-                p_fp = None if ref is None else _float_probs(model, ids)
+                batch = objective.take(input_ids, i, i + config.batch_size)
+                if isinstance(batch, torch.Tensor):
+                    batch = batch.to(device)
+                target = None
+                if ref is not None:
+                    set_bits(model, None)
+                    with torch.no_grad():
+                        target = objective.target(objective.output(model, batch))
                 set_bits(model, ref)
-                _probe_batch(model, ids, acc, p_fp, config.n_probes, gen)
+                _probe_batch(model, batch, objective, acc, target, config.n_probes, gen)
         finally:
             for h in handles:
                 h.remove()
-    n_tok = input_ids.numel()
+    n_tok = objective.n_units(input_ids)
     kl = {n: tuple(((acc.lin[n] + 0.5 * acc.quad[n] / config.n_probes) / n_tok).tolist())
           for n in layers}
     seconds = time.perf_counter() - t0
     log.info("sensitivity of %d layers x %d widths in %.1fs", len(layers), len(bits), seconds)
-    settings = config.to_dict()
+    settings = config.to_dict(objective)
     return SensitivityTable(
         bits=bits, group_size={b: spec.group_size_for(b) for b in bits},
         shapes={n: LayerShape(m.out_features, m.in_features) for n, m in layers.items()},

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from quept.nn import elastic_layers
@@ -40,7 +39,10 @@ class LayerShape:
 @dataclass
 class SensitivityTable:
     """``kl[layer][k]``: mean KL per token (nats) of the next-token distribution when only
-    ``layer`` runs at ``bits[k]``, relative to the reference (see ``settings``).
+    ``layer`` runs at ``bits[k]``, relative to the reference (see ``settings``); for an image
+    classifier the KL of the class distribution per image, for an encoder one minus the
+    embedding's cosine per sentence (``settings["objective"]``,
+    :mod:`quept.search.objective`).
 
     group_size: quantization group size per width (0 = per channel), so a plan's stored bits can
     be counted from the table alone. settings: how the table was measured. fingerprint: hash of
@@ -108,9 +110,12 @@ class SensitivityTable:
         return cls.from_dict(d, str(path))
 
 
-def fingerprint(model: nn.Module, input_ids: torch.Tensor, settings: Mapping[str, Any]) -> str:
+def fingerprint(model: nn.Module, input_ids: Any, settings: Mapping[str, Any]) -> str:
     """sha256 (16 hex) of the elastic state (adapters, clips), a strided sample of every base
-    weight, the spec, the calibration tokens and the measurement settings."""
+    weight, the spec, the calibration inputs (tokens; pixels or sentences for the other tasks)
+    and the measurement settings."""
+    from quept.search.objective import objective_for
+
     h = hashlib.sha256()
     for name, t in sorted(elastic_state_dict(model).items()):
         h.update(name.encode())
@@ -121,6 +126,6 @@ def fingerprint(model: nn.Module, input_ids: torch.Tensor, settings: Mapping[str
         h.update(w[:: max(1, w.numel() // 65536)].cpu().contiguous().numpy().tobytes())
     spec = getattr(model, "quept_spec", None)
     h.update(json.dumps(spec.to_dict() if spec else None, sort_keys=True).encode())
-    h.update(input_ids.detach().cpu().contiguous().numpy().tobytes())
+    h.update(objective_for(model).to_bytes(input_ids))
     h.update(json.dumps(dict(settings), sort_keys=True).encode())
     return h.hexdigest()[:16]

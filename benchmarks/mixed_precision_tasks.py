@@ -1,0 +1,169 @@
+"""Mixed precision beyond causal LMs: the Pareto curve of an image classifier's or an
+encoder's elastic model, uniform widths against training-free plans, through the command line.
+
+    python benchmarks/mixed_precision_tasks.py --elastic vit-elastic      # `quept quantize --model vit`
+    python benchmarks/mixed_precision_tasks.py --elastic minilm-elastic   # `quept quantize --model minilm`
+
+It runs `quept plan` once for every budget (the sensitivity table and the in-context sweeps are
+cached in the folder; ``--recompute`` measures them afresh), then `quept eval` on every plan
+and on every uniform width, given as the inline plans ``*=2`` .. ``*=8`` so that both are
+measured by the same code: for an image classifier the mean KL of each test image's class
+distribution to the float model's and top-1 on the Fashion-MNIST test split, for an encoder the
+mean cosine of each paragraph's embedding with the float encoder's on *Pride and Prejudice*.
+It checks every plan against the straight line joining the uniform widths around it (on the
+KL, or on one minus the cosine), prints a table and writes JSON (and a plot with matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from quept.api import read_meta
+from quept.cli import main as quept_main
+from quept.models import family_for_type
+
+BUDGETS = (2.5, 2.75, 3.0, 3.25, 3.5, 4.0, 5.0)
+
+
+def run_json(argv: list[str]) -> tuple[dict, float]:
+    """One `quept` command in this process: its JSON result and wall-clock seconds."""
+    out = io.StringIO()
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(out):
+        rc = quept_main([*argv, "--json"])
+    seconds = time.perf_counter() - t0
+    if rc != 0:
+        raise SystemExit(f"quept {' '.join(argv)} failed ({rc})")
+    return json.loads(out.getvalue()), seconds
+
+
+def line_checks(uniform: list[dict], plans: list[dict]) -> list[dict]:
+    """Each plan against the straight line joining the uniform points just below and above
+    its stored bits per weight, on ``cost`` (lower is better)."""
+    pts = sorted((u["bits_per_weight"], u["cost"]) for u in uniform)
+    out = []
+    for p in plans:
+        x = p["bits_per_weight"]
+        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+            if x0 <= x <= x1:
+                line = y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+                out.append({"budget": p["budget"], "bits_per_weight": x, "cost": p["cost"],
+                            "between": [x0, x1], "line_cost": line,
+                            "at_or_below": p["cost"] <= line, "ratio": p["cost"] / line})
+                break
+    return out
+
+
+def plot(uniform: list[dict], plans: list[dict], label: str, title: str, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot([u["bits_per_weight"] for u in uniform], [u["cost"] for u in uniform], "o-",
+            label="uniform W2..W8")
+    ax.plot([p["bits_per_weight"] for p in plans], [p["cost"] for p in plans], "s--",
+            label="plans (quept plan)")
+    ax.set_yscale("log")
+    ax.set_xlabel("stored bits per weight (scales and zero-points included)")
+    ax.set_ylabel(label)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--elastic", required=True, help="elastic folder of an image classifier or "
+                   "an encoder")
+    p.add_argument("--budgets", default=",".join(map(str, BUDGETS)),
+                   help="bits per weight of the plans, comma-separated")
+    p.add_argument("--out", default=None, help="JSON to write (default "
+                   "results/mixed_precision_<model type>.json)")
+    p.add_argument("--recompute", action="store_true",
+                   help="measure the sensitivity table and sweeps afresh")
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    folder = Path(a.elastic)
+    model_type = read_meta(folder)["model_type"]
+    task = family_for_type(model_type).task
+    if task == "causal-lm":
+        raise SystemExit("causal LMs: benchmarks/mixed_precision.py")
+    out = Path(a.out or f"results/mixed_precision_{model_type}.json")
+    plans_dir = out.with_suffix("")  # the plan files, next to the JSON
+    plans_dir.mkdir(parents=True, exist_ok=True)
+
+    made, plan_s = run_json(["plan", str(folder), "--avg-bits", a.budgets, "--out",
+                             str(plans_dir), *(["--recompute"] if a.recompute else [])])
+    made = made.get("plans", [made])
+    evaluated, eval_s = run_json(["eval", str(folder), "--plan", str(plans_dir),
+                                  *(arg for b in range(2, 9) for arg in ("--plan", f"*={b}"))])
+    rows = evaluated["plans"]
+    if task == "image-classification":
+        metric, label = "kl_to_float", "KL of the class distribution to float (nats/image)"
+        extra = "accuracy"
+        for r in rows:
+            r["cost"] = r["kl_to_float"]
+        data = f"{evaluated['images']} Fashion-MNIST test images"
+    else:
+        metric, label = "cosine_mean", "1 - cosine of the sentence embedding to float"
+        extra = "neighbour_agreement"
+        for r in rows:
+            r["cost"] = 1 - r["cosine_mean"]
+        data = f"{evaluated['sentences']} paragraphs of Pride and Prejudice"
+    uniform = [r for r in rows if r["path"].startswith("*=")]
+    by_file = {Path(r["path"]).name: r for r in rows if not r["path"].startswith("*=")}
+    plans = []
+    for m in made:
+        r = dict(by_file[Path(m["out"]).name])
+        r.update(budget=m["budget"]["avg_bits"], chosen=m["chosen"], checked=m["checked_kl"],
+                 predicted=m["predicted_kl"])
+        plans.append(r)
+    checks = line_checks(uniform, plans)
+
+    print(f"\n{folder} ({model_type}), {data}; plans made in {plan_s:.0f} s "
+          f"(sensitivity {made[0]['sensitivity_seconds'] or 0:.0f} s of it), evaluated in "
+          f"{eval_s:.0f} s")
+    print(f"| configuration | bits/weight stored | {metric} | {extra} | line | at or below |")
+    print("|---|---|---|---|---|---|")
+    for r in sorted(uniform + plans, key=lambda r: r["bits_per_weight"]):
+        c = next((c for c in checks if r in plans and c["budget"] == r.get("budget")), None)
+        name = r["path"] if r in uniform else f"plan {r['budget']} ({r['chosen']})"
+        print(f"| {name} | {r['bits_per_weight']:.4f} | {r[metric]:.6g} | {r[extra]:.4f} | "
+              + (f"{c['line_cost']:.6g} | {'yes' if c['at_or_below'] else 'NO'} |" if c
+                 else " | |"))
+    below = sum(c["at_or_below"] for c in checks)
+    print(f"{below} of {len(checks)} plans between two uniform widths at or below the line")
+
+    result = {"folder": str(folder), "model_type": model_type, "task": task, "data": data,
+              "metric": metric, "cost": label, "uniform": uniform, "plans": plans,
+              "line_checks": checks, "plan_seconds": plan_s, "eval_seconds": eval_s,
+              "machine": {"cpu": platform.processor() or platform.machine(),
+                          "torch": torch.__version__, "threads": torch.get_num_threads()},
+              "command": " ".join(sys.argv)}
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+    plot(uniform, plans, label, f"{folder.name}: uniform widths vs plans ({data})",
+         out.with_suffix(".png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
