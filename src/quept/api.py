@@ -76,8 +76,10 @@ from quept.search.exact import configuration_kl, unit_swap_kl
 from quept.search.objective import objective_for
 from quept.search.plan import (
     GRANULARITIES,
+    OBJECTIVE_UNITS,
     Constraints,
     bracketing_widths,
+    cost_number,
     feasible_range,
     in_context_sweeps,
     layer_bits,
@@ -400,7 +402,9 @@ def plan(model: nn.Module, table: SensitivityTable, *, avg_bits: float | None = 
 
     ``granularity``: "layer", "sublayer" or "block" (see :mod:`quept.search.plan`), or "auto"
     (default): the exact plan at each of them, then the one whose measured KL to the float
-    model on ``check_ids`` (N, T calibration tokens, e.g. 16 x 128) is lowest. The summed
+    model on ``check_ids`` (N, T calibration tokens, e.g. 16 x 128; pixel values or
+    :class:`quept.eval.Sentences` for an image classifier or an encoder, whose cost is then the
+    KL of the class distribution or one minus the embedding's cosine) is lowest. The summed
     costs assume layers act independently; the measured KL does not, and on the default model
     coarser units often give lower perplexity at the same budget (docs/mixed-precision.md).
 
@@ -433,8 +437,9 @@ def plan(model: nn.Module, table: SensitivityTable, *, avg_bits: float | None = 
     kls = configuration_kl(model, check_ids, list(candidates.values()))
     checked = dict(zip(candidates, kls))
     best = min(checked, key=checked.get)
-    log.info("plan candidates, measured KL per token: %s; keeping %s",
-             ", ".join(f"{g} {v:.4f}" for g, v in checked.items()), best)
+    objective = candidates[best].objective
+    log.info("plan candidates, measured %s: %s; keeping %s", OBJECTIVE_UNITS[objective],
+             ", ".join(f"{g} {cost_number(objective, v)}" for g, v in checked.items()), best)
     return dataclasses.replace(candidates[best], checked_kl=checked)
 
 

@@ -1164,9 +1164,10 @@ def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
         sens_s = None  # measured (or read) once, for the first plan
     if not a.json:
         first, it = results[0]["out"], "it" if len(results) == 1 else "one"
+        run = (f"`quept run {a.folder} --plan {first} --prompt TEXT` generates with {it} on "
+               "packed layers, " if task == "causal-lm" else "")
         print(f"next: `quept eval {a.folder} --plan {a.out}` measures "
-              f"{'it' if len(results) == 1 else 'them all'}, `quept run {a.folder} --plan "
-              f"{first} --prompt TEXT` generates with {it} on packed layers, `quept export "
+              f"{'it' if len(results) == 1 else 'them all'}, {run}`quept export "
               f"{a.folder} --plan {first} --out DIR` packs {it}")
     return results[0] if len(results) == 1 else {"plans": results}
 
