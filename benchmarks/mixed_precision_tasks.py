@@ -12,6 +12,10 @@ distribution to the float model's and top-1 on the Fashion-MNIST test split, for
 mean cosine of each paragraph's embedding with the float encoder's on *Pride and Prejudice*.
 It checks every plan against the straight line joining the uniform widths around it (on the
 KL, or on one minus the cosine), prints a table and writes JSON (and a plot with matplotlib).
+
+``--exact`` also runs the slow protocol (a whole forward per layer and width) on the inputs the
+sensitivity table was measured on, and compares the plans made from each table (per layer) on
+the held-out data.
 """
 
 from __future__ import annotations
@@ -25,11 +29,17 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from quept.api import read_meta
+import quept
+from quept.api import SENSITIVITY_JSON, read_meta
+from quept.cli import PLAN_SAMPLES, _images, _plan_inputs
 from quept.cli import main as quept_main
 from quept.models import family_for_type
+from quept.search import SensitivityConfig, plan_from_table
+from quept.search.exact import configuration_kl, exact_sensitivity
+from quept.search.table import SensitivityTable
 
 BUDGETS = (2.5, 2.75, 3.0, 3.25, 3.5, 4.0, 5.0)
 
@@ -61,6 +71,48 @@ def line_checks(uniform: list[dict], plans: list[dict]) -> list[dict]:
                             "at_or_below": p["cost"] <= line, "ratio": p["cost"] / line})
                 break
     return out
+
+
+def exact_check(folder: Path, task: str, budgets: list[float]) -> dict:
+    """The fast table (cached by `quept plan`) against the slow protocol on the same inputs:
+    Spearman over every (layer, width), and each budget's per-layer plan from either table
+    measured on held-out data (the test split, or 256 paragraphs of Pride and Prejudice)."""
+    from quept import data
+    from quept.eval import sentences_from_text
+
+    model, tok = quept.load(folder)
+    cfg = SensitivityConfig(n_samples=PLAN_SAMPLES[task][0])
+    inputs = _plan_inputs(argparse.Namespace(calib_text=None), model, tok, task, cfg)
+    fast = quept.sensitivity(model, inputs, cfg, cache=folder / SENSITIVITY_JSON,
+                             progress=False)
+    t0 = time.perf_counter()
+    slow = exact_sensitivity(model, inputs)
+    slow_s = time.perf_counter() - t0
+    names = list(slow)
+    rank = lambda v: np.argsort(np.argsort(v))  # noqa: E731
+    fv = np.array([fast.kl[n] for n in names]).ravel()
+    sv = np.array([slow[n] for n in names]).ravel()
+    spearman = float(np.corrcoef(rank(fv), rank(sv))[0, 1])
+    if task == "image-classification":
+        held = _images(model, "test", 10000, 0)[0]
+    else:
+        held = sentences_from_text(tok, data.evaluation_text(), 256, max_len=128)
+    slow_table = SensitivityTable(fast.bits, fast.group_size, fast.shapes,
+                                  {n: tuple(v) for n, v in slow.items()}, "slow", fast.settings)
+    rows = []
+    for avg in budgets:
+        plans = {label: plan_from_table(t, avg_bits=avg)
+                 for label, t in (("fast", fast), ("slow", slow_table))}
+        costs = configuration_kl(model, held, list(plans.values()), batch_size=256)
+        rows.append({"avg_bits": avg, **{f"{k}_bits_per_weight": p.bits_per_weight
+                                         for k, p in plans.items()},
+                     **{f"{k}_held_out_cost": c for k, c in zip(plans, costs)}})
+        print(f"  {avg} bits (per layer): plan from the fast table {costs[0]:.6g}, from the "
+              f"slow protocol {costs[1]:.6g} (held out)")
+    print(f"fast vs slow table: Spearman {spearman:.4f} over {len(sv)} entries; slow protocol "
+          f"{slow_s:.0f} s, fast table {fast.seconds:.0f} s")
+    return {"spearman": spearman, "entries": len(sv), "slow_seconds": slow_s,
+            "fast_seconds": fast.seconds, "plans": rows}
 
 
 def plot(uniform: list[dict], plans: list[dict], label: str, title: str, path: Path) -> None:
@@ -98,6 +150,8 @@ def main() -> int:
                    "results/mixed_precision_<model type>.json)")
     p.add_argument("--recompute", action="store_true",
                    help="measure the sensitivity table and sweeps afresh")
+    p.add_argument("--exact", action="store_true",
+                   help="also compare the fast table with the slow protocol (see above)")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -137,6 +191,8 @@ def main() -> int:
                  predicted=m["predicted_kl"])
         plans.append(r)
     checks = line_checks(uniform, plans)
+    exact = (exact_check(folder, task, [float(b) for b in a.budgets.split(",")])
+             if a.exact else None)
 
     print(f"\n{folder} ({model_type}), {data}; plans made in {plan_s:.0f} s "
           f"(sensitivity {made[0]['sensitivity_seconds'] or 0:.0f} s of it), evaluated in "
@@ -155,6 +211,7 @@ def main() -> int:
     result = {"folder": str(folder), "model_type": model_type, "task": task, "data": data,
               "metric": metric, "cost": label, "uniform": uniform, "plans": plans,
               "line_checks": checks, "plan_seconds": plan_s, "eval_seconds": eval_s,
+              "exact_check": exact,
               "machine": {"cpu": platform.processor() or platform.machine(),
                           "torch": torch.__version__, "threads": torch.get_num_threads()},
               "command": " ".join(sys.argv)}

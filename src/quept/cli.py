@@ -871,7 +871,8 @@ def _eval_encoder(a: argparse.Namespace, folder: Path, model: torch.nn.Module, t
 
     sentences = sentences_from_text(tok, _text(a.text, "eval"), a.sentences,
                                     max_len=_sentence_len(model))
-    rows = api.evaluate_embeddings(model, sentences, bits, rtn=a.rtn, progress=not a.json)
+    rows = (api.evaluate_embeddings(model, sentences, bits, rtn=a.rtn, progress=not a.json)
+            if bits else [])
     n = sentences.input_ids.shape[0]
     result = {"folder": str(folder), "elastic": True, "sentences": n,
               "embedding_rows": [r.__dict__ for r in rows]}
