@@ -514,7 +514,7 @@ def cmd_quantize(a: argparse.Namespace) -> dict[str, Any]:
               f"total {result['total_seconds']:.0f}s"
               + ("" if rss is None else f", peak memory {rss:.2f} GiB") + ")")
         plan = (f", `quept plan {out} --avg-bits 3.5 --out plan.json` makes a mixed-precision "
-                "plan" if task == "causal-lm" else "")
+                "plan")
         run = (f", `quept run {out} --bits 4,3,2 --prompt TEXT` generates with packed layers "
                "switched in memory" if task == "causal-lm" else "")
         print(f"next: `quept info {out}` describes it{plan}, `quept export {out} --bits 4 "

@@ -137,7 +137,7 @@ class ClassKL(_SoftmaxKL):
 
     def output(self, model: nn.Module, batch: torch.Tensor, *, grad: bool = False
                ) -> torch.Tensor:
-        pixels = batch.detach().float().requires_grad_(True) if grad else batch
+        pixels = batch.detach().clone().requires_grad_(True) if grad else batch
         return model(pixel_values=pixels).logits.float()
 
 
