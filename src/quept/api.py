@@ -85,6 +85,7 @@ from quept.search.plan import (
     layer_bits,
     plan_from_moves,
     plan_from_swaps,
+    plan_uniform,
     shape_table,
     swap_means,
     unit_of,
@@ -451,8 +452,9 @@ def plan_candidates(
 ) -> dict[str, Plan]:
     """The candidates :func:`plan` chooses among with ``granularity="auto"``, by label
     (``Plan.label``), distinct widths only, not yet checked: the table's plan at each
-    granularity, then (``in_context``, with ``check_ids``) those made from the in-context
-    sweeps. For studying how the choice is made; :func:`plan` is the one to use."""
+    granularity, the uniform width below the budget (so the plan kept is never worse than it
+    on the check data), then (``in_context``, with ``check_ids``) those made from the
+    in-context sweeps. For studying how the choice is made; :func:`plan` is the one to use."""
     layers = _check_table(model, table)
     if in_context and check_ids is None:
         raise ConfigError("the in-context candidates are measured on check_ids: pass them, "
@@ -468,6 +470,7 @@ def plan_candidates(
     budget = {"avg_bits": avg_bits, "max_bytes": max_bytes, "constraints": constraints}
     for g in GRANULARITIES:
         add(plan_from_table(table, **budget, granularity=g))
+    add(plan_uniform(table, bracketing_widths(table, **budget)[0], **budget))
     sweeps = in_context_sweeps(table, **budget, both_ways=both_ways) if in_context else []
     if sweeps:
         units: dict[str, list[str]] = {}

@@ -20,6 +20,7 @@ from quept.search.plan import (
     bracketing_widths,
     plan_from_moves,
     plan_from_swaps,
+    plan_uniform,
     read_widths,
     swap_means,
     unit_of,
@@ -328,6 +329,25 @@ def test_auto_adds_the_in_context_candidates(model):
     cache[lo, hi] = (0.0, {"model.layers.9": -1.0})  # a cached sweep is used, not remeasured
     with pytest.raises(ConfigError, match="no unit"):
         quept.api.plan(model, table, avg_bits=3.6, check_ids=ids, cache=cache)
+
+
+def test_the_uniform_width_below_the_budget_is_a_candidate():
+    model = elastic_tiny(layers=3)  # at 3.6 bits the block plan puts one block at W3
+    table = synthetic_table(model)
+    uniform = plan_uniform(table, 2, avg_bits=3.6)
+    assert set(uniform.values()) == {2} and uniform.label == "block, uniform W2"
+    assert uniform.bits_per_weight == quept.api.plan_record(model, {"*": 2}).bits_per_weight
+    assert uniform.predicted_kl == pytest.approx(sum(table.cost(n, 2) for n in table.shapes))
+    with pytest.raises(InfeasibleBudgetError, match="uniform W3"):
+        plan_uniform(table, 3, avg_bits=3.6)  # group 16: W3 stores 4.19 bits
+    pinned = plan_uniform(table, 2, avg_bits=3.6, constraints=["model.layers.0.mlp.*=3"])
+    assert {b for n, b in pinned.items() if ".mlp." in n and ".layers.0." in n} == {3}
+    assert pinned.constraints == ("model.layers.0.mlp.*=3",)
+    cands = quept.api.plan_candidates(model, table, avg_bits=3.6, in_context=False)
+    assert "block, uniform W2" in cands
+    plan = quept.api.plan(model, table, avg_bits=3.6, check_ids=token_ids(4, 16),
+                          in_context=False)
+    assert plan.checked_kl["block, uniform W2"] >= min(plan.checked_kl.values())
 
 
 def test_configuration_kl_is_zero_for_float_and_grows_as_bits_fall(model):

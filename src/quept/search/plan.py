@@ -99,8 +99,8 @@ class Plan(Mapping[str, int]):
         ``{candidate: nats}`` (candidates with identical widths share one entry).
     search: how the widths were chosen: "table" (summed costs of the sensitivity table),
         "from W<b>" (in-context costs of units moved away from uniform b bits,
-        :func:`plan_from_swaps`) or "from W<lo>+W<hi>" (the mean of both in-context costs,
-        :func:`swap_means`).
+        :func:`plan_from_swaps`), "from W<lo>+W<hi>" (the mean of both in-context costs,
+        :func:`swap_means`) or "uniform W<b>" (every layer at b bits, :func:`plan_uniform`).
     constraints: the constraints the widths were chosen under, as written
         (:mod:`quept.search.constraints`; empty when none).
     objective: what ``predicted_kl`` and ``checked_kl`` measure (:data:`OBJECTIVE_UNITS`):
@@ -484,6 +484,26 @@ def bracketing_widths(table: SensitivityTable, *, avg_bits: float | None = None,
     if lo is None:  # only mixed plans fit (the narrowest width is missing from the table)
         raise InfeasibleBudgetError("no uniform width fits this budget")
     return lo, min((b for b in total if b > lo), default=None)
+
+
+def plan_uniform(table: SensitivityTable, bits: int, *, avg_bits: float | None = None,
+                 max_bytes: int | None = None, constraints: Constraints = None) -> Plan:
+    """Every layer at ``bits`` (what ``constraints`` make of it) as a plan within the budget:
+    the auto granularity's safety net, so that the plan it keeps is never worse, on its check
+    data, than the uniform width below the budget. InfeasibleBudgetError if it does not fit."""
+    j = table.bits.index(bits)
+    widths_at, sizes = _layer_options(table, constraints)
+    capacity, budget = _capacity(table, sizes, avg_bits, max_bytes, constraints)
+    size = sum(row[j] for row in sizes)
+    if size > capacity:
+        raise InfeasibleBudgetError(f"uniform W{bits} ({size / 8:,.0f} bytes) does not fit "
+                                    f"a budget of {capacity / 8:,.0f} bytes")
+    n = sum(s.numel for s in table.shapes.values())
+    widths = {name: widths_at[name][j] for name in table.shapes}
+    cost = sum(table.cost(name, b) for name, b in widths.items())
+    return Plan(widths, size / n, size / 8, n, budget, cost, True, "block",
+                search=f"uniform W{bits}", constraints=constraint_texts(constraints),
+                objective=table_objective(table))
 
 
 def plan_from_swaps(
