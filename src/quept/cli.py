@@ -985,7 +985,7 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--check-samples", type=int, default=None,
                    help="calibration samples the auto granularity measures each candidate "
                    "plan on, the first of --samples (default 16 sequences of --seq-len "
-                   "tokens; 256 images for an image classifier, 64 paragraphs for an "
+                   "tokens; 1024 images for an image classifier, 64 paragraphs for an "
                    "encoder)")
     p.add_argument("--in-context", action=argparse.BooleanOptionalAction, default=True,
                    help="with auto: also measure each block's cost inside the uniform models "
@@ -1010,7 +1010,7 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     d = SensitivityConfig()
     s.add_argument("--samples", type=int, default=None,
                    help=f"calibration sequences (default {d.n_samples}); an image classifier "
-                   "measures Fashion-MNIST training images (default 512), an encoder "
+                   "measures Fashion-MNIST training images (default 2048), an encoder "
                    "paragraphs of the calibration text (default 128)")
     s.add_argument("--seq-len", type=int, default=None,
                    help=f"tokens per sequence (default {d.seq_len}); an encoder's longest "
@@ -1100,7 +1100,7 @@ def _print_plan(plan: Plan, title: str) -> None:
           f"{cons}")
 
 
-PLAN_SAMPLES = {"causal-lm": (32, 16), "image-classification": (512, 256), "encoder": (128, 64)}
+PLAN_SAMPLES = {"causal-lm": (32, 16), "image-classification": (2048, 1024), "encoder": (128, 64)}
 """Default (--samples, --check-samples) of `quept plan` by task: sequences, images, paragraphs."""
 
 
