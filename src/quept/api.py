@@ -73,13 +73,11 @@ from quept.search import (
     plan_from_table,
 )
 from quept.search.exact import configuration_kl, unit_swap_kl
-from quept.search.objective import objective_for
+from quept.search.objective import cost_number, cost_words, objective_for
 from quept.search.plan import (
     GRANULARITIES,
-    OBJECTIVE_UNITS,
     Constraints,
     bracketing_widths,
-    cost_number,
     feasible_range,
     in_context_sweeps,
     layer_bits,
@@ -439,7 +437,7 @@ def plan(model: nn.Module, table: SensitivityTable, *, avg_bits: float | None = 
     checked = dict(zip(candidates, kls))
     best = min(checked, key=checked.get)
     objective = candidates[best].objective
-    log.info("plan candidates, measured %s: %s; keeping %s", OBJECTIVE_UNITS[objective],
+    log.info("plan candidates, measured %s: %s; keeping %s", cost_words(objective),
              ", ".join(f"{g} {cost_number(objective, v)}" for g, v in checked.items()), best)
     return dataclasses.replace(candidates[best], checked_kl=checked)
 

@@ -30,18 +30,11 @@ from quept.config import (
 )
 from quept.data.hub import hub_model_dir, is_repo_id
 from quept.data.text import names_hub_text
+from quept.eval import Sentences
 from quept.search import Constraint, Plan, SensitivityConfig, feasible_range, parse_size
 from quept.search.constraints import constraint_texts
-from quept.search.objective import Objective, objective_for
-from quept.search.plan import (
-    GRANULARITIES,
-    cost_name,
-    cost_number,
-    cost_text,
-    plan_files,
-    read_plan,
-    split_warning,
-)
+from quept.search.objective import BY_NAME, Objective, cost_number, cost_text, objective_for
+from quept.search.plan import GRANULARITIES, plan_files, read_plan, split_warning
 
 log = logging.getLogger("quept")
 DEFAULT_OUT = "quept-elastic"
@@ -225,14 +218,11 @@ def _sentence_len(model: torch.nn.Module) -> int:
     return min(128, getattr(model.config, "max_position_embeddings", 128))
 
 
-def _embedding_rows(model: torch.nn.Module, tok: Any, text: str, n: int,
-                    bits: list[int | None], rtn: bool, progress: bool
-                    ) -> tuple[list[api.EmbeddingRow], int]:
+def _eval_sentences(model: torch.nn.Module, tok: Any, text: str, n: int) -> Sentences:
+    """The first ``n`` paragraphs of ``text`` an encoder's embedding fidelity is measured on."""
     from quept.eval import sentences_from_text
 
-    sentences = sentences_from_text(tok, text, n, max_len=_sentence_len(model))
-    rows = api.evaluate_embeddings(model, sentences, bits, rtn=rtn, progress=progress)
-    return rows, sentences.input_ids.shape[0]
+    return sentences_from_text(tok, text, n, max_len=_sentence_len(model))
 
 
 def _print_embedding(rows: list[api.EmbeddingRow], n: int, title: str) -> None:
@@ -460,8 +450,10 @@ def cmd_quantize(a: argparse.Namespace) -> dict[str, Any]:
         if a.eval_sentences > 0:
             bits = a.eval_bits or sorted(cfg.spec.bits)
             model.to(cfg.calib.device)
-            rows, n = _embedding_rows(model, tok, _text(a.eval_text, "eval"), a.eval_sentences,
-                                      bits, True, not a.json)
+            sentences = _eval_sentences(model, tok, _text(a.eval_text, "eval"),
+                                        a.eval_sentences)
+            rows = api.evaluate_embeddings(model, sentences, bits, rtn=True, progress=not a.json)
+            n = sentences.input_ids.shape[0]
             result.update(sentences=n, embedding_rows=[r.__dict__ for r in rows])
             api.record_evaluation(out, {
                 "metric": "cosine to the float embeddings", "data": f"{n} paragraphs of "
@@ -867,10 +859,9 @@ def _eval_encoder(a: argparse.Namespace, folder: Path, model: torch.nn.Module, t
         raise ConfigError(f"{folder} is not an elastic folder: embedding fidelity compares a "
                           "quantized encoder with its float one, so pass an elastic folder (or a "
                           "packed export, which records its base model)")
-    from quept.eval import fidelity, sentence_embeddings, sentences_from_text
+    from quept.eval import fidelity, sentence_embeddings
 
-    sentences = sentences_from_text(tok, _text(a.text, "eval"), a.sentences,
-                                    max_len=_sentence_len(model))
+    sentences = _eval_sentences(model, tok, _text(a.text, "eval"), a.sentences)
     rows = (api.evaluate_embeddings(model, sentences, bits, rtn=a.rtn, progress=not a.json)
             if bits else [])
     n = sentences.input_ids.shape[0]
@@ -932,22 +923,30 @@ def _eval_images(a: argparse.Namespace, folder: Path, model: torch.nn.Module, el
 def _image_plans(a: argparse.Namespace, model: torch.nn.Module, plans: list[tuple[str, Plan]],
                  pixels: torch.Tensor, labels: torch.Tensor) -> list[dict[str, Any]]:
     """Top-1 and the mean KL of the class distribution to the float model's (per image) of
-    each plan on ``pixels``."""
-    from quept.eval import top1_accuracy
-    from quept.search.exact import configuration_kl
+    each plan on ``pixels``, both from one forward of each batch per plan."""
+    from tqdm.auto import tqdm
 
     if not plans:
         return []
-    kls = configuration_kl(model, pixels, [plan for _, plan in plans], batch_size=256)
-    measured = []
-    for (path, plan), kl in zip(plans, kls):
-        bpw = _apply_plan(model, plan, path)
-        acc = top1_accuracy(model, pixels, labels, progress=not a.json,
-                            desc=f"accuracy {Path(path).name}")
-        measured.append({"path": path, "bits_per_weight": bpw, "accuracy": acc,
-                         "kl_to_float": kl, "stored_bytes": plan.stored_bytes,
-                         "widths": plan.histogram()})
-    return measured
+    objective, size = objective_for(model), 256
+    device = next(model.parameters()).device
+    kl, correct = [0.0] * len(plans), [0] * len(plans)
+    batches = objective.batches(pixels, size, device)
+    with torch.no_grad():
+        for i, batch in enumerate(tqdm(batches, total=-(-len(labels) // size), leave=False,
+                                       desc="plans", disable=a.json)):
+            api.set_bits(model, None)
+            ref = objective.target(objective.output(model, batch))
+            truth = labels[i * size:(i + 1) * size]
+            for k, (_, plan) in enumerate(plans):
+                api.set_bits(model, plan)
+                out = objective.output(model, batch)
+                kl[k] += objective.cost(out, ref)
+                correct[k] += (out.argmax(-1).cpu() == truth).sum().item()
+    return [{"path": path, "bits_per_weight": _apply_plan(model, plan, path),
+             "accuracy": correct[k] / len(labels), "kl_to_float": kl[k] / len(labels),
+             "stored_bytes": plan.stored_bytes, "widths": plan.histogram()}
+            for k, (path, plan) in enumerate(plans)]
 
 
 # --- plan -------------------------------------------------------------------------------------
@@ -1269,7 +1268,7 @@ def _widest_note(table: Any, plan: Plan, budget: dict[str, Any], constraints: li
 def _report_plan(plan: Plan, out: Path, sens_s: float | None, alloc_s: float,
                  used: dict[str, int]) -> None:
     checked = "" if plan.checked_kl is None else (
-        f"; measured {cost_name(plan.objective)} " + ", ".join(
+        f"; measured {BY_NAME[plan.objective].cost_name} " + ", ".join(
             f"{g} {cost_number(plan.objective, v)}" for g, v in plan.checked_kl.items()))
     what = "allocation" if plan.checked_kl is None else "allocations and KL checks"
     if used:

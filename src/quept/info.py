@@ -28,7 +28,8 @@ from quept.export.packed import PACKED_FORMAT, PACKED_JSON
 from quept.models.families import UnsupportedModelError, family_for_type
 from quept.nn.switch import is_pattern
 from quept.ops.quant import stored_bits_per_weight
-from quept.search.plan import OBJECTIVE_UNITS, PLAN_FORMAT, Plan, cost_number, read_plan, unit_of
+from quept.search.objective import cost_number, cost_words
+from quept.search.plan import PLAN_FORMAT, Plan, read_plan, unit_of
 from quept.search.sweeps import describe_sweeps
 
 EXPORT_JSON = "quept-export.json"  # compressed-tensors and ONNX exports' summary
@@ -581,8 +582,8 @@ def render(info: dict[str, Any]) -> str:
             out.append("chosen under the constraints " + ", ".join(info["constraints"]))
         kl = info.get("checked_kl")
         if kl:
-            objective = info.get("objective", "next-token-kl")
-            out.append(f"chosen: {info['chosen']} (measured {OBJECTIVE_UNITS[objective]}, "
+            objective = info["objective"]
+            out.append(f"chosen: {info['chosen']} (measured {cost_words(objective)}, "
                        "lowest kept: " + ", ".join(f"{k} {cost_number(objective, v)}"
                                                   for k, v in kl.items()) + ")")
         else:

@@ -110,8 +110,7 @@ class _WholeRunner:
         for i, (path, blk) in enumerate(zip(fam.block_paths(model), fam.get_blocks(model))):
             self.block_of.update({f"{path}.{ln}": i for ln in fam.block_linears(blk)})
         device = next(model.parameters()).device
-        self.batches = [b.to(device) if isinstance(b, torch.Tensor) else b
-                        for b in objective.batches(inputs, batch_size)]
+        self.batches = list(objective.batches(inputs, batch_size, device))
         self.n_units = objective.n_units(inputs)
 
     def reference(self) -> None:
@@ -189,9 +188,7 @@ def configuration_kl(
     device = next(model.parameters()).device
     totals = [0.0] * len(configs)
     with _widths_restored(elastic_layers(model).values()):
-        for batch in objective.batches(input_ids, batch_size):
-            if isinstance(batch, torch.Tensor):
-                batch = batch.to(device)
+        for batch in objective.batches(input_ids, batch_size, device):
             set_bits(model, None)
             ref = objective.target(objective.output(model, batch))
             for k, cfg in enumerate(configs):

@@ -33,9 +33,10 @@ class Objective:
     first dimension: token ids (N, T), pixel values (N, C, H, W) or
     :class:`quept.eval.Sentences` (ids and attention mask, N x T each)."""
 
-    name = ""  # recorded in a table's settings (tasks other than the causal LM)
+    name = ""  # what plans record (and tables, for tasks other than the causal LM)
     unit = "sample"  # what one cost is per
-    label = ""  # the cost's unit, as printed
+    cost_name = ""  # what the cost is called in print
+    per = ""  # the cost's unit in print
 
     # --- inputs -----------------------------------------------------------------------------
     def check(self, inputs: Any, what: str = "inputs") -> None:
@@ -58,9 +59,12 @@ class Objective:
     def to_bytes(self, inputs: Any) -> bytes:
         return inputs.detach().cpu().contiguous().numpy().tobytes()
 
-    def batches(self, inputs: Any, batch_size: int) -> Iterator[Any]:
+    def batches(self, inputs: Any, batch_size: int, device: torch.device | str | None = None
+                ) -> Iterator[Any]:
+        """``inputs`` ``batch_size`` samples at a time (tensors moved to ``device``)."""
         for i in range(0, self.size(inputs), batch_size):
-            yield self.take(inputs, i, i + batch_size)
+            batch = self.take(inputs, i, i + batch_size)
+            yield batch.to(device) if device is not None and torch.is_tensor(batch) else batch
 
     # --- outputs ----------------------------------------------------------------------------
     def output(self, model: nn.Module, batch: Any, *, grad: bool = False) -> torch.Tensor:
@@ -107,7 +111,7 @@ class _SoftmaxKL(Objective):
 class NextTokenKL(_SoftmaxKL):
     """Causal LMs: KL of the next-token distribution, per token."""
 
-    unit, label = "token", "nats/token"
+    name, unit, cost_name, per = "next-token-kl", "token", "KL", "nats/token"
 
     def check(self, inputs: Any, what: str = "inputs") -> None:
         if not isinstance(inputs, torch.Tensor) or inputs.ndim != 2 or inputs.numel() == 0:
@@ -128,7 +132,7 @@ class NextTokenKL(_SoftmaxKL):
 class ClassKL(_SoftmaxKL):
     """Image classifiers: KL of the class distribution, per image."""
 
-    name, unit, label = "class-kl", "image", "nats/image"
+    name, unit, cost_name, per = "class-kl", "image", "KL", "nats/image"
 
     def check(self, inputs: Any, what: str = "inputs") -> None:
         if not isinstance(inputs, torch.Tensor) or inputs.ndim != 4 or inputs.shape[0] == 0:
@@ -145,7 +149,7 @@ class EmbeddingDistance(Objective):
     """Encoders: half the squared distance of the normalised mean-pooled embeddings, per
     sentence (``1 - cosine`` to the reference)."""
 
-    name, unit, label = "embedding-distance", "sentence", "(1 - cosine)/sentence"
+    name, unit, cost_name, per = "embedding-distance", "sentence", "1 - cosine", "per sentence"
 
     def check(self, inputs: Any, what: str = "inputs") -> None:
         ids = getattr(inputs, "input_ids", None)
@@ -193,6 +197,7 @@ class EmbeddingDistance(Objective):
 
 OBJECTIVES = {"causal-lm": NextTokenKL, "image-classification": ClassKL,
               "encoder": EmbeddingDistance}
+BY_NAME = {cls.name: cls for cls in OBJECTIVES.values()}
 
 
 def objective_for(model: nn.Module) -> Objective:
@@ -200,6 +205,25 @@ def objective_for(model: nn.Module) -> Objective:
     from quept.models import family_for
 
     return OBJECTIVES[family_for(model).task]()
+
+
+def cost_words(name: str) -> str:
+    """What the costs of objective ``name`` are: "KL per token", "1 - cosine per sentence"."""
+    cls = BY_NAME[name]
+    return f"{cls.cost_name} per {cls.unit}"
+
+
+def cost_number(name: str, value: float) -> str:
+    """A cost to four decimals (next-token KL) or three significant digits (the small costs
+    of image classifiers and encoders)."""
+    return f"{value:.4f}" if name == NextTokenKL.name else f"{value:.3g}"
+
+
+def cost_text(name: str, value: float) -> str:
+    """A cost in words: "KL 0.3830 nats/token", "KL 0.000512 nats/image", "1 - cosine
+    0.0123 per sentence"."""
+    cls = BY_NAME[name]
+    return f"{cls.cost_name} {cost_number(name, value)} {cls.per}"
 
 
 def _described(inputs: Any) -> str:

@@ -28,6 +28,7 @@ from quept.config import ConfigError, check_bits
 from quept.ops import stored_bits_per_weight
 from quept.search.allocate import InfeasibleBudgetError, allocate, size_range
 from quept.search.constraints import Constraint, allowed_widths, clamp, constraint_texts
+from quept.search.objective import BY_NAME, NextTokenKL
 from quept.search.table import LayerShape, SensitivityTable
 
 PLAN_FORMAT = "quept-plan"
@@ -38,36 +39,10 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 
           "tib": 2**40}
 
 
-OBJECTIVE_UNITS = {"next-token-kl": "KL per token", "class-kl": "KL per image",
-                   "embedding-distance": "1 - cosine per sentence"}
-
-
-_COST_WORDS = {"next-token-kl": ("KL", "nats/token"), "class-kl": ("KL", "nats/image"),
-               "embedding-distance": ("1 - cosine", "per sentence")}
-
-
-def cost_name(objective: str) -> str:
-    """What a plan's costs are called: "KL" or "1 - cosine"."""
-    return _COST_WORDS[objective][0]
-
-
-def cost_number(objective: str, value: float) -> str:
-    """A cost to four decimals (next-token KL) or three significant digits (the small costs
-    of image classifiers and encoders)."""
-    return f"{value:.4f}" if objective == "next-token-kl" else f"{value:.3g}"
-
-
-def cost_text(objective: str, value: float) -> str:
-    """A cost in words: "KL 0.3830 nats/token", "KL 0.000512 nats/image", "1 - cosine
-    0.0123 per sentence"."""
-    name, per = _COST_WORDS[objective]
-    return f"{name} {cost_number(objective, value)} {per}"
-
-
 def table_objective(table: SensitivityTable) -> str:
-    """What the table's costs measure (:data:`OBJECTIVE_UNITS`); tables of causal LMs do not
-    record it."""
-    return table.settings.get("objective", "next-token-kl")
+    """What the table's costs measure (an objective's name, :mod:`quept.search.objective`);
+    tables of causal LMs do not record it."""
+    return table.settings.get("objective", NextTokenKL.name)
 
 
 def parse_size(text: str) -> int:
@@ -103,7 +78,7 @@ class Plan(Mapping[str, int]):
         :func:`swap_means`) or "uniform W<b>" (every layer at b bits, :func:`plan_uniform`).
     constraints: the constraints the widths were chosen under, as written
         (:mod:`quept.search.constraints`; empty when none).
-    objective: what ``predicted_kl`` and ``checked_kl`` measure (:data:`OBJECTIVE_UNITS`):
+    objective: what ``predicted_kl`` and ``checked_kl`` measure (:mod:`quept.search.objective`):
         "next-token-kl" (causal LMs, nats per token), "class-kl" (image classifiers, nats per
         image) or "embedding-distance" (encoders, one minus the cosine per sentence).
     """
@@ -119,7 +94,7 @@ class Plan(Mapping[str, int]):
     checked_kl: dict[str, float] | None = None
     search: str = "table"
     constraints: tuple[str, ...] = ()
-    objective: str = "next-token-kl"
+    objective: str = NextTokenKL.name
 
     def __getitem__(self, name: str) -> int:
         return self.widths[name]
@@ -177,10 +152,10 @@ class Plan(Mapping[str, int]):
             cons = constraint_texts(cons)
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
-        objective = d.get("objective", "next-token-kl")  # plans before it was recorded: LMs
-        if objective not in OBJECTIVE_UNITS:
+        objective = d.get("objective", NextTokenKL.name)  # plans before it was recorded: LMs
+        if objective not in BY_NAME:
             raise ConfigError(f"{where}: objective {objective!r} is not one of "
-                              f"{tuple(OBJECTIVE_UNITS)}")
+                              f"{tuple(BY_NAME)}")
         try:
             return cls(dict(widths), float(d["bits_per_weight"]), float(d["stored_bytes"]),
                        int(d["n_weights"]), dict(d.get("budget", {})),

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from quept.config import ConfigError, check_bits
 from quept.nn import ElasticLinear, elastic_layers, set_bits
-from quept.search.objective import Objective, objective_for
+from quept.search.objective import NextTokenKL, Objective, objective_for
 from quept.search.table import LayerShape, SensitivityTable, fingerprint
 
 log = logging.getLogger(__name__)
@@ -84,8 +84,10 @@ class SensitivityConfig:
 
     def to_dict(self, objective: Objective | None = None) -> dict:
         """The settings a table records (and its fingerprint hashes); a task other than the
-        causal LM adds its objective's name."""
-        extra = {"objective": objective.name} if objective is not None and objective.name else {}
+        causal LM adds its objective's name (a causal LM's tables predate it, and keep their
+        fingerprints)."""
+        extra = ({"objective": objective.name}
+                 if objective is not None and not isinstance(objective, NextTokenKL) else {})
         return {"method": "gauss-newton-probes", **asdict(self), **extra}
 
 
@@ -194,14 +196,13 @@ def estimate_sensitivity(
     t0 = time.perf_counter()
     acc = _Accumulator(layers, _Deltas(bits, ref, config.cache_deltas), len(bits))
     gen = torch.Generator().manual_seed(config.seed)
-    starts = range(0, objective.size(input_ids), config.batch_size)
+    n_batches = -(-objective.size(input_ids) // config.batch_size)
     with _measuring(model):
         handles = [m.register_forward_hook(acc.hook(n)) for n, m in layers.items()]
         try:
-            for i in tqdm(starts, disable=not progress, desc="sensitivity", leave=False):
-                batch = objective.take(input_ids, i, i + config.batch_size)
-                if isinstance(batch, torch.Tensor):
-                    batch = batch.to(device)
+            batches = objective.batches(input_ids, config.batch_size, device)
+            for batch in tqdm(batches, total=n_batches, disable=not progress,
+                              desc="sensitivity", leave=False):
                 target = None
                 if ref is not None:
                     set_bits(model, None)
