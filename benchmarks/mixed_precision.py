@@ -272,8 +272,9 @@ def report(table, sens_call_s, alloc, results, set_ms, mat_ms, subset, a) -> dic
               f"{c['between'][0]:.3f} and {c['between'][1]:.3f} bpw: "
               f"{'at/below' if c['at_or_below'] else 'ABOVE'} ({c['gap']:+.1%}; 95% interval "
               f"over resampled windows {lo:+.1%} .. {hi:+.1%})")
-    print(f"  3.0-bit plan vs uniform W3: {p3['ppl']:.2f} vs {ppl[3]:.2f} = {gain:.1%} lower "
-          f"(95% interval {gain_ci[0]:.1%} .. {gain_ci[1]:.1%}; "
+    print(f"  3.0-bit plan vs uniform W3: {p3['ppl']:.2f} vs {ppl[3]:.2f} = "
+          f"{abs(gain):.1%} {'lower' if gain >= 0 else 'higher'} "
+          f"(gain {gain:+.1%}, 95% interval {gain_ci[0]:+.1%} .. {gain_ci[1]:+.1%}; "
           f"{'meets' if gain >= 0.15 else 'misses'} >= 15%)")
     print(f"  sensitivity: {table.seconds:.0f} s for {len(table.kl)} layers x {len(table.bits)} "
           f"widths (api.sensitivity call {sens_call_s:.0f} s; {table.settings})")

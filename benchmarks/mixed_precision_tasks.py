@@ -15,7 +15,9 @@ KL, or on one minus the cosine), prints a table and writes JSON (and a plot with
 
 ``--exact`` also runs the slow protocol (a whole forward per layer and width) on the inputs the
 sensitivity table was measured on, and compares the plans made from each table (per layer) on
-the held-out data.
+the held-out data. ``--sensitivity exact`` makes the plans themselves from the slow protocol's
+table (`quept plan --sensitivity exact`), every other step unchanged, so that its JSON and the
+default run's compare the final plans of either table.
 """
 
 from __future__ import annotations
@@ -152,6 +154,8 @@ def main() -> int:
                    help="measure the sensitivity table and sweeps afresh")
     p.add_argument("--exact", action="store_true",
                    help="also compare the fast table with the slow protocol (see above)")
+    p.add_argument("--sensitivity", choices=("fast", "exact"), default="fast",
+                   help="the table `quept plan` makes the plans from")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -165,7 +169,8 @@ def main() -> int:
     plans_dir.mkdir(parents=True, exist_ok=True)
 
     made, plan_s = run_json(["plan", str(folder), "--avg-bits", a.budgets, "--out",
-                             str(plans_dir), *(["--recompute"] if a.recompute else [])])
+                             str(plans_dir), "--sensitivity", a.sensitivity,
+                             *(["--recompute"] if a.recompute else [])])
     made = made.get("plans", [made])
     evaluated, eval_s = run_json(["eval", str(folder), "--plan", str(plans_dir),
                                   *(arg for b in range(2, 9) for arg in ("--plan", f"*={b}"))])
@@ -209,7 +214,9 @@ def main() -> int:
     print(f"{below} of {len(checks)} plans between two uniform widths at or below the line")
 
     result = {"folder": str(folder), "model_type": model_type, "task": task, "data": data,
-              "metric": metric, "cost": label, "uniform": uniform, "plans": plans,
+              "metric": metric, "cost": label, "sensitivity": a.sensitivity,
+              "sensitivity_seconds": made[0]["sensitivity_seconds"],
+              "uniform": uniform, "plans": plans,
               "line_checks": checks, "plan_seconds": plan_s, "eval_seconds": eval_s,
               "exact_check": exact,
               "machine": {"cpu": platform.processor() or platform.machine(),

@@ -89,6 +89,7 @@ from quept.search.plan import (
     unit_of,
 )
 from quept.search.plan import check_budget as _check_budget
+from quept.search.sensitivity import CACHE_NAMES
 from quept.search.sweeps import SweepCache
 from quept.search.table import fingerprint as _table_fingerprint
 
@@ -292,7 +293,9 @@ def set_bits(model: nn.Module, bits: BitsPlan | Plan, *, rtn: bool = False) -> n
 
 
 # --- mixed precision (DESIGN 2.6) ------------------------------------------------------------
-SENSITIVITY_JSON = "sensitivity.json"
+SENSITIVITY_JSON, SENSITIVITY_EXACT_JSON = CACHE_NAMES["fast"], CACHE_NAMES["exact"]
+SENSITIVITY_CACHES = tuple(CACHE_NAMES.values())
+"""The files a folder's sensitivity tables are cached in, one per SensitivityConfig.method."""
 SWEEPS_JSON = "sweeps.json"
 
 
@@ -305,7 +308,8 @@ def sensitivity(
     encoder :class:`quept.eval.Sentences` and one minus its embedding's cosine
     (:mod:`quept.search.objective`).
 
-    With ``cache`` (e.g. ``FOLDER/sensitivity.json``) a table whose fingerprint (elastic state,
+    With ``cache`` (e.g. ``FOLDER/`` + ``config.cache_name``: sensitivity.json, or
+    sensitivity-exact.json for ``method="exact"``) a table whose fingerprint (elastic state,
     base weights, tokens, settings) matches is reused; otherwise it is measured and written.
     """
     config = config or SensitivityConfig()

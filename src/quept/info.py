@@ -17,7 +17,13 @@ from typing import Any
 
 from safetensors import safe_open
 
-from quept.api import ELASTIC_JSON, ELASTIC_WEIGHTS, SENSITIVITY_JSON, SWEEPS_JSON
+from quept.api import (
+    ELASTIC_JSON,
+    ELASTIC_WEIGHTS,
+    SENSITIVITY_EXACT_JSON,
+    SENSITIVITY_JSON,
+    SWEEPS_JSON,
+)
 from quept.api import FORMAT as ELASTIC_FORMAT
 from quept.calib.checkpoint import CHECKPOINT_DIR, PROGRESS_JSON
 from quept.config import CalibConfig, ConfigError, ElasticSpec, QuEPTConfig
@@ -235,11 +241,12 @@ def _elastic(folder: Path) -> dict[str, Any]:
     ckpt = folder / CHECKPOINT_DIR
     if (ckpt / PROGRESS_JSON).is_file():  # quept quantize --keep-streams
         info["checkpoint_bytes"] = sum(_files(ckpt).values())
-    table = folder / SENSITIVITY_JSON
-    if table.is_file():
-        t = _json(table)
-        info["sensitivity"] = {"layers": len(t.get("layers", {})), "widths": t.get("bits"),
-                               "seconds": t.get("seconds"), "settings": t.get("settings")}
+    for key, name in (("sensitivity", SENSITIVITY_JSON), ("sensitivity_exact",
+                                                           SENSITIVITY_EXACT_JSON)):
+        if (folder / name).is_file():
+            t = _json(folder / name)
+            info[key] = {"layers": len(t.get("layers", {})), "widths": t.get("bits"),
+                         "seconds": t.get("seconds"), "settings": t.get("settings")}
     sweeps = folder / SWEEPS_JSON
     if sweeps.is_file():
         try:
@@ -394,6 +401,12 @@ def _bits(x: float | None) -> str:
     return "?" if x is None else f"{x:.3f}"
 
 
+def _table_words(s: dict[str, Any]) -> str:
+    """A cached sensitivity table's size and time: "210 layers x 7 widths, measured in 126 s"."""
+    return (f"{s['layers']} layers x {len(s['widths'] or [])} widths"
+            + ("" if s.get("seconds") is None else f", measured in {s['seconds']:.0f} s"))
+
+
 def _mb(n: float | None) -> str:
     if n is None:
         return "?"
@@ -481,12 +494,15 @@ def render(info: dict[str, Any]) -> str:
         if info.get("checkpoint_bytes"):
             out.append(f"calibration checkpoint kept in {CHECKPOINT_DIR} with every block's "
                        f"input streams ({_mb(info['checkpoint_bytes'])}; --keep-streams)")
-        s = info.get("sensitivity")
-        out.append("mixed precision: " + (
-            f"sensitivity table cached ({s['layers']} layers x {len(s['widths'] or [])} widths"
-            + ("" if s.get("seconds") is None else f", measured in {s['seconds']:.0f} s")
-            + "); `quept plan` reuses it" if s else
-            "no sensitivity table yet (`quept plan` measures and caches one)"))
+        s, exact = info.get("sensitivity"), info.get("sensitivity_exact")
+        if s or not exact:
+            out.append("mixed precision: " + (
+                f"sensitivity table cached ({_table_words(s)}); `quept plan` reuses it" if s else
+                "no sensitivity table yet (`quept plan` measures and caches one)"))
+        if exact:
+            out.append(f"mixed precision: exact sensitivity table cached ({_table_words(exact)}"
+                       "); `quept plan --sensitivity exact` reuses it")
+        s = s or exact
         sw = info.get("sweeps")
         if sw and sw.get("error"):
             out.append(f"in-context sweeps: {sw['error']} (`quept plan` measures them again)")

@@ -214,10 +214,12 @@ def test_quantize_into_a_folder_with_a_model_replaces_it_and_its_caches(folders,
             "--group-size", "32", "--eval-windows", "0", "--json"]
     first = run_json(capsys, argv)
     assert "already holds an elastic model" not in caplog.text
-    (out / "sensitivity.json").write_text("{}")  # as `quept plan` would have left it
+    caches = ("sensitivity.json", "sensitivity-exact.json", "sweeps.json")
+    for name in caches:
+        (out / name).write_text("{}")  # as `quept plan` would have left them
     (out / "notes.txt").write_text("the user's own file")
     second = run_json(capsys, argv)
     assert "already holds an elastic model: this calibration replaces it" in caplog.text
-    assert not (out / "sensitivity.json").exists()  # measured on the replaced model
+    assert not any((out / name).exists() for name in caches)  # measured on the replaced model
     assert (out / "notes.txt").read_text() == "the user's own file"
     assert second["out"] == first["out"] and (out / "quept.json").is_file()

@@ -9,6 +9,7 @@ import pytest
 import quept
 from quept.cli import main
 from quept.config import CalibConfig, QuEPTConfig
+from quept.nn import elastic_layers
 from quept.search import Plan
 from tests.conftest import tiny_model
 from tests.search.helpers import SPEC
@@ -262,3 +263,42 @@ def test_a_dry_run_says_what_a_plan_would_measure_and_writes_nothing(folder, cap
     assert "--out is required" in capsys.readouterr().err
     assert main(["plan", str(fresh), "--avg-bits", "2.0", "--dry-run", *small]) == 2
     assert "infeasible" in capsys.readouterr().err
+
+
+def test_plan_on_the_exact_sensitivity_table(folder, capsys):
+    small = ["--calib-text", str(folder / "calib.txt"), "--samples", "2", "--seq-len", "16"]
+    exact = folder / "exact"
+    shutil.copytree(folder / "elastic", exact, ignore=shutil.ignore_patterns("*.json.*"))
+    for name in ("sensitivity.json", "sweeps.json"):
+        (exact / name).unlink(missing_ok=True)
+    dry = run_json(capsys, ["plan", str(exact), "--avg-bits", "4.0", "--dry-run", "--json",
+                            "--sensitivity", "exact", *small])
+    assert dry["sensitivity_method"] == "exact" and not dry["sensitivity_cached"]
+    main(["plan", str(exact), "--avg-bits", "4.0", "--dry-run", "--sensitivity", "exact", *small])
+    model = quept.load(exact)[0]
+    layers, n = len(elastic_layers(model)), len(model.quept_spec.bits)
+    assert f"exact: {layers} layers x {n} widths = {layers * n} forwards" in capsys.readouterr().out
+    res = run_json(capsys, ["plan", str(exact), "--avg-bits", "4.0", "--out",
+                            str(folder / "exact.json"), "--granularity", "layer",
+                            "--sensitivity", "exact", "--json", *small])
+    assert res["bits_per_weight"] <= 4.0 and res["sensitivity_seconds"] > 0
+    assert res["sensitivity"] == "exact"
+    assert (exact / "sensitivity-exact.json").is_file()
+    assert not (exact / "sensitivity.json").exists()  # the fast table's file is its own
+    table = json.loads((exact / "sensitivity-exact.json").read_text())
+    assert table["settings"]["method"] == "exact-forwards"
+    again = run_json(capsys, ["plan", str(exact), "--avg-bits", "4.0", "--dry-run", "--json",
+                              "--sensitivity", "exact", *small])
+    assert again["sensitivity_cached"]
+    assert main(["plan", str(exact), "--avg-bits", "4.0", "--out", str(folder / "exact2.json"),
+                 "--granularity", "layer", "--sensitivity", "exact", *small]) == 0
+    assert "(sensitivity exact table " in capsys.readouterr().out  # the cached one, reused
+    fast = run_json(capsys, ["plan", str(exact), "--avg-bits", "4.0", "--dry-run", "--json",
+                             *small])
+    assert not fast["sensitivity_cached"]  # an exact table is not taken for a fast one
+    info = run_json(capsys, ["info", str(exact), "--json"])
+    assert "sensitivity" not in info and info["sensitivity_exact"]["layers"] == layers
+    main(["info", str(exact)])
+    out = capsys.readouterr().out
+    assert f"exact sensitivity table cached ({layers} layers x {n} widths" in out
+    assert "`quept plan --sensitivity exact` reuses it" in out

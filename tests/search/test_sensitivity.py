@@ -128,3 +128,30 @@ def test_rejects_an_unprepared_model_and_a_foreign_reference():
     quept.prepare(model, spec)
     with pytest.raises(ConfigError, match="not in this elastic model's widths"):
         estimate_sensitivity(model, token_ids(), SensitivityConfig(reference_bits=3))
+
+
+def test_the_exact_method_measures_the_slow_protocol_and_records_it(model, exact):
+    table = estimate_sensitivity(model, token_ids(), SensitivityConfig(method="exact"),
+                                 progress=False)
+    assert table.kl == exact  # the same forwards, every layer and width
+    assert table.settings["method"] == "exact-forwards"
+    assert "n_probes" not in table.settings  # it uses none
+    fast = SensitivityConfig().to_dict()
+    assert fast["method"] == "gauss-newton-probes" and fast["n_probes"] == 4
+    assert (SensitivityConfig().cache_name, SensitivityConfig(method="exact").cache_name) == (
+        "sensitivity.json", "sensitivity-exact.json")
+    from quept.config import ConfigError
+
+    with pytest.raises(ConfigError, match="method 'slow' is unknown; choose one of fast, exact"):
+        SensitivityConfig(method="slow")
+
+
+def test_a_table_of_one_method_is_not_reused_for_the_other(tmp_path):
+    model = elastic_tiny()
+    ids, cache = token_ids(2, 8), tmp_path / "s.json"
+    fast = quept.api.sensitivity(model, ids, SensitivityConfig(n_probes=2), cache=cache,
+                                 progress=False)
+    slow = quept.api.sensitivity(model, ids, SensitivityConfig(method="exact"), cache=cache,
+                                 progress=False)
+    assert slow.fingerprint != fast.fingerprint
+    assert slow.kl == exact_sensitivity(model, ids, progress=False)

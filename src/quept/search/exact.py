@@ -126,19 +126,21 @@ class _WholeRunner:
                    for b, r in zip(self.batches, self.refs)) / self.n_units
 
 
-def _runner(model: nn.Module, inputs: Any) -> _Runner | _WholeRunner:
+def _runner(model: nn.Module, inputs: Any, batch_size: int = 32) -> _Runner | _WholeRunner:
+    """A decoder's runner takes all of ``inputs`` at once; the other tasks' ``batch_size``
+    samples at a time."""
     objective = objective_for(model)
     objective.check(inputs)
     if family_for(model).is_causal_lm:
         return _Runner(model, inputs)
-    return _WholeRunner(model, inputs, objective)
+    return _WholeRunner(model, inputs, objective, batch_size)
 
 
 @torch.no_grad()
 def exact_sensitivity(
     model: nn.Module, input_ids: torch.Tensor, layers: Sequence[str] | None = None,
     bits: Sequence[int] | None = None, *, reference_bits: int | None = None,
-    progress: bool = True,
+    batch_size: int = 32, progress: bool = True,
 ) -> dict[str, tuple[float, ...]]:
     """``{layer: (mean KL per token for each of bits)}``: KL(p_float || p) over the vocabulary
     with only ``layer`` changed to each width, the other layers at ``reference_bits``
@@ -152,7 +154,7 @@ def exact_sensitivity(
     unknown = [n for n in names if n not in all_layers]
     if unknown:
         raise ConfigError(f"unknown layers {unknown[:3]}")
-    run = _runner(model, input_ids)
+    run = _runner(model, input_ids, batch_size)
     with _widths_restored(all_layers.values()):
         set_bits(model, None)
         run.reference()
