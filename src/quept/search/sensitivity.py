@@ -70,9 +70,9 @@ class SensitivityConfig:
         backwards per batch for the whole table. "exact": the slow protocol of
         :mod:`quept.search.exact`, the measured cost with one layer changed, by a forward
         (from the layer's block on, for a decoder) per layer and width, ``batch_size``
-        sequences at a time; ``n_probes`` and ``cache_deltas`` play no part. For small models,
-        where it takes minutes: on the built-in ViT it gave per-layer plans with 5-14% less KL
-        on held-out images at five of seven budgets (docs/mixed-precision.md).
+        samples at a time (a decoder's all at once); ``n_probes`` and ``cache_deltas`` play no
+        part. For small models, where it takes minutes: on the built-in ViT its plans had 2-10%
+        less KL on the test images at five of seven budgets (docs/mixed-precision.md).
     """
 
     n_samples: int = 32
