@@ -1120,8 +1120,10 @@ EXACT_BATCH = 32  # `quept plan --sensitivity exact`: samples per forward (ViT o
 def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
     from quept.models import family_for_type
 
-    if a.check_samples is not None and a.check_samples < 1:
-        raise ConfigError(f"--check-samples must be >= 1, got {a.check_samples}")
+    for name in ("check_samples", "batch_size"):
+        value = getattr(a, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if a.out is None and not a.dry_run:
         raise ConfigError("--out is required: the plan file (PLAN.json), or a folder for several "
                           "budgets; --dry-run shows what a plan would need and writes nothing")

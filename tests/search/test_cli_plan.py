@@ -293,6 +293,9 @@ def test_plan_on_the_exact_sensitivity_table(folder, capsys):
     assert main(["plan", str(exact), "--avg-bits", "4.0", "--out", str(folder / "exact2.json"),
                  "--granularity", "layer", "--sensitivity", "exact", *small]) == 0
     assert "(sensitivity exact table " in capsys.readouterr().out  # the cached one, reused
+    assert main(["plan", str(exact), "--avg-bits", "4.0", "--out", str(folder / "x.json"),
+                 "--sensitivity", "exact", "--batch-size", "0", *small]) == 2
+    assert "--batch-size must be >= 1, got 0" in capsys.readouterr().err
     fast = run_json(capsys, ["plan", str(exact), "--avg-bits", "4.0", "--dry-run", "--json",
                              *small])
     assert not fast["sensitivity_cached"]  # an exact table is not taken for a fast one
