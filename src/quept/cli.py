@@ -36,6 +36,7 @@ from quept.search import Constraint, Plan, SensitivityConfig, feasible_range, pa
 from quept.search.constraints import constraint_texts
 from quept.search.objective import BY_NAME, Objective, cost_number, cost_text, objective_for
 from quept.search.plan import GRANULARITIES, plan_files, read_plan, split_warning
+from quept.search.sensitivity import BATCH_SIZES
 
 log = logging.getLogger("quept")
 DEFAULT_OUT = "quept-elastic"
@@ -1023,9 +1024,9 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
                    help=f"tokens per sequence (default {d.seq_len}); an encoder's longest "
                    "paragraph")
     s.add_argument("--batch-size", type=int, default=None,
-                   help=f"samples per forward (default {d.batch_size}; 32 for --sensitivity "
-                   "exact, whose forwards take no gradient; a decoder's exact table runs all "
-                   "--samples at once)")
+                   help=f"samples per forward (default {BATCH_SIZES['fast']}; "
+                   f"{BATCH_SIZES['exact']} for --sensitivity exact, whose forwards take no "
+                   "gradient; a decoder's exact table runs all --samples at once)")
     s.add_argument("--probes", type=int, default=d.n_probes,
                    help="random probes per sequence (more = less noise, linear in time)")
     s.add_argument("--reference-bits", type=int, default=d.reference_bits,
@@ -1113,8 +1114,6 @@ def _print_plan(plan: Plan, title: str) -> None:
 
 PLAN_SAMPLES = {"causal-lm": (32, 16), "image-classification": (2048, 1024), "encoder": (128, 64)}
 """Default (--samples, --check-samples) of `quept plan` by task: sequences, images, paragraphs."""
-EXACT_BATCH = 32  # `quept plan --sensitivity exact`: samples per forward (ViT on CPU: 30% faster
-# than 8, no faster at 128)
 
 
 def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
@@ -1136,10 +1135,9 @@ def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
         _refuse_text_options(a, "calib_text", "seq_len")
     samples, check_samples = PLAN_SAMPLES[task]
     d = SensitivityConfig()
-    batch = EXACT_BATCH if a.sensitivity == "exact" else d.batch_size
     cfg = SensitivityConfig(n_samples=samples if a.samples is None else a.samples,
                             seq_len=d.seq_len if a.seq_len is None else a.seq_len,
-                            batch_size=batch if a.batch_size is None else a.batch_size,
+                            batch_size=a.batch_size,
                             n_probes=a.probes, reference_bits=a.reference_bits, seed=a.seed,
                             method=a.sensitivity)
     check_samples = check_samples if a.check_samples is None else a.check_samples

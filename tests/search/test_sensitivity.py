@@ -142,6 +142,8 @@ def test_the_exact_method_measures_the_slow_protocol_and_records_it(model, exact
                     "cache_deltas": True, "seed": 0}
     assert (SensitivityConfig().cache_name, SensitivityConfig(method="exact").cache_name) == (
         "sensitivity.json", "sensitivity-exact.json")
+    assert SensitivityConfig(method="exact").batch_size == 32  # no gradients: larger batches
+    assert SensitivityConfig(method="exact", batch_size=4).batch_size == 4
     from quept.config import ConfigError
 
     with pytest.raises(ConfigError, match="method 'slow' is unknown; choose one of fast, exact"):
