@@ -72,7 +72,7 @@ from quept.search import (
     estimate_sensitivity,
     plan_from_table,
 )
-from quept.search.exact import configuration_kl, unit_swap_kl
+from quept.search.exact import configuration_kl, move_kl, unit_swap_kl
 from quept.search.objective import cost_number, cost_words, objective_for
 from quept.search.plan import (
     GRANULARITIES,
@@ -81,7 +81,9 @@ from quept.search.plan import (
     feasible_range,
     in_context_sweeps,
     layer_bits,
+    neighbour_moves,
     plan_from_moves,
+    plan_from_neighbours,
     plan_from_swaps,
     plan_uniform,
     shape_table,
@@ -398,7 +400,7 @@ def plan(model: nn.Module, table: SensitivityTable, *, avg_bits: float | None = 
          max_bytes: int | None = None, granularity: str = "auto",
          check_ids: torch.Tensor | None = None, in_context: bool = True,
          both_ways: bool = True, cache: MutableMapping | None = None,
-         constraints: Constraints = None, progress: bool = False) -> Plan:
+         constraints: Constraints = None, refine: int = 0, progress: bool = False) -> Plan:
     """The width per layer minimising the summed sensitivity within one budget: ``avg_bits``
     (stored bits per quantized weight, scales and zero-points included) or ``max_bytes``
     (bytes of the quantized linears: codes + scales + zero-points). Solved exactly.
@@ -424,8 +426,20 @@ def plan(model: nn.Module, table: SensitivityTable, *, avg_bits: float | None = 
 
     ``constraints`` pin or bound the widths of the layers they name, by name or shell-style
     pattern: ``["model.layers.0.*=8", "*.mlp.down_proj>=4"]`` (:mod:`quept.search.constraints`);
-    every candidate keeps them, and the budget counts the pinned layers too."""
+    every candidate keeps them, and the budget counts the pinned layers too.
+
+    ``refine`` (auto only): up to this many rounds of local search from the plan kept: each
+    block's cost of moving one width down and one up is measured *in* that plan (two forwards
+    per block on ``check_ids``, :func:`quept.search.exact.move_kl`), the best set of moves
+    within the budget is chosen exactly (:func:`quept.search.plan.plan_from_neighbours`), and
+    the result replaces the plan if its measured KL is lower; the rounds stop at the first
+    that does not lower it."""
     _check_table(model, table)
+    if refine < 0:
+        raise ConfigError(f"refine must be >= 0 (rounds of local search), got {refine}")
+    if refine and granularity != "auto":
+        raise ConfigError(f"refine starts from the plan granularity='auto' keeps, by measured "
+                          f"KL; granularity={granularity!r} measures none")
     if granularity != "auto":
         return plan_from_table(table, avg_bits=avg_bits, max_bytes=max_bytes,
                                granularity=granularity, constraints=constraints)
@@ -443,7 +457,27 @@ def plan(model: nn.Module, table: SensitivityTable, *, avg_bits: float | None = 
     objective = candidates[best].objective
     log.info("plan candidates, measured %s: %s; keeping %s", cost_words(objective),
              ", ".join(f"{g} {cost_number(objective, v)}" for g, v in checked.items()), best)
-    return dataclasses.replace(candidates[best], checked_kl=checked)
+    kept = origin = candidates[best]
+    budget = {"avg_bits": avg_bits, "max_bytes": max_bytes, "constraints": constraints}
+    for r in range(1, refine + 1):
+        moves = neighbour_moves(table, kept.widths, constraints=constraints)
+        kl_here, deltas = move_kl(model, check_ids, kept.widths, moves, progress=progress,
+                                  desc=f"refining, round {r}")
+        search = (origin.search if origin.granularity == "block"
+                  else f"{origin.granularity} {origin.search}") + f", refined x{r}"
+        step = plan_from_neighbours(table, kept.widths, moves, deltas, kl_here, **budget,
+                                    search=search)
+        if step.widths == kept.widths:
+            log.info("refining, round %d: no move predicted to help; stopping", r)
+            break
+        kl = configuration_kl(model, check_ids, [step])[0]
+        log.info("refining, round %d: measured %s %s against %s", r, cost_words(objective),
+                 cost_number(objective, kl), cost_number(objective, checked[kept.label]))
+        checked[step.label] = kl  # recorded, kept or not
+        if kl >= checked[kept.label]:
+            break
+        kept = step
+    return dataclasses.replace(kept, checked_kl=checked)
 
 
 def plan_candidates(

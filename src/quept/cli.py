@@ -997,6 +997,12 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
                    help="with --in-context: one more candidate, inside the uniform model just "
                    "above the budget each block may go down to the width below or up to the "
                    "next width (default on; one more sweep)")
+    p.add_argument("--refine", type=int, default=0, metavar="ROUNDS",
+                   help="with auto: up to this many rounds of local search from the plan "
+                   "kept: each block's cost of one width down and one up is measured inside "
+                   "that plan, the best moves within the budget are made, and the result is "
+                   "kept if its measured KL is lower (default 0; each round costs about two "
+                   "in-context sweeps, and is not cached)")
     p.add_argument("--constraint", action="append", type=_constraint, default=[],
                    metavar="PATTERN=BITS", help="pin or bound the widths of the layers a name "
                    "or shell-style pattern matches: PATTERN=BITS, PATTERN>=BITS or "
@@ -1123,6 +1129,11 @@ def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
         value = getattr(a, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if a.refine < 0:
+        raise ConfigError(f"--refine must be >= 0 (rounds of local search), got {a.refine}")
+    if a.refine and (a.granularity != "auto"):
+        raise ConfigError(f"--refine starts from the plan --granularity auto keeps; with "
+                          f"--granularity {a.granularity} no KL is measured to refine against")
     if a.out is None and not a.dry_run:
         raise ConfigError("--out is required: the plan file (PLAN.json), or a folder for several "
                           "budgets; --dry-run shows what a plan would need and writes nothing")
@@ -1166,7 +1177,7 @@ def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
                   if a.granularity == "auto" and a.in_context else None)
         plan = api.plan(model, table, **budget, granularity=a.granularity, check_ids=check,
                         in_context=a.in_context, both_ways=a.both_ways, cache=sweeps,
-                        constraints=a.constraint, progress=not a.json)
+                        constraints=a.constraint, refine=a.refine, progress=not a.json)
         alloc_s = time.perf_counter() - t1
         plan.save(out)
         used = {} if sweeps is None else {"measured": sweeps.measured, "reused": sweeps.reused}
@@ -1245,7 +1256,8 @@ def _plan_dry_run(a: argparse.Namespace, model: torch.nn.Module, folder: Path,
               "sensitivity_method": cfg.method,
               "sensitivity_shape": list(objective.shape(ids)),
               "check_shape": list(objective.shape(check)),
-              "constraints": list(constraint_texts(a.constraint)), "plans": rows}
+              "constraints": list(constraint_texts(a.constraint)), "refine": a.refine,
+              "plans": rows}
     if not a.json:
         cons = f" under the constraints {', '.join(result['constraints'])}" if a.constraint else ""
         n_layers, n_bits = len(elastic_layers(model)), len(model.quept_spec.bits)
@@ -1270,6 +1282,10 @@ def _plan_dry_run(a: argparse.Namespace, model: torch.nn.Module, folder: Path,
                           f"W{s['base']}->W{s['alt']} "
                           + ("cached" if s["cached"] else "to measure")
                           for s in row["in_context_sweeps"]))
+            if a.refine:
+                print(f"  then up to {a.refine} round(s) of refinement around the plan kept "
+                      f"(two forwards per block each on {_inputs_text(objective, check)}; "
+                      "not cached)")
     return result
 
 

@@ -305,3 +305,32 @@ def test_plan_on_the_exact_sensitivity_table(folder, capsys):
     out = capsys.readouterr().out
     assert f"exact sensitivity table cached ({layers} layers x {n} widths" in out
     assert "`quept plan --sensitivity exact` reuses it" in out
+
+
+def test_refine_rounds_from_the_command_line(folder, capsys):
+    elastic, text = folder / "elastic", str(folder / "calib.txt")
+    small = ["--calib-text", text, "--samples", "2", "--seq-len", "16", "--probes", "2"]
+    out = folder / "refined.json"
+    for bad, err in ((["--refine", "-1"], "--refine must be >= 0 (rounds of local search), got -1"),
+                     (["--refine", "1", "--granularity", "block"],
+                      "--refine starts from the plan --granularity auto keeps")):
+        assert main(["plan", str(elastic), "--avg-bits", "4.0", "--out", str(out), *bad,
+                     *small]) == 2
+        assert err in capsys.readouterr().err
+    assert not out.exists()
+    dry = run_json(capsys, ["plan", str(elastic), "--avg-bits", "4.0", "--dry-run", "--refine",
+                            "2", "--json", *small])
+    assert dry["refine"] == 2
+    main(["plan", str(elastic), "--avg-bits", "4.0", "--dry-run", "--refine", "2", *small])
+    assert ("then up to 2 round(s) of refinement around the plan kept (two forwards per block "
+            "each on 2 x 16 tokens; not cached)") in capsys.readouterr().out
+    plain = run_json(capsys, ["plan", str(elastic), "--avg-bits", "4.0", "--out",
+                              str(folder / "plain.json"), "--json", *small])
+    res = run_json(capsys, ["plan", str(elastic), "--avg-bits", "4.0", "--out", str(out),
+                            "--refine", "2", "--json", *small])
+    kls = res["checked_kl"]
+    assert res["bits_per_weight"] <= 4.0 and res["chosen"] == min(kls, key=kls.get)
+    assert {k: v for k, v in kls.items() if "refined" not in k} == plain["checked_kl"]
+    assert all(k.startswith(plain["chosen"] + ", refined x") for k in kls
+               if k not in plain["checked_kl"])
+    assert Plan.load(out).widths == res["bits"]

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -15,10 +16,12 @@ from quept.search import (
     parse_size,
     plan_from_table,
 )
-from quept.search.exact import configuration_kl, unit_swap_kl
+from quept.search.exact import configuration_kl, move_kl, unit_swap_kl
 from quept.search.plan import (
     bracketing_widths,
+    neighbour_moves,
     plan_from_moves,
+    plan_from_neighbours,
     plan_from_swaps,
     plan_uniform,
     read_widths,
@@ -475,3 +478,94 @@ def test_inline_plans_read_like_hand_written_ones(tmp_path):
         read_plan("budget=3.json")  # a missing file, not an inline plan
     (tmp_path / "a=3").write_text(json.dumps({"*": 5}))
     assert read_plan(tmp_path / "a=3") == {"*": 5}  # a file wins over the inline reading
+
+
+def test_move_kl_is_the_kl_of_the_moved_configuration():
+    model = elastic_tiny(layers=2)
+    layers = list(elastic_layers(model))
+    base = {n: (3, 4)[i % 2] for i, n in enumerate(layers)}  # a mixed plan
+    moves = {("model.layers.1", -1): {n: base[n] - 1 for n in layers if ".1." in n},
+             ("model.layers.0", 1): {n: base[n] + 1 for n in layers if ".0." in n}}
+    ids = token_ids(3, 16)
+    quept.set_bits(model, 6)
+    kl_base, deltas = move_kl(model, ids, base, moves, progress=False)
+    configs = [base] + [{**base, **m} for m in moves.values()]
+    direct = configuration_kl(model, ids, configs, batch_size=3)
+    assert kl_base == pytest.approx(direct[0], rel=1e-4)
+    for d, kl in zip(deltas.values(), direct[1:]):
+        assert kl_base + d == pytest.approx(kl, rel=1e-4)
+    assert deltas[("model.layers.1", -1)] > 0 > deltas[("model.layers.0", 1)]
+    assert all(m.bits == 6 for m in elastic_layers(model).values())  # widths restored
+    with pytest.raises(ConfigError, match="one block"):
+        move_kl(model, ids, base, {"both": {layers[0]: 2, layers[-1]: 2}})
+
+
+def test_neighbour_moves_step_each_linear_within_its_constraints():
+    table, _ = _three_blocks()
+    widths = {n: 3 for n in table.shapes}
+    widths.update({n: 8 for n in table.shapes if ".layers.2." in n})
+    widths.update({n: 2 for n in table.shapes if ".layers.1." in n})
+    moves = neighbour_moves(table, widths)
+    assert set(moves) == {("model.layers.0", -1), ("model.layers.0", 1),
+                          ("model.layers.1", 1), ("model.layers.2", -1)}  # no W1, no W9
+    assert set(moves["model.layers.0", 1].values()) == {4}
+    assert set(moves["model.layers.2", -1].values()) == {7}
+    # a linear whose constraints allow no step stays out of the move
+    cons = ["model.layers.0.mlp.*=3", "model.layers.0.self_attn.*<=3", "model.layers.1.mlp.*>=5"]
+    pinned = {**widths, **{n: 5 for n in table.shapes if ".layers.1.mlp." in n}}
+    moves = neighbour_moves(table, pinned, constraints=cons)
+    assert ("model.layers.0", 1) not in moves  # every linear of block 0 is at its ceiling
+    assert moves["model.layers.0", -1] == {
+        n: 2 for n in table.shapes if ".layers.0.self_attn." in n}
+    assert ("model.layers.1", -1) not in moves  # attention at W2, the MLP at its floor W5
+    assert moves["model.layers.1", 1] == {
+        n: 6 if ".mlp." in n else 3 for n in table.shapes if ".layers.1." in n}
+    with pytest.raises(ConfigError, match="leaves out"):
+        neighbour_moves(table, {next(iter(table.shapes)): 3})
+
+
+def test_plan_from_neighbours_takes_the_best_moves_within_the_budget():
+    table, w3 = _three_blocks()
+    widths = {n: 3 for n in table.shapes}
+    moves = neighbour_moves(table, widths)
+    deltas = {m: 1.0 for m in moves}  # every move costs, but two help:
+    deltas["model.layers.0", 1] = -0.5  # block 0 up gains, and block 2 down costs little
+    deltas["model.layers.2", -1] = 0.1
+    p = plan_from_neighbours(table, widths, moves, deltas, 2.0, avg_bits=w3,
+                             search="from W3, refined x1")
+    assert p.bits_per_weight <= w3 and p.label == "block, from W3, refined x1"
+    assert [{b for n, b in p.items() if f".{k}." in n} for k in range(3)] == [{4}, {3}, {2}]
+    assert p.predicted_kl == pytest.approx(2.0 - 0.5 + 0.1)
+    # with nothing that helps, the plan stays as it is
+    still = plan_from_neighbours(table, widths, moves, dict.fromkeys(moves, 1.0), 2.0,
+                                 avg_bits=w3)
+    assert dict(still) == widths and still.predicted_kl == pytest.approx(2.0)
+    with pytest.raises(ConfigError, match="not measured"):
+        plan_from_neighbours(table, widths, moves, {}, 2.0, avg_bits=w3)
+
+
+def test_refine_moves_a_lopsided_plan_and_keeps_only_a_lower_measured_kl(monkeypatch):
+    model = elastic_tiny(layers=2)
+    table = synthetic_table(model)
+    ids = token_ids(4, 16)
+    lopsided = quept.api.plan_record(model, {"model.layers.0.*": 2, "model.layers.1.*": 4})
+    lopsided = dataclasses.replace(lopsided, granularity="block", search="lopsided")
+    monkeypatch.setattr(quept.api, "plan_candidates", lambda *a, **k: {lopsided.label: lopsided})
+    budget = lopsided.bits_per_weight  # W2 + W4 stores what W3 + W3 does
+    same = quept.api.plan(model, table, avg_bits=budget, check_ids=ids)
+    assert dict(same) == dict(lopsided) and same.label == "block, lopsided"
+    refined = quept.api.plan(model, table, avg_bits=budget, check_ids=ids, refine=3)
+    assert refined.histogram() == {3: len(lopsided)}  # block 0 up, block 1 down
+    assert refined.label == "block, lopsided, refined x1" and refined.bits_per_weight <= budget
+    kls = refined.checked_kl
+    assert list(kls)[:2] == ["block, lopsided", "block, lopsided, refined x1"]
+    assert kls["block, lopsided, refined x1"] < kls["block, lopsided"]
+    assert refined.label == min(kls, key=kls.get)  # a later round, if any, did not lower it
+    (kl,) = configuration_kl(model, ids, [refined])
+    assert kl == pytest.approx(kls[refined.label], rel=1e-5)  # the KL recorded is the plan's
+    again = Plan.from_dict(json.loads(json.dumps(refined.to_dict())))
+    assert again.label == refined.label
+    for bad, match in (({"refine": -1}, "refine must be >= 0"),
+                       ({"refine": 1, "granularity": "block"}, "measures none")):
+        with pytest.raises(ConfigError, match=match):
+            quept.api.plan(model, table, avg_bits=budget, check_ids=ids, **bad)

@@ -211,13 +211,29 @@ def unit_swap_kl(
     are measured where a plan near uniform ``base`` actually sits. The blocks before a unit's
     block are run once, in the base configuration, and their outputs reused (a decoder's).
     Image classifiers and encoders: their own cost (:mod:`quept.search.objective`)."""
+    moves = {unit: dict.fromkeys(names, alt) for unit, names in units.items()}
+    return move_kl(model, input_ids, base, moves, progress=progress,
+                   desc=f"KL of units at {alt} bits in W{base}")
+
+
+@torch.no_grad()
+def move_kl(
+    model: nn.Module, input_ids: Any, base: Any, moves: Mapping[Any, Mapping[str, int]], *,
+    progress: bool = True, desc: str = "KL of moves",
+) -> tuple[float, dict[Any, float]]:
+    """In-context costs around any configuration: ``(kl_base, {key: delta})`` where
+    ``kl_base`` is the mean KL per token on ``input_ids`` of ``base`` (anything
+    :func:`quept.set_bits` takes: a width or a plan) and ``delta`` how much it changes when
+    only the linears of ``moves[key]`` (``{layer: width}``, all in one block) take those widths.
+    A decoder's blocks before the move's block are run once, in ``base``, and their outputs
+    reused. Every layer's width is restored afterwards."""
     all_layers = elastic_layers(model)
     run = _runner(model, input_ids)
-    for unit, names in units.items():
-        where = {run.block_of.get(n) for n in names}
-        if not names or None in where or len(where) != 1:
-            raise ConfigError(f"unit {unit!r}: its linears must be elastic linears of one block, "
-                              f"got {list(names)[:3]}")
+    for key, move in moves.items():
+        where = {run.block_of.get(n) for n in move}
+        if not move or None in where or len(where) != 1:
+            raise ConfigError(f"unit {key!r}: its linears must be elastic linears of one block, "
+                              f"got {list(move)[:3]}")
     with _widths_restored(all_layers.values()):
         set_bits(model, None)
         run.reference()
@@ -225,13 +241,12 @@ def unit_swap_kl(
         run.settle()
         kl_base = run.cost()
         deltas = {}
-        for unit, names in tqdm(units.items(), disable=not progress, leave=False,
-                                desc=f"KL of units at {alt} bits in W{base}"):
-            k = run.block_of[names[0]]
-            for n in names:
-                all_layers[n].set_bits(alt)
-            deltas[unit] = run.cost(k) - kl_base
-            for n in names:
-                all_layers[n].set_bits(base)
+        for key, move in tqdm(moves.items(), disable=not progress, leave=False, desc=desc):
+            before = {n: all_layers[n].bits for n in move}
+            for n, b in move.items():
+                all_layers[n].set_bits(b)
+            deltas[key] = run.cost(run.block_of[next(iter(move))]) - kl_base
+            for n, b in before.items():
+                all_layers[n].set_bits(b)
                 all_layers[n].clear_cache()
     return kl_base, deltas

@@ -561,3 +561,70 @@ def swap_means(up: Mapping[str, float], down: Mapping[str, float]) -> dict[str, 
         raise ConfigError(f"the two in-context sweeps name different units: "
                           f"{sorted(set(up) ^ set(down))[:3]}")
     return {u: (up[u] - down[u]) / 2 for u in up}
+
+
+def neighbour_moves(table: SensitivityTable, widths: Mapping[str, int], *,
+                    granularity: str = "block", constraints: Constraints = None
+                    ) -> dict[tuple[str, int], dict[str, int]]:
+    """The one-step moves around the plan ``widths``: ``{(unit, step): {layer: width}}`` with
+    ``step`` -1 (every linear of the unit to the next width below its own that its constraints
+    allow) and +1 (the next above); a linear with no such width stays and is left out of the
+    move, and a move that changes no linear is not made. What :func:`plan_from_neighbours`
+    chooses among, once :func:`quept.search.exact.move_kl` has measured them in the plan."""
+    allowed = allowed_widths(table.shapes, table.bits, constraints)
+    missing = [n for n in table.shapes if n not in widths]
+    if missing:
+        raise ConfigError(f"the plan leaves out layers of the table, e.g. {missing[:3]}")
+    moves: dict[tuple[str, int], dict[str, int]] = {}
+    for name in table.shapes:
+        w = widths[name]
+        for step in (-1, 1):
+            to = [b for b in allowed[name] if (b - w) * step > 0]
+            if to:
+                moves.setdefault((unit_of(name, granularity), step), {})[name] = (
+                    max(to) if step < 0 else min(to))
+    return moves
+
+
+def plan_from_neighbours(
+    table: SensitivityTable, widths: Mapping[str, int],
+    moves: Mapping[tuple[str, int], Mapping[str, int]], deltas: Mapping[tuple[str, int], float],
+    kl_base: float, *, avg_bits: float | None = None, max_bytes: int | None = None,
+    granularity: str = "block", search: str = "refined", constraints: Constraints = None,
+) -> Plan:
+    """The plan that keeps each unit of the plan ``widths`` or makes one of its moves
+    (:func:`neighbour_moves`) at the cost ``deltas[move]`` measured in that plan
+    (:func:`quept.search.exact.move_kl`): the choice per unit minimising the summed costs within
+    the budget, exactly (a multiple-choice knapsack). Keeping every unit is always an option,
+    so the plan is never predicted worse than ``widths`` when that fits the budget."""
+    names = list(table.shapes)
+    n = sum(s.numel for s in table.shapes.values())
+    units: dict[str, list[str]] = {}
+    for name in names:
+        units.setdefault(unit_of(name, granularity), []).append(name)
+    unknown = [m for m in moves if m[0] not in units or m not in deltas]
+    if unknown:
+        raise ConfigError(f"moves {unknown[:3]} are of no unit of the table or were not "
+                          "measured")
+
+    def size(ws: Mapping[str, int]) -> int:
+        return sum(layer_bits(table.shapes[m], b, table.group_size[b]) for m, b in ws.items())
+
+    options = {u: [({}, 0.0)] + [(dict(moves[u, s]), float(deltas[u, s])) for s in (-1, 1)
+                                 if (u, s) in moves] for u in units}
+    width = max(len(o) for o in options.values())
+    costs, sizes = [], []
+    for u, names_u in units.items():
+        here = {m: widths[m] for m in names_u}
+        opts = options[u] + [options[u][0]] * (width - len(options[u]))  # pad with "keep"
+        costs.append([c for _, c in opts])
+        sizes.append([size({**here, **move}) for move, _ in opts])
+    capacity, budget = _capacity(table, sizes, avg_bits, max_bytes, constraints)
+    alloc = allocate(costs, sizes, capacity)
+    chosen = dict(widths)
+    for u, k in zip(units, alloc.choice):
+        chosen.update(options[u][k][0])
+    chosen = {m: chosen[m] for m in names}
+    return Plan(chosen, alloc.size / n, alloc.size / 8, n, budget, kl_base + alloc.cost,
+                alloc.exact, granularity, search=search,
+                constraints=constraint_texts(constraints), objective=table_objective(table))
