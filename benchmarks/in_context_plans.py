@@ -6,7 +6,10 @@ times both, and evaluates each distinct plan on Pride and Prejudice; then the un
 around them. With ``--compare both-ways`` the second plan is the default without the
 candidate that moves blocks both ways from the upper uniform width (``both_ways=False``), so
 the rows show what that candidate adds (in the JSON, "in_context" is the default plan and
-"table_only" the other). Run from the repository root:
+"table_only" the other). With ``--compare refine`` the second plan is the default refined by
+``--refine`` rounds of local search (``quept plan --refine``; in the JSON, "refined"), and each
+row gives the refined plan's perplexity change with a 95% interval over resampled windows
+(both plans ran on the same windows). Run from the repository root:
 
     python benchmarks/in_context_plans.py --elastic quept-elastic --budgets 3.25,3.0,2.75,3.5
 
@@ -22,12 +25,13 @@ import platform
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
-from mixed_precision import load_with_table  # benchmarks/, the script's own folder
+from mixed_precision import bootstrap_ppl, ci95, load_with_table  # the script's own folder
 
 import quept
 from quept import data
-from quept.eval import perplexity
+from quept.eval import perplexity, window_nll
 
 
 def main() -> int:
@@ -38,10 +42,12 @@ def main() -> int:
     p.add_argument("--check-samples", type=int, default=16, help="sequences the plans are "
                    "checked and the in-context costs measured on")
     p.add_argument("--uniform", default="2,3,4", help="uniform widths also evaluated")
-    p.add_argument("--compare", choices=("table", "both-ways"), default="table",
+    p.add_argument("--compare", choices=("table", "both-ways", "refine"), default="table",
                    help="table: automatic plans with the in-context candidates against the "
                    "table's alone; both-ways: with the candidate that moves blocks down or up "
-                   "from the upper uniform width against without it")
+                   "from the upper uniform width against without it; refine: the default "
+                   "plan against it refined by --refine rounds")
+    p.add_argument("--refine", type=int, default=2, help="with --compare refine: rounds (2)")
     p.add_argument("--out", default="results/in_context_plans.json", help="JSON output")
     a = p.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -52,6 +58,12 @@ def main() -> int:
     check, cache = ids[: a.check_samples], {}
     rows = []
     for avg in (float(x) for x in a.budgets.split(",")):
+        if a.compare == "refine":
+            rows.append(refine_row(model, table, avg, check, cache, windows, a.refine))
+            print(json.dumps({k: ({kk: vv for kk, vv in v.items() if kk != "window_nll"}
+                                  if isinstance(v, dict) else v)
+                              for k, v in rows[-1].items()}), flush=True)
+            continue
         t0 = time.perf_counter()
         with_ctx = quept.api.plan(model, table, avg_bits=avg, check_ids=check, cache=cache)
         t1 = time.perf_counter()
@@ -83,6 +95,7 @@ def main() -> int:
         uniform.append({"bits": b, "ppl": perplexity(model, windows, progress=False)})
         print(json.dumps(uniform[-1]), flush=True)
     out = {"elastic": str(folder), "compare": a.compare, "windows": a.windows,
+           **({"refine": a.refine} if a.compare == "refine" else {}),
            "check_samples": a.check_samples,
            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
                       f"torch {torch.__version__}",
@@ -91,6 +104,30 @@ def main() -> int:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=1))
     return 0
+
+
+def refine_row(model, table, avg: float, check, cache: dict, windows, rounds: int) -> dict:
+    """The default plan at ``avg`` bits and the same refined by ``rounds`` rounds (whose time
+    includes making the default again, its sweeps cached), each evaluated on ``windows``, with the refined plan's perplexity change and its 95% interval
+    over resampled windows."""
+    t0 = time.perf_counter()
+    plain = quept.api.plan(model, table, avg_bits=avg, check_ids=check, cache=cache)
+    t1 = time.perf_counter()
+    refined = quept.api.plan(model, table, avg_bits=avg, check_ids=check, cache=cache,
+                             refine=rounds)
+    t2 = time.perf_counter()
+    row: dict = {"budget": avg}
+    for key, plan, secs in (("default", plain, t1 - t0), ("refined", refined, t2 - t1)):
+        quept.set_bits(model, plan)
+        nll = window_nll(model, windows, progress=False)
+        row[key] = {"chosen": plan.label, "bits_per_weight": plan.bits_per_weight,
+                    "widths": plan.histogram(), "checked_kl": plan.checked_kl,
+                    "plan_seconds": secs, "ppl": float(np.exp(nll.mean().item())),
+                    "window_nll": nll.tolist()}
+    a, b = bootstrap_ppl([row["default"], row["refined"]])
+    row["ppl_change"] = row["refined"]["ppl"] / row["default"]["ppl"] - 1
+    row["ppl_change_ci95"] = ci95(b / a - 1)
+    return row
 
 
 if __name__ == "__main__":
