@@ -48,6 +48,9 @@ def main() -> int:
                    "from the upper uniform width against without it; refine: the default "
                    "plan against it refined by --refine rounds")
     p.add_argument("--refine", type=int, default=2, help="with --compare refine: rounds (2)")
+    p.add_argument("--keep-sweeps", action="store_true", help="keep and reuse the in-context "
+                   "sweeps in FOLDER/sweeps.json, as `quept plan` does (default: measured "
+                   "afresh and kept in memory, so that the first budget's time includes them)")
     p.add_argument("--out", default="results/in_context_plans.json", help="JSON output")
     a = p.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -55,7 +58,9 @@ def main() -> int:
     model, tok, ids, table, sensitivity_s = load_with_table(folder)
     print(f"sensitivity {sensitivity_s:.0f}s (0 s when cached)", flush=True)
     windows = quept.windows_from_text(tok, data.evaluation_text(), 512, a.windows)
-    check, cache = ids[: a.check_samples], {}
+    check = ids[: a.check_samples]
+    cache = (quept.api.sweep_cache(model, check, folder / quept.api.SWEEPS_JSON)
+             if a.keep_sweeps else {})
     rows = []
     for avg in (float(x) for x in a.budgets.split(",")):
         if a.compare == "refine":
@@ -96,7 +101,7 @@ def main() -> int:
         print(json.dumps(uniform[-1]), flush=True)
     out = {"elastic": str(folder), "compare": a.compare, "windows": a.windows,
            **({"refine": a.refine} if a.compare == "refine" else {}),
-           "check_samples": a.check_samples,
+           "check_samples": a.check_samples, "keep_sweeps": a.keep_sweeps,
            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
                       f"torch {torch.__version__}",
            "date": time.strftime("%Y-%m-%d"), "sensitivity_seconds": sensitivity_s,

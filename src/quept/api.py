@@ -7,7 +7,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -459,25 +459,64 @@ def plan(model: nn.Module, table: SensitivityTable, *, avg_bits: float | None = 
              ", ".join(f"{g} {cost_number(objective, v)}" for g, v in checked.items()), best)
     kept = origin = candidates[best]
     budget = {"avg_bits": avg_bits, "max_bytes": max_bytes, "constraints": constraints}
+    prefix = origin.search if origin.granularity == "block" else (
+        f"{origin.granularity} {origin.search}")
     for r in range(1, refine + 1):
         moves = neighbour_moves(table, kept.widths, constraints=constraints)
         kl_here, deltas = move_kl(model, check_ids, kept.widths, moves, progress=progress,
                                   desc=f"refining, round {r}")
-        search = (origin.search if origin.granularity == "block"
-                  else f"{origin.granularity} {origin.search}") + f", refined x{r}"
-        step = plan_from_neighbours(table, kept.widths, moves, deltas, kl_here, **budget,
-                                    search=search)
-        if step.widths == kept.widths:
-            log.info("refining, round %d: no move predicted to help; stopping", r)
+        better = None
+        for step in _refine_steps(table, kept, moves, deltas, kl_here, budget,
+                                  f"{prefix}, refined x{r}"):
+            kl = configuration_kl(model, check_ids, [step])[0]
+            checked[step.label] = kl  # recorded, kept or not
+            log.info("refining, round %d (%s): measured %s %s against %s", r,
+                     step.search.rsplit("(", 1)[-1].rstrip(")"), cost_words(objective),
+                     cost_number(objective, kl), cost_number(objective, checked[kept.label]))
+            if kl < checked[kept.label]:
+                better = step
+                break
+        if better is None:
+            log.info("refining, round %d: no set of moves lowered the measured %s; stopping",
+                     r, cost_words(objective))
             break
-        kl = configuration_kl(model, check_ids, [step])[0]
-        log.info("refining, round %d: measured %s %s against %s", r, cost_words(objective),
-                 cost_number(objective, kl), cost_number(objective, checked[kept.label]))
-        checked[step.label] = kl  # recorded, kept or not
-        if kl >= checked[kept.label]:
-            break
-        kept = step
+        kept = better
     return dataclasses.replace(kept, checked_kl=checked)
+
+
+def _refine_steps(table: SensitivityTable, kept: Plan, moves: Mapping, deltas: Mapping,
+                  kl_here: float, budget: dict[str, Any], search: str) -> Iterator[Plan]:
+    """The plans one round of :func:`plan`'s refinement tries, best predicted first: the
+    exact choice among ``moves`` (:func:`quept.search.plan.plan_from_neighbours`), then, as its
+    moves can interact, choices of at most half as many moves, then a quarter, ... down to one
+    (a penalty per move, found by bisection, trims them). Plans equal to ``kept`` or to one
+    already given are skipped."""
+    def moved(p: Plan) -> int:
+        return len({unit_of(n, "block") for n, b in p.widths.items() if kept.widths[n] != b})
+
+    def step(penalty: float) -> Plan:
+        p = plan_from_neighbours(table, kept.widths, moves, deltas, kl_here, **budget,
+                                 search=search, penalty=penalty)
+        m = moved(p)
+        return dataclasses.replace(p, search=f"{search} ({m} move{'' if m == 1 else 's'})")
+
+    seen: list[dict[str, int]] = [kept.widths]
+    full = step(0.0)
+    target, top = moved(full), max((abs(v) for v in deltas.values()), default=0.0) * 2 + 1e-9
+    while target >= 1:
+        lo, hi = 0.0, top  # the least penalty leaving at most `target` moves
+        best = full if moved(full) <= target else None
+        for _ in range(40 if best is None else 0):
+            mid = (lo + hi) / 2
+            p = step(mid)
+            if moved(p) <= target:
+                hi, best = mid, p
+            else:
+                lo = mid
+        if best is not None and moved(best) and best.widths not in seen:
+            seen.append(best.widths)
+            yield best
+        target //= 2
 
 
 def plan_candidates(

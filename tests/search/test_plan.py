@@ -536,6 +536,14 @@ def test_plan_from_neighbours_takes_the_best_moves_within_the_budget():
     assert p.bits_per_weight <= w3 and p.label == "block, from W3, refined x1"
     assert [{b for n, b in p.items() if f".{k}." in n} for k in range(3)] == [{4}, {3}, {2}]
     assert p.predicted_kl == pytest.approx(2.0 - 0.5 + 0.1)
+    # a penalty per move makes the pair too dear (-0.5 + 0.1 + 2 x 0.3 > 0), not a smaller one;
+    # the prediction leaves the penalty out
+    assert dict(plan_from_neighbours(table, widths, moves, deltas, 2.0, avg_bits=w3,
+                                     penalty=0.3)) == widths
+    cheap = plan_from_neighbours(table, widths, moves, deltas, 2.0, avg_bits=w3, penalty=0.1)
+    assert dict(cheap) == dict(p) and cheap.predicted_kl == pytest.approx(p.predicted_kl)
+    with pytest.raises(ConfigError, match="penalty"):
+        plan_from_neighbours(table, widths, moves, deltas, 2.0, avg_bits=w3, penalty=-1)
     # with nothing that helps, the plan stays as it is
     still = plan_from_neighbours(table, widths, moves, dict.fromkeys(moves, 1.0), 2.0,
                                  avg_bits=w3)
@@ -556,10 +564,11 @@ def test_refine_moves_a_lopsided_plan_and_keeps_only_a_lower_measured_kl(monkeyp
     assert dict(same) == dict(lopsided) and same.label == "block, lopsided"
     refined = quept.api.plan(model, table, avg_bits=budget, check_ids=ids, refine=3)
     assert refined.histogram() == {3: len(lopsided)}  # block 0 up, block 1 down
-    assert refined.label == "block, lopsided, refined x1" and refined.bits_per_weight <= budget
+    label = "block, lopsided, refined x1 (2 moves)"
+    assert refined.label == label and refined.bits_per_weight <= budget
     kls = refined.checked_kl
-    assert list(kls)[:2] == ["block, lopsided", "block, lopsided, refined x1"]
-    assert kls["block, lopsided, refined x1"] < kls["block, lopsided"]
+    assert list(kls)[:2] == ["block, lopsided", label]
+    assert kls[label] < kls["block, lopsided"]
     assert refined.label == min(kls, key=kls.get)  # a later round, if any, did not lower it
     (kl,) = configuration_kl(model, ids, [refined])
     assert kl == pytest.approx(kls[refined.label], rel=1e-5)  # the KL recorded is the plan's
@@ -569,3 +578,32 @@ def test_refine_moves_a_lopsided_plan_and_keeps_only_a_lower_measured_kl(monkeyp
                        ({"refine": 1, "granularity": "block"}, "measures none")):
         with pytest.raises(ConfigError, match=match):
             quept.api.plan(model, table, avg_bits=budget, check_ids=ids, **bad)
+
+
+def test_a_round_whose_moves_interact_falls_back_to_fewer_moves(monkeypatch):
+    model = elastic_tiny(layers=3)
+    table = synthetic_table(model)
+    w3 = quept.api.plan_record(model, 3)
+    base = dataclasses.replace(w3, granularity="block", search="uniform W3")
+    # the budget has room for two blocks at W4: block 0 gains most, then block 1
+    budget = quept.api.plan_record(model, {"*": 3, "model.layers.0.*": 4,
+                                           "model.layers.1.*": 4}).bits_per_weight
+    gain = {"model.layers.0": -0.5, "model.layers.1": -0.4, "model.layers.2": -0.1}
+
+    def fake_moves(model, ids, widths, moves, **kw):
+        return 1.0, {m: gain[m[0]] if m[1] > 0 else 1.0 for m in moves}
+
+    def fake_kl(model, ids, configs, **kw):  # the two moves together are worse than none
+        return [1.0 if "refined" not in c.search else 1.2 if "(2 moves)" in c.search else 0.6
+                for c in configs]
+
+    monkeypatch.setattr(quept.api, "plan_candidates", lambda *a, **k: {base.label: base})
+    monkeypatch.setattr(quept.api, "move_kl", fake_moves)
+    monkeypatch.setattr(quept.api, "configuration_kl", fake_kl)
+    plan = quept.api.plan(model, table, avg_bits=budget, check_ids=token_ids(2, 8), refine=1)
+    assert plan.checked_kl == {"block, uniform W3": 1.0,
+                               "block, uniform W3, refined x1 (2 moves)": 1.2,
+                               "block, uniform W3, refined x1 (1 move)": 0.6}
+    assert plan.label == "block, uniform W3, refined x1 (1 move)"
+    assert [{b for n, b in plan.items() if f".{k}." in n} for k in range(3)] == [{4}, {3}, {3}]
+    assert plan.predicted_kl == pytest.approx(1.0 - 0.5)

@@ -591,12 +591,19 @@ def plan_from_neighbours(
     moves: Mapping[tuple[str, int], Mapping[str, int]], deltas: Mapping[tuple[str, int], float],
     kl_base: float, *, avg_bits: float | None = None, max_bytes: int | None = None,
     granularity: str = "block", search: str = "refined", constraints: Constraints = None,
+    penalty: float = 0.0,
 ) -> Plan:
     """The plan that keeps each unit of the plan ``widths`` or makes one of its moves
     (:func:`neighbour_moves`) at the cost ``deltas[move]`` measured in that plan
     (:func:`quept.search.exact.move_kl`): the choice per unit minimising the summed costs within
     the budget, exactly (a multiple-choice knapsack). Keeping every unit is always an option,
-    so the plan is never predicted worse than ``widths`` when that fits the budget."""
+    so the plan is never predicted worse than ``widths`` when that fits the budget.
+
+    ``penalty`` (>= 0) is added to the cost of every move, which makes fewer, surer moves: the
+    measured costs are each of a move alone, and many moves together can interact. The plan's
+    ``predicted_kl`` leaves it out."""
+    if not (penalty >= 0 and math.isfinite(penalty)):
+        raise ConfigError(f"penalty must be finite and >= 0, got {penalty}")
     names = list(table.shapes)
     n = sum(s.numel for s in table.shapes.values())
     units: dict[str, list[str]] = {}
@@ -610,21 +617,23 @@ def plan_from_neighbours(
     def size(ws: Mapping[str, int]) -> int:
         return sum(layer_bits(table.shapes[m], b, table.group_size[b]) for m, b in ws.items())
 
-    options = {u: [({}, 0.0)] + [(dict(moves[u, s]), float(deltas[u, s])) for s in (-1, 1)
-                                 if (u, s) in moves] for u in units}
+    options = {u: [({}, 0.0)] + [(dict(moves[u, s]), float(deltas[u, s]) + penalty)
+                                 for s in (-1, 1) if (u, s) in moves] for u in units}
     width = max(len(o) for o in options.values())
     costs, sizes = [], []
     for u, names_u in units.items():
         here = {m: widths[m] for m in names_u}
-        opts = options[u] + [options[u][0]] * (width - len(options[u]))  # pad with "keep"
-        costs.append([c for _, c in opts])
-        sizes.append([size({**here, **move}) for move, _ in opts])
+        options[u] += [options[u][0]] * (width - len(options[u]))  # padded with "keep"
+        costs.append([c for _, c in options[u]])
+        sizes.append([size({**here, **move}) for move, _ in options[u]])
     capacity, budget = _capacity(table, sizes, avg_bits, max_bytes, constraints)
     alloc = allocate(costs, sizes, capacity)
     chosen = dict(widths)
     for u, k in zip(units, alloc.choice):
         chosen.update(options[u][k][0])
     chosen = {m: chosen[m] for m in names}
-    return Plan(chosen, alloc.size / n, alloc.size / 8, n, budget, kl_base + alloc.cost,
+    n_moves = sum(1 for u, k in zip(units, alloc.choice) if options[u][k][0])
+    return Plan(chosen, alloc.size / n, alloc.size / 8, n, budget,
+                kl_base + alloc.cost - penalty * n_moves,
                 alloc.exact, granularity, search=search,
                 constraints=constraint_texts(constraints), objective=table_objective(table))
