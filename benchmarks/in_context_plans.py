@@ -113,8 +113,8 @@ def main() -> int:
 
 def refine_row(model, table, avg: float, check, cache: dict, windows, rounds: int) -> dict:
     """The default plan at ``avg`` bits and the same refined by ``rounds`` rounds (whose time
-    includes making the default again, its sweeps cached), each evaluated on ``windows``, with the refined plan's perplexity change and its 95% interval
-    over resampled windows."""
+    includes making the default again, its sweeps cached), each evaluated on ``windows``, with
+    the refined plan's perplexity change and its 95% interval over resampled windows."""
     t0 = time.perf_counter()
     plain = quept.api.plan(model, table, avg_bits=avg, check_ids=check, cache=cache)
     t1 = time.perf_counter()

@@ -432,8 +432,10 @@ def plan(model: nn.Module, table: SensitivityTable, *, avg_bits: float | None = 
     block's cost of moving one width down and one up is measured *in* that plan (two forwards
     per block on ``check_ids``, :func:`quept.search.exact.move_kl`), the best set of moves
     within the budget is chosen exactly (:func:`quept.search.plan.plan_from_neighbours`), and
-    the result replaces the plan if its measured KL is lower; the rounds stop at the first
-    that does not lower it."""
+    the result replaces the plan if its measured KL is lower. The moves' costs are each
+    measured alone, so where the whole choice does not lower the KL, choices of at most half
+    as many moves, a quarter, ... one are measured in turn; the rounds stop at the first where
+    none lowers it. Every try's KL is recorded in ``checked_kl``."""
     _check_table(model, table)
     if refine < 0:
         raise ConfigError(f"refine must be >= 0 (rounds of local search), got {refine}")
@@ -470,9 +472,9 @@ def plan(model: nn.Module, table: SensitivityTable, *, avg_bits: float | None = 
                                   f"{prefix}, refined x{r}"):
             kl = configuration_kl(model, check_ids, [step])[0]
             checked[step.label] = kl  # recorded, kept or not
-            log.info("refining, round %d (%s): measured %s %s against %s", r,
-                     step.search.rsplit("(", 1)[-1].rstrip(")"), cost_words(objective),
-                     cost_number(objective, kl), cost_number(objective, checked[kept.label]))
+            log.info("refining, round %d: %s, measured %s %s against %s", r, step.label,
+                     cost_words(objective), cost_number(objective, kl),
+                     cost_number(objective, checked[kept.label]))
             if kl < checked[kept.label]:
                 better = step
                 break
@@ -491,31 +493,31 @@ def _refine_steps(table: SensitivityTable, kept: Plan, moves: Mapping, deltas: M
     moves can interact, choices of at most half as many moves, then a quarter, ... down to one
     (a penalty per move, found by bisection, trims them). Plans equal to ``kept`` or to one
     already given are skipped."""
-    def moved(p: Plan) -> int:
-        return len({unit_of(n, "block") for n, b in p.widths.items() if kept.widths[n] != b})
-
-    def step(penalty: float) -> Plan:
+    def step(penalty: float) -> tuple[int, Plan]:
         p = plan_from_neighbours(table, kept.widths, moves, deltas, kl_here, **budget,
                                  search=search, penalty=penalty)
-        m = moved(p)
-        return dataclasses.replace(p, search=f"{search} ({m} move{'' if m == 1 else 's'})")
+        m = len({unit_of(n, "block") for n, b in p.widths.items() if kept.widths[n] != b})
+        return m, dataclasses.replace(p, search=f"{search} ({m} move{'' if m == 1 else 's'})")
 
-    seen: list[dict[str, int]] = [kept.widths]
-    full = step(0.0)
-    target, top = moved(full), max((abs(v) for v in deltas.values()), default=0.0) * 2 + 1e-9
+    n_full, full = step(0.0)
+    if not n_full:
+        return
+    yield full
+    seen = [kept.widths, full.widths]
+    top = max(abs(v) for v in deltas.values()) * 2 + 1e-9  # no move is worth that penalty
+    target = n_full // 2
     while target >= 1:
-        lo, hi = 0.0, top  # the least penalty leaving at most `target` moves
-        best = full if moved(full) <= target else None
-        for _ in range(40 if best is None else 0):
+        lo, hi, best = 0.0, top, None  # the least penalty leaving at most `target` moves
+        for _ in range(40):
             mid = (lo + hi) / 2
-            p = step(mid)
-            if moved(p) <= target:
-                hi, best = mid, p
+            m, p = step(mid)
+            if m <= target:
+                hi, best = mid, (m, p)
             else:
                 lo = mid
-        if best is not None and moved(best) and best.widths not in seen:
-            seen.append(best.widths)
-            yield best
+        if best is not None and best[0] and best[1].widths not in seen:
+            seen.append(best[1].widths)
+            yield best[1]
         target //= 2
 
 
