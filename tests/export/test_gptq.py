@@ -10,16 +10,12 @@ import pytest
 import torch
 
 import quept
-from quept.config import CalibConfig, ConfigError, weight_act_spec
+from quept.config import ConfigError
 from quept.export.gptq import GPTQConfig, clear_rounding, gptq_codes
-from quept.export.load import load_packed
-from quept.export.packed import write_packed
 from quept.nn import elastic_layers
 from quept.ops import dequantize, quantize
-from tests.test_swin_deit import images
-from tests.test_swin_deit import tiny as tiny_classifier
 
-from .tiny import SPEC, elastic_folder, elastic_tiny, hf_folder, run_json
+from .tiny import elastic_folder, elastic_tiny, hf_folder, run_json
 
 IDS = torch.randint(2, 250, (8, 32), generator=torch.Generator().manual_seed(0))
 
@@ -80,30 +76,6 @@ def test_a_singular_input_moment_is_damped_and_a_dead_column_handled():
     assert torch.isfinite(dequantize(codes, scale, zero, 32)).all()
 
 
-def test_round_gptq_drives_the_forward_and_the_packed_export(tmp_path):
-    model = elastic_tiny()
-    quept.set_bits(model, 2)
-    before_w2 = model(IDS[:2]).logits
-    quept.set_bits(model, 3)
-    nearest = model(IDS[:2]).logits
-    info = quept.round_gptq(model, 3, IDS, progress=False)
-    layers = elastic_layers(model)
-    assert info["layers"] == len(layers)
-    assert all(set(m.rounded) == {3} and m.bits == 3 for m in layers.values())
-    rounded = model(IDS[:2]).logits
-    assert not torch.allclose(rounded, nearest)
-    for m in layers.values():  # the forward runs the installed codes
-        torch.testing.assert_close(m.current_weight(), dequantize(*m.rounded[3], 32))
-    write_packed(model, 3, tmp_path / "w3", None, scale_dtype="float32",
-                 provenance={"base_model": "tiny", "rounding": "gptq"})
-    packed = load_packed(tmp_path / "w3")
-    torch.testing.assert_close(packed(IDS[:2]).logits, rounded, rtol=0, atol=2e-5)
-    quept.set_bits(model, 2)  # another width still rounds to nearest
-    torch.testing.assert_close(model(IDS[:2]).logits, before_w2, rtol=0, atol=0)
-    clear_rounding(quept.set_bits(model, 3))
-    torch.testing.assert_close(model(IDS[:2]).logits, nearest, rtol=0, atol=0)
-
-
 def test_on_the_calibration_inputs_gptq_beats_nearest_on_the_same_grid():
     model = elastic_tiny()
     with torch.no_grad():
@@ -130,36 +102,9 @@ def test_a_plan_is_rounded_layer_by_layer_and_adapters_can_be_kept():
         assert set(m.rounded) == {plan[n]} and m.bits == plan[n]
 
 
-def test_the_stage_exits_of_a_swin_are_crossed():
-    model = quept.prepare(tiny_classifier("swin"), SPEC)
-    x = images(4)
-    quept.set_bits(model, 3)
-    with torch.no_grad():
-        nearest = model(pixel_values=x).logits
-    info = quept.round_gptq(model, 3, x, progress=False)
-    assert info["layers"] == len(elastic_layers(model))
-    with torch.no_grad():
-        assert torch.isfinite(model(pixel_values=x).logits).all()
-        assert not torch.allclose(model(pixel_values=x).logits, nearest)
-
-
-def test_bad_requests_are_refused_by_name():
-    model = elastic_tiny()
-    with pytest.raises(ConfigError, match="not float"):
-        quept.round_gptq(model, None, IDS)
-    with pytest.raises(ConfigError, match="9"):
-        quept.round_gptq(model, 9, IDS)
-    with pytest.raises(ConfigError, match="plan does not match"):
-        quept.round_gptq(model, {"model.layers.0.mlp.up_proj": 3}, IDS)
+def test_a_damping_that_is_not_positive_is_refused():
     with pytest.raises(ConfigError, match="damp"):
         GPTQConfig(damp=0)
-    quept.round_gptq(model, 3, IDS[:2], progress=False)
-    with pytest.raises(ConfigError, match="clear_rounding"):
-        quept.calibrate(model, IDS[:2], CalibConfig(n_samples=2, seq_len=32, batch_size=2),
-                        progress=False)
-    wa = elastic_tiny(weight_act_spec(SPEC))
-    with pytest.raises(ConfigError, match="weight-only"):
-        quept.round_gptq(wa, 4, IDS)
 
 
 @pytest.fixture

@@ -11,15 +11,10 @@ import pytest
 import torch
 
 import quept
-from quept.config import CalibConfig, ConfigError, weight_act_spec
-from quept.export.gptq import clear_rounding
+from quept.config import ConfigError
 from quept.export.learned import LearnedRoundingConfig, _Offsets
-from quept.export.load import load_packed
-from quept.export.packed import write_packed
 from quept.nn import elastic_layers
-from quept.ops import dequantize, quantize
-from tests.test_swin_deit import images
-from tests.test_swin_deit import tiny as tiny_classifier
+from quept.ops import quantize
 
 from .tiny import SPEC, elastic_folder, elastic_tiny, hf_folder, run_json
 
@@ -94,34 +89,6 @@ def test_bf16_steps_learn_too_and_the_checks_stay_float32():
     assert learned < 0.8 * near, (learned, near)
 
 
-def test_round_learned_drives_the_forward_and_the_packed_export(tmp_path):
-    model = elastic_tiny()
-    quept.set_bits(model, 2)
-    before_w2 = model(IDS[:2]).logits
-    quept.set_bits(model, 3)
-    nearest = model(IDS[:2]).logits
-    quept.round_learned(model, 3, IDS, FAST, progress=False)
-    layers = elastic_layers(model)
-    assert all(set(m.rounded) == {3} and m.bits == 3 for m in layers.values())
-    assert model.quept_rounding == "learned"
-    rounded = model(IDS[:2]).logits
-    assert not torch.allclose(rounded, nearest)
-    for m in layers.values():  # the forward runs the installed codes
-        torch.testing.assert_close(m.current_weight(), dequantize(*m.rounded[3], 32))
-    meta = quept.api.export(model, 3, tmp_path / "w3", scale_dtype="float32")
-    assert meta["source"]["rounding"] == "learned"
-    torch.testing.assert_close(load_packed(tmp_path / "w3")(IDS[:2]).logits, rounded, rtol=0,
-                               atol=2e-5)
-    quept.set_bits(model, 2)  # another width still rounds to nearest
-    torch.testing.assert_close(model(IDS[:2]).logits, before_w2, rtol=0, atol=0)
-    clear_rounding(quept.set_bits(model, 3))
-    assert not hasattr(model, "quept_rounding")
-    torch.testing.assert_close(model(IDS[:2]).logits, nearest, rtol=0, atol=0)
-    write_packed(model, 3, tmp_path / "n3", None, provenance={"base_model": "tiny"})
-    assert "rounding" not in json.loads((tmp_path / "n3" / "quept-packed.json").read_text())[
-        "source"]
-
-
 def test_a_block_that_cannot_improve_keeps_its_nearest_codes():
     model = elastic_tiny()
     # one step of the largest size moves every offset to +-1/2: about half the weights jump a
@@ -133,27 +100,15 @@ def test_a_block_that_cannot_improve_keeps_its_nearest_codes():
         assert torch.equal(m.rounded[3][0], nearest_codes(m, 3)[0])
 
 
-def test_a_plan_is_rounded_layer_by_layer():
+def test_a_plan_is_rounded_with_the_squared_error_too():
     model = elastic_tiny()
     names = list(elastic_layers(model))
     plan = {n: (2, 4, 8)[i % 3] for i, n in enumerate(names)}
-    quept.round_learned(model, plan, IDS, LearnedRoundingConfig(iters=5, loss="l2"),
-                        progress=False)
+    info = quept.round_learned(model, plan, IDS, LearnedRoundingConfig(iters=5, loss="l2"),
+                               progress=False)
+    assert all(b <= a for a, b in zip(info["loss_nearest"], info["loss_learned"]))
     for n, m in elastic_layers(model).items():
         assert set(m.rounded) == {plan[n]} and m.bits == plan[n]
-
-
-def test_the_stage_exits_of_a_swin_are_crossed():
-    model = quept.prepare(tiny_classifier("swin"), SPEC)
-    x = images(4)
-    quept.set_bits(model, 3)
-    with torch.no_grad():
-        nearest = model(pixel_values=x).logits
-    info = quept.round_learned(model, 3, x, FAST, progress=False)
-    assert info["layers"] == len(elastic_layers(model))
-    with torch.no_grad():
-        assert torch.isfinite(model(pixel_values=x).logits).all()
-        assert not torch.allclose(model(pixel_values=x).logits, nearest)
 
 
 def test_a_loss_that_is_not_finite_stops_with_the_block_named():
@@ -164,25 +119,11 @@ def test_a_loss_that_is_not_finite_stops_with_the_block_named():
         quept.round_learned(model, 3, IDS, FAST, progress=False)
 
 
-def test_bad_requests_are_refused_by_name():
-    model = elastic_tiny()
-    with pytest.raises(ConfigError, match="not float"):
-        quept.round_learned(model, None, IDS)
-    with pytest.raises(ConfigError, match="9"):
-        quept.round_learned(model, 9, IDS)
-    with pytest.raises(ConfigError, match="plan does not match"):
-        quept.round_learned(model, {"model.layers.0.mlp.up_proj": 3}, IDS)
+def test_bad_settings_are_refused_by_name():
     for bad in ({"iters": 0}, {"lr": 0.0}, {"lr": 1.0}, {"loss": "huber"},
                 {"massive_ratio": 1.0}, {"batch_size": 0}):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             LearnedRoundingConfig(**bad)
-    quept.round_learned(model, 3, IDS[:2], LearnedRoundingConfig(iters=1), progress=False)
-    with pytest.raises(ConfigError, match="clear_rounding"):
-        quept.calibrate(model, IDS[:2], CalibConfig(n_samples=2, seq_len=32, batch_size=2),
-                        progress=False)
-    wa = elastic_tiny(weight_act_spec(SPEC))
-    with pytest.raises(ConfigError, match="weight-only"):
-        quept.round_learned(wa, 4, IDS)
 
 
 def test_cli_export_with_learned_rounding(tmp_path, capsys, monkeypatch):
