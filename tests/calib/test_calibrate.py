@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import quept
-from quept.calib import CalibrationError, CheckpointMismatchError
+from quept.calib import CalibrationError, CheckpointCorruptError, CheckpointMismatchError
 from quept.config import CalibConfig, ConfigError, ElasticSpec, QuEPTConfig
 from quept.models import UnsupportedModelError
 from quept.nn import elastic_layers
@@ -106,6 +106,60 @@ def test_resume_after_kill_gives_the_same_model(tmp_path, monkeypatch, stream):
     # A checkpoint from other settings is refused, not silently reused.
     with pytest.raises(CheckpointMismatchError, match="calib"):
         calibrated(cfg=CalibConfig(**{**CFG.to_dict(), "epochs": 2}), checkpoint_dir=tmp_path)
+
+
+def _killed_in_second_block(folder, monkeypatch):
+    """A checkpoint folder holding block 0 done, as a run killed in block 1 leaves it."""
+    from quept.calib import loop
+
+    real = loop.BlockCalibrator._train
+
+    def dies_in_second_block(self, i, *a, **k):
+        if i == 1:
+            raise KeyboardInterrupt("simulated kill")
+        return real(self, i, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(loop.BlockCalibrator, "_train", dies_in_second_block)
+        with pytest.raises(KeyboardInterrupt):
+            calibrated(checkpoint_dir=folder)
+    return folder
+
+
+@pytest.mark.parametrize("name, damage, says", [
+    ("progress.json", b'{"next_block": 1,', "progress.json is not valid JSON"),
+    ("progress.json", b'{"next_block": "one", "fingerprint": {}}', "progress.json lacks"),
+    ("progress.json", b'[1, 2]', "progress.json lacks"),
+    ("block_000.safetensors", b"\x00junk", "block_000.safetensors cannot be read"),
+    ("block_000.safetensors", None, "block_000.safetensors is missing"),
+    ("streams_001.safetensors", b"\x00junk", "streams_001.safetensors cannot be read"),
+])
+def test_a_damaged_checkpoint_is_named_and_can_be_discarded(tmp_path, monkeypatch, name, damage,
+                                                           says):
+    from quept.calib.checkpoint import CalibCheckpoint
+
+    folder = _killed_in_second_block(tmp_path / "ckpt", monkeypatch)
+    if damage is None:
+        (folder / name).unlink()
+    else:
+        (folder / name).write_bytes(damage)
+    with pytest.raises(CheckpointCorruptError, match=f"{says}.*--restart"):
+        calibrated(checkpoint_dir=folder)
+    CalibCheckpoint(folder, {}).clear()
+    _, reports = calibrated(checkpoint_dir=folder)  # from block 0 again
+    assert [r.block for r in reports] == [0, 1]
+
+
+def test_streams_of_one_kind_missing_from_a_file_are_named(tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    folder = _killed_in_second_block(tmp_path / "ckpt", monkeypatch)
+    path = folder / "streams_001.safetensors"
+    t = load_file(str(path))
+    del t["x_fp"]
+    save_file(t, str(path))
+    with pytest.raises(CheckpointCorruptError, match=r"streams_001.safetensors lacks \['x_fp'\]"):
+        calibrated(checkpoint_dir=folder)
 
 
 @pytest.mark.parametrize("stream", ["per-group", "merged"])

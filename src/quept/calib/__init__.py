@@ -1,7 +1,12 @@
 """Calibration: input capture, the block loop with bit sampling and token merging, checkpoints."""
 
 from quept.calib.capture import capture_block_inputs
-from quept.calib.checkpoint import CHECKPOINT_DIR, CalibCheckpoint, CheckpointMismatchError
+from quept.calib.checkpoint import (
+    CHECKPOINT_DIR,
+    CalibCheckpoint,
+    CheckpointCorruptError,
+    CheckpointMismatchError,
+)
 from quept.calib.loop import BlockCalibrator, BlockReport, CalibrationError
 
 __all__ = [
@@ -10,6 +15,7 @@ __all__ = [
     "BlockReport",
     "CalibCheckpoint",
     "CalibrationError",
+    "CheckpointCorruptError",
     "CheckpointMismatchError",
     "capture_block_inputs",
 ]

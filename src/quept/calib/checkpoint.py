@@ -29,6 +29,14 @@ class CheckpointMismatchError(RuntimeError):
     """A checkpoint exists but was made for another model, data or configuration."""
 
 
+class CheckpointCorruptError(RuntimeError):
+    """A checkpoint exists but one of its files cannot be read (damaged, truncated, missing)."""
+
+
+_DISCARD = ("rerun `quept quantize` with --restart, or delete the folder (from Python: "
+            "CalibCheckpoint.clear()), to discard it")
+
+
 @dataclass
 class Resumed:
     next_block: int
@@ -63,9 +71,44 @@ class CalibCheckpoint:
     def streams(self, block: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The float stream and the quantized stream of every bit group that entered ``block``
         (with keep_streams every block's are kept; otherwise only the next block's exist)."""
-        prog = json.loads((self.folder / "progress.json").read_text())
-        x_fp, x_q, _ = self._read_streams(block, prog)
+        x_fp, x_q, _ = self._read_streams(block, self._progress())
         return x_fp, x_q
+
+    def _corrupt(self, name: str, why: object) -> CheckpointCorruptError:
+        return CheckpointCorruptError(
+            f"the calibration checkpoint in {self.folder} is damaged: {name} {why}; {_DISCARD}")
+
+    def _progress(self) -> dict[str, Any]:
+        """progress.json, checked for what resuming reads from it."""
+        try:
+            prog = json.loads((self.folder / PROGRESS_JSON).read_text())
+        except FileNotFoundError:
+            raise self._corrupt(PROGRESS_JSON, "is missing") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise self._corrupt(PROGRESS_JSON, f"is not valid JSON ({e})") from None
+        ok = isinstance(prog, dict) and isinstance(prog.get("fingerprint"), dict)
+        try:
+            ok = ok and (int(prog["next_block"]) >= 0 and int(prog["n_streams"]) >= 1
+                         and int(prog["n_groups"]) >= 1)
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise self._corrupt(PROGRESS_JSON, "lacks its fingerprint, next_block, n_streams "
+                                "or n_groups, or holds a value of the wrong kind")
+        return prog
+
+    def _tensors(self, path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
+        """The tensors of one checkpoint file, which must hold ``keys``."""
+        try:
+            t = load_file(str(path))
+        except FileNotFoundError:
+            raise self._corrupt(path.name, "is missing") from None
+        except Exception as e:  # safetensors raises several types for a damaged file
+            raise self._corrupt(path.name, f"cannot be read ({e})") from None
+        missing = [k for k in keys if k not in t]
+        if missing:
+            raise self._corrupt(path.name, f"lacks {missing}")
+        return t
 
     def _read_streams(
         self, block: int, prog: dict[str, Any]
@@ -78,31 +121,29 @@ class CalibCheckpoint:
                 f"{self.folder} holds no streams entering block {block} (it has {have or 'none'}); "
                 "calibrate with keep_streams=True (quept quantize --keep-streams) to keep them all"
             )
-        t = load_file(str(path))
-        x_q = [t[f"x_q_{g}"] for g in range(int(prog["n_streams"]))]
+        streams = [f"x_q_{g}" for g in range(int(prog["n_streams"]))]
+        t = self._tensors(path, ["x_fp", "rng_state", *streams])
+        x_q = [t[k] for k in streams]
         x_q = x_q * int(prog["n_groups"]) if len(x_q) == 1 else x_q
         return t["x_fp"], x_q, t["rng_state"]
 
     def load(self) -> Resumed | None:
         """The saved state, or None when there is none. Raises on a mismatched checkpoint."""
-        prog_path = self.folder / "progress.json"
-        if not prog_path.exists():
+        if not (self.folder / PROGRESS_JSON).exists():
             return None
-        prog = json.loads(prog_path.read_text())
-        saved = prog.get("fingerprint", {})
+        prog = self._progress()
+        saved = prog["fingerprint"]
         if saved != self.fingerprint:
             diff = sorted(k for k in set(saved) | set(self.fingerprint)
                           if saved.get(k) != self.fingerprint.get(k))
             raise CheckpointMismatchError(
                 f"the calibration checkpoint in {self.folder} was made with different {diff}; "
-                "rerun with the same settings to resume, or pass --restart (restart=True) to "
-                "discard it"
+                f"rerun with the same settings to resume, or {_DISCARD}"
             )
         nxt = int(prog["next_block"])
         x_fp, x_q, rng_state = self._read_streams(nxt, prog)
-        states = {
-            i: load_file(str(self.folder / f"block_{i:03d}.safetensors")) for i in range(nxt)
-        }
+        states = {i: self._tensors(self.folder / f"block_{i:03d}.safetensors", [])
+                  for i in range(nxt)}
         log.info("resuming calibration at block %d from %s", nxt, self.folder)
         return Resumed(nxt, states, x_fp, x_q, rng_state, prog.get("reports", []))
 
@@ -122,7 +163,7 @@ class CalibCheckpoint:
         _atomic_save(tensors, self.folder / f"streams_{nxt:03d}.safetensors")
         _atomic_json({"next_block": nxt, "n_streams": len(unique), "n_groups": len(x_q),
                       "fingerprint": self.fingerprint, "reports": reports},
-                     self.folder / "progress.json")
+                     self.folder / PROGRESS_JSON)
         old = self.folder / f"streams_{block:03d}.safetensors"
         if old.exists() and not self.keep_streams:
             old.unlink()
