@@ -150,10 +150,11 @@ def load_model(model: str | os.PathLike | None = None) -> tuple[nn.Module, Any]:
     A compressed-tensors folder (``quept export --format compressed-tensors``) is dequantized;
     an ONNX export (``--format onnx``) runs in ONNX Runtime (decoders with their KV cache)."""
     path = resolve_model_dir(model)
-    model_type = json.loads((path / "config.json").read_text()).get("model_type")
-    from transformers import AutoConfig, AutoTokenizer
+    model_type = _model_type(path)
+    from transformers import AutoConfig
 
     fam = family_for_type(model_type)  # fail before reading weights
+    tok = _tokenizer(path) if fam.is_text else None
     if is_onnx_folder(path):
         from quept.export.onnx_format import OrtModel
 
@@ -161,10 +162,14 @@ def load_model(model: str | os.PathLike | None = None) -> tuple[nn.Module, Any]:
     elif is_compressed_tensors(path):
         net = load_compressed_tensors(path, fam.model_class())
     else:
+        from safetensors import SafetensorError
+
         cfg = AutoConfig.from_pretrained(path)
-        net = fam.model_class().from_pretrained(path, config=cfg, dtype=torch.float32,
-                                                use_safetensors=True)
-    tok = AutoTokenizer.from_pretrained(path) if fam.is_text else None
+        try:
+            net = fam.model_class().from_pretrained(path, config=cfg, dtype=torch.float32,
+                                                    use_safetensors=True)
+        except SafetensorError as e:
+            raise ArtifactError(f"the weights in {path} cannot be read: {e}") from None
     net.eval()
     net.requires_grad_(False)
     net.quept_source = str(model) if model is not None else DEFAULT_MODEL
@@ -768,11 +773,32 @@ def load_switchable(folder: str | os.PathLike, bits: int | Mapping[str, int] | P
 
 def _folder_tokenizer(folder: str | os.PathLike) -> Any:
     """The tokenizer saved in ``folder``, or None when it holds none (e.g. a test model)."""
-    from transformers import AutoTokenizer
-
     if not any((Path(folder) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
         return None
-    return AutoTokenizer.from_pretrained(folder)
+    return _tokenizer(folder)
+
+
+def _tokenizer(folder: str | os.PathLike) -> Any:
+    """The tokenizer of a model folder; a damaged one is refused with the folder named."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as e:  # transformers and tokenizers raise many types for a damaged file
+        raise ArtifactError(f"the tokenizer in {folder} cannot be loaded ({type(e).__name__}: "
+                            f"{e}); its tokenizer files are damaged or of another kind") from None
+
+
+def _model_type(folder: Path) -> str | None:
+    """``model_type`` of ``folder/config.json``, which must be a JSON object."""
+    path = folder / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ArtifactError(f"{path} holds a JSON {type(cfg).__name__}, not a model config")
+    return cfg.get("model_type")
 
 
 # --- evaluation -----------------------------------------------------------------------------

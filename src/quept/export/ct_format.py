@@ -300,8 +300,11 @@ def load_compressed_tensors(folder: str | os.PathLike, model_class: Any,
             f"{folder}: no layer of the model matches the config groups' targets")
     raw: dict[str, torch.Tensor] = {}
     for f in files:
-        with safe_open(str(f), framework="pt") as fh:
-            raw.update({k: fh.get_tensor(k) for k in fh.keys()})  # noqa: SIM118
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                raw.update({k: fh.get_tensor(k) for k in fh.keys()})  # noqa: SIM118
+        except Exception as e:  # safetensors raises several types for a damaged file
+            raise CompressedTensorsExportError(f"{f} cannot be read: {e}") from None
     state, stored, weights = {}, 0, 0
     for name, scheme in schemes.items():
         prefix = f"{name}."

@@ -42,6 +42,7 @@ ONNX_FILE = "model.onnx"
 CONTAINER = {2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 7: 8, 8: 8}  # our width -> MatMulNBits bits
 OPSET = 18
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits: 0 unset (float32), 1 fp32, 2 fp16, 3 bf16, 4 int8
+ONNX_TASKS = ("causal-lm", "encoder", "image-classification")  # what OrtModel runs
 
 
 class OnnxExportError(ValueError):
@@ -414,14 +415,25 @@ class OrtModel(nn.Module):
         from transformers import AutoConfig
 
         folder = Path(folder)
-        self.quept_onnx = json.loads((folder / "quept-export.json").read_text())
+        summary = folder / "quept-export.json"
+        try:
+            self.quept_onnx = json.loads(summary.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise OnnxExportError(f"{summary} is not valid JSON: {e}") from None
+        self.task = self.quept_onnx.get("task") if isinstance(self.quept_onnx, dict) else None
+        if self.task not in ONNX_TASKS:
+            raise OnnxExportError(f"{summary} names no task quept runs ({self.task!r}; "
+                                  f"expected one of {', '.join(ONNX_TASKS)}); export it again")
         self.config = AutoConfig.from_pretrained(folder)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or torch.get_num_threads()
-        self.session = ort.InferenceSession(str(folder / ONNX_FILE), opts,
-                                            providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(folder / ONNX_FILE), opts,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own types for a damaged graph
+            raise OnnxExportError(f"{folder / ONNX_FILE} cannot be loaded by ONNX Runtime: "
+                                  f"{e}") from None
         inputs = [i.name for i in self.session.get_inputs()]
-        self.task = self.quept_onnx["task"]
         if self.task == "causal-lm" and "past_key_values.0.key" not in inputs:
             raise OnnxExportError(f"{folder} was exported without a KV cache (an earlier quept); "
                                   "export it again with quept export --format onnx")
