@@ -402,7 +402,7 @@ def cmd_quantize(a: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     cfg = _configs(a)
     check_device(cfg.calib.device, "--device" if a.device else f"the {a.preset!r} preset's device")
-    out = cli_deploy.check_out(a.out, "folder")
+    out = cli_deploy.check_out(a.out, "folder", writes="elastic")
     replaces = (out / api.ELASTIC_JSON).is_file()
     if replaces:
         log.warning("%s already holds an elastic model: this calibration replaces it when it "

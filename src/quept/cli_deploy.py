@@ -55,15 +55,31 @@ def check_widths(widths: int | dict[str, int], spec: ElasticSpec, what: str) -> 
             raise ConfigError(f"{what}: {e}") from None
 
 
-def check_out(out: str | Path, what: str) -> Path:
+_HELD = {"elastic": "an elastic model", "compact": "a compact checkpoint",
+         "packed": "a packed model", "compressed-tensors": "a compressed-tensors export",
+         "onnx": "an ONNX export", "hf": "a Hugging Face model"}
+_WRITES = {"quept": "packed", "compressed-tensors": "compressed-tensors", "onnx": "onnx"}
+
+
+def check_out(out: str | Path, what: str, *, source: Path | None = None,
+              writes: str | None = None) -> Path:
     """``--out`` checked before any work: ``what`` "file" must not name a folder, "folder"
-    must not name a file."""
+    must not name a file. ``--out`` must not be the ``source`` folder being read, and a folder
+    that holds a model of another kind than the one a command ``writes`` (a :func:`folder_kind`
+    name) is refused, as writing there would spoil it; the same kind is replaced."""
     out = Path(out)
     if what == "file" and out.is_dir():
         raise ConfigError(f"--out {out} is a folder; give the path of the file to write "
                           f"there, e.g. {out / 'model.gguf'}")
     if what == "folder" and out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder to write into")
+    if source is not None and out.is_dir() and out.resolve() == Path(source).resolve():
+        raise ConfigError(f"--out {out} is the folder being read; give another folder")
+    if writes is not None and out.is_dir():
+        held = folder_kind(out)
+        if held != writes and (held != "hf" or (out / "config.json").is_file()):
+            raise ConfigError(f"--out {out} holds {_HELD[held]}; writing {_HELD[writes]} there "
+                              "would mix the two and spoil it; give another folder")
     return out
 
 
@@ -108,7 +124,7 @@ def _clip_bits(text: str) -> int | dict[int, int]:
 
 def cmd_compact(a: argparse.Namespace) -> dict[str, Any]:
     folder = Path(a.folder)
-    check_out(a.out, "folder")
+    check_out(a.out, "folder", source=folder, writes="compact")
     ccfg = CompactConfig(master_bits=a.master_bits, clip_bits=a.clip_bits)
     model, tok, cfg = _load_elastic(folder, folder_kind(folder), a.model)
     meta = api.save_compact(model, a.out, cfg, tok, ccfg)
@@ -225,7 +241,8 @@ def cmd_export(a: argparse.Namespace) -> dict[str, Any]:
     if a.accuracy_level is not None and a.format != "onnx":
         raise ConfigError("--accuracy-level applies to the onnx format")
     folder = Path(a.folder)
-    check_out(a.out, "file" if a.format == "gguf" else "folder")
+    check_out(a.out, "file" if a.format == "gguf" else "folder", source=folder,
+              writes=_WRITES.get(a.format))
     if a.rounding == "nearest" and (a.calib_text, a.samples, a.seq_len) != (None, None, None):
         raise ConfigError("--calib-text, --samples and --seq-len apply to --rounding gptq or "
                           "learned")

@@ -185,6 +185,18 @@ def test_bad_widths_and_texts_fail_before_any_model_loads(folders, capsys, monke
          "plan9.json is a file; give a folder"),
         (["compact", str(elastic), "--out", str(root / "c9"), "--master-bits", "1"],
          "master_bits must lie in 2..8"),
+        # an --out that would spoil what it holds: the folder read, or a model of another kind
+        (["export", str(elastic), "--bits", "3", "--out", str(elastic)],
+         "is the folder being read; give another folder"),
+        (["compact", str(elastic), "--out", str(elastic)], "is the folder being read"),
+        (["export", str(elastic), "--bits", "3", "--out", str(base)],
+         "holds a Hugging Face model; writing a packed model there would mix the two"),
+        (["export", str(elastic), "--bits", "3", "--format", "onnx", "--out", str(elastic)],
+         "is the folder being read"),
+        (["compact", str(elastic), "--out", str(base)],
+         "holds a Hugging Face model; writing a compact checkpoint there"),
+        (["quantize", "--model", str(base), "--out", str(base)],
+         "holds a Hugging Face model; writing an elastic model there"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
@@ -223,3 +235,20 @@ def test_quantize_into_a_folder_with_a_model_replaces_it_and_its_caches(folders,
     assert not any((out / name).exists() for name in caches)  # measured on the replaced model
     assert (out / "notes.txt").read_text() == "the user's own file"
     assert second["out"] == first["out"] and (out / "quept.json").is_file()
+
+
+def test_an_export_replaces_one_of_its_own_kind_but_not_another_kind(folders, capsys):
+    root, base, elastic = folders
+    out = root / "exported"
+    run_json(capsys, ["export", str(elastic), "--bits", "3", "--out", str(out), "--json"])
+    again = run_json(capsys, ["export", str(elastic), "--bits", "4", "--out", str(out),
+                              "--json"])
+    assert again["bits"] == 4
+    assert run_json(capsys, ["info", str(out), "--json"])["bits"] == 4
+    for argv, held in ((["export", str(elastic), "--bits", "3", "--format",
+                         "compressed-tensors", "--out", str(out)], "a packed model"),
+                       (["compact", str(elastic), "--out", str(out)], "a packed model"),
+                       (["quantize", "--model", str(base), "--out", str(out)], "a packed model")):
+        assert main(argv) == 2, argv
+        assert f"--out {out} holds {held}" in capsys.readouterr().err
+    assert run_json(capsys, ["info", str(out), "--json"])["bits"] == 4  # left as it was
