@@ -19,6 +19,16 @@ def test_calibration_samples_are_seeded_windows():
     assert torch.equal(a[:, 1:] - a[:, :-1], torch.ones(5, 15, dtype=torch.long))  # contiguous
 
 
+def test_windows_that_cover_a_short_text_many_times_over_are_warned_of(caplog):
+    ids = torch.arange(1000)
+    with caplog.at_level("WARNING", logger="quept.data.tokens"):
+        calibration_samples(ids, 250, 16, seed=0)  # 4 times over: no warning
+        assert not caplog.records
+        calibration_samples(ids, 320, 16, seed=0)
+    assert "320 calibration windows of 16 tokens cover a text of 1000 tokens 5 times" in (
+        caplog.text)
+
+
 def test_eval_windows_from_start_and_errors():
     ids = torch.arange(100)
     w = eval_windows(ids, 32, 3)

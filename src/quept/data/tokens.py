@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
+
+REUSE_WARNING = 4  # windows that cover the text more times than this over are worth a warning
 
 
 class NotEnoughTextError(ValueError):
@@ -25,6 +30,12 @@ def calibration_samples(ids: torch.Tensor, n: int, seq_len: int, seed: int) -> t
         raise NotEnoughTextError(
             f"calibration text has {ids.numel()} tokens; need more than seq_len={seq_len}"
         )
+    cover = n * seq_len / ids.numel()
+    if cover > REUSE_WARNING:
+        log.warning("%d calibration windows of %d tokens cover a text of %d tokens %.0f times "
+                    "over: the same tokens are seen again and again; a longer text (or fewer "
+                    "samples) calibrates on more of the language", n, seq_len, ids.numel(),
+                    cover)
     starts = calibration_starts(ids.numel(), n, seq_len, seed)
     return torch.stack([ids[s : s + seq_len] for s in starts])
 
