@@ -371,6 +371,9 @@ def plan_preview(model: nn.Module, *, avg_bits: float | None = None,
 
 def _check_table(model: nn.Module, table: SensitivityTable) -> dict[str, ElasticLinear]:
     """The model's elastic layers, once ``table`` is known to describe them."""
+    if not isinstance(table, SensitivityTable):
+        raise ConfigError(f"expected a SensitivityTable (from quept.sensitivity), got "
+                          f"{type(table).__name__}; calibration tokens go to check_ids=")
     layers = elastic_layers(model)
     spec = _spec_of(model)
     if list(layers) != list(table.shapes) or any(

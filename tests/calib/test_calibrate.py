@@ -236,6 +236,23 @@ def test_corrupt_weights_file_is_reported(tmp_path, monkeypatch):
         _load_without_tokenizer(out, monkeypatch)
 
 
+def test_inputs_of_the_wrong_kind_are_refused_by_name():
+    model = quept.prepare(tiny_model(), SPEC)
+    vocab = model.get_input_embeddings().num_embeddings
+    for bad, says in ((ids().float(), "integer token ids.*float32 of shape \\(8, 32\\)"),
+                      (ids()[0], "\\(N, T\\) integer token ids.*shape \\(32,\\)"),
+                      (ids()[:, :0], "N, T >= 1"),
+                      (ids() + vocab, f"token ids from {vocab}.*vocabulary is 0..{vocab - 1}"),
+                      (ids().tolist(), "must be a torch.Tensor, got list")):
+        with pytest.raises(ConfigError, match=says):
+            quept.calibrate(model, bad, CFG, progress=False)
+    from tests.test_swin_deit import tiny as tiny_classifier
+
+    vit = quept.prepare(tiny_classifier("vit"), SPEC)
+    with pytest.raises(ConfigError, match="image classifier must be \\(N, C, H, W\\) float"):
+        quept.calibrate(vit, ids(), CFG, progress=False)
+
+
 def test_unsupported_architecture_is_named():
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -161,6 +161,8 @@ def test_api_plan_checks_the_table_matches_the_model(model):
     for bad in (token_ids(4, 16)[0], token_ids(4, 16)[:0]):
         with pytest.raises(ConfigError, match=r"check_ids must be \(N, T\) token ids"):
             quept.api.plan(model, table, avg_bits=4.0, check_ids=bad)
+    with pytest.raises(ConfigError, match="expected a SensitivityTable .* got Tensor"):
+        quept.api.plan(model, token_ids(4, 16), avg_bits=4.0)
 
 
 def test_unit_of_names_layers_sublayers_and_blocks():

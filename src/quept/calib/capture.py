@@ -11,12 +11,35 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from quept.config import ConfigError
 from quept.models import Family
 from quept.ops.hadamard import hadamard_transform
 
 
 class _Captured(Exception):
     pass
+
+
+def check_model_inputs(model: nn.Module, family: Family, inputs: object,
+                       what: str = "calibration inputs") -> None:
+    """``inputs`` must be what ``family`` runs on: (N, T) integer token ids within the
+    vocabulary for a text model, (N, C, H, W) float pixel values for an image classifier."""
+    if not isinstance(inputs, torch.Tensor):
+        raise ConfigError(f"{what} must be a torch.Tensor, got {type(inputs).__name__}")
+    shape = tuple(inputs.shape)
+    if not family.is_text:
+        if inputs.dim() != 4 or not inputs.is_floating_point() or 0 in shape:
+            raise ConfigError(f"{what} of an image classifier must be (N, C, H, W) float pixel "
+                              f"values, got {inputs.dtype} of shape {shape}")
+        return
+    if inputs.dim() != 2 or inputs.is_floating_point() or inputs.is_complex() or 0 in shape:
+        raise ConfigError(f"{what} must be (N, T) integer token ids with N, T >= 1, got "
+                          f"{inputs.dtype} of shape {shape}")
+    embed = getattr(model, "get_input_embeddings", lambda: None)()
+    vocab = getattr(embed, "num_embeddings", None)
+    if vocab is not None and (int(inputs.min()) < 0 or int(inputs.max()) >= vocab):
+        raise ConfigError(f"{what} hold token ids from {int(inputs.min())} to "
+                          f"{int(inputs.max())}; the model's vocabulary is 0..{vocab - 1}")
 
 
 @torch.no_grad()
@@ -31,6 +54,7 @@ def capture_block_inputs(
     over any batch size. With ``family.per_block_kwargs`` kwargs is a list holding each block's
     own arguments (:func:`capture_each_block_kwargs`), else one dict shared by every block.
     """
+    check_model_inputs(model, family, input_ids)
     blocks = family.get_blocks(model)
     store: dict = {}
 
