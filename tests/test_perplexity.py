@@ -24,3 +24,17 @@ def test_window_nll_is_per_window_and_averages_to_the_perplexity():
     alone = window_nll(model, windows[3:4], batch_size=1)
     assert alone.item() == pytest.approx(nll[3].item(), rel=1e-5)
     assert len(set(nll.tolist())) == 5
+
+
+def test_logits_that_are_not_finite_stop_with_the_window_named():
+    model = tiny_model()
+    windows = torch.randint(0, 256, (5, 12), generator=torch.Generator().manual_seed(0))
+    token = int(windows[3, 0])  # a token id only the fourth window holds
+    assert all(token not in w for w in windows[:3])
+
+    def nan_at_token(module, args, out):  # as if that token's embedding were NaN
+        return out.masked_fill((args[0] == token)[..., None], float("nan"))
+
+    model.get_input_embeddings().register_forward_hook(nan_at_token)
+    with pytest.raises(FloatingPointError, match="W3: the next-token loss of window 3 is nan"):
+        window_nll(model, windows, batch_size=2, desc="W3")

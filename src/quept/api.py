@@ -652,6 +652,10 @@ def load(folder: str | os.PathLike, model: str | os.PathLike | None = None) -> t
         state = load_file(str(Path(folder) / ELASTIC_WEIGHTS))
     except Exception as e:  # safetensors raises several types for a damaged file
         raise ArtifactError(f"{Path(folder) / ELASTIC_WEIGHTS} cannot be read: {e}") from None
+    bad = [k for k, t in state.items() if t.is_floating_point() and not t.isfinite().all()]
+    if bad:
+        raise ArtifactError(f"{Path(folder) / ELASTIC_WEIGHTS} is damaged: {len(bad)} tensor(s) "
+                            f"hold non-finite values (e.g. {bad[0]})")
     load_elastic_state(net, state)
     reparam.refold(net, family_for(net))
     return net, tok

@@ -1345,9 +1345,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if a.threads:
         torch.set_num_threads(a.threads)
+    # OSError: a path refused; ArithmeticError: a NaN stopped a computation and says where
     try:
         result = a.func(a)
-    except (ConfigError, OSError, ValueError, RuntimeError) as e:  # OSError: a path refused
+    except (ConfigError, OSError, ValueError, RuntimeError, ArithmeticError) as e:
         print(f"quept: error: {e}", file=sys.stderr)
         return 2
     if getattr(a, "json", False):

@@ -253,6 +253,23 @@ def test_inputs_of_the_wrong_kind_are_refused_by_name():
         quept.calibrate(vit, ids(), CFG, progress=False)
 
 
+def test_non_finite_values_in_the_weights_file_are_reported(tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    model, _ = calibrated()
+    base = tmp_path / "base"
+    tiny_model().save_pretrained(base)
+    model.quept_source = str(base)
+    out = quept.save(model, tmp_path / "elastic", QuEPTConfig(spec=SPEC, calib=CFG))
+    state = load_file(str(out / "elastic.safetensors"))
+    name = sorted(k for k, t in state.items() if t.is_floating_point())[0]
+    state[name][..., 0] = float("nan")
+    save_file(state, str(out / "elastic.safetensors"))
+    with pytest.raises(quept.ArtifactError, match=f"1 tensor\\(s\\) hold non-finite values "
+                       f"\\(e.g. {name}\\)"):
+        _load_without_tokenizer(out, monkeypatch)
+
+
 def test_unsupported_architecture_is_named():
     from transformers import GPT2Config, GPT2LMHeadModel
 

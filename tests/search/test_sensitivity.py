@@ -91,6 +91,21 @@ def test_table_json_round_trip_and_errors(fast, tmp_path):
     path.write_text("{")
     with pytest.raises(SensitivityCacheError, match="cannot be read"):
         SensitivityTable.load(path)
+    d = fast.to_dict()
+    first = next(iter(d["layers"]))
+    d["layers"][first]["kl"][0] = float("nan")  # json writes NaN, and reads it back
+    path.write_text(json.dumps(d))
+    with pytest.raises(SensitivityCacheError, match=f"the costs of {first} are not all finite"):
+        SensitivityTable.load(path)
+
+
+def test_a_cost_that_is_not_finite_stops_with_the_layer_and_width_named():
+    model = elastic_tiny()
+    name, layer = list(elastic_layers(model).items())[3]
+    with torch.no_grad():
+        layer.clip_hi["2"].fill_(float("nan"))  # only the 2-bit grid of this layer breaks
+    with pytest.raises(FloatingPointError, match=f"sensitivity of {name} at 2 bits is nan"):
+        estimate_sensitivity(model, token_ids(), progress=False)
 
 
 def test_cache_is_reused_only_for_the_same_state_data_and_settings(tmp_path):

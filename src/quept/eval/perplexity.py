@@ -28,6 +28,12 @@ def window_nll(
                               ids[:, 1:].reshape(-1), reduction="none")
         out.append(nll.view(ids.shape[0], -1).double().mean(1).cpu())
         del logits
+        if not torch.isfinite(out[-1]).all():
+            j = i + int((~torch.isfinite(out[-1])).nonzero()[0])
+            raise FloatingPointError(
+                f"{desc}: the next-token loss of window {j} is {out[-1][j - i].item()}: the "
+                "model's logits are not finite; its weights hold non-finite values or this "
+                "configuration overflows")
     return torch.cat(out)
 
 

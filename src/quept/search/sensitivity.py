@@ -29,6 +29,7 @@ same softmax covariance, an encoder's normalised sentence embedding with the ide
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -233,6 +234,14 @@ def estimate_sensitivity(
     else:
         kl = _probed(model, input_ids, config, objective, bits, progress)
     seconds = time.perf_counter() - t0
+    bad = [(n, b, v) for n, row in kl.items() for b, v in zip(bits, row) if not math.isfinite(v)]
+    if bad:
+        n, b, v = bad[0]
+        raise FloatingPointError(
+            f"the sensitivity of {n} at {b} bits is {v}" + (f" (and {len(bad) - 1} more)"
+                                                           if len(bad) > 1 else "")
+            + ": the model's output is not finite with that layer at that width; its "
+            "weights, adapter or clips hold non-finite values, or the width overflows")
     log.info("sensitivity of %d layers x %d widths in %.1fs (%s)", len(layers), len(bits),
              seconds, config.method)
     settings = config.to_dict(objective)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -91,6 +92,10 @@ class SensitivityTable:
         bad = [n for n, row in table.kl.items() if len(row) != len(bits)]
         if bad or set(table.group_size) != set(bits):
             raise SensitivityCacheError(f"{where}: rows or group sizes do not match widths {bits}")
+        bad = [n for n, row in table.kl.items() if not all(math.isfinite(v) for v in row)]
+        if bad:
+            raise SensitivityCacheError(f"{where}: the costs of {bad[0]} are not all finite "
+                                        f"({list(table.kl[bad[0]])})")
         return table
 
     def save(self, path: str | os.PathLike) -> Path:
