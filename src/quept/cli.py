@@ -75,6 +75,21 @@ def _windows(text: str) -> int | None:
     return int(text)
 
 
+def _window_len(text: str) -> int:
+    """Tokens per evaluation window: at least 2 (a window predicts all its tokens but the
+    first)."""
+    if not text.isdigit() or int(text) < 2:
+        raise argparse.ArgumentTypeError(f"expected at least 2 tokens per window, got {text!r}")
+    return int(text)
+
+
+def _count(text: str) -> int:
+    """A number of windows, sentences or images to evaluate: 0 (skip) or more."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected 0 (skip) or a positive count, got {text!r}")
+    return int(text)
+
+
 def _groups(text: str) -> tuple[tuple[int, ...], ...]:
     """'7,8/5,6/3,4/2' -> ((7, 8), (5, 6), (3, 4), (2,))."""
     return tuple(tuple(_int_list(g)) for g in text.split("/"))
@@ -328,17 +343,17 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    "contribution is over RATIO times the median row's) at 1, so those weights "
                    "stay exact at every width (e.g. 100; default 0 = off)")
     e = p.add_argument_group("evaluation after calibration")
-    e.add_argument("--eval-windows", type=int, default=8,
+    e.add_argument("--eval-windows", type=_count, default=8,
                    help="windows of the evaluation text (default 8, which keeps the "
                    "CPU demo under 15 minutes; the benchmark uses 32; 0 skips the table)")
-    e.add_argument("--eval-seq-len", type=int, default=512,
+    e.add_argument("--eval-seq-len", type=_window_len, default=512,
                    help="tokens per evaluation window (default 512; the paper's: 2048)")
     e.add_argument("--eval-bits", type=_int_list, default=None,
                    help="widths to evaluate (default: every width of the spec)")
-    e.add_argument("--eval-sentences", type=int, default=256,
+    e.add_argument("--eval-sentences", type=_count, default=256,
                    help="encoders: paragraphs of the evaluation text whose embeddings are "
                    "compared with the float encoder's (default 256; 0 skips the table)")
-    e.add_argument("--eval-images", type=int, default=10000,
+    e.add_argument("--eval-images", type=_count, default=10000,
                    help="image classifiers: Fashion-MNIST test images for the top-1 table "
                    "(default 10000, the whole test split; 0 skips the table)")
     p.add_argument("--restart", action="store_true",
@@ -536,7 +551,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--windows", type=_windows, default=32,
                    help="number of windows, or 'all' for every full window of the text "
                    "(default 32)")
-    p.add_argument("--seq-len", type=int, default=512,
+    p.add_argument("--seq-len", type=_window_len, default=512,
                    help="tokens per window (default 512; the paper's protocol: 2048)")
     p.add_argument("--device", default="cpu",
                    help="device the model runs on (cpu, cuda, cuda:1, ...; default cpu); "

@@ -172,6 +172,15 @@ def test_eval_options_for_real_sizes_are_checked(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(["eval", str(base), "--windows", bad])
         assert "positive number of windows or 'all'" in capsys.readouterr().err
+    for argv in (["eval", str(base), "--seq-len", "1"],
+                 ["quantize", "--model", str(base), "--eval-seq-len", "0"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert "expected at least 2 tokens per window, got" in capsys.readouterr().err
+    for flag in ("--eval-windows", "--eval-sentences", "--eval-images"):
+        with pytest.raises(SystemExit):
+            main(["quantize", "--model", str(base), flag, "-1"])
+        assert "expected 0 (skip) or a positive count, got '-1'" in capsys.readouterr().err
     elastic = elastic_folder(tmp_path / "elastic", base)
     assert main(["eval", str(elastic), "--packed", "--device", "meta"]) == 2  # a device here
     assert "packed layers and ONNX models run on the CPU" in capsys.readouterr().err
