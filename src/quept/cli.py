@@ -83,6 +83,13 @@ def _window_len(text: str) -> int:
     return int(text)
 
 
+def _positive(text: str) -> int:
+    """A positive count."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive count, got {text!r}")
+    return int(text)
+
+
 def _count(text: str) -> int:
     """A number of windows, sentences or images to evaluate: 0 (skip) or more."""
     if not text.isdigit():
@@ -181,6 +188,19 @@ def _task(model: torch.nn.Module) -> str:
 
 
 IMAGE_SAMPLES, IMAGE_BATCH = 512, 32  # image calibration defaults (the text presets count tokens)
+EVAL_SENTENCES, EVAL_IMAGES = 256, 10000  # encoders' and image classifiers' evaluation sizes
+_OWN_TASK = {"eval_sentences": "encoder", "sentences": "encoder",
+             "eval_images": "image-classification", "images": "image-classification"}
+_TASK_WORDS = {"encoder": "an encoder", "image-classification": "an image classifier",
+               "causal-lm": "a causal LM"}
+
+
+def _refuse_other_tasks_options(a: argparse.Namespace, task: str) -> None:
+    """An option given for another task than the model's is refused, not ignored."""
+    for name, own in _OWN_TASK.items():
+        if own != task and getattr(a, name, None) is not None:
+            raise ConfigError(f"--{name.replace('_', '-')} applies to {_TASK_WORDS[own]}; the "
+                              f"model is {_TASK_WORDS[task]}")
 
 
 def _images(model: torch.nn.Module, split: str, n: int, seed: int
@@ -350,10 +370,10 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    help="tokens per evaluation window (default 512; the paper's: 2048)")
     e.add_argument("--eval-bits", type=_int_list, default=None,
                    help="widths to evaluate (default: every width of the spec)")
-    e.add_argument("--eval-sentences", type=_count, default=256,
+    e.add_argument("--eval-sentences", type=_count, default=None,
                    help="encoders: paragraphs of the evaluation text whose embeddings are "
                    "compared with the float encoder's (default 256; 0 skips the table)")
-    e.add_argument("--eval-images", type=_count, default=10000,
+    e.add_argument("--eval-images", type=_count, default=None,
                    help="image classifiers: Fashion-MNIST test images for the top-1 table "
                    "(default 10000, the whole test split; 0 skips the table)")
     p.add_argument("--restart", action="store_true",
@@ -428,6 +448,7 @@ def cmd_quantize(a: argparse.Namespace) -> dict[str, Any]:
     log.info("loading model %s", a.model or "default (SmolLM2-135M-Instruct)")
     model, tok = api.load_model(a.model)
     task = _task(model)
+    _refuse_other_tasks_options(a, task)
     if a.rotation is None and cfg.spec.activations != "none" and _rotatable(model):
         log.info("weight+activation mode on a LLaMA-family decoder: rotating it (Hadamard) "
                  "first; --rotation none turns this off")
@@ -464,11 +485,11 @@ def cmd_quantize(a: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"out": str(out), "calibration_seconds": calib_s,
                               "calibration_peak_rss_gib": calib_rss}
     if task == "encoder":
-        if a.eval_sentences > 0:
+        if a.eval_sentences != 0:
             bits = a.eval_bits or sorted(cfg.spec.bits)
             model.to(cfg.calib.device)
             sentences = _eval_sentences(model, tok, _text(a.eval_text, "eval"),
-                                        a.eval_sentences)
+                                        a.eval_sentences or EVAL_SENTENCES)
             rows = api.evaluate_embeddings(model, sentences, bits, rtn=True, progress=not a.json)
             n = sentences.input_ids.shape[0]
             result.update(sentences=n, embedding_rows=[r.__dict__ for r in rows])
@@ -481,10 +502,11 @@ def cmd_quantize(a: argparse.Namespace) -> dict[str, Any]:
                 _print_embedding(rows, n, "Embedding fidelity"
                                  + (" on Pride and Prejudice" if a.eval_text is None else ""))
     elif task == "image-classification":
-        if a.eval_images > 0:
+        if a.eval_images != 0:
             bits = a.eval_bits or sorted(cfg.spec.bits)
             model.to(cfg.calib.device)
-            pixels, labels = _images(model, "test", a.eval_images, cfg.calib.seed)
+            pixels, labels = _images(model, "test", a.eval_images or EVAL_IMAGES,
+                                     cfg.calib.seed)
             rows = api.evaluate_accuracy(model, pixels.to(cfg.calib.device),
                                          labels.to(cfg.calib.device), [None, *bits], rtn=True,
                                          progress=not a.json)
@@ -556,10 +578,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu",
                    help="device the model runs on (cpu, cuda, cuda:1, ...; default cpu); "
                    "packed layers and ONNX models run on the CPU")
-    p.add_argument("--sentences", type=int, default=256,
+    p.add_argument("--sentences", type=_positive, default=None,
                    help="encoders: paragraphs whose embeddings are compared with the float "
                    "encoder's, instead of perplexity (default 256)")
-    p.add_argument("--images", type=int, default=10000,
+    p.add_argument("--images", type=_positive, default=None,
                    help="image classifiers: Fashion-MNIST test images for top-1 accuracy, "
                    "instead of perplexity (default 10000, the whole test split)")
     p.add_argument("--rtn", action="store_true", help="also report round-to-nearest per width")
@@ -660,6 +682,7 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
     if a.tasks:
         return _eval_tasks(a, folder, model, tok, elastic, plans, bits)
     _refuse_task_options(a)
+    _refuse_other_tasks_options(a, _task(model))
     if _task(model) == "encoder":
         return _eval_encoder(a, folder, model, tok, elastic, plans, bits)
     if _task(model) == "image-classification":
@@ -878,7 +901,7 @@ def _eval_encoder(a: argparse.Namespace, folder: Path, model: torch.nn.Module, t
                           "packed export, which records its base model)")
     from quept.eval import fidelity, sentence_embeddings
 
-    sentences = _eval_sentences(model, tok, _text(a.text, "eval"), a.sentences)
+    sentences = _eval_sentences(model, tok, _text(a.text, "eval"), a.sentences or EVAL_SENTENCES)
     rows = (api.evaluate_embeddings(model, sentences, bits, rtn=a.rtn, progress=not a.json)
             if bits else [])
     n = sentences.input_ids.shape[0]
@@ -910,7 +933,7 @@ def _eval_images(a: argparse.Namespace, folder: Path, model: torch.nn.Module, el
                  plans: list[tuple[str, Plan]], bits: list[int]) -> dict[str, Any]:
     """`quept eval` of an image classifier: top-1 on Fashion-MNIST test images per width."""
     _refuse_text_options(a, "text")
-    pixels, labels = _images(model, "test", a.images, 0)
+    pixels, labels = _images(model, "test", a.images or EVAL_IMAGES, 0)
     measured = []
     if elastic:
         rows = api.evaluate_accuracy(model, pixels, labels, [None, *bits] if not plans else bits,

@@ -181,6 +181,18 @@ def test_eval_options_for_real_sizes_are_checked(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(["quantize", "--model", str(base), flag, "-1"])
         assert "expected 0 (skip) or a positive count, got '-1'" in capsys.readouterr().err
+    text = tmp_path / "t.txt"
+    text.write_text("It is a truth universally acknowledged. " * 40)
+    for argv, says in ((["eval", str(base), "--sentences", "5"], "--sentences applies to an "
+                        "encoder; the model is a causal LM"),
+                       (["eval", str(base), "--images", "5"], "--images applies to an image "
+                        "classifier"),
+                       (["quantize", "--model", str(base), "--out", str(tmp_path / "q"),
+                         "--calib-text", str(text), "--eval-images", "5"],
+                        "--eval-images applies to an image classifier")):
+        assert main(argv) == 2, argv
+        assert says in capsys.readouterr().err
+    assert not (tmp_path / "q" / "quept.json").exists()  # refused before the calibration
     elastic = elastic_folder(tmp_path / "elastic", base)
     assert main(["eval", str(elastic), "--packed", "--device", "meta"]) == 2  # a device here
     assert "packed layers and ONNX models run on the CPU" in capsys.readouterr().err
