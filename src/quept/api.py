@@ -601,8 +601,15 @@ def save(model: nn.Module, folder: str | os.PathLike, config: QuEPTConfig,
     tmp = folder / (ELASTIC_WEIGHTS + ".tmp")
     save_file(elastic_state_dict(model), str(tmp), metadata={"format": FORMAT})
     os.replace(tmp, folder / ELASTIC_WEIGHTS)
-    (folder / ELASTIC_JSON).write_text(json.dumps(meta, indent=1))
+    _write_meta(folder, meta)
     return folder
+
+
+def _write_meta(folder: Path, meta: Mapping[str, Any]) -> None:
+    """The elastic folder's JSON, replaced whole or not at all."""
+    tmp = folder / (ELASTIC_JSON + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, folder / ELASTIC_JSON)
 
 
 def record_evaluation(folder: str | os.PathLike, evaluation: Mapping[str, Any]) -> None:
@@ -611,9 +618,7 @@ def record_evaluation(folder: str | os.PathLike, evaluation: Mapping[str, Any]) 
     folder = Path(folder)
     meta = read_meta(folder)
     meta["evaluation"] = dict(evaluation)
-    tmp = folder / (ELASTIC_JSON + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, folder / ELASTIC_JSON)
+    _write_meta(folder, meta)
 
 
 def read_meta(folder: str | os.PathLike) -> dict[str, Any]:
