@@ -263,4 +263,4 @@ def test_cli_eval_tasks_on_an_elastic_and_a_packed_folder(tmp_path, capsys):
         assert main(["eval", str(packed), *extra]) == 2
         assert "packed model of one configuration" in capsys.readouterr().err
     assert main(["eval", str(folder), "--limit", "4"]) == 2
-    assert "--limit apply with --tasks" in capsys.readouterr().err
+    assert "--limit applies with --tasks" in capsys.readouterr().err

@@ -776,7 +776,8 @@ def _refuse_task_options(a: argparse.Namespace) -> None:
     given = [f"--{n.replace('_', '-')}" for n in ("limit", "task_path")
              if getattr(a, n, None) is not None]
     if given:
-        raise ConfigError(f"{', '.join(given)} apply with --tasks")
+        raise ConfigError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} with "
+                          "--tasks")
 
 
 def _score_cell(v: float | None, metric: str) -> str:
