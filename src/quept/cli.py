@@ -467,8 +467,14 @@ def cmd_quantize(a: argparse.Namespace) -> dict[str, Any]:
     log.info("calibrating on %s %s; checkpoints in %s", " x ".join(map(str, ids.shape)),
              "tokens" if ids.dim() == 2 else "pixel values", ckpt_dir)
     t1 = time.perf_counter()
-    reports = api.calibrate(model, ids, cfg.calib, checkpoint_dir=ckpt_dir,
-                            keep_streams=a.keep_streams, progress=not a.json)
+    try:
+        reports = api.calibrate(model, ids, cfg.calib, checkpoint_dir=ckpt_dir,
+                                keep_streams=a.keep_streams, progress=not a.json)
+    except KeyboardInterrupt:
+        done = CalibCheckpoint(ckpt_dir, {}).finished_blocks()
+        raise KeyboardInterrupt(
+            f"{done} block(s) are kept in {ckpt_dir}; the same command resumes at the next"
+            if done else "no block had finished; the same command starts again") from None
     calib_s = time.perf_counter() - t1
     calib_rss = _peak_rss_gib()
     api.save(model, out, cfg, extra={"calibration_seconds": calib_s,
@@ -1390,6 +1396,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, OSError, ValueError, RuntimeError, ArithmeticError) as e:
         print(f"quept: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        print(f"\nquept: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        return 130
     if getattr(a, "json", False):
         print(json.dumps(result, indent=1))
     return 0

@@ -252,3 +252,31 @@ def test_an_export_replaces_one_of_its_own_kind_but_not_another_kind(folders, ca
         assert main(argv) == 2, argv
         assert f"--out {out} holds {held}" in capsys.readouterr().err
     assert run_json(capsys, ["info", str(out), "--json"])["bits"] == 4  # left as it was
+
+
+def test_an_interrupted_quantize_says_what_is_kept_and_resumes(folders, capsys, monkeypatch,
+                                                               caplog):
+    from quept.calib import loop
+
+    root, base, _ = folders
+    out = root / "interrupted"
+    argv = ["quantize", "--model", str(base), "--out", str(out), "--calib-text",
+            str(root / "text.txt"), "--samples", "2", "--seq-len", "16", "--ranks", "2,2,2,2",
+            "--group-size", "32", "--eval-windows", "0", "--json"]
+    real = loop.BlockCalibrator._train
+
+    def ctrl_c_in_second_block(self, i, *args, **kw):
+        if i == 1:
+            raise KeyboardInterrupt
+        return real(self, i, *args, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(loop.BlockCalibrator, "_train", ctrl_c_in_second_block)
+        assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "quept: interrupted: 1 block(s) are kept in" in err and "Traceback" not in err
+    assert "the same command resumes at the next" in err
+    with caplog.at_level("INFO", logger="quept.calib.checkpoint"):
+        run_json(capsys, argv)
+    assert "resuming calibration at block 1" in caplog.text
+    assert (out / "quept.json").is_file()

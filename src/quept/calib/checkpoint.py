@@ -74,6 +74,14 @@ class CalibCheckpoint:
         x_fp, x_q, _ = self._read_streams(block, self._progress())
         return x_fp, x_q
 
+    def finished_blocks(self) -> int:
+        """How many blocks the checkpoint holds as finished (0 when there is none, or when its
+        progress file cannot be read)."""
+        try:
+            return int(json.loads((self.folder / PROGRESS_JSON).read_text())["next_block"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+
     def _corrupt(self, name: str, why: object) -> CheckpointCorruptError:
         return CheckpointCorruptError(
             f"the calibration checkpoint in {self.folder} is damaged: {name} {why}; {_DISCARD}")
