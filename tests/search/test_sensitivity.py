@@ -174,3 +174,26 @@ def test_a_table_of_one_method_is_not_reused_for_the_other(tmp_path):
                                  progress=False)
     assert slow.fingerprint != fast.fingerprint
     assert slow.kl == exact_sensitivity(model, ids, progress=False)
+
+
+def test_kept_quantization_errors_are_bounded_and_change_only_the_layers_kept(model,
+                                                                           monkeypatch):
+    from dataclasses import replace
+
+    from quept.search import sensitivity
+
+    ids, cfg = token_ids(), replace(CFG, batch_size=4)  # several batches: the cache is read
+    kept = estimate_sensitivity(model, ids, cfg, progress=False)
+    fresh = estimate_sensitivity(model, ids, replace(cfg, cache_deltas=False), progress=False)
+    assert kept.kl != fresh.kl  # fp16 errors on the later batches
+    per_layer = [2 * len(model.quept_spec.bits) * m.weight.numel()
+                 for m in elastic_layers(model).values()]
+    monkeypatch.setattr(sensitivity, "DELTA_CACHE_BYTES", 0)
+    assert estimate_sensitivity(model, ids, cfg, progress=False).kl == fresh.kl
+    half = sum(sorted(per_layer)[: len(per_layer) // 2])  # room for some layers, not all
+    monkeypatch.setattr(sensitivity, "DELTA_CACHE_BYTES", half)
+    partly = estimate_sensitivity(model, ids, cfg, progress=False).kl
+    same_as_kept = [n for n in partly if partly[n] == kept.kl[n]]
+    same_as_fresh = [n for n in partly if partly[n] == fresh.kl[n]]
+    assert same_as_kept and same_as_fresh
+    assert set(same_as_kept) | set(same_as_fresh) == set(partly)

@@ -67,7 +67,8 @@ class SensitivityConfig:
         to the float model from that configuration, to second order (linear term included); on
         SmolLM2-135M it gave worse plans (8-window perplexity 39.4 vs 33.1 at W3's budget).
     cache_deltas: keep every layer's quantization error per width in fp16 (2 bytes x widths x
-        weights) instead of recomputing it on each probe.
+        weights) instead of recomputing it on each probe, up to :data:`DELTA_CACHE_BYTES`
+        (the layers past it are recomputed).
     seed: seeds the calibration windows and the probes.
     method: "fast" (default): the Gauss-Newton estimate above, one forward and ``n_probes``
         backwards per batch for the whole table. "exact": the slow protocol of
@@ -141,12 +142,23 @@ def _measuring(model: nn.Module) -> Iterator[None]:
             m.clear_cache()
 
 
-class _Deltas:
-    """Quantization error ``Q_b(W + R) - W_ref`` of one layer for every width: (B, out, in)."""
+DELTA_CACHE_BYTES = 4 * 2**30
+"""At most this many bytes of fp16 quantization errors are kept by ``cache_deltas`` (the
+built-in model's need 1.5 GB; a 7B model's, 2 bytes x 7 widths x 6.5G weights, would need
+91 GB); the layers past it have theirs recomputed on every probe, as with the cache off."""
 
-    def __init__(self, bits: tuple[int, ...], reference: int | None, keep: bool) -> None:
+
+class _Deltas:
+    """Quantization error ``Q_b(W + R) - W_ref`` of one layer for every width: (B, out, in).
+    With ``keep``, the errors are kept in fp16 for the later probes while they fit in
+    ``limit`` bytes (:data:`DELTA_CACHE_BYTES`)."""
+
+    def __init__(self, bits: tuple[int, ...], reference: int | None, keep: bool,
+                 limit: int | None = None) -> None:
         self.bits, self.reference, self.keep = bits, reference, keep
+        self.limit = DELTA_CACHE_BYTES if limit is None else limit
         self.store: dict[str, torch.Tensor] = {}
+        self.kept = 0  # bytes in store
 
     @torch.no_grad()
     def __call__(self, name: str, m: ElasticLinear) -> torch.Tensor:
@@ -154,8 +166,9 @@ class _Deltas:
             return self.store[name].float()
         ref = m.weight if self.reference is None else m.quantized_weight(self.reference)
         d = torch.stack([m.quantized_weight(b) - ref for b in self.bits]).float()
-        if self.keep:
+        if self.keep and self.kept + 2 * d.numel() <= self.limit:
             self.store[name] = d.half()
+            self.kept += 2 * d.numel()
         return d
 
 
