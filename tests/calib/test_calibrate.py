@@ -225,12 +225,17 @@ def test_load_refuses_other_base_model(tmp_path, monkeypatch):
         _load_without_tokenizer(tmp_path / "elastic", monkeypatch)
 
 
-def test_corrupt_weights_file_is_reported(tmp_path, monkeypatch):
+def _saved_elastic(tmp_path):
+    """A calibrated elastic folder (and its base model folder) under ``tmp_path``."""
     model, _ = calibrated()
     base = tmp_path / "base"
     tiny_model().save_pretrained(base)
     model.quept_source = str(base)
-    out = quept.save(model, tmp_path / "elastic", QuEPTConfig(spec=SPEC, calib=CFG))
+    return quept.save(model, tmp_path / "elastic", QuEPTConfig(spec=SPEC, calib=CFG))
+
+
+def test_corrupt_weights_file_is_reported(tmp_path, monkeypatch):
+    out = _saved_elastic(tmp_path)
     (out / "elastic.safetensors").write_bytes(b"\x00garbage")
     with pytest.raises(quept.ArtifactError, match="cannot be read"):
         _load_without_tokenizer(out, monkeypatch)
@@ -256,11 +261,7 @@ def test_inputs_of_the_wrong_kind_are_refused_by_name():
 def test_non_finite_values_in_the_weights_file_are_reported(tmp_path, monkeypatch):
     from safetensors.torch import load_file, save_file
 
-    model, _ = calibrated()
-    base = tmp_path / "base"
-    tiny_model().save_pretrained(base)
-    model.quept_source = str(base)
-    out = quept.save(model, tmp_path / "elastic", QuEPTConfig(spec=SPEC, calib=CFG))
+    out = _saved_elastic(tmp_path)
     state = load_file(str(out / "elastic.safetensors"))
     name = sorted(k for k, t in state.items() if t.is_floating_point())[0]
     state[name][..., 0] = float("nan")

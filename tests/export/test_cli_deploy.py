@@ -217,13 +217,18 @@ def test_a_text_changed_between_commands_is_read_again(folders, capsys):
     assert run_json(capsys, ev)["windows"] >= 2 * first  # not the first read, kept
 
 
+def quick_quantize(root, base, out) -> list[str]:
+    """A quantize command line of a few seconds on the tiny model."""
+    return ["quantize", "--model", str(base), "--out", str(out), "--calib-text",
+            str(root / "text.txt"), "--samples", "2", "--seq-len", "16", "--ranks", "2,2,2,2",
+            "--group-size", "32", "--eval-windows", "0", "--json"]
+
+
 def test_quantize_into_a_folder_with_a_model_replaces_it_and_its_caches(folders, capsys,
                                                                        caplog):
     root, base, _ = folders
     out = root / "requantized"
-    argv = ["quantize", "--model", str(base), "--out", str(out), "--calib-text",
-            str(root / "text.txt"), "--samples", "2", "--seq-len", "16", "--ranks", "2,2,2,2",
-            "--group-size", "32", "--eval-windows", "0", "--json"]
+    argv = quick_quantize(root, base, out)
     first = run_json(capsys, argv)
     assert "already holds an elastic model" not in caplog.text
     caches = ("sensitivity.json", "sensitivity-exact.json", "sweeps.json")
@@ -260,9 +265,7 @@ def test_an_interrupted_quantize_says_what_is_kept_and_resumes(folders, capsys, 
 
     root, base, _ = folders
     out = root / "interrupted"
-    argv = ["quantize", "--model", str(base), "--out", str(out), "--calib-text",
-            str(root / "text.txt"), "--samples", "2", "--seq-len", "16", "--ranks", "2,2,2,2",
-            "--group-size", "32", "--eval-windows", "0", "--json"]
+    argv = quick_quantize(root, base, out)
     real = loop.BlockCalibrator._train
 
     def ctrl_c_in_second_block(self, i, *args, **kw):
