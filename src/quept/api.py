@@ -581,12 +581,46 @@ def plan_candidates(
 
 
 # --- save / load ----------------------------------------------------------------------------
+def folder_kind(folder: str | os.PathLike) -> str:
+    """"packed", "compact", "elastic", "compressed-tensors", "onnx" or "hf" (a plain Hugging
+    Face model folder, or a folder holding none of these)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} does not exist or is not a folder")
+    for name, kind in ((PACKED_JSON, "packed"), (_compact.COMPACT_JSON, "compact"),
+                       (ELASTIC_JSON, "elastic")):
+        if (folder / name).is_file():
+            return kind
+    if is_onnx_folder(folder):
+        return "onnx"
+    return "compressed-tensors" if is_compressed_tensors(folder) else "hf"
+
+
+_HELD = {"elastic": "an elastic model", "compact": "a compact checkpoint",
+         "packed": "a packed model", "compressed-tensors": "a compressed-tensors export",
+         "onnx": "an ONNX export", "hf": "a Hugging Face model"}
+
+
+def check_out_folder(out: str | os.PathLike, writes: str, flag: str = "") -> None:
+    """Refuse to write ``writes`` (a :func:`folder_kind` name) into ``out`` when it holds a
+    model of another kind, which writing there would spoil; a folder of the same kind is
+    replaced, and a folder holding no model (only a calibration checkpoint, say) is used."""
+    out = Path(out)
+    if not out.is_dir():
+        return
+    held = folder_kind(out)
+    if held != writes and (held != "hf" or (out / "config.json").is_file()):
+        raise ConfigError(f"{flag}{out} holds {_HELD[held]}; writing {_HELD[writes]} there "
+                          "would mix the two and spoil it; give another folder")
+
+
 def save(model: nn.Module, folder: str | os.PathLike, config: QuEPTConfig,
          extra: Mapping[str, Any] | None = None) -> Path:
     """Write the elastic state (adapters + clip logits) and a versioned JSON to ``folder``."""
     from quept.nn.state import elastic_state_dict
 
     folder = Path(folder)
+    check_out_folder(folder, "elastic")
     folder.mkdir(parents=True, exist_ok=True)
     meta = {
         "format": FORMAT,
@@ -668,6 +702,8 @@ def load(folder: str | os.PathLike, model: str | os.PathLike | None = None) -> t
 
 # --- deployment: packed models, the compact checkpoint, external formats ----------------------
 EXPORT_FORMATS = ("quept", "gguf", "compressed-tensors", "onnx")
+EXPORT_KINDS = {"quept": "packed", "compressed-tensors": "compressed-tensors", "onnx": "onnx"}
+"""The :func:`folder_kind` each folder format writes (GGUF writes a file)."""
 
 
 def export(model: nn.Module, bits_or_plan: int | Mapping[str, int] | Plan,
@@ -682,6 +718,8 @@ def export(model: nn.Module, bits_or_plan: int | Mapping[str, int] | Plan,
     ``model.onnx`` for ONNX Runtime (MatMulNBits layers; ``accuracy_level`` 4 lets its CPU
     kernels compute with int8 activations). Returns a summary (the packed folder's JSON)."""
     widths = as_layer_widths(bits_or_plan)
+    if format in EXPORT_KINDS:
+        check_out_folder(out, EXPORT_KINDS[format])
     if format == "quept":
         source = {"base_model": getattr(model, "quept_source", DEFAULT_MODEL)}
         layers = elastic_layers(model)
@@ -720,6 +758,7 @@ def save_compact(model: nn.Module, folder: str | os.PathLike, config: QuEPTConfi
     """Write the compact elastic checkpoint of a calibrated model (every width, ~10 bits per
     weight); ``config`` defaults to the model's spec with default calibration settings."""
     config = config or QuEPTConfig(spec=_spec_of(model))
+    check_out_folder(folder, "compact")
     source = {"base_model": getattr(model, "quept_source", DEFAULT_MODEL)}
     return _compact.save_compact(model, folder, tokenizer, config, compact, source)
 

@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from quept import api
+from quept.api import folder_kind
 from quept.config import ConfigError, ElasticSpec, QuEPTConfig, check_bits
 from quept.export.compact import CompactConfig
 from quept.export.learned import LearnedRoundingConfig
 from quept.export.packed import SCALE_DTYPES
 from quept.export.runtime import KV_CACHES, generate
-from quept.info import describe, folder_kind, render
+from quept.info import describe, render
 from quept.models import family_for
 from quept.nn.packed_linear import BACKENDS
 from quept.nn.switch import elastic_layers, plan_widths
@@ -55,12 +56,6 @@ def check_widths(widths: int | dict[str, int], spec: ElasticSpec, what: str) -> 
             raise ConfigError(f"{what}: {e}") from None
 
 
-_HELD = {"elastic": "an elastic model", "compact": "a compact checkpoint",
-         "packed": "a packed model", "compressed-tensors": "a compressed-tensors export",
-         "onnx": "an ONNX export", "hf": "a Hugging Face model"}
-_WRITES = {"quept": "packed", "compressed-tensors": "compressed-tensors", "onnx": "onnx"}
-
-
 def check_out(out: str | Path, what: str, *, source: Path | None = None,
               writes: str | None = None) -> Path:
     """``--out`` checked before any work: ``what`` "file" must not name a folder, "folder"
@@ -75,11 +70,8 @@ def check_out(out: str | Path, what: str, *, source: Path | None = None,
         raise ConfigError(f"--out {out} is a file; give a folder to write into")
     if source is not None and out.is_dir() and out.resolve() == Path(source).resolve():
         raise ConfigError(f"--out {out} is the folder being read; give another folder")
-    if writes is not None and out.is_dir():
-        held = folder_kind(out)
-        if held != writes and (held != "hf" or (out / "config.json").is_file()):
-            raise ConfigError(f"--out {out} holds {_HELD[held]}; writing {_HELD[writes]} there "
-                              "would mix the two and spoil it; give another folder")
+    if writes is not None:
+        api.check_out_folder(out, writes, "--out ")
     return out
 
 
@@ -242,7 +234,7 @@ def cmd_export(a: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError("--accuracy-level applies to the onnx format")
     folder = Path(a.folder)
     check_out(a.out, "file" if a.format == "gguf" else "folder", source=folder,
-              writes=_WRITES.get(a.format))
+              writes=api.EXPORT_KINDS.get(a.format))
     if a.rounding == "nearest" and (a.calib_text, a.samples, a.seq_len) != (None, None, None):
         raise ConfigError("--calib-text, --samples and --seq-len apply to --rounding gptq or "
                           "learned")

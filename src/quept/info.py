@@ -23,13 +23,12 @@ from quept.api import (
     SENSITIVITY_EXACT_JSON,
     SENSITIVITY_JSON,
     SWEEPS_JSON,
+    folder_kind,
 )
 from quept.api import FORMAT as ELASTIC_FORMAT
 from quept.calib.checkpoint import CHECKPOINT_DIR, PROGRESS_JSON
 from quept.config import CalibConfig, ConfigError, ElasticSpec, QuEPTConfig
 from quept.export.compact import COMPACT_JSON
-from quept.export.ct_format import is_compressed_tensors
-from quept.export.onnx_format import is_onnx_folder
 from quept.export.packed import PACKED_FORMAT, PACKED_JSON
 from quept.models.families import UnsupportedModelError, family_for_type
 from quept.nn.switch import is_pattern
@@ -43,20 +42,6 @@ EXPORT_JSON = "quept-export.json"  # compressed-tensors and ONNX exports' summar
 
 class InfoError(ValueError):
     """The path is not an artifact quept can describe, or its metadata is damaged."""
-
-
-def folder_kind(folder: Path) -> str:
-    """"packed", "compact", "elastic", "compressed-tensors", "onnx" or "hf" (a plain Hugging
-    Face model folder)."""
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} does not exist or is not a folder")
-    for name, kind in ((PACKED_JSON, "packed"), (COMPACT_JSON, "compact"),
-                       (ELASTIC_JSON, "elastic")):
-        if (folder / name).is_file():
-            return kind
-    if is_onnx_folder(folder):
-        return "onnx"
-    return "compressed-tensors" if is_compressed_tensors(folder) else "hf"
 
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:

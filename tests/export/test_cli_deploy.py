@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+import quept
 from quept.cli import main
 from quept.nn import elastic_layers
 
@@ -283,3 +284,21 @@ def test_an_interrupted_quantize_says_what_is_kept_and_resumes(folders, capsys, 
         run_json(capsys, argv)
     assert "resuming calibration at block 1" in caplog.text
     assert (out / "quept.json").is_file()
+
+
+def test_the_python_writers_refuse_a_folder_holding_another_kind(folders):
+    from quept.config import ConfigError
+
+    root, base, elastic = folders
+    model, tok = quept.load(elastic)
+    for write, says in ((lambda: quept.api.export(model, 3, elastic, tokenizer=tok),
+                         "holds an elastic model; writing a packed model there"),
+                        (lambda: quept.api.export(model, 3, base, "onnx", tokenizer=tok),
+                         "holds a Hugging Face model; writing an ONNX export there"),
+                        (lambda: quept.api.save_compact(model, base),
+                         "holds a Hugging Face model; writing a compact checkpoint there"),
+                        (lambda: quept.save(model, base, quept.QuEPTConfig(spec=model.quept_spec)),
+                         "holds a Hugging Face model; writing an elastic model there")):
+        with pytest.raises(ConfigError, match=says):
+            write()
+    assert quept.api.folder_kind(elastic) == "elastic" and quept.api.folder_kind(base) == "hf"
