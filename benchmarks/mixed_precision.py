@@ -129,7 +129,14 @@ def main() -> int:
     p.add_argument("--compare", default="",
                    help="comma-separated fixed granularities also evaluated, e.g. 'layer'")
     p.add_argument("--out", default="results/mixed_precision.json", help="JSON output")
+    p.add_argument("--replot", metavar="JSON", default=None,
+                   help="only draw the plot of a JSON this script wrote, next to it")
     a = p.parse_args()
+    if a.replot:
+        done = json.loads(Path(a.replot).read_text())
+        windows = done.get("windows") or int(done["eval"].split(", ")[1].split(" x ")[0])
+        plot(done, Path(a.replot).with_suffix(".png"), windows)  # older JSON: from "eval"
+        return 0
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
     model, tok, ids, table, sens_call_s = load_with_table(Path(a.elastic), a.recompute)
@@ -291,7 +298,8 @@ def report(table, sens_call_s, alloc, results, set_ms, mat_ms, subset, a) -> dic
                   f"{f['slow_kl_sum']:.4f} vs slow plan {s['slow_kl_sum']:.4f}; ppl (8 windows) "
                   f"{f['ppl']:.2f} vs {s['ppl']:.2f}")
     return {"model": "SmolLM2-135M-Instruct (float = dequantized Q4_1)",
-            "eval": f"Pride and Prejudice, {a.windows} x 512 tokens", "elastic": a.elastic,
+            "eval": f"Pride and Prejudice, {a.windows} x 512 tokens", "windows": a.windows,
+            "elastic": a.elastic,
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch "
                        f"{torch.__version__}",
             "in_context": a.in_context, "date": time.strftime("%Y-%m-%d"),
@@ -304,10 +312,15 @@ def report(table, sens_call_s, alloc, results, set_ms, mat_ms, subset, a) -> dic
 
 
 def plot(results: dict, path: Path, n_windows: int) -> None:
-    import matplotlib
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed: no plot (pip install -e '.[bench]', then "
+              f"--replot {path.with_suffix('.json')})")
+        return
 
     uni = [u for u in results["uniform"] if u["bits"] is not None]
     plans = [r for r in results["plans"] if "ppl" in r]
