@@ -249,12 +249,11 @@ def estimate_sensitivity(
     seconds = time.perf_counter() - t0
     bad = [(n, b, v) for n, row in kl.items() for b, v in zip(bits, row) if not math.isfinite(v)]
     if bad:
-        n, b, v = bad[0]
+        (n, b, v), more = bad[0], f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise FloatingPointError(
-            f"the sensitivity of {n} at {b} bits is {v}" + (f" (and {len(bad) - 1} more)"
-                                                           if len(bad) > 1 else "")
-            + ": the model's output is not finite with that layer at that width; its "
-            "weights, adapter or clips hold non-finite values, or the width overflows")
+            f"the sensitivity of {n} at {b} bits is {v}{more}: the model's output is not "
+            "finite with that layer at that width; its weights, adapter or clips hold "
+            "non-finite values, or the width overflows")
     log.info("sensitivity of %d layers x %d widths in %.1fs (%s)", len(layers), len(bits),
              seconds, config.method)
     settings = config.to_dict(objective)
