@@ -32,6 +32,7 @@ from quept.config import (
     QuEPTConfig,
     check_bits,
     check_device,
+    read_json_object,
 )
 from quept.data.hub import hub_model_dir, is_repo_id
 from quept.data.tokens import calibration_samples, eval_windows, tokenize
@@ -663,10 +664,7 @@ def read_meta(folder: str | os.PathLike) -> dict[str, Any]:
             f"{folder} is not a quept elastic folder (no {ELASTIC_JSON}); "
             "make one with `quept quantize --out FOLDER`"
         )
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{path} is not valid JSON: {e}") from None
+    meta = read_json_object(path, ArtifactError)
     if meta.get("format") != FORMAT:
         raise ArtifactError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}")
     return meta
@@ -842,14 +840,7 @@ def _tokenizer(folder: str | os.PathLike) -> Any:
 
 def _model_type(folder: Path) -> str | None:
     """``model_type`` of ``folder/config.json``, which must be a JSON object."""
-    path = folder / "config.json"
-    try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(cfg, dict):
-        raise ArtifactError(f"{path} holds a JSON {type(cfg).__name__}, not a model config")
-    return cfg.get("model_type")
+    return read_json_object(folder / "config.json", ArtifactError).get("model_type")
 
 
 # --- evaluation -----------------------------------------------------------------------------

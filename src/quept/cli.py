@@ -75,26 +75,18 @@ def _windows(text: str) -> int | None:
     return int(text)
 
 
-def _window_len(text: str) -> int:
-    """Tokens per evaluation window: at least 2 (a window predicts all its tokens but the
-    first)."""
-    if not text.isdigit() or int(text) < 2:
-        raise argparse.ArgumentTypeError(f"expected at least 2 tokens per window, got {text!r}")
-    return int(text)
+def _at_least(low: int, expected: str) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``low``; ``expected`` words the error."""
+    def parse(text: str) -> int:
+        if not text.isdigit() or int(text) < low:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return int(text)
+    return parse
 
 
-def _positive(text: str) -> int:
-    """A positive count."""
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive count, got {text!r}")
-    return int(text)
-
-
-def _count(text: str) -> int:
-    """A number of windows, sentences or images to evaluate: 0 (skip) or more."""
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected 0 (skip) or a positive count, got {text!r}")
-    return int(text)
+_window_len = _at_least(2, "at least 2 tokens per window")  # all but the first are predicted
+_positive = _at_least(1, "a positive count")
+_count = _at_least(0, "0 (skip) or a positive count")  # of windows, sentences or images
 
 
 def _groups(text: str) -> tuple[tuple[int, ...], ...]:

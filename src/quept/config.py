@@ -9,8 +9,12 @@ calibrated (data size, epochs, learning rates, seed). Both are frozen dataclasse
 
 from __future__ import annotations
 
+import json
 import math
+import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 MIN_BITS = 2
@@ -28,6 +32,21 @@ WEIGHT_ACT_GROUPS = ((7, 8), (5, 6), (4,))
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message says which and what would be valid."""
+
+
+def read_json_object(path: str | os.PathLike, error: Callable[[str], Exception]
+                     ) -> dict[str, Any]:
+    """The JSON object in the file ``path``. Where the file is missing, is not JSON or holds
+    something else than an object, ``error(message)`` is raised, the message naming the file."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise error(f"{path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise error(f"{path} holds a JSON {type(d).__name__}, not an object")
+    return d
 
 
 def check_device(device: str, what: str = "device") -> str:

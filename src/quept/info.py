@@ -27,7 +27,7 @@ from quept.api import (
 )
 from quept.api import FORMAT as ELASTIC_FORMAT
 from quept.calib.checkpoint import CHECKPOINT_DIR, PROGRESS_JSON
-from quept.config import CalibConfig, ConfigError, ElasticSpec, QuEPTConfig
+from quept.config import CalibConfig, ConfigError, ElasticSpec, QuEPTConfig, read_json_object
 from quept.export.compact import COMPACT_JSON
 from quept.export.packed import PACKED_FORMAT, PACKED_JSON
 from quept.models.families import UnsupportedModelError, family_for_type
@@ -126,15 +126,7 @@ def _hand_plan(path: Path) -> dict[str, Any]:
 
 
 def _json(path: Path) -> dict[str, Any]:
-    try:
-        d = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InfoError(f"{path} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InfoError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(d, dict):
-        raise InfoError(f"{path} holds a JSON {type(d).__name__}, not an object")
-    return d
+    return read_json_object(path, InfoError)
 
 
 def _shapes(path: Path) -> dict[str, list[int]]:

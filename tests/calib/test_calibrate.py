@@ -129,7 +129,7 @@ def _killed_in_second_block(folder, monkeypatch):
 @pytest.mark.parametrize("name, damage, says", [
     ("progress.json", b'{"next_block": 1,', "progress.json is not valid JSON"),
     ("progress.json", b'{"next_block": "one", "fingerprint": {}}', "progress.json lacks"),
-    ("progress.json", b'[1, 2]', "progress.json lacks"),
+    ("progress.json", b'[1, 2]', "progress.json holds a JSON list, not an object"),
     ("block_000.safetensors", b"\x00junk", "block_000.safetensors cannot be read"),
     ("block_000.safetensors", None, "block_000.safetensors is missing"),
     ("streams_001.safetensors", b"\x00junk", "streams_001.safetensors cannot be read"),

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from quept.config import read_json_object
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = ".calib-checkpoint"  # inside the output folder of `quept quantize`
@@ -77,9 +79,11 @@ class CalibCheckpoint:
     def finished_blocks(self) -> int:
         """How many blocks the checkpoint holds as finished (0 when there is none, or when its
         progress file cannot be read)."""
+        if not (self.folder / PROGRESS_JSON).is_file():
+            return 0
         try:
-            return int(json.loads((self.folder / PROGRESS_JSON).read_text())["next_block"])
-        except (OSError, ValueError, KeyError, TypeError):
+            return int(self._progress()["next_block"])
+        except CheckpointCorruptError:
             return 0
 
     def _corrupt(self, name: str, why: object) -> CheckpointCorruptError:
@@ -88,13 +92,9 @@ class CalibCheckpoint:
 
     def _progress(self) -> dict[str, Any]:
         """progress.json, checked for what resuming reads from it."""
-        try:
-            prog = json.loads((self.folder / PROGRESS_JSON).read_text())
-        except FileNotFoundError:
-            raise self._corrupt(PROGRESS_JSON, "is missing") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise self._corrupt(PROGRESS_JSON, f"is not valid JSON ({e})") from None
-        ok = isinstance(prog, dict) and isinstance(prog.get("fingerprint"), dict)
+        prog = read_json_object(self.folder / PROGRESS_JSON, lambda why: CheckpointCorruptError(
+            f"the calibration checkpoint in {self.folder} is damaged: {why}; {_DISCARD}"))
+        ok = isinstance(prog.get("fingerprint"), dict)
         try:
             ok = ok and (int(prog["next_block"]) >= 0 and int(prog["n_streams"]) >= 1
                          and int(prog["n_groups"]) >= 1)

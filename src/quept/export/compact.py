@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from quept.config import QuEPTConfig
+from quept.config import QuEPTConfig, read_json_object
 from quept.export.load import fill
 from quept.export.packed import PackedFormatError, float_tensors, save_config
 from quept.nn.elastic_linear import ElasticLinear
@@ -368,10 +368,7 @@ def read_compact_meta(folder: str | os.PathLike) -> dict[str, Any]:
     path = Path(folder) / COMPACT_JSON
     if not path.is_file():
         raise PackedFormatError(f"{folder} is not a compact checkpoint (no {COMPACT_JSON})")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise PackedFormatError(f"{path} is not valid JSON: {e}") from None
+    meta = read_json_object(path, PackedFormatError)
     if meta.get("format") != COMPACT_FORMAT or meta.get("version") != COMPACT_VERSION:
         raise PackedFormatError(
             f"{path} is {meta.get('format')!r} version {meta.get('version')!r}; this quept reads "

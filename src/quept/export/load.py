@@ -4,7 +4,6 @@ shells, and ``load_state_dict(assign=True)`` fills every tensor."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from quept.config import read_json_object
 from quept.export.packed import (
     KV_QUANT_KIND,
     KV_QUANT_KIND_BEFORE_ROTARY,
@@ -32,10 +32,7 @@ def read_packed_meta(folder: str | os.PathLike) -> dict[str, Any]:
     path = Path(folder) / PACKED_JSON
     if not path.is_file():
         raise PackedFormatError(f"{folder} is not a packed model folder (no {PACKED_JSON})")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise PackedFormatError(f"{path} is not valid JSON: {e}") from None
+    meta = read_json_object(path, PackedFormatError)
     if meta.get("format") != PACKED_FORMAT:
         raise PackedFormatError(f"{path} has format {meta.get('format')!r}, not {PACKED_FORMAT!r}")
     if meta.get("version") != PACKED_VERSION:

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quept.config import read_json_object
 from quept.export.ct_format import resolve_plan
 from quept.export.runtime import cache_keyword
 from quept.models.kv import config_head_dim
@@ -416,11 +417,8 @@ class OrtModel(nn.Module):
 
         folder = Path(folder)
         summary = folder / "quept-export.json"
-        try:
-            self.quept_onnx = json.loads(summary.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise OnnxExportError(f"{summary} is not valid JSON: {e}") from None
-        self.task = self.quept_onnx.get("task") if isinstance(self.quept_onnx, dict) else None
+        self.quept_onnx = read_json_object(summary, OnnxExportError)
+        self.task = self.quept_onnx.get("task")
         if self.task not in ONNX_TASKS:
             raise OnnxExportError(f"{summary} names no task quept runs ({self.task!r}; "
                                   f"expected one of {', '.join(ONNX_TASKS)}); export it again")

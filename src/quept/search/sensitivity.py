@@ -151,12 +151,11 @@ built-in model's need 1.5 GB; a 7B model's, 2 bytes x 7 widths x 6.5G weights, w
 class _Deltas:
     """Quantization error ``Q_b(W + R) - W_ref`` of one layer for every width: (B, out, in).
     With ``keep``, the errors are kept in fp16 for the later probes while they fit in
-    ``limit`` bytes (:data:`DELTA_CACHE_BYTES`)."""
+    :data:`DELTA_CACHE_BYTES`."""
 
-    def __init__(self, bits: tuple[int, ...], reference: int | None, keep: bool,
-                 limit: int | None = None) -> None:
+    def __init__(self, bits: tuple[int, ...], reference: int | None, keep: bool) -> None:
         self.bits, self.reference, self.keep = bits, reference, keep
-        self.limit = DELTA_CACHE_BYTES if limit is None else limit
+        self.limit = DELTA_CACHE_BYTES
         self.store: dict[str, torch.Tensor] = {}
         self.kept = 0  # bytes in store
 
