@@ -42,6 +42,7 @@ def test_spec_from_a_folder_written_before_fixed_clips_learns_every_clip():
         ({"default_group_size": -4}, "group size"),
         ({"fixed_clip_bits": (1,)}, "fixed_clip_bits names bit 1"),
         ({"clip_refine": -1}, "clip_refine must be >= 0"),
+        ({"clip_init": float("nan")}, "clip_init must be a finite logit"),
     ],
 )
 def test_spec_rejects_bad_values(kw, match):
@@ -63,6 +64,9 @@ def test_config_rejects_unknown_version_and_fields():
     d = QuEPTConfig().to_dict()
     with pytest.raises(ConfigError, match="version"):
         QuEPTConfig.from_dict({**d, "version": 99})
+    for junk in ([], {**d, "spec": 3}, {"version": 1}):
+        with pytest.raises(ConfigError, match="a quept config is a JSON object with 'version'"):
+            QuEPTConfig.from_dict(junk)
     with pytest.raises(ConfigError, match="unknown"):
         CalibConfig.from_dict({"n_sample": 3})
     with pytest.raises(ConfigError, match="batch_size"):

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from quept.config import ConfigError
 from quept.eval import perplexity, window_nll
 from tests.conftest import tiny_model
 
@@ -38,3 +39,14 @@ def test_logits_that_are_not_finite_stop_with_the_window_named():
     model.get_input_embeddings().register_forward_hook(nan_at_token)
     with pytest.raises(FloatingPointError, match="W3: the next-token loss of window 3 is nan"):
         window_nll(model, windows, batch_size=2, desc="W3")
+
+
+def test_windows_and_batch_sizes_that_cannot_be_measured_are_refused():
+    model = tiny_model()
+    good = torch.randint(0, 256, (2, 8))
+    for bad in (good.float(), good[0], good[:0], good[:, :1], good.tolist()):
+        with pytest.raises(ConfigError, match="W3: the windows must be \\(n, T\\) integer token ids"):
+            window_nll(model, bad, desc="W3")
+    for size in (0, 1.5, True):
+        with pytest.raises(ConfigError, match="batch_size must be a positive integer"):
+            window_nll(model, good, batch_size=size)

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from quept.config import ConfigError
 from quept.data.tokens import (
     NotEnoughTextError,
     calibration_samples,
@@ -38,6 +39,12 @@ def test_eval_windows_from_start_and_errors():
         eval_windows(ids, 32, 4)
     with pytest.raises(NotEnoughTextError, match="need more than seq_len"):
         calibration_samples(ids, 2, 100, seed=0)
+    for seq_len in (0, 1, 2.5):
+        with pytest.raises(ConfigError, match="evaluation windows need seq_len >= 2"):
+            eval_windows(ids, seq_len, 1)
+    for n in (0, -1, 1.0):
+        with pytest.raises(ConfigError, match="n_windows must be a positive integer or None"):
+            eval_windows(ids, 32, n)
 
 
 def test_heldout_windows_avoid_the_calibration_samples():

@@ -181,6 +181,9 @@ def load_model(model: str | os.PathLike | None = None) -> tuple[nn.Module, Any]:
 def prepare(model: nn.Module, spec: ElasticSpec | None = None, seed: int = 0) -> nn.Module:
     """Swap every quantizable linear for an :class:`ElasticLinear` (in place); returns model."""
     spec = spec or ElasticSpec()
+    if not isinstance(spec, ElasticSpec):
+        hint = " (pass its .spec)" if isinstance(spec, QuEPTConfig) else ""
+        raise ConfigError(f"prepare takes an ElasticSpec{hint}, got {type(spec).__name__}")
     fam = family_for(model)
     gen = torch.Generator().manual_seed(seed)
     if any(isinstance(m, ElasticLinear) for m in model.modules()):
@@ -446,8 +449,12 @@ def plan(model: nn.Module, table: SensitivityTable, *, avg_bits: float | None = 
     as many moves, a quarter, ... one are measured in turn; the rounds stop at the first where
     none lowers it. Every try's KL is recorded in ``checked_kl``."""
     _check_table(model, table)
-    if refine < 0:
-        raise ConfigError(f"refine must be >= 0 (rounds of local search), got {refine}")
+    if granularity != "auto" and granularity not in GRANULARITIES:
+        raise ConfigError(f"granularity must be 'auto' (the best of candidates measured on "
+                          f"check_ids) or one of {GRANULARITIES}, got {granularity!r}")
+    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+        raise ConfigError(f"refine must be an integer >= 0 (rounds of local search), got "
+                          f"{refine!r}")
     if refine and granularity != "auto":
         raise ConfigError(f"refine starts from the plan granularity='auto' keeps, by measured "
                           f"KL; granularity={granularity!r} measures none")
@@ -607,6 +614,9 @@ def check_out_folder(out: str | os.PathLike, writes: str, flag: str = "") -> Non
     model of another kind, which writing there would spoil; a folder of the same kind is
     replaced, and a folder holding no model (only a calibration checkpoint, say) is used."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{flag}{out} is a file; {_HELD[writes]} is written as a folder: "
+                          "give a folder's path")
     if not out.is_dir():
         return
     held = folder_kind(out)
@@ -621,6 +631,9 @@ def save(model: nn.Module, folder: str | os.PathLike, config: QuEPTConfig,
     from quept.nn.state import elastic_state_dict
 
     folder = Path(folder)
+    if not elastic_layers(model):
+        raise ConfigError("the model has no elastic layers to save; quept.prepare and "
+                          "quept.calibrate it first")
     check_out_folder(folder, "elastic")
     folder.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -756,6 +769,9 @@ def save_compact(model: nn.Module, folder: str | os.PathLike, config: QuEPTConfi
     """Write the compact elastic checkpoint of a calibrated model (every width, ~10 bits per
     weight); ``config`` defaults to the model's spec with default calibration settings."""
     config = config or QuEPTConfig(spec=_spec_of(model))
+    if not isinstance(config, QuEPTConfig):
+        raise ConfigError(f"save_compact's config is a QuEPTConfig (or None: the model's "
+                          f"spec), got {type(config).__name__}")
     check_out_folder(folder, "compact")
     source = {"base_model": getattr(model, "quept_source", DEFAULT_MODEL)}
     return _compact.save_compact(model, folder, tokenizer, config, compact, source)
@@ -853,16 +869,21 @@ class EvalRow:
 
 
 def stored_bits(model: nn.Module, plan: BitsPlan | None = None) -> float:
-    """Parameter-weighted bits per quantized weight at ``plan`` (int or {layer: bits}),
-    scales and zero-points included; None = the layers' current widths (of a switchable packed
-    model: the bytes its packed layers hold)."""
+    """Parameter-weighted bits per quantized weight at ``plan`` (a width, or a plan as
+    :func:`set_bits` takes it; a float layer counts 32), scales and zero-points included;
+    None = the layers' current widths (of a switchable packed model: the bytes its packed
+    layers hold)."""
     switch = getattr(model, "quept_switch", None)
     if switch is not None and plan is None:
         return switch.bits_per_weight()
     layers = elastic_layers(model) if switch is None else switch.skeletons()
+    if not layers:
+        raise ConfigError("the model has no elastic layers; quept.prepare or quept.load it")
+    widths = ({n: m.bits for n, m in layers.items()} if plan is None
+              else _checked_widths(layers, plan))
     total, n = 0.0, 0
     for name, m in layers.items():
-        b = m.bits if plan is None else plan if isinstance(plan, int) else plan[name]
+        b = widths[name]
         numel = m.in_features * m.out_features
         bpw = 32.0 if b is None else stored_bits_per_weight(b, m.spec.group_size_for(b), m.in_features)
         total += bpw * numel
@@ -876,16 +897,26 @@ def plan_record(model: nn.Module, widths: Mapping[str, int]) -> Plan:
     zero-points included, with no budget and no predicted KL (``search`` "by hand")."""
     switch = getattr(model, "quept_switch", None)
     layers = elastic_layers(model) if switch is None else switch.skeletons()
-    chosen = plan_widths(layers, widths)
-    for name, b in chosen.items():
-        try:
-            check_bits(b, layers[name].spec.bits)
-        except ConfigError as e:
-            raise ConfigError(f"layer {name}: {e}") from None
+    chosen = _checked_widths(layers, widths, floats=False)
     n = sum(m.in_features * m.out_features for m in layers.values())
     size = sum(layer_bits(LayerShape(m.out_features, m.in_features), chosen[name],
                           m.spec.group_size_for(chosen[name])) for name, m in layers.items())
     return Plan(dict(chosen), size / n, size / 8, n, search="by hand")
+
+
+def _checked_widths(layers: Mapping[str, Any], plan: BitsPlan | Plan, floats: bool = True
+                    ) -> dict[str, int | None]:
+    """``{layer: bits}`` of one width or a plan over ``layers``, each width checked against
+    its layer's widths; ``floats``: None (float) is allowed."""
+    chosen = plan_widths(layers, as_layer_widths(plan))
+    for name, b in chosen.items():
+        if b is None and floats:
+            continue
+        try:
+            check_bits(b, layers[name].spec.bits)
+        except ConfigError as e:
+            raise ConfigError(f"layer {name}: {e}") from None
+    return chosen
 
 
 def _brief(value: Any) -> Any:
@@ -900,8 +931,10 @@ def _per_width(model: nn.Module, bits: Sequence[int | None], rtn: bool,
     """``measure(label)`` at each width in ``bits`` (None = float) and, with ``rtn``, under RTN
     too: [(bits, stored bits per weight, value, RTN value or None)]. Leaves the model float;
     a switchable packed model (:func:`load_switchable`), which has neither float layers nor
-    RTN, goes back to the widths it had."""
+    RTN, goes back to the widths it had. One width (an int, or None) is taken as a list of one."""
     spec = _spec_of(model)
+    if bits is None or isinstance(bits, int):
+        bits = [bits]
     for b in bits:
         if b is not None:
             check_bits(b, spec.bits)
@@ -937,7 +970,8 @@ def evaluate(
     model: nn.Module, windows: torch.Tensor, bits: Sequence[int | None], *, rtn: bool = False,
     batch_size: int = 2, progress: bool = True,
 ) -> list[EvalRow]:
-    """Perplexity of the elastic model (and optionally RTN) at each width in ``bits``."""
+    """Perplexity of the elastic model (and optionally RTN) at each width in ``bits`` (a list
+    of widths, None = float, or one width)."""
     rows = _per_width(model, bits, rtn, lambda label: perplexity(
         model, windows, batch_size, progress, f"eval {label}"))
     return [EvalRow(*row) for row in rows]
@@ -1020,10 +1054,13 @@ def _fingerprint(model: nn.Module, spec: ElasticSpec, cfg: CalibConfig,
     }
 
 
-def samples_from_text(tokenizer: Any, text: str, cfg: CalibConfig) -> torch.Tensor:
-    """Calibration token windows (n_samples, seq_len) drawn from ``text`` with cfg.seed. With a
+def samples_from_text(tokenizer: Any, text: str, cfg: CalibConfig | None = None
+                      ) -> torch.Tensor:
+    """Calibration token windows (n_samples, seq_len) drawn from ``text`` with cfg.seed
+    (``cfg`` None: the default :class:`CalibConfig`). With a
     BERT-style tokenizer (a [CLS] and a [SEP] token) each window is [CLS] + seq_len - 2 tokens
     + [SEP], the shape an encoder saw in training."""
+    cfg = cfg or CalibConfig()
     ids = tokenize(tokenizer, text)
     cls, sep = getattr(tokenizer, "cls_token_id", None), getattr(tokenizer, "sep_token_id", None)
     if cls is None or sep is None:

@@ -200,6 +200,9 @@ class ElasticSpec:
                 raise ConfigError(
                     f"bit_groups must be ordered from high to low without overlap, got {groups}"
                 )
+        if not math.isfinite(self.clip_init):
+            raise ConfigError(f"clip_init must be a finite logit (4.0 = sigmoid 0.982), got "
+                              f"{self.clip_init}")
         if self.clip_refine < 0:
             raise ConfigError(f"clip_refine must be >= 0, got {self.clip_refine}")
         object.__setattr__(self, "protect_outliers", float(self.protect_outliers))
@@ -493,17 +496,27 @@ class QuEPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuEPTConfig:
-        version = d.get("version")
-        if version != CONFIG_VERSION:
+        version = d.get("version") if isinstance(d, dict) else None
+        if isinstance(d, dict) and version != CONFIG_VERSION:
             raise ConfigError(
                 f"config version {version!r} is not supported (this quept reads {CONFIG_VERSION})"
             )
+        if not isinstance(d, dict) or not all(isinstance(d.get(k), dict)
+                                              for k in ("spec", "calib")):
+            raise ConfigError("a quept config is a JSON object with 'version', 'spec' and "
+                              f"'calib' (objects), got {_brief_value(d)}")
         return cls(
             spec=ElasticSpec.from_dict(d["spec"]), calib=CalibConfig.from_dict(d["calib"])
         )
 
     def replace(self, **kw: Any) -> QuEPTConfig:
         return replace(self, **kw)
+
+
+def _brief_value(value: Any) -> str:
+    """``value`` in a message: its type, and its text when that is short."""
+    text = repr(value)
+    return f"{type(value).__name__} {text}" if len(text) <= 80 else type(value).__name__
 
 
 def _known(cls: type, d: dict[str, Any]) -> dict[str, Any]:

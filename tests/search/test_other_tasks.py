@@ -148,5 +148,5 @@ def test_inputs_of_another_task_are_refused():
         estimate_sensitivity(elastic(tiny_vit()), token_ids(), progress=False)
     with pytest.raises(ConfigError, match="Sentences"):
         configuration_kl(elastic(tiny_bert()), token_ids(), [3])
-    with pytest.raises(ConfigError, match=r"\(N, T\) token ids"):
+    with pytest.raises(ConfigError, match=r"\(N, T\) integer token ids"):
         estimate_sensitivity(elastic_tiny(), pixels(2), progress=False)

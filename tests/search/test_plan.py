@@ -159,7 +159,7 @@ def test_api_plan_checks_the_table_matches_the_model(model):
     with pytest.raises(quept.ArtifactError, match="another model or spec"):
         quept.api.plan_candidates(other, table, avg_bits=4.0, in_context=False)
     for bad in (token_ids(4, 16)[0], token_ids(4, 16)[:0]):
-        with pytest.raises(ConfigError, match=r"check_ids must be \(N, T\) token ids"):
+        with pytest.raises(ConfigError, match=r"check_ids must be \(N, T\) integer token ids"):
             quept.api.plan(model, table, avg_bits=4.0, check_ids=bad)
     with pytest.raises(ConfigError, match="expected a SensitivityTable .* got Tensor"):
         quept.api.plan(model, token_ids(4, 16), avg_bits=4.0)
@@ -576,7 +576,7 @@ def test_refine_moves_a_lopsided_plan_and_keeps_only_a_lower_measured_kl(monkeyp
     assert kl == pytest.approx(kls[refined.label], rel=1e-5)  # the KL recorded is the plan's
     again = Plan.from_dict(json.loads(json.dumps(refined.to_dict())))
     assert again.label == refined.label
-    for bad, match in (({"refine": -1}, "refine must be >= 0"),
+    for bad, match in (({"refine": -1}, "refine must be an integer >= 0"),
                        ({"refine": 1, "granularity": "block"}, "measures none")):
         with pytest.raises(ConfigError, match=match):
             quept.api.plan(model, table, avg_bits=budget, check_ids=ids, **bad)

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from quept.config import ConfigError
+
 
 @torch.no_grad()
 def window_nll(
@@ -18,6 +20,14 @@ def window_nll(
     """Mean next-token NLL (nats) of each window of ``windows`` (n, T): a float64 tensor (n,).
     ``exp(window_nll(...).mean())`` is :func:`perplexity`; the per-window values let a
     comparison of two configurations on the same windows be resampled (a paired bootstrap)."""
+    if (not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.shape[0] < 1
+            or windows.shape[1] < 2 or windows.is_floating_point() or windows.is_complex()):
+        got = (f"{windows.dtype} of shape {tuple(windows.shape)}"
+               if isinstance(windows, torch.Tensor) else type(windows).__name__)
+        raise ConfigError(f"{desc}: the windows must be (n, T) integer token ids with n >= 1 "
+                          f"and T >= 2 (a window predicts its T - 1 last tokens), got {got}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"{desc}: batch_size must be a positive integer, got {batch_size!r}")
     device = next(model.parameters()).device
     out = []
     for i in tqdm(range(0, windows.shape[0], batch_size), disable=not progress, desc=desc,

@@ -55,6 +55,10 @@ def plan_widths(layers: Mapping[str, nn.Module], bits: BitsPlan,
     mismatch raises ``error`` with examples."""
     if not isinstance(bits, Mapping):
         return dict.fromkeys(layers, bits)
+    odd = [k for k in bits if not isinstance(k, str)]
+    if odd:
+        raise error(f"plan keys must be layer names or shell-style patterns (strings), got "
+                    f"{odd[0]!r}; layers are named like {list(layers)[:2]}")
     if any(is_pattern(k) for k in bits):
         bits = expand_patterns(layers, bits, error)
     missing = [n for n in layers if n not in bits]
@@ -62,10 +66,9 @@ def plan_widths(layers: Mapping[str, nn.Module], bits: BitsPlan,
     if missing or unknown:
         hint = ("; add a first entry \"*\": BITS for the layers no other entry names"
                 if missing else "")
-        raise error(
-            f"plan does not match the model: {len(missing)} layers missing "
-            f"(e.g. {missing[:3]}), {len(unknown)} unknown names (e.g. {unknown[:3]}){hint}"
-        )
+        found = [f"{len(names)} {what} (e.g. {names[:3]})" for names, what in
+                 ((missing, "layers missing"), (unknown, "unknown names")) if names]
+        raise error(f"plan does not match the model: {', '.join(found)}{hint}")
     return {n: bits[n] for n in layers}
 
 

@@ -114,8 +114,9 @@ class NextTokenKL(_SoftmaxKL):
     name, unit, cost_name, per = "next-token-kl", "token", "KL", "nats/token"
 
     def check(self, inputs: Any, what: str = "inputs") -> None:
-        if not isinstance(inputs, torch.Tensor) or inputs.ndim != 2 or inputs.numel() == 0:
-            raise ConfigError(f"{what} must be (N, T) token ids with N, T >= 1, got "
+        if (not isinstance(inputs, torch.Tensor) or inputs.ndim != 2 or inputs.numel() == 0
+                or inputs.is_floating_point() or inputs.is_complex()):
+            raise ConfigError(f"{what} must be (N, T) integer token ids with N, T >= 1, got "
                               f"{_described(inputs)}")
 
     def n_units(self, inputs: torch.Tensor) -> int:
@@ -228,5 +229,5 @@ def cost_text(name: str, value: float) -> str:
 
 def _described(inputs: Any) -> str:
     if isinstance(inputs, torch.Tensor):
-        return f"a tensor of shape {tuple(inputs.shape)}"
+        return f"a {inputs.dtype} tensor of shape {tuple(inputs.shape)}"
     return type(inputs).__name__

@@ -21,6 +21,7 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
+from numbers import Real
 from pathlib import Path
 from typing import Any
 
@@ -383,11 +384,12 @@ def _capacity(table: SensitivityTable, sizes: list[list[int]], avg_bits: float |
     below the smallest plan."""
     if (avg_bits is None) == (max_bytes is None):
         raise ConfigError("give exactly one budget: avg_bits or max_bytes")
+    name, value = ("avg_bits", avg_bits) if avg_bits is not None else ("max_bytes", max_bytes)
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
     n = sum(s.numel for s in table.shapes.values())
     lo, hi = size_range(sizes)
     if avg_bits is not None:
-        if not math.isfinite(avg_bits):
-            raise ConfigError(f"avg_bits must be finite, got {avg_bits}")
         # exact decimal arithmetic: 3.296875 must admit uniform W3 exactly; and a plan's own
         # bits per weight (size / n, a float up to 2^-53 below the true ratio) must admit
         # that plan, so the product is raised by 2^-50 of itself (under one bit below 10^14)

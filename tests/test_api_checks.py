@@ -1,0 +1,96 @@
+"""The public API refuses misuse with a ConfigError that says what is wrong, where a raw
+AttributeError, TypeError or ZeroDivisionError would otherwise surface from deep inside."""
+
+import pytest
+import torch
+
+import quept
+from quept.config import ConfigError, ElasticSpec, QuEPTConfig
+from tests.conftest import tiny_model
+
+SPEC = ElasticSpec(default_group_size=32)
+
+
+@pytest.fixture
+def elastic():
+    return quept.prepare(tiny_model(), SPEC)
+
+
+def test_a_model_that_is_not_prepared_is_named_as_such(tmp_path):
+    model = tiny_model()
+    with pytest.raises(ConfigError, match="no elastic layers"):
+        quept.stored_bits(model)
+    with pytest.raises(ConfigError, match="no elastic layers to save"):
+        quept.save(model, tmp_path / "e", QuEPTConfig())
+    assert not (tmp_path / "e").exists()
+
+
+def test_prepare_takes_a_spec():
+    with pytest.raises(ConfigError, match=r"prepare takes an ElasticSpec \(pass its .spec\), "
+                                          "got QuEPTConfig"):
+        quept.prepare(tiny_model(), QuEPTConfig())
+    with pytest.raises(ConfigError, match="prepare takes an ElasticSpec, got str"):
+        quept.prepare(tiny_model(), "3")
+
+
+def test_plans_name_what_does_not_match(elastic):
+    with pytest.raises(ConfigError, match="plan keys must be layer names or shell-style "
+                                          "patterns \\(strings\\), got 3"):
+        quept.set_bits(elastic, {3: 3})
+    with pytest.raises(ConfigError) as missing:
+        quept.set_bits(elastic, {})
+    assert "14 layers missing" in str(missing.value) and "unknown" not in str(missing.value)
+    with pytest.raises(ConfigError) as unknown:
+        quept.set_bits(elastic, {"*": 3, "x": 4})
+    assert "1 unknown names (e.g. ['x'])" in str(unknown.value)
+    assert "missing" not in str(unknown.value)
+
+
+def test_stored_bits_reads_plans_as_set_bits_does(elastic):
+    down = "model.layers.1.mlp.down_proj"
+    by_pattern = quept.stored_bits(elastic, {"*": 3, "*.down_proj": 4})
+    by_name = quept.stored_bits(elastic, {n: 4 if n.endswith("down_proj") else 3
+                                          for n in quept.api.elastic_layers(elastic)})
+    assert by_pattern == by_name
+    assert quept.stored_bits(elastic, 3) < by_pattern < quept.stored_bits(elastic, 4)
+    with pytest.raises(ConfigError, match="bit-width 9 is outside 2..8"):
+        quept.stored_bits(elastic, 9)
+    with pytest.raises(ConfigError, match=f"layer {down}: bit-width 1 is outside"):
+        quept.stored_bits(elastic, {"*": 3, down: 1})
+    # a float layer counts 32 bits
+    assert quept.stored_bits(elastic, {"*": None}) == 32.0
+
+
+def test_budgets_and_plan_options_are_checked(elastic):
+    for bad in ("3", float("inf"), True, None):
+        with pytest.raises(ConfigError, match="avg_bits must be a finite number|exactly one"):
+            quept.check_budget(elastic, avg_bits=bad)
+    with pytest.raises(ConfigError, match="max_bytes must be a finite number, got '60MB'"):
+        quept.check_budget(elastic, max_bytes="60MB")
+    ids = torch.randint(0, 256, (2, 8))
+    table = quept.sensitivity(elastic, ids, progress=False)
+    with pytest.raises(ConfigError, match="granularity must be 'auto' .* got 'layers'"):
+        quept.plan(elastic, table, avg_bits=4, granularity="layers")
+    with pytest.raises(ConfigError, match="refine must be an integer >= 0"):
+        quept.plan(elastic, table, avg_bits=4, check_ids=ids, refine=1.5)
+
+
+def test_writers_refuse_a_file_where_a_folder_goes(elastic, tmp_path):
+    file = tmp_path / "notes.txt"
+    file.write_text("keep me")
+    with pytest.raises(ConfigError, match="notes.txt is a file; an elastic model is written "
+                                          "as a folder"):
+        quept.save(elastic, file, QuEPTConfig(spec=SPEC))
+    with pytest.raises(ConfigError, match="notes.txt is a file; a compact checkpoint"):
+        quept.api.save_compact(elastic, file)
+    assert file.read_text() == "keep me"
+    with pytest.raises(ConfigError, match="save_compact's config is a QuEPTConfig .* got "
+                                          "ElasticSpec"):
+        quept.api.save_compact(elastic, tmp_path / "c", config=SPEC)
+
+
+def test_one_width_is_evaluated_as_a_list_of_one(elastic):
+    windows = torch.randint(0, 256, (2, 8))
+    one = quept.evaluate(elastic, windows, 3, progress=False)
+    assert [r.bits for r in one] == [3]
+    assert one[0].ppl == quept.evaluate(elastic, windows, [3], progress=False)[0].ppl
