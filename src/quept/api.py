@@ -32,6 +32,7 @@ from quept.config import (
     QuEPTConfig,
     check_bits,
     check_device,
+    check_json_fields,
     read_json_object,
 )
 from quept.data.hub import hub_model_dir, is_repo_id
@@ -165,12 +166,27 @@ def load_model(model: str | os.PathLike | None = None) -> tuple[nn.Module, Any]:
     else:
         from safetensors import SafetensorError
 
+        quantized = read_json_object(path / "config.json", ArtifactError).get(
+            "quantization_config")
+        if quantized is not None:
+            method = quantized.get("quant_method") if isinstance(quantized, dict) else None
+            raise ArtifactError(f"{path} holds a model quantized by {method!r}, which quept does "
+                                "not read; quept calibrates float models: pass the float "
+                                "model's folder")
         cfg = AutoConfig.from_pretrained(path)
         try:
-            net = fam.model_class().from_pretrained(path, config=cfg, dtype=torch.float32,
-                                                    use_safetensors=True)
+            net, loading = fam.model_class().from_pretrained(
+                path, config=cfg, dtype=torch.float32, use_safetensors=True,
+                output_loading_info=True)
         except SafetensorError as e:
             raise ArtifactError(f"the weights in {path} cannot be read: {e}") from None
+        # a BERT checkpoint trained without the pooler lacks it; quept's embeddings pool the
+        # last hidden states, so that is the one part allowed to be missing
+        missing = sorted(k for k in loading["missing_keys"] if not k.startswith("pooler."))
+        if missing:
+            raise ArtifactError(f"{path}: {len(missing)} weights of the model its config.json "
+                                f"describes are not in its safetensors files (e.g. "
+                                f"{missing[:3]}); the folder is incomplete or mixed up")
     net.eval()
     net.requires_grad_(False)
     net.quept_source = str(model) if model is not None else DEFAULT_MODEL
@@ -680,7 +696,15 @@ def read_meta(folder: str | os.PathLike) -> dict[str, Any]:
     meta = read_json_object(path, ArtifactError)
     if meta.get("format") != FORMAT:
         raise ArtifactError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    check_json_fields(meta, _META_FIELDS, path, ArtifactError)
+    if not all(isinstance(n, str) for n in meta["layers"]):
+        raise ArtifactError(f"{path} is damaged: its 'layers' should all be layer names")
     return meta
+
+
+_META_FIELDS = {"config": dict, "base_model": str, "model_type": str, "base_fingerprint": str,
+                "layers": list}
+"""What every elastic folder's JSON holds besides its format, and of which kind."""
 
 
 def load(folder: str | os.PathLike, model: str | os.PathLike | None = None) -> tuple[nn.Module, Any]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,45 @@ def read_json_object(path: str | os.PathLike, error: Callable[[str], Exception]
     if not isinstance(d, dict):
         raise error(f"{path} holds a JSON {type(d).__name__}, not an object")
     return d
+
+
+JsonKind = type | tuple[type, ...]
+_JSON_NAMES = {dict: "object", list: "array", str: "string", int: "integer", float: "number",
+               bool: "boolean", type(None): "null"}
+
+
+def _json_name(kind: JsonKind) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(_JSON_NAMES.get(k, k.__name__) for k in kinds)
+
+
+def is_json_kind(value: Any, kind: JsonKind) -> bool:
+    """Whether a value read from JSON is of ``kind`` (a type or a tuple of types): ``float``
+    takes any number, ``int`` an integer, neither a boolean."""
+    for k in kind if isinstance(kind, tuple) else (kind,):
+        if k in (int, float) and isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float) if k is float else k):
+            return True
+    return False
+
+
+def check_json_fields(d: Mapping[str, Any], fields: Mapping[str, JsonKind],
+                      where: str | os.PathLike, error: Callable[[str], Exception],
+                      optional: Mapping[str, JsonKind] | None = None) -> None:
+    """Each key of ``fields`` is in ``d`` (an object read from the JSON file ``where``) with a
+    value of its kind (:func:`is_json_kind`); each key of ``optional`` may also be missing.
+    A key that is missing or holds another kind raises ``error(message)`` naming the file,
+    the key, what it holds and what it should hold."""
+    for key, kind in {**fields, **(optional or {})}.items():
+        if key not in d and key not in fields:
+            continue
+        if key not in d:
+            raise error(f"{where} is damaged: it holds no {key!r}, which should be a JSON "
+                        f"{_json_name(kind)}")
+        if not is_json_kind(d[key], kind):
+            raise error(f"{where} is damaged: it holds a JSON {_json_name(type(d[key]))} as "
+                        f"{key!r}, which should be a JSON {_json_name(kind)}")
 
 
 def check_device(device: str, what: str = "device") -> str:

@@ -23,19 +23,29 @@ from quept.api import (
     SENSITIVITY_EXACT_JSON,
     SENSITIVITY_JSON,
     SWEEPS_JSON,
+    ArtifactError,
     folder_kind,
+    read_meta,
 )
-from quept.api import FORMAT as ELASTIC_FORMAT
 from quept.calib.checkpoint import CHECKPOINT_DIR, PROGRESS_JSON
-from quept.config import CalibConfig, ConfigError, ElasticSpec, QuEPTConfig, read_json_object
-from quept.export.compact import COMPACT_JSON
-from quept.export.packed import PACKED_FORMAT, PACKED_JSON
+from quept.config import (
+    CalibConfig,
+    ConfigError,
+    ElasticSpec,
+    QuEPTConfig,
+    check_json_fields,
+    read_json_object,
+)
+from quept.export.compact import COMPACT_JSON, read_compact_meta
+from quept.export.load import read_packed_meta
+from quept.export.packed import PACKED_JSON, PackedFormatError
 from quept.models.families import UnsupportedModelError, family_for_type
 from quept.nn.switch import is_pattern
 from quept.ops.quant import stored_bits_per_weight
 from quept.search.objective import cost_number, cost_words
 from quept.search.plan import PLAN_FORMAT, Plan, read_plan, unit_of
 from quept.search.sweeps import describe_sweeps
+from quept.search.table import SensitivityCacheError, SensitivityTable
 
 EXPORT_JSON = "quept-export.json"  # compressed-tensors and ONNX exports' summary
 
@@ -187,14 +197,14 @@ def _width_rows(cfg: QuEPTConfig, shapes: dict[str, tuple[int, int]]) -> list[di
 
 
 def _elastic(folder: Path) -> dict[str, Any]:
-    meta = _json(folder / ELASTIC_JSON)
-    if meta.get("format") != ELASTIC_FORMAT:
-        raise InfoError(f"{folder / ELASTIC_JSON} has format {meta.get('format')!r}, expected "
-                        f"{ELASTIC_FORMAT!r}")
+    try:
+        meta = read_meta(folder)
+    except ArtifactError as e:
+        raise InfoError(str(e)) from None
     cfg = _config(meta, folder / ELASTIC_JSON)
     header = _shapes(folder / ELASTIC_WEIGHTS)
     shapes = {}
-    for name in meta.get("layers", []):
+    for name in meta["layers"]:
         u, v = header.get(f"{name}.lora_u"), header.get(f"{name}.lora_v")
         if u is None or v is None:
             raise InfoError(f"{folder / ELASTIC_WEIGHTS} has no adapter of layer {name}, which "
@@ -202,9 +212,9 @@ def _elastic(folder: Path) -> dict[str, Any]:
         shapes[name] = (u[0], v[1])
     info: dict[str, Any] = {
         "quept_version": meta.get("quept_version"),
-        "base_model": meta.get("base_model"),
-        "model_type": meta.get("model_type"),
-        "base_fingerprint": meta.get("base_fingerprint"),
+        "base_model": meta["base_model"],
+        "model_type": meta["model_type"],
+        "base_fingerprint": meta["base_fingerprint"],
         "layers": len(shapes),
         "quantized_weights": sum(o * i for o, i in shapes.values()),
         "spec": _spec_summary(cfg),
@@ -221,9 +231,13 @@ def _elastic(folder: Path) -> dict[str, Any]:
     for key, name in (("sensitivity", SENSITIVITY_JSON), ("sensitivity_exact",
                                                            SENSITIVITY_EXACT_JSON)):
         if (folder / name).is_file():
-            t = _json(folder / name)
-            info[key] = {"layers": len(t.get("layers", {})), "widths": t.get("bits"),
-                         "seconds": t.get("seconds"), "settings": t.get("settings")}
+            try:
+                t = SensitivityTable.load(folder / name)
+            except SensitivityCacheError as e:  # a cache: `quept plan` measures it again
+                info[key] = {"error": str(e)}
+                continue
+            info[key] = {"layers": len(t.kl), "widths": list(t.bits), "seconds": t.seconds,
+                         "settings": t.settings}
     sweeps = folder / SWEEPS_JSON
     if sweeps.is_file():
         try:
@@ -253,7 +267,10 @@ def _checkpoint(folder: Path) -> dict[str, Any]:
 
 
 def _compact(folder: Path) -> dict[str, Any]:
-    meta = _json(folder / COMPACT_JSON)
+    try:
+        meta = read_compact_meta(folder)
+    except PackedFormatError as e:
+        raise InfoError(str(e)) from None
     cfg = _config(meta, folder / COMPACT_JSON)
     shapes = {n: tuple(s) for n, s in meta.get("layers", {}).items()}
     s = meta.get("sizes", {})
@@ -266,10 +283,10 @@ def _compact(folder: Path) -> dict[str, Any]:
 
 
 def _packed(folder: Path) -> dict[str, Any]:
-    meta = _json(folder / PACKED_JSON)
-    if meta.get("format") != PACKED_FORMAT:
-        raise InfoError(f"{folder / PACKED_JSON} has format {meta.get('format')!r}, expected "
-                        f"{PACKED_FORMAT!r}")
+    try:
+        meta = read_packed_meta(folder)
+    except PackedFormatError as e:
+        raise InfoError(str(e)) from None
     layers = meta.get("layers", {})
     acts = Counter(i.get("act_quant") for i in layers.values() if i.get("act_bits"))
     kv = {i["kv_quant"].get("bits") for i in layers.values()
@@ -301,9 +318,15 @@ def _export_summary(folder: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     s = _json(path)
-    return {k: s[k] for k in ("bits", "widths", "float_layers", "quantized_weights",
-                              "quantized_bytes", "bits_per_weight", "scale_dtype", "containers",
-                              "accuracy_level", "opset", "task") if k in s}
+    check_json_fields(s, {}, path, InfoError, optional=_EXPORT_FIELDS)
+    return {k: s[k] for k in _EXPORT_FIELDS if k in s}
+
+
+_EXPORT_FIELDS = {"bits": (int, str), "widths": dict, "float_layers": int,
+                  "quantized_weights": int, "quantized_bytes": float, "bits_per_weight": float,
+                  "scale_dtype": str, "containers": dict, "accuracy_level": int, "opset": int,
+                  "task": str}
+"""What `quept info` shows of an export's summary, and of which kind."""
 
 
 def _model_config(folder: Path) -> dict[str, Any]:
@@ -314,9 +337,16 @@ def _model_config(folder: Path) -> dict[str, Any]:
 
 
 def _compressed_tensors(folder: Path) -> dict[str, Any]:
-    qc = _json(folder / "config.json").get("quantization_config", {})
+    path = folder / "config.json"
+    qc = _json(path)["quantization_config"]
+    check_json_fields(qc, {"config_groups": dict}, f"{path} (its quantization_config)",
+                      InfoError, optional={"ignore": list, "format": str})
     groups = []
-    for name, g in (qc.get("config_groups") or {}).items():
+    for name, g in qc["config_groups"].items():
+        if not isinstance(g, dict):
+            raise InfoError(f"{path} is damaged: config group {name!r} is not an object")
+        check_json_fields(g, {"targets": list}, f"{path} (config group {name})", InfoError,
+                          optional={"weights": (dict, type(None))})
         w = g.get("weights") or {}
         groups.append({"name": name, "num_bits": w.get("num_bits"),
                        "group_size": w.get("group_size"), "symmetric": w.get("symmetric"),
@@ -471,7 +501,11 @@ def render(info: dict[str, Any]) -> str:
         if info.get("checkpoint_bytes"):
             out.append(f"calibration checkpoint kept in {CHECKPOINT_DIR} with every block's "
                        f"input streams ({_mb(info['checkpoint_bytes'])}; --keep-streams)")
-        s, exact = info.get("sensitivity"), info.get("sensitivity_exact")
+        tables = [info.get(k) or {} for k in ("sensitivity", "sensitivity_exact")]
+        for t in tables:
+            if t.get("error"):
+                out.append(f"mixed precision: {t['error']} (`quept plan` measures it again)")
+        s, exact = (None if t.get("error") else t or None for t in tables)
         if s or not exact:
             out.append("mixed precision: " + (
                 f"sensitivity table cached ({_table_words(s)}); `quept plan` reuses it" if s else

@@ -200,7 +200,8 @@ def test_reused_elastic_folder_must_match_the_methods_calibration(tmp_path):
 
     demo = QuEPTConfig(calib=PRESETS["cpu-demo"])
     (tmp_path / "quept.json").write_text(json.dumps(
-        {"format": "quept-elastic", "config": demo.to_dict()}))
+        {"format": "quept-elastic", "config": demo.to_dict(), "base_model": "default",
+         "model_type": "llama", "base_fingerprint": "0" * 16, "layers": []}))
     job = {"method": "quept-long", "elastic": str(tmp_path), "group_size": 64, "bits": [4],
            "options": METHODS["quept-long"].options}
     with pytest.raises(ValueError, match="epochs is 1, not 4"):

@@ -6,7 +6,7 @@ import pytest
 
 import quept
 from quept.cli import main
-from quept.info import describe, render
+from quept.info import InfoError, describe, render
 from quept.nn import elastic_layers
 
 from .tiny import elastic_folder, hf_folder, run_json
@@ -114,8 +114,10 @@ def test_plain_model_folder_and_sensitivity_table(folders, capsys):
     (other / "config.json").write_text(json.dumps({**cfg, "model_type": "mamba"}))
     assert "not supported by quept: model_type 'mamba'" in render(describe(other))
 
-    table = {"bits": [2, 3], "seconds": 1.5, "settings": {"tokens": 64},
-             "layers": {"a": {}, "b": {}}}
+    table = {"format": "quept-sensitivity", "version": 1, "fingerprint": "0" * 16,
+             "bits": [2, 3], "group_size": {"2": 32, "3": 32}, "seconds": 1.5,
+             "settings": {"tokens": 64},
+             "layers": {n: {"out": 64, "in": 64, "kl": [0.2, 0.1]} for n in ("a", "b")}}
     (elastic / "sensitivity.json").write_text(json.dumps(table))
     try:
         info = describe(elastic)
@@ -205,7 +207,7 @@ def test_unfinished_calibration_checkpoint(tmp_path, capsys):
     assert "cannot be read as a calibration checkpoint" in capsys.readouterr().err
 
 
-def test_metadata_with_fields_missing_prints_question_marks(folders, tmp_path):
+def test_metadata_with_a_field_missing_is_named_as_damaged(folders, tmp_path):
     _, _, elastic = folders
     assert main(["export", str(elastic), "--bits", "3", "--out", str(tmp_path / "p3")]) == 0
     meta = json.loads((tmp_path / "p3" / "quept-packed.json").read_text())
@@ -213,8 +215,9 @@ def test_metadata_with_fields_missing_prints_question_marks(folders, tmp_path):
     bare.mkdir()
     (bare / "quept-packed.json").write_text(json.dumps({k: v for k, v in meta.items()
                                                         if k != "sizes"}))
-    shown = render(describe(bare))
-    assert "? bits per quantized weight stored" in shown and "quantized linears ?" in shown
+    with pytest.raises(InfoError, match="quept-packed.json is damaged: it holds no 'sizes', "
+                                        "which should be a JSON object"):
+        describe(bare)
 
 
 def test_plan_file(tmp_path, capsys):

@@ -189,7 +189,8 @@ def test_a_decoder_export_without_a_cache_is_refused(model, tmp_path):
     save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8),
          str(tmp_path / "model.onnx"))
     (tmp_path / "quept-export.json").write_text(json.dumps(
-        {"format": "onnx", "task": "causal-lm", "output": "logits", "bits": 4}))
+        {"format": "onnx", "task": "causal-lm", "output": "logits", "bits": 4,
+         "bits_per_weight": 4.5}))
     with pytest.raises(OnnxExportError, match="without a KV cache"):
         OrtModel(tmp_path)
 

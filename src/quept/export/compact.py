@@ -33,7 +33,7 @@ import logging
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +42,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from quept.config import QuEPTConfig, read_json_object
-from quept.export.load import fill
+from quept.config import QuEPTConfig, check_json_fields, is_json_kind, read_json_object
+from quept.export.load import check_sizes_and_aliases, fill
 from quept.export.packed import PackedFormatError, float_tensors, save_config
 from quept.nn.elastic_linear import ElasticLinear
 from quept.nn.switch import elastic_layers
@@ -373,6 +373,19 @@ def read_compact_meta(folder: str | os.PathLike) -> dict[str, Any]:
         raise PackedFormatError(
             f"{path} is {meta.get('format')!r} version {meta.get('version')!r}; this quept reads "
             f"{COMPACT_FORMAT!r} version {COMPACT_VERSION}")
+    check_json_fields(meta, {"model_type": str, "config": dict, "compact": dict,
+                             "layers": dict, "sizes": dict}, path, PackedFormatError,
+                      optional={"aliases": dict, "source": dict})
+    known = {f.name for f in fields(CompactConfig)}
+    if not set(meta["compact"]) <= known:
+        raise PackedFormatError(f"{path} is damaged: its compact settings hold "
+                                f"{sorted(set(meta['compact']) - known)}; known: {sorted(known)}")
+    check_sizes_and_aliases(meta, path)
+    for name, shape in meta["layers"].items():
+        if not (isinstance(shape, list) and len(shape) == 2
+                and all(is_json_kind(n, int) for n in shape)):
+            raise PackedFormatError(f"{path} is damaged: layer {name!r} should have a shape "
+                                    f"[out, in], not {shape!r}")
     return meta
 
 

@@ -253,7 +253,7 @@ def is_compressed_tensors(folder: str | os.PathLike) -> bool:
         cfg = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    q = cfg.get("quantization_config")
+    q = cfg.get("quantization_config") if isinstance(cfg, Mapping) else None
     return isinstance(q, Mapping) and q.get("quant_method") == "compressed-tensors"
 
 
@@ -283,7 +283,17 @@ def load_compressed_tensors(folder: str | os.PathLike, model_class: Any,
     cfg = AutoConfig.from_pretrained(folder)
     qdict = cfg.quantization_config
     qdict = qdict if isinstance(qdict, Mapping) else qdict.to_dict()
-    qcfg = QuantizationConfig.model_validate(dict(qdict))
+    try:
+        qcfg = QuantizationConfig.model_validate(dict(qdict))
+    except (ValueError, TypeError) as e:  # pydantic's ValidationError, or a validator's own
+        raise CompressedTensorsExportError(
+            f"{folder / 'config.json'}: its quantization_config cannot be read: "
+            f"{' '.join(str(e).split())}") from None
+    unweighted = [n for n, g in qcfg.config_groups.items() if g.weights is None]
+    if unweighted:
+        raise CompressedTensorsExportError(
+            f"{folder / 'config.json'}: config group {unweighted[0]!r} quantizes no weights; "
+            "quept reads compressed-tensors models whose groups quantize weights")
     del cfg.quantization_config
     build = getattr(model_class, "from_config", None) or model_class._from_config  # auto / concrete
     with torch.device("meta"):
@@ -317,7 +327,7 @@ def load_compressed_tensors(folder: str | os.PathLike, model_class: Any,
         compressor = BaseCompressor.get_value_from_registry(scheme.format or qcfg.format)
         try:
             state[f"{name}.weight"] = compressor.decompress(own, scheme)["weight"].to(dtype)
-        except (KeyError, AssertionError, RuntimeError, ValueError) as e:
+        except (KeyError, AssertionError, RuntimeError, ValueError, TypeError) as e:
             raise CompressedTensorsExportError(
                 f"{folder}: layer {name} cannot be decompressed as {scheme.format or qcfg.format} "
                 f"(tensors {sorted(own)}): {e}") from None

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from quept.config import read_json_object
+from quept.config import check_json_fields, read_json_object
 from quept.export.packed import (
     KV_QUANT_KIND,
     KV_QUANT_KIND_BEFORE_ROTARY,
@@ -38,7 +38,34 @@ def read_packed_meta(folder: str | os.PathLike) -> dict[str, Any]:
     if meta.get("version") != PACKED_VERSION:
         raise PackedFormatError(
             f"{path} is version {meta.get('version')!r}; this quept reads {PACKED_VERSION}")
+    check_json_fields(meta, {"model_type": str, "bits": (int, str), "scale_dtype": str,
+                             "layers": dict, "sizes": dict}, path, PackedFormatError,
+                      optional={"head": dict, "aliases": dict, "source": dict})
+    if meta["scale_dtype"] not in SCALE_DTYPES:
+        raise PackedFormatError(f"{path} is damaged: scale dtype {meta['scale_dtype']!r} is not "
+                                f"one of {sorted(SCALE_DTYPES)}")
+    check_sizes_and_aliases(meta, path)
+    for part, extra in (("layers", {}), ("head", {"embedding": bool})):
+        for name, info in meta.get(part, {}).items():
+            if not isinstance(info, dict):
+                raise PackedFormatError(f"{path} is damaged: {part} entry {name!r} is not an "
+                                        "object")
+            check_json_fields(info, {**_LAYER_FIELDS, **extra}, f"{path} ({part} entry {name})",
+                              PackedFormatError)
     return meta
+
+
+def check_sizes_and_aliases(meta: Mapping[str, Any], path: Path) -> None:
+    """What the JSON of a packed folder and of a compact checkpoint both hold, checked: the
+    stored bits per weight among the sizes, and the tied tensors as name -> name."""
+    check_json_fields(meta["sizes"], {"bits_per_weight": float}, f"{path} (its sizes)",
+                      PackedFormatError)
+    if not all(isinstance(v, str) for v in meta.get("aliases", {}).values()):
+        raise PackedFormatError(f"{path} is damaged: its aliases should name tensors")
+
+
+_LAYER_FIELDS = {"bits": int, "group_size": int, "in": int, "out": int, "bias": bool}
+"""What every packed layer's entry holds (activation and KV quantizers add optional fields)."""
 
 
 def load_packed(folder: str | os.PathLike, backend: str = "auto") -> nn.Module:

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from quept.config import read_json_object
+from quept.config import check_json_fields, read_json_object
 from quept.export.ct_format import resolve_plan
 from quept.export.runtime import cache_keyword
 from quept.models.kv import config_head_dim
@@ -419,9 +419,11 @@ class OrtModel(nn.Module):
         summary = folder / "quept-export.json"
         self.quept_onnx = read_json_object(summary, OnnxExportError)
         self.task = self.quept_onnx.get("task")
-        if self.task not in ONNX_TASKS:
+        if not isinstance(self.task, str) or self.task not in ONNX_TASKS:
             raise OnnxExportError(f"{summary} names no task quept runs ({self.task!r}; "
                                   f"expected one of {', '.join(ONNX_TASKS)}); export it again")
+        check_json_fields(self.quept_onnx, {"bits": (int, str), "bits_per_weight": float},
+                          summary, OnnxExportError)
         self.config = AutoConfig.from_pretrained(folder)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or torch.get_num_threads()

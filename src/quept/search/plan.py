@@ -154,7 +154,7 @@ class Plan(Mapping[str, int]):
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
         objective = d.get("objective", NextTokenKL.name)  # plans before it was recorded: LMs
-        if objective not in BY_NAME:
+        if not isinstance(objective, str) or objective not in BY_NAME:
             raise ConfigError(f"{where}: objective {objective!r} is not one of "
                               f"{tuple(BY_NAME)}")
         try:

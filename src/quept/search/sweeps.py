@@ -127,6 +127,10 @@ class SweepCache(MutableMapping[tuple[int, int], Sweep]):
 def describe_sweeps(d: Mapping[str, Any]) -> dict[str, Any]:
     """What ``quept info`` shows of a sweeps file: its width pairs and check tokens."""
     sweeps = d.get("sweeps") or []
-    return {"sweeps": [f"W{s.get('base')} -> W{s.get('alt')}" for s in sweeps
-                       if isinstance(s, Mapping)],
-            "check_shape": d.get("check_shape")}
+    shape = d.get("check_shape")
+    if not (isinstance(shape, list) and len(shape) in (2, 4)
+            and all(isinstance(n, int) for n in shape)):
+        shape = None  # a damaged cache: its shape is not shown, and plan measures it again
+    return {"sweeps": [f"W{s.get('base')} -> W{s.get('alt')}" for s in
+                       (sweeps if isinstance(sweeps, list) else []) if isinstance(s, Mapping)],
+            "check_shape": shape}

@@ -87,7 +87,7 @@ class SensitivityTable:
                 fingerprint=str(d["fingerprint"]), settings=dict(d.get("settings", {})),
                 seconds=float(d.get("seconds", 0.0)),
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise SensitivityCacheError(f"{where}: malformed entry ({e!r})") from None
         bad = [n for n, row in table.kl.items() if len(row) != len(bits)]
         if bad or set(table.group_size) != set(bits):
@@ -110,8 +110,10 @@ class SensitivityTable:
         path = Path(path)
         try:
             d = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise SensitivityCacheError(f"{path} cannot be read: {e}") from None
+        if not isinstance(d, dict):
+            raise SensitivityCacheError(f"{path} holds a JSON {type(d).__name__}, not a table")
         return cls.from_dict(d, str(path))
 
 
