@@ -67,6 +67,16 @@ def test_load_texts_bad_jsonl(tmp_path: Path, line: str, needle: str) -> None:
     assert str(path) in message and "line 2" in message and needle in message
 
 
+@pytest.mark.parametrize("name", ["latin1.txt", "latin1.jsonl"])
+def test_load_texts_that_are_not_utf8_are_named(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    path.write_bytes('{"text": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError) as info:
+        load_texts([path])
+    assert f"text file {str(path)!r} is not UTF-8 text (byte 0xe9 at offset 13)" in str(
+        info.value)
+
+
 def test_load_texts_empty_list() -> None:
     with pytest.raises(ValueError):
         load_texts([])

@@ -77,11 +77,26 @@ def load_texts(paths: Sequence[str | Path], role: str = "calib") -> str:
         if not path.is_file():
             what = "is a directory, not a file" if path.is_dir() else "does not exist"
             raise FileNotFoundError(f"text file {str(path)!r} {what}; accepted are {_ACCEPTED}")
-        if _is_jsonl(path):
-            records = _read_jsonl(path)
-            logger.info("read %d records from %s", len(records), path)
-            pieces.extend(records)
-        else:
-            pieces.append(path.read_text(encoding="utf-8"))
-            logger.info("read %s", path)
+        try:
+            if _is_jsonl(path):
+                records = _read_jsonl(path)
+                logger.info("read %d records from %s", len(records), path)
+                pieces.extend(records)
+            else:
+                pieces.append(path.read_text(encoding="utf-8"))
+                logger.info("read %s", path)
+        except UnicodeDecodeError:
+            raise ValueError(_not_utf8(path)) from None
     return TEXT_JOIN.join(pieces)
+
+
+def _not_utf8(path: Path) -> str:
+    """Why ``path`` cannot be read as text: its first byte that is not UTF-8, and where (a line
+    reader's own error counts from its buffer, not from the file's start)."""
+    where = ""
+    try:
+        path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        where = f" (byte {e.object[e.start]:#04x} at offset {e.start})"
+    return (f"text file {str(path)!r} is not UTF-8 text{where}; a text in another encoding "
+            "can be converted first, e.g. with iconv -t UTF-8")
