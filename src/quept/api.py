@@ -620,9 +620,10 @@ def folder_kind(folder: str | os.PathLike) -> str:
     return "compressed-tensors" if is_compressed_tensors(folder) else "hf"
 
 
-_HELD = {"elastic": "an elastic model", "compact": "a compact checkpoint",
+KIND_NAMES = {"elastic": "an elastic model", "compact": "a compact checkpoint",
          "packed": "a packed model", "compressed-tensors": "a compressed-tensors export",
          "onnx": "an ONNX export", "hf": "a Hugging Face model"}
+"""Each :func:`folder_kind` in words, as messages name what a folder holds."""
 
 
 def check_out_folder(out: str | os.PathLike, writes: str, flag: str = "") -> None:
@@ -631,14 +632,15 @@ def check_out_folder(out: str | os.PathLike, writes: str, flag: str = "") -> Non
     replaced, and a folder holding no model (only a calibration checkpoint, say) is used."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"{flag}{out} is a file; {_HELD[writes]} is written as a folder: "
-                          "give a folder's path")
+        raise ConfigError(f"{flag}{out} is a file; {KIND_NAMES[writes]} is written as a "
+                          "folder: give a folder's path")
     if not out.is_dir():
         return
     held = folder_kind(out)
     if held != writes and (held != "hf" or (out / "config.json").is_file()):
-        raise ConfigError(f"{flag}{out} holds {_HELD[held]}; writing {_HELD[writes]} there "
-                          "would mix the two and spoil it; give another folder")
+        raise ConfigError(f"{flag}{out} holds {KIND_NAMES[held]}; writing "
+                          f"{KIND_NAMES[writes]} there would mix the two and spoil it; give "
+                          "another folder")
 
 
 def save(model: nn.Module, folder: str | os.PathLike, config: QuEPTConfig,

@@ -75,15 +75,7 @@ def _windows(text: str) -> int | None:
     return int(text)
 
 
-def _at_least(low: int, expected: str) -> Callable[[str], int]:
-    """An argparse type: a whole number of at least ``low``; ``expected`` words the error."""
-    def parse(text: str) -> int:
-        if not text.isdigit() or int(text) < low:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return int(text)
-    return parse
-
-
+_at_least = cli_deploy.at_least
 _window_len = _at_least(2, "at least 2 tokens per window")  # all but the first are predicted
 _positive = _at_least(1, "a positive count")
 _count = _at_least(0, "0 (skip) or a positive count")  # of windows, sentences or images
@@ -670,9 +662,8 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
             _apply_plan(model, plan, path)
     else:
         if a.bits:
-            raise ConfigError(f"{folder} is a {'plain model' if kind == 'hf' else kind} folder "
-                              "(one configuration); --bits needs an elastic folder from "
-                              "`quept quantize`")
+            raise ConfigError(f"{folder} holds {api.KIND_NAMES[kind]} (one configuration); "
+                              "--bits needs an elastic folder from `quept quantize`")
         model, tok = api.load_model(folder)
         bits = []
     if a.device != "cpu":

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from quept import api
-from quept.api import folder_kind
+from quept.api import KIND_NAMES, folder_kind
 from quept.config import ConfigError, ElasticSpec, QuEPTConfig, check_bits
 from quept.export.compact import CompactConfig
 from quept.export.learned import LearnedRoundingConfig
@@ -33,6 +33,15 @@ from quept.search.plan import (
 log = logging.getLogger("quept")
 
 
+def at_least(low: int, expected: str) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``low``; ``expected`` words the error."""
+    def parse(text: str) -> int:
+        if not text.isdigit() or int(text) < low:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return int(text)
+    return parse
+
+
 def folder_config(folder: Path, kind: str) -> QuEPTConfig:
     """The configuration an elastic or compact folder records, read from its JSON alone (no
     weights), so options can be checked against its widths before a model loads."""
@@ -42,8 +51,8 @@ def folder_config(folder: Path, kind: str) -> QuEPTConfig:
         return QuEPTConfig.from_dict(read_compact_meta(folder)["config"])
     if kind == "elastic":
         return QuEPTConfig.from_dict(api.read_meta(folder)["config"])
-    raise ConfigError(f"{folder} is a {kind} folder; this needs an elastic folder (from `quept "
-                      "quantize`) or a compact checkpoint (from `quept compact`)")
+    raise ConfigError(f"{folder} holds {KIND_NAMES[kind]}; this needs an elastic folder (from "
+                      "`quept quantize`) or a compact checkpoint (from `quept compact`)")
 
 
 def check_widths(widths: int | dict[str, int], spec: ElasticSpec, what: str) -> None:
@@ -317,7 +326,8 @@ def add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("folder", help="packed folder, compressed-tensors or ONNX export, HF model "
                    "folder, or elastic/compact + --bits or --plan")
     p.add_argument("--prompt", required=True, help="prompt text")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
+    p.add_argument("--max-new-tokens", type=at_least(1, "a positive number of tokens"),
+                   default=64, help="tokens to generate")
     w = p.add_mutually_exclusive_group()
     w.add_argument("--bits", default=None,
                    help="elastic/compact folders: a width, or comma-separated widths run one "
@@ -344,7 +354,8 @@ def add_run(sub: argparse._SubParsersAction) -> None:
                    help="'quantized': keep keys and values as packed codes (models calibrated "
                    "with --kv-bits); 'float': transformers' cache; 'auto' (default): quantized "
                    "where the model quantizes its cache")
-    p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+    p.add_argument("--prefill-chunk", type=at_least(1, "a positive number of tokens"),
+                   default=None, metavar="N",
                    help="feed the prompt N tokens at a time (bounds a long prompt's working "
                    "memory; default: the whole prompt in one forward)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -368,11 +379,17 @@ def _run_configs(a: argparse.Namespace) -> list[tuple[str, Any]]:
 
 def cmd_run(a: argparse.Namespace) -> dict[str, Any]:
     folder = Path(a.folder)
+    if not a.prompt:
+        raise ConfigError("--prompt is empty; give the text to continue")
     kind = folder_kind(folder)
     configured = a.bits is not None or bool(a.plan)
-    if configured != (kind in ("elastic", "compact")):
-        raise ConfigError(f"{folder} is a {kind} folder: --bits and --plan are for elastic or "
-                          "compact folders (and one of them is required there)")
+    if kind in ("elastic", "compact") and not configured:
+        raise ConfigError(f"{folder} holds {KIND_NAMES[kind]}, which runs at any width: "
+                          "pick one with --bits (e.g. --bits 4, or --bits 4,3,2 for each in "
+                          "turn) or --plan")
+    if configured and kind not in ("elastic", "compact"):
+        raise ConfigError(f"{folder} holds {KIND_NAMES[kind]}, which runs as it was written: "
+                          "--bits and --plan pick the width of an elastic or compact folder")
     if a.fake_quant and kind not in ("elastic", "compact"):
         raise ConfigError("--fake-quant applies to elastic and compact folders")
     if a.keep_mb < 0:

@@ -133,11 +133,12 @@ def test_a_pattern_plan_is_the_plan_it_expands_to(folders, capsys, caplog):
 def test_clear_errors(folders, capsys):
     root, base, elastic = folders
     assert main(["export", str(base), "--bits", "3", "--out", str(root / "x")]) == 2
-    assert "is a hf folder" in capsys.readouterr().err
+    assert "holds a Hugging Face model; this needs an elastic folder" in capsys.readouterr().err
     assert main(["export", str(elastic), "--bits", "9", "--out", str(root / "x")]) == 2
     assert "outside 2..8" in capsys.readouterr().err
     assert main(["run", str(elastic), "--prompt", "a"]) == 2
-    assert "--bits and --plan are for elastic or compact" in capsys.readouterr().err
+    assert ("holds an elastic model, which runs at any width: pick one with --bits"
+            in capsys.readouterr().err)
     (root / "bad.json").write_text("[1, 2]")
     assert main(["export", str(elastic), "--plan", str(root / "bad.json"), "--out",
                  str(root / "x")]) == 2

@@ -262,7 +262,8 @@ def test_cli_run_errors(folders, capsys):
     assert main(["run", str(elastic), "--bits", "4,x", "--prompt", "a"]) == 2
     assert "widths separated by commas" in capsys.readouterr().err
     assert main(["run", str(root / "p3"), "--bits", "3", "--prompt", "a"]) == 2
-    assert "--bits and --plan are for elastic or compact" in capsys.readouterr().err
+    assert ("holds a packed model, which runs as it was written: --bits and --plan pick the "
+            "width of an elastic or compact folder") in capsys.readouterr().err
     assert main(["run", str(root / "p3"), "--fake-quant", "--prompt", "a"]) == 2
     assert "--fake-quant applies to elastic and compact" in capsys.readouterr().err
     assert main(["run", str(root / "p3"), "--head-bits", "8", "--prompt", "a"]) == 2
@@ -271,6 +272,12 @@ def test_cli_run_errors(folders, capsys):
     assert "--keep-mb applies to elastic and compact" in capsys.readouterr().err
     assert main(["run", str(root / "compact"), "--bits", "9", "--prompt", "a"]) == 2
     assert "bit-width 9 is outside 2..8" in capsys.readouterr().err
+    assert main(["run", str(elastic), "--bits", "3", "--prompt", ""]) == 2
+    assert "--prompt is empty" in capsys.readouterr().err
+    for option in ("--max-new-tokens", "--prefill-chunk"):
+        with pytest.raises(SystemExit):
+            main(["run", str(elastic), "--bits", "3", "--prompt", "a", option, "0"])
+        assert "expected a positive number of tokens, got '0'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("mode", ["kv-cache", "weight+activation"])
