@@ -71,6 +71,20 @@ def test_config_rejects_unknown_version_and_fields():
         CalibConfig.from_dict({"n_sample": 3})
     with pytest.raises(ConfigError, match="batch_size"):
         CalibConfig(n_samples=2, batch_size=4)
+    for rates in ({"lr_adapter": float("inf")}, {"lr_clip": float("nan")}, {"lr_act": -1.0}):
+        with pytest.raises(ConfigError, match=f"{next(iter(rates))} must be a finite rate"):
+            CalibConfig(**rates)
+    with pytest.raises(ConfigError, match="lr_adapter_groups must be one finite rate >= 0"):
+        CalibConfig(lr_adapter_groups=(1e-3, float("inf")))
+
+
+def test_cli_width_lists_name_a_width_once(capsys):
+    from quept.cli import main
+
+    for argv in (["eval", "folder", "--bits", "3,4,3"], ["quantize", "--eval-bits", "3,4,3"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert "width 3 is named twice in '3,4,3'" in capsys.readouterr().err
 
 
 def test_cli_spec_follows_the_preset_and_the_spec_options():

@@ -61,6 +61,15 @@ def _int_list(text: str) -> list[int]:
     return _numbers(text, int, "integers")
 
 
+def _width_list(text: str) -> list[int]:
+    """Widths to evaluate, each once."""
+    widths = _int_list(text)
+    twice = sorted({b for b in widths if widths.count(b) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"width {twice[0]} is named twice in {text!r}")
+    return widths
+
+
 def _float_list(text: str) -> tuple[float, ...]:
     return tuple(_numbers(text, float, "numbers"))
 
@@ -352,7 +361,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    "CPU demo under 15 minutes; the benchmark uses 32; 0 skips the table)")
     e.add_argument("--eval-seq-len", type=_window_len, default=512,
                    help="tokens per evaluation window (default 512; the paper's: 2048)")
-    e.add_argument("--eval-bits", type=_int_list, default=None,
+    e.add_argument("--eval-bits", type=_width_list, default=None,
                    help="widths to evaluate (default: every width of the spec)")
     e.add_argument("--eval-sentences", type=_count, default=None,
                    help="encoders: paragraphs of the evaluation text whose embeddings are "
@@ -554,7 +563,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("folder",
                    help="elastic, compact, packed, compressed-tensors, ONNX or HF model folder, "
                    "or a hub model id (OWNER/NAME: the float model)")
-    p.add_argument("--bits", type=_int_list, default=None,
+    p.add_argument("--bits", type=_width_list, default=None,
                    help="comma-separated widths, e.g. 2,3,4,8 (default: all widths)")
     p.add_argument("--text", nargs="+", default=None, metavar="FILE",
                    help=".txt/.jsonl evaluation text, or a hub text: wikitext2 (its test "

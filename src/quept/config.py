@@ -425,9 +425,9 @@ class CalibConfig:
                               f"{self.massive_slack}")
         if self.lr_adapter_groups is not None:
             rates = tuple(float(r) for r in self.lr_adapter_groups)
-            if not rates or not all(r >= 0 for r in rates):
-                raise ConfigError("lr_adapter_groups must be one rate >= 0 per bit group, got "
-                                  f"{self.lr_adapter_groups!r}")
+            if not rates or not all(0 <= r < math.inf for r in rates):
+                raise ConfigError("lr_adapter_groups must be one finite rate >= 0 per bit "
+                                  f"group, got {self.lr_adapter_groups!r}")
             object.__setattr__(self, "lr_adapter_groups", rates)
         for name in ("n_samples", "seq_len", "batch_size", "epochs"):
             v = getattr(self, name)
@@ -438,8 +438,9 @@ class CalibConfig:
                 f"batch_size {self.batch_size} exceeds n_samples {self.n_samples}"
             )
         for name in ("lr_adapter", "lr_clip", "lr_act"):
-            if not getattr(self, name) >= 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ConfigError(f"{name} must be a finite rate >= 0, got "
+                                  f"{getattr(self, name)}")
         if self.draw not in ("random", "balanced"):
             raise ConfigError(f"draw must be 'random' or 'balanced', got {self.draw!r}")
         if self.loss not in ("l1", "l2"):
