@@ -94,3 +94,51 @@ def test_one_width_is_evaluated_as_a_list_of_one(elastic):
     one = quept.evaluate(elastic, windows, 3, progress=False)
     assert [r.bits for r in one] == [3]
     assert one[0].ppl == quept.evaluate(elastic, windows, [3], progress=False)[0].ppl
+
+
+def test_each_evaluator_takes_its_own_task_and_inputs():
+    from quept.eval import Sentences
+    from tests.test_encoder import tiny_bert
+    from tests.test_vit import tiny_vit
+
+    vit = quept.prepare(tiny_vit(), SPEC)
+    pixels, labels = torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    assert quept.evaluate_accuracy(vit, pixels, labels, [3], progress=False)[0].bits == 3
+    for bad_pixels, says in ((pixels.long(), "float pixel values"), (pixels[:, 0], "float pixel"),
+                             (torch.rand(4, 3, 28, 28), "have 3 channels; the model takes 1"),
+                             (torch.rand(4, 1, 32, 32), "are 32x32; the model takes 28x28")):
+        with pytest.raises(ConfigError, match=says):
+            quept.evaluate_accuracy(vit, bad_pixels, labels, [3], progress=False)
+    for bad_labels, says in ((labels.float(), "labels must be \\(N,\\) integer class indices"),
+                             (labels + 20, "labels run from 2[0-9] to 2[0-9]; the model has "
+                                           "classes 0..9")):
+        with pytest.raises(ConfigError, match=says):
+            quept.evaluate_accuracy(vit, pixels, bad_labels, [3], progress=False)
+    with pytest.raises(ConfigError, match="calibration inputs are 32x32; the model takes 28x28"):
+        quept.calibrate(vit, torch.rand(2, 1, 32, 32), quept.CalibConfig(n_samples=2),
+                        progress=False)
+    with pytest.raises(ConfigError, match="a vit model is evaluated by quept.evaluate_accuracy"):
+        quept.evaluate(vit, torch.randint(0, 5, (2, 8)), [3], progress=False)
+
+    bert = quept.prepare(tiny_bert(), SPEC)
+    ids = torch.randint(0, 32, (3, 10))
+    with pytest.raises(ConfigError, match="a bert-encoder model is evaluated by "
+                                          "quept.evaluate_embeddings"):
+        quept.evaluate(bert, ids, [3], progress=False)
+    with pytest.raises(ConfigError, match="evaluate_embeddings takes quept.eval.Sentences"):
+        quept.evaluate_embeddings(bert, ids, [3], progress=False)
+    mask = torch.ones_like(ids)
+    mask[1] = 0
+    for sentences, says in ((Sentences(ids, mask), "sentence 1 has no token"),
+                            (Sentences(ids + 100, torch.ones_like(ids)),
+                             "token ids from 1[0-9][0-9] to 1[0-9][0-9]; the model's vocabulary "
+                             "is 0..31"),
+                            (Sentences(ids, mask[:, :9]), "of one shape")):
+        with pytest.raises(ConfigError, match=says):
+            quept.evaluate_embeddings(bert, sentences, [3], progress=False)
+        with pytest.raises(ConfigError, match=f"{says}|must be quept.eval.Sentences"):
+            quept.sensitivity(bert, sentences, progress=False)
+    long = torch.randint(0, 32, (2, 80))
+    with pytest.raises(ConfigError, match="calibration inputs are 80 tokens long; the model "
+                                          "has 64 positions"):
+        quept.calibrate(bert, long, quept.CalibConfig(n_samples=2), progress=False)

@@ -24,6 +24,7 @@ from quept.calib import (
     CalibCheckpoint,
     capture_block_inputs,
 )
+from quept.calib.capture import check_model_inputs
 from quept.calib.checkpoint import PROGRESS_JSON
 from quept.config import (
     CalibConfig,
@@ -75,7 +76,7 @@ from quept.search import (
     plan_from_table,
 )
 from quept.search.exact import configuration_kl, move_kl, unit_swap_kl
-from quept.search.objective import cost_number, cost_words, objective_for
+from quept.search.objective import checked_objective, cost_number, cost_words, objective_for
 from quept.search.plan import (
     GRANULARITIES,
     Constraints,
@@ -569,7 +570,7 @@ def plan_candidates(
         raise ConfigError("the in-context candidates are measured on check_ids: pass them, "
                           "or in_context=False")
     if check_ids is not None:
-        objective_for(model).check(check_ids, "check_ids")
+        checked_objective(model, check_ids, "check_ids")
     candidates: dict[str, Plan] = {}
 
     def add(p: Plan) -> None:
@@ -998,6 +999,7 @@ def evaluate(
 ) -> list[EvalRow]:
     """Perplexity of the elastic model (and optionally RTN) at each width in ``bits`` (a list
     of widths, None = float, or one width)."""
+    _check_evaluated(model, "causal-lm", windows, "evaluation windows")
     rows = _per_width(model, bits, rtn, lambda label: perplexity(
         model, windows, batch_size, progress, f"eval {label}"))
     return [EvalRow(*row) for row in rows]
@@ -1019,12 +1021,28 @@ def evaluate_accuracy(
     progress: bool = True,
 ) -> list[AccuracyRow]:
     """Top-1 accuracy of an elastic image classifier (and optionally RTN) at each width."""
+    _check_evaluated(model, "image-classification", pixel_values, "pixel values")
     rows = _per_width(model, bits, rtn, lambda label: top1_accuracy(
         model, pixel_values, labels, batch_size, progress, f"accuracy {label}"))
     return [AccuracyRow(*row) for row in rows]
 
 
 # --- helpers --------------------------------------------------------------------------------
+_EVALUATORS = {"causal-lm": "quept.evaluate (perplexity)",
+               "image-classification": "quept.evaluate_accuracy (top-1)",
+               "encoder": "quept.evaluate_embeddings (embedding fidelity)"}
+
+
+def _check_evaluated(model: nn.Module, task: str, inputs: Any, what: str) -> None:
+    """The model is of ``task`` (else the evaluator that fits it is named) and ``inputs`` are
+    what it runs on (:func:`quept.calib.capture.check_model_inputs`)."""
+    fam = family_for(model)
+    if fam.task != task:
+        raise ConfigError(f"a {fam.name} model is evaluated by {_EVALUATORS[fam.task]}, not by "
+                          f"{_EVALUATORS[task]}")
+    check_model_inputs(model, fam, inputs, what)
+
+
 def _spec_of(model: nn.Module) -> ElasticSpec:
     spec = getattr(model, "quept_spec", None)
     if spec is None:
@@ -1114,6 +1132,11 @@ def evaluate_embeddings(
 ) -> list[EmbeddingRow]:
     """Embedding fidelity of an elastic encoder (and optionally RTN) at each width in ``bits``
     against its own float embeddings of ``sentences`` (:func:`quept.eval.sentences_from_text`)."""
+    if not isinstance(sentences, Sentences):
+        raise ConfigError("evaluate_embeddings takes quept.eval.Sentences (token ids and their "
+                          f"attention mask; quept.eval.sentences_from_text makes them), got "
+                          f"{type(sentences).__name__}")
+    _check_evaluated(model, "encoder", sentences, "sentences")
     set_bits(model, None)
     ref = sentence_embeddings(model, sentences, batch_size, progress, "embed float")
     rows = _per_width(model, bits, rtn, lambda label: fidelity(

@@ -254,7 +254,8 @@ def test_inputs_of_the_wrong_kind_are_refused_by_name():
     from tests.test_swin_deit import tiny as tiny_classifier
 
     vit = quept.prepare(tiny_classifier("vit"), SPEC)
-    with pytest.raises(ConfigError, match="image classifier must be \\(N, C, H, W\\) float"):
+    with pytest.raises(ConfigError, match="must be \\(N, C, H, W\\) float pixel values "
+                                          "with N >= 1 for an image classifier"):
         quept.calibrate(vit, ids(), CFG, progress=False)
 
 
@@ -340,7 +341,7 @@ def test_adapter_rate_per_group_moves_only_the_slices_given_a_rate():
 def test_adapter_rates_must_match_the_bit_groups():
     with pytest.raises(ValueError, match="one rate per group"):
         calibrated(cfg=replace(CFG, lr_adapter_groups=(1e-3, 1e-3)))
-    with pytest.raises(ValueError, match="one rate >= 0 per bit group"):
+    with pytest.raises(ValueError, match="one finite rate >= 0 per bit group"):
         replace(CFG, lr_adapter_groups=(1e-3, -1.0, 1e-3, 1e-3))
     cfg = replace(CFG, lr_adapter_groups=[1e-3, 0, 1e-3, 2e-3])
     assert cfg.lr_adapter_groups == (1e-3, 0.0, 1e-3, 2e-3)

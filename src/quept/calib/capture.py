@@ -20,18 +20,49 @@ class _Captured(Exception):
     pass
 
 
+FIXED_SIZE_FAMILIES = ("vit", "deit")  # one learned position embedding per patch of one size
+
+
 def check_model_inputs(model: nn.Module, family: Family, inputs: object,
                        what: str = "calibration inputs") -> None:
-    """``inputs`` must be what ``family`` runs on: (N, T) integer token ids within the
-    vocabulary for a text model, (N, C, H, W) float pixel values for an image classifier."""
+    """``inputs`` must be what ``family`` runs on: for a text model (N, T) integer token ids
+    within the vocabulary (for an encoder also within its positions, or
+    :class:`quept.eval.Sentences` whose attention mask keeps a token of every sentence); for
+    an image classifier (N, C, H, W) float pixel values with the model's channels (and, for
+    ViT and DeiT, its image size)."""
+    from quept.eval.embedding import Sentences
+
+    cfg = getattr(model, "config", None)
+    if not family.is_text:
+        shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else None
+        if shape is None or len(shape) != 4 or not inputs.is_floating_point() or 0 in shape:
+            got = (f"{inputs.dtype} of shape {shape}" if shape is not None
+                   else type(inputs).__name__)
+            raise ConfigError(f"{what} must be (N, C, H, W) float pixel values with N >= 1 for "
+                              f"an image classifier, got {got}")
+        channels = getattr(cfg, "num_channels", None)
+        if channels is not None and shape[1] != channels:
+            raise ConfigError(f"{what} have {shape[1]} channels; the model takes {channels}")
+        size = getattr(cfg, "image_size", None)
+        if family.name in FIXED_SIZE_FAMILIES and size is not None:
+            size = (size, size) if isinstance(size, int) else tuple(size)
+            if shape[2:] != size:
+                raise ConfigError(f"{what} are {shape[2]}x{shape[3]}; the model takes "
+                                  f"{size[0]}x{size[1]} images")
+        return
+    if family.task == "encoder" and isinstance(inputs, Sentences):
+        ids, mask = inputs.input_ids, inputs.attention_mask
+        if not isinstance(mask, torch.Tensor) or not isinstance(ids, torch.Tensor) or (
+                mask.shape != ids.shape):
+            raise ConfigError(f"{what}: the attention mask and the token ids must be tensors "
+                              "of one shape (N, T)")
+        if ids.dim() == 2 and 0 not in ids.shape and not mask.any(1).all():
+            raise ConfigError(f"{what}: sentence {int((~mask.any(1)).nonzero()[0])} has no "
+                              "token (its attention mask is all 0)")
+        inputs = ids
     if not isinstance(inputs, torch.Tensor):
         raise ConfigError(f"{what} must be a torch.Tensor, got {type(inputs).__name__}")
     shape = tuple(inputs.shape)
-    if not family.is_text:
-        if inputs.dim() != 4 or not inputs.is_floating_point() or 0 in shape:
-            raise ConfigError(f"{what} of an image classifier must be (N, C, H, W) float pixel "
-                              f"values, got {inputs.dtype} of shape {shape}")
-        return
     if inputs.dim() != 2 or inputs.is_floating_point() or inputs.is_complex() or 0 in shape:
         raise ConfigError(f"{what} must be (N, T) integer token ids with N, T >= 1, got "
                           f"{inputs.dtype} of shape {shape}")
@@ -40,6 +71,10 @@ def check_model_inputs(model: nn.Module, family: Family, inputs: object,
     if vocab is not None and (int(inputs.min()) < 0 or int(inputs.max()) >= vocab):
         raise ConfigError(f"{what} hold token ids from {int(inputs.min())} to "
                           f"{int(inputs.max())}; the model's vocabulary is 0..{vocab - 1}")
+    positions = getattr(cfg, "max_position_embeddings", None)
+    if family.task == "encoder" and positions is not None and shape[1] > positions:
+        raise ConfigError(f"{what} are {shape[1]} tokens long; the model has {positions} "
+                          "positions")
 
 
 @torch.no_grad()

@@ -6,13 +6,27 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from quept.config import ConfigError
+
 
 @torch.no_grad()
 def top1_accuracy(model: nn.Module, pixel_values: torch.Tensor, labels: torch.Tensor,
                   batch_size: int = 256, progress: bool = False, desc: str = "accuracy") -> float:
     """Share of ``pixel_values`` (N, C, H, W) whose highest logit is the label (N,)."""
+    if (not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.is_floating_point()
+            or labels.is_complex() or labels.numel() == 0):
+        got = (f"{labels.dtype} of shape {tuple(labels.shape)}"
+               if isinstance(labels, torch.Tensor) else type(labels).__name__)
+        raise ConfigError(f"{desc}: labels must be (N,) integer class indices with N >= 1, got "
+                          f"{got}")
     if pixel_values.shape[0] != labels.shape[0]:
-        raise ValueError(f"{pixel_values.shape[0]} images but {labels.shape[0]} labels")
+        raise ConfigError(f"{pixel_values.shape[0]} images but {labels.shape[0]} labels")
+    classes = getattr(getattr(model, "config", None), "num_labels", None)
+    if classes is not None and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+        raise ConfigError(f"{desc}: labels run from {int(labels.min())} to "
+                          f"{int(labels.max())}; the model has classes 0..{classes - 1}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"{desc}: batch_size must be a positive integer, got {batch_size!r}")
     device = next(model.parameters()).device
     correct = 0
     for i in tqdm(range(0, labels.shape[0], batch_size), disable=not progress, desc=desc,

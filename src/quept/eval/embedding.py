@@ -54,6 +54,8 @@ def sentence_embeddings(model: nn.Module, sentences: Sentences, batch_size: int 
     if limit is not None and sentences.input_ids.shape[1] > limit:
         raise ValueError(f"sentences of {sentences.input_ids.shape[1]} tokens are longer than the "
                          f"model's {limit} positions: pass a smaller max_len")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"{desc}: batch_size must be a positive integer, got {batch_size!r}")
     device = next(model.parameters()).device
     out = []
     n = sentences.input_ids.shape[0]

@@ -208,6 +208,19 @@ def objective_for(model: nn.Module) -> Objective:
     return OBJECTIVES[family_for(model).task]()
 
 
+def checked_objective(model: nn.Module, inputs: Any, what: str = "inputs") -> Objective:
+    """The objective of ``model`` once ``inputs`` are checked: of the shape it measures, and
+    what the model runs on (its vocabulary, channels, image size or positions:
+    :func:`quept.calib.capture.check_model_inputs`)."""
+    from quept.calib.capture import check_model_inputs
+    from quept.models import family_for
+
+    objective = objective_for(model)
+    objective.check(inputs, what)
+    check_model_inputs(model, family_for(model), inputs, what)
+    return objective
+
+
 def cost_words(name: str) -> str:
     """What the costs of objective ``name`` are: "KL per token", "1 - cosine per sentence"."""
     cls = BY_NAME[name]

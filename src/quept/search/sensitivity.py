@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from quept.config import ConfigError, check_bits
 from quept.nn import ElasticLinear, elastic_layers, set_bits
 from quept.search.exact import exact_sensitivity
-from quept.search.objective import NextTokenKL, Objective, objective_for
+from quept.search.objective import NextTokenKL, Objective, checked_objective
 from quept.search.table import LayerShape, SensitivityTable, fingerprint
 
 log = logging.getLogger(__name__)
@@ -229,8 +229,7 @@ def estimate_sensitivity(
     ``config.method`` for the slow protocol instead.
     """
     config = config or SensitivityConfig()
-    objective = objective_for(model)
-    objective.check(input_ids)
+    objective = checked_objective(model, input_ids)
     spec = getattr(model, "quept_spec", None)
     layers = elastic_layers(model)
     if spec is None or not layers:
