@@ -172,3 +172,21 @@ def test_devices_are_checked_before_work():
         check_device("cuda:1", "--device")
     assert main(["quantize", "--preset", "paper", "--out", "never-written"]) == 2
     assert main(["eval", "no-such-folder", "--device", "cuda"]) == 2
+
+
+def test_json_fields_are_checked_by_kind():
+    from quept.config import check_json_fields, is_json_kind
+
+    assert is_json_kind(3, float) and is_json_kind(3.5, float) and not is_json_kind(True, float)
+    assert is_json_kind(3, int) and not is_json_kind(3.0, int) and not is_json_kind(False, int)
+    assert is_json_kind("mixed", (int, str)) and not is_json_kind(None, (int, str))
+    fields = {"bits": (int, str), "layers": dict}
+    check_json_fields({"bits": 3, "layers": {}}, fields, "m.json", ConfigError,
+                      optional={"head": dict})
+    for d, says in (({"layers": {}}, "m.json is damaged: it holds no 'bits', which should be a "
+                                     "JSON integer or string"),
+                    ({"bits": True, "layers": {}}, "a JSON boolean as 'bits'"),
+                    ({"bits": 3, "layers": {}, "head": []}, "a JSON array as 'head', which "
+                                                           "should be a JSON object")):
+        with pytest.raises(ConfigError, match=says):
+            check_json_fields(d, fields, "m.json", ConfigError, optional={"head": dict})

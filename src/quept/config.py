@@ -74,16 +74,16 @@ def check_json_fields(d: Mapping[str, Any], fields: Mapping[str, JsonKind],
                       where: str | os.PathLike, error: Callable[[str], Exception],
                       optional: Mapping[str, JsonKind] | None = None) -> None:
     """Each key of ``fields`` is in ``d`` (an object read from the JSON file ``where``) with a
-    value of its kind (:func:`is_json_kind`); each key of ``optional`` may also be missing.
+    value of its kind (:func:`is_json_kind`); each key of ``optional`` may be missing, and
+    where present is checked the same way.
     A key that is missing or holds another kind raises ``error(message)`` naming the file,
     the key, what it holds and what it should hold."""
     for key, kind in {**fields, **(optional or {})}.items():
-        if key not in d and key not in fields:
-            continue
         if key not in d:
-            raise error(f"{where} is damaged: it holds no {key!r}, which should be a JSON "
-                        f"{_json_name(kind)}")
-        if not is_json_kind(d[key], kind):
+            if key in fields:
+                raise error(f"{where} is damaged: it holds no {key!r}, which should be a JSON "
+                            f"{_json_name(kind)}")
+        elif not is_json_kind(d[key], kind):
             raise error(f"{where} is damaged: it holds a JSON {_json_name(type(d[key]))} as "
                         f"{key!r}, which should be a JSON {_json_name(kind)}")
 
