@@ -69,3 +69,38 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_the_test_one():
     assert run.endswith("quept quantize") and "torch==2.13.0" in run
     assert test.endswith("python3 -m pytest -q") and "torch==2.13.0" in test
     assert test in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+API_EXTRAS = ("export", "load_packed", "save_compact", "load_compact", "plan_candidates")
+"""Public functions of quept.api that the package does not re-export (docs/api.md)."""
+
+
+def call_form(name: str, fn) -> str:
+    """``name(a, b=1, *, c=None)``: the call a reader writes, arguments and defaults only."""
+    import inspect
+
+    parts, star = [], False
+    for p in inspect.signature(fn).parameters.values():
+        if p.kind == p.KEYWORD_ONLY and not star:
+            parts.append("*")
+            star = True
+        parts.append(p.name if p.default is p.empty else f"{p.name}={p.default!r}")
+    return f"{name}({', '.join(parts)})"
+
+
+def test_the_api_page_lists_every_public_function_with_its_arguments():
+    import inspect
+
+    import quept
+    from quept import api
+
+    page = (ROOT / "docs" / "api.md").read_text()
+    headings = set(re.findall(r"^### `(.+)`$", page, flags=re.M))
+    expected = {call_form(f"quept.{n}", getattr(quept, n)) for n in quept.__all__
+                if inspect.isfunction(getattr(quept, n))}
+    expected |= {call_form(f"quept.api.{n}", getattr(api, n)) for n in API_EXTRAS}
+    assert not expected - headings, f"docs/api.md lacks or misstates {sorted(expected - headings)}"
+    assert not headings - expected, f"docs/api.md names what is not there: {headings - expected}"
+    unnamed = [n for n in quept.__all__ if not inspect.isfunction(getattr(quept, n))
+               and f"`quept.{n}`" not in page]
+    assert not unnamed, f"docs/api.md does not name {unnamed}"

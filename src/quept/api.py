@@ -689,6 +689,9 @@ def record_evaluation(folder: str | os.PathLike, evaluation: Mapping[str, Any]) 
 
 
 def read_meta(folder: str | os.PathLike) -> dict[str, Any]:
+    """The JSON of the elastic folder ``folder``, checked: its format, and a config, base model,
+    model type, base fingerprint and layers of the right kinds (else :class:`ArtifactError`
+    naming the file and field)."""
     folder = Path(folder)
     path = folder / ELASTIC_JSON
     if not path.is_file():
@@ -1174,6 +1177,9 @@ def evaluate_tasks(
 
 def windows_from_text(tokenizer: Any, text: str, seq_len: int = 512,
                       n_windows: int | None = 32) -> torch.Tensor:
+    """The first ``n_windows`` non-overlapping windows of ``seq_len`` tokens of ``text``
+    ((n_windows, seq_len) token ids, for :func:`evaluate`); ``n_windows=None``: every full
+    window."""
     return eval_windows(tokenize(tokenizer, text), seq_len, n_windows)
 
 
