@@ -142,3 +142,15 @@ def test_each_evaluator_takes_its_own_task_and_inputs():
     with pytest.raises(ConfigError, match="calibration inputs are 80 tokens long; the model "
                                           "has 64 positions"):
         quept.calibrate(bert, long, quept.CalibConfig(n_samples=2), progress=False)
+
+
+def test_head_bits_are_refused_for_a_model_without_a_vocabulary_head(tmp_path):
+    from quept.export.packed import PackedFormatError
+    from tests.test_encoder import tiny_bert
+    from tests.test_vit import tiny_vit
+
+    for model in (tiny_bert(), tiny_vit()):
+        quept.prepare(model, SPEC)
+        with pytest.raises(PackedFormatError, match=f"a {model.config.model_type} model has no "
+                                                    "output head over the vocabulary"):
+            quept.api.export(model, 3, tmp_path / model.config.model_type, head_bits=8)

@@ -102,6 +102,9 @@ def pack_head(model: nn.Module, bits: int, scale_dtype: str = "float16"
     same buffers. Returns ``{module name: packed module}``."""
     check_bits(bits)
     head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise PackedFormatError(f"a {model.config.model_type} model has no output head over the "
+                                "vocabulary to pack: head bits apply to a causal LM's head")
     names = {id(m): n for n, m in model.named_modules()}
     gs = HEAD_GROUP_SIZE if head.in_features % HEAD_GROUP_SIZE == 0 else 0
     dt = SCALE_DTYPES[scale_dtype]
