@@ -31,6 +31,7 @@ from quept.config import (
 from quept.data.hub import hub_model_dir, is_repo_id
 from quept.data.text import names_hub_text
 from quept.eval import Sentences
+from quept.lock import writing
 from quept.nn import elastic_layers
 from quept.search import Constraint, Plan, SensitivityConfig, feasible_range, parse_size
 from quept.search.constraints import constraint_texts
@@ -431,6 +432,12 @@ def cmd_quantize(a: argparse.Namespace) -> dict[str, Any]:
     cfg = _configs(a)
     check_device(cfg.calib.device, "--device" if a.device else f"the {a.preset!r} preset's device")
     out = cli_deploy.check_out(a.out, "folder", writes="elastic")
+    with writing(out, "quept quantize"):
+        return _quantize(a, cfg, out, t0)
+
+
+def _quantize(a: argparse.Namespace, cfg: QuEPTConfig, out: Path, t0: float) -> dict[str, Any]:
+    """`quept quantize` into ``out``, which this process holds (:func:`quept.lock.writing`)."""
     replaces = (out / api.ELASTIC_JSON).is_file()
     if replaces:
         log.warning("%s already holds an elastic model: this calibration replaces it when it "
