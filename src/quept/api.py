@@ -8,6 +8,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,8 @@ def resolve_model_dir(model: str | os.PathLike | None) -> Path:
     path = Path(model)
     if not path.exists() and is_repo_id(str(model)):
         return hub_model_dir(str(model))
+    if path.is_dir():
+        readable_kind(path)
     if (path / CHECKPOINT_DIR / PROGRESS_JSON).is_file() and not (path / ELASTIC_JSON).is_file():
         raise ArtifactError(
             f"{path} holds an unfinished calibration (its {CHECKPOINT_DIR}), not a model yet: "
@@ -606,12 +609,20 @@ def plan_candidates(
 
 
 # --- save / load ----------------------------------------------------------------------------
+UNFINISHED = ".quept-unfinished"
+"""The file an export or compact checkpoint is written under: made first, removed last, so a
+folder whose writing was stopped is known as such (:func:`writing_folder`)."""
+
+
 def folder_kind(folder: str | os.PathLike) -> str:
     """"packed", "compact", "elastic", "compressed-tensors", "onnx" or "hf" (a plain Hugging
-    Face model folder, or a folder holding none of these)."""
+    Face model folder, or a folder holding none of these); "unfinished" for a folder whose
+    writing was stopped before it ended (:func:`writing_folder`)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} does not exist or is not a folder")
+    if (folder / UNFINISHED).is_file():
+        return "unfinished"
     for name, kind in ((PACKED_JSON, "packed"), (_compact.COMPACT_JSON, "compact"),
                        (ELASTIC_JSON, "elastic")):
         if (folder / name).is_file():
@@ -622,9 +633,52 @@ def folder_kind(folder: str | os.PathLike) -> str:
 
 
 KIND_NAMES = {"elastic": "an elastic model", "compact": "a compact checkpoint",
-         "packed": "a packed model", "compressed-tensors": "a compressed-tensors export",
-         "onnx": "an ONNX export", "hf": "a Hugging Face model"}
+              "packed": "a packed model", "compressed-tensors": "a compressed-tensors export",
+              "onnx": "an ONNX export", "hf": "a Hugging Face model",
+              "unfinished": "an unfinished write"}
 """Each :func:`folder_kind` in words, as messages name what a folder holds."""
+
+
+def readable_kind(folder: str | os.PathLike) -> str:
+    """The :func:`folder_kind` of a folder about to be read; one whose writing was stopped is
+    refused by name."""
+    kind = folder_kind(folder)
+    if kind == "unfinished":
+        what = (Path(folder) / UNFINISHED).read_text().strip() or "a model"
+        raise ArtifactError(f"{folder} holds {what} whose writing was stopped before it ended; "
+                            "run the command that wrote it again (same --out), or delete the "
+                            "folder")
+    return kind
+
+
+@contextmanager
+def writing_folder(out: str | os.PathLike, kind: str) -> Iterator[Path]:
+    """Write a folder of ``kind`` (a :func:`folder_kind` name) under the :data:`UNFINISHED`
+    marker: made before the first file, removed after the last, so a write stopped half way
+    (Ctrl-C, a crash, a full disk) leaves a folder every reader refuses by name and the next
+    write of it replaces, not one that passes for a Hugging Face model. A write that stops
+    before it changed any file (a bad argument found by the writer) takes the marker away
+    again, and a folder it made."""
+    out = Path(out)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / UNFINISHED
+
+    def files() -> dict[str, tuple[int, int]]:
+        return {f.name: (f.stat().st_mtime_ns, f.stat().st_size) for f in out.iterdir()
+                if f.name != UNFINISHED}
+
+    before = files()
+    marker.write_text(KIND_NAMES[kind])
+    try:
+        yield out
+    except BaseException:
+        if files() == before:
+            marker.unlink()
+            if created and not any(out.iterdir()):
+                out.rmdir()
+        raise
+    marker.unlink()
 
 
 def check_out_folder(out: str | os.PathLike, writes: str, flag: str = "") -> None:
@@ -638,7 +692,7 @@ def check_out_folder(out: str | os.PathLike, writes: str, flag: str = "") -> Non
     if not out.is_dir():
         return
     held = folder_kind(out)
-    if held != writes and (held != "hf" or (out / "config.json").is_file()):
+    if held not in (writes, "unfinished") and (held != "hf" or (out / "config.json").is_file()):
         raise ConfigError(f"{flag}{out} holds {KIND_NAMES[held]}; writing "
                           f"{KIND_NAMES[writes]} there would mix the two and spoil it; give "
                           "another folder")
@@ -759,8 +813,25 @@ def export(model: nn.Module, bits_or_plan: int | Mapping[str, int] | Plan,
     ``model.onnx`` for ONNX Runtime (MatMulNBits layers; ``accuracy_level`` 4 lets its CPU
     kernels compute with int8 activations). Returns a summary (the packed folder's JSON)."""
     widths = as_layer_widths(bits_or_plan)
-    if format in EXPORT_KINDS:
-        check_out_folder(out, EXPORT_KINDS[format])
+    if format not in EXPORT_FORMATS:
+        raise ConfigError(f"export format {format!r} is not one of {EXPORT_FORMATS}")
+    if format == "gguf":
+        from quept.export.gguf import write_gguf
+
+        result = write_gguf(model, tokenizer, out, widths)
+        return {"format": "gguf", "path": str(out),
+                **(result if isinstance(result, Mapping) else {})}
+    check_out_folder(out, EXPORT_KINDS[format])
+    with writing_folder(out, EXPORT_KINDS[format]):
+        return _export_folder(model, widths, out, format, tokenizer=tokenizer,
+                              scale_dtype=scale_dtype, head_bits=head_bits,
+                              accuracy_level=accuracy_level)
+
+
+def _export_folder(model: nn.Module, widths: Any, out: str | os.PathLike, format: str, *,
+                   tokenizer: Any, scale_dtype: str, head_bits: int | None,
+                   accuracy_level: int) -> dict[str, Any]:
+    """:func:`export` of a folder format, once its folder is checked and marked."""
     if format == "quept":
         source = {"base_model": getattr(model, "quept_source", DEFAULT_MODEL)}
         layers = elastic_layers(model)
@@ -769,26 +840,19 @@ def export(model: nn.Module, bits_or_plan: int | Mapping[str, int] | Plan,
             source["rounding"] = getattr(model, "quept_rounding", "gptq")
         return write_packed(model, widths, out, tokenizer, scale_dtype=scale_dtype,
                             head_bits=head_bits, provenance=source)
-    if format == "gguf":
-        from quept.export.gguf import write_gguf
-
-        result = write_gguf(model, tokenizer, out, widths)
-        return {"format": "gguf", "path": str(out),
-                **(result if isinstance(result, Mapping) else {})}
     if format == "compressed-tensors":
         from quept.export.ct_format import write_compressed_tensors
 
         return write_compressed_tensors(model, tokenizer, out, widths, scale_dtype=scale_dtype)
-    if format == "onnx":
-        from quept.export.onnx_format import write_onnx
+    from quept.export.onnx_format import write_onnx
 
-        return write_onnx(model, tokenizer, out, widths, accuracy_level=accuracy_level)
-    raise ConfigError(f"export format {format!r} is not one of {EXPORT_FORMATS}")
+    return write_onnx(model, tokenizer, out, widths, accuracy_level=accuracy_level)
 
 
 def load_packed(folder: str | os.PathLike, backend: str = "auto") -> tuple[nn.Module, Any]:
     """A packed folder's model (inference modules only, built on meta then filled) and
     tokenizer."""
+    readable_kind(folder)
     net = _load_packed(folder, backend=backend)
     net.quept_source = str(folder)
     return net, _folder_tokenizer(folder)
@@ -804,12 +868,14 @@ def save_compact(model: nn.Module, folder: str | os.PathLike, config: QuEPTConfi
                           f"spec), got {type(config).__name__}")
     check_out_folder(folder, "compact")
     source = {"base_model": getattr(model, "quept_source", DEFAULT_MODEL)}
-    return _compact.save_compact(model, folder, tokenizer, config, compact, source)
+    with writing_folder(folder, "compact"):
+        return _compact.save_compact(model, folder, tokenizer, config, compact, source)
 
 
 def load_compact(folder: str | os.PathLike) -> tuple[nn.Module, Any]:
     """The elastic model of a compact checkpoint (its weights are the dequantized master) and
     its tokenizer; it switches widths and exports like a calibrated model."""
+    readable_kind(folder)
     net, meta = _compact_shell(folder)
     net.quept_compact = _compact.restore_compact(net, folder)
     net.eval().requires_grad_(False)

@@ -627,7 +627,7 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
         folder = hub_model_dir(a.folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} does not exist or is not a folder")
-    kind = cli_deploy.folder_kind(folder)
+    kind = api.readable_kind(folder)
     plans = _load_plans(a.plan or [])
     if kind in ("elastic", "compact"):  # widths and texts checked before the model loads
         spec = cli_deploy.folder_config(folder, kind).spec

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from quept import api
-from quept.api import KIND_NAMES, folder_kind
+from quept.api import KIND_NAMES, readable_kind
 from quept.config import ConfigError, ElasticSpec, QuEPTConfig, check_bits
 from quept.export.compact import CompactConfig
 from quept.export.learned import LearnedRoundingConfig
@@ -127,7 +127,7 @@ def cmd_compact(a: argparse.Namespace) -> dict[str, Any]:
     folder = Path(a.folder)
     check_out(a.out, "folder", source=folder, writes="compact")
     ccfg = CompactConfig(master_bits=a.master_bits, clip_bits=a.clip_bits)
-    model, tok, cfg = _load_elastic(folder, folder_kind(folder), a.model)
+    model, tok, cfg = _load_elastic(folder, readable_kind(folder), a.model)
     meta = api.save_compact(model, a.out, cfg, tok, ccfg)
     s = meta["sizes"]
     if not a.json:
@@ -250,7 +250,7 @@ def cmd_export(a: argparse.Namespace) -> dict[str, Any]:
     for flag, given in (("--iters", a.iters is not None), ("--bf16", a.bf16)):
         if given and a.rounding != "learned":
             raise ConfigError(f"{flag} applies to --rounding learned")
-    kind = folder_kind(folder)
+    kind = readable_kind(folder)
     given = a.bits if a.bits is not None else read_plan(a.plan)  # int, Plan or hand-written
     plan = as_layer_widths(given)
     check_widths(plan, folder_config(folder, kind).spec,
@@ -381,7 +381,7 @@ def cmd_run(a: argparse.Namespace) -> dict[str, Any]:
     folder = Path(a.folder)
     if not a.prompt:
         raise ConfigError("--prompt is empty; give the text to continue")
-    kind = folder_kind(folder)
+    kind = readable_kind(folder)
     configured = a.bits is not None or bool(a.plan)
     if kind in ("elastic", "compact") and not configured:
         raise ConfigError(f"{folder} holds {KIND_NAMES[kind]}, which runs at any width: "

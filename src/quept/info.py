@@ -24,8 +24,8 @@ from quept.api import (
     SENSITIVITY_JSON,
     SWEEPS_JSON,
     ArtifactError,
-    folder_kind,
     read_meta,
+    readable_kind,
 )
 from quept.calib.checkpoint import CHECKPOINT_DIR, PROGRESS_JSON
 from quept.config import (
@@ -65,7 +65,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
                             "from `quept plan`, or a folder (elastic, compact, packed, "
                             "compressed-tensors, ONNX or Hugging Face model)")
         return _gguf(path)
-    kind = folder_kind(path)
+    kind = readable_kind(path)
     if kind == "hf" and not (path / "config.json").is_file():
         for ckpt in (path / CHECKPOINT_DIR, path):
             if (ckpt / PROGRESS_JSON).is_file():

@@ -284,7 +284,6 @@ def write_gguf(
     """Write ``model`` (a loaded elastic LLaMA) at ``bits`` (int or {layer name: bits | None})
     as a GGUF file llama.cpp runs. Non-quantized matrices (embeddings, untied output head, float
     layers of a plan) are stored as ``float_type`` ("f16" or "f32"), norms as F32."""
-    import gguf
 
     float_dtypes = {"f16": np.dtype(np.float16), "f32": np.dtype(np.float32)}
     if float_type not in float_dtypes:
@@ -293,13 +292,31 @@ def write_gguf(
     plan = _resolve_plan(model, bits)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + ".partial")  # renamed to ``path`` once whole
+    try:
+        counts = _write_file(part, model, tokenizer, plan, float_dtypes[float_type], name,
+                             pre_tokenizer)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    os.replace(part, path)
+    log.info("wrote %s (%.1f MB): %s", path, path.stat().st_size / 1e6, dict(counts))
+    return path
+
+
+def _write_file(path: Path, model: nn.Module, tokenizer: Any, plan: Mapping[str, int | None],
+                float_dtype: Any, name: str | None, pre_tokenizer: str | None
+                ) -> Counter[str]:
+    """Write the GGUF file ``path``; the tensor types written, counted."""
+    import gguf
+
     cfg = model.config
     writer = gguf.GGUFWriter(str(path), "llama")
     source = Path(str(getattr(cfg, "name_or_path", "") or "model")).name
     _add_hparams(writer, cfg, name or f"{source} (quept)")
     _add_tokenizer(writer, tokenizer, cfg.vocab_size, pre_tokenizer)
     counts: Counter[str] = Counter()
-    for tname, data, qtype in _tensors(model, plan, float_dtypes[float_type]):
+    for tname, data, qtype in _tensors(model, plan, float_dtype):
         raw = gguf.GGMLQuantizationType[qtype] if data.dtype == np.uint8 else None
         writer.add_tensor(tname, data, raw_dtype=raw)
         counts[qtype] += 1
@@ -311,5 +328,4 @@ def write_gguf(
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    log.info("wrote %s (%.1f MB): %s", path, path.stat().st_size / 1e6, dict(counts))
-    return path
+    return counts
