@@ -190,3 +190,16 @@ def test_json_fields_are_checked_by_kind():
                                                            "should be a JSON object")):
         with pytest.raises(ConfigError, match=says):
             check_json_fields(d, fields, "m.json", ConfigError, optional={"head": dict})
+
+
+def test_a_missing_optional_package_is_named_with_the_extra_that_installs_it(
+        monkeypatch, tmp_path, capsys):
+    import sys
+
+    from quept.cli import main
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if it were not installed
+    assert main(["quantize", "--out", str(tmp_path / "out")]) == 2
+    assert ("this needs the transformers package, which is not installed: pip install "
+            "'quept[hf]'") in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import json
 import logging
 import sys
@@ -1385,6 +1386,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+EXTRAS = {"transformers": "hf", "gguf": "hf", "rdata": "hf", "datasets": "hub",
+          "lm_eval": "lmeval", "accelerate": "lmeval", "compressed_tensors": "ct",
+          "onnx": "onnx", "onnxscript": "onnx", "onnxruntime": "onnx",
+          "onnxruntime_genai": "onnx", "matplotlib": "bench"}
+"""The optional package each import needs, by the extra of pyproject.toml that installs it."""
+
+
+def _missing_package(e: ImportError) -> str:
+    """What to install for a failed import: the extra that brings a package that is not
+    installed; an installed package that fails to import is reported as it failed."""
+    top = (e.name or "").partition(".")[0]
+    if top and importlib.util.find_spec(top) is None:
+        extra = EXTRAS.get(top)
+        how = f"pip install 'quept[{extra}]'" if extra else f"pip install {top}"
+        return f"this needs the {top} package, which is not installed: {how}"
+    return f"a package failed to import ({e}); reinstalling it may help"
+
+
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     _read_texts.cache_clear()  # texts are read afresh by every command
@@ -1397,6 +1416,9 @@ def main(argv: list[str] | None = None) -> int:
         result = a.func(a)
     except (ConfigError, OSError, ValueError, RuntimeError, ArithmeticError) as e:
         print(f"quept: error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:
+        print(f"quept: error: {_missing_package(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         print(f"\nquept: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
