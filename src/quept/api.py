@@ -8,7 +8,6 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +65,7 @@ from quept.nn.state import load_elastic_state
 from quept.nn.switch import plan_widths
 from quept.ops import GroupSizeError, stored_bits_per_weight
 from quept.ops.quant import is_power_of_two
+from quept.outputs import marked, unfinished
 from quept.search import (
     LayerShape,
     Plan,
@@ -609,19 +609,14 @@ def plan_candidates(
 
 
 # --- save / load ----------------------------------------------------------------------------
-UNFINISHED = ".quept-unfinished"
-"""The file an export or compact checkpoint is written under: made first, removed last, so a
-folder whose writing was stopped is known as such (:func:`writing_folder`)."""
-
-
 def folder_kind(folder: str | os.PathLike) -> str:
     """"packed", "compact", "elastic", "compressed-tensors", "onnx" or "hf" (a plain Hugging
     Face model folder, or a folder holding none of these); "unfinished" for a folder whose
-    writing was stopped before it ended (:func:`writing_folder`)."""
+    writing was stopped before it ended (:func:`quept.outputs.marked`)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} does not exist or is not a folder")
-    if (folder / UNFINISHED).is_file():
+    if unfinished(folder) is not None:
         return "unfinished"
     for name, kind in ((PACKED_JSON, "packed"), (_compact.COMPACT_JSON, "compact"),
                        (ELASTIC_JSON, "elastic")):
@@ -644,41 +639,10 @@ def readable_kind(folder: str | os.PathLike) -> str:
     refused by name."""
     kind = folder_kind(folder)
     if kind == "unfinished":
-        what = (Path(folder) / UNFINISHED).read_text().strip() or "a model"
-        raise ArtifactError(f"{folder} holds {what} whose writing was stopped before it ended; "
-                            "run the command that wrote it again (same --out), or delete the "
-                            "folder")
+        raise ArtifactError(f"{folder} holds {unfinished(folder)} whose writing was stopped "
+                            "before it ended; run the command that wrote it again (same "
+                            "--out), or delete the folder")
     return kind
-
-
-@contextmanager
-def writing_folder(out: str | os.PathLike, kind: str) -> Iterator[Path]:
-    """Write a folder of ``kind`` (a :func:`folder_kind` name) under the :data:`UNFINISHED`
-    marker: made before the first file, removed after the last, so a write stopped half way
-    (Ctrl-C, a crash, a full disk) leaves a folder every reader refuses by name and the next
-    write of it replaces, not one that passes for a Hugging Face model. A write that stops
-    before it changed any file (a bad argument found by the writer) takes the marker away
-    again, and a folder it made."""
-    out = Path(out)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    marker = out / UNFINISHED
-
-    def files() -> dict[str, tuple[int, int]]:
-        return {f.name: (f.stat().st_mtime_ns, f.stat().st_size) for f in out.iterdir()
-                if f.name != UNFINISHED}
-
-    before = files()
-    marker.write_text(KIND_NAMES[kind])
-    try:
-        yield out
-    except BaseException:
-        if files() == before:
-            marker.unlink()
-            if created and not any(out.iterdir()):
-                out.rmdir()
-        raise
-    marker.unlink()
 
 
 def check_out_folder(out: str | os.PathLike, writes: str, flag: str = "") -> None:
@@ -822,7 +786,7 @@ def export(model: nn.Module, bits_or_plan: int | Mapping[str, int] | Plan,
         return {"format": "gguf", "path": str(out),
                 **(result if isinstance(result, Mapping) else {})}
     check_out_folder(out, EXPORT_KINDS[format])
-    with writing_folder(out, EXPORT_KINDS[format]):
+    with marked(out, KIND_NAMES[EXPORT_KINDS[format]]):
         return _export_folder(model, widths, out, format, tokenizer=tokenizer,
                               scale_dtype=scale_dtype, head_bits=head_bits,
                               accuracy_level=accuracy_level)
@@ -868,7 +832,7 @@ def save_compact(model: nn.Module, folder: str | os.PathLike, config: QuEPTConfi
                           f"spec), got {type(config).__name__}")
     check_out_folder(folder, "compact")
     source = {"base_model": getattr(model, "quept_source", DEFAULT_MODEL)}
-    with writing_folder(folder, "compact"):
+    with marked(folder, KIND_NAMES["compact"]):
         return _compact.save_compact(model, folder, tokenizer, config, compact, source)
 
 

@@ -32,8 +32,8 @@ from quept.config import (
 from quept.data.hub import hub_model_dir, is_repo_id
 from quept.data.text import names_hub_text
 from quept.eval import Sentences
-from quept.lock import writing
 from quept.nn import elastic_layers
+from quept.outputs import writing
 from quept.search import Constraint, Plan, SensitivityConfig, feasible_range, parse_size
 from quept.search.constraints import constraint_texts
 from quept.search.objective import BY_NAME, Objective, cost_number, cost_text, objective_for
@@ -438,7 +438,7 @@ def cmd_quantize(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def _quantize(a: argparse.Namespace, cfg: QuEPTConfig, out: Path, t0: float) -> dict[str, Any]:
-    """`quept quantize` into ``out``, which this process holds (:func:`quept.lock.writing`)."""
+    """`quept quantize` into ``out``, which this process holds (:func:`quept.outputs.writing`)."""
     replaces = (out / api.ELASTIC_JSON).is_file()
     if replaces:
         log.warning("%s already holds an elastic model: this calibration replaces it when it "

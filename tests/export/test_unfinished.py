@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 import quept
-from quept.api import UNFINISHED
 from quept.cli import main
+from quept.outputs import UNFINISHED
 
 from .tiny import TEXT, elastic_folder, hf_folder
 

@@ -1,11 +1,11 @@
-"""One writer per output folder (quept.lock): a second writer is refused while the first holds
+"""One writer per output folder (quept.outputs): a second writer is refused while the first holds
 the folder, and a folder made for a run that wrote nothing is not left behind."""
 
 import sys
 
 import pytest
 
-from quept.lock import FolderBusyError, writing
+from quept.outputs import FolderBusyError, writing
 
 posix = pytest.mark.skipif(sys.platform == "win32", reason="the folder lock needs fcntl")
 
