@@ -1397,7 +1397,11 @@ def _missing_package(e: ImportError) -> str:
     """What to install for a failed import: the extra that brings a package that is not
     installed; an installed package that fails to import is reported as it failed."""
     top = (e.name or "").partition(".")[0]
-    if top and importlib.util.find_spec(top) is None:
+    try:
+        installed = bool(top) and importlib.util.find_spec(top) is not None
+    except (ImportError, ValueError):  # a module whose spec cannot be found: not usable
+        installed = False
+    if top and not installed:
         extra = EXTRAS.get(top)
         how = f"pip install 'quept[{extra}]'" if extra else f"pip install {top}"
         return f"this needs the {top} package, which is not installed: {how}"
