@@ -33,3 +33,17 @@ def test_a_folder_the_run_made_and_left_empty_is_removed(tmp_path):
     with writing(kept, "quept quantize"):
         pass
     assert not made.exists() and kept.is_dir()
+
+
+@posix
+def test_a_file_system_without_locks_is_written_with_a_warning(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with writing(tmp_path / "out", "quept quantize") as out:
+        (out / "block.safetensors").write_text("x")
+    assert "cannot be locked" in caplog.text and (tmp_path / "out" / "block.safetensors").is_file()

@@ -7,10 +7,13 @@ last (:func:`marked`), which readers refuse by name (:func:`unfinished`)."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 class FolderBusyError(RuntimeError):
@@ -29,11 +32,11 @@ def writing(folder: str | os.PathLike, command: str) -> Iterator[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
-    except ImportError:  # not POSIX
+    except ImportError:  # not POSIX: no lock
         fcntl = None
-    fd = os.open(folder, os.O_RDONLY)
+    fd = None if fcntl is None else os.open(folder, os.O_RDONLY)
     try:
-        if fcntl is not None:
+        if fd is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -41,12 +44,15 @@ def writing(folder: str | os.PathLike, command: str) -> Iterator[Path]:
                     f"{folder} is being written by another {command} (a second run into it "
                     "would write over the first one's blocks); wait for it to end, or give "
                     "another --out") from None
+            except OSError as e:  # a file system without locks (some network mounts)
+                log.warning("%s cannot be locked (%s): a second run into it would not be "
+                            "stopped", folder, e)
         yield folder
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
         if created and folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
-
 
 UNFINISHED = ".quept-unfinished"
 """The marker file of a folder being written (:func:`marked`); it holds what is written."""
