@@ -115,6 +115,8 @@ INFO, EVAL = "info", "eval"
      "its quantization_config cannot be read", (EVAL,)),
     ("ct", "config.json", _set("quantization_config/config_groups/*", None),
      "config group 'group_0' is not an object", (INFO,)),
+    ("ct", "config.json", _set("quantization_config/config_groups/*/weights", None),
+     "config group 'group_0' quantizes no weights", (EVAL,)),
     ("base", "config.json", _set("quantization_config", {"quant_method": "gptq"}),
      "holds a model quantized by 'gptq', which quept does not read", (EVAL,)),
 ])

@@ -41,6 +41,16 @@ def test_sweeps_round_trip_and_stale_or_broken_files_are_measured_again(tmp_path
         assert list(SweepCache(path, "fp1")) == [(4, 3)]
 
 
+def test_quept_info_describes_a_damaged_sweeps_file_without_failing():
+    from quept.search.sweeps import describe_sweeps
+
+    good = {"sweeps": [{"base": 3, "alt": 2}], "check_shape": [16, 128]}
+    assert describe_sweeps(good) == {"sweeps": ["W3 -> W2"], "check_shape": [16, 128]}
+    for shape in ([1], "16x128", [16, "128"], None):
+        assert describe_sweeps({**good, "check_shape": shape})["check_shape"] is None
+    assert describe_sweeps({"sweeps": {"base": 3}})["sweeps"] == []
+
+
 def test_plan_reuses_the_sweeps_kept_on_disk(model, tmp_path, monkeypatch):
     table = synthetic_table(model)
     ids = token_ids(4, 16)
