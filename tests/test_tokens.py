@@ -40,10 +40,10 @@ def test_eval_windows_from_start_and_errors():
     with pytest.raises(NotEnoughTextError, match="need more than seq_len"):
         calibration_samples(ids, 2, 100, seed=0)
     for seq_len in (0, 1, 2.5):
-        with pytest.raises(ConfigError, match="evaluation windows need seq_len >= 2"):
+        with pytest.raises(ConfigError, match="seq_len must be an integer >= 2"):
             eval_windows(ids, seq_len, 1)
     for n in (0, -1, 1.0):
-        with pytest.raises(ConfigError, match="n_windows must be a positive integer or None"):
+        with pytest.raises(ConfigError, match="n_windows must be a positive integer"):
             eval_windows(ids, 32, n)
 
 

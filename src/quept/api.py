@@ -32,6 +32,7 @@ from quept.config import (
     ElasticSpec,
     QuEPTConfig,
     check_bits,
+    check_count,
     check_device,
     check_json_fields,
     read_json_object,
@@ -156,10 +157,10 @@ def load_model(model: str | os.PathLike | None = None) -> tuple[nn.Module, Any]:
     A compressed-tensors folder (``quept export --format compressed-tensors``) is dequantized;
     an ONNX export (``--format onnx``) runs in ONNX Runtime (decoders with their KV cache)."""
     path = resolve_model_dir(model)
-    model_type = _model_type(path)
+    config = read_json_object(path / "config.json", ArtifactError)
     from transformers import AutoConfig
 
-    fam = family_for_type(model_type)  # fail before reading weights
+    fam = family_for_type(config.get("model_type"))  # fail before reading weights
     tok = _tokenizer(path) if fam.is_text else None
     if is_onnx_folder(path):
         from quept.export.onnx_format import OrtModel
@@ -170,8 +171,7 @@ def load_model(model: str | os.PathLike | None = None) -> tuple[nn.Module, Any]:
     else:
         from safetensors import SafetensorError
 
-        quantized = read_json_object(path / "config.json", ArtifactError).get(
-            "quantization_config")
+        quantized = config.get("quantization_config")
         if quantized is not None:
             method = quantized.get("quant_method") if isinstance(quantized, dict) else None
             raise ArtifactError(f"{path} holds a model quantized by {method!r}, which quept does "
@@ -472,9 +472,7 @@ def plan(model: nn.Module, table: SensitivityTable, *, avg_bits: float | None = 
     if granularity != "auto" and granularity not in GRANULARITIES:
         raise ConfigError(f"granularity must be 'auto' (the best of candidates measured on "
                           f"check_ids) or one of {GRANULARITIES}, got {granularity!r}")
-    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
-        raise ConfigError(f"refine must be an integer >= 0 (rounds of local search), got "
-                          f"{refine!r}")
+    check_count(refine, "refine", 0)  # rounds of local search
     if refine and granularity != "auto":
         raise ConfigError(f"refine starts from the plan granularity='auto' keeps, by measured "
                           f"KL; granularity={granularity!r} measures none")
@@ -912,11 +910,6 @@ def _tokenizer(folder: str | os.PathLike) -> Any:
     except Exception as e:  # transformers and tokenizers raise many types for a damaged file
         raise ArtifactError(f"the tokenizer in {folder} cannot be loaded ({type(e).__name__}: "
                             f"{e}); its tokenizer files are damaged or of another kind") from None
-
-
-def _model_type(folder: Path) -> str | None:
-    """``model_type`` of ``folder/config.json``, which must be a JSON object."""
-    return read_json_object(folder / "config.json", ArtifactError).get("model_type")
 
 
 # --- evaluation -----------------------------------------------------------------------------

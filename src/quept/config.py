@@ -112,6 +112,15 @@ def check_device(device: str, what: str = "device") -> str:
     return device
 
 
+def check_count(value: object, what: str, low: int = 1) -> int:
+    """``value`` as a whole number of at least ``low`` (a bool is not one); else a ConfigError
+    naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        wanted = "a positive integer" if low == 1 else f"an integer >= {low}"
+        raise ConfigError(f"{what} must be {wanted}, got {value!r}")
+    return value
+
+
 def check_bits(bits: int, allowed: tuple[int, ...] | None = None) -> int:
     """Validate one bit-width (an int in 2..8, or in ``allowed`` when given)."""
     if isinstance(bits, bool) or not isinstance(bits, int):
@@ -430,9 +439,7 @@ class CalibConfig:
                                   f"group, got {self.lr_adapter_groups!r}")
             object.__setattr__(self, "lr_adapter_groups", rates)
         for name in ("n_samples", "seq_len", "batch_size", "epochs"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+            check_count(getattr(self, name), name)
         if self.batch_size > self.n_samples:
             raise ConfigError(
                 f"batch_size {self.batch_size} exceeds n_samples {self.n_samples}"

@@ -272,9 +272,9 @@ def _compact(folder: Path) -> dict[str, Any]:
     except PackedFormatError as e:
         raise InfoError(str(e)) from None
     cfg = _config(meta, folder / COMPACT_JSON)
-    shapes = {n: tuple(s) for n, s in meta.get("layers", {}).items()}
-    s = meta.get("sizes", {})
-    return {"model_type": meta.get("model_type"), "layers": len(shapes),
+    shapes = {n: tuple(s) for n, s in meta["layers"].items()}
+    s = meta["sizes"]
+    return {"model_type": meta["model_type"], "layers": len(shapes),
             "quantized_weights": s.get("quantized_weights"),
             "bits_per_weight": s.get("bits_per_weight"),
             "parts_bits_per_weight": s.get("parts_bits_per_weight"),
@@ -287,21 +287,21 @@ def _packed(folder: Path) -> dict[str, Any]:
         meta = read_packed_meta(folder)
     except PackedFormatError as e:
         raise InfoError(str(e)) from None
-    layers = meta.get("layers", {})
+    layers = meta["layers"]
     acts = Counter(i.get("act_quant") for i in layers.values() if i.get("act_bits"))
     kv = {i["kv_quant"].get("bits") for i in layers.values()
           if isinstance(i.get("kv_quant"), dict)}
-    s = meta.get("sizes", {})
-    return {"model_type": meta.get("model_type"), "bits": meta.get("bits"),
+    s = meta["sizes"]
+    return {"model_type": meta["model_type"], "bits": meta["bits"],
             "layers": len(layers),
-            "layer_widths": _histogram(i.get("bits") for i in layers.values()),
-            "group_size": sorted({i.get("group_size") for i in layers.values()}),
-            "scale_dtype": meta.get("scale_dtype"),
+            "layer_widths": _histogram(i["bits"] for i in layers.values()),
+            "group_size": sorted({i["group_size"] for i in layers.values()}),
+            "scale_dtype": meta["scale_dtype"],
             "activations": sorted(a for a in acts if a) or None,
             "kv_bits": sorted(kv) or None,
             "rotation": "hadamard" if any(i.get("in_rotation") for i in layers.values())
             else None,
-            "head": {n: i.get("bits") for n, i in meta.get("head", {}).items()} or None,
+            "head": {n: i["bits"] for n, i in meta.get("head", {}).items()} or None,
             "quantized_weights": s.get("quantized_weights"),
             "bits_per_weight": s.get("bits_per_weight"),
             "quantized_bytes": s.get("quantized_bytes"), "head_bytes": s.get("head_bytes"),

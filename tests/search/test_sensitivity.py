@@ -89,7 +89,7 @@ def test_table_json_round_trip_and_errors(fast, tmp_path):
     with pytest.raises(SensitivityCacheError, match="do not match widths"):
         SensitivityTable.load(path)
     path.write_text("{")
-    with pytest.raises(SensitivityCacheError, match="cannot be read"):
+    with pytest.raises(SensitivityCacheError, match="is not valid JSON"):
         SensitivityTable.load(path)
     d = fast.to_dict()
     first = next(iter(d["layers"]))

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from quept.config import ConfigError
+from quept.config import check_count
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +51,9 @@ def calibration_starts(n_tokens: int, n: int, seq_len: int, seed: int) -> list[i
 def eval_windows(ids: torch.Tensor, seq_len: int = 512, n_windows: int | None = 32) -> torch.Tensor:
     """Non-overlapping windows of ``seq_len`` tokens from the start: (n_windows, seq_len).
     ``n_windows=None`` takes every full window."""
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
-        raise ConfigError(f"evaluation windows need seq_len >= 2 tokens (a window predicts its "
-                          f"seq_len - 1 last tokens), got {seq_len!r}")
-    if n_windows is not None and (isinstance(n_windows, bool) or not isinstance(n_windows, int)
-                                  or n_windows < 1):
-        raise ConfigError(f"n_windows must be a positive integer or None (every full window), "
-                          f"got {n_windows!r}")
+    check_count(seq_len, "seq_len", 2)  # a window predicts its seq_len - 1 last tokens
+    if n_windows is not None:
+        check_count(n_windows, "n_windows")
     available = ids.numel() // seq_len
     if available == 0 or (n_windows is not None and n_windows > available):
         raise NotEnoughTextError(

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from quept.config import ConfigError
+from quept.config import ConfigError, check_count
 
 
 @torch.no_grad()
@@ -25,8 +25,7 @@ def top1_accuracy(model: nn.Module, pixel_values: torch.Tensor, labels: torch.Te
     if classes is not None and (int(labels.min()) < 0 or int(labels.max()) >= classes):
         raise ConfigError(f"{desc}: labels run from {int(labels.min())} to "
                           f"{int(labels.max())}; the model has classes 0..{classes - 1}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"{desc}: batch_size must be a positive integer, got {batch_size!r}")
+    check_count(batch_size, f"{desc}: batch_size")
     device = next(model.parameters()).device
     correct = 0
     for i in tqdm(range(0, labels.shape[0], batch_size), disable=not progress, desc=desc,

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from quept.config import check_count
+
 
 class NotEnoughSentencesError(ValueError):
     """The text has fewer usable passages than were asked for."""
@@ -54,8 +56,7 @@ def sentence_embeddings(model: nn.Module, sentences: Sentences, batch_size: int 
     if limit is not None and sentences.input_ids.shape[1] > limit:
         raise ValueError(f"sentences of {sentences.input_ids.shape[1]} tokens are longer than the "
                          f"model's {limit} positions: pass a smaller max_len")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"{desc}: batch_size must be a positive integer, got {batch_size!r}")
+    check_count(batch_size, f"{desc}: batch_size")
     device = next(model.parameters()).device
     out = []
     n = sentences.input_ids.shape[0]

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from quept.config import ConfigError
+from quept.config import ConfigError, check_count
 
 
 @torch.no_grad()
@@ -26,8 +26,7 @@ def window_nll(
                if isinstance(windows, torch.Tensor) else type(windows).__name__)
         raise ConfigError(f"{desc}: the windows must be (n, T) integer token ids with n >= 1 "
                           f"and T >= 2 (a window predicts its T - 1 last tokens), got {got}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"{desc}: batch_size must be a positive integer, got {batch_size!r}")
+    check_count(batch_size, f"{desc}: batch_size")
     device = next(model.parameters()).device
     out = []
     for i in tqdm(range(0, windows.shape[0], batch_size), disable=not progress, desc=desc,

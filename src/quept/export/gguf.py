@@ -284,7 +284,6 @@ def write_gguf(
     """Write ``model`` (a loaded elastic LLaMA) at ``bits`` (int or {layer name: bits | None})
     as a GGUF file llama.cpp runs. Non-quantized matrices (embeddings, untied output head, float
     layers of a plan) are stored as ``float_type`` ("f16" or "f32"), norms as F32."""
-
     float_dtypes = {"f16": np.dtype(np.float16), "f32": np.dtype(np.float32)}
     if float_type not in float_dtypes:
         raise GGUFExportError(f"float_type must be one of {list(float_dtypes)}, got {float_type!r}")

@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from quept.config import read_json_object
 from quept.nn import elastic_layers
 from quept.nn.state import elastic_state_dict
 
@@ -107,14 +108,7 @@ class SensitivityTable:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SensitivityTable:
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SensitivityCacheError(f"{path} cannot be read: {e}") from None
-        if not isinstance(d, dict):
-            raise SensitivityCacheError(f"{path} holds a JSON {type(d).__name__}, not a table")
-        return cls.from_dict(d, str(path))
+        return cls.from_dict(read_json_object(path, SensitivityCacheError), str(path))
 
 
 def fingerprint(model: nn.Module, input_ids: Any, settings: Mapping[str, Any]) -> str:
