@@ -36,8 +36,9 @@ import torch
 
 import quept
 from quept.api import SENSITIVITY_JSON, read_meta
-from quept.cli import PLAN_SAMPLES, _images, _plan_inputs
 from quept.cli import main as quept_main
+from quept.cli.common import _images
+from quept.cli.plan import PLAN_SAMPLES, _plan_inputs
 from quept.models import family_for_type
 from quept.search import SensitivityConfig, plan_from_table
 from quept.search.exact import configuration_kl, exact_sensitivity

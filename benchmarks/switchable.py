@@ -56,10 +56,11 @@ def child(a: argparse.Namespace) -> dict:
 
     import quept
     from quept import api, data
+    from quept.api.models import folder_tokenizer
     from quept.ops import kernels
 
     kernels.load()
-    tok = api._folder_tokenizer(a.compact)
+    tok = folder_tokenizer(a.compact)
     text = data.evaluation_text()
     prompt = tok(text[:2000], return_tensors="pt").input_ids[:, : a.prompt_tokens]
     before, _ = rss_mb()

@@ -88,7 +88,8 @@ def test_cli_width_lists_name_a_width_once(capsys):
 
 
 def test_cli_spec_follows_the_preset_and_the_spec_options():
-    from quept.cli import _configs, build_parser
+    from quept.cli import build_parser
+    from quept.cli.quantize import _configs
 
     def spec(*argv):
         return _configs(build_parser().parse_args(["quantize", *argv])).spec

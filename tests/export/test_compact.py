@@ -7,7 +7,7 @@ import torch
 
 import quept
 from quept import api
-from quept.cli_deploy import _clip_bits
+from quept.cli.deploy import _clip_bits
 from quept.export.compact import (
     CLIP_REACH,
     COMPACT_JSON,

@@ -560,7 +560,7 @@ def test_refine_moves_a_lopsided_plan_and_keeps_only_a_lower_measured_kl(monkeyp
     ids = token_ids(4, 16)
     lopsided = quept.api.plan_record(model, {"model.layers.0.*": 2, "model.layers.1.*": 4})
     lopsided = dataclasses.replace(lopsided, granularity="block", search="lopsided")
-    monkeypatch.setattr(quept.api, "plan_candidates", lambda *a, **k: {lopsided.label: lopsided})
+    monkeypatch.setattr(quept.api.mixed, "plan_candidates", lambda *a, **k: {lopsided.label: lopsided})
     budget = lopsided.bits_per_weight  # W2 + W4 stores what W3 + W3 does
     same = quept.api.plan(model, table, avg_bits=budget, check_ids=ids)
     assert dict(same) == dict(lopsided) and same.label == "block, lopsided"
@@ -599,9 +599,9 @@ def test_a_round_whose_moves_interact_falls_back_to_fewer_moves(monkeypatch):
         return [1.0 if "refined" not in c.search else 1.2 if "(2 moves)" in c.search else 0.6
                 for c in configs]
 
-    monkeypatch.setattr(quept.api, "plan_candidates", lambda *a, **k: {base.label: base})
-    monkeypatch.setattr(quept.api, "move_kl", fake_moves)
-    monkeypatch.setattr(quept.api, "configuration_kl", fake_kl)
+    monkeypatch.setattr(quept.api.mixed, "plan_candidates", lambda *a, **k: {base.label: base})
+    monkeypatch.setattr(quept.api.mixed, "move_kl", fake_moves)
+    monkeypatch.setattr(quept.api.mixed, "configuration_kl", fake_kl)
     plan = quept.api.plan(model, table, avg_bits=budget, check_ids=token_ids(2, 8), refine=1)
     assert plan.checked_kl == {"block, uniform W3": 1.0,
                                "block, uniform W3, refined x1 (2 moves)": 1.2,

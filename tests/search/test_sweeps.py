@@ -65,7 +65,7 @@ def test_plan_reuses_the_sweeps_kept_on_disk(model, tmp_path, monkeypatch):
     def no_sweep(*args, **kwargs):
         raise AssertionError("a kept sweep was measured again")
 
-    monkeypatch.setattr(quept.api, "unit_swap_kl", no_sweep)
+    monkeypatch.setattr(quept.api.mixed, "unit_swap_kl", no_sweep)
     second = quept.sweep_cache(model, ids, path)
     again = quept.api.plan(model, table, avg_bits=3.6, check_ids=ids, cache=second)
     assert second.reused == 3 and second.measured == 0

@@ -1,0 +1,164 @@
+"""Deployable forms of an elastic model: packed folders, the compact checkpoint,
+switchable packed models and the external formats."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from quept.api.elastic import prepare, spec_of
+from quept.api.folders import KIND_NAMES, ArtifactError, check_out_folder, readable_kind
+from quept.api.models import DEFAULT_MODEL, folder_tokenizer
+from quept.api.store import load
+from quept.config import ConfigError, QuEPTConfig
+from quept.export import compact as _compact
+from quept.export.compact import CompactConfig
+from quept.export.load import load_packed as _load_packed
+from quept.export.packed import PACKED_JSON, write_packed
+from quept.models import family_for_type
+from quept.nn import elastic_layers
+from quept.nn.switch import plan_widths
+from quept.outputs import marked
+from quept.search import Plan, as_layer_widths
+
+EXPORT_FORMATS = ("quept", "gguf", "compressed-tensors", "onnx")
+
+
+EXPORT_KINDS = {"quept": "packed", "compressed-tensors": "compressed-tensors", "onnx": "onnx"}
+"""The :func:`folder_kind` each folder format writes (GGUF writes a file)."""
+
+
+def export(model: nn.Module, bits_or_plan: int | Mapping[str, int] | Plan,
+           out: str | os.PathLike, format: str = "quept", *, tokenizer: Any = None,
+           scale_dtype: str = "float16", head_bits: int | None = None,
+           accuracy_level: int = 0) -> dict[str, Any]:
+    """Write one configuration of an elastic model: ``"quept"`` = a packed folder ``out``
+    (codes at their true width, loadable with :func:`load_packed`; ``head_bits`` also packs
+    the output head and a tied embedding); ``"gguf"`` = a llama.cpp GGUF file ``out``;
+    ``"compressed-tensors"`` = a Hugging Face folder ``out`` in the format of vLLM and
+    transformers' compressed-tensors quantizer; ``"onnx"`` = a folder ``out`` with
+    ``model.onnx`` for ONNX Runtime (MatMulNBits layers; ``accuracy_level`` 4 lets its CPU
+    kernels compute with int8 activations). Returns a summary (the packed folder's JSON)."""
+    widths = as_layer_widths(bits_or_plan)
+    if format not in EXPORT_FORMATS:
+        raise ConfigError(f"export format {format!r} is not one of {EXPORT_FORMATS}")
+    if format == "gguf":
+        from quept.export.gguf import write_gguf
+
+        result = write_gguf(model, tokenizer, out, widths)
+        return {"format": "gguf", "path": str(out),
+                **(result if isinstance(result, Mapping) else {})}
+    check_out_folder(out, EXPORT_KINDS[format])
+    with marked(out, KIND_NAMES[EXPORT_KINDS[format]]):
+        return _export_folder(model, widths, out, format, tokenizer=tokenizer,
+                              scale_dtype=scale_dtype, head_bits=head_bits,
+                              accuracy_level=accuracy_level)
+
+
+def _export_folder(model: nn.Module, widths: Any, out: str | os.PathLike, format: str, *,
+                   tokenizer: Any, scale_dtype: str, head_bits: int | None,
+                   accuracy_level: int) -> dict[str, Any]:
+    """:func:`export` of a folder format, once its folder is checked and marked."""
+    if format == "quept":
+        source = {"base_model": getattr(model, "quept_source", DEFAULT_MODEL)}
+        layers = elastic_layers(model)
+        chosen = plan_widths(layers, widths)
+        if any(chosen[n] in m.rounded for n, m in layers.items()):
+            source["rounding"] = getattr(model, "quept_rounding", "gptq")
+        return write_packed(model, widths, out, tokenizer, scale_dtype=scale_dtype,
+                            head_bits=head_bits, provenance=source)
+    if format == "compressed-tensors":
+        from quept.export.ct_format import write_compressed_tensors
+
+        return write_compressed_tensors(model, tokenizer, out, widths, scale_dtype=scale_dtype)
+    from quept.export.onnx_format import write_onnx
+
+    return write_onnx(model, tokenizer, out, widths, accuracy_level=accuracy_level)
+
+
+def load_packed(folder: str | os.PathLike, backend: str = "auto") -> tuple[nn.Module, Any]:
+    """A packed folder's model (inference modules only, built on meta then filled) and
+    tokenizer."""
+    readable_kind(folder)
+    net = _load_packed(folder, backend=backend)
+    net.quept_source = str(folder)
+    return net, folder_tokenizer(folder)
+
+
+def save_compact(model: nn.Module, folder: str | os.PathLike, config: QuEPTConfig | None = None,
+                 tokenizer: Any = None, compact: CompactConfig | None = None) -> dict[str, Any]:
+    """Write the compact elastic checkpoint of a calibrated model (every width, ~10 bits per
+    weight); ``config`` defaults to the model's spec with default calibration settings."""
+    config = config or QuEPTConfig(spec=spec_of(model))
+    if not isinstance(config, QuEPTConfig):
+        raise ConfigError(f"save_compact's config is a QuEPTConfig (or None: the model's "
+                          f"spec), got {type(config).__name__}")
+    check_out_folder(folder, "compact")
+    source = {"base_model": getattr(model, "quept_source", DEFAULT_MODEL)}
+    with marked(folder, KIND_NAMES["compact"]):
+        return _compact.save_compact(model, folder, tokenizer, config, compact, source)
+
+
+def load_compact(folder: str | os.PathLike) -> tuple[nn.Module, Any]:
+    """The elastic model of a compact checkpoint (its weights are the dequantized master) and
+    its tokenizer; it switches widths and exports like a calibrated model."""
+    readable_kind(folder)
+    net, meta = _compact_shell(folder)
+    net.quept_compact = _compact.restore_compact(net, folder)
+    net.eval().requires_grad_(False)
+    return net, folder_tokenizer(folder)
+
+
+def _compact_shell(folder: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
+    """The compact checkpoint's model built on the meta device and prepared with its spec."""
+    from transformers import AutoConfig
+
+    meta = _compact.read_compact_meta(folder)
+    cfg = QuEPTConfig.from_dict(meta["config"])
+    hf_cfg = AutoConfig.from_pretrained(folder)
+    fam = family_for_type(hf_cfg.model_type)
+    with torch.device("meta"):
+        net = fam.model_class().from_config(hf_cfg)
+    prepare(net, cfg.spec, seed=cfg.calib.seed)
+    net.quept_source = str(folder)
+    return net, meta
+
+
+def load_switchable(folder: str | os.PathLike, bits: int | Mapping[str, int] | Plan, *,
+                    backend: str = "auto", scale_dtype: str = "float16",
+                    head_bits: int | None = None, keep_bytes: int = 0,
+                    model: str | os.PathLike | None = None) -> tuple[nn.Module, Any]:
+    """A packed model that switches width at run time: the elastic or compact folder's layers
+    packed at ``bits`` (a width or a plan), running on the integer codes like a packed folder;
+    :func:`set_bits` re-packs them for another width or plan. From a compact checkpoint only
+    its tensors (~10 bits per weight) stay in memory besides the packed codes; from an elastic
+    folder the float layers stay. ``head_bits`` (e.g. 8) also packs the output head and a tied
+    embedding, as ``quept export --head-bits`` does. ``keep_bytes`` keeps the packed layers of
+    widths switched away from, up to that many bytes (least recently used dropped first), so
+    that switching back to them packs nothing. ``model.quept_switch`` reports sizes and the
+    current widths."""
+    from quept.export.switchable import make_switchable, switchable_from_compact
+
+    widths = as_layer_widths(bits)
+    if (Path(folder) / PACKED_JSON).is_file():
+        raise ArtifactError(f"{folder} is a packed folder of one configuration, which does not "
+                            "switch: load it with quept.api.load_packed, or switch from the "
+                            "elastic folder or compact checkpoint it was exported from")
+    if (Path(folder) / _compact.COMPACT_JSON).is_file():
+        net, meta = _compact_shell(folder)
+        switchable_from_compact(net, folder, meta, widths, backend=backend,
+                                scale_dtype=scale_dtype, head_bits=head_bits,
+                                keep_bytes=keep_bytes)
+        net.quept_compact = meta
+        tok = folder_tokenizer(folder)
+    else:
+        net, tok = load(folder, model)
+        make_switchable(net, widths, backend=backend, scale_dtype=scale_dtype,
+                        head_bits=head_bits, keep_bytes=keep_bytes)
+    net.eval().requires_grad_(False)
+    return net, tok

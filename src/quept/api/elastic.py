@@ -1,0 +1,246 @@
+"""Making and switching the elastic model: prepare, calibrate, export-time rounding, set_bits."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from quept.calib import BlockCalibrator, BlockReport, CalibCheckpoint, capture_block_inputs
+from quept.config import (
+    CalibConfig,
+    ConfigError,
+    ElasticSpec,
+    QuEPTConfig,
+    check_bits,
+    check_device,
+)
+from quept.data.tokens import calibration_samples, tokenize
+from quept.export.gptq import GPTQConfig
+from quept.export.gptq import round_gptq as _round_gptq
+from quept.export.learned import LearnedRoundingConfig
+from quept.export.learned import round_learned as _round_learned
+from quept.models import Family, family_for, rotate
+from quept.models.kv import head_dim as kv_head_dim
+from quept.models.kv import install_kv_attention, kv_linears
+from quept.nn import BitsPlan, ElasticLinear, elastic_layers
+from quept.nn import set_bits as _set_bits
+from quept.nn.switch import plan_widths
+from quept.ops import GroupSizeError
+from quept.ops.quant import is_power_of_two
+from quept.search import Plan, as_layer_widths
+
+
+def prepare(model: nn.Module, spec: ElasticSpec | None = None, seed: int = 0) -> nn.Module:
+    """Swap every quantizable linear for an :class:`ElasticLinear` (in place); returns model."""
+    spec = spec or ElasticSpec()
+    if not isinstance(spec, ElasticSpec):
+        hint = " (pass its .spec)" if isinstance(spec, QuEPTConfig) else ""
+        raise ConfigError(f"prepare takes an ElasticSpec{hint}, got {type(spec).__name__}")
+    fam = family_for(model)
+    gen = torch.Generator().manual_seed(seed)
+    if any(isinstance(m, ElasticLinear) for m in model.modules()):
+        raise ConfigError("model is already prepared")
+    kv = {}
+    if spec.kv_bits is not None:
+        dim = kv_head_dim(model)
+        kv = dict.fromkeys(kv_linears(fam), (spec.kv_bits, dim, is_power_of_two(dim)))
+    if spec.activations == "per-tensor" and not next(model.parameters()).is_meta:
+        # calibration folds a reparameterisation into the weights: record them as they are
+        model.quept_base_fingerprint = weights_fingerprint(model, _family_linears(model, fam))
+    if spec.rotation != "none":
+        _rotate(model, fam, seed)
+    for i, block in enumerate(fam.get_blocks(model)):
+        for name, lin in fam.block_linears(block).items():
+            try:
+                new = ElasticLinear(lin, spec, generator=gen)
+            except GroupSizeError as e:
+                raise GroupSizeError(f"block {i} {name}: {e}") from None
+            new.in_rotation = spec.rotation != "none" and name == rotate.ONLINE
+            new.kv_quant = kv.get(name)
+            parent, _, child = name.rpartition(".")
+            setattr(block.get_submodule(parent) if parent else block, child, new)
+    install_kv_attention(model)
+    model.quept_spec = spec
+    return model
+
+
+def calibrate(
+    model: nn.Module, input_ids: torch.Tensor, config: CalibConfig, *,
+    checkpoint_dir: str | os.PathLike | None = None, keep_streams: bool = False,
+    progress: bool = True,
+) -> list[BlockReport]:
+    """Block-wise elastic calibration of a prepared model on ``input_ids`` (N, T).
+
+    With ``checkpoint_dir`` every finished block is saved there and a rerun resumes;
+    ``keep_streams`` also keeps the activations that entered every block (not only the next
+    one's), so one block's calibration can be studied later from its own inputs.
+    A vision-language model is calibrated on text tokens only (no images): image-conditioned
+    calibration of its language model is not done.
+    """
+    fam, spec = family_for(model), spec_of(model)
+    check_device(config.device, "CalibConfig.device")
+    if any(m.rounded for m in elastic_layers(model).values()):
+        raise ConfigError("the model holds export-time codes (quept.round_gptq or "
+                          "quept.round_learned), which calibration would not train; call "
+                          "quept.export.gptq.clear_rounding first, or calibrate before rounding")
+    x0, kwargs = capture_block_inputs(model, fam, input_ids, config.batch_size)
+    ckpt = None
+    if checkpoint_dir is not None:
+        ckpt = CalibCheckpoint(checkpoint_dir, _fingerprint(model, spec, config, input_ids),
+                               keep_streams=keep_streams)
+    return BlockCalibrator(model, fam, spec, config, kwargs, ckpt, progress).run(x0)
+
+
+def _rounding_widths(model: nn.Module, bits_or_plan: int | Mapping[str, int] | Plan,
+                     what: str) -> dict[str, int]:
+    """``{layer: bits}`` of the width or plan an export-time rounding is made for, checked."""
+    layers = elastic_layers(model)
+    if not layers:
+        raise ConfigError(f"the model has no elastic layers; {what} needs an elastic "
+                          "model (quept.prepare / quept.load)")
+    widths = plan_widths(layers, as_layer_widths(bits_or_plan))
+    spec = spec_of(model)
+    for name, b in widths.items():
+        if b is None:
+            raise ConfigError(f"{what} takes a width for every layer, not float ({name})")
+        check_bits(b, spec.bits)
+    return widths
+
+
+def round_gptq(model: nn.Module, bits_or_plan: int | Mapping[str, int] | Plan,
+               inputs: torch.Tensor, config: GPTQConfig | None = None, *,
+               progress: bool = True) -> dict[str, float | int]:
+    """Choose the codes of one width or plan by GPTQ on the elastic model's learned grid
+    (:mod:`quept.export.gptq`), on calibration ``inputs`` (token ids (N, T) or pixel values),
+    and switch the model to it. The codes replace round-to-nearest at those widths in the
+    model's forward and in every :func:`export` until
+    :func:`quept.export.gptq.clear_rounding`; they are not saved with :func:`save`."""
+    check_device((config or GPTQConfig()).device, "GPTQConfig.device")
+    widths = _rounding_widths(model, bits_or_plan, "GPTQ rounding")
+    result = _round_gptq(model, widths, inputs, config or GPTQConfig(), progress=progress)
+    model.quept_rounding = "gptq"
+    return result
+
+
+def round_learned(model: nn.Module, bits_or_plan: int | Mapping[str, int] | Plan,
+                  inputs: torch.Tensor, config: LearnedRoundingConfig | None = None, *,
+                  progress: bool = True) -> dict[str, Any]:
+    """Learn the codes of one width or plan on the elastic model's learned grid: per-weight
+    rounding offsets trained block by block on the error of each block's output against the
+    float model's (:mod:`quept.export.learned`), on calibration ``inputs`` (token ids (N, T) or
+    pixel values), starting from the model's own round-to-nearest codes; then switch the model
+    to it. Like :func:`round_gptq`, the codes replace round-to-nearest at those widths in the
+    forward and in every :func:`export` until :func:`quept.export.gptq.clear_rounding`; they
+    are not saved with :func:`save`."""
+    config = config or LearnedRoundingConfig()
+    check_device(config.device, "LearnedRoundingConfig.device")
+    widths = _rounding_widths(model, bits_or_plan, "learned rounding")
+    result = _round_learned(model, widths, inputs, config, progress=progress)
+    model.quept_rounding = "learned"
+    return result
+
+
+def set_bits(model: nn.Module, bits: BitsPlan | Plan, *, rtn: bool = False) -> nn.Module:
+    """Switch the elastic model to one width (int), float (None) or a plan: {layer: bits}
+    (keys may be shell-style patterns applied in order, ``{"*": 3, "*.mlp.down_proj": 4}``),
+    a :class:`quept.search.Plan`, or a plan JSON loaded as a dict. A switchable packed model
+    (:func:`load_switchable`) re-packs its layers instead (no float, no RTN there)."""
+    switch = getattr(model, "quept_switch", None)
+    if switch is not None:
+        if rtn:
+            raise ConfigError("a switchable packed model has no round-to-nearest mode; "
+                              "use the elastic model (quept.load) for RTN")
+        switch.set_bits(as_layer_widths(bits))
+        return model
+    return _set_bits(model, as_layer_widths(bits), rtn=rtn)
+
+
+def checked_widths(layers: Mapping[str, Any], plan: BitsPlan | Plan, floats: bool = True
+                    ) -> dict[str, int | None]:
+    """``{layer: bits}`` of one width or a plan over ``layers``, each width checked against
+    its layer's widths; ``floats``: None (float) is allowed."""
+    chosen = plan_widths(layers, as_layer_widths(plan))
+    for name, b in chosen.items():
+        if b is None and floats:
+            continue
+        try:
+            check_bits(b, layers[name].spec.bits)
+        except ConfigError as e:
+            raise ConfigError(f"layer {name}: {e}") from None
+    return chosen
+
+
+def spec_of(model: nn.Module) -> ElasticSpec:
+    spec = getattr(model, "quept_spec", None)
+    if spec is None:
+        raise ConfigError("the model is not prepared; call quept.prepare(model, spec) first")
+    return spec
+
+
+def _rotate(model: nn.Module, fam: Family, seed: int) -> None:
+    """Rotate a decoder for ElasticSpec.rotation, first recording the fingerprint of its
+    unrotated weights (what a loaded folder is checked against). A model built on the meta
+    device (a compact checkpoint about to be filled with its stored, rotated tensors) is
+    left as it is."""
+    if fam.final_norm is None:
+        raise ConfigError(f"rotation is implemented for LLaMA-family decoders; a {fam.name} "
+                          "model cannot be rotated (use rotation 'none')")
+    if model.get_input_embeddings().weight.is_meta:
+        return
+    if getattr(model, "quept_base_fingerprint", None) is None:
+        model.quept_base_fingerprint = weights_fingerprint(model, _family_linears(model, fam))
+    rotate.rotate_decoder(model, fam.get_blocks(model), model.get_submodule(fam.final_norm),
+                          seed)
+
+
+def _family_linears(model: nn.Module, fam: Family) -> dict[str, nn.Module]:
+    """The linears ``prepare`` wraps, by qualified name, before it wraps them."""
+    names = {f"{path}.{n}" for path in fam.block_paths(model) for n in fam.linears}
+    return {n: m for n, m in model.named_modules() if n in names}
+
+
+def weights_fingerprint(model: nn.Module, layers: Mapping[str, nn.Module] | None = None) -> str:
+    """A hash of a sample of the quantized linears' float weights (of the unrotated model)."""
+    if layers is None:
+        recorded = getattr(model, "quept_base_fingerprint", None)
+        if recorded is not None:
+            return recorded
+        layers = elastic_layers(model)
+    h = hashlib.sha256()
+    for name, m in layers.items():
+        w = m.weight.detach().float().reshape(-1)
+        h.update(name.encode())
+        h.update(str(tuple(m.weight.shape)).encode())
+        h.update(w[:: max(1, w.numel() // 4096)].contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _fingerprint(model: nn.Module, spec: ElasticSpec, cfg: CalibConfig,
+                 ids: torch.Tensor) -> dict[str, Any]:
+    return {
+        "spec": spec.to_dict(),
+        "calib": cfg.to_dict(),
+        "model": weights_fingerprint(model),
+        "data": hashlib.sha256(ids.contiguous().numpy().tobytes()).hexdigest()[:16],
+    }
+
+
+def samples_from_text(tokenizer: Any, text: str, cfg: CalibConfig | None = None
+                      ) -> torch.Tensor:
+    """Calibration token windows (n_samples, seq_len) drawn from ``text`` with cfg.seed
+    (``cfg`` None: the default :class:`CalibConfig`). With a
+    BERT-style tokenizer (a [CLS] and a [SEP] token) each window is [CLS] + seq_len - 2 tokens
+    + [SEP], the shape an encoder saw in training."""
+    cfg = cfg or CalibConfig()
+    ids = tokenize(tokenizer, text)
+    cls, sep = getattr(tokenizer, "cls_token_id", None), getattr(tokenizer, "sep_token_id", None)
+    if cls is None or sep is None:
+        return calibration_samples(ids, cfg.n_samples, cfg.seq_len, cfg.seed)
+    body = calibration_samples(ids, cfg.n_samples, cfg.seq_len - 2, cfg.seed)
+    col = lambda t: torch.full((body.shape[0], 1), t, dtype=body.dtype)  # noqa: E731
+    return torch.cat([col(cls), body, col(sep)], dim=1)

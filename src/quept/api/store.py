@@ -1,0 +1,118 @@
+"""The elastic folder: save, load, and its versioned JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from quept import __version__
+from quept.api.elastic import prepare, weights_fingerprint
+from quept.api.folders import ELASTIC_JSON, ELASTIC_WEIGHTS, FORMAT, ArtifactError, check_out_folder
+from quept.api.models import DEFAULT_MODEL, load_model
+from quept.config import ConfigError, QuEPTConfig, check_json_fields, read_json_object
+from quept.models import family_for, reparam
+from quept.nn import elastic_layers
+from quept.nn.state import load_elastic_state
+
+
+def save(model: nn.Module, folder: str | os.PathLike, config: QuEPTConfig,
+         extra: Mapping[str, Any] | None = None) -> Path:
+    """Write the elastic state (adapters + clip logits) and a versioned JSON to ``folder``."""
+    from quept.nn.state import elastic_state_dict
+
+    folder = Path(folder)
+    if not elastic_layers(model):
+        raise ConfigError("the model has no elastic layers to save; quept.prepare and "
+                          "quept.calibrate it first")
+    check_out_folder(folder, "elastic")
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format": FORMAT,
+        "quept_version": __version__,
+        "config": config.to_dict(),
+        "base_model": getattr(model, "quept_source", DEFAULT_MODEL),
+        "model_type": model.config.model_type,
+        "base_fingerprint": weights_fingerprint(model),
+        "layers": list(elastic_layers(model)),
+        **(dict(extra) if extra else {}),
+    }
+    tmp = folder / (ELASTIC_WEIGHTS + ".tmp")
+    save_file(elastic_state_dict(model), str(tmp), metadata={"format": FORMAT})
+    os.replace(tmp, folder / ELASTIC_WEIGHTS)
+    _write_meta(folder, meta)
+    return folder
+
+
+def _write_meta(folder: Path, meta: Mapping[str, Any]) -> None:
+    """The elastic folder's JSON, replaced whole or not at all."""
+    tmp = folder / (ELASTIC_JSON + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, folder / ELASTIC_JSON)
+
+
+def record_evaluation(folder: str | os.PathLike, evaluation: Mapping[str, Any]) -> None:
+    """Keep what was measured after calibration (metric, data, a row per width) in the elastic
+    folder's JSON, where ``quept info`` shows it."""
+    folder = Path(folder)
+    meta = read_meta(folder)
+    meta["evaluation"] = dict(evaluation)
+    _write_meta(folder, meta)
+
+
+def read_meta(folder: str | os.PathLike) -> dict[str, Any]:
+    """The JSON of the elastic folder ``folder``, checked: its format, and a config, base model,
+    model type, base fingerprint and layers of the right kinds (else :class:`ArtifactError`
+    naming the file and field)."""
+    folder = Path(folder)
+    path = folder / ELASTIC_JSON
+    if not path.is_file():
+        raise ArtifactError(
+            f"{folder} is not a quept elastic folder (no {ELASTIC_JSON}); "
+            "make one with `quept quantize --out FOLDER`"
+        )
+    meta = read_json_object(path, ArtifactError)
+    if meta.get("format") != FORMAT:
+        raise ArtifactError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    check_json_fields(meta, _META_FIELDS, path, ArtifactError)
+    if not all(isinstance(n, str) for n in meta["layers"]):
+        raise ArtifactError(f"{path} is damaged: its 'layers' should all be layer names")
+    return meta
+
+
+_META_FIELDS = {"config": dict, "base_model": str, "model_type": str, "base_fingerprint": str,
+                "layers": list}
+"""What every elastic folder's JSON holds besides its format, and of which kind."""
+
+
+def load(folder: str | os.PathLike, model: str | os.PathLike | None = None) -> tuple[nn.Module, Any]:
+    """Rebuild an elastic model from ``folder``; ``model`` overrides the recorded base model."""
+    meta = read_meta(folder)
+    cfg = QuEPTConfig.from_dict(meta["config"])
+    net, tok = load_model(model if model is not None else meta["base_model"])
+    if net.config.model_type != meta["model_type"]:
+        raise ArtifactError(
+            f"{folder} was calibrated on a {meta['model_type']} model, not {net.config.model_type}"
+        )
+    prepare(net, cfg.spec, seed=cfg.calib.seed)
+    if weights_fingerprint(net) != meta["base_fingerprint"]:
+        raise ArtifactError(
+            f"the base model weights differ from those {folder} was calibrated on "
+            f"(recorded base model: {meta['base_model']!r}); pass the matching --model"
+        )
+    try:
+        state = load_file(str(Path(folder) / ELASTIC_WEIGHTS))
+    except Exception as e:  # safetensors raises several types for a damaged file
+        raise ArtifactError(f"{Path(folder) / ELASTIC_WEIGHTS} cannot be read: {e}") from None
+    bad = [k for k, t in state.items() if t.is_floating_point() and not t.isfinite().all()]
+    if bad:
+        raise ArtifactError(f"{Path(folder) / ELASTIC_WEIGHTS} is damaged: {len(bad)} tensor(s) "
+                            f"hold non-finite values (e.g. {bad[0]})")
+    load_elastic_state(net, state)
+    reparam.refold(net, family_for(net))
+    return net, tok

@@ -1,0 +1,82 @@
+"""Command line: a thin layer over :mod:`quept.api` (parse, build configs, call, print),
+one module per command."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import sys
+
+import torch
+
+from quept.cli.common import _read_texts
+from quept.cli.deploy import add_compact, add_export
+from quept.cli.evaluate import _add_eval
+from quept.cli.plan import _add_plan
+from quept.cli.quantize import _add_quantize
+from quept.cli.run import add_info, add_run
+from quept.config import ConfigError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="quept", description="Elastic-precision post-training "
+                                "quantization: calibrate once, run at any width 2..8.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_quantize(sub)
+    _add_eval(sub)
+    _add_plan(sub)
+    add_compact(sub)
+    add_export(sub)
+    add_run(sub)
+    add_info(sub)
+    return p
+
+
+EXTRAS = {"transformers": "hf", "gguf": "hf", "rdata": "hf", "datasets": "hub",
+          "lm_eval": "lmeval", "accelerate": "lmeval", "compressed_tensors": "ct",
+          "onnx": "onnx", "onnxscript": "onnx", "onnxruntime": "onnx",
+          "onnxruntime_genai": "onnx", "matplotlib": "bench"}
+"""The optional package each import needs, by the extra of pyproject.toml that installs it."""
+
+
+def _missing_package(e: ImportError) -> str:
+    """What to install for a failed import: the extra that brings a package that is not
+    installed; an installed package that fails to import is reported as it failed."""
+    top = (e.name or "").partition(".")[0]
+    try:
+        installed = bool(top) and importlib.util.find_spec(top) is not None
+    except (ImportError, ValueError):  # a module whose spec cannot be found: not usable
+        installed = False
+    if top and not installed:
+        extra = EXTRAS.get(top)
+        how = f"pip install 'quept[{extra}]'" if extra else f"pip install {top}"
+        return f"this needs the {top} package, which is not installed: {how}"
+    return f"a package failed to import ({e}); reinstalling it may help"
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    _read_texts.cache_clear()  # texts are read afresh by every command
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    # OSError: a path refused; ArithmeticError: a NaN stopped a computation and says where
+    try:
+        result = a.func(a)
+    except (ConfigError, OSError, ValueError, RuntimeError, ArithmeticError) as e:
+        print(f"quept: error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:
+        print(f"quept: error: {_missing_package(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        print(f"\nquept: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        return 130
+    if getattr(a, "json", False):
+        print(json.dumps(result, indent=1))
+    return 0

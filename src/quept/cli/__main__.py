@@ -1,0 +1,7 @@
+"""``python -m quept.cli``: the same as the ``quept`` command."""
+
+import sys
+
+from quept.cli import main
+
+sys.exit(main())

@@ -1,0 +1,320 @@
+"""What the commands share: option parsers, texts, tables, and checks against a folder."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quept import api
+from quept.api import KIND_NAMES
+from quept.config import ConfigError, ElasticSpec, QuEPTConfig, check_bits
+from quept.data.text import names_hub_text
+from quept.eval import Sentences
+
+DEFAULT_OUT = "quept-elastic"
+
+
+def _numbers(text: str, kind: type, what: str) -> list:
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
+
+
+def _names(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
+def _int_list(text: str) -> list[int]:
+    return _numbers(text, int, "integers")
+
+
+def _width_list(text: str) -> list[int]:
+    """Widths to evaluate, each once."""
+    widths = _int_list(text)
+    twice = sorted({b for b in widths if widths.count(b) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"width {twice[0]} is named twice in {text!r}")
+    return widths
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    return tuple(_numbers(text, float, "numbers"))
+
+
+def _windows(text: str) -> int | None:
+    """'all' -> None (every full window), else a positive count."""
+    if text == "all":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of windows or 'all', "
+                                         f"got {text!r}")
+    return int(text)
+
+
+def at_least(low: int, expected: str) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``low``; ``expected`` words the error."""
+    def parse(text: str) -> int:
+        if not text.isdigit() or int(text) < low:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return int(text)
+    return parse
+
+
+_window_len = at_least(2, "at least 2 tokens per window")  # all but the first are predicted
+
+
+_positive = at_least(1, "a positive count")
+
+
+_count = at_least(0, "0 (skip) or a positive count")  # of windows, sentences or images
+
+
+def _groups(text: str) -> tuple[tuple[int, ...], ...]:
+    """'7,8/5,6/3,4/2' -> ((7, 8), (5, 6), (3, 4), (2,))."""
+    return tuple(tuple(_int_list(g)) for g in text.split("/"))
+
+
+@functools.lru_cache(maxsize=4)
+def _read_texts(paths: tuple[str, ...], role: str) -> str:
+    from quept.data import load_texts
+
+    return load_texts(list(paths), role=role)
+
+
+def _text(paths: list[str] | None, default: str) -> str:
+    if paths:
+        return _read_texts(tuple(paths), default)
+    from quept import data
+
+    return data.calibration_text() if default == "calib" else data.evaluation_text()
+
+
+def check_texts(a: argparse.Namespace, **roles: str) -> None:
+    """Read the texts the command line names (``attribute=role``, e.g. ``calib_text="calib"``)
+    before any model loads, so that a missing or malformed file fails in a second rather than
+    after a model load or a calibration; the texts are kept for the later ``_text`` calls of
+    this command. The built-in texts are left to those calls."""
+    for attr, role in roles.items():
+        paths = getattr(a, attr, None)
+        if paths:
+            _text(paths, role)
+
+
+def _text_name(paths: list[str] | None) -> str:
+    """What ``_text(paths, "eval")`` read, for a record."""
+    if not paths:
+        return "Pride and Prejudice"
+    return ", ".join(p if names_hub_text(p) else Path(p).name for p in paths)
+
+
+def _peak_rss_gib() -> float | None:
+    """Peak resident memory of this process so far, GiB (ru_maxrss: KiB on Linux, bytes on
+    macOS); None where the platform has no ``resource`` module."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def _table(rows: list[list[str]], header: list[str], left: int = 0) -> str:
+    """Columns right-aligned, the first ``left`` of them (names, paths) left-aligned."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) if i < left else str(c).rjust(w)  # noqa: E731
+                               for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def _eval_rows(rows: list[api.EvalRow]) -> list[dict[str, Any]]:
+    return [r.__dict__ for r in rows]
+
+
+def _print_widths(rows: list, cells: Callable[[Any], list[str]], header: list[str],
+                  title: str, activations: bool = False) -> None:
+    """One table row per width (float, W4 or W4A4, stored bits per weight, then ``cells(row)``)
+    under ``header``'s column names."""
+    out = [[width_label(r.bits, activations), f"{r.bits_per_weight:.3f}", *cells(r)]
+           for r in rows]
+    print(title)
+    print(_table(out, ["width", "bits/weight stored", *header]))
+
+
+def _value(x: float | None, fmt: str) -> str:
+    return "" if x is None else format(x, fmt)
+
+
+def _print_eval(rows: list[api.EvalRow], n_windows: int, seq_len: int, title: str,
+                activations: bool = False) -> None:
+    rtn = any(r.ppl_rtn is not None for r in rows)  # the RTN column only when measured
+    _print_widths(rows, lambda r: [_value(r.ppl, ".2f"), *([_value(r.ppl_rtn, ".2f")] * rtn)],
+                  ["perplexity", *(["RTN perplexity"] * rtn)],
+                  f"\n{title} ({n_windows} windows x {seq_len} tokens)", activations)
+
+
+def _task(model: torch.nn.Module) -> str:
+    """The model family's task: "causal-lm", "encoder" or "image-classification"."""
+    from quept.models import family_for
+
+    return family_for(model).task
+
+
+IMAGE_SAMPLES, IMAGE_BATCH = 512, 32  # image calibration defaults (the text presets count tokens)
+
+
+EVAL_SENTENCES, EVAL_IMAGES = 256, 10000  # encoders' and image classifiers' evaluation sizes
+
+
+_OWN_TASK = {"eval_sentences": "encoder", "sentences": "encoder",
+             "eval_images": "image-classification", "images": "image-classification"}
+
+
+_TASK_WORDS = {"encoder": "an encoder", "image-classification": "an image classifier",
+               "causal-lm": "a causal LM"}
+
+
+def _refuse_other_tasks_options(a: argparse.Namespace, task: str) -> None:
+    """An option given for another task than the model's is refused, not ignored."""
+    for name, own in _OWN_TASK.items():
+        if own != task and getattr(a, name, None) is not None:
+            raise ConfigError(f"--{name.replace('_', '-')} applies to {_TASK_WORDS[own]}; the "
+                              f"model is {_TASK_WORDS[task]}")
+
+
+def _images(model: torch.nn.Module, split: str, n: int, seed: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` Fashion-MNIST images of ``split`` (all of it, in order, when n covers it; else a
+    seeded draw) as the model's pixel values, with their labels. The command line's built-in
+    images fit 28 x 28 grey, 10-class classifiers (the built-in ViT); others use the API."""
+    from quept.data import load_fashion_mnist, pixel_values
+
+    cfg = model.config
+    size = cfg.image_size if isinstance(cfg.image_size, int) else tuple(cfg.image_size)
+    if size not in (28, (28, 28)) or cfg.num_channels != 1 or cfg.num_labels != 10:
+        raise ConfigError(
+            f"the command line's images are Fashion-MNIST (28 x 28, 1 channel, 10 classes); this "
+            f"{cfg.model_type} classifier takes {size} x {cfg.num_channels}-channel images into "
+            f"{cfg.num_labels} classes: calibrate it through the Python API (quept.calibrate on "
+            "your pixel values, quept.evaluate_accuracy)")
+    if n < 1:
+        raise ConfigError(f"the number of images must be >= 1, got {n}")
+    images, labels = load_fashion_mnist(split)
+    if n > len(images):
+        raise ConfigError(f"the Fashion-MNIST {split} split has {len(images)} images; asked "
+                          f"for {n}")
+    if n < len(images):
+        idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
+        images, labels = images[idx], labels[idx]
+    return pixel_values(images), labels
+
+
+def _rotatable(model: torch.nn.Module) -> bool:
+    from quept.models import family_for
+
+    return family_for(model).final_norm is not None
+
+
+def _refuse_text_options(a: argparse.Namespace, *names: str) -> None:
+    given = [f"--{n.replace('_', '-')}" for n in names if getattr(a, n, None)]
+    if given:
+        raise ConfigError(f"{', '.join(given)}: text options, but the model is an image "
+                          "classifier (it calibrates and evaluates on Fashion-MNIST images)")
+
+
+def _print_accuracy(rows: list[api.AccuracyRow], n: int, title: str,
+                    activations: bool = False) -> None:
+    _print_widths(rows, lambda r: [_value(r.accuracy, ".2%"), _value(r.accuracy_rtn, ".2%")],
+                  ["top-1", "RTN top-1"], f"\n{title} ({n} images)", activations)
+
+
+def _sentence_len(model: torch.nn.Module) -> int:
+    """Tokens per paragraph for embedding fidelity: 128, or fewer if the model has fewer
+    positions."""
+    return min(128, getattr(model.config, "max_position_embeddings", 128))
+
+
+def _eval_sentences(model: torch.nn.Module, tok: Any, text: str, n: int) -> Sentences:
+    """The first ``n`` paragraphs of ``text`` an encoder's embedding fidelity is measured on."""
+    from quept.eval import sentences_from_text
+
+    return sentences_from_text(tok, text, n, max_len=_sentence_len(model))
+
+
+def _print_embedding(rows: list[api.EmbeddingRow], n: int, title: str) -> None:
+    def cells(r: api.EmbeddingRow) -> list[str]:
+        rtn = r.rtn or {}
+        return [f"{r.cosine_mean:.4f}", f"{r.neighbour_agreement:.1%}",
+                _value(rtn.get("cosine_mean"), ".4f"), _value(rtn.get("neighbour_agreement"), ".1%")]
+
+    _print_widths(rows, cells, ["cosine", "same neighbour", "RTN cosine", "RTN same neighbour"],
+                  f"\n{title} ({n} paragraphs; cosine of each sentence embedding with the float "
+                  "encoder's, and how often its nearest other paragraph is the float encoder's)")
+
+
+def folder_config(folder: Path, kind: str) -> QuEPTConfig:
+    """The configuration an elastic or compact folder records, read from its JSON alone (no
+    weights), so options can be checked against its widths before a model loads."""
+    if kind == "compact":
+        from quept.export.compact import read_compact_meta
+
+        return QuEPTConfig.from_dict(read_compact_meta(folder)["config"])
+    if kind == "elastic":
+        return QuEPTConfig.from_dict(api.read_meta(folder)["config"])
+    raise ConfigError(f"{folder} holds {KIND_NAMES[kind]}; this needs an elastic folder (from "
+                      "`quept quantize`) or a compact checkpoint (from `quept compact`)")
+
+
+def check_widths(widths: int | dict[str, int], spec: ElasticSpec, what: str) -> None:
+    """Every width of ``widths`` (one, or a plan's) is one of ``spec``'s, or a ConfigError
+    naming ``what`` asked for it."""
+    for b in sorted({widths} if isinstance(widths, int) else set(widths.values())):
+        try:
+            check_bits(b, spec.bits)
+        except ConfigError as e:
+            raise ConfigError(f"{what}: {e}") from None
+
+
+def check_out(out: str | Path, what: str, *, source: Path | None = None,
+              writes: str | None = None) -> Path:
+    """``--out`` checked before any work: ``what`` "file" must not name a folder, "folder"
+    must not name a file. ``--out`` must not be the ``source`` folder being read, and a folder
+    that holds a model of another kind than the one a command ``writes`` (a :func:`folder_kind`
+    name) is refused, as writing there would spoil it; the same kind is replaced."""
+    out = Path(out)
+    if what == "file" and out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give the path of the file to write "
+                          f"there, e.g. {out / 'model.gguf'}")
+    if what == "folder" and out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder to write into")
+    if source is not None and out.is_dir() and out.resolve() == Path(source).resolve():
+        raise ConfigError(f"--out {out} is the folder being read; give another folder")
+    if writes is not None:
+        api.check_out_folder(out, writes, "--out ")
+    return out
+
+
+def _load_elastic(folder: Path, kind: str, base: str | None) -> tuple[Any, Any, QuEPTConfig]:
+    cfg = folder_config(folder, kind)
+    model, tok = api.load_compact(folder) if kind == "compact" else api.load(folder, model=base)
+    return model, tok, cfg
+
+
+def width_label(bits: int | str | None, activations: bool = False) -> str:
+    """"float", "W4", "W4A4" in weight+activation mode, or "mixed" (a plan's packed folder)."""
+    if bits is None or bits == "mixed":
+        return bits or "float"
+    return f"W{bits}A{bits}" if activations else f"W{bits}"
+
+
+def _packed_label(meta: dict[str, Any]) -> str:
+    return width_label(meta["bits"], any(i.get("act_bits") for i in meta["layers"].values()))

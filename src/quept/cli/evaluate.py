@@ -1,0 +1,205 @@
+"""``quept eval``: what a folder scores at each width or plan."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from quept import api
+from quept.cli.common import (
+    _eval_rows,
+    _names,
+    _positive,
+    _print_eval,
+    _refuse_other_tasks_options,
+    _task,
+    _text,
+    _width_list,
+    _window_len,
+    _windows,
+    check_texts,
+    check_widths,
+    folder_config,
+)
+from quept.cli.eval_parts import (
+    _apply_plan,
+    _eval_encoder,
+    _eval_images,
+    _eval_tasks,
+    _fixed_width,
+    _kv_note,
+    _load_plans,
+    _print_plans,
+    _put_plans,
+    _recorded,
+    _refuse_task_options,
+    eval_packed,
+)
+from quept.cli.plan import _print_plan
+from quept.config import ConfigError, QuEPTConfig, check_device
+from quept.data.hub import hub_model_dir, is_repo_id
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="perplexity per width of an elastic folder (or a HF folder)",
+                       description="Perplexity over non-overlapping windows of a text. FOLDER is "
+                       "an elastic folder written by `quept quantize`, a compact checkpoint "
+                       "(`quept compact`), a packed, compressed-tensors or ONNX folder (`quept "
+                       "export`: its one configuration), or a plain HF model folder (then the "
+                       "float model is reported).")
+    p.add_argument("folder",
+                   help="elastic, compact, packed, compressed-tensors, ONNX or HF model folder, "
+                   "or a hub model id (OWNER/NAME: the float model)")
+    p.add_argument("--bits", type=_width_list, default=None,
+                   help="comma-separated widths, e.g. 2,3,4,8 (default: all widths)")
+    p.add_argument("--text", nargs="+", default=None, metavar="FILE",
+                   help=".txt/.jsonl evaluation text, or a hub text: wikitext2 (its test "
+                   "split), c4 (the first 1,100 validation documents) or "
+                   "hf:REPO[:CONFIG][@SPLIT] (default: Pride and Prejudice)")
+    p.add_argument("--windows", type=_windows, default=32,
+                   help="number of windows, or 'all' for every full window of the text "
+                   "(default 32)")
+    p.add_argument("--seq-len", type=_window_len, default=512,
+                   help="tokens per window (default 512; the paper's protocol: 2048)")
+    p.add_argument("--device", default="cpu",
+                   help="device the model runs on (cpu, cuda, cuda:1, ...; default cpu); "
+                   "packed layers and ONNX models run on the CPU")
+    p.add_argument("--sentences", type=_positive, default=None,
+                   help="encoders: paragraphs whose embeddings are compared with the float "
+                   "encoder's, instead of perplexity (default 256)")
+    p.add_argument("--images", type=_positive, default=None,
+                   help="image classifiers: Fashion-MNIST test images for top-1 accuracy, "
+                   "instead of perplexity (default 10000, the whole test split)")
+    p.add_argument("--rtn", action="store_true", help="also report round-to-nearest per width")
+    p.add_argument("--model", default=None,
+                   help="base model folder, if not the one recorded in the elastic folder")
+    p.add_argument("--plan", action="append", default=None, metavar="PLAN.json",
+                   help="evaluate this mixed-precision plan (from `quept plan`, or a "
+                   "hand-written JSON {layer or pattern: bits} such as {\"*\": 3, "
+                   "\"*.down_proj\": 4}, applied in order, or the same inline: "
+                   "'*=3,*.down_proj=4') instead of every width; --bits "
+                   "then adds uniform widths to compare. Repeat it, or name a folder of plans "
+                   "(`quept plan --avg-bits 2.5,3,3.5 --out DIR`), to evaluate several, one "
+                   "loaded model for all")
+    p.add_argument("--packed", action="store_true",
+                   help="elastic/compact folders of causal LMs: measure packed layers (the "
+                   "codes `quept export` writes, switched in memory from width to width) "
+                   "instead of the fake-quantized elastic model; no float row, no --rtn")
+    p.add_argument("--tasks", type=_names, default=None, metavar="NAMES",
+                   help="causal LMs: zero-shot task accuracy through lm-evaluation-harness "
+                   "instead of perplexity (the lmeval extra); comma-separated: the built-in "
+                   "last-word and next-sentence (made from the evaluation text, no downloads) "
+                   "or lm-evaluation-harness task names, whose data must be reachable; an "
+                   "elastic folder's accuracies also show their paired difference against "
+                   "the float model on the same items")
+    p.add_argument("--limit", type=int, default=None,
+                   help="with --tasks: at most this many items per task (default: all)")
+    p.add_argument("--task-path", default=None, metavar="DIR",
+                   help="with --tasks: a folder of your own lm-evaluation-harness task YAMLs")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
+    check_device(a.device, "--device")
+    folder = Path(a.folder)
+    if not folder.exists() and is_repo_id(a.folder):  # a hub model: its float perplexity
+        folder = hub_model_dir(a.folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} does not exist or is not a folder")
+    kind = api.readable_kind(folder)
+    plans = _load_plans(a.plan or [])
+    if kind in ("elastic", "compact"):  # widths and texts checked before the model loads
+        spec = folder_config(folder, kind).spec
+        for b in a.bits or ():
+            check_widths(b, spec, "--bits")
+        for path, plan in plans:
+            check_widths(dict(plan), spec, f"--plan {path}")
+    check_texts(a, text="eval")
+    if a.device != "cpu" and (kind in ("packed", "onnx") or a.packed):
+        raise ConfigError(f"--device {a.device}: packed layers and ONNX models run on the CPU "
+                          "here; --device applies to elastic (fake-quantized) and plain models")
+    if kind == "packed":
+        if a.bits or a.plan or a.rtn:
+            raise ConfigError(f"{folder} is a packed model of one configuration: --bits, --plan "
+                              "and --rtn apply to elastic folders")
+        if a.tasks:
+            model, tok = api.load_packed(folder)
+            return _eval_tasks(a, folder, model, tok, False, [], [])
+        _refuse_task_options(a)
+        return eval_packed(a, folder, lambda: _text(a.text, "eval"))
+    elastic = kind in ("elastic", "compact")
+    if plans and not elastic:
+        raise ConfigError(f"{folder} is a plain model folder; --plan needs an elastic folder")
+    if a.packed and not elastic:
+        raise ConfigError(f"--packed applies to elastic and compact folders; {folder} is a "
+                          f"{'plain model' if kind == 'hf' else kind} folder")
+    if a.packed and (a.rtn or a.tasks):
+        raise ConfigError("--packed measures the perplexity of packed layers: not with --rtn "
+                          "or --tasks")
+    if elastic and a.packed:
+        from quept.export.compact import read_compact_meta
+
+        meta = read_compact_meta(folder) if kind == "compact" else api.read_meta(folder)
+        widths = a.bits or sorted(QuEPTConfig.from_dict(meta["config"]).spec.bits)
+        model, tok = api.load_switchable(folder, plans[0][1] if plans else widths[0],
+                                         model=a.model)
+        if _task(model) != "causal-lm":
+            raise ConfigError(f"--packed measures perplexity; {folder} holds a "
+                              f"{model.config.model_type} model without a vocabulary")
+    elif elastic:
+        model, tok = (api.load_compact(folder) if kind == "compact"
+                      else api.load(folder, model=a.model))
+    if elastic:
+        spec = model.quept_spec
+        plans = _recorded(model, plans)
+        bits = a.bits or ([] if plans else sorted(spec.bits))  # a.bits checked before loading
+        for path, plan in plans:  # a plan made for another spec: refused before work
+            _apply_plan(model, plan, path)
+    else:
+        if a.bits:
+            raise ConfigError(f"{folder} holds {api.KIND_NAMES[kind]} (one configuration); "
+                              "--bits needs an elastic folder from `quept quantize`")
+        model, tok = api.load_model(folder)
+        bits = []
+    if a.device != "cpu":
+        model.to(a.device)
+    if a.tasks:
+        return _eval_tasks(a, folder, model, tok, elastic, plans, bits)
+    _refuse_task_options(a)
+    _refuse_other_tasks_options(a, _task(model))
+    if _task(model) == "encoder":
+        return _eval_encoder(a, folder, model, tok, elastic, plans, bits)
+    if _task(model) == "image-classification":
+        return _eval_images(a, folder, model, elastic, plans, bits)
+    windows = api.windows_from_text(tok, _text(a.text, "eval"), a.seq_len, a.windows)
+    from quept.eval import perplexity
+
+    if elastic:
+        widths = bits if plans or a.packed else [None, *bits]
+        rows = api.evaluate(model, windows, widths, rtn=a.rtn, progress=not a.json)
+    else:
+        rows = [api.EvalRow(*_fixed_width(model), perplexity(model, windows, progress=not a.json))]
+    result = {"folder": str(folder), "elastic": elastic, "windows": windows.shape[0],
+              "seq_len": a.seq_len, "rows": _eval_rows(rows), "packed": bool(a.packed)}
+    measured = []
+    for path, plan in plans:
+        bpw = _apply_plan(model, plan, path)
+        ppl = perplexity(model, windows, progress=not a.json, desc=f"eval {Path(path).name}")
+        measured.append({"path": path, "bits_per_weight": bpw, "ppl": ppl,
+                         "stored_bytes": plan.stored_bytes, "widths": plan.histogram()})
+    _put_plans(result, measured)
+    if not a.json:
+        if rows:
+            _print_eval(rows, windows.shape[0], a.seq_len, f"Perplexity of {folder}"
+                        + (" (packed layers)" if a.packed else "")
+                        + (_kv_note(model.quept_spec) if elastic else ""),
+                        elastic and model.quept_spec.activations != "none")
+        if len(plans) == 1:
+            _print_plan(plans[0][1], f"plan {plans[0][0]}: perplexity {measured[0]['ppl']:.2f} "
+                        f"({windows.shape[0]} windows x {a.seq_len} tokens)")
+        elif plans:
+            _print_plans(measured, f"Plans, perplexity on {windows.shape[0]} windows x "
+                         f"{a.seq_len} tokens", "perplexity", lambda m: f"{m['ppl']:.2f}")
+    return result
