@@ -141,4 +141,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from quept.cli import run_script
+
+    sys.exit(run_script(main))

@@ -152,4 +152,6 @@ def report(res: dict) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from quept.cli import run_script
+
+    sys.exit(run_script(main))

@@ -147,4 +147,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    from quept.cli import run_script
+
+    sys.exit(run_script(main))

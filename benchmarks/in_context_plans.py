@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -136,4 +137,6 @@ def refine_row(model, table, avg: float, check, cache: dict, windows, rounds: in
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from quept.cli import run_script
+
+    sys.exit(run_script(main))

@@ -348,4 +348,6 @@ def plot(results: dict, path: Path, n_windows: int) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from quept.cli import run_script
+
+    sys.exit(run_script(main))

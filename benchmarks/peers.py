@@ -241,4 +241,6 @@ def _write_report(doc: dict[str, Any], out: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from quept.cli import run_script
+
+    sys.exit(run_script(main))

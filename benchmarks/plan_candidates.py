@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -98,4 +99,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from quept.cli import run_script
+
+    sys.exit(run_script(main))

@@ -79,4 +79,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from quept.cli import run_script
+
+    sys.exit(run_script(main))

@@ -118,4 +118,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from quept.cli import run_script
+
+    sys.exit(run_script(main))

@@ -8,6 +8,8 @@ import importlib.util
 import json
 import logging
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -39,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 EXTRAS = {"transformers": "hf", "gguf": "hf", "rdata": "hf", "datasets": "hub",
           "lm_eval": "lmeval", "accelerate": "lmeval", "compressed_tensors": "ct",
           "onnx": "onnx", "onnxscript": "onnx", "onnxruntime": "onnx",
-          "onnxruntime_genai": "onnx", "matplotlib": "bench"}
+          "onnxruntime_genai": "onnx", "matplotlib": "bench", "hqq": "peers",
+          "auto_round": "peers", "llmcompressor": "peers"}
 """The optional package each import needs, by the extra of pyproject.toml that installs it."""
 
 
@@ -80,3 +83,30 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(a, "json", False):
         print(json.dumps(result, indent=1))
     return 0
+
+
+def _is_quept_error(e: BaseException) -> bool:
+    """One of quept's own exceptions (each names what is wrong and what would be right)."""
+    return any(c.__module__.partition(".")[0] == "quept" for c in type(e).__mro__)
+
+
+def run_script(main: Callable[[], int | None], prog: str | None = None) -> int:
+    """Run a script's ``main`` (a benchmark's) with the command line's way of ending: quept's
+    own errors, a missing file or a missing optional package end it with one line naming what
+    is wrong (exit status 2), Ctrl-C with status 130; any other exception is a bug and keeps
+    its traceback. Returns the exit status, ``main``'s own when it returns one."""
+    prog = prog or Path(sys.argv[0]).name
+    try:
+        return main() or 0
+    except ImportError as e:
+        print(f"{prog}: error: {_missing_package(e)}", file=sys.stderr)
+    except (FileNotFoundError, NotADirectoryError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if not _is_quept_error(e):
+            raise
+        print(f"{prog}: error: {e}", file=sys.stderr)
+    return 2
