@@ -40,6 +40,7 @@ import torch
 
 import quept
 from quept import data
+from quept.cli.common import positive
 from quept.config import PRESET_SPECS, PRESETS
 from quept.nn import elastic_linear
 from quept.ops import fq_kernel, quant
@@ -64,7 +65,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--blocks", type=int, default=2, help="first blocks to calibrate")
     p.add_argument("--epochs", type=int, default=None,
                    help="passes per block (default: the preset's)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=positive, default=3)
     p.add_argument("--ways", default=",".join(WAYS), help=f"comma-separated, of {WAYS}")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None, help="write the result here")

@@ -32,6 +32,7 @@ import torch
 
 import quept
 from quept import api, data
+from quept.cli.common import positive
 from quept.eval import perplexity
 from quept.export.ct_format import load_compressed_tensors
 from quept.search.plan import read_widths
@@ -45,7 +46,7 @@ def main() -> int:
     p.add_argument("--bits", default=",".join(map(str, WIDTHS)), help="widths, comma-separated")
     p.add_argument("--plan", default=None, help="also export this plan (from `quept plan`)")
     p.add_argument("--scale-dtype", default="float16", choices=("float16", "float32"))
-    p.add_argument("--windows", type=int, default=32, help="perplexity windows of 512 tokens")
+    p.add_argument("--windows", type=positive, default=32, help="perplexity windows of 512 tokens")
     p.add_argument("--work", default=None, help="folder for the exports (default: a temp dir)")
     p.add_argument("--out", default="results/ct_export.json")
     a = p.parse_args()

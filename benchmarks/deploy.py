@@ -25,6 +25,7 @@ import torch
 
 import quept
 from quept import api, data
+from quept.cli.common import at_least, positive
 from quept.export.packed import pack_model
 from quept.export.runtime import generate
 from quept.nn import PackedLinear
@@ -60,10 +61,11 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--elastic", required=True, help="calibrated elastic folder")
     p.add_argument("--work", default=None, help="folder for the packed/compact outputs")
-    p.add_argument("--windows", type=int, default=32, help="perplexity windows (0 = skip)")
-    p.add_argument("--repeats", type=int, default=3, help="generation runs per model")
-    p.add_argument("--prompt-tokens", type=int, default=64)
-    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--windows", type=at_least(0, "a whole number (0 = skip)"), default=32,
+                   help="perplexity windows (0 = skip)")
+    p.add_argument("--repeats", type=positive, default=3, help="generation runs per model")
+    p.add_argument("--prompt-tokens", type=positive, default=64)
+    p.add_argument("--new-tokens", type=positive, default=64)
     p.add_argument("--out", default="results/deploy.json")
     a = p.parse_args()
     work = Path(a.work or tempfile.mkdtemp(prefix="quept-deploy-"))

@@ -28,15 +28,16 @@ import torch
 
 import quept
 from quept import data
+from quept.cli.common import positive
 from quept.eval import sentences_from_text
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--samples", type=int, default=32, help="calibration windows (32)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per window (128)")
+    p.add_argument("--samples", type=positive, default=32, help="calibration windows (32)")
+    p.add_argument("--seq-len", type=positive, default=128, help="tokens per window (128)")
     p.add_argument("--epochs", type=int, default=1, help="passes per block (1)")
-    p.add_argument("--sentences", type=int, default=512, help="paragraphs embedded (512)")
+    p.add_argument("--sentences", type=positive, default=512, help="paragraphs embedded (512)")
     p.add_argument("--out", default="results/encoder.json", help="JSON output")
     a = p.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -46,6 +46,7 @@ import torch
 
 import quept
 from quept import data
+from quept.cli.common import positive
 from quept.eval import sentences_from_text
 from quept.eval.embedding import fidelity, sentence_embeddings
 
@@ -65,14 +66,14 @@ def check_pooler(model: torch.nn.Module, base: torch.nn.Module, method: str) -> 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--samples", type=int, default=32, help="calibration windows (32)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per window (128)")
+    p.add_argument("--samples", type=positive, default=32, help="calibration windows (32)")
+    p.add_argument("--seq-len", type=positive, default=128, help="tokens per window (128)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="QuEPT windows per step (default: the preset's)")
     p.add_argument("--epochs", type=int, default=8, help="QuEPT passes per block (8)")
     add_spec_args(p)
     p.add_argument("--bits", default="2,3,4", help="widths, comma-separated")
-    p.add_argument("--sentences", type=int, default=512, help="paragraphs embedded (512)")
+    p.add_argument("--sentences", type=positive, default=512, help="paragraphs embedded (512)")
     p.add_argument("--out", default="results/encoder_peers.json")
     a = p.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -22,6 +22,7 @@ import torch
 
 import quept
 from quept import data
+from quept.cli.common import positive
 from quept.config import PRESETS, ElasticSpec, QuEPTConfig
 
 
@@ -53,7 +54,8 @@ def switch_times_ms(model: torch.nn.Module, n: int = 20) -> dict[str, float]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--elastic", default=None, help="evaluate this elastic folder (no calibration)")
-    p.add_argument("--windows", type=int, default=32, help="512-token windows of P&P (default 32)")
+    p.add_argument("--windows", type=positive, default=32,
+                   help="512-token windows of P&P (default 32)")
     p.add_argument("--bits", default="2,3,4,5,6,7,8", help="widths to evaluate")
     p.add_argument("--out", default="results/foundation.json", help="JSON output path")
     a = p.parse_args()

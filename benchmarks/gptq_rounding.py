@@ -36,6 +36,7 @@ import torch
 
 import quept
 from quept import data
+from quept.cli.common import positive
 from quept.config import QuEPTConfig
 from quept.eval import perplexity
 from quept.export.gptq import GPTQConfig, clear_rounding
@@ -51,12 +52,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--elastic", required=True, help="elastic folder from `quept quantize`")
     p.add_argument("--widths", default="2,3,4", help="comma-separated widths")
     p.add_argument("--modes", default=",".join(MODES[:3]), help=f"comma-separated, of {MODES}")
-    p.add_argument("--windows", type=int, default=32, help="evaluation windows of 512 tokens")
-    p.add_argument("--samples", type=int, default=None,
+    p.add_argument("--windows", type=positive, default=32, help="evaluation windows of 512 tokens")
+    p.add_argument("--samples", type=positive, default=None,
                    help="calibration sequences (default: the folder's calibration count)")
-    p.add_argument("--seq-len", type=int, default=None,
+    p.add_argument("--seq-len", type=positive, default=None,
                    help="tokens per calibration sequence (default: the folder's)")
-    p.add_argument("--iters", type=int, default=LearnedRoundingConfig.iters,
+    p.add_argument("--iters", type=positive, default=LearnedRoundingConfig.iters,
                    help="learned: signed-gradient steps per block")
     p.add_argument("--bf16", action="store_true",
                    help="learned: training steps under bfloat16 autocast (checks in float32)")

@@ -31,6 +31,7 @@ from mixed_precision import BOOTSTRAP, bootstrap_ppl, ci95, load_with_table  # b
 
 import quept
 from quept import data
+from quept.cli.common import positive
 from quept.eval import window_nll
 from quept.nn import elastic_layers
 
@@ -53,13 +54,14 @@ def rules(n_blocks: int, prefix: str) -> dict[str, dict[str, int]]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--elastic", default="quept-elastic", help="elastic folder")
-    p.add_argument("--windows", type=int, default=32, help="512-token windows of the text (32)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per window (512)")
+    p.add_argument("--windows", type=positive, default=32,
+                   help="512-token windows of the text (32)")
+    p.add_argument("--seq-len", type=positive, default=512, help="tokens per window (512)")
     p.add_argument("--text", default=None, help="evaluation text (default: Pride and Prejudice)")
     p.add_argument("--calib-text", default=None,
                    help="text of the sensitivity table and the allocator's checks (default: the "
                    "other novels, as `quept plan`)")
-    p.add_argument("--samples", type=int, default=None,
+    p.add_argument("--samples", type=positive, default=None,
                    help="calibration sequences of the sensitivity table (default 32, as "
                    "`quept plan`)")
     p.add_argument("--check-samples", type=int, default=16,

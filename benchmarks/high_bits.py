@@ -34,6 +34,7 @@ import torch
 import quept
 from quept import data
 from quept.calib.capture import mean_sq_inputs
+from quept.cli.common import positive
 from quept.config import QuEPTConfig
 from quept.data.tokens import calibration_starts, heldout_windows, tokenize
 from quept.nn import elastic_layers
@@ -42,7 +43,7 @@ from quept.nn import elastic_layers
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--elastic", default="quept-elastic", help="elastic folder (read only)")
-    p.add_argument("--windows", type=int, default=32, help="512-token windows (default 32)")
+    p.add_argument("--windows", type=positive, default=32, help="512-token windows (default 32)")
     p.add_argument("--text", choices=("eval", "heldout"), default="eval",
                    help="eval: Pride and Prejudice (default); heldout: windows of the other "
                         "novels that share no token with the folder's calibration samples")

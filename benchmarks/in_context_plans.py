@@ -32,6 +32,7 @@ from mixed_precision import bootstrap_ppl, ci95, load_with_table  # the script's
 
 import quept
 from quept import data
+from quept.cli.common import positive
 from quept.eval import perplexity, window_nll
 
 
@@ -39,7 +40,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--elastic", default="quept-elastic", help="elastic folder")
     p.add_argument("--budgets", default="3.25,3.0,2.75,3.5", help="stored bits per weight")
-    p.add_argument("--windows", type=int, default=16, help="512-token windows of P&P")
+    p.add_argument("--windows", type=positive, default=16, help="512-token windows of P&P")
     p.add_argument("--check-samples", type=int, default=16, help="sequences the plans are "
                    "checked and the in-context costs measured on")
     p.add_argument("--uniform", default="2,3,4", help="uniform widths also evaluated")

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 import quept
 from quept import api, data
+from quept.cli.common import positive
 from quept.export.kv_cache import QuantizedKVCache
 from quept.export.runtime import generate
 
@@ -97,8 +98,8 @@ def main() -> int:
     p.add_argument("--elastic", required=True, help="elastic/compact folder with kv_bits")
     p.add_argument("--bits", type=int, default=4, help="weight width of the packed export")
     p.add_argument("--contexts", default="256,1024,2048", help="prompt lengths (tokens)")
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--new-tokens", type=positive, default=32)
+    p.add_argument("--repeats", type=positive, default=3)
     p.add_argument("--nll-tokens", type=int, default=512, help="0 = skip the NLL check")
     p.add_argument("--out", default="results/kv_cache_runtime.json")
     a = p.parse_args()

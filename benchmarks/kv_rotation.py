@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from quept import api, data
+from quept.cli.common import positive
 from quept.config import ElasticSpec
 from quept.models.kv import head_dim
 
@@ -30,7 +31,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--weight-bits", type=int, default=8)
     p.add_argument("--kv-bits", default="4,3,8")
-    p.add_argument("--windows", type=int, default=8)
+    p.add_argument("--windows", type=positive, default=8)
     p.add_argument("--out", default="results/kv_rotation.json")
     a = p.parse_args()
     model, tok = api.load_model(None)

@@ -28,6 +28,7 @@ import torch
 import quept
 from quept import data
 from quept.calib.capture import capture_block_inputs, mean_sq_inputs, move_kwargs
+from quept.cli.common import positive
 from quept.config import QuEPTConfig
 from quept.models.families import family_for
 from quept.nn import ElasticLinear, set_bits
@@ -37,7 +38,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--elastic", action="append", required=True, help="elastic folder (repeat)")
     p.add_argument("--bits", default="2,3", help="widths to follow (default 2,3)")
-    p.add_argument("--samples", type=int, default=8,
+    p.add_argument("--samples", type=positive, default=8,
                    help="first calibration samples to run (default 8)")
     p.add_argument("--ratio", type=float, default=100.0,
                    help="super-weight ratio, as ElasticSpec.protect_outliers (default 100)")

@@ -31,6 +31,7 @@ import torch
 
 import quept
 from quept import data
+from quept.cli.common import positive
 from quept.data.tokens import calibration_samples, tokenize
 from quept.eval import perplexity, window_nll
 from quept.nn import elastic_layers
@@ -116,7 +117,7 @@ def load_with_table(folder: Path, recompute: bool = False, calib_text: str | Non
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--elastic", default="quept-elastic", help="elastic folder")
-    p.add_argument("--windows", type=int, default=32, help="512-token windows of P&P (32)")
+    p.add_argument("--windows", type=positive, default=32, help="512-token windows of P&P (32)")
     p.add_argument("--recompute", action="store_true", help="measure the table even if cached")
     p.add_argument("--subset-blocks", default="2,15,28",
                    help="blocks whose linears get the slow protocol ('' skips the check)")

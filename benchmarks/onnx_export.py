@@ -36,6 +36,7 @@ import torch
 
 import quept
 from quept import api, data
+from quept.cli.common import positive
 from quept.eval import perplexity
 from quept.export.onnx_format import OrtModel
 from quept.search.plan import read_widths
@@ -46,11 +47,11 @@ def main() -> int:
     p.add_argument("--elastic", required=True, help="calibrated elastic folder")
     p.add_argument("--bits", default="2,3,4,5,6,7,8", help="widths, comma-separated")
     p.add_argument("--plan", default=None, help="also export this plan (from `quept plan`)")
-    p.add_argument("--windows", type=int, default=32, help="perplexity windows")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds per model")
-    p.add_argument("--prompt-tokens", type=int, default=64, help="decoding: prompt length")
-    p.add_argument("--new-tokens", type=int, default=64, help="decoding: tokens generated")
+    p.add_argument("--windows", type=positive, default=32, help="perplexity windows")
+    p.add_argument("--seq-len", type=positive, default=512)
+    p.add_argument("--repeats", type=positive, default=5, help="timed rounds per model")
+    p.add_argument("--prompt-tokens", type=positive, default=64, help="decoding: prompt length")
+    p.add_argument("--new-tokens", type=positive, default=64, help="decoding: tokens generated")
     p.add_argument("--packed-bits", default="",
                    help="also time quept's packed folders (fused kernel) at these widths")
     p.add_argument("--accuracy-level", type=int, default=0,

@@ -26,6 +26,7 @@ from mixed_precision import BOOTSTRAP, line_check, load_with_table, uniform_row 
 
 import quept
 from quept import data
+from quept.cli.common import positive
 from quept.eval import window_nll
 from quept.search.exact import configuration_kl
 from quept.search.plan import bracketing_widths
@@ -35,7 +36,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--elastic", default="quept-elastic", help="elastic folder")
     p.add_argument("--budget", type=float, default=5.0, help="stored bits per weight")
-    p.add_argument("--windows", type=int, default=32, help="512-token windows of P&P")
+    p.add_argument("--windows", type=positive, default=32, help="512-token windows of P&P")
     p.add_argument("--check-samples", type=int, default=16,
                    help="calibration sequences the candidates are ranked on (as quept plan)")
     p.add_argument("--out", default="results/plan_candidates.json", help="JSON output")

@@ -30,6 +30,7 @@ import torch
 
 import quept
 from quept import data
+from quept.cli.common import positive
 from quept.config import PRESET_SPECS, PRESETS, QuEPTConfig
 
 
@@ -102,9 +103,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--model", default=None, help="model folder (default: the built-in one)")
     p.add_argument("--calib-text", default=None, help="text file (default: the other novels)")
     p.add_argument("--eval-text", default=None, help="text file (default: Pride and Prejudice)")
-    p.add_argument("--windows", type=int, default=32, help="evaluation windows (default 32)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
-    p.add_argument("--samples", type=int, default=None, help="calibration windows (default: "
+    p.add_argument("--windows", type=positive, default=32, help="evaluation windows (default 32)")
+    p.add_argument("--seq-len", type=positive, default=512, help="tokens per window (default 512)")
+    p.add_argument("--samples", type=positive, default=None, help="calibration windows (default: "
                    "the preset's)")
     p.add_argument("--calib-seq-len", type=int, default=None,
                    help="tokens per calibration window (default: the preset's)")

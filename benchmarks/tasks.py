@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from quept import api, data
+from quept.cli.common import positive
 from quept.eval.harness import TaskRunner
 
 TASKS = ("last-word", "next-sentence")
@@ -44,7 +45,7 @@ def main() -> int:
     p.add_argument("--elastic", default="quept-elastic", help="elastic folder")
     p.add_argument("--bits", type=_ints, default=[2, 3, 4, 8])
     p.add_argument("--rtn-bits", type=_ints, default=[2, 3, 4])
-    p.add_argument("--limit", type=int, default=300, help="items per task")
+    p.add_argument("--limit", type=positive, default=300, help="items per task")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", default="results/tasks.json")
     a = p.parse_args()

@@ -29,6 +29,7 @@ from peers.common import add_spec_args, quept_settings
 
 import quept
 from quept import data
+from quept.cli.common import positive
 from quept.config import CalibConfig, ElasticSpec, weight_act_spec
 
 
@@ -48,7 +49,7 @@ def logit_fidelity(got: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
 
 def add_config_args(p: argparse.ArgumentParser, images: int, epochs: int) -> None:
     """The options that choose QuEPT's spec and calibration (shared with vit_peers.py)."""
-    p.add_argument("--images", type=int, default=images, help=f"calibration images ({images})")
+    p.add_argument("--images", type=positive, default=images, help=f"calibration images ({images})")
     p.add_argument("--batch-size", type=int, default=32, help="images per step (32)")
     p.add_argument("--epochs", type=int, default=epochs, help=f"passes per block ({epochs})")
     add_spec_args(p)

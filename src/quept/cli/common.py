@@ -73,7 +73,7 @@ def at_least(low: int, expected: str) -> Callable[[str], int]:
 _window_len = at_least(2, "at least 2 tokens per window")  # all but the first are predicted
 
 
-_positive = at_least(1, "a positive count")
+positive = at_least(1, "a positive count")
 
 
 _count = at_least(0, "0 (skip) or a positive count")  # of windows, sentences or images

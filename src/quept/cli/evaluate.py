@@ -10,7 +10,6 @@ from quept import api
 from quept.cli.common import (
     _eval_rows,
     _names,
-    _positive,
     _print_eval,
     _refuse_other_tasks_options,
     _task,
@@ -21,6 +20,7 @@ from quept.cli.common import (
     check_texts,
     check_widths,
     folder_config,
+    positive,
 )
 from quept.cli.eval_parts import (
     _apply_plan,
@@ -65,10 +65,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu",
                    help="device the model runs on (cpu, cuda, cuda:1, ...; default cpu); "
                    "packed layers and ONNX models run on the CPU")
-    p.add_argument("--sentences", type=_positive, default=None,
+    p.add_argument("--sentences", type=positive, default=None,
                    help="encoders: paragraphs whose embeddings are compared with the float "
                    "encoder's, instead of perplexity (default 256)")
-    p.add_argument("--images", type=_positive, default=None,
+    p.add_argument("--images", type=positive, default=None,
                    help="image classifiers: Fashion-MNIST test images for top-1 accuracy, "
                    "instead of perplexity (default 10000, the whole test split)")
     p.add_argument("--rtn", action="store_true", help="also report round-to-nearest per width")
