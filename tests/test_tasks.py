@@ -177,6 +177,28 @@ def test_runner_refuses_bad_input(lm, tmp_path):
         TaskRunner(model, tok, ["hub_task"], include_path=tmp_path)
 
 
+def test_items_longer_than_the_models_context_are_refused_by_name():
+    """lm-evaluation-harness stops on a bare assert when a continuation is longer than the
+    model's context; the runner names the task, the item and both lengths first."""
+    from quept.eval.harness import TaskRunner
+
+    short = randomize(quept.prepare(tiny_model(max_position_embeddings=32), SPEC))
+    tok, text = char_tokenizer(), synthetic_text()
+    with pytest.raises(ConfigError, match=r"task next-sentence, item 0: a continuation of \d+ "
+                                          "tokens does not fit the model's context of 32 tokens"):
+        TaskRunner(short, tok, ["next-sentence"], text=text)
+    runner = TaskRunner(short, tok, ["last-word"], text=text, limit=4)  # one word fits
+
+    def harness_assert(*args, **kwargs):
+        assert len("continuation") <= 3
+
+    runner._evaluate = harness_assert
+    with pytest.raises(RuntimeError, match=r"lm-evaluation-harness stopped on a failed check "
+                                           r"while scoring last-word: `assert len.*context is "
+                                           "32 tokens"):
+        runner()
+
+
 def test_a_task_yaml_of_ones_own_runs_from_its_folder(lm, tmp_path):
     from quept.eval.harness import TaskRunner
 

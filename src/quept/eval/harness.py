@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import math
+import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -170,11 +171,23 @@ class TaskRunner:
                     "files and pass its folder (--task-path)") from exc
             self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
                            device=str(model.device))
+        for t in builtin:
+            check_item_lengths(t, task_documents(t, text, seed)[:limit], tokenizer,
+                               self.lm.max_length)
 
     def __call__(self) -> dict[str, dict[str, Any]]:
         with _quiet():
-            out = self._evaluate(self.lm, self.task_dict, limit=self.limit, bootstrap_iters=0,
-                                 log_samples=self.per_item, verbosity="ERROR")
+            try:
+                out = self._evaluate(self.lm, self.task_dict, limit=self.limit,
+                                     bootstrap_iters=0, log_samples=self.per_item,
+                                     verbosity="ERROR")
+            except AssertionError as e:  # lm-evaluation-harness checks its inputs by assert
+                where = traceback.extract_tb(e.__traceback__)[-1]
+                raise RuntimeError(
+                    f"lm-evaluation-harness stopped on a failed check while scoring "
+                    f"{', '.join(self.names.values())}: `{where.line}` "
+                    f"({Path(where.filename).name}, line {where.lineno}); the model's "
+                    f"context is {self.lm.max_length} tokens") from None
         scores = {}
         for lm_name, name in self.names.items():
             raw = out["results"][lm_name]
@@ -194,6 +207,21 @@ class TaskRunner:
                                    for m in row if m.startswith("acc") and "_stderr" not in m}
             scores[name] = row
         return scores
+
+
+def check_item_lengths(name: str, docs: Sequence[dict[str, Any]], tokenizer: Any,
+                       max_length: int) -> None:
+    """Refuse built-in task ``name`` when one of its items' continuations (the word to predict,
+    or a choice of sentence) is longer than the model's context of ``max_length`` tokens:
+    lm-evaluation-harness cannot score such an item (it stops on an assert)."""
+    for i, doc in enumerate(docs):
+        for cont in [doc["target"]] if name == LAST_WORD else doc["choices"]:
+            n = len(tokenizer(" " + cont, add_special_tokens=False).input_ids)
+            if n > max_length:
+                raise ConfigError(
+                    f"task {name}, item {i}: a continuation of {n} tokens does not fit the "
+                    f"model's context of {max_length} tokens, so it cannot be scored; "
+                    "evaluate a model with a longer context, or a text of shorter sentences")
 
 
 def paired_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
