@@ -16,6 +16,7 @@ from quept.api.elastic import prepare, weights_fingerprint
 from quept.api.folders import ELASTIC_JSON, ELASTIC_WEIGHTS, FORMAT, ArtifactError, check_out_folder
 from quept.api.models import DEFAULT_MODEL, load_model
 from quept.config import ConfigError, QuEPTConfig, check_json_fields, read_json_object
+from quept.data.fetch import atomic_write_text
 from quept.models import family_for, reparam
 from quept.nn import elastic_layers
 from quept.nn.state import load_elastic_state
@@ -51,9 +52,7 @@ def save(model: nn.Module, folder: str | os.PathLike, config: QuEPTConfig,
 
 def _write_meta(folder: Path, meta: Mapping[str, Any]) -> None:
     """The elastic folder's JSON, replaced whole or not at all."""
-    tmp = folder / (ELASTIC_JSON + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, folder / ELASTIC_JSON)
+    atomic_write_text(folder / ELASTIC_JSON, json.dumps(meta, indent=1))
 
 
 def record_evaluation(folder: str | os.PathLike, evaluation: Mapping[str, Any]) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from quept.config import ConfigError, check_bits
+from quept.data.fetch import atomic_write_text
 from quept.ops import stored_bits_per_weight
 from quept.search.allocate import InfeasibleBudgetError, allocate, size_range
 from quept.search.constraints import Constraint, allowed_widths, clamp, constraint_texts
@@ -169,8 +170,7 @@ class Plan(Mapping[str, int]):
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1))
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))  # whole or not at all
         return path
 
     @classmethod

@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from quept.config import read_json_object
+from quept.data.fetch import atomic_write_text
 from quept.nn import elastic_layers
 from quept.nn.state import elastic_state_dict
 
@@ -101,9 +102,7 @@ class SensitivityTable:
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
         return path
 
     @classmethod
