@@ -155,3 +155,50 @@ def test_head_bits_are_refused_for_a_model_without_a_vocabulary_head(tmp_path):
         with pytest.raises(PackedFormatError, match=f"a {model.config.model_type} model has no "
                                                     "output head over the vocabulary"):
             quept.api.export(model, 3, tmp_path / model.config.model_type, head_bits=8)
+
+
+def test_windows_past_a_decoders_context_are_refused_and_generation_past_it_warns(elastic,
+                                                                                   caplog):
+    """A decoder computes past its max_position_embeddings without an error, but not what it
+    was trained for: a perplexity, a calibration or a sensitivity there would be measured on
+    something else, so they are refused; generating past it is allowed, with a warning."""
+    from quept.config import CalibConfig
+    from quept.export.runtime import generate
+    from tests.export.tiny import char_tokenizer
+
+    past = torch.randint(0, 256, (1, 129))  # the tiny decoder has 128 positions
+    says = r"are 129 tokens long, past the model's context of 128 tokens"
+    with pytest.raises(ConfigError, match=says):
+        quept.evaluate(elastic, past, [4], progress=False)
+    with pytest.raises(ConfigError, match=says):
+        quept.calibrate(elastic, past, CalibConfig(n_samples=1, seq_len=129, batch_size=1),
+                        progress=False)
+    with pytest.raises(ConfigError, match=says):
+        quept.sensitivity(elastic, past, progress=False)
+    assert quept.evaluate(elastic, past[:, :128], [4], progress=False)[0].ppl > 0
+    quept.set_bits(elastic, 4)
+    with caplog.at_level("WARNING", logger="quept.export.runtime"):
+        generate(elastic, char_tokenizer(), past[:, :126], 4, warmup=False)
+    assert "the prompt (126 tokens) and 4 new tokens run past the model's context of 128" \
+        in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="quept.export.runtime"):
+        generate(elastic, char_tokenizer(), past[:, :126], 2, warmup=False)  # 128 in all
+    assert "context" not in caplog.text
+
+
+def test_quantize_refuses_evaluation_windows_past_the_context_before_calibrating(tmp_path,
+                                                                                  capsys):
+    from quept.cli import main
+    from tests.export.tiny import TEXT, char_tokenizer
+
+    base = tmp_path / "base"
+    tiny_model().save_pretrained(base)  # 128 positions
+    char_tokenizer().save_pretrained(base)
+    (tmp_path / "t.txt").write_text(TEXT * 8)
+    argv = ["quantize", "--model", str(base), "--calib-text", str(tmp_path / "t.txt"),
+            "--samples", "2", "--seq-len", "32", "--epochs", "1", "--out", str(tmp_path / "el")]
+    assert main([*argv, "--eval-seq-len", "512"]) == 2
+    assert ("quept: error: --eval-seq-len 512 is past the model's context of 128 tokens: give "
+            "128 or less (checked now, not after the calibration)") in capsys.readouterr().err
+    assert not (tmp_path / "el").exists()

@@ -45,8 +45,9 @@ def char_tokenizer():
 
 
 def hf_folder(path: Path) -> Path:
-    """A tiny float HF model folder with a tokenizer."""
-    tiny_model().save_pretrained(path)
+    """A tiny float HF model folder with a tokenizer, made for sequences of up to 1024 tokens
+    (so the CLI's default windows of 512 tokens fit its context)."""
+    tiny_model(max_position_embeddings=1024).save_pretrained(path)
     char_tokenizer().save_pretrained(path)
     return path
 

@@ -71,10 +71,24 @@ def check_model_inputs(model: nn.Module, family: Family, inputs: object,
     if vocab is not None and (int(inputs.min()) < 0 or int(inputs.max()) >= vocab):
         raise ConfigError(f"{what} hold token ids from {int(inputs.min())} to "
                           f"{int(inputs.max())}; the model's vocabulary is 0..{vocab - 1}")
-    positions = getattr(cfg, "max_position_embeddings", None)
-    if family.task == "encoder" and positions is not None and shape[1] > positions:
-        raise ConfigError(f"{what} are {shape[1]} tokens long; the model has {positions} "
-                          "positions")
+    positions = context_length(model)
+    if positions is not None and shape[1] > positions:
+        if family.task == "encoder":
+            raise ConfigError(f"{what} are {shape[1]} tokens long; the model has {positions} "
+                              "positions")
+        raise ConfigError(f"{what} are {shape[1]} tokens long, past the model's context of "
+                          f"{positions} tokens (max_position_embeddings), where what it computes "
+                          f"is not what it was trained for; use windows of at most {positions} "
+                          "tokens (--seq-len, --eval-seq-len)")
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The longest token sequence a text model was made for (its language model's
+    ``max_position_embeddings``), or None when its config does not say."""
+    cfg = getattr(model, "config", None)
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    positions = getattr(text, "max_position_embeddings", None)
+    return positions if isinstance(positions, int) and positions > 0 else None
 
 
 @torch.no_grad()

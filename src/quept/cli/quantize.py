@@ -11,6 +11,7 @@ from typing import Any
 
 from quept import api
 from quept.calib import CHECKPOINT_DIR, CalibCheckpoint
+from quept.calib.capture import context_length
 from quept.cli.common import (
     DEFAULT_OUT,
     EVAL_IMAGES,
@@ -237,6 +238,11 @@ def _quantize(a: argparse.Namespace, cfg: QuEPTConfig, out: Path, t0: float) -> 
     model, tok = api.load_model(a.model)
     task = _task(model)
     _refuse_other_tasks_options(a, task)
+    context = context_length(model)
+    if task == "causal-lm" and a.eval_windows and context and a.eval_seq_len > context:
+        raise ConfigError(f"--eval-seq-len {a.eval_seq_len} is past the model's context of "
+                          f"{context} tokens: give {context} or less (checked now, not after "
+                          "the calibration)")
     if a.rotation is None and cfg.spec.activations != "none" and _rotatable(model):
         log.info("weight+activation mode on a LLaMA-family decoder: rotating it (Hadamard) "
                  "first; --rotation none turns this off")

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+from quept.calib.capture import context_length
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -88,6 +93,11 @@ def generate(
     ids = tokenizer(prompt, return_tensors="pt").input_ids if isinstance(prompt, str) else prompt
     if ids.ndim != 2 or ids.shape[0] != 1 or ids.shape[1] < 1:
         raise ValueError(f"the prompt must be one non-empty sequence, got ids of shape {ids.shape}")
+    context = context_length(model)
+    if context is not None and ids.shape[1] + max_new_tokens > context:
+        log.warning("the prompt (%d tokens) and %d new tokens run past the model's context of "
+                    "%d tokens (max_position_embeddings); what it generates past that is not "
+                    "what it was trained for", ids.shape[1], max_new_tokens, context)
     ids = ids.to(next(model.parameters()).device)
     eos = getattr(tokenizer, "eos_token_id", None) if stop_at_eos else None
     key = cache_keyword(model)
