@@ -220,7 +220,8 @@ def _elastic(folder: Path) -> dict[str, Any]:
         "spec": _spec_summary(cfg),
         "calibration": {**_calib_summary(cfg.calib),
                         "seconds": meta.get("calibration_seconds"),
-                        "peak_rss_gib": meta.get("calibration_peak_rss_gib")},
+                        "peak_rss_gib": meta.get("calibration_peak_rss_gib"),
+                        "text": _calibration_text_name(meta)},
         "widths": _width_rows(cfg, shapes),
     }
     if meta.get("evaluation"):
@@ -245,6 +246,13 @@ def _elastic(folder: Path) -> dict[str, Any]:
         except InfoError as e:  # a cache: `quept plan` measures again and rewrites it
             info["sweeps"] = {"error": str(e)}
     return info
+
+
+def _calibration_text_name(meta: dict[str, Any]) -> str | None:
+    """What the elastic model was calibrated on, as ``quept quantize`` recorded it."""
+    record = meta.get("calibration_text")
+    name = record.get("name") if isinstance(record, dict) else None
+    return name if isinstance(name, str) else None
 
 
 def _checkpoint(folder: Path) -> dict[str, Any]:
@@ -473,7 +481,8 @@ def _calib_line(verb: str, c: dict[str, Any]) -> str:
              "/".join(f"{r:g}" for r in c["lr_adapter_groups"]))
     loss = c["loss"] + (f" + massive-activation term (ratio {c['massive_ratio']:g})"
                         if c.get("massive_ratio") else "")
-    return (f"{verb} on {c['samples']} x {c['seq_len']} tokens, {c['epochs']} "
+    text = f" of {c['text']}" if c.get("text") else ""
+    return (f"{verb} on {c['samples']} x {c['seq_len']} tokens{text}, {c['epochs']} "
             f"epoch{'s' if c['epochs'] != 1 else ''}, {loss} loss, rates {rates} (adapters) / "
             f"{c['lr_clip']:g} (clips), seed {c['seed']}"
             + (", steps in bfloat16" if c.get("bf16") else ""))

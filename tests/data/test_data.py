@@ -21,7 +21,13 @@ from quept.data import austen, fetch, smollm
 from quept.data.austen import decode_lazyload_blob
 from quept.data.fetch import DataUnavailableError, atomic_dir, run_command
 from quept.data.smollm import permute_rope, unpermute_rope
-from quept.data.text import load_texts
+from quept.data.text import (
+    SAMPLE_EVERY,
+    load_texts,
+    paragraph_hashes,
+    paragraph_sample,
+    shared_fraction,
+)
 
 # --------------------------------------------------------------------------- load_texts
 
@@ -83,6 +89,28 @@ def test_load_texts_empty_list() -> None:
 
 
 # --------------------------------------------------------------------------- RoPE layout
+
+
+def _paragraphs(n: int, tag: str) -> list[str]:
+    return [f"Paragraph {i} of the {tag} text, long enough to count as one of its own."
+            for i in range(n)]
+
+
+def test_the_share_of_paragraphs_two_texts_hold_is_measured_exactly_and_from_a_sample():
+    calib, held_out = _paragraphs(4000, "calibration"), _paragraphs(800, "held-out")
+    calib_text = "\n\n".join(calib)
+    # a quarter of the evaluation text comes from the calibration text, spaced differently
+    mixed = "\n\n".join(held_out[:600] + [p.replace(" ", "  ") for p in calib[:200]])
+    assert shared_fraction(mixed, paragraph_hashes(calib_text)) == 0.25
+    sample = paragraph_sample(calib_text)
+    assert abs(len(sample) - 4000 / SAMPLE_EVERY) < 4000 / SAMPLE_EVERY * 0.25  # a few kB
+    estimate = shared_fraction(mixed, sample, SAMPLE_EVERY)
+    assert 0.15 < estimate < 0.35
+    assert shared_fraction("\n\n".join(held_out), sample, SAMPLE_EVERY) == 0.0
+    assert shared_fraction(calib_text, sample, SAMPLE_EVERY) == 1.0
+    # headings and one-word paragraphs recur in unrelated texts: they do not count
+    assert paragraph_hashes("CHAPTER I\n\nYes.\n\n" + calib[0]) == paragraph_hashes(calib[0])
+    assert shared_fraction("CHAPTER I\n\nYes.", paragraph_hashes("CHAPTER I")) is None
 
 
 def test_permute_known_order() -> None:

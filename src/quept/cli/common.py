@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,10 @@ import torch
 from quept import api
 from quept.api import KIND_NAMES
 from quept.config import ConfigError, ElasticSpec, QuEPTConfig, check_bits
-from quept.data.text import names_hub_text
+from quept.data.text import names_hub_text, shared_fraction
 from quept.eval import Sentences
 
+log = logging.getLogger("quept")
 DEFAULT_OUT = "quept-elastic"
 
 
@@ -110,11 +112,29 @@ def check_texts(a: argparse.Namespace, **roles: str) -> None:
             _text(paths, role)
 
 
-def _text_name(paths: list[str] | None) -> str:
-    """What ``_text(paths, "eval")`` read, for a record."""
+def _text_name(paths: list[str] | None, role: str = "eval") -> str:
+    """What ``_text(paths, role)`` read, for a record."""
     if not paths:
-        return "Pride and Prejudice"
+        return "Pride and Prejudice" if role == "eval" else "Jane Austen's other novels"
     return ", ".join(p if names_hub_text(p) else Path(p).name for p in paths)
+
+
+OVERLAP_WARNING = 0.01
+"""The share of an evaluation text's paragraphs found in the calibration text that is warned
+of (a few paragraphs, such as a licence, can recur in unrelated texts)."""
+
+
+def calibration_overlap(eval_text: str, calib_hashes: Iterable[str], calib_name: str,
+                        every: int = 1) -> float | None:
+    """The share of ``eval_text``'s paragraphs that are in the calibration text
+    (:func:`quept.data.text.shared_fraction`), with a warning from 1%: a perplexity measured
+    on text the model was calibrated on is flattering."""
+    share = shared_fraction(eval_text, calib_hashes, every)
+    if share is not None and share >= OVERLAP_WARNING:
+        log.warning("%.0f%% of the evaluation text's paragraphs are also in the calibration "
+                    "text (%s): what follows is partly measured on text the model was "
+                    "calibrated on; evaluate on held-out text", 100 * share, calib_name)
+    return share
 
 
 def _peak_rss_gib() -> float | None:

@@ -37,6 +37,7 @@ from quept.cli.common import (
     _text_name,
     _width_list,
     _window_len,
+    calibration_overlap,
     check_out,
     check_texts,
     check_widths,
@@ -52,6 +53,7 @@ from quept.config import (
     check_device,
     weight_act_spec,
 )
+from quept.data.text import paragraph_hashes, paragraph_sample
 from quept.outputs import writing
 
 log = logging.getLogger("quept")
@@ -248,13 +250,23 @@ def _quantize(a: argparse.Namespace, cfg: QuEPTConfig, out: Path, t0: float) -> 
                  "first; --rotation none turns this off")
         cfg = replace(cfg, spec=replace(cfg.spec, rotation="hadamard"))
     api.prepare(model, cfg.spec, seed=cfg.calib.seed)
+    overlap = None
     if task == "image-classification":
         _refuse_text_options(a, "calib_text", "eval_text")
         cfg = replace(cfg, calib=replace(cfg.calib, n_samples=a.samples or IMAGE_SAMPLES,
                                          batch_size=a.batch_size or IMAGE_BATCH))
         ids, _ = _images(model, "train", cfg.calib.n_samples, cfg.calib.seed)
+        texts = {}
     else:
-        ids = api.samples_from_text(tok, _text(a.calib_text, "calib"), cfg.calib)
+        calib_text = _text(a.calib_text, "calib")
+        ids = api.samples_from_text(tok, calib_text, cfg.calib)
+        calib_name = _text_name(a.calib_text, "calib")
+        texts = {"calibration_text": {"name": calib_name,
+                                      "paragraph_sample": paragraph_sample(calib_text)}}
+        evaluates = a.eval_sentences != 0 if task == "encoder" else a.eval_windows > 0
+        if evaluates:  # warned of now, not after the calibration
+            overlap = calibration_overlap(_text(a.eval_text, "eval"),
+                                          paragraph_hashes(calib_text), calib_name)
     ckpt_dir = out / CHECKPOINT_DIR
     if a.restart:
         CalibCheckpoint(ckpt_dir, {}).clear()
@@ -273,7 +285,7 @@ def _quantize(a: argparse.Namespace, cfg: QuEPTConfig, out: Path, t0: float) -> 
     calib_rss = _peak_rss_gib()
     api.save(model, out, cfg, extra={"calibration_seconds": calib_s,
                                      "calibration_peak_rss_gib": calib_rss,
-                                     "reports": [r.__dict__ for r in reports]})
+                                     "reports": [r.__dict__ for r in reports], **texts})
     for cache in (*api.SENSITIVITY_CACHES, api.SWEEPS_JSON) if replaces else ():
         if (out / cache).is_file():  # measured on the replaced model: of no use to this one
             (out / cache).unlink()
@@ -284,6 +296,8 @@ def _quantize(a: argparse.Namespace, cfg: QuEPTConfig, out: Path, t0: float) -> 
         CalibCheckpoint(ckpt_dir, {}).clear()
     result: dict[str, Any] = {"out": str(out), "calibration_seconds": calib_s,
                               "calibration_peak_rss_gib": calib_rss}
+    if overlap:
+        result["calibration_overlap"] = overlap
     if task == "encoder":
         if a.eval_sentences != 0:
             bits = a.eval_bits or sorted(cfg.spec.bits)

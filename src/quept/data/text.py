@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from quept.data.hub import DATASETS, hub_text, is_hub_text
@@ -100,3 +102,40 @@ def _not_utf8(path: Path) -> str:
         where = f" (byte {e.object[e.start]:#04x} at offset {e.start})"
     return (f"text file {str(path)!r} is not UTF-8 text{where}; a text in another encoding "
             "can be converted first, e.g. with iconv -t UTF-8")
+
+
+SAMPLE_EVERY = 8
+"""About one paragraph in this many is kept in a text's :func:`paragraph_sample`."""
+_MIN_PARAGRAPH = 40  # characters; shorter paragraphs (headings, "Yes.") recur in any text
+
+
+def paragraph_hashes(text: str) -> set[str]:
+    """A short hash of every paragraph of ``text`` (blank-line separated, its whitespace
+    collapsed) of at least 40 characters."""
+    paragraphs = (" ".join(p.split()) for p in re.split(r"\n\s*\n", text))
+    return {hashlib.sha256(p.encode()).hexdigest()[:12] for p in paragraphs
+            if len(p) >= _MIN_PARAGRAPH}
+
+
+def _sampled(h: str, every: int) -> bool:
+    return int(h, 16) % every == 0
+
+
+def paragraph_sample(text: str) -> list[str]:
+    """The hashes of about one in :data:`SAMPLE_EVERY` of ``text``'s paragraphs, chosen by
+    the hash itself, so that two texts sample exactly the paragraphs they share: kept with a
+    model, the sample of its calibration text later tells how much of an evaluation text the
+    calibration saw (:func:`shared_fraction`), in a few kilobytes."""
+    return sorted(h for h in paragraph_hashes(text) if _sampled(h, SAMPLE_EVERY))
+
+
+def shared_fraction(text: str, hashes: Iterable[str], every: int = 1) -> float | None:
+    """The share of ``text``'s paragraphs that are also in another text, given that text's
+    :func:`paragraph_hashes` (``every=1``) or its :func:`paragraph_sample`
+    (``every=SAMPLE_EVERY``; then estimated on ``text``'s sampled paragraphs). None when
+    ``text`` has no paragraph to compare (none long enough, or none in the sample's range)."""
+    mine = [h for h in paragraph_hashes(text) if _sampled(h, every)]
+    if not mine:
+        return None
+    other = set(hashes)
+    return sum(h in other for h in mine) / len(mine)
