@@ -132,8 +132,8 @@ def calibration_overlap(eval_text: str, calib_hashes: Iterable[str], calib_name:
     share = shared_fraction(eval_text, calib_hashes, every)
     if share is not None and share >= OVERLAP_WARNING:
         log.warning("%.0f%% of the evaluation text's paragraphs are also in the calibration "
-                    "text (%s): what follows is partly measured on text the model was "
-                    "calibrated on; evaluate on held-out text", 100 * share, calib_name)
+                    "text (%s): so what follows is measured, in part or whole, on text the model "
+                    "was calibrated on; evaluate on held-out text", 100 * share, calib_name)
     return share
 
 
