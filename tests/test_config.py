@@ -119,7 +119,8 @@ def test_cli_spec_follows_the_preset_and_the_spec_options():
     assert demo.calib.bf16 is False
     fast = _configs(build_parser().parse_args(["quantize", "--preset", "cpu-long", "--bf16"]))
     assert fast.calib.bf16 is True and fast.calib.epochs == 16
-    from quept.info import _calib_line, _calib_summary
+    from quept.info.describe import _calib_summary
+    from quept.info.render import _calib_line
     assert _calib_line("calibrated", _calib_summary(fast.calib)).endswith(
         ", steps in bfloat16")
     assert "bfloat16" not in _calib_line("calibrated", _calib_summary(demo.calib))
