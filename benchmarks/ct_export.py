@@ -35,7 +35,7 @@ from quept import api, data
 from quept.cli.common import positive
 from quept.eval import perplexity
 from quept.export.ct_format import load_compressed_tensors
-from quept.search.plan import read_widths
+from quept.search.plan_files import read_widths
 
 WIDTHS = (2, 3, 4, 5, 6, 7, 8)
 

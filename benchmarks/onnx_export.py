@@ -39,7 +39,7 @@ from quept import api, data
 from quept.cli.common import positive
 from quept.eval import perplexity
 from quept.export.onnx_format import OrtModel
-from quept.search.plan import read_widths
+from quept.search.plan_files import read_widths
 
 
 def main() -> int:

@@ -24,10 +24,10 @@ from quept.search.plan import (
     plan_from_neighbours,
     plan_from_swaps,
     plan_uniform,
-    read_widths,
     swap_means,
     unit_of,
 )
+from quept.search.plan_files import read_widths
 from tests.search.helpers import elastic_tiny, token_ids
 
 BITS = (2, 3, 4, 5, 6, 7, 8)
@@ -467,7 +467,7 @@ def test_split_blocks_names_the_blocks_a_plan_splits():
 
 
 def test_inline_plans_read_like_hand_written_ones(tmp_path):
-    from quept.search.plan import read_plan
+    from quept.search.plan_files import read_plan
 
     assert read_plan("*=3, model.layers.0.*=8") == {"*": 3, "model.layers.0.*": 8}
     assert list(read_plan("b=4,a=2")) == ["b", "a"]  # in the order given

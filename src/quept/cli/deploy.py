@@ -28,7 +28,8 @@ from quept.export.learned import LearnedRoundingConfig
 from quept.export.packed import SCALE_DTYPES
 from quept.nn import elastic_layers
 from quept.nn.switch import plan_widths
-from quept.search.plan import as_layer_widths, read_plan, split_warning
+from quept.search.plan import as_layer_widths, split_warning
+from quept.search.plan_files import read_plan
 
 log = logging.getLogger("quept")
 

@@ -30,7 +30,8 @@ from quept.config import ConfigError, ElasticSpec
 from quept.models import family_for
 from quept.search import Plan
 from quept.search.objective import objective_for
-from quept.search.plan import plan_files, read_plan, split_warning
+from quept.search.plan import split_warning
+from quept.search.plan_files import plan_files, read_plan
 
 log = logging.getLogger("quept")
 

@@ -15,7 +15,7 @@ from quept.export.runtime import KV_CACHES, generate
 from quept.info import describe, render
 from quept.models import family_for
 from quept.nn.packed_linear import BACKENDS
-from quept.search.plan import plan_files, read_widths
+from quept.search.plan_files import plan_files, read_widths
 
 
 def add_info(sub: argparse._SubParsersAction) -> None:

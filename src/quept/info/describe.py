@@ -37,7 +37,8 @@ from quept.export.packed import PACKED_JSON, PackedFormatError
 from quept.models.families import UnsupportedModelError, family_for_type
 from quept.nn.switch import is_pattern
 from quept.ops.quant import stored_bits_per_weight
-from quept.search.plan import PLAN_FORMAT, Plan, read_plan, unit_of
+from quept.search.plan import PLAN_FORMAT, Plan, unit_of
+from quept.search.plan_files import read_plan
 from quept.search.sweeps import describe_sweeps
 from quept.search.table import SensitivityCacheError, SensitivityTable
 
