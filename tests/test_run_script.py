@@ -64,3 +64,24 @@ def test_a_benchmark_given_no_elastic_folder_says_so(script, extra, tmp_path):
     assert run.stderr.strip().splitlines()[-1] == (
         f"{script}: error: {tmp_path / 'nowhere'} is not a quept elastic folder (no quept.json); "
         "make one with `quept quantize --out FOLDER`")
+
+
+def test_the_cli_points_to_the_traceback_of_an_error_raised_outside_quept(tmp_path, capsys,
+                                                                         monkeypatch):
+    """quept's own errors are worded for the user; one from a library it calls (torch here)
+    is shown with a pointer to -v, which prints the traceback."""
+    import torch
+
+    from quept.cli import main, run
+
+    monkeypatch.setattr(run, "describe", lambda path: torch.zeros(2) @ torch.zeros(3))
+    assert main(["info", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("quept: error: ") and "Traceback" not in err
+    assert err.endswith(" (raised outside quept: `quept -v COMMAND ...` prints where)\n")
+    assert main(["-v", "info", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "raised outside quept" not in err
+    monkeypatch.undo()
+    assert main(["info", str(tmp_path / "nowhere")]) == 2  # raised by quept: no pointer
+    assert "raised outside quept" not in capsys.readouterr().err

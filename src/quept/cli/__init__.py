@@ -8,6 +8,7 @@ import importlib.util
 import json
 import logging
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -72,7 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = a.func(a)
     except (ConfigError, OSError, ValueError, RuntimeError, ArithmeticError) as e:
-        print(f"quept: error: {e}", file=sys.stderr)
+        if a.verbose:
+            traceback.print_exc()
+        hint = "" if a.verbose or _raised_by_quept(e) else (
+            " (raised outside quept: `quept -v COMMAND ...` prints where)")
+        print(f"quept: error: {e}{hint}", file=sys.stderr)
         return 2
     except ImportError as e:
         print(f"quept: error: {_missing_package(e)}", file=sys.stderr)
@@ -83,6 +88,19 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(a, "json", False):
         print(json.dumps(result, indent=1))
     return 0
+
+
+_PACKAGE = Path(__file__).resolve().parents[1]
+
+
+def _raised_by_quept(e: BaseException) -> bool:
+    """``e`` was raised by quept's own code, which words its errors for the user; an error
+    from a library quept calls may need its traceback to be understood."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(
+        _PACKAGE)
 
 
 def _is_quept_error(e: BaseException) -> bool:
