@@ -67,7 +67,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="passes per block (default: the preset's)")
     p.add_argument("--repeats", type=positive, default=3)
     p.add_argument("--ways", default=",".join(WAYS), help=f"comma-separated, of {WAYS}")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=positive, default=2)
     p.add_argument("--json", default=None, help="write the result here")
     return p.parse_args(argv)
 

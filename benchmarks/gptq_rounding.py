@@ -61,7 +61,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="learned: signed-gradient steps per block")
     p.add_argument("--bf16", action="store_true",
                    help="learned: training steps under bfloat16 autocast (checks in float32)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=positive, default=2)
     p.add_argument("--out", default=None, help="write the result here (JSON)")
     return p.parse_args(argv)
 

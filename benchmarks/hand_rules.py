@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "`quept plan`)")
     p.add_argument("--check-samples", type=int, default=16,
                    help="calibration sequences the allocator measures its candidates on (16)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive, default=None, help="torch CPU threads")
     p.add_argument("--out", default="results/hand_rules.json", help="JSON output")
     a = p.parse_args(argv)
     if a.threads:

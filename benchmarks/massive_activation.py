@@ -42,7 +42,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="first calibration samples to run (default 8)")
     p.add_argument("--ratio", type=float, default=100.0,
                    help="super-weight ratio, as ElasticSpec.protect_outliers (default 100)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=positive, default=2)
     p.add_argument("--json", default=None, help="write the figures here")
     return p.parse_args(argv)
 

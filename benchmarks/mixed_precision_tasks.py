@@ -37,7 +37,7 @@ import torch
 import quept
 from quept.api import SENSITIVITY_JSON, read_meta
 from quept.cli import main as quept_main
-from quept.cli.common import _images
+from quept.cli.common import _images, positive
 from quept.cli.plan import PLAN_SAMPLES, _plan_inputs
 from quept.models import family_for_type
 from quept.search import SensitivityConfig, plan_from_table
@@ -157,7 +157,7 @@ def main() -> int:
                    help="also compare the fast table with the slow protocol (see above)")
     p.add_argument("--sensitivity", choices=("fast", "exact"), default="fast",
                    help="the table `quept plan` makes the plans from")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=positive, default=2)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     folder = Path(a.elastic)

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--massive-ratio", type=float, default=None, metavar="RATIO",
                    help="the massive-activation term (CalibConfig.massive_ratio; default: the "
                    "preset's)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive, default=None, help="torch CPU threads")
     p.add_argument("--resume", action="store_true",
                    help="keep the runs already in --out (same settings) and do the others")
     p.add_argument("--out", default="results/seeds.json", help="JSON output path")

@@ -85,3 +85,17 @@ def test_the_cli_points_to_the_traceback_of_an_error_raised_outside_quept(tmp_pa
     monkeypatch.undo()
     assert main(["info", str(tmp_path / "nowhere")]) == 2  # raised by quept: no pointer
     assert "raised outside quept" not in capsys.readouterr().err
+
+
+def test_version_and_threads_options(capsys):
+    import quept
+    from quept.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.startswith(f"quept {quept.__version__} (torch ")
+    with pytest.raises(SystemExit) as refused:  # torch.set_num_threads(0) used to be skipped
+        main(["--threads", "0", "info", "."])
+    assert refused.value.code == 2
+    assert "argument --threads: expected a positive count, got '0'" in capsys.readouterr().err

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from quept.cli.common import _read_texts
+from quept import __version__
+from quept.cli.common import _read_texts, positive
 from quept.cli.deploy import add_compact, add_export
 from quept.cli.evaluate import _add_eval
 from quept.cli.plan import _add_plan
@@ -26,8 +27,12 @@ from quept.config import ConfigError
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="quept", description="Elastic-precision post-training "
                                 "quantization: calibrate once, run at any width 2..8.")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="debug logging, and the traceback of an error raised outside quept")
+    p.add_argument("--version", action="version", version=f"quept {__version__} (torch "
+                   f"{torch.__version__})")
+    p.add_argument("--threads", type=positive, default=None,
+                   help="torch CPU threads (default: torch's own choice)")
     sub = p.add_subparsers(dest="command", required=True)
     _add_quantize(sub)
     _add_eval(sub)
