@@ -27,7 +27,7 @@ ALLOWED = {
             "search", "version"},
     "info": {"api", "calib", "config", "export", "models", "nn", "ops", "search"},
     "cli": {"api", "calib", "config", "data", "eval", "export", "info", "models", "nn",
-            "outputs", "search"},
+            "outputs", "search", "version"},
 }
 
 
