@@ -48,3 +48,31 @@ def test_evaluating_on_the_calibration_text_is_warned_of(tmp_path, capsys, caplo
     result = run_json(capsys, [*quantize, "--out", str(tmp_path / "el2"), "--eval-text",
                                str(held_out)])
     assert "calibration_overlap" not in result and WARNING not in caplog.text
+
+
+def test_exports_keep_the_sample_and_warn_alike(tmp_path, capsys, caplog):
+    """A packed folder and a compact checkpoint record the sample of the calibration text they
+    came from, and so does a packed folder exported from the compact checkpoint."""
+    base = hf_folder(tmp_path / "base")
+    calib = tmp_path / "calib.txt"
+    calib.write_text(text("novel"))
+    out = tmp_path / "el"
+    run_json(capsys, ["quantize", "--model", str(base), "--calib-text", str(calib), "--samples",
+                      "2", "--seq-len", "32", "--epochs", "1", "--eval-windows", "0", "--out",
+                      str(out)])
+    kept = json.loads((out / "quept.json").read_text())["calibration_text"]
+    run_json(capsys, ["export", str(out), "--bits", "3", "--out", str(tmp_path / "w3")])
+    run_json(capsys, ["compact", str(out), "--out", str(tmp_path / "c")])
+    run_json(capsys, ["export", str(tmp_path / "c"), "--bits", "4", "--out", str(tmp_path / "w4")])
+    assert json.loads((tmp_path / "w3" / "quept-packed.json").read_text())["source"][
+        "calibration_text"] == kept
+    info = run_json(capsys, ["info", str(tmp_path / "w3")])
+    assert info["source"]["calibration_text"] == "calib.txt"  # by name, without the sample
+    assert main(["info", str(tmp_path / "w4")]) == 0
+    assert "(calibrated on calib.txt)" in capsys.readouterr().out
+    evaluate = ["--windows", "1", "--seq-len", "32", "--text", str(calib)]
+    for folder, bits in (("w3", []), ("w4", []), ("c", ["--bits", "2"])):
+        caplog.clear()
+        result = run_json(capsys, ["eval", str(tmp_path / folder), *bits, *evaluate])
+        assert result["calibration_overlap"] == 1.0, folder
+        assert f"100% {WARNING} (calib.txt)" in caplog.text, folder

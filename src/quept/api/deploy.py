@@ -65,7 +65,7 @@ def _export_folder(model: nn.Module, widths: Any, out: str | os.PathLike, format
                    accuracy_level: int) -> dict[str, Any]:
     """:func:`export` of a folder format, once its folder is checked and marked."""
     if format == "quept":
-        source = {"base_model": getattr(model, "quept_source", DEFAULT_MODEL)}
+        source = _provenance(model)
         layers = elastic_layers(model)
         chosen = plan_widths(layers, widths)
         if any(chosen[n] in m.rounded for n, m in layers.items()):
@@ -87,6 +87,7 @@ def load_packed(folder: str | os.PathLike, backend: str = "auto") -> tuple[nn.Mo
     readable_kind(folder)
     net = _load_packed(folder, backend=backend)
     net.quept_source = str(folder)
+    net.quept_calibration_text = net.quept_packed.get("source", {}).get("calibration_text")
     return net, folder_tokenizer(folder)
 
 
@@ -99,7 +100,7 @@ def save_compact(model: nn.Module, folder: str | os.PathLike, config: QuEPTConfi
         raise ConfigError(f"save_compact's config is a QuEPTConfig (or None: the model's "
                           f"spec), got {type(config).__name__}")
     check_out_folder(folder, "compact")
-    source = {"base_model": getattr(model, "quept_source", DEFAULT_MODEL)}
+    source = _provenance(model)
     with marked(folder, KIND_NAMES["compact"]):
         return _compact.save_compact(model, folder, tokenizer, config, compact, source)
 
@@ -126,6 +127,7 @@ def _compact_shell(folder: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]
         net = fam.model_class().from_config(hf_cfg)
     prepare(net, cfg.spec, seed=cfg.calib.seed)
     net.quept_source = str(folder)
+    net.quept_calibration_text = meta.get("source", {}).get("calibration_text")
     return net, meta
 
 
@@ -162,3 +164,14 @@ def load_switchable(folder: str | os.PathLike, bits: int | Mapping[str, int] | P
                         head_bits=head_bits, keep_bytes=keep_bytes)
     net.eval().requires_grad_(False)
     return net, tok
+
+
+def _provenance(model: nn.Module) -> dict[str, Any]:
+    """What a packed folder or compact checkpoint records of where its model came from: the
+    base model, and the sample of the calibration text ``quept quantize`` kept (so that an
+    evaluation of the export on that text is warned of too)."""
+    source = {"base_model": getattr(model, "quept_source", DEFAULT_MODEL)}
+    calibration_text = getattr(model, "quept_calibration_text", None)
+    if isinstance(calibration_text, dict):
+        source["calibration_text"] = calibration_text
+    return source

@@ -15,7 +15,7 @@ import torch
 from quept import api
 from quept.api import KIND_NAMES
 from quept.config import ConfigError, ElasticSpec, QuEPTConfig, check_bits
-from quept.data.text import names_hub_text, shared_fraction
+from quept.data.text import SAMPLE_EVERY, names_hub_text, shared_fraction
 from quept.eval import Sentences
 
 log = logging.getLogger("quept")
@@ -122,6 +122,18 @@ def _text_name(paths: list[str] | None, role: str = "eval") -> str:
 OVERLAP_WARNING = 0.01
 """The share of an evaluation text's paragraphs found in the calibration text that is warned
 of (a few paragraphs, such as a licence, can recur in unrelated texts)."""
+
+
+def recorded_overlap(model: torch.nn.Module, eval_text: Callable[[], str]) -> float | None:
+    """:func:`calibration_overlap` of ``eval_text()`` with the calibration text whose sample
+    the model's folder keeps (``model.quept_calibration_text``: an elastic folder, or a
+    packed folder or compact checkpoint exported from one); None where none is kept (a folder
+    written before samples were kept, a plain model) or the record is damaged."""
+    record = getattr(model, "quept_calibration_text", None)
+    sample = record.get("paragraph_sample") if isinstance(record, dict) else None
+    if not isinstance(sample, list) or not all(isinstance(h, str) for h in sample):
+        return None
+    return calibration_overlap(eval_text(), sample, str(record.get("name", "?")), SAMPLE_EVERY)
 
 
 def calibration_overlap(eval_text: str, calib_hashes: Iterable[str], calib_name: str,

@@ -25,6 +25,7 @@ from quept.cli.common import (
     _table,
     _task,
     _text,
+    recorded_overlap,
 )
 from quept.config import ConfigError, ElasticSpec
 from quept.models import family_for
@@ -339,10 +340,12 @@ def eval_packed(a: argparse.Namespace, folder: Path, text: Callable[[], str]) ->
     model, tok = api.load_packed(folder)
     meta = model.quept_packed
     task = family_for(model).task
-    if task == "encoder":
-        return _eval_packed_encoder(a, folder, model, tok, text())
     if task == "image-classification":
         return _eval_packed_images(a, folder, model)
+    overlap = recorded_overlap(model, text)
+    if task == "encoder":
+        result = _eval_packed_encoder(a, folder, model, tok, text())
+        return {**result, "calibration_overlap": overlap} if overlap else result
     windows = api.windows_from_text(tok, text(), a.seq_len, a.windows)
     ppl = perplexity(model, windows, progress=not a.json, desc="eval packed")
     row = {"bits": meta["bits"], "bits_per_weight": meta["sizes"]["bits_per_weight"], "ppl": ppl}
@@ -352,7 +355,8 @@ def eval_packed(a: argparse.Namespace, folder: Path, text: Callable[[], str]) ->
               f"{label} packed, {row['bits_per_weight']:.3f} bits per weight stored, "
               f"perplexity {ppl:.2f}")
     return {"folder": str(folder), "packed": True, "windows": windows.shape[0],
-            "seq_len": a.seq_len, "rows": [row]}
+            "seq_len": a.seq_len, "rows": [row],
+            **({"calibration_overlap": overlap} if overlap else {})}
 
 
 def _fixed_width(model: torch.nn.Module) -> tuple[int | str | None, float]:

@@ -19,11 +19,11 @@ from quept.cli.common import (
     _width_list,
     _window_len,
     _windows,
-    calibration_overlap,
     check_texts,
     check_widths,
     folder_config,
     positive,
+    recorded_overlap,
 )
 from quept.cli.eval_parts import (
     _apply_plan,
@@ -42,7 +42,6 @@ from quept.cli.eval_parts import (
 from quept.cli.plan import _print_plan
 from quept.config import ConfigError, QuEPTConfig, check_device
 from quept.data.hub import hub_model_dir, is_repo_id
-from quept.data.text import SAMPLE_EVERY
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
@@ -130,7 +129,9 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
                               "and --rtn apply to elastic folders")
         if a.tasks:
             model, tok = api.load_packed(folder)
-            return _eval_tasks(a, folder, model, tok, False, [], [])
+            overlap = _calibration_overlap(a, model)
+            result = _eval_tasks(a, folder, model, tok, False, [], [])
+            return {**result, "calibration_overlap": overlap} if overlap else result
         _refuse_task_options(a)
         return eval_packed(a, folder, lambda: _text(a.text, "eval"))
     elastic = kind in ("elastic", "compact")
@@ -169,29 +170,22 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
         bits = []
     if a.device != "cpu":
         model.to(a.device)
-    overlap = _calibration_overlap(a, folder, kind, model)
+    overlap = _calibration_overlap(a, model)
     result = _measure(a, folder, model, tok, elastic, plans, bits)
     if overlap:
         result["calibration_overlap"] = overlap
     return result
 
 
-def _calibration_overlap(a: argparse.Namespace, folder: Path, kind: str,
-                         model: torch.nn.Module) -> float | None:
-    """The share of the evaluation text's paragraphs that an elastic folder's calibration text
-    held (from the sample of it the folder keeps), warned of from 1%; None where there is
-    nothing to compare (no text evaluated, no sample kept, a text too short to tell)."""
+def _calibration_overlap(a: argparse.Namespace, model: torch.nn.Module) -> float | None:
+    """The share of the evaluation text's paragraphs that the model's calibration text held
+    (:func:`~quept.cli.common.recorded_overlap`), when the evaluation reads the text."""
     from quept.data.tasks import BUILTIN_TASKS
 
     text_used = not a.tasks or any(t in BUILTIN_TASKS for t in a.tasks)
-    if kind != "elastic" or _task(model) == "image-classification" or not text_used:
+    if _task(model) == "image-classification" or not text_used:
         return None
-    record = api.read_meta(folder).get("calibration_text")
-    sample = record.get("paragraph_sample") if isinstance(record, dict) else None
-    if not isinstance(sample, list) or not all(isinstance(h, str) for h in sample):
-        return None  # a folder written before samples were kept, or a damaged record
-    return calibration_overlap(_text(a.text, "eval"), sample,
-                               str(record.get("name", "its calibration text")), SAMPLE_EVERY)
+    return recorded_overlap(model, lambda: _text(a.text, "eval"))
 
 
 def _measure(a: argparse.Namespace, folder: Path, model: torch.nn.Module, tok: Any,

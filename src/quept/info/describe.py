@@ -242,6 +242,15 @@ def _elastic(folder: Path) -> dict[str, Any]:
     return info
 
 
+def _source(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """A packed folder's or compact checkpoint's provenance, its calibration text by name
+    (the sample of it kept for overlap warnings is left out)."""
+    source = meta.get("source")
+    if not isinstance(source, dict) or "calibration_text" not in source:
+        return source
+    return {**source, "calibration_text": _calibration_text_name(source)}
+
+
 def _calibration_text_name(meta: dict[str, Any]) -> str | None:
     """What the elastic model was calibrated on, as ``quept quantize`` recorded it."""
     record = meta.get("calibration_text")
@@ -281,7 +290,7 @@ def _compact(folder: Path) -> dict[str, Any]:
             "bits_per_weight": s.get("bits_per_weight"),
             "parts_bits_per_weight": s.get("parts_bits_per_weight"),
             "other_bytes": s.get("other_bytes"), "spec": _spec_summary(cfg),
-            "widths": _width_rows(cfg, shapes), "source": meta.get("source")}
+            "widths": _width_rows(cfg, shapes), "source": _source(meta)}
 
 
 def _packed(folder: Path) -> dict[str, Any]:
@@ -307,7 +316,7 @@ def _packed(folder: Path) -> dict[str, Any]:
             "quantized_weights": s.get("quantized_weights"),
             "bits_per_weight": s.get("bits_per_weight"),
             "quantized_bytes": s.get("quantized_bytes"), "head_bytes": s.get("head_bytes"),
-            "other_bytes": s.get("other_bytes"), "source": meta.get("source")}
+            "other_bytes": s.get("other_bytes"), "source": _source(meta)}
 
 
 def _histogram(values: Any) -> dict[str, int]:

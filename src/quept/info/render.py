@@ -177,7 +177,9 @@ def render(info: dict[str, Any]) -> str:
         if source.get("base_model"):
             how = {"gptq": "by GPTQ", "learned": "with learned offsets"}.get(
                 source.get("rounding"))
+            text = source.get("calibration_text")
             out.append(f"made from {source['base_model']}"
+                       + (f" (calibrated on {text})" if text else "")
                        + (f", codes rounded {how}" if how else ""))
     elif kind in ("compressed-tensors", "onnx"):
         e = info["export"]
