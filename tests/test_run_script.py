@@ -51,6 +51,7 @@ def test_a_bug_keeps_its_traceback_and_a_status_is_passed_on():
         run_script(bug, "bench.py")
     assert run_script(lambda: 3, "bench.py") == 3
     assert run_script(lambda: None, "bench.py") == 0
+    assert run_script(lambda: {"rows": []}, "bench.py") == 0  # a main returning its results
 
 
 @pytest.mark.parametrize("script, extra", [("mixed_precision.py", []),

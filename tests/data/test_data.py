@@ -102,12 +102,13 @@ def test_the_share_of_paragraphs_two_texts_hold_is_measured_exactly_and_from_a_s
     # a quarter of the evaluation text comes from the calibration text, spaced differently
     mixed = "\n\n".join(held_out[:600] + [p.replace(" ", "  ") for p in calib[:200]])
     assert shared_fraction(mixed, paragraph_hashes(calib_text)) == 0.25
-    sample = paragraph_sample(calib_text)
+    sample = paragraph_sample(paragraph_hashes(calib_text))
     assert abs(len(sample) - 4000 / SAMPLE_EVERY) < 4000 / SAMPLE_EVERY * 0.25  # a few kB
     estimate = shared_fraction(mixed, sample, SAMPLE_EVERY)
     assert 0.15 < estimate < 0.35
     assert shared_fraction("\n\n".join(held_out), sample, SAMPLE_EVERY) == 0.0
     assert shared_fraction(calib_text, sample, SAMPLE_EVERY) == 1.0
+    assert set(sample) <= paragraph_hashes(calib_text)
     # headings and one-word paragraphs recur in unrelated texts: they do not count
     assert paragraph_hashes("CHAPTER I\n\nYes.\n\n" + calib[0]) == paragraph_hashes(calib[0])
     assert shared_fraction("CHAPTER I\n\nYes.", paragraph_hashes("CHAPTER I")) is None

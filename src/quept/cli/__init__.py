@@ -117,10 +117,12 @@ def run_script(main: Callable[[], int | None], prog: str | None = None) -> int:
     """Run a script's ``main`` (a benchmark's) with the command line's way of ending: quept's
     own errors, a missing file or a missing optional package end it with one line naming what
     is wrong (exit status 2), Ctrl-C with status 130; any other exception is a bug and keeps
-    its traceback. Returns the exit status, ``main``'s own when it returns one."""
+    its traceback. Returns the exit status: ``main``'s own when it returns an int, else 0 (a
+    benchmark's ``main`` may return its results)."""
     prog = prog or Path(sys.argv[0]).name
     try:
-        return main() or 0
+        status = main()
+        return status if isinstance(status, int) else 0
     except ImportError as e:
         print(f"{prog}: error: {_missing_package(e)}", file=sys.stderr)
     except (FileNotFoundError, NotADirectoryError) as e:

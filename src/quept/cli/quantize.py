@@ -260,13 +260,12 @@ def _quantize(a: argparse.Namespace, cfg: QuEPTConfig, out: Path, t0: float) -> 
     else:
         calib_text = _text(a.calib_text, "calib")
         ids = api.samples_from_text(tok, calib_text, cfg.calib)
-        calib_name = _text_name(a.calib_text, "calib")
+        calib_name, hashes = _text_name(a.calib_text, "calib"), paragraph_hashes(calib_text)
         texts = {"calibration_text": {"name": calib_name,
-                                      "paragraph_sample": paragraph_sample(calib_text)}}
+                                      "paragraph_sample": paragraph_sample(hashes)}}
         evaluates = a.eval_sentences != 0 if task == "encoder" else a.eval_windows > 0
         if evaluates:  # warned of now, not after the calibration
-            overlap = calibration_overlap(_text(a.eval_text, "eval"),
-                                          paragraph_hashes(calib_text), calib_name)
+            overlap = calibration_overlap(_text(a.eval_text, "eval"), hashes, calib_name)
     ckpt_dir = out / CHECKPOINT_DIR
     if a.restart:
         CalibCheckpoint(ckpt_dir, {}).clear()

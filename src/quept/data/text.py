@@ -121,12 +121,12 @@ def _sampled(h: str, every: int) -> bool:
     return int(h, 16) % every == 0
 
 
-def paragraph_sample(text: str) -> list[str]:
-    """The hashes of about one in :data:`SAMPLE_EVERY` of ``text``'s paragraphs, chosen by
-    the hash itself, so that two texts sample exactly the paragraphs they share: kept with a
+def paragraph_sample(hashes: Iterable[str]) -> list[str]:
+    """About one in :data:`SAMPLE_EVERY` of a text's :func:`paragraph_hashes`, chosen by the
+    hash itself, so that two texts sample exactly the paragraphs they share: kept with a
     model, the sample of its calibration text later tells how much of an evaluation text the
     calibration saw (:func:`shared_fraction`), in a few kilobytes."""
-    return sorted(h for h in paragraph_hashes(text) if _sampled(h, SAMPLE_EVERY))
+    return sorted(h for h in hashes if _sampled(h, SAMPLE_EVERY))
 
 
 def shared_fraction(text: str, hashes: Iterable[str], every: int = 1) -> float | None:

@@ -52,11 +52,11 @@ def lm_task_name(name: str) -> str:
     return "quept_" + name.replace("-", "_")
 
 
-def builtin_task_config(name: str, text: str, cache_dir: Path | None = None,
-                        seed: int = 0) -> dict[str, Any]:
-    """lm-evaluation-harness config of built-in task ``name`` over items made from ``text``,
-    written once as JSON lines into the cache (the file name carries the items' hash)."""
-    docs = task_documents(name, text, seed)
+def builtin_task_config(name: str, docs: Sequence[dict[str, Any]],
+                        cache_dir: Path | None = None) -> dict[str, Any]:
+    """lm-evaluation-harness config of built-in task ``name`` over its items ``docs``
+    (:func:`quept.data.tasks.task_documents`), written once as JSON lines into the cache (the
+    file name carries the items' hash)."""
     payload = "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs)
     digest = hashlib.sha256(payload.encode()).hexdigest()[:16]
     path = resolve_cache_dir(cache_dir) / TASKS_DIRNAME / f"{name}-v{BUILDER_VERSION}-{digest}.jsonl"
@@ -145,7 +145,8 @@ class TaskRunner:
         if builtin and text is None:
             raise ConfigError(f"built-in tasks {', '.join(builtin)} need an evaluation text")
         self.names = {(lm_task_name(t) if t in BUILTIN_TASKS else t): t for t in tasks}
-        specs = [builtin_task_config(t, text, cache_dir, seed) if t in BUILTIN_TASKS else t
+        docs = {t: task_documents(t, text, seed) for t in builtin}
+        specs = [builtin_task_config(t, docs[t], cache_dir) if t in BUILTIN_TASKS else t
                  for t in tasks]
         self.limit, self.per_item, self._evaluate = limit, per_item, lm_eval.evaluate
         with _quiet():
@@ -172,8 +173,7 @@ class TaskRunner:
             self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
                            device=str(model.device))
         for t in builtin:
-            check_item_lengths(t, task_documents(t, text, seed)[:limit], tokenizer,
-                               self.lm.max_length)
+            check_item_lengths(t, docs[t][:limit], tokenizer, self.lm.max_length)
 
     def __call__(self) -> dict[str, dict[str, Any]]:
         with _quiet():
