@@ -38,7 +38,7 @@ import quept
 from quept import api, data
 from quept.cli.common import positive
 from quept.eval import perplexity
-from quept.export.onnx_format import OrtModel
+from quept.export.onnx_runtime import OrtModel
 from quept.search.plan_files import read_widths
 
 

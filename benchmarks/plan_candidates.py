@@ -28,8 +28,8 @@ import quept
 from quept import data
 from quept.cli.common import positive
 from quept.eval import window_nll
+from quept.search.candidates import bracketing_widths
 from quept.search.exact import configuration_kl
-from quept.search.plan import bracketing_widths
 
 
 def main() -> int:

@@ -85,6 +85,11 @@ def test_cli_width_lists_name_a_width_once(capsys):
         with pytest.raises(SystemExit):
             main(argv)
         assert "width 3 is named twice in '3,4,3'" in capsys.readouterr().err
+    # an empty list is not "every width" (the option's default): it is refused
+    for argv in (["eval", "folder", "--bits", ""], ["quantize", "--eval-bits", " , "]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert "expected one or more widths" in capsys.readouterr().err
 
 
 def test_cli_spec_follows_the_preset_and_the_spec_options():
@@ -159,8 +164,8 @@ def test_cpu_long_preset_is_the_setting_measured_against_peers():
 def test_devices_are_checked_before_work():
     import torch
 
+    from quept.checks import check_device
     from quept.cli import main
-    from quept.config import check_device
 
     assert check_device("cpu") == "cpu"
     with pytest.raises(ConfigError, match="'gpu' is not a device name"):
@@ -177,7 +182,7 @@ def test_devices_are_checked_before_work():
 
 
 def test_json_fields_are_checked_by_kind():
-    from quept.config import check_json_fields, is_json_kind
+    from quept.checks import check_json_fields, is_json_kind
 
     assert is_json_kind(3, float) and is_json_kind(3.5, float) and not is_json_kind(True, float)
     assert is_json_kind(3, int) and not is_json_kind(3.0, int) and not is_json_kind(False, int)

@@ -14,20 +14,21 @@ SRC = Path(quept.__file__).parent
 # function alike); the top-level quept/__init__.py re-exports the verbs and is not a layer
 ALLOWED = {
     "ops": set(),
-    "config": {"ops"},
+    "checks": set(),
+    "config": {"checks", "ops"},
     "outputs": set(),
-    "nn": {"config", "ops"},
-    "models": {"config", "nn", "ops"},
-    "data": {"config", "eval"},
-    "eval": {"config", "data"},
-    "calib": {"config", "eval", "models", "nn", "ops"},
-    "search": {"calib", "config", "data", "models", "nn", "ops"},
-    "export": {"calib", "config", "data", "models", "nn", "ops"},
-    "api": {"calib", "config", "data", "eval", "export", "models", "nn", "ops", "outputs",
-            "search", "version"},
-    "info": {"api", "calib", "config", "export", "models", "nn", "ops", "search"},
-    "cli": {"api", "calib", "config", "data", "eval", "export", "info", "models", "nn",
+    "nn": {"checks", "config", "ops"},
+    "models": {"checks", "config", "nn", "ops"},
+    "data": {"checks", "config", "eval"},
+    "eval": {"checks", "config", "data"},
+    "calib": {"checks", "config", "eval", "models", "nn", "ops"},
+    "search": {"calib", "checks", "config", "data", "models", "nn", "ops"},
+    "export": {"calib", "checks", "config", "data", "models", "nn", "ops"},
+    "api": {"calib", "checks", "config", "data", "eval", "export", "models", "nn", "ops",
             "outputs", "search", "version"},
+    "info": {"api", "calib", "checks", "config", "export", "models", "nn", "ops", "search"},
+    "cli": {"api", "calib", "checks", "config", "data", "eval", "export", "info", "models",
+            "nn", "outputs", "search", "version"},
 }
 
 

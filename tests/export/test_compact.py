@@ -8,13 +8,8 @@ import torch
 import quept
 from quept import api
 from quept.cli.deploy import _clip_bits
-from quept.export.compact import (
-    CLIP_REACH,
-    COMPACT_JSON,
-    COMPACT_WEIGHTS,
-    DEFAULT_CLIP_BITS,
-    CompactConfig,
-)
+from quept.export.compact import COMPACT_JSON, COMPACT_WEIGHTS
+from quept.export.compact_fit import CLIP_REACH, DEFAULT_CLIP_BITS, CompactConfig
 from quept.export.packed import PackedFormatError, minmax_codes
 from quept.nn import elastic_layers
 from quept.ops.quant import dequantize

@@ -19,13 +19,13 @@ from .tiny import TEXT, elastic_folder, elastic_tiny, hf_folder, randomize
 
 pytest.importorskip("onnxscript")
 ort = pytest.importorskip("onnxruntime")
-from quept.export.onnx_format import (  # noqa: E402
+from quept.export.onnx_format import write_onnx  # noqa: E402
+from quept.export.onnx_nbits import (  # noqa: E402
     OnnxExportError,
-    OrtModel,
     pack_low_first,
     unpack_low_first,
-    write_onnx,
 )
+from quept.export.onnx_runtime import OrtModel  # noqa: E402
 
 
 def session(folder):

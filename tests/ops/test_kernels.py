@@ -42,35 +42,3 @@ def test_kernel_rejects_bad_input():
         kernels.qgemv(torch.randn(kernels.MAX_ROWS + 1, 64), packed, scale, zs, 4, 32)
     with pytest.raises(RuntimeError, match="packed row length"):
         kernels.qgemv(torch.randn(1, 64), packed, scale, zs, 5, 32)
-
-
-def test_build_lock_removes_a_killed_builds_lock_file(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    (tmp_path / "ext").mkdir()
-    (tmp_path / "ext" / "lock").touch()  # what torch leaves when a build is killed
-    with kernels._build_lock("ext") as folder:
-        assert folder == tmp_path / "ext" and not (folder / "lock").exists()
-
-
-def test_build_lock_waits_for_a_live_build(tmp_path, monkeypatch):
-    import fcntl
-    import threading
-
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    (tmp_path / "ext").mkdir()
-    entered = threading.Event()
-
-    def build():
-        with kernels._build_lock("ext"):
-            entered.set()
-
-    with open(tmp_path / "ext" / "quept.flock", "a") as held:  # another build holds the lock
-        fcntl.flock(held, fcntl.LOCK_EX)
-        (tmp_path / "ext" / "lock").touch()  # its torch lock file is live: must stay
-        t = threading.Thread(target=build)
-        t.start()
-        assert not entered.wait(0.5) and (tmp_path / "ext" / "lock").exists()
-        (tmp_path / "ext" / "lock").unlink()  # the build ends: torch removes its file
-        fcntl.flock(held, fcntl.LOCK_UN)
-    t.join(10)
-    assert entered.is_set()

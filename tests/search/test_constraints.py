@@ -9,15 +9,10 @@ import quept
 from quept.config import ConfigError
 from quept.nn import elastic_layers
 from quept.search import Constraint, InfeasibleBudgetError, LayerShape, Plan, SensitivityTable
+from quept.search.budget import feasible_range, layer_bits
+from quept.search.candidates import bracketing_widths, plan_from_moves
 from quept.search.constraints import allowed_widths, clamp, constraint_texts
-from quept.search.plan import (
-    bracketing_widths,
-    feasible_range,
-    layer_bits,
-    plan_from_moves,
-    plan_from_table,
-    unit_of,
-)
+from quept.search.plan import plan_from_table, unit_of
 from tests.search.helpers import elastic_tiny, token_ids
 
 NAMES = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj",

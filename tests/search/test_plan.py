@@ -16,17 +16,16 @@ from quept.search import (
     parse_size,
     plan_from_table,
 )
-from quept.search.exact import configuration_kl, move_kl, unit_swap_kl
-from quept.search.plan import (
+from quept.search.candidates import (
     bracketing_widths,
     neighbour_moves,
     plan_from_moves,
     plan_from_neighbours,
     plan_from_swaps,
-    plan_uniform,
     swap_means,
-    unit_of,
 )
+from quept.search.exact import configuration_kl, move_kl, unit_swap_kl
+from quept.search.plan import plan_uniform, unit_of
 from quept.search.plan_files import read_widths
 from tests.search.helpers import elastic_tiny, token_ids
 
@@ -383,8 +382,8 @@ def test_read_widths_accepts_bare_mappings_and_quept_plans(tmp_path):
                 Plan({"a": 3, "b": 4}, 3.5, 100.0, 200).to_dict()):
         p.write_text(json.dumps(doc))
         assert read_widths(p) == {"a": 3, "b": 4}
-    p.write_text(json.dumps({"plan": {"a": "3"}}))
-    with pytest.raises(ConfigError, match="layer name: bits"):
+    p.write_text(json.dumps({"plan": {"a": 3, "b": "4"}}))
+    with pytest.raises(ConfigError, match="""entry 'b' is "4", not a whole number of bits"""):
         read_widths(p)
     p.write_text(json.dumps({"format": "quept-plan", "bits": {"a": 3}}))  # a damaged plan
     with pytest.raises(ConfigError, match="quept plan"):
@@ -442,7 +441,7 @@ def test_a_plans_own_bits_per_weight_admits_it():
     """A budget equal to the stored bits per weight a plan reports (size / n, a float that can
     fall an ulp below the true ratio) admits that plan: here "a" at 2 bits and "b" at 3, over
     many shapes of "a", where anything cheaper by the table would not fit."""
-    from quept.search.plan import layer_bits
+    from quept.search.budget import layer_bits
 
     bits = (2, 3, 4)
     for rows in range(1, 300):

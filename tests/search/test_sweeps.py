@@ -7,7 +7,7 @@ import pytest
 
 import quept
 from quept.search import SweepCache
-from quept.search.plan import bracketing_widths
+from quept.search.candidates import bracketing_widths
 from tests.search.helpers import elastic_tiny, token_ids
 from tests.search.test_plan import synthetic_table
 

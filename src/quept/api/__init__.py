@@ -67,7 +67,7 @@ from quept.api.mixed import (
 )
 from quept.api.models import DEFAULT_MODEL, load_model, resolve_model_dir
 from quept.api.store import load, read_meta, record_evaluation, save
-from quept.export.compact import CompactConfig
+from quept.export.compact_fit import CompactConfig
 from quept.models import Family, UnsupportedModelError
 from quept.nn import elastic_layers
 from quept.search import Plan, SensitivityConfig

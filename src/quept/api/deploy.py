@@ -17,7 +17,7 @@ from quept.api.models import DEFAULT_MODEL, folder_tokenizer
 from quept.api.store import load
 from quept.config import ConfigError, QuEPTConfig
 from quept.export import compact as _compact
-from quept.export.compact import CompactConfig
+from quept.export.compact_fit import CompactConfig
 from quept.export.load import load_packed as _load_packed
 from quept.export.packed import PACKED_JSON, write_packed
 from quept.models import family_for_type

@@ -11,14 +11,8 @@ import torch
 from torch import nn
 
 from quept.calib import BlockCalibrator, BlockReport, CalibCheckpoint, capture_block_inputs
-from quept.config import (
-    CalibConfig,
-    ConfigError,
-    ElasticSpec,
-    QuEPTConfig,
-    check_bits,
-    check_device,
-)
+from quept.checks import ConfigError, check_bits, check_device
+from quept.config import CalibConfig, ElasticSpec, QuEPTConfig
 from quept.data.tokens import calibration_samples, tokenize
 from quept.export.gptq import GPTQConfig
 from quept.export.gptq import round_gptq as _round_gptq

@@ -13,7 +13,7 @@ from torch import nn
 
 from quept.api.elastic import checked_widths, set_bits, spec_of
 from quept.calib.capture import check_model_inputs
-from quept.config import ConfigError, check_bits
+from quept.checks import ConfigError, check_bits
 from quept.data.tokens import eval_windows, tokenize
 from quept.eval import Sentences, fidelity, perplexity, sentence_embeddings, top1_accuracy
 from quept.models import family_for

@@ -8,7 +8,7 @@ from pathlib import Path
 from quept.config import ConfigError
 from quept.export import compact as _compact
 from quept.export.ct_format import is_compressed_tensors
-from quept.export.onnx_format import is_onnx_folder
+from quept.export.onnx_runtime import is_onnx_folder
 from quept.export.packed import PACKED_JSON
 from quept.outputs import unfinished
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from quept.api.elastic import checked_widths, spec_of
 from quept.api.folders import ArtifactError
-from quept.config import ConfigError, check_count
+from quept.checks import ConfigError, check_count
 from quept.nn import ElasticLinear, elastic_layers
 from quept.search import (
     LayerShape,
@@ -25,25 +25,20 @@ from quept.search import (
     estimate_sensitivity,
     plan_from_table,
 )
-from quept.search.exact import configuration_kl, move_kl, unit_swap_kl
-from quept.search.objective import checked_objective, cost_number, cost_words, objective_for
-from quept.search.plan import (
-    GRANULARITIES,
-    Constraints,
+from quept.search.budget import Constraints, feasible_range, layer_bits, shape_table
+from quept.search.budget import check_budget as _check_budget
+from quept.search.candidates import (
     bracketing_widths,
-    feasible_range,
     in_context_sweeps,
-    layer_bits,
     neighbour_moves,
     plan_from_moves,
     plan_from_neighbours,
     plan_from_swaps,
-    plan_uniform,
-    shape_table,
     swap_means,
-    unit_of,
 )
-from quept.search.plan import check_budget as _check_budget
+from quept.search.exact import configuration_kl, move_kl, unit_swap_kl
+from quept.search.objective import checked_objective, cost_number, cost_words, objective_for
+from quept.search.plan import GRANULARITIES, plan_uniform, unit_of
 from quept.search.sensitivity import CACHE_NAMES
 from quept.search.sweeps import SweepCache
 from quept.search.table import fingerprint as _table_fingerprint
@@ -181,11 +176,11 @@ def plan(model: nn.Module, table: SensitivityTable, *, avg_bits: float | None = 
     moves to the other width (:func:`quept.search.exact.unit_swap_kl`, two sweeps of one
     forward per block on ``check_ids``), then the best set of blocks to move, exactly (one
     candidate per sweep); the third moves blocks by the mean of both sweeps' costs
-    (:func:`quept.search.plan.swap_means`). ``both_ways`` adds one more: inside the upper
+    (:func:`quept.search.candidates.swap_means`). ``both_ways`` adds one more: inside the upper
     uniform model, each block may go down to the lower width or up to the next width above
-    (one more sweep; :func:`quept.search.plan.plan_from_moves`). ``cache`` (a dict, for one
-    model and one ``check_ids``, or a :func:`sweep_cache` that keeps them on disk) keeps those
-    sweeps for later budgets between the same two widths. ``progress`` shows each sweep.
+    (one more sweep; :func:`quept.search.candidates.plan_from_moves`). ``cache`` (a dict, for
+    one model and one ``check_ids``, or a :func:`sweep_cache` that keeps them on disk) keeps
+    those sweeps for later budgets between the same two widths. ``progress`` shows each sweep.
 
     ``constraints`` pin or bound the widths of the layers they name, by name or shell-style
     pattern: ``["model.layers.0.*=8", "*.mlp.down_proj>=4"]`` (:mod:`quept.search.constraints`);
@@ -194,8 +189,8 @@ def plan(model: nn.Module, table: SensitivityTable, *, avg_bits: float | None = 
     ``refine`` (auto only): up to this many rounds of local search from the plan kept: each
     block's cost of moving one width down and one up is measured *in* that plan (two forwards
     per block on ``check_ids``, :func:`quept.search.exact.move_kl`), the best set of moves
-    within the budget is chosen exactly (:func:`quept.search.plan.plan_from_neighbours`), and
-    the result replaces the plan if its measured KL is lower. The moves' costs are each
+    within the budget is chosen exactly (:func:`quept.search.candidates.plan_from_neighbours`),
+    and the result replaces the plan if its measured KL is lower. The moves' costs are each
     measured alone, so where the whole choice does not lower the KL, choices of at most half
     as many moves, a quarter, ... one are measured in turn; the rounds stop at the first where
     none lowers it. Every try's KL is recorded in ``checked_kl``."""
@@ -254,9 +249,9 @@ def plan(model: nn.Module, table: SensitivityTable, *, avg_bits: float | None = 
 def _refine_steps(table: SensitivityTable, kept: Plan, moves: Mapping, deltas: Mapping,
                   kl_here: float, budget: dict[str, Any], search: str) -> Iterator[Plan]:
     """The plans one round of :func:`plan`'s refinement tries, best predicted first: the
-    exact choice among ``moves`` (:func:`quept.search.plan.plan_from_neighbours`), then, as its
-    moves can interact, choices of at most half as many moves, then a quarter, ... down to one
-    (a penalty per move, found by bisection, trims them). Plans equal to ``kept`` or to one
+    exact choice among ``moves`` (:func:`quept.search.candidates.plan_from_neighbours`), then,
+    as its moves can interact, choices of at most half as many moves, then a quarter, ... down
+    to one (a penalty per move, found by bisection, trims them). Plans equal to ``kept`` or to one
     already given are skipped."""
     def step(penalty: float) -> tuple[int, Plan]:
         p = plan_from_neighbours(table, kept.widths, moves, deltas, kl_here, **budget,

@@ -12,10 +12,10 @@ from torch import nn
 from quept.api.folders import ELASTIC_JSON, ArtifactError, readable_kind
 from quept.calib import CHECKPOINT_DIR
 from quept.calib.checkpoint import PROGRESS_JSON
-from quept.config import read_json_object
+from quept.checks import read_json_object
 from quept.data.hub import hub_model_dir, is_repo_id
 from quept.export.ct_format import is_compressed_tensors, load_compressed_tensors
-from quept.export.onnx_format import is_onnx_folder
+from quept.export.onnx_runtime import is_onnx_folder
 from quept.models import family_for_type
 
 DEFAULT_MODEL = "default"
@@ -71,7 +71,7 @@ def load_model(model: str | os.PathLike | None = None) -> tuple[nn.Module, Any]:
     fam = family_for_type(config.get("model_type"))  # fail before reading weights
     tok = _tokenizer(path) if fam.is_text else None
     if is_onnx_folder(path):
-        from quept.export.onnx_format import OrtModel
+        from quept.export.onnx_runtime import OrtModel
 
         net = OrtModel(path)
     elif is_compressed_tensors(path):

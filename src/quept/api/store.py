@@ -15,7 +15,8 @@ from quept import __version__
 from quept.api.elastic import prepare, weights_fingerprint
 from quept.api.folders import ELASTIC_JSON, ELASTIC_WEIGHTS, FORMAT, ArtifactError, check_out_folder
 from quept.api.models import DEFAULT_MODEL, load_model
-from quept.config import ConfigError, QuEPTConfig, check_json_fields, read_json_object
+from quept.checks import ConfigError, check_json_fields, read_json_object
+from quept.config import QuEPTConfig
 from quept.data.fetch import atomic_write_text
 from quept.models import family_for, reparam
 from quept.nn import elastic_layers

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from quept.config import read_json_object
+from quept.checks import read_json_object
 
 log = logging.getLogger(__name__)
 

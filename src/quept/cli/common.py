@@ -14,7 +14,8 @@ import torch
 
 from quept import api
 from quept.api import KIND_NAMES
-from quept.config import ConfigError, ElasticSpec, QuEPTConfig, check_bits
+from quept.checks import ConfigError, check_bits
+from quept.config import ElasticSpec, QuEPTConfig
 from quept.data.text import SAMPLE_EVERY, names_hub_text, shared_fraction
 from quept.eval import Sentences
 
@@ -41,8 +42,10 @@ def _int_list(text: str) -> list[int]:
 
 
 def _width_list(text: str) -> list[int]:
-    """Widths to evaluate, each once."""
+    """Widths to evaluate: at least one, each once."""
     widths = _int_list(text)
+    if not widths:
+        raise argparse.ArgumentTypeError(f"expected one or more widths, e.g. 2,3,4, got {text!r}")
     twice = sorted({b for b in widths if widths.count(b) > 1})
     if twice:
         raise argparse.ArgumentTypeError(f"width {twice[0]} is named twice in {text!r}")

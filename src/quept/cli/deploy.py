@@ -23,7 +23,7 @@ from quept.cli.common import (
     folder_config,
 )
 from quept.config import ConfigError, QuEPTConfig
-from quept.export.compact import CompactConfig
+from quept.export.compact_fit import CompactConfig
 from quept.export.learned import LearnedRoundingConfig
 from quept.export.packed import SCALE_DTYPES
 from quept.nn import elastic_layers

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from quept import api
+from quept.checks import ConfigError, check_device
 from quept.cli.common import (
     _eval_rows,
     _names,
@@ -40,7 +41,7 @@ from quept.cli.eval_parts import (
     eval_packed,
 )
 from quept.cli.plan import _print_plan
-from quept.config import ConfigError, QuEPTConfig, check_device
+from quept.config import QuEPTConfig
 from quept.data.hub import hub_model_dir, is_repo_id
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from quept import api
+from quept.checks import ConfigError, check_device
 from quept.cli.common import (
     _images,
     _refuse_text_options,
@@ -18,7 +19,6 @@ from quept.cli.common import (
     check_widths,
     folder_config,
 )
-from quept.config import ConfigError, check_device
 from quept.nn import elastic_layers
 from quept.search import Constraint, Plan, SensitivityConfig, feasible_range, parse_size
 from quept.search.constraints import constraint_texts

@@ -12,6 +12,7 @@ from typing import Any
 from quept import api
 from quept.calib import CHECKPOINT_DIR, CalibCheckpoint
 from quept.calib.capture import context_length
+from quept.checks import check_device
 from quept.cli.common import (
     DEFAULT_OUT,
     EVAL_IMAGES,
@@ -50,7 +51,6 @@ from quept.config import (
     ROTATIONS,
     ConfigError,
     QuEPTConfig,
-    check_device,
     weight_act_spec,
 )
 from quept.data.text import paragraph_hashes, paragraph_sample

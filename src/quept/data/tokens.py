@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from quept.config import check_count
+from quept.checks import check_count
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from quept.config import check_count
+from quept.checks import check_count
 
 
 class NotEnoughSentencesError(ValueError):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from quept.config import ConfigError, check_count
+from quept.checks import ConfigError, check_count
 
 
 @torch.no_grad()

@@ -37,7 +37,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from quept.config import check_bits
+from quept.checks import check_bits
 from quept.export.packed import _float_named, _unique
 from quept.nn.switch import elastic_layers, plan_widths
 

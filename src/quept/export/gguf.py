@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from quept.config import check_bits
+from quept.checks import check_bits
 from quept.data.smollm import _BLOCK_NAMES, _GLOBAL_NAMES, permute_rope
 from quept.nn import elastic_layers
 from quept.nn.switch import plan_widths

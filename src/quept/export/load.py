@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from quept.config import check_json_fields, read_json_object
+from quept.checks import check_json_fields, read_json_object
 from quept.export.packed import (
     KV_QUANT_KIND,
     KV_QUANT_KIND_BEFORE_ROTARY,

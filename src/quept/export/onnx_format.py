@@ -1,21 +1,16 @@
 """Export one configuration of an elastic model to ONNX, for ONNX Runtime.
 
-Each quantized linear becomes ONNX Runtime's ``com.microsoft.MatMulNBits``: ``B`` the codes,
-``block_size`` = our group size, one float32 ``scale`` and one packed ``zero_point`` per group,
-dequantized as ``(q - z) * s``, which is ours, so the weights are the elastic model's exactly.
-ONNX Runtime's CPU kernel takes 2, 4 and 8 bits, so 3-bit codes travel in 4-bit containers and
-5, 6 and 7-bit codes in 8-bit ones (exact; the file is as large as the container's width).
-Codes and zero-points are packed low bits first.
-
-The graph is traced by ``torch.onnx.export(dynamo=True)``: quantized linears run a custom torch
-op whose ONNX translation is the ``MatMulNBits`` node (its schema is registered with ``onnx``
-for the tracer, once). Inputs and outputs by task: causal LMs take ``input_ids``,
-``attention_mask`` (over past and new tokens), ``position_ids`` and the KV cache
+Each quantized linear becomes ONNX Runtime's ``com.microsoft.MatMulNBits`` (the operator and
+its packing: :mod:`quept.export.onnx_nbits`). The graph is traced by
+``torch.onnx.export(dynamo=True)``: quantized linears run a custom torch op whose ONNX
+translation is the ``MatMulNBits`` node. Inputs and outputs by task: causal LMs take
+``input_ids``, ``attention_mask`` (over past and new tokens), ``position_ids`` and the KV cache
 ``past_key_values.{i}.key`` / ``.value`` (batch, kv heads, past tokens, head dim; zero past
 tokens for a prompt) and give ``logits`` and ``present.{i}.key`` / ``.value`` (the past with
 the new tokens appended), the layout ONNX Runtime GenAI reads, whose ``genai_config.json`` is
 written beside the model; encoders ``input_ids``, ``attention_mask`` -> ``last_hidden_state``;
 image classifiers ``pixel_values`` -> ``logits``. Batch and sequence axes are dynamic.
+:class:`quept.export.onnx_runtime.OrtModel` runs the folder.
 """
 
 from __future__ import annotations
@@ -31,8 +26,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from quept.config import check_json_fields, read_json_object
 from quept.export.ct_format import resolve_plan
+from quept.export.onnx_nbits import (
+    ACCURACY_LEVELS,
+    CONTAINER,
+    NBitsLinear,
+    OnnxExportError,
+    _translation,
+)
 from quept.export.runtime import cache_keyword
 from quept.models.kv import config_head_dim
 from quept.nn.switch import elastic_layers
@@ -40,115 +41,7 @@ from quept.nn.switch import elastic_layers
 log = logging.getLogger(__name__)
 
 ONNX_FILE = "model.onnx"
-CONTAINER = {2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 7: 8, 8: 8}  # our width -> MatMulNBits bits
 OPSET = 18
-ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits: 0 unset (float32), 1 fp32, 2 fp16, 3 bf16, 4 int8
-ONNX_TASKS = ("causal-lm", "encoder", "image-classification")  # what OrtModel runs
-
-
-class OnnxExportError(ValueError):
-    """The model or plan cannot be exported to ONNX."""
-
-
-# --------------------------------------------------------------------------- packing
-def pack_low_first(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 values < 2^bits (..., n) -> uint8 (..., ceil(n*bits/8)), low bits first, for
-    ``bits`` in 2, 4, 8 (the widths a byte holds a whole number of)."""
-    if bits not in (2, 4, 8):
-        raise OnnxExportError(f"MatMulNBits containers are 2, 4 or 8 bits, not {bits}")
-    per = 8 // bits
-    v = values.to(torch.uint8)
-    pad = -v.shape[-1] % per
-    if pad:
-        v = torch.nn.functional.pad(v, (0, pad))
-    v = v.reshape(*v.shape[:-1], -1, per).to(torch.int32)
-    shifts = torch.arange(per, dtype=torch.int32) * bits
-    return (v << shifts).sum(-1).to(torch.uint8)
-
-
-def unpack_low_first(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Inverse of :func:`pack_low_first`: uint8 (..., bytes) -> uint8 (..., n)."""
-    per = 8 // bits
-    shifts = torch.arange(per, dtype=torch.int32) * bits
-    v = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return v.reshape(*packed.shape[:-1], -1)[..., :n].to(torch.uint8)
-
-
-# --------------------------------------------------------------------------- the custom op
-@torch.library.custom_op("quept::matmul_nbits", mutates_args=())
-def matmul_nbits(x: torch.Tensor, b: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor,
-                 k: int, n: int, bits: int, block_size: int, accuracy_level: int) -> torch.Tensor:
-    """``x @ W.T`` for the MatMulNBits operands of ``W`` (n, k); computed in float32 here
-    whatever ``accuracy_level`` (an attribute for ONNX Runtime) says."""
-    blocks = k // block_size
-    codes = unpack_low_first(b, bits, block_size).float()  # (n, blocks, block)
-    zero = unpack_low_first(zero_points, bits, blocks).float().unsqueeze(-1)
-    w = ((codes - zero) * scales.unsqueeze(-1)).reshape(n, k)
-    return x @ w.t()
-
-
-@matmul_nbits.register_fake
-def _(x, b, scales, zero_points, k, n, bits, block_size, accuracy_level):
-    return x.new_empty((*x.shape[:-1], n))
-
-
-class NBitsLinear(nn.Module):
-    """A linear layer as MatMulNBits operands (buffers) plus an optional float bias."""
-
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
-                 block_size: int, bias: torch.Tensor | None, accuracy_level: int = 0):
-        super().__init__()
-        n, k = codes.shape
-        self.k, self.n, self.bits, self.block_size = k, n, CONTAINER[bits], block_size
-        self.accuracy_level = accuracy_level
-        blocks = k // block_size
-        self.register_buffer("b", pack_low_first(codes.reshape(n, blocks, block_size), self.bits))
-        self.register_buffer("scales", scale.float().reshape(n, blocks).contiguous())
-        self.register_buffer("zero_points", pack_low_first(zero.round().reshape(n, blocks),
-                                                           self.bits))
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.quept.matmul_nbits(x, self.b, self.scales, self.zero_points, self.k,
-                                         self.n, self.bits, self.block_size, self.accuracy_level)
-        return y if self.bias is None else y + self.bias
-
-    def stored_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.b, self.scales, self.zero_points))
-
-
-def _register_schema() -> None:
-    """Make ``com.microsoft.MatMulNBits`` known to ``onnx.defs`` (the tracer needs a schema)."""
-    import onnx
-    from onnx.defs import OpSchema
-
-    if onnx.defs.has("MatMulNBits", "com.microsoft"):
-        return
-    fp = OpSchema.FormalParameter
-    onnx.defs.register_schema(OpSchema(
-        "MatMulNBits", "com.microsoft", 1,
-        inputs=[fp("A", "T1"), fp("B", "T2"), fp("scales", "T1"),
-                fp("zero_points", "T3", param_option=OpSchema.FormalParameterOption.Optional)],
-        outputs=[fp("Y", "T1")],
-        type_constraints=[("T1", ["tensor(float)", "tensor(float16)"], ""),
-                          ("T2", ["tensor(uint8)"], ""), ("T3", ["tensor(uint8)"], "")],
-        attributes=[OpSchema.Attribute(a, OpSchema.AttrType.INT, "")
-                    for a in ("K", "N", "bits", "block_size", "accuracy_level")],
-    ))
-
-
-def _translation() -> dict[Any, Any]:
-    import onnxscript
-
-    _register_schema()
-    msft = onnxscript.values.Opset("com.microsoft", 1)
-
-    def matmul_nbits_onnx(x, b, scales, zero_points, k: int, n: int, bits: int, block_size: int,
-                          accuracy_level: int):
-        return msft.MatMulNBits(x, b, scales, zero_points, K=k, N=n, bits=bits,
-                                block_size=block_size, accuracy_level=accuracy_level)
-
-    return {torch.ops.quept.matmul_nbits.default: matmul_nbits_onnx}
 
 
 # --------------------------------------------------------------------------- model surgery
@@ -393,84 +286,3 @@ def write_onnx(model: nn.Module, tokenizer: Any, folder: str | os.PathLike,
     log.info("ONNX model written to %s (%.3f bits per quantized weight)", folder / ONNX_FILE,
              summary["bits_per_weight"])
     return summary
-
-
-# --------------------------------------------------------------------------- running
-def is_onnx_folder(folder: str | os.PathLike) -> bool:
-    return (Path(folder) / ONNX_FILE).is_file() and (Path(folder) / "quept-export.json").is_file()
-
-
-class OrtModel(nn.Module):
-    """An exported folder run by ONNX Runtime behind the call signature quept's evaluators and
-    generation loop use: ``model(ids, past_key_values=..., use_cache=True)`` -> ``.logits`` and
-    ``.past_key_values`` for decoders, ``model(input_ids=, attention_mask=).last_hidden_state``
-    or ``model(pixel_values=).logits``."""
-
-    def __init__(self, folder: str | os.PathLike, threads: int | None = None):
-        super().__init__()
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise OnnxExportError(f"{folder} is an ONNX model; running it needs onnxruntime: "
-                                  "pip install 'quept[onnx]'") from None
-        from transformers import AutoConfig
-
-        folder = Path(folder)
-        summary = folder / "quept-export.json"
-        self.quept_onnx = read_json_object(summary, OnnxExportError)
-        self.task = self.quept_onnx.get("task")
-        if not isinstance(self.task, str) or self.task not in ONNX_TASKS:
-            raise OnnxExportError(f"{summary} names no task quept runs ({self.task!r}; "
-                                  f"expected one of {', '.join(ONNX_TASKS)}); export it again")
-        check_json_fields(self.quept_onnx, {"bits": (int, str), "bits_per_weight": float},
-                          summary, OnnxExportError)
-        self.config = AutoConfig.from_pretrained(folder)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or torch.get_num_threads()
-        try:
-            self.session = ort.InferenceSession(str(folder / ONNX_FILE), opts,
-                                                providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own types for a damaged graph
-            raise OnnxExportError(f"{folder / ONNX_FILE} cannot be loaded by ONNX Runtime: "
-                                  f"{e}") from None
-        inputs = [i.name for i in self.session.get_inputs()]
-        if self.task == "causal-lm" and "past_key_values.0.key" not in inputs:
-            raise OnnxExportError(f"{folder} was exported without a KV cache (an earlier quept); "
-                                  "export it again with quept export --format onnx")
-        # (name, KV heads, head dim) of every past input, in the graph's order
-        self._past = [(i.name, i.shape[1], i.shape[3]) for i in self.session.get_inputs()
-                      if i.name.startswith("past_key_values.")]
-        self._device = nn.Parameter(torch.zeros(0), requires_grad=False)  # device for callers
-
-    def _empty_past(self, batch: int) -> list[Any]:
-        import numpy as np
-
-        return [np.zeros((batch, heads, 0, dim), np.float32) for _, heads, dim in self._past]
-
-    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None
-                = None, pixel_values: torch.Tensor | None = None, past_key_values: Any = None,
-                use_cache: bool = False, **_: Any) -> Any:
-        from transformers.modeling_outputs import CausalLMOutputWithPast, ModelOutput
-
-        if self.task == "image-classification":
-            (out,) = self.session.run(["logits"], {"pixel_values": pixel_values.float().numpy()})
-            return ModelOutput(logits=torch.from_numpy(out))
-        if self.task == "encoder":
-            mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-            (out,) = self.session.run(["last_hidden_state"], {"input_ids": input_ids.numpy(),
-                                                              "attention_mask": mask.numpy()})
-            return ModelOutput(last_hidden_state=torch.from_numpy(out))
-        batch, new = input_ids.shape
-        past = self._empty_past(batch) if past_key_values is None else list(past_key_values)
-        seen = past[0].shape[2] if past else 0
-        if attention_mask is None:
-            attention_mask = torch.ones(batch, seen + new, dtype=torch.long)
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, seen:]
-        feeds = {"input_ids": input_ids.long().numpy(), "attention_mask":
-                 attention_mask.long().numpy(), "position_ids": positions.numpy(),
-                 **{name: p for (name, _, _), p in zip(self._past, past)}}
-        if not use_cache:
-            (out,) = self.session.run(["logits"], feeds)
-            return CausalLMOutputWithPast(logits=torch.from_numpy(out))
-        out, *present = self.session.run(None, feeds)
-        return CausalLMOutputWithPast(logits=torch.from_numpy(out), past_key_values=present)

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from quept.config import check_bits
+from quept.checks import check_bits
 from quept.nn.packed_linear import PackedEmbedding, PackedLinear
 from quept.nn.switch import elastic_layers, plan_widths
 from quept.ops.quant import to_groups

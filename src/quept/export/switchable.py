@@ -33,12 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from quept.export.compact import (
-    CompactConfig,
-    layer_state,
-    read_compact_tensors,
-    split_layer_tensors,
-)
+from quept.export.compact import layer_state, read_compact_tensors, split_layer_tensors
+from quept.export.compact_fit import CompactConfig
 from quept.export.load import fill
 from quept.export.packed import (
     SCALE_DTYPES,

@@ -23,14 +23,8 @@ from quept.api import (
     readable_kind,
 )
 from quept.calib.checkpoint import CHECKPOINT_DIR, PROGRESS_JSON
-from quept.config import (
-    CalibConfig,
-    ConfigError,
-    ElasticSpec,
-    QuEPTConfig,
-    check_json_fields,
-    read_json_object,
-)
+from quept.checks import ConfigError, check_json_fields, read_json_object
+from quept.config import CalibConfig, ElasticSpec, QuEPTConfig
 from quept.export.compact import COMPACT_JSON, read_compact_meta
 from quept.export.load import read_packed_meta
 from quept.export.packed import PACKED_JSON, PackedFormatError

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quept.config import ElasticSpec, check_bits
+from quept.checks import check_bits
+from quept.config import ElasticSpec
 from quept.ops import (
     dequantize,
     fake_quant,

@@ -18,35 +18,20 @@ does through the composed operations.
 
 from __future__ import annotations
 
-import logging
-import threading
 from types import ModuleType
 
 import torch
 
-from quept.ops.kernels import build, read_source
+from quept.ops.cpp import CppKernel
 
-log = logging.getLogger(__name__)
-_lock = threading.Lock()
-_module: ModuleType | None = None
-_tried = False
+_KERNEL = CppKernel("quept_fake_quant", "fake_quant.cpp", ["fq_forward", "fq_backward"],
+                    "fake-quantization kernel unavailable (%s); using PyTorch operations")
 
 
 def load() -> ModuleType | None:
     """The compiled module (built once, about half a minute), or None without a compiler or
     with ``QUEPT_NO_KERNEL=1``."""
-    global _module, _tried
-    with _lock:
-        if not _tried:
-            _tried = True
-            fallback = "fake-quantization kernel unavailable (%s); using PyTorch operations"
-            try:
-                text = read_source("fake_quant.cpp")
-            except OSError as e:  # an install without the csrc folder
-                log.warning(fallback, e)
-            else:
-                _module = build("quept_fake_quant", text, ["fq_forward", "fq_backward"], fallback)
-        return _module
+    return _KERNEL.load()
 
 
 def usable(*tensors: torch.Tensor) -> bool:
@@ -61,7 +46,7 @@ def forward(wg: torch.Tensor, qmax: int, hi_f: torch.Tensor, lo_f: torch.Tensor
     """Grouped weights (out, G, gs) -> (fake-quantized weights (out, G, gs), per-group values
     (7, out * G) for :func:`backward`)."""
     r = wg.shape[0] * wg.shape[1]
-    out, stats = _module.fq_forward(wg.reshape(r, -1).contiguous(),
+    out, stats = _KERNEL.module.fq_forward(wg.reshape(r, -1).contiguous(),
                                     hi_f.reshape(r).contiguous(), lo_f.reshape(r).contiguous(),
                                     qmax)
     return out.view(wg.shape), stats
@@ -72,7 +57,7 @@ def backward(g: torch.Tensor, wg: torch.Tensor, hi_f: torch.Tensor, lo_f: torch.
     """Gradients w.r.t. ``wg`` (out, G, gs), ``hi_f`` and ``lo_f`` (out, G) given the output's
     gradient ``g`` (out, G, gs)."""
     r = wg.shape[0] * wg.shape[1]
-    gw, ga, gb = _module.fq_backward(g.reshape(r, -1).contiguous(), wg.reshape(r, -1).contiguous(),
+    gw, ga, gb = _KERNEL.module.fq_backward(g.reshape(r, -1).contiguous(), wg.reshape(r, -1).contiguous(),
                                      hi_f.reshape(r).contiguous(), lo_f.reshape(r).contiguous(),
                                      stats, qmax)
     return gw.view(wg.shape), ga.view(hi_f.shape), gb.view(lo_f.shape)

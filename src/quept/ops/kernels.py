@@ -15,111 +15,25 @@ sum(x_g)`` with ``zs = -zero * scale``, i.e. ``x @ ((q - zero) * scale)^T`` up t
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import logging
-import os
-import platform
-import threading
-from collections.abc import Iterator
-from importlib.resources import files
-from pathlib import Path
 from types import ModuleType
 
 import torch
 
+from quept.ops.cpp import CppKernel
 from quept.ops.pack import PLANES, padded
 
 log = logging.getLogger(__name__)
 MAX_ROWS = 8  # the fused kernel takes at most this many activation rows (decode)
 
-_lock = threading.Lock()
-_module: ModuleType | None = None
-_tried = False
+_KERNEL = CppKernel("quept_qgemv", "qgemv.cpp", ["qgemv", "qdequant", "kv_quantize", "kv_attend"],
+                    "fused CPU kernel unavailable (%s); using dequantize + matmul")
 
 
 def load() -> ModuleType | None:
     """The compiled kernel module, building it once (about a minute) if needed; None when no
     compiler is available or ``QUEPT_NO_KERNEL=1`` is set."""
-    global _module, _tried
-    with _lock:
-        if not _tried:
-            _tried = True
-            fallback = "fused CPU kernel unavailable (%s); using dequantize + matmul"
-            try:
-                text = read_source("qgemv.cpp")
-            except OSError as e:  # an install without the csrc folder
-                log.warning(fallback, e)
-            else:
-                _module = build("quept_qgemv", text,
-                                ["qgemv", "qdequant", "kv_quantize", "kv_attend"], fallback)
-        return _module
-
-
-def read_source(name: str) -> str:
-    """The text of the C++ source ``name`` in the package's ``csrc`` folder."""
-    return (files("quept.ops") / "csrc" / name).read_text(encoding="utf-8")
-
-
-def build(prefix: str, source: str, functions: list[str], fallback: str) -> ModuleType | None:
-    """Compile C++ ``source`` exposing ``functions`` (``torch.utils.cpp_extension.load_inline``,
-    cached in the torch extensions folder per machine, CPU capability and torch installation);
-    None, after logging ``fallback % reason``, when ``QUEPT_NO_KERNEL=1`` is set or there is no
-    working compiler.
-
-    Concurrent builds wait for each other on an OS lock that dies with its holder, so a build
-    killed half-way (Ctrl-C, a timeout) cannot leave torch's own lock file behind to make every
-    later run wait forever: a lock file found while holding the OS lock is stale and removed."""
-    if os.environ.get("QUEPT_NO_KERNEL") == "1":
-        return None
-    try:
-        from torch.utils.cpp_extension import load_inline
-
-        # the torch installation is part of the name: two virtualenvs would otherwise rebuild
-        # each other's copy (the compile line holds torch's include paths)
-        where = hashlib.sha256(f"{torch.__version__}:{Path(torch.__file__).parent}".encode())
-        name = (f"{prefix}_{platform.machine()}_{torch.backends.cpu.get_cpu_capability()}_"
-                f"{where.hexdigest()[:8]}").lower()
-        log.info("loading the %s CPU kernel (compiled once on first use)", prefix)
-        with _build_lock(name) as folder:
-            return load_inline(
-                name=name, cpp_sources=[source], functions=functions,
-                extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                build_directory=None if folder is None else str(folder), verbose=False,
-            )
-    except (OSError, RuntimeError, ImportError) as e:  # no compiler, no ninja, build error
-        log.warning(fallback, e)
-        return None
-
-
-@contextlib.contextmanager
-def _build_lock(name: str) -> Iterator[Path | None]:
-    """Hold an exclusive ``fcntl`` lock on the build folder of extension ``name`` and yield the
-    folder, after removing a ``lock`` file a killed build left there; yields None (torch's own
-    locking alone) where the folder or ``fcntl`` is unavailable."""
-    try:
-        import fcntl
-
-        from torch.utils.cpp_extension import _get_build_directory
-
-        folder = Path(_get_build_directory(name, verbose=False))
-    except (ImportError, AttributeError, TypeError):
-        yield None
-        return
-    with open(folder / "quept.flock", "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("waiting for another process compiling the %s kernel", name)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            stale = folder / "lock"
-            if stale.exists():  # every quept build takes the OS lock first: no live owner
-                log.warning("removing %s, left by a kernel build that was killed", stale)
-                stale.unlink(missing_ok=True)
-            yield folder
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return _KERNEL.load()
 
 
 def supported(bits: int, in_features: int, group_size: int) -> bool:
@@ -133,7 +47,7 @@ def qgemv(
 ) -> torch.Tensor:
     """x (M <= 8, K) float32 @ dequantized(packed)^T -> (M, N); scale, zs (N, K / group_size)."""
     k = x.shape[-1]
-    return _module.qgemv(x, packed, scale, zs, bits, k, group_size, padded(k))
+    return _KERNEL.module.qgemv(x, packed, scale, zs, bits, k, group_size, padded(k))
 
 
 def qdequant(
@@ -141,7 +55,7 @@ def qdequant(
     group_size: int, out: torch.Tensor,
 ) -> torch.Tensor:
     """Write ``scale * code + zs`` (N, in_features) float32 into ``out``; returns ``out``."""
-    _module.qdequant(packed, scale, zs, bits, in_features, group_size, padded(in_features), out)
+    _KERNEL.module.qdequant(packed, scale, zs, bits, in_features, group_size, padded(in_features), out)
     return out
 
 
@@ -153,7 +67,7 @@ def kv_quantize(
     (codes packed as :func:`quept.ops.pack.pack` packs them (N, bytes), steps (N, W / head_dim),
     zero-points (same), the values the codes stand for (N, W), rotated back)."""
     rotation = x.new_empty(0) if rotation is None else rotation
-    return tuple(_module.kv_quantize(x, bits, head_dim, rotation, padded(x.shape[1])))
+    return tuple(_KERNEL.module.kv_quantize(x, bits, head_dim, rotation, padded(x.shape[1])))
 
 
 def kv_attend(
@@ -167,5 +81,5 @@ def kv_attend(
     D); ``mask`` additive (B, T + 1) or None; ``rotation`` (D, D), applied to the weighted sum
     of the past values, or None. Returns (B, H, G, D)."""
     empty = qr.new_empty(0)
-    return _module.kv_attend(qr, qn, kv, new_k, new_v, empty if mask is None else mask,
+    return _KERNEL.module.kv_attend(qr, qn, kv, new_k, new_v, empty if mask is None else mask,
                              empty if rotation is None else rotation)

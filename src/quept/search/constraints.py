@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
-from quept.config import MAX_BITS, MIN_BITS, ConfigError, check_bits
+from quept.checks import MAX_BITS, MIN_BITS, ConfigError, check_bits
 from quept.nn.switch import is_pattern
 
 _SYNTAX = re.compile(r"\s*(?P<pattern>.*?)\s*(?P<op>>=|<=|=)\s*(?P<bits>[0-9]+)\s*")

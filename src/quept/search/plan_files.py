@@ -4,11 +4,12 @@ plans."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
 
-from quept.config import ConfigError, check_bits
+from quept.checks import ConfigError, check_bits
 from quept.search.plan import INLINE_EXAMPLE, PLAN_FORMAT, Plan, read_plan_json
 
 
@@ -36,10 +37,14 @@ def read_plan(path: str | os.PathLike) -> Plan | dict[str, int]:
         if isinstance(d, dict) and isinstance(d.get(key), dict):
             d = d[key]
             break
-    if not isinstance(d, dict) or not d or not all(
-            isinstance(b, int) and not isinstance(b, bool) for b in d.values()):
-        raise ConfigError(f"{path}: expected {{layer name: bits}} (bare, or under 'plan' or "
-                          "'bits'), or a plan from `quept plan`")
+    expected = ("expected {layer name: bits} (bare, or under 'plan' or 'bits'), or a plan "
+                "from `quept plan`")
+    if not isinstance(d, dict) or not d:
+        raise ConfigError(f"{path}: {expected}")
+    for name, b in d.items():
+        if not isinstance(b, int) or isinstance(b, bool):
+            raise ConfigError(f"{path}: entry {name!r} is {json.dumps(b)}, not a whole "
+                              f"number of bits; {expected}")
     for name, b in d.items():
         try:
             check_bits(b)

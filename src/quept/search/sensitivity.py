@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from quept.config import ConfigError, check_bits
+from quept.checks import ConfigError, check_bits
 from quept.nn import ElasticLinear, elastic_layers, set_bits
 from quept.search.exact import exact_sensitivity
 from quept.search.objective import NextTokenKL, Objective, checked_objective

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from quept.config import read_json_object
+from quept.checks import read_json_object
 from quept.data.fetch import atomic_write_text
 from quept.nn import elastic_layers
 from quept.nn.state import elastic_state_dict
