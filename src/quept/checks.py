@@ -118,3 +118,16 @@ def check_bits(bits: int, allowed: tuple[int, ...] | None = None) -> int:
             f"bit-width {bits} is not in this elastic model's widths {sorted(allowed)}"
         )
     return bits
+
+
+def check_config(value: Any, kind: type, what: str) -> Any:
+    """``value`` when it is a ``kind`` (a config dataclass), else :class:`ConfigError` naming
+    ``what`` takes it (a QuEPTConfig given for its part is pointed at ``.spec``/``.calib``)."""
+    if isinstance(value, kind):
+        return value
+    part = {"ElasticSpec": ".spec", "CalibConfig": ".calib"}.get(kind.__name__)
+    hint = (f" (pass its {part})" if part and type(value).__name__ == "QuEPTConfig" else "")
+    article = "an" if kind.__name__[0] in "AEIOU" else "a"
+    raise ConfigError(f"{what} takes {article} {kind.__name__}{hint}, got "
+                      f"{type(value).__name__}")
+

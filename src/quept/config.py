@@ -10,6 +10,8 @@ calibrated (data size, epochs, learning rates, seed). Both are frozen dataclasse
 from __future__ import annotations
 
 import math
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -266,7 +268,15 @@ class ElasticSpec:
         d.setdefault("fixed_clip_bits", ())
         d.setdefault("clip_refine", 0)  # ... and searched one clip factor for max and min
         gs = d.pop("group_size", {})
-        gs = tuple((int(b), int(s)) for b, s in (gs.items() if isinstance(gs, dict) else gs))
+        pairs = list(gs.items()) if isinstance(gs, dict) else gs
+        try:
+            gs = tuple((int(b), s) for b, s in pairs)
+        except (TypeError, ValueError):
+            raise ConfigError(f"ElasticSpec field 'group_size' must map widths to group sizes, "
+                              f"got {_brief_value(gs)}") from None
+        if not all(_fits(s, int) for _, s in gs):
+            raise ConfigError(f"ElasticSpec field 'group_size' must map widths to whole "
+                              f"numbers, got {_brief_value(dict(gs))}")
         return cls(group_size=gs, **_known(cls, d))
 
 
@@ -469,4 +479,31 @@ def _known(cls: type, d: dict[str, Any]) -> dict[str, Any]:
     for k, v in out.items():
         if isinstance(v, list):
             out[k] = tuple(tuple(x) if isinstance(x, list) else x for x in v)
+    hints = typing.get_type_hints(cls)
+    for k, v in out.items():  # a JSON value of the wrong kind fails here, by name
+        if not _fits(v, hints[k]):
+            kind = hints[k].__name__ if isinstance(hints[k], type) else str(hints[k])
+            raise ConfigError(f"{cls.__name__} field {k!r} must be {kind}, got {_brief_value(v)}")
     return out
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (read from JSON, lists made tuples) is of the annotated type ``hint``
+    (int, float, str, bool, None, unions and tuples of these)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint in (int, float, str):
+        numbers = (int, float) if hint is float else hint
+        return isinstance(value, numbers) and not (hint is not str and isinstance(value, bool))
+    return True

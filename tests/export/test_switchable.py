@@ -109,7 +109,7 @@ def test_kept_widths_switch_back_without_packing(folders):
     assert kept[: sum(b == 3 for _, b in kept)] == [k for k in kept if k[1] == 3]  # oldest
     assert sw.set_bits(2).reused == n
     assert torch.equal(logits(model), packed_logits(root / "p2"))
-    with pytest.raises(PackedFormatError, match="keep_bytes must be >= 0"):
+    with pytest.raises(PackedFormatError, match="keep_bytes must be a whole number of bytes >= 0, got -1"):
         quept.load_switchable(root / "compact", 3, keep_bytes=-1)
 
 

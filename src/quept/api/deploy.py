@@ -47,6 +47,13 @@ def export(model: nn.Module, bits_or_plan: int | Mapping[str, int] | Plan,
     widths = as_layer_widths(bits_or_plan)
     if format not in EXPORT_FORMATS:
         raise ConfigError(f"export format {format!r} is not one of {EXPORT_FORMATS}")
+    if getattr(model, "quept_switch", None) is not None:
+        raise ConfigError("export reads an elastic model, and this is a switchable packed one "
+                          "(quept.load_switchable), which holds one width's codes at a time; "
+                          "load the elastic folder with quept.load and export that")
+    if not elastic_layers(model):
+        raise ConfigError("the model has no elastic layers to export; quept.prepare and "
+                          "quept.calibrate it (or quept.load an elastic folder) first")
     if format == "gguf":
         from quept.export.gguf import write_gguf
 

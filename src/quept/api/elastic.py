@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from quept.calib import BlockCalibrator, BlockReport, CalibCheckpoint, capture_block_inputs
-from quept.checks import ConfigError, check_bits, check_device
-from quept.config import CalibConfig, ElasticSpec, QuEPTConfig
+from quept.checks import ConfigError, check_bits, check_config, check_device
+from quept.config import CalibConfig, ElasticSpec
 from quept.data.tokens import calibration_samples, tokenize
 from quept.export.gptq import GPTQConfig
 from quept.export.gptq import round_gptq as _round_gptq
@@ -24,21 +24,19 @@ from quept.models.kv import install_kv_attention, kv_linears
 from quept.nn import BitsPlan, ElasticLinear, elastic_layers
 from quept.nn import set_bits as _set_bits
 from quept.nn.switch import plan_widths
-from quept.ops import GroupSizeError
+from quept.ops import GroupSizeError, n_groups
 from quept.ops.quant import is_power_of_two
 from quept.search import Plan, as_layer_widths
 
 
 def prepare(model: nn.Module, spec: ElasticSpec | None = None, seed: int = 0) -> nn.Module:
     """Swap every quantizable linear for an :class:`ElasticLinear` (in place); returns model."""
-    spec = spec or ElasticSpec()
-    if not isinstance(spec, ElasticSpec):
-        hint = " (pass its .spec)" if isinstance(spec, QuEPTConfig) else ""
-        raise ConfigError(f"prepare takes an ElasticSpec{hint}, got {type(spec).__name__}")
+    spec = check_config(ElasticSpec() if spec is None else spec, ElasticSpec, "prepare")
     fam = family_for(model)
     gen = torch.Generator().manual_seed(seed)
     if any(isinstance(m, ElasticLinear) for m in model.modules()):
         raise ConfigError("model is already prepared")
+    _check_group_sizes(fam, model, spec)  # before anything is rotated or swapped
     kv = {}
     if spec.kv_bits is not None:
         dim = kv_head_dim(model)
@@ -48,12 +46,9 @@ def prepare(model: nn.Module, spec: ElasticSpec | None = None, seed: int = 0) ->
         model.quept_base_fingerprint = weights_fingerprint(model, _family_linears(model, fam))
     if spec.rotation != "none":
         _rotate(model, fam, seed)
-    for i, block in enumerate(fam.get_blocks(model)):
+    for block in fam.get_blocks(model):
         for name, lin in fam.block_linears(block).items():
-            try:
-                new = ElasticLinear(lin, spec, generator=gen)
-            except GroupSizeError as e:
-                raise GroupSizeError(f"block {i} {name}: {e}") from None
+            new = ElasticLinear(lin, spec, generator=gen)
             new.in_rotation = spec.rotation != "none" and name == rotate.ONLINE
             new.kv_quant = kv.get(name)
             parent, _, child = name.rpartition(".")
@@ -77,7 +72,7 @@ def calibrate(
     calibration of its language model is not done.
     """
     fam, spec = family_for(model), spec_of(model)
-    check_device(config.device, "CalibConfig.device")
+    check_device(check_config(config, CalibConfig, "calibrate").device, "CalibConfig.device")
     if any(m.rounded for m in elastic_layers(model).values()):
         raise ConfigError("the model holds export-time codes (quept.round_gptq or "
                           "quept.round_learned), which calibration would not train; call "
@@ -114,9 +109,10 @@ def round_gptq(model: nn.Module, bits_or_plan: int | Mapping[str, int] | Plan,
     and switch the model to it. The codes replace round-to-nearest at those widths in the
     model's forward and in every :func:`export` until
     :func:`quept.export.gptq.clear_rounding`; they are not saved with :func:`save`."""
-    check_device((config or GPTQConfig()).device, "GPTQConfig.device")
+    config = check_config(GPTQConfig() if config is None else config, GPTQConfig, "round_gptq")
+    check_device(config.device, "GPTQConfig.device")
     widths = _rounding_widths(model, bits_or_plan, "GPTQ rounding")
-    result = _round_gptq(model, widths, inputs, config or GPTQConfig(), progress=progress)
+    result = _round_gptq(model, widths, inputs, config, progress=progress)
     model.quept_rounding = "gptq"
     return result
 
@@ -131,7 +127,8 @@ def round_learned(model: nn.Module, bits_or_plan: int | Mapping[str, int] | Plan
     to it. Like :func:`round_gptq`, the codes replace round-to-nearest at those widths in the
     forward and in every :func:`export` until :func:`quept.export.gptq.clear_rounding`; they
     are not saved with :func:`save`."""
-    config = config or LearnedRoundingConfig()
+    config = check_config(LearnedRoundingConfig() if config is None else config,
+                          LearnedRoundingConfig, "round_learned")
     check_device(config.device, "LearnedRoundingConfig.device")
     widths = _rounding_widths(model, bits_or_plan, "learned rounding")
     result = _round_learned(model, widths, inputs, config, progress=progress)
@@ -167,6 +164,20 @@ def checked_widths(layers: Mapping[str, Any], plan: BitsPlan | Plan, floats: boo
         except ConfigError as e:
             raise ConfigError(f"layer {name}: {e}") from None
     return chosen
+
+
+def _check_group_sizes(fam: Family, model: nn.Module, spec: ElasticSpec) -> None:
+    """Every group size of ``spec`` divides the input width of every linear ``prepare`` wraps
+    (else :class:`GroupSizeError` naming the block and layer), so a refused spec leaves the
+    model as it was."""
+    for i, block in enumerate(fam.get_blocks(model)):
+        for name, lin in fam.block_linears(block).items():
+            for b in spec.bits:
+                try:
+                    n_groups(lin.in_features, spec.group_size_for(b))
+                except GroupSizeError as e:
+                    at = f", {b} bits" if spec.group_size else ""  # widths with sizes of their own
+                    raise GroupSizeError(f"block {i} {name}{at}: {e}") from None
 
 
 def spec_of(model: nn.Module) -> ElasticSpec:
@@ -230,7 +241,7 @@ def samples_from_text(tokenizer: Any, text: str, cfg: CalibConfig | None = None
     (``cfg`` None: the default :class:`CalibConfig`). With a
     BERT-style tokenizer (a [CLS] and a [SEP] token) each window is [CLS] + seq_len - 2 tokens
     + [SEP], the shape an encoder saw in training."""
-    cfg = cfg or CalibConfig()
+    cfg = check_config(CalibConfig() if cfg is None else cfg, CalibConfig, "samples_from_text")
     ids = tokenize(tokenizer, text)
     cls, sep = getattr(tokenizer, "cls_token_id", None), getattr(tokenizer, "sep_token_id", None)
     if cls is None or sep is None:

@@ -14,7 +14,7 @@ from torch import nn
 
 from quept.api.elastic import checked_widths, spec_of
 from quept.api.folders import ArtifactError
-from quept.checks import ConfigError, check_count
+from quept.checks import ConfigError, check_config, check_count
 from quept.nn import ElasticLinear, elastic_layers
 from quept.search import (
     LayerShape,
@@ -69,7 +69,11 @@ def sensitivity(
     sensitivity-exact.json for ``method="exact"``) a table whose fingerprint (elastic state,
     base weights, tokens, settings) matches is reused; otherwise it is measured and written.
     """
-    config = config or SensitivityConfig()
+    config = check_config(SensitivityConfig() if config is None else config, SensitivityConfig,
+                          "sensitivity")
+    if cache is not None and Path(cache).is_dir():
+        raise ConfigError(f"cache names the folder {cache}; name the table's file in it, e.g. "
+                          f"{Path(cache) / config.cache_name}")
     if cache is not None and not recompute:
         table = cached_sensitivity(model, input_ids, config, cache)
         if table is not None:

@@ -101,7 +101,10 @@ def load_model(model: str | os.PathLike | None = None) -> tuple[nn.Module, Any]:
                                 f"{missing[:3]}); the folder is incomplete or mixed up")
     net.eval()
     net.requires_grad_(False)
-    net.quept_source = str(model) if model is not None else DEFAULT_MODEL
+    # a folder is recorded by its absolute path, so what is saved from it loads from anywhere
+    given_folder = model is not None and Path(model).resolve() == path.resolve()
+    net.quept_source = (str(path.resolve()) if given_folder
+                        else DEFAULT_MODEL if model is None else str(model))
     return net, tok
 
 

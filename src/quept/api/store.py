@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from quept import __version__
-from quept.api.elastic import prepare, weights_fingerprint
+from quept.api.elastic import prepare, spec_of, weights_fingerprint
 from quept.api.folders import ELASTIC_JSON, ELASTIC_WEIGHTS, FORMAT, ArtifactError, check_out_folder
 from quept.api.models import DEFAULT_MODEL, load_model
 from quept.checks import ConfigError, check_json_fields, read_json_object
@@ -22,6 +24,7 @@ from quept.models import family_for, reparam
 from quept.nn import elastic_layers
 from quept.nn.state import load_elastic_state
 
+log = logging.getLogger(__name__)
 
 def save(model: nn.Module, folder: str | os.PathLike, config: QuEPTConfig,
          extra: Mapping[str, Any] | None = None) -> Path:
@@ -32,8 +35,11 @@ def save(model: nn.Module, folder: str | os.PathLike, config: QuEPTConfig,
     if not elastic_layers(model):
         raise ConfigError("the model has no elastic layers to save; quept.prepare and "
                           "quept.calibrate it first")
-    check_out_folder(folder, "elastic")
-    folder.mkdir(parents=True, exist_ok=True)
+    _check_config(model, config)
+    if not hasattr(model, "quept_source"):
+        log.warning("the model was not loaded by quept.load_model, so %s records the built-in "
+                    "default as its base model; load it with quept.load(folder, model=...) "
+                    "naming the model it was made from", folder)
     meta = {
         "format": FORMAT,
         "quept_version": __version__,
@@ -42,13 +48,45 @@ def save(model: nn.Module, folder: str | os.PathLike, config: QuEPTConfig,
         "model_type": model.config.model_type,
         "base_fingerprint": weights_fingerprint(model),
         "layers": list(elastic_layers(model)),
-        **(dict(extra) if extra else {}),
     }
+    meta.update(_checked_extra(extra, meta))
+    check_out_folder(folder, "elastic")
+    folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / (ELASTIC_WEIGHTS + ".tmp")
     save_file(elastic_state_dict(model), str(tmp), metadata={"format": FORMAT})
     os.replace(tmp, folder / ELASTIC_WEIGHTS)
     _write_meta(folder, meta)
     return folder
+
+
+def _check_config(model: nn.Module, config: QuEPTConfig) -> None:
+    """``config`` is a QuEPTConfig whose spec is the one ``model`` was prepared with (a folder
+    recording another spec would load as another model)."""
+    if not isinstance(config, QuEPTConfig):
+        raise ConfigError(f"save takes the QuEPTConfig the model was prepared and calibrated "
+                          f"with, got {type(config).__name__}; e.g. "
+                          "quept.QuEPTConfig(spec=spec, calib=calib)")
+    spec = spec_of(model)
+    if config.spec != spec:
+        differ = [f.name for f in fields(spec)
+                  if getattr(spec, f.name) != getattr(config.spec, f.name)]
+        raise ConfigError(f"the config's spec differs from the one the model was prepared with "
+                          f"(in {', '.join(differ)}); save the model with "
+                          "QuEPTConfig(spec=model.quept_spec, calib=...)")
+
+
+def _checked_extra(extra: Mapping[str, Any] | None, meta: Mapping[str, Any]) -> dict[str, Any]:
+    """``extra`` as saved: JSON values under keys ``save`` does not write itself."""
+    extra = dict(extra or {})
+    clash = sorted(k for k in extra if k in meta)
+    if clash:
+        raise ConfigError(f"extra may not set {clash}: save writes them itself")
+    try:
+        json.dumps(extra)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"extra must hold JSON values (strings, numbers, lists, objects): "
+                          f"{e}") from None
+    return extra
 
 
 def _write_meta(folder: Path, meta: Mapping[str, Any]) -> None:
@@ -93,8 +131,22 @@ _META_FIELDS = {"config": dict, "base_model": str, "model_type": str, "base_fing
 def load(folder: str | os.PathLike, model: str | os.PathLike | None = None) -> tuple[nn.Module, Any]:
     """Rebuild an elastic model from ``folder``; ``model`` overrides the recorded base model."""
     meta = read_meta(folder)
-    cfg = QuEPTConfig.from_dict(meta["config"])
-    net, tok = load_model(model if model is not None else meta["base_model"])
+    try:
+        cfg = QuEPTConfig.from_dict(meta["config"])
+    except ConfigError as e:
+        raise ArtifactError(f"{Path(folder) / ELASTIC_JSON}: its 'config' cannot be read: {e}"
+                            ) from None
+    if model is not None:
+        net, tok = load_model(model)
+    else:
+        try:
+            net, tok = load_model(meta["base_model"])
+        except (FileNotFoundError, ArtifactError) as e:
+            raise ArtifactError(
+                f"{folder} was made from the base model {meta['base_model']!r} (its "
+                f"{ELASTIC_JSON} says so), which cannot be loaded: {e}. If that model has moved, "
+                "name it: quept.load(folder, model=PATH), or --model PATH on the command line"
+            ) from None
     if net.config.model_type != meta["model_type"]:
         raise ArtifactError(
             f"{folder} was calibrated on a {meta['model_type']} model, not {net.config.model_type}"

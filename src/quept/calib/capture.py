@@ -63,7 +63,7 @@ def check_model_inputs(model: nn.Module, family: Family, inputs: object,
     if not isinstance(inputs, torch.Tensor):
         raise ConfigError(f"{what} must be a torch.Tensor, got {type(inputs).__name__}")
     shape = tuple(inputs.shape)
-    if inputs.dim() != 2 or inputs.is_floating_point() or inputs.is_complex() or 0 in shape:
+    if inputs.dim() != 2 or inputs.dtype not in (torch.int64, torch.int32) or 0 in shape:
         raise ConfigError(f"{what} must be (N, T) integer token ids with N, T >= 1, got "
                           f"{inputs.dtype} of shape {shape}")
     embed = getattr(model, "get_input_embeddings", lambda: None)()

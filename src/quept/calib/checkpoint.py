@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from quept.checks import read_json_object
+from quept.checks import ConfigError, read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,9 @@ class CalibCheckpoint:
     def __init__(self, folder: str | Path, fingerprint: dict[str, Any],
                  keep_streams: bool = False) -> None:
         self.folder = Path(folder)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise ConfigError(f"the calibration checkpoint folder {self.folder} is a file; name "
+                              "a folder (it is made if missing)")
         self.fingerprint = json.loads(json.dumps(fingerprint))
         self.keep_streams = keep_streams
 

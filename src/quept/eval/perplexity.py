@@ -21,7 +21,7 @@ def window_nll(
     ``exp(window_nll(...).mean())`` is :func:`perplexity`; the per-window values let a
     comparison of two configurations on the same windows be resampled (a paired bootstrap)."""
     if (not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.shape[0] < 1
-            or windows.shape[1] < 2 or windows.is_floating_point() or windows.is_complex()):
+            or windows.shape[1] < 2 or windows.dtype not in (torch.int64, torch.int32)):
         got = (f"{windows.dtype} of shape {tuple(windows.shape)}"
                if isinstance(windows, torch.Tensor) else type(windows).__name__)
         raise ConfigError(f"{desc}: the windows must be (n, T) integer token ids with n >= 1 "

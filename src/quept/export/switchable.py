@@ -87,8 +87,9 @@ class Switchable:
                  raw: Mapping[str, Mapping[str, torch.Tensor]] | None,
                  compact: CompactConfig | None, backend: str, scale_dtype: str,
                  keep_bytes: int = 0) -> None:
-        if keep_bytes < 0:
-            raise PackedFormatError(f"keep_bytes must be >= 0, got {keep_bytes}")
+        if not isinstance(keep_bytes, int) or isinstance(keep_bytes, bool) or keep_bytes < 0:
+            raise PackedFormatError(f"keep_bytes must be a whole number of bytes >= 0, got "
+                                    f"{keep_bytes!r}")
         self.model, self.source = model, source
         # Packed layers of widths switched away from, kept (least recently used dropped first)
         # while their codes fit in keep_bytes, so switching back to them packs nothing.

@@ -7,7 +7,7 @@ from fnmatch import fnmatchcase
 
 from torch import nn
 
-from quept.config import ConfigError
+from quept.checks import ConfigError, check_bits
 from quept.nn.elastic_linear import ElasticLinear
 
 BitsPlan = int | None | Mapping[str, int | None]
@@ -78,9 +78,14 @@ def set_bits(model: nn.Module, bits: BitsPlan, *, rtn: bool = False) -> nn.Modul
     layers = elastic_layers(model)
     if not layers:
         raise ConfigError("the model has no elastic layers; run quept.prepare first")
-    for n, b in plan_widths(layers, bits).items():
-        try:
-            layers[n].set_bits(b, rtn=rtn)
-        except ConfigError as e:
-            raise ConfigError(f"layer {n}: {e}" if isinstance(bits, Mapping) else str(e)) from None
+    chosen = plan_widths(layers, bits)
+    for n, b in chosen.items():  # every width checked before any layer switches
+        if b is not None:
+            try:
+                check_bits(b, layers[n].spec.bits)
+            except ConfigError as e:
+                raise ConfigError(f"layer {n}: {e}" if isinstance(bits, Mapping)
+                                  else str(e)) from None
+    for n, b in chosen.items():
+        layers[n].set_bits(b, rtn=rtn)
     return model

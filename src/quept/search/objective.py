@@ -115,7 +115,7 @@ class NextTokenKL(_SoftmaxKL):
 
     def check(self, inputs: Any, what: str = "inputs") -> None:
         if (not isinstance(inputs, torch.Tensor) or inputs.ndim != 2 or inputs.numel() == 0
-                or inputs.is_floating_point() or inputs.is_complex()):
+                or inputs.dtype not in (torch.int64, torch.int32)):
             raise ConfigError(f"{what} must be (N, T) integer token ids with N, T >= 1, got "
                               f"{_described(inputs)}")
 

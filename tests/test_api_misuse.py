@@ -1,0 +1,160 @@
+"""Misuse of the public API is refused before anything changes: a refused call leaves the model
+and the folders as they were, and the message says what is wrong and what would be right."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import replace
+
+import pytest
+import torch
+
+import quept
+from quept.api import ArtifactError
+from quept.config import CalibConfig, ConfigError, ElasticSpec, QuEPTConfig
+from quept.nn import ElasticLinear, elastic_layers
+from quept.ops import GroupSizeError
+from tests.conftest import tiny_model
+from tests.export.tiny import SPEC, elastic_folder, elastic_tiny, hf_folder
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("rotation", ["none", "hadamard"])
+def test_a_refused_prepare_leaves_the_model_as_it_was(rotation):
+    model = tiny_model(intermediate_size=96)  # 96 inputs to down_proj: group 64 does not divide
+    before = _state(model)
+    with pytest.raises(GroupSizeError, match=r"block 0 mlp.down_proj: group size 64 "
+                                             "does not divide in_features=96"):
+        quept.prepare(model, ElasticSpec(ranks=(2, 2, 2, 2), rotation=rotation))
+    assert not any(isinstance(m, ElasticLinear) for m in model.modules())
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing rotated either
+    spec = ElasticSpec(ranks=(2, 2, 2, 2), default_group_size=32, rotation=rotation)
+    fresh = quept.prepare(tiny_model(intermediate_size=96), spec)
+    quept.prepare(model, spec)  # the retry is a first prepare
+    ids = torch.randint(0, 256, (1, 16))
+    for m in (model, fresh):
+        quept.set_bits(m, None)
+    assert torch.equal(model(ids).logits, fresh(ids).logits)
+
+
+def test_save_takes_the_config_of_the_prepared_model(tmp_path):
+    model = quept.prepare(tiny_model(), SPEC)
+    for config, message in (
+            (CalibConfig(), "save takes the QuEPTConfig the model was prepared and calibrated "
+                            "with, got CalibConfig"),
+            (None, "got NoneType"),
+            (QuEPTConfig(spec=replace(SPEC, kv_bits=4)), r"differs from the one the model was "
+                                                          r"prepared with \(in kv_bits\)"),
+            (QuEPTConfig(), r"\(in ranks, default_group_size\)")):
+        with pytest.raises(ConfigError, match=message):
+            quept.save(model, tmp_path / "e", config)
+        assert not (tmp_path / "e").exists()
+
+
+def test_save_checks_extra_before_it_writes(tmp_path):
+    a, b = elastic_tiny(), elastic_tiny()
+    quept.set_bits(b, 3)
+    with torch.no_grad():
+        for m in elastic_layers(b).values():
+            m.lora_u.add_(0.1)
+    config = QuEPTConfig(spec=SPEC)
+    quept.save(a, tmp_path / "e", config, extra={"note": "a"})
+    saved = {p.name: p.read_bytes() for p in (tmp_path / "e").iterdir()}
+    with pytest.raises(ConfigError, match="extra must hold JSON values"):
+        quept.save(b, tmp_path / "e", config, extra={"t": {1, 2}})
+    with pytest.raises(ConfigError, match=r"extra may not set \['format'\]"):
+        quept.save(b, tmp_path / "e", config, extra={"format": "mine"})
+    assert {p.name: p.read_bytes() for p in (tmp_path / "e").iterdir()} == saved
+
+
+def test_saving_a_model_quept_did_not_load_warns_about_its_base(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="quept.api.store"):
+        quept.save(elastic_tiny(), tmp_path / "e", QuEPTConfig(spec=SPEC))
+    assert "records the built-in default as its base model" in caplog.text
+
+
+def test_a_folder_made_from_a_relative_path_loads_from_anywhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    hf_folder(tmp_path / "base")
+    elastic_folder(tmp_path / "el", tmp_path / "base")
+    model, _ = quept.load_model("base")
+    assert model.quept_source == str((tmp_path / "base").resolve())
+    quept.prepare(model, SPEC)
+    quept.save(model, "rel", QuEPTConfig(spec=SPEC))
+    os.chdir(tmp_path / "el")
+    quept.load(tmp_path / "rel")
+    shutil.move(tmp_path / "base", tmp_path / "moved")
+    with pytest.raises(ArtifactError, match=r"was made from the base model '.*base' \(its "
+                                            r"quept.json says so\), which cannot be loaded.*"
+                                            r"quept.load\(folder, model=PATH\)"):
+        quept.load(tmp_path / "rel")
+    quept.load(tmp_path / "rel", model=tmp_path / "moved")
+
+
+def test_a_plan_with_one_bad_width_switches_no_layer():
+    model = elastic_tiny()
+    quept.set_bits(model, 4)
+    with pytest.raises(ConfigError, match="layer model.layers.0.mlp.down_proj: bit-width 9"):
+        quept.set_bits(model, {"*": 3, "*.mlp.down_proj": 9})
+    assert {m.bits for m in elastic_layers(model).values()} == {4}
+
+
+def test_export_reads_an_elastic_model_only(tmp_path):
+    base = hf_folder(tmp_path / "base")
+    switchable, _ = quept.load_switchable(elastic_folder(tmp_path / "el", base), 4)
+    with pytest.raises(ConfigError, match="this is a switchable packed one"):
+        quept.api.export(switchable, 4, tmp_path / "a")
+    with pytest.raises(ConfigError, match="the model has no elastic layers to export"):
+        quept.api.export(tiny_model(), 4, tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    with pytest.raises(quept.export.switchable.PackedFormatError, match="keep_bytes must be a "
+                                                                      "whole number of bytes"):
+        quept.load_switchable(tmp_path / "el", 4, keep_bytes="1MB")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    (("spec", "default_group_size"), "32", "field 'default_group_size' must be int, got str"),
+    (("spec", "default_group_size"), 32.0, "must be int, got float 32.0"),
+    (("spec", "bit_groups"), None, r"field 'bit_groups' must be tuple\[tuple\[int, \.\.\.\]"),
+    (("calib", "seed"), "0", "CalibConfig field 'seed' must be int"),
+    (("spec", "group_size"), {"2": "x"}, "must map widths to whole numbers"),
+])
+def test_a_damaged_config_field_is_named_with_its_file(tmp_path, field, value, message):
+    folder = elastic_folder(tmp_path / "el", hf_folder(tmp_path / "base"))
+    meta = json.loads((folder / "quept.json").read_text())
+    meta["config"][field[0]][field[1]] = value
+    (folder / "quept.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match=rf"quept.json: its 'config' cannot be read: .*"
+                                            rf"{message}"):
+        quept.load(folder)
+
+
+def test_inputs_and_configs_of_the_wrong_kind_are_named(tmp_path):
+    model = elastic_tiny()
+    ids = torch.randint(0, 256, (2, 16))
+    with pytest.raises(ConfigError, match="integer token ids"):
+        quept.evaluate(model, ids > 40, [4])
+    with pytest.raises(ConfigError, match="integer token ids"):
+        quept.calibrate(model, ids.to(torch.uint8), CalibConfig(n_samples=2, seq_len=16))
+    with pytest.raises(ConfigError, match=r"calibrate takes a CalibConfig \(pass its .calib\), "
+                                          "got QuEPTConfig"):
+        quept.calibrate(model, ids, QuEPTConfig())
+    with pytest.raises(ConfigError, match="samples_from_text takes a CalibConfig"):
+        quept.samples_from_text(None, "text", QuEPTConfig())
+    with pytest.raises(ConfigError, match="sensitivity takes a SensitivityConfig, got dict"):
+        quept.sensitivity(model, ids, {"n_samples": 4})
+    with pytest.raises(ConfigError, match="round_gptq takes a GPTQConfig, got dict"):
+        quept.round_gptq(model, 4, ids, {"x": 1})
+    with pytest.raises(ConfigError, match="cache names the folder"):
+        quept.sensitivity(model, ids, cache=tmp_path)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="checkpoint folder .* is a file"):
+        quept.calibrate(model, ids, CalibConfig(n_samples=2, seq_len=16),
+                        checkpoint_dir=tmp_path / "file")
