@@ -21,6 +21,7 @@ from quept.cli.common import (
     _print_accuracy,
     _print_embedding,
     _print_widths,
+    _refuse_other_tasks_options,
     _refuse_text_options,
     _table,
     _task,
@@ -340,6 +341,10 @@ def eval_packed(a: argparse.Namespace, folder: Path, text: Callable[[], str]) ->
     model, tok = api.load_packed(folder)
     meta = model.quept_packed
     task = family_for(model).task
+    _refuse_other_tasks_options(a, task)
+    if task != "encoder" and a.model is not None:
+        raise ConfigError(f"{folder} holds a packed {model.config.model_type} model, which "
+                          "needs no base model: --model names a packed encoder's float encoder")
     if task == "image-classification":
         return _eval_packed_images(a, folder, model)
     overlap = recorded_overlap(model, text)

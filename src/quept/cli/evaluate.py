@@ -121,6 +121,16 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
         for path, plan in plans:
             check_widths(dict(plan), spec, f"--plan {path}")
     check_texts(a, text="eval")
+    if a.model is not None and kind not in ("elastic", "packed"):  # packed: encoders' float
+        raise ConfigError(f"--model names the base model of an elastic folder; {folder} holds "
+                          f"{api.KIND_NAMES[kind]}, which needs none")
+    if a.rtn and plans and not a.bits:
+        raise ConfigError("--rtn reports round-to-nearest at each width of --bits; a plan has "
+                          "no RTN row: add --bits to compare with uniform widths")
+    if a.rtn and kind == "compact":
+        raise ConfigError(f"{folder} is a compact checkpoint: it keeps master codes, not the "
+                          "float weights, so RTN would round the master; evaluate the elastic "
+                          "folder it came from for RTN")
     if a.device != "cpu" and (kind in ("packed", "onnx") or a.packed):
         raise ConfigError(f"--device {a.device}: packed layers and ONNX models run on the CPU "
                           "here; --device applies to elastic (fake-quantized) and plain models")
@@ -172,10 +182,25 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
     if a.device != "cpu":
         model.to(a.device)
     overlap = _calibration_overlap(a, model)
+    master = _master_note(folder) if kind == "compact" and not a.packed else None
+    if master and not a.json:
+        print(f"note: {master}")
     result = _measure(a, folder, model, tok, elastic, plans, bits)
     if overlap:
         result["calibration_overlap"] = overlap
+    if master:
+        result["float_is"] = master
     return result
+
+
+def _master_note(folder: Path) -> str:
+    """What the "float" row of a compact checkpoint is: its master codes, not float weights."""
+    from quept.export.compact import read_compact_meta
+
+    bits = read_compact_meta(folder)["compact"]["master_bits"]
+    return (f"a compact checkpoint keeps {bits}-bit master codes, not the float weights: its "
+            f"'float' row (and what KL, fidelity and task differences are measured against) "
+            f"is that {bits}-bit master")
 
 
 def _calibration_overlap(a: argparse.Namespace, model: torch.nn.Module) -> float | None:

@@ -119,6 +119,9 @@ def cmd_run(a: argparse.Namespace) -> dict[str, Any]:
                           "--bits and --plan pick the width of an elastic or compact folder")
     if a.fake_quant and kind not in ("elastic", "compact"):
         raise ConfigError("--fake-quant applies to elastic and compact folders")
+    if a.backend != "auto" and (a.fake_quant or kind not in ("packed", "elastic", "compact")):
+        raise ConfigError("--backend picks the matmul of packed layers: it applies to packed "
+                          "folders and to elastic and compact folders run packed")
     if a.keep_mb < 0:
         raise ConfigError(f"--keep-mb must be >= 0, got {a.keep_mb}")
     if a.keep_mb and (a.fake_quant or kind not in ("elastic", "compact")):
@@ -199,9 +202,10 @@ def _print_run(a: argparse.Namespace, kind: str, label: str | None, extra: dict[
                     else f", switched in {extra['switch_seconds']:.2f} s{kept}")
         print(f"--- {label} ({mode}, {extra['bits_per_weight']:.3f} bits per weight{switched})")
     print(a.prompt + gen.text)
+    speed = gen.decode_tokens_per_second
+    decode = "n/a" if speed is None else f"{speed:.1f} tok/s"
     print(f"\nprefill {gen.prompt_tokens} tokens: {gen.prefill_tokens_per_second:.1f} tok/s"
-          f"; decode {gen.new_tokens - 1} tokens: {gen.decode_tokens_per_second:.1f} tok/s"
-          f" ({kind} model)")
+          f"; decode {gen.new_tokens - 1} tokens: {decode} ({kind} model)")
     if gen.kv_cache_bytes is not None:
         print(f"KV cache: {gen.prompt_tokens + gen.new_tokens - 1} tokens as packed codes, "
               f"{gen.kv_cache_bytes / 2**10:.1f} KiB (float32: "

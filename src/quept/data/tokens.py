@@ -55,7 +55,11 @@ def eval_windows(ids: torch.Tensor, seq_len: int = 512, n_windows: int | None = 
     if n_windows is not None:
         check_count(n_windows, "n_windows")
     available = ids.numel() // seq_len
-    if available == 0 or (n_windows is not None and n_windows > available):
+    if available == 0:
+        raise NotEnoughTextError(
+            f"evaluation text has {ids.numel()} tokens, less than one window of {seq_len}; "
+            "pass a shorter window length or a longer text")
+    if n_windows is not None and n_windows > available:
         raise NotEnoughTextError(
             f"evaluation text has {ids.numel()} tokens: {available} windows of {seq_len}, "
             f"but {n_windows} were asked for; pass fewer windows or a longer text"

@@ -38,9 +38,10 @@ class Generation:
         return self.prompt_tokens / self.prefill_seconds
 
     @property
-    def decode_tokens_per_second(self) -> float:
+    def decode_tokens_per_second(self) -> float | None:
+        """None when nothing was decoded (one new token comes from the prefill)."""
         steps = self.new_tokens - 1
-        return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else 0.0
+        return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else None
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "prefill_tokens_per_second": self.prefill_tokens_per_second,
