@@ -86,10 +86,14 @@ def test_cli_width_lists_name_a_width_once(capsys):
             main(argv)
         assert "width 3 is named twice in '3,4,3'" in capsys.readouterr().err
     # an empty list is not "every width" (the option's default): it is refused
-    for argv in (["eval", "folder", "--bits", ""], ["quantize", "--eval-bits", " , "]):
+    for argv in (["eval", "folder", "--bits", ""], ["quantize", "--eval-bits", "  "]):
         with pytest.raises(SystemExit):
             main(argv)
         assert "expected one or more widths" in capsys.readouterr().err
+    for text in ("4,,3", "4,", " , "):  # an empty entry is a typo, not nothing
+        with pytest.raises(SystemExit):
+            main(["eval", "folder", "--bits", text])
+        assert f"expected comma-separated integers, got {text!r}" in capsys.readouterr().err
 
 
 def test_cli_spec_follows_the_preset_and_the_spec_options():

@@ -147,6 +147,52 @@ def test_clear_errors(folders, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_a_file_where_a_model_folder_is_read_is_named_as_a_file(folders, capsys):
+    root, _, _ = folders
+    (root / "notes.txt").write_text(TEXT)
+    (root / "model.gguf").write_bytes(b"GGUF" + bytes(64))
+    for path, says in ((root / "notes.txt", "notes.txt is a file, not a folder: give a model "
+                        "folder"),
+                       (root / "model.gguf", "model.gguf is a GGUF file, not a model folder: "
+                        "GGUF files run in llama.cpp")):
+        for argv in (["export", str(path), "--bits", "4", "--out", str(root / "y")],
+                     ["run", str(path), "--bits", "4", "--prompt", "It"],
+                     ["compact", str(path), "--out", str(root / "y")]):
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err
+            assert says in err.strip().splitlines()[-1], err
+    assert not (root / "y").exists()
+
+
+def test_gguf_refusals_come_before_any_rounding_or_writing(folders, capsys, monkeypatch):
+    pytest.importorskip("gguf")
+    from quept.cli import deploy
+
+    root, _, elastic = folders
+    (root / "t.txt").write_text(TEXT * 4)
+
+    def no_rounding(*args, **kw):
+        raise AssertionError("rounded before the export was checked")
+
+    monkeypatch.setattr(deploy, "_export_round", no_rounding)
+    argv = ["export", str(elastic), "--bits", "3", "--format", "gguf"]
+    assert main([*argv, "--rounding", "gptq", "--calib-text", str(root / "t.txt"), "--samples",
+                 "2", "--seq-len", "64", "--out", str(root / "gq.gguf")]) == 2
+    assert "only byte-level BPE (gpt2-style) fast tokenizers" in capsys.readouterr().err
+    assert not (root / "gq.gguf").exists()
+    config = (elastic / "quept.json").read_bytes()
+    (root / "keep.txt").write_text("the user's own file")
+    for out, says in ((elastic / "quept.json", f"--out {elastic / 'quept.json'} is inside "
+                       f"{elastic}, the folder being read; give a path outside it"),
+                      (root / "keep.txt", "keep.txt is a file that is not a GGUF file; writing "
+                       "the GGUF export there would replace it")):
+        assert main([*argv, "--out", str(out)]) == 2, out
+        err = capsys.readouterr().err
+        assert says in err.strip().splitlines()[-1], err
+    assert (elastic / "quept.json").read_bytes() == config
+    assert (root / "keep.txt").read_text() == "the user's own file"
+
+
 def test_bad_widths_and_texts_fail_before_any_model_loads(folders, capsys, monkeypatch):
     """A width the folder lacks or a text file that is missing is refused from the folder's
     JSON and the file system alone: no command loads a model first (minutes for a 7B)."""

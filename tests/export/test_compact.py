@@ -146,6 +146,39 @@ def test_compact_config_and_corrupt_folders(pair, tmp_path):
         api.load_compact(tmp_path)
 
 
+def test_clip_bits_name_each_width_once_and_only_widths_that_exist(tmp_path, capsys):
+    from quept.cli import main
+    from quept.config import CalibConfig, ElasticSpec, QuEPTConfig
+
+    from .tiny import elastic_folder, hf_folder
+
+    with pytest.raises(argparse.ArgumentTypeError, match="gives width 4 more than once"):
+        _clip_bits("4:2,4:8")
+    with pytest.raises(PackedFormatError, match="names width 9, not a width quept quantizes"):
+        CompactConfig(clip_bits={9: 4})
+    with pytest.raises(PackedFormatError, match="names width 1"):
+        CompactConfig(clip_bits={"1": 4})
+    elastic = elastic_folder(tmp_path / "elastic", hf_folder(tmp_path / "base"))
+    argv = ["compact", str(elastic), "--out", str(tmp_path / "c"), "--clip-bits"]
+    assert main([*argv, "9:4"]) == 2
+    assert "clip_bits names width 9" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse's own error: usage, then the one line
+        main([*argv, "4:2,4:8"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.endswith("--clip-bits: '4:2,4:8' gives width 4 more than once; give each "
+                         "width once"), last
+    assert not (tmp_path / "c").exists()
+    spec = ElasticSpec(bit_groups=((4, 3), (2,)), ranks=(2, 2), merge_weights=(0.5, 0.5),
+                       default_group_size=32)
+    model, _ = quept.load_model(tmp_path / "base")
+    quept.save(quept.prepare(model, spec), tmp_path / "narrow",
+               QuEPTConfig(spec=spec, calib=CalibConfig(n_samples=2, batch_size=2)))
+    assert main(["compact", str(tmp_path / "narrow"), "--out", str(tmp_path / "c"),
+                 "--clip-bits", "3:6,8:4"]) == 2
+    assert ("--clip-bits names width 8, which " in capsys.readouterr().err
+            and not (tmp_path / "c").exists())
+
+
 def test_restored_codes_match_the_elastic_codes(pair):
     # The matched master and clip codes reproduce the elastic layer's integer codes far more
     # often than the same storage rounded to nearest would: count the weights whose code at

@@ -71,6 +71,47 @@ def test_a_damaged_file_is_named_by_eval_and_run(root, capsys, kind, name, damag
         assert re.search(says, err), err
 
 
+@pytest.mark.parametrize("kind, name, damage, says", [
+    ("packed", "packed.safetensors", b'{"a": 1}', "packed.safetensors cannot be read: "),
+    ("packed", "packed.safetensors", JUNK, "packed.safetensors cannot be read: "),
+    ("compact", "compact.safetensors", b'{"a": 1}', "compact.safetensors cannot be read: "),
+    ("elastic", "elastic.safetensors", b'{"a": 1}', "elastic.safetensors cannot be read: "),
+])
+def test_a_damaged_weights_file_is_named_by_info(root, capsys, kind, name, damage, says):
+    folder = root / f"info-{kind}-{name}"
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(made(root, kind), folder)
+    (folder / name).write_bytes(damage)
+    capsys.readouterr()
+    assert main(["info", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith(f"quept: error: {folder / name} cannot be "
+                                                   "read: "), err
+    assert says in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("kind, name, drop, says", [
+    ("packed", "packed.safetensors", "model.layers.1.mlp.up_proj.qweight",
+     "has no qweight tensor of layer model.layers.1.mlp.up_proj, which quept-packed.json "
+     "lists"),
+    ("compact", "compact.safetensors", "model.layers.1.mlp.up_proj.master",
+     "has no master tensor of layer model.layers.1.mlp.up_proj, which quept-compact.json "
+     "lists"),
+])
+def test_a_weights_file_missing_a_layer_is_named_by_info(root, capsys, kind, name, drop, says):
+    from safetensors.torch import load_file, save_file
+
+    folder = root / f"info-{kind}-missing"
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(made(root, kind), folder)
+    tensors = load_file(str(folder / name))
+    del tensors[drop]
+    save_file(tensors, str(folder / name))
+    capsys.readouterr()
+    assert main(["info", str(folder)]) == 2
+    assert says in capsys.readouterr().err
+
+
 def _set(path: str, value):
     """An edit of a JSON object: the field at ``path`` (keys joined by "/"; a key "*" is the
     first key there) set to ``value``, or deleted where ``value`` is DROP."""

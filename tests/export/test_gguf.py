@@ -230,3 +230,90 @@ def test_llama_cpp_reads_the_default_model_tokenizer_and_logits(tmp_path):
     nll = [torch.nn.functional.cross_entropy(torch.from_numpy(x[:-1]), target).item()
            for x in (ours, theirs)]
     assert abs(nll[1] - nll[0]) < 0.1, nll  # 127 tokens: measured 3.840 (ours), 3.801
+
+
+# --------------------------------------------------------------------------- checks before work
+def test_check_gguf_refuses_what_write_gguf_would_before_any_codes(model, tokenizer, monkeypatch):
+    from quept.export.gguf import check_gguf
+    from tests.export.tiny import char_tokenizer
+
+    def no_codes(*args, **kw):
+        raise AssertionError("check_gguf computed codes")
+
+    for layer in elastic_layers(model).values():
+        monkeypatch.setattr(layer, "quantized_codes", no_codes)
+    assert set(check_gguf(model, tokenizer, 4).values()) == {4}
+    with pytest.raises(GGUFExportError, match="only byte-level BPE"):
+        check_gguf(model, char_tokenizer(), 4)
+    with pytest.raises(GGUFExportError, match="block of 32"):
+        check_gguf(elastic_tiny(ElasticSpec(default_group_size=16)), tokenizer, 4)
+    with pytest.raises(GGUFExportError, match="float_type"):
+        check_gguf(model, tokenizer, 4, float_type="bf16")
+    with pytest.raises(ConfigError, match="outside"):
+        check_gguf(model, tokenizer, 9)
+
+
+def test_the_api_export_writes_a_gguf_file_only_where_it_spoils_nothing(model, tokenizer,
+                                                                         tmp_path):
+    from quept.api import export, load_compact, save_compact
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("the user's own file")
+    with pytest.raises(ConfigError, match="notes.txt is a file that is not a GGUF file"):
+        export(model, 4, notes, "gguf", tokenizer=tokenizer)
+    assert notes.read_text() == "the user's own file"
+    with pytest.raises(ConfigError, match="is a folder; give the path of the file"):
+        export(model, 4, tmp_path, "gguf", tokenizer=tokenizer)
+    with pytest.raises(ConfigError, match="notes.txt is a file, not a folder"):
+        export(model, 4, notes / "m.gguf", "gguf", tokenizer=tokenizer)
+    out = tmp_path / "m.gguf"
+    export(model, 3, out, "gguf", tokenizer=tokenizer)
+    export(model, 5, out, "gguf", tokenizer=tokenizer)  # an earlier GGUF export is replaced
+    assert {t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors} >= {"Q5_1"}
+    save_compact(model, tmp_path / "compact", tokenizer=tokenizer)
+    compact, tok = load_compact(tmp_path / "compact")
+    with pytest.raises(ConfigError, match="is inside .*compact, the folder being read"):
+        export(compact, 4, tmp_path / "compact" / "m.gguf", "gguf", tokenizer=tok)
+    assert not (tmp_path / "compact" / "m.gguf").exists()
+
+
+@pytest.fixture(scope="module")
+def gguf_folder(tmp_path_factory):
+    """An elastic folder over a tiny llama with the byte-level BPE tokenizer."""
+    from tests.export.tiny import elastic_folder
+
+    root = tmp_path_factory.mktemp("gguf")
+    tiny_model(max_position_embeddings=1024, vocab_size=320).save_pretrained(root / "base")
+    tiny_tokenizer().save_pretrained(root / "base")
+    return elastic_folder(root / "elastic", root / "base")
+
+
+def test_cli_gguf_out_replaces_a_gguf_file_only(gguf_folder, capsys):
+    from quept.cli import main
+
+    root = gguf_folder.parent
+    out = root / "m.gguf"
+    for _ in range(2):  # the second export replaces the first
+        assert main(["export", str(gguf_folder), "--bits", "4", "--format", "gguf", "--out",
+                     str(out)]) == 0
+    capsys.readouterr()
+    config = (gguf_folder / "quept.json").read_bytes()
+    (root / "afile.txt").write_text("the user's own file")
+    for target, says in ((gguf_folder / "quept.json", "is inside"),
+                         (gguf_folder / "m.gguf", "is inside"),
+                         (root / "afile.txt", "afile.txt is a file that is not a GGUF file"),
+                         (root, "is a folder; give the path of the file")):
+        assert main(["export", str(gguf_folder), "--bits", "4", "--format", "gguf", "--out",
+                     str(target)]) == 2, target
+        err = capsys.readouterr().err
+        assert says in err.strip().splitlines()[-1], err
+    assert (gguf_folder / "quept.json").read_bytes() == config
+    assert not (gguf_folder / "m.gguf").exists()
+    assert (root / "afile.txt").read_text() == "the user's own file"
+    # a GGUF file where a model folder is read is named as one
+    for argv in (["run", str(out), "--prompt", "It", "--bits", "4"],
+                 ["export", str(out), "--bits", "4", "--out", str(root / "p")]):
+        assert main(argv) == 2, argv
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"{out} is a GGUF file, not a model folder: GGUF files run in llama.cpp" in last
+        assert f"`quept info {out}` reads" in last

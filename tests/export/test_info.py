@@ -146,6 +146,25 @@ def test_gguf_file(tmp_path, capsys):
     assert "GGUF file (llama)" in render(info)
 
 
+def test_a_truncated_gguf_file_is_named_truncated(tmp_path, capsys):
+    pytest.importorskip("gguf")
+    from quept.export.gguf import write_gguf
+    from tests.export.test_gguf import elastic_tiny, tiny_tokenizer
+
+    whole = write_gguf(elastic_tiny(), tiny_tokenizer(), tmp_path / "m.gguf", 4).read_bytes()
+    for n in (10, 100, 2000, 5000, len(whole) // 2, len(whole) - 1):
+        cut = tmp_path / f"cut{n}.gguf"
+        cut.write_bytes(whole[:n])
+        assert main(["info", str(cut)]) == 2, n
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith(f"quept: error: {cut} is truncated or damaged: "), err
+        assert "Traceback" not in err
+    (tmp_path / "notes.gguf").write_text("not a gguf file at all")
+    assert main(["info", str(tmp_path / "notes.gguf")]) == 2
+    assert "does not start with the GGUF magic bytes" in capsys.readouterr().err
+
+
 def test_bad_paths_and_damaged_folders_fail_clearly(folders, tmp_path, capsys):
     _, base, elastic = folders
     assert main(["info", str(tmp_path / "missing")]) == 2

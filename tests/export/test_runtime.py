@@ -28,7 +28,7 @@ def test_stops_at_eos_and_checks_arguments():
         model.lm_head.weight.zero_()
         model.lm_head.bias.zero_()[tok.eos_token_id] = 1.0
     gen = generate(model, tok, "abc", 10)
-    assert gen.new_tokens == 1 and gen.decode_tokens_per_second == 0.0
+    assert gen.new_tokens == 1 and gen.decode_tokens_per_second is None  # nothing decoded
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(model, tok, "abc", 0)
     with pytest.raises(ValueError, match="one non-empty sequence"):

@@ -12,7 +12,13 @@ import torch
 from torch import nn
 
 from quept.api.elastic import prepare, spec_of
-from quept.api.folders import KIND_NAMES, ArtifactError, check_out_folder, readable_kind
+from quept.api.folders import (
+    KIND_NAMES,
+    ArtifactError,
+    check_out_folder,
+    folder_kind,
+    readable_kind,
+)
 from quept.api.models import DEFAULT_MODEL, folder_tokenizer
 from quept.api.store import load
 from quept.config import ConfigError, QuEPTConfig
@@ -44,6 +50,28 @@ def export(model: nn.Module, bits_or_plan: int | Mapping[str, int] | Plan,
     transformers' compressed-tensors quantizer; ``"onnx"`` = a folder ``out`` with
     ``model.onnx`` for ONNX Runtime (MatMulNBits layers; ``accuracy_level`` 4 lets its CPU
     kernels compute with int8 activations). Returns a summary (the packed folder's JSON)."""
+    widths = check_export(model, bits_or_plan, out, format, tokenizer=tokenizer)
+    if format == "gguf":
+        from quept.export.gguf import write_gguf
+
+        result = write_gguf(model, tokenizer, out, widths)
+        return {"format": "gguf", "path": str(out),
+                **(result if isinstance(result, Mapping) else {})}
+    with marked(out, KIND_NAMES[EXPORT_KINDS[format]]):
+        return _export_folder(model, widths, out, format, tokenizer=tokenizer,
+                              scale_dtype=scale_dtype, head_bits=head_bits,
+                              accuracy_level=accuracy_level)
+
+
+def check_export(model: nn.Module, bits_or_plan: int | Mapping[str, int] | Plan,
+                 out: str | os.PathLike, format: str = "quept", *, tokenizer: Any = None,
+                 source: str | os.PathLike | None = None) -> Any:
+    """What :func:`export` checks before it writes anything, and needs no codes for: the
+    format, the model, ``out`` (a GGUF file must not replace a file that is not one, nor be
+    written inside ``source``, the folder being read: by default the quept folder the model
+    was loaded from), and for GGUF the architecture, widths, tensors and tokenizer llama.cpp
+    takes. Call it before rounding (quept.api.round_gptq, round_learned), which takes long;
+    returns the layer widths."""
     widths = as_layer_widths(bits_or_plan)
     if format not in EXPORT_FORMATS:
         raise ConfigError(f"export format {format!r} is not one of {EXPORT_FORMATS}")
@@ -54,17 +82,27 @@ def export(model: nn.Module, bits_or_plan: int | Mapping[str, int] | Plan,
     if not elastic_layers(model):
         raise ConfigError("the model has no elastic layers to export; quept.prepare and "
                           "quept.calibrate it (or quept.load an elastic folder) first")
-    if format == "gguf":
-        from quept.export.gguf import write_gguf
+    if format != "gguf":
+        check_out_folder(out, EXPORT_KINDS[format])
+        return widths
+    if source is None:
+        source = _loaded_from(model)
+    check_out_folder(out, "gguf", source=source)
+    from quept.export.gguf import check_gguf
 
-        result = write_gguf(model, tokenizer, out, widths)
-        return {"format": "gguf", "path": str(out),
-                **(result if isinstance(result, Mapping) else {})}
-    check_out_folder(out, EXPORT_KINDS[format])
-    with marked(out, KIND_NAMES[EXPORT_KINDS[format]]):
-        return _export_folder(model, widths, out, format, tokenizer=tokenizer,
-                              scale_dtype=scale_dtype, head_bits=head_bits,
-                              accuracy_level=accuracy_level)
+    check_gguf(model, tokenizer, widths)
+    return widths
+
+
+def _loaded_from(model: nn.Module) -> str | None:
+    """The quept folder (elastic, compact or packed) ``model`` was loaded from, if any."""
+    source = getattr(model, "quept_source", None)
+    if not isinstance(source, str) or not Path(source).is_dir():
+        return None
+    try:
+        return source if folder_kind(source) in ("elastic", "compact", "packed") else None
+    except (OSError, ValueError):
+        return None
 
 
 def _export_folder(model: nn.Module, widths: Any, out: str | os.PathLike, format: str, *,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -10,7 +11,9 @@ from quept.export import compact as _compact
 from quept.export.ct_format import is_compressed_tensors
 from quept.export.onnx_runtime import is_onnx_folder
 from quept.export.packed import PACKED_JSON
-from quept.outputs import unfinished
+from quept.outputs import UNFINISHED, unfinished
+from quept.search.plan import PLAN_FORMAT
+from quept.search.sensitivity import CACHE_NAMES
 
 ELASTIC_JSON = "quept.json"
 
@@ -19,6 +22,14 @@ ELASTIC_WEIGHTS = "elastic.safetensors"
 
 
 FORMAT = "quept-elastic"
+
+
+SWEEPS_JSON = "sweeps.json"
+"""The in-context sweeps `quept plan` caches in an elastic folder."""
+
+
+GGUF_MAGIC = b"GGUF"
+"""The first bytes of every GGUF file."""
 
 
 class ArtifactError(ValueError):
@@ -31,7 +42,8 @@ def folder_kind(folder: str | os.PathLike) -> str:
     writing was stopped before it ended (:func:`quept.outputs.marked`)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} does not exist or is not a folder")
+        raise (NotADirectoryError if folder.exists() else FileNotFoundError)(
+            not_a_folder(folder))
     if unfinished(folder) is not None:
         return "unfinished"
     for name, kind in ((PACKED_JSON, "packed"), (_compact.COMPACT_JSON, "compact"),
@@ -41,6 +53,30 @@ def folder_kind(folder: str | os.PathLike) -> str:
     if is_onnx_folder(folder):
         return "onnx"
     return "compressed-tensors" if is_compressed_tensors(folder) else "hf"
+
+
+def is_gguf(path: str | os.PathLike) -> bool:
+    """``path`` is a file that starts as a GGUF file does."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(GGUF_MAGIC)) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+def not_a_folder(path: str | os.PathLike) -> str:
+    """Why ``path``, given where a model folder is read, is not one: it does not exist, it is
+    a GGUF file (which llama.cpp runs), or it is another file."""
+    path = Path(path)
+    if path.is_dir():
+        return f"{path} is a folder"
+    if not path.exists():
+        return f"{path} does not exist"
+    if is_gguf(path) or path.suffix == ".gguf":
+        return (f"{path} is a GGUF file, not a model folder: GGUF files run in llama.cpp (e.g. "
+                f"llama-cli -m {path}), and `quept info {path}` reads what it holds")
+    return (f"{path} is a file, not a folder: give a model folder (elastic, compact, packed, "
+            "compressed-tensors, ONNX or Hugging Face)")
 
 
 KIND_NAMES = {"elastic": "an elastic model", "compact": "a compact checkpoint",
@@ -61,10 +97,15 @@ def readable_kind(folder: str | os.PathLike) -> str:
     return kind
 
 
-def check_out_folder(out: str | os.PathLike, writes: str, flag: str = "") -> None:
+def check_out_folder(out: str | os.PathLike, writes: str, flag: str = "", *,
+                     source: str | os.PathLike | None = None) -> None:
     """Refuse to write ``writes`` (a :func:`folder_kind` name) into ``out`` when it holds a
     model of another kind, which writing there would spoil; a folder of the same kind is
-    replaced, and a folder holding no model (only a calibration checkpoint, say) is used."""
+    replaced, and a folder holding no model (only a calibration checkpoint, say) is used.
+    ``writes`` "gguf" is a file instead: :func:`check_out_file`."""
+    if writes == "gguf":
+        check_out_file(out, flag, source=source)
+        return
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{flag}{out} is a file; {KIND_NAMES[writes]} is written as a "
@@ -76,3 +117,104 @@ def check_out_folder(out: str | os.PathLike, writes: str, flag: str = "") -> Non
         raise ConfigError(f"{flag}{out} holds {KIND_NAMES[held]}; writing "
                           f"{KIND_NAMES[writes]} there would mix the two and spoil it; give "
                           "another folder")
+
+
+def check_out_file(out: str | os.PathLike, flag: str = "", *,
+                   source: str | os.PathLike | None = None) -> None:
+    """Refuse to write a GGUF file at ``out`` where it would spoil something: a folder, a path
+    inside the ``source`` folder being read, or an existing file that is not a GGUF file (an
+    earlier GGUF export is replaced)."""
+    out = Path(out)
+    if out.is_dir():
+        raise ConfigError(f"{flag}{out} is a folder; give the path of the file to write there, "
+                          f"e.g. {out / 'model.gguf'}")
+    if source is not None and Path(source).is_dir():
+        src = Path(source).resolve()
+        if out.resolve().is_relative_to(src):
+            raise ConfigError(f"{flag}{out} is inside {source}, the folder being read; give a "
+                              "path outside it")
+    above = next((p for p in out.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ConfigError(f"{flag}{out} cannot be written: {above} is a file, not a folder")
+    if out.exists() and not is_gguf(out):
+        raise ConfigError(f"{flag}{out} is a file that is not a GGUF file; writing the GGUF "
+                          "export there would replace it: give another path (or delete it "
+                          "first)")
+
+
+ARTIFACT_FILES = frozenset({
+    ELASTIC_JSON, ELASTIC_WEIGHTS, PACKED_JSON, _compact.COMPACT_JSON, SWEEPS_JSON,
+    *CACHE_NAMES.values(),
+    UNFINISHED, "config.json", "generation_config.json", "tokenizer.json",
+    "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "vocab.txt", "merges.txt",
+    "chat_template.jinja", "preprocessor_config.json", "quept-export.json", "genai_config.json",
+    "quept_source.json", "progress.json", "model.onnx",
+})
+"""The names of the files quept artifact folders hold (or cache), which :func:`check_plan_out`
+keeps a plan from taking there; with every name ending in one of :data:`ARTIFACT_SUFFIXES`."""
+
+
+ARTIFACT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".onnx", ".onnx.data", ".data",
+                     ".bin", ".gguf", ".pt", ".pth")
+
+
+_PLAN_FILE_LIMIT = 1 << 26
+"""Bytes above which a file is taken for no plan without reading it (a plan of a model with
+tens of thousands of linears is a few MB)."""
+
+
+def _holds_model(folder: Path) -> str | None:
+    """The :func:`quept.api.folders.folder_kind` of ``folder`` when it holds a quept artifact
+    or a Hugging Face model (as :func:`quept.api.folders.check_out_folder` sees one), else
+    None."""
+    if not folder.is_dir():
+        return None
+    held = folder_kind(folder)
+    return held if held != "hf" or (folder / "config.json").is_file() else None
+
+
+def _is_plan_file(path: Path) -> bool:
+    """Whether the file ``path`` is a plan `quept plan` wrote: a JSON object whose "format" is
+    :data:`quept.search.plan.PLAN_FORMAT`."""
+    try:
+        if path.stat().st_size > _PLAN_FILE_LIMIT:
+            return False
+        d = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and d.get("format") == PLAN_FORMAT
+
+
+def check_plan_out(path: str | os.PathLike, flag: str = "") -> None:
+    """Refuse to write a plan to the file ``path`` where it would spoil something: a name the
+    artifact in its folder keeps for its own files (:data:`ARTIFACT_FILES`, the weights, the
+    sensitivity and sweeps caches), there or not yet, or an existing file that is not a plan;
+    an earlier plan file is replaced. ``flag`` ("--out ") starts the message."""
+    path = Path(path)
+    for p in dict.fromkeys((path, path.resolve())):  # and where a link leads
+        held = _holds_model(p.parent)
+        if held is not None and (p.name in ARTIFACT_FILES
+                                 or p.name.endswith(ARTIFACT_SUFFIXES)):
+            raise ConfigError(f"{flag}{path}: {p.parent} holds {KIND_NAMES[held]}, which keeps "
+                              f"the name {p.name} for its own files; writing the plan there "
+                              f"would spoil it; give the plan another name, e.g. "
+                              f"{path.parent / 'plan.json'}")
+    if path.is_dir():
+        raise ConfigError(f"{flag}{path} is a folder; a plan is written as a file: give a "
+                          "file's path (PLAN.json)")
+    if path.exists() and not _is_plan_file(path):
+        raise ConfigError(f"{flag}{path} is a file that is not a quept plan; writing the plan "
+                          "there would overwrite it; give another file name (a plan file "
+                          "`quept plan` wrote is replaced)")
+
+
+def check_plans_folder(folder: str | os.PathLike, files: list[Path], flag: str = "") -> None:
+    """Refuse to write the plans ``files`` into ``folder`` when it holds a model (they would
+    mix with its files), or where :func:`check_plan_out` refuses one of them."""
+    folder = Path(folder)
+    held = _holds_model(folder)
+    if held is not None:
+        raise ConfigError(f"{flag}{folder} holds {KIND_NAMES[held]}; writing {len(files)} "
+                          f"plans there would mix them with its files; give another folder")
+    for f in files:
+        check_plan_out(f, flag)

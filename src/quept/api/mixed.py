@@ -53,7 +53,6 @@ SENSITIVITY_CACHES = tuple(CACHE_NAMES.values())
 """The files a folder's sensitivity tables are cached in, one per SensitivityConfig.method."""
 
 
-SWEEPS_JSON = "sweeps.json"
 
 
 def sensitivity(

@@ -24,8 +24,9 @@ DEFAULT_OUT = "quept-elastic"
 
 
 def _numbers(text: str, kind: type, what: str) -> list:
+    """Comma-separated numbers; an empty text is an empty list (``--fixed-clip-bits ''``)."""
     try:
-        return [kind(x) for x in text.split(",") if x.strip()]
+        return [kind(x) for x in text.split(",")] if text.strip() else []
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from quept import api
 from quept.api import readable_kind
+from quept.api.deploy import check_export
 from quept.cli.common import (
     _images,
     _load_elastic,
@@ -60,17 +61,31 @@ def _clip_bits(text: str) -> int | dict[int, int]:
     try:
         if ":" not in text:
             return int(text)
-        return {int(k): int(v) for k, v in (p.split(":") for p in text.split(","))}
+        pairs = [(int(k), int(v)) for k, v in (p.split(":") for p in text.split(","))]
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{text!r} is neither a number of bits (5) nor WIDTH:BITS pairs (2:7,3:7)") from None
+    widths = [k for k, _ in pairs]
+    twice = sorted({k for k in widths if widths.count(k) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} gives width {', '.join(map(str, twice))} more than once; give each "
+            "width once")
+    return dict(pairs)
 
 
 def cmd_compact(a: argparse.Namespace) -> dict[str, Any]:
     folder = Path(a.folder)
     check_out(a.out, "folder", source=folder, writes="compact")
     ccfg = CompactConfig(master_bits=a.master_bits, clip_bits=a.clip_bits)
-    model, tok, cfg = _load_elastic(folder, readable_kind(folder), a.model)
+    kind = readable_kind(folder)
+    if isinstance(a.clip_bits, dict):  # widths the elastic folder has, checked before it loads
+        widths = sorted(folder_config(folder, kind).spec.bits)
+        extra = sorted(set(a.clip_bits) - set(widths))
+        if extra:
+            raise ConfigError(f"--clip-bits names width {', '.join(map(str, extra))}, which "
+                              f"{folder} does not have (its widths: {widths})")
+    model, tok, cfg = _load_elastic(folder, kind, a.model)
     meta = api.save_compact(model, a.out, cfg, tok, ccfg)
     s = meta["sizes"]
     if not a.json:
@@ -185,6 +200,8 @@ def cmd_export(a: argparse.Namespace) -> dict[str, Any]:
     folder = Path(a.folder)
     check_out(a.out, "file" if a.format == "gguf" else "folder", source=folder,
               writes=api.EXPORT_KINDS.get(a.format))
+    if a.format == "gguf":  # a file: not one that is not GGUF, nor inside the folder read
+        api.check_out_folder(a.out, "gguf", "--out ", source=folder)
     if a.rounding == "nearest" and (a.calib_text, a.samples, a.seq_len) != (None, None, None):
         raise ConfigError("--calib-text, --samples and --seq-len apply to --rounding gptq or "
                           "learned")
@@ -205,6 +222,8 @@ def cmd_export(a: argparse.Namespace) -> dict[str, Any]:
         note = split_warning(plan_widths(layers, plan), f"--plan {a.plan}")
         if note:
             log.warning(note)
+    # what the export checks of the model, tokenizer and --out, before any rounding work
+    check_export(model, plan, a.out, a.format, tokenizer=tok, source=folder)
     rounding = None if a.rounding == "nearest" else _export_round(a, model, tok, cfg, plan)
     t0 = time.perf_counter()
     meta = api.export(model, plan, a.out, a.format, tokenizer=tok,

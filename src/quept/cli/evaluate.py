@@ -110,9 +110,7 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
     folder = Path(a.folder)
     if not folder.exists() and is_repo_id(a.folder):  # a hub model: its float perplexity
         folder = hub_model_dir(a.folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} does not exist or is not a folder")
-    kind = api.readable_kind(folder)
+    kind = api.readable_kind(folder)  # a file or a missing path is named as such
     plans = _load_plans(a.plan or [])
     if kind in ("elastic", "compact"):  # widths and texts checked before the model loads
         spec = folder_config(folder, kind).spec
@@ -127,7 +125,7 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
     if a.rtn and plans and not a.bits:
         raise ConfigError("--rtn reports round-to-nearest at each width of --bits; a plan has "
                           "no RTN row: add --bits to compare with uniform widths")
-    if a.rtn and kind == "compact":
+    if a.rtn and kind == "compact" and not a.packed:  # --packed: refused below
         raise ConfigError(f"{folder} is a compact checkpoint: it keeps master codes, not the "
                           "float weights, so RTN would round the master; evaluate the elastic "
                           "folder it came from for RTN")

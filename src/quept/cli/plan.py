@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from quept import api
+from quept.api.folders import check_plan_out, check_plans_folder
 from quept.checks import ConfigError, check_device
 from quept.cli.common import (
     _images,
@@ -167,7 +168,9 @@ def _sizes(text: str) -> list[tuple[str, int]]:
 def _budget_paths(a: argparse.Namespace) -> list[tuple[dict[str, Any], Path | None]]:
     """Each budget of ``--avg-bits`` / ``--max-bytes`` with the file its plan goes to: --out
     itself for one budget, FOLDER/plan-<budget>.json for several (repeats refused); None
-    without --out (--dry-run)."""
+    without --out (--dry-run). A file that is not a plan, a name a model folder keeps for its
+    own files and a model folder for several plans are refused
+    (:func:`quept.api.folders.check_plan_out`)."""
     key, unit = ("avg_bits", "bits") if a.avg_bits is not None else ("max_bytes", "")
     given = a.avg_bits if a.avg_bits is not None else a.max_bytes
     values = [v for _, v in given]
@@ -181,11 +184,14 @@ def _budget_paths(a: argparse.Namespace) -> list[tuple[dict[str, Any], Path | No
         if out.is_dir():
             raise ConfigError(f"--out {out} is a folder; with one budget --out names the plan "
                               "file (PLAN.json)")
+        check_plan_out(out, "--out ")  # no model file, cache or other file overwritten
         return [({key: given[0][1]}, out)]
     if out.suffix == ".json" or out.is_file():
         raise ConfigError(f"{len(given)} budgets make {len(given)} plans: --out must name a "
                           f"folder for them, got {out}")
-    return [({key: v}, out / f"plan-{t}{unit}.json") for t, v in given]
+    paths = [out / f"plan-{t}{unit}.json" for t, _ in given]
+    check_plans_folder(out, paths, "--out ")
+    return [({key: v}, path) for (_, v), path in zip(given, paths)]
 
 
 def _print_plan(plan: Plan, title: str) -> None:
@@ -346,14 +352,24 @@ def _plan_dry_run(a: argparse.Namespace, model: torch.nn.Module, folder: Path,
         print("dry run, nothing measured or written; sensitivity table: "
               + (f"cached in {cfg.cache_name}" if table is not None else
                  f"to measure ({_inputs_text(objective, ids)}, {how})"))
+        n_weights = sum(m.in_features * m.out_features
+                        for m in elastic_layers(model).values())
         for row in rows:
             (key, value), = row["budget"].items()
             asked = f"--avg-bits {value:g}" if key == "avg_bits" else f"{value:,.0f} bytes"
             lo, hi = row["bits_per_weight_range"]
             above = row["uniform_above"]
+            if above is not None:
+                widest = f", W{above} does not"
+            elif a.constraint:  # no uniform width above it that the constraints allow
+                over = (value if key == "avg_bits" else value * 8 / n_weights) > hi
+                widest = (", the widest the constraints allow"
+                          + ("; the budget is above every plan they allow" if over else ""))
+            else:
+                widest = ""
             print(f"{asked}: plans{cons} range from {lo:.4f} to "
                   f"{hi:.4f} stored bits per weight; uniform W{row['uniform_below']} fits"
-                  + (f", W{above} does not" if above is not None else ""))
+                  + widest)
             if row["in_context_sweeps"]:
                 print("  in-context sweeps (one forward per block on "
                       f"{_inputs_text(objective, check)} each): " + ", ".join(

@@ -83,6 +83,10 @@ class CompactConfig:
         for v in (bits.values() if isinstance(bits, dict) else [bits]):
             if not isinstance(v, int) or not 2 <= v <= 8:
                 raise PackedFormatError(f"clip_bits must lie in 2..8, got {self.clip_bits}")
+        for w in (bits if isinstance(bits, dict) else ()):
+            if not 2 <= w <= 8:
+                raise PackedFormatError(f"clip_bits names width {w}, not a width quept "
+                                        f"quantizes to (2..8): {self.clip_bits}")
         object.__setattr__(self, "clip_bits", bits)
         if self.master_group_size < 0:
             raise PackedFormatError(f"master_group_size must be >= 0: {self.master_group_size}")

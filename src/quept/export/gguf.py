@@ -199,6 +199,55 @@ def _resolve_plan(model: nn.Module, bits: int | Mapping[str, int | None]) -> dic
     return plan
 
 
+def _check_tensors(model: nn.Module, plan: Mapping[str, int | None]) -> None:
+    """What :func:`_tensors` refuses, found from names and shapes alone (no codes computed):
+    a weight llama.cpp has no name for, a bias, a layer whose inputs or group size do not fit
+    GGUF's blocks."""
+    layers = elastic_layers(model)
+    tied = model.config.tie_word_embeddings
+    for name, _ in model.named_parameters():
+        parts = name.split(".")
+        inside_elastic = any(".".join(parts[:k]) in layers for k in range(1, len(parts)))
+        if not inside_elastic and not (name == "lm_head.weight" and tied):
+            _gguf_name(name)
+    for name, layer in layers.items():
+        _gguf_name(name + ".weight")
+        if layer.bias is not None:
+            raise GGUFExportError(f"{name} has a bias; llama.cpp's llama graph has none")
+        bits = plan[name]
+        if bits is not None:
+            inn = layer.in_features
+            gs = layer.spec.group_size_for(bits) or inn
+            if inn % BLOCK or gs % BLOCK:
+                raise GGUFExportError(
+                    f"{bits}-bit layer {name} with {inn} inputs and group size {gs}: GGUF needs "
+                    f"both to be multiples of its block of {BLOCK}")
+
+
+FLOAT_DTYPES = {"f16": np.dtype(np.float16), "f32": np.dtype(np.float32)}
+"""``float_type`` -> the dtype of the matrices stored as floats."""
+
+
+def _check_model(model: nn.Module, bits: int | Mapping[str, int | None],
+                 float_type: str) -> dict[str, int | None]:
+    if float_type not in FLOAT_DTYPES:
+        raise GGUFExportError(f"float_type must be one of {list(FLOAT_DTYPES)}, got {float_type!r}")
+    _check_architecture(model)
+    return _resolve_plan(model, bits)
+
+
+def check_gguf(model: nn.Module, tokenizer: Any, bits: int | Mapping[str, int | None], *,
+               float_type: str = "f16", pre_tokenizer: str | None = None
+               ) -> dict[str, int | None]:
+    """Everything :func:`write_gguf` checks that needs no codes (the architecture, the widths,
+    every tensor's name and shape, the tokenizer), so that a model that cannot be exported is
+    refused before the codes are rounded (GPTQ, learned rounding); returns the layer widths."""
+    plan = _check_model(model, bits, float_type)
+    _check_tensors(model, plan)
+    _tokenizer_fields(tokenizer, model.config.vocab_size, pre_tokenizer)
+    return plan
+
+
 def _add_hparams(writer: Any, cfg: Any, name: str) -> None:
     n_heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
@@ -236,8 +285,9 @@ def _pre_tokenizer_name(pre: Mapping[str, Any] | None) -> str:
     )
 
 
-def _add_tokenizer(writer: Any, tokenizer: Any, n_vocab: int, pre: str | None) -> None:
-    """gpt2-style BPE vocabulary: tokens, types, merges, special ids, chat template."""
+def _tokenizer_fields(tokenizer: Any, n_vocab: int, pre: str | None) -> dict[str, Any]:
+    """What :func:`_add_tokenizer` writes of a gpt2-style BPE tokenizer, checked: tokens,
+    types, merges, pre-tokenizer, special ids and whether BOS/EOS are added."""
     from gguf import TokenType
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -258,22 +308,35 @@ def _add_tokenizer(writer: Any, tokenizer: Any, n_vocab: int, pre: str | None) -
         tokens[i], types[i] = text, kind
     merges = [m if isinstance(m, str) else " ".join(p.replace(" ", "\u0120") for p in m)
               for m in bpe.get("merges", [])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre or _pre_tokenizer_name(data.get("pre_tokenizer")))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    writer.add_add_space_prefix(False)
+    special = {}
     for kind in ("bos", "eos", "unk", "pad"):
         tid = getattr(tokenizer, f"{kind}_token_id", None)
         if tid is not None:
-            getattr(writer, f"add_{kind}_token_id")(int(tid))
+            special[kind] = int(tid)
     with_special = tokenizer("a")["input_ids"]
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    writer.add_add_bos_token(with_special[:1] != plain[:1])
-    writer.add_add_eos_token(with_special[-1:] != plain[-1:])
-    if isinstance(getattr(tokenizer, "chat_template", None), str):
-        writer.add_chat_template(tokenizer.chat_template)
+    template = getattr(tokenizer, "chat_template", None)
+    return {"pre": pre or _pre_tokenizer_name(data.get("pre_tokenizer")), "tokens": tokens,
+            "types": types, "merges": merges, "special": special,
+            "add_bos": with_special[:1] != plain[:1], "add_eos": with_special[-1:] != plain[-1:],
+            "chat_template": template if isinstance(template, str) else None}
+
+
+def _add_tokenizer(writer: Any, tokenizer: Any, n_vocab: int, pre: str | None) -> None:
+    """gpt2-style BPE vocabulary: tokens, types, merges, special ids, chat template."""
+    t = _tokenizer_fields(tokenizer, n_vocab, pre)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(t["pre"])
+    writer.add_token_list(t["tokens"])
+    writer.add_token_types(t["types"])
+    writer.add_token_merges(t["merges"])
+    writer.add_add_space_prefix(False)
+    for kind, tid in t["special"].items():
+        getattr(writer, f"add_{kind}_token_id")(tid)
+    writer.add_add_bos_token(t["add_bos"])
+    writer.add_add_eos_token(t["add_eos"])
+    if t["chat_template"] is not None:
+        writer.add_chat_template(t["chat_template"])
 
 
 # --------------------------------------------------------------------------- the verb
@@ -284,16 +347,13 @@ def write_gguf(
     """Write ``model`` (a loaded elastic LLaMA) at ``bits`` (int or {layer name: bits | None})
     as a GGUF file llama.cpp runs. Non-quantized matrices (embeddings, untied output head, float
     layers of a plan) are stored as ``float_type`` ("f16" or "f32"), norms as F32."""
-    float_dtypes = {"f16": np.dtype(np.float16), "f32": np.dtype(np.float32)}
-    if float_type not in float_dtypes:
-        raise GGUFExportError(f"float_type must be one of {list(float_dtypes)}, got {float_type!r}")
-    _check_architecture(model)
-    plan = _resolve_plan(model, bits)
+    plan = _check_model(model, bits, float_type)
+    _check_tensors(model, plan)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(path.name + ".partial")  # renamed to ``path`` once whole
     try:
-        counts = _write_file(part, model, tokenizer, plan, float_dtypes[float_type], name,
+        counts = _write_file(part, model, tokenizer, plan, FLOAT_DTYPES[float_type], name,
                              pre_tokenizer)
     except BaseException:
         part.unlink(missing_ok=True)

@@ -22,12 +22,13 @@ from quept.api import (
     read_meta,
     readable_kind,
 )
+from quept.api.folders import is_gguf
 from quept.calib.checkpoint import CHECKPOINT_DIR, PROGRESS_JSON
 from quept.checks import ConfigError, check_json_fields, read_json_object
 from quept.config import CalibConfig, ElasticSpec, QuEPTConfig
-from quept.export.compact import COMPACT_JSON, read_compact_meta
+from quept.export.compact import COMPACT_JSON, COMPACT_WEIGHTS, read_compact_meta
 from quept.export.load import read_packed_meta
-from quept.export.packed import PACKED_JSON, PackedFormatError
+from quept.export.packed import PACKED_JSON, PACKED_WEIGHTS, PackedFormatError
 from quept.models.families import UnsupportedModelError, family_for_type
 from quept.nn.switch import is_pattern
 from quept.ops.quant import stored_bits_per_weight
@@ -278,6 +279,7 @@ def _compact(folder: Path) -> dict[str, Any]:
         raise InfoError(str(e)) from None
     cfg = _config(meta, folder / COMPACT_JSON)
     shapes = {n: tuple(s) for n, s in meta["layers"].items()}
+    _check_tensors(folder / COMPACT_WEIGHTS, shapes, "master", COMPACT_JSON)
     s = meta["sizes"]
     return {"model_type": meta["model_type"], "layers": len(shapes),
             "quantized_weights": s.get("quantized_weights"),
@@ -293,6 +295,8 @@ def _packed(folder: Path) -> dict[str, Any]:
     except PackedFormatError as e:
         raise InfoError(str(e)) from None
     layers = meta["layers"]
+    _check_tensors(folder / PACKED_WEIGHTS, layers, "qweight", PACKED_JSON,
+                   meta.get("aliases", {}))
     acts = Counter(i.get("act_quant") for i in layers.values() if i.get("act_bits"))
     kv = {i["kv_quant"].get("bits") for i in layers.values()
           if isinstance(i.get("kv_quant"), dict)}
@@ -311,6 +315,18 @@ def _packed(folder: Path) -> dict[str, Any]:
             "bits_per_weight": s.get("bits_per_weight"),
             "quantized_bytes": s.get("quantized_bytes"), "head_bytes": s.get("head_bytes"),
             "other_bytes": s.get("other_bytes"), "source": _source(meta)}
+
+
+def _check_tensors(path: Path, layers: Any, suffix: str, listed_in: str,
+                   aliases: Any = ()) -> None:
+    """The safetensors file ``path`` can be read (its header) and holds the ``suffix`` tensor
+    (codes, master) of every layer its folder's JSON lists."""
+    header = _shapes(path)
+    for name in layers:
+        key = f"{name}.{suffix}"
+        if key not in header and key not in aliases:
+            raise InfoError(f"{path} has no {suffix} tensor of layer {name}, which {listed_in} "
+                            "lists: the folder is damaged or mixed up")
 
 
 def _histogram(values: Any) -> dict[str, int]:
@@ -393,10 +409,19 @@ def _gguf(path: Path) -> dict[str, Any]:
     except ImportError:
         raise InfoError("reading a .gguf file needs the gguf package: pip install -e "
                         "\".[hf]\"") from None
+    if not is_gguf(path):
+        raise InfoError(f"{path} cannot be read as GGUF: it does not start with the GGUF "
+                        "magic bytes, so it is not a GGUF file")
+    size = path.stat().st_size
     try:
         r = GGUFReader(str(path))
-    except Exception as e:  # the reader raises several types for a damaged file
-        raise InfoError(f"{path} cannot be read as GGUF: {e}") from None
+    except Exception as e:  # the reader raises several types for a cut-short or damaged file
+        raise InfoError(f"{path} is truncated or damaged: its {size} bytes do not hold the "
+                        f"header and tensors it describes ({e})") from None
+    ends = [int(t.data_offset) + int(t.n_bytes) for t in r.tensors]
+    if ends and max(ends) > size:
+        raise InfoError(f"{path} is truncated or damaged: its tensors need {max(ends)} bytes, "
+                        f"the file holds {size}")
     fields = {}
     for key in ("general.architecture", "general.name", "general.file_type"):
         f = r.fields.get(key)

@@ -66,6 +66,17 @@ def layer_options(table: SensitivityTable, constraints: Constraints = None
     return widths, sizes
 
 
+def uniform_widths(table: SensitivityTable, constraints: Constraints = None) -> tuple[int, ...]:
+    """The table's widths a uniform model can have under ``constraints``: those that some
+    layer keeps when every unit is at that width. Every width without constraints; under
+    ``*<=3`` only those up to 3 (uniform W4 would put every layer at 3, which is uniform W3),
+    under ``*>=4`` only those from 4."""
+    if not constraints:
+        return tuple(table.bits)
+    widths = layer_options(table, constraints)[0]
+    return tuple(b for j, b in enumerate(table.bits) if any(w[j] == b for w in widths.values()))
+
+
 def budget_capacity(table: SensitivityTable, sizes: list[list[int]], avg_bits: float | None,
                     max_bytes: int | None, constraints: Constraints = None
                     ) -> tuple[int, dict[str, float]]:

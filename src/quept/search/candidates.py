@@ -16,7 +16,13 @@ from collections.abc import Mapping
 
 from quept.checks import ConfigError
 from quept.search.allocate import InfeasibleBudgetError, allocate
-from quept.search.budget import Constraints, budget_capacity, layer_bits, layer_options
+from quept.search.budget import (
+    Constraints,
+    budget_capacity,
+    layer_bits,
+    layer_options,
+    uniform_widths,
+)
 from quept.search.constraints import allowed_widths, constraint_texts
 from quept.search.plan import Plan, table_objective, unit_of
 from quept.search.table import SensitivityTable
@@ -27,13 +33,14 @@ def in_context_sweeps(table: SensitivityTable, *, avg_bits: float | None = None,
                       both_ways: bool = True) -> list[tuple[int, int]]:
     """The in-context sweeps ``(base, alt)`` the auto granularity uses at one budget, in the
     order it measures them: from the uniform width below the budget up and from the one above
-    down, then (``both_ways``) from the one above to the next width; none when the widest
+    down, then (``both_ways``) from the one above to the next width (the next the constraints
+    leave a uniform model, :func:`quept.search.budget.uniform_widths`); none when the widest
     uniform width fits."""
     lo, hi = bracketing_widths(table, avg_bits=avg_bits, max_bytes=max_bytes,
                                constraints=constraints)
     if hi is None:
         return []
-    above = min((b for b in table.bits if b > hi), default=None)
+    above = min((b for b in uniform_widths(table, constraints) if b > hi), default=None)
     return [(lo, hi), (hi, lo)] + ([(hi, above)] if both_ways and above is not None else [])
 
 
@@ -42,10 +49,13 @@ def bracketing_widths(table: SensitivityTable, *, avg_bits: float | None = None,
                       ) -> tuple[int, int | None]:
     """(lo, hi): the widest uniform width whose model fits the budget and the next wider one
     (None when the widest width fits); under ``constraints`` a uniform width is what the
-    constrained layers make of it."""
+    constrained layers make of it, and only the widths some layer keeps there count
+    (:func:`quept.search.budget.uniform_widths`: under ``*<=2`` uniform W8 is uniform W2,
+    so W2 is the widest)."""
     sizes = layer_options(table, constraints)[1]
     capacity, _ = budget_capacity(table, sizes, avg_bits, max_bytes, constraints)
-    total = {b: sum(row[j] for row in sizes) for j, b in enumerate(table.bits)}
+    kept = uniform_widths(table, constraints)
+    total = {b: sum(row[j] for row in sizes) for j, b in enumerate(table.bits) if b in kept}
     lo = max((b for b, size in total.items() if size <= capacity), default=None)
     if lo is None:  # only mixed plans fit (the narrowest width is missing from the table)
         raise InfeasibleBudgetError("no uniform width fits this budget")
