@@ -32,6 +32,8 @@ def test_eval_refuses_options_that_do_not_apply(folders, capsys):
              "it keeps master codes, not the float weights, so RTN would round the master")
     _refused(capsys, ["eval", compact, "--bits", "4", "--model", str(base), *text],
              "--model names the base model of an elastic folder; ")
+    _refused(capsys, ["export", compact, "--bits", "4", "--model", str(base), "--out",
+                      str(root / "x")], "is a compact checkpoint, which holds its own weights")
     _refused(capsys, ["eval", str(base), "--model", str(base), *text],
              "--model names the base model of an elastic folder; ")
     _refused(capsys, ["eval", w4, "--sentences", "10", *text],

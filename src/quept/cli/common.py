@@ -341,6 +341,9 @@ def check_out(out: str | Path, what: str, *, source: Path | None = None,
 
 def _load_elastic(folder: Path, kind: str, base: str | None) -> tuple[Any, Any, QuEPTConfig]:
     cfg = folder_config(folder, kind)
+    if kind == "compact" and base is not None:
+        raise ConfigError(f"--model names the base model of an elastic folder; {folder} is a "
+                          "compact checkpoint, which holds its own weights and needs none")
     model, tok = api.load_compact(folder) if kind == "compact" else api.load(folder, model=base)
     return model, tok, cfg
 
