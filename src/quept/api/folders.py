@@ -110,10 +110,8 @@ def check_out_folder(out: str | os.PathLike, writes: str, flag: str = "", *,
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{flag}{out} is a file; {KIND_NAMES[writes]} is written as a "
                           "folder: give a folder's path")
-    if not out.is_dir():
-        return
-    held = folder_kind(out)
-    if held not in (writes, "unfinished") and (held != "hf" or (out / "config.json").is_file()):
+    held = _holds_model(out)
+    if held not in (None, writes, "unfinished"):
         raise ConfigError(f"{flag}{out} holds {KIND_NAMES[held]}; writing "
                           f"{KIND_NAMES[writes]} there would mix the two and spoil it; give "
                           "another folder")
@@ -164,9 +162,9 @@ tens of thousands of linears is a few MB)."""
 
 
 def _holds_model(folder: Path) -> str | None:
-    """The :func:`quept.api.folders.folder_kind` of ``folder`` when it holds a quept artifact
-    or a Hugging Face model (as :func:`quept.api.folders.check_out_folder` sees one), else
-    None."""
+    """The :func:`folder_kind` of ``folder`` when it holds a quept artifact (an unfinished one
+    too) or a Hugging Face model with its ``config.json``; None for a missing or empty folder,
+    or one holding no model (only a calibration checkpoint, say)."""
     if not folder.is_dir():
         return None
     held = folder_kind(folder)

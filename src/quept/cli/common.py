@@ -47,10 +47,15 @@ def _width_list(text: str) -> list[int]:
     widths = _int_list(text)
     if not widths:
         raise argparse.ArgumentTypeError(f"expected one or more widths, e.g. 2,3,4, got {text!r}")
-    twice = sorted({b for b in widths if widths.count(b) > 1})
+    twice = repeated(widths)
     if twice:
         raise argparse.ArgumentTypeError(f"width {twice[0]} is named twice in {text!r}")
     return widths
+
+
+def repeated(values: list[int]) -> list[int]:
+    """The values given more than once, in order."""
+    return sorted({v for v in values if values.count(v) > 1})
 
 
 def _float_list(text: str) -> tuple[float, ...]:
@@ -335,7 +340,7 @@ def check_out(out: str | Path, what: str, *, source: Path | None = None,
     if source is not None and out.is_dir() and out.resolve() == Path(source).resolve():
         raise ConfigError(f"--out {out} is the folder being read; give another folder")
     if writes is not None:
-        api.check_out_folder(out, writes, "--out ")
+        api.check_out_folder(out, writes, "--out ", source=source)
     return out
 
 

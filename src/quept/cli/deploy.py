@@ -22,6 +22,7 @@ from quept.cli.common import (
     check_texts,
     check_widths,
     folder_config,
+    repeated,
 )
 from quept.config import ConfigError, QuEPTConfig
 from quept.export.compact_fit import CompactConfig
@@ -65,8 +66,7 @@ def _clip_bits(text: str) -> int | dict[int, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{text!r} is neither a number of bits (5) nor WIDTH:BITS pairs (2:7,3:7)") from None
-    widths = [k for k, _ in pairs]
-    twice = sorted({k for k in widths if widths.count(k) > 1})
+    twice = repeated([k for k, _ in pairs])
     if twice:
         raise argparse.ArgumentTypeError(
             f"{text!r} gives width {', '.join(map(str, twice))} more than once; give each "
@@ -198,10 +198,9 @@ def cmd_export(a: argparse.Namespace) -> dict[str, Any]:
     if a.accuracy_level is not None and a.format != "onnx":
         raise ConfigError("--accuracy-level applies to the onnx format")
     folder = Path(a.folder)
-    check_out(a.out, "file" if a.format == "gguf" else "folder", source=folder,
-              writes=api.EXPORT_KINDS.get(a.format))
-    if a.format == "gguf":  # a file: not one that is not GGUF, nor inside the folder read
-        api.check_out_folder(a.out, "gguf", "--out ", source=folder)
+    gguf = a.format == "gguf"  # a file: not one that is not GGUF, nor inside the folder read
+    check_out(a.out, "file" if gguf else "folder", source=folder,
+              writes="gguf" if gguf else api.EXPORT_KINDS[a.format])
     if a.rounding == "nearest" and (a.calib_text, a.samples, a.seq_len) != (None, None, None):
         raise ConfigError("--calib-text, --samples and --seq-len apply to --rounding gptq or "
                           "learned")
