@@ -222,3 +222,29 @@ def test_damaged_plan_caches_are_measured_again_and_plans_named(root, capsys):
                                        str(root / "t.txt"), "--windows", "1", "--seq-len", "16"]):
         assert main(argv) == 2
         assert "objective ['next-token-kl'] is not one of" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("holds, says", [
+    ("nothing", "holds no model: none of quept.json"),
+    ("plans", "holds plans from `quept plan`, not a model"),
+    ("checkpoint", "holds an unfinished calibration"),
+])
+def test_a_folder_holding_no_model_is_named_by_what_it_holds(root, capsys, holds, says):
+    """Every command that reads a model names a folder holding none by what it does hold: not
+    as a Hugging Face model, nor with advice about --model."""
+    folder = root / f"no-model-{holds}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    if holds == "plans":
+        (folder / "p.json").write_text(json.dumps({"format": "quept-plan", "widths": {}}))
+    if holds == "checkpoint":
+        (folder / ".calib-checkpoint").mkdir()
+        (folder / ".calib-checkpoint" / "progress.json").write_text("{}")
+    out = root / f"no-model-out-{holds}"
+    for argv in (["eval", str(folder)], ["run", str(folder), "--prompt", "hi"],
+                 ["export", str(folder), "--bits", "4", "--out", str(out)],
+                 ["compact", str(folder), "--out", str(out)]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert says in err and "--model" not in err and "holds a Hugging Face" not in err, err
+        assert not out.exists()

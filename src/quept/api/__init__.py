@@ -50,6 +50,7 @@ from quept.api.folders import (
     ArtifactError,
     check_out_folder,
     folder_kind,
+    model_kind,
     readable_kind,
 )
 from quept.api.mixed import (
@@ -84,5 +85,5 @@ __all__ = [
     "DEFAULT_MODEL", "ELASTIC_JSON", "ELASTIC_WEIGHTS", "EXPORT_FORMATS", "EXPORT_KINDS", "FORMAT",
     "KIND_NAMES", "SENSITIVITY_CACHES", "SENSITIVITY_EXACT_JSON", "SENSITIVITY_JSON",
     "SWEEPS_JSON", "cached_sensitivity", "check_out_folder", "elastic_layers", "folder_kind",
-    "plan_preview", "readable_kind", "record_evaluation",
+    "model_kind", "plan_preview", "readable_kind", "record_evaluation",
 ]

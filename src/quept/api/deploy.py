@@ -17,7 +17,7 @@ from quept.api.folders import (
     ArtifactError,
     check_out_folder,
     folder_kind,
-    readable_kind,
+    model_kind,
 )
 from quept.api.models import DEFAULT_MODEL, folder_tokenizer
 from quept.api.store import load
@@ -129,7 +129,7 @@ def _export_folder(model: nn.Module, widths: Any, out: str | os.PathLike, format
 def load_packed(folder: str | os.PathLike, backend: str = "auto") -> tuple[nn.Module, Any]:
     """A packed folder's model (inference modules only, built on meta then filled) and
     tokenizer."""
-    readable_kind(folder)
+    model_kind(folder)
     net = _load_packed(folder, backend=backend)
     net.quept_source = str(folder)
     net.quept_calibration_text = net.quept_packed.get("source", {}).get("calibration_text")
@@ -153,7 +153,7 @@ def save_compact(model: nn.Module, folder: str | os.PathLike, config: QuEPTConfi
 def load_compact(folder: str | os.PathLike) -> tuple[nn.Module, Any]:
     """The elastic model of a compact checkpoint (its weights are the dequantized master) and
     its tokenizer; it switches widths and exports like a calibrated model."""
-    readable_kind(folder)
+    model_kind(folder)
     net, meta = _compact_shell(folder)
     net.quept_compact = _compact.restore_compact(net, folder)
     net.eval().requires_grad_(False)

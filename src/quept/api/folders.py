@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from quept.calib import CHECKPOINT_DIR
+from quept.calib.checkpoint import PROGRESS_JSON
 from quept.config import ConfigError
 from quept.export import compact as _compact
 from quept.export.ct_format import is_compressed_tensors
@@ -95,6 +97,27 @@ def readable_kind(folder: str | os.PathLike) -> str:
                             "before it ended; run the command that wrote it again (same "
                             "--out), or delete the folder")
     return kind
+
+
+def model_kind(folder: str | os.PathLike) -> str:
+    """The :func:`readable_kind` of a folder a model is read from; a folder that holds no
+    model (an unfinished calibration, plans, or nothing quept or Hugging Face reads) is
+    refused by what it does hold."""
+    kind = readable_kind(folder)
+    folder = Path(folder)
+    if kind != "hf" or (folder / "config.json").is_file():
+        return kind
+    if (folder / CHECKPOINT_DIR / PROGRESS_JSON).is_file():
+        raise ArtifactError(
+            f"{folder} holds an unfinished calibration (its {CHECKPOINT_DIR}), not a model yet: "
+            "run the same `quept quantize` command again to resume it (`quept info "
+            f"{folder}` shows how far it got)")
+    if any(_is_plan_file(f) for f in folder.glob("*.json")):
+        raise ArtifactError(f"{folder} holds plans from `quept plan`, not a model; give the "
+                            "elastic folder they were made for, with --plan PLAN.json")
+    raise ArtifactError(f"{folder} holds no model: none of {ELASTIC_JSON} (an elastic folder), "
+                        f"{_compact.COMPACT_JSON} (a compact checkpoint), {PACKED_JSON} (a "
+                        "packed model), an ONNX export or config.json (a Hugging Face model)")
 
 
 def check_out_folder(out: str | os.PathLike, writes: str, flag: str = "", *,

@@ -9,9 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from quept.api.folders import ELASTIC_JSON, ArtifactError, readable_kind
-from quept.calib import CHECKPOINT_DIR
-from quept.calib.checkpoint import PROGRESS_JSON
+from quept.api.folders import KIND_NAMES, ArtifactError, model_kind, not_a_folder
 from quept.checks import read_json_object
 from quept.data.hub import hub_model_dir, is_repo_id
 from quept.export.ct_format import is_compressed_tensors, load_compressed_tensors
@@ -41,20 +39,15 @@ def resolve_model_dir(model: str | os.PathLike | None) -> Path:
     path = Path(model)
     if not path.exists() and is_repo_id(str(model)):
         return hub_model_dir(str(model))
-    if path.is_dir():
-        readable_kind(path)
-    if (path / CHECKPOINT_DIR / PROGRESS_JSON).is_file() and not (path / ELASTIC_JSON).is_file():
-        raise ArtifactError(
-            f"{path} holds an unfinished calibration (its {CHECKPOINT_DIR}), not a model yet: "
-            "run the same `quept quantize` command again to resume it (`quept info "
-            f"{path}` shows how far it got)")
+    choices = ("pass a Hugging Face model folder (saved with save_pretrained) or a hub model "
+               "id (OWNER/NAME), omit --model for the built-in default, or pass 'minilm' for "
+               "the built-in encoder or 'vit' for the built-in image classifier")
+    if not path.is_dir():
+        raise FileNotFoundError(f"{not_a_folder(path)}; {choices}")
+    kind = model_kind(path)  # a folder holding no model is named by what it holds
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"{path} is not a Hugging Face model folder (no config.json); pass a folder saved "
-            "with save_pretrained or a hub model id (OWNER/NAME), omit --model for the built-in "
-            "default, or pass 'minilm' for the built-in encoder or 'vit' for the built-in image "
-            "classifier"
-        )
+        raise FileNotFoundError(f"{path} holds {KIND_NAMES[kind]}, not a Hugging Face model "
+                                f"folder (no config.json); {choices}")
     return path
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from quept import api
-from quept.api import readable_kind
+from quept.api import model_kind
 from quept.api.deploy import check_export
 from quept.cli.common import (
     _images,
@@ -78,7 +78,7 @@ def cmd_compact(a: argparse.Namespace) -> dict[str, Any]:
     folder = Path(a.folder)
     check_out(a.out, "folder", source=folder, writes="compact")
     ccfg = CompactConfig(master_bits=a.master_bits, clip_bits=a.clip_bits)
-    kind = readable_kind(folder)
+    kind = model_kind(folder)
     if isinstance(a.clip_bits, dict):  # widths the elastic folder has, checked before it loads
         widths = sorted(folder_config(folder, kind).spec.bits)
         extra = sorted(set(a.clip_bits) - set(widths))
@@ -207,7 +207,7 @@ def cmd_export(a: argparse.Namespace) -> dict[str, Any]:
     for flag, given in (("--iters", a.iters is not None), ("--bf16", a.bf16)):
         if given and a.rounding != "learned":
             raise ConfigError(f"{flag} applies to --rounding learned")
-    kind = readable_kind(folder)
+    kind = model_kind(folder)
     given = a.bits if a.bits is not None else read_plan(a.plan)  # int, Plan or hand-written
     plan = as_layer_widths(given)
     check_widths(plan, folder_config(folder, kind).spec,

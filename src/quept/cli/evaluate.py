@@ -110,7 +110,7 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
     folder = Path(a.folder)
     if not folder.exists() and is_repo_id(a.folder):  # a hub model: its float perplexity
         folder = hub_model_dir(a.folder)
-    kind = api.readable_kind(folder)  # a file or a missing path is named as such
+    kind = api.model_kind(folder)  # a file, a missing path or no model is named as such
     plans = _load_plans(a.plan or [])
     if kind in ("elastic", "compact"):  # widths and texts checked before the model loads
         spec = folder_config(folder, kind).spec

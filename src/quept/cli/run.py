@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from quept import api
-from quept.api import KIND_NAMES, readable_kind
+from quept.api import KIND_NAMES, model_kind
 from quept.cli.common import _load_elastic, at_least, check_widths, folder_config, width_label
 from quept.config import ConfigError
 from quept.export.runtime import KV_CACHES, generate
@@ -108,7 +108,7 @@ def cmd_run(a: argparse.Namespace) -> dict[str, Any]:
     folder = Path(a.folder)
     if not a.prompt:
         raise ConfigError("--prompt is empty; give the text to continue")
-    kind = readable_kind(folder)
+    kind = model_kind(folder)
     configured = a.bits is not None or bool(a.plan)
     if kind in ("elastic", "compact") and not configured:
         raise ConfigError(f"{folder} holds {KIND_NAMES[kind]}, which runs at any width: "
