@@ -99,10 +99,10 @@ def readable_kind(folder: str | os.PathLike) -> str:
     return kind
 
 
-def model_kind(folder: str | os.PathLike) -> str:
+def model_kind(folder: str | os.PathLike, advice: str = "") -> str:
     """The :func:`readable_kind` of a folder a model is read from; a folder that holds no
     model (an unfinished calibration, plans, or nothing quept or Hugging Face reads) is
-    refused by what it does hold."""
+    refused by what it does hold, ``advice`` ending the message of an empty one."""
     kind = readable_kind(folder)
     folder = Path(folder)
     if kind != "hf" or (folder / "config.json").is_file():
@@ -117,7 +117,8 @@ def model_kind(folder: str | os.PathLike) -> str:
                             "elastic folder they were made for, with --plan PLAN.json")
     raise ArtifactError(f"{folder} holds no model: none of {ELASTIC_JSON} (an elastic folder), "
                         f"{_compact.COMPACT_JSON} (a compact checkpoint), {PACKED_JSON} (a "
-                        "packed model), an ONNX export or config.json (a Hugging Face model)")
+                        "packed model), an ONNX export or config.json (a Hugging Face model)"
+                        + (f"; {advice}" if advice else ""))
 
 
 def check_out_folder(out: str | os.PathLike, writes: str, flag: str = "", *,

@@ -44,7 +44,7 @@ def resolve_model_dir(model: str | os.PathLike | None) -> Path:
                "the built-in encoder or 'vit' for the built-in image classifier")
     if not path.is_dir():
         raise FileNotFoundError(f"{not_a_folder(path)}; {choices}")
-    kind = model_kind(path)  # a folder holding no model is named by what it holds
+    kind = model_kind(path, choices)  # a folder holding no model is named by what it holds
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} holds {KIND_NAMES[kind]}, not a Hugging Face model "
                                 f"folder (no config.json); {choices}")
