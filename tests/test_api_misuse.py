@@ -158,3 +158,109 @@ def test_inputs_and_configs_of_the_wrong_kind_are_named(tmp_path):
     with pytest.raises(ConfigError, match="checkpoint folder .* is a file"):
         quept.calibrate(model, ids, CalibConfig(n_samples=2, seq_len=16),
                         checkpoint_dir=tmp_path / "file")
+
+
+def _other_embeddings(src, dst):
+    """A copy of the HF folder ``src`` whose embeddings (and tied head) differ; its linears
+    are the same."""
+    model, tok = quept.load_model(src)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(3.0)
+    model.save_pretrained(dst)
+    tok.save_pretrained(dst)
+    return dst
+
+
+def test_a_base_model_with_other_embeddings_is_refused(tmp_path):
+    """The folder records a fingerprint of what it takes from its base besides the linears: a
+    base with the same linears but other embeddings, norms or head is another model."""
+    elastic_folder(tmp_path / "el", hf_folder(tmp_path / "base"))
+    other = _other_embeddings(tmp_path / "base", tmp_path / "other")
+    quept.load(tmp_path / "el")
+    with pytest.raises(ArtifactError, match="the base model weights differ"):
+        quept.load(tmp_path / "el", model=other)
+    meta = json.loads((tmp_path / "el" / "quept.json").read_text())
+    del meta["base_rest_fingerprint"]  # a folder written before it was recorded still loads
+    (tmp_path / "el" / "quept.json").write_text(json.dumps(meta))
+    quept.load(tmp_path / "el", model=other)
+    with pytest.raises(ConfigError, match="quept.load's model names the base model .* got "):
+        quept.load(tmp_path / "el", model=tiny_model())
+
+
+def test_a_checkpoint_of_another_base_model_is_not_resumed(tmp_path):
+    from quept.calib.checkpoint import CheckpointMismatchError
+
+    cfg = CalibConfig(n_samples=2, seq_len=16, batch_size=2)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    base = hf_folder(tmp_path / "base")
+    for folder in (base, _other_embeddings(base, tmp_path / "other")):
+        model, _ = quept.load_model(folder)
+        quept.prepare(model, SPEC)
+        if folder == base:
+            quept.calibrate(model, ids, cfg, checkpoint_dir=tmp_path / "ckpt", progress=False)
+        else:
+            with pytest.raises(CheckpointMismatchError, match=r"made with different \['base'\]"):
+                quept.calibrate(model, ids, cfg, checkpoint_dir=tmp_path / "ckpt",
+                                progress=False)
+
+
+def test_calibration_inputs_must_be_those_the_config_describes():
+    model = elastic_tiny()
+    ids = torch.randint(0, 256, (4, 16))
+    for cfg in (CalibConfig(n_samples=2, seq_len=16), CalibConfig(n_samples=4, seq_len=8)):
+        with pytest.raises(ConfigError, match=r"calibrate was given 4 samples of 16 tokens, but "
+                                              r"its config says \d samples of \d+ tokens"):
+            quept.calibrate(model, ids, cfg, progress=False)
+    from tests.test_vit import tiny_vit
+
+    vit = quept.prepare(tiny_vit(), SPEC)
+    with pytest.raises(ConfigError, match="given 3 samples, but its config says 2 samples:"):
+        quept.calibrate(vit, torch.rand(3, 1, 28, 28), CalibConfig(n_samples=2), progress=False)
+
+
+def test_texts_seeds_and_config_fields_of_the_wrong_kind_are_named():
+    from tests.export.tiny import TEXT, char_tokenizer
+    from tests.test_encoder import char_bert_tokenizer
+
+    tok, cfg = char_tokenizer(), CalibConfig(n_samples=2, seq_len=16)
+    for text, message in (([TEXT, TEXT], "reads one text .* got list"),
+                          (None, "got NoneType"), (b"abc", "got bytes"),
+                          (" \n\t ", "was given an empty text")):
+        with pytest.raises(ConfigError, match=message):
+            quept.samples_from_text(tok, text, cfg)
+    with pytest.raises(ConfigError, match="needs the model's tokenizer"):
+        quept.samples_from_text(None, TEXT, cfg)
+    with pytest.raises(ConfigError, match="windows_from_text reads one text"):
+        quept.windows_from_text(tok, [TEXT], seq_len=16)
+    with pytest.raises(ConfigError, match=r"seq_len 2 leaves no text in an encoder's window"):
+        quept.samples_from_text(char_bert_tokenizer(), TEXT, CalibConfig(n_samples=2, seq_len=2))
+    for kw, message in ((dict(seed="a"), "field 'seed' must be int, got str 'a'"),
+                        (dict(seed=1.5), "field 'seed' must be int"),
+                        (dict(seed=True), "field 'seed' must be int, got bool"),
+                        (dict(seed=2**63), r"seed must be an integer from 0 to 2\*\*63 - 1"),
+                        (dict(seed=-1), r"from 0 to 2\*\*63 - 1"),
+                        (dict(lr_adapter="0.1"), "field 'lr_adapter' must be float")):
+        with pytest.raises(ConfigError, match=message):
+            CalibConfig(**kw)
+    for kw, message in ((dict(clip_refine=2.5), "field 'clip_refine' must be int"),
+                        (dict(clip_refine=11), "clip_refine must be from 0 to 10"),
+                        (dict(ranks=(0, 16, 8, 8.7)), r"field 'ranks' must be tuple\[int, \.\.\.\]"),
+                        (dict(unclipped_bits=(8,), fixed_clip_bits=(8,)),
+                         r"width\(s\) \[8\] are in both unclipped_bits")):
+        with pytest.raises(ConfigError, match=message):
+            ElasticSpec(**kw)
+    with pytest.raises(ConfigError, match="prepare's seed must be an integer"):
+        quept.prepare(tiny_model(), SPEC, seed="a")
+    import numpy as np
+
+    assert CalibConfig(seed=np.int64(3)).to_dict()["seed"] == 3  # made a plain int
+
+
+def test_a_rotated_model_is_saved_with_the_seed_it_was_rotated_with(tmp_path):
+    spec = replace(SPEC, rotation="hadamard")
+    model = quept.prepare(tiny_model(), spec, seed=5)
+    with pytest.raises(ConfigError, match="prepared \\(and rotated\\) with seed 5, but the "
+                                          "config's calib.seed is 0"):
+        quept.save(model, tmp_path / "e", QuEPTConfig(spec=spec))
+    assert not (tmp_path / "e").exists()
+    quept.save(model, tmp_path / "e", QuEPTConfig(spec=spec, calib=CalibConfig(seed=5)))

@@ -41,7 +41,7 @@ def test_spec_from_a_folder_written_before_fixed_clips_learns_every_clip():
         ({"group_size": ((9, 64),)}, "no bit group"),
         ({"default_group_size": -4}, "group size"),
         ({"fixed_clip_bits": (1,)}, "fixed_clip_bits names bit 1"),
-        ({"clip_refine": -1}, "clip_refine must be >= 0"),
+        ({"clip_refine": -1}, "clip_refine must be from 0 to 10"),
         ({"clip_init": float("nan")}, "clip_init must be a finite logit"),
     ],
 )

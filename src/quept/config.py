@@ -10,10 +10,13 @@ calibrated (data size, epochs, learning rates, seed). Both are frozen dataclasse
 from __future__ import annotations
 
 import math
+import numbers
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
+
+import numpy as np
 
 # ConfigError lives in quept.checks (which must not import this module) and is re-exported
 # here: quept.config.ConfigError stays public
@@ -27,7 +30,71 @@ ACTIVATION_MODES = ("none", "per-token", "per-tensor")
 ROTATIONS = ("none", "hadamard")
 KV_KEYS = "after-rotary"  # where the KV quantizer reads the keys (spec.to_dict records it)
 MIN_ACT_BITS = 4
+MAX_SEED = 2**63 - 1  # torch's generators take a signed 64-bit seed
+MAX_CLIP_REFINE = 10
 WEIGHT_ACT_GROUPS = ((7, 8), (5, 6), (4,))
+
+
+def check_seed(seed: Any, what: str = "seed") -> int:
+    """``seed`` as an int, refused unless it is one from 0 to :data:`MAX_SEED`."""
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, (bool, np.bool_)) or not (
+            0 <= seed <= MAX_SEED):
+        raise ConfigError(f"{what} must be an integer from 0 to 2**63 - 1 (torch's generators "
+                          f"take 63 bits), got {_brief_value(seed)}")
+    return int(seed)
+
+
+def _check_types(obj: Any) -> None:
+    """Refuse a field of ``obj`` (a config dataclass, before its values are coerced) whose
+    value is not of the annotated kind: 8.7 for a rank, "0.1" for a rate, True for a seed."""
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        v = _tupled(getattr(obj, f.name))
+        if not _fits(v, hints[f.name]):
+            hint = hints[f.name]
+            kind = hint.__name__ if isinstance(hint, type) else str(hint)
+            raise ConfigError(f"{type(obj).__name__} field {f.name!r} must be {kind}, got "
+                              f"{_brief_value(getattr(obj, f.name))}")
+        if isinstance(v, numbers.Number) and not isinstance(v, (int, float)):  # numpy, torch
+            object.__setattr__(obj, f.name, int(v) if isinstance(v, numbers.Integral)
+                               else float(v))
+
+
+def _tupled(value: Any) -> Any:
+    """``value`` with its lists (and lists in them) made tuples, as the fields hold them."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_tupled(v) for v in value)
+    return value
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (read from JSON, lists made tuples) is of the annotated type ``hint``
+    (int, float, str, bool, None, unions and tuples of these)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if hint in (int, float):  # numpy and torch scalars too; never a bool
+        kind = numbers.Integral if hint is int else numbers.Real
+        return isinstance(value, kind) and not isinstance(value, (bool, np.bool_))
+    return True
+
+
+def _brief_value(value: Any) -> str:
+    """``value`` in a message: its type, and its text when that is short."""
+    text = repr(value)
+    return f"{type(value).__name__} {text}" if len(text) <= 80 else type(value).__name__
 
 
 @dataclass(frozen=True)
@@ -116,6 +183,7 @@ class ElasticSpec:
     kv_bits: int | None = None
 
     def __post_init__(self) -> None:
+        _check_types(self)
         groups = tuple(tuple(int(b) for b in g) for g in self.bit_groups)
         object.__setattr__(self, "bit_groups", groups)
         object.__setattr__(self, "ranks", tuple(int(r) for r in self.ranks))
@@ -147,8 +215,10 @@ class ElasticSpec:
         if not math.isfinite(self.clip_init):
             raise ConfigError(f"clip_init must be a finite logit (4.0 = sigmoid 0.982), got "
                               f"{self.clip_init}")
-        if self.clip_refine < 0:
-            raise ConfigError(f"clip_refine must be >= 0, got {self.clip_refine}")
+        if not 0 <= self.clip_refine <= MAX_CLIP_REFINE:
+            raise ConfigError(f"clip_refine must be from 0 to {MAX_CLIP_REFINE} rounds (one "
+                              f"already settles the clips; docs/method.md), got "
+                              f"{self.clip_refine}")
         object.__setattr__(self, "protect_outliers", float(self.protect_outliers))
         if not (self.protect_outliers == 0 or self.protect_outliers > 1):
             raise ConfigError("protect_outliers must be 0 (off) or a ratio > 1 (e.g. 100), got "
@@ -164,8 +234,7 @@ class ElasticSpec:
         if self.rotation not in ROTATIONS:
             raise ConfigError(f"rotation must be one of {list(ROTATIONS)}, got {self.rotation!r}")
         if self.kv_bits is not None:
-            if isinstance(self.kv_bits, bool) or int(self.kv_bits) != self.kv_bits or not (
-                    2 <= self.kv_bits <= 8):
+            if not 2 <= self.kv_bits <= 8:
                 raise ConfigError(f"kv_bits must be an integer from 2 to 8 (or None: the KV "
                                   f"cache stays float), got {self.kv_bits!r}")
             object.__setattr__(self, "kv_bits", int(self.kv_bits))
@@ -199,6 +268,10 @@ class ElasticSpec:
             for b in getattr(self, name) or ():
                 if b not in flat:
                     raise ConfigError(f"{name} names bit {b}, which is in no bit group")
+        both = sorted(set(self.unclipped_bits) & set(self.fixed_clip_bits or ()))
+        if both:
+            raise ConfigError(f"width(s) {both} are in both unclipped_bits (no clip at all) and "
+                              "fixed_clip_bits (the searched clip, kept): name each in one")
 
     @property
     def bits(self) -> tuple[int, ...]:
@@ -328,6 +401,8 @@ class CalibConfig:
     bf16: bool = False
 
     def __post_init__(self) -> None:
+        _check_types(self)
+        check_seed(self.seed)
         object.__setattr__(self, "massive_ratio", float(self.massive_ratio))
         object.__setattr__(self, "massive_slack", float(self.massive_slack))
         if not (self.massive_ratio == 0 or self.massive_ratio > 1):
@@ -356,8 +431,6 @@ class CalibConfig:
             raise ConfigError(f"draw must be 'random' or 'balanced', got {self.draw!r}")
         if self.loss not in ("l1", "l2"):
             raise ConfigError(f"loss must be 'l1' or 'l2', got {self.loss!r}")
-        if not isinstance(self.bf16, bool):
-            raise ConfigError(f"bf16 must be True or False, got {self.bf16!r}")
 
     @property
     def steps_per_epoch(self) -> int:
@@ -464,10 +537,6 @@ class QuEPTConfig:
         return replace(self, **kw)
 
 
-def _brief_value(value: Any) -> str:
-    """``value`` in a message: its type, and its text when that is short."""
-    text = repr(value)
-    return f"{type(value).__name__} {text}" if len(text) <= 80 else type(value).__name__
 
 
 def _known(cls: type, d: dict[str, Any]) -> dict[str, Any]:
@@ -479,31 +548,4 @@ def _known(cls: type, d: dict[str, Any]) -> dict[str, Any]:
     for k, v in out.items():
         if isinstance(v, list):
             out[k] = tuple(tuple(x) if isinstance(x, list) else x for x in v)
-    hints = typing.get_type_hints(cls)
-    for k, v in out.items():  # a JSON value of the wrong kind fails here, by name
-        if not _fits(v, hints[k]):
-            kind = hints[k].__name__ if isinstance(hints[k], type) else str(hints[k])
-            raise ConfigError(f"{cls.__name__} field {k!r} must be {kind}, got {_brief_value(v)}")
-    return out
-
-
-def _fits(value: Any, hint: Any) -> bool:
-    """Whether ``value`` (read from JSON, lists made tuples) is of the annotated type ``hint``
-    (int, float, str, bool, None, unions and tuples of these)."""
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return any(_fits(value, a) for a in args)
-    if typing.get_origin(hint) is tuple:
-        if not isinstance(value, tuple):
-            return False
-        if len(args) == 2 and args[1] is Ellipsis:
-            return all(_fits(v, args[0]) for v in value)
-        return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint in (int, float, str):
-        numbers = (int, float) if hint is float else hint
-        return isinstance(value, numbers) and not (hint is not str and isinstance(value, bool))
-    return True
+    return out  # each value's kind is checked by the class (_check_types)

@@ -418,5 +418,5 @@ def test_bf16_steps_train_in_bfloat16_and_lower_every_groups_loss(monkeypatch):
             assert after < before, f"block {r.block} bit {b}: {before} -> {after}"
     assert cfg.to_dict()["bf16"] is True and "bf16" not in CFG.to_dict()  # old folders match
     assert CalibConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ConfigError, match="bf16 must be True or False"):
+    with pytest.raises(ConfigError, match="field .bf16. must be bool"):
         CalibConfig(bf16="yes")

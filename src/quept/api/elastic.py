@@ -12,7 +12,7 @@ from torch import nn
 
 from quept.calib import BlockCalibrator, BlockReport, CalibCheckpoint, capture_block_inputs
 from quept.checks import ConfigError, check_bits, check_config, check_device
-from quept.config import CalibConfig, ElasticSpec
+from quept.config import CalibConfig, ElasticSpec, check_seed
 from quept.data.tokens import calibration_samples, tokenize
 from quept.export.gptq import GPTQConfig
 from quept.export.gptq import round_gptq as _round_gptq
@@ -33,10 +33,13 @@ def prepare(model: nn.Module, spec: ElasticSpec | None = None, seed: int = 0) ->
     """Swap every quantizable linear for an :class:`ElasticLinear` (in place); returns model."""
     spec = check_config(ElasticSpec() if spec is None else spec, ElasticSpec, "prepare")
     fam = family_for(model)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(check_seed(seed, "prepare's seed"))
     if any(isinstance(m, ElasticLinear) for m in model.modules()):
         raise ConfigError("model is already prepared")
     _check_group_sizes(fam, model, spec)  # before anything is rotated or swapped
+    if getattr(model, "quept_rest_fingerprint", None) is None and not _is_meta(model):
+        model.quept_rest_fingerprint = rest_fingerprint(model, _family_linears(model, fam))
+    model.quept_seed = int(seed)
     kv = {}
     if spec.kv_bits is not None:
         dim = kv_head_dim(model)
@@ -78,11 +81,31 @@ def calibrate(
                           "quept.round_learned), which calibration would not train; call "
                           "quept.export.gptq.clear_rounding first, or calibrate before rounding")
     x0, kwargs = capture_block_inputs(model, fam, input_ids, config.batch_size)
+    _check_inputs(input_ids, config)  # after capture's checks of what the inputs are
     ckpt = None
     if checkpoint_dir is not None:
         ckpt = CalibCheckpoint(checkpoint_dir, _fingerprint(model, spec, config, input_ids),
                                keep_streams=keep_streams)
     return BlockCalibrator(model, fam, spec, config, kwargs, ckpt, progress).run(x0)
+
+
+def _check_inputs(input_ids: Any, config: CalibConfig) -> None:
+    """Refuse calibration inputs that are not the ``config.n_samples`` samples (of
+    ``config.seq_len`` tokens) the config records: its schedule counts its steps from them."""
+    n, what = input_ids.shape[0], "samples"
+    wrong = n != config.n_samples
+    if not input_ids.is_floating_point() and input_ids.dim() == 2:  # token ids
+        wrong |= input_ids.shape[1] != config.seq_len
+        what = f"samples of {input_ids.shape[1]} tokens"
+    if wrong:
+        want = f"{config.n_samples} samples" + (f" of {config.seq_len} tokens" if "tokens" in what
+                                                else "")
+        raise ConfigError(
+            f"calibrate was given {n} {what}, but its config says {want}: the learning-rate "
+            "schedule counts its steps from the config, and the config is what an elastic "
+            "folder records; draw the samples with the same config (quept.samples_from_text("
+            "tok, text, config)) or give a config that describes them (dataclasses.replace("
+            "config, n_samples=..., seq_len=...))")
 
 
 def _rounding_widths(model: nn.Module, bits_or_plan: int | Mapping[str, int] | Plan,
@@ -225,14 +248,55 @@ def weights_fingerprint(model: nn.Module, layers: Mapping[str, nn.Module] | None
     return h.hexdigest()[:16]
 
 
+def rest_fingerprint(model: nn.Module, linears: Mapping[str, nn.Module]) -> str:
+    """A hash of a sample of every parameter but the weights of ``linears`` (the quantized
+    linears, which :func:`weights_fingerprint` covers): the embeddings, norms, head and biases
+    an elastic folder takes from its base model, as the base model holds them."""
+    skip = {f"{name}.weight" for name in linears}
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if name in skip:
+            continue
+        w = p.detach().float().cpu().reshape(-1)
+        h.update(name.encode())
+        h.update(str(tuple(p.shape)).encode())
+        h.update(w[:: max(1, w.numel() // 4096)].contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def base_rest_fingerprint(model: nn.Module) -> str:
+    """:func:`rest_fingerprint` of a model as loaded (not yet prepared)."""
+    return rest_fingerprint(model, _family_linears(model, family_for(model)))
+
+
+def _is_meta(model: nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())
+
+
 def _fingerprint(model: nn.Module, spec: ElasticSpec, cfg: CalibConfig,
                  ids: torch.Tensor) -> dict[str, Any]:
     return {
         "spec": spec.to_dict(),
         "calib": cfg.to_dict(),
         "model": weights_fingerprint(model),
+        "base": getattr(model, "quept_rest_fingerprint", None),  # embeddings, norms, head
+        "prepare_seed": getattr(model, "quept_seed", None),  # draws a rotation
         "data": hashlib.sha256(ids.contiguous().numpy().tobytes()).hexdigest()[:16],
     }
+
+
+def check_text(tokenizer: Any, text: Any, what: str) -> str:
+    """``text`` (one string) for ``what``, with a tokenizer to read it; refused otherwise."""
+    if tokenizer is None or not callable(tokenizer):
+        raise ConfigError(f"{what} needs the model's tokenizer (quept.load_model returns it); "
+                          f"got {type(tokenizer).__name__} (an image classifier calibrates on "
+                          "pixel values, not text)")
+    if not isinstance(text, str):
+        raise ConfigError(f"{what} reads one text (a str; join several with '\\n\\n'), got "
+                          f"{type(text).__name__}")
+    if not text.strip():
+        raise ConfigError(f"{what} was given an empty text")
+    return text
 
 
 def samples_from_text(tokenizer: Any, text: str, cfg: CalibConfig | None = None
@@ -242,10 +306,13 @@ def samples_from_text(tokenizer: Any, text: str, cfg: CalibConfig | None = None
     BERT-style tokenizer (a [CLS] and a [SEP] token) each window is [CLS] + seq_len - 2 tokens
     + [SEP], the shape an encoder saw in training."""
     cfg = check_config(CalibConfig() if cfg is None else cfg, CalibConfig, "samples_from_text")
-    ids = tokenize(tokenizer, text)
+    ids = tokenize(tokenizer, check_text(tokenizer, text, "samples_from_text"))
     cls, sep = getattr(tokenizer, "cls_token_id", None), getattr(tokenizer, "sep_token_id", None)
     if cls is None or sep is None:
         return calibration_samples(ids, cfg.n_samples, cfg.seq_len, cfg.seed)
+    if cfg.seq_len < 3:
+        raise ConfigError(f"seq_len {cfg.seq_len} leaves no text in an encoder's window "
+                          "([CLS] and [SEP] take two tokens): use seq_len >= 3, e.g. 128")
     body = calibration_samples(ids, cfg.n_samples, cfg.seq_len - 2, cfg.seed)
     col = lambda t: torch.full((body.shape[0], 1), t, dtype=body.dtype)  # noqa: E731
     return torch.cat([col(cls), body, col(sep)], dim=1)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from quept.api.elastic import checked_widths, set_bits, spec_of
+from quept.api.elastic import check_text, checked_widths, set_bits, spec_of
 from quept.calib.capture import check_model_inputs
 from quept.checks import ConfigError, check_bits
 from quept.data.tokens import eval_windows, tokenize
@@ -213,4 +213,5 @@ def windows_from_text(tokenizer: Any, text: str, seq_len: int = 512,
     """The first ``n_windows`` non-overlapping windows of ``seq_len`` tokens of ``text``
     ((n_windows, seq_len) token ids, for :func:`evaluate`); ``n_windows=None``: every full
     window."""
-    return eval_windows(tokenize(tokenizer, text), seq_len, n_windows)
+    return eval_windows(tokenize(tokenizer, check_text(tokenizer, text, "windows_from_text")),
+                        seq_len, n_windows)

@@ -47,6 +47,8 @@ def save(model: nn.Module, folder: str | os.PathLike, config: QuEPTConfig,
         "base_model": getattr(model, "quept_source", DEFAULT_MODEL),
         "model_type": model.config.model_type,
         "base_fingerprint": weights_fingerprint(model),
+        **({"base_rest_fingerprint": model.quept_rest_fingerprint}
+           if getattr(model, "quept_rest_fingerprint", None) else {}),
         "layers": list(elastic_layers(model)),
     }
     meta.update(_checked_extra(extra, meta))
@@ -73,6 +75,12 @@ def _check_config(model: nn.Module, config: QuEPTConfig) -> None:
         raise ConfigError(f"the config's spec differs from the one the model was prepared with "
                           f"(in {', '.join(differ)}); save the model with "
                           "QuEPTConfig(spec=model.quept_spec, calib=...)")
+    seed = getattr(model, "quept_seed", config.calib.seed)
+    if spec.rotation != "none" and seed != config.calib.seed:
+        raise ConfigError(f"the model was prepared (and rotated) with seed {seed}, but the "
+                          f"config's calib.seed is {config.calib.seed}; loading rebuilds the "
+                          "rotation from calib.seed, so it would load as another model: save "
+                          "with the calib config the model was prepared and calibrated with")
 
 
 def _checked_extra(extra: Mapping[str, Any] | None, meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -117,7 +125,8 @@ def read_meta(folder: str | os.PathLike) -> dict[str, Any]:
     meta = read_json_object(path, ArtifactError)
     if meta.get("format") != FORMAT:
         raise ArtifactError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}")
-    check_json_fields(meta, _META_FIELDS, path, ArtifactError)
+    check_json_fields(meta, _META_FIELDS, path, ArtifactError,
+                      optional={"base_rest_fingerprint": str})
     if not all(isinstance(n, str) for n in meta["layers"]):
         raise ArtifactError(f"{path} is damaged: its 'layers' should all be layer names")
     return meta
@@ -130,6 +139,9 @@ _META_FIELDS = {"config": dict, "base_model": str, "model_type": str, "base_fing
 
 def load(folder: str | os.PathLike, model: str | os.PathLike | None = None) -> tuple[nn.Module, Any]:
     """Rebuild an elastic model from ``folder``; ``model`` overrides the recorded base model."""
+    if model is not None and not isinstance(model, (str, os.PathLike)):
+        raise ConfigError(f"quept.load's model names the base model (a folder or a hub id, as "
+                          f"quept.load_model takes), got {type(model).__name__}")
     meta = read_meta(folder)
     try:
         cfg = QuEPTConfig.from_dict(meta["config"])
@@ -151,8 +163,10 @@ def load(folder: str | os.PathLike, model: str | os.PathLike | None = None) -> t
         raise ArtifactError(
             f"{folder} was calibrated on a {meta['model_type']} model, not {net.config.model_type}"
         )
-    prepare(net, cfg.spec, seed=cfg.calib.seed)
-    if weights_fingerprint(net) != meta["base_fingerprint"]:
+    prepare(net, cfg.spec, seed=cfg.calib.seed)  # records the fingerprints of the base
+    rest = meta.get("base_rest_fingerprint")  # older folders: the linears' only
+    if weights_fingerprint(net) != meta["base_fingerprint"] or (
+            rest is not None and net.quept_rest_fingerprint != rest):
         raise ArtifactError(
             f"the base model weights differ from those {folder} was calibrated on "
             f"(recorded base model: {meta['base_model']!r}); pass the matching --model"
