@@ -239,7 +239,8 @@ def test_texts_seeds_and_config_fields_of_the_wrong_kind_are_named():
                         (dict(seed=True), "field 'seed' must be int, got bool"),
                         (dict(seed=2**63), r"seed must be an integer from 0 to 2\*\*63 - 1"),
                         (dict(seed=-1), r"from 0 to 2\*\*63 - 1"),
-                        (dict(lr_adapter="0.1"), "field 'lr_adapter' must be float")):
+                        (dict(lr_adapter="0.1"), "field 'lr_adapter' must be float"),
+                        (dict(massive_ratio=float("inf")), "a finite ratio > 1")):
         with pytest.raises(ConfigError, match=message):
             CalibConfig(**kw)
     for kw, message in ((dict(clip_refine=2.5), "field 'clip_refine' must be int"),

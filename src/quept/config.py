@@ -405,8 +405,8 @@ class CalibConfig:
         check_seed(self.seed)
         object.__setattr__(self, "massive_ratio", float(self.massive_ratio))
         object.__setattr__(self, "massive_slack", float(self.massive_slack))
-        if not (self.massive_ratio == 0 or self.massive_ratio > 1):
-            raise ConfigError("massive_ratio must be 0 (off) or a ratio > 1 (e.g. 1000), got "
+        if not (self.massive_ratio == 0 or 1 < self.massive_ratio < math.inf):
+            raise ConfigError("massive_ratio must be 0 (off) or a finite ratio > 1 (e.g. 1000), got "
                               f"{self.massive_ratio}")
         if not 0 <= self.massive_slack < 1:
             raise ConfigError("massive_slack must be in [0, 1) (a relative error), got "
