@@ -105,9 +105,18 @@ def test_save_load_and_packed_export_keep_the_logits(vlm_folder, tmp_path):
     assert not elastic_layers(packed)
     got = packed(input_ids=x, use_cache=False).logits
     torch.testing.assert_close(got, want, atol=5e-3, rtol=1e-3)
-    # the vision tower travels unchanged
+    # the vision tower travels unchanged, with the buffers it derives (its position ids are in
+    # no file and no initialiser of the whole model fills them)
     torch.testing.assert_close(packed.model.vision_tower.state_dict(),
                                model.model.vision_tower.state_dict(), atol=0, rtol=0)
+    _same_buffers(packed, model)
+    image = dict(input_ids=torch.cat([x[:1, :4], torch.full((1, 10), IMAGE_TOKEN), x[:1, 4:8]],
+                                     1),
+                 pixel_values=torch.randn(1, 2, 3, 28, 28, generator=torch.Generator()
+                                          .manual_seed(0)),
+                 image_sizes=torch.tensor([[28, 28]]))
+    torch.testing.assert_close(packed(**image).logits, model(**image).logits, atol=5e-3,
+                               rtol=1e-3)
     # switched at run time from its compact checkpoint: the codes export writes from that
     quept.api.save_compact(loaded, tmp_path / "compact", tokenizer=tok)
     compact, _ = quept.api.load_compact(tmp_path / "compact")
@@ -116,6 +125,19 @@ def test_save_load_and_packed_export_keep_the_logits(vlm_folder, tmp_path):
     quept.set_bits(switch, 4)
     c4, _ = quept.api.load_packed(tmp_path / "c4")
     assert torch.equal(switch(input_ids=x).logits, c4(input_ids=x).logits)
+    for net in (compact, switch, c4):
+        _same_buffers(net, model)
+    pytest.importorskip("compressed_tensors")
+    quept.api.export(loaded, 4, tmp_path / "ct", "compressed-tensors", tokenizer=tok)
+    _same_buffers(quept.load_model(tmp_path / "ct")[0], model)
+
+
+def _same_buffers(net, model):
+    """``net`` holds every buffer of ``model`` outside the quantized linears, equal."""
+    want = {n: b for n, b in model.named_buffers() if n in dict(net.named_buffers())}
+    assert any("vision_tower" in n for n in want)
+    for n, b in want.items():
+        assert torch.equal(dict(net.named_buffers())[n], b), n
 
 
 def test_sensitivity_and_plan_cover_the_language_model():

@@ -8,7 +8,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from quept.api.elastic import prepare, spec_of
@@ -17,7 +16,7 @@ from quept.api.folders import (
     ArtifactError,
     check_out_folder,
     folder_kind,
-    model_kind,
+    readable_kind,
 )
 from quept.api.models import DEFAULT_MODEL, folder_tokenizer
 from quept.api.store import load
@@ -25,6 +24,7 @@ from quept.config import ConfigError, QuEPTConfig
 from quept.export import compact as _compact
 from quept.export.compact_fit import CompactConfig
 from quept.export.load import load_packed as _load_packed
+from quept.export.load import parameters_on_meta
 from quept.export.packed import PACKED_JSON, write_packed
 from quept.models import family_for_type
 from quept.nn import elastic_layers
@@ -129,7 +129,7 @@ def _export_folder(model: nn.Module, widths: Any, out: str | os.PathLike, format
 def load_packed(folder: str | os.PathLike, backend: str = "auto") -> tuple[nn.Module, Any]:
     """A packed folder's model (inference modules only, built on meta then filled) and
     tokenizer."""
-    model_kind(folder)
+    readable_kind(folder)
     net = _load_packed(folder, backend=backend)
     net.quept_source = str(folder)
     net.quept_calibration_text = net.quept_packed.get("source", {}).get("calibration_text")
@@ -153,7 +153,7 @@ def save_compact(model: nn.Module, folder: str | os.PathLike, config: QuEPTConfi
 def load_compact(folder: str | os.PathLike) -> tuple[nn.Module, Any]:
     """The elastic model of a compact checkpoint (its weights are the dequantized master) and
     its tokenizer; it switches widths and exports like a calibrated model."""
-    model_kind(folder)
+    readable_kind(folder)
     net, meta = _compact_shell(folder)
     net.quept_compact = _compact.restore_compact(net, folder)
     net.eval().requires_grad_(False)
@@ -168,7 +168,7 @@ def _compact_shell(folder: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]
     cfg = QuEPTConfig.from_dict(meta["config"])
     hf_cfg = AutoConfig.from_pretrained(folder)
     fam = family_for_type(hf_cfg.model_type)
-    with torch.device("meta"):
+    with parameters_on_meta():
         net = fam.model_class().from_config(hf_cfg)
     prepare(net, cfg.spec, seed=cfg.calib.seed)
     net.quept_source = str(folder)

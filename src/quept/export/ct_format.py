@@ -269,7 +269,7 @@ def load_compressed_tensors(folder: str | os.PathLike, model_class: Any,
     from safetensors import safe_open
     from transformers import AutoConfig
 
-    from quept.export.load import fill
+    from quept.export.load import fill, parameters_on_meta
 
     try:
         from compressed_tensors.compressors import BaseCompressor
@@ -296,7 +296,7 @@ def load_compressed_tensors(folder: str | os.PathLike, model_class: Any,
             "quept reads compressed-tensors models whose groups quantize weights")
     del cfg.quantization_config
     build = getattr(model_class, "from_config", None) or model_class._from_config  # auto / concrete
-    with torch.device("meta"):
+    with parameters_on_meta():
         net = build(cfg, dtype=dtype)
     schemes = {}
     for group in qcfg.config_groups.values():

@@ -5,7 +5,8 @@ shells, and ``load_state_dict(assign=True)`` fills every tensor."""
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,7 @@ def load_packed(folder: str | os.PathLike, backend: str = "auto") -> nn.Module:
             f"{folder}: config.json is a {cfg.model_type} model but the packed weights are for "
             f"{meta['model_type']}")
     fam = family_for_type(cfg.model_type)
-    with torch.device("meta"):
+    with parameters_on_meta():
         net = fam.model_class().from_config(cfg)
     scale_dtype = SCALE_DTYPES[meta["scale_dtype"]]
     for name, info in meta["layers"].items():
@@ -140,6 +141,26 @@ def _swap(net: nn.Module, name: str, info: Mapping[str, Any], scale_dtype: torch
     new.kv_quant = _kv_quant(name, info)
     parent, _, child = name.rpartition(".")
     setattr(net.get_submodule(parent) if parent else net, child, new)
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Build modules with their parameters on the meta device (filled later from a file) and
+    their buffers real: the buffers a model derives in its constructor (position ids, rotary
+    frequencies) hold their values, which no initialiser could restore for every module kind
+    (a SigLIP vision tower's position ids are not filled by a LLaVA-OneVision's)."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
 
 
 def fill(net: nn.Module, state: Mapping[str, torch.Tensor], aliases: Mapping[str, str],
