@@ -75,6 +75,42 @@ def test_save_load_and_packed_export_keep_the_logits(tmp_path):
     torch.testing.assert_close(packed(pixel_values=x).logits, want, atol=2e-3, rtol=1e-3)
 
 
+def test_exports_carry_the_image_processor(tmp_path):
+    """A ViT folder's image processor goes with every export, as the tokenizer does with a
+    text model's, so other runtimes can feed the export images."""
+    from transformers import ViTImageProcessor
+
+    base = tmp_path / "vit"
+    tiny_vit().save_pretrained(base)
+    ViTImageProcessor(size={"height": 28, "width": 28}, image_mean=[0.5],
+                      image_std=[0.5]).save_pretrained(base)
+    model, _ = quept.load_model(base)
+    quept.prepare(model, SPEC)
+    quept.save(model, tmp_path / "el", quept.QuEPTConfig(spec=SPEC))
+    loaded, _ = quept.load(tmp_path / "el")  # the processor is read from its base model
+    outs = {"quept": tmp_path / "w4", "compact": tmp_path / "compact"}
+    quept.api.export(loaded, 4, outs["quept"])
+    quept.api.save_compact(loaded, outs["compact"])
+    if _has("compressed_tensors"):
+        outs["compressed-tensors"] = tmp_path / "ct"
+        quept.api.export(loaded, 4, outs["compressed-tensors"], "compressed-tensors")
+    if _has("onnxscript") and _has("onnxruntime"):
+        outs["onnx"] = tmp_path / "onnx"
+        quept.api.export(loaded, 4, outs["onnx"], "onnx")
+    for kind, out in outs.items():
+        assert (out / "preprocessor_config.json").read_bytes() == (
+            base / "preprocessor_config.json").read_bytes(), kind
+    packed, _ = quept.api.load_packed(outs["quept"])  # and what was exported from an export
+    quept.api.export(quept.api.load_compact(outs["compact"])[0], 4, tmp_path / "again")
+    assert (tmp_path / "again" / "preprocessor_config.json").is_file()
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 def fake_fashion_cache(cache, n_train: int = 96, n_test: int = 40) -> None:
     """Fashion-MNIST-shaped splits written where quept caches the real ones."""
     from safetensors.torch import save_file

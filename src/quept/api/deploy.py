@@ -4,6 +4,7 @@ switchable packed models and the external formats."""
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -58,9 +59,11 @@ def export(model: nn.Module, bits_or_plan: int | Mapping[str, int] | Plan,
         return {"format": "gguf", "path": str(out),
                 **(result if isinstance(result, Mapping) else {})}
     with marked(out, KIND_NAMES[EXPORT_KINDS[format]]):
-        return _export_folder(model, widths, out, format, tokenizer=tokenizer,
-                              scale_dtype=scale_dtype, head_bits=head_bits,
-                              accuracy_level=accuracy_level)
+        summary = _export_folder(model, widths, out, format, tokenizer=tokenizer,
+                                 scale_dtype=scale_dtype, head_bits=head_bits,
+                                 accuracy_level=accuracy_level)
+        copy_processor_files(model, out)
+        return summary
 
 
 def check_export(model: nn.Module, bits_or_plan: int | Mapping[str, int] | Plan,
@@ -147,7 +150,32 @@ def save_compact(model: nn.Module, folder: str | os.PathLike, config: QuEPTConfi
     check_out_folder(folder, "compact")
     source = _provenance(model)
     with marked(folder, KIND_NAMES["compact"]):
-        return _compact.save_compact(model, folder, tokenizer, config, compact, source)
+        meta = _compact.save_compact(model, folder, tokenizer, config, compact, source)
+        copy_processor_files(model, folder)
+        return meta
+
+
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json",
+                   "video_preprocessor_config.json", "chat_template.json", "chat_template.jinja")
+"""What a model folder keeps besides its tokenizer for feeding the model (an image
+processor, a multimodal processor, a chat template): exports carry them over."""
+
+
+def copy_processor_files(model: nn.Module, out: str | os.PathLike) -> list[str]:
+    """Copy the :data:`PROCESSOR_FILES` of the folder ``model`` was loaded from (its base
+    model's, for an elastic model) into ``out``, where the writer did not write them itself,
+    so an exported ViT or vision-language model can be fed images by other runtimes; returns
+    the names copied."""
+    source = getattr(model, "quept_source", None)  # the built-in models keep none
+    if not isinstance(source, str) or not Path(source).is_dir():
+        return []
+    copied = []
+    for name in PROCESSOR_FILES:
+        src, dst = Path(source) / name, Path(out) / name
+        if src.is_file() and not dst.exists():
+            shutil.copyfile(src, dst)
+            copied.append(name)
+    return copied
 
 
 def load_compact(folder: str | os.PathLike) -> tuple[nn.Module, Any]:
