@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import quept
-from quept.config import CalibConfig, ElasticSpec, QuEPTConfig
+from quept.config import CalibConfig, ConfigError, ElasticSpec, QuEPTConfig
 from quept.models import family_for
 from quept.nn import ElasticLinear, elastic_layers
 from quept.search import SensitivityConfig
@@ -20,8 +20,9 @@ VOCAB, IMAGE_TOKEN = 256, 255
 BLOCKS = "model.language_model.layers"
 
 
-def tiny_vlm(seed: int = 0):
+def tiny_vlm(seed: int = 0, text_kind: str = "qwen2"):
     from transformers import (
+        LlamaConfig,
         LlavaOnevisionConfig,
         LlavaOnevisionForConditionalGeneration,
         Qwen2Config,
@@ -30,7 +31,8 @@ def tiny_vlm(seed: int = 0):
 
     vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                 num_attention_heads=2, image_size=28, patch_size=14)
-    text = Qwen2Config(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+    text_config = {"qwen2": Qwen2Config, "llama": LlamaConfig}[text_kind]
+    text = text_config(hidden_size=64, intermediate_size=128, num_attention_heads=4,
                        num_key_value_heads=2, num_hidden_layers=2, vocab_size=VOCAB,
                        max_position_embeddings=128, initializer_range=0.1)
     cfg = LlavaOnevisionConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
@@ -83,6 +85,21 @@ def test_text_only_calibration_lowers_the_loss_and_widths_order_the_perplexity()
     gap = {b: abs(rows[b].ppl - rows[None].ppl) for b in (2, 8)}
     assert gap[8] < gap[2] and gap[8] < 0.02 * rows[None].ppl
     assert rows[2].bits_per_weight == pytest.approx(2 + 18 / 32)
+
+
+def test_text_holding_the_image_placeholder_token_is_refused():
+    """Text-only calibration, perplexity and sensitivity feed no image: a placeholder token in
+    the text would stand for features that never come."""
+    model = quept.prepare(tiny_vlm(), SPEC)
+    ids = text_ids(2, 16)
+    ids[1, 5] = IMAGE_TOKEN
+    says = f"hold the image placeholder token {IMAGE_TOKEN} \\(first in sample 1, position 5\\)"
+    with pytest.raises(ConfigError, match=says):
+        quept.calibrate(model, ids, CalibConfig(n_samples=2, seq_len=16), progress=False)
+    with pytest.raises(ConfigError, match=says):
+        quept.evaluate(model, ids, [4], progress=False)
+    with pytest.raises(ConfigError, match=says):
+        quept.sensitivity(model, ids)
 
 
 def test_save_load_and_packed_export_keep_the_logits(vlm_folder, tmp_path):
@@ -158,10 +175,13 @@ def test_gguf_export_refuses_a_vision_language_model(tmp_path):
     pytest.importorskip("gguf")
     from quept.export.gguf import GGUFExportError
 
-    model = randomize(quept.prepare(tiny_vlm(), SPEC))
-    with pytest.raises(GGUFExportError, match="'llava_onevision': .*vision-language model"):
-        quept.api.export(model, 4, tmp_path / "m.gguf", "gguf", tokenizer=char_tokenizer())
-    assert not (tmp_path / "m.gguf").exists()
+    for text in ("qwen2", "llama"):  # the message names the decoder inside
+        model = randomize(quept.prepare(tiny_vlm(text_kind=text), SPEC))
+        with pytest.raises(GGUFExportError, match=f"'llava_onevision': it is the {text} language "
+                                                  f"model .*vision-language model; llama.cpp "
+                                                  f"runs that from a {text} text GGUF"):
+            quept.api.export(model, 4, tmp_path / "m.gguf", "gguf", tokenizer=char_tokenizer())
+        assert not (tmp_path / "m.gguf").exists()
 
 
 def test_hadamard_rotation_of_the_language_model_keeps_its_float_logits():

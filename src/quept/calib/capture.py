@@ -71,6 +71,15 @@ def check_model_inputs(model: nn.Module, family: Family, inputs: object,
     if vocab is not None and (int(inputs.min()) < 0 or int(inputs.max()) >= vocab):
         raise ConfigError(f"{what} hold token ids from {int(inputs.min())} to "
                           f"{int(inputs.max())}; the model's vocabulary is 0..{vocab - 1}")
+    for name in PLACEHOLDER_TOKENS:
+        token = getattr(cfg, name, None)
+        if isinstance(token, int) and (inputs == token).any():
+            n, t = (int(i) for i in (inputs == token).nonzero()[0])
+            raise ConfigError(
+                f"{what} hold the {name.split('_')[0]} placeholder token {token} (first in "
+                f"sample {n}, position {t}): text-only inputs feed no {name.split('_')[0]} for "
+                "the model to put there; take it out of the text (its tokenizer makes it of "
+                f"{name.split('_')[0]} markers such as '<{name.split('_')[0]}>')")
     positions = context_length(model)
     if positions is not None and shape[1] > positions:
         if family.task == "encoder":
@@ -80,6 +89,12 @@ def check_model_inputs(model: nn.Module, family: Family, inputs: object,
                           f"{positions} tokens (max_position_embeddings), where what it computes "
                           f"is not what it was trained for; use windows of at most {positions} "
                           "tokens (--seq-len, --eval-seq-len)")
+
+
+PLACEHOLDER_TOKENS = ("image_token_index", "image_token_id", "video_token_index",
+                      "video_token_id")
+"""The config fields of a vision-language model naming the tokens its processor replaces by
+image or video features: text alone must not hold them."""
 
 
 def context_length(model: nn.Module) -> int | None:

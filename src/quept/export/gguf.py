@@ -46,9 +46,10 @@ TYPE_FOR_BITS = {2: "Q4_1", 3: "Q4_1", 4: "Q4_1", 5: "Q5_1", 6: "Q8_0", 7: "Q8_0
 SUPPORTED_MODEL_TYPES = ("llama",)
 # Why a supported family still has no GGUF export (added to the refusal).
 REFUSED_WHY = {
-    "llava_onevision": "it is the Qwen2 language model inside a vision-language model; llama.cpp "
-    "runs that from a qwen2 text GGUF plus a separate mmproj file (vision tower and projector), "
-    "neither of which this LLaMA writer produces; export the packed quept format instead",
+    "llava_onevision": "it is the {text} language model inside a vision-language model; "
+    "llama.cpp runs that from a {text} text GGUF plus a separate mmproj file (vision tower and "
+    "projector), neither of which this writer of whole text models produces; export the packed "
+    "quept format instead",
 }
 HF_TO_GGUF = {
     **{hf: gg for gg, hf in _GLOBAL_NAMES.items()},
@@ -171,7 +172,8 @@ def _check_architecture(model: nn.Module) -> None:
             "rotate their input online, which llama.cpp's LLaMA graph does not do; export the "
             "packed quept format instead")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        why = f": {REFUSED_WHY[model_type]}" if model_type in REFUSED_WHY else ""
+        text = getattr(getattr(cfg, "text_config", None), "model_type", "text")
+        why = f": {REFUSED_WHY[model_type].format(text=text)}" if model_type in REFUSED_WHY else ""
         raise GGUFExportError(
             f"GGUF export supports model types {list(SUPPORTED_MODEL_TYPES)}, not {model_type!r}"
             + why
