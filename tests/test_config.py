@@ -152,7 +152,7 @@ def test_cli_spec_follows_the_preset_and_the_spec_options():
         spec("--protect-outliers", "0.5")
     custom = spec("--bit-groups", "8/4", "--group-size", "32")
     assert custom.ranks == (8, 8) and custom.fixed_clip_bits == () and custom.bits == (8, 4)
-    with pytest.raises(ConfigError, match="fixed_clip_bits names bit 7"):
+    with pytest.raises(ConfigError, match="--fixed-clip-bits names width 7"):
         spec("--bit-groups", "8/4", "--fixed-clip-bits", "7")
 
 

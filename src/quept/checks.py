@@ -74,9 +74,14 @@ def check_json_fields(d: Mapping[str, Any], fields: Mapping[str, JsonKind],
                         f"{key!r}, which should be a JSON {_json_name(kind)}")
 
 
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+"""The devices quept computes on (:func:`check_device`)."""
+
+
 def check_device(device: str, what: str = "device") -> str:
-    """Validate a torch device name that work is about to run on: it parses, and an
-    accelerator it names is present (``what`` names the option in the message)."""
+    """Validate a torch device name that work is about to run on: it parses, it is one of
+    :data:`DEVICE_TYPES` (not meta, which holds no data), and an accelerator it names is
+    present (``what`` names the option in the message)."""
     import torch
 
     try:
@@ -84,6 +89,11 @@ def check_device(device: str, what: str = "device") -> str:
     except (RuntimeError, TypeError) as e:
         raise ConfigError(f"{what} {device!r} is not a device name (cpu, cuda, cuda:1, mps, "
                           f"...): {e}") from None
+    if dev.type not in DEVICE_TYPES:
+        why = (" (a meta tensor holds no data: nothing can be computed there)"
+               if dev.type == "meta" else "")
+        raise ConfigError(f"{what} {device!r}: quept computes on cpu, cuda (cuda:N) or mps, "
+                          f"not {dev.type}{why}; pass --device cpu")
     if dev.type == "cuda":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if n == 0:

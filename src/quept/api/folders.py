@@ -41,7 +41,9 @@ class ArtifactError(ValueError):
 def folder_kind(folder: str | os.PathLike) -> str:
     """"packed", "compact", "elastic", "compressed-tensors", "onnx" or "hf" (a plain Hugging
     Face model folder, or a folder holding none of these); "unfinished" for a folder whose
-    writing was stopped before it ended (:func:`quept.outputs.marked`)."""
+    writing was stopped before it ended (:func:`quept.outputs.marked`). "elastic" goes by the
+    file name alone: reading checks that quept wrote it (:func:`quept.api.read_meta`), and
+    a write refuses a folder whose quept.json it did not (:func:`holds_elastic_model`)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise (NotADirectoryError if folder.exists() else FileNotFoundError)(
@@ -81,11 +83,28 @@ def not_a_folder(path: str | os.PathLike) -> str:
             "compressed-tensors, ONNX or Hugging Face)")
 
 
+def holds_elastic_model(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds a quept.json that quept wrote: a JSON object whose "format"
+    is :data:`FORMAT` (a file of that name in another format is some other tool's)."""
+    path = Path(folder) / ELASTIC_JSON
+    try:
+        if path.stat().st_size > _JSON_FILE_LIMIT:
+            return False
+        d = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(d, dict) and d.get("format") == FORMAT
+
+
 KIND_NAMES = {"elastic": "an elastic model", "compact": "a compact checkpoint",
               "packed": "a packed model", "compressed-tensors": "a compressed-tensors export",
               "onnx": "an ONNX export", "hf": "a Hugging Face model",
               "unfinished": "an unfinished write"}
 """Each :func:`folder_kind` in words, as messages name what a folder holds."""
+
+
+_HELD_NAMES = {**KIND_NAMES, "foreign": f"a {ELASTIC_JSON} that quept did not write"}
+"""Each :func:`_holds_model` in words."""
 
 
 def readable_kind(folder: str | os.PathLike) -> str:
@@ -135,6 +154,11 @@ def check_out_folder(out: str | os.PathLike, writes: str, flag: str = "", *,
         raise ConfigError(f"{flag}{out} is a file; {KIND_NAMES[writes]} is written as a "
                           "folder: give a folder's path")
     held = _holds_model(out)
+    if held == "foreign":
+        raise ConfigError(f"{flag}{out} holds a {ELASTIC_JSON} that quept did not write (not a "
+                          f"JSON object with \"format\": \"{FORMAT}\"); writing "
+                          f"{KIND_NAMES[writes]} there would overwrite or mix with it: give "
+                          "another folder (or move that file away)")
     if held not in (None, writes, "unfinished"):
         raise ConfigError(f"{flag}{out} holds {KIND_NAMES[held]}; writing "
                           f"{KIND_NAMES[writes]} there would mix the two and spoil it; give "
@@ -180,18 +204,21 @@ ARTIFACT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".onnx", ".onnx.
                      ".bin", ".gguf", ".pt", ".pth")
 
 
-_PLAN_FILE_LIMIT = 1 << 26
-"""Bytes above which a file is taken for no plan without reading it (a plan of a model with
-tens of thousands of linears is a few MB)."""
+_JSON_FILE_LIMIT = 1 << 26
+"""Bytes above which a file is taken for no plan, and a quept.json for none quept wrote,
+without reading it (either, for a model with tens of thousands of linears, is a few MB)."""
 
 
 def _holds_model(folder: Path) -> str | None:
     """The :func:`folder_kind` of ``folder`` when it holds a quept artifact (an unfinished one
-    too) or a Hugging Face model with its ``config.json``; None for a missing or empty folder,
-    or one holding no model (only a calibration checkpoint, say)."""
+    too) or a Hugging Face model with its ``config.json``; "foreign" for a quept.json quept
+    did not write (:func:`holds_elastic_model`); None for a missing or empty folder, or one
+    holding no model (only a calibration checkpoint, say)."""
     if not folder.is_dir():
         return None
     held = folder_kind(folder)
+    if held == "elastic" and not holds_elastic_model(folder):
+        return "foreign"
     return held if held != "hf" or (folder / "config.json").is_file() else None
 
 
@@ -199,7 +226,7 @@ def _is_plan_file(path: Path) -> bool:
     """Whether the file ``path`` is a plan `quept plan` wrote: a JSON object whose "format" is
     :data:`quept.search.plan.PLAN_FORMAT`."""
     try:
-        if path.stat().st_size > _PLAN_FILE_LIMIT:
+        if path.stat().st_size > _JSON_FILE_LIMIT:
             return False
         d = json.loads(path.read_bytes())
     except (OSError, ValueError):
@@ -217,7 +244,7 @@ def check_plan_out(path: str | os.PathLike, flag: str = "") -> None:
         held = _holds_model(p.parent)
         if held is not None and (p.name in ARTIFACT_FILES
                                  or p.name.endswith(ARTIFACT_SUFFIXES)):
-            raise ConfigError(f"{flag}{path}: {p.parent} holds {KIND_NAMES[held]}, which keeps "
+            raise ConfigError(f"{flag}{path}: {p.parent} holds {_HELD_NAMES[held]}, which keeps "
                               f"the name {p.name} for its own files; writing the plan there "
                               f"would spoil it; give the plan another name, e.g. "
                               f"{path.parent / 'plan.json'}")
@@ -236,7 +263,7 @@ def check_plans_folder(folder: str | os.PathLike, files: list[Path], flag: str =
     folder = Path(folder)
     held = _holds_model(folder)
     if held is not None:
-        raise ConfigError(f"{flag}{folder} holds {KIND_NAMES[held]}; writing {len(files)} "
+        raise ConfigError(f"{flag}{folder} holds {_HELD_NAMES[held]}; writing {len(files)} "
                           f"plans there would mix them with its files; give another folder")
     for f in files:
         check_plan_out(f, flag)

@@ -27,6 +27,21 @@ CHECKPOINT_DIR = ".calib-checkpoint"  # inside the output folder of `quept quant
 PROGRESS_JSON = "progress.json"
 
 
+def _differences(saved: dict[str, Any], now: dict[str, Any], keys: list[str]) -> list[str]:
+    """What differs between two fingerprints under ``keys``, field by field within a section
+    (``calib.epochs 60 -> 61``); hashes are named by their section alone."""
+    out = []
+    for key in keys:
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{key}.{f} {a.get(f, 'unset')!r} -> {b.get(f, 'unset')!r}"
+                    for f in sorted(set(a) | set(b)) if a.get(f) != b.get(f)]
+        else:
+            out.append(f"{key}: " + ("another model's weights" if key in ("model", "base")
+                                     else "other data" if key == "data" else f"{a!r} -> {b!r}"))
+    return out
+
+
 class CheckpointMismatchError(RuntimeError):
     """A checkpoint exists but was made for another model, data or configuration."""
 
@@ -125,6 +140,10 @@ class CalibCheckpoint:
         self, block: int, prog: dict[str, Any]
     ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
         path = self.folder / f"streams_{block:03d}.safetensors"
+        if not path.exists() and block == int(prog["next_block"]):  # always kept: resumed from
+            raise self._corrupt(path.name, f"is missing ({PROGRESS_JSON} records {block} "
+                                f"finished block(s), and resuming starts from the streams "
+                                f"entering block {block}, which that file holds)")
         if not path.exists():
             have = sorted(int(p.stem.split("_")[1])
                           for p in self.folder.glob("streams_*.safetensors"))
@@ -147,9 +166,10 @@ class CalibCheckpoint:
         if saved != self.fingerprint:
             diff = sorted(k for k in set(saved) | set(self.fingerprint)
                           if saved.get(k) != self.fingerprint.get(k))
+            detail = "; ".join(_differences(saved, self.fingerprint, diff))
             raise CheckpointMismatchError(
-                f"the calibration checkpoint in {self.folder} was made with different {diff}; "
-                f"rerun with the same settings to resume, or {_DISCARD}"
+                f"the calibration checkpoint in {self.folder} was made with different {diff} "
+                f"({detail}); rerun with the same settings to resume, or {_DISCARD}"
             )
         nxt = int(prog["next_block"])
         x_fp, x_q, rng_state = self._read_streams(nxt, prog)

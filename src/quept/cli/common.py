@@ -15,7 +15,7 @@ import torch
 from quept import api
 from quept.api import KIND_NAMES
 from quept.checks import ConfigError, check_bits
-from quept.config import ElasticSpec, QuEPTConfig
+from quept.config import MAX_SEED, ElasticSpec, QuEPTConfig
 from quept.data.text import SAMPLE_EVERY, names_hub_text, shared_fraction
 from quept.eval import Sentences
 
@@ -62,10 +62,10 @@ def _float_list(text: str) -> tuple[float, ...]:
     return tuple(_numbers(text, float, "numbers"))
 
 
-def _windows(text: str) -> int | None:
-    """'all' -> None (every full window), else a positive count."""
+def _windows(text: str) -> int | str:
+    """'all' (every full window; :func:`perplexity_windows` reads it) or a positive count."""
     if text == "all":
-        return None
+        return text
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive number of windows or 'all', "
                                          f"got {text!r}")
@@ -88,6 +88,14 @@ positive = at_least(1, "a positive count")
 
 
 _count = at_least(0, "0 (skip) or a positive count")  # of windows, sentences or images
+
+
+def seed_value(text: str) -> int:
+    """An argparse type: a seed, a whole number from 0 to :data:`MAX_SEED`."""
+    if not text.isdigit() or int(text) > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected a seed from 0 to 2**63 - 1 (torch's "
+                                         f"generators take 63 bits), got {text!r}")
+    return int(text)
 
 
 def _groups(text: str) -> tuple[tuple[int, ...], ...]:
@@ -216,20 +224,64 @@ IMAGE_SAMPLES, IMAGE_BATCH = 512, 32  # image calibration defaults (the text pre
 EVAL_SENTENCES, EVAL_IMAGES = 256, 10000  # encoders' and image classifiers' evaluation sizes
 
 
+EVAL_WINDOWS, EVAL_SEQ_LEN = 8, 512  # decoders' evaluation windows after `quept quantize`
+
+
+PPL_WINDOWS, PPL_SEQ_LEN = 32, 512  # decoders' perplexity windows in `quept eval`
+
+
+def perplexity_windows(a: argparse.Namespace) -> tuple[int | None, int]:
+    """`quept eval`'s perplexity windows: their count (None for ``--windows all``: every
+    full window) and tokens per window, :data:`PPL_WINDOWS` and :data:`PPL_SEQ_LEN` where
+    not given."""
+    n = PPL_WINDOWS if a.windows is None else None if a.windows == "all" else a.windows
+    return n, PPL_SEQ_LEN if a.seq_len is None else a.seq_len
+
+
 _OWN_TASK = {"eval_sentences": "encoder", "sentences": "encoder",
-             "eval_images": "image-classification", "images": "image-classification"}
+             "eval_images": "image-classification", "images": "image-classification",
+             "eval_windows": "causal-lm", "eval_seq_len": "causal-lm"}
+
+
+EVAL_OWN_TASK = {**_OWN_TASK, "windows": "causal-lm", "seq_len": "causal-lm"}
+"""`quept eval`'s options of one task: its --seq-len is of perplexity windows (`quept
+quantize`'s and `quept plan`'s, of calibration samples, apply to every text model)."""
 
 
 _TASK_WORDS = {"encoder": "an encoder", "image-classification": "an image classifier",
                "causal-lm": "a causal LM"}
 
 
-def _refuse_other_tasks_options(a: argparse.Namespace, task: str) -> None:
-    """An option given for another task than the model's is refused, not ignored."""
-    for name, own in _OWN_TASK.items():
+def _refuse_other_tasks_options(a: argparse.Namespace, task: str,
+                                own_task: dict[str, str] = _OWN_TASK) -> None:
+    """An option given for another task than the model's is refused, not ignored
+    (``own_task``: option name -> the task it applies to)."""
+    for name, own in own_task.items():
         if own != task and getattr(a, name, None) is not None:
             raise ConfigError(f"--{name.replace('_', '-')} applies to {_TASK_WORDS[own]}; the "
                               f"model is {_TASK_WORDS[task]}")
+
+
+def folder_task(folder: Path, kind: str) -> tuple[str, str] | None:
+    """The model type and task ("causal-lm", "encoder", "image-classification") of the model
+    an elastic, compact or packed folder holds, read from its JSON alone so that options can
+    be checked before the model loads; None for other kinds or an unsupported model type."""
+    from quept.models.families import UnsupportedModelError, family_for_type
+
+    if kind == "elastic":
+        model_type = api.read_meta(folder)["model_type"]
+    elif kind in ("compact", "packed"):
+        from quept.export.compact import read_compact_meta
+        from quept.export.load import read_packed_meta
+
+        meta = read_compact_meta(folder) if kind == "compact" else read_packed_meta(folder)
+        model_type = meta["model_type"]
+    else:
+        return None
+    try:
+        return model_type, family_for_type(model_type).task
+    except UnsupportedModelError:  # refused by name when the model loads
+        return None
 
 
 def _images(model: torch.nn.Module, split: str, n: int, seed: int
@@ -328,9 +380,14 @@ def check_widths(widths: int | dict[str, int], spec: ElasticSpec, what: str) -> 
 def check_out(out: str | Path, what: str, *, source: Path | None = None,
               writes: str | None = None) -> Path:
     """``--out`` checked before any work: ``what`` "file" must not name a folder, "folder"
-    must not name a file. ``--out`` must not be the ``source`` folder being read, and a folder
+    must not name a file; an empty ``--out`` (which would write into the current folder) is
+    refused. ``--out`` must not be the ``source`` folder being read, and a folder
     that holds a model of another kind than the one a command ``writes`` (a :func:`folder_kind`
     name) is refused, as writing there would spoil it; the same kind is replaced."""
+    if not str(out).strip():
+        example = "model.gguf" if what == "file" else DEFAULT_OUT
+        raise ConfigError(f"--out is empty; give the {what} to write, e.g. {example} (an empty "
+                          "--out would write into the current folder)")
     out = Path(out)
     if what == "file" and out.is_dir():
         raise ConfigError(f"--out {out} is a folder; give the path of the file to write "

@@ -19,6 +19,7 @@ from quept.cli.common import (
     check_texts,
     check_widths,
     folder_config,
+    seed_value,
 )
 from quept.nn import elastic_layers
 from quept.search import Constraint, Plan, SensitivityConfig, feasible_range, parse_size
@@ -116,7 +117,7 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
                    help="random probes per sequence (more = less noise, linear in time)")
     s.add_argument("--reference-bits", type=int, default=d.reference_bits,
                    help="width of the other layers while one is measured (default: float)")
-    s.add_argument("--seed", type=int, default=d.seed, help="seed of samples and probes")
+    s.add_argument("--seed", type=seed_value, default=d.seed, help="seed of samples and probes")
     s.add_argument("--recompute", action="store_true", help="ignore a cached table and cached "
                    "in-context sweeps (FOLDER/sweeps.json)")
     p.add_argument("--model", default=None,
@@ -179,6 +180,9 @@ def _budget_paths(a: argparse.Namespace) -> list[tuple[dict[str, Any], Path | No
                           f"{', '.join(t for t, _ in given)}")
     if a.out is None:
         return [({key: v}, None) for v in values]  # --dry-run: nothing is written
+    if not a.out.strip():
+        raise ConfigError("--out is empty; give the plan file to write, e.g. plan.json (or a "
+                          "folder for several budgets)")
     out = Path(a.out)
     if len(given) == 1:
         if out.is_dir():

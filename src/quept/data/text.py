@@ -64,7 +64,8 @@ def load_texts(paths: Sequence[str | Path], role: str = "calib") -> str:
     that is no file but a hub text (``wikitext2``, ``c4``, ``hf:REPO[:CONFIG][@SPLIT]``,
     :mod:`quept.data.hub`) is read from its split for ``role`` ("calib" or "eval").
     Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for a
-    malformed JSON-lines record (naming the file and line).
+    malformed JSON-lines record (naming the file and line) or a file with no text (empty, or
+    only whitespace), which would calibrate or evaluate on nothing.
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
@@ -81,15 +82,24 @@ def load_texts(paths: Sequence[str | Path], role: str = "calib") -> str:
             raise FileNotFoundError(f"text file {str(path)!r} {what}; accepted are {_ACCEPTED}")
         try:
             if _is_jsonl(path):
-                records = _read_jsonl(path)
-                logger.info("read %d records from %s", len(records), path)
-                pieces.extend(records)
+                texts = _read_jsonl(path)
+                logger.info("read %d records from %s", len(texts), path)
             else:
-                pieces.append(path.read_text(encoding="utf-8"))
+                texts = [path.read_text(encoding="utf-8")]
                 logger.info("read %s", path)
         except UnicodeDecodeError:
             raise ValueError(_not_utf8(path)) from None
+        if not any(t.strip() for t in texts):
+            what = "empty" if not any(texts) else "only whitespace"
+            records = ' (no record with a non-blank "text")' if _is_jsonl(path) else ""
+            raise ValueError(f"text file {str(path)!r} holds no text: it is {what}{records}; "
+                             f"give a file with the text to "
+                             f"{_USE.get(role, 'calibrate or evaluate')} on")
+        pieces.extend(texts)
     return TEXT_JOIN.join(pieces)
+
+
+_USE = {"calib": "calibrate", "eval": "evaluate"}
 
 
 def _not_utf8(path: Path) -> str:

@@ -12,6 +12,10 @@ from quept.checks import check_count
 log = logging.getLogger(__name__)
 
 REUSE_WARNING = 4  # windows that cover the text more times than this over are worth a warning
+REUSE_LIMIT = 100
+"""Windows that would cover the text more times than this over are refused before they are
+cut: past it more samples add no new text, only memory (the samples, and every block's
+activations for each, N x T x hidden floats per stream), enough to kill the process."""
 
 
 class NotEnoughTextError(ValueError):
@@ -27,12 +31,20 @@ def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
 
 
 def calibration_samples(ids: torch.Tensor, n: int, seq_len: int, seed: int) -> torch.Tensor:
-    """``n`` random windows of ``seq_len`` tokens from ``ids`` (1-D): (n, seq_len)."""
+    """``n`` random windows of ``seq_len`` tokens from ``ids`` (1-D): (n, seq_len). Windows
+    that would cover the text more than :data:`REUSE_LIMIT` times over are refused."""
     if ids.numel() <= seq_len:
         raise NotEnoughTextError(
             f"calibration text has {ids.numel()} tokens; need more than seq_len={seq_len}"
         )
     cover = n * seq_len / ids.numel()
+    if cover > REUSE_LIMIT:
+        most = REUSE_LIMIT * ids.numel() // seq_len
+        raise NotEnoughTextError(
+            f"{n} calibration windows of {seq_len} tokens would cover a text of {ids.numel()} "
+            f"tokens {cover:.0f} times over, past the {REUSE_LIMIT} allowed: more windows add no "
+            "new text, only memory (the samples, and every block's activations for each); "
+            f"ask for at most {most} windows of this length, or give a longer text")
     if cover > REUSE_WARNING:
         log.warning("%d calibration windows of %d tokens cover a text of %d tokens %.0f times "
                     "over: the same tokens are seen again and again; a longer text (or fewer "
