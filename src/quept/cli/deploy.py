@@ -233,9 +233,10 @@ def cmd_export(a: argparse.Namespace) -> dict[str, Any]:
     if not a.json:
         s = meta.get("sizes")
         size = "" if s is None else (f": {s['bits_per_weight']:.3f} bits per quantized weight "
-                                     f"({s['quantized_bytes'] / 1e6:.1f} MB), packed head "
-                                     f"{s['head_bytes'] / 1e6:.1f} MB, other tensors "
-                                     f"{s['other_bytes'] / 1e6:.1f} MB")
+                                     f"({s['quantized_bytes'] / 1e6:.1f} MB), "
+                                     + (f"packed head {s['head_bytes'] / 1e6:.1f} MB, "
+                                        if s.get("head_bytes") else "")
+                                     + f"other tensors {s['other_bytes'] / 1e6:.1f} MB")
         if "bits_per_weight" in meta and s is None:
             size = (f": {meta['bits_per_weight']:.3f} bits per quantized weight "
                     f"({meta['quantized_bytes'] / 1e6:.1f} MB), {meta['file_bytes'] / 1e6:.1f} "

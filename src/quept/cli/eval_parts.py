@@ -14,6 +14,7 @@ import torch
 from quept import api
 from quept.cli.common import (
     EVAL_IMAGES,
+    EVAL_OWN_TASK,
     EVAL_SENTENCES,
     _eval_sentences,
     _images,
@@ -26,6 +27,7 @@ from quept.cli.common import (
     _table,
     _task,
     _text,
+    perplexity_windows,
     recorded_overlap,
 )
 from quept.config import ConfigError, ElasticSpec
@@ -341,7 +343,7 @@ def eval_packed(a: argparse.Namespace, folder: Path, text: Callable[[], str]) ->
     model, tok = api.load_packed(folder)
     meta = model.quept_packed
     task = family_for(model).task
-    _refuse_other_tasks_options(a, task)
+    _refuse_other_tasks_options(a, task, EVAL_OWN_TASK)
     if task != "encoder" and a.model is not None:
         raise ConfigError(f"{folder} holds a packed {model.config.model_type} model, which "
                           "needs no base model: --model names a packed encoder's float encoder")
@@ -351,16 +353,17 @@ def eval_packed(a: argparse.Namespace, folder: Path, text: Callable[[], str]) ->
     if task == "encoder":
         result = _eval_packed_encoder(a, folder, model, tok, text())
         return {**result, "calibration_overlap": overlap} if overlap else result
-    windows = api.windows_from_text(tok, text(), a.seq_len, a.windows)
+    n_windows, seq_len = perplexity_windows(a)
+    windows = api.windows_from_text(tok, text(), seq_len, n_windows)
     ppl = perplexity(model, windows, progress=not a.json, desc="eval packed")
     row = {"bits": meta["bits"], "bits_per_weight": meta["sizes"]["bits_per_weight"], "ppl": ppl}
     if not a.json:
         label = _packed_label(meta)
-        print(f"\nPerplexity of {folder} ({windows.shape[0]} windows x {a.seq_len} tokens): "
+        print(f"\nPerplexity of {folder} ({windows.shape[0]} windows x {seq_len} tokens): "
               f"{label} packed, {row['bits_per_weight']:.3f} bits per weight stored, "
               f"perplexity {ppl:.2f}")
     return {"folder": str(folder), "packed": True, "windows": windows.shape[0],
-            "seq_len": a.seq_len, "rows": [row],
+            "seq_len": seq_len, "rows": [row],
             **({"calibration_overlap": overlap} if overlap else {})}
 
 

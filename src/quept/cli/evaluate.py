@@ -11,6 +11,10 @@ import torch
 from quept import api
 from quept.checks import ConfigError, check_device
 from quept.cli.common import (
+    _TASK_WORDS,
+    EVAL_OWN_TASK,
+    PPL_SEQ_LEN,
+    PPL_WINDOWS,
     _eval_rows,
     _names,
     _print_eval,
@@ -23,6 +27,8 @@ from quept.cli.common import (
     check_texts,
     check_widths,
     folder_config,
+    folder_task,
+    perplexity_windows,
     positive,
     recorded_overlap,
 )
@@ -61,11 +67,12 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                    help=".txt/.jsonl evaluation text, or a hub text: wikitext2 (its test "
                    "split), c4 (the first 1,100 validation documents) or "
                    "hf:REPO[:CONFIG][@SPLIT] (default: Pride and Prejudice)")
-    p.add_argument("--windows", type=_windows, default=32,
-                   help="number of windows, or 'all' for every full window of the text "
-                   "(default 32)")
-    p.add_argument("--seq-len", type=_window_len, default=512,
-                   help="tokens per window (default 512; the paper's protocol: 2048)")
+    p.add_argument("--windows", type=_windows, default=None,
+                   help="causal LMs: number of perplexity windows, or 'all' for every full "
+                   f"window of the text (default {PPL_WINDOWS})")
+    p.add_argument("--seq-len", type=_window_len, default=None,
+                   help=f"causal LMs: tokens per window (default {PPL_SEQ_LEN}; the paper's "
+                   "protocol: 2048)")
     p.add_argument("--device", default="cpu",
                    help="device the model runs on (cpu, cuda, cuda:1, ...; default cpu); "
                    "packed layers and ONNX models run on the CPU")
@@ -119,6 +126,16 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
         for path, plan in plans:
             check_widths(dict(plan), spec, f"--plan {path}")
     check_texts(a, text="eval")
+    windowed = [f"--{n.replace('_', '-')}" for n in ("windows", "seq_len")
+                if getattr(a, n) is not None]
+    if a.tasks and windowed:  # a task's items are its own questions, not windows of the text
+        raise ConfigError(f"{' and '.join(windowed)} set perplexity windows; --tasks scores "
+                          "each task's own items: leave them out")
+    known = folder_task(folder, kind)  # options checked before the model loads, where it can
+    if known is not None:
+        _refuse_other_tasks_options(a, known[1], EVAL_OWN_TASK)
+        if a.packed and known[1] != "causal-lm":
+            raise ConfigError(_packed_refusal(folder, *known, a.bits))
     if a.model is not None and kind not in ("elastic", "packed"):  # packed: encoders' float
         raise ConfigError(f"--model names the base model of an elastic folder; {folder} holds "
                           f"{api.KIND_NAMES[kind]}, which needs none")
@@ -160,8 +177,8 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
         model, tok = api.load_switchable(folder, plans[0][1] if plans else widths[0],
                                          model=a.model)
         if _task(model) != "causal-lm":
-            raise ConfigError(f"--packed measures perplexity; {folder} holds a "
-                              f"{model.config.model_type} model without a vocabulary")
+            raise ConfigError(_packed_refusal(folder, model.config.model_type, _task(model),
+                                              a.bits))
     elif elastic:
         model, tok = (api.load_compact(folder) if kind == "compact"
                       else api.load(folder, model=a.model))
@@ -189,6 +206,15 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
     if master:
         result["float_is"] = master
     return result
+
+
+def _packed_refusal(folder: Path, model_type: str, task: str, bits: list[int] | None) -> str:
+    """Why ``--packed`` does not apply to a folder of an encoder or image classifier, and what
+    measures its packed layers instead."""
+    return (f"--packed measures a causal LM's perplexity with packed layers; {folder} holds "
+            f"{_TASK_WORDS[task]} ({model_type}): export a width (`quept export {folder} "
+            f"--bits {bits[0] if bits else 4} --out DIR`) and evaluate that packed folder "
+            "(`quept eval DIR`)")
 
 
 def _master_note(folder: Path) -> str:
@@ -219,12 +245,13 @@ def _measure(a: argparse.Namespace, folder: Path, model: torch.nn.Module, tok: A
     if a.tasks:
         return _eval_tasks(a, folder, model, tok, elastic, plans, bits)
     _refuse_task_options(a)
-    _refuse_other_tasks_options(a, _task(model))
+    _refuse_other_tasks_options(a, _task(model), EVAL_OWN_TASK)
     if _task(model) == "encoder":
         return _eval_encoder(a, folder, model, tok, elastic, plans, bits)
     if _task(model) == "image-classification":
         return _eval_images(a, folder, model, elastic, plans, bits)
-    windows = api.windows_from_text(tok, _text(a.text, "eval"), a.seq_len, a.windows)
+    n_windows, seq_len = perplexity_windows(a)
+    windows = api.windows_from_text(tok, _text(a.text, "eval"), seq_len, n_windows)
     from quept.eval import perplexity
 
     if elastic:
@@ -233,7 +260,7 @@ def _measure(a: argparse.Namespace, folder: Path, model: torch.nn.Module, tok: A
     else:
         rows = [api.EvalRow(*_fixed_width(model), perplexity(model, windows, progress=not a.json))]
     result = {"folder": str(folder), "elastic": elastic, "windows": windows.shape[0],
-              "seq_len": a.seq_len, "rows": _eval_rows(rows), "packed": bool(a.packed)}
+              "seq_len": seq_len, "rows": _eval_rows(rows), "packed": bool(a.packed)}
     measured = []
     for path, plan in plans:
         bpw = _apply_plan(model, plan, path)
@@ -243,14 +270,14 @@ def _measure(a: argparse.Namespace, folder: Path, model: torch.nn.Module, tok: A
     _put_plans(result, measured)
     if not a.json:
         if rows:
-            _print_eval(rows, windows.shape[0], a.seq_len, f"Perplexity of {folder}"
+            _print_eval(rows, windows.shape[0], seq_len, f"Perplexity of {folder}"
                         + (" (packed layers)" if a.packed else "")
                         + (_kv_note(model.quept_spec) if elastic else ""),
                         elastic and model.quept_spec.activations != "none")
         if len(plans) == 1:
             _print_plan(plans[0][1], f"plan {plans[0][0]}: perplexity {measured[0]['ppl']:.2f} "
-                        f"({windows.shape[0]} windows x {a.seq_len} tokens)")
+                        f"({windows.shape[0]} windows x {seq_len} tokens)")
         elif plans:
             _print_plans(measured, f"Plans, perplexity on {windows.shape[0]} windows x "
-                         f"{a.seq_len} tokens", "perplexity", lambda m: f"{m['ppl']:.2f}")
+                         f"{seq_len} tokens", "perplexity", lambda m: f"{m['ppl']:.2f}")
     return result

@@ -178,7 +178,7 @@ def _width_rows(cfg: QuEPTConfig, shapes: dict[str, tuple[int, int]]) -> list[di
     weights = sum(o * i for o, i in shapes.values())
     rows = []
     for b in sorted(cfg.spec.bits):
-        bits = sum(stored_bits_per_weight(b, cfg.spec.group_size_for(b), i) * o * i
+        bits = sum(stored_bits_per_weight(b, cfg.spec.group_size_for(b), i, o) * o * i
                    for o, i in shapes.values())
         rows.append({"bits": b, "bits_per_weight": bits / max(weights, 1),
                      "quantized_bytes": bits / 8})
@@ -203,6 +203,7 @@ def _elastic(folder: Path) -> dict[str, Any]:
         "quept_version": meta.get("quept_version"),
         "base_model": meta["base_model"],
         "model_type": meta["model_type"],
+        "task": _task(meta["model_type"]),
         "base_fingerprint": meta["base_fingerprint"],
         "layers": len(shapes),
         "quantized_weights": sum(o * i for o, i in shapes.values()),
@@ -210,7 +211,8 @@ def _elastic(folder: Path) -> dict[str, Any]:
         "calibration": {**_calib_summary(cfg.calib),
                         "seconds": meta.get("calibration_seconds"),
                         "peak_rss_gib": meta.get("calibration_peak_rss_gib"),
-                        "text": _calibration_text_name(meta)},
+                        "text": _calibration_text_name(meta),
+                        "images": _calibration_images(meta)},
         "widths": _width_rows(cfg, shapes),
     }
     if meta.get("evaluation"):
@@ -244,6 +246,22 @@ def _source(meta: dict[str, Any]) -> dict[str, Any] | None:
     if not isinstance(source, dict) or "calibration_text" not in source:
         return source
     return {**source, "calibration_text": _calibration_text_name(source)}
+
+
+def _task(model_type: Any) -> str | None:
+    """The task of a model type's family ("causal-lm", "encoder", "image-classification");
+    None for a type quept does not support."""
+    try:
+        return family_for_type(model_type).task
+    except UnsupportedModelError:
+        return None
+
+
+def _calibration_images(meta: dict[str, Any]) -> str | None:
+    """Where an image classifier's calibration images came from ("Fashion-MNIST training"),
+    as ``quept quantize`` recorded it; None where not recorded (the Python API)."""
+    name = meta.get("calibration_images")
+    return name if isinstance(name, str) else None
 
 
 def _calibration_text_name(meta: dict[str, Any]) -> str | None:
@@ -281,8 +299,8 @@ def _compact(folder: Path) -> dict[str, Any]:
     shapes = {n: tuple(s) for n, s in meta["layers"].items()}
     _check_tensors(folder / COMPACT_WEIGHTS, shapes, "master", COMPACT_JSON)
     s = meta["sizes"]
-    return {"model_type": meta["model_type"], "layers": len(shapes),
-            "quantized_weights": s.get("quantized_weights"),
+    return {"model_type": meta["model_type"], "task": _task(meta["model_type"]),
+            "layers": len(shapes), "quantized_weights": s.get("quantized_weights"),
             "bits_per_weight": s.get("bits_per_weight"),
             "parts_bits_per_weight": s.get("parts_bits_per_weight"),
             "other_bytes": s.get("other_bytes"), "spec": _spec_summary(cfg),
@@ -301,8 +319,8 @@ def _packed(folder: Path) -> dict[str, Any]:
     kv = {i["kv_quant"].get("bits") for i in layers.values()
           if isinstance(i.get("kv_quant"), dict)}
     s = meta["sizes"]
-    return {"model_type": meta["model_type"], "bits": meta["bits"],
-            "layers": len(layers),
+    return {"model_type": meta["model_type"], "task": _task(meta["model_type"]),
+            "bits": meta["bits"], "layers": len(layers),
             "layer_widths": _histogram(i["bits"] for i in layers.values()),
             "group_size": sorted({i["group_size"] for i in layers.values()}),
             "scale_dtype": meta["scale_dtype"],

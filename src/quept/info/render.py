@@ -73,16 +73,28 @@ def _width_table(rows: list[dict[str, Any]], evaluation: dict[str, Any] | None,
     return lines
 
 
-def _calib_line(verb: str, c: dict[str, Any]) -> str:
+def _calib_line(verb: str, c: dict[str, Any], task: str | None = None) -> str:
+    """How the model was calibrated: samples (images for an image classifier, whose recorded
+    seq_len is unused), epochs, loss, rates and seed."""
     rates = (f"{c['lr_adapter']:g}" if not c.get("lr_adapter_groups") else
              "/".join(f"{r:g}" for r in c["lr_adapter_groups"]))
     loss = c["loss"] + (f" + massive-activation term (ratio {c['massive_ratio']:g})"
                         if c.get("massive_ratio") else "")
-    text = f" of {c['text']}" if c.get("text") else ""
-    return (f"{verb} on {c['samples']} x {c['seq_len']} tokens{text}, {c['epochs']} "
+    if task == "image-classification":
+        data = f"{c['samples']} {c['images'] + ' ' if c.get('images') else ''}images"
+    else:
+        data = f"{c['samples']} x {c['seq_len']} tokens" + (f" of {c['text']}" if c.get("text")
+                                                           else "")
+    return (f"{verb} on {data}, {c['epochs']} "
             f"epoch{'s' if c['epochs'] != 1 else ''}, {loss} loss, rates {rates} (adapters) / "
             f"{c['lr_clip']:g} (clips), seed {c['seed']}"
             + (", steps in bfloat16" if c.get("bf16") else ""))
+
+
+def _generates(info: dict[str, Any]) -> bool:
+    """The model generates text (a causal LM, or a VLM's language model), so it has a KV cache
+    and `quept run` runs it; an unknown model type is taken for one."""
+    return info.get("task") in (None, "causal-lm")
 
 
 def render(info: dict[str, Any]) -> str:
@@ -98,7 +110,7 @@ def render(info: dict[str, Any]) -> str:
         took = "" if c["seconds"] is None else f"; took {c['seconds']:.0f} s"
         if c.get("peak_rss_gib"):
             took += f", peak memory {c['peak_rss_gib']:.2f} GiB"
-        out.append(_calib_line("calibrated", c) + took)
+        out.append(_calib_line("calibrated", c, info.get("task")) + took)
         ev = info.get("evaluation")
         if ev:
             out.append(f"measured after calibration: {ev.get('metric')} on {ev.get('data')}")
@@ -151,8 +163,9 @@ def render(info: dict[str, Any]) -> str:
                    f"weight for all widths together ({parts}); other tensors "
                    f"{_mb(info['other_bytes'])}")
         out += _spec_lines(info["spec"])
-        out.append(f"what `quept export` materialises from it (`quept run {info['path']} "
-                   "--bits 4,3,2` runs these packed, switching in memory):")
+        run = (f" (`quept run {info['path']} --bits 4,3,2` runs these packed, switching in "
+               "memory)" if _generates(info) else "")
+        out.append(f"what `quept export` materialises from it{run}:")
         out += _width_table(info["widths"], None,
                             info["spec"]["activations"] not in (None, "none"))
     elif kind == "packed":
@@ -163,8 +176,9 @@ def render(info: dict[str, Any]) -> str:
         out.append(f"{info['path']}: packed model ({info['model_type']}), {what}")
         out.append(f"{_bits(info['bits_per_weight'])} bits per quantized weight stored (codes, "
                    f"{info['scale_dtype']} scales and zero-points), quantized linears "
-                   f"{_mb(info['quantized_bytes'])}, packed head {_mb(info['head_bytes'])}, "
-                   f"other tensors {_mb(info['other_bytes'])}")
+                   f"{_mb(info['quantized_bytes'])}, "
+                   + (f"packed head {_mb(info['head_bytes'])}, " if info.get("head") else "")
+                   + f"other tensors {_mb(info['other_bytes'])}")
         extras = []
         if info["activations"]:
             extras.append(f"activations quantized {', '.join(info['activations'])}")
@@ -172,7 +186,9 @@ def render(info: dict[str, Any]) -> str:
             extras.append(f"KV cache at {'/'.join(map(str, info['kv_bits']))} bits")
         if info["rotation"]:
             extras.append(f"rotation {info['rotation']}")
-        out.append("; ".join(extras) if extras else "weight-only; float KV cache")
+        if not extras:
+            extras.append("weight-only; float KV cache" if _generates(info) else "weight-only")
+        out.append("; ".join(extras))
         source = info.get("source") or {}
         if source.get("base_model"):
             how = {"gptq": "by GPTQ", "learned": "with learned offsets"}.get(
