@@ -14,6 +14,8 @@ from quept.calib import capture_block_inputs
 from quept.config import CalibConfig, ElasticSpec
 from quept.models import UnsupportedModelError, family_for
 from quept.nn import ElasticLinear, elastic_layers
+from quept.search.budget import layer_bits
+from quept.search.table import LayerShape
 
 SPEC = ElasticSpec(ranks=(2, 2, 2, 2), default_group_size=32)
 KINDS = ("deit", "deit-teacher", "swin")
@@ -121,9 +123,14 @@ def test_save_load_and_packed_export_keep_the_logits(tmp_path, kind):
     assert torch.equal(logits(loaded, x), want)
     quept.set_bits(loaded, 2)
     assert not torch.equal(logits(loaded, x), want)
-    quept.api.export(loaded, 4, tmp_path / "w4")
+    summary = quept.api.export(loaded, 4, tmp_path / "w4")
     packed, _ = quept.api.load_packed(tmp_path / "w4")
     torch.testing.assert_close(logits(packed, x), want, atol=2e-3, rtol=1e-3)
+    # what budgets count is what export writes, the padding of rows of 32 weights included
+    assert quept.stored_bits(loaded, 4) == pytest.approx(summary["sizes"]["bits_per_weight"])
+    table_bits = sum(layer_bits(LayerShape(m.out_features, m.in_features), 4, 32)
+                     for m in elastic_layers(loaded).values())
+    assert table_bits == 8 * summary["sizes"]["quantized_bytes"]
 
 
 def test_swin_resume_after_a_stage_change_gives_the_same_model(tmp_path, monkeypatch):

@@ -48,7 +48,8 @@ def stored_bits(model: nn.Module, plan: BitsPlan | None = None) -> float:
     for name, m in layers.items():
         b = widths[name]
         numel = m.in_features * m.out_features
-        bpw = 32.0 if b is None else stored_bits_per_weight(b, m.spec.group_size_for(b), m.in_features)
+        bpw = 32.0 if b is None else stored_bits_per_weight(
+            b, m.spec.group_size_for(b), m.in_features, m.out_features)
         total += bpw * numel
         n += numel
     return total / n

@@ -15,6 +15,7 @@ import torch
 
 from quept.ops import fq_kernel
 from quept.ops.hadamard import hadamard
+from quept.ops.pack import packed_length, padded
 
 
 class GroupSizeError(ValueError):
@@ -366,7 +367,17 @@ def search_clip(
     return hi.squeeze(-1), lo.squeeze(-1)
 
 
-def stored_bits_per_weight(bits: int, group_size: int, in_features: int) -> float:
-    """Bits stored per weight: the code plus an fp16 scale and a b-bit zero-point per group."""
+def stored_bits_per_weight(bits: int, group_size: int, in_features: int,
+                           out_features: int | None = None) -> float:
+    """Bits a packed layer stores per weight (:mod:`quept.ops.pack`): the code, each row's
+    codes padded to whole blocks of 64, plus an fp16 scale and a b-bit zero-point per group.
+    With ``out_features`` the padding of the packed zero-points is counted too: the exact
+    bytes `quept export` writes. Rows of a multiple of 64 weights (every LLM here) pad
+    nothing: ``bits + (16 + bits) / group_size``."""
     gs = in_features if group_size == 0 else group_size
-    return bits + (16 + bits) / gs
+    codes = bits * padded(in_features) / in_features
+    if out_features is None:
+        return codes + (16 + bits) / gs
+    groups = out_features * n_groups(in_features, group_size)
+    zeros = 8 * packed_length(groups, bits) / (out_features * in_features)
+    return codes + 16 / gs + zeros

@@ -39,7 +39,8 @@ def parse_size(text: str) -> int:
 
 def layer_bits(shape: LayerShape, bits: int, group_size: int) -> int:
     """Stored bits of one linear at ``bits``: numel x stored bits per weight (exact integer)."""
-    return round(shape.numel * stored_bits_per_weight(bits, group_size, shape.in_features))
+    return round(shape.numel * stored_bits_per_weight(bits, group_size, shape.in_features,
+                                                      shape.out_features))
 
 
 Constraints = Sequence[str | Constraint] | None
