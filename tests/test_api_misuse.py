@@ -265,3 +265,17 @@ def test_a_rotated_model_is_saved_with_the_seed_it_was_rotated_with(tmp_path):
         quept.save(model, tmp_path / "e", QuEPTConfig(spec=spec))
     assert not (tmp_path / "e").exists()
     quept.save(model, tmp_path / "e", QuEPTConfig(spec=spec, calib=CalibConfig(seed=5)))
+
+
+def test_a_local_folder_named_like_a_built_in_model_is_warned_of(tmp_path, monkeypatch, caplog):
+    import quept.data
+    from quept.api.models import resolve_model_dir
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(quept.data, "encoder_model_dir", lambda: tmp_path / "built-in")
+    assert resolve_model_dir("minilm") == tmp_path / "built-in" and not caplog.records
+    (tmp_path / "minilm").mkdir()
+    with caplog.at_level(logging.WARNING):
+        assert resolve_model_dir("minilm") == tmp_path / "built-in"
+    assert "'minilm' names the built-in model; the local folder of that name is not read " \
+           "(pass ./minilm to read it)" in caplog.text

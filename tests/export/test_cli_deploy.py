@@ -307,18 +307,28 @@ def test_an_export_replaces_one_of_its_own_kind_but_not_another_kind(folders, ca
     assert run_json(capsys, ["info", str(out), "--json"])["bits"] == 4  # left as it was
 
 
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
 def test_an_interrupted_quantize_says_what_is_kept_and_resumes(folders, capsys, monkeypatch,
-                                                               caplog):
+                                                               caplog, stop):
+    """Ctrl-C, and SIGTERM (a scheduler's or `timeout`'s stop) the same way."""
+    import os
+    import signal
+    import time
+
     from quept.calib import loop
 
     root, base, _ = folders
-    out = root / "interrupted"
+    out = root / f"interrupted-{stop}"
     argv = quick_quantize(root, base, out)
     real = loop.BlockCalibrator._train
 
     def ctrl_c_in_second_block(self, i, *args, **kw):
-        if i == 1:
+        if i == 1 and stop == "ctrl-c":
             raise KeyboardInterrupt
+        if i == 1:  # the handler raises in this frame; without one the test process would end
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+            raise AssertionError("SIGTERM did not stop the command")
         return real(self, i, *args, **kw)
 
     with monkeypatch.context() as m:

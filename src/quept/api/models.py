@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from quept.export.ct_format import is_compressed_tensors, load_compressed_tensor
 from quept.export.onnx_runtime import is_onnx_folder
 from quept.models import family_for_type
 
+log = logging.getLogger(__name__)
+
 DEFAULT_MODEL = "default"
 
 
@@ -24,6 +27,9 @@ def resolve_model_dir(model: str | os.PathLike | None) -> Path:
     built-in all-MiniLM-L6-v2 encoder (fetched once); "vit" -> the built-in Fashion-MNIST ViT
     (trained once); else a folder, or a hub model id (OWNER/NAME, fetched once into the
     Hugging Face cache: configs, tokenizer and safetensors weights only)."""
+    if str(model) in (DEFAULT_MODEL, "minilm", "vit") and Path(str(model)).is_dir():
+        log.warning("%r names the built-in model; the local folder of that name is not read "
+                    "(pass ./%s to read it)", str(model), model)
     if model is None or str(model) == DEFAULT_MODEL:
         from quept.data import default_model_dir
 

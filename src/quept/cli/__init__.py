@@ -4,13 +4,18 @@ one module per command."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dis
 import importlib.util
 import json
 import logging
+import signal
 import sys
+import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -76,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
     # OSError: a path refused; ArithmeticError: a NaN stopped a computation and says where
     try:
-        result = a.func(a)
+        with _sigterm_interrupts():
+            result = a.func(a)
     except (ConfigError, OSError, ValueError, RuntimeError, ArithmeticError) as e:
         if a.verbose:
             traceback.print_exc()
@@ -95,17 +101,44 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """Stop on SIGTERM (a scheduler's or `timeout`'s stop) as on Ctrl-C: what a command writes
+    is then ended the same way (a calibration's finished blocks kept for a resume, an
+    unfinished folder cleared or marked) instead of the process vanishing mid-write."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt("stopped by SIGTERM")
+
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 _PACKAGE = Path(__file__).resolve().parents[1]
 
 
 def _raised_by_quept(e: BaseException) -> bool:
-    """``e`` was raised by quept's own code, which words its errors for the user; an error
-    from a library quept calls may need its traceback to be understood."""
+    """``e`` was raised by quept's own code, which words its errors for the user: it is one of
+    quept's exceptions, or a ``raise`` in a quept module raised it. An error from a library
+    quept calls may need its traceback to be understood: one raised in the library's Python
+    code, and one raised in compiled code (torch's operators, a builtin) called from a quept
+    line, whose innermost Python frame is quept's but whose statement there is a call."""
+    if _is_quept_error(e):
+        return True
     tb = e.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
-    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(
-        _PACKAGE)
+    if tb is None or not Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(
+            _PACKAGE):
+        return False
+    return any(i.offset == tb.tb_lasti and i.opname in ("RAISE_VARARGS", "RERAISE")
+               for i in dis.get_instructions(tb.tb_frame.f_code))
 
 
 def _is_quept_error(e: BaseException) -> bool:
