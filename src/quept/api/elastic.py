@@ -241,11 +241,17 @@ def weights_fingerprint(model: nn.Module, layers: Mapping[str, nn.Module] | None
         layers = elastic_layers(model)
     h = hashlib.sha256()
     for name, m in layers.items():
-        w = m.weight.detach().float().reshape(-1)
-        h.update(name.encode())
-        h.update(str(tuple(m.weight.shape)).encode())
-        h.update(w[:: max(1, w.numel() // 4096)].contiguous().numpy().tobytes())
+        _hash_sample(h, name, m.weight)
     return h.hexdigest()[:16]
+
+
+def _hash_sample(h: Any, name: str, t: torch.Tensor) -> None:
+    """Feed ``h`` a tensor's name, shape and about 4096 of its values, evenly strided (taken
+    before the float conversion, so a large bfloat16 embedding is not copied whole)."""
+    w = t.detach().reshape(-1)
+    h.update(name.encode())
+    h.update(str(tuple(t.shape)).encode())
+    h.update(w[:: max(1, w.numel() // 4096)].float().cpu().contiguous().numpy().tobytes())
 
 
 def rest_fingerprint(model: nn.Module, linears: Mapping[str, nn.Module]) -> str:
@@ -257,10 +263,7 @@ def rest_fingerprint(model: nn.Module, linears: Mapping[str, nn.Module]) -> str:
     for name, p in model.named_parameters():
         if name in skip:
             continue
-        w = p.detach().float().cpu().reshape(-1)
-        h.update(name.encode())
-        h.update(str(tuple(p.shape)).encode())
-        h.update(w[:: max(1, w.numel() // 4096)].contiguous().numpy().tobytes())
+        _hash_sample(h, name, p)
     return h.hexdigest()[:16]
 
 
