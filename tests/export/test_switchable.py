@@ -10,7 +10,6 @@ from quept.cli import main
 from quept.export.packed import PackedFormatError
 from quept.nn import ElasticLinear, elastic_layers
 from quept.nn.packed_linear import PackedLinear
-from quept.search import Plan
 
 from .tiny import TEXT, elastic_folder, hf_folder, run_json
 
@@ -228,8 +227,9 @@ def test_cli_runs_several_widths_in_one_model(folders, capsys):
     plans = root / "plans"  # a folder of plans runs them fewest bits first
     plans.mkdir()
     _, _, widths = folders
-    Plan(widths, 4.9, 0.0, 1).save(plans / "a.json")
-    Plan({n: 2 for n in widths}, 2.6, 0.0, 1).save(plans / "b.json")
+    compact, _ = quept.api.load_compact(root / "compact")  # plans recording what they store
+    quept.plan_record(compact, widths).save(plans / "a.json")
+    quept.plan_record(compact, {n: 2 for n in widths}).save(plans / "b.json")
     both = run_json(capsys, ["run", str(root / "compact"), "--plan", str(plans), *gen])
     assert [r["config"] for r in both["runs"]] == [f"plan {plans / 'b.json'}",
                                                     f"plan {plans / 'a.json'}"]

@@ -104,7 +104,7 @@ def test_plan_errors_are_clear(folder, capsys):
     (folder / "bad.json").write_text('{"format": "quept-plan", "version": 1, "bits": {"a": 4}}')
     assert main(["eval", elastic, "--plan", str(folder / "bad.json"), "--text", text,
                  "--windows", "1", "--seq-len", "64"]) == 2
-    assert "missing or malformed field" in capsys.readouterr().err
+    assert "'bits_per_weight' must be a positive finite number, got null" in capsys.readouterr().err
 
 
 def test_several_budgets_make_one_plan_each_in_a_folder(folder, capsys):

@@ -330,9 +330,9 @@ def test_auto_adds_the_in_context_candidates(model):
         k: dict(v) for k, v in cands.items() if k in table_only}
     with pytest.raises(ConfigError, match="pass them, or in_context=False"):
         quept.api.plan_candidates(model, table, avg_bits=3.6)
-    cache[lo, hi] = (0.0, {"model.layers.9": -1.0})  # a cached sweep is used, not remeasured
-    with pytest.raises(ConfigError, match="no unit"):
-        quept.api.plan(model, table, avg_bits=3.6, check_ids=ids, cache=cache)
+    cache[lo, hi] = (0.0, {"model.layers.9": -1.0})  # naming no block of the model:
+    quept.api.plan(model, table, avg_bits=3.6, check_ids=ids, cache=cache)  # measured again
+    assert set(cache[lo, hi][1]) == {unit_of(n, "block") for n in table.shapes}
 
 
 def test_the_uniform_width_below_the_budget_is_a_candidate():

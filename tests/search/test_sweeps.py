@@ -76,3 +76,22 @@ def test_plan_reuses_the_sweeps_kept_on_disk(model, tmp_path, monkeypatch):
         assert len(cache) == 0
         with pytest.raises(AssertionError, match="measured again"):
             quept.api.plan(model, table, avg_bits=3.6, check_ids=ids, cache=cache)
+
+
+def test_a_kept_sweep_naming_other_units_is_measured_again(model, tmp_path, caplog):
+    """A sweeps file whose fingerprint is intact but whose units are not the model's blocks
+    (edited, or damaged) is measured again with a warning, not taken or failed on."""
+    table = synthetic_table(model)
+    ids = token_ids(4, 16)
+    path = tmp_path / quept.api.SWEEPS_JSON
+    plan = quept.api.plan(model, table, avg_bits=3.6, check_ids=ids,
+                          cache=quept.sweep_cache(model, ids, path))
+    d = json.loads(path.read_text())
+    deltas = d["sweeps"][0]["deltas"]
+    deltas["model.layers.9"] = deltas.pop("model.layers.0")
+    path.write_text(json.dumps(d))
+    cache = quept.sweep_cache(model, ids, path)
+    with caplog.at_level(logging.WARNING):
+        again = quept.api.plan(model, table, avg_bits=3.6, check_ids=ids, cache=cache)
+    assert "names other units than the model's blocks (e.g. model.layers.0)" in caplog.text
+    assert cache.measured == 1 and dict(again) == dict(plan)

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from quept.api.elastic import prepare, spec_of
+from quept.api.elastic import check_plan_record, prepare, spec_of
 from quept.api.folders import (
     KIND_NAMES,
     ArtifactError,
@@ -85,6 +85,8 @@ def check_export(model: nn.Module, bits_or_plan: int | Mapping[str, int] | Plan,
     if not elastic_layers(model):
         raise ConfigError("the model has no elastic layers to export; quept.prepare and "
                           "quept.calibrate it (or quept.load an elastic folder) first")
+    if isinstance(bits_or_plan, Plan):
+        check_plan_record(elastic_layers(model), bits_or_plan)
     if format != "gguf":
         check_out_folder(out, EXPORT_KINDS[format])
         return widths

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -27,6 +28,10 @@ from quept.nn.switch import plan_widths
 from quept.ops import GroupSizeError, n_groups
 from quept.ops.quant import is_power_of_two
 from quept.search import Plan, as_layer_widths
+from quept.search.budget import layer_bits
+from quept.search.plan import PLAN_FORMAT
+from quept.search.plan_files import read_plan
+from quept.search.table import LayerShape
 
 
 def prepare(model: nn.Module, spec: ElasticSpec | None = None, seed: int = 0) -> nn.Module:
@@ -162,9 +167,13 @@ def round_learned(model: nn.Module, bits_or_plan: int | Mapping[str, int] | Plan
 def set_bits(model: nn.Module, bits: BitsPlan | Plan, *, rtn: bool = False) -> nn.Module:
     """Switch the elastic model to one width (int), float (None) or a plan: {layer: bits}
     (keys may be shell-style patterns applied in order, ``{"*": 3, "*.mlp.down_proj": 4}``),
-    a :class:`quept.search.Plan`, or a plan JSON loaded as a dict. A switchable packed model
+    a :class:`quept.search.Plan` (refused where its record says it was made for another
+    model), a plan JSON loaded as a dict, or a plan file's path. A switchable packed model
     (:func:`load_switchable`) re-packs its layers instead (no float, no RTN there)."""
     switch = getattr(model, "quept_switch", None)
+    bits = as_plan(bits)
+    if isinstance(bits, Plan):  # made for this model? (checked before any layer switches)
+        check_plan_record(elastic_layers(model) if switch is None else switch.skeletons(), bits)
     if switch is not None:
         if rtn:
             raise ConfigError("a switchable packed model has no round-to-nearest mode; "
@@ -172,6 +181,33 @@ def set_bits(model: nn.Module, bits: BitsPlan | Plan, *, rtn: bool = False) -> n
         switch.set_bits(as_layer_widths(bits))
         return model
     return _set_bits(model, as_layer_widths(bits), rtn=rtn)
+
+
+def as_plan(bits: Any) -> Any:
+    """A plan file's path or an inline plan text (``'*=3,model.layers.0.*=8'``) read, and a
+    plan JSON loaded as a dict made a :class:`Plan`; a width or a mapping as given."""
+    if isinstance(bits, (str, os.PathLike)):
+        return read_plan(bits)
+    if isinstance(bits, Mapping) and bits.get("format") == PLAN_FORMAT:
+        return Plan.from_dict(bits)
+    return bits
+
+
+def check_plan_record(layers: Mapping[str, Any], plan: Plan, where: str = "the plan") -> None:
+    """Refuse a :class:`Plan` whose record (weights, stored bytes, bits per weight) is not what
+    its widths give on ``layers``: it was made for another model or spec, and its budget would
+    be reported wrong."""
+    chosen = checked_widths(layers, plan, floats=False)
+    n = sum(m.in_features * m.out_features for m in layers.values())
+    size = sum(layer_bits(LayerShape(m.out_features, m.in_features), chosen[name],
+                          m.spec.group_size_for(chosen[name])) for name, m in layers.items())
+    for key, real, recorded in (("weights", n, plan.n_weights),
+                                ("stored bytes", size / 8, plan.stored_bytes),
+                                ("bits per weight", size / max(n, 1), plan.bits_per_weight)):
+        if not math.isclose(real, recorded, rel_tol=1e-9, abs_tol=1e-9):
+            raise ConfigError(
+                f"{where} records {recorded:,.6g} {key} but gives {real:,.6g} on this model: it "
+                "was made for another model or spec; make one for this model (quept plan)")
 
 
 def checked_widths(layers: Mapping[str, Any], plan: BitsPlan | Plan, floats: bool = True

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from quept.api.elastic import check_text, checked_widths, set_bits, spec_of
+from quept.api.elastic import as_plan, check_text, checked_widths, set_bits, spec_of
 from quept.calib.capture import check_model_inputs
 from quept.checks import ConfigError, check_bits
 from quept.data.tokens import eval_windows, tokenize
@@ -43,7 +43,7 @@ def stored_bits(model: nn.Module, plan: BitsPlan | None = None) -> float:
     if not layers:
         raise ConfigError("the model has no elastic layers; quept.prepare or quept.load it")
     widths = ({n: m.bits for n, m in layers.items()} if plan is None
-              else checked_widths(layers, plan))
+              else checked_widths(layers, as_plan(plan)))
     total, n = 0.0, 0
     for name, m in layers.items():
         b = widths[name]

@@ -100,6 +100,11 @@ def cached_sensitivity(model: nn.Module, input_ids: torch.Tensor, config: Sensit
                                                config.to_dict(objective_for(model))):
         log.info("%s was measured on another model, text or setting", path)
         return None
+    why = _table_mismatch(model, table)
+    if why is not None:  # the fingerprint matches, the contents do not: edited or damaged
+        log.warning("%s does not describe the model its fingerprint names (%s); it will be "
+                    "measured again", path, why)
+        return None
     return table
 
 
@@ -127,13 +132,34 @@ def _check_table(model: nn.Module, table: SensitivityTable) -> dict[str, Elastic
     if not isinstance(table, SensitivityTable):
         raise ConfigError(f"expected a SensitivityTable (from quept.sensitivity), got "
                           f"{type(table).__name__}; calibration tokens go to check_ids=")
-    layers = elastic_layers(model)
-    spec = spec_of(model)
-    if list(layers) != list(table.shapes) or any(
-        table.group_size.get(b) != spec.group_size_for(b) for b in spec.bits
-    ):
-        raise ArtifactError("the sensitivity table was measured on another model or spec")
-    return layers
+    why = _table_mismatch(model, table)
+    if why is not None:
+        raise ArtifactError(f"the sensitivity table was measured on another model or spec: "
+                            f"{why}; measure it on this model (quept.sensitivity)")
+    return elastic_layers(model)
+
+
+def _table_mismatch(model: nn.Module, table: SensitivityTable) -> str | None:
+    """How ``table`` fails to describe ``model``'s elastic layers (their names, shapes, the
+    widths the spec has and their group sizes); None where it does."""
+    layers, spec = elastic_layers(model), spec_of(model)
+    if list(layers) != list(table.shapes):
+        names = set(layers) ^ set(table.shapes)
+        return (f"its layers differ from the model's (e.g. {sorted(names)[0]})" if names
+                else "its layers are in another order than the model's")
+    for name, m in layers.items():
+        shape = table.shapes[name]
+        if (shape.out_features, shape.in_features) != (m.out_features, m.in_features):
+            return (f"layer {name} is {shape.out_features} x {shape.in_features} in the table, "
+                    f"{m.out_features} x {m.in_features} in the model")
+    extra = sorted(set(table.bits) - set(spec.bits))
+    if extra:
+        return f"it has width(s) {extra}, which the model's spec does not ({sorted(spec.bits)})"
+    gs = [b for b in table.bits if table.group_size.get(b) != spec.group_size_for(b)]
+    if gs:
+        return (f"its group size at {gs[0]} bits is {table.group_size.get(gs[0])}, the model's "
+                f"{spec.group_size_for(gs[0])}")
+    return None
 
 
 def sweep_cache(model: nn.Module, check_ids: torch.Tensor, path: str | os.PathLike, *,
@@ -318,6 +344,12 @@ def plan_candidates(
             units.setdefault(unit_of(name, "block"), []).append(name)
         cache = {} if cache is None else cache
         for base, alt in sweeps:
+            if (base, alt) in cache and set(cache[base, alt][1]) != set(units):
+                log.warning("the kept W%d -> W%d sweep%s names other units than the model's "
+                            "blocks (e.g. %s); it is measured again", base, alt,
+                            f" in {cache.path}" if isinstance(cache, SweepCache) else "",
+                            sorted(set(cache[base, alt][1]) ^ set(units))[0])
+                del cache[base, alt]
             if (base, alt) not in cache:
                 cache[base, alt] = unit_swap_kl(model, check_ids, units, base, alt,
                                                 progress=progress)

@@ -13,6 +13,7 @@ from typing import Any
 from quept import api
 from quept.api import model_kind
 from quept.api.deploy import check_export
+from quept.api.elastic import check_plan_record
 from quept.cli.common import (
     _images,
     _load_elastic,
@@ -30,7 +31,7 @@ from quept.export.learned import LearnedRoundingConfig
 from quept.export.packed import SCALE_DTYPES
 from quept.nn import elastic_layers
 from quept.nn.switch import plan_widths
-from quept.search.plan import as_layer_widths, split_warning
+from quept.search.plan import Plan, as_layer_widths, split_warning
 from quept.search.plan_files import read_plan
 
 log = logging.getLogger("quept")
@@ -217,6 +218,8 @@ def cmd_export(a: argparse.Namespace) -> dict[str, Any]:
         check_texts(a, calib_text="calib")
     model, tok, cfg = _load_elastic(folder, kind, a.model)
     layers = elastic_layers(model)
+    if isinstance(given, Plan):  # made for this model and spec (its record says what it gives)
+        check_plan_record(layers, given, f"--plan {a.plan}")
     if isinstance(given, dict) and layers:  # a hand-written plan
         note = split_warning(plan_widths(layers, plan), f"--plan {a.plan}")
         if note:

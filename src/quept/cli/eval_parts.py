@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from quept import api
+from quept.api.elastic import check_plan_record
 from quept.cli.common import (
     EVAL_IMAGES,
     EVAL_OWN_TASK,
@@ -32,6 +33,7 @@ from quept.cli.common import (
 )
 from quept.config import ConfigError, ElasticSpec
 from quept.models import family_for
+from quept.nn import elastic_layers
 from quept.search import Plan
 from quept.search.objective import objective_for
 from quept.search.plan import split_warning
@@ -85,12 +87,11 @@ def _print_plans(measured: list[dict[str, Any]], title: str, what: str,
 def _apply_plan(model: torch.nn.Module, plan: Plan, path: str) -> float:
     """Set ``plan``'s widths on ``model``; its stored bits per weight, checked against the
     plan's record."""
+    switch = getattr(model, "quept_switch", None)
+    check_plan_record(elastic_layers(model) if switch is None else switch.skeletons(), plan,
+                      path)
     api.set_bits(model, plan)
-    bpw = api.stored_bits(model, plan.widths)
-    if abs(bpw - plan.bits_per_weight) > 1e-9:
-        raise ConfigError(f"{path} records {plan.bits_per_weight:.4f} bits per weight but "
-                          f"gives {bpw:.4f} on this model: made for another spec?")
-    return bpw
+    return api.stored_bits(model, plan.widths)
 
 
 def _refuse_task_options(a: argparse.Namespace) -> None:

@@ -160,7 +160,8 @@ def _floats(text: str) -> list[tuple[str, float]]:
 
 def _sizes(text: str) -> list[tuple[str, int]]:
     """'50MB,60MB' -> [('50MB', 50_000_000), ('60MB', 60_000_000)]."""
-    out = [(part, _size(part)) for part in filter(None, (x.strip() for x in text.split(",")))]
+    out = [(part.replace(" ", ""), _size(part))  # '50 kB' names its plan file plan-50kB.json
+           for part in filter(None, (x.strip() for x in text.split(",")))]
     if not out:
         raise argparse.ArgumentTypeError("no budget given; use sizes such as 60MB")
     return out

@@ -29,12 +29,18 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 
 def parse_size(text: str) -> int:
     """'60MB' -> 60_000_000 bytes; kB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
-    if m is None or m.group(2).lower() not in _UNITS:
+    unit = m.group(2) if m else ""
+    bits = re.fullmatch(r"[KMGT]i?b", unit) is not None  # Mb: megabits (60mb reads as bytes)
+    if m is None or unit.lower() not in _UNITS or bits:
+        why = f"; {unit!r} reads as bits, and budgets are bytes: write {unit[:-1]}B" if bits else ""
         raise ConfigError(
-            f"cannot read a size from {text!r}; use a number with an optional unit such as "
+            f"cannot read a size from {text!r}{why}; use a number with an optional unit such as "
             "500kB, 60MB, 1.5GiB"
         )
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    exponent = int(m.group(1).lower().partition("e")[2] or 0)
+    if exponent > 30:  # past any model, and past what a float holds
+        raise ConfigError(f"{text!r} is far past any model's size; give a size such as 60MB")
+    return int(Fraction(m.group(1)) * _UNITS[unit.lower()])  # exact: 32.032kB is 32032 bytes
 
 
 def layer_bits(shape: LayerShape, bits: int, group_size: int) -> int:

@@ -13,13 +13,14 @@ widths have; which granularity wins at a budget is measured (:func:`quept.api.pl
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quept.checks import ConfigError
+from quept.checks import ConfigError, check_bits
 from quept.data.fetch import atomic_write_text
 from quept.search.allocate import InfeasibleBudgetError, allocate
 from quept.search.budget import Constraints, budget_capacity, layer_options
@@ -134,6 +135,23 @@ class Plan(Mapping[str, int]):
         if not isinstance(objective, str) or objective not in BY_NAME:
             raise ConfigError(f"{where}: objective {objective!r} is not one of "
                               f"{tuple(BY_NAME)}")
+        for name, b in widths.items():
+            try:
+                check_bits(b)
+            except ConfigError as e:
+                raise ConfigError(f"{where}: layer {name}: {e}") from None
+        for key in ("bits_per_weight", "stored_bytes", "n_weights"):
+            v = d.get(key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (
+                    0 < v < math.inf):
+                raise ConfigError(f"{where}: {key!r} must be a positive finite number, got "
+                                  f"{json.dumps(v)}")
+        budget = d.get("budget", {})
+        if not isinstance(budget, Mapping) or any(
+                v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)))
+                for v in budget.values()):
+            raise ConfigError(f"{where}: 'budget' must map avg_bits / max_bytes to numbers, got "
+                              f"{json.dumps(budget)}")
         try:
             return cls(dict(widths), float(d["bits_per_weight"]), float(d["stored_bytes"]),
                        int(d["n_weights"]), dict(d.get("budget", {})),

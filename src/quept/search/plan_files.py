@@ -12,6 +12,9 @@ from pathlib import Path
 from quept.checks import ConfigError, check_bits
 from quept.search.plan import INLINE_EXAMPLE, PLAN_FORMAT, Plan, read_plan_json
 
+MODEL_FILES = ("quept.json", "quept-packed.json", "quept-compact.json", "config.json")
+"""JSON files a model folder holds: a folder with one is no folder of plans."""
+
 
 def read_widths(path: str | os.PathLike) -> dict[str, int]:
     """``{layer name: bits}`` from a plan file: one ``quept plan`` wrote (checked as a
@@ -33,10 +36,11 @@ def read_plan(path: str | os.PathLike) -> Plan | dict[str, int]:
     d = read_plan_json(path)
     if isinstance(d, dict) and d.get("format") == PLAN_FORMAT:
         return Plan.from_dict(d, str(path))
-    for key in ("plan", "bits"):
-        if isinstance(d, dict) and isinstance(d.get(key), dict):
-            d = d[key]
-            break
+    nested = [k for k in ("plan", "bits") if isinstance(d, dict) and isinstance(d.get(k), dict)]
+    if len(nested) == 2:
+        raise ConfigError(f"{path}: holds both 'plan' and 'bits'; keep the widths under one")
+    if nested:
+        d = d[nested[0]]
     expected = ("expected {layer name: bits} (bare, or under 'plan' or 'bits'), or a plan "
                 "from `quept plan`")
     if not isinstance(d, dict) or not d:
@@ -82,6 +86,11 @@ def plan_files(values: list[str]) -> list[Path]:
         if not path.is_dir():
             out.append(path)
             continue
+        held = [n for n in MODEL_FILES if (path / n).is_file()]
+        if held:
+            raise ConfigError(f"--plan {path} is a model folder (it holds {held[0]}), not a "
+                              "folder of plans: give a plan file, or the folder `quept plan "
+                              "--out DIR` wrote several into")
         found = sorted(path.glob("*.json"))
         if not found:
             raise ConfigError(f"--plan {path} is a folder without plan files (*.json); "
