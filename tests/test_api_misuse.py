@@ -279,3 +279,15 @@ def test_a_local_folder_named_like_a_built_in_model_is_warned_of(tmp_path, monke
         assert resolve_model_dir("minilm") == tmp_path / "built-in"
     assert "'minilm' names the built-in model; the local folder of that name is not read " \
            "(pass ./minilm to read it)" in caplog.text
+
+
+def test_a_rotation_of_an_order_with_no_hadamard_matrix_changes_nothing():
+    model = tiny_model(intermediate_size=112)  # down_proj reads 112: no Hadamard of that order
+    before = _state(model)
+    with pytest.raises(ConfigError, match="down_proj's input \\(the MLP width\\) 112 cannot be "
+                                          "rotated: .*use rotation 'none'"):
+        quept.prepare(model, ElasticSpec(ranks=(2, 2, 2, 2), default_group_size=16,
+                                         rotation="hadamard"))
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied

@@ -359,3 +359,17 @@ def test_the_python_writers_refuse_a_folder_holding_another_kind(folders):
         with pytest.raises(ConfigError, match=says):
             write()
     assert quept.api.folder_kind(elastic) == "elastic" and quept.api.folder_kind(base) == "hf"
+
+
+def test_run_refuses_a_keep_mb_that_is_no_size_and_a_prompt_of_no_tokens(folders, capsys):
+    root, _, elastic = folders
+    for value in ("nan", "inf", "-1"):
+        assert main(["run", str(elastic), "--bits", "4", "--keep-mb", value, "--prompt",
+                     "x"]) == 2
+        assert "--keep-mb must be a finite number >= 0" in capsys.readouterr().err
+    from quept.export.runtime import generate
+
+    model, tok = quept.load(elastic)
+    quept.set_bits(model, 4)
+    with pytest.raises(ValueError, match="gives no tokens with this tokenizer"):
+        generate(model, lambda text, **kw: tok("", **kw), "   ", 2, warmup=False)

@@ -195,3 +195,24 @@ def test_restored_codes_match_the_elastic_codes(pair):
             miss += (a != b).sum().item()
             total += a.numel()
         assert miss / total <= limit, (bits, miss / total)
+
+
+def test_cli_compact_of_a_folder_without_the_low_widths_needs_no_clip_bits(tmp_path, capsys):
+    """The default clip bits apply to the widths the folder has (a W4A4..W8A8 folder has no 2
+    or 3 bits); only widths given with --clip-bits are checked against the folder."""
+    from quept.cli import main
+    from quept.config import CalibConfig, ElasticSpec, QuEPTConfig
+
+    from .tiny import hf_folder, randomize
+
+    spec = ElasticSpec(bit_groups=((8,), (6,), (4,)), ranks=(2, 2, 2),
+                       merge_weights=(1 / 3,) * 3, default_group_size=32)
+    model, _ = quept.load_model(hf_folder(tmp_path / "base"))
+    randomize(quept.prepare(model, spec))
+    quept.save(model, tmp_path / "el", QuEPTConfig(spec=spec, calib=CalibConfig(
+        n_samples=2, batch_size=2)))
+    assert main(["compact", str(tmp_path / "el"), "--out", str(tmp_path / "c")]) == 0
+    assert (tmp_path / "c" / COMPACT_JSON).is_file()
+    assert main(["compact", str(tmp_path / "el"), "--out", str(tmp_path / "c2"),
+                 "--clip-bits", "2:7"]) == 2
+    assert "--clip-bits names width 2, which" in capsys.readouterr().err

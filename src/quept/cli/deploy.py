@@ -46,10 +46,11 @@ def add_compact(sub: argparse._SubParsersAction) -> None:
                        "folder, with no base model needed.")
     p.add_argument("folder", help="elastic folder written by `quept quantize`")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--clip-bits", type=_clip_bits, default=d.clip_bits,
+    p.add_argument("--clip-bits", type=_clip_bits, default=None,
                    help="bits per stored clip factor: one number for every width, or "
                    "WIDTH:BITS pairs (default " + ",".join(f"{k}:{v}" for k, v in
-                                                          d.clip_bits.items()) + ")")
+                                                          d.clip_bits.items())
+                   + ", for the widths the folder has)")
     p.add_argument("--master-bits", type=int, default=d.master_bits,
                    help=f"bits of the master weight codes (default {d.master_bits})")
     p.add_argument("--model", default=None,
@@ -78,7 +79,8 @@ def _clip_bits(text: str) -> int | dict[int, int]:
 def cmd_compact(a: argparse.Namespace) -> dict[str, Any]:
     folder = Path(a.folder)
     check_out(a.out, "folder", source=folder, writes="compact")
-    ccfg = CompactConfig(master_bits=a.master_bits, clip_bits=a.clip_bits)
+    ccfg = CompactConfig(master_bits=a.master_bits,  # the default: each width's own
+                         **({} if a.clip_bits is None else {"clip_bits": a.clip_bits}))
     kind = model_kind(folder)
     if isinstance(a.clip_bits, dict):  # widths the elastic folder has, checked before it loads
         widths = sorted(folder_config(folder, kind).spec.bits)

@@ -154,7 +154,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    help="'hadamard': rotate a LLaMA-family decoder before calibration (norms "
                    "folded, residual stream and value heads rotated offline, down_proj's input "
                    "online), which spreads activation outliers for W4A4; default: 'hadamard' "
-                   "with --activations per-token on such a decoder, else 'none'")
+                   "with --activations (per-token or per-tensor) on such a decoder, else "
+                   "'none'")
     s.add_argument("--kv-bits", type=int, default=None, metavar="N",
                    help="decoders: quantize the KV cache (keys after the rotary embedding, and "
                    "values; per token and head, asymmetric, in a Hadamard basis) at N bits "
@@ -481,7 +482,8 @@ def _quantize(a: argparse.Namespace, cfg: QuEPTConfig, out: Path, t0: float) -> 
               + ("" if rss is None else f", peak memory {rss:.2f} GiB") + ")")
         plan = (f", `quept plan {out} --avg-bits 3.5 --out plan.json` makes a mixed-precision "
                 "plan")
-        run = (f", `quept run {out} --bits 4,3,2 --prompt TEXT` generates with packed layers "
+        low = ",".join(map(str, sorted(cfg.spec.bits)[:3][::-1]))  # e.g. 4,3,2
+        run = (f", `quept run {out} --bits {low} --prompt TEXT` generates with packed layers "
                "switched in memory" if task == "causal-lm" else "")
         print(f"next: `quept info {out}` describes it{plan}, `quept export {out} --bits 4 "
               f"--out w4` packs one width{run}")

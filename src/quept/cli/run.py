@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -122,8 +123,8 @@ def cmd_run(a: argparse.Namespace) -> dict[str, Any]:
     if a.backend != "auto" and (a.fake_quant or kind not in ("packed", "elastic", "compact")):
         raise ConfigError("--backend picks the matmul of packed layers: it applies to packed "
                           "folders and to elastic and compact folders run packed")
-    if a.keep_mb < 0:
-        raise ConfigError(f"--keep-mb must be >= 0, got {a.keep_mb}")
+    if not 0 <= a.keep_mb < math.inf:  # nan too
+        raise ConfigError(f"--keep-mb must be a finite number >= 0 (megabytes), got {a.keep_mb}")
     if a.keep_mb and (a.fake_quant or kind not in ("elastic", "compact")):
         raise ConfigError("--keep-mb applies to elastic and compact folders run packed")
     if a.head_bits is not None and (a.fake_quant or kind not in ("elastic", "compact")):

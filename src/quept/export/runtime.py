@@ -92,10 +92,14 @@ def generate(
     if kv_cache == "quantized":
         from quept.export.kv_cache import QuantizedKVCache  # needs transformers
     ids = tokenizer(prompt, return_tensors="pt").input_ids if isinstance(prompt, str) else prompt
+    if isinstance(prompt, str) and ids.shape[-1] == 0:
+        raise ValueError(f"the prompt {prompt!r} gives no tokens with this tokenizer; give some "
+                         "text to continue")
     if ids.ndim != 2 or ids.shape[0] != 1 or ids.shape[1] < 1:
         raise ValueError(f"the prompt must be one non-empty sequence, got ids of shape {ids.shape}")
     context = context_length(model)
-    if context is not None and ids.shape[1] + max_new_tokens > context:
+    # the last new token is returned, never fed: prompt + new - 1 positions are computed
+    if context is not None and ids.shape[1] + max_new_tokens - 1 > context:
         log.warning("the prompt (%d tokens) and %d new tokens run past the model's context of "
                     "%d tokens (max_position_embeddings); what it generates past that is not "
                     "what it was trained for", ids.shape[1], max_new_tokens, context)

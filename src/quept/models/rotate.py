@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quept.ops.hadamard import hadamard, random_hadamard
+from quept.checks import ConfigError
+from quept.ops.hadamard import HadamardSizeError, hadamard, random_hadamard
 
 READS_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 READS_MLP = ("mlp.gate_proj", "mlp.up_proj")
@@ -72,6 +73,14 @@ def rotate_decoder(model: nn.Module, blocks: nn.ModuleList, final_norm: nn.Modul
     cfg = getattr(cfg, "text_config", None) or cfg
     hidden = model.get_input_embeddings().weight.shape[1]
     head_dim = getattr(cfg, "head_dim", None) or hidden // cfg.num_attention_heads
+    downs = {block.get_submodule(ONLINE).in_features for block in blocks}
+    for what, n in (("the hidden size", hidden), ("the head dimension", head_dim),
+                    *(("down_proj's input (the MLP width)", d) for d in sorted(downs))):
+        try:  # every order built before anything is rotated: a refusal changes nothing
+            hadamard(n)
+        except HadamardSizeError as e:
+            raise ConfigError(f"{what} {n} cannot be rotated: {e}; use rotation 'none' "
+                              "(--rotation none)") from None
     q = random_hadamard(hidden, seed)
     h_head = hadamard(head_dim)
     head = _untie_head(model)
