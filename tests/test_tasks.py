@@ -21,7 +21,6 @@ from quept.data.tasks import (
     task_documents,
 )
 from quept.nn import elastic_layers
-from quept.search import Plan
 from tests.conftest import tiny_model
 from tests.export.tiny import SPEC, char_tokenizer, randomize
 
@@ -250,7 +249,7 @@ def test_cli_eval_tasks_on_an_elastic_and_a_packed_folder(tmp_path, capsys):
 
     model, _ = quept.load(folder)
     widths = {n: (2, 8)[i % 2] for i, n in enumerate(elastic_layers(model))}
-    Plan(widths, quept.stored_bits(model, widths), 0.0, 1).save(tmp_path / "plan.json")
+    quept.plan_record(model, widths).save(tmp_path / "plan.json")
     assert main(["eval", str(folder), "--tasks", "last-word", "--text", str(text), "--limit", "4",
                  "--plan", str(tmp_path / "plan.json"), "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
@@ -260,7 +259,7 @@ def test_cli_eval_tasks_on_an_elastic_and_a_packed_folder(tmp_path, capsys):
     nll = math.log(res["plan"]["scores"]["last-word"]["perplexity"])
     assert nll != math.log(rows[8]["scores"]["last-word"]["perplexity"])
     all8 = {n: 8 for n in widths}
-    Plan(all8, quept.stored_bits(model, all8), 0.0, 1).save(tmp_path / "all8.json")
+    quept.plan_record(model, all8).save(tmp_path / "all8.json")
     assert main(["eval", str(folder), "--tasks", "last-word", "--text", str(text), "--limit", "4",
                  "--plan", str(tmp_path / "plan.json"), "--plan", str(tmp_path / "all8.json"),
                  "--json"]) == 0
