@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from quept.calib import CHECKPOINT_DIR
 from quept.calib.checkpoint import PROGRESS_JSON
@@ -86,14 +87,19 @@ def not_a_folder(path: str | os.PathLike) -> str:
 def holds_elastic_model(folder: str | os.PathLike) -> bool:
     """Whether ``folder`` holds a quept.json that quept wrote: a JSON object whose "format"
     is :data:`FORMAT` (a file of that name in another format is some other tool's)."""
-    path = Path(folder) / ELASTIC_JSON
+    return _json_format(Path(folder) / ELASTIC_JSON) == FORMAT
+
+
+def _json_format(path: Path) -> Any:
+    """The "format" of the JSON object in the file ``path``; None for a missing, unreadable,
+    oversized (:data:`_JSON_FILE_LIMIT`) or non-object file."""
     try:
         if path.stat().st_size > _JSON_FILE_LIMIT:
-            return False
+            return None
         d = json.loads(path.read_bytes())
     except (OSError, ValueError):
-        return False
-    return isinstance(d, dict) and d.get("format") == FORMAT
+        return None
+    return d.get("format") if isinstance(d, dict) else None
 
 
 KIND_NAMES = {"elastic": "an elastic model", "compact": "a compact checkpoint",
@@ -225,13 +231,7 @@ def _holds_model(folder: Path) -> str | None:
 def _is_plan_file(path: Path) -> bool:
     """Whether the file ``path`` is a plan `quept plan` wrote: a JSON object whose "format" is
     :data:`quept.search.plan.PLAN_FORMAT`."""
-    try:
-        if path.stat().st_size > _JSON_FILE_LIMIT:
-            return False
-        d = json.loads(path.read_bytes())
-    except (OSError, ValueError):
-        return False
-    return isinstance(d, dict) and d.get("format") == PLAN_FORMAT
+    return _json_format(path) == PLAN_FORMAT
 
 
 def check_plan_out(path: str | os.PathLike, flag: str = "") -> None:
