@@ -291,3 +291,16 @@ def test_a_rotation_of_an_order_with_no_hadamard_matrix_changes_nothing():
     after = model.state_dict()
     assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
     assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+
+
+def test_calibrating_a_calibrated_model_again_is_warned_of(tmp_path, caplog):
+    model = elastic_tiny()
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    cfg = CalibConfig(n_samples=2, seq_len=16, batch_size=2)
+    with caplog.at_level(logging.WARNING, logger="quept.api.elastic"):
+        quept.calibrate(model, ids, cfg, progress=False)
+        assert "already calibrated" not in caplog.text
+        quept.calibrate(model, ids, cfg, progress=False)
+    assert "the model is already calibrated: calibrating again" in caplog.text
+    quept.save(model, tmp_path / "el", QuEPTConfig(spec=SPEC, calib=cfg))
+    assert quept.load(tmp_path / "el", model=hf_folder(tmp_path / "b"))[0].quept_calibrated

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 from collections.abc import Mapping
@@ -32,6 +33,8 @@ from quept.search.budget import layer_bits
 from quept.search.plan import PLAN_FORMAT
 from quept.search.plan_files import read_plan
 from quept.search.table import LayerShape
+
+log = logging.getLogger(__name__)
 
 
 def prepare(model: nn.Module, spec: ElasticSpec | None = None, seed: int = 0) -> nn.Module:
@@ -91,7 +94,13 @@ def calibrate(
     if checkpoint_dir is not None:
         ckpt = CalibCheckpoint(checkpoint_dir, _fingerprint(model, spec, config, input_ids),
                                keep_streams=keep_streams)
-    return BlockCalibrator(model, fam, spec, config, kwargs, ckpt, progress).run(x0)
+    if getattr(model, "quept_calibrated", False):
+        log.warning("the model is already calibrated: calibrating again searches its clips "
+                    "afresh and trains its adapters on from where they are; prepare the base "
+                    "model again to start from scratch")
+    reports = BlockCalibrator(model, fam, spec, config, kwargs, ckpt, progress).run(x0)
+    model.quept_calibrated = True
+    return reports
 
 
 def _check_inputs(input_ids: Any, config: CalibConfig) -> None:

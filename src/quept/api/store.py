@@ -180,6 +180,7 @@ def load(folder: str | os.PathLike, model: str | os.PathLike | None = None) -> t
         raise ArtifactError(f"{Path(folder) / ELASTIC_WEIGHTS} is damaged: {len(bad)} tensor(s) "
                             f"hold non-finite values (e.g. {bad[0]})")
     load_elastic_state(net, state)
+    net.quept_calibrated = True
     net.quept_calibration_text = meta.get("calibration_text")  # quept quantize's sample
     reparam.refold(net, family_for(net))
     return net, tok
