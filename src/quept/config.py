@@ -9,6 +9,7 @@ calibrated (data size, epochs, learning rates, seed). Both are frozen dataclasse
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import types
@@ -44,10 +45,16 @@ def check_seed(seed: Any, what: str = "seed") -> int:
     return int(seed)
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """A config class's field annotations, resolved once."""
+    return typing.get_type_hints(cls)
+
+
 def _check_types(obj: Any) -> None:
     """Refuse a field of ``obj`` (a config dataclass, before its values are coerced) whose
     value is not of the annotated kind: 8.7 for a rank, "0.1" for a rate, True for a seed."""
-    hints = typing.get_type_hints(type(obj))
+    hints = _hints(type(obj))
     for f in fields(obj):
         v = _tupled(getattr(obj, f.name))
         if not _fits(v, hints[f.name]):
@@ -237,7 +244,6 @@ class ElasticSpec:
             if not 2 <= self.kv_bits <= 8:
                 raise ConfigError(f"kv_bits must be an integer from 2 to 8 (or None: the KV "
                                   f"cache stays float), got {self.kv_bits!r}")
-            object.__setattr__(self, "kv_bits", int(self.kv_bits))
         if len(self.ranks) != len(groups):
             raise ConfigError(
                 f"ranks has {len(self.ranks)} entries but there are {len(groups)} bit groups"

@@ -16,7 +16,7 @@ from quept.cli import main
 from quept.config import ConfigError, ElasticSpec
 from quept.search import Plan, SensitivityConfig
 from quept.search.budget import parse_size, shape_table
-from quept.search.plan_files import plan_files, read_plan
+from quept.search.plan_files import read_plan
 from tests.conftest import tiny_model
 from tests.export.tiny import TEXT, char_tokenizer, elastic_folder, elastic_tiny, hf_folder
 
@@ -115,9 +115,11 @@ def test_a_table_of_another_model_is_refused_and_a_damaged_cache_measured_again(
 
 
 def test_plan_files_that_are_not_plans_are_named(folders, tmp_path):
-    with pytest.raises(ConfigError, match="is a model folder \\(it holds quept.json\\), not a "
-                                          "folder of plans"):
-        plan_files([str(folders / "small")])
+    from quept.cli.common import plan_paths
+
+    for folder, held in (("small", "an elastic model"), ("base", "a Hugging Face model")):
+        with pytest.raises(ConfigError, match=f"--plan .*{folder} holds {held}, not plans"):
+            plan_paths([str(folders / folder)])
     both = tmp_path / "both.json"
     both.write_text(json.dumps({"plan": {"*": 4}, "bits": {"*": 3}}))
     with pytest.raises(ConfigError, match="holds both 'plan' and 'bits'"):

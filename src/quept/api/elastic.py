@@ -106,16 +106,13 @@ def calibrate(
 def _check_inputs(input_ids: Any, config: CalibConfig) -> None:
     """Refuse calibration inputs that are not the ``config.n_samples`` samples (of
     ``config.seq_len`` tokens) the config records: its schedule counts its steps from them."""
-    n, what = input_ids.shape[0], "samples"
-    wrong = n != config.n_samples
-    if not input_ids.is_floating_point() and input_ids.dim() == 2:  # token ids
-        wrong |= input_ids.shape[1] != config.seq_len
-        what = f"samples of {input_ids.shape[1]} tokens"
-    if wrong:
-        want = f"{config.n_samples} samples" + (f" of {config.seq_len} tokens" if "tokens" in what
-                                                else "")
+    tokens = not input_ids.is_floating_point() and input_ids.dim() == 2  # else pixel values
+    given, want = (tuple(input_ids.shape[:2]), (config.n_samples, config.seq_len)) if tokens \
+        else ((input_ids.shape[0],), (config.n_samples,))
+    if given != want:
+        say = lambda s: f"{s[0]} samples" + (f" of {s[1]} tokens" if tokens else "")  # noqa: E731
         raise ConfigError(
-            f"calibrate was given {n} {what}, but its config says {want}: the learning-rate "
+            f"calibrate was given {say(given)}, but its config says {say(want)}: the learning-rate "
             "schedule counts its steps from the config, and the config is what an elastic "
             "folder records; draw the samples with the same config (quept.samples_from_text("
             "tok, text, config)) or give a config that describes them (dataclasses.replace("
@@ -202,14 +199,22 @@ def as_plan(bits: Any) -> Any:
     return bits
 
 
-def check_plan_record(layers: Mapping[str, Any], plan: Plan, where: str = "the plan") -> None:
-    """Refuse a :class:`Plan` whose record (weights, stored bytes, bits per weight) is not what
-    its widths give on ``layers``: it was made for another model or spec, and its budget would
-    be reported wrong."""
-    chosen = checked_widths(layers, plan, floats=False)
+def realised(layers: Mapping[str, Any], widths: Any) -> tuple[dict[str, int], int, int]:
+    """What a plan (anything :func:`checked_widths` takes, no float layer) realises on
+    ``layers``: the width per layer, the quantized weights and their stored bits (codes,
+    scales and zero-points, :func:`quept.search.budget.layer_bits`)."""
+    chosen = checked_widths(layers, widths, floats=False)
     n = sum(m.in_features * m.out_features for m in layers.values())
     size = sum(layer_bits(LayerShape(m.out_features, m.in_features), chosen[name],
                           m.spec.group_size_for(chosen[name])) for name, m in layers.items())
+    return chosen, n, size
+
+
+def check_plan_record(layers: Mapping[str, Any], plan: Plan, where: str = "the plan") -> float:
+    """Refuse a :class:`Plan` whose record (weights, stored bytes, bits per weight) is not what
+    its widths give on ``layers``: it was made for another model or spec, and its budget would
+    be reported wrong. Returns the bits per weight it realises."""
+    _, n, size = realised(layers, plan)
     for key, real, recorded in (("weights", n, plan.n_weights),
                                 ("stored bytes", size / 8, plan.stored_bytes),
                                 ("bits per weight", size / max(n, 1), plan.bits_per_weight)):
@@ -217,6 +222,7 @@ def check_plan_record(layers: Mapping[str, Any], plan: Plan, where: str = "the p
             raise ConfigError(
                 f"{where} records {recorded:,.6g} {key} but gives {real:,.6g} on this model: it "
                 "was made for another model or spec; make one for this model (quept plan)")
+    return size / max(n, 1)
 
 
 def checked_widths(layers: Mapping[str, Any], plan: BitsPlan | Plan, floats: bool = True
@@ -310,11 +316,6 @@ def rest_fingerprint(model: nn.Module, linears: Mapping[str, nn.Module]) -> str:
             continue
         _hash_sample(h, name, p)
     return h.hexdigest()[:16]
-
-
-def base_rest_fingerprint(model: nn.Module) -> str:
-    """:func:`rest_fingerprint` of a model as loaded (not yet prepared)."""
-    return rest_fingerprint(model, _family_linears(model, family_for(model)))
 
 
 def _is_meta(model: nn.Module) -> bool:

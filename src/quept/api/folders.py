@@ -109,8 +109,8 @@ KIND_NAMES = {"elastic": "an elastic model", "compact": "a compact checkpoint",
 """Each :func:`folder_kind` in words, as messages name what a folder holds."""
 
 
-_HELD_NAMES = {**KIND_NAMES, "foreign": f"a {ELASTIC_JSON} that quept did not write"}
-"""Each :func:`_holds_model` in words."""
+HELD_NAMES = {**KIND_NAMES, "foreign": f"a {ELASTIC_JSON} that quept did not write"}
+"""Each :func:`holds_model` in words."""
 
 
 def readable_kind(folder: str | os.PathLike) -> str:
@@ -159,7 +159,7 @@ def check_out_folder(out: str | os.PathLike, writes: str, flag: str = "", *,
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{flag}{out} is a file; {KIND_NAMES[writes]} is written as a "
                           "folder: give a folder's path")
-    held = _holds_model(out)
+    held = holds_model(out)
     if held == "foreign":
         raise ConfigError(f"{flag}{out} holds a {ELASTIC_JSON} that quept did not write (not a "
                           f"JSON object with \"format\": \"{FORMAT}\"); writing "
@@ -215,7 +215,7 @@ _JSON_FILE_LIMIT = 1 << 26
 without reading it (either, for a model with tens of thousands of linears, is a few MB)."""
 
 
-def _holds_model(folder: Path) -> str | None:
+def holds_model(folder: Path) -> str | None:
     """The :func:`folder_kind` of ``folder`` when it holds a quept artifact (an unfinished one
     too) or a Hugging Face model with its ``config.json``; "foreign" for a quept.json quept
     did not write (:func:`holds_elastic_model`); None for a missing or empty folder, or one
@@ -241,10 +241,10 @@ def check_plan_out(path: str | os.PathLike, flag: str = "") -> None:
     an earlier plan file is replaced. ``flag`` ("--out ") starts the message."""
     path = Path(path)
     for p in dict.fromkeys((path, path.resolve())):  # and where a link leads
-        held = _holds_model(p.parent)
+        held = holds_model(p.parent)
         if held is not None and (p.name in ARTIFACT_FILES
                                  or p.name.endswith(ARTIFACT_SUFFIXES)):
-            raise ConfigError(f"{flag}{path}: {p.parent} holds {_HELD_NAMES[held]}, which keeps "
+            raise ConfigError(f"{flag}{path}: {p.parent} holds {HELD_NAMES[held]}, which keeps "
                               f"the name {p.name} for its own files; writing the plan there "
                               f"would spoil it; give the plan another name, e.g. "
                               f"{path.parent / 'plan.json'}")
@@ -261,9 +261,9 @@ def check_plans_folder(folder: str | os.PathLike, files: list[Path], flag: str =
     """Refuse to write the plans ``files`` into ``folder`` when it holds a model (they would
     mix with its files), or where :func:`check_plan_out` refuses one of them."""
     folder = Path(folder)
-    held = _holds_model(folder)
+    held = holds_model(folder)
     if held is not None:
-        raise ConfigError(f"{flag}{folder} holds {_HELD_NAMES[held]}; writing {len(files)} "
+        raise ConfigError(f"{flag}{folder} holds {HELD_NAMES[held]}; writing {len(files)} "
                           f"plans there would mix them with its files; give another folder")
     for f in files:
         check_plan_out(f, flag)

@@ -12,12 +12,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from quept.api.elastic import checked_widths, spec_of
+from quept.api.elastic import realised, spec_of
 from quept.api.folders import ArtifactError
 from quept.checks import ConfigError, check_config, check_count
 from quept.nn import ElasticLinear, elastic_layers
 from quept.search import (
-    LayerShape,
     Plan,
     SensitivityCacheError,
     SensitivityConfig,
@@ -25,7 +24,7 @@ from quept.search import (
     estimate_sensitivity,
     plan_from_table,
 )
-from quept.search.budget import Constraints, feasible_range, layer_bits, shape_table
+from quept.search.budget import Constraints, feasible_range, shape_table
 from quept.search.budget import check_budget as _check_budget
 from quept.search.candidates import (
     bracketing_widths,
@@ -372,9 +371,6 @@ def plan_record(model: nn.Module, widths: Mapping[str, int]) -> Plan:
     a :class:`Plan`: the stored bits per weight and bytes it realises on ``model``, scales and
     zero-points included, with no budget and no predicted KL (``search`` "by hand")."""
     switch = getattr(model, "quept_switch", None)
-    layers = elastic_layers(model) if switch is None else switch.skeletons()
-    chosen = checked_widths(layers, widths, floats=False)
-    n = sum(m.in_features * m.out_features for m in layers.values())
-    size = sum(layer_bits(LayerShape(m.out_features, m.in_features), chosen[name],
-                          m.spec.group_size_for(chosen[name])) for name, m in layers.items())
+    chosen, n, size = realised(elastic_layers(model) if switch is None else switch.skeletons(),
+                               widths)
     return Plan(dict(chosen), size / n, size / 8, n, search="by hand")

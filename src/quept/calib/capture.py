@@ -73,8 +73,9 @@ def check_model_inputs(model: nn.Module, family: Family, inputs: object,
                           f"{int(inputs.max())}; the model's vocabulary is 0..{vocab - 1}")
     for name in PLACEHOLDER_TOKENS:
         token = getattr(cfg, name, None)
-        if isinstance(token, int) and (inputs == token).any():
-            n, t = (int(i) for i in (inputs == token).nonzero()[0])
+        at = (inputs == token).nonzero() if isinstance(token, int) else ()
+        if len(at):
+            n, t = (int(i) for i in at[0])
             raise ConfigError(
                 f"{what} hold the {name.split('_')[0]} placeholder token {token} (first in "
                 f"sample {n}, position {t}): text-only inputs feed no {name.split('_')[0]} for "

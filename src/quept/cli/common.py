@@ -419,3 +419,17 @@ def width_label(bits: int | str | None, activations: bool = False) -> str:
 
 def _packed_label(meta: dict[str, Any]) -> str:
     return width_label(meta["bits"], any(i.get("act_bits") for i in meta["layers"].values()))
+
+
+def plan_paths(values: list[str]) -> list[Path]:
+    """The plan files ``--plan`` values name (:func:`quept.search.plan_files.plan_files`); a
+    folder holding a model is refused by what it holds, not read for plans."""
+    from quept.api.folders import HELD_NAMES, holds_model
+    from quept.search.plan_files import plan_files
+
+    for value in values:
+        held = holds_model(Path(value))
+        if held is not None:
+            raise ConfigError(f"--plan {value} holds {HELD_NAMES[held]}, not plans: give a plan "
+                              "file, or the folder `quept plan --out DIR` wrote several into")
+    return plan_files(values)

@@ -29,6 +29,7 @@ from quept.cli.common import (
     _task,
     _text,
     perplexity_windows,
+    plan_paths,
     recorded_overlap,
 )
 from quept.config import ConfigError, ElasticSpec
@@ -37,7 +38,7 @@ from quept.nn import elastic_layers
 from quept.search import Plan
 from quept.search.objective import objective_for
 from quept.search.plan import split_warning
-from quept.search.plan_files import plan_files, read_plan
+from quept.search.plan_files import read_plan
 
 log = logging.getLogger("quept")
 
@@ -46,7 +47,7 @@ def _load_plans(values: list[str]) -> list[tuple[str, Plan | dict[str, int]]]:
     """Each ``--plan`` value read as a plan file, or a folder's plan files, as (path, plan): a
     :class:`Plan` from `quept plan`, or a hand-written ``{layer: bits}`` that
     :func:`_recorded` makes one once the model is loaded."""
-    return [(str(f), read_plan(f)) for f in plan_files(values)]
+    return [(str(f), read_plan(f)) for f in plan_paths(values)]
 
 
 def _recorded(model: torch.nn.Module, plans: list[tuple[str, Plan | dict[str, int]]]
@@ -88,10 +89,10 @@ def _apply_plan(model: torch.nn.Module, plan: Plan, path: str) -> float:
     """Set ``plan``'s widths on ``model``; its stored bits per weight, checked against the
     plan's record."""
     switch = getattr(model, "quept_switch", None)
-    check_plan_record(elastic_layers(model) if switch is None else switch.skeletons(), plan,
-                      path)
-    api.set_bits(model, plan)
-    return api.stored_bits(model, plan.widths)
+    bpw = check_plan_record(elastic_layers(model) if switch is None else switch.skeletons(),
+                            plan, path)
+    api.set_bits(model, plan.widths)  # the record is checked: its widths alone
+    return bpw
 
 
 def _refuse_task_options(a: argparse.Namespace) -> None:

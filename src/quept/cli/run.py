@@ -10,13 +10,20 @@ from typing import Any
 
 from quept import api
 from quept.api import KIND_NAMES, model_kind
-from quept.cli.common import _load_elastic, at_least, check_widths, folder_config, width_label
+from quept.cli.common import (
+    _load_elastic,
+    at_least,
+    check_widths,
+    folder_config,
+    plan_paths,
+    width_label,
+)
 from quept.config import ConfigError
 from quept.export.runtime import KV_CACHES, generate
 from quept.info import describe, render
 from quept.models import family_for
 from quept.nn.packed_linear import BACKENDS
-from quept.search.plan_files import plan_files, read_widths
+from quept.search.plan_files import read_widths
 
 
 def add_info(sub: argparse._SubParsersAction) -> None:
@@ -93,7 +100,7 @@ def add_run(sub: argparse._SubParsersAction) -> None:
 def _run_configs(a: argparse.Namespace) -> list[tuple[str, Any]]:
     """``[(label, width or plan)]`` from --bits / --plan."""
     if a.plan:
-        return [(f"plan {p}", read_widths(p)) for p in plan_files(a.plan)]
+        return [(f"plan {p}", read_widths(p)) for p in plan_paths(a.plan)]
     configs = []
     for part in a.bits.split(","):
         try:

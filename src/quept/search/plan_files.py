@@ -12,9 +12,6 @@ from pathlib import Path
 from quept.checks import ConfigError, check_bits
 from quept.search.plan import INLINE_EXAMPLE, PLAN_FORMAT, Plan, read_plan_json
 
-MODEL_FILES = ("quept.json", "quept-packed.json", "quept-compact.json", "config.json")
-"""JSON files a model folder holds: a folder with one is no folder of plans."""
-
 
 def read_widths(path: str | os.PathLike) -> dict[str, int]:
     """``{layer name: bits}`` from a plan file: one ``quept plan`` wrote (checked as a
@@ -86,11 +83,6 @@ def plan_files(values: list[str]) -> list[Path]:
         if not path.is_dir():
             out.append(path)
             continue
-        held = [n for n in MODEL_FILES if (path / n).is_file()]
-        if held:
-            raise ConfigError(f"--plan {path} is a model folder (it holds {held[0]}), not a "
-                              "folder of plans: give a plan file, or the folder `quept plan "
-                              "--out DIR` wrote several into")
         found = sorted(path.glob("*.json"))
         if not found:
             raise ConfigError(f"--plan {path} is a folder without plan files (*.json); "
