@@ -151,7 +151,9 @@ def main() -> int:
         try:
             t0 = time.perf_counter()
             plans[avg] = quept.api.plan(model, table, avg_bits=avg, granularity=a.granularity,
-                                        check_ids=check, in_context=a.in_context, cache=sweeps)
+                                        check_ids=check, in_context=a.in_context, cache=sweeps,
+                                        earlier=(list(plans.values())
+                                                 if a.granularity == "auto" else ()))
             results["plans"].append({"budget": avg, "plan_ms": (time.perf_counter() - t0) * 1e3})
         except InfeasibleBudgetError as e:
             results["plans"].append({"budget": avg, "infeasible": str(e)})

@@ -113,17 +113,17 @@ def test_several_budgets_make_one_plan_each_in_a_folder(folder, capsys):
     out = folder / "plans"
     res = run_json(capsys, ["plan", elastic, "--avg-bits", "4.0,3.5", "--out", str(out),
                             "--granularity", "layer", "--json", *small])
-    assert [p["out"] for p in res["plans"]] == [str(out / "plan-4.0bits.json"),
-                                                str(out / "plan-3.5bits.json")]
-    for p, budget in zip(res["plans"], (4.0, 3.5)):
+    assert [p["out"] for p in res["plans"]] == [str(out / "plan-3.5bits.json"),
+                                                str(out / "plan-4.0bits.json")]  # smallest first
+    for p, budget in zip(res["plans"], (3.5, 4.0)):
         saved = Plan.load(p["out"])
         assert saved.bits_per_weight == pytest.approx(p["bits_per_weight"])
         assert saved.bits_per_weight <= budget
         assert saved.budget == {"avg_bits": budget}
-    assert res["plans"][0]["bits_per_weight"] > res["plans"][1]["bits_per_weight"]
+    assert res["plans"][0]["bits_per_weight"] < res["plans"][1]["bits_per_weight"]
     sized = run_json(capsys, ["plan", elastic, "--max-bytes", "50kB,40kB", "--out",
                               str(folder / "sized"), "--granularity", "layer", "--json", *small])
-    assert [p["stored_bytes"] <= b for p, b in zip(sized["plans"], (50_000, 40_000))] == [
+    assert [p["stored_bytes"] <= b for p, b in zip(sized["plans"], (40_000, 50_000))] == [
         True, True]
     assert (folder / "sized" / "plan-40kB.json").is_file()
     main(["plan", elastic, "--avg-bits", "4.0,3.5", "--out", str(folder / "printed"),
@@ -334,3 +334,20 @@ def test_refine_rounds_from_the_command_line(folder, capsys):
     assert all(k.startswith(plain["chosen"] + ", refined x") for k in kls
                if k not in plain["checked_kl"])
     assert Plan.load(out).widths == res["bits"]
+
+
+def test_auto_plans_over_several_budgets_never_measure_worse_at_a_larger_one(folder, capsys):
+    elastic, text = folder / "elastic", str(folder / "calib.txt")
+    small = ["--calib-text", text, "--samples", "2", "--seq-len", "16", "--probes", "2"]
+    res = run_json(capsys, ["plan", str(elastic), "--avg-bits", "3.6,3.2,3.4", "--out",
+                            str(folder / "auto"), "--json", *small])
+    plans = res["plans"]
+    assert [p["budget"]["avg_bits"] for p in plans] == [3.2, 3.4, 3.6]  # smallest first
+    kept = [p["checked_kl"][p["chosen"]] for p in plans]
+    assert kept == sorted(kept, reverse=True), kept
+    for smaller, larger in zip(plans, plans[1:]):
+        # the smaller budget's plan was measured again as a candidate of the larger one
+        assert any(k.endswith(f"(the {smaller['budget']['avg_bits']:g}-bit plan's)")
+                   or larger["checked_kl"][k] == pytest.approx(kept[plans.index(smaller)],
+                                                               rel=1e-5)
+                   for k in larger["checked_kl"])

@@ -25,7 +25,7 @@ from quept.search.candidates import (
     swap_means,
 )
 from quept.search.exact import configuration_kl, move_kl, unit_swap_kl
-from quept.search.plan import plan_uniform, unit_of
+from quept.search.plan import plan_uniform, plan_within, unit_of
 from quept.search.plan_files import read_widths
 from tests.search.helpers import elastic_tiny, token_ids
 
@@ -608,3 +608,43 @@ def test_a_round_whose_moves_interact_falls_back_to_fewer_moves(monkeypatch):
     assert plan.label == "block, uniform W3, refined x1 (1 move)"
     assert [{b for n, b in plan.items() if f".{k}." in n} for k in range(3)] == [{4}, {3}, {3}]
     assert plan.predicted_kl == pytest.approx(1.0 - 0.5)
+
+
+def test_a_smaller_budgets_plan_is_a_candidate_at_a_larger_one(monkeypatch):
+    model = elastic_tiny(layers=2)
+    table = synthetic_table(model)
+    ids = token_ids(4, 16)
+    w3 = dataclasses.replace(quept.api.plan_record(model, 3), granularity="block",
+                             search="uniform W3", budget={"avg_bits": 3.3})
+    w2 = dataclasses.replace(quept.api.plan_record(model, 2), granularity="block",
+                             search="uniform W2")
+    budget = w3.bits_per_weight + 0.2
+    # the only candidate found at the larger budget measures worse than the smaller one's plan
+    monkeypatch.setattr(quept.api.mixed, "plan_candidates", lambda *a, **k: {w2.label: w2})
+    alone = quept.api.plan(model, table, avg_bits=budget, check_ids=ids)
+    assert dict(alone) == dict(w2)
+    plan = quept.api.plan(model, table, avg_bits=budget, check_ids=ids, earlier=[w3])
+    label = "block, uniform W3 (the 3.3-bit plan's)"
+    assert dict(plan) == dict(w3) and plan.label == label
+    assert plan.checked_kl[label] < plan.checked_kl["block, uniform W2"]
+    assert plan.budget == {"avg_bits": budget} and plan.bits_per_weight == w3.bits_per_weight
+    assert plan.predicted_kl == pytest.approx(sum(table.cost(n, 3) for n in table.shapes))
+    again = plan_within(table, plan, avg_bits=budget + 1)
+    assert again.label == label  # kept again, it still names the budget it was made for
+    # a plan that does not fit the budget, or breaks a constraint, is no candidate
+    assert plan_within(table, w3, avg_bits=w2.bits_per_weight + 0.1) is None
+    assert plan_within(table, w3, avg_bits=budget,
+                       constraints=["model.layers.0.*>=4"]) is None
+    w4 = dataclasses.replace(quept.api.plan_record(model, 4), budget={"avg_bits": 4.4})
+    plan = quept.api.plan(model, table, avg_bits=budget, check_ids=ids, earlier=[w3, w4])
+    assert not any("4.4-bit" in k for k in plan.checked_kl)
+    two = dataclasses.replace(w3, widths={**w3.widths, "model.layers.1.mlp.down_proj": 2})
+    plan = quept.api.plan(model, table, avg_bits=budget, check_ids=ids, earlier=[w3, two])
+    assert {label, label + " #2"} <= set(plan.checked_kl)  # made alike, both measured
+    for bad, match in (([w3.widths], "earlier must hold Plan objects"),
+                       ([dataclasses.replace(w3, widths={"x": 3})], "other layers"),
+                       ([dataclasses.replace(w3, objective="class-kl")], "measures class-kl")):
+        with pytest.raises(ConfigError, match=match):
+            quept.api.plan(model, table, avg_bits=budget, check_ids=ids, earlier=bad)
+    with pytest.raises(ConfigError, match="measures none"):
+        quept.api.plan(model, table, avg_bits=budget, granularity="block", earlier=[w3])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from quept.search.candidates import (
 )
 from quept.search.exact import configuration_kl, move_kl, unit_swap_kl
 from quept.search.objective import checked_objective, cost_number, cost_words, objective_for
-from quept.search.plan import GRANULARITIES, plan_uniform, unit_of
+from quept.search.plan import GRANULARITIES, plan_uniform, plan_within, unit_of
 from quept.search.sensitivity import CACHE_NAMES
 from quept.search.sweeps import SweepCache
 from quept.search.table import fingerprint as _table_fingerprint
@@ -186,7 +186,8 @@ def plan(model: nn.Module, table: SensitivityTable, *, avg_bits: float | None = 
          max_bytes: int | None = None, granularity: str = "auto",
          check_ids: torch.Tensor | None = None, in_context: bool = True,
          both_ways: bool = True, cache: MutableMapping | None = None,
-         constraints: Constraints = None, refine: int = 0, progress: bool = False) -> Plan:
+         constraints: Constraints = None, refine: int = 0, earlier: Iterable[Plan] = (),
+         progress: bool = False) -> Plan:
     """The width per layer minimising the summed sensitivity within one budget: ``avg_bits``
     (stored bits per quantized weight, scales and zero-points included) or ``max_bytes``
     (bytes of the quantized linears: codes + scales + zero-points). Solved exactly.
@@ -221,8 +222,17 @@ def plan(model: nn.Module, table: SensitivityTable, *, avg_bits: float | None = 
     and the result replaces the plan if its measured KL is lower. The moves' costs are each
     measured alone, so where the whole choice does not lower the KL, choices of at most half
     as many moves, a quarter, ... one are measured in turn; the rounds stop at the first where
-    none lowers it. Every try's KL is recorded in ``checked_kl``."""
+    none lowers it. Every try's KL is recorded in ``checked_kl``.
+
+    ``earlier`` (auto only): plans made for smaller budgets of this model, e.g. by a sweep over
+    budgets in ascending order. Each that fits this budget and keeps the constraints is one
+    more candidate (:func:`quept.search.plan.plan_within`), so that a larger budget never keeps
+    a plan whose measured KL is above a smaller budget's."""
     _check_table(model, table)
+    earlier = list(earlier)
+    if any(not isinstance(p, Plan) for p in earlier):
+        raise ConfigError("earlier must hold Plan objects (plans made for smaller budgets), got "
+                          f"{sorted({type(p).__name__ for p in earlier if not isinstance(p, Plan)})}")
     if granularity != "auto" and granularity not in GRANULARITIES:
         raise ConfigError(f"granularity must be 'auto' (the best of candidates measured on "
                           f"check_ids) or one of {GRANULARITIES}, got {granularity!r}")
@@ -230,6 +240,9 @@ def plan(model: nn.Module, table: SensitivityTable, *, avg_bits: float | None = 
     if refine and granularity != "auto":
         raise ConfigError(f"refine starts from the plan granularity='auto' keeps, by measured "
                           f"KL; granularity={granularity!r} measures none")
+    if earlier and granularity != "auto":
+        raise ConfigError(f"earlier plans are candidates the auto granularity measures; "
+                          f"granularity={granularity!r} measures none")
     if granularity != "auto":
         return plan_from_table(table, avg_bits=avg_bits, max_bytes=max_bytes,
                                granularity=granularity, constraints=constraints)
@@ -241,6 +254,16 @@ def plan(model: nn.Module, table: SensitivityTable, *, avg_bits: float | None = 
                                  check_ids=check_ids, in_context=in_context,
                                  both_ways=both_ways, cache=cache, constraints=constraints,
                                  progress=progress)
+    for p in earlier:
+        kept_here = plan_within(table, p, avg_bits=avg_bits, max_bytes=max_bytes,
+                                constraints=constraints)
+        if kept_here is not None and all(kept_here.widths != c.widths
+                                         for c in candidates.values()):
+            base, k = kept_here, 1
+            while kept_here.label in candidates:  # given plans made alike for one budget
+                k += 1
+                kept_here = dataclasses.replace(base, search=f"{base.search} #{k}")
+            candidates[kept_here.label] = kept_here
     kls = configuration_kl(model, check_ids, list(candidates.values()))
     checked = dict(zip(candidates, kls))
     best = min(checked, key=checked.get)

@@ -259,14 +259,18 @@ def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
                             recompute=a.recompute, progress=not a.json)
     sens_s: float | None = time.perf_counter() - t0
     results = []
-    for budget, out in budgets:
+    made: list[Plan] = []  # each budget's plan, a candidate for the larger ones (auto)
+    for budget, out in sorted(budgets, key=lambda b: next(iter(b[0].values()))):  # smallest first
         t1 = time.perf_counter()
         sweeps = (api.sweep_cache(model, check, folder / api.SWEEPS_JSON,
-                                  recompute=a.recompute and not results)
+                                  recompute=a.recompute and not made)
                   if a.granularity == "auto" and a.in_context else None)
         plan = api.plan(model, table, **budget, granularity=a.granularity, check_ids=check,
                         in_context=a.in_context, both_ways=a.both_ways, cache=sweeps,
-                        constraints=a.constraint, refine=a.refine, progress=not a.json)
+                        constraints=a.constraint, refine=a.refine,
+                        earlier=made if a.granularity == "auto" else (),
+                        progress=not a.json)
+        made.append(plan)
         alloc_s = time.perf_counter() - t1
         plan.save(out)
         used = {} if sweeps is None else {"measured": sweeps.measured, "reused": sweeps.reused}

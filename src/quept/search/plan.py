@@ -23,8 +23,8 @@ from typing import Any
 from quept.checks import ConfigError, check_bits
 from quept.data.fetch import atomic_write_text
 from quept.search.allocate import InfeasibleBudgetError, allocate
-from quept.search.budget import Constraints, budget_capacity, layer_options
-from quept.search.constraints import constraint_texts
+from quept.search.budget import Constraints, budget_capacity, layer_bits, layer_options
+from quept.search.constraints import allowed_widths, constraint_texts
 from quept.search.objective import BY_NAME, NextTokenKL
 from quept.search.table import SensitivityTable
 
@@ -54,7 +54,8 @@ class Plan(Mapping[str, int]):
         "from W<b>" (in-context costs of units moved away from uniform b bits,
         :func:`quept.search.candidates.plan_from_swaps`), "from W<lo>+W<hi>" (the mean of both
         in-context costs, :func:`quept.search.candidates.swap_means`) or "uniform W<b>" (every
-        layer at b bits, :func:`plan_uniform`).
+        layer at b bits, :func:`plan_uniform`); a plan a larger budget kept from a smaller one
+        adds the budget it was made for: "from W3 (the 3.2-bit plan's)" (:func:`plan_within`).
     constraints: the constraints the widths were chosen under, as written
         (:mod:`quept.search.constraints`; empty when none).
     objective: what ``predicted_kl`` and ``checked_kl`` measure (:mod:`quept.search.objective`):
@@ -285,4 +286,48 @@ def plan_uniform(table: SensitivityTable, bits: int, *, avg_bits: float | None =
     cost = sum(table.cost(name, b) for name, b in widths.items())
     return Plan(widths, size / n, size / 8, n, budget, cost, True, "block",
                 search=f"uniform W{bits}", constraints=constraint_texts(constraints),
+                objective=table_objective(table))
+
+
+def budget_words(budget: Mapping[str, Any]) -> str:
+    """A plan's recorded budget in words: "3.2-bit", "60,000,000-byte"; "" when none."""
+    if budget.get("avg_bits") is not None:
+        return f"{budget['avg_bits']:g}-bit"
+    if budget.get("max_bytes") is not None:
+        return f"{budget['max_bytes']:,.0f}-byte"
+    return ""
+
+
+def plan_within(table: SensitivityTable, earlier: Plan, *, avg_bits: float | None = None,
+                max_bytes: int | None = None, constraints: Constraints = None) -> Plan | None:
+    """``earlier`` (a plan over the table's layers, e.g. one made for a smaller budget) as a
+    candidate at this budget: its widths, with their stored size and summed cost recorded
+    for this budget and ``constraints``, when they fit it and keep the constraints; None when
+    they do not. Its search names the budget it was made for ("block, from W3 (the 3.2-bit
+    plan's)"), so that a larger budget keeping a smaller one's plan says so. A plan of other
+    layers or another objective raises ConfigError."""
+    if set(earlier.widths) != set(table.shapes):
+        odd = sorted(set(earlier.widths) ^ set(table.shapes))
+        raise ConfigError(f"an earlier plan names other layers than the model's (e.g. {odd[0]}); "
+                          "give plans made for this model")
+    if earlier.objective != table_objective(table):
+        raise ConfigError(f"an earlier plan measures {earlier.objective}, the table "
+                          f"{table_objective(table)}; give plans made for this model")
+    allowed = allowed_widths(table.shapes, table.bits, constraints)
+    if any(b not in allowed[n] for n, b in earlier.widths.items()):
+        return None
+    capacity, budget = budget_capacity(table, layer_options(table, constraints)[1], avg_bits,
+                                       max_bytes, constraints)
+    size = sum(layer_bits(table.shapes[n], b, table.group_size[b])
+               for n, b in earlier.widths.items())
+    if size > capacity:
+        return None
+    n = sum(s.numel for s in table.shapes.values())
+    cost = sum(table.cost(name, b) for name, b in earlier.widths.items())
+    made_for = budget_words(earlier.budget)
+    search = earlier.search
+    if made_for and not search.endswith("plan's)"):
+        search = f"{search} (the {made_for} plan's)"
+    return Plan(dict(earlier.widths), size / n, size / 8, n, budget, cost, earlier.exact,
+                earlier.granularity, search=search, constraints=constraint_texts(constraints),
                 objective=table_objective(table))
