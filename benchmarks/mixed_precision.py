@@ -152,7 +152,7 @@ def main() -> int:
             t0 = time.perf_counter()
             plans[avg] = quept.api.plan(model, table, avg_bits=avg, granularity=a.granularity,
                                         check_ids=check, in_context=a.in_context, cache=sweeps,
-                                        earlier=(list(plans.values())
+                                        earlier=(list(plans.values())[-1:]
                                                  if a.granularity == "auto" else ()))
             results["plans"].append({"budget": avg, "plan_ms": (time.perf_counter() - t0) * 1e3})
         except InfeasibleBudgetError as e:

@@ -259,7 +259,9 @@ def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
                             recompute=a.recompute, progress=not a.json)
     sens_s: float | None = time.perf_counter() - t0
     results = []
-    made: list[Plan] = []  # each budget's plan, a candidate for the larger ones (auto)
+    # auto: each budget's plan is a candidate at the next; as that one kept the plan before
+    # it as a candidate, measured KL never rises with the budget
+    made: list[Plan] = []
     for budget, out in sorted(budgets, key=lambda b: next(iter(b[0].values()))):  # smallest first
         t1 = time.perf_counter()
         sweeps = (api.sweep_cache(model, check, folder / api.SWEEPS_JSON,
@@ -268,7 +270,7 @@ def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
         plan = api.plan(model, table, **budget, granularity=a.granularity, check_ids=check,
                         in_context=a.in_context, both_ways=a.both_ways, cache=sweeps,
                         constraints=a.constraint, refine=a.refine,
-                        earlier=made if a.granularity == "auto" else (),
+                        earlier=made[-1:] if a.granularity == "auto" else (),
                         progress=not a.json)
         made.append(plan)
         alloc_s = time.perf_counter() - t1
