@@ -173,6 +173,8 @@ def test_keep_streams_keeps_what_entered_every_block(tmp_path, monkeypatch, stre
     _, reports = calibrated(checkpoint_dir=tmp_path / "keep", keep_streams=True)
     n = len(reports)
     keep = CalibCheckpoint(tmp_path / "keep", {})
+    x0, x0_q = keep.streams(0)  # the first block's input, shared by every bit group
+    assert len(x0_q) == len(SPEC.bit_groups) and all(torch.equal(x, x0) for x in x0_q)
     for block in range(1, n + 1):
         x_fp, x_q = keep.streams(block)
         assert x_fp.shape == (CFG.n_samples, CFG.seq_len, x_q[0].shape[-1])

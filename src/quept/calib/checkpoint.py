@@ -90,9 +90,30 @@ class CalibCheckpoint:
 
     def streams(self, block: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The float stream and the quantized stream of every bit group that entered ``block``
-        (with keep_streams every block's are kept; otherwise only the next block's exist)."""
+        (with keep_streams every block's are kept, block 0's too; otherwise only the next
+        block's exist)."""
         x_fp, x_q, _ = self._read_streams(block, self._progress())
         return x_fp, x_q
+
+    def save_inputs(self, x_fp: torch.Tensor, x_q: list[torch.Tensor],
+                    rng_state: torch.Tensor) -> None:
+        """With keep_streams, keep what enters block 0 (``streams(0)``); nothing otherwise.
+        Resuming never reads it."""
+        if not self.keep_streams:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tensors = self._stream_tensors(x_fp, x_q, rng_state)
+        if all(x is x_fp for x in x_q):  # every stream is the float one: stored once
+            tensors = {k: v for k, v in tensors.items() if not k.startswith("x_q_")}
+        _atomic_save(tensors, self.folder / "streams_000.safetensors")
+
+    @staticmethod
+    def _stream_tensors(x_fp: torch.Tensor, x_q: list[torch.Tensor],
+                        rng_state: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One streams file's tensors: a bit group's stream once when all groups share it."""
+        unique = x_q[:1] if all(x is x_q[0] for x in x_q) else x_q
+        return {"x_fp": x_fp, "rng_state": rng_state,
+                **{f"x_q_{g}": x for g, x in enumerate(unique)}}
 
     def finished_blocks(self) -> int:
         """How many blocks the checkpoint holds as finished (0 when there is none, or when its
@@ -151,8 +172,16 @@ class CalibCheckpoint:
                 f"{self.folder} holds no streams entering block {block} (it has {have or 'none'}); "
                 "calibrate with keep_streams=True (quept quantize --keep-streams) to keep them all"
             )
-        streams = [f"x_q_{g}" for g in range(int(prog["n_streams"]))]
-        t = self._tensors(path, ["x_fp", "rng_state", *streams])
+        t = self._tensors(path, ["x_fp", "rng_state"])
+        n_streams = int(prog["n_streams"])
+        if block != int(prog["next_block"]):  # a kept file: as many streams as it was saved with
+            n_streams = sum(k.startswith("x_q_") for k in t)
+            if n_streams == 0:  # block 0's input: the quantized streams are the float one
+                return t["x_fp"], [t["x_fp"]] * int(prog["n_groups"]), t["rng_state"]
+        streams = [f"x_q_{g}" for g in range(n_streams)]
+        missing = [k for k in streams if k not in t]
+        if missing:
+            raise self._corrupt(path.name, f"lacks {missing}")
         x_q = [t[k] for k in streams]
         x_q = x_q * int(prog["n_groups"]) if len(x_q) == 1 else x_q
         return t["x_fp"], x_q, t["rng_state"]
@@ -187,12 +216,10 @@ class CalibCheckpoint:
         self.folder.mkdir(parents=True, exist_ok=True)
         _atomic_save(state, self.folder / f"block_{block:03d}.safetensors")
         nxt = block + 1
-        shared = all(x is x_q[0] for x in x_q)
-        unique = x_q[:1] if shared else x_q
-        tensors = {"x_fp": x_fp, "rng_state": rng_state}
-        tensors.update({f"x_q_{g}": x for g, x in enumerate(unique)})
+        tensors = self._stream_tensors(x_fp, x_q, rng_state)
         _atomic_save(tensors, self.folder / f"streams_{nxt:03d}.safetensors")
-        _atomic_json({"next_block": nxt, "n_streams": len(unique), "n_groups": len(x_q),
+        n_streams = sum(k.startswith("x_q_") for k in tensors)
+        _atomic_json({"next_block": nxt, "n_streams": n_streams, "n_groups": len(x_q),
                       "fingerprint": self.fingerprint, "reports": reports},
                      self.folder / PROGRESS_JSON)
         old = self.folder / f"streams_{block:03d}.safetensors"

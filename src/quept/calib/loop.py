@@ -314,6 +314,8 @@ class BlockCalibrator:
             start, x_fp, x_q = resumed.next_block, resumed.x_fp, resumed.x_q
             gen.set_state(resumed.rng_state)
             reports = [BlockReport(**r) for r in resumed.reports]
+        elif self.checkpoint:
+            self.checkpoint.save_inputs(x_fp, x_q, gen.get_state())
         steps = self.cfg.epochs * self.cfg.steps_per_epoch
         bar = tqdm(total=n_blocks * steps, initial=start * steps, disable=not self.progress,
                    unit="step", dynamic_ncols=True)

@@ -35,8 +35,9 @@ def add_info(sub: argparse._SubParsersAction) -> None:
                        "and whether a sensitivity table is cached; for a packed folder or an "
                        "export its widths, bits per weight and sizes. Also reads compact "
                        "checkpoints, compressed-tensors and ONNX folders, GGUF files and plain "
-                       "Hugging Face model folders.")
-    p.add_argument("path", help="folder, or a .gguf file")
+                       "Hugging Face model folders, and plan files (PLAN.json, or a folder "
+                       "of them).")
+    p.add_argument("path", help="folder, .gguf file or plan file (PLAN.json)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=cmd_info)
 

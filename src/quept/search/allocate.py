@@ -21,11 +21,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from quept.checks import ConfigError
+
 MAX_UNITS = 2_000_000
 
 
-class InfeasibleBudgetError(ValueError):
-    """The budget is below the smallest or the problem has no option at all."""
+class InfeasibleBudgetError(ConfigError):
+    """The budget is below the smallest plan, or the problem has no option at all: bad input,
+    so a :class:`quept.ConfigError` (and a ``ValueError``)."""
 
 
 @dataclass(frozen=True)
