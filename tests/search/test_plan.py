@@ -97,6 +97,8 @@ def test_infeasible_budget_names_the_feasible_range(model):
         plan_from_table(table, avg_bits=2.25)
     with pytest.raises(InfeasibleBudgetError, match="infeasible"):
         plan_from_table(table, max_bytes=1000)
+    with pytest.raises(quept.ConfigError, match="infeasible"):  # bad input, like any other
+        quept.check_budget(model, avg_bits=1.0)
     with pytest.raises(ConfigError, match="exactly one budget"):
         plan_from_table(table, avg_bits=3.0, max_bytes=10**6)
     with pytest.raises(ConfigError, match="exactly one budget"):
