@@ -21,7 +21,7 @@ the preset's passes per block (the training part of a block's time scales with i
 search and the streams' passes do not). Prints a table (median seconds per block, the ratio to
 ``composed``, the block losses) and writes JSON.
 
-    python benchmarks/calib_speed.py --preset cpu-long --blocks 2 --epochs 2 --repeats 3 \
+    python benchmarks/calib_speed.py --preset cpu-long --blocks 2 --epochs 2 --repeats 3 \\
         --json results/calib_speed.json
 """
 

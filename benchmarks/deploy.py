@@ -5,9 +5,11 @@ Run from the repository root under the shared lock (it times things):
 
     flock /tmp/quept-heavy.lock python benchmarks/deploy.py --elastic quept-elastic
 
-Writes results/deploy.json and prints markdown tables. Speed: batch 1, a 64-token prompt of
-Pride and Prejudice, 64 new tokens (greedy, KV cache), median of --repeats runs in this one
-process; prefill and decode timed separately.
+Writes results/deploy.json and prints markdown tables. Speed: batch 1, a --prompt-tokens prompt
+of Pride and Prejudice (64 tokens by default), --new-tokens new tokens (64; greedy, KV cache),
+median of --repeats runs in this one process for every row (the folder's own base model in
+float32, every packed width, and W4 with PyTorch's int4 and plain dequant backends); prefill and
+decode timed separately.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from model_label import model_name
 
 import quept
 from quept import api, data
@@ -100,7 +103,9 @@ def main() -> int:
     # Speed: float32 vs packed at every width (kernel), plus PyTorch's int4 and plain dequant.
     text = data.evaluation_text()
     prompt = tok(text[:2000], return_tensors="pt").input_ids[:, : a.prompt_tokens]
-    flt, _ = quept.load_model()
+    res.update(base_model=quept.read_meta(a.elastic)["base_model"], repeats=a.repeats,
+               prompt_tokens=prompt.shape[1], new_tokens=a.new_tokens)
+    flt, _ = quept.load_model(res["base_model"])
     res["speed"] = {"float32": speed(flt, tok, prompt, a.new_tokens, a.repeats)}
     del flt
     for b in WIDTHS:
@@ -109,7 +114,7 @@ def main() -> int:
                                  **resident_mb(pm)}
     for backend in ("aten-int4", "dequant"):
         pm, _ = api.load_packed(work / "w4", backend=backend)
-        res["speed"][f"W4 {backend}"] = speed(pm, tok, prompt, 8, 1)
+        res["speed"][f"W4 {backend}"] = speed(pm, tok, prompt, a.new_tokens, a.repeats)
     base = res["speed"]["float32"]["decode_tok_s"]
     for v in res["speed"].values():
         v["decode_vs_float32"] = v["decode_tok_s"] / base
@@ -128,7 +133,11 @@ def main() -> int:
 
 
 def report(res: dict) -> None:
-    print(f"\n{res['machine']}; fused kernel: {res['kernel']}\n")
+    print(f"\n{res['machine']}; fused kernel: {res['kernel']}")
+    if "repeats" in res:
+        print(f"float32: {model_name(res['base_model'])}; every row: {res['prompt_tokens']}-token "
+              f"prompt, {res['new_tokens']} new tokens, median of {res['repeats']} runs")
+    print()
     print("| config | bits/weight | quantized MB | file MB | prefill tok/s | decode tok/s | "
           "decode vs fp32 |\n|---|---|---|---|---|---|---|")
     for k, v in res["speed"].items():

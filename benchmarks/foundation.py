@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from model_label import group_label, model_label  # benchmarks/
 
 import quept
 from quept import data
@@ -61,12 +62,13 @@ def main() -> int:
     a = p.parse_args()
 
     t0 = time.perf_counter()
-    calib_s = None
+    calib_s, base_model = None, None  # None: the built-in model
     if a.elastic:
         model, tok = quept.load(a.elastic)
         meta = quept.read_meta(a.elastic)
         cfg = QuEPTConfig.from_dict(meta["config"])
         calib_s = meta.get("calibration_seconds")  # as recorded by the run that wrote it
+        base_model = meta["base_model"]
     else:
         cfg = QuEPTConfig(spec=ElasticSpec(), calib=PRESETS["cpu-demo"])
         model, tok = quept.load_model()
@@ -80,7 +82,7 @@ def main() -> int:
     rows = quept.evaluate(model, windows, [None, *bits], rtn=True)
     switch = switch_times_ms(model)
     result = {
-        "model": "SmolLM2-135M-Instruct (float = dequantized Q4_1)",
+        "model": model_label(base_model),
         "eval": f"Pride and Prejudice, {a.windows} x 512 tokens",
         "calibration": f"{cfg.calib.n_samples} x {cfg.calib.seq_len} tokens of the other novels",
         "config": cfg.to_dict(),
@@ -95,7 +97,7 @@ def main() -> int:
         "command": "python benchmarks/foundation.py "
                    + " ".join(Path(x).name if x == a.elastic else x for x in sys.argv[1:]),
     }
-    print(f"\n{result['model']}; {result['eval']}; group size {cfg.spec.default_group_size}\n")
+    print(f"\n{result['model']}; {result['eval']}; {group_label(cfg.spec)}\n")
     print("| width | bits/weight | QuEPT ppl | RTN ppl |\n|---|---|---|---|")
     for r in rows:
         rtn = "" if r.ppl_rtn is None else f"{r.ppl_rtn:.2f}"

@@ -18,7 +18,7 @@ calibration settings, drawn again from the built-in calibration text):
 
 Prints a table and writes JSON. Run from the repository root:
 
-    python benchmarks/gptq_rounding.py --elastic quept-elastic --widths 2,3,4 \
+    python benchmarks/gptq_rounding.py --elastic quept-elastic --widths 2,3,4 \\
         --out results/gptq_rounding.json
 """
 
@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     quept.set_bits(model, None)
     rows = [{"bits": None, "mode": "float", "ppl": perplexity(model, windows)}]
     print(f"float: {rows[0]['ppl']:.3f}", file=sys.stderr)
+    gptq = {m: GPTQConfig(adapters=m == "gptq-adapters") for m in modes if m.startswith("gptq")}
     for b in widths:
         for mode in modes:
             net = model
@@ -107,8 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
             elif mode == "learned":
                 info = quept.round_learned(net, b, ids, learned, progress=False)
             else:
-                cfg = GPTQConfig(adapters=mode == "gptq-adapters")
-                info = quept.round_gptq(net, b, ids, cfg, progress=False)
+                info = quept.round_gptq(net, b, ids, gptq[mode], progress=False)
             ppl = perplexity(net, windows)
             clear_rounding(net)
             rows.append({"bits": b, "mode": mode, "ppl": ppl,
@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"| W{b} | " + " | ".join(cells) + " |")
     result = {"elastic": Path(a.elastic).name, "windows": a.windows, "calibration": {
         "n_samples": calib.n_samples, "seq_len": calib.seq_len, "seed": calib.seed},
-        "gptq": vars(GPTQConfig()), "learned": vars(learned), "rows": rows, "machine": platform.machine(),
+        "gptq": {m: vars(c) for m, c in gptq.items()}, "learned": vars(learned), "rows": rows,
+        "machine": platform.machine(),
         "threads": a.threads, "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d")}
     if a.out:

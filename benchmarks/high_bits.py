@@ -1,6 +1,6 @@
 """Where an elastic model's error at given widths (7 and 8 by default) comes from.
 
-At 7 and 8 bits round-to-nearest is already within 0.15% of the float model, and the elastic
+At 7 and 8 bits round-to-nearest is already within 0.2% of the float model, and the elastic
 model lands a few hundredths of perplexity above it. This script takes an elastic folder apart
 at those widths, on the same evaluation windows:
 
@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 import torch
+from model_label import model_label  # benchmarks/
 
 import quept
 from quept import data
@@ -113,13 +114,13 @@ def main() -> int:
         variants["searched clips, no adapter"] = ppl()
         variants["rtn"] = ppl(rtn=True)
 
-    print(f"\nPerplexity on {text}, {a.elastic}")
+    print(f"\nPerplexity on {text}, {a.elastic} ({model_label(meta['base_model'])})")
     print("| variant | " + " | ".join(f"W{b}" for b in bits) + " |")
     print("|---|" + "---|" * len(bits))
     for name, row in variants.items():
         print(f"| {name} | " + " | ".join(f"{row[b]:.4f}" for b in bits) + " |")
     result = {
-        "model": "SmolLM2-135M-Instruct (float = dequantized Q4_1)",
+        "model": model_label(meta["base_model"]),
         "eval": text,
         "elastic": Path(a.elastic).name,
         "config": cfg.to_dict(),

@@ -14,7 +14,9 @@ row gives the refined plan's perplexity change with a 95% interval over resample
     python benchmarks/in_context_plans.py --elastic quept-elastic --budgets 3.25,3.0,2.75,3.5
 
 The sensitivity table is cached in FOLDER/sensitivity.json (as ``quept plan`` does). Output:
-one JSON line per budget on stdout and ``--out`` (default results/in_context_plans.json).
+one JSON line per budget and per uniform width on stdout as each is measured, then ``--out``
+(default results/in_context_plans.json): one indented JSON object with the settings and every
+row (``plans``, ``uniform``).
 """
 
 from __future__ import annotations

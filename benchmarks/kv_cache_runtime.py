@@ -7,7 +7,8 @@ Run from the repository root under the shared lock (it times things):
 
 --elastic is an elastic or compact folder calibrated with ``--kv-bits``. It is exported packed
 at --bits; then, for each prompt length in --contexts (tokens of Pride and Prejudice from its
-start), --new-tokens are generated greedily, --repeats times each, taking turns, three ways:
+start), --new-tokens are generated greedily, once untimed (a warm-up: first runs are far
+slower) and then --repeats times each, taking turns, three ways:
 "float", transformers' float cache with the KV quantizer off (the speed to beat: what the
 model costs without a quantized cache); "simulated", transformers' float cache with the
 quantizer on (the attention quantizes every cached key and value again on each step: the
@@ -119,18 +120,18 @@ def main() -> int:
     res: dict = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch "
                  f"{torch.__version__}", "elastic": Path(a.elastic).name, "weight_bits": a.bits,
                  "kv_bits": spec.kv_bits, "new_tokens": a.new_tokens, "repeats": a.repeats,
-                 "contexts": {}}
+                 "warmup_rounds": 1, "contexts": {}}
     for n in contexts:
         prompt = ids[:, :n]
         runs: dict[str, list] = {"float": [], "simulated": [], "quantized": []}
-        for _ in range(a.repeats):
+        for rnd in range(a.repeats + 1):  # round 0 warms up, untimed
             for kind in runs:
                 off = kv_quantizer_off(packed) if kind == "float" else contextlib.nullcontext()
                 with off:
-                    runs[kind].append(generate(packed, tok, prompt, a.new_tokens,
-                                               stop_at_eos=False,
-                                               kv_cache="quantized" if kind == "quantized"
-                                               else "float"))
+                    gen = generate(packed, tok, prompt, a.new_tokens, stop_at_eos=False,
+                                   kv_cache="quantized" if kind == "quantized" else "float")
+                if rnd:
+                    runs[kind].append(gen)
         q = runs["quantized"][0]
         tokens = n + a.new_tokens - 1
         row = {"cached_tokens": tokens, "quantized_bytes": q.kv_cache_bytes,
@@ -155,7 +156,8 @@ def main() -> int:
 
 def report(res: dict) -> None:
     print(f"\n{res['machine']}; packed W{res['weight_bits']}, KV cache {res['kv_bits']} bits; "
-          f"{res['new_tokens']} new tokens, medians of {res['repeats']}\n")
+          f"{res['new_tokens']} new tokens, medians of {res['repeats']}"
+          f"{' after an untimed warm-up' if res.get('warmup_rounds') else ''}\n")
     print("| prompt tokens | float32 cache MB | quantized cache MB | smaller | decode tok/s, "
           "float cache | decode tok/s, simulated | decode tok/s, quantized | quantized vs float "
           "| same text as simulated |\n|---|---|---|---|---|---|---|---|---|")

@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{row[str(b)]['l1_without_token0']:.4f}" for b in bits]
             print(f"{row['block']:5d}  {row['float_token0_max']:10.0f} | " + " | ".join(cells))
     if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(out, indent=1))
         print(f"wrote {a.json}")
     return 0

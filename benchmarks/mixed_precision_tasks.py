@@ -154,7 +154,9 @@ def main() -> int:
     p.add_argument("--recompute", action="store_true",
                    help="measure the sensitivity table and sweeps afresh")
     p.add_argument("--exact", action="store_true",
-                   help="also compare the fast table with the slow protocol (see above)")
+                   help="also run the slow protocol (a whole forward per layer and width) on "
+                   "the inputs the fast table was measured on, and compare the plans made "
+                   "from each table (per layer) on the held-out data")
     p.add_argument("--sensitivity", choices=("fast", "exact"), default="fast",
                    help="the table `quept plan` makes the plans from")
     p.add_argument("--threads", type=positive, default=2)

@@ -119,8 +119,11 @@ def export_float(base: torch.nn.Module, tok, folder: Path) -> None:
     from quept.export.onnx_format import save_graph
 
     save_graph(base, "causal-lm", folder, tok)
+    # OrtModel reads bits and bits_per_weight; float32 weights store 32 bits each, as quept
+    # eval counts a float model
     (folder / "quept-export.json").write_text(json.dumps(
-        {"format": "onnx", "task": "causal-lm", "output": "logits", "bits": None}))
+        {"format": "onnx", "task": "causal-lm", "output": "logits", "bits": "float32",
+         "bits_per_weight": 32.0}))
 
 
 class GenAI:

@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
           f"W{low} {r[f'token0_max_w{low}']:.0f} ({r['seconds']:.0f} s)")
     if a.json:
         r["command"] = " ".join(["python", "benchmarks/replay_block.py", *sys.argv[1:]])
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(r, indent=1))
     return 0
 

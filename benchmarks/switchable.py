@@ -11,9 +11,10 @@ Run from the repository root under the shared lock (it times things):
 Each way of running is measured in its own process (memory is the process's resident set after
 loading, minus the same process's before; peak = high-water mark, minus the same). Speed: batch
 1, a 64-token prompt of Pride and Prejudice, 32 new tokens (greedy, KV cache), median of
---repeats runs. Switch time: the median over --cycles passes through every width, and over
-ten switches between W3 and W4 with the packed layers of both kept (--keep-mb). Writes
-results/switchable.json and prints markdown tables.
+--repeats runs after one untimed warm-up run (first runs are far slower). Switch time: the
+median over --cycles passes through every width, and over ten switches between W3 and W4 with
+the packed layers of both kept (--keep-mb). Writes results/switchable.json and prints markdown
+tables.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ def rss_mb() -> tuple[float, float]:
 def decode_speed(model, tok, prompt, new: int, repeats: int) -> dict:
     from quept.export.runtime import generate
 
+    generate(model, tok, prompt, new, stop_at_eos=False)  # warm-up, untimed
     runs = [generate(model, tok, prompt, new, stop_at_eos=False) for _ in range(repeats)]
     return {"prefill_tok_s": statistics.median(r.prefill_tokens_per_second for r in runs),
             "decode_tok_s": statistics.median(r.decode_tokens_per_second for r in runs),
@@ -153,7 +155,7 @@ def main() -> int:
                    f"{torch.__version__}, {torch.backends.cpu.get_cpu_capability()}",
         "compact": str(a.compact), "date": time.strftime("%Y-%m-%d"),
         "settings": {"prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens,
-                     "repeats": a.repeats, "cycles": a.cycles},
+                     "repeats": a.repeats, "warmup_runs": 1, "cycles": a.cycles},
         "packed_file_mb": files,
         "compact_file_mb": (Path(a.compact) / "compact.safetensors").stat().st_size / 1e6,
         "modes": {}}

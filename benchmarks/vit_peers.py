@@ -7,7 +7,7 @@ benchmarks/peers.py):
     python3 -m venv --system-site-packages ../peers-venv
     ../peers-venv/bin/pip install "torch==2.13.0" hqq llmcompressor
     ../peers-venv/bin/python benchmarks/vit_peers.py --images 1024 --epochs 8
-    ../peers-venv/bin/python benchmarks/vit_peers.py --preset cpu-long --epochs 16 \
+    ../peers-venv/bin/python benchmarks/vit_peers.py --preset cpu-long --epochs 16 \\
         --ranks 0,32,32,32,32 --out results/vit_peers_long.json
 
 Every method quantizes the six linears of each block (query, key, value, attention output,

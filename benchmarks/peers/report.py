@@ -201,17 +201,22 @@ def _cost_lines(doc: dict[str, Any]) -> list[str]:
              "|---|---|---|---|---|---|---|"]
     seen: dict[str, list[str]] = {}
     runs: dict[str, tuple[str, dict[str, Any]]] = {}
+    rounding: dict[str, float] = {}  # per run: GPTQ or learned rounding of all its widths
     for m in [FLOAT, *_order(doc)]:
         for w, c in doc["cells"].get(m, {}).items():
             rid = c.get("run_id") or f"{m}/{w}"
             seen.setdefault(rid, []).append(w)
             runs[rid] = (m, c)
+            if c.get("rounding_seconds") is not None:
+                rounding[rid] = rounding.get(rid, 0.0) + c["rounding_seconds"]
     for rid, (m, c) in runs.items():
         ws = "float" if seen[rid] == [FLOAT] else ",".join(sorted(seen[rid], key=int))
         data = f"{c['n_samples']} x {c['seq_len']} tokens" if c.get("n_samples") else "none"
         secs, wall = c.get("calib_seconds"), c.get("wall_seconds")
         t = "" if secs is None else f"{secs:.0f} s" + (" (reused folder)" if c.get(
             "calib_reused") else "")
+        if rid in rounding:
+            t += (" + " if t else "") + f"{rounding[rid]:.0f} s rounding"
         lines.append(f"| {_label(m)} | {ws} | {data} | {t} | {_gib(c.get('calib_peak_rss_gib'))}"
                      f" | {'' if wall is None else f'{wall:.0f} s'} | "
                      f"{_gib(c.get('peak_rss_gib'))} |")

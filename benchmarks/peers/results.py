@@ -2,7 +2,9 @@
 
 The JSON document is ``{"version", "setup", "cells": {method: {width: cell}}, "notes"}`` where
 width is ``"2"`` .. ``"8"`` or ``"float"``. A cell holds one measurement (perplexity, bits per
-weight, the run's calibration time and peak memory) or the exact error of a failed run.
+weight, the run's calibration time and peak memory, the width's evaluation time and, where the
+method rounds each width with GPTQ or learned rounding, that rounding's time) or the exact error
+of a failed run.
 Re-running a method at a width replaces that cell only.
 """
 
@@ -136,6 +138,7 @@ def cells_from_run(method: str, widths: list[int | None], result: dict[str, Any]
     """One cell per requested width from a worker's RESULT.json (None if it wrote none) and the
     parent's record ``run`` (run_id, wall_seconds, peak_rss_gib, error, measured_at)."""
     result = result or {}
+    rounding = result.get("rounding_seconds") or {}  # {width: seconds}, QuEPT with rounding
     m = METHODS.get(method)
     common = {k: result.get(k) for k in ("calib_seconds", "calib_peak_rss_gib", "n_samples",
                                           "seq_len", "library", "settings", "versions")}
@@ -153,11 +156,13 @@ def cells_from_run(method: str, widths: list[int | None], result: dict[str, Any]
             b, group_size, m.zero_bits if m else None)
         if got is not None:
             cell.update(status="ok", ppl=got["ppl"], levels_max=got.get("levels_max"),
-                        error=None)
+                        eval_seconds=got.get("eval_seconds"), error=None)
             if "tasks" in got:
                 cell.update(tasks=got["tasks"], task_seconds=got.get("task_seconds"))
         else:
             cell.update(status="error", ppl=None,
                         error=run.get("error") or "the run ended before this width")
+        if key in rounding:
+            cell["rounding_seconds"] = rounding[key]
         out[key] = cell
     return out

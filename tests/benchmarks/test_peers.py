@@ -115,6 +115,20 @@ def test_cells_from_partial_run_keep_measured_widths_and_record_the_error():
     assert hqq["4"]["bits_per_weight"] == 4.5 and hqq["4"]["status"] == "error"
 
 
+def test_cells_keep_rounding_and_eval_seconds_and_the_cost_table_shows_rounding():
+    res = {"cells": {"4": {"ppl": 27.0, "eval_seconds": 30.0}, "2": {"ppl": 90.0}},
+           "calib_seconds": 400.0, "rounding_seconds": {"4": 50.0, "2": 70.0}}
+    cells = results.cells_from_run("quept", [4, 2, 3], res, {"run_id": "q", "error": "boom"}, 64)
+    assert cells["4"]["rounding_seconds"] == 50.0 and cells["4"]["eval_seconds"] == 30.0
+    assert cells["2"]["eval_seconds"] is None and "rounding_seconds" not in cells["3"]
+    md = report.markdown(doc_with({"quept": cells}))
+    assert "| 400 s + 120 s rounding |" in md
+    # Cells written before these keys existed still render.
+    old = {w: {k: v for k, v in c.items() if k not in ("rounding_seconds", "eval_seconds")}
+           for w, c in cells.items()}
+    assert "| 400 s |" in report.markdown(doc_with({"quept": old}))
+
+
 def test_markdown_marks_best_missing_and_failed_cells(tmp_path):
     doc = doc_with({"float": {"float": cell(25.14, bits_per_weight=32.0)},
                     "rtn": {"4": cell(31.32), "2": cell(5.4e5)},
