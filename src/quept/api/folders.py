@@ -93,13 +93,51 @@ def holds_elastic_model(folder: str | os.PathLike) -> bool:
 def _json_format(path: Path) -> Any:
     """The "format" of the JSON object in the file ``path``; None for a missing, unreadable,
     oversized (:data:`_JSON_FILE_LIMIT`) or non-object file."""
+    return (_json_object(path) or {}).get("format")
+
+
+def _json_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object in the file ``path``; None for a missing, unreadable, oversized
+    (:data:`_JSON_FILE_LIMIT`) or non-object file."""
     try:
         if path.stat().st_size > _JSON_FILE_LIMIT:
             return None
         d = json.loads(path.read_bytes())
     except (OSError, ValueError):
         return None
-    return d.get("format") if isinstance(d, dict) else None
+    return d if isinstance(d, dict) else None
+
+
+def checkpoint_around(path: str | os.PathLike) -> Path | None:
+    """The calibration checkpoint folder that ``path`` is or lies inside (where a link leads
+    too): one named :data:`quept.calib.CHECKPOINT_DIR`, which `quept quantize` keeps in its
+    --out folder, or one holding a checkpoint's progress.json (``next_block`` and
+    ``fingerprint``; a checkpoint_dir of ``quept.calibrate``'s own naming); None for none."""
+    path = Path(path)
+    for p in dict.fromkeys((path, path.resolve())):
+        for q in (p, *p.parents):
+            if q.name == CHECKPOINT_DIR or {"next_block", "fingerprint"} <= set(
+                    _json_object(q / PROGRESS_JSON) or {}):
+                return q
+    return None
+
+
+def check_not_in_checkpoint(out: str | os.PathLike, what: str, flag: str = "") -> None:
+    """Refuse to write ``what`` ("an elastic model written") at ``out`` where it is, or lies
+    inside, a calibration checkpoint folder (:func:`checkpoint_around`): the calibration
+    deletes that folder with every file in it when it ends, so what is written there would be
+    lost."""
+    ckpt = checkpoint_around(out)
+    if ckpt is None:
+        return
+    where = "is" if Path(out).resolve() == ckpt.resolve() else f"lies inside {ckpt},"
+    whose = (f"the calibration checkpoint folder of `quept quantize --out {ckpt.parent}`, "
+             "which deletes it" if ckpt.name == CHECKPOINT_DIR else
+             f"a calibration checkpoint folder (it holds {PROGRESS_JSON}), which "
+             "CalibCheckpoint.clear() deletes")
+    raise ConfigError(f"{flag}{out} {where} {whose}, with every file in it, when the "
+                      f"calibration ends; {what} there would be lost with it: give a folder "
+                      f"outside {ckpt}")
 
 
 KIND_NAMES = {"elastic": "an elastic model", "compact": "a compact checkpoint",
@@ -118,10 +156,18 @@ def readable_kind(folder: str | os.PathLike) -> str:
     refused by name."""
     kind = folder_kind(folder)
     if kind == "unfinished":
-        raise ArtifactError(f"{folder} holds {unfinished(folder)} whose writing was stopped "
-                            "before it ended; run the command that wrote it again (same "
-                            "--out), or delete the folder")
+        check_finished(folder)
     return kind
+
+
+def check_finished(folder: str | os.PathLike) -> None:
+    """Refuse a folder whose writing was stopped before it ended (:func:`quept.outputs.marked`)
+    by what it was being written with."""
+    what = unfinished(folder)
+    if what is not None:
+        raise ArtifactError(f"{folder} holds {what} whose writing was stopped before it ended; "
+                            "run the command that wrote it again (same --out), or delete the "
+                            "folder")
 
 
 def model_kind(folder: str | os.PathLike, advice: str = "") -> str:
@@ -156,6 +202,7 @@ def check_out_folder(out: str | os.PathLike, writes: str, flag: str = "", *,
         check_out_file(out, flag, source=source)
         return
     out = Path(out)
+    check_not_in_checkpoint(out, f"{KIND_NAMES[writes]} written", flag)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{flag}{out} is a file; {KIND_NAMES[writes]} is written as a "
                           "folder: give a folder's path")
@@ -177,6 +224,7 @@ def check_out_file(out: str | os.PathLike, flag: str = "", *,
     inside the ``source`` folder being read, or an existing file that is not a GGUF file (an
     earlier GGUF export is replaced)."""
     out = Path(out)
+    check_not_in_checkpoint(out, "a GGUF file written", flag)
     if out.is_dir():
         raise ConfigError(f"{flag}{out} is a folder; give the path of the file to write there, "
                           f"e.g. {out / 'model.gguf'}")
@@ -240,6 +288,7 @@ def check_plan_out(path: str | os.PathLike, flag: str = "") -> None:
     sensitivity and sweeps caches), there or not yet, or an existing file that is not a plan;
     an earlier plan file is replaced. ``flag`` ("--out ") starts the message."""
     path = Path(path)
+    check_not_in_checkpoint(path, "a plan written", flag)
     for p in dict.fromkeys((path, path.resolve())):  # and where a link leads
         held = holds_model(p.parent)
         if held is not None and (p.name in ARTIFACT_FILES

@@ -5,30 +5,53 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
 from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from quept import __version__
 from quept.api.elastic import prepare, spec_of, weights_fingerprint
-from quept.api.folders import ELASTIC_JSON, ELASTIC_WEIGHTS, FORMAT, ArtifactError, check_out_folder
+from quept.api.folders import (
+    ELASTIC_JSON,
+    ELASTIC_WEIGHTS,
+    FORMAT,
+    KIND_NAMES,
+    ArtifactError,
+    check_finished,
+    check_out_folder,
+)
 from quept.api.models import DEFAULT_MODEL, load_model
 from quept.checks import ConfigError, check_json_fields, read_json_object
 from quept.config import QuEPTConfig
 from quept.data.fetch import atomic_write_text
 from quept.models import family_for, reparam
 from quept.nn import elastic_layers
-from quept.nn.state import load_elastic_state
+from quept.nn.state import StateMismatchError, load_elastic_state
+from quept.outputs import marked
 
 log = logging.getLogger(__name__)
 
+SAVE_ID = "save_id"
+"""The key, in quept.json and in the metadata of elastic.safetensors, of the random id one
+:func:`save` writes into both, so that a pair of files not written together (weights copied
+from another calibration, or a save stopped between its two files) is refused, not loaded
+as another model. Folders of older versions hold none in either file, and load as before."""
+
+_REWRITE = "rerun the `quept quantize` command that made it (same --out) to write it again"
+"""What to do about an elastic folder whose files are missing, damaged or mixed up."""
+
+
 def save(model: nn.Module, folder: str | os.PathLike, config: QuEPTConfig,
          extra: Mapping[str, Any] | None = None) -> Path:
-    """Write the elastic state (adapters + clip logits) and a versioned JSON to ``folder``."""
+    """Write the elastic state (adapters + clip logits) and a versioned JSON to ``folder``,
+    both under one new save id (:data:`SAVE_ID`), and under the unfinished marker of
+    :func:`quept.outputs.marked` until both are written."""
     from quept.nn.state import elastic_state_dict
 
     folder = Path(folder)
@@ -50,14 +73,16 @@ def save(model: nn.Module, folder: str | os.PathLike, config: QuEPTConfig,
         **({"base_rest_fingerprint": model.quept_rest_fingerprint}
            if getattr(model, "quept_rest_fingerprint", None) else {}),
         "layers": list(elastic_layers(model)),
+        SAVE_ID: uuid.uuid4().hex,
     }
     meta.update(_checked_extra(extra, meta))
     check_out_folder(folder, "elastic")
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (ELASTIC_WEIGHTS + ".tmp")
-    save_file(elastic_state_dict(model), str(tmp), metadata={"format": FORMAT})
-    os.replace(tmp, folder / ELASTIC_WEIGHTS)
-    _write_meta(folder, meta)
+    with marked(folder, KIND_NAMES["elastic"]):
+        tmp = folder / (ELASTIC_WEIGHTS + ".tmp")
+        save_file(elastic_state_dict(model), str(tmp),
+                  metadata={"format": FORMAT, SAVE_ID: meta[SAVE_ID]})
+        os.replace(tmp, folder / ELASTIC_WEIGHTS)
+        _write_meta(folder, meta)
     return folder
 
 
@@ -114,9 +139,10 @@ def record_evaluation(folder: str | os.PathLike, evaluation: Mapping[str, Any]) 
 def read_meta(folder: str | os.PathLike) -> dict[str, Any]:
     """The JSON of the elastic folder ``folder``, checked: its format, and a config, base model,
     model type, base fingerprint and layers of the right kinds (else :class:`ArtifactError`
-    naming the file and field)."""
+    naming the file and field). A folder whose writing was stopped is refused by name."""
     folder = Path(folder)
     path = folder / ELASTIC_JSON
+    check_finished(folder)
     if not path.is_file():
         raise ArtifactError(
             f"{folder} is not a quept elastic folder (no {ELASTIC_JSON}); "
@@ -126,10 +152,32 @@ def read_meta(folder: str | os.PathLike) -> dict[str, Any]:
     if meta.get("format") != FORMAT:
         raise ArtifactError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}")
     check_json_fields(meta, _META_FIELDS, path, ArtifactError,
-                      optional={"base_rest_fingerprint": str})
+                      optional={"base_rest_fingerprint": str, SAVE_ID: str})
     if not all(isinstance(n, str) for n in meta["layers"]):
         raise ArtifactError(f"{path} is damaged: its 'layers' should all be layer names")
     return meta
+
+
+def check_same_save(folder: str | os.PathLike, meta: Mapping[str, Any]) -> None:
+    """Refuse an elastic folder whose weights file is missing, has a header that cannot be
+    read, or was written by another save than its JSON ``meta`` (:func:`read_meta`): their
+    :data:`SAVE_ID` differ, or one file holds one and the other none. Reads the header
+    only."""
+    weights, path = Path(folder) / ELASTIC_WEIGHTS, Path(folder) / ELASTIC_JSON
+    try:
+        with safe_open(str(weights), "pt") as f:
+            saved = (f.metadata() or {}).get(SAVE_ID)
+    except FileNotFoundError:
+        raise ArtifactError(f"{weights} is missing, which {path} describes; {_REWRITE}"
+                            ) from None
+    except Exception as e:  # safetensors raises several types for a damaged header
+        raise ArtifactError(f"{weights} cannot be read: {e}; {_REWRITE}") from None
+    if saved != meta.get(SAVE_ID):
+        raise ArtifactError(
+            f"{weights} and {path} were written by different saves (save ids {saved or 'none'} "
+            f"and {meta.get(SAVE_ID) or 'none'}: the weights come from another calibration, or "
+            f"a save was stopped between the two), so they do not belong together; "
+            f"{_REWRITE}")
 
 
 _META_FIELDS = {"config": dict, "base_model": str, "model_type": str, "base_fingerprint": str,
@@ -143,6 +191,7 @@ def load(folder: str | os.PathLike, model: str | os.PathLike | None = None) -> t
         raise ConfigError(f"quept.load's model names the base model (a folder or a hub id, as "
                           f"quept.load_model takes), got {type(model).__name__}")
     meta = read_meta(folder)
+    check_same_save(folder, meta)  # before the base model is loaded: a header read
     try:
         cfg = QuEPTConfig.from_dict(meta["config"])
     except ConfigError as e:
@@ -171,15 +220,22 @@ def load(folder: str | os.PathLike, model: str | os.PathLike | None = None) -> t
             f"the base model weights differ from those {folder} was calibrated on "
             f"(recorded base model: {meta['base_model']!r}); pass the matching --model"
         )
+    weights = Path(folder) / ELASTIC_WEIGHTS
     try:
-        state = load_file(str(Path(folder) / ELASTIC_WEIGHTS))
+        state = load_file(str(weights))
     except Exception as e:  # safetensors raises several types for a damaged file
-        raise ArtifactError(f"{Path(folder) / ELASTIC_WEIGHTS} cannot be read: {e}") from None
+        raise ArtifactError(f"{weights} cannot be read: {e}; {_REWRITE}") from None
     bad = [k for k, t in state.items() if t.is_floating_point() and not t.isfinite().all()]
     if bad:
-        raise ArtifactError(f"{Path(folder) / ELASTIC_WEIGHTS} is damaged: {len(bad)} tensor(s) "
+        raise ArtifactError(f"{weights} is damaged: {len(bad)} tensor(s) "
                             f"hold non-finite values (e.g. {bad[0]})")
-    load_elastic_state(net, state)
+    try:
+        load_elastic_state(net, state)
+    except StateMismatchError as e:
+        raise ArtifactError(
+            f"{weights} does not match {Path(folder) / ELASTIC_JSON} (the model and spec it "
+            f"was saved with): {e}; the folder's files are mixed up or damaged: {_REWRITE}"
+        ) from None
     net.quept_calibrated = True
     net.quept_calibration_text = meta.get("calibration_text")  # quept quantize's sample
     reparam.refold(net, family_for(net))

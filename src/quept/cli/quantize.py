@@ -395,6 +395,7 @@ def _quantize(a: argparse.Namespace, cfg: QuEPTConfig, out: Path, t0: float) -> 
     ckpt_dir = out / CHECKPOINT_DIR
     if a.restart:
         CalibCheckpoint(ckpt_dir, {}).clear()
+    resumed = CalibCheckpoint(ckpt_dir, {}).finished_blocks()  # by earlier runs
     log.info("calibrating on %s %s; checkpoints in %s", " x ".join(map(str, ids.shape)),
              "tokens" if ids.dim() == 2 else "pixel values", ckpt_dir)
     t1 = time.perf_counter()
@@ -406,11 +407,53 @@ def _quantize(a: argparse.Namespace, cfg: QuEPTConfig, out: Path, t0: float) -> 
         raise KeyboardInterrupt(
             f"{done} block(s) are kept in {ckpt_dir}; the same command resumes at the next"
             if done else "no block had finished; the same command starts again") from None
-    calib_s = time.perf_counter() - t1
+    calib_s = _calibration_seconds(time.perf_counter() - t1, reports, resumed)
     calib_rss = _peak_rss_gib()
-    api.save(model, out, cfg, extra={"calibration_seconds": calib_s,
-                                     "calibration_peak_rss_gib": calib_rss,
-                                     "reports": [r.__dict__ for r in reports], **texts})
+    try:
+        api.save(model, out, cfg, extra={
+            "calibration_seconds": calib_s, "calibration_peak_rss_gib": calib_rss,
+            **({"calibration_resumed_blocks": resumed} if resumed else {}),
+            "reports": [r.__dict__ for r in reports], **texts})
+    except KeyboardInterrupt as e:
+        raise KeyboardInterrupt(_stopped(
+            e, f"the calibration is done and kept in {ckpt_dir}, but {out} was not written "
+            "whole: the same command writes it without calibrating again")) from None
+    result: dict[str, Any] = {"out": str(out), "calibration_seconds": calib_s,
+                              "calibration_peak_rss_gib": calib_rss}
+    if resumed:
+        result["calibration_resumed_blocks"] = resumed
+    if overlap:
+        result["calibration_overlap"] = overlap
+    try:
+        return _after_save(a, cfg, t0, task, model, evaluation, replaces, result, n_windows,
+                           seq_len)
+    except KeyboardInterrupt as e:
+        raise KeyboardInterrupt(_stopped(
+            e, f"the elastic model is written to {out} (what was stopped came after it); "
+            f"`quept eval {out}` measures it")) from None
+
+
+def _calibration_seconds(seconds: float, reports: list[Any], resumed: int) -> float:
+    """The "calibration_seconds" of quept.json and of --json: the wall-clock ``seconds`` of
+    this run's calibration, plus, where it resumed a checkpoint, the seconds the ``resumed``
+    blocks finished by earlier runs took (their reports'; the time those runs spent before
+    their first block, or on a block they were stopped in, is not counted)."""
+    return seconds + sum(r.seconds for r in reports if r.block < resumed)
+
+
+def _stopped(e: KeyboardInterrupt, what: str) -> str:
+    """The message of a stop (Ctrl-C, or SIGTERM, whose ``e`` says so) that ``what`` follows."""
+    return f"{e}; {what}" if str(e) else what
+
+
+def _after_save(a: argparse.Namespace, cfg: QuEPTConfig, t0: float, task: str, model: Any,
+                evaluation: Any, replaces: bool, result: dict[str, Any], n_windows: int,
+                seq_len: int) -> dict[str, Any]:
+    """What `quept quantize` does once the elastic model is saved in ``result["out"]``: drop
+    the caches of the model it replaced and the calibration checkpoint, then measure it (the
+    table, added to ``result``, which is returned)."""
+    out = Path(result["out"])
+    ckpt_dir = out / CHECKPOINT_DIR
     for cache in (*api.SENSITIVITY_CACHES, api.SWEEPS_JSON) if replaces else ():
         if (out / cache).is_file():  # measured on the replaced model: of no use to this one
             (out / cache).unlink()
@@ -419,10 +462,6 @@ def _quantize(a: argparse.Namespace, cfg: QuEPTConfig, out: Path, t0: float) -> 
         log.info("calibration checkpoint with every block's input streams kept in %s", ckpt_dir)
     else:
         CalibCheckpoint(ckpt_dir, {}).clear()
-    result: dict[str, Any] = {"out": str(out), "calibration_seconds": calib_s,
-                              "calibration_peak_rss_gib": calib_rss}
-    if overlap:
-        result["calibration_overlap"] = overlap
     if task == "encoder":
         if evaluation is not None:
             bits = a.eval_bits or sorted(cfg.spec.bits)
@@ -477,7 +516,8 @@ def _quantize(a: argparse.Namespace, cfg: QuEPTConfig, out: Path, t0: float) -> 
     result["peak_rss_gib"] = _peak_rss_gib()
     if not a.json:
         rss = result["peak_rss_gib"]
-        print(f"\nelastic model written to {out}  (calibration {calib_s:.0f}s, "
+        print(f"\nelastic model written to {out}  (calibration "
+              f"{result['calibration_seconds']:.0f}s, "
               f"total {result['total_seconds']:.0f}s"
               + ("" if rss is None else f", peak memory {rss:.2f} GiB") + ")")
         plan = (f", `quept plan {out} --avg-bits 3.5 --out plan.json` makes a mixed-precision "

@@ -43,8 +43,8 @@ def load_elastic_state(module: nn.Module, state: dict[str, torch.Tensor]) -> Non
     if missing or unknown:
         raise StateMismatchError(
             f"elastic state does not match the model: {len(missing)} missing "
-            f"(e.g. {missing[:2]}), {len(unknown)} unexpected (e.g. {unknown[:2]}); "
-            "was it saved from a different model or spec?"
+            f"(e.g. {missing[:2]}), {len(unknown)} unexpected (e.g. {unknown[:2]}), as if "
+            "saved from a different model or spec"
         )
     for k, v in state.items():
         p = own[k]
