@@ -83,8 +83,11 @@ def test_set_bits_whole_model_and_plan(tiny_llama):
     plan = {n: (2 if i % 2 else 8) for i, n in enumerate(layers)}
     set_bits(tiny_llama, plan)
     assert [m.bits for m in layers.values()] == list(plan.values())
-    with pytest.raises(ConfigError, match="plan does not match"):
+    with pytest.raises(ConfigError, match="names none of the model's 14 layers: it was made "
+                       "for another model"):
         set_bits(tiny_llama, {"nope": 4})
+    with pytest.raises(ConfigError, match="plan does not match"):  # some layers, not all
+        set_bits(tiny_llama, {next(iter(layers)): 4, "nope": 4})
     with pytest.raises(ConfigError, match="outside 2..8"):
         set_bits(tiny_llama, 9)
     with pytest.raises(ConfigError, match="not in this elastic model"):

@@ -24,8 +24,8 @@ from quept.api.store import load
 from quept.config import ConfigError, QuEPTConfig
 from quept.export import compact as _compact
 from quept.export.compact_fit import CompactConfig
+from quept.export.load import check_model_config, parameters_on_meta
 from quept.export.load import load_packed as _load_packed
-from quept.export.load import parameters_on_meta
 from quept.export.packed import PACKED_JSON, write_packed
 from quept.models import family_for_type
 from quept.nn import elastic_layers
@@ -196,6 +196,7 @@ def _compact_shell(folder: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]
 
     meta = _compact.read_compact_meta(folder)
     cfg = QuEPTConfig.from_dict(meta["config"])
+    check_model_config(Path(folder), "a compact checkpoint", "quept compact")
     hf_cfg = AutoConfig.from_pretrained(folder)
     fam = family_for_type(hf_cfg.model_type)
     with parameters_on_meta():

@@ -11,13 +11,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from quept import api
 from quept.api import KIND_NAMES
-from quept.checks import ConfigError, check_bits
+from quept.checks import ConfigError, check_bits, read_json_object
 from quept.config import MAX_SEED, ElasticSpec, QuEPTConfig
 from quept.data.text import SAMPLE_EVERY, names_hub_text, shared_fraction
 from quept.eval import Sentences
+from quept.export.compact import COMPACT_JSON, COMPACT_WEIGHTS, read_compact_meta
+from quept.export.load import MODEL_CONFIG, check_model_config, read_packed_meta
+from quept.export.packed import PACKED_JSON, PACKED_WEIGHTS
 
 log = logging.getLogger("quept")
 DEFAULT_OUT = "quept-elastic"
@@ -264,24 +268,61 @@ def _refuse_other_tasks_options(a: argparse.Namespace, task: str,
 
 def folder_task(folder: Path, kind: str) -> tuple[str, str] | None:
     """The model type and task ("causal-lm", "encoder", "image-classification") of the model
-    an elastic, compact or packed folder holds, read from its JSON alone so that options can
-    be checked before the model loads; None for other kinds or an unsupported model type."""
+    an elastic, compact or packed folder holds, read from its JSON (checked against the
+    folder's other files: :func:`folder_meta`) so that options can be checked before the model
+    loads; None for other kinds or an unsupported model type."""
     from quept.models.families import UnsupportedModelError, family_for_type
 
-    if kind == "elastic":
-        model_type = api.read_meta(folder)["model_type"]
-    elif kind in ("compact", "packed"):
-        from quept.export.compact import read_compact_meta
-        from quept.export.load import read_packed_meta
-
-        meta = read_compact_meta(folder) if kind == "compact" else read_packed_meta(folder)
-        model_type = meta["model_type"]
-    else:
+    if kind not in FOLDER_FILES:
         return None
+    model_type = folder_meta(folder, kind)["model_type"]
     try:
         return model_type, family_for_type(model_type).task
     except UnsupportedModelError:  # refused by name when the model loads
         return None
+
+
+FOLDER_FILES = {"elastic": (api.ELASTIC_JSON, api.ELASTIC_WEIGHTS, "lora_u", "quept quantize"),
+                "compact": (COMPACT_JSON, COMPACT_WEIGHTS, "master", "quept compact"),
+                "packed": (PACKED_JSON, PACKED_WEIGHTS, "qweight", "quept export")}
+"""Per folder kind: its JSON, its weights file, the tensor the weights file holds of every
+layer the JSON lists, and the command that writes such a folder."""
+
+
+def folder_meta(folder: Path, kind: str) -> dict[str, Any]:
+    """The JSON of an elastic, compact or packed folder, checked against the folder's other
+    files, so that a damaged or mixed-up folder (one model's JSON beside another's weights) is
+    named as such before options are checked against the model its JSON records: the weights
+    file holds a tensor of every layer the JSON lists (its header alone is read), and a packed
+    folder's or compact checkpoint's config.json is there and of the JSON's model type; else an
+    :class:`~quept.api.ArtifactError`."""
+    listed_in, weights, part, made_by = FOLDER_FILES[kind]
+    read = {"elastic": api.read_meta, "compact": read_compact_meta, "packed": read_packed_meta}
+    meta = read[kind](folder)
+    if kind != "elastic":
+        check_model_config(folder, KIND_NAMES[kind], made_by)
+        config = read_json_object(folder / MODEL_CONFIG, api.ArtifactError)
+        if config.get("model_type") != meta["model_type"]:
+            raise api.ArtifactError(
+                f"{folder / MODEL_CONFIG} describes a {config.get('model_type')!r} model, "
+                f"but {listed_in} a {meta['model_type']!r} one: the folder is damaged or mixed "
+                f"up; write it again with `{made_by}`")
+    path = folder / weights
+    if not path.is_file():
+        raise api.ArtifactError(f"{path} is missing: the folder is damaged; write it again "
+                                f"with `{made_by}`")
+    try:
+        with safe_open(str(path), "pt") as f:
+            names = set(f.keys())
+    except Exception as e:  # safetensors raises several types for a damaged header
+        raise api.ArtifactError(f"{path} cannot be read: {e}") from None
+    names.update(meta.get("aliases", {}))  # tied tensors, stored once under another name
+    for layer in meta["layers"]:
+        if f"{layer}.{part}" not in names:
+            raise api.ArtifactError(
+                f"{path} has no {part} tensor of layer {layer}, which {listed_in} lists: the "
+                f"folder is damaged or mixed up; write it again with `{made_by}`")
+    return meta
 
 
 def _images(model: torch.nn.Module, split: str, n: int, seed: int
@@ -355,14 +396,11 @@ def _print_embedding(rows: list[api.EmbeddingRow], n: int, title: str) -> None:
 
 
 def folder_config(folder: Path, kind: str) -> QuEPTConfig:
-    """The configuration an elastic or compact folder records, read from its JSON alone (no
-    weights), so options can be checked against its widths before a model loads."""
-    if kind == "compact":
-        from quept.export.compact import read_compact_meta
-
-        return QuEPTConfig.from_dict(read_compact_meta(folder)["config"])
-    if kind == "elastic":
-        return QuEPTConfig.from_dict(api.read_meta(folder)["config"])
+    """The configuration an elastic or compact folder records, read from its JSON (checked
+    against the folder's other files: :func:`folder_meta`; no weights are read), so options can
+    be checked against its widths before a model loads."""
+    if kind in ("elastic", "compact"):
+        return QuEPTConfig.from_dict(folder_meta(folder, kind)["config"])
     raise ConfigError(f"{folder} holds {KIND_NAMES[kind]}; this needs an elastic folder (from "
                       "`quept quantize`) or a compact checkpoint (from `quept compact`)")
 

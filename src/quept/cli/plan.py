@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from quept import api
+from quept.api import KIND_NAMES
 from quept.api.folders import check_plan_out, check_plans_folder
 from quept.checks import ConfigError, check_device
 from quept.cli.common import (
@@ -18,9 +19,10 @@ from quept.cli.common import (
     _text,
     check_texts,
     check_widths,
-    folder_config,
+    folder_meta,
     seed_value,
 )
+from quept.config import QuEPTConfig
 from quept.nn import elastic_layers
 from quept.search import Constraint, Plan, SensitivityConfig, feasible_range, parse_size
 from quept.search.constraints import constraint_texts
@@ -229,8 +231,10 @@ def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
     budgets = _budget_paths(a)
     check_device(a.device, "--device")
     folder = Path(a.folder)
-    spec = folder_config(folder, "elastic").spec  # refuses a non-elastic folder
-    task = family_for_type(api.read_meta(folder)["model_type"]).task
+    _refuse_non_elastic(folder, api.model_kind(folder))  # a folder named by what it holds
+    meta = folder_meta(folder, "elastic")  # a damaged or mixed-up folder named before options
+    spec = QuEPTConfig.from_dict(meta["config"]).spec
+    task = family_for_type(meta["model_type"]).task
     if task == "image-classification":
         _refuse_text_options(a, "calib_text", "seq_len")
     samples, check_samples = PLAN_SAMPLES[task]
@@ -294,6 +298,25 @@ def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
               f"{'it' if len(results) == 1 else 'them all'}, {run}`quept export "
               f"{a.folder} --plan {first} --out DIR` packs {it}")
     return results[0] if len(results) == 1 else {"plans": results}
+
+
+PLAN_FROM = {"compact": "a compact checkpoint is planned from the elastic folder it came "
+                         "from: give that folder (plans apply to both)",
+             "packed": "a packed model holds one configuration: give the elastic folder it "
+                       "was exported from",
+             "hf": "make an elastic folder of it first: `quept quantize --model FOLDER --out "
+                   "ELASTIC`, then `quept plan ELASTIC`"}
+"""What `quept plan` needs instead, by the :func:`~quept.api.folder_kind` of a folder it
+refuses."""
+
+
+def _refuse_non_elastic(folder: Path, kind: str) -> None:
+    """`quept plan` measures an elastic folder; another folder is refused by what it holds,
+    with what to give instead."""
+    if kind != "elastic":
+        instead = PLAN_FROM.get(kind, "give an elastic folder from `quept quantize`")
+        raise ConfigError(f"{folder} holds {KIND_NAMES[kind]}; `quept plan` measures an "
+                          f"elastic folder (from `quept quantize`): {instead}")
 
 
 def _plan_inputs(a: argparse.Namespace, model: torch.nn.Module, tok: Any, task: str,

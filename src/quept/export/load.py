@@ -65,6 +65,22 @@ def check_sizes_and_aliases(meta: Mapping[str, Any], path: Path) -> None:
         raise PackedFormatError(f"{path} is damaged: its aliases should name tensors")
 
 
+MODEL_CONFIG = "config.json"
+"""The model's Hugging Face configuration, which packed folders and compact checkpoints keep
+beside their JSON: their model is built from it."""
+
+
+def check_model_config(folder: Path, holds: str, made_by: str) -> None:
+    """The ``config.json`` a packed folder or compact checkpoint (``holds``, "a packed model")
+    builds its model from is there, or a :class:`PackedFormatError` naming the folder damaged
+    and the command that writes it again (``made_by``, "quept export"); checked before
+    transformers reads the folder, whose error would not say so."""
+    if not (folder / MODEL_CONFIG).is_file():
+        raise PackedFormatError(f"{folder} is damaged: it holds {holds} but no {MODEL_CONFIG} "
+                                "(the model's configuration, written beside its weights, which "
+                                f"the model is built from); write it again with `{made_by}`")
+
+
 _LAYER_FIELDS = {"bits": int, "group_size": int, "in": int, "out": int, "bias": bool}
 """What every packed layer's entry holds (activation and KV quantizers add optional fields)."""
 
@@ -77,6 +93,7 @@ def load_packed(folder: str | os.PathLike, backend: str = "auto") -> nn.Module:
 
     folder = Path(folder)
     meta = read_packed_meta(folder)
+    check_model_config(folder, "a packed model", "quept export")
     cfg = AutoConfig.from_pretrained(folder)
     if cfg.model_type != meta["model_type"]:
         raise PackedFormatError(

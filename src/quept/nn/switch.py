@@ -63,6 +63,10 @@ def plan_widths(layers: Mapping[str, nn.Module], bits: BitsPlan,
         bits = expand_patterns(layers, bits, error)
     missing = [n for n in layers if n not in bits]
     unknown = [n for n in bits if n not in layers]
+    if layers and len(unknown) == len(bits) > 0:  # no entry a "*" could complete
+        raise error(f"plan names none of the model's {len(layers)} layers: it was made for "
+                    f"another model (the plan names layers like {unknown[0]!r}, the model's "
+                    f"are named like {next(iter(layers))!r}); make a plan for this model")
     if missing or unknown:
         hint = ("; add a first entry \"*\": BITS for the layers no other entry names"
                 if missing else "")
