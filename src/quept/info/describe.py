@@ -23,7 +23,14 @@ from quept.api import (
     readable_kind,
 )
 from quept.api.folders import is_gguf
-from quept.calib.checkpoint import CHECKPOINT_DIR, PROGRESS_JSON
+from quept.api.store import check_same_save
+from quept.calib.checkpoint import (
+    CHECKPOINT_DIR,
+    CHECKPOINT_DISCARD,
+    PROGRESS_JSON,
+    CalibCheckpoint,
+    CheckpointCorruptError,
+)
 from quept.checks import ConfigError, check_json_fields, read_json_object
 from quept.config import CalibConfig, ElasticSpec, QuEPTConfig
 from quept.export.compact import COMPACT_JSON, COMPACT_WEIGHTS, read_compact_meta
@@ -188,6 +195,7 @@ def _width_rows(cfg: QuEPTConfig, shapes: dict[str, tuple[int, int]]) -> list[di
 def _elastic(folder: Path) -> dict[str, Any]:
     try:
         meta = read_meta(folder)
+        check_same_save(folder, meta)  # weights and JSON of one save (a header read)
     except ArtifactError as e:
         raise InfoError(str(e)) from None
     cfg = _config(meta, folder / ELASTIC_JSON)
@@ -272,21 +280,22 @@ def _calibration_text_name(meta: dict[str, Any]) -> str | None:
 
 
 def _checkpoint(folder: Path) -> dict[str, Any]:
-    """An unfinished `quept quantize`: the blocks done so far and how they were calibrated."""
-    prog = _json(folder / PROGRESS_JSON)
-    fp = prog.get("fingerprint") or {}
+    """An unfinished `quept quantize`: the blocks done so far and how they were calibrated
+    (progress.json checked as resuming checks it; damage is named with its remedy)."""
     try:
+        prog = CalibCheckpoint(folder, {}).progress()
+        fp = prog["fingerprint"]
         cfg = QuEPTConfig(spec=ElasticSpec.from_dict(fp["spec"]),
                           calib=CalibConfig.from_dict(fp["calib"]))
-        done = int(prog["next_block"])
-    except (KeyError, TypeError, ValueError) as e:
+    except (CheckpointCorruptError, ConfigError) as e:
         raise InfoError(f"{folder / PROGRESS_JSON} cannot be read as a calibration checkpoint: "
-                        f"{e!r}") from None
-    reports = prog.get("reports") or []
+                        f"{e}" + ("" if isinstance(e, CheckpointCorruptError) else
+                                  f"; {CHECKPOINT_DISCARD}")) from None
+    reports = prog["reports"]
     last = reports[-1] if reports else {}
-    return {"blocks_done": done, "seconds": sum(r.get("seconds", 0.0) for r in reports),
-            "last_block": {k: last.get(k) for k in ("block", "bits", "loss_before",
-                                                     "loss_after")} if last else None,
+    return {"blocks_done": prog["next_block"], "seconds": sum(r["seconds"] for r in reports),
+            "last_block": {k: last[k] for k in ("block", "bits", "loss_before",
+                                                 "loss_after")} if last else None,
             "spec": _spec_summary(cfg), "calibration": _calib_summary(cfg.calib)}
 
 
