@@ -8,44 +8,20 @@ import pytest
 
 import quept
 from quept.cli import main
-from quept.config import CalibConfig, QuEPTConfig
-from tests.test_encoder import SPEC, TEXT, char_bert_tokenizer, tiny_bert
-from tests.test_vit import fake_fashion_cache, tiny_vit
+from tests.non_llm_folders import build_folders
+from tests.non_llm_folders import refused as _refused
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     """An elastic (random) encoder and ViT, each with its packed W4 export and compact
     checkpoint, Fashion-MNIST-shaped images in a cache, and an evaluation text."""
-    root = tmp_path_factory.mktemp("non-llm")
-    fake_fashion_cache(root / "cache")
-    (root / "eval.txt").write_text(TEXT)
-    tiny_bert().save_pretrained(root / "bert")
-    char_bert_tokenizer().save_pretrained(root / "bert")
-    tiny_vit().save_pretrained(root / "vit")
-    for name in ("bert", "vit"):
-        model, _ = quept.load_model(root / name)
-        quept.prepare(model, SPEC)
-        quept.save(model, root / f"{name}-el", QuEPTConfig(
-            spec=SPEC, calib=CalibConfig(n_samples=32, batch_size=32)))
-        assert main(["export", str(root / f"{name}-el"), "--bits", "4", "--out",
-                     str(root / f"{name}-w4")]) == 0
-        assert main(["compact", str(root / f"{name}-el"), "--out", str(root / f"{name}-c")]) == 0
-    return root
+    return build_folders(tmp_path_factory.mktemp("non-llm"))
 
 
 @pytest.fixture
 def cache(root, monkeypatch):
     monkeypatch.setenv("QUEPT_CACHE", str(root / "cache"))
-
-
-def _refused(capsys, argv: list[str], *messages: str) -> str:
-    capsys.readouterr()
-    assert main(argv) == 2, argv
-    err = capsys.readouterr().err
-    for m in messages:
-        assert m in err, (argv, err)
-    return err
 
 
 @pytest.mark.parametrize("option", [["--windows", "3"], ["--windows", "all"],

@@ -15,48 +15,24 @@ import pytest
 import quept
 from quept.api import ArtifactError, resolve_model_dir
 from quept.checks import ConfigError
-from quept.cli import main
-from quept.config import CalibConfig, QuEPTConfig
 from quept.nn import elastic_layers
 from quept.nn.switch import plan_widths
 from quept.outputs import UNFINISHED
-from tests.test_encoder import SPEC, TEXT, char_bert_tokenizer, tiny_bert
-from tests.test_vit import fake_fashion_cache, tiny_vit
+from tests.non_llm_folders import build_folders
+from tests.non_llm_folders import refused as _refused
+from tests.test_encoder import SPEC
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    """A tiny (random) elastic encoder and ViT with the ViT's packed W4 export and compact
-    checkpoint, Fashion-MNIST-shaped images in a cache, and a text."""
-    root = tmp_path_factory.mktemp("reader-messages")
-    fake_fashion_cache(root / "cache")
-    (root / "t.txt").write_text(TEXT)
-    tiny_bert().save_pretrained(root / "bert")
-    char_bert_tokenizer().save_pretrained(root / "bert")
-    tiny_vit().save_pretrained(root / "vit")
-    for name in ("bert", "vit"):
-        model, _ = quept.load_model(root / name)
-        quept.prepare(model, SPEC)
-        quept.save(model, root / f"{name}-el", QuEPTConfig(
-            spec=SPEC, calib=CalibConfig(n_samples=32, batch_size=32)))
-    assert main(["export", str(root / "vit-el"), "--bits", "4", "--out", str(root / "vit-w4")]) == 0
-    assert main(["compact", str(root / "vit-el"), "--out", str(root / "vit-c")]) == 0
-    return root
+    """A tiny (random) elastic encoder and ViT with their packed W4 exports and compact
+    checkpoints, Fashion-MNIST-shaped images in a cache, and a text."""
+    return build_folders(tmp_path_factory.mktemp("reader-messages"))
 
 
 @pytest.fixture
 def cache(root, monkeypatch):
     monkeypatch.setenv("QUEPT_CACHE", str(root / "cache"))
-
-
-def _refused(capsys, argv: list[str], *messages: str) -> str:
-    capsys.readouterr()
-    assert main(argv) == 2, argv
-    err = capsys.readouterr().err
-    assert err.strip().splitlines()[-1].startswith("quept: error: ") and "Traceback" not in err
-    for m in messages:
-        assert m in err, (argv, err)
-    return err
 
 
 def _copy(root, name: str, to: str, *drop: str):
@@ -149,7 +125,7 @@ def test_another_models_quept_json_is_named_before_the_options(root, cache, caps
     bert = _copy(root, "bert-el", "bert-mixed")
     shutil.copy(root / "vit-el" / "quept.json", bert / "quept.json")
     says = "which quept.json lists: the folder is damaged or mixed up"
-    text = str(root / "t.txt")
+    text = str(root / "eval.txt")
     for argv in (["eval", str(vit), "--bits", "4", "--images", "40"],
                  ["eval", str(bert), "--bits", "4", "--text", text, "--sentences", "8"],
                  ["plan", str(bert), "--avg-bits", "3.5", "--calib-text", text, "--out",
