@@ -15,6 +15,7 @@ import pytest
 import quept
 from quept.api import ArtifactError, resolve_model_dir
 from quept.checks import ConfigError
+from quept.cli import main
 from quept.nn import elastic_layers
 from quept.nn.switch import plan_widths
 from quept.outputs import UNFINISHED
@@ -149,3 +150,19 @@ def test_a_plan_for_another_model_says_so(root, cache, capsys):
     assert repr(next(iter(layers))) in str(e.value)
     with pytest.raises(ConfigError, match="add a first entry"):  # one layer left out: the hint
         plan_widths(layers, dict.fromkeys(list(layers)[1:], 4))
+
+
+@pytest.mark.parametrize("name,holds,listed_in,again", [
+    ("vit-w4", "a packed model", "quept-packed.json", "quept export"),
+    ("vit-c", "a compact checkpoint", "quept-compact.json", "quept compact"),
+])
+def test_info_names_a_missing_or_foreign_config_json(root, cache, capsys, name, holds,
+                                                     listed_in, again):
+    folder = _copy(root, name, f"{name}-info-no-config", "config.json")
+    _refused(capsys, ["info", str(folder)],
+             f"{folder} is damaged: it holds {holds} but no config.json", f"`{again}`")
+    folder = _copy(root, name, f"{name}-info-bert-config")
+    shutil.copy(root / name.replace("vit", "bert") / "config.json", folder / "config.json")
+    _refused(capsys, ["info", str(folder)], f"describes a 'bert' model, but {listed_in} a 'vit' "
+             "one: the folder is damaged or mixed up", f"`{again}`")
+    assert main(["info", str(root / name)]) == 0  # the folder as written is described

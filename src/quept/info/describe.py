@@ -34,7 +34,7 @@ from quept.calib.checkpoint import (
 from quept.checks import ConfigError, check_json_fields, read_json_object
 from quept.config import CalibConfig, ElasticSpec, QuEPTConfig
 from quept.export.compact import COMPACT_JSON, COMPACT_WEIGHTS, read_compact_meta
-from quept.export.load import read_packed_meta
+from quept.export.load import check_model_config, read_packed_meta
 from quept.export.packed import PACKED_JSON, PACKED_WEIGHTS, PackedFormatError
 from quept.models.families import UnsupportedModelError, family_for_type
 from quept.nn.switch import is_pattern
@@ -299,11 +299,27 @@ def _checkpoint(folder: Path) -> dict[str, Any]:
             "spec": _spec_summary(cfg), "calibration": _calib_summary(cfg.calib)}
 
 
+def _check_model_config(folder: Path, meta: dict[str, Any], holds: str, listed_in: str,
+                        made_by: str) -> None:
+    """The config.json a packed or compact folder's model is built from is there and of the
+    model type its JSON records; else an InfoError naming the folder damaged or mixed up."""
+    try:
+        check_model_config(folder, holds, made_by)
+    except PackedFormatError as e:
+        raise InfoError(str(e)) from None
+    found = _json(folder / "config.json").get("model_type")
+    if found != meta["model_type"]:
+        raise InfoError(f"{folder / 'config.json'} describes a {found!r} model, but {listed_in} "
+                        f"a {meta['model_type']!r} one: the folder is damaged or mixed up; "
+                        f"write it again with `{made_by}`")
+
+
 def _compact(folder: Path) -> dict[str, Any]:
     try:
         meta = read_compact_meta(folder)
     except PackedFormatError as e:
         raise InfoError(str(e)) from None
+    _check_model_config(folder, meta, "a compact checkpoint", COMPACT_JSON, "quept compact")
     cfg = _config(meta, folder / COMPACT_JSON)
     shapes = {n: tuple(s) for n, s in meta["layers"].items()}
     _check_tensors(folder / COMPACT_WEIGHTS, shapes, "master", COMPACT_JSON)
@@ -321,6 +337,7 @@ def _packed(folder: Path) -> dict[str, Any]:
         meta = read_packed_meta(folder)
     except PackedFormatError as e:
         raise InfoError(str(e)) from None
+    _check_model_config(folder, meta, "a packed model", PACKED_JSON, "quept export")
     layers = meta["layers"]
     _check_tensors(folder / PACKED_WEIGHTS, layers, "qweight", PACKED_JSON,
                    meta.get("aliases", {}))
