@@ -280,3 +280,39 @@ def test_missing_or_truncated_weights_are_named_with_a_remedy(root):
                                             ".*; rerun the `quept quantize` command that made "
                                             "it"):
         quept.load(folder)
+
+
+# -- 5. a folder a running `quept quantize` is writing -------------------------------------------
+
+def test_readers_name_a_folder_a_running_quantize_is_writing(root, capsys, monkeypatch):
+    from quept.calib import loop
+    from quept.outputs import busy, writing
+
+    out = root / "running"
+
+    def stop_in_block_1(self, i, *args, **kw):
+        if i == 1:
+            raise KeyboardInterrupt
+        return real(self, i, *args, **kw)
+
+    real = loop.BlockCalibrator._train
+    with monkeypatch.context() as m:
+        m.setattr(loop.BlockCalibrator, "_train", stop_in_block_1)
+        assert main(quick_quantize(root, out)) == 130
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    assert "the same `quept quantize` command resumes at block 1" in capsys.readouterr().out
+    replaced = copy(root, "el", "being-replaced")
+    eval_argv = ["--bits", "4", "--text", str(root / "text.txt"), "--windows", "1",
+                 "--seq-len", "16"]
+    with writing(out, "quept quantize"), writing(replaced, "quept quantize"):  # as a run holds it
+        assert busy(out) and busy(replaced)
+        assert main(["info", str(out)]) == 0
+        assert "a running `quept quantize` is calibrating block 1 now" in capsys.readouterr().out
+        assert main(["info", str(replaced)]) == 2
+        assert "has not finished its first block yet" in capsys.readouterr().err
+        for folder in (out, replaced):
+            assert main(["eval", str(folder), *eval_argv]) == 2
+            assert (f"{folder} is being written by a running `quept quantize` right now"
+                    in capsys.readouterr().err)
+    assert not busy(out) and main(["eval", str(replaced), *eval_argv]) == 0  # released

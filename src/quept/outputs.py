@@ -54,6 +54,29 @@ def writing(folder: str | os.PathLike, command: str) -> Iterator[Path]:
         if created and folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
 
+def busy(folder: str | os.PathLike) -> bool:
+    """Whether another writer holds ``folder`` (:func:`writing`) right now, so that what it
+    holds is still being written; False where the folder does not exist or cannot be locked."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock to ask
+        return False
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:  # a file system without locks
+        return False
+    finally:
+        os.close(fd)
+
+
 UNFINISHED = ".quept-unfinished"
 """The marker file of a folder being written (:func:`marked`); it holds what is written."""
 

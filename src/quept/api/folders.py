@@ -14,7 +14,7 @@ from quept.export import compact as _compact
 from quept.export.ct_format import is_compressed_tensors
 from quept.export.onnx_runtime import is_onnx_folder
 from quept.export.packed import PACKED_JSON
-from quept.outputs import UNFINISHED, unfinished
+from quept.outputs import UNFINISHED, busy, unfinished
 from quept.search.plan import PLAN_FORMAT
 from quept.search.sensitivity import CACHE_NAMES
 
@@ -170,10 +170,17 @@ def check_finished(folder: str | os.PathLike) -> None:
                             "folder")
 
 
+BUSY = ("{folder} is being written by a running `quept quantize` right now: wait for it to end "
+        "(`quept info {folder}` shows how far its calibration got)")
+"""The refusal of a folder a running writer holds (:func:`quept.outputs.busy`)."""
+
+
 def model_kind(folder: str | os.PathLike, advice: str = "") -> str:
     """The :func:`readable_kind` of a folder a model is read from; a folder that holds no
     model (an unfinished calibration, plans, or nothing quept or Hugging Face reads) is
     refused by what it does hold, ``advice`` ending the message of an empty one."""
+    if Path(folder).is_dir() and busy(folder):
+        raise ArtifactError(BUSY.format(folder=folder))
     kind = readable_kind(folder)
     folder = Path(folder)
     if kind != "hf" or (folder / "config.json").is_file():

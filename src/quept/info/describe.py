@@ -22,7 +22,7 @@ from quept.api import (
     read_meta,
     readable_kind,
 )
-from quept.api.folders import is_gguf
+from quept.api.folders import busy, is_gguf
 from quept.api.store import check_same_save
 from quept.calib.checkpoint import (
     CHECKPOINT_DIR,
@@ -62,12 +62,17 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
                             "from `quept plan`, or a folder (elastic, compact, packed, "
                             "compressed-tensors, ONNX or Hugging Face model)")
         return _gguf(path)
+    running = path.is_dir() and busy(path)  # a `quept quantize` writing it right now
     kind = readable_kind(path)
-    if kind == "hf" and not (path / "config.json").is_file():
+    if running or (kind == "hf" and not (path / "config.json").is_file()):
         for ckpt in (path / CHECKPOINT_DIR, path):
             if (ckpt / PROGRESS_JSON).is_file():
                 return {"path": str(path), "kind": "calibration checkpoint",
-                        **_checkpoint(ckpt), "files": _files(ckpt)}
+                        **_checkpoint(ckpt), "running": running, "files": _files(ckpt)}
+        if running:
+            raise InfoError(f"{path} is being written by a running `quept quantize`, which has "
+                            "not finished its first block yet; `quept info` describes its "
+                            "progress once it has")
         if any(_is_plan(f) for f in path.glob("*.json")):  # `quept plan ... --out DIR`
             plans = sorted((_plan(f) for f in path.glob("*.json") if _is_plan(f)),
                            key=lambda d: d["bits_per_weight"])

@@ -146,9 +146,11 @@ def render(info: dict[str, Any]) -> str:
     elif kind == "calibration checkpoint":
         n = info["blocks_done"]
         per = "" if not n else f", {info['seconds'] / n:.0f} s per block"
+        then = (f"a running `quept quantize` is calibrating block {n} now" if info.get("running")
+                else f"the same `quept quantize` command resumes at block {n} (--restart "
+                "discards the checkpoint)")
         out.append(f"{info['path']}: unfinished calibration (a `quept quantize` checkpoint): "
-                   f"blocks 0..{n - 1} done in {info['seconds']:.0f} s{per}; the same `quept "
-                   f"quantize` command resumes at block {n} (--restart discards the checkpoint)")
+                   f"blocks 0..{n - 1} done in {info['seconds']:.0f} s{per}; {then}")
         out += _spec_lines(info["spec"])
         out.append(_calib_line("calibrating", info["calibration"]))
         last = info.get("last_block")
