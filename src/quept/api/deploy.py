@@ -196,7 +196,8 @@ def _compact_shell(folder: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]
 
     meta = _compact.read_compact_meta(folder)
     cfg = QuEPTConfig.from_dict(meta["config"])
-    check_model_config(Path(folder), "a compact checkpoint", "quept compact")
+    check_model_config(Path(folder), "a compact checkpoint", "quept compact",
+                       _compact.COMPACT_JSON, meta["model_type"])
     hf_cfg = AutoConfig.from_pretrained(folder)
     fam = family_for_type(hf_cfg.model_type)
     with parameters_on_meta():

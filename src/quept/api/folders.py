@@ -13,7 +13,7 @@ from quept.config import ConfigError
 from quept.export import compact as _compact
 from quept.export.ct_format import is_compressed_tensors
 from quept.export.onnx_runtime import is_onnx_folder
-from quept.export.packed import PACKED_JSON
+from quept.export.packed import PACKED_JSON, PACKED_WEIGHTS
 from quept.outputs import UNFINISHED, busy, unfinished
 from quept.search.plan import PLAN_FORMAT
 from quept.search.sensitivity import CACHE_NAMES
@@ -147,6 +147,15 @@ KIND_NAMES = {"elastic": "an elastic model", "compact": "a compact checkpoint",
 """Each :func:`folder_kind` in words, as messages name what a folder holds."""
 
 
+QUEPT_FILES = {"elastic": (ELASTIC_JSON, ELASTIC_WEIGHTS, "lora_u", "quept quantize"),
+               "compact": (_compact.COMPACT_JSON, _compact.COMPACT_WEIGHTS, "master",
+                           "quept compact"),
+               "packed": (PACKED_JSON, PACKED_WEIGHTS, "qweight", "quept export")}
+"""Per :func:`folder_kind` of the folders quept writes with quantized (or elastic) layers: its
+JSON, its weights file, the tensor that file holds of every layer the JSON lists, and the
+command that writes such a folder."""
+
+
 HELD_NAMES = {**KIND_NAMES, "foreign": f"a {ELASTIC_JSON} that quept did not write"}
 """Each :func:`holds_model` in words."""
 
@@ -160,14 +169,14 @@ def readable_kind(folder: str | os.PathLike) -> str:
     return kind
 
 
-def check_finished(folder: str | os.PathLike) -> None:
+def check_finished(folder: str | os.PathLike, advice: str = "") -> None:
     """Refuse a folder whose writing was stopped before it ended (:func:`quept.outputs.marked`)
-    by what it was being written with."""
+    by what it was being written with, ``advice`` ending the message."""
     what = unfinished(folder)
     if what is not None:
         raise ArtifactError(f"{folder} holds {what} whose writing was stopped before it ended; "
                             "run the command that wrote it again (same --out), or delete the "
-                            "folder")
+                            "folder" + (f"; {advice}" if advice else ""))
 
 
 BUSY = ("{folder} is being written by a running `quept quantize` right now: wait for it to end "

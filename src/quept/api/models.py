@@ -11,22 +11,19 @@ import torch
 from torch import nn
 
 from quept.api.folders import (
-    ELASTIC_JSON,
-    ELASTIC_WEIGHTS,
     KIND_NAMES,
+    QUEPT_FILES,
     ArtifactError,
+    check_finished,
     folder_kind,
     model_kind,
     not_a_folder,
 )
 from quept.checks import read_json_object
 from quept.data.hub import hub_model_dir, is_repo_id
-from quept.export import compact as _compact
 from quept.export.ct_format import is_compressed_tensors, load_compressed_tensors
 from quept.export.onnx_runtime import is_onnx_folder
-from quept.export.packed import PACKED_JSON, PACKED_WEIGHTS
 from quept.models import family_for_type
-from quept.outputs import unfinished
 
 log = logging.getLogger(__name__)
 
@@ -61,21 +58,18 @@ def resolve_model_dir(model: str | os.PathLike | None) -> Path:
                "the built-in encoder or 'vit' for the built-in image classifier")
     if not path.is_dir():
         raise FileNotFoundError(f"{not_a_folder(path)}; {choices}")
+    check_finished(path, f"as a float model to read, {choices}")
     held = folder_kind(path)
-    if held == "unfinished":
-        raise ArtifactError(f"{path} holds {unfinished(path)} whose writing was stopped before "
-                            "it ended, not a float model; run the command that wrote it again "
-                            f"(same --out) to read it, or {choices}")
-    lost = next((QUEPT_WEIGHTS[f] for f in QUEPT_WEIGHTS if (path / f).is_file()), None)
+    lost = next((k for k, files in QUEPT_FILES.items() if (path / files[1]).is_file()), None)
     if held == "hf" and lost is not None and not any(path.glob(HF_WEIGHTS)):
         # a quept folder whose JSON was deleted, not the Hugging Face folder it would pass for
-        kind, json_name, made_by = lost
+        kind, (json_name, _, _, made_by) = lost, QUEPT_FILES[lost]
         raise ArtifactError(f"{path} is a damaged quept folder, not a Hugging Face model "
                             f"folder: it holds the weights of {KIND_NAMES[kind]} but no "
                             f"{json_name} (write it again with `{made_by}`); as a model to "
                             f"read, {choices}")
     kind = model_kind(path, choices)  # a folder holding no model is named by what it holds
-    if kind in QUEPT_KINDS:
+    if kind in QUEPT_FILES:
         raise ArtifactError(f"{path} holds {KIND_NAMES[kind]} written by quept, not a float "
                             f"model; {choices}")
     if not (path / "config.json").is_file():
@@ -84,21 +78,9 @@ def resolve_model_dir(model: str | os.PathLike | None) -> Path:
     return path
 
 
-QUEPT_KINDS = ("elastic", "compact", "packed")
-"""The :func:`~quept.api.folder_kind` of the folders quept writes that hold quantized (or
-elastic) layers: never a base model."""
-
-
 HF_WEIGHTS = "model*.safetensors"
 """The weights files of a Hugging Face model folder (model.safetensors, or its shards
 model-00001-of-00002.safetensors ...), which quept reads."""
-
-
-QUEPT_WEIGHTS = {ELASTIC_WEIGHTS: ("elastic", ELASTIC_JSON, "quept quantize"),
-                 _compact.COMPACT_WEIGHTS: ("compact", _compact.COMPACT_JSON, "quept compact"),
-                 PACKED_WEIGHTS: ("packed", PACKED_JSON, "quept export")}
-"""The weights file of each of :data:`QUEPT_KINDS` (a Hugging Face folder's is
-:data:`HF_WEIGHTS`) -> its kind, the JSON beside it and the command that writes it."""
 
 
 def load_model(model: str | os.PathLike | None = None) -> tuple[nn.Module, Any]:

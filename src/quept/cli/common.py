@@ -15,13 +15,13 @@ from safetensors import safe_open
 
 from quept import api
 from quept.api import KIND_NAMES
-from quept.checks import ConfigError, check_bits, read_json_object
+from quept.api.folders import QUEPT_FILES
+from quept.checks import ConfigError, check_bits
 from quept.config import MAX_SEED, ElasticSpec, QuEPTConfig
 from quept.data.text import SAMPLE_EVERY, names_hub_text, shared_fraction
 from quept.eval import Sentences
-from quept.export.compact import COMPACT_JSON, COMPACT_WEIGHTS, read_compact_meta
-from quept.export.load import MODEL_CONFIG, check_model_config, read_packed_meta
-from quept.export.packed import PACKED_JSON, PACKED_WEIGHTS
+from quept.export.compact import read_compact_meta
+from quept.export.load import check_model_config, read_packed_meta
 
 log = logging.getLogger("quept")
 DEFAULT_OUT = "quept-elastic"
@@ -273,20 +273,13 @@ def folder_task(folder: Path, kind: str) -> tuple[str, str] | None:
     loads; None for other kinds or an unsupported model type."""
     from quept.models.families import UnsupportedModelError, family_for_type
 
-    if kind not in FOLDER_FILES:
+    if kind not in QUEPT_FILES:
         return None
     model_type = folder_meta(folder, kind)["model_type"]
     try:
         return model_type, family_for_type(model_type).task
     except UnsupportedModelError:  # refused by name when the model loads
         return None
-
-
-FOLDER_FILES = {"elastic": (api.ELASTIC_JSON, api.ELASTIC_WEIGHTS, "lora_u", "quept quantize"),
-                "compact": (COMPACT_JSON, COMPACT_WEIGHTS, "master", "quept compact"),
-                "packed": (PACKED_JSON, PACKED_WEIGHTS, "qweight", "quept export")}
-"""Per folder kind: its JSON, its weights file, the tensor the weights file holds of every
-layer the JSON lists, and the command that writes such a folder."""
 
 
 def folder_meta(folder: Path, kind: str) -> dict[str, Any]:
@@ -296,17 +289,11 @@ def folder_meta(folder: Path, kind: str) -> dict[str, Any]:
     file holds a tensor of every layer the JSON lists (its header alone is read), and a packed
     folder's or compact checkpoint's config.json is there and of the JSON's model type; else an
     :class:`~quept.api.ArtifactError`."""
-    listed_in, weights, part, made_by = FOLDER_FILES[kind]
+    listed_in, weights, part, made_by = QUEPT_FILES[kind]
     read = {"elastic": api.read_meta, "compact": read_compact_meta, "packed": read_packed_meta}
     meta = read[kind](folder)
     if kind != "elastic":
-        check_model_config(folder, KIND_NAMES[kind], made_by)
-        config = read_json_object(folder / MODEL_CONFIG, api.ArtifactError)
-        if config.get("model_type") != meta["model_type"]:
-            raise api.ArtifactError(
-                f"{folder / MODEL_CONFIG} describes a {config.get('model_type')!r} model, "
-                f"but {listed_in} a {meta['model_type']!r} one: the folder is damaged or mixed "
-                f"up; write it again with `{made_by}`")
+        check_model_config(folder, KIND_NAMES[kind], made_by, listed_in, meta["model_type"])
     path = folder / weights
     if not path.is_file():
         raise api.ArtifactError(f"{path} is missing: the folder is damaged; write it again "

@@ -70,15 +70,23 @@ MODEL_CONFIG = "config.json"
 beside their JSON: their model is built from it."""
 
 
-def check_model_config(folder: Path, holds: str, made_by: str) -> None:
+def check_model_config(folder: Path, holds: str, made_by: str, listed_in: str,
+                       model_type: str) -> None:
     """The ``config.json`` a packed folder or compact checkpoint (``holds``, "a packed model")
-    builds its model from is there, or a :class:`PackedFormatError` naming the folder damaged
-    and the command that writes it again (``made_by``, "quept export"); checked before
-    transformers reads the folder, whose error would not say so."""
-    if not (folder / MODEL_CONFIG).is_file():
+    builds its model from is there and of the ``model_type`` its JSON (``listed_in``) records,
+    or a :class:`PackedFormatError` naming the folder damaged or mixed up and the command that
+    writes it again (``made_by``, "quept export"); checked before transformers reads the
+    folder, whose error would not say so."""
+    path = folder / MODEL_CONFIG
+    if not path.is_file():
         raise PackedFormatError(f"{folder} is damaged: it holds {holds} but no {MODEL_CONFIG} "
                                 "(the model's configuration, written beside its weights, which "
                                 f"the model is built from); write it again with `{made_by}`")
+    found = read_json_object(path, PackedFormatError).get("model_type")
+    if found != model_type:
+        raise PackedFormatError(f"{path} describes a {found!r} model, but {listed_in} a "
+                                f"{model_type!r} one: the folder is damaged or mixed up; write "
+                                f"it again with `{made_by}`")
 
 
 _LAYER_FIELDS = {"bits": int, "group_size": int, "in": int, "out": int, "bias": bool}
@@ -93,12 +101,8 @@ def load_packed(folder: str | os.PathLike, backend: str = "auto") -> nn.Module:
 
     folder = Path(folder)
     meta = read_packed_meta(folder)
-    check_model_config(folder, "a packed model", "quept export")
+    check_model_config(folder, "a packed model", "quept export", PACKED_JSON, meta["model_type"])
     cfg = AutoConfig.from_pretrained(folder)
-    if cfg.model_type != meta["model_type"]:
-        raise PackedFormatError(
-            f"{folder}: config.json is a {cfg.model_type} model but the packed weights are for "
-            f"{meta['model_type']}")
     fam = family_for_type(cfg.model_type)
     with parameters_on_meta():
         net = fam.model_class().from_config(cfg)

@@ -306,17 +306,11 @@ def _checkpoint(folder: Path) -> dict[str, Any]:
 
 def _check_model_config(folder: Path, meta: dict[str, Any], holds: str, listed_in: str,
                         made_by: str) -> None:
-    """The config.json a packed or compact folder's model is built from is there and of the
-    model type its JSON records; else an InfoError naming the folder damaged or mixed up."""
+    """:func:`quept.export.load.check_model_config`, its refusal an InfoError."""
     try:
-        check_model_config(folder, holds, made_by)
+        check_model_config(folder, holds, made_by, listed_in, meta["model_type"])
     except PackedFormatError as e:
         raise InfoError(str(e)) from None
-    found = _json(folder / "config.json").get("model_type")
-    if found != meta["model_type"]:
-        raise InfoError(f"{folder / 'config.json'} describes a {found!r} model, but {listed_in} "
-                        f"a {meta['model_type']!r} one: the folder is damaged or mixed up; "
-                        f"write it again with `{made_by}`")
 
 
 def _compact(folder: Path) -> dict[str, Any]:
