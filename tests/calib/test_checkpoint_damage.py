@@ -173,14 +173,37 @@ def test_streams_of_another_sample_count_are_refused(folder, tmp_path, monkeypat
     _refused_everywhere(folder, says)
 
 
-def test_block_files_without_progress_are_refused_and_restart_discards_them(folder):
-    # before: a rerun started over silently and wrote over block_000
+def test_a_run_stopped_while_saving_block_0_starts_again(folder, caplog):
+    # before: block 0's files of this run without progress.json (a run stopped between the two
+    # writes) were refused, and only --restart went on
     (folder / "progress.json").unlink()
-    block = (folder / "block_000.safetensors").read_bytes()
-    with pytest.raises(CheckpointCorruptError, match=r"progress.json is missing, but 1 block "
-                       r"file\(s\) remain \(block_000.safetensors\).*--restart"):
+    with caplog.at_level("WARNING", logger="quept.calib.checkpoint"):
+        _, reports = calibrated(checkpoint_dir=folder)
+    assert [r.block for r in reports] == [0, 1]
+    assert "stopped while saving block 0): discarded them" in caplog.text
+
+
+@pytest.mark.parametrize("damage", ["block 1 too", "no run digest", "another run"])
+def test_block_files_without_progress_are_refused_and_restart_discards_them(
+        folder, damage, tmp_path, monkeypatch):
+    # before: a rerun started over silently and wrote over the block files
+    (folder / "progress.json").unlink()
+    names = ["block_000.safetensors"]
+    if damage == "block 1 too":
+        names.append("block_001.safetensors")
+        (folder / names[1]).write_bytes((folder / names[0]).read_bytes())
+    elif damage == "no run digest":
+        _strip_metadata(folder / names[0])
+    else:
+        other = CalibConfig(**{**CFG.to_dict(), "seed": CFG.seed + 1})
+        other_folder = _killed(tmp_path / "other", monkeypatch, cfg=other)
+        (folder / names[0]).write_bytes((other_folder / names[0]).read_bytes())
+    kept = {n: (folder / n).read_bytes() for n in names}
+    listed = ", ".join(names)
+    with pytest.raises(CheckpointCorruptError, match=rf"progress.json is missing, but "
+                       rf"{len(names)} block file\(s\) remain \({listed}\).*--restart"):
         calibrated(checkpoint_dir=folder)
-    assert (folder / "block_000.safetensors").read_bytes() == block
+    assert {n: (folder / n).read_bytes() for n in names} == kept
     CalibCheckpoint(folder, {}).clear()  # what `quept quantize --restart` does
     _, reports = calibrated(checkpoint_dir=folder)
     assert [r.block for r in reports] == [0, 1]

@@ -335,16 +335,17 @@ class CalibCheckpoint:
     def load(self) -> Resumed | None:
         """The saved state, or None when there is none. Raises CheckpointMismatchError on a
         checkpoint of other settings, CheckpointCorruptError on a damaged one: progress.json
-        unreadable, missing while block files remain, or lacking a field or holding one of the
-        wrong kind; a file that is missing, unreadable or from another run."""
+        unreadable, missing while block files remain (other than those of this run's first
+        save, which a run stopped while saving block 0 leaves: they are discarded), or lacking
+        a field or holding one of the wrong kind; a file that is missing, unreadable or from
+        another run."""
         if not (self.folder / PROGRESS_JSON).exists():
             orphans = sorted(p.name for p in self.folder.glob("block_*.safetensors"))
-            if orphans:
+            if orphans and not self._discard_first_save(orphans):
                 raise self._corrupt(PROGRESS_JSON, f"is missing, but {len(orphans)} block "
                                     f"file(s) remain ({', '.join(orphans[:3])}"
                                     f"{', ...' if len(orphans) > 3 else ''}), which cannot be "
-                                    "resumed without it (a run killed while saving its first "
-                                    "block leaves this too)")
+                                    "resumed without it")
             return None
         prog = self._progress()
         saved = prog["fingerprint"]
@@ -362,6 +363,32 @@ class CalibCheckpoint:
                   for i in range(nxt)}
         log.info("resuming calibration at block %d from %s", nxt, self.folder)
         return Resumed(nxt, states, x_fp, x_q, rng_state, prog["reports"])
+
+    def _discard_first_save(self, orphans: list[str]) -> bool:
+        """Without progress.json, the files of this very run's first save (block 0's state and
+        the streams entering block 1, which are written before progress.json) are what a run
+        killed while saving block 0 leaves: they are deleted and calibration starts again.
+        Anything else (other blocks, files of another run or without a run digest) is kept,
+        and False returned."""
+        first = [self.folder / "block_000.safetensors", self.folder / "streams_001.safetensors"]
+        if orphans != [first[0].name]:
+            return False
+        for path in first:
+            if not path.exists():
+                continue
+            try:
+                with safe_open(str(path), "pt") as f:
+                    digest = (f.metadata() or {}).get(RUN_KEY)
+            except Exception:  # a damaged file: not known to be this run's
+                return False
+            if digest != self.digest:
+                return False
+        for path in first:
+            path.unlink(missing_ok=True)
+        log.warning("%s holds block 0's files of this run but no %s (the run was stopped while "
+                    "saving block 0): discarded them, calibrating from block 0", self.folder,
+                    PROGRESS_JSON)
+        return True
 
     def save(
         self, block: int, state: dict[str, torch.Tensor], x_fp: torch.Tensor,
