@@ -61,6 +61,41 @@ def test_bits_switch_changes_output_and_cache_tracks_updates():
         assert not torch.equal(m(x), outs[4])
 
 
+def _fresh(m: ElasticLinear, x: torch.Tensor) -> torch.Tensor:
+    """The output at the current width with nothing cached."""
+    m.clear_cache()
+    return m(x)
+
+
+@pytest.mark.parametrize("change", ["weight edited in place", "cast to bfloat16",
+                                    "weight replaced", "state loaded with assign"])
+def test_cache_follows_every_change_of_what_it_was_made_from(change):
+    # before: the cache keyed on the adapters' and clips' versions only, so each of these kept
+    # serving the old quantized weight (float32 after a cast, the old weight after a load)
+    m, other = make(0), make(1)
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        m.set_bits(4)
+        before = m(x)
+        if change == "weight edited in place":
+            m.weight.mul_(0.5)
+        elif change == "cast to bfloat16":
+            m.to(torch.bfloat16)
+            x = x.to(torch.bfloat16)
+        elif change == "weight replaced":
+            m.weight = nn.Parameter(other.weight.clone(), requires_grad=False)
+        else:
+            m.load_state_dict(other.state_dict(), assign=True)
+        after = m(x)
+        assert after.dtype == x.dtype
+        assert torch.equal(after, _fresh(m, x))
+        assert not torch.equal(after.float(), before)
+        m.set_bits(3)
+        m(x)
+        m.set_bits(4)
+        assert torch.equal(m(x), after)  # switching away and back changes nothing
+
+
 def test_gradients_reach_adapters_and_only_the_active_clips():
     m = make()
     for p in [m.lora_u, m.lora_v, *m.clip_hi.values(), *m.clip_lo.values()]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -79,7 +80,7 @@ class ElasticLinear(nn.Module):
             self.clip_lo[str(b)] = nn.Parameter(torch.full(shape, init, device=dev, dtype=dt))
         self.bits: int | None = None
         self.rtn = False
-        self._cache: tuple[tuple, torch.Tensor] | None = None
+        self._cache: tuple[tuple, list[weakref.ref], torch.Tensor] | None = None
         self.protected: list[tuple[int, int]] = []  # super weights (row, col): protect_outliers
         # Codes chosen by export-time rounding (quept.export.gptq) per width: (codes, scale,
         # zero) that replace round-to-nearest at that width; never saved with the folder.
@@ -223,25 +224,33 @@ class ElasticLinear(nn.Module):
         """The export-time codes, scale and zero at ``bits``, on the weight's device."""
         return tuple(t.to(self.weight.device) for t in self.rounded[bits])
 
-    def _state_key(self) -> tuple:
+    def _sources(self) -> list[torch.Tensor]:
+        """The tensors the quantized weight at the current width is made from."""
         b = str(self.bits)
-        parts = [self.bits, self.rtn, self.lora_u._version, self.lora_v._version,
-                 id(self.rounded.get(self.bits))]
+        tensors = [self.weight, self.lora_u, self.lora_v]
         if b in self.clip_hi:
-            parts += [self.clip_hi[b]._version, self.clip_lo[b]._version]
-        return tuple(parts)
+            tensors += [self.clip_hi[b], self.clip_lo[b]]
+        return tensors
 
     def current_weight(self) -> torch.Tensor:
-        """Weight used by ``forward`` now; cached while no gradient is being recorded."""
+        """Weight used by ``forward`` now; cached while no gradient is being recorded. The
+        cache is made anew when the width changes or any tensor it was made from is replaced
+        (``load_state_dict(..., assign=True)``), edited in place, moved or cast."""
         if self.bits is None:
             return self.weight
         if torch.is_grad_enabled():
             self._cache = None
             return self.quantized_weight(self.bits, self.rtn)
-        key = self._state_key()
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self.quantized_weight(self.bits, self.rtn))
-        return self._cache[1]
+        sources = self._sources()
+        key = (self.bits, self.rtn, id(self.rounded.get(self.bits)),
+               *((t.data_ptr(), t._version, t.dtype, t.device) for t in sources))
+        cached = self._cache
+        if (cached is None or cached[0] != key
+                or any(ref() is not t for ref, t in zip(cached[1], sources))):
+            cached = (key, [weakref.ref(t) for t in sources],
+                      self.quantized_weight(self.bits, self.rtn))
+            self._cache = cached
+        return cached[2]
 
     def clear_cache(self) -> None:
         self._cache = None
