@@ -9,6 +9,7 @@ import os
 import shutil
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -117,6 +118,45 @@ def test_export_reads_an_elastic_model_only(tmp_path):
     with pytest.raises(quept.export.switchable.PackedFormatError, match="keep_bytes must be a "
                                                                       "whole number of bytes"):
         quept.load_switchable(tmp_path / "el", 4, keep_bytes="1MB")
+    # before: a PackedFormatError, not the ConfigError every other misuse is
+    for bad, says in [(dict(keep_bytes=-1), "keep_bytes must be"), (dict(bits=9), "bit-width 9")]:
+        with pytest.raises(ConfigError, match=says):
+            quept.load_switchable(tmp_path / "el", **{"bits": 4, **bad})
+    with pytest.raises(ConfigError, match="a switchable packed model has no float layers; use "
+                                          r"the elastic model \(quept.load\) for float"):
+        quept.set_bits(switchable, None)
+    quept.set_bits(switchable, np.int64(3))  # a NumPy integer is a width
+    assert set(switchable.quept_switch.widths.values()) == {3}
+
+
+def test_widths_as_numpy_integers_and_wrapped_plans_are_taken():
+    # before: np.int64(4) was "not an integer", and a plan file's {"plan": {...}} loaded with
+    # json.load was "made for another model"
+    model = quept.prepare(tiny_model(), SPEC)
+    layers = elastic_layers(model)
+    quept.set_bits(model, np.int64(4))
+    assert {type(m.bits) for m in layers.values()} == {int}
+    assert {m.bits for m in layers.values()} == {4}
+    for wrapper in ("plan", "bits"):
+        quept.set_bits(model, {wrapper: {"*": np.int32(3), "*.mlp.down_proj": 5}})
+        widths = {n: m.bits for n, m in layers.items()}
+        assert {b for n, b in widths.items() if n.endswith("down_proj")} == {5}
+        assert {b for n, b in widths.items() if not n.endswith("down_proj")} == {3}
+        assert {type(b) for b in widths.values()} == {int}
+    with pytest.raises(ConfigError, match="holds both 'plan' and 'bits'"):
+        quept.set_bits(model, {"plan": {"*": 4}, "bits": {"*": 3}})
+
+
+@pytest.mark.parametrize("text, says", [("4", "pass the width 4"),
+                                        ('{"*": 4}', "pass the dict json.loads gives")])
+def test_a_width_or_plan_given_as_text_is_named(text, says):
+    # before: FileNotFoundError "plan file 4 does not exist"
+    model = quept.prepare(tiny_model(), SPEC)
+    quept.set_bits(model, 5)
+    with pytest.raises(ConfigError, match=f"is text, read as a plan file's path or an inline "
+                                          f"plan .*{says}"):
+        quept.set_bits(model, text)
+    assert {m.bits for m in elastic_layers(model).values()} == {5}
 
 
 @pytest.mark.parametrize("field, value, message", [

@@ -7,6 +7,7 @@ only when called) and no config objects: :mod:`quept.config` builds on these.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -118,9 +119,11 @@ def check_count(value: object, what: str, low: int = 1) -> int:
 
 
 def check_bits(bits: int, allowed: tuple[int, ...] | None = None) -> int:
-    """Validate one bit-width (an int in 2..8, or in ``allowed`` when given)."""
-    if isinstance(bits, bool) or not isinstance(bits, int):
+    """Validate one bit-width (an integer in 2..8, or in ``allowed`` when given) and return
+    it as a Python int (a NumPy integer is taken)."""
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral):
         raise ConfigError(f"bit-width must be an integer, got {bits!r}")
+    bits = int(bits)
     if not MIN_BITS <= bits <= MAX_BITS:
         raise ConfigError(f"bit-width {bits} is outside {MIN_BITS}..{MAX_BITS}")
     if allowed is not None and bits not in allowed:

@@ -20,6 +20,7 @@ from quept.export.gptq import GPTQConfig
 from quept.export.gptq import round_gptq as _round_gptq
 from quept.export.learned import LearnedRoundingConfig
 from quept.export.learned import round_learned as _round_learned
+from quept.export.packed import PackedArgumentError
 from quept.models import Family, family_for, rotate
 from quept.models.kv import head_dim as kv_head_dim
 from quept.models.kv import install_kv_attention, kv_linears
@@ -30,8 +31,8 @@ from quept.ops import GroupSizeError, n_groups
 from quept.ops.quant import is_power_of_two
 from quept.search import Plan, as_layer_widths
 from quept.search.budget import layer_bits
-from quept.search.plan import PLAN_FORMAT
-from quept.search.plan_files import read_plan
+from quept.search.plan import INLINE_EXAMPLE, PLAN_FORMAT
+from quept.search.plan_files import read_plan, unwrap_plan
 from quept.search.table import LayerShape
 
 log = logging.getLogger(__name__)
@@ -181,9 +182,10 @@ def set_bits(model: nn.Module, bits: BitsPlan | Plan, *, rtn: bool = False) -> n
     if isinstance(bits, Plan):  # made for this model? (checked before any layer switches)
         check_plan_record(elastic_layers(model) if switch is None else switch.skeletons(), bits)
     if switch is not None:
-        if rtn:
-            raise ConfigError("a switchable packed model has no round-to-nearest mode; "
-                              "use the elastic model (quept.load) for RTN")
+        if rtn or bits is None:
+            lacks, use = ("round-to-nearest mode", "RTN") if rtn else ("float layers", "float")
+            raise PackedArgumentError(f"a switchable packed model has no {lacks}; use the "
+                                      f"elastic model (quept.load) for {use}")
         switch.set_bits(as_layer_widths(bits))
         return model
     return _set_bits(model, as_layer_widths(bits), rtn=rtn)
@@ -192,11 +194,18 @@ def set_bits(model: nn.Module, bits: BitsPlan | Plan, *, rtn: bool = False) -> n
 def as_plan(bits: Any) -> Any:
     """A plan file's path or an inline plan text (``'*=3,model.layers.0.*=8'``) read, and a
     plan JSON loaded as a dict made a :class:`Plan`; a width or a mapping as given."""
+    if isinstance(bits, str) and not os.path.exists(bits):
+        text = bits.strip()
+        if text.isdigit() or text.startswith("{"):
+            what = (f"the width {int(text)}" if text.isdigit()
+                    else "the dict json.loads gives")
+            raise ConfigError(f"{bits!r} is text, read as a plan file's path or an inline plan "
+                              f"(e.g. {INLINE_EXAMPLE}), and names neither; pass {what}")
     if isinstance(bits, (str, os.PathLike)):
         return read_plan(bits)
     if isinstance(bits, Mapping) and bits.get("format") == PLAN_FORMAT:
         return Plan.from_dict(bits)
-    return bits
+    return unwrap_plan(bits, "the plan") if isinstance(bits, Mapping) else bits
 
 
 def realised(layers: Mapping[str, Any], widths: Any) -> tuple[dict[str, int], int, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -69,11 +70,9 @@ def _per_width(model: nn.Module, bits: Sequence[int | None], rtn: bool,
     a switchable packed model (:func:`load_switchable`), which has neither float layers nor
     RTN, goes back to the widths it had. One width (an int, or None) is taken as a list of one."""
     spec = spec_of(model)
-    if bits is None or isinstance(bits, int):
+    if bits is None or isinstance(bits, numbers.Integral):
         bits = [bits]
-    for b in bits:
-        if b is not None:
-            check_bits(b, spec.bits)
+    bits = [None if b is None else check_bits(b, spec.bits) for b in bits]
     switch = getattr(model, "quept_switch", None)
     if switch is not None:
         if rtn or None in bits:

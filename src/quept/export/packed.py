@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from quept.checks import check_bits
+from quept.checks import ConfigError, check_bits
 from quept.nn.packed_linear import PackedEmbedding, PackedLinear
 from quept.nn.switch import elastic_layers, plan_widths
 from quept.ops.quant import to_groups
@@ -41,6 +41,12 @@ KV_QUANT_KIND_BEFORE_ROTARY = "per-token-per-head-asymmetric"
 
 class PackedFormatError(ValueError):
     """A folder is not a readable packed model, or its files disagree with each other."""
+
+
+class PackedArgumentError(PackedFormatError, ConfigError):
+    """A width, plan or option given to a packed or switchable model is invalid: a
+    :class:`quept.ConfigError` like every misuse of the API (and a PackedFormatError, which
+    it was before)."""
 
 
 def minmax_codes(w: torch.Tensor, bits: int, group_size: int,
@@ -64,11 +70,16 @@ def layer_widths(model: nn.Module | Mapping[str, nn.Module], plan: int | Mapping
     """``{layer name: bits}`` for every elastic layer of ``model`` (or of a ``{name: elastic
     layer}`` mapping) from one width or a full plan, each width checked against the layer's."""
     layers = elastic_layers(model) if isinstance(model, nn.Module) else model
-    widths = plan_widths(layers, plan, PackedFormatError)
+    widths = plan_widths(layers, plan, PackedArgumentError)
     for n, b in widths.items():
         if b is None:
-            raise PackedFormatError(f"layer {n}: a packed model has no float layers; pick a width")
-        check_bits(b, layers[n].spec.bits)
+            raise PackedArgumentError(f"layer {n}: a packed model has no float layers; pick a "
+                                      "width")
+        try:
+            widths[n] = check_bits(b, layers[n].spec.bits)
+        except ConfigError as e:
+            raise PackedArgumentError(f"layer {n}: {e}" if isinstance(plan, Mapping)
+                                      else str(e)) from None
     return widths
 
 
@@ -77,7 +88,8 @@ def pack_model(
 ) -> dict[str, PackedLinear]:
     """Fold each elastic layer's adapter into its weight at its width and pack the codes."""
     if scale_dtype not in SCALE_DTYPES:
-        raise PackedFormatError(f"scale dtype {scale_dtype!r} is not one of {list(SCALE_DTYPES)}")
+        raise PackedArgumentError(f"scale dtype {scale_dtype!r} is not one of "
+                                  f"{list(SCALE_DTYPES)}")
     layers = elastic_layers(model)
     out = {}
     for name, b in layer_widths(model, plan).items():

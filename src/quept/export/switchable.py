@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import numbers
 import os
 import time
 from collections import OrderedDict
@@ -38,6 +39,7 @@ from quept.export.compact_fit import CompactConfig
 from quept.export.load import fill
 from quept.export.packed import (
     SCALE_DTYPES,
+    PackedArgumentError,
     PackedFormatError,
     layer_widths,
     pack_head,
@@ -88,8 +90,8 @@ class Switchable:
                  compact: CompactConfig | None, backend: str, scale_dtype: str,
                  keep_bytes: int = 0) -> None:
         if not isinstance(keep_bytes, int) or isinstance(keep_bytes, bool) or keep_bytes < 0:
-            raise PackedFormatError(f"keep_bytes must be a whole number of bytes >= 0, got "
-                                    f"{keep_bytes!r}")
+            raise PackedArgumentError(f"keep_bytes must be a whole number of bytes >= 0, got "
+                                      f"{keep_bytes!r}")
         self.model, self.source = model, source
         # Packed layers of widths switched away from, kept (least recently used dropped first)
         # while their codes fit in keep_bytes, so switching back to them packs nothing.
@@ -144,8 +146,8 @@ class Switchable:
         swaps modules only. Layers already at that width or kept there are skipped. The report
         counts the layers packed; its bits per weight are the current configuration's."""
         if not self.keep_bytes:
-            raise PackedFormatError("prefetch keeps packed layers: give the model a keep_bytes "
-                                    "budget (load_switchable(..., keep_bytes=N))")
+            raise PackedArgumentError("prefetch keeps packed layers: give the model a keep_bytes "
+                                      "budget (load_switchable(..., keep_bytes=N))")
         t0 = time.perf_counter()
         wanted = self._resolve(plan)
         todo = {n: b for n, b in wanted.items()
@@ -198,9 +200,9 @@ class Switchable:
             total -= m.stored_bytes()
 
     def _resolve(self, plan: int | Mapping[str, int]) -> dict[str, int]:
-        if isinstance(plan, bool) or not (plan is None or isinstance(plan, (int, Mapping))):
-            raise PackedFormatError(f"a switchable model takes a width (int) or a plan "
-                                    f"{{layer: bits}}, got {plan!r}")
+        if isinstance(plan, bool) or not (plan is None or isinstance(plan, (numbers.Integral, Mapping))):
+            raise PackedArgumentError(f"a switchable model takes a width (int) or a plan "
+                                      f"{{layer: bits}}, got {plan!r}")
         return layer_widths(self._layers, plan)
 
     def _pack(self, name: str, bits: int) -> PackedLinear:

@@ -190,7 +190,7 @@ class ElasticLinear(nn.Module):
     def set_bits(self, bits: int | None, rtn: bool = False) -> None:
         """Switch to width ``bits`` (None = float). O(1): nothing is recomputed here."""
         if bits is not None:
-            check_bits(bits, self.spec.bits)
+            bits = check_bits(bits, self.spec.bits)
         self.bits, self.rtn = bits, rtn
 
     def delta(self, bits: int) -> torch.Tensor:

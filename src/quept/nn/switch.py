@@ -86,7 +86,7 @@ def set_bits(model: nn.Module, bits: BitsPlan, *, rtn: bool = False) -> nn.Modul
     for n, b in chosen.items():  # every width checked before any layer switches
         if b is not None:
             try:
-                check_bits(b, layers[n].spec.bits)
+                chosen[n] = check_bits(b, layers[n].spec.bits)
             except ConfigError as e:
                 raise ConfigError(f"layer {n}: {e}" if isinstance(bits, Mapping)
                                   else str(e)) from None

@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from quept.checks import ConfigError, check_bits
 from quept.search.plan import INLINE_EXAMPLE, PLAN_FORMAT, Plan, read_plan_json
@@ -33,11 +35,7 @@ def read_plan(path: str | os.PathLike) -> Plan | dict[str, int]:
     d = read_plan_json(path)
     if isinstance(d, dict) and d.get("format") == PLAN_FORMAT:
         return Plan.from_dict(d, str(path))
-    nested = [k for k in ("plan", "bits") if isinstance(d, dict) and isinstance(d.get(k), dict)]
-    if len(nested) == 2:
-        raise ConfigError(f"{path}: holds both 'plan' and 'bits'; keep the widths under one")
-    if nested:
-        d = d[nested[0]]
+    d = unwrap_plan(d, str(path))
     expected = ("expected {layer name: bits} (bare, or under 'plan' or 'bits'), or a plan "
                 "from `quept plan`")
     if not isinstance(d, dict) or not d:
@@ -52,6 +50,16 @@ def read_plan(path: str | os.PathLike) -> Plan | dict[str, int]:
         except ConfigError as e:
             raise ConfigError(f"{path}: entry {name!r}: {e}") from None
     return d
+
+
+def unwrap_plan(d: Any, where: str) -> Any:
+    """A hand-written plan's ``{layer name or pattern: bits}``: ``d`` itself, or what it holds
+    under ``plan`` or ``bits`` (a mapping there, where a width would be a number)."""
+    nested = [k for k in ("plan", "bits") if isinstance(d, Mapping)
+              and isinstance(d.get(k), Mapping)]
+    if len(nested) == 2:
+        raise ConfigError(f"{where}: holds both 'plan' and 'bits'; keep the widths under one")
+    return d[nested[0]] if nested else d
 
 
 def inline_plan(text: str) -> dict[str, int]:
