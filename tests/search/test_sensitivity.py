@@ -131,6 +131,17 @@ def test_cache_is_reused_only_for_the_same_state_data_and_settings(tmp_path):
     assert quept.api.sensitivity(model, ids, cfg, cache=cache, progress=False).kl[first][0] != 123.0
 
 
+def test_the_table_records_the_shape_it_was_measured_on():
+    # before: SensitivityConfig's n_samples and seq_len were recorded (and fingerprinted) as
+    # given, whatever inputs were measured
+    model, ids = elastic_tiny(), token_ids(2, 8)
+    tables = [quept.api.sensitivity(model, ids, cfg, progress=False)
+              for cfg in (None, SensitivityConfig(n_samples=32, seq_len=128))]
+    assert [(t.settings["n_samples"], t.settings["seq_len"]) for t in tables] == [(2, 8)] * 2
+    assert tables[0].fingerprint == tables[1].fingerprint
+    assert tables[0].kl == tables[1].kl
+
+
 def test_rejects_an_unprepared_model_and_a_foreign_reference():
     from quept.config import ConfigError
     from tests.conftest import tiny_model

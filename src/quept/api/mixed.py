@@ -67,8 +67,13 @@ def sensitivity(
     sensitivity-exact.json for ``method="exact"``) a table whose fingerprint (elastic state,
     base weights, tokens, settings) matches is reused; otherwise it is measured and written.
     """
-    config = check_config(SensitivityConfig() if config is None else config, SensitivityConfig,
-                          "sensitivity")
+    given = config
+    config = _as_measured(check_config(SensitivityConfig() if config is None else config,
+                                       SensitivityConfig, "sensitivity"), input_ids)
+    if given is not None and config != given:
+        log.info("the sensitivity inputs are %d x %d, not the %d x %d the config names; the "
+                 "table records what it is measured on", config.n_samples, config.seq_len,
+                 given.n_samples, given.seq_len)
     if cache is not None and Path(cache).is_dir():
         raise ConfigError(f"cache names the folder {cache}; name the table's file in it, e.g. "
                           f"{Path(cache) / config.cache_name}")
@@ -83,10 +88,22 @@ def sensitivity(
     return table
 
 
+def _as_measured(config: SensitivityConfig, inputs: Any) -> SensitivityConfig:
+    """``config`` with the sample count and sequence length of ``inputs`` (token ids (N, T),
+    :class:`quept.eval.Sentences` padded to T, or images (N, C, H, W): N only), so that the
+    table records what it was measured on, not what the config guessed."""
+    ids = getattr(inputs, "input_ids", inputs)
+    if not isinstance(ids, torch.Tensor) or ids.dim() not in (2, 4) or 0 in ids.shape:
+        return config  # refused by name when the table is measured
+    n, t = int(ids.shape[0]), (int(ids.shape[1]) if ids.dim() == 2 else config.seq_len)
+    return dataclasses.replace(config, n_samples=n, seq_len=t)
+
+
 def cached_sensitivity(model: nn.Module, input_ids: torch.Tensor, config: SensitivityConfig,
                        cache: str | os.PathLike) -> SensitivityTable | None:
     """The table in the file ``cache`` if it was measured on this elastic state, base weights,
     tokens and settings; None (and why, logged) otherwise."""
+    config = _as_measured(config, input_ids)
     path = Path(cache)
     if not path.is_file():
         return None

@@ -55,7 +55,8 @@ class SensitivityConfig:
 
     n_samples, seq_len: calibration sequences and tokens each (every position is scored); for
         an image classifier or an encoder the caller draws its images or sentences, and
-        ``seq_len`` is the longest sentence.
+        ``seq_len`` is the longest sentence. The caller draws the inputs by them;
+        :func:`quept.sensitivity` records the inputs' own count and length.
     batch_size: sequences per forward pass (memory: activations and B x T x vocab logits);
         None: :data:`BATCH_SIZES` of the method (8 with probes, 32 for the exact table, whose
         forwards take no gradient: a ViT on CPU ran 30% faster than at 8, no faster at 128).
