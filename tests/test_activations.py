@@ -85,6 +85,8 @@ def test_calibration_save_load_and_packed_export(tmp_path):
     assert {i["act_bits"] for i in meta["layers"].values()} == {4}
     packed, _ = quept.api.load_packed(tmp_path / "w4a4")
     torch.testing.assert_close(packed(ids[:2]).logits, want, atol=2e-3, rtol=1e-3)
+    exact, _ = quept.api.load_packed(tmp_path / "w4a4", backend="dequant")
+    assert torch.equal(exact(ids[:2]).logits, want)  # (q - z) * s in float32: the elastic model
     # the activation quantizers are part of the packed model: without them the logits move
     layers = [m for m in packed.modules() if getattr(m, "act_bits", None)]
     assert len(layers) == len(elastic_layers(model))

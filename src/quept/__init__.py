@@ -47,6 +47,7 @@ from quept.config import (  # noqa: E402
     ConfigError,
     ElasticSpec,
     QuEPTConfig,
+    weight_act_spec,
 )
 
 __all__ = [
@@ -82,5 +83,6 @@ __all__ = [
     "set_bits",
     "stored_bits",
     "sweep_cache",
+    "weight_act_spec",
     "windows_from_text",
 ]

@@ -236,8 +236,10 @@ class ElasticSpec:
         if self.activations != "none" and min(flat) < MIN_ACT_BITS:
             raise ConfigError(
                 f"activation quantization covers W{MIN_ACT_BITS}A{MIN_ACT_BITS}..W8A8; widths "
-                f"{sorted(b for b in flat if b < MIN_ACT_BITS)} are below {MIN_ACT_BITS} (use "
-                f"bit groups such as {[list(g) for g in WEIGHT_ACT_GROUPS]})")
+                f"{sorted(b for b in flat if b < MIN_ACT_BITS)} are below {MIN_ACT_BITS}; "
+                f"quept.weight_act_spec(spec, {self.activations!r}) gives the spec in that mode "
+                f"(bit groups {[list(g) for g in WEIGHT_ACT_GROUPS]}, their ranks and merge "
+                "weights, 7 and 8 bits unclipped), as the command line's --activations does")
         if self.rotation not in ROTATIONS:
             raise ConfigError(f"rotation must be one of {list(ROTATIONS)}, got {self.rotation!r}")
         if self.kv_bits is not None:
@@ -476,7 +478,8 @@ PRESET_SPECS: dict[str, ElasticSpec] = {
 
 def weight_act_spec(spec: ElasticSpec | None = None, mode: str = "per-token") -> ElasticSpec:
     """``spec`` (default: the cpu-demo spec) in weight+activation mode: activations quantized
-    the ``mode`` way (per-token, or per-tensor static quantizers), and, when ``spec`` has widths below 4, the weight+activation bit groups
+    the ``mode`` way (per-token, or per-tensor static quantizers), and, when ``spec`` has
+    widths below 4, the weight+activation bit groups
     {7,8} {5,6} {4} with ranks 0/16/8 and merge weights 0.3/0.3/0.4 (DESIGN 2.4), 7 and 8
     bits unclipped (their searched clips cost 0.7% of perplexity at W7A7 on the default
     model, where no clip is RTN exactly; docs/weight-activation.md)."""
