@@ -81,6 +81,26 @@ def test_saving_a_model_quept_did_not_load_warns_about_its_base(tmp_path, caplog
     assert "records the built-in default as its base model" in caplog.text
 
 
+def test_a_model_saved_without_calibration_is_warned_of_and_recorded(tmp_path, caplog):
+    # before: saved silently, and loaded and described as calibrated
+    from quept.info import describe, render
+
+    base, _ = quept.load_model(hf_folder(tmp_path / "base"))
+    with caplog.at_level(logging.WARNING, logger="quept.api.store"):
+        quept.save(quept.prepare(base, SPEC), tmp_path / "e", QuEPTConfig(spec=SPEC))
+    assert "prepared but never calibrated" in caplog.text
+    assert json.loads((tmp_path / "e" / "quept.json").read_text())["calibrated"] is False
+    model, _ = quept.load(tmp_path / "e")
+    assert model.quept_calibrated is False
+    assert "NOT CALIBRATED" in render(describe(tmp_path / "e"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="quept.api.store"):
+        quept.save(elastic_tiny(), tmp_path / "c", QuEPTConfig(spec=SPEC))
+    assert "never calibrated" not in caplog.text
+    assert "calibrated" not in json.loads((tmp_path / "c" / "quept.json").read_text())
+    assert "NOT CALIBRATED" not in render(describe(tmp_path / "c"))
+
+
 def test_a_folder_made_from_a_relative_path_loads_from_anywhere(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     hf_folder(tmp_path / "base")
@@ -334,7 +354,7 @@ def test_a_rotation_of_an_order_with_no_hadamard_matrix_changes_nothing():
 
 
 def test_calibrating_a_calibrated_model_again_is_warned_of(tmp_path, caplog):
-    model = elastic_tiny()
+    model = quept.prepare(tiny_model(), SPEC)
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     cfg = CalibConfig(n_samples=2, seq_len=16, batch_size=2)
     with caplog.at_level(logging.WARNING, logger="quept.api.elastic"):

@@ -42,6 +42,9 @@ SAVE_ID = "save_id"
 :func:`save` writes into both, so that a pair of files not written together (weights copied
 from another calibration, or a save stopped between its two files) is refused, not loaded
 as another model. Folders of older versions hold none in either file, and load as before."""
+UNCALIBRATED = "calibrated"
+"""The key of quept.json that a model saved without calibration records as false (a
+calibrated model's quept.json has no such key)."""
 
 _REWRITE = "rerun the `quept quantize` command that made it (same --out) to write it again"
 """What to do about an elastic folder whose files are missing, damaged or mixed up."""
@@ -75,6 +78,11 @@ def save(model: nn.Module, folder: str | os.PathLike, config: QuEPTConfig,
         "layers": list(elastic_layers(model)),
         SAVE_ID: uuid.uuid4().hex,
     }
+    if not getattr(model, "quept_calibrated", False):
+        log.warning("the model was prepared but never calibrated: %s holds its untrained "
+                    "adapters and initial clips (recorded as \"calibrated\": false); run "
+                    "quept.calibrate before saving", folder)
+        meta[UNCALIBRATED] = False
     meta.update(_checked_extra(extra, meta))
     check_out_folder(folder, "elastic")
     with marked(folder, KIND_NAMES["elastic"]):
@@ -152,7 +160,8 @@ def read_meta(folder: str | os.PathLike) -> dict[str, Any]:
     if meta.get("format") != FORMAT:
         raise ArtifactError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}")
     check_json_fields(meta, _META_FIELDS, path, ArtifactError,
-                      optional={"base_rest_fingerprint": str, SAVE_ID: str})
+                      optional={"base_rest_fingerprint": str, SAVE_ID: str,
+                                UNCALIBRATED: bool})
     if not all(isinstance(n, str) for n in meta["layers"]):
         raise ArtifactError(f"{path} is damaged: its 'layers' should all be layer names")
     return meta
@@ -236,7 +245,7 @@ def load(folder: str | os.PathLike, model: str | os.PathLike | None = None) -> t
             f"{weights} does not match {Path(folder) / ELASTIC_JSON} (the model and spec it "
             f"was saved with): {e}; the folder's files are mixed up or damaged: {_REWRITE}"
         ) from None
-    net.quept_calibrated = True
+    net.quept_calibrated = meta.get(UNCALIBRATED, True)
     net.quept_calibration_text = meta.get("calibration_text")  # quept quantize's sample
     reparam.refold(net, family_for(net))
     return net, tok

@@ -23,7 +23,7 @@ from quept.api import (
     readable_kind,
 )
 from quept.api.folders import busy, is_gguf
-from quept.api.store import check_same_save
+from quept.api.store import UNCALIBRATED, check_same_save
 from quept.calib.checkpoint import (
     CHECKPOINT_DIR,
     CHECKPOINT_DISCARD,
@@ -228,6 +228,8 @@ def _elastic(folder: Path) -> dict[str, Any]:
                         "images": _calibration_images(meta)},
         "widths": _width_rows(cfg, shapes),
     }
+    if meta.get(UNCALIBRATED) is False:
+        info["calibrated"] = False
     if meta.get("evaluation"):
         info["evaluation"] = meta["evaluation"]
     ckpt = folder / CHECKPOINT_DIR

@@ -110,7 +110,11 @@ def render(info: dict[str, Any]) -> str:
         took = "" if c["seconds"] is None else f"; took {c['seconds']:.0f} s"
         if c.get("peak_rss_gib"):
             took += f", peak memory {c['peak_rss_gib']:.2f} GiB"
-        out.append(_calib_line("calibrated", c, info.get("task")) + took)
+        if info.get("calibrated") is False:
+            out.append("NOT CALIBRATED: saved right after quept.prepare, with untrained "
+                       "adapters and initial clips")
+        else:
+            out.append(_calib_line("calibrated", c, info.get("task")) + took)
         ev = info.get("evaluation")
         if ev:
             out.append(f"measured after calibration: {ev.get('metric')} on {ev.get('data')}")
