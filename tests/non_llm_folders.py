@@ -13,8 +13,8 @@ from tests.test_vit import fake_fashion_cache, tiny_vit
 
 
 def build_folders(root: Path) -> Path:
-    """Under ``root``: bert/ and vit/ (random base models), NAME-el (prepared, uncalibrated
-    elastic folders), NAME-w4 (packed W4) and NAME-c (compact) for both, Fashion-MNIST-shaped
+    """Under ``root``: bert/ and vit/ (random base models), NAME-el (prepared elastic folders,
+    marked calibrated), NAME-w4 (packed W4) and NAME-c (compact) for both, Fashion-MNIST-shaped
     images in cache/ and an evaluation text eval.txt."""
     fake_fashion_cache(root / "cache")
     (root / "eval.txt").write_text(TEXT)
@@ -24,6 +24,7 @@ def build_folders(root: Path) -> Path:
     for name in ("bert", "vit"):
         model, _ = quept.load_model(root / name)
         quept.prepare(model, SPEC)
+        model.quept_calibrated = True  # describes and loads as a calibrated folder would
         quept.save(model, root / f"{name}-el", QuEPTConfig(
             spec=SPEC, calib=CalibConfig(n_samples=32, batch_size=32)))
         assert main(["export", str(root / f"{name}-el"), "--bits", "4", "--out",

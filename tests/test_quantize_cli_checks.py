@@ -237,12 +237,74 @@ def test_samples_that_would_cover_the_text_a_hundred_times_over_are_refused(
 
     from quept.data.tokens import NotEnoughTextError, calibration_samples
 
-    with pytest.raises(NotEnoughTextError, match="10000 calibration windows of 16 tokens would "
-                       "cover a text of 1000 tokens 160 times over, past the 100 allowed.*at "
-                       "most 6250 windows"):
-        calibration_samples(torch.arange(1000), 10000, 16, seed=0)
-    calibration_samples(torch.arange(1000), 6250, 16, seed=0)  # 100 times over: allowed
+    with pytest.raises(NotEnoughTextError, match="10000 calibration windows of 200 tokens "
+                       "would cover a text of 1000 tokens 2000 times over, past the 100 "
+                       "allowed.*at most 500 windows"):
+        calibration_samples(torch.arange(1000), 10000, 200, seed=0)
+    calibration_samples(torch.arange(1000), 500, 200, seed=0)  # 100 times over: allowed
+    with pytest.raises(NotEnoughTextError, match="at most 984 windows"):  # not 6250: they would
+        calibration_samples(torch.arange(1000), 10000, 16, seed=0)  # repeat (984 start places)
     argv, out = decoder
     assert main([*argv, "--samples", "100000"]) == 2
     assert "times over, past the 100 allowed" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv", [["quantize", "--eval-sentences", "1"],
+                                  ["eval", "folder", "--sentences", "1"]])
+def test_embedding_fidelity_of_one_sentence_is_refused_by_the_parser(argv, capsys):
+    """Fidelity compares each sentence's nearest other one: refused before anything loads,
+    not after a calibration (and its folder written)."""
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(argv)
+    assert ("at least 2 sentences (embedding fidelity compares each paragraph's nearest other "
+            "paragraph") in capsys.readouterr().err
+    assert build_parser().parse_args(["quantize", "--eval-sentences", "0"]).eval_sentences == 0
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["quantize", "--samples", "0"], "argument --samples: expected a positive count, got '0'"),
+    (["quantize", "--epochs", "0"], "argument --epochs: expected a positive count, got '0'"),
+    (["plan", "f", "--avg-bits", "3", "--samples", "0"], "argument --samples: expected a "
+     "positive count"),
+    (["eval", "f", "--seq-len", "64.0"], "argument --seq-len: '64.0' is not a whole number: "
+     "expected at least 2 tokens per window"),
+    (["quantize", "--seq-len", "1"], "argument --seq-len: expected at least 2 tokens per sample "
+     "(a decoder predicts each token from those before it"),
+    (["plan", "f", "--avg-bits", "3", "--seq-len", "1"], "argument --seq-len: expected at "
+     "least 2 tokens per sample"),
+])
+def test_counts_are_whole_numbers_checked_under_their_option(argv, says, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(argv)
+    assert says in capsys.readouterr().err
+
+
+def test_a_seq_len_past_the_context_is_named_before_the_text_length(decoder, no_calibration,
+                                                                   tmp_path, capsys):
+    argv, out = decoder
+    (tmp_path / "short.txt").write_text(TEXT)
+    short = ["--calib-text", str(tmp_path / "short.txt")]
+    assert main([*argv, *short, "--seq-len", "20000"]) == 2
+    says = "--seq-len 20000 is past the model's context of 1024 tokens: give 1024 or less"
+    assert f"quept: error: {says}" in capsys.readouterr().err
+    assert main(["eval", argv[2], "--text", str(tmp_path / "short.txt"), "--seq-len",
+                 "20000"]) == 2
+    assert f"quept: error: {says}" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_calibration_text_refusals_name_the_options_and_an_encoders_two_special_tokens(
+        decoder, encoder, no_calibration, tmp_path, capsys):
+    (tmp_path / "short.txt").write_text("it is a truth\n")  # 14 tokens
+    assert main([*encoder, "--calib-text", str(tmp_path / "short.txt"), "--eval-sentences",
+                 "0"]) == 2
+    assert ("2 samples x 32 tokens (--samples, --seq-len) on short.txt: calibration text has 14 "
+            "tokens; need more than seq_len=30 (an encoder's window of 32 tokens holds [CLS] "
+            "and [SEP] around 30 tokens of text)") in capsys.readouterr().err
+    argv, out = decoder
+    (tmp_path / "33.txt").write_text(TEXT[:33])
+    assert main([*argv, "--calib-text", str(tmp_path / "33.txt"), "--samples", "4"]) == 2
+    assert ("4 samples x 32 tokens (--samples, --seq-len) on 33.txt: 4 calibration windows of "
+            "32 tokens from a text of 33 tokens") in capsys.readouterr().err
     assert not out.exists()

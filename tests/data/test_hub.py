@@ -177,10 +177,13 @@ def test_eval_options_for_real_sizes_are_checked(tmp_path, capsys, monkeypatch):
         with pytest.raises(SystemExit):
             main(argv)
         assert "expected at least 2 tokens per window, got" in capsys.readouterr().err
-    for flag in ("--eval-windows", "--eval-sentences", "--eval-images"):
+    for flag, count in (("--eval-windows", "a positive count"),
+                        ("--eval-sentences", "at least 2 sentences"),
+                        ("--eval-images", "a positive count")):
         with pytest.raises(SystemExit):
             main(["quantize", "--model", str(base), flag, "-1"])
-        assert "expected 0 (skip) or a positive count, got '-1'" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert f"expected 0 (skip) or {count}" in err and "got '-1'" in err
     text = tmp_path / "t.txt"
     text.write_text("It is a truth universally acknowledged. " * 40)
     for argv, says in ((["eval", str(base), "--sentences", "5"], "--sentences applies to an "

@@ -44,7 +44,7 @@ def test_eval_refuses_options_that_do_not_apply(folders, capsys):
              "a plan has no RTN row: add --bits to compare with uniform widths")
     _refused(capsys, ["eval", str(elastic), "--bits", "4", "--text", str(root / "text.txt"),
                       "--seq-len", "10000", "--windows", "all"],
-             "less than one window of 10000; pass a shorter window length or a longer text")
+             "--seq-len 10000 is past the model's context of 1024 tokens: give 1024 or less")
 
 
 def test_a_compact_checkpoints_float_row_is_named_as_its_master(folders, capsys):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import numbers
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,16 +63,28 @@ def _brief(value: Any) -> Any:
     return value
 
 
-def _per_width(model: nn.Module, bits: Sequence[int | None], rtn: bool,
-               measure: Callable[[str], Any]) -> list[tuple[int | None, float, Any, Any]]:
-    """``measure(label)`` at each width in ``bits`` (None = float) and, with ``rtn``, under RTN
-    too: [(bits, stored bits per weight, value, RTN value or None)]. Leaves the model float;
-    a switchable packed model (:func:`load_switchable`), which has neither float layers nor
-    RTN, goes back to the widths it had. One width (an int, or None) is taken as a list of one."""
+def _evaluated_widths(model: nn.Module, bits: Sequence[int | None] | int | None
+                      ) -> list[int | None]:
+    """``bits`` as a non-empty list of the model's widths (None = float); one width (an int, or
+    None) is taken as a list of one. Checked before any evaluation work starts."""
     spec = spec_of(model)
     if bits is None or isinstance(bits, numbers.Integral):
         bits = [bits]
+    if isinstance(bits, str) or not isinstance(bits, Iterable):
+        raise ConfigError(f"bits must be a width, None (float) or a list of them, got {bits!r}")
     bits = [None if b is None else check_bits(b, spec.bits) for b in bits]
+    if not bits:
+        raise ConfigError("no widths to evaluate (bits is empty): pass at least one bit-width, "
+                          "or None for the float model")
+    return bits
+
+
+def _per_width(model: nn.Module, bits: list[int | None], rtn: bool,
+               measure: Callable[[str], Any]) -> list[tuple[int | None, float, Any, Any]]:
+    """``measure(label)`` at each width in ``bits`` (None = float; :func:`_evaluated_widths`)
+    and, with ``rtn``, under RTN too: [(bits, stored bits per weight, value, RTN value or
+    None)]. Leaves the model float; a switchable packed model (:func:`load_switchable`), which
+    has neither float layers nor RTN, goes back to the widths it had."""
     switch = getattr(model, "quept_switch", None)
     if switch is not None:
         if rtn or None in bits:
@@ -108,6 +120,7 @@ def evaluate(
     """Perplexity of the elastic model (and optionally RTN) at each width in ``bits`` (a list
     of widths, None = float, or one width)."""
     _check_evaluated(model, "causal-lm", windows, "evaluation windows")
+    bits = _evaluated_widths(model, bits)
     rows = _per_width(model, bits, rtn, lambda label: perplexity(
         model, windows, batch_size, progress, f"eval {label}"))
     return [EvalRow(*row) for row in rows]
@@ -130,6 +143,7 @@ def evaluate_accuracy(
 ) -> list[AccuracyRow]:
     """Top-1 accuracy of an elastic image classifier (and optionally RTN) at each width."""
     _check_evaluated(model, "image-classification", pixel_values, "pixel values")
+    bits = _evaluated_widths(model, bits)
     rows = _per_width(model, bits, rtn, lambda label: top1_accuracy(
         model, pixel_values, labels, batch_size, progress, f"accuracy {label}"))
     return [AccuracyRow(*row) for row in rows]
@@ -173,6 +187,12 @@ def evaluate_embeddings(
                           f"attention mask; quept.eval.sentences_from_text makes them), got "
                           f"{type(sentences).__name__}")
     _check_evaluated(model, "encoder", sentences, "sentences")
+    if sentences.input_ids.shape[0] < 2:
+        raise ConfigError(
+            f"embedding fidelity needs at least 2 sentences, got {sentences.input_ids.shape[0]}: "
+            "its neighbour agreement compares each sentence's nearest other sentence under the "
+            "quantized and the float model")
+    bits = _evaluated_widths(model, bits)
     set_bits(model, None)
     ref = sentence_embeddings(model, sentences, batch_size, progress, "embed float")
     rows = _per_width(model, bits, rtn, lambda label: fidelity(
@@ -202,6 +222,7 @@ def evaluate_tasks(
     already made for this model (then the task options are its own)."""
     from quept.eval.harness import TaskRunner
 
+    bits = _evaluated_widths(model, bits)
     if runner is None:
         runner = TaskRunner(model, tokenizer, tasks, text=text, limit=limit,
                             batch_size=batch_size, include_path=include_path)

@@ -25,11 +25,11 @@ FIXED_SIZE_FAMILIES = ("vit", "deit")  # one learned position embedding per patc
 
 def check_model_inputs(model: nn.Module, family: Family, inputs: object,
                        what: str = "calibration inputs") -> None:
-    """``inputs`` must be what ``family`` runs on: for a text model (N, T) integer token ids
-    within the vocabulary (for an encoder also within its positions, or
+    """``inputs`` must be what ``family`` runs on: for a text model (N, T) int64 or int32 token
+    ids within the vocabulary (for an encoder also within its positions, or
     :class:`quept.eval.Sentences` whose attention mask keeps a token of every sentence); for
-    an image classifier (N, C, H, W) float pixel values with the model's channels (and, for
-    ViT and DeiT, its image size)."""
+    an image classifier (N, C, H, W) finite float pixel values with the model's channels (and,
+    for ViT and DeiT, its image size)."""
     from quept.eval.embedding import Sentences
 
     cfg = getattr(model, "config", None)
@@ -49,6 +49,7 @@ def check_model_inputs(model: nn.Module, family: Family, inputs: object,
             if shape[2:] != size:
                 raise ConfigError(f"{what} are {shape[2]}x{shape[3]}; the model takes "
                                   f"{size[0]}x{size[1]} images")
+        _check_finite(inputs, what)
         return
     if family.task == "encoder" and isinstance(inputs, Sentences):
         ids, mask = inputs.input_ids, inputs.attention_mask
@@ -64,8 +65,8 @@ def check_model_inputs(model: nn.Module, family: Family, inputs: object,
         raise ConfigError(f"{what} must be a torch.Tensor, got {type(inputs).__name__}")
     shape = tuple(inputs.shape)
     if inputs.dim() != 2 or inputs.dtype not in (torch.int64, torch.int32) or 0 in shape:
-        raise ConfigError(f"{what} must be (N, T) integer token ids with N, T >= 1, got "
-                          f"{inputs.dtype} of shape {shape}")
+        raise ConfigError(f"{what} must be (N, T) integer token ids (int64 or int32) with "
+                          f"N, T >= 1, got {inputs.dtype} of shape {shape}")
     embed = getattr(model, "get_input_embeddings", lambda: None)()
     vocab = getattr(embed, "num_embeddings", None)
     if vocab is not None and (int(inputs.min()) < 0 or int(inputs.max()) >= vocab):
@@ -90,6 +91,15 @@ def check_model_inputs(model: nn.Module, family: Family, inputs: object,
                           f"{positions} tokens (max_position_embeddings), where what it computes "
                           f"is not what it was trained for; use windows of at most {positions} "
                           "tokens (--seq-len, --eval-seq-len)")
+
+
+def _check_finite(pixels: torch.Tensor, what: str) -> None:
+    """Refuse pixel values holding NaN or inf: the model would run on them and every measure
+    taken from its outputs (a loss, an accuracy) would be meaningless."""
+    bad = int((~torch.isfinite(pixels)).sum())
+    if bad:
+        raise ConfigError(f"{what} hold {bad} non-finite values (NaN or inf) of "
+                          f"{pixels.numel()}; pixel values must all be finite numbers")
 
 
 PLACEHOLDER_TOKENS = ("image_token_index", "image_token_id", "video_token_index",

@@ -18,7 +18,7 @@ from quept.api import KIND_NAMES
 from quept.api.folders import QUEPT_FILES
 from quept.checks import ConfigError, check_bits
 from quept.config import MAX_SEED, ElasticSpec, QuEPTConfig
-from quept.data.text import SAMPLE_EVERY, names_hub_text, shared_fraction
+from quept.data.text import SAMPLE_EVERY, shared_fraction
 from quept.eval import Sentences
 from quept.export.compact import read_compact_meta
 from quept.export.load import check_model_config, read_packed_meta
@@ -76,10 +76,14 @@ def _windows(text: str) -> int | str:
     return int(text)
 
 
-def at_least(low: int, expected: str) -> Callable[[str], int]:
-    """An argparse type: a whole number of at least ``low``; ``expected`` words the error."""
+def at_least(low: int, expected: str, zero_skips: bool = False) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``low`` (or 0 where ``zero_skips``);
+    ``expected`` words the error."""
     def parse(text: str) -> int:
-        if not text.isdigit() or int(text) < low:
+        if not text.removeprefix("-").isdigit():
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number: expected "
+                                             f"{expected}")
+        if int(text) < low and not (zero_skips and int(text) == 0):
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return int(text)
     return parse
@@ -88,10 +92,20 @@ def at_least(low: int, expected: str) -> Callable[[str], int]:
 _window_len = at_least(2, "at least 2 tokens per window")  # all but the first are predicted
 
 
+_sample_len = at_least(2, "at least 2 tokens per sample (a decoder predicts each token from "
+                       "those before it: one token alone has no next token to predict)")
+
+
 positive = at_least(1, "a positive count")
 
 
-_count = at_least(0, "0 (skip) or a positive count")  # of windows, sentences or images
+_count = at_least(0, "0 (skip) or a positive count")  # of windows or images
+
+
+_FIDELITY = ("at least 2 sentences (embedding fidelity compares each paragraph's nearest other "
+             "paragraph under the quantized and the float encoder)")
+_sentences = at_least(2, _FIDELITY)
+_sentences_or_skip = at_least(2, f"0 (skip) or {_FIDELITY}", zero_skips=True)
 
 
 def seed_value(text: str) -> int:
@@ -134,10 +148,11 @@ def check_texts(a: argparse.Namespace, **roles: str) -> None:
 
 
 def _text_name(paths: list[str] | None, role: str = "eval") -> str:
-    """What ``_text(paths, role)`` read, for a record."""
+    """What ``_text(paths, role)`` read, for a record: a file by its name, a hub text or a
+    pipe (``/dev/fd/63``, whose name alone says nothing) as given."""
     if not paths:
         return "Pride and Prejudice" if role == "eval" else "Jane Austen's other novels"
-    return ", ".join(p if names_hub_text(p) else Path(p).name for p in paths)
+    return ", ".join(Path(p).name if Path(p).is_file() else p for p in paths)
 
 
 OVERLAP_WARNING = 0.01
@@ -310,6 +325,32 @@ def folder_meta(folder: Path, kind: str) -> dict[str, Any]:
                 f"{path} has no {part} tensor of layer {layer}, which {listed_in} lists: the "
                 f"folder is damaged or mixed up; write it again with `{made_by}`")
     return meta
+
+
+def check_context(model: torch.nn.Module, seq_len: int, option: str, whose: str = "",
+                  when: str = "") -> None:
+    """Windows of ``seq_len`` tokens fit the model's context (its config's
+    ``max_position_embeddings``), or a ConfigError names ``option`` (``whose`` value it is
+    where not given, e.g. " (the default)"; ``when`` it is checked) and says how long they may
+    be. Checked before any text is cut, so that a long ``--seq-len`` on a short text is named
+    by the limit that binds."""
+    from quept.calib.capture import context_length
+
+    context = context_length(model)
+    if context is not None and seq_len > context:
+        raise ConfigError(f"{option} {seq_len}{whose} is past the model's context of {context} "
+                          f"tokens: give {context} or less{when}")
+
+
+def calibration_refusal(e: ValueError, n: int, seq_len: int, name: str,
+                        encoder: bool = False) -> ConfigError:
+    """``e``, a calibration text's refusal of ``n`` samples of ``seq_len`` tokens, with the
+    options that set them and the text's ``name``; an encoder's window is [CLS] + text +
+    [SEP], so its text is ``seq_len - 2`` tokens."""
+    body = (f" (an encoder's window of {seq_len} tokens holds [CLS] and [SEP] around "
+            f"{seq_len - 2} tokens of text)" if encoder else "")
+    return ConfigError(f"{n} samples x {seq_len} tokens (--samples, --seq-len) on {name}: "
+                       f"{e}{body}")
 
 
 def _images(model: torch.nn.Module, split: str, n: int, seed: int

@@ -28,6 +28,7 @@ from quept.cli.common import (
     _table,
     _task,
     _text,
+    check_context,
     perplexity_windows,
     plan_paths,
     recorded_overlap,
@@ -151,8 +152,9 @@ def _eval_tasks(a: argparse.Namespace, folder: Path, model: torch.nn.Module, tok
     runner = TaskRunner(model, tok, a.tasks, text=text, limit=a.limit,
                         include_path=a.task_path, per_item=elastic)
     if elastic:
-        rows = api.evaluate_tasks(model, tok, a.tasks, bits if plans else [None, *bits],
-                                  rtn=a.rtn, runner=runner)
+        widths = bits if plans else [None, *bits]  # only plans: no width of its own
+        rows = (api.evaluate_tasks(model, tok, a.tasks, widths, rtn=a.rtn, runner=runner)
+                if widths else [])
     else:
         rows = [api.TaskRow(*_fixed_width(model), runner())]
     result: dict[str, Any] = {"folder": str(folder), "elastic": elastic, "tasks": a.tasks,
@@ -237,8 +239,9 @@ def _eval_images(a: argparse.Namespace, folder: Path, model: torch.nn.Module, el
     pixels, labels = _images(model, "test", a.images or EVAL_IMAGES, 0)
     measured = []
     if elastic:
-        rows = api.evaluate_accuracy(model, pixels, labels, [None, *bits] if not plans else bits,
-                                     rtn=a.rtn, progress=not a.json)
+        widths = bits if plans else [None, *bits]  # only plans: no width of its own
+        rows = (api.evaluate_accuracy(model, pixels, labels, widths, rtn=a.rtn,
+                                      progress=not a.json) if widths else [])
         measured = _image_plans(a, model, plans, pixels, labels)
     else:
         from quept.eval import top1_accuracy
@@ -356,6 +359,7 @@ def eval_packed(a: argparse.Namespace, folder: Path, text: Callable[[], str]) ->
         result = _eval_packed_encoder(a, folder, model, tok, text())
         return {**result, "calibration_overlap": overlap} if overlap else result
     n_windows, seq_len = perplexity_windows(a)
+    check_context(model, seq_len, "--seq-len", "" if a.seq_len else " (the default)")
     windows = api.windows_from_text(tok, text(), seq_len, n_windows)
     ppl = perplexity(model, windows, progress=not a.json, desc="eval packed")
     row = {"bits": meta["bits"], "bits_per_weight": meta["sizes"]["bits_per_weight"], "ppl": ppl}

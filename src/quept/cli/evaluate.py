@@ -19,11 +19,13 @@ from quept.cli.common import (
     _names,
     _print_eval,
     _refuse_other_tasks_options,
+    _sentences,
     _task,
     _text,
     _width_list,
     _window_len,
     _windows,
+    check_context,
     check_texts,
     check_widths,
     folder_config,
@@ -76,9 +78,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu",
                    help="device the model runs on (cpu, cuda, cuda:1, ...; default cpu); "
                    "packed layers and ONNX models run on the CPU")
-    p.add_argument("--sentences", type=positive, default=None,
+    p.add_argument("--sentences", type=_sentences, default=None,
                    help="encoders: paragraphs whose embeddings are compared with the float "
-                   "encoder's, instead of perplexity (default 256)")
+                   "encoder's, instead of perplexity (at least 2; default 256)")
     p.add_argument("--images", type=positive, default=None,
                    help="image classifiers: Fashion-MNIST test images for top-1 accuracy, "
                    "instead of perplexity (default 10000, the whole test split)")
@@ -251,12 +253,14 @@ def _measure(a: argparse.Namespace, folder: Path, model: torch.nn.Module, tok: A
     if _task(model) == "image-classification":
         return _eval_images(a, folder, model, elastic, plans, bits)
     n_windows, seq_len = perplexity_windows(a)
+    check_context(model, seq_len, "--seq-len", "" if a.seq_len else " (the default)")
     windows = api.windows_from_text(tok, _text(a.text, "eval"), seq_len, n_windows)
     from quept.eval import perplexity
 
     if elastic:
-        widths = bits if plans or a.packed else [None, *bits]
-        rows = api.evaluate(model, windows, widths, rtn=a.rtn, progress=not a.json)
+        widths = bits if plans or a.packed else [None, *bits]  # only plans: none of its own
+        rows = (api.evaluate(model, windows, widths, rtn=a.rtn, progress=not a.json)
+                if widths else [])
     else:
         rows = [api.EvalRow(*_fixed_width(model), perplexity(model, windows, progress=not a.json))]
     result = {"folder": str(folder), "elastic": elastic, "windows": windows.shape[0],

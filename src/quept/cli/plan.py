@@ -16,10 +16,15 @@ from quept.checks import ConfigError, check_device
 from quept.cli.common import (
     _images,
     _refuse_text_options,
+    _sample_len,
     _text,
+    _text_name,
+    calibration_refusal,
+    check_context,
     check_texts,
     check_widths,
     folder_meta,
+    positive,
     seed_value,
 )
 from quept.config import QuEPTConfig
@@ -66,7 +71,7 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
                    help="calibration samples the auto granularity measures each candidate "
                    "plan on, the first of --samples (default 16 sequences of --seq-len "
                    "tokens; 1024 images for an image classifier, 64 paragraphs for an "
-                   "encoder)")
+                   "encoder; at most --samples)")
     p.add_argument("--in-context", action=argparse.BooleanOptionalAction, default=True,
                    help="with auto: also measure each block's cost inside the uniform models "
                    "just below and above the budget and add the two plans made from those "
@@ -101,13 +106,13 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
                    help="calibration text: .txt/.jsonl files or a hub text (wikitext2, c4, "
                    "hf:REPO[:CONFIG][@SPLIT]) (default: the Austen novels other than P&P)")
     d = SensitivityConfig()
-    s.add_argument("--samples", type=int, default=None,
+    s.add_argument("--samples", type=positive, default=None,
                    help=f"calibration sequences (default {d.n_samples}); an image classifier "
                    "measures Fashion-MNIST training images (default 2048), an encoder "
                    "paragraphs of the calibration text (default 128)")
-    s.add_argument("--seq-len", type=int, default=None,
-                   help=f"tokens per sequence (default {d.seq_len}); an encoder's longest "
-                   "paragraph")
+    s.add_argument("--seq-len", type=_sample_len, default=None,
+                   help=f"tokens per sequence (default {d.seq_len}; at least 2); an encoder's "
+                   "longest paragraph")
     s.add_argument("--batch-size", type=int, default=None,
                    help=f"samples per forward (default {BATCH_SIZES['fast']}; "
                    f"{BATCH_SIZES['exact']} for --sensitivity exact, whose forwards take no "
@@ -244,7 +249,7 @@ def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
                             batch_size=a.batch_size,
                             n_probes=a.probes, reference_bits=a.reference_bits, seed=a.seed,
                             method=a.sensitivity)
-    check_samples = check_samples if a.check_samples is None else a.check_samples
+    check_samples = _check_count(a.check_samples, check_samples, cfg.n_samples)
     if a.reference_bits is not None:
         check_widths(a.reference_bits, spec, "--reference-bits")
     if task != "image-classification":
@@ -310,6 +315,20 @@ PLAN_FROM = {"compact": "a compact checkpoint is planned from the elastic folder
 refuses."""
 
 
+def _check_count(given: int | None, default: int, n_samples: int) -> int:
+    """How many of the ``n_samples`` sensitivity inputs the auto granularity checks its plans
+    on: the first ``given`` (--check-samples), which must not be more than there are, or the
+    task's ``default`` (at most ``n_samples``)."""
+    if given is None:
+        return min(default, n_samples)
+    if given > n_samples:
+        raise ConfigError(f"--check-samples {given} is more than the {n_samples} inputs the "
+                          "sensitivity is measured on (--samples), whose first ones the plans "
+                          f"are checked on: give --check-samples {n_samples} or less, or "
+                          f"--samples {given} or more")
+    return given
+
+
 def _refuse_non_elastic(folder: Path, kind: str) -> None:
     """`quept plan` measures an elastic folder; another folder is refused by what it holds,
     with what to give instead."""
@@ -325,7 +344,7 @@ def _plan_inputs(a: argparse.Namespace, model: torch.nn.Module, tok: Any, task: 
     calibration tokens (causal LMs), Fashion-MNIST training images (image classifiers) or
     calibration paragraphs of at most ``cfg.seq_len`` tokens (encoders), drawn with
     ``cfg.seed``."""
-    from quept.data.tokens import calibration_samples, tokenize
+    from quept.data.tokens import NotEnoughTextError, calibration_samples, tokenize
 
     if task == "image-classification":
         return _images(model, "train", cfg.n_samples, cfg.seed)[0]
@@ -338,7 +357,12 @@ def _plan_inputs(a: argparse.Namespace, model: torch.nn.Module, tok: Any, task: 
             raise ConfigError(f"--seq-len {cfg.seq_len} is longer than the encoder's {limit} "
                               "positions")
         return sentences_from_text(tok, text, cfg.n_samples, max_len=cfg.seq_len, seed=cfg.seed)
-    return calibration_samples(tokenize(tok, text), cfg.n_samples, cfg.seq_len, cfg.seed)
+    check_context(model, cfg.seq_len, "--seq-len")
+    try:
+        return calibration_samples(tokenize(tok, text), cfg.n_samples, cfg.seq_len, cfg.seed)
+    except NotEnoughTextError as e:
+        raise calibration_refusal(e, cfg.n_samples, cfg.seq_len,
+                                  _text_name(a.calib_text, "calib")) from None
 
 
 def _inputs_text(objective: Objective, inputs: Any) -> str:

@@ -12,7 +12,6 @@ from typing import Any
 from quept import api
 from quept.api.folders import holds_elastic_model
 from quept.calib import CHECKPOINT_DIR, CalibCheckpoint
-from quept.calib.capture import context_length
 from quept.checks import check_device
 from quept.cli.common import (
     DEFAULT_OUT,
@@ -36,15 +35,20 @@ from quept.cli.common import (
     _refuse_other_tasks_options,
     _refuse_text_options,
     _rotatable,
+    _sample_len,
+    _sentences_or_skip,
     _task,
     _text,
     _text_name,
     _width_list,
     _window_len,
     calibration_overlap,
+    calibration_refusal,
+    check_context,
     check_out,
     check_texts,
     check_widths,
+    positive,
     seed_value,
 )
 from quept.cli.eval_parts import _kv_note
@@ -93,11 +97,12 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    "tokens, batch 2, 15 epochs, cuda, every group trained (ranks 8,8,8,8, "
                    "every width's clips learned)")
     c = p.add_argument_group("calibration (override the preset)")
-    c.add_argument("--samples", type=int, help="number of calibration samples (image "
+    c.add_argument("--samples", type=positive, help="number of calibration samples (image "
                    f"classifiers: training images, default {IMAGE_SAMPLES})")
-    c.add_argument("--seq-len", type=int, help="tokens per calibration sample")
-    c.add_argument("--batch-size", type=int, help="samples per optimizer step")
-    c.add_argument("--epochs", type=int, help="passes over the samples per block")
+    c.add_argument("--seq-len", type=_sample_len, help="tokens per calibration sample (at "
+                   "least 2; an encoder's include [CLS] and [SEP])")
+    c.add_argument("--batch-size", type=positive, help="samples per optimizer step")
+    c.add_argument("--epochs", type=positive, help="passes over the samples per block")
     c.add_argument("--lr-adapter", type=float, help="learning rate of the low-rank adapters")
     c.add_argument("--lr-adapter-groups", type=_float_list, default=None,
                    help="one adapter rate per bit group, for the slice that group adds, e.g. "
@@ -174,9 +179,10 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    "paper's: 2048)")
     e.add_argument("--eval-bits", type=_width_list, default=None,
                    help="widths to evaluate (default: every width of the spec)")
-    e.add_argument("--eval-sentences", type=_count, default=None,
+    e.add_argument("--eval-sentences", type=_sentences_or_skip, default=None,
                    help="encoders: paragraphs of the evaluation text whose embeddings are "
-                   "compared with the float encoder's (default 256; 0 skips the table)")
+                   "compared with the float encoder's (at least 2; default 256; 0 skips the "
+                   "table)")
     e.add_argument("--eval-images", type=_count, default=None,
                    help="image classifiers: Fashion-MNIST test images for the top-1 table "
                    "(default 10000, the whole test split; 0 skips the table)")
@@ -365,13 +371,14 @@ def _quantize(a: argparse.Namespace, cfg: QuEPTConfig, out: Path, t0: float) -> 
     _refuse_other_tasks_options(a, task)
     n_windows = EVAL_WINDOWS if a.eval_windows is None else a.eval_windows
     seq_len = EVAL_SEQ_LEN if a.eval_seq_len is None else a.eval_seq_len
-    context = context_length(model)
-    if task == "causal-lm" and n_windows and context and seq_len > context:
-        raise ConfigError(f"--eval-seq-len {seq_len} is past the model's context of "
-                          f"{context} tokens: give {context} or less (checked now, not after "
-                          "the calibration)")
+    if task == "causal-lm" and n_windows:
+        check_context(model, seq_len, "--eval-seq-len", "" if a.eval_seq_len else
+                      " (the default)", " (checked now, not after the calibration)")
     if task == "image-classification":  # --seq-len: tokens per calibration sample
         _refuse_text_options(a, "calib_text", "eval_text", "seq_len")
+    else:
+        check_context(model, cfg.calib.seq_len, "--seq-len", "" if a.seq_len else
+                      f" (the {a.preset} preset's; --seq-len sets it)")
     evaluation = _evaluation_inputs(a, task, model, tok, n_windows, seq_len, cfg.calib.seed)
     if a.rotation is None and cfg.spec.activations != "none" and _rotatable(model):
         log.info("weight+activation mode on a LLaMA-family decoder: rotating it (Hadamard) "
@@ -385,9 +392,13 @@ def _quantize(a: argparse.Namespace, cfg: QuEPTConfig, out: Path, t0: float) -> 
         ids, _ = _images(model, "train", cfg.calib.n_samples, cfg.calib.seed)
         texts = {"calibration_images": "Fashion-MNIST training"}  # for `quept info`
     else:
-        calib_text = _text(a.calib_text, "calib")
-        ids = api.samples_from_text(tok, calib_text, cfg.calib)
-        calib_name, hashes = _text_name(a.calib_text, "calib"), paragraph_hashes(calib_text)
+        calib_text, calib_name = _text(a.calib_text, "calib"), _text_name(a.calib_text, "calib")
+        try:
+            ids = api.samples_from_text(tok, calib_text, cfg.calib)
+        except NotEnoughTextError as e:
+            raise calibration_refusal(e, cfg.calib.n_samples, cfg.calib.seq_len, calib_name,
+                                      encoder=task == "encoder") from None
+        hashes = paragraph_hashes(calib_text)
         texts = {"calibration_text": {"name": calib_name,
                                       "paragraph_sample": paragraph_sample(hashes)}}
         if evaluation is not None:  # warned of now, not after the calibration

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import re
@@ -15,9 +16,10 @@ logger = logging.getLogger(__name__)
 
 JSONL_SUFFIXES = frozenset({".jsonl", ".ndjson"})
 TEXT_JOIN = "\n\n"
+BOM = "\ufeff"  # the byte-order mark some editors put first in a UTF-8 file
 _ACCEPTED = (
-    "plain text files (.txt or any other suffix, read whole) and JSON-lines files "
-    '(.jsonl/.ndjson, one object per line with a string field "text"), or the hub texts '
+    "plain text files (.txt or any other suffix but .json, read whole) and JSON-lines "
+    'files (.jsonl/.ndjson, one object per line with a string field "text"), or the hub texts '
     f"{', '.join(DATASETS)} and hf:REPO[:CONFIG][@SPLIT] (the datasets package and the "
     "Hugging Face hub or its cache)"
 )
@@ -30,25 +32,57 @@ def _is_jsonl(path: Path) -> bool:
     )
 
 
-def _read_jsonl(path: Path) -> list[str]:
+def _jsonl_texts(path: Path, content: str) -> list[str]:
+    """The ``"text"`` field of every non-blank line of a JSON-lines file's ``content``."""
     texts: list[str] = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}, line {lineno}: invalid JSON ({exc.msg})") from exc
-            if not isinstance(record, dict) or "text" not in record:
-                raise ValueError(f'{path}, line {lineno}: expected an object with a "text" field')
-            value = record["text"]
-            if not isinstance(value, str):
-                raise ValueError(
-                    f'{path}, line {lineno}: "text" must be a string, got {type(value).__name__}'
-                )
-            texts.append(value)
+    for lineno, line in enumerate(io.StringIO(content, newline=None), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}, line {lineno}: invalid JSON ({exc.msg})") from exc
+        if not isinstance(record, dict) or "text" not in record:
+            raise ValueError(f'{path}, line {lineno}: expected an object with a "text" field')
+        value = record["text"]
+        if not isinstance(value, str):
+            raise ValueError(
+                f'{path}, line {lineno}: "text" must be a string, got {type(value).__name__}'
+            )
+        texts.append(value)
     return texts
+
+
+def _check_text_path(path: Path) -> None:
+    """``path`` names something a text can be read from: it exists and is no folder (a pipe
+    such as ``<(cat eval.txt)`` or a device file is taken), and it is not a ``.json`` file,
+    which would be read whole, brackets and all."""
+    if not path.exists():
+        raise FileNotFoundError(f"text file {str(path)!r} does not exist; accepted are "
+                                f"{_ACCEPTED}")
+    if path.is_dir():
+        raise FileNotFoundError(f"text file {str(path)!r} is a directory, not a file; accepted "
+                                f"are {_ACCEPTED}")
+    if path.suffix.lower() == ".json":
+        raise ValueError(
+            f"text file {str(path)!r} is a .json file, which would be read as plain text, "
+            'brackets and all: text files are .txt (plain text) or .jsonl (one {"text": ...} '
+            "object per line); a JSON array of strings converts with "
+            f"jq -c '.[] | {{text: .}}' {path.name} > {path.stem}.jsonl")
+
+
+def _read_text_file(path: Path) -> str:
+    """The whole of ``path`` as UTF-8 text, read once (a pipe gives its bytes only once),
+    without a leading byte-order mark (which some editors write, and which is no text)."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise OSError(f"text file {str(path)!r} exists but cannot be read ({e.strerror or e}); "
+                      "give a readable text file") from None
+    try:
+        return data.decode("utf-8").removeprefix(BOM)
+    except UnicodeDecodeError as e:
+        raise ValueError(_not_utf8(path, e)) from None
 
 
 def names_hub_text(item: str | Path) -> bool:
@@ -59,13 +93,16 @@ def names_hub_text(item: str | Path) -> bool:
 def load_texts(paths: Sequence[str | Path], role: str = "calib") -> str:
     """Read and concatenate (with ``"\\n\\n"``) the texts in ``paths``.
 
-    ``.jsonl``/``.ndjson``/``.json.lines`` files contribute the ``"text"`` field
-    of every non-blank line; every other file is read whole as UTF-8 text. A name
-    that is no file but a hub text (``wikitext2``, ``c4``, ``hf:REPO[:CONFIG][@SPLIT]``,
-    :mod:`quept.data.hub`) is read from its split for ``role`` ("calib" or "eval").
-    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` for a
-    malformed JSON-lines record (naming the file and line) or a file with no text (empty, or
-    only whitespace), which would calibrate or evaluate on nothing.
+    ``.jsonl``/``.ndjson``/``.json.lines`` files contribute the ``"text"`` field of every
+    non-blank line; every other file (a pipe such as ``<(cat a.txt)`` too, read once) is read
+    whole as UTF-8 text, a leading byte-order mark dropped; a ``.json`` file is refused, as it
+    would be read brackets and all. A name that is no file but a hub text (``wikitext2``,
+    ``c4``, ``hf:REPO[:CONFIG][@SPLIT]``, :mod:`quept.data.hub`) is read from its split for
+    ``role`` ("calib" or "eval").
+    Raises ``FileNotFoundError`` for a missing file, ``OSError`` for one that cannot be read
+    and ``ValueError`` for a ``.json`` file, a malformed JSON-lines record (naming the file
+    and line) or a file with no text (empty, or only whitespace), which would calibrate or
+    evaluate on nothing.
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
@@ -77,18 +114,14 @@ def load_texts(paths: Sequence[str | Path], role: str = "calib") -> str:
             pieces.append(hub_text(str(item), role))
             continue
         path = Path(item).expanduser()
-        if not path.is_file():
-            what = "is a directory, not a file" if path.is_dir() else "does not exist"
-            raise FileNotFoundError(f"text file {str(path)!r} {what}; accepted are {_ACCEPTED}")
-        try:
-            if _is_jsonl(path):
-                texts = _read_jsonl(path)
-                logger.info("read %d records from %s", len(texts), path)
-            else:
-                texts = [path.read_text(encoding="utf-8")]
-                logger.info("read %s", path)
-        except UnicodeDecodeError:
-            raise ValueError(_not_utf8(path)) from None
+        _check_text_path(path)
+        content = _read_text_file(path)
+        if _is_jsonl(path):
+            texts = _jsonl_texts(path, content)
+            logger.info("read %d records from %s", len(texts), path)
+        else:
+            texts = [content]
+            logger.info("read %s", path)
         if not any(t.strip() for t in texts):
             what = "empty" if not any(texts) else "only whitespace"
             records = ' (no record with a non-blank "text")' if _is_jsonl(path) else ""
@@ -102,16 +135,12 @@ def load_texts(paths: Sequence[str | Path], role: str = "calib") -> str:
 _USE = {"calib": "calibrate", "eval": "evaluate"}
 
 
-def _not_utf8(path: Path) -> str:
-    """Why ``path`` cannot be read as text: its first byte that is not UTF-8, and where (a line
-    reader's own error counts from its buffer, not from the file's start)."""
-    where = ""
-    try:
-        path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        where = f" (byte {e.object[e.start]:#04x} at offset {e.start})"
-    return (f"text file {str(path)!r} is not UTF-8 text{where}; a text in another encoding "
-            "can be converted first, e.g. with iconv -t UTF-8")
+def _not_utf8(path: Path, e: UnicodeDecodeError) -> str:
+    """Why ``path`` cannot be read as text: ``e``, its first byte that is not UTF-8, and
+    where."""
+    return (f"text file {str(path)!r} is not UTF-8 text (byte {e.object[e.start]:#04x} at "
+            f"offset {e.start}); a text in another encoding can be converted first, e.g. with "
+            "iconv -t UTF-8")
 
 
 SAMPLE_EVERY = 8

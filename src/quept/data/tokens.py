@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from quept.checks import check_count
+from quept.checks import ConfigError, check_count
 
 log = logging.getLogger(__name__)
 
@@ -18,7 +18,7 @@ cut: past it more samples add no new text, only memory (the samples, and every b
 activations for each, N x T x hidden floats per stream), enough to kill the process."""
 
 
-class NotEnoughTextError(ValueError):
+class NotEnoughTextError(ConfigError):
     """The text is too short for the requested samples or windows."""
 
 
@@ -32,26 +32,37 @@ def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
 
 def calibration_samples(ids: torch.Tensor, n: int, seq_len: int, seed: int) -> torch.Tensor:
     """``n`` random windows of ``seq_len`` tokens from ``ids`` (1-D): (n, seq_len). Windows
-    that would cover the text more than :data:`REUSE_LIMIT` times over are refused."""
-    if ids.numel() <= seq_len:
+    that would cover the text more than :data:`REUSE_LIMIT` times over, or outnumber the
+    places a window can start (so that some would repeat another exactly), are refused."""
+    _check_windows(ids.numel(), n, seq_len)
+    starts = calibration_starts(ids.numel(), n, seq_len, seed)
+    return torch.stack([ids[s : s + seq_len] for s in starts])
+
+
+def _check_windows(n_tokens: int, n: int, seq_len: int) -> None:
+    """:func:`calibration_samples`'s refusals and its warning, before anything is cut."""
+    if n_tokens <= seq_len:
         raise NotEnoughTextError(
-            f"calibration text has {ids.numel()} tokens; need more than seq_len={seq_len}"
-        )
-    cover = n * seq_len / ids.numel()
+            f"calibration text has {n_tokens} tokens; need more than seq_len={seq_len}")
+    places = n_tokens - seq_len  # where calibration_starts may start a window
+    cover = n * seq_len / n_tokens
+    most = min(REUSE_LIMIT * n_tokens // seq_len, places)
     if cover > REUSE_LIMIT:
-        most = REUSE_LIMIT * ids.numel() // seq_len
         raise NotEnoughTextError(
-            f"{n} calibration windows of {seq_len} tokens would cover a text of {ids.numel()} "
+            f"{n} calibration windows of {seq_len} tokens would cover a text of {n_tokens} "
             f"tokens {cover:.0f} times over, past the {REUSE_LIMIT} allowed: more windows add no "
             "new text, only memory (the samples, and every block's activations for each); "
             f"ask for at most {most} windows of this length, or give a longer text")
+    if n > places:
+        raise NotEnoughTextError(
+            f"{n} calibration windows of {seq_len} tokens from a text of {n_tokens} tokens: "
+            f"the text holds only {places} distinct window(s) of that length (one per place the "
+            f"draw can start one), so at least {n - places} would repeat another exactly; ask "
+            f"for {most} or fewer windows, shorter windows, or give a longer text")
     if cover > REUSE_WARNING:
         log.warning("%d calibration windows of %d tokens cover a text of %d tokens %.0f times "
                     "over: the same tokens are seen again and again; a longer text (or fewer "
-                    "samples) calibrates on more of the language", n, seq_len, ids.numel(),
-                    cover)
-    starts = calibration_starts(ids.numel(), n, seq_len, seed)
-    return torch.stack([ids[s : s + seq_len] for s in starts])
+                    "samples) calibrates on more of the language", n, seq_len, n_tokens, cover)
 
 
 def calibration_starts(n_tokens: int, n: int, seq_len: int, seed: int) -> list[int]:

@@ -3,6 +3,7 @@ embeddings follow the float model's on the same sentences."""
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +14,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quept.checks import check_count
+
+log = logging.getLogger(__name__)
 
 
 class NotEnoughSentencesError(ValueError):
@@ -31,9 +34,15 @@ def sentences_from_text(tokenizer: Any, text: str, n: int, max_len: int = 128,
                         min_words: int = 8, seed: int | None = None) -> Sentences:
     """The first ``n`` paragraphs of ``text`` with at least ``min_words`` words (with ``seed``:
     ``n`` of them drawn at random, in text order), tokenized with the tokenizer's special
-    tokens, truncated to ``max_len`` and padded to the longest."""
+    tokens, truncated to ``max_len`` and padded to the longest. Logs (INFO) how many
+    paragraphs were skipped as too short and how many of those chosen were truncated."""
+    check_count(n, "sentences_from_text: n (the number of sentences)")
     paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text)]
     usable = [p for p in paragraphs if len(p.split()) >= min_words]
+    short = sum(1 for p in paragraphs if p) - len(usable)
+    if short:
+        log.info("sentences_from_text: skipped %d paragraphs of the text with fewer than %d "
+                 "words", short, min_words)
     if seed is not None and len(usable) > n:
         gen = torch.Generator().manual_seed(seed)
         usable = [usable[i] for i in sorted(torch.randperm(len(usable), generator=gen)[:n].tolist())]
@@ -42,9 +51,20 @@ def sentences_from_text(tokenizer: Any, text: str, n: int, max_len: int = 128,
         raise NotEnoughSentencesError(
             f"the text has {len(chosen)} paragraphs of at least {min_words} words; {n} were "
             "asked for: pass fewer or a longer text")
+    cut = _longer_than(tokenizer, chosen, max_len)
+    if cut:
+        log.info("sentences_from_text: truncated %d of the %d paragraphs to max_len=%d tokens",
+                 cut, n, max_len)
     enc = tokenizer(chosen, padding=True, truncation=True, max_length=max_len,
                     return_tensors="pt")
     return Sentences(enc["input_ids"], enc["attention_mask"])
+
+
+def _longer_than(tokenizer: Any, texts: list[str], max_len: int) -> int:
+    """How many of ``texts`` tokenize (special tokens included) to more than ``max_len``
+    tokens: cut at ``max_len + 1``, so a long text is never tokenized whole."""
+    ids = tokenizer(texts, truncation=True, max_length=max_len + 1)["input_ids"]
+    return sum(1 for row in ids if len(row) > max_len)
 
 
 @torch.no_grad()

@@ -24,14 +24,15 @@ def window_nll(
             or windows.shape[1] < 2 or windows.dtype not in (torch.int64, torch.int32)):
         got = (f"{windows.dtype} of shape {tuple(windows.shape)}"
                if isinstance(windows, torch.Tensor) else type(windows).__name__)
-        raise ConfigError(f"{desc}: the windows must be (n, T) integer token ids with n >= 1 "
-                          f"and T >= 2 (a window predicts its T - 1 last tokens), got {got}")
+        raise ConfigError(f"{desc}: the windows must be (n, T) integer token ids (int64 or "
+                          "int32) with n >= 1 and T >= 2 (a window predicts its T - 1 last "
+                          f"tokens), got {got}")
     check_count(batch_size, f"{desc}: batch_size")
     device = next(model.parameters()).device
     out = []
     for i in tqdm(range(0, windows.shape[0], batch_size), disable=not progress, desc=desc,
                   leave=False):
-        ids = windows[i : i + batch_size].to(device)
+        ids = windows[i : i + batch_size].to(device, torch.int64)  # the loss takes int64
         logits = model(ids, use_cache=False).logits[:, :-1]
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                               ids[:, 1:].reshape(-1), reduction="none")
