@@ -200,7 +200,8 @@ class Switchable:
             total -= m.stored_bytes()
 
     def _resolve(self, plan: int | Mapping[str, int]) -> dict[str, int]:
-        if isinstance(plan, bool) or not (plan is None or isinstance(plan, (numbers.Integral, Mapping))):
+        if isinstance(plan, bool) or not (plan is None
+                                          or isinstance(plan, (numbers.Integral, Mapping))):
             raise PackedArgumentError(f"a switchable model takes a width (int) or a plan "
                                       f"{{layer: bits}}, got {plan!r}")
         return layer_widths(self._layers, plan)
