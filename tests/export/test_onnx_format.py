@@ -190,7 +190,7 @@ def test_a_decoder_export_without_a_cache_is_refused(model, tmp_path):
          str(tmp_path / "model.onnx"))
     (tmp_path / "quept-export.json").write_text(json.dumps(
         {"format": "onnx", "task": "causal-lm", "output": "logits", "bits": 4,
-         "bits_per_weight": 4.5}))
+         "widths": {"4": 14}, "bits_per_weight": 4.5}))
     with pytest.raises(OnnxExportError, match="without a KV cache"):
         OrtModel(tmp_path)
 

@@ -48,6 +48,17 @@ def test_packed_logits_equal_fake_quant_logits(model, bits, tmp_path):
     assert sum(isinstance(m, PackedLinear) for m in packed.modules()) == 14
 
 
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_fp16_scales_move_the_logits_by_their_rounding_only(model, bits, tmp_path):
+    """The default float16 scales: not the elastic model's logits, but within 0.2% of the
+    largest (docs/deployment.md says so)."""
+    write_packed(model, bits, tmp_path, None)
+    quept.set_bits(model, bits)
+    ref = logits(model)
+    err = (logits(load_packed(tmp_path)) - ref).abs().max() / ref.abs().max()
+    assert 0 < err < 2e-3
+
+
 def test_mixed_plan_and_fp16_scales(model, tmp_path):
     plan = mixed_plan(model)
     meta = api.export(model, plan, tmp_path, scale_dtype="float16")
@@ -101,7 +112,12 @@ def test_corrupt_or_mismatched_folders_fail_clearly(model, tmp_path):
     bad = json.loads(json.dumps(meta))
     bad["layers"]["model.layers.0.mlp.up_proj"]["bits"] = 3
     meta_path.write_text(json.dumps(bad))
-    with pytest.raises(PackedFormatError, match="do not fit the model"):
+    with pytest.raises(PackedFormatError, match="its \"bits\" says 4, but its layers entries "
+                       "hold layers at 3, 4 bits, which it labels 'mixed'"):
+        load_packed(tmp_path)
+    meta_path.write_text(json.dumps({**bad, "bits": "mixed"}))
+    with pytest.raises(PackedFormatError, match="says layer model.layers.0.mlp.up_proj has bits "
+                       "3, but .* holds model.layers.0.mlp.up_proj.qweight of shape"):
         load_packed(tmp_path)
 
     bad = json.loads(json.dumps(meta))

@@ -17,6 +17,7 @@ from quept.api.folders import (
     ArtifactError,
     check_out_folder,
     folder_kind,
+    holds_model,
     readable_kind,
 )
 from quept.api.models import DEFAULT_MODEL, folder_tokenizer
@@ -30,7 +31,7 @@ from quept.export.packed import PACKED_JSON, write_packed
 from quept.models import family_for_type
 from quept.nn import elastic_layers
 from quept.nn.switch import plan_widths
-from quept.outputs import marked
+from quept.outputs import marked, unfinished
 from quept.search import Plan, as_layer_widths
 
 EXPORT_FORMATS = ("quept", "gguf", "compressed-tensors", "onnx")
@@ -50,8 +51,12 @@ def export(model: nn.Module, bits_or_plan: int | Mapping[str, int] | Plan,
     ``"compressed-tensors"`` = a Hugging Face folder ``out`` in the format of vLLM and
     transformers' compressed-tensors quantizer; ``"onnx"`` = a folder ``out`` with
     ``model.onnx`` for ONNX Runtime (MatMulNBits layers; ``accuracy_level`` 4 lets its CPU
-    kernels compute with int8 activations). Returns a summary (the packed folder's JSON)."""
+    kernels compute with int8 activations). ``scale_dtype`` ("float16" or "float32") applies
+    to the quept and compressed-tensors formats; an option of another format is refused
+    (:func:`check_format_options`). Returns a summary (the packed folder's JSON)."""
     widths = check_export(model, bits_or_plan, out, format, tokenizer=tokenizer)
+    check_format_options(format, scale_dtype=scale_dtype, head_bits=head_bits,
+                         accuracy_level=accuracy_level)
     if format == "gguf":
         from quept.export.gguf import write_gguf
 
@@ -70,11 +75,10 @@ def check_export(model: nn.Module, bits_or_plan: int | Mapping[str, int] | Plan,
                  out: str | os.PathLike, format: str = "quept", *, tokenizer: Any = None,
                  source: str | os.PathLike | None = None) -> Any:
     """What :func:`export` checks before it writes anything, and needs no codes for: the
-    format, the model, ``out`` (a GGUF file must not replace a file that is not one, nor be
-    written inside ``source``, the folder being read: by default the quept folder the model
-    was loaded from), and for GGUF the architecture, widths, tensors and tokenizer llama.cpp
-    takes. Call it before rounding (quept.api.round_gptq, round_learned), which takes long;
-    returns the layer widths."""
+    format, the model, ``out`` (:func:`check_export_out`: never inside ``source``, the
+    folder being read, by default the quept folder the model was loaded from), and for GGUF
+    the architecture, widths, tensors and tokenizer llama.cpp takes. Call it before rounding
+    (quept.api.round_gptq, round_learned), which takes long; returns the layer widths."""
     widths = as_layer_widths(bits_or_plan)
     if format not in EXPORT_FORMATS:
         raise ConfigError(f"export format {format!r} is not one of {EXPORT_FORMATS}")
@@ -87,16 +91,68 @@ def check_export(model: nn.Module, bits_or_plan: int | Mapping[str, int] | Plan,
                           "quept.calibrate it (or quept.load an elastic folder) first")
     if isinstance(bits_or_plan, Plan):
         check_plan_record(elastic_layers(model), bits_or_plan)
-    if format != "gguf":
-        check_out_folder(out, EXPORT_KINDS[format])
-        return widths
-    if source is None:
-        source = _loaded_from(model)
-    check_out_folder(out, "gguf", source=source)
-    from quept.export.gguf import check_gguf
+    check_export_out(out, format, _loaded_from(model) if source is None else source)
+    if format == "gguf":
+        from quept.export.gguf import check_gguf
 
-    check_gguf(model, tokenizer, widths)
+        check_gguf(model, tokenizer, widths)
     return widths
+
+
+FORMAT_OPTIONS = {"head_bits": ("quept",), "scale_dtype": ("quept", "compressed-tensors"),
+                  "accuracy_level": ("onnx",)}
+"""The options of :func:`export` that apply to some formats only, and those formats."""
+
+
+FIXED_SCALES = {"gguf": "its blocks store float16 scales",
+                "onnx": "MatMulNBits takes float32 scales"}
+"""Why ``scale_dtype`` does not apply to a format: the scales it stores."""
+
+
+def check_format_options(format: str, **options: Any) -> None:
+    """Refuse an option of :func:`export` (one of :data:`FORMAT_OPTIONS`) given a value other
+    than its default (in :func:`export`'s signature) for a format it does not apply to, where
+    it would do nothing."""
+    defaults = export.__kwdefaults__
+    for name, value in options.items():
+        formats = FORMAT_OPTIONS[name]
+        if format in formats or value == defaults[name]:
+            continue
+        why = f" ({FIXED_SCALES[format]})" if name == "scale_dtype" else ""
+        raise ConfigError(f"{name}={value!r} applies to the {' and '.join(formats)} format"
+                          f"{'s' if len(formats) > 1 else ''}, not {format}{why}: leave it at "
+                          f"its default ({defaults[name]!r})")
+
+
+def check_export_out(out: str | os.PathLike, format: str,
+                     source: str | os.PathLike | None = None) -> None:
+    """Refuse an ``out`` where an export in ``format`` would spoil something: a path inside
+    ``source`` (the folder being read), for GGUF a path that names a folder or a file that is
+    not a GGUF file, and for a folder format a folder that holds anything but an earlier export
+    of that format (:func:`check_out_folder`, :func:`_check_holds_only`)."""
+    kind = "gguf" if format == "gguf" else EXPORT_KINDS[format]
+    check_out_folder(out, kind, source=source)
+    if format != "gguf":
+        _check_holds_only(out, kind)
+
+
+def _check_holds_only(out: str | os.PathLike, kind: str) -> None:
+    """Refuse to write ``kind`` (a :func:`folder_kind` name) into the folder ``out`` when it
+    holds files but no earlier ``kind`` written by quept (finished or stopped half way): the
+    write would leave them beside its own files, to be shipped with it or taken for part of
+    it. :func:`check_out_folder` has refused a folder holding another model."""
+    out = Path(out)
+    names = sorted(f.name for f in out.iterdir()) if out.is_dir() else []
+    what = unfinished(out) if names else None
+    if what is not None and what != KIND_NAMES[kind]:
+        raise ConfigError(f"{out} holds {what} whose writing was stopped before it ended; "
+                          f"writing {KIND_NAMES[kind]} there would mix the two: give another "
+                          "folder (or delete that one)")
+    if names and what is None and holds_model(out) is None:
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise ConfigError(f"{out} is not empty and holds no model ({shown}); writing "
+                          f"{KIND_NAMES[kind]} there would leave those files beside it: give a "
+                          f"new or empty folder (one holding {KIND_NAMES[kind]} is replaced)")
 
 
 def _loaded_from(model: nn.Module) -> str | None:
@@ -150,6 +206,7 @@ def save_compact(model: nn.Module, folder: str | os.PathLike, config: QuEPTConfi
         raise ConfigError(f"save_compact's config is a QuEPTConfig (or None: the model's "
                           f"spec), got {type(config).__name__}")
     check_out_folder(folder, "compact")
+    _check_holds_only(folder, "compact")
     source = _provenance(model)
     with marked(folder, KIND_NAMES["compact"]):
         meta = _compact.save_compact(model, folder, tokenizer, config, compact, source)

@@ -12,7 +12,8 @@ from quept.calib.checkpoint import PROGRESS_JSON
 from quept.config import ConfigError
 from quept.export import compact as _compact
 from quept.export.ct_format import is_compressed_tensors
-from quept.export.onnx_runtime import is_onnx_folder
+from quept.export.onnx_format import ONNX_FILE
+from quept.export.onnx_runtime import EXPORT_SUMMARY, is_onnx_folder
 from quept.export.packed import PACKED_JSON, PACKED_WEIGHTS
 from quept.outputs import UNFINISHED, busy, unfinished
 from quept.search.plan import PLAN_FORMAT
@@ -161,12 +162,55 @@ HELD_NAMES = {**KIND_NAMES, "foreign": f"a {ELASTIC_JSON} that quept did not wri
 
 
 def readable_kind(folder: str | os.PathLike) -> str:
-    """The :func:`folder_kind` of a folder about to be read; one whose writing was stopped is
-    refused by name."""
+    """The :func:`folder_kind` of a folder about to be read; one whose writing was stopped, and
+    an export that lacks one of its files (:func:`check_export_files`), are refused by name."""
     kind = folder_kind(folder)
     if kind == "unfinished":
         check_finished(folder)
+    check_export_files(Path(folder), kind)
     return kind
+
+
+EXPORT_KINDS = ("packed", "compressed-tensors", "onnx")
+"""The :func:`folder_kind` of the exports, which quept writes with the model's tokenizer."""
+
+
+TOKENIZER_VOCABS = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json",
+                    "vocab.txt")
+"""The files one of which a tokenizer beside its tokenizer_config.json is read from (the
+fast tokenizer's tokenizer.json, which quept's exports hold, or a slow one's vocabulary)."""
+
+
+def check_export_files(folder: Path, kind: str) -> None:
+    """Refuse an export of ``kind`` that lacks a file it was written with, by the file: an
+    ONNX export without its graph or its summary (which :func:`folder_kind` takes for a
+    Hugging Face folder), an export whose tokenizer has its config but not its vocabulary
+    (which transformers would fail on with advice to install other packages)."""
+    if kind == "hf":
+        missing = _onnx_file_missing(folder)
+        if missing is not None:
+            raise ArtifactError(f"{folder} is a damaged ONNX export: {missing} is missing "
+                                f"({_ONNX_FILES[missing.name]}); export it again with `quept "
+                                "export --format onnx`")
+    if (kind in EXPORT_KINDS and (folder / "tokenizer_config.json").is_file()
+            and not any((folder / f).is_file() for f in TOKENIZER_VOCABS)):
+        raise ArtifactError(f"{folder / 'tokenizer.json'} is missing (the folder is damaged; "
+                            "export it again)")
+
+
+_ONNX_FILES = {ONNX_FILE: "the graph ONNX Runtime runs",
+               EXPORT_SUMMARY: "the summary that says how quept runs the graph"}
+
+
+def _onnx_file_missing(folder: Path) -> Path | None:
+    """The file an ONNX export in ``folder`` lacks: its summary beside a graph (in a folder
+    holding no safetensors weights, which a Hugging Face folder with an ONNX copy does), or
+    its graph beside a summary that names the ONNX format; None for neither."""
+    if (folder / ONNX_FILE).is_file() and not any(folder.glob("*.safetensors")):
+        return folder / EXPORT_SUMMARY
+    if _json_format(folder / EXPORT_SUMMARY) == "onnx":
+        return folder / ONNX_FILE
+    return None
 
 
 def check_finished(folder: str | os.PathLike, advice: str = "") -> None:
@@ -213,12 +257,14 @@ def check_out_folder(out: str | os.PathLike, writes: str, flag: str = "", *,
     """Refuse to write ``writes`` (a :func:`folder_kind` name) into ``out`` when it holds a
     model of another kind, which writing there would spoil; a folder of the same kind is
     replaced, and a folder holding no model (only a calibration checkpoint, say) is used.
-    ``writes`` "gguf" is a file instead: :func:`check_out_file`."""
+    ``writes`` "gguf" is a file instead: :func:`check_out_file`. Nothing is written inside
+    the ``source`` folder being read (:func:`check_outside`)."""
     if writes == "gguf":
         check_out_file(out, flag, source=source)
         return
     out = Path(out)
     check_not_in_checkpoint(out, f"{KIND_NAMES[writes]} written", flag)
+    check_outside(out, source, flag)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{flag}{out} is a file; {KIND_NAMES[writes]} is written as a "
                           "folder: give a folder's path")
@@ -236,19 +282,19 @@ def check_out_folder(out: str | os.PathLike, writes: str, flag: str = "", *,
 
 def check_out_file(out: str | os.PathLike, flag: str = "", *,
                    source: str | os.PathLike | None = None) -> None:
-    """Refuse to write a GGUF file at ``out`` where it would spoil something: a folder, a path
-    inside the ``source`` folder being read, or an existing file that is not a GGUF file (an
-    earlier GGUF export is replaced)."""
+    """Refuse to write a GGUF file at ``out`` where it would spoil something: a folder (or a
+    path ending with a separator, which names one), a path inside the ``source`` folder being
+    read, or an existing file that is not a GGUF file (an earlier GGUF export is replaced)."""
+    if os.fspath(out).endswith(tuple(filter(None, (os.sep, os.altsep)))):
+        raise ConfigError(f"{flag}{out} ends with a path separator, which names a folder; a "
+                          "GGUF export is one file: give the path of the file to write, e.g. "
+                          f"{Path(out) / 'model.gguf'}")
     out = Path(out)
     check_not_in_checkpoint(out, "a GGUF file written", flag)
     if out.is_dir():
         raise ConfigError(f"{flag}{out} is a folder; give the path of the file to write there, "
                           f"e.g. {out / 'model.gguf'}")
-    if source is not None and Path(source).is_dir():
-        src = Path(source).resolve()
-        if out.resolve().is_relative_to(src):
-            raise ConfigError(f"{flag}{out} is inside {source}, the folder being read; give a "
-                              "path outside it")
+    check_outside(out, source, flag)
     above = next((p for p in out.parents if p.exists()), None)
     if above is not None and not above.is_dir():
         raise ConfigError(f"{flag}{out} cannot be written: {above} is a file, not a folder")
@@ -256,6 +302,19 @@ def check_out_file(out: str | os.PathLike, flag: str = "", *,
         raise ConfigError(f"{flag}{out} is a file that is not a GGUF file; writing the GGUF "
                           "export there would replace it: give another path (or delete it "
                           "first)")
+
+
+def check_outside(out: str | os.PathLike, source: str | os.PathLike | None,
+                  flag: str = "") -> None:
+    """Refuse an ``out`` that is, or lies inside, the ``source`` folder being read (where
+    given), whose files a write there would mix with or replace."""
+    if source is None or not Path(source).is_dir():
+        return
+    out_path, src = Path(out).resolve(), Path(source).resolve()
+    if out_path.is_relative_to(src):
+        where = "is" if out_path == src else "is inside"
+        raise ConfigError(f"{flag}{out} {where} {source}, the folder being read; give a path "
+                          "outside it")
 
 
 ARTIFACT_FILES = frozenset({

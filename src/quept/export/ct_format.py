@@ -31,7 +31,7 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save_file
@@ -40,6 +40,9 @@ from torch import nn
 from quept.checks import check_bits
 from quept.export.packed import _float_named, _unique
 from quept.nn.switch import elastic_layers, plan_widths
+
+if TYPE_CHECKING:
+    from quept.export.load import WeightsCheck
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +272,7 @@ def load_compressed_tensors(folder: str | os.PathLike, model_class: Any,
     from safetensors import safe_open
     from transformers import AutoConfig
 
-    from quept.export.load import fill, parameters_on_meta
+    from quept.export.load import WeightsCheck, fill, parameters_on_meta
 
     try:
         from compressed_tensors.compressors import BaseCompressor
@@ -299,9 +302,9 @@ def load_compressed_tensors(folder: str | os.PathLike, model_class: Any,
     with parameters_on_meta():
         net = build(cfg, dtype=dtype)
     schemes = {}
-    for group in qcfg.config_groups.values():
+    for key, group in qcfg.config_groups.items():
         for name, _ in match_named_modules(net, group.targets, qcfg.ignore):
-            schemes.setdefault(name, group)
+            schemes.setdefault(name, (key, group))
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise CompressedTensorsExportError(f"{folder} holds no .safetensors file")
@@ -315,10 +318,17 @@ def load_compressed_tensors(folder: str | os.PathLike, model_class: Any,
                 raw.update({k: fh.get_tensor(k) for k in fh.keys()})  # noqa: SIM118
         except Exception as e:  # safetensors raises several types for a damaged file
             raise CompressedTensorsExportError(f"{f} cannot be read: {e}") from None
+    fits = WeightsCheck(folder / "config.json", files[0] if len(files) == 1 else
+                        f"{folder}'s safetensors files", "quept export --format compressed-tensors")
+    fits.block_count(net, raw)
+    fits.shapes(net, raw)  # the float tensors (the quantized layers' names differ)
     state, stored, weights = {}, 0, 0
-    for name, scheme in schemes.items():
+    for name, (key, scheme) in schemes.items():
         prefix = f"{name}."
         own = {k[len(prefix):]: raw.pop(k) for k in list(raw) if k.startswith(prefix)}
+        if (scheme.format or qcfg.format) == CT_FORMAT:
+            _check_packed(fits, name, own, net.get_submodule(name).weight.shape,
+                          scheme.weights, f"quantization_config.config_groups.{key}")
         stored += sum(t.numel() * t.element_size() for k, t in own.items()
                       if k not in ("bias", "weight_shape"))
         weights += net.get_submodule(name).weight.numel()
@@ -335,6 +345,37 @@ def load_compressed_tensors(folder: str | os.PathLike, model_class: Any,
     tied = getattr(net, "get_expanded_tied_weights_keys", lambda **_: {})(all_submodels=True)
     fill(net, state, {k: v for k, v in (tied or {}).items() if k not in state}, str(folder))
     net.eval().requires_grad_(False)
-    widths = {n: s.weights.num_bits for n, s in schemes.items()}
+    widths = {n: s.weights.num_bits for n, (_, s) in schemes.items()}
     net.quept_compressed_tensors = {"widths": widths, "bits_per_weight": 8 * stored / weights}
     return net
+
+
+def _check_packed(fits: WeightsCheck, name: str, own: Mapping[str, torch.Tensor],
+                  shape: torch.Size, args: Any, group: str) -> None:
+    """The tensors of the pack-quantized layer ``name`` (``own``, by their suffix) are of the
+    shapes its weights ``args`` (num_bits, strategy, group_size of the config ``group``, a
+    path in config.json) give a ``shape`` (out, in) weight; the first that is not is refused
+    naming config.json's field."""
+    out_f, in_f = shape
+    if "weight_packed" not in own:
+        raise fits.refuse(f"{fits.config} says {group} quantizes layer {name}",
+                          f"no {name}.weight_packed")
+    says = f"{fits.config} says {group}.weights"
+    stored = own.get("weight_shape")
+    if stored is not None and stored.tolist() != [out_f, in_f]:
+        raise fits.refuse(f"{fits.config} describes a model whose {name} is {out_f}x{in_f}",
+                          f"{name}.weight_shape {stored.tolist()}")
+    bits, packed = args.num_bits, list(own["weight_packed"].shape)
+    if packed != [out_f, -(-in_f * bits // 32)]:
+        fit = [b for b in range(1, 9) if packed == [out_f, -(-in_f * b // 32)]]
+        raise fits.refuse(f"{says}.num_bits {bits}", f"{name}.weight_packed of shape {packed}"
+                          + (f", {fit[0]}-bit codes" if len(fit) == 1 else "")
+                          + f" ({bits}-bit codes would be [{out_f}, {-(-in_f * bits // 32)}])")
+    strategy = getattr(args.strategy, "value", args.strategy)
+    groups = {"channel": 1, "group": -(-in_f // (args.group_size or in_f))}.get(strategy)
+    scale = list(own["weight_scale"].shape) if "weight_scale" in own else None
+    if groups is not None and scale is not None and scale != [out_f, groups]:
+        what = f"group_size {args.group_size}" if strategy == "group" else "strategy channel"
+        raise fits.refuse(f"{says}.{what}", f"{name}.weight_scale of shape {scale} ({groups} "
+                          f"scale{'s' if groups > 1 else ''} per row would be [{out_f}, "
+                          f"{groups}])")

@@ -292,6 +292,10 @@ def _tokenizer_fields(tokenizer: Any, n_vocab: int, pre: str | None) -> dict[str
     types, merges, pre-tokenizer, special ids and whether BOS/EOS are added."""
     from gguf import TokenType
 
+    if tokenizer is None:
+        raise GGUFExportError("GGUF export needs the model's tokenizer, whose vocabulary and "
+                              "merges the file carries: pass tokenizer=... (quept.load returns "
+                              "it with the model)")
     backend = getattr(tokenizer, "backend_tokenizer", None)
     data = json.loads(backend.to_str()) if backend is not None else {}
     bpe = data.get("model", {})

@@ -5,7 +5,7 @@ shells, and ``load_state_dict(assign=True)`` fills every tensor."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,24 @@ def read_packed_meta(folder: str | os.PathLike) -> dict[str, Any]:
                                         "object")
             check_json_fields(info, {**_LAYER_FIELDS, **extra}, f"{path} ({part} entry {name})",
                               PackedFormatError)
+    check_width_label(meta, path)
     return meta
+
+
+def check_width_label(meta: Mapping[str, Any], path: Path) -> None:
+    """The ``bits`` of a packed folder's JSON is the label its layers' widths give (their one
+    width, or "mixed"), as the writer made it; a label edited apart from them would name a
+    width the codes are not at."""
+    widths = sorted({info["bits"] for info in meta["layers"].values()})
+    if not widths:
+        return
+    label = widths[0] if len(widths) == 1 else "mixed"
+    if meta["bits"] != label:
+        held = (f"every layer at {label} bits" if label != "mixed" else
+                f"layers at {', '.join(map(str, widths))} bits")
+        raise PackedFormatError(f"{path} is damaged: its \"bits\" says {meta['bits']!r}, but its "
+                                f"layers entries hold {held}, which it labels {label!r}; "
+                                "export it again")
 
 
 def check_sizes_and_aliases(meta: Mapping[str, Any], path: Path) -> None:
@@ -104,17 +121,22 @@ def load_packed(folder: str | os.PathLike, backend: str = "auto") -> nn.Module:
     check_model_config(folder, "a packed model", "quept export", PACKED_JSON, meta["model_type"])
     cfg = AutoConfig.from_pretrained(folder)
     fam = family_for_type(cfg.model_type)
+    weights = folder / PACKED_WEIGHTS
+    try:
+        state = load_file(str(weights))
+    except Exception as e:  # safetensors raises several types for a damaged file
+        raise PackedFormatError(f"{weights} cannot be read: {e}") from None
     with parameters_on_meta():
         net = fam.model_class().from_config(cfg)
+    fits = WeightsCheck(folder / MODEL_CONFIG, weights, "quept export")
+    fits.block_count(net, state)
+    fits.shapes(net, state)  # the float tensors, against config.json
     scale_dtype = SCALE_DTYPES[meta["scale_dtype"]]
     for name, info in meta["layers"].items():
         _swap(net, name, info, scale_dtype)
     for name, info in meta.get("head", {}).items():
         _swap(net, name, info, scale_dtype, PackedEmbedding if info["embedding"] else PackedLinear)
-    try:
-        state = load_file(str(folder / PACKED_WEIGHTS))
-    except Exception as e:  # safetensors raises several types for a damaged file
-        raise PackedFormatError(f"{folder / PACKED_WEIGHTS} cannot be read: {e}") from None
+    fits.shapes(net, state, _layer_fields(meta, folder / PACKED_JSON))  # the packed layers
     fill(net, state, meta.get("aliases", {}), str(folder))
     for m in net.modules():
         if isinstance(m, PackedLinear):
@@ -162,6 +184,86 @@ def _swap(net: nn.Module, name: str, info: Mapping[str, Any], scale_dtype: torch
     new.kv_quant = _kv_quant(name, info)
     parent, _, child = name.rpartition(".")
     setattr(net.get_submodule(parent) if parent else net, child, new)
+
+
+SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size")
+"""The fields of config.json that size tensors directly: the one that disagrees with the
+weights is named."""
+
+
+class WeightsCheck:
+    """Whether the tensors read from ``weights`` fit the model built from ``config`` (its
+    config.json) on the meta device, before ``load_state_dict`` would fail with PyTorch's
+    multi-line list; a :class:`PackedFormatError` names the file, the field that disagrees
+    with the weights and the command that writes the folder again (``made_by``)."""
+
+    def __init__(self, config: Path, weights: Path | str, made_by: str):
+        self.config, self.weights, self.made_by = config, weights, made_by
+
+    def refuse(self, says: str, holds: str) -> PackedFormatError:
+        """The error: ``says`` (what a file says), ``holds`` (what the weights hold)."""
+        return PackedFormatError(f"{says}, but {self.weights} holds {holds}: the folder is "
+                                 f"damaged or mixed up; write it again with `{self.made_by}`")
+
+    def block_count(self, net: nn.Module, names: Iterable[str]) -> None:
+        """The weights hold as many blocks as the model has (config.json's
+        num_hidden_layers)."""
+        from quept.models import family_for
+
+        path = family_for(net).blocks
+        if "*" in path:  # blocks in stages (Swin): their tensors' shapes are checked instead
+            return
+        prefix = f"{path}."
+        held = {n[len(prefix):].split(".", 1)[0] for n in names if n.startswith(prefix)}
+        built = len(net.get_submodule(path))
+        if held and len(held) != built:
+            layers = getattr(net.config, "num_hidden_layers", None)
+            says = f"num_hidden_layers {layers}" if layers == built else f"{built} blocks"
+            raise self.refuse(f"{self.config} says {says}",
+                              f"the weights of {len(held)} blocks ({path}.*)")
+
+    def shapes(self, net: nn.Module, state: Mapping[str, torch.Tensor],
+               layer_says: Callable[[str], str | None] = lambda name: None) -> None:
+        """Every tensor of ``state`` the model has is of the model's shape; one that is not
+        is blamed on what ``layer_says`` of it (the JSON that sizes a quantized layer), else
+        on config.json's :data:`SIZE_FIELDS`. Codes and scales are checked before
+        zero-points, whose size both bits and group size set."""
+        model = {**dict(net.named_parameters(remove_duplicate=False)),
+                 **dict(net.named_buffers(remove_duplicate=False))}
+        for name in sorted(state, key=lambda n: n.endswith(".qzero")):
+            want, got = model.get(name), state[name]
+            if want is None or want.shape == got.shape:
+                continue
+            says = layer_says(name) or self._config_says(net, list(want.shape),
+                                                         list(got.shape))
+            raise self.refuse(says, f"{name} of shape {list(got.shape)} (the model needs "
+                                    f"{list(want.shape)})")
+
+    def _config_says(self, net: nn.Module, want: list[int], got: list[int]) -> str:
+        """What config.json says that sizes a tensor ``want`` where the weights hold ``got``."""
+        sizes = {w for w, g in zip(want, got) if w != g} if len(want) == len(got) else set()
+        fields = [f"{f} {getattr(net.config, f)}" for f in SIZE_FIELDS
+                  if getattr(net.config, f, None) in sizes]
+        if not fields:
+            return f"{self.config} describes another model"
+        return f"{self.config} says {' and '.join(fields)}"
+
+
+def _layer_fields(meta: Mapping[str, Any], path: Path) -> Callable[[str], str | None]:
+    """What a packed folder's JSON (at ``path``) says of the size of a packed layer's tensor
+    ``name``: its codes by its bits, its scales by its group size, its zero-points by both;
+    None for any other tensor."""
+    fields = {"qweight": ("bits",), "scale": ("group_size",), "qzero": ("bits", "group_size")}
+    entries = {**meta["layers"], **meta.get("head", {})}
+
+    def says(name: str) -> str | None:
+        layer, _, part = name.rpartition(".")
+        if layer not in entries or part not in fields:
+            return None
+        return (f"{path} says layer {layer} has "
+                + " and ".join(f"{f} {entries[layer][f]}" for f in fields[part]))
+
+    return says
 
 
 @contextmanager

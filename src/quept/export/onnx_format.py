@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -60,6 +61,42 @@ def _check_model(model: nn.Module) -> None:
             "the packed quept format, which keeps them")
 
 
+MIN_BLOCK = 16
+"""The smallest ``block_size`` MatMulNBits takes; every block is a power of two."""
+
+
+def _is_block(size: int) -> bool:
+    return size >= MIN_BLOCK and not size & (size - 1)
+
+
+def _check_blocks(model: nn.Module, plan: Mapping[str, int | None]) -> None:
+    """Refuse a plan whose quantized layers' groups are not MatMulNBits blocks, naming the
+    blocks that would do (:func:`_block_advice`)."""
+    layers = elastic_layers(model)
+    quantized = {name: b for name, b in plan.items() if b is not None}
+    for name, b in quantized.items():
+        gs = layers[name].spec.group_size_for(b) or layers[name].in_features
+        if not _is_block(gs):
+            inputs = [layers[n].in_features for n in quantized]
+            raise OnnxExportError(
+                f"layer {name}: MatMulNBits needs a power-of-two block of at least {MIN_BLOCK} "
+                f"inputs; the {b}-bit group is {gs}: {_block_advice(inputs)}")
+
+
+def _block_advice(inputs: list[int]) -> str:
+    """The group sizes to calibrate with for ONNX: the MatMulNBits blocks that divide every
+    quantized layer's number of ``inputs``."""
+    common = math.gcd(*inputs)
+    fits = [str(2 ** k) for k in range(common.bit_length())
+            if _is_block(2 ** k) and common % 2 ** k == 0]
+    if not fits:
+        return (f"no block divides every quantized layer's inputs ({common} in common): export "
+                "the quept or compressed-tensors format instead")
+    sizes = fits[0] if len(fits) == 1 else f"{', '.join(fits[:-1])} or {fits[-1]}"
+    return (f"calibrate with a group size of {sizes} (`quept quantize --group-size`), the "
+            "blocks that divide every quantized layer's inputs")
+
+
 @contextlib.contextmanager
 def _swapped(model: nn.Module, plan: Mapping[str, int | None], accuracy_level: int = 0
              ) -> Iterator[dict[str, NBitsLinear]]:
@@ -78,10 +115,6 @@ def _swapped(model: nn.Module, plan: Mapping[str, int | None], accuracy_level: i
                     new.bias = nn.Parameter(m.bias.detach(), False)
             else:
                 gs = m.spec.group_size_for(b) or m.in_features
-                if gs < 16 or gs & (gs - 1):
-                    raise OnnxExportError(
-                        f"layer {name}: MatMulNBits needs a power-of-two block of at least 16 "
-                        f"inputs; the {b}-bit group is {gs} (use group size 32, 64 or 128)")
                 codes, scale, zero = m.quantized_codes(b)
                 new = out[name] = NBitsLinear(codes, scale, zero, b, gs, m.bias, accuracy_level)
             parent, _, child = name.rpartition(".")
@@ -262,6 +295,7 @@ def write_onnx(model: nn.Module, tokenizer: Any, folder: str | os.PathLike,
         raise OnnxExportError("ONNX export needs onnx and onnxscript: pip install "
                               "'quept[onnx]'") from None
     plan = resolve_plan(model, bits)
+    _check_blocks(model, plan)
     folder = Path(folder)
     was_training = model.training
     model.eval()

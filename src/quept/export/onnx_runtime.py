@@ -10,14 +10,109 @@ import torch
 from torch import nn
 
 from quept.checks import check_json_fields, read_json_object
-from quept.export.onnx_format import ONNX_FILE
+from quept.export.onnx_format import GENAI_TYPES, ONNX_FILE
 from quept.export.onnx_nbits import OnnxExportError
 
 ONNX_TASKS = ("causal-lm", "encoder", "image-classification")  # what OrtModel runs
 
+EXPORT_SUMMARY = "quept-export.json"
+"""The summary quept writes beside a compressed-tensors or ONNX export (widths, sizes; for
+ONNX the task, inputs and outputs, which running it needs)."""
+
+GENAI_CONFIG = "genai_config.json"
+
+TASK_INPUTS = {"causal-lm": {"input_ids", "attention_mask", "position_ids"},
+               "encoder": {"input_ids", "attention_mask"},
+               "image-classification": {"pixel_values"}}
+"""The inputs of each task's graph besides a decoder's past keys and values."""
+
+AGAIN = "export it again with `quept export --format onnx`"
+
 
 def is_onnx_folder(folder: str | os.PathLike) -> bool:
-    return (Path(folder) / ONNX_FILE).is_file() and (Path(folder) / "quept-export.json").is_file()
+    return (Path(folder) / ONNX_FILE).is_file() and (Path(folder) / EXPORT_SUMMARY).is_file()
+
+
+def read_onnx_summary(folder: str | os.PathLike) -> dict[str, Any]:
+    """The summary of the ONNX export in ``folder``, checked against itself and config.json:
+    a task quept runs, which config.json's model runs too; a width label its widths give; for
+    a decoder, config.json's model type that genai_config.json records."""
+    from quept.export.load import check_model_config
+    from quept.export.packed import PackedFormatError
+
+    folder = Path(folder)
+    path = folder / EXPORT_SUMMARY
+    summary = read_json_object(path, OnnxExportError)
+    task = summary.get("task")
+    if not isinstance(task, str) or task not in ONNX_TASKS:
+        raise OnnxExportError(f"{path} names no task quept runs ({task!r}; expected one of "
+                              f"{', '.join(ONNX_TASKS)}); {AGAIN}")
+    check_json_fields(summary, {"bits": (int, str), "bits_per_weight": float, "widths": dict},
+                      path, OnnxExportError, optional={"float_layers": int})
+    check_width_label(summary, path, OnnxExportError)
+    _check_config_task(folder, task)
+    genai = folder / GENAI_CONFIG
+    if task == "causal-lm" and genai.is_file():
+        model = read_json_object(genai, OnnxExportError).get("model")
+        recorded = model.get("type") if isinstance(model, dict) else None
+        model_type = {v: k for k, v in GENAI_TYPES.items()}.get(recorded, recorded)
+        try:
+            check_model_config(folder, "an ONNX export", "quept export --format onnx",
+                               GENAI_CONFIG, model_type)
+        except PackedFormatError as e:
+            raise OnnxExportError(str(e)) from None
+    return summary
+
+
+def check_width_label(summary: dict[str, Any], path: Path,
+                      error: type[Exception] = OnnxExportError) -> None:
+    """The ``bits`` of an export's summary (at ``path``) is the label its ``widths`` (layers
+    per width) and ``float_layers`` give, as the writers make it: their one width, or "mixed";
+    a label edited apart from them would name a width the codes are not at."""
+    widths, floats = summary["widths"], summary.get("float_layers", 0)
+    if not all(k.isdigit() and isinstance(n, int) for k, n in widths.items()):
+        raise error(f"{path} is damaged: its \"widths\" should map widths to layer counts, got "
+                    f"{widths!r}")
+    label = int(next(iter(widths))) if len(widths) == 1 and not floats else "mixed"
+    if widths and summary["bits"] != label:
+        held = ", ".join(f"{n} layers at {b} bits" for b, n in widths.items())
+        raise error(f"{path} is damaged: its \"bits\" says {summary['bits']!r}, but its "
+                    f"\"widths\" hold {held}" + (f" and {floats} float" if floats else "")
+                    + f", which it labels {label!r}; export it again")
+
+
+def _check_config_task(folder: Path, task: str) -> None:
+    """config.json's model is one that runs the summary's ``task``; an unsupported model type
+    is left to the loader, which names the supported ones."""
+    from quept.models import UnsupportedModelError, family_for_type
+
+    path = folder / "config.json"
+    model_type = read_json_object(path, OnnxExportError).get("model_type")
+    try:
+        runs = family_for_type(model_type).task
+    except UnsupportedModelError:
+        return
+    if runs != task:
+        raise OnnxExportError(f"{path} describes a {model_type!r} model ({runs}), but "
+                              f"{folder / EXPORT_SUMMARY} says task {task!r}: the folder is "
+                              f"damaged or mixed up; {AGAIN}")
+
+
+def check_graph_inputs(inputs: list[str], task: str, folder: Path) -> None:
+    """The graph in ``folder`` takes the inputs of the summary's ``task``
+    (:data:`TASK_INPUTS`), and a decoder's past keys and values."""
+    past = any(i.startswith("past_key_values.") for i in inputs)
+    if task == "causal-lm" and not past:
+        raise OnnxExportError(f"{folder} was exported without a KV cache (an earlier quept); "
+                              f"{AGAIN}")
+    fixed = {i for i in inputs if not i.startswith("past_key_values.")}
+    if fixed != TASK_INPUTS[task] or (past and task != "causal-lm"):
+        fits = [t for t, names in TASK_INPUTS.items() if names == fixed]
+        raise OnnxExportError(
+            f"{folder / EXPORT_SUMMARY} says task {task!r}, but {folder / ONNX_FILE} takes the "
+            f"inputs {', '.join(sorted(fixed))}" + (", past_key_values.*" if past else "")
+            + (f" (those of the {fits[0]} task)" if fits else "")
+            + f": the folder is damaged or mixed up; {AGAIN}")
 
 
 class OrtModel(nn.Module):
@@ -36,14 +131,8 @@ class OrtModel(nn.Module):
         from transformers import AutoConfig
 
         folder = Path(folder)
-        summary = folder / "quept-export.json"
-        self.quept_onnx = read_json_object(summary, OnnxExportError)
-        self.task = self.quept_onnx.get("task")
-        if not isinstance(self.task, str) or self.task not in ONNX_TASKS:
-            raise OnnxExportError(f"{summary} names no task quept runs ({self.task!r}; "
-                                  f"expected one of {', '.join(ONNX_TASKS)}); export it again")
-        check_json_fields(self.quept_onnx, {"bits": (int, str), "bits_per_weight": float},
-                          summary, OnnxExportError)
+        self.quept_onnx = read_onnx_summary(folder)
+        self.task = self.quept_onnx["task"]
         self.config = AutoConfig.from_pretrained(folder)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or torch.get_num_threads()
@@ -53,10 +142,7 @@ class OrtModel(nn.Module):
         except Exception as e:  # onnxruntime raises its own types for a damaged graph
             raise OnnxExportError(f"{folder / ONNX_FILE} cannot be loaded by ONNX Runtime: "
                                   f"{e}") from None
-        inputs = [i.name for i in self.session.get_inputs()]
-        if self.task == "causal-lm" and "past_key_values.0.key" not in inputs:
-            raise OnnxExportError(f"{folder} was exported without a KV cache (an earlier quept); "
-                                  "export it again with quept export --format onnx")
+        check_graph_inputs([i.name for i in self.session.get_inputs()], self.task, folder)
         # (name, KV heads, head dim) of every past input, in the graph's order
         self._past = [(i.name, i.shape[1], i.shape[3]) for i in self.session.get_inputs()
                       if i.name.startswith("past_key_values.")]

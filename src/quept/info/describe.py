@@ -35,6 +35,8 @@ from quept.checks import ConfigError, check_json_fields, read_json_object
 from quept.config import CalibConfig, ElasticSpec, QuEPTConfig
 from quept.export.compact import COMPACT_JSON, COMPACT_WEIGHTS, read_compact_meta
 from quept.export.load import check_model_config, read_packed_meta
+from quept.export.onnx_nbits import OnnxExportError
+from quept.export.onnx_runtime import EXPORT_SUMMARY, check_width_label, read_onnx_summary
 from quept.export.packed import PACKED_JSON, PACKED_WEIGHTS, PackedFormatError
 from quept.models.families import UnsupportedModelError, family_for_type
 from quept.nn.switch import is_pattern
@@ -44,7 +46,7 @@ from quept.search.plan_files import read_plan
 from quept.search.sweeps import describe_sweeps
 from quept.search.table import SensitivityCacheError, SensitivityTable
 
-EXPORT_JSON = "quept-export.json"  # compressed-tensors and ONNX exports' summary
+EXPORT_JSON = EXPORT_SUMMARY  # compressed-tensors and ONNX exports' summary
 
 
 class InfoError(ValueError):
@@ -385,6 +387,8 @@ def _export_summary(folder: Path) -> dict[str, Any]:
         return {}
     s = _json(path)
     check_json_fields(s, {}, path, InfoError, optional=_EXPORT_FIELDS)
+    if "bits" in s and "widths" in s:
+        check_width_label(s, path, InfoError)
     return {k: s[k] for k in _EXPORT_FIELDS if k in s}
 
 
@@ -403,6 +407,13 @@ def _model_config(folder: Path) -> dict[str, Any]:
 
 
 def _compressed_tensors(folder: Path) -> dict[str, Any]:
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        raise InfoError(f"{folder} holds no .safetensors file: its compressed-tensors weights "
+                        "are missing; export it again with `quept export --format "
+                        "compressed-tensors`")
+    for f in weights:
+        _shapes(f)  # a damaged or cut-short file is named
     path = folder / "config.json"
     qc = _json(path)["quantization_config"]
     check_json_fields(qc, {"config_groups": dict}, f"{path} (its quantization_config)",
@@ -423,6 +434,10 @@ def _compressed_tensors(folder: Path) -> dict[str, Any]:
 
 
 def _onnx(folder: Path) -> dict[str, Any]:
+    try:
+        read_onnx_summary(folder)  # checked as running it checks it
+    except OnnxExportError as e:
+        raise InfoError(str(e)) from None
     info = {"export": _export_summary(folder),
             "genai_config": (folder / "genai_config.json").is_file()}
     if (folder / "config.json").is_file():

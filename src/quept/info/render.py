@@ -91,6 +91,12 @@ def _calib_line(verb: str, c: dict[str, Any], task: str | None = None) -> str:
             + (", steps in bfloat16" if c.get("bf16") else ""))
 
 
+ACCURACY_WORDS = {0: "float32 compute, the elastic model's outputs", 1: "float32 compute",
+                  2: "float16 compute", 3: "bfloat16 compute",
+                  4: "activations quantized to int8 in blocks: faster, not exact"}
+"""What each MatMulNBits accuracy level of an ONNX export computes in."""
+
+
 def _generates(info: dict[str, Any]) -> bool:
     """The model generates text (a causal LM, or a VLM's language model), so it has a KV cache
     and `quept run` runs it; an unknown model type is taken for one."""
@@ -218,6 +224,10 @@ def render(info: dict[str, Any]) -> str:
                        + (f", {e['float_layers']} float" if e.get("float_layers") else "")
                        + f"; {_bits(e.get('bits_per_weight'))} bits per quantized weight, "
                        f"quantized linears {_mb(e.get('quantized_bytes'))}")
+        level = e.get("accuracy_level")
+        if kind == "onnx" and level is not None:
+            out.append(f"MatMulNBits accuracy level {level} "
+                       f"({ACCURACY_WORDS.get(level, 'not one ONNX Runtime defines')})")
     elif kind == "hf":
         p = info.get("parameters")
         out.append(f"{info['path']}: Hugging Face model folder, {info.get('model_type')} "

@@ -49,9 +49,22 @@ def install_kv_attention(model: nn.Module) -> int:
     k, v = KV_LINEARS[fam.name]
     parent = k.rpartition(".")[0]
     n = 0
-    for block in fam.get_blocks(model):
+    for block in _patchable_blocks(model, fam):
         attention = block.get_submodule(parent)
         if getattr(block.get_submodule(k), "kv_quant", None) is not None:
             install_attention(attention, (k.rpartition(".")[2], v.rpartition(".")[2]))
             n += 1
     return n
+
+
+def _patchable_blocks(model: nn.Module, fam: Family) -> nn.ModuleList:
+    """The family's blocks of ``model``, whose attention modules a quantized KV cache patches;
+    a model without them (an ONNX Runtime model runs its graph in the runtime) is refused."""
+    try:
+        return fam.get_blocks(model)
+    except AttributeError:
+        raise ConfigError(
+            "the quantized KV cache runs on elastic and packed models, whose attention in "
+            f"{fam.blocks} it patches; this {type(model).__name__} holds no {fam.blocks}: an "
+            "ONNX export's KV cache is ONNX Runtime's own (run it with the float cache: "
+            "kv_cache='float', --kv-cache float)") from None
