@@ -300,8 +300,8 @@ def test_calibration_text_refusals_name_the_options_and_an_encoders_two_special_
     assert main([*encoder, "--calib-text", str(tmp_path / "short.txt"), "--eval-sentences",
                  "0"]) == 2
     assert ("2 samples x 32 tokens (--samples, --seq-len) on short.txt: calibration text has 14 "
-            "tokens; need more than seq_len=30 (an encoder's window of 32 tokens holds [CLS] "
-            "and [SEP] around 30 tokens of text)") in capsys.readouterr().err
+            "tokens; need more than seq_len=30 (an encoder's window of seq_len=32 tokens "
+            "holds [CLS] and [SEP] around 30 tokens of text)") in capsys.readouterr().err
     argv, out = decoder
     (tmp_path / "33.txt").write_text(TEXT[:33])
     assert main([*argv, "--calib-text", str(tmp_path / "33.txt"), "--samples", "4"]) == 2

@@ -15,7 +15,7 @@ from torch import nn
 from quept.calib import BlockCalibrator, BlockReport, CalibCheckpoint, capture_block_inputs
 from quept.checks import ConfigError, check_bits, check_config, check_device
 from quept.config import CalibConfig, ElasticSpec, check_seed
-from quept.data.tokens import calibration_samples, tokenize
+from quept.data.tokens import NotEnoughTextError, calibration_samples, tokenize
 from quept.export.gptq import GPTQConfig
 from quept.export.gptq import round_gptq as _round_gptq
 from quept.export.learned import LearnedRoundingConfig
@@ -371,6 +371,11 @@ def samples_from_text(tokenizer: Any, text: str, cfg: CalibConfig | None = None
     if cfg.seq_len < 3:
         raise ConfigError(f"seq_len {cfg.seq_len} leaves no text in an encoder's window "
                           "([CLS] and [SEP] take two tokens): use seq_len >= 3, e.g. 128")
-    body = calibration_samples(ids, cfg.n_samples, cfg.seq_len - 2, cfg.seed)
+    try:
+        body = calibration_samples(ids, cfg.n_samples, cfg.seq_len - 2, cfg.seed)
+    except NotEnoughTextError as e:
+        raise NotEnoughTextError(f"{e} (an encoder's window of seq_len={cfg.seq_len} tokens "
+                                 f"holds [CLS] and [SEP] around {cfg.seq_len - 2} tokens of "
+                                 "text)") from None
     col = lambda t: torch.full((body.shape[0], 1), t, dtype=body.dtype)  # noqa: E731
     return torch.cat([col(cls), body, col(sep)], dim=1)

@@ -342,15 +342,10 @@ def check_context(model: torch.nn.Module, seq_len: int, option: str, whose: str 
                           f"tokens: give {context} or less{when}")
 
 
-def calibration_refusal(e: ValueError, n: int, seq_len: int, name: str,
-                        encoder: bool = False) -> ConfigError:
+def calibration_refusal(e: ValueError, n: int, seq_len: int, name: str) -> ConfigError:
     """``e``, a calibration text's refusal of ``n`` samples of ``seq_len`` tokens, with the
-    options that set them and the text's ``name``; an encoder's window is [CLS] + text +
-    [SEP], so its text is ``seq_len - 2`` tokens."""
-    body = (f" (an encoder's window of {seq_len} tokens holds [CLS] and [SEP] around "
-            f"{seq_len - 2} tokens of text)" if encoder else "")
-    return ConfigError(f"{n} samples x {seq_len} tokens (--samples, --seq-len) on {name}: "
-                       f"{e}{body}")
+    options that set them and the text's ``name``."""
+    return ConfigError(f"{n} samples x {seq_len} tokens (--samples, --seq-len) on {name}: {e}")
 
 
 def _images(model: torch.nn.Module, split: str, n: int, seed: int

@@ -396,8 +396,8 @@ def _quantize(a: argparse.Namespace, cfg: QuEPTConfig, out: Path, t0: float) -> 
         try:
             ids = api.samples_from_text(tok, calib_text, cfg.calib)
         except NotEnoughTextError as e:
-            raise calibration_refusal(e, cfg.calib.n_samples, cfg.calib.seq_len, calib_name,
-                                      encoder=task == "encoder") from None
+            raise calibration_refusal(e, cfg.calib.n_samples, cfg.calib.seq_len,
+                                      calib_name) from None
         hashes = paragraph_hashes(calib_text)
         texts = {"calibration_text": {"name": calib_name,
                                       "paragraph_sample": paragraph_sample(hashes)}}
