@@ -259,7 +259,8 @@ def test_a_checkpoint_of_another_base_model_is_not_resumed(tmp_path):
         if folder == base:
             quept.calibrate(model, ids, cfg, checkpoint_dir=tmp_path / "ckpt", progress=False)
         else:
-            with pytest.raises(CheckpointMismatchError, match=r"made with different \['base'\]"):
+            with pytest.raises(CheckpointMismatchError,
+                               match=r"made with another base model \(base: another model"):
                 quept.calibrate(model, ids, cfg, checkpoint_dir=tmp_path / "ckpt",
                                 progress=False)
 

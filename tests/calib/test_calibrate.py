@@ -104,7 +104,7 @@ def test_resume_after_kill_gives_the_same_model(tmp_path, monkeypatch, stream):
     sr, sx = elastic_state_dict(ref), elastic_state_dict(resumed)
     assert all(torch.equal(sr[k], sx[k]) for k in sr)
     # A checkpoint from other settings is refused, not silently reused.
-    with pytest.raises(CheckpointMismatchError, match=r"different \['calib'\] \(calib.epochs "
+    with pytest.raises(CheckpointMismatchError, match=r"other calib settings \(calib.epochs "
                                                       rf"{CFG.epochs} -> 2\)"):
         calibrated(cfg=CalibConfig(**{**CFG.to_dict(), "epochs": 2}), checkpoint_dir=tmp_path)
 

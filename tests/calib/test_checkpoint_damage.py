@@ -10,7 +10,13 @@ from safetensors.torch import load_file, save_file
 
 from quept.calib import BlockReport, CalibCheckpoint, CheckpointCorruptError
 from quept.calib import checkpoint as ckpt_module
-from quept.calib.checkpoint import RUN_KEY, run_digest
+from quept.calib.checkpoint import (
+    CHECKPOINT_DIR,
+    RUN_KEY,
+    CheckpointMismatchError,
+    run_digest,
+)
+from quept.checks import ConfigError
 from quept.config import CalibConfig
 from quept.info import InfoError, describe
 
@@ -215,3 +221,25 @@ def test_a_run_killed_in_its_first_block_with_kept_streams_starts_again(tmp_path
     assert sorted(p.name for p in folder.iterdir()) == ["streams_000.safetensors"]
     _, reports = calibrated(checkpoint_dir=folder)
     assert [r.block for r in reports] == [0, 1]
+
+
+def test_an_output_folder_is_refused_with_its_checkpoint_named(folder, tmp_path):
+    # before: CheckpointCorruptError "progress.json is missing" for the folder `--out` named,
+    # which holds the checkpoint of `quept quantize --keep-streams` in .calib-checkpoint
+    out = tmp_path / "out"
+    out.mkdir()
+    folder.rename(out / CHECKPOINT_DIR)
+    with pytest.raises(ConfigError, match=f"{out} is the output folder of `quept quantize`.*"
+                                          f"give {out / CHECKPOINT_DIR}"):
+        CalibCheckpoint(out, {}).streams(1)
+    x_fp, x_q = CalibCheckpoint(out / CHECKPOINT_DIR, {}).streams(1)
+    assert x_fp.shape[0] == CFG.n_samples and len(x_q) == 4
+
+
+def test_a_checkpoint_of_other_settings_names_them_in_words(folder):
+    # before: "made with different ['calib'] (calib.epochs 6 -> 7)", a Python list
+    with pytest.raises(CheckpointMismatchError) as e:
+        calibrated(cfg=CalibConfig(**{**CFG.to_dict(), "epochs": CFG.epochs + 1}),
+                   checkpoint_dir=folder)
+    assert f"made with other calib settings (calib.epochs {CFG.epochs} -> {CFG.epochs + 1})" \
+        in str(e.value) and "[" not in str(e.value)

@@ -146,6 +146,38 @@ def test_gguf_file(tmp_path, capsys):
     assert "GGUF file (llama)" in render(info)
 
 
+def test_gguf_file_widths_and_bits_per_weight(tmp_path, capsys):
+    # before: only tensor type counts ("F16 1, F32 5, Q4_1 14"), no widths or bits per weight
+    pytest.importorskip("gguf")
+    from quept.export.gguf import read_sizes, write_gguf
+    from tests.export.test_gguf import elastic_tiny, tiny_tokenizer
+
+    model = elastic_tiny()
+    names = list(elastic_layers(model))
+    plan = {n: (2, 5, 7, None)[i % 4] for i, n in enumerate(names)}
+    path = write_gguf(model, tiny_tokenizer(), tmp_path / "m.gguf", plan)
+    info = run_json(capsys, ["info", str(path), "--json"])
+    types = info["linear_types"]
+    assert {q: (r["layers"], r["widths"]) for q, r in types.items()} == {
+        "Q4_1": (4, [2, 3, 4]), "Q5_1": (4, [5]), "Q8_0": (3, [6, 7, 8]), "F16": (3, [])}
+    for qtype, bits in (("Q4_1", 5.0), ("Q5_1", 6.0), ("Q8_0", 8.5), ("F16", 16.0)):
+        assert types[qtype]["bits_per_weight"] == bits  # GGUF's block sizes, scales included
+    quantized = [n for n in names if plan[n] is not None]
+    weights = sum(elastic_layers(model)[n].weight.numel() for n in quantized)
+    assert info["quantized_linears"] == 11 and info["float_linears"] == 3
+    assert info["quantized_weights"] == weights
+    assert info["bits_per_weight"] == pytest.approx(info["quantized_bytes"] * 8 / weights)
+    assert read_sizes(path) == {**{k: info[k] for k in (
+        "linear_types", "quantized_linears", "float_linears", "quantized_weights",
+        "quantized_bytes", "bits_per_weight")}, "file_bytes": path.stat().st_size}
+    text = render(info)
+    assert ("Q4_1 linears: 4, 2..4-bit codes (Q4_1 stores each of these widths alike: which one "
+            "is not recorded); 5.000 bits per weight stored") in text
+    assert "Q5_1 linears: 4, 5-bit codes; 6.000 bits per weight" in text
+    assert "F16 linears: 3, float; 16.000 bits per weight" in text
+    assert f"quantized linears: 11, {info['bits_per_weight']:.3f} bits per weight" in text
+
+
 def test_a_truncated_gguf_file_is_named_truncated(tmp_path, capsys):
     pytest.importorskip("gguf")
     from quept.export.gguf import write_gguf

@@ -211,7 +211,9 @@ def test_constraints_pin_and_bound_layers_and_are_recorded(folder, capsys):
     main(["plan", elastic, "--max-bytes", "1GB", "--out", str(folder / "all8.json"),
           "--granularity", "layer", *small])
     printed = capsys.readouterr().out
-    assert "is above the widest plan this model can have (9.5000); this plan stores" in printed
+    # in bytes, not as a budget of bits per weight far past any width
+    assert ("note: the budget of 1,000,000,000 bytes is more than the widest plan of this model "
+            "needs: every layer at 8 bits, ") in printed
     # refused before anything is measured: a budget they rule out, a pattern matching nothing
     assert main(["plan", elastic, "--avg-bits", "4.0", "--out", str(folder / "x.json"),
                  "--constraint", "model.layers.0.*=8", *small]) == 2

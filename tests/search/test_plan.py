@@ -608,8 +608,46 @@ def test_a_round_whose_moves_interact_falls_back_to_fewer_moves(monkeypatch):
                                "block, uniform W3, refined x1 (2 moves)": 1.2,
                                "block, uniform W3, refined x1 (1 move)": 0.6}
     assert plan.label == "block, uniform W3, refined x1 (1 move)"
+    assert plan.refinement.words() == ("refinement (up to 1 round): round 1 kept 1 of 2 moves "
+                                       "(2 tries); 1 block move(s) kept in all")
     assert [{b for n, b in plan.items() if f".{k}." in n} for k in range(3)] == [{4}, {3}, {3}]
     assert plan.predicted_kl == pytest.approx(1.0 - 0.5)
+
+
+def test_what_refinement_did_is_recorded_even_when_it_changed_nothing(monkeypatch, tmp_path):
+    # before: a refinement that kept nothing left no trace in the plan (an INFO log line only)
+    from quept.info import describe, render
+    from quept.search.refinement import Refinement, RefineRound
+
+    model = elastic_tiny(layers=3)
+    table = synthetic_table(model)
+    w3 = dataclasses.replace(quept.api.plan_record(model, 3), granularity="block",
+                             search="uniform W3")
+    budget = quept.api.plan_record(model, {"*": 3, "model.layers.0.*": 4,
+                                           "model.layers.1.*": 4}).bits_per_weight
+    gains = {"model.layers.0": -0.5, "model.layers.1": -0.4, "model.layers.2": -0.1}
+    monkeypatch.setattr(quept.api.mixed, "plan_candidates", lambda *a, **k: {w3.label: w3})
+    monkeypatch.setattr(quept.api.mixed, "configuration_kl", lambda model, ids, configs, **k: [
+        1.0 if "refined" not in c.search else 1.5 for c in configs])  # no try helps
+    for gain, rounds in ((1.0, (RefineRound(1, 0, 0),)),  # no move predicted to help
+                         (None, (RefineRound(1, 2, 2),))):  # 2 moves, then 1: none helped
+        monkeypatch.setattr(quept.api.mixed, "move_kl", lambda model, ids, widths, moves, g=gain,
+                            **kw: (1.0, {m: g or gains[m[0]] if m[1] > 0 else 1.0 for m in moves}))
+        plan = quept.api.plan(model, table, avg_bits=budget, check_ids=token_ids(2, 8),
+                              refine=2)
+        assert plan.label == w3.label and plan.refinement == Refinement(2, rounds)
+        path = plan.save(tmp_path / "plan.json")
+        assert Plan.load(path).refinement == plan.refinement
+        info = describe(path)
+        assert info["refinement"] == plan.refinement.to_dict()
+        assert plan.refinement.words() in render(info)
+    assert plan.refinement.words() == ("refinement (up to 2 rounds): round 1: 2 tries of up to "
+                                       "2 moves, none helped; the plan is unchanged")
+    assert Refinement(2, (RefineRound(1, 0, 0),)).words() == (
+        "refinement (up to 2 rounds): round 1: no move predicted to help, nothing measured; "
+        "the plan is unchanged")
+    assert quept.api.plan(model, table, avg_bits=budget, check_ids=token_ids(2, 8)
+                          ).refinement is None
 
 
 def test_a_smaller_budgets_plan_is_a_candidate_at_a_larger_one(monkeypatch):

@@ -38,6 +38,7 @@ from quept.search.candidates import (
 from quept.search.exact import configuration_kl, move_kl, unit_swap_kl
 from quept.search.objective import checked_objective, cost_number, cost_words, objective_for
 from quept.search.plan import GRANULARITIES, plan_uniform, plan_within, unit_of
+from quept.search.refinement import Refinement, RefineRound
 from quept.search.sensitivity import CACHE_NAMES
 from quept.search.sweeps import SweepCache
 from quept.search.table import fingerprint as _table_fingerprint
@@ -239,7 +240,8 @@ def plan(model: nn.Module, table: SensitivityTable, *, avg_bits: float | None = 
     and the result replaces the plan if its measured KL is lower. The moves' costs are each
     measured alone, so where the whole choice does not lower the KL, choices of at most half
     as many moves, a quarter, ... one are measured in turn; the rounds stop at the first where
-    none lowers it. Every try's KL is recorded in ``checked_kl``.
+    none lowers it. Every try's KL is recorded in ``checked_kl``, and what each round did
+    (moves predicted, plans tried, moves kept, or none that helped) in ``refinement``.
 
     ``earlier`` (auto only): plans made for smaller budgets of this model, e.g. by a sweep over
     budgets in ascending order. Each that fits this budget and keeps the constraints is one
@@ -287,17 +289,31 @@ def plan(model: nn.Module, table: SensitivityTable, *, avg_bits: float | None = 
     objective = candidates[best].objective
     log.info("plan candidates, measured %s: %s; keeping %s", cost_words(objective),
              ", ".join(f"{g} {cost_number(objective, v)}" for g, v in checked.items()), best)
-    kept = origin = candidates[best]
+    kept = candidates[best]
+    if not refine:
+        return dataclasses.replace(kept, checked_kl=checked)
     budget = {"avg_bits": avg_bits, "max_bytes": max_bytes, "constraints": constraints}
-    prefix = origin.search if origin.granularity == "block" else (
-        f"{origin.granularity} {origin.search}")
+    kept, rounds = _refine(model, table, kept, checked, check_ids, budget, refine, progress)
+    return dataclasses.replace(kept, checked_kl=checked,
+                               refinement=Refinement(refine, tuple(rounds)))
+
+
+def _refine(model: nn.Module, table: SensitivityTable, kept: Plan, checked: dict[str, float],
+            check_ids: Any, budget: dict[str, Any], refine: int, progress: bool
+            ) -> tuple[Plan, list[RefineRound]]:
+    """Up to ``refine`` rounds of :func:`plan`'s local search from ``kept``: the plan they end
+    with and what each round did. Every try's measured cost is added to ``checked``."""
+    objective = kept.objective
+    prefix = kept.search if kept.granularity == "block" else f"{kept.granularity} {kept.search}"
+    rounds: list[RefineRound] = []
     for r in range(1, refine + 1):
-        moves = neighbour_moves(table, kept.widths, constraints=constraints)
+        moves = neighbour_moves(table, kept.widths, constraints=budget["constraints"])
         kl_here, deltas = move_kl(model, check_ids, kept.widths, moves, progress=progress,
                                   desc=f"refining, round {r}")
-        better = None
+        tried, better = [], None
         for step in _refine_steps(table, kept, moves, deltas, kl_here, budget,
                                   f"{prefix}, refined x{r}"):
+            tried.append(step)
             kl = configuration_kl(model, check_ids, [step])[0]
             checked[step.label] = kl  # recorded, kept or not
             log.info("refining, round %d: %s, measured %s %s against %s", r, step.label,
@@ -306,12 +322,19 @@ def plan(model: nn.Module, table: SensitivityTable, *, avg_bits: float | None = 
             if kl < checked[kept.label]:
                 better = step
                 break
+        rounds.append(RefineRound(
+            r, _moved_blocks(kept, tried[0]) if tried else 0, len(tried),
+            None if better is None else _moved_blocks(kept, better)))
         if better is None:
-            log.info("refining, round %d: no set of moves lowered the measured %s; stopping",
-                     r, cost_words(objective))
+            log.info("refining, round %d: %s; stopping", r, rounds[-1].words())
             break
         kept = better
-    return dataclasses.replace(kept, checked_kl=checked)
+    return kept, rounds
+
+
+def _moved_blocks(kept: Plan, other: Plan) -> int:
+    """How many blocks ``other`` gives other widths than ``kept``."""
+    return len({unit_of(n, "block") for n, b in other.widths.items() if kept.widths[n] != b})
 
 
 def _refine_steps(table: SensitivityTable, kept: Plan, moves: Mapping, deltas: Mapping,
@@ -324,7 +347,7 @@ def _refine_steps(table: SensitivityTable, kept: Plan, moves: Mapping, deltas: M
     def step(penalty: float) -> tuple[int, Plan]:
         p = plan_from_neighbours(table, kept.widths, moves, deltas, kl_here, **budget,
                                  search=search, penalty=penalty)
-        m = len({unit_of(n, "block") for n, b in p.widths.items() if kept.widths[n] != b})
+        m = _moved_blocks(kept, p)
         return m, dataclasses.replace(p, search=f"{search} ({m} move{'' if m == 1 else 's'})")
 
     n_full, full = step(0.0)

@@ -94,6 +94,19 @@ def _differences(saved: dict[str, Any], now: dict[str, Any], keys: list[str]) ->
     return out
 
 
+_FINGERPRINT_WORDS = {"spec": "quantization settings (spec)", "calib": "calib settings",
+                      "model": "model", "base": "base model", "prepare_seed": "prepare seed",
+                      "data": "calibration data"}
+
+
+def _other(keys: list[str]) -> str:
+    """The fingerprint sections ``keys`` in words: "other calib settings", "another model and
+    other calibration data"."""
+    words = [("another " if k in ("model", "base") else "other ")
+             + _FINGERPRINT_WORDS.get(k, k) for k in keys]
+    return " and ".join([", ".join(words[:-1]), words[-1]] if len(words) > 2 else words)
+
+
 class CheckpointMismatchError(RuntimeError):
     """A checkpoint exists but was made for another model, data or configuration."""
 
@@ -140,6 +153,10 @@ class CalibCheckpoint:
         if self.folder.exists() and not self.folder.is_dir():
             raise ConfigError(f"the calibration checkpoint folder {self.folder} is a file; name "
                               "a folder (it is made if missing)")
+        inner = self.folder / CHECKPOINT_DIR
+        if inner.is_dir() and not (self.folder / PROGRESS_JSON).exists():
+            raise ConfigError(f"{self.folder} is the output folder of `quept quantize`, not its "
+                              f"calibration checkpoint: give {inner}, which holds it")
         self.fingerprint = json.loads(json.dumps(fingerprint))
         self.digest = run_digest(self.fingerprint)
         self.keep_streams = keep_streams
@@ -354,7 +371,7 @@ class CalibCheckpoint:
                           if saved.get(k) != self.fingerprint.get(k))
             detail = "; ".join(_differences(saved, self.fingerprint, diff))
             raise CheckpointMismatchError(
-                f"the calibration checkpoint in {self.folder} was made with different {diff} "
+                f"the calibration checkpoint in {self.folder} was made with {_other(diff)} "
                 f"({detail}); rerun with the same settings to resume, or {CHECKPOINT_DISCARD}"
             )
         nxt = int(prog["next_block"])

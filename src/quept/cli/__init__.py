@@ -9,6 +9,7 @@ import dis
 import importlib.util
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -73,6 +74,26 @@ def _missing_package(e: ImportError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``quept ARGV``; returns the exit status. A reader that stops reading early
+    (``quept info FOLDER | head``) ends the command quietly, as Python's documentation advises
+    (its "Note on SIGPIPE"): no error message and no traceback, exit status 1."""
+    try:
+        status = _main(argv)
+        sys.stdout.flush()  # a closed pipe shows here when the output fitted in the buffer
+    except BrokenPipeError:
+        _discard_stdout()
+        return 1
+    return status
+
+
+def _discard_stdout() -> None:
+    """Point stdout at the null device, so that what is left in its buffer is not written to
+    the closed pipe when Python exits (which would print another BrokenPipeError)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
+def _main(argv: list[str] | None) -> int:
     a = build_parser().parse_args(argv)
     _read_texts.cache_clear()  # texts are read afresh by every command
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
@@ -83,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _sigterm_interrupts():
             result = a.func(a)
+    except BrokenPipeError:
+        raise  # stdout's reader has gone: not an error of the command (see main)
     except (ConfigError, OSError, ValueError, RuntimeError, ArithmeticError) as e:
         if a.verbose:
             traceback.print_exc()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -111,8 +112,8 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
                    "measures Fashion-MNIST training images (default 2048), an encoder "
                    "paragraphs of the calibration text (default 128)")
     s.add_argument("--seq-len", type=_sample_len, default=None,
-                   help=f"tokens per sequence (default {d.seq_len}; at least 2); an encoder's "
-                   "longest paragraph")
+                   help=f"tokens per sequence (default {d.seq_len}, or the model's positions "
+                   "where it has fewer; at least 2); an encoder's longest paragraph")
     s.add_argument("--batch-size", type=int, default=None,
                    help=f"samples per forward (default {BATCH_SIZES['fast']}; "
                    f"{BATCH_SIZES['exact']} for --sensitivity exact, whose forwards take no "
@@ -256,6 +257,8 @@ def cmd_plan(a: argparse.Namespace) -> dict[str, Any]:
         check_texts(a, calib_text="calib")
     model, tok = api.load(folder, model=a.model)
     model.to(a.device)
+    if task != "image-classification" and a.seq_len is None:
+        cfg = _default_seq_len(cfg, model, a.json)
     for budget, _ in budgets:  # every budget's feasibility first, from the layer shapes alone
         api.check_budget(model, **budget, constraints=a.constraint)
     ids = _plan_inputs(a, model, tok, task, cfg)
@@ -329,6 +332,22 @@ def _check_count(given: int | None, default: int, n_samples: int) -> int:
     return given
 
 
+def _default_seq_len(cfg: SensitivityConfig, model: torch.nn.Module, quiet: bool
+                     ) -> SensitivityConfig:
+    """``cfg`` with the default --seq-len cut to the model's positions where it has fewer (a
+    tiny encoder's 64), which a note says unless ``quiet``; only a --seq-len the user gave is
+    refused for being longer (:func:`_plan_inputs`)."""
+    from quept.calib.capture import context_length
+
+    positions = context_length(model)
+    if positions is None or cfg.seq_len <= positions:
+        return cfg
+    if not quiet:
+        print(f"note: --seq-len not given: sequences of {positions} tokens, the model's "
+              f"positions (the default, {cfg.seq_len}, is longer)")
+    return dataclasses.replace(cfg, seq_len=positions)
+
+
 def _refuse_non_elastic(folder: Path, kind: str) -> None:
     """`quept plan` measures an elastic folder; another folder is refused by what it holds,
     with what to give instead."""
@@ -355,7 +374,7 @@ def _plan_inputs(a: argparse.Namespace, model: torch.nn.Module, tok: Any, task: 
         limit = getattr(model.config, "max_position_embeddings", cfg.seq_len)
         if cfg.seq_len > limit:
             raise ConfigError(f"--seq-len {cfg.seq_len} is longer than the encoder's {limit} "
-                              "positions")
+                              f"positions: give {limit} or less")
         return sentences_from_text(tok, text, cfg.n_samples, max_len=cfg.seq_len, seed=cfg.seed)
     check_context(model, cfg.seq_len, "--seq-len")
     try:
@@ -444,16 +463,23 @@ def _plan_dry_run(a: argparse.Namespace, model: torch.nn.Module, folder: Path,
 def _widest_note(table: Any, plan: Plan, budget: dict[str, Any], constraints: list
                  ) -> str | None:
     """A note when the budget is above the widest plan the model (under the constraints) can
-    have, so that what it leaves unused is said, not silent."""
+    have, so that what it leaves unused is said, not silent; in the budget's own unit: bits
+    per weight for --avg-bits, bytes for --max-bytes."""
     hi = feasible_range(table, constraints)[1]
-    asked = budget.get("avg_bits")
-    if asked is None:
-        asked = budget["max_bytes"] * 8 / plan.n_weights
-    if asked <= hi:
+    if budget.get("avg_bits") is not None:
+        if budget["avg_bits"] <= hi:
+            return None
+        what = "the constraints allow" if constraints else "this model can have"
+        return (f"the budget ({budget['avg_bits']:.4f} bits per weight) is above the widest "
+                f"plan {what} ({hi:.4f}); this plan stores {plan.bits_per_weight:.4f}")
+    need = hi * plan.n_weights / 8  # bytes of the widest plan's quantized linears
+    if budget["max_bytes"] <= need:
         return None
-    what = "the constraints allow" if constraints else "this model can have"
-    return (f"the budget ({asked:.4f} bits per weight) is above the widest plan {what} "
-            f"({hi:.4f}); this plan stores {plan.bits_per_weight:.4f}")
+    widest = ("under the constraints needs: every layer at the widest width they allow" if
+              constraints else f"of this model needs: every layer at {max(table.bits)} bits")
+    return (f"the budget of {budget['max_bytes']:,.0f} bytes is more than the widest plan "
+            f"{widest}, {need:,.0f} bytes of quantized linears; this plan stores "
+            f"{plan.stored_bytes:,.0f}")
 
 
 def _report_plan(plan: Plan, out: Path, sens_s: float | None, alloc_s: float,
@@ -471,3 +497,5 @@ def _report_plan(plan: Plan, out: Path, sens_s: float | None, alloc_s: float,
     _print_plan(plan, f"plan written to {out} (sensitivity {sens}, {what} "
                 f"{alloc_s:.1f}s); kept: {plan.label}, predicted "
                 f"{cost_text(plan.objective, plan.predicted_kl)}{checked}")
+    if plan.refinement is not None:
+        print(plan.refinement.words())

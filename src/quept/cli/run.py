@@ -165,6 +165,7 @@ def cmd_run(a: argparse.Namespace) -> dict[str, Any]:
                           "reports its embedding fidelity or accuracy")
     if tok is None:
         raise ConfigError(f"{folder} holds no tokenizer")
+    mode = ("fake-quantized" if a.fake_quant else "packed") if configured else None
     runs = []
     for i, (label, config) in enumerate(configs):
         extra: dict[str, Any] = {}
@@ -182,11 +183,10 @@ def cmd_run(a: argparse.Namespace) -> dict[str, Any]:
                        kv_cache=a.kv_cache, prefill_chunk=a.prefill_chunk)
         runs.append({**extra, **gen.to_dict()})
         if not a.json:
-            _print_run(a, kind, label if configured else None, extra, gen,
-                       "fake-quantized" if a.fake_quant else "packed")
+            _print_run(a, kind, label if configured else None, extra, gen, mode)
     out: dict[str, Any] = {"folder": str(folder), "kind": kind, "load_seconds": load_seconds}
-    if configured:
-        out["mode"] = "fake-quantized" if a.fake_quant else "packed"
+    if mode is not None:
+        out["mode"] = mode
     if switch is not None:
         out["memory"] = switch.sizes()
         if not a.json:
@@ -203,8 +203,19 @@ def cmd_run(a: argparse.Namespace) -> dict[str, Any]:
     return {**out, **(runs[0] if len(runs) == 1 else {}), "runs": runs}
 
 
+def _what_ran(kind: str, mode: str | None) -> str:
+    """What generated, in the words of each run's header: an elastic or compact folder runs
+    layers packed from it (or itself fake-quantized); any other folder runs as written
+    ("packed model", "ONNX export")."""
+    if mode == "packed":
+        return f"packed layers from the {kind} folder"
+    if mode == "fake-quantized":
+        return f"the {kind} folder fake-quantized"
+    return KIND_NAMES[kind].partition(" ")[2]
+
+
 def _print_run(a: argparse.Namespace, kind: str, label: str | None, extra: dict[str, Any],
-               gen: Any, mode: str) -> None:
+               gen: Any, mode: str | None) -> None:
     if label is not None:
         kept = f", {extra['layers_kept']} layers kept" if extra["layers_kept"] else ""
         switched = ("" if extra["switch_seconds"] is None
@@ -214,7 +225,7 @@ def _print_run(a: argparse.Namespace, kind: str, label: str | None, extra: dict[
     speed = gen.decode_tokens_per_second
     decode = "n/a" if speed is None else f"{speed:.1f} tok/s"
     print(f"\nprefill {gen.prompt_tokens} tokens: {gen.prefill_tokens_per_second:.1f} tok/s"
-          f"; decode {gen.new_tokens - 1} tokens: {decode} ({kind} model)")
+          f"; decode {gen.new_tokens - 1} tokens: {decode} ({_what_ran(kind, mode)})")
     if gen.kv_cache_bytes is not None:
         print(f"KV cache: {gen.prompt_tokens + gen.new_tokens - 1} tokens as packed codes, "
               f"{gen.kv_cache_bytes / 2**10:.1f} KiB (float32: "

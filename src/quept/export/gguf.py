@@ -26,7 +26,7 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -394,3 +394,53 @@ def _write_file(path: Path, model: nn.Module, tokenizer: Any, plan: Mapping[str,
     writer.write_tensors_to_file()
     writer.close()
     return counts
+
+
+# --------------------------------------------------------------------------- reading
+FLOAT_TYPES = ("F32", "F16", "BF16")
+"""GGUF tensor types that store floats, not codes."""
+
+
+def widths_stored_as(qtype: str) -> list[int]:
+    """The widths quept writes as the GGUF tensor type ``qtype`` (Q4_1: [2, 3, 4]); [] for a
+    float type or a type quept does not write. The type alone does not tell which of them a
+    tensor holds: a 2-bit code takes a whole nibble of a Q4_1 block, as a 4-bit one does."""
+    return [b for b, t in TYPE_FOR_BITS.items() if t == qtype]
+
+
+def linear_sizes(tensors: Iterable[Any]) -> dict[str, Any]:
+    """The linears of a llama GGUF file (its 2-D ``blk.*`` tensors) from the tensor records of
+    a ``gguf.GGUFReader`` (``name``, ``shape``, ``tensor_type``, ``n_elements``, ``n_bytes``).
+    ``linear_types``: per tensor type, the count, the widths quept writes as that type,
+    weights, bytes and stored bits per weight (bytes x 8 / weights: block scales and offsets
+    included); then the same totals over the quantized linears (those of a type that is not a
+    float), ``bits_per_weight`` None when there are none."""
+    by_type: dict[str, dict[str, Any]] = {}
+    for t in tensors:
+        if not (t.name.startswith("blk.") and len(t.shape) == 2):
+            continue
+        row = by_type.setdefault(t.tensor_type.name, {"layers": 0, "weights": 0, "bytes": 0})
+        row["layers"] += 1
+        row["weights"] += int(t.n_elements)
+        row["bytes"] += int(t.n_bytes)
+    for qtype, row in by_type.items():
+        row["widths"] = widths_stored_as(qtype)
+        row["bits_per_weight"] = row["bytes"] * 8 / row["weights"]
+    quantized = [row for qtype, row in by_type.items() if qtype not in FLOAT_TYPES]
+    weights = sum(row["weights"] for row in quantized)
+    stored = sum(row["bytes"] for row in quantized)
+    return {"linear_types": dict(sorted(by_type.items())),
+            "quantized_linears": sum(row["layers"] for row in quantized),
+            "float_linears": sum(row["layers"] for qtype, row in by_type.items()
+                                 if qtype in FLOAT_TYPES),
+            "quantized_weights": weights, "quantized_bytes": stored,
+            "bits_per_weight": stored * 8 / weights if weights else None}
+
+
+def read_sizes(path: str | os.PathLike) -> dict[str, Any]:
+    """:func:`linear_sizes` of the GGUF file ``path``, with its size (``file_bytes``): what an
+    export's summary says of the file it wrote."""
+    import gguf
+
+    return {**linear_sizes(gguf.GGUFReader(str(path)).tensors),
+            "file_bytes": Path(path).stat().st_size}

@@ -34,6 +34,7 @@ from quept.calib.checkpoint import (
 from quept.checks import ConfigError, check_json_fields, read_json_object
 from quept.config import CalibConfig, ElasticSpec, QuEPTConfig
 from quept.export.compact import COMPACT_JSON, COMPACT_WEIGHTS, read_compact_meta
+from quept.export.gguf import linear_sizes
 from quept.export.load import check_model_config, read_packed_meta
 from quept.export.onnx_nbits import OnnxExportError
 from quept.export.onnx_runtime import EXPORT_SUMMARY, check_width_label, read_onnx_summary
@@ -114,8 +115,9 @@ def _plan(path: Path) -> dict[str, Any]:
             "layers_per_width": {str(b): n for b, n in plan.histogram().items()},
             "blocks": {u: sorted(set(w)) for u, w in blocks.items()}, "chosen": plan.label,
             "predicted_kl": plan.predicted_kl, "checked_kl": plan.checked_kl,
-            "objective": plan.objective,
-            "constraints": list(plan.constraints), "files": {path.name: path.stat().st_size}}
+            "objective": plan.objective, "constraints": list(plan.constraints),
+            "refinement": None if plan.refinement is None else plan.refinement.to_dict(),
+            "files": {path.name: path.stat().st_size}}
 
 
 def _hand_plan(path: Path) -> dict[str, Any]:
@@ -489,5 +491,5 @@ def _gguf(path: Path) -> dict[str, Any]:
             fields[key] = f.contents()
     types = Counter(t.tensor_type.name for t in r.tensors)
     return {"path": str(path), "kind": "gguf", **fields, "tensors": len(r.tensors),
-            "tensor_types": dict(sorted(types.items())),
+            "tensor_types": dict(sorted(types.items())), **linear_sizes(r.tensors),
             "files": {path.name: path.stat().st_size}}

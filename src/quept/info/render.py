@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from quept.calib.checkpoint import CHECKPOINT_DIR
+from quept.export.gguf import FLOAT_TYPES
 from quept.search.objective import cost_number, cost_words
+from quept.search.refinement import Refinement
 
 
 def _bits(x: float | None) -> str:
@@ -101,6 +103,34 @@ def _generates(info: dict[str, Any]) -> bool:
     """The model generates text (a causal LM, or a VLM's language model), so it has a KV cache
     and `quept run` runs it; an unknown model type is taken for one."""
     return info.get("task") in (None, "causal-lm")
+
+
+def _stored_widths(qtype: str, widths: list[int]) -> str:
+    """What a GGUF tensor type holds: "float", "5-bit codes", "2..4-bit codes (Q4_1 stores
+    each of these widths alike: which one is not recorded)"."""
+    if qtype in FLOAT_TYPES:
+        return "float"
+    if not widths:
+        return f"{qtype} is not a type quept writes"
+    if len(widths) == 1:
+        return f"{widths[0]}-bit codes"
+    return (f"{widths[0]}..{widths[-1]}-bit codes ({qtype} stores each of these widths alike: "
+            "which one is not recorded)")
+
+
+def _gguf_linear_lines(info: dict[str, Any]) -> list[str]:
+    """A GGUF file's linears per tensor type (widths as quept writes them, stored bits per
+    weight from the byte sizes), then, where they are of several types, the quantized
+    linears' totals."""
+    types = info.get("linear_types", {})
+    out = [f"{qtype} linears: {r['layers']}, {_stored_widths(qtype, r['widths'])}; "
+           f"{r['bits_per_weight']:.3f} bits per weight stored (with the blocks' scales and "
+           f"offsets), {_mb(r['bytes'])}" for qtype, r in types.items()]
+    if len(types) > 1 and info.get("bits_per_weight") is not None:
+        out.append(f"quantized linears: {info['quantized_linears']}, "
+                   f"{info['bits_per_weight']:.3f} bits per weight stored, "
+                   f"{_mb(info['quantized_bytes'])}")
+    return out
 
 
 def render(info: dict[str, Any]) -> str:
@@ -255,6 +285,8 @@ def render(info: dict[str, Any]) -> str:
                                                   for k, v in kl.items()) + ")")
         else:
             out.append(f"chosen: {info['chosen']}")
+        if info.get("refinement"):
+            out.append(Refinement.from_dict(info["refinement"], info["path"]).words())
         out.append("`quept eval FOLDER --plan PLAN.json` measures it, `quept export FOLDER "
                    "--plan PLAN.json --out DIR` packs it")
     elif kind == "hand plan":
@@ -286,5 +318,6 @@ def render(info: dict[str, Any]) -> str:
         types = ", ".join(f"{k} {v}" for k, v in info["tensor_types"].items())
         out.append(f"{info['path']}: GGUF file ({info.get('general.architecture', '?')}), "
                    f"{info['tensors']} tensors: {types}")
+        out += _gguf_linear_lines(info)
     out.append(f"files: {len(info.get('files', {}))}, {_mb(total)} in all")
     return "\n".join(out)

@@ -26,6 +26,7 @@ from quept.search.allocate import InfeasibleBudgetError, allocate
 from quept.search.budget import Constraints, budget_capacity, layer_bits, layer_options
 from quept.search.constraints import allowed_widths, constraint_texts
 from quept.search.objective import BY_NAME, NextTokenKL
+from quept.search.refinement import Refinement
 from quept.search.table import SensitivityTable
 
 PLAN_FORMAT = "quept-plan"
@@ -61,6 +62,8 @@ class Plan(Mapping[str, int]):
     objective: what ``predicted_kl`` and ``checked_kl`` measure (:mod:`quept.search.objective`):
         "next-token-kl" (causal LMs, nats per token), "class-kl" (image classifiers, nats per
         image) or "embedding-distance" (encoders, one minus the cosine per sentence).
+    refinement: what the refinement asked of the auto granularity did, round by round
+        (:class:`quept.search.refinement.Refinement`); None when none was asked.
     """
 
     widths: dict[str, int]
@@ -75,6 +78,7 @@ class Plan(Mapping[str, int]):
     search: str = "table"
     constraints: tuple[str, ...] = ()
     objective: str = NextTokenKL.name
+    refinement: Refinement | None = None
 
     def __getitem__(self, name: str) -> int:
         return self.widths[name]
@@ -107,6 +111,7 @@ class Plan(Mapping[str, int]):
             "granularity": self.granularity, "checked_kl": self.checked_kl,
             "search": self.search, "constraints": list(self.constraints),
             "objective": self.objective,
+            "refinement": None if self.refinement is None else self.refinement.to_dict(),
         }
 
     @classmethod
@@ -147,6 +152,9 @@ class Plan(Mapping[str, int]):
                     0 < v < math.inf):
                 raise ConfigError(f"{where}: {key!r} must be a positive finite number, got "
                                   f"{json.dumps(v)}")
+        refinement = d.get("refinement")  # None: not asked, or a plan from before it was kept
+        if refinement is not None:
+            refinement = Refinement.from_dict(refinement, where)
         budget = d.get("budget", {})
         if not isinstance(budget, Mapping) or any(
                 v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)))
@@ -159,7 +167,7 @@ class Plan(Mapping[str, int]):
                        None if d.get("predicted_kl") is None else float(d["predicted_kl"]),
                        bool(d.get("exact", True)), gran,
                        None if checked is None else {str(k): float(v) for k, v in checked.items()},
-                       str(d.get("search", "table")), cons, objective)
+                       str(d.get("search", "table")), cons, objective, refinement)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ConfigError(f"{where}: missing or malformed field ({e!r})") from None
 
