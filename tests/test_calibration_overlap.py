@@ -41,7 +41,7 @@ def test_evaluating_on_the_calibration_text_is_warned_of(tmp_path, capsys, caplo
     assert run_json(capsys, [*evaluate, "--text", str(calib)])["calibration_overlap"] == 1.0
     assert f"100% {WARNING} (calib.txt)" in caplog.text
     caplog.clear()
-    assert "calibration_overlap" not in run_json(capsys, [*evaluate, "--text", str(held_out)])
+    assert run_json(capsys, [*evaluate, "--text", str(held_out)])["calibration_overlap"] == 0
     assert WARNING not in caplog.text
 
     caplog.clear()
@@ -52,7 +52,8 @@ def test_evaluating_on_the_calibration_text_is_warned_of(tmp_path, capsys, caplo
 
 def test_exports_keep_the_sample_and_warn_alike(tmp_path, capsys, caplog):
     """A packed folder and a compact checkpoint record the sample of the calibration text they
-    came from, and so does a packed folder exported from the compact checkpoint."""
+    came from, and so do a packed folder exported from the compact checkpoint and the
+    compressed-tensors and ONNX exports."""
     base = hf_folder(tmp_path / "base")
     calib = tmp_path / "calib.txt"
     calib.write_text(text("novel"))
@@ -64,6 +65,9 @@ def test_exports_keep_the_sample_and_warn_alike(tmp_path, capsys, caplog):
     run_json(capsys, ["export", str(out), "--bits", "3", "--out", str(tmp_path / "w3")])
     run_json(capsys, ["compact", str(out), "--out", str(tmp_path / "c")])
     run_json(capsys, ["export", str(tmp_path / "c"), "--bits", "4", "--out", str(tmp_path / "w4")])
+    for fmt in ("compressed-tensors", "onnx"):
+        run_json(capsys, ["export", str(out), "--bits", "4", "--format", fmt, "--out",
+                          str(tmp_path / fmt)])
     assert json.loads((tmp_path / "w3" / "quept-packed.json").read_text())["source"][
         "calibration_text"] == kept
     info = run_json(capsys, ["info", str(tmp_path / "w3")])
@@ -71,7 +75,8 @@ def test_exports_keep_the_sample_and_warn_alike(tmp_path, capsys, caplog):
     assert main(["info", str(tmp_path / "w4")]) == 0
     assert "(calibrated on calib.txt)" in capsys.readouterr().out
     evaluate = ["--windows", "1", "--seq-len", "32", "--text", str(calib)]
-    for folder, bits in (("w3", []), ("w4", []), ("c", ["--bits", "2"])):
+    for folder, bits in (("w3", []), ("w4", []), ("c", ["--bits", "2"]),
+                         ("compressed-tensors", []), ("onnx", [])):
         caplog.clear()
         result = run_json(capsys, ["eval", str(tmp_path / folder), *bits, *evaluate])
         assert result["calibration_overlap"] == 1.0, folder

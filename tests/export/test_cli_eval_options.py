@@ -31,15 +31,15 @@ def test_eval_refuses_options_that_do_not_apply(folders, capsys):
     _refused(capsys, ["eval", compact, "--bits", "4", "--rtn", *text],
              "it keeps master codes, not the float weights, so RTN would round the master")
     _refused(capsys, ["eval", compact, "--bits", "4", "--model", str(base), *text],
-             "--model names the base model of an elastic folder; ")
+             "--model names the base model of an elastic folder, or the float encoder")
     _refused(capsys, ["export", compact, "--bits", "4", "--model", str(base), "--out",
                       str(root / "x")], "is a compact checkpoint, which holds its own weights")
     _refused(capsys, ["eval", str(base), "--model", str(base), *text],
-             "--model names the base model of an elastic folder; ")
+             "--model names the base model of an elastic folder, or the float encoder")
     _refused(capsys, ["eval", w4, "--sentences", "10", *text],
              "--sentences applies to an encoder; the model is a causal LM")
     _refused(capsys, ["eval", w4, "--model", str(base), *text],
-             "which needs no base model: --model names a packed encoder's float encoder")
+             "which needs no base model: --model names the float encoder an encoder's export")
     _refused(capsys, ["eval", str(elastic), "--plan", "*=3", "--rtn", *text],
              "a plan has no RTN row: add --bits to compare with uniform widths")
     _refused(capsys, ["eval", str(elastic), "--bits", "4", "--text", str(root / "text.txt"),
@@ -56,7 +56,7 @@ def test_a_compact_checkpoints_float_row_is_named_as_its_master(folders, capsys)
     assert main(["eval", str(root / "compact"), "--bits", "4", *text]) == 0
     assert "note: a compact checkpoint keeps 8-bit master codes" in capsys.readouterr().out
     elastic = run_json(capsys, ["eval", str(root / "elastic"), "--bits", "4", "--json", *text])
-    assert "float_is" not in elastic
+    assert elastic["float_is"] is None
 
 
 def test_run_refuses_a_backend_it_would_not_use_and_reports_no_decode_speed(folders, capsys):

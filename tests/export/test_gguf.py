@@ -296,7 +296,10 @@ def test_cli_gguf_out_replaces_a_gguf_file_only(gguf_folder, capsys):
     for _ in range(2):  # the second export replaces the first
         assert main(["export", str(gguf_folder), "--bits", "4", "--format", "gguf", "--out",
                      str(out)]) == 0
-    capsys.readouterr()
+    # before: the line gave no size; Q4_1 stores 4-bit codes with a float16 scale and offset
+    # per block of 32: 5 bits per weight
+    assert "gguf export written to" in (said := capsys.readouterr().out)
+    assert ": 5.000 bits per quantized weight" in said, said
     config = (gguf_folder / "quept.json").read_bytes()
     (root / "afile.txt").write_text("the user's own file")
     for target, says in ((gguf_folder / "quept.json", "is inside"),

@@ -58,11 +58,11 @@ def export(model: nn.Module, bits_or_plan: int | Mapping[str, int] | Plan,
     check_format_options(format, scale_dtype=scale_dtype, head_bits=head_bits,
                          accuracy_level=accuracy_level)
     if format == "gguf":
-        from quept.export.gguf import write_gguf
+        from quept.export.gguf import read_sizes, write_gguf
 
         result = write_gguf(model, tokenizer, out, widths)
         return {"format": "gguf", "path": str(out),
-                **(result if isinstance(result, Mapping) else {})}
+                **(result if isinstance(result, Mapping) else {}), **read_sizes(out)}
     with marked(out, KIND_NAMES[EXPORT_KINDS[format]]):
         summary = _export_folder(model, widths, out, format, tokenizer=tokenizer,
                                  scale_dtype=scale_dtype, head_bits=head_bits,
@@ -181,10 +181,12 @@ def _export_folder(model: nn.Module, widths: Any, out: str | os.PathLike, format
     if format == "compressed-tensors":
         from quept.export.ct_format import write_compressed_tensors
 
-        return write_compressed_tensors(model, tokenizer, out, widths, scale_dtype=scale_dtype)
+        return write_compressed_tensors(model, tokenizer, out, widths, scale_dtype=scale_dtype,
+                                        provenance=_provenance(model))
     from quept.export.onnx_format import write_onnx
 
-    return write_onnx(model, tokenizer, out, widths, accuracy_level=accuracy_level)
+    return write_onnx(model, tokenizer, out, widths, accuracy_level=accuracy_level,
+                      provenance=_provenance(model))
 
 
 def load_packed(folder: str | os.PathLike, backend: str = "auto") -> tuple[nn.Module, Any]:
@@ -301,9 +303,10 @@ def load_switchable(folder: str | os.PathLike, bits: int | Mapping[str, int] | P
 
 
 def _provenance(model: nn.Module) -> dict[str, Any]:
-    """What a packed folder or compact checkpoint records of where its model came from: the
-    base model, and the sample of the calibration text ``quept quantize`` kept (so that an
-    evaluation of the export on that text is warned of too)."""
+    """What an export (packed, compressed-tensors, ONNX) or compact checkpoint records of where
+    its model came from: the base model (an encoder's fidelity is measured against it), and
+    the sample of the calibration text ``quept quantize`` kept (so that an evaluation of the
+    export on that text is warned of too)."""
     source = {"base_model": getattr(model, "quept_source", DEFAULT_MODEL)}
     calibration_text = getattr(model, "quept_calibration_text", None)
     if isinstance(calibration_text, dict):

@@ -208,14 +208,22 @@ def _eval_rows(rows: list[api.EvalRow]) -> list[dict[str, Any]]:
     return [r.__dict__ for r in rows]
 
 
+def counted(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless ``n`` is 1: "1 window", "8 windows"."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _print_widths(rows: list, cells: Callable[[Any], list[str]], header: list[str],
                   title: str, activations: bool = False) -> None:
     """One table row per width (float, W4 or W4A4, stored bits per weight, then ``cells(row)``)
-    under ``header``'s column names."""
+    under ``header``'s column names; a column no row has a value in (RTN, where it was not
+    measured) is left out."""
     out = [[width_label(r.bits, activations), f"{r.bits_per_weight:.3f}", *cells(r)]
            for r in rows]
+    header = ["width", "bits/weight stored", *header]
+    kept = [i for i in range(len(header)) if any(row[i] != "" for row in out)]
     print(title)
-    print(_table(out, ["width", "bits/weight stored", *header]))
+    print(_table([[row[i] for i in kept] for row in out], [header[i] for i in kept]))
 
 
 def _value(x: float | None, fmt: str) -> str:
@@ -224,10 +232,10 @@ def _value(x: float | None, fmt: str) -> str:
 
 def _print_eval(rows: list[api.EvalRow], n_windows: int, seq_len: int, title: str,
                 activations: bool = False) -> None:
-    rtn = any(r.ppl_rtn is not None for r in rows)  # the RTN column only when measured
-    _print_widths(rows, lambda r: [_value(r.ppl, ".2f"), *([_value(r.ppl_rtn, ".2f")] * rtn)],
-                  ["perplexity", *(["RTN perplexity"] * rtn)],
-                  f"\n{title} ({n_windows} windows x {seq_len} tokens)", activations)
+    _print_widths(rows, lambda r: [_value(r.ppl, ".2f"), _value(r.ppl_rtn, ".2f")],
+                  ["perplexity", "RTN perplexity"],
+                  f"\n{title} ({counted(n_windows, 'window')} x {seq_len} tokens)",
+                  activations)
 
 
 def _task(model: torch.nn.Module) -> str:
@@ -391,7 +399,7 @@ def _refuse_text_options(a: argparse.Namespace, *names: str) -> None:
 def _print_accuracy(rows: list[api.AccuracyRow], n: int, title: str,
                     activations: bool = False) -> None:
     _print_widths(rows, lambda r: [_value(r.accuracy, ".2%"), _value(r.accuracy_rtn, ".2%")],
-                  ["top-1", "RTN top-1"], f"\n{title} ({n} images)", activations)
+                  ["top-1", "RTN top-1"], f"\n{title} ({counted(n, 'image')})", activations)
 
 
 def _sentence_len(model: torch.nn.Module) -> int:

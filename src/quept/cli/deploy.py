@@ -242,7 +242,7 @@ def cmd_export(a: argparse.Namespace) -> dict[str, Any]:
                                      + (f"packed head {s['head_bytes'] / 1e6:.1f} MB, "
                                         if s.get("head_bytes") else "")
                                      + f"other tensors {s['other_bytes'] / 1e6:.1f} MB")
-        if "bits_per_weight" in meta and s is None:
+        if meta.get("bits_per_weight") is not None and s is None:
             size = (f": {meta['bits_per_weight']:.3f} bits per quantized weight "
                     f"({meta['quantized_bytes'] / 1e6:.1f} MB), {meta['file_bytes'] / 1e6:.1f} "
                     "MB in all")

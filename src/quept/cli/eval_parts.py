@@ -15,7 +15,6 @@ from quept import api
 from quept.api.elastic import check_plan_record
 from quept.cli.common import (
     EVAL_IMAGES,
-    EVAL_OWN_TASK,
     EVAL_SENTENCES,
     _eval_sentences,
     _images,
@@ -23,18 +22,17 @@ from quept.cli.common import (
     _print_accuracy,
     _print_embedding,
     _print_widths,
-    _refuse_other_tasks_options,
     _refuse_text_options,
     _table,
     _task,
     _text,
     check_context,
+    counted,
     perplexity_windows,
     plan_paths,
-    recorded_overlap,
+    width_label,
 )
 from quept.config import ConfigError, ElasticSpec
-from quept.models import family_for
 from quept.nn import elastic_layers
 from quept.search import Plan
 from quept.search.objective import objective_for
@@ -178,7 +176,8 @@ def _eval_tasks(a: argparse.Namespace, folder: Path, model: torch.nn.Module, tok
             first[t], key=lambda m: not m.startswith("acc"))
             if m != "items" and not m.endswith(("_stderr", "_vs_float"))]
         names = [f"{t} {m}" for t, m in columns]
-        items = ", ".join(f"{t}: {first[t]['items']} items" for t in a.tasks if "items" in first[t])
+        items = ", ".join(f"{t}: {counted(first[t]['items'], 'item')}" for t in a.tasks
+                          if "items" in first[t])
         if rows:
             _print_widths(rows, lambda r: _task_cells(r.scores, columns)
                           + (_task_cells(r.scores_rtn, columns) if a.rtn else []),
@@ -195,13 +194,9 @@ def _eval_tasks(a: argparse.Namespace, folder: Path, model: torch.nn.Module, tok
 
 
 def _eval_encoder(a: argparse.Namespace, folder: Path, model: torch.nn.Module, tok: Any,
-                  elastic: bool, plans: list[tuple[str, Plan]], bits: list[int]
-                  ) -> dict[str, Any]:
-    """`quept eval` of an encoder: embedding fidelity per width against its float encoder."""
-    if not elastic:
-        raise ConfigError(f"{folder} is not an elastic folder: embedding fidelity compares a "
-                          "quantized encoder with its float one, so pass an elastic folder (or a "
-                          "packed export, which records its base model)")
+                  plans: list[tuple[str, Plan]], bits: list[int]) -> dict[str, Any]:
+    """`quept eval` of an elastic encoder: embedding fidelity per width against its float
+    encoder."""
     from quept.eval import fidelity, sentence_embeddings
 
     sentences = _eval_sentences(model, tok, _text(a.text, "eval"), a.sentences or EVAL_SENTENCES)
@@ -293,32 +288,75 @@ def _image_plans(a: argparse.Namespace, model: torch.nn.Module, plans: list[tupl
             for k, (path, plan) in enumerate(plans)]
 
 
-def _eval_packed_encoder(a: argparse.Namespace, folder: Path, model: Any, tok: Any,
+def _eval_export_encoder(a: argparse.Namespace, folder: Path, model: Any, tok: Any,
                          text: str) -> dict[str, Any]:
-    """Embedding fidelity of a packed encoder against its float base model (--model, or the
-    base model the packed folder records)."""
-    from quept.eval import fidelity, sentence_embeddings, sentences_from_text
+    """Embedding fidelity of an encoder's export (packed, compressed-tensors or ONNX) against
+    its float base model: --model, or the base model the export records."""
+    from quept.eval import fidelity, sentence_embeddings
 
-    meta = model.quept_packed
-    base = a.model or meta.get("source", {}).get("base_model")
-    if base is None:
-        raise ConfigError(f"{folder} records no base model; pass --model with the float encoder "
-                          "it was made from")
-    float_model, _ = api.load_model(base)
-    sentences = sentences_from_text(tok, text, a.sentences,
-                                    max_len=min(128, model.config.max_position_embeddings))
+    export = _export_record(model)
+    if export is None:
+        raise ConfigError(f"{folder} is not an elastic folder or an export: it holds a float "
+                          "encoder (a Hugging Face model), and embedding fidelity compares a "
+                          "quantized encoder with its float one; pass an elastic folder, a "
+                          "compact checkpoint or an export of one (packed, compressed-tensors "
+                          "or ONNX), which records its base model")
+    how, record = export
+    base, float_model = _base_encoder(a, folder, model, record)
+    sentences = _eval_sentences(model, tok, text, a.sentences or EVAL_SENTENCES)
     ref = sentence_embeddings(float_model, sentences, progress=not a.json, desc="embed float")
-    row = {"bits": meta["bits"], "bits_per_weight": meta["sizes"]["bits_per_weight"],
-           **fidelity(sentence_embeddings(model, sentences, progress=not a.json,
-                                          desc="embed packed"), ref)}
+    emb = sentence_embeddings(model, sentences, progress=not a.json, desc=f"embed {how}")
+    row = api.EmbeddingRow(*_fixed_width(model), **fidelity(emb, ref))
+    n = sentences.input_ids.shape[0]
     if not a.json:
-        label = _packed_label(meta)
-        print(f"\nEmbedding fidelity of {folder} against {base} ({sentences.input_ids.shape[0]} "
-              f"paragraphs): {label} packed, {row['bits_per_weight']:.3f} bits per weight "
-              f"stored, cosine {row['cosine_mean']:.4f} (min {row['cosine_min']:.4f}), same "
-              f"nearest paragraph {row['neighbour_agreement']:.1%}")
-    return {"folder": str(folder), "packed": True, "sentences": sentences.input_ids.shape[0],
-            "embedding_rows": [row]}
+        label = _packed_label(record) if how == "packed" else width_label(row.bits)
+        print(f"\nEmbedding fidelity of {folder} against {base} ({n} paragraphs): {label} "
+              f"{how}, {row.bits_per_weight:.3f} bits per weight stored, cosine "
+              f"{row.cosine_mean:.4f} (min {row.cosine_min:.4f}), same nearest paragraph "
+              f"{row.neighbour_agreement:.1%}")
+    return {"folder": str(folder), "sentences": n, "embedding_rows": [row.__dict__]}
+
+
+EXPORT_RECORDS = {"quept_packed": "packed", "quept_compressed_tensors": "compressed-tensors",
+                  "quept_onnx": "ONNX"}
+"""The attribute each export's loader records its folder's JSON under, and the export's
+name."""
+
+
+def _export_record(model: torch.nn.Module) -> tuple[str, dict[str, Any]] | None:
+    """The name of the export ``model`` was loaded from and what its folder records (its
+    "source" among it); None for a plain model."""
+    for attr, how in EXPORT_RECORDS.items():
+        record = getattr(model, attr, None)
+        if record is not None:
+            return how, record
+    return None
+
+
+def _base_encoder(a: argparse.Namespace, folder: Path, model: torch.nn.Module,
+                  record: dict[str, Any]) -> tuple[str, torch.nn.Module]:
+    """The float encoder an export's embeddings are compared with, and its name: --model, or
+    the base model the export records; checked to be an encoder of the export's type and
+    width."""
+    base = a.model or record.get("source", {}).get("base_model")
+    if base is None:
+        raise ConfigError(f"{folder} records no base model (it was exported by an earlier "
+                          "quept): pass --model with the float encoder it was made from")
+    try:
+        float_model, _ = api.load_model(base)
+    except (FileNotFoundError, api.ArtifactError) as e:
+        if a.model is not None:
+            raise
+        raise ConfigError(f"{folder} was exported from the base model {base!r}, which cannot "
+                          f"be loaded: {e}. If that model has moved, name it with --model "
+                          "PATH") from None
+    named = f"--model {base}" if a.model is not None else f"its base model {base}"
+    for field in ("model_type", "hidden_size"):
+        want, got = getattr(model.config, field, None), getattr(float_model.config, field, None)
+        if want != got:
+            raise ConfigError(f"{named} has {field} {got!r}, but {folder} holds a model of "
+                              f"{field} {want!r}: name the float encoder it was exported from")
+    return str(base), float_model.to(a.device)
 
 
 def _eval_packed_images(a: argparse.Namespace, folder: Path, model: Any) -> dict[str, Any]:
@@ -327,50 +365,33 @@ def _eval_packed_images(a: argparse.Namespace, folder: Path, model: Any) -> dict
 
     _refuse_text_options(a, "text")
     meta = model.quept_packed
-    pixels, labels = _images(model, "test", a.images, 0)
-    row = {"bits": meta["bits"], "bits_per_weight": meta["sizes"]["bits_per_weight"],
-           "accuracy": top1_accuracy(model, pixels, labels, progress=not a.json,
-                                     desc="accuracy packed")}
+    pixels, labels = _images(model, "test", a.images or EVAL_IMAGES, 0)
+    row = api.AccuracyRow(*_fixed_width(model), top1_accuracy(
+        model, pixels, labels, progress=not a.json, desc="accuracy packed"))
     if not a.json:
-        label = _packed_label(meta)
-        print(f"\nTop-1 accuracy of {folder} on {len(labels)} Fashion-MNIST test images: "
-              f"{label} packed, {row['bits_per_weight']:.3f} bits per weight stored, "
-              f"top-1 {row['accuracy']:.2%}")
-    return {"folder": str(folder), "packed": True, "images": len(labels),
-            "accuracy_rows": [row]}
+        print(f"\nTop-1 accuracy of {folder} on {counted(len(labels), 'Fashion-MNIST test image')}"
+              f": {_packed_label(meta)} packed, {row.bits_per_weight:.3f} bits per weight "
+              f"stored, top-1 {row.accuracy:.2%}")
+    return {"folder": str(folder), "images": len(labels), "accuracy_rows": [row.__dict__]}
 
 
-def eval_packed(a: argparse.Namespace, folder: Path, text: Callable[[], str]) -> dict[str, Any]:
-    """Perplexity (embedding fidelity, top-1) of a packed folder (its one configuration);
-    ``text`` gives the evaluation text when the model reads text."""
+def eval_packed(a: argparse.Namespace, folder: Path, model: Any, tok: Any) -> dict[str, Any]:
+    """Perplexity (top-1) of the model of a packed folder (its one configuration)."""
     from quept.eval import perplexity
 
-    model, tok = api.load_packed(folder)
-    meta = model.quept_packed
-    task = family_for(model).task
-    _refuse_other_tasks_options(a, task, EVAL_OWN_TASK)
-    if task != "encoder" and a.model is not None:
-        raise ConfigError(f"{folder} holds a packed {model.config.model_type} model, which "
-                          "needs no base model: --model names a packed encoder's float encoder")
-    if task == "image-classification":
+    if _task(model) == "image-classification":
         return _eval_packed_images(a, folder, model)
-    overlap = recorded_overlap(model, text)
-    if task == "encoder":
-        result = _eval_packed_encoder(a, folder, model, tok, text())
-        return {**result, "calibration_overlap": overlap} if overlap else result
     n_windows, seq_len = perplexity_windows(a)
     check_context(model, seq_len, "--seq-len", "" if a.seq_len else " (the default)")
-    windows = api.windows_from_text(tok, text(), seq_len, n_windows)
-    ppl = perplexity(model, windows, progress=not a.json, desc="eval packed")
-    row = {"bits": meta["bits"], "bits_per_weight": meta["sizes"]["bits_per_weight"], "ppl": ppl}
+    windows = api.windows_from_text(tok, _text(a.text, "eval"), seq_len, n_windows)
+    row = api.EvalRow(*_fixed_width(model), perplexity(model, windows, progress=not a.json,
+                                                        desc="eval packed"))
     if not a.json:
-        label = _packed_label(meta)
-        print(f"\nPerplexity of {folder} ({windows.shape[0]} windows x {seq_len} tokens): "
-              f"{label} packed, {row['bits_per_weight']:.3f} bits per weight stored, "
-              f"perplexity {ppl:.2f}")
-    return {"folder": str(folder), "packed": True, "windows": windows.shape[0],
-            "seq_len": seq_len, "rows": [row],
-            **({"calibration_overlap": overlap} if overlap else {})}
+        print(f"\nPerplexity of {folder} ({counted(windows.shape[0], 'window')} x {seq_len} "
+              f"tokens): {_packed_label(model.quept_packed)} packed, "
+              f"{row.bits_per_weight:.3f} bits per weight stored, perplexity {row.ppl:.2f}")
+    return {"folder": str(folder), "windows": windows.shape[0], "seq_len": seq_len,
+            "rows": [row.__dict__]}
 
 
 def _fixed_width(model: torch.nn.Module) -> tuple[int | str | None, float]:

@@ -28,6 +28,7 @@ from quept.cli.common import (
     check_context,
     check_texts,
     check_widths,
+    counted,
     folder_config,
     folder_task,
     perplexity_windows,
@@ -37,6 +38,7 @@ from quept.cli.common import (
 from quept.cli.eval_parts import (
     _apply_plan,
     _eval_encoder,
+    _eval_export_encoder,
     _eval_images,
     _eval_tasks,
     _fixed_width,
@@ -86,7 +88,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                    "instead of perplexity (default 10000, the whole test split)")
     p.add_argument("--rtn", action="store_true", help="also report round-to-nearest per width")
     p.add_argument("--model", default=None,
-                   help="base model folder, if not the one recorded in the elastic folder")
+                   help="base model folder, if not the one recorded in the elastic folder; "
+                   "for an encoder's export (packed, compressed-tensors, ONNX): the float "
+                   "encoder its embeddings are compared with, if not the one it records")
     p.add_argument("--plan", action="append", default=None, metavar="PLAN.json",
                    help="evaluate this mixed-precision plan (from `quept plan`, or a "
                    "hand-written JSON {layer or pattern: bits} such as {\"*\": 3, "
@@ -115,18 +119,37 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
+    """What ``quept eval`` measured: every result carries "folder", "elastic", "packed",
+    "calibration_overlap" and "float_is" (false or null where they do not apply), then the
+    rows of what it measures (perplexity, embedding fidelity, top-1 or tasks), of the same
+    fields for every kind of folder."""
     check_device(a.device, "--device")
     folder = Path(a.folder)
     if not folder.exists() and is_repo_id(a.folder):  # a hub model: its float perplexity
         folder = hub_model_dir(a.folder)
     kind = api.model_kind(folder)  # a file, a missing path or no model is named as such
+    return {"folder": str(folder), "elastic": kind in ("elastic", "compact"),
+            "packed": kind == "packed" or a.packed, **_evaluate(a, folder, kind)}
+
+
+BASE_MODEL_KINDS = ("elastic", "packed", "compressed-tensors", "onnx")
+"""The folder kinds `quept eval --model` applies to: an elastic folder's base model, and the
+float encoder an encoder's export is compared with."""
+
+
+def _evaluate(a: argparse.Namespace, folder: Path, kind: str) -> dict[str, Any]:
+    """What ``quept eval`` measures of ``folder`` (of the :func:`~quept.api.folder_kind`
+    ``kind``), its options checked first."""
     plans = _load_plans(a.plan or [])
-    if kind in ("elastic", "compact"):  # widths and texts checked before the model loads
+    elastic = kind in ("elastic", "compact")
+    if elastic:  # widths and texts checked before the model loads
         spec = folder_config(folder, kind).spec
         for b in a.bits or ():
             check_widths(b, spec, "--bits")
         for path, plan in plans:
             check_widths(dict(plan), spec, f"--plan {path}")
+    else:
+        _refuse_width_options(a, folder, kind)
     check_texts(a, text="eval")
     windowed = [f"--{n.replace('_', '-')}" for n in ("windows", "seq_len")
                 if getattr(a, n) is not None]
@@ -138,8 +161,9 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
         _refuse_other_tasks_options(a, known[1], EVAL_OWN_TASK)
         if a.packed and known[1] != "causal-lm":
             raise ConfigError(_packed_refusal(folder, *known, a.bits))
-    if a.model is not None and kind not in ("elastic", "packed"):  # packed: encoders' float
-        raise ConfigError(f"--model names the base model of an elastic folder; {folder} holds "
+    if a.model is not None and kind not in BASE_MODEL_KINDS:
+        raise ConfigError(f"--model names the base model of an elastic folder, or the float "
+                          f"encoder an encoder's export is compared with; {folder} holds "
                           f"{api.KIND_NAMES[kind]}, which needs none")
     if a.rtn and plans and not a.bits:
         raise ConfigError("--rtn reports round-to-nearest at each width of --bits; a plan has "
@@ -151,23 +175,9 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
     if a.device != "cpu" and (kind in ("packed", "onnx") or a.packed):
         raise ConfigError(f"--device {a.device}: packed layers and ONNX models run on the CPU "
                           "here; --device applies to elastic (fake-quantized) and plain models")
-    if kind == "packed":
-        if a.bits or a.plan or a.rtn:
-            raise ConfigError(f"{folder} is a packed model of one configuration: --bits, --plan "
-                              "and --rtn apply to elastic folders")
-        if a.tasks:
-            model, tok = api.load_packed(folder)
-            overlap = _calibration_overlap(a, model)
-            result = _eval_tasks(a, folder, model, tok, False, [], [])
-            return {**result, "calibration_overlap": overlap} if overlap else result
-        _refuse_task_options(a)
-        return eval_packed(a, folder, lambda: _text(a.text, "eval"))
-    elastic = kind in ("elastic", "compact")
-    if plans and not elastic:
-        raise ConfigError(f"{folder} is a plain model folder; --plan needs an elastic folder")
     if a.packed and not elastic:
-        raise ConfigError(f"--packed applies to elastic and compact folders; {folder} is a "
-                          f"{'plain model' if kind == 'hf' else kind} folder")
+        raise ConfigError(f"--packed applies to elastic and compact folders; {folder} holds "
+                          f"{api.KIND_NAMES[kind]}")
     if a.packed and (a.rtn or a.tasks):
         raise ConfigError("--packed measures the perplexity of packed layers: not with --rtn "
                           "or --tasks")
@@ -184,6 +194,9 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
     elif elastic:
         model, tok = (api.load_compact(folder) if kind == "compact"
                       else api.load(folder, model=a.model))
+    else:
+        model, tok = api.load_packed(folder) if kind == "packed" else api.load_model(folder)
+        _refuse_base_model(a, folder, kind, model)
     if elastic:
         spec = model.quept_spec
         plans = _recorded(model, plans)
@@ -191,10 +204,6 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
         for path, plan in plans:  # a plan made for another spec: refused before work
             _apply_plan(model, plan, path)
     else:
-        if a.bits:
-            raise ConfigError(f"{folder} holds {api.KIND_NAMES[kind]} (one configuration); "
-                              "--bits needs an elastic folder from `quept quantize`")
-        model, tok = api.load_model(folder)
         bits = []
     if a.device != "cpu":
         model.to(a.device)
@@ -202,12 +211,32 @@ def cmd_eval(a: argparse.Namespace) -> dict[str, Any]:
     master = _master_note(folder) if kind == "compact" and not a.packed else None
     if master and not a.json:
         print(f"note: {master}")
-    result = _measure(a, folder, model, tok, elastic, plans, bits)
-    if overlap:
-        result["calibration_overlap"] = overlap
-    if master:
-        result["float_is"] = master
-    return result
+    return {**_measure(a, folder, model, tok, elastic, plans, bits),
+            "calibration_overlap": overlap, "float_is": master}
+
+
+def _refuse_width_options(a: argparse.Namespace, folder: Path, kind: str) -> None:
+    """--bits, --plan and --rtn choose among the widths of an elastic folder or compact
+    checkpoint; for a folder of another ``kind`` (a :func:`~quept.api.folder_kind` name) they
+    would be ignored: refused, naming what the folder holds."""
+    given = [f"--{n}" for n in ("bits", "plan", "rtn") if getattr(a, n)]
+    if not given:
+        return
+    held = " (float weights)" if kind == "hf" else " of one configuration"
+    raise ConfigError(f"{folder} holds {api.KIND_NAMES[kind]}{held}: {', '.join(given)} "
+                      f"appl{'ies' if len(given) == 1 else 'y'} to the widths of an elastic "
+                      "folder (`quept quantize`) or compact checkpoint (`quept compact`)")
+
+
+def _refuse_base_model(a: argparse.Namespace, folder: Path, kind: str,
+                       model: torch.nn.Module) -> None:
+    """--model of a folder of one configuration names the float encoder an encoder's export
+    is compared with; for any other model it would be ignored: refused."""
+    if a.model is not None and _task(model) != "encoder":
+        raise ConfigError(f"{folder} holds {api.KIND_NAMES[kind]} of a "
+                          f"{model.config.model_type} model ({_TASK_WORDS[_task(model)]}), "
+                          "which needs no base model: --model names the float encoder an "
+                          "encoder's export is compared with")
 
 
 def _packed_refusal(folder: Path, model_type: str, task: str, bits: list[int] | None) -> str:
@@ -249,7 +278,11 @@ def _measure(a: argparse.Namespace, folder: Path, model: torch.nn.Module, tok: A
     _refuse_task_options(a)
     _refuse_other_tasks_options(a, _task(model), EVAL_OWN_TASK)
     if _task(model) == "encoder":
-        return _eval_encoder(a, folder, model, tok, elastic, plans, bits)
+        if elastic:
+            return _eval_encoder(a, folder, model, tok, plans, bits)
+        return _eval_export_encoder(a, folder, model, tok, _text(a.text, "eval"))
+    if getattr(model, "quept_packed", None) is not None:  # a packed folder: its one row
+        return eval_packed(a, folder, model, tok)
     if _task(model) == "image-classification":
         return _eval_images(a, folder, model, elastic, plans, bits)
     n_windows, seq_len = perplexity_windows(a)
@@ -264,7 +297,7 @@ def _measure(a: argparse.Namespace, folder: Path, model: torch.nn.Module, tok: A
     else:
         rows = [api.EvalRow(*_fixed_width(model), perplexity(model, windows, progress=not a.json))]
     result = {"folder": str(folder), "elastic": elastic, "windows": windows.shape[0],
-              "seq_len": seq_len, "rows": _eval_rows(rows), "packed": bool(a.packed)}
+              "seq_len": seq_len, "rows": _eval_rows(rows), "packed": a.packed}
     measured = []
     for path, plan in plans:
         bpw = _apply_plan(model, plan, path)
@@ -273,15 +306,16 @@ def _measure(a: argparse.Namespace, folder: Path, model: torch.nn.Module, tok: A
                          "stored_bytes": plan.stored_bytes, "widths": plan.histogram()})
     _put_plans(result, measured)
     if not a.json:
+        layers = " (packed layers)" if a.packed else ""
+        on = f"{counted(windows.shape[0], 'window')} x {seq_len} tokens"
         if rows:
-            _print_eval(rows, windows.shape[0], seq_len, f"Perplexity of {folder}"
-                        + (" (packed layers)" if a.packed else "")
+            _print_eval(rows, windows.shape[0], seq_len, f"Perplexity of {folder}{layers}"
                         + (_kv_note(model.quept_spec) if elastic else ""),
                         elastic and model.quept_spec.activations != "none")
         if len(plans) == 1:
-            _print_plan(plans[0][1], f"plan {plans[0][0]}: perplexity {measured[0]['ppl']:.2f} "
-                        f"({windows.shape[0]} windows x {seq_len} tokens)")
+            _print_plan(plans[0][1], f"plan {plans[0][0]}{layers}: perplexity "
+                        f"{measured[0]['ppl']:.2f} ({on})")
         elif plans:
-            _print_plans(measured, f"Plans, perplexity on {windows.shape[0]} windows x "
-                         f"{seq_len} tokens", "perplexity", lambda m: f"{m['ppl']:.2f}")
+            _print_plans(measured, f"Plans{layers}, perplexity on {on}", "perplexity",
+                         lambda m: f"{m['ppl']:.2f}")
     return result

@@ -190,11 +190,13 @@ def quantization_config(model: nn.Module, plan: Mapping[str, int | None]) -> dic
 def write_compressed_tensors(
     model: nn.Module, tokenizer: Any, folder: str | os.PathLike,
     bits: int | Mapping[str, int | None], *, scale_dtype: str = "float16",
+    provenance: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``model`` (a loaded elastic model) at ``bits`` (a width, or ``{layer: width or
     None}``) as a compressed-tensors folder. Scales are stored as ``scale_dtype`` (float32:
     the elastic model's weights to the bit); every other tensor keeps its dtype. Returns a
-    summary: widths, bits per weight, sizes."""
+    summary: widths, bits per weight, sizes, and ``provenance`` (where the model came from:
+    its base model, which an encoder's fidelity is measured against) as its "source"."""
     if scale_dtype not in DTYPES:
         raise CompressedTensorsExportError(
             f"scale dtype must be one of {list(DTYPES)}, got {scale_dtype!r}")
@@ -241,6 +243,7 @@ def write_compressed_tensors(
         "quantized_weights": weights, "quantized_bytes": qbytes,
         "bits_per_weight": 8 * qbytes / max(weights, 1),
         "file_bytes": (folder / CT_WEIGHTS).stat().st_size,
+        **({"source": dict(provenance)} if provenance else {}),
     }
     (folder / "quept-export.json").write_text(json.dumps(summary, indent=1))
     log.info("compressed-tensors folder written to %s (%.3f bits per quantized weight)", folder,
@@ -268,11 +271,13 @@ def load_compressed_tensors(folder: str | os.PathLike, model_class: Any,
     matching, and each layer is dequantized by its own decompressor (so a per-layer plan of
     several widths reads right; transformers' dequantizing loader applies one scheme to every
     dense layer). Built on the meta device, then filled; ``net.quept_compressed_tensors`` holds
-    each quantized layer's width and the stored bits per quantized weight."""
+    each quantized layer's width, the stored bits per quantized weight and the "source" quept's
+    summary records (:func:`~quept.export.onnx_runtime.read_export_source`)."""
     from safetensors import safe_open
     from transformers import AutoConfig
 
     from quept.export.load import WeightsCheck, fill, parameters_on_meta
+    from quept.export.onnx_runtime import read_export_source
 
     try:
         from compressed_tensors.compressors import BaseCompressor
@@ -346,7 +351,10 @@ def load_compressed_tensors(folder: str | os.PathLike, model_class: Any,
     fill(net, state, {k: v for k, v in (tied or {}).items() if k not in state}, str(folder))
     net.eval().requires_grad_(False)
     widths = {n: s.weights.num_bits for n, (_, s) in schemes.items()}
-    net.quept_compressed_tensors = {"widths": widths, "bits_per_weight": 8 * stored / weights}
+    source = read_export_source(folder, CompressedTensorsExportError)
+    net.quept_compressed_tensors = {"widths": widths, "bits_per_weight": 8 * stored / weights,
+                                    "source": source}
+    net.quept_calibration_text = source.get("calibration_text")
     return net
 
 

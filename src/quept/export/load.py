@@ -218,9 +218,10 @@ class WeightsCheck:
         built = len(net.get_submodule(path))
         if held and len(held) != built:
             layers = getattr(net.config, "num_hidden_layers", None)
-            says = f"num_hidden_layers {layers}" if layers == built else f"{built} blocks"
-            raise self.refuse(f"{self.config} says {says}",
-                              f"the weights of {len(held)} blocks ({path}.*)")
+            says = (f"num_hidden_layers {layers}" if layers == built
+                    else f"{built} block{'s' * (built != 1)}")
+            raise self.refuse(f"{self.config} says {says}", f"the weights of {len(held)} "
+                              f"block{'s' * (len(held) != 1)} ({path}.*)")
 
     def shapes(self, net: nn.Module, state: Mapping[str, torch.Tensor],
                layer_says: Callable[[str], str | None] = lambda name: None) -> None:

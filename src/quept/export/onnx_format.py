@@ -272,13 +272,15 @@ def save_graph(model: nn.Module, task: str, folder: Path, tokenizer: Any = None
 
 
 def write_onnx(model: nn.Module, tokenizer: Any, folder: str | os.PathLike,
-               bits: int | Mapping[str, int | None], *, accuracy_level: int = 0
-               ) -> dict[str, Any]:
+               bits: int | Mapping[str, int | None], *, accuracy_level: int = 0,
+               provenance: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Write ``model`` (a loaded elastic model) at ``bits`` (a width, or ``{layer: width or
     None}``) as ``folder/model.onnx`` with MatMulNBits layers, plus its config and tokenizer.
     ``accuracy_level`` is MatMulNBits' own: 0 computes in float32 (the elastic model's outputs),
     4 lets ONNX Runtime's CPU kernels quantize each activation block to int8 (faster, not
-    exact). Returns a summary: inputs, output, widths, bits per weight, file size."""
+    exact). Returns a summary: inputs, output, widths, bits per weight, file size, and
+    ``provenance`` (where the model came from: its base model, which an encoder's fidelity is
+    measured against) as its "source"."""
     if accuracy_level not in ACCURACY_LEVELS:
         raise OnnxExportError(f"accuracy level must be one of {ACCURACY_LEVELS}, got "
                               f"{accuracy_level!r}")
@@ -315,6 +317,7 @@ def write_onnx(model: nn.Module, tokenizer: Any, folder: str | os.PathLike,
         "quantized_weights": weights, "quantized_bytes": qbytes,
         "bits_per_weight": 8 * qbytes / max(weights, 1),
         "file_bytes": sum(f.stat().st_size for f in folder.glob("model.onnx*")),
+        **({"source": dict(provenance)} if provenance else {}),
     }
     (folder / "quept-export.json").write_text(json.dumps(summary, indent=1))
     log.info("ONNX model written to %s (%.3f bits per quantized weight)", folder / ONNX_FILE,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,7 @@ def read_onnx_summary(folder: str | os.PathLike) -> dict[str, Any]:
     check_json_fields(summary, {"bits": (int, str), "bits_per_weight": float, "widths": dict},
                       path, OnnxExportError, optional={"float_layers": int})
     check_width_label(summary, path, OnnxExportError)
+    export_source(summary, path, OnnxExportError)
     _check_config_task(folder, task)
     genai = folder / GENAI_CONFIG
     if task == "causal-lm" and genai.is_file():
@@ -62,6 +64,29 @@ def read_onnx_summary(folder: str | os.PathLike) -> dict[str, Any]:
         except PackedFormatError as e:
             raise OnnxExportError(str(e)) from None
     return summary
+
+
+def export_source(summary: Mapping[str, Any], path: Path,
+                  error: type[Exception] = OnnxExportError) -> dict[str, Any]:
+    """What the summary of a compressed-tensors or ONNX export (read from ``path``) records of
+    where its model came from, checked: its "source", as a packed folder's JSON records it
+    (the base model, the sample of the calibration text); {} for an export written before
+    quept recorded it."""
+    check_json_fields(summary, {}, path, error, optional={"source": dict})
+    source = summary.get("source", {})
+    check_json_fields(source, {}, f"{path} (its source)", error,
+                      optional={"base_model": str, "calibration_text": dict})
+    return source
+
+
+def read_export_source(folder: str | os.PathLike, error: type[Exception] = OnnxExportError
+                       ) -> dict[str, Any]:
+    """:func:`export_source` of the summary in ``folder``; {} for a folder without one (a
+    compressed-tensors model written by another tool)."""
+    path = Path(folder) / EXPORT_SUMMARY
+    if not path.is_file():
+        return {}
+    return export_source(read_json_object(path, error), path, error)
 
 
 def check_width_label(summary: dict[str, Any], path: Path,
@@ -132,6 +157,7 @@ class OrtModel(nn.Module):
 
         folder = Path(folder)
         self.quept_onnx = read_onnx_summary(folder)
+        self.quept_calibration_text = self.quept_onnx.get("source", {}).get("calibration_text")
         self.task = self.quept_onnx["task"]
         self.config = AutoConfig.from_pretrained(folder)
         opts = ort.SessionOptions()
