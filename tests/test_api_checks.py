@@ -42,7 +42,7 @@ def test_plans_name_what_does_not_match(elastic):
     assert "14 layers missing" in str(missing.value) and "unknown" not in str(missing.value)
     with pytest.raises(ConfigError) as unknown:
         quept.set_bits(elastic, {"*": 3, "x": 4})
-    assert "1 unknown names (e.g. ['x'])" in str(unknown.value)
+    assert "1 unknown name (e.g. ['x'])" in str(unknown.value)
     assert "missing" not in str(unknown.value)
 
 

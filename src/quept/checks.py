@@ -118,6 +118,11 @@ def check_count(value: object, what: str, low: int = 1) -> int:
     return value
 
 
+def counted(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless ``n`` is 1: "1 window", "8 windows"."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def check_bits(bits: int, allowed: tuple[int, ...] | None = None) -> int:
     """Validate one bit-width (an integer in 2..8, or in ``allowed`` when given) and return
     it as a Python int (a NumPy integer is taken)."""

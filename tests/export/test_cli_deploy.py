@@ -78,7 +78,7 @@ def test_export_a_plan_file(folders, capsys):
     assert packed["ppl"] == pytest.approx(exported, rel=1e-3)
     (root / "short.json").write_text(json.dumps(dict(list(plan.items())[1:])))
     assert main(["eval", str(elastic), "--plan", str(root / "short.json")]) == 2
-    assert "short.json: plan does not match the model: 1 layers missing" in (
+    assert "short.json: plan does not match the model: 1 layer missing" in (
         capsys.readouterr().err)
 
 

@@ -135,7 +135,7 @@ def test_refusals_name_what_is_wrong(model, tmp_path):
         write_compressed_tensors(model, None, tmp_path / "x", 4, scale_dtype="int8")
     with pytest.raises(CompressedTensorsExportError, match="nothing to quantize"):
         write_compressed_tensors(model, None, tmp_path / "x", dict.fromkeys(names))
-    with pytest.raises(CompressedTensorsExportError, match="1 layers missing"):
+    with pytest.raises(CompressedTensorsExportError, match="1 layer missing"):
         write_compressed_tensors(model, None, tmp_path / "x", dict.fromkeys(names[1:], 4))
     with pytest.raises(ValueError, match="bit"):
         write_compressed_tensors(model, None, tmp_path / "x", 9)

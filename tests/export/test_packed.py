@@ -135,7 +135,7 @@ def test_corrupt_or_mismatched_folders_fail_clearly(model, tmp_path):
 
 def test_plans_must_name_every_layer_with_a_width(model, tmp_path):
     plan = mixed_plan(model)
-    with pytest.raises(PackedFormatError, match="1 layers missing"):
+    with pytest.raises(PackedFormatError, match="1 layer missing"):
         write_packed(model, dict(list(plan.items())[1:]), tmp_path, None)
     with pytest.raises(PackedFormatError, match="no float layers"):
         write_packed(model, {**plan, next(iter(plan)): None}, tmp_path, None)

@@ -176,7 +176,7 @@ def test_bad_widths_and_plans_are_named(folders):
         quept.set_bits(model, 9)
     with pytest.raises(PackedFormatError, match="no float layers"):
         quept.set_bits(model, None)
-    with pytest.raises(PackedFormatError, match="1 layers missing"):
+    with pytest.raises(PackedFormatError, match="1 layer missing"):
         quept.set_bits(model, dict(list(plan.items())[1:]))
     with pytest.raises(quept.ConfigError, match="round-to-nearest"):
         quept.set_bits(model, 3, rtn=True)

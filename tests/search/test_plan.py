@@ -140,9 +140,9 @@ def test_bad_plans_are_refused_with_the_reason(model, tmp_path):
         (tmp_path / "p.json").write_text(json.dumps(d))
         with pytest.raises(ConfigError, match=msg):
             Plan.load(tmp_path / "p.json")
-    with pytest.raises(ConfigError, match="1 unknown names"):
+    with pytest.raises(ConfigError, match="1 unknown name"):
         quept.set_bits(model, {**good, "bits": {**good["bits"], "model.lm_head": 4}})
-    with pytest.raises(ConfigError, match="1 layers missing"):
+    with pytest.raises(ConfigError, match="1 layer missing"):
         quept.set_bits(model, {**good, "bits": {k: v for k, v in good["bits"].items()
                                                 if k != name}})
     with pytest.raises(ConfigError, match=f"layer {name}: bit-width 9"):
@@ -404,7 +404,7 @@ def test_plan_record_of_hand_chosen_widths_counts_what_a_plan_does(model):
     assert record.predicted_kl is None and record.budget == {}
     assert Plan.from_dict(record.to_dict()).widths == made.widths  # saves as a quept plan
     names = list(made.widths)
-    with pytest.raises(ConfigError, match="1 layers missing"):
+    with pytest.raises(ConfigError, match="1 layer missing"):
         quept.plan_record(model, {n: 4 for n in names[1:]})
     with pytest.raises(ConfigError, match=f"layer {names[0]}: bit-width 9 is outside 2..8"):
         quept.plan_record(model, {**made.widths, names[0]: 9})

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from quept import api
 from quept.api import KIND_NAMES
 from quept.api.folders import QUEPT_FILES
-from quept.checks import ConfigError, check_bits
+from quept.checks import ConfigError, check_bits, counted
 from quept.config import MAX_SEED, ElasticSpec, QuEPTConfig
 from quept.data.text import SAMPLE_EVERY, shared_fraction
 from quept.eval import Sentences
@@ -206,11 +206,6 @@ def _table(rows: list[list[str]], header: list[str], left: int = 0) -> str:
 
 def _eval_rows(rows: list[api.EvalRow]) -> list[dict[str, Any]]:
     return [r.__dict__ for r in rows]
-
-
-def counted(n: int, noun: str) -> str:
-    """``n`` and ``noun``, plural unless ``n`` is 1: "1 window", "8 windows"."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _print_widths(rows: list, cells: Callable[[Any], list[str]], header: list[str],

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from quept.checks import check_count
+from quept.checks import check_count, counted
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,8 @@ def sentences_from_text(tokenizer: Any, text: str, n: int, max_len: int = 128,
     chosen = usable[:n]
     if len(chosen) < n:
         raise NotEnoughSentencesError(
-            f"the text has {len(chosen)} paragraphs of at least {min_words} words; {n} were "
-            "asked for: pass fewer or a longer text")
+            f"the text has {counted(len(chosen), 'paragraph')} of at least {min_words} words; "
+            f"{n} were asked for: pass fewer or a longer text")
     cut = _longer_than(tokenizer, chosen, max_len)
     if cut:
         log.info("sentences_from_text: truncated %d of the %d paragraphs to max_len=%d tokens",

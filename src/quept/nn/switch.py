@@ -7,7 +7,7 @@ from fnmatch import fnmatchcase
 
 from torch import nn
 
-from quept.checks import ConfigError, check_bits
+from quept.checks import ConfigError, check_bits, counted
 from quept.nn.elastic_linear import ElasticLinear
 
 BitsPlan = int | None | Mapping[str, int | None]
@@ -70,8 +70,9 @@ def plan_widths(layers: Mapping[str, nn.Module], bits: BitsPlan,
     if missing or unknown:
         hint = ("; add a first entry \"*\": BITS for the layers no other entry names"
                 if missing else "")
-        found = [f"{len(names)} {what} (e.g. {names[:3]})" for names, what in
-                 ((missing, "layers missing"), (unknown, "unknown names")) if names]
+        found = [f"{what} (e.g. {names[:3]})" for names, what in
+                 ((missing, f"{counted(len(missing), 'layer')} missing"),
+                  (unknown, counted(len(unknown), "unknown name"))) if names]
         raise error(f"plan does not match the model: {', '.join(found)}{hint}")
     return {n: bits[n] for n in layers}
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quept.checks import ConfigError, check_bits
+from quept.checks import ConfigError, check_bits, counted
 from quept.data.fetch import atomic_write_text
 from quept.search.allocate import InfeasibleBudgetError, allocate
 from quept.search.budget import Constraints, budget_capacity, layer_bits, layer_options
@@ -241,7 +241,7 @@ def split_warning(widths: Mapping[str, int | None], what: str) -> str | None:
     split = split_blocks(widths)
     if not split:
         return None
-    return (f"{what} gives the linears of {len(split)} blocks different widths (e.g. "
+    return (f"{what} gives the linears of {counted(len(split), 'block')} different widths (e.g. "
             f"{split[0]}); an elastic model is calibrated one width per block, and on the "
             "cpu-long model such plans lost to the uniform width below them: mix widths by "
             "whole blocks (\"model.layers.3.*\": 4) or let `quept plan` choose "
