@@ -311,9 +311,10 @@ def check_outside(out: str | os.PathLike, source: str | os.PathLike | None,
     if source is None or not Path(source).is_dir():
         return
     out_path, src = Path(out).resolve(), Path(source).resolve()
+    if out_path == src:
+        raise ConfigError(f"{flag}{out} is the folder being read; give another folder")
     if out_path.is_relative_to(src):
-        where = "is" if out_path == src else "is inside"
-        raise ConfigError(f"{flag}{out} {where} {source}, the folder being read; give a path "
+        raise ConfigError(f"{flag}{out} is inside {source}, the folder being read; give a path "
                           "outside it")
 
 

@@ -445,9 +445,10 @@ def check_out(out: str | Path, what: str, *, source: Path | None = None,
               writes: str | None = None) -> Path:
     """``--out`` checked before any work: ``what`` "file" must not name a folder, "folder"
     must not name a file; an empty ``--out`` (which would write into the current folder) is
-    refused. ``--out`` must not be the ``source`` folder being read, and a folder
-    that holds a model of another kind than the one a command ``writes`` (a :func:`folder_kind`
-    name) is refused, as writing there would spoil it; the same kind is replaced."""
+    refused. ``--out`` must not be, nor lie inside, the ``source`` folder being read, and a
+    folder that holds a model of another kind than the one a command ``writes`` (a
+    :func:`folder_kind` name) is refused, as writing there would spoil it; the same kind is
+    replaced."""
     if not str(out).strip():
         example = "model.gguf" if what == "file" else DEFAULT_OUT
         raise ConfigError(f"--out is empty; give the {what} to write, e.g. {example} (an empty "
@@ -458,9 +459,7 @@ def check_out(out: str | Path, what: str, *, source: Path | None = None,
                           f"there, e.g. {out / 'model.gguf'}")
     if what == "folder" and out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder to write into")
-    if source is not None and out.is_dir() and out.resolve() == Path(source).resolve():
-        raise ConfigError(f"--out {out} is the folder being read; give another folder")
-    if writes is not None:
+    if writes is not None:  # never the source folder, nor inside it
         api.check_out_folder(out, writes, "--out ", source=source)
     return out
 

@@ -33,6 +33,7 @@ from quept.cli.common import (
     width_label,
 )
 from quept.config import ConfigError, ElasticSpec
+from quept.export.packed import bits_label
 from quept.nn import elastic_layers
 from quept.search import Plan
 from quept.search.objective import objective_for
@@ -406,8 +407,7 @@ def _fixed_width(model: torch.nn.Module) -> tuple[int | str | None, float]:
     info = getattr(model, "quept_compressed_tensors", None)
     if info is None:
         return None, 32.0
-    widths = set(info["widths"].values())
-    return (widths.pop() if len(widths) == 1 else "mixed"), info["bits_per_weight"]
+    return bits_label(info["widths"].values()), info["bits_per_weight"]
 
 
 def _kv_note(spec: ElasticSpec) -> str:

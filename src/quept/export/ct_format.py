@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from quept.checks import check_bits
-from quept.export.packed import _float_named, _unique
+from quept.export.packed import _float_named, _unique, bits_label
 from quept.nn.switch import elastic_layers, plan_widths
 
 if TYPE_CHECKING:
@@ -237,7 +237,7 @@ def write_compressed_tensors(
     widths = sorted({b for b in plan.values() if b is not None})
     summary = {
         "format": "compressed-tensors", "path": str(folder), "scale_dtype": scale_dtype,
-        "bits": widths[0] if len(widths) == 1 and None not in plan.values() else "mixed",
+        "bits": bits_label(plan.values()),
         "widths": {str(b): sum(v == b for v in plan.values()) for b in widths},
         "float_layers": sum(b is None for b in plan.values()),
         "quantized_weights": weights, "quantized_bytes": qbytes,

@@ -24,6 +24,7 @@ from quept.export.packed import (
     PACKED_WEIGHTS,
     SCALE_DTYPES,
     PackedFormatError,
+    check_bits_label,
 )
 from quept.models.kv import install_kv_attention
 from quept.nn.packed_linear import PackedEmbedding, PackedLinear
@@ -58,19 +59,13 @@ def read_packed_meta(folder: str | os.PathLike) -> dict[str, Any]:
 
 
 def check_width_label(meta: Mapping[str, Any], path: Path) -> None:
-    """The ``bits`` of a packed folder's JSON is the label its layers' widths give (their one
-    width, or "mixed"), as the writer made it; a label edited apart from them would name a
-    width the codes are not at."""
+    """The ``bits`` of a packed folder's JSON is the label its layers' widths give
+    (:func:`check_bits_label`)."""
     widths = sorted({info["bits"] for info in meta["layers"].values()})
-    if not widths:
-        return
-    label = widths[0] if len(widths) == 1 else "mixed"
-    if meta["bits"] != label:
-        held = (f"every layer at {label} bits" if label != "mixed" else
-                f"layers at {', '.join(map(str, widths))} bits")
-        raise PackedFormatError(f"{path} is damaged: its \"bits\" says {meta['bits']!r}, but its "
-                                f"layers entries hold {held}, which it labels {label!r}; "
-                                "export it again")
+    held = (f"every layer at {widths[0]} bits" if len(widths) == 1 else
+            f"layers at {', '.join(map(str, widths))} bits")
+    check_bits_label(meta["bits"], widths, path, PackedFormatError,
+                     f"its layers entries hold {held}")
 
 
 def check_sizes_and_aliases(meta: Mapping[str, Any], path: Path) -> None:

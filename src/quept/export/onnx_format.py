@@ -35,6 +35,7 @@ from quept.export.onnx_nbits import (
     OnnxExportError,
     _translation,
 )
+from quept.export.packed import bits_label
 from quept.export.runtime import cache_keyword
 from quept.models.kv import config_head_dim
 from quept.nn.switch import elastic_layers
@@ -310,7 +311,7 @@ def write_onnx(model: nn.Module, tokenizer: Any, folder: str | os.PathLike,
     summary = {
         "format": "onnx", "path": str(folder), "task": fam.task, "inputs": names,
         "output": outputs[0], "outputs": outputs, "opset": OPSET, "accuracy_level": accuracy_level,
-        "bits": widths[0] if len(widths) == 1 and None not in plan.values() else "mixed",
+        "bits": bits_label(plan.values()),
         "widths": {str(b): sum(v == b for v in plan.values()) for b in widths},
         "containers": {str(b): CONTAINER[b] for b in widths},
         "float_layers": sum(b is None for b in plan.values()),

@@ -13,6 +13,7 @@ from torch import nn
 from quept.checks import check_json_fields, read_json_object
 from quept.export.onnx_format import GENAI_TYPES, ONNX_FILE
 from quept.export.onnx_nbits import OnnxExportError
+from quept.export.packed import check_bits_label
 
 ONNX_TASKS = ("causal-lm", "encoder", "image-classification")  # what OrtModel runs
 
@@ -98,12 +99,10 @@ def check_width_label(summary: dict[str, Any], path: Path,
     if not all(k.isdigit() and isinstance(n, int) for k, n in widths.items()):
         raise error(f"{path} is damaged: its \"widths\" should map widths to layer counts, got "
                     f"{widths!r}")
-    label = int(next(iter(widths))) if len(widths) == 1 and not floats else "mixed"
-    if widths and summary["bits"] != label:
-        held = ", ".join(f"{n} layers at {b} bits" for b, n in widths.items())
-        raise error(f"{path} is damaged: its \"bits\" says {summary['bits']!r}, but its "
-                    f"\"widths\" hold {held}" + (f" and {floats} float" if floats else "")
-                    + f", which it labels {label!r}; export it again")
+    held = ", ".join(f"{n} layers at {b} bits" for b, n in widths.items())
+    check_bits_label(summary["bits"], [int(b) for b in widths] + [None] * bool(floats), path,
+                     error, f"its \"widths\" hold {held}"
+                     + (f" and {floats} float" if floats else ""))
 
 
 def _check_config_task(folder: Path, task: str) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,24 @@ class PackedArgumentError(PackedFormatError, ConfigError):
     """A width, plan or option given to a packed or switchable model is invalid: a
     :class:`quept.ConfigError` like every misuse of the API (and a PackedFormatError, which
     it was before)."""
+
+
+def bits_label(widths: Iterable[int | None]) -> int | str:
+    """The ``"bits"`` an export's JSON records for layers at ``widths`` (None: a layer left
+    float): their one width, or "mixed"."""
+    held = set(widths)
+    return next(iter(held)) if len(held) == 1 and None not in held else "mixed"
+
+
+def check_bits_label(recorded: Any, widths: list[int | None], path: Path,
+                     error: type[Exception], held: str) -> None:
+    """``recorded``, the ``"bits"`` of the JSON at ``path``, is the :func:`bits_label` of the
+    ``widths`` its layers are at (``held`` says where it records them); a label edited apart
+    from them would name a width the codes are not at."""
+    label = bits_label(widths)
+    if widths and recorded != label:
+        raise error(f"{path} is damaged: its \"bits\" says {recorded!r}, but {held}, which it "
+                    f"labels {label!r}; export it again")
 
 
 def minmax_codes(w: torch.Tensor, bits: int, group_size: int,
@@ -202,7 +220,7 @@ def write_packed(
         "format": PACKED_FORMAT,
         "version": PACKED_VERSION,
         "model_type": model.config.model_type,
-        "bits": next(iter(set(widths.values()))) if len(set(widths.values())) == 1 else "mixed",
+        "bits": bits_label(widths.values()),
         "scale_dtype": scale_dtype,
         "layers": {n: _describe(m) for n, m in packed.items()},
         "head": {n: {**_describe(m), "embedding": isinstance(m, PackedEmbedding)}
